@@ -1,0 +1,1 @@
+"""xlaserve: sharding."""
