@@ -1,1 +1,3 @@
-"""xlaserve: models."""
+"""Flax NNX models served by xlaserve; they name logical axes and never import serving/."""
+
+from models.dlrm import DLRM, DLRMConfig
