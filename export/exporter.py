@@ -1,0 +1,256 @@
+"""Flax model (NNX module, Linen module + variables, or apply function) -> serving bundle.
+
+The bundle is self-contained: serving it needs neither the model's code nor its
+Python environment, only the StableHLO, the params and the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from export import bundle as bundle_lib
+from export.bundle import Manifest, ParamSpec, Signature, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Input:
+  """An input of a signature. `shape` holds ints, "batch" or "seq" (bucketed dimensions)."""
+
+  name: str
+  dtype: str
+  shape: tuple[int | str, ...]
+
+  def __post_init__(self):
+    for d in self.shape:
+      if isinstance(d, str) and d not in ("batch", "seq"):
+        raise ValueError(f"input {self.name!r}: dimension {d!r} must be an int, 'batch' or 'seq'")
+    if not self.shape or self.shape[0] != "batch":
+      raise ValueError(f"input {self.name!r}: the first dimension must be 'batch', got {self.shape}")
+
+  def to_spec(self) -> TensorSpec:
+    return TensorSpec(
+        self.name, str(np.dtype(jnp.dtype(self.dtype))) if self.dtype != "bfloat16" else "bfloat16",
+        tuple(-1 if isinstance(d, str) else int(d) for d in self.shape),
+        tuple(d if isinstance(d, str) else None for d in self.shape))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportConfig:
+  """What the export writes beside the computation: buckets, platforms, serving defaults."""
+
+  batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
+  seq_buckets: tuple[int, ...] = ()
+  platforms: tuple[str, ...] = ("cpu",)
+  quantization: str = "none"
+  max_queue_delay_us: int = 2000
+
+  def __post_init__(self):
+    if not self.batch_buckets or list(self.batch_buckets) != sorted(set(self.batch_buckets)):
+      raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets}")
+    if self.batch_buckets[0] < 1:
+      raise ValueError(f"batch_buckets must be positive, got {self.batch_buckets}")
+    if list(self.seq_buckets) != sorted(set(self.seq_buckets)):
+      raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
+    for p in self.platforms:
+      if p not in ("cpu", "cuda", "rocm", "tpu"):
+        raise ValueError(f"unknown platform {p!r}")
+
+
+def _dtype_name(dtype: Any) -> str:
+  return "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else str(np.dtype(dtype))
+
+
+def _nnx_parts(module: Any) -> tuple[list[Any], list[ParamSpec], Callable[[list[Any]], Any]]:
+  """Flattens an NNX module to leaves + specs, and returns a rebuild(leaves) -> module."""
+  from flax import nnx
+
+  graphdef, state = nnx.split(module)
+  variables, treedef = jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
+  leaves, specs = [], []
+  for path, var in zip(paths, variables):
+    value = var[...] if isinstance(var, nnx.Variable) else var
+    axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+    leaves.append(value)
+    specs.append(ParamSpec(jax.tree_util.keystr(path, simple=True, separator="/"),
+                           tuple(value.shape), _dtype_name(value.dtype),
+                           None if axes is None else tuple(axes)))
+
+  def rebuild(new_leaves: list[Any]) -> Any:
+    new_vars = [v.replace(x) if isinstance(v, nnx.Variable) else x
+                for v, x in zip(variables, new_leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, new_vars))
+
+  return leaves, specs, rebuild
+
+
+def _tree_parts(params: Any, logical_axes: Any = None
+                ) -> tuple[list[Any], list[ParamSpec], Callable[[list[Any]], Any]]:
+  """Flattens a params pytree to leaves + specs, with optional matching logical axes tree."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  axes_leaves = ([None] * len(flat) if logical_axes is None else
+                 jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, tuple) or x is None))
+  if len(axes_leaves) != len(flat):
+    raise ValueError(f"logical_axes has {len(axes_leaves)} leaves, params {len(flat)}")
+  leaves = [jnp.asarray(x) for _, x in flat]
+  specs = [ParamSpec(jax.tree_util.keystr(p, simple=True, separator="/"), tuple(x.shape),
+                     _dtype_name(x.dtype), None if a is None else tuple(a))
+           for (p, _), x, a in zip(flat, leaves, axes_leaves)]
+  return leaves, specs, lambda new: jax.tree.unflatten(treedef, new)
+
+
+def _as_output_dict(out: Any, output_names: Sequence[str] | None) -> dict[str, jax.Array]:
+  if isinstance(out, Mapping):
+    return dict(out)
+  outs = list(out) if isinstance(out, (tuple, list)) else [out]
+  names = list(output_names) if output_names else (
+      ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
+  if len(names) != len(outs):
+    raise ValueError(f"{len(outs)} outputs but output_names={names}")
+  return dict(zip(names, outs))
+
+
+def export_model(
+    model: Any,
+    *,
+    repository: str | os.PathLike[str],
+    name: str,
+    inputs: Sequence[Input] | Mapping[str, Sequence[Input]],
+    version: int | None = None,
+    params: Any = None,
+    logical_axes: Any = None,
+    signatures: Mapping[str, Callable[..., Any]] | None = None,
+    output_names: Sequence[str] | None = None,
+    config: ExportConfig = ExportConfig(),
+    extra: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+  """Writes `<repository>/<name>/<version>/` and returns its path.
+
+  model: an NNX module (called as `model(**inputs)`), a Linen module (pass its
+    variables as `params`; called as `model.apply(params, **inputs)`), or a plain
+    `apply(params, inputs_dict)` function with `params`.
+  inputs: the inputs of the default signature "serve", or a dict signature -> inputs.
+  signatures: optional name -> callable; for NNX `fn(module, **inputs)`, for Linen
+    and functions `fn(params, **inputs)`. Defaults to one signature "serve".
+  Outputs are a dict name -> array, or arrays named by `output_names`.
+  """
+  from export.quantize import quantize_for_export
+
+  if not _NAME_RE.match(name):
+    raise ValueError(f"model name {name!r} must match {_NAME_RE.pattern}")
+  model_dir = pathlib.Path(repository) / name
+  if version is None:
+    version = (bundle_lib.list_versions(model_dir) or [0])[-1] + 1
+  if version < 1:
+    raise ValueError(f"version must be >= 1, got {version}")
+
+  is_nnx = _is_nnx_module(model)
+  if is_nnx:
+    model = quantize_for_export(model, config.quantization)
+    leaves, specs, rebuild = _nnx_parts(model)
+  elif hasattr(model, "apply") and params is not None:  # Linen
+    leaves, specs, rebuild = _tree_parts(params, logical_axes)
+    linen = model
+  elif callable(model) and params is not None:
+    leaves, specs, rebuild = _tree_parts(params, logical_axes)
+  else:
+    raise TypeError("model must be an NNX module, or a Linen module / apply function with params=")
+  if not is_nnx and config.quantization != "none":
+    raise ValueError("quantization at export is supported for NNX modules built from models.layers")
+
+  if signatures is None:
+    if is_nnx:
+      signatures = {"serve": lambda m, **kw: m(**kw)}
+    elif hasattr(model, "apply"):
+      signatures = {"serve": lambda p, **kw: linen.apply(p, **kw)}
+    else:
+      signatures = {"serve": lambda p, **kw: model(p, kw)}
+  sig_inputs = inputs if isinstance(inputs, Mapping) else {k: inputs for k in signatures}
+  if set(sig_inputs) != set(signatures):
+    raise ValueError(f"inputs name signatures {sorted(sig_inputs)}, expected {sorted(signatures)}")
+
+  param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+  artifacts: dict[str, bytes] = {}
+  sig_manifest: dict[str, Signature] = {}
+  for sig_name, sig_fn in signatures.items():
+    in_specs = [i.to_spec() for i in sig_inputs[sig_name]]
+    has_seq = any("seq" in s.dims for s in in_specs)
+    if has_seq and not config.seq_buckets:
+      raise ValueError(f"signature {sig_name!r} has a 'seq' dimension: give ExportConfig.seq_buckets")
+    if has_seq:
+      b, s = jax.export.symbolic_shape("b, s", constraints=("b >= 1", "s >= 1"))
+    else:
+      (b,), s = jax.export.symbolic_shape("b", constraints=("b >= 1",)), None
+    sym = {"batch": b, "seq": s}
+    in_structs = {
+        spec.name: jax.ShapeDtypeStruct(
+            tuple(sym[d] if d else n for d, n in zip(spec.dims, spec.shape)),
+            jnp.bfloat16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype))
+        for spec in in_specs
+    }
+
+    def serve_fn(param_leaves, ins, _fn=sig_fn):
+      target = rebuild(list(param_leaves))
+      return _as_output_dict(_fn(target, **ins), output_names)
+
+    out_struct = jax.eval_shape(serve_fn, param_structs, in_structs)
+    out_specs = tuple(
+        TensorSpec(k, _dtype_name(v.dtype),
+                   tuple(-1 if not isinstance(n, int) else n for n in v.shape),
+                   tuple(_dim_name(n, b, s) for n in v.shape))
+        for k, v in out_struct.items())
+    files = {}
+    for platform in config.platforms:
+      checks = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+                if platform in ("cuda", "rocm") else [])
+      exp = jax.export.export(jax.jit(serve_fn), platforms=(platform,), disabled_checks=checks)(
+          param_structs, in_structs)
+      fname = f"{sig_name}.{platform}.jaxexport"
+      artifacts[fname] = bytes(exp.serialize())
+      files[platform] = fname
+    sig_manifest[sig_name] = Signature(sig_name, tuple(in_specs), out_specs, files)
+    logger.info("exported signature %s for %s", sig_name, config.platforms)
+
+  manifest = Manifest(
+      name=name, version=version, kind="predict", jax_version=jax.__version__,
+      signatures=sig_manifest, params=tuple(specs), batch_buckets=config.batch_buckets,
+      seq_buckets=config.seq_buckets, quantization=config.quantization,
+      code_hash=bundle_lib.compute_code_hash(artifacts, specs, config.batch_buckets,
+                                             config.seq_buckets),
+      serving={"max_queue_delay_us": config.max_queue_delay_us},
+      extra=dict(extra or {}))
+  return bundle_lib.write_bundle(model_dir / str(version), manifest, leaves, artifacts)
+
+
+def _dim_name(n: Any, b: Any, s: Any) -> str | None:
+  if isinstance(n, int):
+    return None
+  if n == b:
+    return "batch"
+  if n == s:
+    return "seq"
+  raise ValueError(f"output dimension {n} is neither the batch nor the sequence dimension")
+
+
+def _is_nnx_module(obj: Any) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover
+    return False
+  return isinstance(obj, nnx.Module)
