@@ -1,0 +1,209 @@
+"""Dynamic batching decisions in plain Python: which rows go into the next batch, at which bucket.
+
+No JAX and no tensors here (the runner executes what this decides), so every
+policy is unit-tested in microseconds. The number of compiled shapes equals the
+number of buckets: a batch is always padded up to the smallest bucket that fits.
+
+Policy: requests wait in priority order (lower number first, FIFO within a
+priority). A batch is released when it is full (largest bucket), when the oldest
+request has waited `max_queue_delay_s`, or, with `dispatch_when_idle`, as soon as
+the executor has nothing in flight (under load batches then grow on their own
+while the previous one runs, and a lone request pays no batching delay). A
+request larger than the largest bucket is split across batches, never refused.
+Requests whose deadline has passed are expired, never executed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+from typing import Deque, Generic, Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchingConfig:
+  """Per-model batching knobs (Triton's dynamic_batching, with our bucket grid)."""
+
+  buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+  max_queue_delay_s: float = 0.002
+  dispatch_when_idle: bool = True
+  max_queue_rows: int = 65536
+
+  def __post_init__(self):
+    if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+      raise ValueError(f"buckets must be positive and strictly increasing, got {self.buckets}")
+    if self.max_queue_delay_s < 0:
+      raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+    if self.max_queue_rows < self.buckets[-1]:
+      raise ValueError(f"max_queue_rows={self.max_queue_rows} must hold one full batch"
+                       f" ({self.buckets[-1]} rows)")
+
+  @property
+  def max_batch_size(self) -> int:
+    return self.buckets[-1]
+
+  def bucket_for(self, rows: int) -> int:
+    """Smallest bucket holding `rows` (rows <= max_batch_size)."""
+    i = bisect.bisect_left(self.buckets, rows)
+    if i == len(self.buckets):
+      raise ValueError(f"{rows} rows exceed the largest bucket {self.buckets[-1]}")
+    return self.buckets[i]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Pending(Generic[T]):
+  """A queued request as the batcher sees it: rows, timing, and how many rows are taken."""
+
+  item: T
+  rows: int
+  arrival: float
+  deadline: float | None = None
+  priority: int = 0
+  taken: int = 0  # rows already placed into batches (a request may span several)
+
+  @property
+  def remaining(self) -> int:
+    return self.rows - self.taken
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Slice(Generic[T]):
+  """Rows [start, start + rows) of `pending.item` go to batch rows [dest, dest + rows)."""
+
+  pending: Pending[T]
+  start: int
+  rows: int
+  dest: int
+
+  @property
+  def last(self) -> bool:
+    """Whether this slice finishes its request."""
+    return self.start + self.rows == self.pending.rows
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchPlan(Generic[T]):
+  """One batch to execute: the bucket, where each slice goes, and how many rows are padding."""
+
+  bucket: int
+  slices: tuple[Slice[T], ...]
+
+  @property
+  def rows(self) -> int:
+    return sum(s.rows for s in self.slices)
+
+  @property
+  def padding(self) -> int:
+    return self.bucket - self.rows
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision(Generic[T]):
+  """What to do now: run `plan` (or nothing), fail `expired`, and when to look again."""
+
+  plan: BatchPlan[T] | None
+  expired: tuple[Pending[T], ...] = ()
+  wait_s: float | None = None  # None: sleep until something new arrives
+
+
+class Admission(Exception):
+  """A request was refused at the door; `reason` says why (queue full)."""
+
+
+class Batcher(Generic[T]):
+  """Holds the queue of one model and decides its batches; not thread-safe (the runner locks)."""
+
+  def __init__(self, config: BatchingConfig):
+    self.config = config
+    self._queues: dict[int, Deque[Pending[T]]] = {}
+    self._rows = 0
+
+  @property
+  def queued_rows(self) -> int:
+    return self._rows
+
+  @property
+  def queued_requests(self) -> int:
+    return sum(len(q) for q in self._queues.values())
+
+  def add(self, pending: Pending[T]) -> None:
+    """Queues a request, or raises Admission if it would overflow `max_queue_rows`."""
+    if pending.rows < 1:
+      raise ValueError(f"a request needs at least one row, got {pending.rows}")
+    if self._rows + pending.rows > self.config.max_queue_rows:
+      raise Admission(
+          f"queue full: {self._rows} rows queued, {pending.rows} more would exceed"
+          f" max_queue_rows={self.config.max_queue_rows}; retry later or add capacity")
+    q = self._queues.get(pending.priority)
+    if q is None:
+      q = self._queues[pending.priority] = collections.deque()
+    q.append(pending)
+    self._rows += pending.rows
+
+  def remove(self, pendings: Iterable[Pending[T]]) -> None:
+    """Drops requests (cancelled by their client) from the queue."""
+    doomed = {id(p) for p in pendings}
+    for prio, q in self._queues.items():
+      kept = [p for p in q if id(p) not in doomed]
+      for p in q:
+        if id(p) in doomed:
+          self._rows -= p.remaining
+      self._queues[prio] = collections.deque(kept)
+
+  def drain(self) -> list[Pending[T]]:
+    """Removes and returns everything queued (shutdown or model unload)."""
+    out = [p for prio in sorted(self._queues) for p in self._queues[prio]]
+    self._queues.clear()
+    self._rows = 0
+    return out
+
+  def _ordered(self) -> Iterable[Pending[T]]:
+    for prio in sorted(self._queues):
+      yield from self._queues[prio]
+
+  def _expire(self, now: float) -> tuple[Pending[T], ...]:
+    expired = []
+    for prio, q in self._queues.items():
+      if any(p.deadline is not None and p.deadline <= now for p in q):
+        keep = collections.deque()
+        for p in q:
+          if p.deadline is not None and p.deadline <= now and p.taken == 0:
+            expired.append(p)
+            self._rows -= p.remaining
+          else:
+            keep.append(p)
+        self._queues[prio] = keep
+    return tuple(expired)
+
+  def decide(self, now: float, *, idle: bool) -> Decision[T]:
+    """Returns the next batch (if one should run now), the expired requests, and the wait."""
+    expired = self._expire(now)
+    if self._rows == 0:
+      return Decision(None, expired, None)
+    cfg = self.config
+    oldest = min(q[0].arrival for q in self._queues.values() if q)
+    full = self._rows >= cfg.max_batch_size
+    timed_out = now - oldest >= cfg.max_queue_delay_s
+    if not (full or timed_out or (idle and cfg.dispatch_when_idle)):
+      return Decision(None, expired, oldest + cfg.max_queue_delay_s - now)
+    return Decision(self._take(cfg.max_batch_size), expired, 0.0)
+
+  def _take(self, capacity: int) -> BatchPlan[T]:
+    slices, dest = [], 0
+    for prio in sorted(self._queues):
+      q = self._queues[prio]
+      while q and dest < capacity:
+        p = q[0]
+        n = min(p.remaining, capacity - dest)
+        slices.append(Slice(p, p.taken, n, dest))
+        p.taken += n
+        dest += n
+        self._rows -= n
+        if p.remaining == 0:
+          q.popleft()
+      if dest == capacity:
+        break
+    return BatchPlan(self.config.bucket_for(dest), tuple(slices))

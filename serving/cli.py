@@ -1,0 +1,140 @@
+"""`xlaserve` command line: serve a model repository (or the built-in demo) over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pathlib
+import sys
+import time
+
+DEFAULT_COMPILE_CACHE = "~/.cache/xlaserve/jax-compile-cache"
+
+
+def _progress(msg: str) -> None:
+  print(f"[xlaserve {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="xlaserve",
+      description="JAX/XLA inference server speaking Triton's (KServe v2) gRPC protocol.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  serve = sub.add_parser(
+      "serve", help="serve a model repository over gRPC",
+      description="Serve every model in a repository of exported bundles. With no"
+      " --model-repository, serves the built-in demo models (built on first start).",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  serve.add_argument("--model-repository", default=None,
+                     help="folder of <model>/<version>/ bundles written by export.export_model;"
+                     " omit it to serve the built-in demo models")
+  serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+  serve.add_argument("--grpc-port", type=int, default=8001,
+                     help="gRPC port (Triton/KServe v2 protocol and grpc.health.v1); 0 picks a"
+                     " free port")
+  serve.add_argument("--metrics-port", type=int, default=8002,
+                     help="HTTP port for Prometheus metrics at /metrics; 0 disables")
+  serve.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
+                     help="JAX persistent compilation cache folder, so restarts skip"
+                     " recompiling; 'none' disables it")
+  serve.add_argument("--max-queue-delay-us", type=int, default=None,
+                     help="default longest wait for a fuller batch, in microseconds (per-model"
+                     " config.json and the bundle's export setting take precedence)")
+  serve.add_argument("--max-queue-rows", type=int, default=65536,
+                     help="default per-model queue bound in rows; beyond it requests get"
+                     " RESOURCE_EXHAUSTED at once")
+  serve.add_argument("--max-rows-per-request", type=int, default=65536,
+                     help="largest request (rows) accepted; larger ones get INVALID_ARGUMENT"
+                     " (requests above the largest bucket are split, not refused)")
+  serve.add_argument("--max-tensor-bytes", type=int, default=64 << 20,
+                     help="largest single input tensor in bytes")
+  serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
+                     help="largest gRPC message in bytes")
+  serve.add_argument("--devices", type=int, default=None,
+                     help="number of local devices to place each model on (default: 1)")
+  serve.add_argument("--sharding", default=None,
+                     help="default sharding strategy for models without one in their config"
+                     " (replicated, tensor, tensor+data, embedding_rows, embedding_tables)")
+  serve.add_argument("--demo-tiny", action="store_true",
+                     help="with no --model-repository: serve tiny demo models (fast start,"
+                     " for smoke tests)")
+  serve.add_argument("--log-level", default="WARNING",
+                     help="Python logging level (DEBUG, INFO, WARNING, ERROR)")
+  return parser
+
+
+def _client_example(port: int) -> str:
+  return ("python -c \"import numpy as np, tritonclient.grpc as g; c=g.InferenceServerClient("
+          f"'127.0.0.1:{port}'); d=g.InferInput('dense',[2,13],'FP32'); d.set_data_from_numpy("
+          "np.random.rand(2,13).astype(np.float32)); s=g.InferInput('sparse',[2,26],'INT64');"
+          " s.set_data_from_numpy(np.random.randint(0,10**6,(2,26))); print(c.infer('dlrm',[d,s])"
+          ".as_numpy('prob'))\"")
+
+
+def serve(args: argparse.Namespace) -> int:
+  logging.basicConfig(level=args.log_level.upper(),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  import jax
+
+  if args.compile_cache and args.compile_cache.lower() != "none":
+    cache = pathlib.Path(os.path.expanduser(args.compile_cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+  from serving import codec
+  from serving.repository import ModelServingConfig
+  from serving.server import Server, ServerConfig
+
+  repo = args.model_repository
+  if repo is None:
+    from serving.demo import ensure_demo_repository
+    repo = str(ensure_demo_repository(_progress, tiny=args.demo_tiny))
+  elif not pathlib.Path(repo).is_dir():
+    print(f"xlaserve: model repository {repo!r} does not exist. Export a model into it with"
+          " export.export_model(..., repository=DIR), or omit --model-repository to serve the"
+          " demo.", file=sys.stderr)
+    return 2
+  default_cfg = ModelServingConfig(max_queue_delay_us=args.max_queue_delay_us,
+                                   max_queue_rows=args.max_queue_rows,
+                                   sharding=args.sharding, devices=args.devices)
+  config = ServerConfig(
+      model_repository=repo, host=args.host, grpc_port=args.grpc_port,
+      metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes,
+      limits=codec.Limits(max_rows=args.max_rows_per_request,
+                          max_tensor_bytes=args.max_tensor_bytes),
+      default_model_config=default_cfg)
+  from serving.placement import engine_factory_for
+  server = Server(config, engine_factory=engine_factory_for(config), progress=_progress)
+
+  def listening(s: Server) -> None:
+    metrics = (f", Prometheus metrics at http://{args.host}:{s.metrics_port}/metrics"
+               if s.metrics_port else "")
+    _progress(f"listening for gRPC on {args.host}:{s.grpc_port}{metrics}")
+    _progress(f"serving repository {repo}; loading models ...")
+
+  def loaded(s: Server) -> None:
+    for rec in s.repository.records():
+      _progress(f"  model {rec.name} v{rec.version}: {rec.state.value} {rec.reason}".rstrip())
+    _progress(f"try it: {_client_example(s.grpc_port)}")
+
+  try:
+    asyncio.run(server.run(on_listening=listening, on_loaded=loaded))
+  except OSError as e:
+    print(f"xlaserve: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.command == "serve":
+    return serve(args)
+  raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,199 @@
+"""Engines execute one padded batch of a model; the runner decides what goes in it.
+
+`Engine` is the interface the runner needs (keyword-only, numpy in, numpy out).
+`BundleEngine` serves an exported bundle: it deserializes the StableHLO, restores
+params (into their sharded layout when a placement is given), and compiles one
+executable per bucket at load, so a request never triggers a compile.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from export import bundle as bundle_lib
+from export.bundle import BundleError, Manifest, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+class Engine(abc.ABC):
+  """Runs batches of one model version; `dispatch` may return before the device finishes."""
+
+  inputs: tuple[TensorSpec, ...]
+  outputs: tuple[TensorSpec, ...]
+  buckets: tuple[int, ...]
+
+  @abc.abstractmethod
+  def warmup(self, *, progress: Progress | None = None) -> None:
+    """Compiles (or otherwise prepares) every bucket; raises if any bucket fails."""
+
+  @abc.abstractmethod
+  def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+    """Starts one batch of exactly `bucket` rows; returns a handle for `fetch`."""
+
+  @abc.abstractmethod
+  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
+    """Waits for a dispatched batch and returns its outputs as host arrays."""
+
+  def close(self) -> None:
+    """Releases device memory held by this engine."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Placement:
+  """Where a model version lives: its devices and how params and batches are laid out.
+
+  `param_shardings(specs)` and `batch_sharding(ndim)` come from `sharding/`; the
+  default places everything on one device.
+  """
+
+  devices: tuple[Any, ...]
+  param_shardings: Callable[[Sequence[bundle_lib.ParamSpec]], Sequence[Any]] | None = None
+  batch_sharding: Callable[[int], Any] | None = None
+  label: str = "single"
+
+
+def _np_dtype(name: str) -> np.dtype:
+  if name == "bfloat16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
+def _platform() -> str:
+  import jax
+  return jax.default_backend()
+
+
+class BundleEngine(Engine):
+  """Serves signature `signature` of the bundle in `path`, one executable per bucket per replica."""
+
+  def __init__(
+      self,
+      path: str | pathlib.Path,
+      *,
+      signature: str = "serve",
+      placements: Sequence[Placement] | None = None,
+      manifest: Manifest | None = None,
+  ):
+    import jax
+
+    self.path = pathlib.Path(path)
+    self.manifest = manifest or bundle_lib.read_manifest(self.path)
+    m = self.manifest
+    if m.kind != "predict":
+      raise BundleError(f"{self.path}: kind {m.kind!r} is not a predict bundle")
+    _check_jax_version(m, self.path)
+    if signature not in m.signatures:
+      raise BundleError(f"{self.path}: no signature {signature!r} (has {sorted(m.signatures)})")
+    sig = m.signatures[signature]
+    self.signature = sig
+    self.inputs, self.outputs = sig.inputs, sig.outputs
+    self.buckets = tuple(m.batch_buckets)
+    if any("seq" in t.dims for t in sig.inputs):
+      raise BundleError(f"{self.path}: sequence-bucketed inputs need the 2-D bucket engine")
+    platform = _platform()
+    fname = sig.artifacts.get(platform)
+    if fname is None:
+      raise BundleError(
+          f"{self.path}: no artifact for platform {platform!r} (has {sorted(sig.artifacts)});"
+          f" re-export with ExportConfig(platforms=(..., {platform!r}))")
+    try:
+      self._exported = jax.export.deserialize(bytearray((self.path / fname).read_bytes()))
+    except Exception as e:
+      raise BundleError(f"{self.path / fname}: cannot deserialize StableHLO ({e})") from e
+    self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
+    self._replicas: list[dict[str, Any]] = []
+    self._next = 0
+    self._param_bytes = 0
+
+  def warmup(self, *, progress: Progress | None = None) -> None:
+    import jax
+
+    say = progress or (lambda msg: None)
+    specs = self.manifest.params
+    for r, placement in enumerate(self.placements):
+      t0 = time.perf_counter()
+      shardings = (placement.param_shardings(specs) if placement.param_shardings else
+                   [jax.sharding.SingleDeviceSharding(placement.devices[0])] * len(specs))
+      params = bundle_lib.restore_params(self.path, self.manifest, shardings)
+      say(f"replica {r} ({placement.label}): params restored in {time.perf_counter() - t0:.2f}s")
+      in_sharding = {
+          t.name: (placement.batch_sharding(len(t.shape)) if placement.batch_sharding
+                   else jax.sharding.SingleDeviceSharding(placement.devices[0]))
+          for t in self.inputs}
+      fn = jax.jit(self._exported.call, in_shardings=(list(shardings), in_sharding))
+      compiled = {}
+      for bucket in self.buckets:
+        t1 = time.perf_counter()
+        structs = {t.name: jax.ShapeDtypeStruct((bucket, *t.shape[1:]), _np_dtype(t.dtype))
+                   for t in self.inputs}
+        param_structs = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding)
+                         for p in params]
+        try:
+          compiled[bucket] = fn.trace(param_structs, structs).lower().compile()
+        except Exception as e:
+          raise BundleError(f"{self.path}: compiling bucket {bucket} failed: {e}") from e
+        say(f"replica {r}: bucket {bucket:>5} compiled in {time.perf_counter() - t1:.2f}s")
+      # Run every bucket once: surfaces runtime failures (e.g. out of memory) at load.
+      for bucket, exe in compiled.items():
+        zeros = {t.name: np.zeros((bucket, *t.shape[1:]), _np_dtype(t.dtype)) for t in self.inputs}
+        out = exe(params, zeros)
+        for name, spec in zip(sorted(out), sorted(self.outputs, key=lambda t: t.name)):
+          if out[name].shape[0] != bucket and spec.dims[0] == "batch":
+            raise BundleError(f"{self.path}: output {name} has {out[name].shape[0]} rows, expected {bucket}")
+        jax.block_until_ready(out)
+      self._replicas.append({"params": params, "compiled": compiled, "in_sharding": in_sharding})
+    self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
+
+  @property
+  def param_bytes(self) -> int:
+    return self._param_bytes
+
+  @property
+  def ready(self) -> bool:
+    return bool(self._replicas)
+
+  def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+    replica = self._replicas[self._next]
+    self._next = (self._next + 1) % len(self._replicas)
+    return replica["compiled"][bucket](replica["params"], dict(inputs))
+
+  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in handle.items()}
+
+  def close(self) -> None:
+    for replica in self._replicas:
+      for p in replica["params"]:
+        p.delete()
+    self._replicas.clear()
+
+
+def _check_jax_version(manifest: Manifest, path: pathlib.Path) -> None:
+  """StableHLO is forward-compatible within a window; refuse bundles from a newer jax."""
+  import jax
+
+  def parse(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+  theirs, ours = parse(manifest.jax_version), parse(jax.__version__)
+  if not theirs:
+    raise BundleError(f"{path}: manifest jax_version {manifest.jax_version!r} is unreadable")
+  if theirs > ours:
+    raise BundleError(
+        f"{path}: exported with jax {manifest.jax_version}, newer than this server's jax"
+        f" {jax.__version__}; upgrade the server or re-export with jax {jax.__version__}")
+  if theirs[:1] != ours[:1] or (ours[1] - theirs[1] if len(theirs) > 1 else 0) > 6:
+    raise BundleError(
+        f"{path}: exported with jax {manifest.jax_version}, too old for jax {jax.__version__}"
+        " (StableHLO compatibility window is about six months); re-export the model")

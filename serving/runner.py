@@ -1,0 +1,265 @@
+"""Per-model batching loop: queue -> Batcher decision -> padded batch -> engine -> split outputs.
+
+One thread per served model version. While batch n runs on the device (JAX
+dispatch is asynchronous), the thread builds batch n+1 on the host; it then
+waits for batch n, copies each request's rows out, and hands completions back
+in one call per batch (`deliver`), so an asyncio servicer pays one wake-up per
+batch, not per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending
+from serving.engine import Engine, _np_dtype
+from serving.types import Code, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+Completion = tuple[InferRequest, "dict[str, np.ndarray] | None", "ServingError | None"]
+Deliver = Callable[[list[Completion]], None]
+
+
+def deliver_inline(completions: list[Completion]) -> None:
+  """Default delivery: call each request's callback on the runner thread."""
+  for req, out, err in completions:
+    try:
+      req.on_done(out, err)
+    except Exception:  # a broken callback must not stop the runner
+      logger.exception("request callback failed")
+
+
+@dataclasses.dataclass(slots=True)
+class RunnerStats:
+  """Counters in Triton's ModelStatistics terms (nanoseconds)."""
+
+  success_count: int = 0
+  success_ns: int = 0
+  fail_count: int = 0
+  fail_ns: int = 0
+  queue_ns: int = 0
+  compute_input_ns: int = 0
+  compute_infer_ns: int = 0
+  compute_output_ns: int = 0
+  inference_count: int = 0  # rows
+  execution_count: int = 0  # batches
+  last_inference_ms: int = 0
+  batch_counts: dict[int, int] = dataclasses.field(default_factory=dict)
+  expired: int = 0
+  rejected: int = 0
+
+
+class Observer:
+  """Hooks for metrics; the default does nothing."""
+
+  def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
+    pass
+
+  def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
+    pass
+
+  def queue_depth(self, rows: int, requests: int) -> None:
+    pass
+
+  def shed(self) -> None:
+    pass
+
+
+class ModelRunner:
+  """Owns one engine and its queue; thread-safe `submit`, one worker thread."""
+
+  def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
+               deliver: Deliver = deliver_inline, observer: Observer | None = None):
+    if tuple(config.buckets) != tuple(engine.buckets):
+      raise ValueError(f"{name}: batching buckets {config.buckets} differ from the engine's"
+                       f" compiled buckets {engine.buckets}")
+    self.name = name
+    self.engine = engine
+    self.config = config
+    self.deliver = deliver
+    self.observer = observer or Observer()
+    self.stats = RunnerStats()
+    self._batcher: Batcher[InferRequest] = Batcher(config)
+    self._cv = threading.Condition()
+    self._stopping = False
+    self._inflight = 0
+    self._thread = threading.Thread(target=self._loop, name=f"runner-{name}", daemon=True)
+    self._out_specs = [(t.name, t.shape[1:], _np_dtype(t.dtype)) for t in engine.outputs]
+    self._in_specs = [(t.name, t.shape[1:], _np_dtype(t.dtype)) for t in engine.inputs]
+
+  def start(self) -> None:
+    self._thread.start()
+
+  @property
+  def pending_requests(self) -> int:
+    with self._cv:
+      return self._batcher.queued_requests + self._inflight
+
+  def submit(self, req: InferRequest) -> None:
+    """Queues a request; raises ServingError(RESOURCE_EXHAUSTED/UNAVAILABLE) if refused."""
+    with self._cv:
+      if self._stopping:
+        raise ServingError(Code.UNAVAILABLE, f"model {self.name} is shutting down; retry on"
+                           " another replica")
+      try:
+        self._batcher.add(Pending(req, req.rows, req.arrival, req.deadline, req.priority))
+      except Admission as e:
+        self.stats.rejected += 1
+        self.observer.shed()
+        raise ServingError(Code.RESOURCE_EXHAUSTED, f"model {self.name}: {e}") from None
+      self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
+      self._cv.notify()
+
+  def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+    """Stops the loop; with `drain`, every queued request is answered first."""
+    with self._cv:
+      self._stopping = True
+      if not drain:
+        dropped = self._batcher.drain()
+        self._fail([p.item for p in dropped], ServingError(
+            Code.UNAVAILABLE, f"model {self.name} was unloaded before this request ran; retry"))
+      self._cv.notify()
+    if self._thread.is_alive():
+      self._thread.join(timeout)
+
+  # -- worker thread ---------------------------------------------------------
+
+  def _fail(self, reqs: Sequence[InferRequest], err: ServingError) -> None:
+    now = time.perf_counter()
+    for r in reqs:
+      self.stats.fail_count += 1
+      self.stats.fail_ns += int((now - r.arrival) * 1e9)
+      self.observer.request_done(ok=False, duration_s=now - r.arrival, code=err.code)
+    if reqs:
+      self.deliver([(r, None, err) for r in reqs])
+
+  def _next_plan(self, idle: bool) -> BatchPlan[InferRequest] | None:
+    """Blocks until a batch should run (or returns None when it should finish the in-flight one)."""
+    with self._cv:
+      while True:
+        now = time.perf_counter()
+        d = self._batcher.decide(now, idle=idle)
+        if d.expired:
+          self.stats.expired += len(d.expired)
+          self._fail([p.item for p in d.expired], ServingError(
+              Code.DEADLINE_EXCEEDED, f"model {self.name}: deadline passed while queued"
+              " (never executed); raise the deadline or reduce load"))
+        if d.plan is not None:
+          self._inflight += sum(1 for s in d.plan.slices if s.start == 0)
+          self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
+          return d.plan
+        if not idle:
+          return None  # go finish the batch in flight; it frees the device
+        if self._stopping and self._batcher.queued_rows == 0:
+          return None
+        self._cv.wait(d.wait_s)
+
+  def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
+    batch = {}
+    for name, shape, dtype in self._in_specs:
+      if len(plan.slices) == 1 and plan.padding == 0:
+        s = plan.slices[0]
+        batch[name] = s.pending.item.inputs[name][s.start:s.start + s.rows]
+        continue
+      buf = np.zeros((plan.bucket, *shape), dtype)
+      for s in plan.slices:
+        buf[s.dest:s.dest + s.rows] = s.pending.item.inputs[name][s.start:s.start + s.rows]
+      batch[name] = buf
+    return batch
+
+  def _finish(self, plan: BatchPlan[InferRequest], handle: Any, t_dispatch: float,
+              t_input: float) -> None:
+    try:
+      outs = self.engine.fetch(handle)
+      error = None
+    except Exception as e:  # a failing batch fails its requests, not the server
+      logger.exception("%s: batch of %d rows failed", self.name, plan.rows)
+      outs, error = None, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}")
+    t_done = time.perf_counter()
+    compute_s = t_done - t_dispatch
+    done: list = []
+    for s in plan.slices:
+      req = s.pending.item
+      if req.failed:
+        continue
+      if error is not None:
+        req.failed = True
+        req.outputs = None
+        done.append((req, None, error))
+        continue
+      if req.outputs is None:
+        if s.start == 0 and s.last:
+          req.outputs = {name: outs[name][s.dest:s.dest + s.rows] for name, _, _ in self._out_specs}
+        else:
+          req.outputs = {name: np.empty((req.rows, *shape), dtype)
+                         for name, shape, dtype in self._out_specs}
+      if not (s.start == 0 and s.last):
+        for name, _, _ in self._out_specs:
+          req.outputs[name][s.start:s.start + s.rows] = outs[name][s.dest:s.dest + s.rows]
+      req.compute_ns += int(compute_s * 1e9)
+      if s.last:
+        done.append((req, req.outputs, None))
+    st = self.stats
+    st.execution_count += 1
+    st.inference_count += plan.rows
+    st.batch_counts[plan.bucket] = st.batch_counts.get(plan.bucket, 0) + 1
+    st.compute_input_ns += int((t_input) * 1e9)
+    st.compute_infer_ns += int(compute_s * 1e9)
+    st.last_inference_ms = int(time.time() * 1000)
+    queue_s = []
+    for req, out, err in done:
+      dur = t_done - req.arrival
+      queue_s.append(req.queue_ns / 1e9)
+      if err is None:
+        st.success_count += 1
+        st.success_ns += int(dur * 1e9)
+        st.queue_ns += req.queue_ns
+      else:
+        st.fail_count += 1
+        st.fail_ns += int(dur * 1e9)
+      self.observer.request_done(ok=err is None, duration_s=dur,
+                                 code=None if err is None else err.code)
+    self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s, compute_s=compute_s)
+    with self._cv:
+      self._inflight -= len(done)
+    if done:
+      self.deliver(done)
+
+  def _loop(self) -> None:
+    inflight = None
+    while True:
+      plan = self._next_plan(idle=inflight is None)
+      if plan is None and inflight is None:
+        return  # stopping and drained
+      if plan is not None:
+        t0 = time.perf_counter()
+        for s in plan.slices:
+          if s.start == 0:
+            s.pending.item.queue_ns = int((t0 - s.pending.item.arrival) * 1e9)
+        try:
+          batch = self._assemble(plan)
+          t1 = time.perf_counter()
+          handle = self.engine.dispatch(bucket=plan.bucket, inputs=batch)
+          started = (plan, handle, t1, t1 - t0)
+        except Exception as e:
+          logger.exception("%s: dispatch failed", self.name)
+          err = ServingError(Code.INTERNAL, f"model {self.name} failed to start a batch: {e}")
+          reqs = [s.pending.item for s in plan.slices if not s.pending.item.failed]
+          for r in reqs:
+            r.failed = True
+          with self._cv:
+            self._inflight -= len(reqs)
+          self._fail(reqs, err)
+          started = None
+      else:
+        started = None
+      if inflight is not None:
+        self._finish(*inflight)
+      inflight = started

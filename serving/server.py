@@ -1,0 +1,175 @@
+"""Wires repository, runners, gRPC servicers and metrics into one server process.
+
+Start-up: the gRPC port opens at once (live, not ready), models load and warm up
+in a worker thread, then readiness turns true. Shutdown (SIGTERM/SIGINT):
+readiness turns false, new requests get UNAVAILABLE, every accepted request is
+answered, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pathlib
+import signal
+import threading
+import time
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from serving import codec
+from serving.compile_watch import CompileCounter
+from serving.metrics import Metrics
+from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.repository import EngineFactory, ModelRepository, ModelServingConfig
+from serving.servicer import AsyncDelivery, InferenceServicer
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+  """Process-wide settings; per-model settings live in each model's config.json."""
+
+  model_repository: str
+  host: str = "127.0.0.1"
+  grpc_port: int = 8001
+  metrics_port: int = 8002  # 0: no metrics endpoint
+  max_message_bytes: int = 64 << 20
+  limits: codec.Limits = codec.Limits()
+  shutdown_grace_s: float = 30.0
+  default_model_config: ModelServingConfig = ModelServingConfig()
+
+  def __post_init__(self):
+    if not 0 <= self.grpc_port < 65536 or not 0 <= self.metrics_port < 65536:
+      raise ValueError("ports must be in 0..65535")
+    if self.max_message_bytes < 1024:
+      raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small")
+
+
+class Server:
+  """One xlaserve process: `await run()` serves until `request_stop()` or a signal."""
+
+  def __init__(self, config: ServerConfig, *, engine_factory: EngineFactory | None = None,
+               progress: Callable[[str], None] | None = None):
+    self.config = config
+    self.progress = progress or (lambda msg: logger.info("%s", msg))
+    self.compiles = CompileCounter().install()
+    self.metrics = Metrics(compile_count=lambda: self.compiles.outside_warmup)
+    self.delivery = AsyncDelivery()
+    self.repository = ModelRepository(
+        config.model_repository, engine_factory=engine_factory,
+        observer_factory=self.metrics.observer, deliver=self.delivery,
+        compile_counter=self.compiles, default_config=config.default_model_config)
+    self.servicer = InferenceServicer(self.repository, limits=config.limits)
+    self.health = HealthServicer()
+    self.grpc_port: int | None = None
+    self.metrics_port: int | None = None
+    self.loaded = threading.Event()
+    self.load_s = 0.0
+    self._stop: asyncio.Event | None = None
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._metrics_server = None
+
+  async def _set_health(self, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for svc in ("", SERVICE_NAME):
+      await self.health.set(svc, status)
+
+  def request_stop(self) -> None:
+    """Thread-safe: begins graceful shutdown."""
+    if self._loop is not None and self._stop is not None:
+      self._loop.call_soon_threadsafe(self._stop.set)
+
+  async def run(self, *, install_signal_handlers: bool = True,
+                on_listening: Callable[[Server], None] | None = None,
+                on_loaded: Callable[[Server], None] | None = None) -> None:
+    self._loop = asyncio.get_running_loop()
+    self._stop = asyncio.Event()
+    self.delivery.loop = self._loop
+    cfg = self.config
+    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=opts)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+    self.grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    if self.grpc_port == 0:
+      raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port} (in use?); pick another"
+                    " --grpc-port")
+    await self._set_health(False)
+    await server.start()
+    if cfg.metrics_port:
+      import prometheus_client as prom
+      self._metrics_server, _ = prom.start_http_server(cfg.metrics_port, cfg.host,
+                                                       registry=self.metrics.registry)
+      self.metrics_port = self._metrics_server.server_address[1]
+    if install_signal_handlers:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._loop.add_signal_handler(sig, self._stop.set)
+    if on_listening:
+      on_listening(self)
+    t0 = time.perf_counter()
+    await self._loop.run_in_executor(None, self.repository.load_all, self.progress)
+    self.load_s = time.perf_counter() - t0
+    self.loaded.set()
+    await self._set_health(self.repository.all_ready)
+    self.progress(f"models loaded in {self.load_s:.1f}s; "
+                  f"{'all ready' if self.repository.all_ready else 'SOME UNAVAILABLE'}")
+    if on_loaded:
+      on_loaded(self)
+    await self._stop.wait()
+    await self._shutdown(server)
+
+  async def _shutdown(self, server: grpc.aio.Server) -> None:
+    self.progress("shutting down: refusing new requests, answering accepted ones")
+    self.servicer.accepting = False
+    await self._set_health(False)
+    await self.servicer.wait_idle(self.config.shutdown_grace_s)
+    await self._loop.run_in_executor(None, lambda: self.repository.stop(drain=True))
+    await server.stop(grace=1.0)
+    if self._metrics_server is not None:
+      self._metrics_server.shutdown()
+    self.progress("stopped")
+
+
+class BackgroundServer:
+  """Runs a Server on its own thread and event loop (tests and benchmarks in one process)."""
+
+  def __init__(self, server: Server):
+    self.server = server
+    self._thread = threading.Thread(target=self._main, name="xlaserve", daemon=True)
+    self._listening = threading.Event()
+    self.error: BaseException | None = None
+
+  def _main(self) -> None:
+    try:
+      asyncio.run(self.server.run(install_signal_handlers=False,
+                                  on_listening=lambda s: self._listening.set()))
+    except BaseException as e:  # surfaced by start()
+      self.error = e
+      self._listening.set()
+      self.server.loaded.set()
+
+  def start(self, timeout: float = 300.0) -> BackgroundServer:
+    self._thread.start()
+    self._listening.wait(timeout)
+    self.server.loaded.wait(timeout)
+    if self.error is not None:
+      raise RuntimeError(f"server failed to start: {self.error}") from self.error
+    return self
+
+  @property
+  def address(self) -> str:
+    return f"{self.server.config.host}:{self.server.grpc_port}"
+
+  def stop(self, timeout: float = 60.0) -> None:
+    self.server.request_stop()
+    self._thread.join(timeout)

@@ -1,0 +1,285 @@
+"""gRPC servicer for Triton's `inference.GRPCInferenceService`: protocol in, our requests out.
+
+It parses and validates, hands an InferRequest to the model's runner, and awaits
+the answer; it decides nothing about batching. Runner completions arrive in one
+`call_soon_threadsafe` per batch (see `AsyncDelivery`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from export.bundle import Manifest
+from serving import codec
+from serving.protocol import grpc_service_pb2 as pb
+from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.protocol import model_config_pb2 as mc
+from serving.repository import ModelRepository, ServedVersion, State
+from serving.types import Code, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "xlaserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy",
+              "parameters")
+
+GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
+
+_MC_TYPE = {
+    "BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16,
+    "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64, "INT8": mc.TYPE_INT8,
+    "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64,
+    "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64, "BF16": mc.TYPE_BF16,
+    "BYTES": mc.TYPE_STRING,
+}
+
+
+class AsyncDelivery:
+  """Runner -> asyncio: resolves each request's future on the event loop, one hop per batch."""
+
+  def __init__(self) -> None:
+    self.loop: asyncio.AbstractEventLoop | None = None
+
+  def __call__(self, completions: list) -> None:
+    loop = self.loop
+    if loop is None or loop.is_closed():
+      return
+    loop.call_soon_threadsafe(_resolve_all, completions)
+
+
+def _resolve_all(completions: list) -> None:
+  for req, out, err in completions:
+    fut = req.extra
+    if fut is not None and not fut.done():
+      if err is None:
+        fut.set_result(out)
+      else:
+        fut.set_exception(err)
+
+
+def _parse_version(v: str) -> int | None:
+  if not v:
+    return None
+  try:
+    n = int(v)
+  except ValueError:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model version {v!r} is not an integer") from None
+  if n < 1:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model version {v!r} must be >= 1")
+  return n
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+  """Triton v2 protocol over a ModelRepository."""
+
+  def __init__(self, repository: ModelRepository, *, limits: codec.Limits = codec.Limits(),
+               on_admit_error=None):
+    self.repo = repository
+    self.limits = limits
+    self.accepting = True
+    self._inflight = 0
+    self._idle = asyncio.Event()
+    self._idle.set()
+
+  # -- helpers -----------------------------------------------------------------
+
+  async def _abort(self, context: grpc.aio.ServicerContext, err: ServingError) -> None:
+    await context.abort(GRPC_CODE[err.code], err.message)
+
+  def _get(self, name: str, version: str) -> ServedVersion:
+    if not name:
+      raise ServingError(Code.INVALID_ARGUMENT, "model_name is empty")
+    self.repo.model_dir(name)  # rejects path-like names
+    return self.repo.get(name, _parse_version(version))
+
+  # -- health and metadata -----------------------------------------------------
+
+  async def ServerLive(self, request, context):
+    return pb.ServerLiveResponse(live=True)
+
+  async def ServerReady(self, request, context):
+    return pb.ServerReadyResponse(ready=self.accepting and self.repo.all_ready)
+
+  async def ModelReady(self, request, context):
+    try:
+      self._get(request.name, request.version)
+      return pb.ModelReadyResponse(ready=self.accepting)
+    except ServingError:
+      return pb.ModelReadyResponse(ready=False)
+
+  async def ServerMetadata(self, request, context):
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                     extensions=list(EXTENSIONS))
+
+  async def ModelMetadata(self, request, context):
+    try:
+      rec = self._get(request.name, request.version)
+    except ServingError as e:
+      return await self._abort(context, e)
+    sig = rec.runner.engine
+    return pb.ModelMetadataResponse(
+        name=rec.name,
+        versions=[str(r.version) for r in self.repo.versions_of(rec.name)
+                  if r.state is State.READY],
+        platform="xlaserve_jax",
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                        shape=list(t.shape)) for t in sig.inputs],
+        outputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                         shape=list(t.shape)) for t in sig.outputs])
+
+  async def ModelConfig(self, request, context):
+    try:
+      rec = self._get(request.name, request.version)
+    except ServingError as e:
+      return await self._abort(context, e)
+    return pb.ModelConfigResponse(config=self.model_config(rec))
+
+  def model_config(self, rec: ServedVersion) -> mc.ModelConfig:
+    """Triton's ModelConfig: batch dims are implicit (dims exclude the leading -1)."""
+    engine = rec.runner.engine
+    batching = rec.runner.config
+    cfg = mc.ModelConfig(
+        name=rec.name, platform="xlaserve_jax", backend="xlaserve",
+        max_batch_size=self.limits.max_rows,
+        input=[mc.ModelInput(name=t.name, data_type=_MC_TYPE[t.datatype], dims=list(t.shape[1:]))
+               for t in engine.inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=_MC_TYPE[t.datatype],
+                               dims=list(t.shape[1:])) for t in engine.outputs],
+        dynamic_batching=mc.ModelDynamicBatching(
+            preferred_batch_size=list(batching.buckets),
+            max_queue_delay_microseconds=int(batching.max_queue_delay_s * 1e6)),
+    )
+    cfg.version_policy.latest.num_versions = rec.config.latest_n
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    return cfg
+
+  async def ModelStatistics(self, request, context):
+    resp = pb.ModelStatisticsResponse()
+    try:
+      if request.name:
+        recs = [self._get(request.name, request.version)]
+      else:
+        recs = [r for r in self.repo.records() if r.state is State.READY]
+    except ServingError as e:
+      return await self._abort(context, e)
+    for rec in recs:
+      st = rec.runner.stats
+      ms = resp.model_stats.add(name=rec.name, version=str(rec.version),
+                                last_inference=st.last_inference_ms,
+                                inference_count=st.inference_count,
+                                execution_count=st.execution_count)
+      s = ms.inference_stats
+      s.success.count, s.success.ns = st.success_count, st.success_ns
+      s.fail.count, s.fail.ns = st.fail_count, st.fail_ns
+      s.queue.count, s.queue.ns = st.success_count, st.queue_ns
+      s.compute_input.count, s.compute_input.ns = st.execution_count, st.compute_input_ns
+      s.compute_infer.count, s.compute_infer.ns = st.execution_count, st.compute_infer_ns
+      s.compute_output.count, s.compute_output.ns = st.execution_count, st.compute_output_ns
+      for bucket, n in sorted(st.batch_counts.items()):
+        b = ms.batch_stats.add(batch_size=bucket)
+        b.compute_infer.count = n
+    return resp
+
+  async def RepositoryIndex(self, request, context):
+    resp = pb.RepositoryIndexResponse()
+    for rec in self.repo.records():
+      if request.ready and rec.state is not State.READY:
+        continue
+      resp.models.add(name=rec.name, version=str(rec.version) if rec.version else "",
+                      state=rec.state.value, reason=rec.reason)
+    return resp
+
+  async def RepositoryModelLoad(self, request, context):
+    try:
+      self.repo.model_dir(request.model_name)
+      loop = asyncio.get_running_loop()
+      recs = await loop.run_in_executor(None, self.repo.load, request.model_name)
+    except ServingError as e:
+      return await self._abort(context, e)
+    bad = [r for r in recs if r.state is not State.READY]
+    if bad:
+      await context.abort(grpc.StatusCode.INTERNAL,
+                          f"failed to load {request.model_name}: {bad[0].reason}")
+    return pb.RepositoryModelLoadResponse()
+
+  async def RepositoryModelUnload(self, request, context):
+    try:
+      loop = asyncio.get_running_loop()
+      await loop.run_in_executor(None, self.repo.unload, request.model_name)
+    except ServingError as e:
+      return await self._abort(context, e)
+    return pb.RepositoryModelUnloadResponse()
+
+  # -- inference ---------------------------------------------------------------
+
+  async def ModelInfer(self, request, context):
+    t0 = time.perf_counter()
+    if not self.accepting:
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "server is shutting down; retry on another replica")
+    try:
+      rec = self._get(request.model_name, request.model_version)
+      engine = rec.runner.engine
+      arrays, rows = codec.decode_inputs(request, engine.inputs, self.limits)
+      out_specs = codec.requested_outputs(request, engine.outputs)
+      deadline, priority = self._schedule_params(request, context, t0)
+      fut = asyncio.get_running_loop().create_future()
+      req = InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
+                         deadline=deadline, priority=priority, request_id=request.id, extra=fut)
+      rec.runner.submit(req)
+    except ServingError as e:
+      return await self._abort(context, e)
+    self._inflight += 1
+    self._idle.clear()
+    try:
+      outputs = await fut
+    except ServingError as e:
+      return await self._abort(context, e)
+    finally:
+      self._inflight -= 1
+      if self._inflight == 0:
+        self._idle.set()
+    return codec.encode_response(request, rec.version, outputs, out_specs)
+
+  def _schedule_params(self, request, context, t0: float) -> tuple[float | None, int]:
+    deadline = None
+    remaining = context.time_remaining()
+    if remaining is not None:
+      deadline = t0 + remaining
+    priority = 0
+    for key, p in request.parameters.items():
+      value = codec.param_value(p)
+      if key == "timeout":  # Triton: microseconds
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+          raise ServingError(Code.INVALID_ARGUMENT, "parameter 'timeout' must be a non-negative"
+                             " integer (microseconds)")
+        if value:
+          d = t0 + value / 1e6
+          deadline = d if deadline is None else min(deadline, d)
+      elif key == "priority":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+          raise ServingError(Code.INVALID_ARGUMENT, "parameter 'priority' must be a non-negative"
+                             " integer (1 is highest; 0 means default)")
+        priority = value if value else 1 << 30
+    if priority == 0:
+      priority = 1 << 30
+    return deadline, priority
+
+  async def wait_idle(self, timeout: float) -> bool:
+    """Waits until no request is in flight (graceful shutdown)."""
+    try:
+      await asyncio.wait_for(self._idle.wait(), timeout)
+      return True
+    except asyncio.TimeoutError:
+      return False
+
+
+def _unused(outputs: Any, error: Any) -> None:
+  """Completions reach the servicer through AsyncDelivery, not this callback."""
