@@ -157,7 +157,7 @@ def _kernel(
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=-1)
-    v = jnp.where(k_valid[:, None], v, jnp.zeros_like(v))
+
     pv = lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)

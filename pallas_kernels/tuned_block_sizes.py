@@ -103,7 +103,8 @@ def rewrite_table(
   merged.update({k: dict(v) for k, v in entries.items()})
   path = pathlib.Path(__file__ if path is None else path)
   source = path.read_text()
-  start, end = source.index(_BEGIN), source.index(_END) + len(_END)
+  start = source.index(f"\n{_BEGIN}\n") + 1  # the marker lines, not the constants above
+  end = source.index(f"\n{_END}\n") + 1 + len(_END)
   path.write_text(source[:start] + render_table(merged) + source[end:])
   logger.info("wrote %d tuned block size entries to %s", len(merged), path)
   return path

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending
+from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
 from serving.engine import Engine, _np_dtype
 from serving.types import Code, InferRequest, ServingError
 
@@ -178,12 +178,34 @@ class ModelRunner:
               t_input: float) -> None:
     try:
       outs = self.engine.fetch(handle)
-      error = None
     except Exception as e:  # a failing batch fails its requests, not the server
       logger.exception("%s: batch of %d rows failed", self.name, plan.rows)
-      outs, error = None, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}")
+      self._isolate(plan, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
+      return
+    self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input)
+
+  def _isolate(self, plan: BatchPlan[InferRequest], error: ServingError) -> None:
+    """Re-runs each request's slice of a failed batch alone, so only the poisoned one fails."""
+    if len(plan.slices) == 1:
+      self._complete(plan, None, error, 0.0, 0.0)
+      return
+    for s in plan.slices:
+      if s.pending.item.failed:
+        continue
+      single = BatchPlan(self.config.bucket_for(s.rows), (Slice(s.pending, s.start, s.rows, 0),))
+      t0 = time.perf_counter()
+      try:
+        outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket,
+                                                      inputs=self._assemble(single)))
+        self._complete(single, outs, None, time.perf_counter() - t0, 0.0)
+      except Exception as e:
+        self._complete(single, None, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"),
+                       time.perf_counter() - t0, 0.0)
+
+  def _complete(self, plan: BatchPlan[InferRequest], outs: dict[str, np.ndarray] | None,
+                error: ServingError | None, compute_s: float, t_input: float) -> None:
+    """Copies each request's rows out of the batch outputs (or fails them) and delivers."""
     t_done = time.perf_counter()
-    compute_s = t_done - t_dispatch
     done: list = []
     for s in plan.slices:
       req = s.pending.item
@@ -207,12 +229,13 @@ class ModelRunner:
       if s.last:
         done.append((req, req.outputs, None))
     st = self.stats
-    st.execution_count += 1
-    st.inference_count += plan.rows
-    st.batch_counts[plan.bucket] = st.batch_counts.get(plan.bucket, 0) + 1
-    st.compute_input_ns += int((t_input) * 1e9)
-    st.compute_infer_ns += int(compute_s * 1e9)
-    st.last_inference_ms = int(time.time() * 1000)
+    if error is None:
+      st.execution_count += 1
+      st.inference_count += plan.rows
+      st.batch_counts[plan.bucket] = st.batch_counts.get(plan.bucket, 0) + 1
+      st.compute_input_ns += int(t_input * 1e9)
+      st.compute_infer_ns += int(compute_s * 1e9)
+      st.last_inference_ms = int(time.time() * 1000)
     queue_s = []
     for req, out, err in done:
       dur = t_done - req.arrival
@@ -226,7 +249,9 @@ class ModelRunner:
         st.fail_ns += int(dur * 1e9)
       self.observer.request_done(ok=err is None, duration_s=dur,
                                  code=None if err is None else err.code)
-    self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s, compute_s=compute_s)
+    if error is None:
+      self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s,
+                          compute_s=compute_s)
     with self._cv:
       self._inflight -= len(done)
     if done:

@@ -312,8 +312,10 @@ class TablePlacement:
       vec = jnp.where(valid[..., None], vec, jnp.zeros((), vec.dtype))
       return jax.lax.all_gather(vec, MESH_AXES, axis=0)  # [num_shards, B, W, D]
 
-    gathered = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(MESH_AXES, None), P()), out_specs=P())(fused, ids)
+    # all_gather makes every device hold the same value, which the vma check cannot see through
+    # (the gathered values are device-dependent), hence check_vma=False.
+    gathered = jax.shard_map(local, mesh=mesh, in_specs=(P(MESH_AXES, None), P()),
+                             out_specs=P(), check_vma=False)(fused, ids)
     out = gathered[np.asarray(self.shard), :, np.asarray(slot)]  # [F, B, D]
     return jnp.transpose(out, (1, 0, 2)).astype(jnp.float32)
 

@@ -1,0 +1,288 @@
+"""Decoder LM -> `kind="generate"` bundle: one prefill signature per length bucket, one decode.
+
+Weights come from a short training run, at export time, on a synthetic ad-copy corpus built
+here from templates (nothing is downloaded), so greedy generations read like ads, not noise.
+
+Signatures (call convention of export/bundle.py, `fn(params, inputs) -> outputs`):
+  prefill_<T>  tokens [b, T], lengths [b], page_table [b, P], <cache>  -> logits [b, V], <cache>
+  decode       tokens [B], positions [B], page_table [B, P], lengths [B], <cache>
+               -> logits [B, V], <cache>
+`<cache>` is every array in `manifest.extra["kv_cache"]` (k_pages, v_pages, plus k_scale,
+v_scale for an int8 cache); the server passes them in and takes the updated ones back.
+
+Run: `python -m export.generative --repo model_repo --preset demo` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from export import bundle as bundle_lib
+from export.bundle import Manifest, Signature, TensorSpec
+from export.exporter import TRITON_CUSTOM_CALL, _nnx_parts
+from models.decoder import KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
+from models.tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+# The synthetic corpus: every combination is an ad line; a seeded sample of them is the text.
+_BRANDS = ("Northwind", "Acme", "Bluebird", "Cedar & Co.", "Lumen", "Harbor", "Summit",
+           "Pixel Lane", "Maple Street", "Orbit")
+_PRODUCTS = ("running shoes", "rain jackets", "coffee beans", "desk lamps", "yoga mats",
+             "headphones", "backpacks", "tea sets", "phone cases", "garden tools", "wool socks",
+             "water bottles", "board games", "sunglasses")
+_OFFERS = ("save {n}% today", "buy one, get one free", "free shipping on orders over ${m}",
+           "{n}% off your first order", "limited time: {n}% off", "new arrivals every week",
+           "prices from ${m}", "members get {n}% back")
+_CLOSERS = ("Shop now.", "Order today.", "While supplies last.", "Find your fit.",
+            "Members save more.", "Try it risk free for 30 days.", "Free returns, always.",
+            "Visit a store near you.")
+
+
+def ad_corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
+  """Template ad copy, e.g. "Acme headphones: save 20% today. Shop now."."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for _ in range(num_lines):
+    offer = _OFFERS[rng.integers(len(_OFFERS))].format(
+        n=int(rng.choice([10, 15, 20, 25, 30, 40, 50])), m=int(rng.choice([25, 35, 50, 75, 99])))
+    lines.append(f"{_BRANDS[rng.integers(len(_BRANDS))]} {_PRODUCTS[rng.integers(len(_PRODUCTS))]}"
+                 f": {offer}. {_CLOSERS[rng.integers(len(_CLOSERS))]}")
+  return lines
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerativeExportConfig:
+  """KV cache geometry, buckets, platforms and the training run of a generate bundle.
+
+  The number of compiled shapes a server runs is `len(prefill_lengths) + 1` (the decode).
+  Prefill bucket T runs `min(decode_batch, max(1, prefill_tokens // T))` rows at once.
+  """
+
+  page_size: int = 16
+  num_pages: int = 512  # including the null page
+  prefill_lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
+  prefill_tokens: int = 256
+  decode_batch: int = 16
+  kv_dtype: str = "float32"
+  platforms: tuple[str, ...] = ("cpu",)
+  train_steps: int = 150
+  train_batch: int = 16
+  train_seq_len: int = 128
+  learning_rate: float = 3e-3
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.page_size < 1 or self.page_size & (self.page_size - 1):
+      raise ValueError(f"page_size={self.page_size} must be a power of two")
+    if self.num_pages < 2:
+      raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page {NULL_PAGE} is reserved)")
+    if not self.prefill_lengths or list(self.prefill_lengths) != sorted(set(self.prefill_lengths)):
+      raise ValueError(f"prefill_lengths must be strictly increasing, got {self.prefill_lengths}")
+    if min(self.decode_batch, self.prefill_tokens, self.prefill_lengths[0]) < 1:
+      raise ValueError("decode_batch, prefill_tokens and prefill_lengths must be positive")
+    if self.kv_dtype not in KV_DTYPES:
+      raise ValueError(f"kv_dtype={self.kv_dtype!r} must be one of {KV_DTYPES}")
+    if self.train_steps < 0:
+      raise ValueError(f"train_steps={self.train_steps} must be >= 0")
+
+  def prefill_batch(self, length: int) -> int:
+    return min(self.decode_batch, max(1, self.prefill_tokens // length))
+
+  @classmethod
+  def demo(cls) -> GenerativeExportConfig:
+    return cls()
+
+  @classmethod
+  def tiny(cls) -> GenerativeExportConfig:
+    """For tests: 64 pages of 8 (so a full decode batch of long sequences must preempt)."""
+    return cls(page_size=8, num_pages=64, prefill_lengths=(16, 32, 64, 128), prefill_tokens=64,
+               decode_batch=8, train_steps=120, train_batch=16, train_seq_len=64,
+               learning_rate=1e-2)
+
+
+def train(model: Decoder, lines: list[str], config: GenerativeExportConfig,
+          tokenizer: ByteTokenizer) -> dict[str, float]:
+  """Next-byte training on packed `BOS line EOS` windows; returns first/last loss and seconds."""
+  stream = np.asarray([t for line in lines for t in tokenizer.encode(line, eos=True)], np.int32)
+  n = config.train_seq_len + 1
+  if len(stream) <= n:
+    raise ValueError(f"corpus of {len(stream)} tokens is shorter than a window of {n}")
+  rng = np.random.default_rng(config.seed)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, max(1, config.train_steps // 10), max(1, config.train_steps))
+  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    def loss_fn(m):
+      logits = m(batch[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  start, losses = time.perf_counter(), []
+  for i in range(config.train_steps):
+    starts = rng.integers(0, len(stream) - n, config.train_batch)
+    losses.append(float(step(model, optimizer, stream[starts[:, None] + np.arange(n)])))
+    if i % 25 == 0 or i == config.train_steps - 1:
+      logger.info("train step %d/%d loss %.3f", i + 1, config.train_steps, losses[-1])
+  return {"steps": config.train_steps, "first_loss": losses[0] if losses else float("nan"),
+          "final_loss": losses[-1] if losses else float("nan"),
+          "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _spec(name: str, x: jax.ShapeDtypeStruct) -> TensorSpec:
+  return TensorSpec(name, str(np.dtype(x.dtype)) if x.dtype != jnp.bfloat16 else "bfloat16",
+                    tuple(x.shape), (None,) * len(x.shape))
+
+
+def export_generative(
+    model: Decoder,
+    directory: str | os.PathLike[str],
+    config: GenerativeExportConfig,
+    *,
+    name: str = "decoder",
+    version: int = 1,
+    tokenizer: ByteTokenizer = ByteTokenizer(),
+    extra: dict[str, Any] | None = None,
+) -> pathlib.Path:
+  """Writes the bundle of `model` into `directory` (a `<repo>/<name>/<version>` folder)."""
+  mc = model.config
+  if config.prefill_lengths[-1] < mc.max_seq_len:
+    raise ValueError(f"the largest prefill length {config.prefill_lengths[-1]} must cover"
+                     f" max_seq_len={mc.max_seq_len} (a preempted sequence is recomputed whole)")
+  if tokenizer.vocab_size > mc.vocab_size:
+    raise ValueError(f"tokenizer needs {tokenizer.vocab_size} ids, the model has {mc.vocab_size}")
+  pages_per_seq = -(-mc.max_seq_len // config.page_size)
+  leaves, specs, rebuild = _nnx_parts(model)
+  param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+  kv = cache_shapes(mc, num_pages=config.num_pages, page_size=config.page_size,
+                    kv_dtype=config.kv_dtype)
+  cache_structs = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for k, (s, d) in kv.items()}
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+
+  def prefill_fn(params, inputs):
+    cache = {k: inputs[k] for k in kv}
+    logits, cache = rebuild(list(params)).prefill(
+        inputs["tokens"], inputs["lengths"], inputs["page_table"], cache)
+    return {"logits": logits, **cache}
+
+  def decode_fn(params, inputs):
+    cache = {k: inputs[k] for k in kv}
+    logits, cache = rebuild(list(params)).decode_step(
+        inputs["tokens"], inputs["positions"], inputs["page_table"], inputs["lengths"], cache)
+    return {"logits": logits, **cache}
+
+  entries: list[tuple[str, Callable[..., Any], dict[str, jax.ShapeDtypeStruct]]] = []
+  prefill_meta = []
+  for t in config.prefill_lengths:
+    b = config.prefill_batch(t)
+    entries.append((f"prefill_{t}", prefill_fn, {
+        "tokens": i32(b, t), "lengths": i32(b), "page_table": i32(b, pages_per_seq),
+        **cache_structs}))
+    prefill_meta.append({"length": t, "batch": b, "signature": f"prefill_{t}"})
+  b = config.decode_batch
+  entries.append(("decode", decode_fn, {
+      "tokens": i32(b), "positions": i32(b), "page_table": i32(b, pages_per_seq),
+      "lengths": i32(b), **cache_structs}))
+
+  artifacts: dict[str, bytes] = {}
+  signatures: dict[str, Signature] = {}
+  for sig_name, fn, in_structs in entries:
+    out_structs = jax.eval_shape(fn, param_structs, in_structs)
+    files = {}
+    for platform in config.platforms:
+      checks = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+                if platform in ("cuda", "rocm") else [])
+      exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=checks)(
+          param_structs, in_structs)
+      files[platform] = f"{sig_name}.{platform}.jaxexport"
+      artifacts[files[platform]] = bytes(exp.serialize())
+    signatures[sig_name] = Signature(
+        sig_name, tuple(_spec(k, v) for k, v in in_structs.items()),
+        tuple(_spec(k, v) for k, v in out_structs.items()), files)
+    logger.info("exported %s for %s", sig_name, config.platforms)
+
+  batch_buckets, seq_buckets = (config.decode_batch,), tuple(config.prefill_lengths)
+  manifest = Manifest(
+      name=name, version=version, kind="generate", jax_version=jax.__version__,
+      signatures=signatures, params=tuple(specs), batch_buckets=batch_buckets,
+      seq_buckets=seq_buckets,
+      code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
+      extra={
+          "page_size": config.page_size,
+          "num_pages": config.num_pages,
+          "null_page": NULL_PAGE,
+          "pages_per_seq": pages_per_seq,
+          "max_seq_len": mc.max_seq_len,
+          "prefill": prefill_meta,
+          "decode": {"batch": config.decode_batch, "signature": "decode"},
+          "kv_dtype": config.kv_dtype,
+          "kv_cache": {k: {"shape": list(s), "dtype": d} for k, (s, d) in kv.items()},
+          "vocab_size": mc.vocab_size,
+          "bos_id": tokenizer.bos_id,
+          "eos_id": tokenizer.eos_id,
+          "pad_id": tokenizer.pad_id,
+          "tokenizer": tokenizer.spec(),
+          "model": mc.to_json(),
+          **(extra or {}),
+      })
+  return bundle_lib.write_bundle(directory, manifest, leaves, artifacts)
+
+
+def build_bundle(
+    directory: str | os.PathLike[str],
+    *,
+    model_config: DecoderConfig | None = None,
+    config: GenerativeExportConfig | None = None,
+    name: str = "decoder",
+    version: int = 1,
+) -> pathlib.Path:
+  """Builds the model from a fixed seed, trains it on the ad corpus, exports it."""
+  model_config = model_config or DecoderConfig.demo()
+  config = config or GenerativeExportConfig.demo()
+  tokenizer = ByteTokenizer()
+  model = Decoder(model_config, rngs=nnx.Rngs(config.seed))
+  training = train(model, ad_corpus(seed=config.seed), config, tokenizer) if config.train_steps else {}
+  return export_generative(model, directory, config, name=name, version=version,
+                           tokenizer=tokenizer, extra={"training": training})
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--repo", default="model_repo", help="repository root; writes <repo>/<name>/<version>")
+  p.add_argument("--name", default="decoder")
+  p.add_argument("--version", type=int, default=1)
+  p.add_argument("--preset", choices=("demo", "tiny"), default="demo")
+  p.add_argument("--train-steps", type=int, default=None)
+  p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
+  p.add_argument("--platforms", default="cpu", help="comma-separated, e.g. cpu,cuda")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  config = getattr(GenerativeExportConfig, args.preset)()
+  config = dataclasses.replace(
+      config, kv_dtype=args.kv_dtype, platforms=tuple(args.platforms.split(",")),
+      train_steps=config.train_steps if args.train_steps is None else args.train_steps)
+  path = build_bundle(pathlib.Path(args.repo) / args.name / str(args.version),
+                      model_config=getattr(DecoderConfig, args.preset)(), config=config,
+                      name=args.name, version=args.version)
+  logger.info("bundle written to %s", path)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,50 @@
+"""Fixtures: a real xlaserve gRPC server on 127.0.0.1 (free port) serving the exact MockEngine."""
+
+import json
+import pathlib
+
+import pytest
+
+from export.bundle import Manifest, Signature, write_bundle
+from serving.mock_engine import MockEngine
+from serving.server import BackgroundServer, Server, ServerConfig
+
+
+def write_mock_bundle(repo: pathlib.Path, name: str = "mock", version: int = 1,
+                      config: dict | None = None) -> pathlib.Path:
+  """A bundle whose manifest describes the MockEngine's signature (no params, no StableHLO)."""
+  eng = MockEngine()
+  manifest = Manifest(name=name, version=version, kind="predict", jax_version="0.10.2",
+                      signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
+                      params=(), batch_buckets=eng.buckets)
+  path = write_bundle(repo / name / str(version), manifest, [], {})
+  if config is not None:
+    (repo / name / "config.json").write_text(json.dumps(config))
+  return path
+
+
+@pytest.fixture
+def start_mock_server(tmp_path):
+  """start(**mock_kwargs) -> (BackgroundServer, {name: MockEngine}); stopped after the test."""
+  servers = []
+
+  def start(models=("mock",), config=None, server_kwargs=None, **engine_kwargs):
+    repo = tmp_path / "repo"
+    engines = {}
+    for name in models:
+      write_mock_bundle(repo, name, config=config)
+
+    def factory(path, manifest, cfg):
+      eng = MockEngine(buckets=manifest.batch_buckets, **engine_kwargs)
+      engines[manifest.name] = eng
+      return eng
+
+    server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=0,
+                                 **(server_kwargs or {})), engine_factory=factory)
+    bg = BackgroundServer(server).start()
+    servers.append(bg)
+    return bg, engines
+
+  yield start
+  for bg in servers:
+    bg.stop()

@@ -1,0 +1,123 @@
+"""The batcher's decisions, checked by hand-worked cases (no JAX, no threads)."""
+
+import pytest
+
+from serving.batching import Admission, BatchingConfig, Batcher, Pending
+
+
+def make(buckets=(1, 2, 4, 8), delay=0.010, idle_dispatch=False, max_rows=64):
+  return Batcher(BatchingConfig(buckets=buckets, max_queue_delay_s=delay,
+                                dispatch_when_idle=idle_dispatch, max_queue_rows=max_rows))
+
+
+def add(b, name, rows, t=0.0, **kw):
+  p = Pending(name, rows, t, **kw)
+  b.add(p)
+  return p
+
+
+def layout(plan):
+  return [(s.pending.item, s.start, s.rows, s.dest) for s in plan.slices]
+
+
+def test_config_validates_buckets():
+  with pytest.raises(ValueError, match="strictly increasing"):
+    BatchingConfig(buckets=(4, 2))
+  with pytest.raises(ValueError, match="one full batch"):
+    BatchingConfig(buckets=(1, 8), max_queue_rows=4)
+  cfg = BatchingConfig(buckets=(1, 2, 4, 8))
+  assert [cfg.bucket_for(n) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+  with pytest.raises(ValueError):
+    cfg.bucket_for(9)
+
+
+def test_waits_for_delay_then_pads_to_smallest_bucket():
+  b = make()
+  add(b, "a", 3, t=0.0)
+  d = b.decide(0.004, idle=False)
+  assert d.plan is None and d.wait_s == pytest.approx(0.006)
+  d = b.decide(0.010, idle=False)
+  assert d.plan.bucket == 4 and d.plan.rows == 3 and d.plan.padding == 1
+  assert layout(d.plan) == [("a", 0, 3, 0)]
+  assert b.queued_rows == 0
+
+
+def test_full_batch_goes_at_once_and_fifo_packing():
+  b = make()
+  add(b, "a", 3, t=0.0)
+  add(b, "b", 4, t=0.001)
+  add(b, "c", 2, t=0.002)
+  d = b.decide(0.002, idle=False)  # 9 rows >= 8: full
+  assert d.plan.bucket == 8
+  assert layout(d.plan) == [("a", 0, 3, 0), ("b", 0, 4, 3), ("c", 0, 1, 7)]
+  assert b.queued_rows == 1
+  d = b.decide(0.003, idle=True)  # nothing else: wait for the delay unless idle dispatch
+  assert d.plan is None
+  d = b.decide(0.013, idle=False)
+  assert layout(d.plan) == [("c", 1, 1, 0)] and d.plan.bucket == 1
+  assert d.plan.slices[0].last
+
+
+def test_large_request_is_split_across_batches():
+  b = make()
+  add(b, "big", 19, t=0.0)
+  plans = [b.decide(0.0, idle=False).plan for _ in range(2)]
+  plans.append(b.decide(1.0, idle=False).plan)
+  assert [layout(p) for p in plans] == [[("big", 0, 8, 0)], [("big", 8, 8, 0)],
+                                        [("big", 16, 3, 0)]]
+  assert [p.bucket for p in plans] == [8, 8, 4]
+  assert [s.last for p in plans for s in p.slices] == [False, False, True]
+
+
+def test_idle_dispatch_sends_lone_request_immediately():
+  b = make(idle_dispatch=True)
+  add(b, "a", 1, t=0.0)
+  assert b.decide(0.0, idle=False).plan is None  # busy: let the batch grow
+  d = b.decide(0.0, idle=True)
+  assert layout(d.plan) == [("a", 0, 1, 0)] and d.plan.bucket == 1
+
+
+def test_priority_overtakes_fifo():
+  b = make()
+  add(b, "low1", 4, t=0.0, priority=5)
+  add(b, "low2", 4, t=0.0, priority=5)
+  add(b, "high", 2, t=0.001, priority=1)
+  d = b.decide(0.001, idle=False)
+  assert layout(d.plan) == [("high", 0, 2, 0), ("low1", 0, 4, 2), ("low2", 0, 2, 6)]
+
+
+def test_expired_requests_are_never_planned():
+  b = make()
+  add(b, "late", 2, t=0.0, deadline=0.005)
+  add(b, "ok", 1, t=0.0, deadline=1.0)
+  d = b.decide(0.006, idle=False)
+  assert [p.item for p in d.expired] == ["late"] and d.plan is None
+  d = b.decide(0.011, idle=False)
+  assert layout(d.plan) == [("ok", 0, 1, 0)]
+  assert b.queued_rows == 0
+
+
+def test_started_split_request_is_finished_even_past_deadline():
+  b = make()
+  add(b, "big", 12, t=0.0, deadline=0.5)
+  assert b.decide(0.0, idle=False).plan.rows == 8
+  d = b.decide(1.0, idle=False)
+  assert not d.expired and layout(d.plan) == [("big", 8, 4, 0)]
+
+
+def test_queue_bound_refuses_without_side_effects():
+  b = make(max_rows=10)
+  add(b, "a", 8)
+  with pytest.raises(Admission, match="queue full"):
+    add(b, "b", 3)
+  assert b.queued_rows == 8 and b.queued_requests == 1
+
+
+def test_remove_and_drain():
+  b = make()
+  a = add(b, "a", 2)
+  add(b, "b", 3)
+  b.remove([a])
+  assert b.queued_rows == 3
+  assert [p.item for p in b.drain()] == ["b"]
+  assert b.queued_rows == 0 and b.decide(0.0, idle=True).plan is None

@@ -1,0 +1,80 @@
+"""Two local processes (2 CPU devices each) serve one DLRM whose tables span all 4 devices."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import sharding_testlib as tl
+
+WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
+REPO = WORKER.parents[2]
+TIMEOUT_S = 150
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)  # each process sets 2 devices itself
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  return env
+
+
+def test_leader_and_follower_match_single_process(tmp_path):
+  cfg = tl.DIVISIBLE
+  buckets = (1, 4, 8)
+  plan = [(2, 8, 5), (0, 1, 1), (1, 4, 3), (2, 8, 8)]  # (bucket index, size, real rows)
+  batches = {}
+  for i, (b, size, real) in enumerate(plan):
+    dense, sparse = tl.batch(cfg, size, seed=10 + i)
+    dense[real:], sparse[real:] = 0.0, -1  # padding rows, as the batcher pads
+    batches.update({f"bucket{i}": b, f"dense{i}": dense, f"sparse{i}": sparse})
+  inp, out = tmp_path / "batches.npz", tmp_path / "out.npz"
+  np.savez(inp, buckets=np.asarray(buckets), count=len(plan), **batches)
+
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, str(WORKER), "--process-id", str(i), "--port", str(port),
+       "--batches", str(inp), "--out", str(out)],
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    pytest.fail(f"multi-host run hung for {TIMEOUT_S}s:\n" + "\n---\n".join(logs))
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+  assert "follower served 4 steps" in logs[1]
+
+  got = np.load(out)
+  assert int(got["num_devices"]) == 4
+  flat = tl.dlrm(cfg)
+  ref_fn = jax.jit(tl.step_fn(flat, None, None))
+  for i, (_, size, real) in enumerate(plan):
+    want = np.asarray(ref_fn(flat.leaves, batches[f"dense{i}"], batches[f"sparse{i}"]))
+    assert got[f"out{i}"].shape == (size, 1)
+    np.testing.assert_allclose(got[f"out{i}"][:real], want[:real], rtol=1e-6, atol=1e-6)
+  # Row-sharded tables: each of the leader's 2 devices holds a quarter of every table.
+  table_bytes = sum(r * cfg.embed_dim * 4 for r in cfg.table_sizes)
+  dense_bytes = sum(x.nbytes for x, a in zip(flat.leaves, flat.axes) if a[0] != "table_rows")
+  assert list(got["device_bytes"]) == [table_bytes // 4 + dense_bytes] * 2
