@@ -71,7 +71,7 @@ def _kernel(
     acc, count = carry
     ids = ids_ref[:, j]  # [block_b]
     valid = ids >= 0
-    rows = jnp.where(valid, lax.rem(ids, num_rows), 0)  # [block_b]
+    rows = jnp.where(valid, lax.rem(ids, ids.dtype.type(num_rows)), 0)  # [block_b]
     mask = valid[:, None] & col_ok  # [block_b, block_d]
     vals = plgpu.load(table_ref.at[rows[:, None], cols], mask=mask, other=0)
     vals = vals.astype(jnp.float32)  # [block_b, block_d]

@@ -98,7 +98,11 @@ def tuned_block_sizes(
   """Looks up `TUNED_BLOCK_SIZES`, falling back to `BlockSizes()`."""
   key = (device_kind, flash_shape_class(seq_k, head_dim),
          jnp.dtype(dtype).name)
-  return TUNED_BLOCK_SIZES.get(key, BlockSizes())
+  sizes = TUNED_BLOCK_SIZES.get(key)
+  if sizes is None:
+    logger.debug("no tuned block sizes for %s: using %s", key, BlockSizes())
+    return BlockSizes()
+  return sizes
 
 
 def _device_kind() -> str:
@@ -157,7 +161,7 @@ def _kernel(
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=-1)
-
+    v = jnp.where(k_valid[:, None], v, jnp.zeros_like(v))
     pv = lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
@@ -264,7 +268,8 @@ def flash_attention(
 
   `sm_scale` defaults to 1/sqrt(head_dim); `causal` masks key j > query i
   (positions counted from 0 in both). Rows >= `lengths[b]` output zeros.
-  `impl`: "auto" (kernel on CUDA, reference elsewhere), "pallas", "xla".
+  `impl`: "auto" (kernel on CUDA, reference elsewhere), "pallas", "xla";
+  `interpret=True` with impl="pallas" runs the kernel on CPU.
   """
   check_impl(impl)
   _validate(q, k, v, lengths)

@@ -95,7 +95,11 @@ def tuned_block_sizes(
   """Looks up `TUNED_BLOCK_SIZES`, falling back to `BlockSizes()`."""
   key = (device_kind, paged_shape_class(page_size, head_dim),
          jnp.dtype(cache_dtype).name)
-  return TUNED_BLOCK_SIZES.get(key, BlockSizes())
+  sizes = TUNED_BLOCK_SIZES.get(key)
+  if sizes is None:
+    logger.debug("no tuned block sizes for %s: using %s", key, BlockSizes())
+    return BlockSizes()
+  return sizes
 
 
 def _device_kind() -> str:
@@ -282,7 +286,8 @@ def paged_attention(
 
   `sm_scale` defaults to 1/sqrt(head_dim). int8 pages need their `*_scale`
   (value = int8 * scale). `impl`: "auto" (kernel on CUDA, reference
-  elsewhere), "pallas", "xla".
+  elsewhere), "pallas", "xla"; `interpret=True` with impl="pallas" runs the
+  kernel on CPU.
   """
   check_impl(impl)
   _validate(q, k_pages, v_pages, page_table, lengths, k_scale, v_scale)

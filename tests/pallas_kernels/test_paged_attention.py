@@ -31,10 +31,9 @@ from pallas_kernels.paged_attention import (
 LN3 = math.log(3.0)
 
 # Kernel vs reference, per query dtype; the reasoning of
-# test_flash_attention.TOLERANCES holds here too (int8 caches are exact in
-# bfloat16 and their scales are applied in float32, so they add nothing):
-# float32 <= 1e-6 seen; bfloat16 output rounding plus bfloat16 probabilities,
-# 7.8e-3 seen.
+# test_flash_attention.TOLERANCES holds here too (int8 values are exact in
+# bfloat16 and the scales are applied in float32): float32 <= 5e-7 seen;
+# bfloat16 at most one output ulp apart, 1.6e-2 seen for int8 caches.
 TOLERANCES = {
     jnp.float32: dict(atol=2e-5, rtol=2e-5),
     jnp.bfloat16: dict(atol=2e-2, rtol=1e-2),
@@ -222,7 +221,8 @@ class TestPagedAttentionReference:
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
   def test_int8_close_to_float_cache(self):
-    """Per-token absmax int8 costs at most 0.5/127 of each row's max."""
+    """Per-token absmax int8 rounds each value by <= max|row| / 254 (~1.2e-2
+    for these normal rows); 1.3e-2 seen on the output, 3e-2 allowed."""
     rng = np.random.default_rng(5)
     clean, _ = _random_case(
         rng, batch=4, heads=8, kv_heads=2, head_dim=64, page_size=8,
@@ -233,7 +233,7 @@ class TestPagedAttentionReference:
     out = _call(paged_attention_reference,
                 dict(clean, k_pages=jnp.asarray(kq), v_pages=jnp.asarray(vq)),
                 k_scale=jnp.asarray(ks), v_scale=jnp.asarray(vs))
-    np.testing.assert_allclose(out, expected, atol=2e-2)
+    np.testing.assert_allclose(out, expected, atol=3e-2)
     # And the int8 reference is exactly the float reference of the dequantized
     # cache.
     deq = dict(clean, k_pages=jnp.asarray(_dequantize(kq, ks)),

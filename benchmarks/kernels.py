@@ -1,0 +1,376 @@
+"""Times our kernels (impl="auto": Triton kernel on a GPU, reference on CPU) against plain XLA jnp.
+
+    python benchmarks/kernels.py [--quick] [--out DIR] [--reps N] [--tune]
+
+Shapes are the ads-serving ones: decode matmuls (M = 1..16, 4096 x 4096), dense layers (batch
+256..4096, 512..1024 wide), embedding bags (26 features x 32 ids, 100k x 64 tables), and rows for
+flash/paged attention. Prints a table (time, GB/s, TFLOP/s), writes results.json and kernels.png to
+--out. --tune (GPU only) times candidate block sizes and rewrites pallas_kernels/tuned_block_sizes.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a bare checkout
+# pylint: disable=g-import-not-at-top
+from pallas_kernels import quantize, tuned_block_sizes
+from pallas_kernels.embedding_bag import BlockSizes as BagBlockSizes
+from pallas_kernels.embedding_bag import embedding_bag_multi
+from pallas_kernels.quantized_matmul import MODES
+from pallas_kernels.quantized_matmul import BlockSizes as MatmulBlockSizes
+from pallas_kernels.quantized_matmul import quantized_matmul
+# pylint: enable=g-import-not-at-top
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One timed call: fn(*args), with the bytes it must move and the flops it must do."""
+
+  op: str
+  shape: str
+  variant: str  # "auto" (our op) or "jnp" (plain XLA)
+  fn: Callable[..., Any]
+  args: tuple[Any, ...]
+  bytes_moved: int
+  flops: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  op: str
+  shape: str
+  variant: str
+  ms: float
+  gb_s: float
+  tflop_s: float
+  error: str = ""
+
+
+def _progress(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _nbytes(*arrays: jax.Array) -> int:
+  return sum(int(a.size) * a.dtype.itemsize for a in arrays)
+
+
+def time_call(fn: Callable[..., Any], args: tuple[Any, ...], reps: int) -> float:
+  """Median wall time in ms of fn(*args) after a compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------- quantized matmul
+def _dequant_matmul(x, w_q, w_scale):
+  """What a model writes without the op: dequantize the whole weight, then one XLA dot."""
+  return jnp.dot(x, (w_q.astype(jnp.float32) * w_scale[None, :]).astype(x.dtype))
+
+
+def matmul_cases(quick: bool, key: jax.Array) -> list[Case]:
+  decode = [(m, 4096, 4096) for m in ((1, 16) if quick else (1, 4, 8, 16))]
+  dense = [(b, 512, 1024) for b in ((256, 1024) if quick else (256, 1024, 4096))]
+  if not quick:
+    dense += [(b, 1024, 1024) for b in (256, 4096)]
+  modes = ("w8a16", "w8a8") if quick else MODES
+  cases = []
+  for m, k, n in decode + dense:
+    kx, kw = jax.random.split(jax.random.fold_in(key, m * k + n))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (k, n), jnp.float32)
+    for mode in modes:
+      w_q, w_scale = (quantize.quantize_fp8_per_channel(w) if mode == "fp8"
+                      else quantize.quantize_int8_per_channel(w))
+      shape = f"{mode} M={m} K={k} N={n}"
+      moved = _nbytes(x, w_q, w_scale) + m * n * x.dtype.itemsize
+      fn = jax.jit(functools.partial(quantized_matmul, mode=mode, impl="auto"))
+      cases.append(Case("quantized_matmul", shape, "auto", fn, (x, w_q, w_scale), moved,
+                        2 * m * k * n))
+      cases.append(Case("quantized_matmul", shape, "jnp", jax.jit(_dequant_matmul),
+                        (x, w_q, w_scale), moved, 2 * m * k * n))
+  return cases
+
+
+# --------------------------------------------------------------------------------- embedding bag
+def _jnp_bags(tables, ids):
+  """Plain jnp: gather [batch, features, bag, dim], mask the -1s, sum."""
+  valid = ids >= 0
+  rows = jnp.where(valid, ids % tables.shape[1], 0)
+  gathered = tables[jnp.arange(tables.shape[0])[None, :, None], rows]
+  return jnp.where(valid[..., None], gathered.astype(jnp.float32), 0).sum(2).astype(tables.dtype)
+
+
+def _jnp_bags_quantized(tables, ids, scales, offsets):
+  valid = ids >= 0
+  rows = jnp.where(valid, ids % tables.shape[1], 0)
+  f = jnp.arange(tables.shape[0])[None, :, None]
+  vals = tables[f, rows].astype(jnp.float32) * scales[f, rows][..., None] + offsets[f, rows][
+      ..., None]
+  return jnp.where(valid[..., None], vals, 0).sum(2)
+
+
+def embedding_cases(quick: bool, key: jax.Array) -> list[Case]:
+  features, bag, rows, dim = 26, 32, 100_000, 64
+  kt, ki = jax.random.split(key)
+  tables = jax.random.normal(kt, (features, rows, dim), jnp.float32)
+  q, s, o = jax.vmap(quantize.quantize_rows_int8)(tables)  # [features, rows(, dim)]
+  cases = []
+  for batch in ((256, 1024) if quick else (256, 1024, 4096)):
+    ids = jax.random.randint(jax.random.fold_in(ki, batch), (batch, features, bag), -1, 2 * rows)
+    adds = batch * features * bag * dim
+    for name, args, jnp_fn in (("float32", (tables, ids), _jnp_bags),
+                               ("uint8", (q, ids, s, o), _jnp_bags_quantized)):
+      itemsize = args[0].dtype.itemsize
+      moved = batch * features * bag * (dim * itemsize + 4) + batch * features * dim * 4
+      shape = f"{name} B={batch} F={features} bag={bag} {rows}x{dim}"
+      if name == "uint8":
+        fn = jax.jit(lambda t, i, sc, of: embedding_bag_multi(t, i, scales=sc, offsets=of))
+      else:
+        fn = jax.jit(embedding_bag_multi)
+      cases.append(Case("embedding_bag_multi", shape, "auto", fn, args, moved, adds))
+      cases.append(Case("embedding_bag_multi", shape, "jnp", jax.jit(jnp_fn), args, moved, adds))
+  return cases
+
+
+# ------------------------------------------------------------------------------------- attention
+def _jnp_attention(q, k, v, causal):
+  """Plain jnp attention with grouped kv heads; float32 softmax."""
+  groups = q.shape[1] // k.shape[1]
+  k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  if causal:
+    mask = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
+    logits = jnp.where(mask, logits, -1e30)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
+def _jnp_paged(q, k_pages, v_pages, page_table, lengths):
+  """Plain jnp decode attention: gather the pages into a dense cache, mask past each length."""
+  kv_heads, _, page_size, head_dim = k_pages.shape
+  batch, heads, _ = q.shape
+  k = k_pages[:, page_table].reshape(kv_heads, batch, -1, head_dim).swapaxes(0, 1)
+  v = v_pages[:, page_table].reshape(kv_heads, batch, -1, head_dim).swapaxes(0, 1)
+  qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  logits = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(head_dim)
+  valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]
+  logits = jnp.where(valid[:, None, None, :], logits, -1e30)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgs,bksd->bkgd", weights, v).reshape(q.shape)
+
+
+def attention_cases(quick: bool, key: jax.Array) -> list[Case]:
+  cases = []
+  try:
+    from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    _progress(f"flash_attention rows skipped: {e}")
+  else:
+    for batch, heads, kv_heads, seq, head_dim in (
+        ((1, 8, 2, 256, 64),) if quick else ((4, 16, 4, 1024, 128), (16, 8, 8, 512, 64))):
+      kq, kk, kv = jax.random.split(jax.random.fold_in(key, seq), 3)
+      q = jax.random.normal(kq, (batch, heads, seq, head_dim), jnp.bfloat16)
+      k = jax.random.normal(kk, (batch, kv_heads, seq, head_dim), jnp.bfloat16)
+      v = jax.random.normal(kv, (batch, kv_heads, seq, head_dim), jnp.bfloat16)
+      shape = f"causal B={batch} H={heads}/{kv_heads} S={seq} D={head_dim}"
+      moved = _nbytes(q, k, v, q)
+      flops = 2 * batch * heads * seq * seq * head_dim  # 4*b*h*s*s*d halved by the causal mask
+      cases.append(Case("flash_attention", shape, "auto",
+                        jax.jit(functools.partial(flash_attention, causal=True)), (q, k, v),
+                        moved, flops))
+      cases.append(Case("flash_attention", shape, "jnp",
+                        jax.jit(functools.partial(_jnp_attention, causal=True)), (q, k, v),
+                        moved, flops))
+  try:
+    from pallas_kernels.paged_attention import paged_attention  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    _progress(f"paged_attention rows skipped: {e}")
+  else:
+    for batch, heads, kv_heads, head_dim, page_size, pages_per_seq in (
+        ((8, 8, 2, 64, 16, 32),) if quick else ((32, 32, 8, 128, 16, 128),)):
+      kq, kk, kv, kl = jax.random.split(jax.random.fold_in(key, batch), 4)
+      num_pages = batch * pages_per_seq
+      q = jax.random.normal(kq, (batch, heads, head_dim), jnp.bfloat16)
+      k_pages = jax.random.normal(kk, (kv_heads, num_pages, page_size, head_dim), jnp.bfloat16)
+      v_pages = jax.random.normal(kv, (kv_heads, num_pages, page_size, head_dim), jnp.bfloat16)
+      page_table = jax.random.permutation(kl, num_pages).reshape(batch, pages_per_seq)
+      page_table = page_table.astype(jnp.int32)
+      max_len = pages_per_seq * page_size
+      lengths = jax.random.randint(kl, (batch,), max_len // 2, max_len + 1, jnp.int32)
+      mean_len = float(np.mean(np.asarray(lengths)))
+      shape = f"B={batch} H={heads}/{kv_heads} D={head_dim} page={page_size} len<={max_len}"
+      moved = int(2 * batch * mean_len * kv_heads * head_dim * 2) + 2 * _nbytes(q)
+      flops = int(4 * batch * heads * mean_len * head_dim)
+      args = (q, k_pages, v_pages, page_table, lengths)
+      cases.append(Case("paged_attention", shape, "auto", jax.jit(paged_attention), args,
+                        moved, flops))
+      cases.append(Case("paged_attention", shape, "jnp", jax.jit(_jnp_paged), args, moved,
+                        flops))
+  return cases
+
+
+# ------------------------------------------------------------------------------------------ tune
+def tune(quick: bool, key: jax.Array, reps: int) -> dict[tuple[str, str, str, str], dict]:
+  """GPU only: times candidate block sizes per shape class, returns the winners as table entries."""
+  device = tuned_block_sizes.current_device_kind()
+  entries: dict[tuple[str, str, str, str], dict] = {}
+  matmul_candidates = [
+      MatmulBlockSizes(bm, bn, bk, sk, nw, ns)
+      for bm, bn, bk, sk, nw, ns in ((16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 4),
+                                     (16, 128, 128, 4, 4, 3), (64, 64, 64, 1, 4, 3),
+                                     (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4))]
+  for m, k, n in ((16, 4096, 4096), (256, 512, 1024), (4096, 1024, 1024)):
+    x = jax.random.normal(key, (m, k), jnp.bfloat16)
+    w_q, w_scale = quantize.quantize_int8_per_channel(jax.random.normal(key, (k, n)))
+    for mode in ("w8a16", "w8a8"):
+      best = None
+      for blocks in matmul_candidates:
+        fn = jax.jit(functools.partial(quantized_matmul, mode=mode, impl="pallas",
+                                       block_sizes=blocks))
+        try:
+          ms = time_call(fn, (x, w_q, w_scale), reps)
+        except Exception as e:  # pylint: disable=broad-except
+          _progress(f"  tune {mode} M={m} {blocks}: failed ({type(e).__name__})")
+          continue
+        _progress(f"  tune {mode} M={m} K={k} N={n} {blocks}: {ms:.3f} ms")
+        if best is None or ms < best[0]:
+          best = (ms, blocks)
+      if best is not None:
+        key4 = (device, "quantized_matmul", tuned_block_sizes.matmul_shape_class(m, k, n),
+                f"{mode}:bfloat16")
+        entries[key4] = dataclasses.asdict(best[1])
+  tables = jax.random.normal(key, (26, 100_000, 64), jnp.float32)
+  ids = jax.random.randint(key, (1024, 26, 32), -1, 200_000)
+  best = None
+  for blocks in (BagBlockSizes(bb, bd, nw, ns) for bb in (16, 32, 64) for bd in (32, 64)
+                 for nw, ns in ((4, 2), (8, 2))):
+    fn = jax.jit(functools.partial(embedding_bag_multi, impl="pallas", block_sizes=blocks))
+    ms = time_call(fn, (tables, ids), reps)
+    _progress(f"  tune embedding_bag {blocks}: {ms:.3f} ms")
+    if best is None or ms < best[0]:
+      best = (ms, blocks)
+  entries[(device, "embedding_bag", tuned_block_sizes.embedding_shape_class(1024, 32, 64),
+           "float32")] = dataclasses.asdict(best[1])
+  del quick
+  return entries
+
+
+# ------------------------------------------------------------------------------------------ main
+def run(cases: list[Case], reps: int) -> list[Result]:
+  results = []
+  for i, case in enumerate(cases, 1):
+    _progress(f"[{i}/{len(cases)}] {case.op} {case.shape} ({case.variant}) ...")
+    try:
+      ms = time_call(case.fn, case.args, reps)
+    except Exception as e:  # pylint: disable=broad-except
+      _progress(f"    failed: {type(e).__name__}: {e}")
+      results.append(Result(case.op, case.shape, case.variant, math.nan, math.nan, math.nan,
+                            f"{type(e).__name__}: {e}"[:300]))
+      continue
+    results.append(Result(case.op, case.shape, case.variant, ms,
+                          case.bytes_moved / ms / 1e6, case.flops / ms / 1e9))
+    _progress(f"    {ms:.3f} ms")
+  return results
+
+
+def format_table(results: list[Result]) -> str:
+  header = f"{'op':<20} {'shape':<44} {'impl':<5} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'vs jnp':>7}"
+  lines = [header, "-" * len(header)]
+  jnp_ms = {(r.op, r.shape): r.ms for r in results if r.variant == "jnp"}
+  for r in results:
+    speedup = jnp_ms.get((r.op, r.shape), math.nan) / r.ms if r.variant == "auto" else math.nan
+    lines.append(f"{r.op:<20} {r.shape:<44} {r.variant:<5} {r.ms:>9.3f} {r.gb_s:>8.1f} "
+                 f"{r.tflop_s:>8.3f} {'' if math.isnan(speedup) else f'{speedup:.2f}x':>7}")
+  return "\n".join(lines)
+
+
+def plot(results: list[Result], path: pathlib.Path, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  labels = list(dict.fromkeys(f"{r.op}\n{r.shape}" for r in results))
+  by = {(f"{r.op}\n{r.shape}", r.variant): r.ms for r in results}
+  y = np.arange(len(labels))
+  fig, ax = plt.subplots(figsize=(11, 0.45 * len(labels) + 1.5))
+  for offset, variant in ((-0.2, "auto"), (0.2, "jnp")):
+    ax.barh(y + offset, [by.get((label, variant), np.nan) for label in labels], height=0.4,
+            label="ours (impl=auto)" if variant == "auto" else "plain XLA jnp")
+  ax.set_yticks(y, labels, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xscale("log")
+  ax.set_xlabel("ms per call (median, log scale)")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+  parser.add_argument("--out", default="bench_out/kernels", help="folder for JSON and PNG")
+  parser.add_argument("--reps", type=int, default=None, help="timed calls per case")
+  parser.add_argument("--tune", action="store_true",
+                      help="GPU only: time block-size candidates and rewrite the tuned table")
+  args = parser.parse_args(argv)
+  reps = args.reps or (3 if args.quick else 20)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  key = jax.random.key(0)
+  backend = jax.default_backend()
+  device = jax.devices()[0].device_kind
+  _progress(f"backend {backend} ({device}), jax {jax.__version__}, reps {reps}")
+  if args.tune:
+    if backend != "gpu":
+      _progress("--tune needs a GPU (impl='pallas' only interprets on CPU); skipped")
+    else:
+      path = tuned_block_sizes.rewrite_table(tune(args.quick, key, reps))
+      _progress(f"rewrote {path}")
+
+  cases = []
+  for make in (matmul_cases, embedding_cases, attention_cases):
+    _progress(f"building {make.__name__} ...")
+    cases += make(args.quick, key)
+  start = time.perf_counter()
+  results = run(cases, reps)
+  table = format_table(results)
+  print(f"\nbackend {backend} ({device}); impl=auto runs "
+        f"{'the Triton kernels' if backend == 'gpu' else 'the jnp references (no GPU)'}\n")
+  print(table)
+  meta = dict(backend=backend, device_kind=device, jax=jax.__version__, quick=args.quick,
+              reps=reps, python=platform.python_version(), seconds=time.perf_counter() - start)
+  (out / "results.json").write_text(json.dumps(
+      dict(meta=meta, results=[dataclasses.asdict(r) for r in results]), indent=1))
+  plot(results, out / "kernels.png", f"kernels on {backend} ({device})")
+  _progress(f"wrote {out / 'results.json'} and {out / 'kernels.png'}")
+  return 0 if all(not r.error for r in results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,148 @@
+"""Serves a `kind="generate"` bundle: exported prefill/decode + sampling, one executable per shape.
+
+Loading deserializes the StableHLO (the model's code is never imported), restores the params,
+allocates the KV cache named in the manifest (float, or int8 with scales) and compiles every
+shape it will run: `len(prefill buckets) + 1` executables, each the exported step followed by
+`sample_tokens`, with the cache donated so it is updated in place. A compile error fails the
+load; after it, a call never compiles (a wrong shape raises instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from export import bundle as bundle_lib
+from export.bundle import BundleError
+from serving.compile_watch import CompileCounter
+from serving.generation.engine_api import SAMPLING_FIELDS, Engine, GenerateSpec, sampling_arrays
+from serving.generation.sampling import sample_tokens
+from serving.generation.scheduler import PrefillBucket
+
+logger = logging.getLogger(__name__)
+
+
+def _greedy(batch: int) -> dict[str, np.ndarray]:
+  return sampling_arrays((), batch)
+
+
+def _dtype(name: str) -> Any:
+  return jax.numpy.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+class BundleEngine(Engine):
+  """A loaded generate bundle on one device; not thread-safe (one service loop drives it)."""
+
+  def __init__(
+      self,
+      directory: str | os.PathLike[str],
+      *,
+      platform: str | None = None,
+      compile_counter: CompileCounter | None = None,
+      progress: Callable[[str], None] | None = None,
+  ):
+    self.directory = pathlib.Path(directory)
+    self.manifest = bundle_lib.read_manifest(directory)
+    self.spec = GenerateSpec.from_manifest(self.manifest)
+    self.platform = platform or jax.default_backend()
+    self._device = jax.devices(self.platform)[0]
+    self._params = bundle_lib.restore_params(
+        directory, self.manifest, [jax.sharding.SingleDeviceSharding(self._device)]
+        * len(self.manifest.params))
+    self._cache_structs = {
+        k: jax.ShapeDtypeStruct(tuple(v["shape"]), _dtype(v["dtype"]))
+        for k, v in self.spec.kv_cache.items()}
+    self._cache: dict[str, jax.Array] = {}
+    self.reset()
+    self.load_seconds = 0.0
+    start = time.perf_counter()
+    warming = compile_counter.warming() if compile_counter else contextlib.nullcontext()
+    with warming:
+      self._prefill = {b.length: self._compile(self.spec.prefill_signatures[b.length], b.batch,
+                                               progress) for b in self.spec.prefill_buckets}
+      self._decode = self._compile(self.spec.decode_signature, self.spec.decode_batch, progress)
+      self._warm_run()
+    self.load_seconds = time.perf_counter() - start
+    logger.info("loaded %s v%d on %s: %d executables in %.1fs", self.manifest.name,
+                self.manifest.version, self.platform, len(self._prefill) + 1, self.load_seconds)
+
+  def _compile(self, signature: str, batch: int, progress: Callable[[str], None] | None) -> Any:
+    """Deserializes `signature`, wraps it with sampling, compiles it for this device."""
+    sig = self.manifest.signatures[signature]
+    fname = sig.artifacts.get(self.platform)
+    if fname is None:
+      raise BundleError(f"signature {signature!r} has no {self.platform!r} artifact (it has"
+                        f" {sorted(sig.artifacts)}); export the model for {self.platform}")
+    try:
+      exported = jax.export.deserialize(bytearray((self.directory / fname).read_bytes()))
+    except (OSError, ValueError) as e:
+      raise BundleError(f"cannot read {fname}: {e}; re-export the model") from e
+    names = tuple(self._cache_structs)
+
+    def step(params, inputs, cache, sampling):
+      out = exported.call(params, {**inputs, **cache})
+      return sample_tokens(out["logits"], **sampling), {k: out[k] for k in names}
+
+    inputs = {t.name: jax.ShapeDtypeStruct(t.shape, _dtype(t.dtype)) for t in sig.inputs
+              if t.name not in self._cache_structs}
+    sampling = {k: jax.ShapeDtypeStruct((batch,), np.dtype(v)) for k, v in SAMPLING_FIELDS.items()}
+    params = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding) for p in self._params]
+    if progress:
+      progress(f"compiling {signature}")
+    try:
+      return jax.jit(step, donate_argnums=2).lower(
+          params, inputs, self._cache_structs, sampling).compile()
+    except Exception as e:  # XLA raises many types; the load must fail loudly either way
+      raise BundleError(f"compiling {signature!r} of {self.manifest.name!r} failed:"
+                        f" {type(e).__name__}: {e}") from e
+
+  def _warm_run(self) -> None:
+    """Runs every executable once with idle rows (they write only the null page)."""
+    sp = self.spec
+    for b in sp.prefill_buckets:
+      idle = np.zeros(b.batch, np.int32)
+      self.prefill(bucket=b, tokens=np.full((b.batch, b.length), sp.pad_id, np.int32),
+                   lengths=idle, page_table=np.full((b.batch, sp.pages_per_seq), sp.null_page,
+                                                    np.int32), sampling=_greedy(b.batch))
+    idle = np.zeros(sp.decode_batch, np.int32)
+    self.decode(tokens=idle + sp.pad_id, positions=idle, lengths=idle,
+                page_table=np.full((sp.decode_batch, sp.pages_per_seq), sp.null_page, np.int32),
+                sampling=_greedy(sp.decode_batch))
+
+  def _run(self, executable: Any, inputs: Mapping[str, np.ndarray],
+           sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    tokens, self._cache = executable(self._params, dict(inputs), self._cache, dict(sampling))
+    return np.asarray(tokens)
+
+  def prefill(self, *, bucket: PrefillBucket, tokens: np.ndarray, lengths: np.ndarray,
+              page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    return self._run(self._prefill[bucket.length],
+                     {"tokens": tokens, "lengths": lengths, "page_table": page_table}, sampling)
+
+  def decode(self, *, tokens: np.ndarray, positions: np.ndarray, lengths: np.ndarray,
+             page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    return self._run(self._decode, {"tokens": tokens, "positions": positions,
+                                    "lengths": lengths, "page_table": page_table}, sampling)
+
+  def reset(self) -> None:
+    """Zeroed cache arrays, put on the device from the host (no compile)."""
+    self._cache = {k: jax.device_put(np.zeros(s.shape, s.dtype), self._device)
+                   for k, s in self._cache_structs.items()}
+
+  @property
+  def cache_bytes(self) -> int:
+    return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+               for s in self._cache_structs.values())
+
+  def close(self) -> None:
+    for x in (*self._cache.values(), *self._params):
+      x.delete()
+    self._cache, self._params = {}, []
+

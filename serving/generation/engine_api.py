@@ -1,0 +1,119 @@
+"""The interface GenerationService drives, and the bundle facts it needs (no JAX here).
+
+An engine holds the KV cache and runs fixed shapes: one prefill per length bucket and one decode
+over all slots. Every call takes host arrays and returns the sampled token per row.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from export.bundle import BundleError, Manifest
+from serving.generation.request import SamplingParams
+from serving.generation.scheduler import PrefillBucket, SchedulerConfig
+
+# Per-row sampling inputs of every engine call (see serving/generation/sampling.py).
+SAMPLING_FIELDS: Mapping[str, str] = {
+    "temperature": "float32", "top_k": "int32", "top_p": "float32", "seed": "int32",
+    "step": "int32"}
+
+
+def sampling_arrays(rows: Sequence[tuple[int, SamplingParams, int, int]],
+                    batch: int) -> dict[str, np.ndarray]:
+  """Host inputs of `sample_tokens` for `batch` rows from (row, params, seed, step); others greedy."""
+  out = {k: np.zeros(batch, dt) for k, dt in SAMPLING_FIELDS.items()}
+  out["top_p"][:] = 1.0
+  for row, p, seed, step in rows:
+    out["temperature"][row] = p.temperature
+    out["top_k"][row] = p.top_k
+    out["top_p"][row] = p.top_p
+    out["seed"][row] = seed
+    out["step"][row] = step
+  return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerateSpec:
+  """What a `kind="generate"` manifest says about the cache, the shapes and the tokens."""
+
+  page_size: int
+  num_pages: int
+  null_page: int
+  pages_per_seq: int
+  max_seq_len: int
+  prefill_buckets: tuple[PrefillBucket, ...]
+  decode_batch: int
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  kv_dtype: str
+  tokenizer: Mapping[str, Any]
+  prefill_signatures: Mapping[int, str]  # bucket length -> signature name
+  decode_signature: str
+  kv_cache: Mapping[str, Mapping[str, Any]]  # name -> {"shape": [...], "dtype": "..."}
+
+  @classmethod
+  def from_manifest(cls, manifest: Manifest) -> GenerateSpec:
+    """Reads `manifest.extra` (written by export/generative.py); BundleError if it is not there."""
+    if manifest.kind != "generate":
+      raise BundleError(f"model {manifest.name!r} is kind={manifest.kind!r}, not 'generate'")
+    x = manifest.extra
+    try:
+      spec = cls(
+          page_size=int(x["page_size"]), num_pages=int(x["num_pages"]),
+          null_page=int(x["null_page"]), pages_per_seq=int(x["pages_per_seq"]),
+          max_seq_len=int(x["max_seq_len"]),
+          prefill_buckets=tuple(PrefillBucket(int(p["length"]), int(p["batch"]))
+                                for p in x["prefill"]),
+          decode_batch=int(x["decode"]["batch"]), vocab_size=int(x["vocab_size"]),
+          bos_id=int(x["bos_id"]), eos_id=int(x["eos_id"]), pad_id=int(x["pad_id"]),
+          kv_dtype=str(x["kv_dtype"]), tokenizer=dict(x["tokenizer"]),
+          prefill_signatures={int(p["length"]): str(p["signature"]) for p in x["prefill"]},
+          decode_signature=str(x["decode"]["signature"]), kv_cache=dict(x["kv_cache"]))
+    except (KeyError, TypeError, ValueError) as e:
+      raise BundleError(f"manifest of {manifest.name!r} lacks generate fields ({e!r});"
+                        " re-export it with export/generative.py") from e
+    for sig in (*spec.prefill_signatures.values(), spec.decode_signature):
+      if sig not in manifest.signatures:
+        raise BundleError(f"manifest names signature {sig!r} but does not define it")
+    return spec
+
+  def scheduler_config(self, **policy: Any) -> SchedulerConfig:
+    """SchedulerConfig for these shapes; `policy` sets max_waiting, static_batching, ..."""
+    return SchedulerConfig(
+        decode_batch=self.decode_batch, page_size=self.page_size, num_pages=self.num_pages,
+        max_seq_len=self.max_seq_len, prefill_buckets=self.prefill_buckets,
+        reserved_pages=(self.null_page,), **policy)
+
+
+class Engine(abc.ABC):
+  """Runs the compiled prefill/decode shapes over a KV cache it owns (keyword-only calls).
+
+  Rows whose `lengths` is 0 are idle: their page-table rows hold the null page, their tokens
+  the pad id, and their sampled token is ignored.
+  """
+
+  spec: GenerateSpec
+
+  @abc.abstractmethod
+  def prefill(self, *, bucket: PrefillBucket, tokens: np.ndarray, lengths: np.ndarray,
+              page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    """tokens [bucket.batch, bucket.length], lengths/sampling [batch], page_table
+    [batch, pages_per_seq] -> the token sampled after each row's last position [batch]."""
+
+  @abc.abstractmethod
+  def decode(self, *, tokens: np.ndarray, positions: np.ndarray, lengths: np.ndarray,
+             page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One token per slot ([decode_batch] arrays, lengths = positions + 1 for live rows)
+    -> the next token per slot [decode_batch]."""
+
+  def reset(self) -> None:
+    """Starts from a fresh cache (after a failed call may have consumed it)."""
+
+  def close(self) -> None:
+    """Releases device memory."""
