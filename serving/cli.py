@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gRPC port (Triton/KServe v2 protocol and grpc.health.v1); 0 picks a"
                      " free port")
   serve.add_argument("--metrics-port", type=int, default=8002,
-                     help="HTTP port for Prometheus metrics at /metrics; 0 disables")
+                     help="HTTP port for Prometheus metrics at /metrics; 0 picks a free port, -1 disables")
   serve.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
                      help="JAX persistent compilation cache folder, so restarts skip"
                      " recompiling; 'none' disables it")

@@ -39,15 +39,15 @@ class ServerConfig:
   model_repository: str
   host: str = "127.0.0.1"
   grpc_port: int = 8001
-  metrics_port: int = 8002  # 0: no metrics endpoint
+  metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
   max_message_bytes: int = 64 << 20
   limits: codec.Limits = codec.Limits()
   shutdown_grace_s: float = 30.0
   default_model_config: ModelServingConfig = ModelServingConfig()
 
   def __post_init__(self):
-    if not 0 <= self.grpc_port < 65536 or not 0 <= self.metrics_port < 65536:
-      raise ValueError("ports must be in 0..65535")
+    if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
+      raise ValueError("ports must be in 0..65535 (metrics_port -1 disables metrics)")
     if self.max_message_bytes < 1024:
       raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small")
 
@@ -106,7 +106,7 @@ class Server:
                     " --grpc-port")
     await self._set_health(False)
     await server.start()
-    if cfg.metrics_port:
+    if cfg.metrics_port >= 0:
       import prometheus_client as prom
       self._metrics_server, _ = prom.start_http_server(cfg.metrics_port, cfg.host,
                                                        registry=self.metrics.registry)

@@ -39,7 +39,7 @@ def start_mock_server(tmp_path):
       engines[manifest.name] = eng
       return eng
 
-    server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=0,
+    server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=-1,
                                  **(server_kwargs or {})), engine_factory=factory)
     bg = BackgroundServer(server).start()
     servers.append(bg)

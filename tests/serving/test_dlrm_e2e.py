@@ -27,7 +27,7 @@ def served(tmp_path_factory):
       inputs=[export.Input("dense", "float32", ("batch", 13)),
               export.Input("sparse", "int64", ("batch", 26))],
       config=export.ExportConfig(batch_buckets=BUCKETS))
-  server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=0))
+  server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=-1))
   bg = BackgroundServer(server).start()
   yield bg, model, cfg
   bg.stop()
