@@ -327,7 +327,7 @@ def plot(results: list[Result], path: pathlib.Path, title: str) -> None:
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 

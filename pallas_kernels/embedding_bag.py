@@ -124,8 +124,8 @@ def _check_ids(ids: jax.Array, ndim: int) -> None:
     raise ValueError(f"{ids.shape=} must be {want}")
   if ids.dtype not in (jnp.dtype(jnp.int32), jnp.dtype(jnp.int64)):
     raise ValueError(f"{ids.dtype=} must be int32 or int64")
-  if ids.shape[-1] < 1:
-    raise ValueError(f"{ids.shape=} must have a bag of at least one id")
+  if ids.shape[0] < 1 or ids.shape[-1] < 1:
+    raise ValueError(f"{ids.shape=} must have a batch and a bag of at least one id")
 
 
 def _ids_int32(ids: jax.Array, num_rows: int) -> jax.Array:
@@ -191,14 +191,22 @@ def _reference(
     *,
     combiner: str,
 ) -> jax.Array:  # [batch, features, dim]
-  num_rows = tables.shape[1]
+  # A loop over the bag, like the kernel: gathering [batch, features, bag, dim] at once and summing
+  # was ~10x slower on XLA CPU (where impl="auto" serves this) for 26 features x 32 ids.
+  num_features, num_rows, dim = tables.shape
+  batch, _, bag = ids.shape
   valid = ids >= 0  # [batch, features, bag]
   rows = jnp.where(valid, ids % num_rows, 0)
-  feature = jnp.arange(tables.shape[0])[None, :, None]
-  vals = tables[feature, rows].astype(jnp.float32)  # [batch, features, bag, dim]
-  if scale is not None:
-    vals = vals * scale[feature, rows][..., None] + offset[feature, rows][..., None]
-  out = jnp.where(valid[..., None], vals, 0.0).sum(axis=2)
+  feature = jnp.arange(num_features)[None, :]  # [1, features]
+
+  def body(j, acc):
+    r = rows[:, :, j]  # [batch, features]
+    vals = tables[feature, r].astype(jnp.float32)  # [batch, features, dim]
+    if scale is not None:
+      vals = vals * scale[feature, r][..., None] + offset[feature, r][..., None]
+    return acc + jnp.where(valid[:, :, j, None], vals, 0.0)
+
+  out = lax.fori_loop(0, bag, body, jnp.zeros((batch, num_features, dim), jnp.float32))
   if combiner == "mean":
     out = out / jnp.maximum(valid.sum(axis=2), 1)[..., None].astype(jnp.float32)
   return out.astype(_out_dtype(tables.dtype))
@@ -333,6 +341,8 @@ def embedding_bag_multi_reference(
   """Plain-jnp `embedding_bag_multi`: one `embedding_bag_reference` per feature, stacked."""
   _check_ids(ids, 3)
   n = ids.shape[1]
+  if len(tables) != n:
+    raise ValueError(f"{len(tables)=} must be {ids.shape[1]=}")
   scales = [None] * n if scales is None else scales
   offsets = [None] * n if offsets is None else offsets
   return jnp.stack([

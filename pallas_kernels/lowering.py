@@ -3,7 +3,8 @@
 `lower_for_cuda` gives the StableHLO text a CUDA build would run (the Triton kernel sits in a
 `__gpu$xla.gpu.triton` custom call). `triton_kernels` extracts each kernel's Triton IR, and
 `compile_triton_kernel` turns it into a cubin with the `triton` PyPI package (test extra), reporting
-registers and shared memory, which catches kernels that lower but would not compile or fit.
+registers, shared memory and stack (spills), which catches kernels that lower but would not compile,
+fit or keep their accumulators in registers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 _EIATTR_REGCOUNT = 0x2F  # CUDA ELF .nv.info attribute: (function symbol, register count)
+_EIATTR_FRAME_SIZE = 0x11  # (function symbol, stack frame bytes per thread)
 _EIFMT_SVAL = 0x04  # .nv.info record with a sized payload
 
 
@@ -44,6 +46,7 @@ class CompiledTritonKernel:
   arch: int  # compute capability, e.g. 90 for sm_90 (H100)
   registers: int  # per thread
   shared_bytes: int  # shared memory Triton allocates per program
+  stack_bytes: int  # per-thread stack frame: > 0 means registers spilled to local memory
   num_warps: int
   num_stages: int
   compile_s: float
@@ -97,30 +100,41 @@ def triton_kernels(fn: Callable[..., Any], *specs: Any) -> list[TritonKernelIR]:
   return kernels
 
 
-def cubin_registers(cubin: bytes) -> int:
-  """Registers per thread from a cubin's .nv.info EIATTR_REGCOUNT record (max over functions)."""
+def _nv_info_values(cubin: bytes, attr: int) -> list[int]:
+  """Values of a per-function (symbol, value) attribute in a cubin's .nv.info sections."""
   if cubin[:4] != b"\x7fELF":
     raise ValueError("not an ELF cubin")
   shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
   shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
   sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
   strtab = sections[shstrndx][4]
-  counts = []
+  values = []
   for name_off, _, _, _, offset, size in sections:
     name = cubin[strtab + name_off:cubin.index(b"\0", strtab + name_off)]
     if not name.startswith(b".nv.info"):
       continue
     pos = offset
     while pos + 4 <= offset + size:
-      fmt, attr, value = struct.unpack_from("<BBH", cubin, pos)
+      fmt, record, value = struct.unpack_from("<BBH", cubin, pos)
       pos += 4
       if fmt == _EIFMT_SVAL:
-        if attr == _EIATTR_REGCOUNT:
-          counts.append(struct.unpack_from("<II", cubin, pos)[1])
+        if record == attr:
+          values.append(struct.unpack_from("<II", cubin, pos)[1])
         pos += value
+  return values
+
+
+def cubin_registers(cubin: bytes) -> int:
+  """Registers per thread from a cubin's .nv.info EIATTR_REGCOUNT record (max over functions)."""
+  counts = _nv_info_values(cubin, _EIATTR_REGCOUNT)
   if not counts:
     raise ValueError("cubin has no EIATTR_REGCOUNT record")
   return max(counts)
+
+
+def cubin_stack_bytes(cubin: bytes) -> int:
+  """Per-thread stack frame (EIATTR_FRAME_SIZE); Triton kernels use none unless registers spill."""
+  return max(_nv_info_values(cubin, _EIATTR_FRAME_SIZE), default=0)
 
 
 def compile_triton_kernel(kernel: TritonKernelIR, *, arch: int = 90) -> CompiledTritonKernel:
@@ -144,10 +158,11 @@ def compile_triton_kernel(kernel: TritonKernelIR, *, arch: int = 90) -> Compiled
   cubin = compiled.asm["cubin"]
   result = CompiledTritonKernel(
       name=kernel.name, arch=arch, registers=cubin_registers(cubin),
-      shared_bytes=int(compiled.metadata.shared), num_warps=kernel.num_warps,
+      shared_bytes=int(compiled.metadata.shared), stack_bytes=cubin_stack_bytes(cubin),
+      num_warps=kernel.num_warps,
       num_stages=kernel.num_stages, compile_s=elapsed, cubin=cubin)
-  logger.info("compiled %s for sm_%d: %d registers, %d B shared, %.1fs", kernel.name, arch,
-              result.registers, result.shared_bytes, elapsed)
+  logger.info("compiled %s for sm_%d: %d registers, %d B shared, %d B stack, %.1fs", kernel.name,
+              arch, result.registers, result.shared_bytes, result.stack_bytes, elapsed)
   return result
 
 

@@ -29,7 +29,7 @@ _TABLE = {
     ('*', 'embedding_bag', 'wide', '*'): {'block_b': 16, 'block_d': 128, 'num_stages': 2, 'num_warps': 4},
     ('*', 'quantized_matmul', '*', '*'): {'block_k': 64, 'block_m': 64, 'block_n': 64, 'num_stages': 3, 'num_warps': 4, 'split_k': 1},
     ('*', 'quantized_matmul', 'decode', '*'): {'block_k': 256, 'block_m': 16, 'block_n': 64, 'num_stages': 3, 'num_warps': 4, 'split_k': 4},
-    ('*', 'quantized_matmul', 'large', '*'): {'block_k': 64, 'block_m': 128, 'block_n': 128, 'num_stages': 3, 'num_warps': 8, 'split_k': 1},
+    ('*', 'quantized_matmul', 'large', '*'): {'block_k': 64, 'block_m': 128, 'block_n': 128, 'num_stages': 2, 'num_warps': 8, 'split_k': 1},
 }
 # END TUNED TABLE
 

@@ -8,6 +8,8 @@ what was expected, and happens before any large allocation.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import ml_dtypes
@@ -39,6 +41,11 @@ class Limits:
   def __post_init__(self):
     if self.max_rows < 1 or self.max_tensor_bytes < 1:
       raise ValueError("limits must be positive")
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_dtype(name: str) -> np.dtype:
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def _bad(msg: str) -> ServingError:
@@ -87,10 +94,10 @@ def decode_inputs(
     got_dt = _NP.get(t.datatype)
     if got_dt is None:
       raise _bad(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
-    want_dt = np.dtype(ml_dtypes.bfloat16) if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
+    want_dt = _spec_dtype(spec.dtype)
     if got_dt != want_dt and not (_is_int(got_dt) and _is_int(want_dt)):
       raise _bad(f"input {t.name!r}: datatype {t.datatype} given, expected {spec.datatype}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     nbytes = count * got_dt.itemsize
     if nbytes > limits.max_tensor_bytes:
       raise _bad(f"input {t.name!r}: {nbytes} bytes exceed the limit of"

@@ -130,13 +130,33 @@ class ModelRepository:
     self._lock = threading.RLock()
     self._models: dict[str, dict[int, ServedVersion]] = {}
     self._engines: dict[tuple[str, int], Engine] = {}
+    self._defaults: dict[str, ServedVersion] = {}  # newest READY version, rebuilt on changes
+
+  def _refresh_defaults(self) -> None:
+    """Recomputes the default-version table (call with the lock held); swapped atomically."""
+    table = {}
+    for name, versions in self._models.items():
+      ready = [r for _, r in sorted(versions.items()) if r.state is State.READY]
+      if ready:
+        table[name] = ready[-1]
+    self._defaults = table
+
+  def default_version(self, name: str) -> ServedVersion | None:
+    """The version a request without a version gets, or None; no lock (hot path)."""
+    return self._defaults.get(name)
 
   # -- discovery and loading ---------------------------------------------------
 
+  @staticmethod
+  def check_name(name: str) -> None:
+    """Refuses names that are not plain folder names (no separators, no '..')."""
+    if not MODEL_NAME_RE.match(name) or name in (".", ".."):
+      raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}: use letters,"
+                         " digits, '_', '-' and '.' only")
+
   def model_dir(self, name: str) -> pathlib.Path:
     """The folder of model `name`, refusing names that would leave the repository."""
-    if not MODEL_NAME_RE.match(name) or name in (".", ".."):
-      raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}")
+    self.check_name(name)
     path = (self.root / name).resolve()
     if path.parent != self.root:
       raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}")
@@ -216,6 +236,7 @@ class ModelRepository:
       rec.manifest, rec.runner, rec.load_s = manifest, runner, time.perf_counter() - t0
       rec.state, rec.reason = State.READY, ""
       self._engines[(name, version)] = engine
+      self._refresh_defaults()
     say(f"{name}/{version}: READY in {rec.load_s:.2f}s")
     return rec
 
@@ -231,6 +252,7 @@ class ModelRepository:
         raise ServingError(Code.NOT_FOUND, f"model {name!r} has no version {version}")
       for rec in recs:
         rec.state = State.UNLOADING
+      self._refresh_defaults()
     for rec in recs:
       if rec.runner is not None:
         rec.runner.stop(drain=drain)

@@ -96,7 +96,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   def _get(self, name: str, version: str) -> ServedVersion:
     if not name:
       raise ServingError(Code.INVALID_ARGUMENT, "model_name is empty")
-    self.repo.model_dir(name)  # rejects path-like names
+    if not version:
+      rec = self.repo.default_version(name)  # lock-free fast path
+      if rec is not None:
+        return rec
+    self.repo.check_name(name)  # rejects path-like names before any lookup
     return self.repo.get(name, _parse_version(version))
 
   # -- health and metadata -----------------------------------------------------

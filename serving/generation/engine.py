@@ -52,6 +52,8 @@ class BundleEngine(Engine):
     self.manifest = bundle_lib.read_manifest(directory)
     self.spec = GenerateSpec.from_manifest(self.manifest)
     self.platform = platform or jax.default_backend()
+    self._exported = {name: self._deserialize(name) for name in (
+        *self.spec.prefill_signatures.values(), self.spec.decode_signature)}
     self._device = jax.devices(self.platform)[0]
     self._params = bundle_lib.restore_params(
         directory, self.manifest, [jax.sharding.SingleDeviceSharding(self._device)]
@@ -73,17 +75,22 @@ class BundleEngine(Engine):
     logger.info("loaded %s v%d on %s: %d executables in %.1fs", self.manifest.name,
                 self.manifest.version, self.platform, len(self._prefill) + 1, self.load_seconds)
 
-  def _compile(self, signature: str, batch: int, progress: Callable[[str], None] | None) -> Any:
-    """Deserializes `signature`, wraps it with sampling, compiles it for this device."""
+  def _deserialize(self, signature: str) -> jax.export.Exported:
     sig = self.manifest.signatures[signature]
     fname = sig.artifacts.get(self.platform)
     if fname is None:
       raise BundleError(f"signature {signature!r} has no {self.platform!r} artifact (it has"
                         f" {sorted(sig.artifacts)}); export the model for {self.platform}")
     try:
-      exported = jax.export.deserialize(bytearray((self.directory / fname).read_bytes()))
-    except (OSError, ValueError) as e:
-      raise BundleError(f"cannot read {fname}: {e}; re-export the model") from e
+      return jax.export.deserialize(bytearray((self.directory / fname).read_bytes()))
+    except Exception as e:  # a damaged flatbuffer raises anything from OSError to IndexError
+      raise BundleError(f"cannot read {fname} of signature {signature!r}:"
+                        f" {type(e).__name__}: {e}; re-export the model") from e
+
+  def _compile(self, signature: str, batch: int, progress: Callable[[str], None] | None) -> Any:
+    """Wraps the exported `signature` with sampling and compiles it for this device."""
+    sig = self.manifest.signatures[signature]
+    exported = self._exported[signature]
     names = tuple(self._cache_structs)
 
     def step(params, inputs, cache, sampling):

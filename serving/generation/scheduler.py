@@ -186,6 +186,9 @@ class Scheduler:
   def get(self, seq_id: Hashable) -> Seq | None:
     return self._seqs.get(seq_id)
 
+  def running_ids(self) -> list[Hashable]:
+    return [s.seq_id for s in self._running]
+
   def add(self, seq_id: Hashable, prompt: Sequence[int], max_new_tokens: int) -> Seq:
     """Queues a request; raises ServingError if it can never run or the queue is full."""
     self.config.check(len(prompt), max_new_tokens)

@@ -16,6 +16,8 @@ from sharding import ShardingPlan, TablePlacement, serving_params
 # Row counts divide 2, 4 and 8 devices (and dims divide the `model` axis) so nothing falls back.
 DIVISIBLE = dataclasses.replace(
     DLRMConfig.tiny(), table_sizes=(1024, 512, 256, 128) + (64,) * 22)
+# Four tables: the multi-process test compiles in several processes on 2 shared cores.
+FEW_TABLES = dataclasses.replace(DIVISIBLE, table_sizes=(1024, 512, 256, 128))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,10 @@ def flatten(model: nnx.Module) -> FlatModel:
                    [x.dtype for x in leaves])
 
 
-def dlrm(config: DLRMConfig, seed: int = 0) -> FlatModel:
+def dlrm(config: DLRMConfig, seed: int = 0, *, abstract: bool = False) -> FlatModel:
+  """The DLRM's flat params; `abstract` gives ShapeDtypeStruct leaves without initialising."""
+  if abstract:
+    return flatten(nnx.eval_shape(lambda: DLRM(config, rngs=nnx.Rngs(seed))))
   return flatten(DLRM(config, rngs=nnx.Rngs(seed)))
 
 

@@ -36,16 +36,18 @@ def _env() -> dict[str, str]:
 
 
 def test_leader_and_follower_match_single_process(tmp_path):
-  cfg = tl.DIVISIBLE
-  buckets = (1, 4, 8)
-  plan = [(2, 8, 5), (0, 1, 1), (1, 4, 3), (2, 8, 8)]  # (bucket index, size, real rows)
+  cfg = tl.FEW_TABLES
+  buckets = (1, 8)
+  plan = [(1, 8, 5), (0, 1, 1), (1, 8, 8), (0, 1, 1)]  # (bucket index, size, real rows)
   batches = {}
   for i, (b, size, real) in enumerate(plan):
     dense, sparse = tl.batch(cfg, size, seed=10 + i)
     dense[real:], sparse[real:] = 0.0, -1  # padding rows, as the batcher pads
     batches.update({f"bucket{i}": b, f"dense{i}": dense, f"sparse{i}": sparse})
+  flat = tl.dlrm(cfg)
   inp, out = tmp_path / "batches.npz", tmp_path / "out.npz"
-  np.savez(inp, buckets=np.asarray(buckets), count=len(plan), **batches)
+  np.savez(inp, buckets=np.asarray(buckets), count=len(plan), **batches,
+           **{f"param{i}": np.asarray(x) for i, x in enumerate(flat.leaves)})
 
   port = _free_port()
   procs = [subprocess.Popen(
@@ -68,7 +70,6 @@ def test_leader_and_follower_match_single_process(tmp_path):
 
   got = np.load(out)
   assert int(got["num_devices"]) == 4
-  flat = tl.dlrm(cfg)
   ref_fn = jax.jit(tl.step_fn(flat, None, None))
   for i, (_, size, real) in enumerate(plan):
     want = np.asarray(ref_fn(flat.leaves, batches[f"dense{i}"], batches[f"sparse{i}"]))

@@ -1,0 +1,43 @@
+"""Generative serving: continuous batching over a paged KV cache, token events streamed to callers.
+
+Request path: `GenerationService.submit` (service.py) -> `Scheduler` decisions (scheduler.py,
+pages.py; plain Python, importable without JAX) -> `BundleEngine` (engine.py: exported
+prefill/decode + sampling.py, compiled once per shape at load). Names are re-exported lazily,
+so `import serving.generation.scheduler` loads neither JAX nor the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BundleEngine": "engine",
+    "DecodeBatch": "scheduler",
+    "Engine": "engine_api",
+    "FinishReason": "request",
+    "GenerateSpec": "engine_api",
+    "GenerationEvent": "request",
+    "GenerationRequest": "request",
+    "GenerationService": "service",
+    "MockEngine": "mock_engine",
+    "PagePool": "pages",
+    "PrefillBatch": "scheduler",
+    "PrefillBucket": "scheduler",
+    "RequestHandle": "request",
+    "RequestMetrics": "request",
+    "SamplingParams": "request",
+    "Scheduler": "scheduler",
+    "SchedulerConfig": "scheduler",
+    "ServiceConfig": "service",
+    "mock_spec": "mock_engine",
+    "pages_for": "pages",
+    "sample_tokens": "sampling",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
