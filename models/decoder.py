@@ -305,13 +305,15 @@ def init_cache(config: DecoderConfig, *, num_pages: int, page_size: int,
           cache_shapes(config, num_pages=num_pages, page_size=page_size, kv_dtype=kv_dtype).items()}
 
 
-def greedy_reference(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                     eos_id: int | None) -> list[list[int]]:
+def greedy_reference(model: Decoder, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int | Sequence[int], eos_id: int | None) -> list[list[int]]:
   """Greedy generation one sequence at a time with the full forward (no cache, no kernels).
 
   Each step runs the whole sequence padded to `max_seq_len` (causal, so the padding is never
-  seen): one compiled shape for any prompt.
+  seen): one compiled shape for any prompt. `max_new_tokens` is one limit or one per prompt.
   """
+  limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+            else list(max_new_tokens))
   graphdef, state = nnx.split(model)
   max_len = model.config.max_seq_len
 
@@ -321,9 +323,9 @@ def greedy_reference(model: Decoder, prompts: Sequence[Sequence[int]], *, max_ne
     return jnp.argmax(logits).astype(jnp.int32)
 
   outs = []
-  for prompt in prompts:
+  for prompt, limit in zip(prompts, limits, strict=True):
     seq, gen = list(prompt), []
-    while len(gen) < max_new_tokens and len(seq) < max_len:
+    while len(gen) < limit and len(seq) < max_len:
       padded = np.zeros((1, max_len), np.int32)
       padded[0, :len(seq)] = seq
       tok = int(next_token(state, padded, len(seq) - 1))

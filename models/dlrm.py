@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.embedding import lookup_embeddings
 from models.layers import MLP
 
 # A realistic ads mix: a few huge id spaces dominate memory, most are small.
@@ -67,20 +68,6 @@ class DLRMConfig:
         bottom_mlp=(32, 8),
         top_mlp=(32, 16, 1),
     )
-
-
-def lookup_embeddings(
-    tables: list[jax.Array], ids: jax.Array, impl: str = "auto"
-) -> jax.Array:
-  """One id per feature -> [B, F, D]; ids taken modulo rows, -1 gives zeros."""
-  outs = []
-  for f, table in enumerate(tables):
-    col = ids[:, f].astype(jnp.int32)
-    valid = col >= 0
-    row = jnp.where(valid, col % table.shape[0], 0)
-    vec = jnp.take(table, row, axis=0).astype(jnp.float32)
-    outs.append(jnp.where(valid[:, None], vec, 0.0))
-  return jnp.stack(outs, axis=1)
 
 
 class DLRM(nnx.Module):

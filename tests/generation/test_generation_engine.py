@@ -92,8 +92,9 @@ def test_greedy_output_equals_one_at_a_time_full_forward(service, tiny_model):
   for s in streams:
     s.wait(120)
   stats = svc.stats()
-  for (prompt, n), s in zip(cases, streams):
-    (want,) = greedy_reference(tiny_model, [[256, *prompt]], max_new_tokens=n, eos_id=EOS)
+  wants = greedy_reference(tiny_model, [[256, *p] for p, _ in cases],
+                           max_new_tokens=[n for _, n in cases], eos_id=EOS)
+  for (prompt, n), s, want in zip(cases, streams, wants):
     assert s.tokens == want, (prompt, n)
     reason = FinishReason.STOP if want[-1] == EOS else FinishReason.LENGTH
     assert s.reason is reason

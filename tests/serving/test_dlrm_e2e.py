@@ -56,7 +56,7 @@ def test_reference_handles_missing_and_hashed_ids_by_hand():
   cfg = DLRMConfig.tiny()
   model = DLRM(cfg, rngs=nnx.Rngs(0))
   t0 = np.asarray(model.tables["t00"][...])
-  from models.dlrm import lookup_embeddings
+  from models.embedding import lookup_embeddings
   ids = jnp.array([[-1] + [0] * 25, [1000 + 7] + [0] * 25])  # table 0 has 1000 rows
   emb = np.asarray(lookup_embeddings(model.table_list(), ids))
   np.testing.assert_array_equal(emb[0, 0], np.zeros(cfg.embed_dim))
