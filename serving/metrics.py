@@ -6,9 +6,12 @@ Prometheus text over HTTP on the metrics port.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import collections
+import threading
+from typing import Callable, Iterator, Sequence
 
 import prometheus_client as prom
+from prometheus_client.core import Metric
 
 from serving.runner import Observer
 from serving.types import Code
@@ -17,24 +20,51 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5
 _FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
+_TRITON_COUNTERS = {
+    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
+    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
+    "nv_inference_count": "Number of inferences performed (rows; does not count padding)",
+    "nv_inference_exec_count": "Number of model executions performed (batches)",
+    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
+    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
+    "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in microseconds",
+}
+
+
+class TritonCounters:
+  """Counters under Triton's exact series names (prometheus_client would append `_total`)."""
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._values: dict[str, dict[tuple, float]] = collections.defaultdict(dict)
+
+  def inc(self, name: str, labels: tuple[tuple[str, str], ...], value: float = 1.0) -> None:
+    with self._lock:
+      series = self._values[name]
+      series[labels] = series.get(labels, 0.0) + value
+
+  def value(self, name: str, **labels: str) -> float:
+    with self._lock:
+      return self._values[name].get(tuple(sorted(labels.items())), 0.0)
+
+  def collect(self) -> Iterator[Metric]:
+    with self._lock:
+      snapshot = {k: dict(v) for k, v in self._values.items()}
+    for name, doc in _TRITON_COUNTERS.items():
+      m = Metric(name, doc, "counter")
+      for labels, v in snapshot.get(name, {}).items():
+        m.add_sample(name, dict(labels), v)
+      yield m
+
+
 class Metrics:
   """All series of one server; `observer(model, version)` binds them for a runner."""
 
   def __init__(self, compile_count: Callable[[], int] | None = None):
     r = self.registry = prom.CollectorRegistry()
     mv = ["model", "version"]
-    self.success = prom.Counter("nv_inference_request_success", "Successful inference requests",
-                                mv, registry=r)
-    self.failure = prom.Counter("nv_inference_request_failure", "Failed inference requests",
-                                mv + ["reason"], registry=r)
-    self.count = prom.Counter("nv_inference_count", "Inferences performed (rows)", mv, registry=r)
-    self.exec_count = prom.Counter("nv_inference_exec_count", "Batches executed", mv, registry=r)
-    self.request_us = prom.Counter("nv_inference_request_duration_us",
-                                   "Cumulative end-to-end request time (us)", mv, registry=r)
-    self.queue_us = prom.Counter("nv_inference_queue_duration_us",
-                                 "Cumulative time requests waited in the queue (us)", mv, registry=r)
-    self.compute_us = prom.Counter("nv_inference_compute_infer_duration_us",
-                                   "Cumulative batch compute time (us)", mv, registry=r)
+    self.triton = TritonCounters()
+    r.register(self.triton)
     self.pending = prom.Gauge("nv_inference_pending_request_count",
                               "Requests queued or executing", mv, registry=r)
     self.queue_rows = prom.Gauge("xlaserve_queue_rows", "Rows waiting in the queue", mv, registry=r)
@@ -65,12 +95,8 @@ class Metrics:
 class _ModelObserver(Observer):
   def __init__(self, m: Metrics, model: str, version: str):
     self.m, self.labels = m, (model, version)
-    self._success = m.success.labels(*self.labels)
-    self._count = m.count.labels(*self.labels)
-    self._exec = m.exec_count.labels(*self.labels)
-    self._req_us = m.request_us.labels(*self.labels)
-    self._queue_us = m.queue_us.labels(*self.labels)
-    self._compute_us = m.compute_us.labels(*self.labels)
+    self._tl = (("model", model), ("version", version))
+    self._inc = m.triton.inc
     self._latency = m.latency.labels(*self.labels)
     self._pending = m.pending.labels(*self.labels)
     self._queue_rows = m.queue_rows.labels(*self.labels)
@@ -83,20 +109,20 @@ class _ModelObserver(Observer):
                                          self.m.padding.labels(*self.labels, str(bucket)))
     hist[0].observe(rows)
     hist[1].observe((bucket - rows) / bucket)
-    self._exec.inc()
-    self._count.inc(rows)
-    self._compute_us.inc(compute_s * 1e6)
+    self._inc("nv_inference_exec_count", self._tl)
+    self._inc("nv_inference_count", self._tl, rows)
+    self._inc("nv_inference_compute_infer_duration_us", self._tl, compute_s * 1e6)
     if queue_s:
-      self._queue_us.inc(sum(queue_s) * 1e6)
+      self._inc("nv_inference_queue_duration_us", self._tl, sum(queue_s) * 1e6)
 
   def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
-    self._req_us.inc(duration_s * 1e6)
+    self._inc("nv_inference_request_duration_us", self._tl, duration_s * 1e6)
     if ok:
-      self._success.inc()
+      self._inc("nv_inference_request_success", self._tl)
       self._latency.observe(duration_s)
     else:
       reason = code.value if code else "INTERNAL"
-      self.m.failure.labels(*self.labels, reason).inc()
+      self._inc("nv_inference_request_failure", self._tl + (("reason", reason),))
       if code is Code.DEADLINE_EXCEEDED:
         self.m.deadline_miss.labels(*self.labels).inc()
 

@@ -80,6 +80,9 @@ def test_demo_serves_then_drains_on_sigterm(demo_process):
                "xlaserve_batch_rows", "xlaserve_batch_padding_fraction"):
     assert name in body, name
   assert "xlaserve_compiles_after_warmup 0.0" in body
+  # Triton's exact series names (no `_total` suffix), counting the one request above.
+  assert 'nv_inference_request_success{model="dlrm",version="1"} 1.0' in body
+  assert 'nv_inference_count{model="dlrm",version="1"} 3.0' in body
   # Graceful shutdown: requests in flight when SIGTERM arrives are all answered.
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     futs = [pool.submit(_infer, addr, 64, i) for i in range(48)]

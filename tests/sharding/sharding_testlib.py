@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from models.dlrm import DLRM, DLRMConfig
-from sharding import ShardingPlan, TablePlacement, serving_params
+from sharding import ShardingPlan, TablePlacement, jit_step, serving_params
 
 # Row counts divide 2, 4 and 8 devices (and dims divide the `model` axis) so nothing falls back.
 DIVISIBLE = dataclasses.replace(
@@ -88,10 +88,7 @@ def step_fn(flat: FlatModel, placement: TablePlacement | None, plan: ShardingPla
 def compile_step(flat: FlatModel, plan: ShardingPlan, config: DLRMConfig, size: int):
   """(compiled, params, placement) for `plan`; the compiled step takes (params, dense, sparse)."""
   params, shardings, placement = serving_params(plan, flat.leaves, flat.axes, flat.shapes)
-  jitted = jax.jit(
-      step_fn(flat, placement, plan),
-      in_shardings=(shardings, plan.input_sharding(2, batch=size), plan.input_sharding(2, batch=size)),
-      out_shardings=plan.output_sharding(2, batch=size))
+  jitted = jit_step(step_fn(flat, placement, plan), plan, shardings, (2, 2), 2, size)
   compiled = jitted.lower(params, jax.ShapeDtypeStruct((size, config.num_dense), jnp.float32),
                           jax.ShapeDtypeStruct((size, config.num_sparse), jnp.int32)).compile()
   return compiled, params, placement

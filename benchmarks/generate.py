@@ -1,0 +1,227 @@
+"""Continuous vs static batching of the decoder LM through GenerationService, on one engine.
+
+    python benchmarks/generate.py [--bundle DIR | --preset demo|tiny] [--requests N] [--rate R]
+                                  [--prompt-len MIN:MAX] [--output-len MIN:MAX] [--out DIR]
+
+A mixed workload (uniform prompt and output lengths, greedy, EOS ignored so every request
+generates exactly its output length) arrives as a Poisson stream at --rate requests/s (0: all at
+once). The same arrivals run twice on the same loaded engine: continuous batching (admit into
+any free decode slot every step) and static batching (admit only when the whole batch has
+finished). Prints tokens/s, TTFT and TPOT p50/p99 for both and their ratio; writes results.json
+and generate.png to --out. Without --bundle it exports (and trains) the --preset model into
+--out/bundle, or reuses the one there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a bare checkout
+# pylint: disable=g-import-not-at-top
+from export.generative import ad_corpus
+from serving.compile_watch import CompileCounter
+from serving.generation.engine import BundleEngine
+from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
+from serving.generation.service import GenerationService, ServiceConfig
+# pylint: enable=g-import-not-at-top
+
+logger = logging.getLogger(__name__)
+
+
+def _range(text: str) -> tuple[int, int]:
+  lo, hi = (int(x) for x in text.split(":"))
+  if not 1 <= lo <= hi:
+    raise argparse.ArgumentTypeError(f"{text!r} must be MIN:MAX with 1 <= MIN <= MAX")
+  return lo, hi
+
+
+def workload(n: int, prompt_len: tuple[int, int], output_len: tuple[int, int], rate: float,
+             seed: int, max_seq_len: int) -> list[dict[str, Any]]:
+  """Prompts cut from the ad corpus, output lengths, arrival offsets (s); fits max_seq_len."""
+  rng = np.random.default_rng(seed)
+  text = " ".join(ad_corpus(500, seed=seed + 1)).encode()
+  arrivals = np.cumsum(rng.exponential(1 / rate, n)) if rate > 0 else np.zeros(n)
+  jobs = []
+  for i in range(n):
+    p = int(rng.integers(prompt_len[0], prompt_len[1] + 1))
+    p = min(p, max_seq_len - 2)  # BOS + prompt + at least one token
+    o = int(min(rng.integers(output_len[0], output_len[1] + 1), max_seq_len - 1 - p))
+    start = int(rng.integers(0, len(text) - p))
+    jobs.append({"prompt": text[start:start + p], "max_new_tokens": o, "at": float(arrivals[i])})
+  return jobs
+
+
+def run_mode(engine: BundleEngine, jobs: list[dict[str, Any]], *, static: bool) -> dict[str, Any]:
+  """Sends the jobs on their schedule, waits for every final event, summarizes."""
+  name = "static" if static else "continuous"
+  svc = GenerationService(engine, config=ServiceConfig(max_waiting=len(jobs) + 1,
+                                                       static_batching=static)).start()
+  finals: list[GenerationEvent] = []
+  done = threading.Event()
+  lock = threading.Lock()
+  step = max(1, len(jobs) // 10)
+
+  def on_event(ev: GenerationEvent) -> None:
+    if not ev.finished:
+      return
+    with lock:
+      finals.append(ev)
+      n = len(finals)
+    if n % step == 0 or n == len(jobs):
+      print(f"  [{name}] {n}/{len(jobs)} requests done", file=sys.stderr, flush=True)
+    if n == len(jobs):
+      done.set()
+
+  start = time.perf_counter()
+  for job in jobs:
+    delay = start + job["at"] - time.perf_counter()
+    if delay > 0:
+      time.sleep(delay)
+    svc.submit(GenerationRequest(job["prompt"], SamplingParams(
+        max_new_tokens=job["max_new_tokens"], ignore_eos=True)), on_event)
+  done.wait()
+  wall = time.perf_counter() - start
+  stats = svc.stats()
+  svc.stop()
+  errors = [ev for ev in finals if ev.error is not None]
+  if errors:
+    raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0].error}")
+  m = [ev.metrics for ev in finals]
+  ttft = np.array([x.ttft_s for x in m])
+  tpot = np.array([x.tpot_s for x in m if x.tpot_s is not None])
+  e2e = np.array([x.total_s for x in m])
+  tokens = int(sum(x.generated_tokens for x in m))
+  pct = lambda a, q: float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
+  return {
+      "mode": name, "requests": len(m), "tokens": tokens, "wall_s": wall,
+      "tokens_per_s": tokens / wall, "requests_per_s": len(m) / wall,
+      "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+      "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99),
+      "e2e_p50_s": pct(e2e, 50), "e2e_p99_s": pct(e2e, 99),
+      "decode_steps": stats["decode_steps"], "prefill_calls": stats["prefill_calls"],
+      "mean_decode_rows": stats["decode_rows"] / max(1, stats["decode_steps"]),
+      "preemptions": stats["preemptions"],
+      "ttft_s": ttft.tolist(), "tpot_s": tpot.tolist(), "e2e_s": e2e.tolist(),
+  }
+
+
+def plot(results: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(1, 4, figsize=(17, 4))
+  names = [r["mode"] for r in results]
+  colors = ["tab:blue", "tab:orange"]
+  ax[0].bar(names, [r["tokens_per_s"] for r in results], color=colors)
+  ax[0].set_title("throughput (generated tokens/s)")
+  for i, (metric, label) in enumerate((("ttft", "TTFT (ms)"), ("tpot", "TPOT (ms)")), start=1):
+    x = np.arange(2)
+    for j, r in enumerate(results):
+      ax[i].bar(x + 0.4 * j, [1e3 * r[f"{metric}_p50_s"], 1e3 * r[f"{metric}_p99_s"]], 0.4,
+                label=r["mode"], color=colors[j])
+    ax[i].set_xticks(x + 0.2, ["p50", "p99"])
+    ax[i].set_title(label)
+    ax[i].legend()
+  for j, r in enumerate(results):
+    e2e = np.sort(r["e2e_s"])
+    ax[3].plot(e2e, np.arange(1, len(e2e) + 1) / len(e2e), label=r["mode"], color=colors[j])
+  ax[3].set_title("request latency CDF")
+  ax[3].set_xlabel("seconds")
+  ax[3].legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--bundle", type=pathlib.Path, help="a generate bundle (default: build one)")
+  p.add_argument("--preset", choices=("demo", "tiny"), default="demo")
+  p.add_argument("--train-steps", type=int, default=None, help="when building the bundle")
+  p.add_argument("--requests", type=int, default=64)
+  p.add_argument("--rate", type=float, default=0.0, help="requests/s, Poisson; 0 = all at once")
+  p.add_argument("--prompt-len", type=_range, default=(8, 200))
+  p.add_argument("--output-len", type=_range, default=(8, 128))
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/generate"))
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  args.out.mkdir(parents=True, exist_ok=True)
+
+  bundle = args.bundle
+  if bundle is None:
+    bundle = args.out / "bundle" / args.preset
+    if not (bundle / "manifest.json").exists():
+      from export.generative import build_bundle, GenerativeExportConfig
+      from models.decoder import DecoderConfig
+
+      config = getattr(GenerativeExportConfig, args.preset)()
+      if args.train_steps is not None:
+        import dataclasses
+        config = dataclasses.replace(config, train_steps=args.train_steps)
+      print(f"exporting the {args.preset} model to {bundle} ...", file=sys.stderr, flush=True)
+      build_bundle(bundle, model_config=getattr(DecoderConfig, args.preset)(), config=config)
+  counter = CompileCounter().install()
+  print(f"loading {bundle} ...", file=sys.stderr, flush=True)
+  engine = BundleEngine(bundle, compile_counter=counter)
+  spec = engine.spec
+  jobs = workload(args.requests, args.prompt_len, args.output_len, args.rate, args.seed,
+                  spec.max_seq_len)
+  results = []
+  for static in (False, True):
+    print(f"running {'static' if static else 'continuous'} batching ...", file=sys.stderr,
+          flush=True)
+    results.append(run_mode(engine, jobs, static=static))
+  cont, stat = results
+  ratio = {
+      "tokens_per_s": cont["tokens_per_s"] / stat["tokens_per_s"],
+      "ttft_p50": stat["ttft_p50_s"] / cont["ttft_p50_s"],
+      "ttft_p99": stat["ttft_p99_s"] / cont["ttft_p99_s"],
+      "tpot_p50": stat["tpot_p50_s"] / cont["tpot_p50_s"],
+      "tpot_p99": stat["tpot_p99_s"] / cont["tpot_p99_s"],
+  }
+  header = (f"{'mode':<11}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+            f"{'TPOT p50':>10}{'TPOT p99':>10}{'rows/step':>10}{'preempt':>8}")
+  print(f"\n{engine.manifest.name} ({spec.decode_batch} slots, {spec.num_pages} pages of"
+        f" {spec.page_size}), {len(jobs)} requests, prompts {args.prompt_len}, outputs"
+        f" {args.output_len}, rate {args.rate or 'all at once'}")
+  print(header)
+  for r in results:
+    print(f"{r['mode']:<11}{r['tokens_per_s']:>9.1f}{r['requests_per_s']:>8.2f}"
+          f"{1e3 * r['ttft_p50_s']:>8.0f}ms{1e3 * r['ttft_p99_s']:>8.0f}ms"
+          f"{1e3 * r['tpot_p50_s']:>8.1f}ms{1e3 * r['tpot_p99_s']:>8.1f}ms"
+          f"{r['mean_decode_rows']:>10.1f}{r['preemptions']:>8d}")
+  print(f"continuous / static: {ratio['tokens_per_s']:.2f}x tokens/s; static / continuous:"
+        f" TTFT p50 {ratio['ttft_p50']:.2f}x, p99 {ratio['ttft_p99']:.2f}x, TPOT p50"
+        f" {ratio['tpot_p50']:.2f}x, p99 {ratio['tpot_p99']:.2f}x")
+  print(f"compiles after warm-up: {counter.outside_warmup}")
+  summary = {
+      "bundle": str(bundle), "model": engine.manifest.name, "spec": {
+          "decode_batch": spec.decode_batch, "num_pages": spec.num_pages,
+          "page_size": spec.page_size, "max_seq_len": spec.max_seq_len,
+          "prefill": [[b.length, b.batch] for b in spec.prefill_buckets]},
+      "workload": {"requests": args.requests, "rate": args.rate, "prompt_len": args.prompt_len,
+                   "output_len": args.output_len, "seed": args.seed},
+      "results": results, "ratio": ratio, "compiles_after_warmup": counter.outside_warmup,
+  }
+  (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+  plot(results, args.out / "generate.png",
+       f"{engine.manifest.name}: continuous vs static batching ({len(jobs)} requests)")
+  print(f"wrote {args.out / 'results.json'} and {args.out / 'generate.png'}")
+  engine.close()
+
+
+if __name__ == "__main__":
+  main()
