@@ -39,8 +39,10 @@ def _dlrm_config(quick: bool):
     sizes = (100_000, 50_000, 24_000, 24_000, 12_000, 12_000, 4_800, 4_800) + (2_000,) * 18
   else:  # ~280 MB of tables
     sizes = (400_000, 200_000, 100_000, 100_000, 50_000, 50_000, 20_000, 20_000) + (8_000,) * 18
+  # impl="xla": XLA partitions the jnp lookup over sharded tables; the Pallas kernel that "auto"
+  # picks on CUDA is a custom call it cannot partition (it would gather whole tables).
   return DLRMConfig(table_sizes=sizes, embed_dim=64, bottom_mlp=(512, 256, 64),
-                    top_mlp=(1024, 1024, 512, 256, 1))
+                    top_mlp=(1024, 1024, 512, 256, 1), embedding_impl="xla")
 
 
 @dataclasses.dataclass

@@ -177,6 +177,12 @@ class ShardingPlan:
               if a is not None and len(a) == 2 and a[0] == "table_rows"]
     if not leaves:
       return None
+    side = [i for i, a in enumerate(logical_axes_list)
+            if a is not None and a[:1] == ("table_rows",) and len(a) != 2]
+    if side:
+      # Per-row side arrays (8-bit tables' scale/offset) would need fusing alongside the codes.
+      raise ValueError(f"embedding_tables fuses [rows, D] tables only; leaves {side} are other"
+                       " ('table_rows', ...) arrays (quantized tables?): use embedding_rows")
     return TablePlacement.balance(leaves, [tuple(shapes[i]) for i in leaves], self.num_devices)
 
 

@@ -96,6 +96,10 @@ def test_table_placement_balances_by_bytes():
   assert p.offset == (0, 0, 110, 60, 100)
   with pytest.raises(ValueError, match="one embedding dim"):
     TablePlacement.balance([0, 1], [(4, 8), (4, 16)], 2)
+  plan = ShardingPlan.create("embedding_tables", 2)
+  assert plan.table_placement([("embed", "mlp")], [(4, 4)]) is None
+  with pytest.raises(ValueError, match="quantized tables"):  # 8-bit codes + per-row scales
+    plan.param_shardings([("table_rows", "embed"), ("table_rows",)], [(4, 8), (4,)])
 
 
 def _save(tmp_path, leaves):

@@ -30,22 +30,23 @@ def test_every_strategy_maps_every_logical_axis_to_mesh_axes():
 
 
 def _model_factories():
-  """(name, build) for each models/ module that has a config with a `tiny` preset and a model
-  class taking that config; modules without one (shared layers) are not models."""
+  """(name, build) for each nnx.Module in models/ whose first argument is a config dataclass
+  of its module (built with the `tiny` preset if there is one, else the defaults; only shapes
+  are traced). Modules without one (shared layers) are not models."""
   found = []
   for info in pkgutil.iter_modules(models.__path__):
     module = importlib.import_module(f"models.{info.name}")
     configs = [c for _, c in inspect.getmembers(module, inspect.isclass)
-               if c.__module__ == module.__name__ and dataclasses.is_dataclass(c)
-               and hasattr(c, "tiny")]
+               if c.__module__ == module.__name__ and dataclasses.is_dataclass(c)]
     modules = [m for _, m in inspect.getmembers(module, inspect.isclass)
                if m.__module__ == module.__name__ and issubclass(m, nnx.Module)]
     for cfg_cls in configs:
       for m in modules:
         params = list(inspect.signature(m.__init__).parameters.values())[1:]
         if params and params[0].annotation in (cfg_cls, cfg_cls.__name__):
+          make = cfg_cls.tiny if hasattr(cfg_cls, "tiny") else cfg_cls
           found.append((f"{info.name}.{m.__name__}",
-                        lambda m=m, c=cfg_cls: m(c.tiny(), rngs=nnx.Rngs(0))))
+                        lambda m=m, make=make: m(make(), rngs=nnx.Rngs(0))))
   return found
 
 
