@@ -15,6 +15,7 @@ and generate.png to --out. Without --bundle it exports (and trains) the --preset
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -27,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a bare checkout
 # pylint: disable=g-import-not-at-top
-from export.generative import ad_corpus
+from export.generative import GenerativeExportConfig, ad_corpus, build_bundle
+from models.decoder import DecoderConfig
 from serving.compile_watch import CompileCounter
 from serving.generation.engine import BundleEngine
 from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
@@ -164,12 +166,8 @@ def main(argv: list[str] | None = None) -> None:
   if bundle is None:
     bundle = args.out / "bundle" / args.preset
     if not (bundle / "manifest.json").exists():
-      from export.generative import build_bundle, GenerativeExportConfig
-      from models.decoder import DecoderConfig
-
       config = getattr(GenerativeExportConfig, args.preset)()
       if args.train_steps is not None:
-        import dataclasses
         config = dataclasses.replace(config, train_steps=args.train_steps)
       print(f"exporting the {args.preset} model to {bundle} ...", file=sys.stderr, flush=True)
       build_bundle(bundle, model_config=getattr(DecoderConfig, args.preset)(), config=config)

@@ -53,13 +53,13 @@ class Engine(abc.ABC):
 class Placement:
   """Where a model version lives: its devices and how params and batches are laid out.
 
-  `param_shardings(specs)` and `batch_sharding(ndim)` come from `sharding/`; the
-  default places everything on one device.
+  `param_shardings(specs)` and `batch_sharding(ndim, bucket=)` come from `sharding/`;
+  the default places everything on one device.
   """
 
   devices: tuple[Any, ...]
   param_shardings: Callable[[Sequence[bundle_lib.ParamSpec]], Sequence[Any]] | None = None
-  batch_sharding: Callable[[int], Any] | None = None
+  batch_sharding: Callable[..., Any] | None = None
   label: str = "single"
 
 
@@ -128,13 +128,14 @@ class BundleEngine(Engine):
                    [jax.sharding.SingleDeviceSharding(placement.devices[0])] * len(specs))
       params = bundle_lib.restore_params(self.path, self.manifest, shardings)
       say(f"replica {r} ({placement.label}): params restored in {time.perf_counter() - t0:.2f}s")
-      in_sharding = {
-          t.name: (placement.batch_sharding(len(t.shape)) if placement.batch_sharding
-                   else jax.sharding.SingleDeviceSharding(placement.devices[0]))
-          for t in self.inputs}
-      fn = jax.jit(self._exported.call, in_shardings=(list(shardings), in_sharding))
       compiled = {}
       for bucket in self.buckets:
+        in_sharding = {
+            t.name: (placement.batch_sharding(len(t.shape), bucket=bucket)
+                     if placement.batch_sharding
+                     else jax.sharding.SingleDeviceSharding(placement.devices[0]))
+            for t in self.inputs}
+        fn = jax.jit(self._exported.call, in_shardings=(list(shardings), in_sharding))
         t1 = time.perf_counter()
         structs = {t.name: jax.ShapeDtypeStruct((bucket, *t.shape[1:]), _np_dtype(t.dtype))
                    for t in self.inputs}
@@ -149,11 +150,12 @@ class BundleEngine(Engine):
       for bucket, exe in compiled.items():
         zeros = {t.name: np.zeros((bucket, *t.shape[1:]), _np_dtype(t.dtype)) for t in self.inputs}
         out = exe(params, zeros)
-        for name, spec in zip(sorted(out), sorted(self.outputs, key=lambda t: t.name)):
-          if out[name].shape[0] != bucket and spec.dims[0] == "batch":
-            raise BundleError(f"{self.path}: output {name} has {out[name].shape[0]} rows, expected {bucket}")
+        for spec in self.outputs:
+          if out[spec.name].shape[0] != bucket:
+            raise BundleError(f"{self.path}: output {spec.name} has {out[spec.name].shape[0]}"
+                              f" rows at bucket {bucket}")
         jax.block_until_ready(out)
-      self._replicas.append({"params": params, "compiled": compiled, "in_sharding": in_sharding})
+      self._replicas.append({"params": params, "compiled": compiled})
     self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
 
   @property

@@ -1,20 +1,54 @@
-"""Chooses where each model version runs: devices and sharding plan, from its serving config."""
+"""Chooses where each model version runs: devices and sharding plan, from its serving config.
+
+The plan comes from `sharding/` (rules as data); the bundle's manifest gives each
+parameter's logical axes, so placing a model never needs its code.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
-from export.bundle import Manifest
+from export.bundle import BundleError, Manifest
 from serving.engine import Placement
 from serving.repository import EngineFactory, ModelServingConfig, default_engine_factory
 
+logger = logging.getLogger(__name__)
+
 
 def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Placement] | None:
-  """Single device unless the config names a strategy or a device count."""
+  """Single device unless the config names a strategy or more than one device."""
   if cfg.sharding is None and (cfg.devices is None or cfg.devices == 1):
     return None
-  raise NotImplementedError("sharded placement is being wired in (sharding/)")
+  import jax
+
+  from sharding import ShardingPlan
+
+  strategy = cfg.sharding or "replicated"
+  available = jax.local_devices()
+  n = cfg.devices or len(available)
+  if n > len(available):
+    raise BundleError(f"{manifest.name}: {n} devices requested, {len(available)} present"
+                      " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  plan = ShardingPlan.create(strategy, n, available[:n])
+  axes = [p.logical_axes for p in manifest.params]
+  shapes = [p.shape for p in manifest.params]
+  if plan.table_placement(axes, shapes) is not None:
+    raise BundleError(f"{manifest.name}: strategy {strategy!r} fuses tables into one array,"
+                      " which an exported bundle's fixed signature cannot take; serve it with"
+                      " embedding_rows (row-sharded tables) instead")
+  out = []
+  for mesh, p in plan.placements():
+    out.append(Placement(
+        devices=tuple(mesh.devices.flat),
+        param_shardings=lambda specs, p=p: p.param_shardings(
+            [s.logical_axes for s in specs], [s.shape for s in specs]),
+        batch_sharding=lambda ndim, bucket=None, p=p: p.input_sharding(ndim, batch=bucket),
+        label=f"{strategy} mesh {dict(mesh.shape)}"))
+  logger.info("%s: %d placement(s) under %s", manifest.name, len(out), strategy)
+  return out
 
 
 def engine_factory_for(server_config) -> EngineFactory:
+  """The engine factory the CLI uses: bundles placed by their serving config."""
   return default_engine_factory(placements_for)

@@ -3,8 +3,9 @@
 The service loop asks, every iteration:
   1. `schedule_prefill()`: which waiting sequences to admit now. Each admitted sequence gets a
      free decode slot and pages for its tokens plus the next one; admissions are grouped into
-     prefill batches of one length bucket (first come, first served: the head of the queue is
-     never skipped, so nothing starves).
+     prefill batches of one length bucket. The head of the queue always goes first (if it
+     does not fit, nothing is admitted, so nothing starves); later arrivals that fit its
+     bucket fill the rest of its batch.
   2. `schedule_decode()`: one decode row per running sequence. A sequence whose next token
      needs a page that is not free preempts the youngest running sequence (its pages are freed;
      it goes back to the front of the queue and is recomputed by a later prefill) until it fits.

@@ -42,12 +42,16 @@ class StopMatcher:
     self._held = b""
 
   def feed(self, piece: bytes) -> tuple[bytes, bool]:
-    """-> (bytes safe to release, stopped). On a stop, releases the text before the match."""
+    """-> (bytes safe to release, stopped). On a stop, releases the text before the match.
+
+    The stop that completes first wins (ties: the one that starts first), as if bytes came
+    one at a time: the result never depends on how bytes are grouped into pieces.
+    """
     buf = self._held + piece
-    hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+    hits = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
     if hits:
       self._held = b""
-      return buf[:min(hits)], True
+      return buf[:min(hits)[1]], True
     keep = max((n for s in self._stops for n in range(min(len(s) - 1, len(buf)), 0, -1)
                 if buf.endswith(s[:n])), default=0)
     self._held = buf[len(buf) - keep:] if keep else b""

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from models.decoder import NULL_PAGE, DecoderConfig, init_cache, quantize_kv, rope
-
-AXES = {"batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab"}
+from sharding.plan import ShardingPlan
+from sharding.rules import LOGICAL_AXES, STRATEGIES
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,18 @@ def test_every_param_names_its_logical_axes(model):
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     axes = var.get_metadata().get("logical_axes")
     assert axes is not None and len(axes) == var[...].ndim, path
-    assert set(axes) <= AXES, (path, axes)
+    assert set(axes) <= set(LOGICAL_AXES), (path, axes)
+
+
+def test_every_param_resolves_to_a_partition_spec(model):
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  for strategy in STRATEGIES:
+    plan = ShardingPlan.create(strategy, 2)
+    specs = {path: plan.spec_for(var.get_metadata()["logical_axes"], var[...].shape)
+             for path, var in params}
+    if strategy == "tensor":  # Megatron: heads and the MLP hidden split over `model`
+      assert tuple(specs[("blocks", 0, "attn", "wq")]) == (None, "model", None)
+      assert tuple(specs[("blocks", 0, "mlp", "down", "kernel")]) == ("model", None)
 
 
 def test_presets_and_validation():

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import pathlib
 import random
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from export.bundle import BundleError, read_manifest
-from export.generative import ad_corpus
+from export.generative import GenerativeExportConfig, ad_corpus, export_generative
 from genutil import Stream
 from models.decoder import greedy_reference
 from serving.generation.engine import BundleEngine
@@ -219,6 +221,21 @@ def test_int8_kv_cache_bundle_serves(tiny_int8_bundle, tiny_model, compile_count
   finally:
     svc.stop()
   assert svc.stats()["kv_pages_used"] == 0
+
+
+def test_cuda_export_lowers_the_triton_kernels(tiny_model, tmp_path):
+  """A CUDA bundle (exported here without a GPU) runs flash prefill and paged decode kernels."""
+  config = dataclasses.replace(GenerativeExportConfig.tiny(), platforms=("cpu", "cuda"),
+                               prefill_lengths=(128,))
+  path = export_generative(tiny_model, tmp_path / "decoder" / "1", config)
+  m = read_manifest(path)
+  for sig in ("prefill_128", "decode"):
+    assert set(m.signatures[sig].artifacts) == {"cpu", "cuda"}
+    exported = jax.export.deserialize(bytearray((path / f"{sig}.cuda.jaxexport").read_bytes()))
+    assert exported.platforms == ("cuda",)
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+    cpu = jax.export.deserialize(bytearray((path / f"{sig}.cpu.jaxexport").read_bytes()))
+    assert "__gpu$xla.gpu.triton" not in cpu.mlir_module()
 
 
 def test_bundle_errors_are_loud(tiny_bundle, tmp_path):

@@ -29,7 +29,9 @@ def feed_all(stops, pieces):
     ((b"END",), [b"ab", b"E", b"N", b"x"], (b"abENx", False)),
     ((b"\n\n",), [b"a", b"\n", b"b", b"\n", b"\n"], (b"a\nb", True)),
     ((b"aab",), [b"a", b"a", b"a", b"b"], (b"a", True)),  # overlapping prefix
-    ((b"xyz", b"y"), [b"x", b"y"], (b"x", True)),  # the earliest match wins
+    ((b"xyz", b"y"), [b"x", b"y"], (b"x", True)),  # the first to complete wins
+    ((b"bcd", b"c"), [b"abcd"], (b"ab", True)),  # ... whatever the piece boundaries
+    ((b"abc", b"bc"), [b"ab", b"c"], (b"", True)),  # ties: the one starting first
     ((b"stop",), [b"no stop here"[i:i + 1] for i in range(12)], (b"no ", True)),
 ])
 def test_stop_matcher(stops, pieces, want):
@@ -48,8 +50,9 @@ def test_stop_matcher_holds_back_only_possible_prefixes():
 def test_stop_matcher_equals_cutting_the_whole_text(text, stops, rnd):
   cuts = sorted(rnd.sample(range(len(text) + 1), min(len(text) + 1, 5)))
   pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
-  hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-  want = (text[:min(hits)], True) if hits else (text, False)
+  # The first stop to complete, reading byte by byte (ties: the longer one).
+  ends = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+  want = (text[:min(ends)[1]], True) if ends else (text, False)
   assert feed_all(stops, pieces) == want
 
 
