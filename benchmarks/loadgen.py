@@ -21,13 +21,14 @@ METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LoadResult:
-  """What one load run measured (latencies of successful requests only)."""
+  """What one load run measured: latencies of successful requests, and of failed ones by code."""
 
   seconds: float
   ok: int
   errors: dict[str, int]
   latencies_s: np.ndarray
   rows_per_request: int
+  error_latencies_s: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def rps(self) -> float:
@@ -61,14 +62,14 @@ def build_request(model: str, inputs: dict[str, np.ndarray], *, params: dict | N
 
 
 async def _run_async(address: str, payload: bytes, concurrency: int, duration: float,
-                     rate: float | None, timeout: float | None) -> tuple[int, dict, list]:
+                     rate: float | None, timeout: float | None) -> tuple[int, dict, list, dict]:
   import grpc
 
   async with grpc.aio.insecure_channel(address, options=[
       ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)
   ]) as ch:
     call = ch.unary_unary(METHOD)  # bytes in, bytes out: no client-side (de)serialization
-    ok, errors, lat = 0, {}, []
+    ok, errors, lat, err_lat = 0, {}, [], {}
     end = time.perf_counter() + duration
 
     async def one() -> None:
@@ -80,6 +81,7 @@ async def _run_async(address: str, payload: bytes, concurrency: int, duration: f
         ok += 1
       except grpc.aio.AioRpcError as e:
         errors[e.code().name] = errors.get(e.code().name, 0) + 1
+        err_lat.setdefault(e.code().name, []).append(time.perf_counter() - t0)
 
     if rate is None:
       async def loop() -> None:
@@ -98,10 +100,10 @@ async def _run_async(address: str, payload: bytes, concurrency: int, duration: f
         nxt += interval
       if tasks:
         await asyncio.wait(tasks, timeout=(timeout or 10) + 5)
-    return ok, errors, lat
+    return ok, errors, lat, err_lat
 
 
-def _worker(args) -> tuple[int, dict, list]:
+def _worker(args) -> tuple[int, dict, list, dict]:
   return asyncio.run(_run_async(*args))
 
 
@@ -127,7 +129,8 @@ def run_load(address: str, payload: bytes, *, rows_per_request: int, concurrency
     for k, v in r[1].items():
       errors[k] = errors.get(k, 0) + v
   lat = np.array([x for r in results for x in r[2]])
-  return LoadResult(seconds, ok, errors, lat, rows_per_request)
+  err_lat = {code: np.array([x for r in results for x in r[3].get(code, ())]) for code in errors}
+  return LoadResult(seconds, ok, errors, lat, rows_per_request, err_lat)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

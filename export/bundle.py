@@ -4,6 +4,13 @@ Layout (format 1):
   manifest.json                  what the server needs to know without the model's code
   params/                        orbax StandardCheckpointer of {"leaves": {"00000": array, ...}}
   <signature>.<platform>.jaxexport   serialized `jax.export.Exported`, one per platform
+  <signature>.<platform>.s<S>.jaxexport   ... one per platform and sequence bucket S, for
+                                 signatures with a "seq" dimension (symbolic batch, concrete
+                                 sequence: Pallas kernels need static sequence lengths)
+
+A signature's `artifacts` maps `artifact_key(platform, seq)` ("cpu", "cpu@s64") to a file.
+A predict bundle with several signatures is served as one model per signature
+(`served_models`).
 
 Every exported function has the call convention `fn(params: list[Array], inputs:
 dict[str, Array]) -> dict[str, Array]`; params are a flat list of leaves (exported
@@ -118,14 +125,23 @@ class Signature:
   name: str
   inputs: tuple[TensorSpec, ...]
   outputs: tuple[TensorSpec, ...]
-  artifacts: Mapping[str, str]  # platform -> file name
+  artifacts: Mapping[str, str]  # artifact_key(platform, seq) -> file name
+  seq_buckets: tuple[int, ...] = ()  # this signature's own sequence buckets; () -> the manifest's
+
+  @property
+  def has_seq(self) -> bool:
+    """Whether any input has a "seq" dimension (served on a 2-D batch x sequence grid)."""
+    return any("seq" in t.dims for t in self.inputs)
 
   def to_json(self) -> dict[str, Any]:
-    return {
+    d = {
         "inputs": [t.to_json() for t in self.inputs],
         "outputs": [t.to_json() for t in self.outputs],
         "artifacts": dict(self.artifacts),
     }
+    if self.seq_buckets:
+      d["seq_buckets"] = list(self.seq_buckets)
+    return d
 
   @classmethod
   def from_json(cls, name: str, d: Mapping[str, Any]) -> Signature:
@@ -134,7 +150,13 @@ class Signature:
         tuple(TensorSpec.from_json(t) for t in d["inputs"]),
         tuple(TensorSpec.from_json(t) for t in d["outputs"]),
         dict(d["artifacts"]),
+        tuple(int(s) for s in d.get("seq_buckets", ())),
     )
+
+
+def artifact_key(platform: str, seq: int | None = None) -> str:
+  """Key of a signature's artifact: "cpu" (no or symbolic sequence), "cpu@s64" (sequence 64)."""
+  return platform if seq is None else f"{platform}@s{seq}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,6 +216,35 @@ class Manifest:
         serving=d.get("serving", {}),
         extra=d.get("extra", {}),
     )
+
+
+def served_models(name: str, manifest: Manifest) -> dict[str, str | None]:
+  """Served model name -> signature for the bundle in folder `name`.
+
+  A predict bundle with one signature is served as `name`; with several, each signature
+  is its own model `<name>_<suffix>`, the suffix from the manifest's
+  `serving["signature_suffixes"]` (set at export), else the signature name. Other kinds
+  are one model (signature None: the engine uses all of them).
+  """
+  if manifest.kind != "predict" or len(manifest.signatures) == 1:
+    return {name: next(iter(manifest.signatures)) if manifest.kind == "predict" else None}
+  suffixes = manifest.serving.get("signature_suffixes", {})
+  out: dict[str, str | None] = {}
+  for sig in manifest.signatures:
+    served = f"{name}_{suffixes.get(sig) or sig}"
+    if served in out:
+      raise BundleError(f"{name}: signatures {out[served]!r} and {sig!r} are both served as"
+                        f" {served!r}; give them distinct signature_suffixes at export")
+    out[served] = sig
+  return out
+
+
+def only_signature(manifest: Manifest, signature: str) -> Manifest:
+  """The manifest seen by the model serving one signature of it."""
+  if signature not in manifest.signatures:
+    raise BundleError(f"{manifest.name}: no signature {signature!r} (has"
+                      f" {sorted(manifest.signatures)})")
+  return dataclasses.replace(manifest, signatures={signature: manifest.signatures[signature]})
 
 
 def compute_code_hash(

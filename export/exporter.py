@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import re
+import types
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -51,24 +52,45 @@ class Input:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ExportConfig:
-  """What the export writes beside the computation: buckets, platforms, serving defaults."""
+  """What the export writes beside the computation: buckets, platforms, serving defaults.
+
+  `seq_buckets` applies to every signature with a "seq" dimension unless
+  `signature_seq_buckets` gives that signature its own. `signature_suffixes` names the
+  served models of a multi-signature bundle (`<model>_<suffix>`, default the signature name).
+  """
 
   batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
   seq_buckets: tuple[int, ...] = ()
   platforms: tuple[str, ...] = ("cpu",)
   quantization: str = "none"
   max_queue_delay_us: int = 2000
+  signature_seq_buckets: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  signature_suffixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if not self.batch_buckets or list(self.batch_buckets) != sorted(set(self.batch_buckets)):
       raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets}")
     if self.batch_buckets[0] < 1:
       raise ValueError(f"batch_buckets must be positive, got {self.batch_buckets}")
-    if list(self.seq_buckets) != sorted(set(self.seq_buckets)):
-      raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
+    per_sig = {k: tuple(v) for k, v in self.signature_seq_buckets.items()}
+    for label, buckets in [("seq_buckets", tuple(self.seq_buckets))] + [
+        (f"signature_seq_buckets[{k!r}]", v) for k, v in per_sig.items()]:
+      if list(buckets) != sorted(set(buckets)) or (buckets and buckets[0] < 1):
+        raise ValueError(f"{label} must be positive and strictly increasing, got {buckets}")
+    for sig, suffix in self.signature_suffixes.items():
+      if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", suffix):
+        raise ValueError(f"signature_suffixes[{sig!r}]={suffix!r}: use letters, digits, '_',"
+                         " '-' and '.' only")
     for p in self.platforms:
       if p not in ("cpu", "cuda", "rocm", "tpu"):
         raise ValueError(f"unknown platform {p!r}")
+    object.__setattr__(self, "signature_seq_buckets", types.MappingProxyType(per_sig))
+    object.__setattr__(self, "signature_suffixes",
+                       types.MappingProxyType(dict(self.signature_suffixes)))
+
+  def seq_buckets_for(self, signature: str) -> tuple[int, ...]:
+    """The sequence buckets signature `signature` is exported (and served) at."""
+    return tuple(self.signature_seq_buckets.get(signature, self.seq_buckets))
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -184,6 +206,11 @@ def export_model(
   sig_inputs = inputs if isinstance(inputs, Mapping) else {k: inputs for k in signatures}
   if set(sig_inputs) != set(signatures):
     raise ValueError(f"inputs name signatures {sorted(sig_inputs)}, expected {sorted(signatures)}")
+  for field in ("signature_seq_buckets", "signature_suffixes"):
+    unknown = sorted(set(getattr(config, field)) - set(signatures))
+    if unknown:
+      raise ValueError(f"ExportConfig.{field} names {unknown}, not signatures of this export"
+                       f" ({sorted(signatures)})")
 
   param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   artifacts: dict[str, bytes] = {}
@@ -191,40 +218,41 @@ def export_model(
   for sig_name, sig_fn in signatures.items():
     in_specs = [i.to_spec() for i in sig_inputs[sig_name]]
     has_seq = any("seq" in s.dims for s in in_specs)
-    if has_seq and not config.seq_buckets:
+    seq_buckets = config.seq_buckets_for(sig_name) if has_seq else ()
+    if has_seq and not seq_buckets:
       raise ValueError(f"signature {sig_name!r} has a 'seq' dimension: give ExportConfig.seq_buckets")
-    if has_seq:
-      b, s = jax.export.symbolic_shape("b, s", constraints=("b >= 1", "s >= 1"))
-    else:
-      (b,), s = jax.export.symbolic_shape("b", constraints=("b >= 1",)), None
-    sym = {"batch": b, "seq": s}
-    in_structs = {
-        spec.name: jax.ShapeDtypeStruct(
-            tuple(sym[d] if d else n for d, n in zip(spec.dims, spec.shape)),
-            jnp.bfloat16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype))
-        for spec in in_specs
-    }
+    # Batch stays symbolic; the sequence is concrete, one artifact per sequence bucket
+    # (Pallas kernels such as flash_attention need static sequence lengths).
+    (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
+
+    def in_structs(seq: int | None, _specs=in_specs) -> dict[str, jax.ShapeDtypeStruct]:
+      sym = {"batch": b, "seq": seq}
+      return {
+          spec.name: jax.ShapeDtypeStruct(
+              tuple(sym[d] if d else n for d, n in zip(spec.dims, spec.shape)),
+              jnp.bfloat16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype))
+          for spec in _specs
+      }
 
     def serve_fn(param_leaves, ins, _fn=sig_fn):
       target = rebuild(list(param_leaves))
       return _as_output_dict(_fn(target, **ins), output_names)
 
-    out_struct = jax.eval_shape(serve_fn, param_structs, in_structs)
-    out_specs = tuple(
-        TensorSpec(k, _dtype_name(v.dtype),
-                   tuple(-1 if not isinstance(n, int) else n for n in v.shape),
-                   tuple(_dim_name(n, b, s) for n in v.shape))
-        for k, v in out_struct.items())
+    out_specs = _output_specs(serve_fn, param_structs, in_structs, b, seq_buckets)
     files = {}
     for platform in config.platforms:
       checks = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
                 if platform in ("cuda", "rocm") else [])
-      exp = jax.export.export(jax.jit(serve_fn), platforms=(platform,), disabled_checks=checks)(
-          param_structs, in_structs)
-      fname = f"{sig_name}.{platform}.jaxexport"
-      artifacts[fname] = bytes(exp.serialize())
-      files[platform] = fname
-    sig_manifest[sig_name] = Signature(sig_name, tuple(in_specs), out_specs, files)
+      for seq in seq_buckets or (None,):
+        exp = jax.export.export(jax.jit(serve_fn), platforms=(platform,), disabled_checks=checks)(
+            param_structs, in_structs(seq))
+        key = bundle_lib.artifact_key(platform, seq)
+        fname = f"{sig_name}.{key.replace('@', '.')}.jaxexport"
+        artifacts[fname] = bytes(exp.serialize())
+        files[key] = fname
+    sig_manifest[sig_name] = Signature(
+        sig_name, tuple(in_specs), out_specs, files,
+        seq_buckets if seq_buckets != tuple(config.seq_buckets) else ())
     logger.info("exported signature %s for %s", sig_name, config.platforms)
 
   manifest = Manifest(
@@ -233,19 +261,43 @@ def export_model(
       seq_buckets=config.seq_buckets, quantization=config.quantization,
       code_hash=bundle_lib.compute_code_hash(artifacts, specs, config.batch_buckets,
                                              config.seq_buckets),
-      serving={"max_queue_delay_us": config.max_queue_delay_us},
+      serving={"max_queue_delay_us": config.max_queue_delay_us,
+               **({"signature_suffixes": dict(config.signature_suffixes)}
+                  if config.signature_suffixes else {})},
       extra=dict(extra or {}))
   return bundle_lib.write_bundle(model_dir / str(version), manifest, leaves, artifacts)
 
 
-def _dim_name(n: Any, b: Any, s: Any) -> str | None:
-  if isinstance(n, int):
-    return None
-  if n == b:
-    return "batch"
-  if n == s:
-    return "seq"
-  raise ValueError(f"output dimension {n} is neither the batch nor the sequence dimension")
+def _output_specs(serve_fn: Callable[..., Any], param_structs: list[Any],
+                  in_structs: Callable[[int | None], dict[str, Any]], b: Any,
+                  seq_buckets: Sequence[int]) -> tuple[TensorSpec, ...]:
+  """Output specs from abstract evaluation; with sequences, at two lengths to find "seq" dims."""
+  if not seq_buckets:
+    outs = [jax.eval_shape(serve_fn, param_structs, in_structs(None))]
+    seqs: list[int] = []
+  else:
+    seqs = [seq_buckets[0], seq_buckets[1] if len(seq_buckets) > 1 else
+            (seq_buckets[0] - 1 if seq_buckets[0] > 1 else 2)]
+    outs = [jax.eval_shape(serve_fn, param_structs, in_structs(s)) for s in seqs]
+  specs = []
+  for k, v in outs[0].items():
+    dims = []
+    for i, n in enumerate(v.shape):
+      others = [o[k].shape[i] for o in outs]
+      if not isinstance(n, int):
+        if n != b:
+          raise ValueError(f"output {k!r} dimension {i} ({n}) is not the batch dimension")
+        dims.append("batch")
+      elif seqs and others == seqs:
+        dims.append("seq")
+      elif len(set(others)) == 1:
+        dims.append(None)
+      else:
+        raise ValueError(f"output {k!r} dimension {i} is {others} at sequence lengths {seqs}:"
+                         " an output dimension must be fixed, the batch or the sequence")
+    specs.append(TensorSpec(k, _dtype_name(v.dtype),
+                            tuple(-1 if d else n for d, n in zip(dims, v.shape)), tuple(dims)))
+  return tuple(specs)
 
 
 def _is_nnx_module(obj: Any) -> bool:

@@ -2,7 +2,9 @@
 
 Inputs `dense` [B, 13] float32 and `sparse` [B, 26] int ids (taken modulo each table's
 size, the hashing trick; -1 means missing and contributes a zero vector); output
-`prob` [B, 1], the predicted click probability.
+`prob` [B, 1], the predicted click probability. Lookups go through
+`pallas_kernels.embedding_bag_multi` for float tables and for the row-wise 8-bit tables
+that `export.quantize` ("int8_tables") puts in their place.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.embedding import lookup_embeddings
+from models.embedding import QuantizedTable, lookup_embeddings, table_arrays
 from models.layers import MLP
 
 # A realistic ads mix: a few huge id spaces dominate memory, most are small.
@@ -86,16 +88,36 @@ class DLRM(nnx.Module):
     })
     self.top = MLP(config.embed_dim + config.num_interactions, config.top_mlp, rngs=rngs)
 
-  def table_list(self) -> list[jax.Array]:
-    return [self.tables[f"t{f:02d}"][...] for f in range(self.config.num_sparse)]
+  def table_names(self) -> list[str]:
+    return [f"t{f:02d}" for f in range(self.config.num_sparse)]
 
-  def __call__(self, dense: jax.Array, sparse: jax.Array) -> dict[str, jax.Array]:
+  def table_list(self) -> list[jax.Array]:
+    """Float view of the tables (8-bit tables dequantized): for inspection, not the serving path."""
+    return [t.dequantized() if isinstance(t, QuantizedTable) else t[...]
+            for t in (self.tables[k] for k in self.table_names())]
+
+  def embed(self, sparse: jax.Array) -> jax.Array:
+    """sparse [B, F] ids -> [B, F, D] float32, through the embedding-bag kernel dispatcher."""
+    tables, scales, offsets = table_arrays([self.tables[k] for k in self.table_names()])
+    return lookup_embeddings(tables, sparse, self.config.embedding_impl, scales=scales,
+                             offsets=offsets)
+
+  def logits(self, dense: jax.Array, sparse: jax.Array) -> jax.Array:
+    """The click logit [B, 1] (serving gets its sigmoid)."""
     # dense: [B, num_dense] float; sparse: [B, num_sparse] int32/int64
+    return self.logits_from_embeddings(dense, self.embed(sparse))
+
+  def logits_from_embeddings(self, dense: jax.Array, emb: jax.Array) -> jax.Array:
+    """Bottom MLP, dot interaction and top MLP on looked-up embeddings emb [B, F, D] -> [B, 1].
+
+    Training calls this with only the batch's rows gathered (models/train.py).
+    """
     x = self.bottom(dense.astype(jnp.float32))  # [B, D]
-    emb = lookup_embeddings(self.table_list(), sparse, self.config.embedding_impl)  # [B, F, D]
-    feats = jnp.concatenate([x[:, None, :], emb], axis=1)  # [B, F+1, D]
+    feats = jnp.concatenate([x[:, None, :], emb.astype(jnp.float32)], axis=1)  # [B, F+1, D]
     dots = jnp.einsum("bid,bjd->bij", feats, feats)  # [B, F+1, F+1]
     i, j = np.tril_indices(feats.shape[1], k=-1)
     inter = dots[:, i, j]  # [B, (F+1)F/2]
-    logit = self.top(jnp.concatenate([x, inter], axis=1))  # [B, 1]
-    return {"prob": jax.nn.sigmoid(logit)}
+    return self.top(jnp.concatenate([x, inter], axis=1))  # [B, 1]
+
+  def __call__(self, dense: jax.Array, sparse: jax.Array) -> dict[str, jax.Array]:
+    return {"prob": jax.nn.sigmoid(self.logits(dense, sparse))}

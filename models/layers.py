@@ -1,6 +1,8 @@
 """Building blocks shared by the models: dense layers and MLPs with logical axis names.
 
 Parameters carry `logical_axes` metadata; `sharding/` maps those names to mesh axes.
+A `Dense` is float or quantized (int8/fp8 kernel + per-output-channel scales, run by
+`pallas_kernels.quantized_matmul`); `export.quantize` switches a model's layers at export.
 """
 
 from __future__ import annotations
@@ -11,9 +13,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import quantized_matmul
+from pallas_kernels.quantize import (
+    dequantize_fp8_per_channel,
+    dequantize_int8_per_channel,
+    quantize_fp8_per_channel,
+    quantize_int8_per_channel,
+)
+
+# Kernel states of a Dense: float, or a `quantized_matmul` mode.
+DENSE_QUANTIZATIONS: tuple[str, ...] = ("none", "w8a16", "w8a8", "fp8")
+
 
 class Dense(nnx.Module):
-  """y = x @ kernel + bias, with the kernel's axes named for sharding rules."""
+  """y = x @ kernel + bias, with the kernel's axes named for sharding rules.
+
+  Float: param `kernel` [in, out]. Quantized (`quantize(mode)`): `kernel_q` [in, out] (int8, or
+  float8_e4m3fn for "fp8") with the kernel's axes, and `kernel_scale` [out] float32 with axes
+  (out_axis,); the matmul runs through `quantized_matmul(..., impl=self.impl)`.
+  """
 
   def __init__(
       self,
@@ -35,9 +53,53 @@ class Dense(nnx.Module):
         if use_bias
         else None
     )
+    self.quantization = "none"  # one of DENSE_QUANTIZATIONS (static: part of the graph)
+    self.impl = "auto"  # kernel dispatch for quantized matmuls (pallas_kernels.IMPLS)
+
+  @property
+  def axes(self) -> tuple[str, str]:
+    """The kernel's logical axes (in, out)."""
+    var = self.kernel if self.quantization == "none" else self.kernel_q
+    return tuple(var.get_metadata()["logical_axes"])
+
+  def quantize(self, mode: str, *, impl: str = "auto") -> None:
+    """Switches this layer in place to a quantized kernel (`mode` is a quantized_matmul mode)."""
+    if mode not in DENSE_QUANTIZATIONS[1:]:
+      raise ValueError(f"mode={mode!r} must be one of {DENSE_QUANTIZATIONS[1:]}")
+    if self.quantization != "none":
+      raise ValueError(f"layer is already quantized ({self.quantization}); dequantize() first")
+    axes = self.axes
+    w = self.kernel[...]
+    w_q, scale = (quantize_fp8_per_channel(w, axis=-1) if mode == "fp8" else
+                  quantize_int8_per_channel(w, axis=-1))
+    del self.kernel
+    self.kernel_q = nnx.Param(w_q, logical_axes=axes)
+    self.kernel_scale = nnx.Param(scale, logical_axes=(axes[1],))
+    self.quantization = mode
+    self.impl = impl
+
+  def dequantize(self) -> None:
+    """Switches a quantized layer back to a float32 kernel w_q * scale, in place."""
+    if self.quantization == "none":
+      return
+    axes = self.axes
+    fn = dequantize_fp8_per_channel if self.quantization == "fp8" else dequantize_int8_per_channel
+    w = fn(self.kernel_q[...], self.kernel_scale[...], axis=-1)
+    del self.kernel_q, self.kernel_scale
+    self.kernel = nnx.Param(w, logical_axes=axes)
+    self.quantization = "none"
 
   def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
-    y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+    if self.quantization == "none":
+      y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+    else:
+      lead = x.shape[:-1]
+      y = quantized_matmul(
+          x.reshape(-1, x.shape[-1]),  # [M, in]
+          self.kernel_q[...],  # [in, out] int8 / float8_e4m3fn
+          self.kernel_scale[...],  # [out]
+          mode=self.quantization, impl=self.impl,
+      ).reshape(*lead, -1)
     if self.bias is not None:
       y = y + self.bias[...]
     return y

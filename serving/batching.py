@@ -11,6 +11,11 @@ the executor has nothing in flight (under load batches then grow on their own
 while the previous one runs, and a lone request pays no batching delay). A
 request larger than the largest bucket is split across batches, never refused.
 Requests whose deadline has passed are expired, never executed.
+
+Admission (overload): a request is refused at once when the queue holds
+`max_queue_rows` rows or `max_queue_requests` requests, or when it carries a
+deadline that the rows queued ahead of it cannot meet at the measured batch rate
+(`observe`), so excess load is shed at the door instead of timing out in the queue.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class BatchingConfig:
   max_queue_delay_s: float = 0.002
   dispatch_when_idle: bool = True
   max_queue_rows: int = 65536
+  max_queue_requests: int | None = None  # None: bounded by rows only
 
   def __post_init__(self):
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
@@ -40,6 +46,8 @@ class BatchingConfig:
     if self.max_queue_rows < self.buckets[-1]:
       raise ValueError(f"max_queue_rows={self.max_queue_rows} must hold one full batch"
                        f" ({self.buckets[-1]} rows)")
+    if self.max_queue_requests is not None and self.max_queue_requests < 1:
+      raise ValueError(f"max_queue_requests must be >= 1 (or None), got {self.max_queue_requests}")
 
   @property
   def max_batch_size(self) -> int:
@@ -110,7 +118,7 @@ class Decision(Generic[T]):
 
 
 class Admission(Exception):
-  """A request was refused at the door; `reason` says why (queue full)."""
+  """A request was refused at the door; the message says why (queue full, deadline unreachable)."""
 
 
 class Batcher(Generic[T]):
@@ -120,6 +128,30 @@ class Batcher(Generic[T]):
     self.config = config
     self._queues: dict[int, Deque[Pending[T]]] = {}
     self._rows = 0
+    self._batch_s: dict[int, float] = {}  # smoothed seconds a batch occupies the executor
+
+  def observe(self, bucket: int, seconds: float) -> None:
+    """Records how long a batch of `bucket` rows occupied the executor (smoothed per bucket)."""
+    if seconds > 0:
+      old = self._batch_s.get(bucket)
+      self._batch_s[bucket] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+  @property
+  def _full_batch_s(self) -> float | None:
+    """Seconds per largest-bucket batch; until one ran, the largest bucket timed so far (an
+    underestimate that still bounds the queue from the first batch on)."""
+    if not self._batch_s:
+      return None
+    return self._batch_s.get(self.config.max_batch_size, self._batch_s[max(self._batch_s)])
+
+  def estimated_wait_s(self, rows: int, priority: int) -> float | None:
+    """Seconds until a new request of `rows` at `priority` would finish: full batches for the
+    rows queued ahead of it and its own, plus the two the executor may hold (one running, one
+    prepared). None when nothing is queued ahead or no full batch has been timed yet."""
+    ahead = sum(p.remaining for prio, q in self._queues.items() if prio <= priority for p in q)
+    if ahead == 0 or self._full_batch_s is None:
+      return None
+    return (-(-(ahead + rows) // self.config.max_batch_size) + 2) * self._full_batch_s
 
   @property
   def queued_rows(self) -> int:
@@ -130,13 +162,24 @@ class Batcher(Generic[T]):
     return sum(len(q) for q in self._queues.values())
 
   def add(self, pending: Pending[T]) -> None:
-    """Queues a request, or raises Admission if it would overflow `max_queue_rows`."""
+    """Queues a request, or raises Admission (queue bounds, or a deadline the queue cannot meet)."""
     if pending.rows < 1:
       raise ValueError(f"a request needs at least one row, got {pending.rows}")
     if self._rows + pending.rows > self.config.max_queue_rows:
       raise Admission(
           f"queue full: {self._rows} rows queued, {pending.rows} more would exceed"
           f" max_queue_rows={self.config.max_queue_rows}; retry later or add capacity")
+    limit = self.config.max_queue_requests
+    if limit is not None and self.queued_requests >= limit:
+      raise Admission(f"queue full: {limit} requests queued (max_queue_requests); retry later"
+                      " or add capacity")
+    if pending.deadline is not None:
+      wait = self.estimated_wait_s(pending.rows, pending.priority)
+      if wait is not None and pending.arrival + wait > pending.deadline:
+        raise Admission(
+            f"overloaded: the queue ahead needs about {wait * 1e3:.0f} ms, more than the"
+            f" {max(pending.deadline - pending.arrival, 0) * 1e3:.0f} ms left before the deadline;"
+            " retry later, with a longer deadline, or add capacity")
     q = self._queues.get(pending.priority)
     if q is None:
       q = self._queues[pending.priority] = collections.deque()
@@ -146,12 +189,15 @@ class Batcher(Generic[T]):
   def remove(self, pendings: Iterable[Pending[T]]) -> None:
     """Drops requests (cancelled by their client) from the queue."""
     doomed = {id(p) for p in pendings}
-    for prio, q in self._queues.items():
+    for prio, q in list(self._queues.items()):
       kept = [p for p in q if id(p) not in doomed]
       for p in q:
         if id(p) in doomed:
           self._rows -= p.remaining
-      self._queues[prio] = collections.deque(kept)
+      if kept:
+        self._queues[prio] = collections.deque(kept)
+      else:
+        del self._queues[prio]
 
   def drain(self) -> list[Pending[T]]:
     """Removes and returns everything queued (shutdown or model unload)."""
@@ -160,13 +206,27 @@ class Batcher(Generic[T]):
     self._rows = 0
     return out
 
+  def oldest_arrival(self) -> float | None:
+    """Arrival time of the longest-waiting queued request, or None when the queue is empty."""
+    heads = [q[0].arrival for q in self._queues.values() if q]
+    return min(heads) if heads else None
+
+  def head_priority(self) -> int | None:
+    """Priority of the request the next batch starts with, or None when the queue is empty."""
+    levels = [prio for prio, q in self._queues.items() if q]
+    return min(levels) if levels else None
+
+  def expire(self, now: float) -> tuple[Pending[T], ...]:
+    """Removes and returns the unstarted requests whose deadline has passed."""
+    return self._expire(now)
+
   def _ordered(self) -> Iterable[Pending[T]]:
     for prio in sorted(self._queues):
       yield from self._queues[prio]
 
   def _expire(self, now: float) -> tuple[Pending[T], ...]:
     expired = []
-    for prio, q in self._queues.items():
+    for prio, q in list(self._queues.items()):
       if any(p.deadline is not None and p.deadline <= now for p in q):
         keep = collections.deque()
         for p in q:
@@ -175,7 +235,10 @@ class Batcher(Generic[T]):
             self._rows -= p.remaining
           else:
             keep.append(p)
-        self._queues[prio] = keep
+        if keep:
+          self._queues[prio] = keep
+        else:
+          del self._queues[prio]  # empty levels are dropped: priorities are client-chosen
     return tuple(expired)
 
   def decide(self, now: float, *, idle: bool) -> Decision[T]:
@@ -204,6 +267,8 @@ class Batcher(Generic[T]):
         self._rows -= n
         if p.remaining == 0:
           q.popleft()
+      if not q:
+        del self._queues[prio]
       if dest == capacity:
         break
     return BatchPlan(self.config.bucket_for(dest), tuple(slices))

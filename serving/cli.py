@@ -19,14 +19,16 @@ def _progress(msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="xlaserve",
+      prog="xlaserve", allow_abbrev=False,
       description="JAX/XLA inference server speaking Triton's (KServe v2) gRPC protocol.")
   sub = parser.add_subparsers(dest="command", required=True)
   serve = sub.add_parser(
       "serve", help="serve a model repository over gRPC",
       description="Serve every model in a repository of exported bundles. With no"
       " --model-repository, serves the built-in demo models (built on first start).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      allow_abbrev=False)  # '--auth-token X' must not pass as '--auth-token-file X'
+
   serve.add_argument("--model-repository", default=None,
                      help="folder of <model>/<version>/ bundles written by export.export_model;"
                      " omit it to serve the built-in demo models")
@@ -45,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--max-queue-rows", type=int, default=65536,
                      help="default per-model queue bound in rows; beyond it requests get"
                      " RESOURCE_EXHAUSTED at once")
+  serve.add_argument("--max-queue-requests", type=int, default=None,
+                     help="default per-model queue bound in requests (unbounded if omitted);"
+                     " a request with a deadline the queue cannot meet is also refused at once")
+  serve.add_argument("--default-timeout-us", type=int, default=None,
+                     help="default per-model deadline in microseconds for requests that bring"
+                     " no Triton 'timeout' parameter (a gRPC deadline still applies); none if"
+                     " omitted")
+  serve.add_argument("--repository-poll-s", type=float, default=0.0,
+                     help="poll the model repository every this many seconds and hot-reload"
+                     " changed models (new versions warm up beside the serving ones, then swap"
+                     " in); 0 disables polling (RepositoryModelLoad still works)")
   serve.add_argument("--max-rows-per-request", type=int, default=65536,
                      help="largest request (rows) accepted; larger ones get INVALID_ARGUMENT"
                      " (requests above the largest bucket are split, not refused)")
@@ -60,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--demo-tiny", action="store_true",
                      help="with no --model-repository: serve tiny demo models (fast start,"
                      " for smoke tests)")
+  serve.add_argument("--tls-cert", default=None,
+                     help="PEM certificate (chain) file: serve gRPC over TLS (needs --tls-key)")
+  serve.add_argument("--tls-key", default=None, help="PEM private key file for --tls-cert")
+  serve.add_argument("--auth-token-file", default=None,
+                     help="file holding a bearer token; every RPC except liveness/readiness and"
+                     " grpc.health must then send metadata 'authorization: Bearer <token>'. The"
+                     " token may instead come from $XLASERVE_AUTH_TOKEN; it is never taken as a"
+                     " command-line value (visible to every user in the process list)")
+  serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one JSON object per log line (with request_id, model, code)"
+                     " for log pipelines, progress lines included")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--log-level", default="WARNING",
@@ -75,9 +99,50 @@ def _client_example(port: int) -> str:
           ".as_numpy('prob'))\"")
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+  if args.log_format == "json":
+    from serving.logs import JsonFormatter
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+  else:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def server_config(args: argparse.Namespace, repo: str, token: str | None):
+  """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
+  from serving import codec
+  from serving.repository import ModelServingConfig
+  from serving.server import ServerConfig
+
+  default_cfg = ModelServingConfig(max_queue_delay_us=args.max_queue_delay_us,
+                                   max_queue_rows=args.max_queue_rows,
+                                   max_queue_requests=args.max_queue_requests,
+                                   default_timeout_us=args.default_timeout_us,
+                                   sharding=args.sharding, devices=args.devices)
+  return ServerConfig(
+      model_repository=repo, host=args.host, grpc_port=args.grpc_port,
+      metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes,
+      limits=codec.Limits(max_rows=args.max_rows_per_request,
+                          max_tensor_bytes=args.max_tensor_bytes),
+      default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
+      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token)
+
+
 def serve(args: argparse.Namespace) -> int:
-  logging.basicConfig(level=args.log_level.upper(),
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  _configure_logging(args)
+  say = _progress
+  if args.log_format == "json":
+    from serving.logs import progress_line
+    say = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
+  from serving.auth import TOKEN_ENV, load_token
+  try:
+    token = load_token(args.auth_token_file)
+  except ValueError as e:
+    print(f"xlaserve: {e}", file=sys.stderr)
+    return 2
+  os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
   import jax
 
   if args.compile_cache and args.compile_cache.lower() != "none":
@@ -87,41 +152,35 @@ def serve(args: argparse.Namespace) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-  from serving import codec
-  from serving.repository import ModelServingConfig
-  from serving.server import Server, ServerConfig
+  from serving.server import Server
 
   repo = args.model_repository
   if repo is None:
     from serving.demo import ensure_demo_repository
-    repo = str(ensure_demo_repository(_progress, tiny=args.demo_tiny))
+    repo = str(ensure_demo_repository(say, tiny=args.demo_tiny))
   elif not pathlib.Path(repo).is_dir():
     print(f"xlaserve: model repository {repo!r} does not exist. Export a model into it with"
           " export.export_model(..., repository=DIR), or omit --model-repository to serve the"
           " demo.", file=sys.stderr)
     return 2
-  default_cfg = ModelServingConfig(max_queue_delay_us=args.max_queue_delay_us,
-                                   max_queue_rows=args.max_queue_rows,
-                                   sharding=args.sharding, devices=args.devices)
-  config = ServerConfig(
-      model_repository=repo, host=args.host, grpc_port=args.grpc_port,
-      metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes,
-      limits=codec.Limits(max_rows=args.max_rows_per_request,
-                          max_tensor_bytes=args.max_tensor_bytes),
-      default_model_config=default_cfg)
+  try:
+    config = server_config(args, repo, token)
+  except ValueError as e:
+    print(f"xlaserve: {e}", file=sys.stderr)
+    return 2
   from serving.placement import engine_factory_for
-  server = Server(config, engine_factory=engine_factory_for(config), progress=_progress)
+  server = Server(config, engine_factory=engine_factory_for(config), progress=say)
 
   def listening(s: Server) -> None:
     metrics = (f", Prometheus metrics at http://{args.host}:{s.metrics_port}/metrics"
                if s.metrics_port else "")
-    _progress(f"listening for gRPC on {args.host}:{s.grpc_port}{metrics}")
-    _progress(f"serving repository {repo}; loading models ...")
+    say(f"listening for gRPC on {args.host}:{s.grpc_port}{metrics}")
+    say(f"serving repository {repo}; loading models ...")
 
   def loaded(s: Server) -> None:
     for rec in s.repository.records():
-      _progress(f"  model {rec.name} v{rec.version}: {rec.state.value} {rec.reason}".rstrip())
-    _progress(f"try it: {_client_example(s.grpc_port)}")
+      say(f"  model {rec.name} v{rec.version}: {rec.state.value} {rec.reason}".rstrip())
+    say(f"try it: {_client_example(s.grpc_port)}")
 
   if args.event_loop == "uvloop":
     import uvloop

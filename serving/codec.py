@@ -91,6 +91,11 @@ def decode_inputs(
     if n_rows > limits.max_rows:
       raise ServingError(Code.INVALID_ARGUMENT, f"input {t.name!r}: {n_rows} rows exceed the"
                          f" limit of {limits.max_rows} per request; split the request")
+    if t.datatype == "BYTES" or spec.dtype == "object":
+      if t.datatype != spec.datatype:
+        raise _bad(f"input {t.name!r}: datatype {t.datatype} given, expected {spec.datatype}")
+      arrays[t.name] = _decode_bytes_tensor(t, raw[i] if raw else None, shape, limits)
+      continue
     got_dt = _NP.get(t.datatype)
     if got_dt is None:
       raise _bad(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
@@ -131,6 +136,47 @@ def decode_inputs(
   return arrays, rows or 0
 
 
+def _decode_bytes_tensor(t: Any, data: bytes | None, shape: tuple[int, ...],
+                         limits: Limits) -> np.ndarray:
+  """BYTES: each element is a 4-byte little-endian length and that many bytes (raw), or
+  `contents.bytes_contents` (typed); returns an object array of `bytes`."""
+  count = math.prod(shape)
+  if data is None:
+    values = list(t.contents.bytes_contents)
+    if len(values) != count:
+      raise _bad(f"input {t.name!r}: {len(values)} values in contents.bytes_contents, expected"
+                 f" {count} for shape {list(shape)}")
+  else:
+    if len(data) > limits.max_tensor_bytes:
+      raise _bad(f"input {t.name!r}: {len(data)} bytes exceed the limit of"
+                 f" {limits.max_tensor_bytes} per tensor")
+    values, pos = [], 0
+    for _ in range(count):
+      if pos + 4 > len(data):
+        raise _bad(f"input {t.name!r}: BYTES data ends inside an element length; each element"
+                   " is a 4-byte little-endian length followed by its bytes")
+      n = int.from_bytes(data[pos:pos + 4], "little")
+      pos += 4
+      if pos + n > len(data):
+        raise _bad(f"input {t.name!r}: BYTES element of {n} bytes runs past the data")
+      values.append(bytes(data[pos:pos + n]))
+      pos += n
+    if pos != len(data):
+      raise _bad(f"input {t.name!r}: {len(data) - pos} bytes left after {count} BYTES elements")
+  arr = np.empty(count, dtype=object)
+  arr[:] = values
+  return arr.reshape(shape)
+
+
+def encode_bytes_tensor(arr: np.ndarray) -> bytes:
+  """Serializes an object array of bytes/str as Triton BYTES raw data."""
+  out = bytearray()
+  for v in arr.reshape(-1):
+    b = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+    out += len(b).to_bytes(4, "little") + b
+  return bytes(out)
+
+
 def requested_outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[TensorSpec]:
   """The outputs the client asked for (all by default), in request order."""
   if not request.outputs:
@@ -154,7 +200,8 @@ def encode_response(
   for spec in specs:
     arr = outputs[spec.name]
     resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=arr.shape)
-    resp.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+    resp.raw_output_contents.append(encode_bytes_tensor(arr) if arr.dtype == object
+                                    else np.ascontiguousarray(arr).tobytes())
   return resp
 
 

@@ -66,7 +66,7 @@ class Metrics:
     self.triton = TritonCounters()
     r.register(self.triton)
     self.pending = prom.Gauge("nv_inference_pending_request_count",
-                              "Requests queued or executing", mv, registry=r)
+                              "Requests waiting in the queue", mv, registry=r)
     self.queue_rows = prom.Gauge("xlaserve_queue_rows", "Rows waiting in the queue", mv, registry=r)
     self.latency = prom.Histogram("xlaserve_request_latency_seconds", "End-to-end request latency",
                                   mv, buckets=_LATENCY_BUCKETS, registry=r)
@@ -76,8 +76,9 @@ class Metrics:
     self.padding = prom.Histogram(
         "xlaserve_batch_padding_fraction", "Padded rows / bucket rows per batch, by bucket",
         mv + ["bucket"], buckets=_FRACTION_BUCKETS, registry=r)
-    self.shed = prom.Counter("xlaserve_requests_shed", "Requests refused with RESOURCE_EXHAUSTED",
-                             mv, registry=r)
+    self.shed = prom.Counter("xlaserve_requests_shed", "Requests refused at admission with"
+                             " RESOURCE_EXHAUSTED (queue bound or unreachable deadline)", mv,
+                             registry=r)
     self.deadline_miss = prom.Counter("xlaserve_deadline_exceeded",
                                       "Requests whose deadline passed while queued", mv, registry=r)
     if compile_count is not None:
@@ -132,3 +133,5 @@ class _ModelObserver(Observer):
 
   def shed(self) -> None:
     self.m.shed.labels(*self.labels).inc()
+    self._inc("nv_inference_request_failure",
+              self._tl + (("reason", Code.RESOURCE_EXHAUSTED.value),))  # Triton counts rejections

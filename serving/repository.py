@@ -3,6 +3,12 @@
 Layout: `<root>/<model>/<version>/` bundles, plus an optional `<root>/<model>/config.json`
 (a ModelServingConfig: version policy, batching, sharding). A model whose load
 fails is marked UNAVAILABLE with the reason; every other model keeps serving.
+
+A version counts once its `manifest.json` exists (bundles write it last). Loading a
+model again (RepositoryModelLoad, or the poller in serving/reload.py) loads and warms
+newly selected versions beside the serving ones; the default version moves to the
+newest READY one atomically, then versions the policy no longer selects drain their
+queues and are dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from serving.batching import BatchingConfig
 from serving.compile_watch import CompileCounter
 from serving.engine import BundleEngine, Engine, Placement
 from serving.runner import Deliver, ModelRunner, Observer, deliver_inline
+from serving.seq_engine import SeqBundleEngine
+from serving.seq_runner import make_runner
 from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +48,9 @@ class ModelServingConfig:
   versions: tuple[int, ...] = ()
   max_queue_delay_us: int | None = None  # None: the bundle's export-time default
   max_queue_rows: int = 65536
+  max_queue_requests: int | None = None  # None: bounded by rows only
+  default_timeout_us: int | None = None  # deadline for requests that bring none (Triton's
+  #                                        default_timeout_microseconds); None: no deadline
   dispatch_when_idle: bool = True
   sharding: str | None = None  # strategy name from sharding/; None: the server default
   devices: int | None = None
@@ -51,6 +62,10 @@ class ModelServingConfig:
       raise ValueError(f"latest_n must be >= 1, got {self.latest_n}")
     if self.version_policy == "specific" and not self.versions:
       raise ValueError("version_policy 'specific' needs a non-empty 'versions' list")
+    if self.max_queue_requests is not None and self.max_queue_requests < 1:
+      raise ValueError(f"max_queue_requests must be >= 1, got {self.max_queue_requests}")
+    if self.default_timeout_us is not None and self.default_timeout_us < 1:
+      raise ValueError(f"default_timeout_us must be >= 1, got {self.default_timeout_us}")
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> ModelServingConfig:
@@ -90,6 +105,7 @@ class ServedVersion:
   runner: ModelRunner | None = None
   config: ModelServingConfig = dataclasses.field(default_factory=ModelServingConfig)
   load_s: float = 0.0
+  retired: bool = False  # unloaded on purpose (unload, or no longer selected): not "unready"
 
 
 EngineFactory = Callable[[pathlib.Path, Manifest, ModelServingConfig], Engine]
@@ -98,10 +114,14 @@ ObserverFactory = Callable[[str, int], Observer]
 
 def default_engine_factory(placements: Callable[[ModelServingConfig, Manifest], Sequence[Placement]]
                            | None = None) -> EngineFactory:
-  """Predict bundles -> BundleEngine, placed by `placements` (single device by default)."""
+  """Predict bundles -> BundleEngine, or SeqBundleEngine (batch x sequence grid) for a
+  signature with a "seq" dimension; placed by `placements` (single device by default)."""
   def make(path: pathlib.Path, manifest: Manifest, cfg: ModelServingConfig) -> Engine:
-    return BundleEngine(path, manifest=manifest,
-                        placements=placements(cfg, manifest) if placements else None)
+    where = placements(cfg, manifest) if placements else None
+    sig = next(iter(manifest.signatures)) if len(manifest.signatures) == 1 else "serve"
+    if sig in manifest.signatures and manifest.signatures[sig].has_seq:
+      return SeqBundleEngine(path, manifest=manifest, signature=sig, placements=where)
+    return BundleEngine(path, manifest=manifest, signature=sig, placements=where)
   return make
 
 
@@ -128,9 +148,12 @@ class ModelRepository:
     self.compiles = compile_counter or CompileCounter()
     self.default_config = default_config
     self._lock = threading.RLock()
+    self._load_locks: dict[str, threading.Lock] = {}  # one load/unload of a model at a time
     self._models: dict[str, dict[int, ServedVersion]] = {}
     self._engines: dict[tuple[str, int], Engine] = {}
     self._defaults: dict[str, ServedVersion] = {}  # newest READY version, rebuilt on changes
+    # Served name -> (folder, signature) for each signature of a multi-signature bundle.
+    self._aliases: dict[str, tuple[str, str]] = {}
 
   def _refresh_defaults(self) -> None:
     """Recomputes the default-version table (call with the lock held); swapped atomically."""
@@ -150,21 +173,54 @@ class ModelRepository:
   @staticmethod
   def check_name(name: str) -> None:
     """Refuses names that are not plain folder names (no separators, no '..')."""
-    if not MODEL_NAME_RE.match(name) or name in (".", ".."):
+    if not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):  # fullmatch: no trailing "\n"
       raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}: use letters,"
                          " digits, '_', '-' and '.' only")
 
   def model_dir(self, name: str) -> pathlib.Path:
     """The folder of model `name`, refusing names that would leave the repository."""
     self.check_name(name)
-    path = (self.root / name).resolve()
+    folder = self._aliases.get(name, (name,))[0]  # a signature's model lives in its bundle's
+    path = (self.root / folder).resolve()
     if path.parent != self.root:
-      raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}")
+      raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}: its folder"
+                         " resolves outside the repository (a symlink?); models must live in it")
     return path
 
   def discover(self) -> list[str]:
-    return sorted(p.name for p in self.root.iterdir()
-                  if p.is_dir() and MODEL_NAME_RE.match(p.name) and bundle_lib.list_versions(p))
+    """Served model names: one per folder, or one per signature of a multi-signature bundle."""
+    folders = sorted(p.name for p in self.root.iterdir()
+                     if p.is_dir() and MODEL_NAME_RE.fullmatch(p.name)
+                     and bundle_lib.list_versions(p))
+    return sorted(n for f in folders for n in self.served_names(f))
+
+  def served_names(self, name: str) -> list[str]:
+    """The models folder `name` serves (`export.bundle.served_models` of its newest bundle)."""
+    if name in self._aliases:
+      return [name]
+    try:
+      versions = self.complete_versions(name)
+      if not versions:
+        return [name]
+      served = bundle_lib.served_models(
+          name, bundle_lib.read_manifest(self.model_dir(name) / str(versions[-1])))
+    except (BundleError, ServingError):
+      return [name]  # load() reports what is wrong
+    with self._lock:
+      for n, sig in served.items():
+        if n != name:
+          self._aliases[n] = (name, sig)
+    return sorted(served)
+
+  def complete_versions(self, name: str) -> list[int]:
+    """Versions of `name` on disk whose manifest is written (a bundle still being copied is not)."""
+    model_dir = self.model_dir(name)
+    return [v for v in bundle_lib.list_versions(model_dir)
+            if (model_dir / str(v) / bundle_lib.MANIFEST).is_file()]
+
+  def _model_lock(self, name: str) -> threading.Lock:
+    with self._lock:
+      return self._load_locks.setdefault(name, threading.Lock())
 
   def read_config(self, name: str) -> ModelServingConfig:
     path = self.model_dir(name) / CONFIG_FILE
@@ -178,25 +234,56 @@ class ModelRepository:
   def load_all(self, progress: Callable[[str], None] | None = None) -> None:
     """Loads every model found under the root (failures are recorded, not raised)."""
     for name in self.discover():
-      self.load(name, progress=progress)
+      try:
+        self.load(name, progress=progress)
+      except ServingError as e:  # e.g. a symlink leading out of the repository
+        with self._lock:
+          self._models.setdefault(name, {})[0] = ServedVersion(name, 0, State.UNAVAILABLE,
+                                                               e.message)
+        logger.error("%s: not loaded: %s", name, e.message)
 
   def load(self, name: str, progress: Callable[[str], None] | None = None) -> list[ServedVersion]:
-    """Loads the versions of `name` its policy selects; returns their records."""
+    """Loads the versions of `name` its policy selects, then retires the ones it no longer
+    selects (after draining them); returns the selected versions' records."""
     say = progress or (lambda msg: None)
     model_dir = self.model_dir(name)
-    try:
-      cfg = self.read_config(name)
-      wanted = cfg.select(bundle_lib.list_versions(model_dir))
-      if not wanted:
-        raise BundleError(f"no version of {name} under {model_dir} matches policy"
-                          f" {cfg.version_policy}")
-    except BundleError as e:
-      rec = ServedVersion(name, 0, State.UNAVAILABLE, str(e))
-      with self._lock:
-        self._models.setdefault(name, {})[0] = rec
-      say(f"{name}: UNAVAILABLE: {e}")
-      return [rec]
-    return [self._load_version(name, v, cfg, say) for v in wanted]
+    if not model_dir.is_dir():
+      raise ServingError(Code.NOT_FOUND, f"model {name!r} is not in the repository {self.root}")
+    served = self.served_names(name)
+    if served != [name]:  # a multi-signature bundle: one model per signature
+      return [r for n in served for r in self.load(n, progress)]
+    with self._model_lock(name):
+      try:
+        cfg = self.read_config(name)
+        on_disk = bundle_lib.list_versions(model_dir)
+        wanted = cfg.select(self.complete_versions(name))
+        if not wanted:
+          raise BundleError(f"no complete version of {name} under {model_dir} matches policy"
+                            f" {cfg.version_policy} (versions on disk: {on_disk}; a version"
+                            f" counts once its {bundle_lib.MANIFEST} is written)")
+      except BundleError as e:
+        with self._lock:
+          serving = [r for r in self._models.get(name, {}).values() if r.state is State.READY]
+        if serving:  # keep serving what works; the reload is what failed
+          logger.error("%s: reload refused, keeping versions %s: %s", name,
+                       [r.version for r in serving], e)
+          say(f"{name}: reload failed, still serving {[r.version for r in serving]}: {e}")
+          return serving
+        rec = ServedVersion(name, 0, State.UNAVAILABLE, str(e))
+        with self._lock:
+          self._models.setdefault(name, {})[0] = rec
+        say(f"{name}: UNAVAILABLE: {e}")
+        return [rec]
+      recs = [self._load_version(name, v, cfg, say) for v in wanted]
+      if any(r.state is State.READY for r in recs):
+        with self._lock:
+          stale = [v for v, r in self._models.get(name, {}).items()
+                   if v not in wanted and r.state is State.READY]
+        for v in stale:
+          say(f"{name}/{v}: retiring (policy {cfg.version_policy} now selects {wanted})")
+          self._unload_locked(name, v, drain=True,
+                              reason=f"retired: version policy selects {wanted}")
+      return recs
 
   def _load_version(self, name: str, version: int, cfg: ModelServingConfig,
                     say: Callable[[str], None]) -> ServedVersion:
@@ -207,14 +294,27 @@ class ModelRepository:
       rec = self._models[name][version]
       if rec.state is State.READY:
         return rec
-      rec.state, rec.config = State.LOADING, cfg
+      rec.state, rec.config, rec.retired = State.LOADING, cfg, False
     t0 = time.perf_counter()
     path = self.model_dir(name) / str(version)
+    engine = None
     try:
       manifest = bundle_lib.read_manifest(path)
-      if manifest.name != name or manifest.version != version:
+      folder, signature = self._aliases.get(name, (name, None))
+      if signature is not None:  # this model serves one signature of a multi-signature bundle
+        manifest = bundle_lib.only_signature(manifest, signature)
+      if manifest.name != folder or manifest.version != version:
         logger.warning("%s: manifest says %s/%s; serving it as %s/%s", path, manifest.name,
                        manifest.version, name, version)
+      if manifest.kind == "generate":  # continuous batching over a paged KV cache
+        from serving.generation.runner import load_generation_runner
+        with self.compiles.warming():
+          runner = load_generation_runner(
+              path, f"{name}/{version}", deliver=self.deliver,
+              observer=self.observer_factory(name, version),
+              progress=lambda msg: say(f"{name}/{version}: {msg}"))
+        runner.start()
+        return self._mark_ready(rec, manifest, runner, None, t0, say)
       with self.compiles.warming():
         engine = self.engine_factory(path, manifest, cfg)
         engine.warmup(progress=lambda msg: say(f"{name}/{version}: {msg}"))
@@ -222,26 +322,46 @@ class ModelRepository:
                   else int(manifest.serving.get("max_queue_delay_us", 2000)))
       batching = BatchingConfig(buckets=tuple(engine.buckets), max_queue_delay_s=delay_us / 1e6,
                                 dispatch_when_idle=cfg.dispatch_when_idle,
-                                max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]))
-      runner = ModelRunner(f"{name}/{version}", engine, batching, deliver=self.deliver,
+                                max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]),
+                                max_queue_requests=cfg.max_queue_requests)
+      runner = make_runner(f"{name}/{version}", engine, batching, deliver=self.deliver,
                            observer=self.observer_factory(name, version))
       runner.start()
     except Exception as e:  # any failure isolates this version only
       logger.exception("loading %s/%s failed", name, version)
+      if engine is not None:
+        try:
+          engine.close()  # give back what a half-finished warm-up allocated
+        except Exception:
+          logger.exception("%s/%s: releasing a failed engine failed", name, version)
+      reason = f"load failed: {type(e).__name__}: {e}"
+      if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+        reason += " (out of memory while loading or warming up: free memory, use fewer"
+        reason += " buckets or versions, or shard the model over more devices)"
       with self._lock:
-        rec.state, rec.reason = State.UNAVAILABLE, f"load failed: {type(e).__name__}: {e}"
+        rec.state, rec.reason = State.UNAVAILABLE, reason
       say(f"{name}/{version}: UNAVAILABLE: {rec.reason}")
       return rec
+    return self._mark_ready(rec, manifest, runner, engine, t0, say)
+
+  def _mark_ready(self, rec: ServedVersion, manifest: Manifest, runner: Any, engine: Any,
+                  t0: float, say: Callable[[str], None]) -> ServedVersion:
     with self._lock:
       rec.manifest, rec.runner, rec.load_s = manifest, runner, time.perf_counter() - t0
       rec.state, rec.reason = State.READY, ""
-      self._engines[(name, version)] = engine
+      if engine is not None:
+        self._engines[(rec.name, rec.version)] = engine
       self._refresh_defaults()
-    say(f"{name}/{version}: READY in {rec.load_s:.2f}s")
+    say(f"{rec.name}/{rec.version}: READY in {rec.load_s:.2f}s")
     return rec
 
   def unload(self, name: str, version: int | None = None, *, drain: bool = True) -> None:
     """Stops serving `name` (one version or all); queued requests are answered when draining."""
+    with self._model_lock(name):
+      self._unload_locked(name, version, drain=drain)
+
+  def _unload_locked(self, name: str, version: int | None, *, drain: bool,
+                     reason: str = "unloaded") -> None:
     with self._lock:
       versions = self._models.get(name)
       if not versions:
@@ -260,7 +380,7 @@ class ModelRepository:
       if engine is not None:
         engine.close()
       with self._lock:
-        rec.state, rec.reason, rec.runner = State.UNAVAILABLE, "unloaded", None
+        rec.state, rec.reason, rec.runner, rec.retired = State.UNAVAILABLE, reason, None, True
 
   def stop(self, *, drain: bool = True) -> None:
     """Stops every runner (answering queued requests first when draining)."""
@@ -304,5 +424,10 @@ class ModelRepository:
 
   @property
   def all_ready(self) -> bool:
+    """Every model serves at least one READY version (models unloaded on purpose do not count).
+
+    A failed hot reload that leaves the old version serving keeps the server ready (its
+    reason shows in RepositoryIndex); a model with no READY version makes it unready."""
     with self._lock:
-      return all(r.state is State.READY for vs in self._models.values() for r in vs.values())
+      return all(any(r.state is State.READY for r in vs.values())
+                 or all(r.retired for r in vs.values()) for vs in self._models.values())

@@ -90,6 +90,7 @@ class ModelRunner:
     self._cv = threading.Condition()
     self._stopping = False
     self._inflight = 0
+    self._last_done = 0.0  # when the previous batch finished (feeds the batcher's rate estimate)
     self._thread = threading.Thread(target=self._loop, name=f"runner-{name}", daemon=True)
     self._out_specs = [(t.name, t.shape[1:], _np_dtype(t.dtype)) for t in engine.outputs]
     self._in_specs = [(t.name, t.shape[1:], _np_dtype(t.dtype)) for t in engine.inputs]
@@ -112,6 +113,7 @@ class ModelRunner:
         self._batcher.add(Pending(req, req.rows, req.arrival, req.deadline, req.priority))
       except Admission as e:
         self.stats.rejected += 1
+        self.stats.fail_count += 1  # Triton counts rejected requests as failures
         self.observer.shed()
         raise ServingError(Code.RESOURCE_EXHAUSTED, f"model {self.name}: {e}") from None
       self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
@@ -151,6 +153,7 @@ class ModelRunner:
           self._fail([p.item for p in d.expired], ServingError(
               Code.DEADLINE_EXCEEDED, f"model {self.name}: deadline passed while queued"
               " (never executed); raise the deadline or reduce load"))
+          self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
         if d.plan is not None:
           self._inflight += sum(1 for s in d.plan.slices if s.start == 0)
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
@@ -179,9 +182,15 @@ class ModelRunner:
     try:
       outs = self.engine.fetch(handle)
     except Exception as e:  # a failing batch fails its requests, not the server
-      logger.exception("%s: batch of %d rows failed", self.name, plan.rows)
+      logger.exception("%s: batch of %d rows failed", self.name, plan.rows, extra={
+          "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
       self._isolate(plan, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
       return
+    t_done = time.perf_counter()
+    busy_s = t_done - max(t_dispatch, self._last_done)  # pipelined: time since the previous batch
+    self._last_done = t_done
+    with self._cv:
+      self._batcher.observe(plan.bucket, busy_s)
     self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input)
 
   def _isolate(self, plan: BatchPlan[InferRequest], error: ServingError) -> None:
@@ -202,6 +211,18 @@ class ModelRunner:
         self._complete(single, None, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"),
                        time.perf_counter() - t0, 0.0)
 
+  def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray]) -> None:
+    """Copies slice `s`'s rows of the batch outputs into its request's outputs."""
+    req = s.pending.item
+    if s.start == 0 and s.last:
+      req.outputs = {name: outs[name][s.dest:s.dest + s.rows] for name, _, _ in self._out_specs}
+      return
+    if req.outputs is None:
+      req.outputs = {name: np.empty((req.rows, *shape), dtype)
+                     for name, shape, dtype in self._out_specs}
+    for name, _, _ in self._out_specs:
+      req.outputs[name][s.start:s.start + s.rows] = outs[name][s.dest:s.dest + s.rows]
+
   def _complete(self, plan: BatchPlan[InferRequest], outs: dict[str, np.ndarray] | None,
                 error: ServingError | None, compute_s: float, t_input: float) -> None:
     """Copies each request's rows out of the batch outputs (or fails them) and delivers."""
@@ -216,15 +237,7 @@ class ModelRunner:
         req.outputs = None
         done.append((req, None, error))
         continue
-      if req.outputs is None:
-        if s.start == 0 and s.last:
-          req.outputs = {name: outs[name][s.dest:s.dest + s.rows] for name, _, _ in self._out_specs}
-        else:
-          req.outputs = {name: np.empty((req.rows, *shape), dtype)
-                         for name, shape, dtype in self._out_specs}
-      if not (s.start == 0 and s.last):
-        for name, _, _ in self._out_specs:
-          req.outputs[name][s.start:s.start + s.rows] = outs[name][s.dest:s.dest + s.rows]
+      self._scatter(s, outs)
       req.compute_ns += int(compute_s * 1e9)
       if s.last:
         done.append((req, req.outputs, None))

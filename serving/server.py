@@ -4,6 +4,9 @@ Start-up: the gRPC port opens at once (live, not ready), models load and warm up
 in a worker thread, then readiness turns true. Shutdown (SIGTERM/SIGINT):
 readiness turns false, new requests get UNAVAILABLE, every accepted request is
 answered, then the process exits 0.
+
+Optional: TLS (certificate and key files), a bearer token checked by an interceptor
+(serving/auth.py), and a repository poller for hot reload (serving/reload.py).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from serving import codec
+from serving.auth import BearerTokenInterceptor, check_token
 from serving.compile_watch import CompileCounter
 from serving.metrics import Metrics
 from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.reload import RepositoryPoller
 from serving.repository import EngineFactory, ModelRepository, ModelServingConfig
 from serving.servicer import AsyncDelivery, InferenceServicer
 
@@ -44,12 +49,33 @@ class ServerConfig:
   limits: codec.Limits = codec.Limits()
   shutdown_grace_s: float = 30.0
   default_model_config: ModelServingConfig = ModelServingConfig()
+  repository_poll_s: float = 0.0  # > 0: poll the repository for new/removed versions (hot reload)
+  tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: serve gRPC over TLS
+  tls_key_file: str | None = None
+  auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
       raise ValueError("ports must be in 0..65535 (metrics_port -1 disables metrics)")
     if self.max_message_bytes < 1024:
       raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small")
+    if self.repository_poll_s < 0:
+      raise ValueError(f"repository_poll_s must be >= 0 (0 disables), got {self.repository_poll_s}")
+    if (self.tls_cert_file is None) != (self.tls_key_file is None):
+      raise ValueError("TLS needs both a certificate and a key file (--tls-cert and --tls-key)")
+    if self.auth_token is not None:
+      check_token(self.auth_token)
+
+  def server_credentials(self) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files, or None for plaintext."""
+    if self.tls_cert_file is None:
+      return None
+    try:
+      cert = pathlib.Path(self.tls_cert_file).read_bytes()
+      key = pathlib.Path(self.tls_key_file).read_bytes()
+    except OSError as e:
+      raise OSError(f"cannot read TLS file {e.filename}: {e.strerror}") from e
+    return grpc.ssl_server_credentials([(key, cert)])
 
 
 class Server:
@@ -67,6 +93,11 @@ class Server:
         observer_factory=self.metrics.observer, deliver=self.delivery,
         compile_counter=self.compiles, default_config=config.default_model_config)
     self.servicer = InferenceServicer(self.repository, limits=config.limits)
+    self.servicer.on_repository_change = self._repository_changed
+    self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
+    self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
+                                    progress=self.progress, on_change=self._repository_changed)
+                   if config.repository_poll_s > 0 else None)
     self.health = HealthServicer()
     self.grpc_port: int | None = None
     self.metrics_port: int | None = None
@@ -81,6 +112,16 @@ class Server:
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for svc in ("", SERVICE_NAME):
       await self.health.set(svc, status)
+
+  def _repository_changed(self) -> None:
+    """Thread-safe: refreshes grpc.health after models were loaded or unloaded at run time."""
+    loop = self._loop
+    if loop is None or loop.is_closed() or not self.loaded.is_set():
+      return
+
+    def refresh() -> None:
+      loop.create_task(self._set_health(self.servicer.accepting and self.repository.all_ready))
+    loop.call_soon_threadsafe(refresh)
 
   def request_stop(self) -> None:
     """Thread-safe: begins graceful shutdown."""
@@ -97,10 +138,13 @@ class Server:
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=opts, interceptors=[self.auth] if self.auth else None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-    self.grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    creds = cfg.server_credentials()
+    address = f"{cfg.host}:{cfg.grpc_port}"
+    self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
+                      else server.add_insecure_port(address))
     if self.grpc_port == 0:
       raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port} (in use?); pick another"
                     " --grpc-port")
@@ -117,9 +161,13 @@ class Server:
     if on_listening:
       on_listening(self)
     t0 = time.perf_counter()
+    if self.poller is not None:
+      self.poller.prime()  # changes during the initial load are picked up by the first poll
     await self._loop.run_in_executor(None, self.repository.load_all, self.progress)
     self.load_s = time.perf_counter() - t0
     self.loaded.set()
+    if self.poller is not None:
+      self.poller.start()
     await self._set_health(self.repository.all_ready)
     self.progress(f"models loaded in {self.load_s:.1f}s; "
                   f"{'all ready' if self.repository.all_ready else 'SOME UNAVAILABLE'}")
@@ -132,6 +180,8 @@ class Server:
     self.progress("shutting down: refusing new requests, answering accepted ones")
     self.servicer.accepting = False
     await self._set_health(False)
+    if self.poller is not None:
+      await self._loop.run_in_executor(None, self.poller.stop)
     await self.servicer.wait_idle(self.config.shutdown_grace_s)
     await self._loop.run_in_executor(None, lambda: self.repository.stop(drain=True))
     await server.stop(grace=1.0)

@@ -8,12 +8,15 @@ the answer; it decides nothing about batching. Runner completions arrive in one
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
 import uuid
 from typing import Any
 
 import grpc
+import numpy as np
 
 from export.bundle import Manifest
 from serving import codec
@@ -84,6 +87,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self.repo = repository
     self.limits = limits
     self.accepting = True
+    self.on_repository_change = None  # called after RepositoryModelLoad/Unload (health refresh)
+    self._id_prefix = secrets.token_hex(4)  # request ids for requests that bring none
+    self._ids = itertools.count(1)
     self._inflight = 0
     self._idle = asyncio.Event()
     self._idle.set()
@@ -102,6 +108,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return rec
     self.repo.check_name(name)  # rejects path-like names before any lookup
     return self.repo.get(name, _parse_version(version))
+
+  def _serving(self, name: str, version: str) -> tuple[ServedVersion, Any]:
+    """The version to use and its runner, read once: a hot reload may retire the version
+    between lookup and use; an unnamed version then resolves to the new default."""
+    for _ in range(3):
+      rec = self._get(name, version)
+      runner = rec.runner
+      if runner is not None:
+        return rec, runner
+      if version:
+        break
+    raise ServingError(Code.UNAVAILABLE, f"model {name!r} version {version or 'default'} was"
+                       " unloaded while this request was routed; retry")
+
+  def _log_outcome(self, request, request_id: str, err: ServingError | None, t0: float) -> None:
+    """One structured record per request: ERROR for server faults, DEBUG otherwise."""
+    level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
+    if logger.isEnabledFor(level):
+      logger.log(level, "infer %s", "ok" if err is None else err.code.value, extra={
+          "request_id": request_id, "model": request.model_name,
+          "version": request.model_version, "code": "OK" if err is None else err.code.value,
+          "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+          **({} if err is None else {"error": err.message})})
 
   # -- health and metadata -----------------------------------------------------
 
@@ -124,10 +153,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
   async def ModelMetadata(self, request, context):
     try:
-      rec = self._get(request.name, request.version)
+      rec, runner = self._serving(request.name, request.version)
     except ServingError as e:
       return await self._abort(context, e)
-    sig = rec.runner.engine
+    sig = runner.engine
     return pb.ModelMetadataResponse(
         name=rec.name,
         versions=[str(r.version) for r in self.repo.versions_of(rec.name)
@@ -141,14 +170,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   async def ModelConfig(self, request, context):
     try:
       rec = self._get(request.name, request.version)
+      return pb.ModelConfigResponse(config=self.model_config(rec))
     except ServingError as e:
       return await self._abort(context, e)
-    return pb.ModelConfigResponse(config=self.model_config(rec))
 
   def model_config(self, rec: ServedVersion) -> mc.ModelConfig:
     """Triton's ModelConfig: batch dims are implicit (dims exclude the leading -1)."""
-    engine = rec.runner.engine
-    batching = rec.runner.config
+    runner = rec.runner
+    if runner is None:
+      raise ServingError(Code.UNAVAILABLE, f"model {rec.name!r} version {rec.version} was"
+                         " unloaded; retry")
+    engine = runner.engine
+    batching = runner.config
     cfg = mc.ModelConfig(
         name=rec.name, platform="xlaserve_jax", backend="xlaserve",
         max_batch_size=self.limits.max_rows,
@@ -162,6 +195,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     )
     cfg.version_policy.latest.num_versions = rec.config.latest_n
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    if getattr(runner, "decoupled", False):  # several responses per request (streaming)
+      cfg.model_transaction_policy.decoupled = True
     return cfg
 
   async def ModelStatistics(self, request, context):
@@ -174,7 +209,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     except ServingError as e:
       return await self._abort(context, e)
     for rec in recs:
-      st = rec.runner.stats
+      runner = rec.runner
+      if runner is None:  # unloaded since it was listed
+        continue
+      st = runner.stats
       ms = resp.model_stats.add(name=rec.name, version=str(rec.version),
                                 last_inference=st.last_inference_ms,
                                 inference_count=st.inference_count,
@@ -203,10 +241,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   async def RepositoryModelLoad(self, request, context):
     try:
       self.repo.model_dir(request.model_name)
+      if request.parameters:
+        raise ServingError(Code.INVALID_ARGUMENT, "RepositoryModelLoad parameters (config"
+                           " overrides, file uploads) are not supported: put the bundle and"
+                           " config.json in the repository, then load the model by name")
       loop = asyncio.get_running_loop()
       recs = await loop.run_in_executor(None, self.repo.load, request.model_name)
     except ServingError as e:
       return await self._abort(context, e)
+    finally:
+      if self.on_repository_change is not None:
+        self.on_repository_change()
     bad = [r for r in recs if r.state is not State.READY]
     if bad:
       await context.abort(grpc.StatusCode.INTERNAL,
@@ -215,10 +260,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
   async def RepositoryModelUnload(self, request, context):
     try:
+      self.repo.check_name(request.model_name)
       loop = asyncio.get_running_loop()
       await loop.run_in_executor(None, self.repo.unload, request.model_name)
     except ServingError as e:
       return await self._abort(context, e)
+    finally:
+      if self.on_repository_change is not None:
+        self.on_repository_change()
     return pb.RepositoryModelUnloadResponse()
 
   # -- inference ---------------------------------------------------------------
@@ -228,35 +277,177 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     if not self.accepting:
       await context.abort(grpc.StatusCode.UNAVAILABLE,
                           "server is shutting down; retry on another replica")
+    request_id = request.id or f"{self._id_prefix}-{next(self._ids)}"
     try:
-      rec = self._get(request.model_name, request.model_version)
-      engine = rec.runner.engine
-      arrays, rows = codec.decode_inputs(request, engine.inputs, self.limits)
-      out_specs = codec.requested_outputs(request, engine.outputs)
-      deadline, priority = self._schedule_params(request, context, t0)
-      fut = asyncio.get_running_loop().create_future()
-      req = InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
-                         deadline=deadline, priority=priority, request_id=request.id, extra=fut)
-      rec.runner.submit(req)
+      for attempt in range(3):
+        rec, runner = self._serving(request.model_name, request.model_version)
+        engine = runner.engine
+        arrays, rows = codec.decode_inputs(request, engine.inputs, self.limits)
+        out_specs = codec.requested_outputs(request, engine.outputs)
+        deadline, priority = self._schedule_params(request, context, t0,
+                                                   rec.config.default_timeout_us)
+        fut = asyncio.get_running_loop().create_future()
+        req = InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
+                           deadline=deadline, priority=priority, request_id=request_id,
+                           extra=fut)
+        if getattr(runner, "wants_parameters", False):
+          req.parameters = {k: codec.param_value(v) for k, v in request.parameters.items()}
+        try:
+          runner.submit(req)
+          break
+        except ServingError as e:  # retired by a hot reload after lookup: use the new default
+          if (e.code is not Code.UNAVAILABLE or request.model_version or attempt == 2
+              or rec.state is State.READY):
+            raise
     except ServingError as e:
+      self._log_outcome(request, request_id, e, t0)
       return await self._abort(context, e)
     self._inflight += 1
     self._idle.clear()
     try:
       outputs = await fut
     except ServingError as e:
+      self._log_outcome(request, request_id, e, t0)
       return await self._abort(context, e)
     finally:
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()
+    self._log_outcome(request, request_id, None, t0)
     return codec.encode_response(request, rec.version, outputs, out_specs)
 
-  def _schedule_params(self, request, context, t0: float) -> tuple[float | None, int]:
+  async def ModelStreamInfer(self, request_iterator, context):
+    """Bidirectional stream: generate models stream a response per piece of text (the last
+    marked `triton_final_response`); predict models answer each request once. Errors go
+    back as `error_message` on the stream, which stays open; a client that cancels or
+    disconnects cancels its generations at once (slots and KV pages freed)."""
+    loop = asyncio.get_running_loop()
+    out: asyncio.Queue = asyncio.Queue()
+    live: dict[int, Any] = {}  # stream-local key -> generation handle
+    open_items = [0]
+    reader_done = asyncio.Event()
+
+    def error_response(request, err: ServingError) -> pb.ModelStreamInferResponse:
+      return pb.ModelStreamInferResponse(
+          error_message=f"{err.code.value}: {err.message}",
+          infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+
+    async def predict(request) -> None:
+      try:
+        resp = await self._stream_predict(request, context)
+        resp.parameters["triton_final_response"].bool_param = True
+        out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
+      except ServingError as e:
+        out.put_nowait(error_response(request, e))
+      finally:
+        open_items[0] -= 1
+        out.put_nowait(None)
+
+    def start_generation(request, rec, runner, key: int) -> None:
+      arrays, _ = codec.decode_inputs(request, runner.engine.inputs, self.limits)
+      prompts = arrays["text_input"].reshape(-1)
+      if len(prompts) != 1:
+        raise ServingError(Code.INVALID_ARGUMENT, "stream one prompt per request (text_input"
+                           f" has {len(prompts)} elements)")
+      params = {k: codec.param_value(v) for k, v in request.parameters.items()}
+      empty_final = bool(params.pop("triton_enable_empty_final_response", False))
+      params.pop("streaming", None)
+
+      def on_event(ev) -> None:  # engine thread
+        loop.call_soon_threadsafe(on_event_loop, ev)
+
+      def on_event_loop(ev) -> None:
+        def respond(piece: bytes | None, final: bool) -> None:
+          resp = pb.ModelInferResponse(model_name=rec.name, model_version=str(rec.version),
+                                       id=request.id)
+          if piece is not None:
+            resp.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+            resp.raw_output_contents.append(codec.encode_bytes_tensor(
+                np.array([piece], dtype=object)))
+          resp.parameters["triton_final_response"].bool_param = final
+          out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
+
+        if ev.error is not None:
+          out.put_nowait(error_response(request, ev.error))
+        elif not ev.finished:
+          if ev.piece:
+            respond(ev.piece, False)
+        elif empty_final:  # data first, then an empty response carrying only the flag
+          if ev.piece:
+            respond(ev.piece, False)
+          respond(None, True)
+        else:
+          respond(ev.piece if ev.piece else None, True)
+        if ev.finished:
+          live.pop(key, None)
+          open_items[0] -= 1
+          out.put_nowait(None)
+
+      live[key] = runner.stream(bytes(prompts[0]) if isinstance(prompts[0], bytes)
+                                else str(prompts[0]).encode(), params, request.id, on_event)
+
+    async def reader() -> None:
+      key = 0
+      try:
+        async for request in request_iterator:
+          key += 1
+          if not self.accepting:
+            out.put_nowait(error_response(request, ServingError(
+                Code.UNAVAILABLE, "server is shutting down; retry on another replica")))
+            continue
+          try:
+            rec, runner = self._serving(request.model_name, request.model_version)
+            open_items[0] += 1
+            if getattr(runner, "decoupled", False):
+              try:
+                start_generation(request, rec, runner, key)
+              except ServingError:
+                open_items[0] -= 1
+                raise
+            else:
+              asyncio.ensure_future(predict(request))
+          except ServingError as e:
+            out.put_nowait(error_response(request, e))
+      finally:
+        reader_done.set()
+        out.put_nowait(None)
+
+    reader_task = asyncio.ensure_future(reader())
+    try:
+      while True:
+        item = await out.get()
+        if item is not None:
+          yield item
+        elif reader_done.is_set() and open_items[0] == 0 and out.empty():
+          break
+    finally:
+      reader_task.cancel()
+      for handle in list(live.values()):
+        handle.cancel()  # client went away or the stream ended: free slots and pages now
+
+  async def _stream_predict(self, request, context) -> pb.ModelInferResponse:
+    """One predict request inside a stream, through the same batching path as ModelInfer."""
+    t0 = time.perf_counter()
+    rec, runner = self._serving(request.model_name, request.model_version)
+    arrays, rows = codec.decode_inputs(request, runner.engine.inputs, self.limits)
+    out_specs = codec.requested_outputs(request, runner.engine.outputs)
+    deadline, priority = self._schedule_params(request, context, t0)
+    fut = asyncio.get_running_loop().create_future()
+    runner.submit(InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
+                               deadline=deadline, priority=priority, request_id=request.id,
+                               extra=fut))
+    outputs = await fut
+    return codec.encode_response(request, rec.version, outputs, out_specs)
+
+  def _schedule_params(self, request, context, t0: float,
+                       default_timeout_us: int | None = None) -> tuple[float | None, int]:
     deadline = None
     remaining = context.time_remaining()
     if remaining is not None:
       deadline = t0 + remaining
+    if default_timeout_us and "timeout" not in request.parameters:
+      d = t0 + default_timeout_us / 1e6
+      deadline = d if deadline is None else min(deadline, d)
     priority = 0
     for key, p in request.parameters.items():
       value = codec.param_value(p)

@@ -48,5 +48,6 @@ class InferRequest:
   outputs: dict[str, np.ndarray] | None = None  # filled slice by slice by the runner
   queue_ns: int = 0
   compute_ns: int = 0
+  parameters: Mapping[str, Any] | None = None  # request parameters, for runners that want them
   failed: bool = False  # answered with an error (later slices of a split request are skipped)
   extra: Any = None

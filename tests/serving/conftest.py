@@ -1,26 +1,10 @@
 """Fixtures: a real xlaserve gRPC server on 127.0.0.1 (free port) serving the exact MockEngine."""
 
-import json
-import pathlib
-
 import pytest
 
-from export.bundle import Manifest, Signature, write_bundle
+from servingutil import write_mock_bundle  # noqa: F401  (re-exported for older imports)
 from serving.mock_engine import MockEngine
 from serving.server import BackgroundServer, Server, ServerConfig
-
-
-def write_mock_bundle(repo: pathlib.Path, name: str = "mock", version: int = 1,
-                      config: dict | None = None) -> pathlib.Path:
-  """A bundle whose manifest describes the MockEngine's signature (no params, no StableHLO)."""
-  eng = MockEngine()
-  manifest = Manifest(name=name, version=version, kind="predict", jax_version="0.10.2",
-                      signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
-                      params=(), batch_buckets=eng.buckets)
-  path = write_bundle(repo / name / str(version), manifest, [], {})
-  if config is not None:
-    (repo / name / "config.json").write_text(json.dumps(config))
-  return path
 
 
 @pytest.fixture

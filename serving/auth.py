@@ -1,0 +1,105 @@
+"""Bearer-token authentication for the gRPC server, as a server interceptor.
+
+With a token configured, every RPC must carry the metadata `authorization: Bearer
+<token>`; one without it (or with another token) gets UNAUTHENTICATED before its
+method runs: the request is not even deserialized, so no model work is done.
+Liveness and readiness stay open (ServerLive, ServerReady and grpc.health.v1), so
+load balancers and Kubernetes probes need no secret; they reveal nothing about models.
+
+The token comes from a file (`--auth-token-file`) or the `XLASERVE_AUTH_TOKEN`
+environment variable, never from a command-line value, which other users of the
+host can read in the process list.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import pathlib
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "XLASERVE_AUTH_TOKEN"
+OPEN_METHODS = frozenset({
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+})
+
+
+def check_token(token: str) -> str:
+  """Validates a token (printable ASCII, no whitespace: it travels as gRPC metadata)."""
+  if not token:
+    raise ValueError("the auth token is empty")
+  if not all(33 <= ord(c) < 127 for c in token):
+    raise ValueError("the auth token must be printable ASCII without spaces")
+  return token
+
+
+def load_token(path: str | os.PathLike[str] | None = None,
+               environ: dict[str, str] | None = None) -> str | None:
+  """The token from `path` (surrounding whitespace stripped) or $XLASERVE_AUTH_TOKEN; None if
+  neither is set. Giving both is an error, so a stale variable cannot silently win."""
+  env = (os.environ if environ is None else environ).get(TOKEN_ENV)
+  if path is not None and env:
+    raise ValueError(f"both --auth-token-file and ${TOKEN_ENV} are set; use one")
+  if path is not None:
+    try:
+      return check_token(pathlib.Path(path).read_text().strip())
+    except OSError as e:
+      raise ValueError(f"cannot read the auth token file {path}: {e.strerror}") from e
+  return check_token(env.strip()) if env else None
+
+
+async def _deny_unary(request: bytes, context: grpc.aio.ServicerContext) -> None:
+  await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "missing or wrong credentials: send metadata 'authorization: Bearer <token>'")
+
+
+async def _deny_stream(request_iterator, context: grpc.aio.ServicerContext) -> None:
+  await _deny_unary(b"", context)
+
+
+_DENY = {
+    (False, False): grpc.unary_unary_rpc_method_handler(_deny_unary),
+    (False, True): grpc.unary_stream_rpc_method_handler(_deny_unary),
+    (True, False): grpc.stream_unary_rpc_method_handler(_deny_stream),
+    (True, True): grpc.stream_stream_rpc_method_handler(_deny_stream),
+}
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+  """Lets an RPC through only with the right bearer token (or when its method is open)."""
+
+  def __init__(self, token: str, *, open_methods: Iterable[str] = OPEN_METHODS):
+    self._token = check_token(token).encode()
+    self._open = frozenset(open_methods)
+    self.denied = 0  # requests refused (a plain count; tests and logs read it)
+
+  def _authorized(self, metadata) -> bool:
+    for key, value in metadata or ():
+      if key != "authorization":
+        continue
+      if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+      scheme, _, token = value.partition(b" ")
+      return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+    return False
+
+  async def intercept_service(
+      self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+      details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    if details.method in self._open or self._authorized(details.invocation_metadata):
+      return await continuation(details)
+    self.denied += 1
+    logger.info("unauthenticated call to %s refused", details.method,
+                extra={"method": details.method, "code": "UNAUTHENTICATED"})
+    handler = await continuation(details)  # looks the handler up; runs nothing
+    kind = (False, False) if handler is None else (handler.request_streaming,
+                                                    handler.response_streaming)
+    return _DENY[kind]

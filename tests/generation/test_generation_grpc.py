@@ -1,0 +1,106 @@
+"""The generative model over real gRPC: tritonclient streaming and plain ModelInfer."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from models.decoder import greedy_reference
+from models.tokenizer import ByteTokenizer
+from serving.server import BackgroundServer, Server, ServerConfig
+
+PROMPTS = ["Acme shoes:", "Cheap flights to", "x"]
+
+
+@pytest.fixture(scope="module")
+def lm_server(tiny_bundle):
+  repo = tiny_bundle.parent.parent  # <repo>/decoder/1
+  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0,
+                                            metrics_port=-1))).start()
+  yield bg
+  bg.stop()
+
+
+def _text_input(prompt: str) -> tc.InferInput:
+  t = tc.InferInput("text_input", [1], "BYTES")
+  t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+  return t
+
+
+def _expected(model, prompt: str, n: int) -> bytes:
+  tok = ByteTokenizer()
+  ids = greedy_reference(model, [tok.encode(prompt)], max_new_tokens=n, eos_id=tok.eos_id)[0]
+  return tok.decode(ids) if isinstance(tok.decode(ids), bytes) else tok.decode(ids).encode()
+
+
+def test_metadata_says_decoupled_bytes_model(lm_server):
+  c = tc.InferenceServerClient(lm_server.address)
+  assert c.is_model_ready("decoder")
+  md = c.get_model_metadata("decoder")
+  assert [(t.name, t.datatype) for t in md.inputs] == [("text_input", "BYTES")]
+  assert [(t.name, t.datatype) for t in md.outputs] == [("text_output", "BYTES")]
+  assert c.get_model_config("decoder").config.model_transaction_policy.decoupled
+
+
+def test_model_infer_returns_whole_greedy_completion(lm_server, tiny_model):
+  c = tc.InferenceServerClient(lm_server.address)
+  for prompt in PROMPTS:
+    res = c.infer("decoder", [_text_input(prompt)], parameters={"max_tokens": 12})
+    got = res.as_numpy("text_output")[0]
+    assert got == _expected(tiny_model, prompt, 12), prompt
+
+
+def test_streaming_prints_token_by_token_and_equals_greedy(lm_server, tiny_model):
+  c = tc.InferenceServerClient(lm_server.address)
+  results: queue.Queue = queue.Queue()
+  c.start_stream(callback=lambda result, error: results.put((result, error)))
+  try:
+    for i, prompt in enumerate(PROMPTS):  # three generations interleaved on one stream
+      c.async_stream_infer("decoder", [_text_input(prompt)], request_id=str(i),
+                           parameters={"max_tokens": 16})
+    pieces = {str(i): [] for i in range(len(PROMPTS))}
+    finals = set()
+    while len(finals) < len(PROMPTS):
+      result, error = results.get(timeout=60)
+      assert error is None, error
+      resp = result.get_response()
+      out = result.as_numpy("text_output")
+      if out is not None:
+        pieces[resp.id].append(out[0])
+      if resp.parameters["triton_final_response"].bool_param:
+        finals.add(resp.id)
+  finally:
+    c.stop_stream()
+  for i, prompt in enumerate(PROMPTS):
+    assert len(pieces[str(i)]) > 1  # streamed in several responses, not one
+    assert b"".join(pieces[str(i)]) == _expected(tiny_model, prompt, 16)
+
+
+def test_bad_sampling_parameter_is_invalid_argument(lm_server):
+  c = tc.InferenceServerClient(lm_server.address)
+  with pytest.raises(InferenceServerException, match="top_p"):
+    c.infer("decoder", [_text_input("hi")], parameters={"top_p": 1.5})
+  res = c.infer("decoder", [_text_input("hi")], parameters={"max_tokens": 2})
+  assert len(res.as_numpy("text_output")[0]) <= 8
+
+
+def test_cancelled_stream_frees_pages(lm_server):
+  svc = lm_server.server.repository.get("decoder").runner.service
+  c = tc.InferenceServerClient(lm_server.address)
+  got_one = threading.Event()
+  c.start_stream(callback=lambda result, error: got_one.set())
+  c.async_stream_infer("decoder", [_text_input("Acme shoes:")],
+                       parameters={"max_tokens": 100, "ignore_eos": True})
+  assert got_one.wait(60)
+  c.stop_stream(cancel_requests=True)
+  deadline = time.time() + 30
+  while svc.stats()["kv_pages_used"] and time.time() < deadline:
+    time.sleep(0.05)
+  st = svc.stats()
+  assert st["kv_pages_used"] == 0 and st["running"] == 0

@@ -1,0 +1,171 @@
+"""TLS and bearer-token auth against the real server, with tritonclient and raw gRPC stubs."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from serving import auth
+from serving.protocol import grpc_service_pb2 as pb
+from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.server import ServerConfig
+from servingutil import expected, mock_factory, mock_request, outputs, rpc_code, serving, \
+    write_mock_bundle
+
+TOKEN = "s3cr3t-Token_42"
+
+
+@pytest.fixture
+def repo(tmp_path):
+  write_mock_bundle(tmp_path / "repo", "mock", 1)
+  return tmp_path / "repo"
+
+
+@pytest.fixture(scope="module")
+def cert_files(tmp_path_factory):
+  """A self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+  key = ec.generate_private_key(ec.SECP256R1())
+  name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.SubjectAlternativeName([
+              x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+              critical=False)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(key, hashes.SHA256()))
+  d = tmp_path_factory.mktemp("tls")
+  (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+  (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+  return str(d / "cert.pem"), str(d / "key.pem")
+
+
+def _triton_infer(client, n=2, **kw):
+  x = np.arange(4 * n, dtype=np.float32).reshape(n, 4)
+  k = np.full((n, 1), 2, np.int32)
+  ins = [tc.InferInput("x", [n, 4], "FP32"), tc.InferInput("k", [n, 1], "INT32")]
+  ins[0].set_data_from_numpy(x)
+  ins[1].set_data_from_numpy(k)
+  res = client.infer("mock", ins, **kw)
+  np.testing.assert_array_equal(res.as_numpy("z"), expected(x, k)[1])
+
+
+def test_tls_with_tritonclient(repo, cert_files):
+  cert, key = cert_files
+  with serving(repo, mock_factory(), tls_cert_file=cert, tls_key_file=key) as bg:
+    with tc.InferenceServerClient(bg.address, ssl=True, root_certificates=cert) as c:
+      assert c.is_server_ready() and c.is_model_ready("mock")
+      _triton_infer(c)
+    # A plaintext client cannot talk to a TLS port.
+    with grpc.insecure_channel(bg.address) as ch:
+      code = rpc_code(pb_grpc.GRPCInferenceServiceStub(ch).ServerLive, pb.ServerLiveRequest(),
+                      timeout=5)
+      assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_token_guards_every_model_rpc_and_does_no_model_work(repo):
+  engines = {}
+  with serving(repo, mock_factory(engines), auth_token=TOKEN) as bg, \
+      grpc.insecure_channel(bg.address) as ch:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    x, k = np.ones((2, 4), np.float32), np.ones((2, 1), np.int32)
+    guarded = [
+        (stub.ModelInfer, mock_request(x, k)),
+        (stub.ModelMetadata, pb.ModelMetadataRequest(name="mock")),
+        (stub.ModelConfig, pb.ModelConfigRequest(name="mock")),
+        (stub.ModelReady, pb.ModelReadyRequest(name="mock")),
+        (stub.ModelStatistics, pb.ModelStatisticsRequest(name="mock")),
+        (stub.ServerMetadata, pb.ServerMetadataRequest()),
+        (stub.RepositoryIndex, pb.RepositoryIndexRequest()),
+        (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="mock")),
+        (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="mock")),
+        (stub.ModelInfer, mock_request(x, k, model="no-such-model")),
+    ]
+    wrong = [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),),
+             (("authorization", f"Basic {TOKEN}"),), (("x-api-key", TOKEN),),
+             (("authorization", f"Bearer {TOKEN}x"),)]
+    for fn, req in guarded:
+      for md in wrong:
+        code = rpc_code(fn, req, metadata=md)
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (fn, md, code)
+    # Streaming methods are refused the same way.
+    responses = stub.ModelStreamInfer(iter([mock_request(x, k)]))
+    with pytest.raises(grpc.RpcError) as e:
+      list(responses)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Nothing reached a model: no batch ran, no request was counted, nothing was unloaded.
+    assert engines[("mock", 1)].batches == []
+    assert bg.server.repository.get("mock").runner.stats.inference_count == 0
+    assert bg.server.auth.denied == len(guarded) * len(wrong) + 1
+    # Liveness, readiness and grpc.health stay open for probes.
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready
+    assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    # With the token everything works (the scheme is case-insensitive, as in RFC 6750).
+    for value in (f"Bearer {TOKEN}", f"bearer {TOKEN}"):
+      md = (("authorization", value),)
+      resp = stub.ModelInfer(mock_request(x, k), metadata=md)
+      np.testing.assert_array_equal(outputs(resp)["y"], expected(x, k)[0])
+      assert stub.ModelReady(pb.ModelReadyRequest(name="mock"), metadata=md).ready
+
+
+def test_tls_and_token_together_with_tritonclient(repo, cert_files):
+  cert, key = cert_files
+  with serving(repo, mock_factory(), tls_cert_file=cert, tls_key_file=key,
+               auth_token=TOKEN) as bg:
+    with tc.InferenceServerClient(bg.address, ssl=True, root_certificates=cert) as c:
+      assert c.is_server_live()
+      with pytest.raises(InferenceServerException, match="UNAUTHENTICATED|credentials"):
+        _triton_infer(c)
+      _triton_infer(c, headers={"authorization": f"Bearer {TOKEN}"})
+      md = c.get_model_metadata("mock", headers={"authorization": f"Bearer {TOKEN}"})
+      assert md.name == "mock"
+
+
+def test_token_sources_and_validation(tmp_path):
+  f = tmp_path / "token"
+  f.write_text(f"  {TOKEN}\n")
+  assert auth.load_token(f, environ={}) == TOKEN
+  assert auth.load_token(None, environ={auth.TOKEN_ENV: TOKEN}) == TOKEN
+  assert auth.load_token(None, environ={}) is None
+  with pytest.raises(ValueError, match="use one"):
+    auth.load_token(f, environ={auth.TOKEN_ENV: TOKEN})
+  with pytest.raises(ValueError, match="cannot read"):
+    auth.load_token(tmp_path / "missing", environ={})
+  for bad in ("", "two words", "tab\there", "caf\u00e9"):
+    with pytest.raises(ValueError):
+      auth.check_token(bad)
+  assert TOKEN not in repr(ServerConfig(model_repository=".", auth_token=TOKEN))
+  with pytest.raises(ValueError, match="both a certificate and a key"):
+    ServerConfig(model_repository=".", tls_cert_file="cert.pem")
+
+
+def test_cli_takes_no_token_on_the_command_line(tmp_path):
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "serving.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120)
+
+  p = run("--auth-token", TOKEN)  # no such flag, and no abbreviation of --auth-token-file
+  assert p.returncode == 2 and "unrecognized arguments" in p.stderr
+  p = run("--model-repository", str(tmp_path), "--auth-token-file", str(tmp_path / "missing"))
+  assert p.returncode == 2 and "cannot read the auth token file" in p.stderr
+  help_text = run("--help").stdout
+  assert "--auth-token-file" in help_text and "XLASERVE_AUTH_TOKEN" in help_text

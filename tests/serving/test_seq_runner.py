@@ -1,0 +1,140 @@
+"""The real gRPC server with 2-D (batch x sequence) batching, against the hand-checkable MockSeqEngine."""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from export.bundle import Manifest, Signature, write_bundle
+from serving.mock_seq_engine import MockSeqEngine
+from serving.seq_runner import SeqRunner
+from serving.server import BackgroundServer, Server, ServerConfig
+
+BUCKETS, SEQ = (1, 2, 4, 8), (4, 8, 16)
+
+
+@pytest.fixture
+def seq_server(tmp_path):
+  """start(**mock_kwargs) -> (BackgroundServer, MockSeqEngine) serving model "seq"."""
+  servers = []
+
+  def start(**engine_kwargs):
+    eng = MockSeqEngine(buckets=BUCKETS, seq_buckets=SEQ, **engine_kwargs)
+    manifest = Manifest(name="seq", version=1, kind="predict", jax_version="0.10.2",
+                        signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
+                        params=(), batch_buckets=BUCKETS, seq_buckets=SEQ)
+    write_bundle(tmp_path / "repo" / "seq" / "1", manifest, [], {})
+    server = Server(ServerConfig(model_repository=str(tmp_path / "repo"), grpc_port=0,
+                                 metrics_port=-1), engine_factory=lambda *a: eng)
+    bg = BackgroundServer(server).start()
+    servers.append(bg)
+    return bg, eng
+
+  yield start
+  for bg in servers:
+    bg.stop()
+
+
+def expected(tokens, segments, lengths):
+  valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  total = np.where(valid, tokens + 1000 * segments, 0).sum(axis=1, keepdims=True)
+  return total.astype(np.float32), 2 * tokens
+
+
+def rand_request(rng, rows, length):
+  tokens = rng.integers(-50, 50, size=(rows, length)).astype(np.int32)
+  segments = rng.integers(0, 2, size=(rows, length)).astype(np.int32)
+  lengths = rng.integers(0, length + 1, size=rows).astype(np.int32)
+  return tokens, segments, lengths
+
+
+def infer(client, tokens, segments, lengths):
+  ins = [tc.InferInput("tokens", list(tokens.shape), "INT32"),
+         tc.InferInput("segments", list(segments.shape), "INT32"),
+         tc.InferInput("lengths", list(lengths.shape), "INT32")]
+  for i, a in zip(ins, (tokens, segments, lengths)):
+    i.set_data_from_numpy(a)
+  res = client.infer("seq", ins)
+  return res.as_numpy("total"), res.as_numpy("doubled")
+
+
+def test_random_lengths_get_exact_answers_on_the_grid(seq_server):
+  bg, eng = seq_server()
+  rng = np.random.default_rng(0)
+  cases = [rand_request(rng, int(r), int(l))
+           for r, l in zip(rng.integers(1, 20, size=80), rng.integers(1, 17, size=80))]
+
+  def call(case):
+    with tc.InferenceServerClient(bg.address) as c:
+      return infer(c, *case)
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(call, cases))
+  for case, (total, doubled) in zip(cases, results):
+    want_total, want_doubled = expected(*case)
+    np.testing.assert_array_equal(total, want_total)
+    np.testing.assert_array_equal(doubled, want_doubled)  # cut back to the request's length
+  assert set(eng.batches) <= {(b, s) for b in BUCKETS for s in SEQ}
+  runner = bg.server.repository.get("seq").runner
+  assert isinstance(runner, SeqRunner)
+  real = sum(t.size for t, _, _ in cases)
+  assert runner.seq_stats.real_tokens == real
+  assert runner.seq_stats.padded_tokens == sum(b * s for b, s in eng.batches)
+
+
+def test_a_lone_short_request_runs_at_its_own_bucket(seq_server):
+  bg, eng = seq_server()
+  with tc.InferenceServerClient(bg.address) as c:
+    for length, want in ((3, 4), (5, 8), (16, 16), (9, 16)):
+      eng.batches.clear()
+      infer(c, *rand_request(np.random.default_rng(length), 1, length))
+      assert eng.batches == [(1, want)]
+
+
+def test_invalid_sequence_lengths_are_refused_with_a_clear_message(seq_server):
+  bg, eng = seq_server()
+  rng = np.random.default_rng(1)
+  with tc.InferenceServerClient(bg.address) as c:
+    tokens, segments, lengths = rand_request(rng, 2, 17)
+    with pytest.raises(InferenceServerException, match="exceeds the model's maximum of 16") as e:
+      infer(c, tokens, segments, lengths)
+    assert "INVALID_ARGUMENT" in str(e.value.status())
+    tokens, _, lengths = rand_request(rng, 2, 6)
+    with pytest.raises(InferenceServerException, match="disagree on the sequence length") as e:
+      infer(c, tokens, np.zeros((2, 5), np.int32), lengths)
+    assert "INVALID_ARGUMENT" in str(e.value.status())
+    assert "tokens has 6, segments has 5" in str(e.value)
+  assert eng.batches == []
+
+
+def test_metadata_shows_the_sequence_dimension(seq_server):
+  bg, _ = seq_server()
+  with tc.InferenceServerClient(bg.address) as c:
+    md = c.get_model_metadata("seq")
+    assert [(t.name, list(t.shape)) for t in md.inputs] == [
+        ("tokens", [-1, -1]), ("segments", [-1, -1]), ("lengths", [-1])]
+    cfg = c.get_model_config("seq").config
+    assert [list(i.dims) for i in cfg.input] == [[-1], [-1], []]
+
+
+def test_a_failing_batch_fails_only_the_poisoned_request(seq_server):
+  bg, eng = seq_server(fail_token=999, delay_s=0.01)
+  rng = np.random.default_rng(2)
+  good = [rand_request(rng, 2, 7) for _ in range(6)]
+  bad = rand_request(rng, 1, 6)
+  bad[0][0, 0] = 999
+
+  def call(case):
+    with tc.InferenceServerClient(bg.address) as c:
+      try:
+        return infer(c, *case)
+      except InferenceServerException as e:
+        return e
+
+  with concurrent.futures.ThreadPoolExecutor(7) as pool:
+    results = list(pool.map(call, good + [bad]))
+  assert isinstance(results[-1], InferenceServerException) and "injected" in str(results[-1])
+  for case, res in zip(good, results):
+    np.testing.assert_array_equal(res[0], expected(*case)[0])
