@@ -92,6 +92,10 @@ class Server:
         config.model_repository, engine_factory=engine_factory,
         observer_factory=self.metrics.observer, deliver=self.delivery,
         compile_counter=self.compiles, default_config=config.default_model_config)
+    from serving.generation.metrics import GenerationCollector
+    self.metrics.registry.register(GenerationCollector(lambda: [
+        (f"{r.name}/{r.version}", r.runner.service) for r in self.repository.records()
+        if r.runner is not None and getattr(r.runner, "decoupled", False)]))
     self.servicer = InferenceServicer(self.repository, limits=config.limits)
     self.servicer.on_repository_change = self._repository_changed
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None

@@ -104,3 +104,17 @@ def test_cancelled_stream_frees_pages(lm_server):
     time.sleep(0.05)
   st = svc.stats()
   assert st["kv_pages_used"] == 0 and st["running"] == 0
+
+
+def test_generation_metrics_exposed(lm_server):
+  c = tc.InferenceServerClient(lm_server.address)
+  c.infer("decoder", [_text_input("Acme")], parameters={"max_tokens": 4, "ignore_eos": True})
+  text = lm_server.server.metrics.exposition().decode()
+  line = next(l for l in text.splitlines()
+              if l.startswith('vllm:time_to_first_token_seconds_count{model_name="decoder/1"}'))
+  assert float(line.split()[-1]) >= 1
+  tokens = next(l for l in text.splitlines()
+                if l.startswith('vllm:generation_tokens_total{model_name="decoder/1"}'))
+  assert float(tokens.split()[-1]) >= 4
+  assert 'vllm:num_requests_running{model_name="decoder/1"}' in text
+  assert 'vllm:gpu_cache_usage_perc{model_name="decoder/1"}' in text
