@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pathlib
@@ -70,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--sharding", default=None,
                      help="default sharding strategy for models without one in their config"
                      " (replicated, tensor, tensor+data, embedding_rows, embedding_tables)")
+  serve.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="multi-host serving (jax.distributed): process 0's coordinator address."
+                     " Every process gets the same repository (one model); one global mesh"
+                     " spans all their devices (--sharding, default embedding_rows); process 0"
+                     " serves gRPC and the others run each of its batches in lockstep")
+  serve.add_argument("--num-processes", type=int, default=1,
+                     help="with --coordinator: number of processes in the group")
+  serve.add_argument("--process-id", type=int, default=0,
+                     help="with --coordinator: this process's index (0 serves gRPC)")
+  serve.add_argument("--local-devices", type=int, default=None,
+                     help="with --coordinator: CPU devices in this process (a CPU stand-in for"
+                     " the GPUs of a host; default: all local devices)")
   serve.add_argument("--demo-tiny", action="store_true",
                      help="with no --model-repository: serve tiny demo models (fast start,"
                      " for smoke tests)")
@@ -152,6 +165,13 @@ def serve(args: argparse.Namespace) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+  multihost = None
+  if args.coordinator is not None:  # joins jax.distributed before anything touches a device
+    from serving.multihost import start_from_args
+    multihost, code = start_from_args(args, say)
+    if multihost is None:  # a follower, released by the leader (or failed)
+      return code
+
   from serving.server import Server
 
   repo = args.model_repository
@@ -169,7 +189,8 @@ def serve(args: argparse.Namespace) -> int:
     print(f"xlaserve: {e}", file=sys.stderr)
     return 2
   from serving.placement import engine_factory_for
-  server = Server(config, engine_factory=engine_factory_for(config), progress=say)
+  factory = multihost.factory if multihost else engine_factory_for(config)
+  server = Server(config, engine_factory=factory, progress=say)
 
   def listening(s: Server) -> None:
     metrics = (f", Prometheus metrics at http://{args.host}:{s.metrics_port}/metrics"
@@ -178,9 +199,17 @@ def serve(args: argparse.Namespace) -> int:
     say(f"serving repository {repo}; loading models ...")
 
   def loaded(s: Server) -> None:
+    # What is alive now (JAX, executables: ~10^5 objects) lives as long as the process. Freezing
+    # it keeps the cyclic collector from rescanning it: a full collection otherwise stops every
+    # thread for ~75 ms, which alone breaks 100 ms deadlines under load (benchmarks/overload.py).
+    gc.collect()
+    gc.freeze()
+    say(f"{gc.get_freeze_count()} start-up objects frozen out of the cyclic collector's scans")
     for rec in s.repository.records():
       say(f"  model {rec.name} v{rec.version}: {rec.state.value} {rec.reason}".rstrip())
     say(f"try it: {_client_example(s.grpc_port)}")
+    if multihost:
+      multihost.on_loaded(s)
 
   if args.event_loop == "uvloop":
     import uvloop
@@ -192,7 +221,7 @@ def serve(args: argparse.Namespace) -> int:
   except OSError as e:
     print(f"xlaserve: {e}", file=sys.stderr)
     return 1
-  return 0
+  return multihost.finish() if multihost else 0
 
 
 def main(argv: list[str] | None = None) -> int:
