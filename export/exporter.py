@@ -98,10 +98,15 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _nnx_parts(module: Any) -> tuple[list[Any], list[ParamSpec], Callable[[list[Any]], Any]]:
-  """Flattens an NNX module to leaves + specs, and returns a rebuild(leaves) -> module."""
+  """Flattens an NNX module to leaves + specs, and returns a rebuild(leaves) -> module.
+
+  The rebuilt module is in eval mode (`nnx.Module.eval()`: dropout off, batch norm on its
+  running statistics): serving is deterministic. RNG state (e.g. the `nnx.Rngs` a Dropout
+  layer keeps) is not a parameter; it stays a constant of the export.
+  """
   from flax import nnx
 
-  graphdef, state = nnx.split(module)
+  graphdef, rng_state, state = nnx.split(module, nnx.RngState, ...)
   variables, treedef = jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
@@ -117,7 +122,9 @@ def _nnx_parts(module: Any) -> tuple[list[Any], list[ParamSpec], Callable[[list[
   def rebuild(new_leaves: list[Any]) -> Any:
     new_vars = [v.replace(x) if isinstance(v, nnx.Variable) else x
                 for v, x in zip(variables, new_leaves)]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, new_vars))
+    rebuilt = nnx.merge(graphdef, rng_state, jax.tree.unflatten(treedef, new_vars))
+    rebuilt.eval()
+    return rebuilt
 
   return leaves, specs, rebuild
 
@@ -220,7 +227,8 @@ def export_model(
     has_seq = any("seq" in s.dims for s in in_specs)
     seq_buckets = config.seq_buckets_for(sig_name) if has_seq else ()
     if has_seq and not seq_buckets:
-      raise ValueError(f"signature {sig_name!r} has a 'seq' dimension: give ExportConfig.seq_buckets")
+      raise ValueError(f"signature {sig_name!r} has a 'seq' dimension: give"
+                       " ExportConfig.seq_buckets")
     # Batch stays symbolic; the sequence is concrete, one artifact per sequence bucket
     # (Pallas kernels such as flash_attention need static sequence lengths).
     (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))

@@ -16,6 +16,8 @@ Admission (overload): a request is refused at once when the queue holds
 `max_queue_rows` rows or `max_queue_requests` requests, or when it carries a
 deadline that the rows queued ahead of it cannot meet at the measured batch rate
 (`observe`), so excess load is shed at the door instead of timing out in the queue.
+The estimate must fit in (1 - `deadline_headroom`) of the time left: the rest covers
+delivering the answer and the estimate's own error.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class BatchingConfig:
   dispatch_when_idle: bool = True
   max_queue_rows: int = 65536
   max_queue_requests: int | None = None  # None: bounded by rows only
+  deadline_headroom: float = 0.5  # share of the time left kept for delivery and estimate error
 
   def __post_init__(self):
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
@@ -48,6 +51,8 @@ class BatchingConfig:
                        f" ({self.buckets[-1]} rows)")
     if self.max_queue_requests is not None and self.max_queue_requests < 1:
       raise ValueError(f"max_queue_requests must be >= 1 (or None), got {self.max_queue_requests}")
+    if not 0.0 <= self.deadline_headroom < 1.0:
+      raise ValueError(f"deadline_headroom must be in [0, 1), got {self.deadline_headroom}")
 
   @property
   def max_batch_size(self) -> int:
@@ -175,11 +180,12 @@ class Batcher(Generic[T]):
                       " or add capacity")
     if pending.deadline is not None:
       wait = self.estimated_wait_s(pending.rows, pending.priority)
-      if wait is not None and pending.arrival + wait > pending.deadline:
+      left = pending.deadline - pending.arrival
+      if wait is not None and wait > left * (1.0 - self.config.deadline_headroom):
         raise Admission(
-            f"overloaded: the queue ahead needs about {wait * 1e3:.0f} ms, more than the"
-            f" {max(pending.deadline - pending.arrival, 0) * 1e3:.0f} ms left before the deadline;"
-            " retry later, with a longer deadline, or add capacity")
+            f"overloaded: the queue ahead needs about {wait * 1e3:.0f} ms of the"
+            f" {max(left, 0) * 1e3:.0f} ms left before the deadline; retry later, with a longer"
+            " deadline, or add capacity")
     q = self._queues.get(pending.priority)
     if q is None:
       q = self._queues[pending.priority] = collections.deque()

@@ -17,7 +17,7 @@ QUERY_SEQ_BUCKETS: tuple[int, ...] = (8, 16, 32, 64)
 TEXT_SEQ_BUCKETS: tuple[int, ...] = (32, 64, 128, 256)
 TEXT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 # --demo-tiny: a start-up of seconds, for smoke tests.
-TINY_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8)
+TINY_BATCH_BUCKETS: tuple[int, ...] = (1, 4)
 TINY_QUERY_SEQ_BUCKETS: tuple[int, ...] = (8, 16)
 TINY_TEXT_SEQ_BUCKETS: tuple[int, ...] = (16, 32)
 
@@ -106,7 +106,7 @@ def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
       inputs=[export.Input("dense", "float32", ("batch", cfg.num_dense)),
               export.Input("sparse", "int64", ("batch", cfg.num_sparse))],
       config=export.ExportConfig(
-          batch_buckets=batch_buckets or ((1, 2, 4, 8, 16) if tiny else
+          batch_buckets=batch_buckets or ((1, 4, 16) if tiny else
                                           (1, 2, 4, 8, 16, 32, 64, 128, 256)),
           max_queue_delay_us=1000),
       extra={"description": "DCN-v2 CTR model: 13 dense + 26 categorical features -> prob",

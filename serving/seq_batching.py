@@ -160,8 +160,11 @@ class SeqBatcher(Generic[T]):
         best, best_key = seq, key
     if best is None:
       return Decision(None, tuple(expired), None if next_due is None else next_due - now)
-    d = self._queues[best].decide(now, idle=True)
-    assert d.plan is not None and not d.expired  # expired above; the queue is non-empty
+    d = self._queues[best].decide(now, idle=True)  # releases: its queue always dispatches
+    expired.extend(d.expired)
+    self._forget(d.expired)
+    if d.plan is None:
+      return Decision(None, tuple(expired), 0.0)
     self._forget(s.pending for s in d.plan.slices if s.last)
     self._released.append((d.plan.bucket, best))
     plan = SeqBatchPlan(d.plan.bucket, d.plan.slices, seq_bucket=best)

@@ -126,17 +126,18 @@ class SeqBundleEngine(Engine):
                    [jax.sharding.SingleDeviceSharding(placement.devices[0])] * len(specs))
       params = bundle_lib.restore_params(self.path, self.manifest, shardings)
       say(f"replica {r} ({placement.label}): params restored in {time.perf_counter() - t0:.2f}s")
-      in_sharding = {
-          t.name: (placement.batch_sharding(len(t.shape)) if placement.batch_sharding
-                   else jax.sharding.SingleDeviceSharding(placement.devices[0]))
-          for t in self.inputs}
       param_structs = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding)
                        for p in params]
       compiled: dict[tuple[int, int], Any] = {}
       t1 = time.perf_counter()
       for s in self.seq_buckets:
-        fn = jax.jit(self._exported[s].call, in_shardings=(list(shardings), in_sharding))
         for b in self.buckets:
+          in_sharding = {
+              t.name: (placement.batch_sharding(len(t.shape), bucket=b)
+                       if placement.batch_sharding
+                       else jax.sharding.SingleDeviceSharding(placement.devices[0]))
+              for t in self.inputs}
+          fn = jax.jit(self._exported[s].call, in_shardings=(list(shardings), in_sharding))
           structs = {t.name: jax.ShapeDtypeStruct(self._shape(t, b, s), _np_dtype(t.dtype))
                      for t in self.inputs}
           try:

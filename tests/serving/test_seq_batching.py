@@ -1,4 +1,4 @@
-"""The 2-D (batch x sequence) batcher's decisions, checked by hand-worked cases (no JAX, no threads)."""
+"""The 2-D (batch x sequence) batcher's decisions, by hand-worked cases (no JAX, no threads)."""
 
 import pytest
 

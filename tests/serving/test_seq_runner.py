@@ -1,4 +1,4 @@
-"""The real gRPC server with 2-D (batch x sequence) batching, against the hand-checkable MockSeqEngine."""
+"""The real gRPC server with 2-D (batch x sequence) batching, against the exact MockSeqEngine."""
 
 import concurrent.futures
 
@@ -138,3 +138,44 @@ def test_a_failing_batch_fails_only_the_poisoned_request(seq_server):
   assert isinstance(results[-1], InferenceServerException) and "injected" in str(results[-1])
   for case, res in zip(good, results):
     np.testing.assert_array_equal(res[0], expected(*case)[0])
+
+
+def test_a_multi_signature_bundle_is_one_model_per_signature(tmp_path):
+  """Repository naming: `<folder>_<suffix>` per signature; each loads, versions, unloads alone."""
+  from serving.mock_engine import MockEngine
+  from serving.repository import ModelRepository, State
+
+  seq, plain = MockSeqEngine(buckets=BUCKETS, seq_buckets=SEQ), MockEngine(buckets=BUCKETS)
+  sigs = {"encode": Signature("encode", seq.inputs, seq.outputs, {}),
+          "score": Signature("score", plain.inputs, plain.outputs, {})}
+
+  def write(version):
+    manifest = Manifest(name="multi", version=version, kind="predict", jax_version="0.10.2",
+                        signatures=sigs, params=(), batch_buckets=BUCKETS, seq_buckets=SEQ,
+                        serving={"signature_suffixes": {"encode": "enc"}})
+    write_bundle(tmp_path / "multi" / str(version), manifest, [], {})
+
+  made = []
+
+  def factory(path, manifest, cfg):
+    (sig,) = manifest.signatures  # each model sees only its own signature
+    made.append((path.name, sig))
+    return (MockSeqEngine(buckets=BUCKETS, seq_buckets=SEQ) if sig == "encode"
+            else MockEngine(buckets=BUCKETS))
+
+  write(1)
+  repo = ModelRepository(tmp_path, engine_factory=factory)
+  assert repo.discover() == ["multi_enc", "multi_score"]
+  repo.load_all()
+  assert sorted(made) == [("1", "encode"), ("1", "score")]
+  assert [(r.name, r.version, r.state) for r in repo.records()] == [
+      ("multi_enc", 1, State.READY), ("multi_score", 1, State.READY)]
+  assert isinstance(repo.get("multi_enc").runner, SeqRunner)
+  assert not isinstance(repo.get("multi_score").runner, SeqRunner)
+  write(2)  # a new version reaches each signature's model
+  repo.load("multi")  # the folder's name loads every model of the bundle
+  assert [(r.name, r.version) for r in repo.records() if r.state is State.READY] == [
+      ("multi_enc", 2), ("multi_score", 2)]
+  repo.unload("multi_score")
+  assert repo.get("multi_enc").version == 2
+  repo.stop()

@@ -1,0 +1,81 @@
+"""Format regression guard: today's code loads and serves the checked-in golden bundle unchanged.
+
+The bundle and expected.npz were written once by tests/golden/make_golden.py. If this test
+fails, the code changed how bundles are read or served: fix the code, or (for a deliberate
+format change) bump export.bundle.FORMAT_VERSION, keep reading format 1, and regenerate.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from export.bundle import FORMAT_VERSION, compute_code_hash, read_manifest, served_models
+from serving.server import BackgroundServer, Server, ServerConfig
+
+HERE = pathlib.Path(__file__).resolve().parent
+BUNDLE = HERE / "repo" / "golden" / "1"
+MODELS = {"golden_tokens": "per_token", "golden_pooled": "pooled", "golden_affine": "affine"}
+_TRITON = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+
+
+def expected() -> dict[str, dict[str, dict[str, np.ndarray]]]:
+  """signature -> {"in": {...}, "out": {...}} from expected.npz."""
+  out: dict = {}
+  with np.load(HERE / "expected.npz") as z:
+    for key in z.files:
+      sig, kind, name = key.split("/")
+      out.setdefault(sig, {"in": {}, "out": {}})[kind][name] = z[key]
+  return out
+
+
+def test_manifest_reads_as_format_1():
+  raw = json.loads((BUNDLE / "manifest.json").read_text())
+  assert raw["format_version"] == 1 == FORMAT_VERSION
+  m = read_manifest(BUNDLE)
+  assert (m.name, m.version, m.kind, m.jax_version) == ("golden", 1, "predict", "0.10.2")
+  assert m.batch_buckets == (1, 4) and m.seq_buckets == (4, 8)
+  assert served_models("golden", m) == MODELS
+  assert dict(m.signatures["pooled"].artifacts) == {"cpu@s4": "pooled.cpu.s4.jaxexport",
+                                                    "cpu@s8": "pooled.cpu.s8.jaxexport"}
+  assert dict(m.signatures["affine"].artifacts) == {"cpu": "affine.cpu.jaxexport"}
+  assert [(p.path, p.shape, p.logical_axes) for p in m.params] == [
+      ("b", (3,), ("mlp",)), ("embed", (16, 4), ("vocab", "embed")),
+      ("w", (4, 3), ("embed", "mlp"))]
+  # The checked-in StableHLO and param specs still hash to the code hash written at export.
+  artifacts = {f: (BUNDLE / f).read_bytes() for s in m.signatures.values()
+               for f in s.artifacts.values()}
+  assert compute_code_hash(artifacts, m.params, m.batch_buckets, m.seq_buckets) == m.code_hash
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  repo = tmp_path_factory.mktemp("repo")
+  shutil.copytree(HERE / "repo", repo, dirs_exist_ok=True)  # never write into the checkout
+  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0,
+                                            metrics_port=-1))).start()
+  yield bg
+  bg.stop()
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_served_outputs_equal_the_saved_ones(served, model):
+  case = expected()[MODELS[model]]
+  ins = []
+  for name, arr in case["in"].items():
+    i = tc.InferInput(name, list(arr.shape), _TRITON[arr.dtype])
+    i.set_data_from_numpy(arr)
+    ins.append(i)
+  with tc.InferenceServerClient(served.address) as c:
+    assert c.is_model_ready(model)
+    res = c.infer(model, ins)
+  for name, want in case["out"].items():
+    got = res.as_numpy(name)
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    if want.dtype.kind == "f":  # a few float ops: equal up to the CPU's rounding
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    else:
+      np.testing.assert_array_equal(got, want)
