@@ -23,7 +23,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

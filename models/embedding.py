@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import kernel_impl
 from pallas_kernels import embedding_bag_multi
 from pallas_kernels.quantize import dequantize_rows, quantize_rows_int8
 
@@ -90,7 +91,8 @@ def lookup_embeddings(
   """One id per feature -> [B, F, D] float32; ids taken modulo rows, negative ids give zeros.
 
   tables[f] is [rows_f, D] float, or uint8/int8 with scales[f], offsets[f] [rows_f] (None for a
-  float table). Runs `embedding_bag_multi` with bags of one id.
+  float table). Runs `embedding_bag_multi` with bags of one id (`impl` as `layers.kernel_impl`
+  resolves it: a symbolic batch, as in `export_model`, takes the reference).
   """
   ids = jnp.asarray(ids)  # [B, F] int32/int64
   if ids.ndim != 2 or ids.shape[1] != len(tables):
@@ -101,5 +103,5 @@ def lookup_embeddings(
     ids = ids.astype(jnp.int32)
   ids = jnp.where(ids < 0, -1, ids)  # any negative id is missing
   emb = embedding_bag_multi(list(tables), ids[:, :, None], combiner="sum", scales=scales,
-                            offsets=offsets, impl=impl)  # [B, F, D]
+                            offsets=offsets, impl=kernel_impl(impl, ids))  # [B, F, D]
   return emb.astype(jnp.float32)

@@ -25,6 +25,22 @@ from pallas_kernels.quantize import (
 DENSE_QUANTIZATIONS: tuple[str, ...] = ("none", "w8a16", "w8a8", "fp8")
 
 
+def is_symbolic(*arrays: jax.Array) -> bool:
+  """True if any dimension is symbolic (jax.export shape polymorphism, as `export_model` traces)."""
+  return any(not isinstance(d, int) for a in arrays for d in a.shape)
+
+
+def kernel_impl(impl: str, *arrays: jax.Array) -> str:
+  """The kernel `impl` to use for these operands: "auto" becomes "xla" when a shape is symbolic.
+
+  `export_model` traces with a symbolic batch, and `impl="auto"` traces the Pallas branch too
+  (`lax.platform_dependent` stages every branch), which fails: Triton grids need static bounds
+  ("dynamic grid bounds not supported"). The reference is what "auto" lowers to off CUDA anyway,
+  so CPU bundles are unchanged; a CUDA bundle with the kernel needs a static-batch export.
+  """
+  return "xla" if impl == "auto" and is_symbolic(*arrays) else impl
+
+
 class Dense(nnx.Module):
   """y = x @ kernel + bias, with the kernel's axes named for sharding rules.
 
@@ -94,12 +110,20 @@ class Dense(nnx.Module):
       y = jnp.einsum("...i,io->...o", x, self.kernel[...])
     else:
       lead = x.shape[:-1]
-      y = quantized_matmul(
-          x.reshape(-1, x.shape[-1]),  # [M, in]
+      x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+      matmul = lambda rows, impl: quantized_matmul(
+          rows,  # [M, in]
           self.kernel_q[...],  # [in, out] int8 / float8_e4m3fn
           self.kernel_scale[...],  # [out]
-          mode=self.quantization, impl=self.impl,
-      ).reshape(*lead, -1)
+          mode=self.quantization, impl=impl)  # -> [M, out]
+      if is_symbolic(x2):
+        # quantized_matmul validates and picks blocks from concrete M: map it over the rows
+        # (one row each; per-row activation scales make W8A8 row-independent, so the result is
+        # the same) and XLA batches the dots back into one matmul.
+        y = jax.vmap(lambda row: matmul(row[None], kernel_impl(self.impl, x2))[0])(x2)
+      else:
+        y = matmul(x2, self.impl)
+      y = y.reshape(*lead, -1)
     if self.bias is not None:
       y = y + self.bias[...]
     return y

@@ -46,6 +46,7 @@ class TrainConfig:
 
   @classmethod
   def demo(cls) -> TrainConfig:
+    """For DLRMConfig.demo(): held-out AUC ~0.78 (planted ceiling ~0.84) in ~10 s of steps."""
     return cls(steps=400, batch_size=256)
 
   @classmethod
@@ -59,7 +60,7 @@ class TrainReport:
   """What a training run did and how good the result is on held-out rows."""
 
   steps: int
-  seconds: float
+  seconds: float  # model init, click-log sampling and the steps (compile included)
   first_loss: float
   last_loss: float  # mean of the last 10% of steps
   held_out_auc: float
@@ -114,6 +115,8 @@ def train_dlrm(model: DLRM, log: ClickLog, config: TrainConfig = TrainConfig()) 
   graphdef, table_state, rest_state = nnx.split(model, _is_table, ...)
   tables, table_def = jax.tree.flatten(table_state)
   rest, rest_def = jax.tree.flatten(rest_state)
+  if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in tables + rest):
+    raise ValueError("train a float model: quantize it afterwards (export.quantize)")
   # Copies: the step donates them, and the caller's arrays may be shared with other models.
   tables = [jnp.array(t, copy=True) for t in tables]
   rest = [jnp.array(x, copy=True) for x in rest]

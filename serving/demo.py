@@ -18,7 +18,7 @@ from serving.demo_models import build_dcn_v2, build_relevance, build_two_tower
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = "demo-v1"
+DEMO_RECIPE = "demo-v2"
 
 
 def demo_cache_root() -> pathlib.Path:
