@@ -154,9 +154,21 @@ class Signature:
     )
 
 
-def artifact_key(platform: str, seq: int | None = None) -> str:
-  """Key of a signature's artifact: "cpu" (no or symbolic sequence), "cpu@s64" (sequence 64)."""
-  return platform if seq is None else f"{platform}@s{seq}"
+def artifact_key(platform: str, seq: int | None = None, batch: int | None = None) -> str:
+  """Key of a signature's artifact: "cpu" (symbolic batch, no sequence), "cpu@s64" (sequence
+  64), "cuda@b32@s64" (batch fixed at 32: GPU kernels need static grids)."""
+  key = platform if batch is None else f"{platform}@b{batch}"
+  return key if seq is None else f"{key}@s{seq}"
+
+
+def find_artifact(artifacts: Mapping[str, str], platform: str, *, batch: int,
+                  seq: int | None = None) -> str | None:
+  """The file for one (batch, seq) shape: a fixed-batch artifact first, then a symbolic one."""
+  for key in (artifact_key(platform, seq, batch), artifact_key(platform, seq),
+              artifact_key(platform)):
+    if key in artifacts:
+      return artifacts[key]
+  return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -233,8 +233,9 @@ def export_model(
     # (Pallas kernels such as flash_attention need static sequence lengths).
     (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
 
-    def in_structs(seq: int | None, _specs=in_specs) -> dict[str, jax.ShapeDtypeStruct]:
-      sym = {"batch": b, "seq": seq}
+    def in_structs(seq: int | None, _specs=in_specs,
+                   batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+      sym = {"batch": b if batch is None else batch, "seq": seq}
       return {
           spec.name: jax.ShapeDtypeStruct(
               tuple(sym[d] if d else n for d, n in zip(spec.dims, spec.shape)),
@@ -251,13 +252,16 @@ def export_model(
     for platform in config.platforms:
       checks = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
                 if platform in ("cuda", "rocm") else [])
+      # GPU kernels (Pallas/Triton) need static grids: one artifact per batch bucket there.
+      batches = config.batch_buckets if platform in ("cuda", "rocm") else (None,)
       for seq in seq_buckets or (None,):
-        exp = jax.export.export(jax.jit(serve_fn), platforms=(platform,), disabled_checks=checks)(
-            param_structs, in_structs(seq))
-        key = bundle_lib.artifact_key(platform, seq)
-        fname = f"{sig_name}.{key.replace('@', '.')}.jaxexport"
-        artifacts[fname] = bytes(exp.serialize())
-        files[key] = fname
+        for batch in batches:
+          exp = jax.export.export(jax.jit(serve_fn), platforms=(platform,),
+                                  disabled_checks=checks)(param_structs, in_structs(seq, batch=batch))
+          key = bundle_lib.artifact_key(platform, seq, batch)
+          fname = f"{sig_name}.{key.replace('@', '.')}.jaxexport"
+          artifacts[fname] = bytes(exp.serialize())
+          files[key] = fname
     sig_manifest[sig_name] = Signature(
         sig_name, tuple(in_specs), out_specs, files,
         seq_buckets if seq_buckets != tuple(config.seq_buckets) else ())

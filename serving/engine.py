@@ -103,15 +103,21 @@ class BundleEngine(Engine):
     if any("seq" in t.dims for t in sig.inputs):
       raise BundleError(f"{self.path}: sequence-bucketed inputs need the 2-D bucket engine")
     platform = _platform()
-    fname = sig.artifacts.get(platform)
-    if fname is None:
+    files = {b: bundle_lib.find_artifact(sig.artifacts, platform, batch=b) for b in self.buckets}
+    missing = [b for b, f in files.items() if f is None]
+    if missing:
       raise BundleError(
-          f"{self.path}: no artifact for platform {platform!r} (has {sorted(sig.artifacts)});"
-          f" re-export with ExportConfig(platforms=(..., {platform!r}))")
-    try:
-      self._exported = jax.export.deserialize(bytearray((self.path / fname).read_bytes()))
-    except Exception as e:
-      raise BundleError(f"{self.path / fname}: cannot deserialize StableHLO ({e})") from e
+          f"{self.path}: no {platform!r} artifact for buckets {missing} (has"
+          f" {sorted(sig.artifacts)}); re-export with ExportConfig(platforms=(..., {platform!r}))")
+    loaded: dict[str, Any] = {}
+    for fname in set(files.values()):
+      try:
+        loaded[fname] = jax.export.deserialize(bytearray((self.path / fname).read_bytes()))
+      except Exception as e:
+        raise BundleError(f"{self.path / fname}: cannot deserialize StableHLO ({e})") from e
+    # One Exported per bucket: a symbolic-batch artifact serves them all; GPU bundles carry
+    # a fixed-batch artifact per bucket so the Triton kernels get static grids.
+    self._exported = {b: loaded[f] for b, f in files.items()}
     self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
     self._replicas: list[dict[str, Any]] = []
     self._next = 0
@@ -135,7 +141,7 @@ class BundleEngine(Engine):
                      if placement.batch_sharding
                      else jax.sharding.SingleDeviceSharding(placement.devices[0]))
             for t in self.inputs}
-        fn = jax.jit(self._exported.call, in_shardings=(list(shardings), in_sharding))
+        fn = jax.jit(self._exported[bucket].call, in_shardings=(list(shardings), in_sharding))
         t1 = time.perf_counter()
         structs = {t.name: jax.ShapeDtypeStruct((bucket, *t.shape[1:]), _np_dtype(t.dtype))
                    for t in self.inputs}

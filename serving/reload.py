@@ -22,7 +22,7 @@ from serving.types import ServingError
 
 logger = logging.getLogger(__name__)
 
-Snapshot = dict[str, tuple[tuple[int, ...], int | None]]
+Snapshot = dict[str, tuple[tuple[int, ...], bytes | None]]
 
 
 class RepositoryPoller:
@@ -43,16 +43,17 @@ class RepositoryPoller:
     self._thread = threading.Thread(target=self._loop, name="repository-poller", daemon=True)
 
   def snapshot(self) -> Snapshot:
-    """{model: (complete versions, config.json mtime in ns or None)} for every model on disk."""
+    """{model: (complete versions, config.json bytes or None)} for every model on disk (contents,
+    not mtimes: two writes within one clock tick must still count as a change)."""
     snap: Snapshot = {}
     for name in self.repo.discover():
       try:
         versions = tuple(self.repo.complete_versions(name))
         cfg = self.repo.model_dir(name) / CONFIG_FILE
-        mtime = cfg.stat().st_mtime_ns if cfg.is_file() else None
+        config = cfg.read_bytes() if cfg.is_file() else None
       except (ServingError, OSError):  # refused name or a folder vanishing mid-look
         continue
-      snap[name] = (versions, mtime)
+      snap[name] = (versions, config)
     return snap
 
   def prime(self) -> RepositoryPoller:

@@ -85,22 +85,22 @@ class SeqBundleEngine(Engine):
     self._in_seq = seq_axes(self.inputs)
     self._out_seq = seq_axes(self.outputs)
     platform = _platform()
-    self._exported: dict[int, Any] = {}
+    self._exported: dict[tuple[int, int], Any] = {}  # (batch, seq) -> Exported
     by_file: dict[str, Any] = {}
     for s in self.seq_buckets:
-      fname = (sig.artifacts.get(bundle_lib.artifact_key(platform, s))
-               or sig.artifacts.get(platform))
-      if fname is None:
-        raise BundleError(
-            f"{self.path}: signature {signature!r} has no {platform!r} artifact for sequence"
-            f" bucket {s} (has {sorted(sig.artifacts)}); re-export with"
-            f" ExportConfig(platforms=(..., {platform!r}))")
-      if fname not in by_file:
-        try:
-          by_file[fname] = jax.export.deserialize(bytearray((self.path / fname).read_bytes()))
-        except Exception as e:
-          raise BundleError(f"{self.path / fname}: cannot deserialize StableHLO ({e})") from e
-      self._exported[s] = by_file[fname]
+      for b in self.buckets:
+        fname = bundle_lib.find_artifact(sig.artifacts, platform, batch=b, seq=s)
+        if fname is None:
+          raise BundleError(
+              f"{self.path}: signature {signature!r} has no {platform!r} artifact for batch {b}"
+              f" x sequence {s} (has {sorted(sig.artifacts)}); re-export with"
+              f" ExportConfig(platforms=(..., {platform!r}))")
+        if fname not in by_file:
+          try:
+            by_file[fname] = jax.export.deserialize(bytearray((self.path / fname).read_bytes()))
+          except Exception as e:
+            raise BundleError(f"{self.path / fname}: cannot deserialize StableHLO ({e})") from e
+        self._exported[(b, s)] = by_file[fname]
     self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
     self._replicas: list[dict[str, Any]] = []
     self._next = 0
@@ -137,7 +137,7 @@ class SeqBundleEngine(Engine):
                        if placement.batch_sharding
                        else jax.sharding.SingleDeviceSharding(placement.devices[0]))
               for t in self.inputs}
-          fn = jax.jit(self._exported[s].call, in_shardings=(list(shardings), in_sharding))
+          fn = jax.jit(self._exported[(b, s)].call, in_shardings=(list(shardings), in_sharding))
           structs = {t.name: jax.ShapeDtypeStruct(self._shape(t, b, s), _np_dtype(t.dtype))
                      for t in self.inputs}
           try:

@@ -1,4 +1,4 @@
-"""Helpers shared by the serving tests: mock bundles, a server on 127.0.0.1, exact MockEngine math."""
+"""Helpers shared by the serving tests: mock bundles, a server on 127.0.0.1, MockEngine math."""
 
 from __future__ import annotations
 

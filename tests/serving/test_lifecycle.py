@@ -1,4 +1,5 @@
-"""Model lifecycle against the real server: version policies, hot reload under load, draining, isolation."""
+"""Model lifecycle against the real server: version policies, hot reload under load, draining,
+isolation of broken models."""
 
 from __future__ import annotations
 
@@ -393,3 +394,21 @@ def test_request_routed_to_a_version_retired_under_it_goes_to_the_new_default(tm
     resp = stub.ModelInfer(mock_request(X, K))
     assert resp.model_version == "2"
     np.testing.assert_array_equal(outputs(resp)["y"], expected(X, K)[0])
+
+
+def test_poller_applies_a_changed_version_policy(tmp_path):
+  repo = tmp_path / "repo"
+  for v in (1, 2):
+    write_mock_bundle(repo, "mock", v)
+  with serving(repo, mock_factory(), repository_poll_s=0.05) as bg, \
+      grpc.insecure_channel(bg.address) as ch:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    assert not ready(stub, "mock", "1") and ready(stub, "mock", "2")
+    (repo / "mock" / "config.json").write_text(json.dumps({"version_policy": "all"}))
+    _wait(lambda: ready(stub, "mock", "1"))
+    assert stub.ModelInfer(mock_request(X, K, version="1")).model_version == "1"
+    assert stub.ModelInfer(mock_request(X, K)).model_version == "2"
+    (repo / "mock" / "config.json").write_text(json.dumps({"latest_n": 1}))
+    _wait(lambda: not ready(stub, "mock", "1"))
+    assert index(stub)[("mock", "1")][1].startswith("retired")
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready

@@ -37,8 +37,9 @@ def test_short_overload_sheds_the_excess_and_admitted_requests_keep_their_deadli
   repo = tmp_path / "repo"
   write_mock_bundle(repo, "mock", 1)
   engines = {}
-  delay_s, rows, deadline_s, duration = 0.05, 4, 0.3, 4.0
-  capacity = 8 / rows / delay_s  # one 8-row batch per 50 ms: 40 requests/s
+  # Requests fill the largest bucket, as in benchmarks/overload.py: the model is the bottleneck.
+  delay_s, rows, deadline_s, duration = 0.05, 8, 0.3, 4.0
+  capacity = 8 / rows / delay_s  # one 8-row batch per 50 ms: 20 requests/s
   with serving(repo, mock_factory(engines, delay_s=delay_s)) as bg, \
       grpc.insecure_channel(bg.address) as ch:
     x, k = _rows(rows)
@@ -182,6 +183,7 @@ def test_model_default_timeout_applies_unless_the_request_sets_one(tmp_path):
 # -- the admission rules themselves, worked by hand (no server) -------------------------------
 
 def _batcher(**kw):
+  kw.setdefault("deadline_headroom", 0.0)
   return Batcher(BatchingConfig(buckets=(1, 2, 4, 8), max_queue_delay_s=0.01,
                                 dispatch_when_idle=False, **kw))
 
@@ -216,6 +218,15 @@ def test_deadline_aware_admission_uses_measured_full_batch_time():
   b.add(Pending("urgent", 1, 1.0, deadline=1.01, priority=-1))
   b.observe(8, 0.2)  # smoothed: 0.8 * 0.1 + 0.2 * 0.2
   assert b._full_batch_s == pytest.approx(0.12)
+  # With headroom, the estimate must fit in the rest of the time left: 0.48 s <= 0.5 * 1.0 s.
+  h = _batcher(deadline_headroom=0.5)
+  h.add(Pending("ahead", 12, 0.0))
+  h.observe(8, 0.12)
+  h.add(Pending("fits", 1, 0.0, deadline=1.0))
+  with pytest.raises(Admission, match="overloaded"):
+    h.add(Pending("too-tight", 1, 0.0, deadline=0.9))
+  with pytest.raises(ValueError):
+    BatchingConfig(deadline_headroom=1.0)
 
 
 def test_client_chosen_priorities_do_not_accumulate():
@@ -224,3 +235,30 @@ def test_client_chosen_priorities_do_not_accumulate():
     b.add(Pending(i, 1, 0.0, priority=i))
     assert b.decide(1.0, idle=False).plan is not None
   assert b.queued_rows == 0 and not b._queues
+
+
+def test_request_outcomes_are_logged_as_json_with_request_ids(tmp_path, caplog):
+  import json
+  import logging
+
+  from serving.logs import JsonFormatter
+
+  repo = tmp_path / "repo"
+  write_mock_bundle(repo, "mock", 1)
+  with serving(repo, mock_factory()) as bg, grpc.insecure_channel(bg.address) as ch, \
+      caplog.at_level(logging.DEBUG, logger="serving.servicer"):
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    req = mock_request(*_rows(2))
+    req.id = "req-42"
+    stub.ModelInfer(req)
+    bad = mock_request(*_rows(2), model="mock")
+    bad.inputs[0].shape[:] = [2, 5]
+    assert isinstance(_send(stub, bad), grpc.RpcError)
+  records = [json.loads(JsonFormatter().format(r)) for r in caplog.records
+             if r.name == "serving.servicer"]
+  ok, failed = records[-2:]
+  assert (ok["request_id"], ok["code"], ok["model"], ok["level"]) == ("req-42", "OK", "mock",
+                                                                      "DEBUG")
+  assert ok["latency_ms"] >= 0 and ok["ts"].endswith("+00:00")
+  assert failed["code"] == "INVALID_ARGUMENT" and "shape [2, 5]" in failed["error"]
+  assert failed["request_id"] and failed["request_id"] != "req-42"  # generated when none given

@@ -205,7 +205,9 @@ def test_queue_bound_sheds_with_resource_exhausted(start_mock_server):
   c = tc.InferenceServerClient(bg.address)
   x, k = np.ones((8, 4), np.float32), np.ones((8, 1), np.int32)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    futs = [pool.submit(infer, c, x, k) for _ in range(4)]
+    futs = [pool.submit(infer, c, x, k)]
+    time.sleep(0.05)  # the first one is running (not queued) before the rest arrive
+    futs += [pool.submit(infer, c, x, k) for _ in range(3)]
     outcomes = []
     for f in futs:
       try:

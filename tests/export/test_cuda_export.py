@@ -1,0 +1,33 @@
+"""GPU bundles: one fixed-batch artifact per bucket carrying the Triton kernels (no GPU needed)."""
+
+import jax
+import pytest
+from flax import nnx
+
+import export
+from export.bundle import find_artifact, read_manifest
+from models.dlrm import DLRM, DLRMConfig
+
+TRITON = "__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8+int8_tables"])
+def test_cuda_artifacts_have_static_batch_and_triton_kernels(tmp_path, quantization):
+  model = DLRM(DLRMConfig.tiny(), rngs=nnx.Rngs(0))
+  path = export.export_model(
+      model, repository=tmp_path, name="dlrm",
+      inputs=[export.Input("dense", "float32", ("batch", 13)),
+              export.Input("sparse", "int64", ("batch", 26))],
+      config=export.ExportConfig(batch_buckets=(1, 8), platforms=("cpu", "cuda"),
+                                 quantization=quantization))
+  sig = read_manifest(path).signatures["serve"]
+  assert sorted(sig.artifacts) == ["cpu", "cuda@b1", "cuda@b8"]
+  for bucket in (1, 8):
+    fname = find_artifact(sig.artifacts, "cuda", batch=bucket)
+    exp = jax.export.deserialize(bytearray((path / fname).read_bytes()))
+    assert exp.platforms == ("cuda",)
+    assert exp.in_avals[1][0].shape[0] == bucket if isinstance(exp.in_avals[1], tuple) else True
+    assert TRITON in exp.mlir_module(), f"bucket {bucket}: no Triton kernel in the CUDA artifact"
+  cpu = jax.export.deserialize(bytearray((path / sig.artifacts["cpu"]).read_bytes()))
+  assert TRITON not in cpu.mlir_module()
+  assert find_artifact(sig.artifacts, "cpu", batch=8) == sig.artifacts["cpu"]
