@@ -5,10 +5,11 @@ policy is unit-tested in microseconds. The number of compiled shapes equals the
 number of buckets: a batch is always padded up to the smallest bucket that fits.
 
 Policy: requests wait in priority order (lower number first, FIFO within a
-priority). A batch is released when it is full (largest bucket), when the oldest
-request has waited `max_queue_delay_s`, or, with `dispatch_when_idle`, as soon as
-the executor has nothing in flight (under load batches then grow on their own
-while the previous one runs, and a lone request pays no batching delay). A
+priority). A full batch (largest bucket) is released at once, even while another
+runs. A partial batch is released only when the executor is free: at once with
+`dispatch_when_idle`, else once the oldest request has waited `max_queue_delay_s`.
+Under load, batches grow on their own while the previous one runs, and a lone
+request pays no batching delay. A
 request larger than the largest bucket is split across batches, never refused.
 Requests whose deadline has passed are expired, never executed.
 
@@ -256,7 +257,9 @@ class Batcher(Generic[T]):
     oldest = min(q[0].arrival for q in self._queues.values() if q)
     full = self._rows >= cfg.max_batch_size
     timed_out = now - oldest >= cfg.max_queue_delay_s
-    if not (full or timed_out or (idle and cfg.dispatch_when_idle)):
+    # While a batch runs, only a full batch goes ahead (pipelined); a partial one waits for
+    # the executor, growing meanwhile, so overload yields full batches, not half-empty ones.
+    if not (full or (idle and (timed_out or cfg.dispatch_when_idle))):
       return Decision(None, expired, oldest + cfg.max_queue_delay_s - now)
     return Decision(self._take(cfg.max_batch_size), expired, 0.0)
 

@@ -36,7 +36,8 @@ def test_waits_for_delay_then_pads_to_smallest_bucket():
   add(b, "a", 3, t=0.0)
   d = b.decide(0.004, idle=False)
   assert d.plan is None and d.wait_s == pytest.approx(0.006)
-  d = b.decide(0.010, idle=False)
+  assert b.decide(0.010, idle=False).plan is None  # timed out, but a batch is running
+  d = b.decide(0.010, idle=True)
   assert d.plan.bucket == 4 and d.plan.rows == 3 and d.plan.padding == 1
   assert layout(d.plan) == [("a", 0, 3, 0)]
   assert b.queued_rows == 0
@@ -53,7 +54,7 @@ def test_full_batch_goes_at_once_and_fifo_packing():
   assert b.queued_rows == 1
   d = b.decide(0.003, idle=True)  # nothing else: wait for the delay unless idle dispatch
   assert d.plan is None
-  d = b.decide(0.013, idle=False)
+  d = b.decide(0.013, idle=True)
   assert layout(d.plan) == [("c", 1, 1, 0)] and d.plan.bucket == 1
   assert d.plan.slices[0].last
 
@@ -62,7 +63,7 @@ def test_large_request_is_split_across_batches():
   b = make()
   add(b, "big", 19, t=0.0)
   plans = [b.decide(0.0, idle=False).plan for _ in range(2)]
-  plans.append(b.decide(1.0, idle=False).plan)
+  plans.append(b.decide(1.0, idle=True).plan)
   assert [layout(p) for p in plans] == [[("big", 0, 8, 0)], [("big", 8, 8, 0)],
                                         [("big", 16, 3, 0)]]
   assert [p.bucket for p in plans] == [8, 8, 4]
@@ -92,7 +93,7 @@ def test_expired_requests_are_never_planned():
   add(b, "ok", 1, t=0.0, deadline=1.0)
   d = b.decide(0.006, idle=False)
   assert [p.item for p in d.expired] == ["late"] and d.plan is None
-  d = b.decide(0.011, idle=False)
+  d = b.decide(0.011, idle=True)
   assert layout(d.plan) == [("ok", 0, 1, 0)]
   assert b.queued_rows == 0
 
@@ -101,7 +102,7 @@ def test_started_split_request_is_finished_even_past_deadline():
   b = make()
   add(b, "big", 12, t=0.0, deadline=0.5)
   assert b.decide(0.0, idle=False).plan.rows == 8
-  d = b.decide(1.0, idle=False)
+  d = b.decide(1.0, idle=True)
   assert not d.expired and layout(d.plan) == [("big", 8, 4, 0)]
 
 
