@@ -45,6 +45,13 @@ def sampling_from_parameters(params: Mapping[str, Any]) -> SamplingParams:
   for key, value in params.items():
     if key in known:
       cast = known[key]
+      if isinstance(value, str) and cast is not bool:
+        # tritonclient 2.41 cannot send float parameters: numbers may come as strings.
+        try:
+          value = cast(value)
+        except ValueError:
+          raise ServingError(Code.INVALID_ARGUMENT, f"parameter {key!r}={value!r} is not a"
+                             f" {cast.__name__}") from None
       if isinstance(value, bool) != (cast is bool) or isinstance(value, str):
         raise ServingError(Code.INVALID_ARGUMENT, f"parameter {key!r} must be {cast.__name__}")
       kw["max_new_tokens" if key == "max_tokens" else key] = cast(value)

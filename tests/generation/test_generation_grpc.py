@@ -85,7 +85,13 @@ def test_streaming_prints_token_by_token_and_equals_greedy(lm_server, tiny_model
 def test_bad_sampling_parameter_is_invalid_argument(lm_server):
   c = tc.InferenceServerClient(lm_server.address)
   with pytest.raises(InferenceServerException, match="top_p"):
-    c.infer("decoder", [_text_input("hi")], parameters={"top_p": 1.5})
+    c.infer("decoder", [_text_input("hi")], parameters={"top_p": "1.5"})
+  with pytest.raises(InferenceServerException, match="not a float"):
+    c.infer("decoder", [_text_input("hi")], parameters={"temperature": "hot"})
+  seeded = [c.infer("decoder", [_text_input("Acme")], parameters={
+      "max_tokens": 8, "temperature": "0.9", "top_p": "0.95", "seed": 7}).as_numpy("text_output")[0]
+      for _ in range(2)]
+  assert seeded[0] == seeded[1]  # string-typed floats are parsed; the seed makes it repeatable
   res = c.infer("decoder", [_text_input("hi")], parameters={"max_tokens": 2})
   assert len(res.as_numpy("text_output")[0]) <= 8
 
