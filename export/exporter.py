@@ -181,7 +181,7 @@ def export_model(
   """
   from export.quantize import quantize_for_export
 
-  if not _NAME_RE.match(name):
+  if not _NAME_RE.fullmatch(name):
     raise ValueError(f"model name {name!r} must match {_NAME_RE.pattern}")
   model_dir = pathlib.Path(repository) / name
   if version is None:

@@ -77,6 +77,7 @@ class GenerativeExportConfig:
   prefill_tokens: int = 256
   decode_batch: int = 16
   kv_dtype: str = "float32"
+  weights: str = "none"  # export.quantize name for the Dense layers (MLP, head): "none", "int8", ...
   platforms: tuple[str, ...] = ("cpu",)
   train_steps: int = 150
   train_batch: int = 16
@@ -169,6 +170,9 @@ def export_generative(
   if tokenizer.vocab_size > mc.vocab_size:
     raise ValueError(f"tokenizer needs {tokenizer.vocab_size} ids, the model has {mc.vocab_size}")
   pages_per_seq = -(-mc.max_seq_len // config.page_size)
+  if config.weights != "none":  # quantized Dense weights through the kernel dispatcher
+    from export.quantize import quantize_model
+    model = quantize_model(model, config.weights)
   leaves, specs, rebuild = _nnx_parts(model)
   param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   kv = cache_shapes(mc, num_pages=config.num_pages, page_size=config.page_size,
@@ -222,7 +226,7 @@ def export_generative(
   manifest = Manifest(
       name=name, version=version, kind="generate", jax_version=jax.__version__,
       signatures=signatures, params=tuple(specs), batch_buckets=batch_buckets,
-      seq_buckets=seq_buckets,
+      seq_buckets=seq_buckets, quantization=config.weights,
       code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
       extra={
           "page_size": config.page_size,

@@ -41,7 +41,8 @@ class TritonCounters:
   def inc(self, name: str, labels: tuple[tuple[str, str], ...], value: float = 1.0) -> None:
     with self._lock:
       series = self._values[name]
-      series[labels] = series.get(labels, 0.0) + value
+      key = tuple(sorted(labels))
+      series[key] = series.get(key, 0.0) + value
 
   def value(self, name: str, **labels: str) -> float:
     with self._lock:

@@ -12,13 +12,11 @@ import itertools
 import logging
 import secrets
 import time
-import uuid
 from typing import Any
 
 import grpc
 import numpy as np
 
-from export.bundle import Manifest
 from serving import codec
 from serving.protocol import grpc_service_pb2 as pb
 from serving.protocol import grpc_service_pb2_grpc as pb_grpc
