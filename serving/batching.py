@@ -260,7 +260,7 @@ class Batcher(Generic[T]):
     # While a batch runs, only a full batch goes ahead (pipelined); a partial one waits for
     # the executor, growing meanwhile, so overload yields full batches, not half-empty ones.
     if not (full or (idle and (timed_out or cfg.dispatch_when_idle))):
-      return Decision(None, expired, oldest + cfg.max_queue_delay_s - now)
+      return Decision(None, expired, max(0.0, oldest + cfg.max_queue_delay_s - now))
     return Decision(self._take(cfg.max_batch_size), expired, 0.0)
 
   def _take(self, capacity: int) -> BatchPlan[T]:

@@ -233,7 +233,7 @@ def test_client_chosen_priorities_do_not_accumulate():
   b = _batcher()
   for i in range(1000):
     b.add(Pending(i, 1, 0.0, priority=i))
-    assert b.decide(1.0, idle=False).plan is not None
+    assert b.decide(1.0, idle=True).plan is not None
   assert b.queued_rows == 0 and not b._queues
 
 
