@@ -12,10 +12,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from models.embedding import QuantizedTable, lookup_embeddings, table_arrays
+from models.embedding import CategoricalEmbeddings, make_tables
 from models.layers import MLP, Dense
 
 # Same id spaces as the DLRM demo, narrower embeddings.
@@ -83,38 +82,17 @@ class CrossLayer(nnx.Module):
     return x0 * wx + x
 
 
-class DCNv2(nnx.Module):
+class DCNv2(CategoricalEmbeddings, nnx.Module):
   """Embeddings + dense features -> cross network -> deep network -> logit (stacked DCN-v2)."""
 
   def __init__(self, config: DCNv2Config, *, rngs: nnx.Rngs):
     self.config = config
-    self.tables = nnx.Dict({
-        f"t{f:02d}": nnx.Param(
-            jax.random.normal(rngs.params(), (rows, config.embed_dim), jnp.float32)
-            * (1.0 / np.sqrt(config.embed_dim)),
-            logical_axes=("table_rows", "embed"),
-        )
-        for f, rows in enumerate(config.table_sizes)
-    })
+    self.tables = make_tables(config.table_sizes, config.embed_dim, rngs)
     d = config.input_dim
     self.cross = nnx.List([CrossLayer(d, config.cross_rank, rngs=rngs)
                            for _ in range(config.cross_layers)])
     self.deep = MLP(d, config.deep_mlp, rngs=rngs, final_activation=True)
     self.head = Dense(config.deep_mlp[-1], 1, rngs=rngs, axes=("embed", None))
-
-  def table_names(self) -> list[str]:
-    return [f"t{f:02d}" for f in range(self.config.num_sparse)]
-
-  def table_list(self) -> list[jax.Array]:
-    """Float view of the tables (8-bit tables dequantized): for inspection, not the serving path."""
-    return [t.dequantized() if isinstance(t, QuantizedTable) else t[...]
-            for t in (self.tables[k] for k in self.table_names())]
-
-  def embed(self, sparse: jax.Array) -> jax.Array:
-    """sparse [B, F] ids -> [B, F, D] float32 through the shared lookup (float or 8-bit tables)."""
-    tables, scales, offsets = table_arrays([self.tables[k] for k in self.table_names()])
-    return lookup_embeddings(tables, sparse, self.config.embedding_impl, scales=scales,
-                             offsets=offsets)
 
   def __call__(self, dense: jax.Array, sparse: jax.Array) -> dict[str, jax.Array]:
     # dense: [B, num_dense] float; sparse: [B, num_sparse] int32/int64

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.embedding import QuantizedTable, lookup_embeddings, table_arrays
+from models.embedding import CategoricalEmbeddings, make_tables
 from models.layers import MLP
 
 # A realistic ads mix: a few huge id spaces dominate memory, most are small.
@@ -72,35 +72,14 @@ class DLRMConfig:
     )
 
 
-class DLRM(nnx.Module):
+class DLRM(CategoricalEmbeddings, nnx.Module):
   """DLRM (Naumov et al. 2019) with one id per categorical feature."""
 
   def __init__(self, config: DLRMConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.bottom = MLP(config.num_dense, config.bottom_mlp, rngs=rngs, final_activation=True)
-    self.tables = nnx.Dict({
-        f"t{f:02d}": nnx.Param(
-            jax.random.normal(rngs.params(), (rows, config.embed_dim), jnp.float32)
-            * (1.0 / np.sqrt(config.embed_dim)),
-            logical_axes=("table_rows", "embed"),
-        )
-        for f, rows in enumerate(config.table_sizes)
-    })
+    self.tables = make_tables(config.table_sizes, config.embed_dim, rngs)
     self.top = MLP(config.embed_dim + config.num_interactions, config.top_mlp, rngs=rngs)
-
-  def table_names(self) -> list[str]:
-    return [f"t{f:02d}" for f in range(self.config.num_sparse)]
-
-  def table_list(self) -> list[jax.Array]:
-    """Float view of the tables (8-bit tables dequantized): for inspection, not the serving path."""
-    return [t.dequantized() if isinstance(t, QuantizedTable) else t[...]
-            for t in (self.tables[k] for k in self.table_names())]
-
-  def embed(self, sparse: jax.Array) -> jax.Array:
-    """sparse [B, F] ids -> [B, F, D] float32, through the embedding-bag kernel dispatcher."""
-    tables, scales, offsets = table_arrays([self.tables[k] for k in self.table_names()])
-    return lookup_embeddings(tables, sparse, self.config.embedding_impl, scales=scales,
-                             offsets=offsets)
 
   def logits(self, dense: jax.Array, sparse: jax.Array) -> jax.Array:
     """The click logit [B, 1] (serving gets its sigmoid)."""

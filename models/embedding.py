@@ -105,3 +105,36 @@ def lookup_embeddings(
   emb = embedding_bag_multi(list(tables), ids[:, :, None], combiner="sum", scales=scales,
                             offsets=offsets, impl=kernel_impl(impl, ids))  # [B, F, D]
   return emb.astype(jnp.float32)
+
+
+def make_tables(table_sizes: Sequence[int], embed_dim: int, rngs: nnx.Rngs) -> nnx.Dict:
+  """One float table per categorical feature, `t00`, `t01`, ..., axes ("table_rows", "embed")."""
+  import numpy as np
+
+  return nnx.Dict({
+      f"t{f:02d}": nnx.Param(
+          jax.random.normal(rngs.params(), (rows, embed_dim), jnp.float32)
+          * (1.0 / np.sqrt(embed_dim)),
+          logical_axes=("table_rows", "embed"),
+      )
+      for f, rows in enumerate(table_sizes)
+  })
+
+
+class CategoricalEmbeddings:
+  """Mixin for CTR models holding `self.tables` (from `make_tables`, maybe quantized) and a
+  config with `num_sparse` and `embedding_impl`: one id per feature -> [B, F, D]."""
+
+  def table_names(self) -> list[str]:
+    return [f"t{f:02d}" for f in range(self.config.num_sparse)]
+
+  def table_list(self) -> list[jax.Array]:
+    """Float view of the tables (8-bit tables dequantized): for inspection, not the serving path."""
+    return [t.dequantized() if isinstance(t, QuantizedTable) else t[...]
+            for t in (self.tables[k] for k in self.table_names())]
+
+  def embed(self, sparse: jax.Array) -> jax.Array:
+    """sparse [B, F] ids -> [B, F, D] float32, through the embedding-bag kernel dispatcher."""
+    tables, scales, offsets = table_arrays([self.tables[k] for k in self.table_names()])
+    return lookup_embeddings(tables, sparse, self.config.embedding_impl, scales=scales,
+                             offsets=offsets)
