@@ -75,7 +75,65 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-class BundleEngine(Engine):
+class ReplicaEngine(Engine):
+  """Shared by the bundle engines: one (params, executables) replica per placement, fed in
+  turn; host fetch, param accounting and release. Subclasses fill `_replicas` in warmup."""
+
+  path: pathlib.Path
+  manifest: Manifest
+  placements: tuple[Placement, ...]
+
+  def _init_replicas(self, placements: Sequence[Placement] | None) -> None:
+    import jax
+
+    self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
+    self._replicas: list[dict[str, Any]] = []
+    self._next = 0
+    specs = self.manifest.params
+    self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
+
+  def _restore(self, r: int, placement: Placement, say: Progress) -> tuple[list[Any], list[Any]]:
+    """Params restored straight into `placement`'s layout; returns (params, shardings)."""
+    import jax
+
+    specs = self.manifest.params
+    t0 = time.perf_counter()
+    shardings = list(placement.param_shardings(specs) if placement.param_shardings else
+                     [jax.sharding.SingleDeviceSharding(placement.devices[0])] * len(specs))
+    params = bundle_lib.restore_params(self.path, self.manifest, shardings)
+    say(f"replica {r} ({placement.label}): params restored in {time.perf_counter() - t0:.2f}s")
+    return params, shardings
+
+  def _batch_sharding(self, placement: Placement, t: TensorSpec, bucket: int) -> Any:
+    import jax
+
+    return (placement.batch_sharding(len(t.shape), bucket=bucket) if placement.batch_sharding
+            else jax.sharding.SingleDeviceSharding(placement.devices[0]))
+
+  def _next_replica(self) -> dict[str, Any]:
+    replica = self._replicas[self._next]
+    self._next = (self._next + 1) % len(self._replicas)
+    return replica
+
+  @property
+  def param_bytes(self) -> int:
+    return self._param_bytes
+
+  @property
+  def ready(self) -> bool:
+    return bool(self._replicas)
+
+  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in handle.items()}
+
+  def close(self) -> None:
+    for replica in self._replicas:
+      for p in replica["params"]:
+        p.delete()
+    self._replicas.clear()
+
+
+class BundleEngine(ReplicaEngine):
   """Serves signature `signature` of the bundle in `path`, one executable per bucket per replica."""
 
   def __init__(
@@ -118,29 +176,17 @@ class BundleEngine(Engine):
     # One Exported per bucket: a symbolic-batch artifact serves them all; GPU bundles carry
     # a fixed-batch artifact per bucket so the Triton kernels get static grids.
     self._exported = {b: loaded[f] for b, f in files.items()}
-    self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
-    self._replicas: list[dict[str, Any]] = []
-    self._next = 0
-    self._param_bytes = 0
+    self._init_replicas(placements)
 
   def warmup(self, *, progress: Progress | None = None) -> None:
     import jax
 
     say = progress or (lambda msg: None)
-    specs = self.manifest.params
     for r, placement in enumerate(self.placements):
-      t0 = time.perf_counter()
-      shardings = (placement.param_shardings(specs) if placement.param_shardings else
-                   [jax.sharding.SingleDeviceSharding(placement.devices[0])] * len(specs))
-      params = bundle_lib.restore_params(self.path, self.manifest, shardings)
-      say(f"replica {r} ({placement.label}): params restored in {time.perf_counter() - t0:.2f}s")
+      params, shardings = self._restore(r, placement, say)
       compiled = {}
       for bucket in self.buckets:
-        in_sharding = {
-            t.name: (placement.batch_sharding(len(t.shape), bucket=bucket)
-                     if placement.batch_sharding
-                     else jax.sharding.SingleDeviceSharding(placement.devices[0]))
-            for t in self.inputs}
+        in_sharding = {t.name: self._batch_sharding(placement, t, bucket) for t in self.inputs}
         fn = jax.jit(self._exported[bucket].call, in_shardings=(list(shardings), in_sharding))
         t1 = time.perf_counter()
         structs = {t.name: jax.ShapeDtypeStruct((bucket, *t.shape[1:]), _np_dtype(t.dtype))
@@ -162,29 +208,10 @@ class BundleEngine(Engine):
                               f" rows at bucket {bucket}")
         jax.block_until_ready(out)
       self._replicas.append({"params": params, "compiled": compiled})
-    self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
-
-  @property
-  def param_bytes(self) -> int:
-    return self._param_bytes
-
-  @property
-  def ready(self) -> bool:
-    return bool(self._replicas)
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
-    replica = self._replicas[self._next]
-    self._next = (self._next + 1) % len(self._replicas)
+    replica = self._next_replica()
     return replica["compiled"][bucket](replica["params"], dict(inputs))
-
-  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in handle.items()}
-
-  def close(self) -> None:
-    for replica in self._replicas:
-      for p in replica["params"]:
-        p.delete()
-    self._replicas.clear()
 
 
 def _check_jax_version(manifest: Manifest, path: pathlib.Path) -> None:

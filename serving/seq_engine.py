@@ -20,7 +20,8 @@ import numpy as np
 
 from export import bundle as bundle_lib
 from export.bundle import BundleError, Manifest, TensorSpec
-from serving.engine import Engine, Placement, Progress, _check_jax_version, _np_dtype, _platform
+from serving.engine import (Placement, Progress, ReplicaEngine, _check_jax_version, _np_dtype,
+                            _platform)
 from serving.seq_batching import check_seq_buckets
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
   return out
 
 
-class SeqBundleEngine(Engine):
+class SeqBundleEngine(ReplicaEngine):
   """Serves one sequence signature of a bundle on its (batch bucket x sequence bucket) grid."""
 
   def __init__(
@@ -101,10 +102,7 @@ class SeqBundleEngine(Engine):
           except Exception as e:
             raise BundleError(f"{self.path / fname}: cannot deserialize StableHLO ({e})") from e
         self._exported[(b, s)] = by_file[fname]
-    self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
-    self._replicas: list[dict[str, Any]] = []
-    self._next = 0
-    self._param_bytes = 0
+    self._init_replicas(placements)
 
   @property
   def grid(self) -> tuple[tuple[int, int], ...]:
@@ -119,24 +117,15 @@ class SeqBundleEngine(Engine):
     import jax
 
     say = progress or (lambda msg: None)
-    specs = self.manifest.params
     for r, placement in enumerate(self.placements):
-      t0 = time.perf_counter()
-      shardings = (placement.param_shardings(specs) if placement.param_shardings else
-                   [jax.sharding.SingleDeviceSharding(placement.devices[0])] * len(specs))
-      params = bundle_lib.restore_params(self.path, self.manifest, shardings)
-      say(f"replica {r} ({placement.label}): params restored in {time.perf_counter() - t0:.2f}s")
+      params, shardings = self._restore(r, placement, say)
       param_structs = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding)
                        for p in params]
       compiled: dict[tuple[int, int], Any] = {}
       t1 = time.perf_counter()
       for s in self.seq_buckets:
         for b in self.buckets:
-          in_sharding = {
-              t.name: (placement.batch_sharding(len(t.shape), bucket=b)
-                       if placement.batch_sharding
-                       else jax.sharding.SingleDeviceSharding(placement.devices[0]))
-              for t in self.inputs}
+          in_sharding = {t.name: self._batch_sharding(placement, t, b) for t in self.inputs}
           fn = jax.jit(self._exported[(b, s)].call, in_shardings=(list(shardings), in_sharding))
           structs = {t.name: jax.ShapeDtypeStruct(self._shape(t, b, s), _np_dtype(t.dtype))
                      for t in self.inputs}
@@ -158,15 +147,6 @@ class SeqBundleEngine(Engine):
                               f" (batch {b}, seq {s}), expected {want}")
         jax.block_until_ready(out)
       self._replicas.append({"params": params, "compiled": compiled})
-    self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
-
-  @property
-  def param_bytes(self) -> int:
-    return self._param_bytes
-
-  @property
-  def ready(self) -> bool:
-    return bool(self._replicas)
 
   def seq_bucket_for(self, length: int) -> int:
     """Smallest sequence bucket holding `length` tokens."""
@@ -187,15 +167,5 @@ class SeqBundleEngine(Engine):
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
     seq, padded = self.pad(inputs)
-    replica = self._replicas[self._next]
-    self._next = (self._next + 1) % len(self._replicas)
+    replica = self._next_replica()
     return replica["compiled"][(bucket, seq)](replica["params"], padded)
-
-  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in handle.items()}
-
-  def close(self) -> None:
-    for replica in self._replicas:
-      for p in replica["params"]:
-        p.delete()
-    self._replicas.clear()

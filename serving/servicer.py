@@ -277,41 +277,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                           "server is shutting down; retry on another replica")
     request_id = request.id or f"{self._id_prefix}-{next(self._ids)}"
     try:
-      for attempt in range(3):
-        rec, runner = self._serving(request.model_name, request.model_version)
-        engine = runner.engine
-        arrays, rows = codec.decode_inputs(request, engine.inputs, self.limits)
-        out_specs = codec.requested_outputs(request, engine.outputs)
-        deadline, priority = self._schedule_params(request, context, t0,
-                                                   rec.config.default_timeout_us)
-        fut = asyncio.get_running_loop().create_future()
-        req = InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
-                           deadline=deadline, priority=priority, request_id=request_id,
-                           extra=fut)
-        if getattr(runner, "wants_parameters", False):
-          req.parameters = {k: codec.param_value(v) for k, v in request.parameters.items()}
-        try:
-          runner.submit(req)
-          break
-        except ServingError as e:  # retired by a hot reload after lookup: use the new default
-          if (e.code is not Code.UNAVAILABLE or request.model_version or attempt == 2
-              or rec.state is State.READY):
-            raise
+      response = await self._predict(request, context, t0, request_id)
     except ServingError as e:
       self._log_outcome(request, request_id, e, t0)
       return await self._abort(context, e)
+    self._log_outcome(request, request_id, None, t0)
+    return response
+
+  async def _predict(self, request, context, t0: float,
+                     request_id: str) -> pb.ModelInferResponse:
+    """Validates, queues and awaits one request (ModelInfer, and predict models in a stream);
+    raises ServingError. In-flight requests are counted for graceful shutdown."""
+    for attempt in range(3):
+      rec, runner = self._serving(request.model_name, request.model_version)
+      engine = runner.engine
+      arrays, rows = codec.decode_inputs(request, engine.inputs, self.limits)
+      out_specs = codec.requested_outputs(request, engine.outputs)
+      deadline, priority = self._schedule_params(request, context, t0,
+                                                 rec.config.default_timeout_us)
+      fut = asyncio.get_running_loop().create_future()
+      req = InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
+                         deadline=deadline, priority=priority, request_id=request_id,
+                         extra=fut)
+      if getattr(runner, "wants_parameters", False):
+        req.parameters = {k: codec.param_value(v) for k, v in request.parameters.items()}
+      try:
+        runner.submit(req)
+        break
+      except ServingError as e:  # retired by a hot reload after lookup: use the new default
+        if (e.code is not Code.UNAVAILABLE or request.model_version or attempt == 2
+            or rec.state is State.READY):
+          raise
     self._inflight += 1
     self._idle.clear()
     try:
       outputs = await fut
-    except ServingError as e:
-      self._log_outcome(request, request_id, e, t0)
-      return await self._abort(context, e)
     finally:
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()
-    self._log_outcome(request, request_id, None, t0)
     return codec.encode_response(request, rec.version, outputs, out_specs)
 
   async def ModelStreamInfer(self, request_iterator, context):
@@ -332,7 +336,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def predict(request) -> None:
       try:
-        resp = await self._stream_predict(request, context)
+        resp = await self._predict(request, context, time.perf_counter(), request.id)
         resp.parameters["triton_final_response"].bool_param = True
         out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
       except ServingError as e:
@@ -422,20 +426,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       reader_task.cancel()
       for handle in list(live.values()):
         handle.cancel()  # client went away or the stream ended: free slots and pages now
-
-  async def _stream_predict(self, request, context) -> pb.ModelInferResponse:
-    """One predict request inside a stream, through the same batching path as ModelInfer."""
-    t0 = time.perf_counter()
-    rec, runner = self._serving(request.model_name, request.model_version)
-    arrays, rows = codec.decode_inputs(request, runner.engine.inputs, self.limits)
-    out_specs = codec.requested_outputs(request, runner.engine.outputs)
-    deadline, priority = self._schedule_params(request, context, t0)
-    fut = asyncio.get_running_loop().create_future()
-    runner.submit(InferRequest(inputs=arrays, rows=rows, on_done=_unused, arrival=t0,
-                               deadline=deadline, priority=priority, request_id=request.id,
-                               extra=fut))
-    outputs = await fut
-    return codec.encode_response(request, rec.version, outputs, out_specs)
 
   def _schedule_params(self, request, context, t0: float,
                        default_timeout_us: int | None = None) -> tuple[float | None, int]:

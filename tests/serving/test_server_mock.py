@@ -217,3 +217,36 @@ def test_queue_bound_sheds_with_resource_exhausted(start_mock_server):
         outcomes.append(e.status())
   assert "StatusCode.RESOURCE_EXHAUSTED" in outcomes
   assert outcomes.count("ok") >= 2  # one running, one queued
+
+
+def test_predict_requests_inside_a_stream_get_exact_answers(start_mock_server):
+  import queue as queue_mod
+
+  bg, _ = start_mock_server()
+  rng = np.random.default_rng(4)
+  cases = [rand_rows(rng, n) for n in (1, 3, 11)]  # 11 rows: split across batches
+  results: queue_mod.Queue = queue_mod.Queue()
+  c = tc.InferenceServerClient(bg.address)
+  c.start_stream(callback=lambda result, error: results.put((result, error)))
+  try:
+    for i, (x, k) in enumerate(cases):
+      ins = [tc.InferInput("x", list(x.shape), "FP32"), tc.InferInput("k", list(k.shape), "INT32")]
+      ins[0].set_data_from_numpy(x)
+      ins[1].set_data_from_numpy(k)
+      c.async_stream_infer("mock", ins, request_id=str(i))
+    bad = [tc.InferInput("x", [1, 5], "FP32"), tc.InferInput("k", [1, 1], "INT32")]
+    bad[0].set_data_from_numpy(np.zeros((1, 5), np.float32))
+    bad[1].set_data_from_numpy(np.zeros((1, 1), np.int32))
+    c.async_stream_infer("mock", bad, request_id="bad")
+    got, errors = {}, []
+    while len(got) + len(errors) < len(cases) + 1:
+      result, error = results.get(timeout=30)
+      if error is not None:
+        errors.append(str(error))
+      else:
+        got[result.get_response().id] = result.as_numpy("y")
+  finally:
+    c.stop_stream()
+  assert len(errors) == 1 and "INVALID_ARGUMENT" in errors[0] and "'x'" in errors[0]
+  for i, (x, k) in enumerate(cases):
+    np.testing.assert_array_equal(got[str(i)], expected(x, k)[0])
