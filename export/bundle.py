@@ -12,6 +12,12 @@ A signature's `artifacts` maps `artifact_key(platform, seq)` ("cpu", "cpu@s64") 
 A predict bundle with several signatures is served as one model per signature
 (`served_models`).
 
+A signature of a model with categorical embedding tables may also carry `table_lookup`
+(optional, so format 1 still): `<signature>.from_embeddings.<platform>.jaxexport`, the same
+computation from already looked-up embeddings, with the lookup it replaces (`TableLookup`).
+The server uses it to serve table-wise (`embedding_tables`: whole tables on different
+devices, fused into one row-sharded array the signature's own params could not take).
+
 Every exported function has the call convention `fn(params: list[Array], inputs:
 dict[str, Array]) -> dict[str, Array]`; params are a flat list of leaves (exported
 input trees accept only string keys, and NNX state with lists has int keys).
@@ -119,6 +125,57 @@ class ParamSpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TableLookup:
+  """The embedding lookup a signature can be split at, and the artifact that runs the rest.
+
+  The lookup: `ids_input` [B, F] ids; feature f reads param leaf `tables[f]` ([rows[f], dim]),
+  id taken modulo rows[f] (the hashing trick), a negative id gives a zero vector; 8-bit
+  tables (`table_dtype` int8/uint8) are dequantized per row as codes * scale + offset with
+  `scales[f]`, `offsets[f]` ([rows[f]] float32 leaves). The result, [B, F, dim] float32, is
+  the input `embeddings_input` of `artifacts`, which take the params that are not table
+  leaves (in order) and the signature's other inputs: `fn(params, inputs) -> outputs`.
+  """
+
+  ids_input: str
+  embeddings_input: str
+  tables: tuple[int, ...]
+  rows: tuple[int, ...]
+  dim: int
+  table_dtype: str
+  artifacts: Mapping[str, str]  # artifact_key(platform, None, batch) -> file name
+  scales: tuple[int, ...] = ()  # empty unless 8-bit
+  offsets: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    n = len(self.tables)
+    if not n or len(self.rows) != n:
+      raise ValueError(f"table_lookup: {n} tables but {len(self.rows)} row counts")
+    if (self.scales or self.offsets) and not len(self.scales) == len(self.offsets) == n:
+      raise ValueError("table_lookup: scales and offsets need one leaf per table")
+
+  @property
+  def table_leaves(self) -> frozenset[int]:
+    """Every param leaf the lookup reads (tables, scales, offsets): not the artifact's params."""
+    return frozenset(self.tables) | frozenset(self.scales) | frozenset(self.offsets)
+
+  def to_json(self) -> dict[str, Any]:
+    d = {"ids_input": self.ids_input, "embeddings_input": self.embeddings_input,
+         "tables": list(self.tables), "rows": list(self.rows), "dim": self.dim,
+         "table_dtype": self.table_dtype, "ids": "modulo rows; negative -> zero vector",
+         "artifacts": dict(self.artifacts)}
+    if self.scales:
+      d.update(scales=list(self.scales), offsets=list(self.offsets),
+               dequantize="codes * scale + offset")
+    return d
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> TableLookup:
+    return cls(d["ids_input"], d["embeddings_input"], tuple(d["tables"]), tuple(d["rows"]),
+               int(d["dim"]), d["table_dtype"], dict(d["artifacts"]),
+               tuple(d.get("scales", ())), tuple(d.get("offsets", ())))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Signature:
   """One callable entry point of a bundle."""
 
@@ -127,6 +184,7 @@ class Signature:
   outputs: tuple[TensorSpec, ...]
   artifacts: Mapping[str, str]  # artifact_key(platform, seq) -> file name
   seq_buckets: tuple[int, ...] = ()  # this signature's own sequence buckets; () -> the manifest's
+  table_lookup: TableLookup | None = None  # the split for table-wise serving, if exported
 
   @property
   def has_seq(self) -> bool:
@@ -141,6 +199,8 @@ class Signature:
     }
     if self.seq_buckets:
       d["seq_buckets"] = list(self.seq_buckets)
+    if self.table_lookup is not None:
+      d["table_lookup"] = self.table_lookup.to_json()
     return d
 
   @classmethod
@@ -151,6 +211,7 @@ class Signature:
         tuple(TensorSpec.from_json(t) for t in d["outputs"]),
         dict(d["artifacts"]),
         tuple(int(s) for s in d.get("seq_buckets", ())),
+        TableLookup.from_json(d["table_lookup"]) if d.get("table_lookup") else None,
     )
 
 

@@ -96,7 +96,11 @@ class DCNv2(CategoricalEmbeddings, nnx.Module):
 
   def __call__(self, dense: jax.Array, sparse: jax.Array) -> dict[str, jax.Array]:
     # dense: [B, num_dense] float; sparse: [B, num_sparse] int32/int64
-    emb = self.embed(sparse)  # [B, F, D]
+    return self.from_embeddings(self.embed(sparse), dense)
+
+  def from_embeddings(self, embeddings: jax.Array, dense: jax.Array) -> dict[str, jax.Array]:
+    """`__call__` after the lookup: embeddings [B, F, D] float32, dense [B, num_dense]."""
+    emb = embeddings  # [B, F, D]
     flat = emb.reshape(emb.shape[0], self.config.num_sparse * self.config.embed_dim)
     x0 = jnp.concatenate([dense.astype(jnp.float32), flat], axis=1)  # [B, d]
     x = x0

@@ -98,5 +98,9 @@ class DLRM(CategoricalEmbeddings, nnx.Module):
     inter = dots[:, i, j]  # [B, (F+1)F/2]
     return self.top(jnp.concatenate([x, inter], axis=1))  # [B, 1]
 
+  def from_embeddings(self, embeddings: jax.Array, dense: jax.Array) -> dict[str, jax.Array]:
+    """`__call__` after the lookup: embeddings [B, F, D] float32, dense [B, num_dense]."""
+    return {"prob": jax.nn.sigmoid(self.logits_from_embeddings(dense, embeddings))}
+
   def __call__(self, dense: jax.Array, sparse: jax.Array) -> dict[str, jax.Array]:
-    return {"prob": jax.nn.sigmoid(self.logits(dense, sparse))}
+    return self.from_embeddings(self.embed(sparse), dense)

@@ -123,7 +123,30 @@ def make_tables(table_sizes: Sequence[int], embed_dim: int, rngs: nnx.Rngs) -> n
 
 class CategoricalEmbeddings:
   """Mixin for CTR models holding `self.tables` (from `make_tables`, maybe quantized) and a
-  config with `num_sparse` and `embedding_impl`: one id per feature -> [B, F, D]."""
+  config with `num_sparse` and `embedding_impl`: one id per feature -> [B, F, D].
+
+  A model computes `__call__(**inputs)` as `from_embeddings(embed(inputs[ids_input]), **rest)`,
+  so the exporter can also export the part after the lookup (table-wise serving looks the
+  embeddings up itself, from tables on different devices).
+  """
+
+  ids_input: str = "sparse"  # the input holding the [B, F] ids
+
+  def from_embeddings(self, embeddings: jax.Array, **inputs: jax.Array) -> dict[str, jax.Array]:
+    """The model's outputs from looked-up embeddings [B, F, D] float32 and its other inputs."""
+    raise NotImplementedError(f"{type(self).__name__} must define from_embeddings")
+
+  def table_param_paths(self) -> list[dict[str, str]]:
+    """Per feature, the '/'-joined param paths (as `export` names leaves) of its table:
+    {"table": ...} for a float table; 8-bit tables add "scale" and "offset"."""
+    out = []
+    for k in self.table_names():
+      if isinstance(self.tables[k], QuantizedTable):
+        out.append({"table": f"tables/{k}/codes", "scale": f"tables/{k}/scale",
+                    "offset": f"tables/{k}/offset"})
+      else:
+        out.append({"table": f"tables/{k}"})
+    return out
 
   def table_names(self) -> list[str]:
     return [f"t{f:02d}" for f in range(self.config.num_sparse)]

@@ -54,13 +54,16 @@ class Placement:
   """Where a model version lives: its devices and how params and batches are laid out.
 
   `param_shardings(specs)` and `batch_sharding(ndim, bucket=)` come from `sharding/`;
-  the default places everything on one device.
+  the default places everything on one device. `tables` (a `sharding.TablePlacement`, on
+  `mesh`) asks for table-wise serving: see `serving.tablewise`.
   """
 
   devices: tuple[Any, ...]
   param_shardings: Callable[[Sequence[bundle_lib.ParamSpec]], Sequence[Any]] | None = None
   batch_sharding: Callable[..., Any] | None = None
   label: str = "single"
+  tables: Any = None
+  mesh: Any = None
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -177,6 +180,20 @@ class BundleEngine(ReplicaEngine):
     # a fixed-batch artifact per bucket so the Triton kernels get static grids.
     self._exported = {b: loaded[f] for b, f in files.items()}
     self._init_replicas(placements)
+    # Table-wise placements run the signature from looked-up embeddings (serving.tablewise).
+    self._from_embeddings: dict[int, Any] = {}
+    if any(p.tables is not None for p in self.placements):
+      lookup = sig.table_lookup
+      if lookup is None:
+        raise BundleError(f"{self.path}: table-wise serving needs the signature's from-embeddings"
+                          " artifact, which this bundle lacks; re-export the model")
+      for b in self.buckets:
+        fname = bundle_lib.find_artifact(lookup.artifacts, platform, batch=b)
+        if fname is None:
+          raise BundleError(f"{self.path}: no {platform!r} from-embeddings artifact for bucket {b}")
+        if fname not in loaded:
+          loaded[fname] = jax.export.deserialize(bytearray((self.path / fname).read_bytes()))
+        self._from_embeddings[b] = loaded[fname]
 
   def warmup(self, *, progress: Progress | None = None) -> None:
     import jax
@@ -184,10 +201,17 @@ class BundleEngine(ReplicaEngine):
     say = progress or (lambda msg: None)
     for r, placement in enumerate(self.placements):
       params, shardings = self._restore(r, placement, say)
+      step = lambda bucket: self._exported[bucket].call
+      if placement.tables is not None:
+        from serving.tablewise import TableWise
+
+        tw = TableWise(self.signature, placement.tables, placement.mesh, str(self.path))
+        params, shardings = tw.fuse(params, shardings)
+        step = lambda bucket, tw=tw: tw.step(self._from_embeddings[bucket])
       compiled = {}
       for bucket in self.buckets:
         in_sharding = {t.name: self._batch_sharding(placement, t, bucket) for t in self.inputs}
-        fn = jax.jit(self._exported[bucket].call, in_shardings=(list(shardings), in_sharding))
+        fn = jax.jit(step(bucket), in_shardings=(list(shardings), in_sharding))
         t1 = time.perf_counter()
         structs = {t.name: jax.ShapeDtypeStruct((bucket, *t.shape[1:]), _np_dtype(t.dtype))
                    for t in self.inputs}

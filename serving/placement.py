@@ -12,6 +12,7 @@ from typing import Sequence
 from export.bundle import BundleError, Manifest
 from serving.engine import Placement
 from serving.repository import EngineFactory, ModelServingConfig, default_engine_factory
+from serving.tablewise import require_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
   plan = ShardingPlan.create(strategy, n, available[:n])
   axes = [p.logical_axes for p in manifest.params]
   shapes = [p.shape for p in manifest.params]
-  if plan.table_placement(axes, shapes) is not None:
-    raise BundleError(f"{manifest.name}: strategy {strategy!r} fuses tables into one array,"
-                      " which an exported bundle's fixed signature cannot take; serve it with"
-                      " embedding_rows (row-sharded tables) instead")
+  try:
+    tables = plan.table_placement(axes, shapes)
+  except ValueError as e:
+    raise BundleError(f"{manifest.name}: {e}") from e
+  if tables is not None:  # whole tables on single devices: the bundle's lookup split runs them
+    require_lookup(manifest, strategy)
   out = []
   for mesh, p in plan.placements():
     out.append(Placement(
@@ -44,7 +47,7 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
         param_shardings=lambda specs, p=p: p.param_shardings(
             [s.logical_axes for s in specs], [s.shape for s in specs]),
         batch_sharding=lambda ndim, bucket=None, p=p: p.input_sharding(ndim, batch=bucket),
-        label=f"{strategy} mesh {dict(mesh.shape)}"))
+        label=f"{strategy} mesh {dict(mesh.shape)}", tables=tables, mesh=mesh))
   logger.info("%s: %d placement(s) under %s", manifest.name, len(out), strategy)
   return out
 

@@ -111,7 +111,8 @@ class ShardingPlan:
     """One NamedSharding per flat parameter leaf (restore targets and jit in_shardings).
 
     Under `embedding_tables`, each separate table (axes ("table_rows", ...)) gets its home: a
-    1-device mesh on the device `table_placement` chose. That is a restore target, not a jit
+    1-device mesh on the device `table_placement` chose (an 8-bit table's per-row scale and
+    offset go with it). That is a restore target, not a jit
     input: fuse the tables with `TablePlacement.fuse` (which is jit-friendly) before serving.
     """
     if len(logical_axes_list) != len(shapes):
@@ -120,8 +121,10 @@ class ShardingPlan:
     placement = self.table_placement(logical_axes_list, shapes)
     if placement is not None:
       devices = self.mesh.devices.reshape(-1)
-      for leaf, shard in zip(placement.leaf_index, placement.shard):
-        homes[leaf] = NamedSharding(single_device_mesh(devices[shard]), P())
+      for f, (leaf, shard) in enumerate(zip(placement.leaf_index, placement.shard)):
+        home = NamedSharding(single_device_mesh(devices[shard]), P())
+        for i in (leaf, *(placement.side[f] if placement.side else ())):
+          homes[i] = home
     out: list[NamedSharding] = []
     fallbacks: list[str] = []
     for i, (axes, shape) in enumerate(zip(logical_axes_list, shapes)):
@@ -170,6 +173,9 @@ class ShardingPlan:
     """For `embedding_tables`: which device holds each ("table_rows", "embed") leaf; else None.
 
     Deterministic in (axes, shapes, device count), so `param_shardings` and the engine agree.
+    Other ("table_rows", ...) leaves are per-row side arrays of 8-bit tables (scale, offset):
+    each goes with the nearest table leaf before it that has its row count (the order in
+    which models.embedding.QuantizedTable flattens: codes, offset, scale).
     """
     if self.strategy != "embedding_tables":
       return None
@@ -177,13 +183,21 @@ class ShardingPlan:
               if a is not None and len(a) == 2 and a[0] == "table_rows"]
     if not leaves:
       return None
-    side = [i for i, a in enumerate(logical_axes_list)
-            if a is not None and a[:1] == ("table_rows",) and len(a) != 2]
-    if side:
-      # Per-row side arrays (8-bit tables' scale/offset) would need fusing alongside the codes.
-      raise ValueError(f"embedding_tables fuses [rows, D] tables only; leaves {side} are other"
-                       " ('table_rows', ...) arrays (quantized tables?): use embedding_rows")
-    return TablePlacement.balance(leaves, [tuple(shapes[i]) for i in leaves], self.num_devices)
+    side: dict[int, list[int]] = {i: [] for i in leaves}
+    for i, a in enumerate(logical_axes_list):
+      if a is None or a[:1] != ("table_rows",) or len(a) == 2:
+        continue
+      owner = [t for t in leaves if t < i and shapes[t][0] == shapes[i][0]]
+      if not owner:
+        raise ValueError(f"embedding_tables: leaf {i} {tuple(shapes[i])} with axes {a} follows"
+                         " no table of its row count, so it cannot go with one: use"
+                         " embedding_rows")
+      side[owner[-1]].append(i)
+    placement = TablePlacement.balance(leaves, [tuple(shapes[i]) for i in leaves],
+                                       self.num_devices)
+    if any(side.values()):
+      placement = dataclasses.replace(placement, side=tuple(tuple(side[i]) for i in leaves))
+    return placement
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -204,6 +218,7 @@ class TablePlacement:
   block_rows: int
   dim: int
   num_shards: int
+  side: tuple[tuple[int, ...], ...] = ()  # per table, flat-leaf indices of its per-row arrays
 
   def __post_init__(self):
     n = len(self.leaf_index)
@@ -214,6 +229,8 @@ class TablePlacement:
         raise ValueError(f"table {f}: shard {self.shard[f]} outside 0..{self.num_shards - 1}")
       if self.offset[f] + self.rows[f] > self.block_rows:
         raise ValueError(f"table {f} overflows its block ({self.block_rows} rows)")
+    if self.side and len(self.side) != n:
+      raise ValueError(f"side needs one entry per table ({n}), got {len(self.side)}")
 
   @classmethod
   def balance(
@@ -250,24 +267,30 @@ class TablePlacement:
       out[k] += self.rows[f]
     return out
 
-  def fused_sharding(self, mesh: Mesh) -> NamedSharding:
+  def fused_sharding(self, mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows split over all mesh axes: block k on `mesh.devices.flat[k]`."""
     if mesh.devices.size != self.num_shards:
       raise ValueError(f"placement is for {self.num_shards} devices, mesh has {mesh.devices.size}")
-    return NamedSharding(mesh, P(MESH_AXES, None))
+    return NamedSharding(mesh, P(MESH_AXES, *(None,) * (ndim - 1)))
 
   def fuse(self, tables: Sequence[jax.Array | np.ndarray | None], mesh: Mesh) -> jax.Array:
     """Builds the fused array from the tables (feature order), block by block on its own device.
 
     No device ever holds more than its block: each block is concatenated on its owner (tables
     restored to `param_shardings` homes are already there). Tables for blocks this process does
-    not address may be None.
+    not address may be None. Per-row side arrays ([rows_f] scales or offsets of 8-bit tables)
+    fuse the same way, into [num_shards * block_rows] with the tables' row layout.
     """
     if len(tables) != len(self.rows):
       raise ValueError(f"{len(tables)} tables for a placement of {len(self.rows)}")
-    sharding = self.fused_sharding(mesh)
+    present = [t for t in tables if t is not None]
+    trail = tuple(present[0].shape[1:]) if present else (self.dim,)
+    if trail not in ((self.dim,), ()):
+      raise ValueError(f"tables must be [rows, {self.dim}] (or [rows] side arrays), got"
+                       f" [rows, {trail}]")
+    sharding = self.fused_sharding(mesh, 1 + len(trail))
     devices = mesh.devices.reshape(-1)
-    dtypes = {jnp.dtype(t.dtype) for t in tables if t is not None}
+    dtypes = {jnp.dtype(t.dtype) for t in present}
     if len(dtypes) != 1:
       raise ValueError(f"table-wise fusion needs one dtype, got {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
@@ -279,23 +302,29 @@ class TablePlacement:
       for f in sorted((f for f in range(len(self.rows)) if self.shard[f] == k),
                       key=lambda f: self.offset[f]):
         t = tables[f]
-        if t is None or tuple(t.shape) != (self.rows[f], self.dim):
-          raise ValueError(f"table {f} must be a [{self.rows[f]}, {self.dim}] array, got"
+        if t is None or tuple(t.shape) != (self.rows[f], *trail):
+          raise ValueError(f"table {f} must be a {[self.rows[f], *trail]} array, got"
                            f" {None if t is None else t.shape}")
         parts.append(jax.device_put(t, device))
       pad = self.block_rows - sum(p.shape[0] for p in parts)
       if pad:
-        parts.append(jax.device_put(np.zeros((pad, self.dim), dtype), device))
+        parts.append(jax.device_put(np.zeros((pad, *trail), dtype), device))
       block = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
       blocks.append(block)
-    return jax.make_array_from_single_device_arrays(self.fused_shape, sharding, blocks)
+    return jax.make_array_from_single_device_arrays(
+        (self.num_shards * self.block_rows, *trail), sharding, blocks)
 
-  def lookup(self, fused: jax.Array, ids: jax.Array, mesh: Mesh) -> jax.Array:
-    """[B, F] ids (modulo rows; -1 = missing -> zeros) -> [B, F, D] float32; call under jit.
+  def lookup(self, fused: jax.Array, ids: jax.Array, mesh: Mesh, *,
+             scale: jax.Array | None = None, offset: jax.Array | None = None) -> jax.Array:
+    """[B, F] ids (modulo rows; negative = missing -> zeros) -> [B, F, D] float32; under jit.
 
     Each device gathers only its own tables' features ([B, F_max, D], masked), then one
     all-gather of those activations assembles [B, F, D] on every device; no weight moves.
+    8-bit tables: `fused` holds the codes and `scale`, `offset` the fused per-row arrays;
+    each device dequantizes its rows (codes * scale + offset) before the all-gather.
     """
+    if (scale is None) != (offset is None):
+      raise ValueError("give both scale and offset (8-bit tables) or neither")
     per_shard = [sorted((f for f in range(len(self.rows)) if self.shard[f] == k)) for k in
                  range(self.num_shards)]
     width = max(1, max(len(fs) for fs in per_shard))
@@ -307,21 +336,27 @@ class TablePlacement:
       for j, f in enumerate(fs):
         feat[k, j], off[k, j], nrows[k, j], slot[f] = f, self.offset[f], self.rows[f], j
 
-    def local(block: jax.Array, ids: jax.Array) -> jax.Array:
-      # block: [block_rows, D] (this device's tables); ids: [B, F] (replicated)
+    def local(block: jax.Array, ids: jax.Array, *side: jax.Array) -> jax.Array:
+      # block: [block_rows, D] (this device's tables); ids: [B, F] (replicated);
+      # side: () or this device's [block_rows] scale and offset
       k = jax.lax.axis_index(MESH_AXES)
       my_feat, my_off, my_rows = jnp.asarray(feat)[k], jnp.asarray(off)[k], jnp.asarray(nrows)[k]
       col = jnp.take(ids, jnp.maximum(my_feat, 0), axis=1).astype(jnp.int32)  # [B, W]
       valid = (col >= 0) & (my_feat >= 0)[None, :]
       row = my_off[None, :] + jnp.where(valid, col % my_rows[None, :], 0)
       vec = jnp.take(block, row, axis=0)  # [B, W, D]
+      if side:
+        s, o = (jnp.take(a, row, axis=0)[..., None] for a in side)  # [B, W, 1]
+        vec = vec.astype(jnp.float32) * s + o
       vec = jnp.where(valid[..., None], vec, jnp.zeros((), vec.dtype))
       return jax.lax.all_gather(vec, MESH_AXES, axis=0)  # [num_shards, B, W, D]
 
+    side = () if scale is None else (scale, offset)
     # all_gather makes every device hold the same value, which the vma check cannot see through
     # (the gathered values are device-dependent), hence check_vma=False.
-    gathered = jax.shard_map(local, mesh=mesh, in_specs=(P(MESH_AXES, None), P()),
-                             out_specs=P(), check_vma=False)(fused, ids)
+    gathered = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(MESH_AXES, None), P(), *(P(MESH_AXES),) * len(side)),
+        out_specs=P(), check_vma=False)(fused, ids, *side)
     out = gathered[np.asarray(self.shard), :, np.asarray(slot)]  # [F, B, D]
     return jnp.transpose(out, (1, 0, 2)).astype(jnp.float32)
 
@@ -382,11 +417,15 @@ def serving_params(
 
   Without table-wise placement the params are the leaves, placed. Under `embedding_tables` the
   table leaves are removed and their fusion appended last; the model must then look embeddings
-  up with `tables.lookup(params[-1], ids, plan.mesh)` instead of indexing the tables.
+  up with `tables.lookup(params[-1], ids, plan.mesh)` instead of indexing the tables. 8-bit
+  tables' side arrays (`tables.side`) are removed too, and fused after the codes, in the order
+  `side` lists them (params[-1 - len(side[0]):] = codes, side arrays).
   """
   placement = plan.table_placement(logical_axes_list, shapes)
   homes = plan.param_shardings(logical_axes_list, shapes)
   table_set = set(placement.leaf_index) if placement else set()
+  if placement is not None and placement.side:
+    table_set |= {i for s in placement.side for i in s}
   params, shardings = [], []
   for i, (x, sh) in enumerate(zip(leaves, homes, strict=True)):
     if i in table_set:
@@ -394,7 +433,11 @@ def serving_params(
     params.append(x if getattr(x, "sharding", None) == sh else jax.device_put(x, sh))
     shardings.append(sh)
   if placement is not None:
-    tables = [jax.device_put(leaves[i], homes[i]) for i in placement.leaf_index]
-    params.append(placement.fuse(tables, plan.mesh))
-    shardings.append(placement.fused_sharding(plan.mesh))
+    groups = [placement.leaf_index]
+    if placement.side:
+      groups += [tuple(s[j] for s in placement.side) for j in range(len(placement.side[0]))]
+    for group in groups:
+      fused = placement.fuse([jax.device_put(leaves[i], homes[i]) for i in group], plan.mesh)
+      params.append(fused)
+      shardings.append(fused.sharding)
   return params, shardings, placement

@@ -98,8 +98,16 @@ def test_table_placement_balances_by_bytes():
     TablePlacement.balance([0, 1], [(4, 8), (4, 16)], 2)
   plan = ShardingPlan.create("embedding_tables", 2)
   assert plan.table_placement([("embed", "mlp")], [(4, 4)]) is None
-  with pytest.raises(ValueError, match="quantized tables"):  # 8-bit codes + per-row scales
-    plan.param_shardings([("table_rows", "embed"), ("table_rows",)], [(4, 8), (4,)])
+  # 8-bit tables: per-row scale/offset leaves follow their codes and share their home.
+  axes = [("table_rows", "embed"), ("table_rows",), ("table_rows",), ("table_rows", "embed"),
+          ("table_rows",), ("table_rows",)]
+  shapes = [(6, 8), (6,), (6,), (4, 8), (4,), (4,)]
+  q = plan.table_placement(axes, shapes)
+  assert q.leaf_index == (0, 3) and q.side == ((1, 2), (4, 5)) and q.shard == (0, 1)
+  homes = plan.param_shardings(axes, shapes)
+  assert homes[0] == homes[1] == homes[2] != homes[3] == homes[4] == homes[5]
+  with pytest.raises(ValueError, match="follows no table"):  # a side array needs its table
+    plan.param_shardings([("table_rows",), ("table_rows", "embed")], [(4,), (4, 8)])
 
 
 def _save(tmp_path, leaves):
