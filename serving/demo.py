@@ -18,7 +18,7 @@ from serving.demo_models import build_dcn_v2, build_relevance, build_two_tower
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = "demo-v2"
+DEMO_RECIPE = "demo-v3"  # v3: CTR bundles carry the from-embeddings artifact (embedding_tables)
 
 
 def demo_cache_root() -> pathlib.Path:

@@ -37,8 +37,10 @@ from serving.engine import Engine, Progress, _check_jax_version, _platform
 logger = logging.getLogger(__name__)
 
 DEFAULT_STRATEGY = "embedding_rows"
-# One program over the whole mesh; "replicated" means independent per-device replicas and
-# "embedding_tables" fuses tables, which an exported signature cannot take.
+# One program over the whole mesh; "replicated" means independent per-device replicas.
+# "embedding_tables" serves single-host only: it runs the bundle's from-embeddings artifact after
+# a fused lookup (serving/tablewise.py), which only BundleEngine composes; the lockstep program
+# here runs the signature's own artifact, whose per-table params cannot take the fused tables.
 MULTIHOST_STRATEGIES: tuple[str, ...] = ("embedding_rows", "tensor", "tensor+data")
 
 
