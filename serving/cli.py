@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="json: one JSON object per log line (with request_id, model, code)"
                      " for log pipelines, progress lines included")
+  serve.add_argument("--frontend", choices=("native", "python"), default=None,
+                     help="gRPC front end. native: a C++ gRPC server owns the port, parses"
+                     " ModelInfer for batched predict models itself and relays every other call"
+                     " (streams, admin, health, anything it does not fully understand) to the"
+                     " Python servicer; it cuts per-request CPU several-fold. python: grpc.aio"
+                     " only. Default: native when the extension was built (it needs"
+                     " libgrpc++-dev and pkg-config at install time), else python; TLS always"
+                     " uses python")
+  serve.add_argument("--native-threads", type=int, default=1,
+                     help="gRPC completion-queue threads of the native front end")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--log-level", default="WARNING",
@@ -140,7 +150,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None):
       limits=codec.Limits(max_rows=args.max_rows_per_request,
                           max_tensor_bytes=args.max_tensor_bytes),
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
-      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token)
+      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
+      frontend=args.frontend or "auto", native_threads=args.native_threads)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -190,7 +201,11 @@ def serve(args: argparse.Namespace) -> int:
     return 2
   from serving.placement import engine_factory_for
   factory = multihost.factory if multihost else engine_factory_for(config)
-  server = Server(config, engine_factory=factory, progress=say)
+  try:
+    server = Server(config, engine_factory=factory, progress=say)
+  except RuntimeError as e:  # --frontend native without the extension
+    print(f"xlaserve: {e}", file=sys.stderr)
+    return 2
 
   def listening(s: Server) -> None:
     metrics = (f", Prometheus metrics at http://{args.host}:{s.metrics_port}/metrics"

@@ -5,6 +5,11 @@ in a worker thread, then readiness turns true. Shutdown (SIGTERM/SIGINT):
 readiness turns false, new requests get UNAVAILABLE, every accepted request is
 answered, then the process exits 0.
 
+Front ends: by default the native C++ server (serving/native_frontend.py) owns the public
+port, serves ModelInfer of plain batched models itself and relays every other call to the
+grpc.aio server, which then listens on a private unix socket; with `frontend="python"`,
+TLS, or without the compiled extension, the grpc.aio server owns the port.
+
 Optional: TLS (certificate and key files), a bearer token checked by an interceptor
 (serving/auth.py), and a repository poller for hot reload (serving/reload.py).
 """
@@ -15,16 +20,18 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
+import shutil
 import signal
+import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from serving import codec
+from serving import codec, native_frontend
 from serving.auth import BearerTokenInterceptor, check_token
 from serving.compile_watch import CompileCounter
 from serving.metrics import Metrics
@@ -107,6 +114,8 @@ class ServerConfig:
   tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: serve gRPC over TLS
   tls_key_file: str | None = None
   auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
+  frontend: str = "auto"  # "native" (C++), "python" (grpc.aio), "auto": native when built
+  native_threads: int = 1  # completion-queue threads of the native front end
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
@@ -119,6 +128,10 @@ class ServerConfig:
       raise ValueError("TLS needs both a certificate and a key file (--tls-cert and --tls-key)")
     if self.auth_token is not None:
       check_token(self.auth_token)
+    if self.frontend not in ("auto", "native", "python"):
+      raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
+    if self.native_threads < 1:
+      raise ValueError(f"native_threads must be >= 1, got {self.native_threads}")
 
   def server_credentials(self) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files, or None for plaintext."""
@@ -142,9 +155,12 @@ class Server:
     self.compiles = CompileCounter().install()
     self.metrics = Metrics(compile_count=lambda: self.compiles.outside_warmup)
     self.delivery = AsyncDelivery()
+    self.native: native_frontend.NativeFrontend | None = None
+    self._native_module, self.frontend = self._choose_frontend()
+    self._socket_dir: str | None = None
     self.repository = ModelRepository(
         config.model_repository, engine_factory=engine_factory,
-        observer_factory=self.metrics.observer, deliver=self.delivery,
+        observer_factory=self.metrics.observer, deliver=self._deliver,
         compile_counter=self.compiles, default_config=config.default_model_config)
     from serving.generation.metrics import GenerationCollector
     self.metrics.registry.register(GenerationCollector(lambda: [
@@ -165,6 +181,37 @@ class Server:
     self._loop: asyncio.AbstractEventLoop | None = None
     self._metrics_server = None
 
+  def _choose_frontend(self) -> tuple[Any, str]:
+    """The compiled extension (or None) and "native" or "python", saying why on a fallback."""
+    cfg = self.config
+    if cfg.frontend == "python":
+      return None, "python"
+    module, why = native_frontend.load_extension()
+    if module is None:
+      if cfg.frontend == "native":
+        raise RuntimeError(f"--frontend native: {why}")
+      logger.warning("using the Python gRPC front end: %s", why)
+      self.progress(f"gRPC front end: python ({why})")
+      return None, "python"
+    if cfg.tls_cert_file is not None:
+      logger.warning("TLS is configured: using the Python gRPC front end (the native one"
+                     " serves plaintext only)")
+      self.progress("gRPC front end: python (TLS is served by the Python front end)")
+      return None, "python"
+    return module, "native"
+
+  def _deliver(self, completions: list) -> None:
+    """Runner -> clients: native requests to the C++ front end, the rest to asyncio."""
+    native = self.native
+    if native is not None:
+      mine = [c for c in completions if native_frontend.is_native(c[0])]
+      if mine:
+        native.complete(mine)
+        if len(mine) == len(completions):
+          return
+        completions = [c for c in completions if not native_frontend.is_native(c[0])]
+    self.delivery(completions)
+
   async def _set_health(self, serving: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -172,7 +219,10 @@ class Server:
       await self.health.set(svc, status)
 
   def _repository_changed(self) -> None:
-    """Thread-safe: refreshes grpc.health after models were loaded or unloaded at run time."""
+    """Thread-safe: republishes the native front end's models and refreshes grpc.health after
+    models were loaded or unloaded at run time."""
+    if self.native is not None:
+      self.native.refresh()
     loop = self._loop
     if loop is None or loop.is_closed() or not self.loaded.is_set():
       return
@@ -201,13 +251,27 @@ class Server:
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
     creds = cfg.server_credentials()
     address = f"{cfg.host}:{cfg.grpc_port}"
-    self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
-                      else server.add_insecure_port(address))
+    if self._native_module is not None:  # C++ owns the port; grpc.aio listens privately
+      self._socket_dir = tempfile.mkdtemp(prefix="xlaserve-")
+      backend = f"unix:{self._socket_dir}/grpc.sock"
+      if server.add_insecure_port(backend) == 0:
+        raise OSError(f"cannot listen on the internal socket {backend}")
+      self.native = native_frontend.NativeFrontend(
+          self._native_module, self.repository, backend=backend, limits=cfg.limits,
+          max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
+          id_prefix=self.servicer._id_prefix, threads=cfg.native_threads)
+    else:
+      self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
+                        else server.add_insecure_port(address))
+    await self._set_health(False)
+    await server.start()
+    if self.native is not None:
+      self.grpc_port = self.native.start(address)
+      if self.grpc_port:
+        self.progress("gRPC front end: native (C++; other calls relayed to the Python servicer)")
     if self.grpc_port == 0:
       raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port} (in use?); pick another"
                     " --grpc-port")
-    await self._set_health(False)
-    await server.start()
     if cfg.metrics_port >= 0:
       import prometheus_client as prom
       self._metrics_server, _ = prom.start_http_server(cfg.metrics_port, cfg.host,
@@ -223,6 +287,8 @@ class Server:
       self.poller.prime()  # changes during the initial load are picked up by the first poll
     await self._loop.run_in_executor(None, self.repository.load_all, self.progress)
     self.load_s = time.perf_counter() - t0
+    if self.native is not None:
+      self.native.refresh()
     self.loaded.set()
     if self.poller is not None:
       self.poller.start()
@@ -237,12 +303,21 @@ class Server:
   async def _shutdown(self, server: grpc.aio.Server) -> None:
     self.progress("shutting down: refusing new requests, answering accepted ones")
     self.servicer.accepting = False
+    if self.native is not None:
+      self.native.set_accepting(False)
     await self._set_health(False)
     if self.poller is not None:
       await self._loop.run_in_executor(None, self.poller.stop)
+    end = time.perf_counter() + self.config.shutdown_grace_s
     await self.servicer.wait_idle(self.config.shutdown_grace_s)
+    if self.native is not None:
+      await self.native.wait_idle(max(0.0, end - time.perf_counter()))
     await self._loop.run_in_executor(None, lambda: self.repository.stop(drain=True))
+    if self.native is not None:
+      await self._loop.run_in_executor(None, self.native.stop, 1.0)
     await server.stop(grace=1.0)
+    if self._socket_dir is not None:
+      shutil.rmtree(self._socket_dir, ignore_errors=True)
     if self._metrics_server is not None:
       self._metrics_server.shutdown()
     self.progress("stopped")

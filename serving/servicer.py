@@ -42,6 +42,18 @@ _MC_TYPE = {
 }
 
 
+def log_outcome(model: str, version: str, request_id: str, err: ServingError | None,
+                t0: float) -> None:
+  """One structured record per request: ERROR for server faults, DEBUG otherwise."""
+  level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
+  if logger.isEnabledFor(level):
+    logger.log(level, "infer %s", "ok" if err is None else err.code.value, extra={
+        "request_id": request_id, "model": model, "version": version,
+        "code": "OK" if err is None else err.code.value,
+        "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        **({} if err is None else {"error": err.message})})
+
+
 class AsyncDelivery:
   """Runner -> asyncio: resolves each request's future on the event loop, one hop per batch."""
 
@@ -121,14 +133,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                        " unloaded while this request was routed; retry")
 
   def _log_outcome(self, request, request_id: str, err: ServingError | None, t0: float) -> None:
-    """One structured record per request: ERROR for server faults, DEBUG otherwise."""
-    level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
-    if logger.isEnabledFor(level):
-      logger.log(level, "infer %s", "ok" if err is None else err.code.value, extra={
-          "request_id": request_id, "model": request.model_name,
-          "version": request.model_version, "code": "OK" if err is None else err.code.value,
-          "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
-          **({} if err is None else {"error": err.message})})
+    log_outcome(request.model_name, request.model_version, request_id, err, t0)
 
   # -- health and metadata -----------------------------------------------------
 

@@ -1,0 +1,217 @@
+"""Python half of the native gRPC front end (serving/native/frontend.cc).
+
+The C++ server owns the public port. It parses and validates ModelInfer requests for the
+"fast" models published here (plain batched predict models, served by ModelRunner) and
+relays everything else to the Python servicer on an internal unix socket. One feeder
+thread takes parsed requests in bulk (GIL released while it waits), wraps each in the
+usual InferRequest and submits it to the model's runner, so batching, deadlines,
+admission and metrics are unchanged; the runner's answers go back in one call per batch.
+A request the feeder cannot place (a version retired since the table was published) is
+handed back to the relay, so the Python servicer answers it with its usual semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from serving import codec
+from serving.repository import ModelRepository, ServedVersion, State
+from serving.runner import Completion, ModelRunner
+from serving.servicer import GRPC_CODE, log_outcome
+from serving.types import Code, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = ("apt-get install libgrpc++-dev pkg-config, then pip install -e . again"
+                " (Debian/Ubuntu package names)")
+_CODE = {c: GRPC_CODE[c].value[0] for c in Code}
+
+
+def load_extension() -> tuple[Any, str]:
+  """The compiled `serving._native` module (or None) and, when missing, why."""
+  try:
+    from serving import _native
+  except ImportError as e:
+    return None, f"the native front end is not built ({e}); {INSTALL_HINT}"
+  return _native, ""
+
+
+def _unused(outputs: Any, error: Any) -> None:
+  """Completions of native requests travel through `NativeFrontend.complete`."""
+
+
+def is_native(req: InferRequest) -> bool:
+  """Whether a completed request came through the native front end (vs an asyncio future)."""
+  return type(req.extra) is tuple
+
+
+class _Slot:
+  """A published (model, version) and what the feeder needs to build its requests."""
+
+  __slots__ = ("rec", "version_key", "inputs")
+
+  def __init__(self, rec: ServedVersion, version_key: str, runner: ModelRunner):
+    self.rec = rec
+    self.version_key = version_key
+    self.inputs = tuple((t.name, codec._spec_dtype(t.dtype), int(np.prod(t.shape[1:])),
+                         tuple(t.shape[1:])) for t in runner.engine.inputs)
+
+
+def _fast_runner(rec: ServedVersion) -> ModelRunner | None:
+  """The runner if the C++ front end can serve it: a plain ModelRunner whose tensors have
+  fixed dimensions after the batch dimension and no BYTES."""
+  runner = rec.runner
+  if rec.state is not State.READY or type(runner) is not ModelRunner:
+    return None
+  for t in (*runner.engine.inputs, *runner.engine.outputs):
+    if (t.dtype == "object" or not t.shape or t.shape[0] != -1
+        or any(d < 0 for d in t.shape[1:])):
+      return None
+  return runner
+
+
+def _entry_specs(specs: Sequence) -> list[tuple[str, str, list[int], int]]:
+  return [(t.name, t.datatype, list(t.shape), codec._spec_dtype(t.dtype).itemsize)
+          for t in specs]
+
+
+class NativeFrontend:
+  """Starts the C++ server, keeps its model table current and feeds its requests to runners."""
+
+  def __init__(self, native: Any, repository: ModelRepository, *, backend: str,
+               limits: codec.Limits, max_message_bytes: int, auth_token: str | None,
+               id_prefix: str, threads: int = 1):
+    self.repo = repository
+    self._fe = native.Frontend(backend, max_message_bytes, limits.max_rows,
+                               limits.max_tensor_bytes, auth_token or "", id_prefix, threads)
+    self._slots: dict[int, _Slot] = {}
+    self._slot_of: dict[tuple[int, str], int] = {}  # (id(rec), version key) -> slot
+    self._next_slot = 1
+    self._lock = threading.Lock()
+    self._feeder = threading.Thread(target=self._feed, name="native-feeder", daemon=True)
+
+  def start(self, address: str) -> int:
+    """Listens on `address`; returns the port (0 if it could not bind)."""
+    port = self._fe.start(address)
+    if port:
+      self._feeder.start()
+    return port
+
+  def refresh(self) -> None:
+    """Publishes the fast models (default and explicit versions); thread-safe. A request for
+    a model not published is relayed to the Python servicer."""
+    with self._lock:
+      entries, slots, slot_of = [], {}, {}
+      for rec in self.repo.records():
+        runner = _fast_runner(rec)
+        if runner is None:
+          continue
+        keys = [str(rec.version)]
+        if self.repo.default_version(rec.name) is rec:
+          keys.append("")
+        for key in keys:
+          ident = (id(rec), key)
+          slot = self._slot_of.get(ident)
+          if slot is None or slot not in self._slots or self._slots[slot].rec is not rec:
+            slot, self._next_slot = self._next_slot, self._next_slot + 1
+          slot_of[ident] = slot
+          slots[slot] = _Slot(rec, key, runner)
+          entries.append((rec.name, key, slot, str(rec.version),
+                          _entry_specs(runner.engine.inputs), _entry_specs(runner.engine.outputs),
+                          rec.config.default_timeout_us or 0))
+      # A slot no longer published stays while its version still runs: the C++ side may have
+      # queued requests for it. Requests for a slot that is gone are relayed to Python.
+      self._slots = slots | {s: v for s, v in self._slots.items()
+                             if s not in slots and v.rec.runner is not None}
+      self._slot_of = slot_of
+      self._fe.set_models(entries)
+
+  def set_accepting(self, accepting: bool) -> None:
+    """False: every ModelInfer goes to the Python servicer (which answers UNAVAILABLE)."""
+    self._fe.set_accepting(accepting)
+
+  def inflight(self) -> int:
+    return self._fe.inflight()
+
+  def stats(self) -> dict[str, int]:
+    """Counts: fast (served natively), relayed (sent to Python), forwarded (handed back)."""
+    return dict(self._fe.stats())
+
+  async def wait_idle(self, timeout: float) -> bool:
+    """Waits until no native request is in flight (graceful shutdown)."""
+    import asyncio
+    end = time.perf_counter() + timeout
+    while self._fe.inflight() > 0:
+      if time.perf_counter() > end:
+        return False
+      await asyncio.sleep(0.005)
+    return True
+
+  def stop(self, grace_s: float = 1.0) -> None:
+    """Stops the C++ server (calls still open after `grace_s` are cancelled) and the feeder."""
+    self._fe.stop(grace_s)
+    if self._feeder.is_alive():
+      self._feeder.join(5.0)
+
+  # -- runner -> C++ -------------------------------------------------------------------------
+
+  def complete(self, completions: list[Completion]) -> None:
+    """Runner thread: answers native requests, one call into C++ per batch."""
+    self._fe.complete([(req.extra[0], out, 0, "") if err is None
+                       else (req.extra[0], None, _CODE[err.code], err.message)
+                       for req, out, err in completions])
+    slots = self._slots
+    for req, _, err in completions:
+      slot = slots.get(req.extra[1])
+      log_outcome(slot.rec.name if slot else "", slot.version_key if slot else "",
+                  req.request_id, err, req.arrival)
+
+  # -- C++ -> runners ------------------------------------------------------------------------
+
+  def _feed(self) -> None:
+    fe = self._fe
+    while True:
+      try:
+        batch = fe.take(512, 0.5)
+      except Exception:  # never leave requests behind silently
+        logger.exception("native front end: taking requests failed")
+        continue
+      if batch is None:
+        return
+      if batch:
+        try:
+          self._submit(batch)
+        except Exception:
+          logger.exception("native front end: submitting requests failed")
+
+  def _submit(self, batch: list) -> None:
+    slots = self._slots
+    relay, refused = [], []
+    frombuffer = np.frombuffer
+    for call, slot_id, rows, buf, offsets, arrival, deadline, priority, request_id in batch:
+      slot = slots.get(slot_id)
+      runner = slot.rec.runner if slot is not None else None
+      if runner is None:
+        relay.append(call)
+        continue
+      inputs = {name: frombuffer(buf, dt, rows * n, off).reshape((rows, *shape))
+                for (name, dt, n, shape), off in zip(slot.inputs, offsets)}
+      req = InferRequest(inputs, rows, _unused, arrival, deadline, priority, request_id,
+                         extra=(call, slot_id))
+      try:
+        runner.submit(req)
+      except ServingError as e:
+        if (e.code is Code.UNAVAILABLE and not slot.version_key
+            and slot.rec.state is not State.READY):
+          relay.append(call)  # retired by a hot reload: the servicer picks the new default
+        else:
+          refused.append((req, None, e))
+    if relay:
+      self._fe.forward(relay)
+    if refused:
+      self.complete(refused)

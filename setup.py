@@ -1,0 +1,48 @@
+"""Builds the optional native gRPC front end (serving/native/frontend.cc) when grpc++ is found.
+
+Without `pkg-config --cflags --libs grpc++` (Debian: apt-get install libgrpc++-dev pkg-config)
+the package installs without it and the server uses its pure-Python front end.
+"""
+
+import os
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+_MISSING = ("xlaserve: building WITHOUT the native gRPC front end ({why}); the server will use"
+            " the Python front end. Install it with: apt-get install libgrpc++-dev pkg-config")
+
+
+def _pkg_config(*args: str) -> list[str]:
+  return subprocess.check_output(["pkg-config", *args, "grpc++"], text=True,
+                                 stderr=subprocess.DEVNULL).split()
+
+
+def _extensions() -> list[Extension]:
+  try:
+    cflags, libs = _pkg_config("--cflags"), _pkg_config("--libs")
+  except (OSError, subprocess.CalledProcessError):
+    print(_MISSING.format(why="pkg-config cannot find grpc++"), file=sys.stderr)
+    return []
+  import pybind11
+  return [Extension("serving._native", ["serving/native/frontend.cc"],
+                    include_dirs=[pybind11.get_include()], language="c++",
+                    extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],
+                    extra_link_args=libs)]
+
+
+class OptionalBuildExt(build_ext):
+  """A compile failure leaves the extension out instead of failing the install."""
+
+  def build_extension(self, ext):
+    try:
+      super().build_extension(ext)
+    except Exception as e:  # noqa: BLE001 (any compiler or linker failure)
+      if os.environ.get("XLASERVE_REQUIRE_NATIVE") == "1":
+        raise
+      print(_MISSING.format(why=f"compiling it failed: {e}"), file=sys.stderr)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
