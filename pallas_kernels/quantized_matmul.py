@@ -101,7 +101,9 @@ def _kernel(
     def body(t, acc):
       x = x_tile(k_first + t).astype(compute_dtype)
       w = w_tile(k_first + t).astype(compute_dtype)
-      return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+      # f32 operands: IEEE products (Triton's DEFAULT precision would be TF32, ~1e-3 error).
+      precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+      return acc + jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
 
     out = lax.fori_loop(0, k_steps, body, jnp.zeros((block_m, block_n), jnp.float32))
   o_ref[...] = (out * w_scale_ref[...][None, :]).astype(o_ref.dtype)
@@ -224,7 +226,9 @@ def _reference(
 ) -> jax.Array:
   if mode == "w8a8":
     x_q, x_scale = quantize_activations_int8(x)
-    acc = jnp.dot(x_q, w_q, preferred_element_type=jnp.int32)  # exact int32 accumulation
+    # Exact int32 accumulation. int32 operands, not int8: XLA GPU's int8 GEMM (jax 0.11.2, H100)
+    # returned twice the product on a 2x2 case; the reference must not share such a path.
+    acc = jnp.dot(x_q.astype(jnp.int32), w_q.astype(jnp.int32), preferred_element_type=jnp.int32)
     out = acc.astype(jnp.float32) * x_scale[:, None]
   else:
     # float32 operands: bf16/f16 x int8/fp8 products are exact in float32, so this is the kernel's

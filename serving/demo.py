@@ -21,12 +21,19 @@ logger = logging.getLogger(__name__)
 DEMO_RECIPE = "demo-v3"  # v3: CTR bundles carry the from-embeddings artifact (embedding_tables)
 
 
+def demo_platforms() -> tuple[str, ...]:
+  """CPU always (bundles stay portable); CUDA too when this process has a GPU to serve on."""
+  import jax
+
+  return ("cpu", "cuda") if jax.default_backend() == "gpu" else ("cpu",)
+
+
 def demo_cache_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("XLASERVE_HOME", pathlib.Path.home() / ".cache" / "xlaserve"))
 
 
 def build_dlrm(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
-               quantization: str = "none") -> pathlib.Path:
+               quantization: str = "none", platforms: tuple[str, ...] = ("cpu",)) -> pathlib.Path:
   """Exports the DLRM CTR demo as `<repository>/dlrm/1`, trained briefly on the synthetic click log
   of `seed` (models/train.py) so its predictions mean something; deterministic for a seed."""
   from models.dlrm import DLRMConfig
@@ -45,7 +52,8 @@ def build_dlrm(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
       inputs=[export.Input("dense", "float32", ("batch", cfg.num_dense)),
               export.Input("sparse", "int64", ("batch", cfg.num_sparse))],
       config=export.ExportConfig(batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-                                 quantization=quantization, max_queue_delay_us=1000),
+                                 quantization=quantization, max_queue_delay_us=1000,
+                                 platforms=platforms),
       extra={"description": "DLRM-style CTR demo: 13 dense + 26 categorical features, trained on"
                             " a synthetic click log (models/synthetic.py)",
              "table_sizes": list(cfg.table_sizes), "seed": seed,
@@ -54,15 +62,20 @@ def build_dlrm(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
                           "planted_oracle_auc": round(report.oracle_auc, 4)}})
 
 
-def build_lm(repository: pathlib.Path, *, tiny: bool = False) -> pathlib.Path:
+def build_lm(repository: pathlib.Path, *, tiny: bool = False,
+             platforms: tuple[str, ...] = ("cpu",)) -> pathlib.Path:
   """Exports the generative demo (byte-level decoder trained briefly on ad copy) as `lm`."""
+  import dataclasses
+
   from export.generative import GenerativeExportConfig, build_bundle
   from models.decoder import DecoderConfig
 
+  config = GenerativeExportConfig.tiny() if tiny else GenerativeExportConfig()
+  config = dataclasses.replace(config, platforms=platforms)
   if tiny:
     return build_bundle(repository / "lm" / "1", model_config=DecoderConfig.tiny(),
-                        config=GenerativeExportConfig.tiny(), name="lm")
-  return build_bundle(repository / "lm" / "1", name="lm")
+                        config=config, name="lm")
+  return build_bundle(repository / "lm" / "1", config=config, name="lm")
 
 
 BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
@@ -75,7 +88,9 @@ def ensure_demo_repository(progress: Callable[[str], None], *, tiny: bool = Fals
   """Returns a repository holding every demo model, exporting the missing ones first."""
   import jax
 
-  key = hashlib.sha256(f"{DEMO_RECIPE}|{jax.__version__}|{tiny}".encode()).hexdigest()[:12]
+  platforms = demo_platforms()
+  key = hashlib.sha256(
+      f"{DEMO_RECIPE}|{jax.__version__}|{tiny}|{','.join(platforms)}".encode()).hexdigest()[:12]
   repo = (root or demo_cache_root()) / f"demo-repo-{key}"
   repo.mkdir(parents=True, exist_ok=True)
   for name, build in BUILDERS.items():
@@ -84,6 +99,6 @@ def ensure_demo_repository(progress: Callable[[str], None], *, tiny: bool = Fals
     shutil.rmtree(repo / name, ignore_errors=True)  # a half-written export
     progress(f"building demo model {name!r} into {repo} (first start only) ...")
     t0 = time.perf_counter()
-    build(repo, tiny=tiny)
+    build(repo, tiny=tiny, platforms=platforms)
     progress(f"built {name!r} in {time.perf_counter() - t0:.1f}s")
   return repo

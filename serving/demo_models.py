@@ -37,7 +37,7 @@ def tower_inputs() -> list:
           export.Input("lengths", "int32", ("batch",))]
 
 
-def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
+def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
                     name: str = "relevance", dtype: str = "float32",
                     batch_buckets: tuple[int, ...] | None = None,
                     seq_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
@@ -54,13 +54,13 @@ def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int =
       config=export.ExportConfig(
           batch_buckets=batch_buckets or (TINY_BATCH_BUCKETS if tiny else TEXT_BATCH_BUCKETS),
           seq_buckets=seq_buckets or (TINY_TEXT_SEQ_BUCKETS if tiny else TEXT_SEQ_BUCKETS),
-          max_queue_delay_us=1000),
+          max_queue_delay_us=1000, platforms=platforms),
       extra={"description": "query-ad relevance cross-encoder: token_ids, segment_ids (0 query,"
                             " 1 ad) [B, S] and lengths [B] -> score [B, 1]",
              "vocab_size": cfg.encoder.vocab_size, "seed": seed, "dtype": dtype})
 
 
-def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
+def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
                     name: str = "two_tower", batch_buckets: tuple[int, ...] | None = None,
                     query_seq_buckets: tuple[int, ...] | None = None,
                     ad_seq_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
@@ -84,13 +84,13 @@ def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int =
           batch_buckets=batch_buckets or (TINY_BATCH_BUCKETS if tiny else TEXT_BATCH_BUCKETS),
           seq_buckets=ad_seq, signature_seq_buckets={"query_embedding": query_seq},
           signature_suffixes={"query_embedding": "query", "ad_embedding": "ad"},
-          max_queue_delay_us=1000),
+          max_queue_delay_us=1000, platforms=platforms),
       extra={"description": "two-tower retrieval: token_ids [B, S], lengths [B] -> unit-norm"
                             " embedding [B, E]; dot products are cosine similarities",
              "embed_dim": cfg.embed_dim, "seed": seed})
 
 
-def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
+def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
                  name: str = "dcn_v2",
                  batch_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
   """Exports the DCN-v2 CTR model as `<repository>/<name>/1` (DLRM's inputs and output)."""
@@ -108,6 +108,6 @@ def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
       config=export.ExportConfig(
           batch_buckets=batch_buckets or ((1, 4, 16) if tiny else
                                           (1, 2, 4, 8, 16, 32, 64, 128, 256)),
-          max_queue_delay_us=1000),
+          max_queue_delay_us=1000, platforms=platforms),
       extra={"description": "DCN-v2 CTR model: 13 dense + 26 categorical features -> prob",
              "table_sizes": list(cfg.table_sizes), "seed": seed})

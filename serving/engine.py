@@ -74,8 +74,9 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def _platform() -> str:
+  """The export platform artifacts are keyed by: "cpu", "cuda", "rocm" or "tpu" (never "gpu")."""
   import jax
-  return jax.default_backend()
+  return jax.export.default_export_platform()
 
 
 class ReplicaEngine(Engine):

@@ -1,0 +1,74 @@
+#!/bin/bash
+# Runs the checks that need a CUDA GPU on a lent machine (its own python3, jax and CUDA), logs under $OUT.
+#
+#   bash tools/gpu_check.sh [tests|kernels|tune|serve]...   (default: tests kernels)
+#
+# The machine has no network: wheels it lacks (tritonclient, grpcio-health-checking) travel in .whl/
+# (see docs/DEVELOPING.md, "On a lent GPU"). Our pins are for the CPU machines; here we use the image's jax.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
+steps=${*:-tests kernels}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 - <<'EOF'
+import importlib
+for m in ("jax", "jaxlib", "flax", "orbax.checkpoint", "grpc", "google.protobuf", "numpy", "triton", "tritonclient"):
+  try:
+    mod = importlib.import_module(m)
+    print(f"{m:18s} {getattr(mod, '__version__', '?')}")
+  except Exception as e:  # noqa: BLE001
+    print(f"{m:18s} MISSING ({e})")
+import jax
+print("devices:", jax.devices(), [d.device_kind for d in jax.devices()])
+EOF
+for step in $steps; do
+  echo "=== $step"
+  case $step in
+    tests)  # the compiled-kernel classes (skipped on CPU) and everything else that runs here
+      timeout 420 python3 -m pytest -q -p no:cacheprovider -n 6 -k "not Interpret" \
+        tests/pallas_kernels tests/export/test_cuda_export.py 2>&1 | tee -a "$OUT/run.log" | tail -60 ;;
+    kernels)
+      timeout 300 python3 benchmarks/kernels.py --out "$OUT/kernels" 2>&1 | tee -a "$OUT/run.log" | tail -60 ;;
+    tune)
+      timeout 300 python3 benchmarks/kernels.py --tune --out "$OUT/kernels" 2>&1 | tee -a "$OUT/run.log" | tail -40
+      cp pallas_kernels/tuned_block_sizes.py "$OUT/" ;;
+    serve)  # the demo DLRM exported for CUDA, served; benchmarks/serving.py, then perf_analyzer
+      export PATH=/tmp/site/bin:$PATH
+      timeout 200 python3 -c "import pathlib, logging; logging.basicConfig(level=logging.INFO)
+from serving.demo import build_dlrm
+build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -5
+      timeout 200 python3 benchmarks/serving.py --repository /tmp/repo --duration 6 --processes 4 \
+        --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -30
+      python3 -m serving.cli serve --model-repository /tmp/repo --grpc-port 18001 --metrics-port -1 \
+        > /tmp/server.log 2>&1 &
+      for _ in $(seq 120); do grep -q "try it:" /tmp/server.log && break; sleep 1; done
+      timeout 100 bash benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:18001 -i grpc -b 32 \
+        --concurrency-range 1:16:4 2>&1 | tee -a "$OUT/run.log" | tail -14
+      timeout 40 bash benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:18001 -i grpc -b 1 \
+        --concurrency-range 16:16 --percentile 99 2>&1 | tee -a "$OUT/run.log" | tail -8
+      tail -5 /tmp/server.log; kill %1 ;;
+    debug)
+      python3 - <<'PY'
+import jax, jax.numpy as jnp
+from pallas_kernels import quantize
+from pallas_kernels.quantized_matmul import quantized_matmul_reference
+x = jnp.array([[127.0, -63.5], [0.0, 0.0]])
+x_q, s = quantize.quantize_activations_int8(x)
+print("amax/scale", s, "codes", x_q)
+w_q = jnp.array([[1, 2], [2, -1]], jnp.int8)
+print("int dot", jnp.dot(x_q, w_q, preferred_element_type=jnp.int32))
+print("ref", quantized_matmul_reference(x, w_q, jnp.array([1.0, 0.5]), mode="w8a8"))
+print("jit quantize", jax.jit(quantize.quantize_activations_int8)(x))
+PY
+      ;;
+    more)  # model, export and end-to-end serving tests, on the GPU
+      timeout ${MORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 -x --timeout 120 \
+        tests/models tests/export tests/serving/test_dlrm_e2e.py 2>&1 | tee -a "$OUT/run.log" | tail -40 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
