@@ -1,6 +1,6 @@
 """Compare sharding strategies for a model: memory, collectives, latency, throughput, compile time.
 
-  python benchmarks/sharding.py --devices 8 [--model dlrm] [--quick] [--out DIR]
+  python benchmarks/sharding.py --devices 8 [--model dlrm] [--quick] [--from-bundle] [--out DIR]
 
 Runs every strategy in `sharding.STRATEGIES` on `--devices` devices (on a host without an
 accelerator it makes that many virtual CPU devices itself), prints one table row per strategy,
@@ -8,6 +8,11 @@ and writes `sharding_<model>.json` (the rows, with the latency/throughput points
 `sharding_<model>.png` (throughput against latency, one curve per strategy) to `--out`.
 On CPU the virtual devices share the host's cores: the memory and collective columns are real,
 the timings only show overheads (see /work/shared/PLATFORM.md).
+
+Rows jit the Flax model in process; an `embedding_tables` run adds a row `embedding_tables
+(bundle)` served the way the server does it: the model exported once, then `BundleEngine`
+placed by `serving.placement` (fused lookup + the bundle's from-embeddings artifact).
+`--from-bundle` serves every strategy that way.
 """
 
 from __future__ import annotations
@@ -77,22 +82,38 @@ def _build_dlrm(quick: bool) -> _Model:
 
 def _step_fn(model: _Model, placement, mesh) -> Callable:
   """`fn(params, dense, sparse) -> prob` for `serving_params`' layout. Table-wise: the fused
-  lookup gives [B, F, D]; the model then runs unchanged with each table replaced by its rows
-  and ids 0..B-1 (DLRM has no lookup hook yet)."""
-  import jax.numpy as jnp
-
+  lookup gives [B, F, D] and the model runs `from_embeddings` (its tables unused)."""
   if placement is None:
     return lambda params, dense, sparse: model.module(params)(dense, sparse)["prob"]
-  pos = {leaf: f for f, leaf in enumerate(placement.leaf_index)}
+  tables = set(placement.leaf_index)
 
   def fn(params, dense, sparse):
     emb = placement.lookup(params[-1], sparse, mesh)
     rest = iter(params[:-1])
-    leaves = [emb[:, pos[i]] if i in pos else next(rest) for i in range(len(model.leaves))]
-    ids = jnp.broadcast_to(jnp.arange(dense.shape[0], dtype=jnp.int32)[:, None], sparse.shape)
-    return model.module(leaves)(dense, ids)["prob"]
+    leaves = [params[-1] if i in tables else next(rest) for i in range(len(model.leaves))]
+    return model.module(leaves).from_embeddings(emb, dense)["prob"]
 
   return fn
+
+
+def _export_bundle(model: _Model, buckets: tuple[int, ...], out: str) -> pathlib.Path:
+  """The benchmark model as a serving bundle (with its from-embeddings artifact), once per run."""
+  import export
+
+  repo = pathlib.Path(tempfile.mkdtemp(prefix="bundle-", dir=_mkdir(out)))
+  t0 = time.perf_counter()
+  path = export.export_model(
+      model.module(model.leaves), repository=repo, name="dlrm", version=1,
+      inputs=[export.Input("dense", "float32", ("batch", model.num_dense)),
+              export.Input("sparse", "int32", ("batch", model.num_sparse))],
+      config=export.ExportConfig(batch_buckets=buckets))
+  _log(f"exported {path} in {time.perf_counter() - t0:.1f}s")
+  return path
+
+
+def _mkdir(path: str) -> str:
+  pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+  return path
 
 
 # ---- measurement -----------------------------------------------------------------------------
@@ -109,8 +130,7 @@ def _inputs(model: _Model, batch: int, seed: int):
 def _bench_strategy(strategy: str, n: int, model: _Model, buckets: tuple[int, ...],
                     reps: int) -> dict[str, Any]:
   import jax
-  from sharding import (ShardingPlan, collective_stats, peak_memory_bytes, per_device_bytes,
-                        serving_params)
+  from sharding import ShardingPlan, per_device_bytes, serving_params
 
   plan = ShardingPlan.create(strategy, n)
   replicas = []
@@ -126,23 +146,90 @@ def _bench_strategy(strategy: str, n: int, model: _Model, buckets: tuple[int, ..
   _log(f"  placed on {len(by_device)} device(s) in {place_s:.1f}s;"
        f" params/device {max(by_device.values()) / 2**20:.1f} MiB max")
 
-  compile_s = 0.0
-  points, hlo_stats, peak = [], None, None
-  for b in buckets:
+  def compile_bucket(b: int) -> list:
     execs = []
-    t0 = time.perf_counter()
     for mesh, p, params, shardings, placement in replicas:
       in_sh = p.input_sharding(2, batch=b)
       jitted = jax.jit(_step_fn(model, placement, mesh), in_shardings=(shardings, in_sh, in_sh),
                        out_shardings=p.output_sharding(2, batch=b))
       compiled = jitted.lower(params, jax.ShapeDtypeStruct((b, model.num_dense), "float32"),
                               jax.ShapeDtypeStruct((b, model.num_sparse), "int32")).compile()
-      execs.append((compiled, params, in_sh))
-    dt = time.perf_counter() - t0
+      execs.append((compiled, compiled, params, in_sh))
+    return execs
+
+  row = _measure(strategy, n, plan, len(replicas), by_device, place_s, model, buckets, reps,
+                 compile_bucket)
+  del replicas
+  gc.collect()
+  return row
+
+
+def _bench_bundle(strategy: str, n: int, model: _Model, path: pathlib.Path,
+                  buckets: tuple[int, ...], reps: int) -> dict[str, Any]:
+  """The strategy as the server runs it: BundleEngine on `serving.placement`'s placements."""
+  from export.bundle import read_manifest
+  from serving.engine import BundleEngine
+  from serving.placement import placements_for
+  from serving.repository import ModelServingConfig
+  from sharding import ShardingPlan, per_device_bytes
+
+  manifest = read_manifest(path)
+  t0 = time.perf_counter()
+  engine = BundleEngine(path, manifest=manifest, placements=placements_for(
+      ModelServingConfig(sharding=strategy, devices=n), manifest))
+  compile_times: dict[int, float] = {}
+
+  def progress(msg: str) -> None:  # "replica r: bucket     b compiled in 0.21s"
+    if "compiled in" in msg and "bucket" in msg:
+      b = int(msg.split("bucket")[1].split()[0])
+      compile_times[b] = compile_times.get(b, 0.0) + float(msg.rsplit(" ", 1)[1].rstrip("s"))
+
+  engine.warmup(progress=progress)
+  load_s = time.perf_counter() - t0
+  by_device: dict[Any, int] = {}
+  for r in engine._replicas:
+    for d, b in per_device_bytes(r["params"]).items():
+      by_device[d] = by_device.get(d, 0) + b
+  place_s = load_s - sum(compile_times.values())
+  _log(f"  bundle loaded on {len(by_device)} device(s) in {load_s:.1f}s;"
+       f" params/device {max(by_device.values()) / 2**20:.1f} MiB max")
+
+  def compile_bucket(b: int) -> list:
+    execs = []
+    for placement, r in zip(engine.placements, engine._replicas):
+      in_sh = engine._batch_sharding(placement, engine.inputs[0], b)
+      exe = r["compiled"][b]
+      execs.append((lambda params, d, s, exe=exe: exe(params, {"dense": d, "sparse": s}), exe,
+                    r["params"], in_sh))
+    return execs
+
+  plan = ShardingPlan.create(strategy, n)
+  row = _measure(f"{strategy} (bundle)", n, plan, len(engine.placements), by_device, place_s,
+                 model, buckets, reps, compile_bucket, compile_times)
+  engine.close()
+  gc.collect()
+  return row
+
+
+def _measure(label: str, n: int, plan: Any, num_replicas: int, by_device: dict, place_s: float,
+             model: _Model, buckets: tuple[int, ...], reps: int, compile_bucket: Callable,
+             compile_times: dict[int, float] | None = None) -> dict[str, Any]:
+  """Latency and throughput per bucket; `compile_bucket(b)` -> [(fn, compiled, params, in_sh)]
+  per replica (`compile_times` when the buckets were compiled earlier, at load)."""
+  import jax
+  from sharding import collective_stats, peak_memory_bytes
+
+  compile_s = 0.0
+  points, hlo_stats, peak = [], None, None
+  for b in buckets:
+    t0 = time.perf_counter()
+    execs = compile_bucket(b)
+    dt = compile_times[b] if compile_times else time.perf_counter() - t0
     compile_s += dt
     if b == buckets[-1]:
-      hlo_stats = collective_stats(execs[0][0].as_text())
-      peak = peak_memory_bytes(execs[0][0])
+      hlo_stats = collective_stats(execs[0][1].as_text())
+      peak = peak_memory_bytes(execs[0][1])
+    execs = [(fn, params, in_sh) for fn, _, params, in_sh in execs]
     # Inputs already placed, as the engine does before dispatch.
     batches = []
     for i in range(max(4, 2 * len(execs))):
@@ -150,12 +237,12 @@ def _bench_strategy(strategy: str, n: int, model: _Model, buckets: tuple[int, ..
       dense, sparse = _inputs(model, b, seed=i)
       batches.append((compiled, params, jax.device_put(dense, in_sh), jax.device_put(sparse, in_sh)))
     for compiled, params, dense, sparse in batches[:len(execs)]:  # warm every replica
-      compiled(params, dense, sparse).block_until_ready()
+      jax.block_until_ready(compiled(params, dense, sparse))
     lat = []
     compiled, params, dense, sparse = batches[0]
     for _ in range(reps):
       t = time.perf_counter()
-      compiled(params, dense, sparse).block_until_ready()
+      jax.block_until_ready(compiled(params, dense, sparse))
       lat.append(time.perf_counter() - t)
     # One batch in flight per replica (the scheduler feeds replicas in turn): on CPU, several
     # collective programs in flight on the same virtual devices stall each other.
@@ -169,9 +256,9 @@ def _bench_strategy(strategy: str, n: int, model: _Model, buckets: tuple[int, ..
     _log(f"  bucket {b:5d}: compile {dt:6.2f}s  latency {points[-1]['latency_ms']:8.2f} ms"
          f"  throughput {thr:10.0f} rows/s")
     del batches, execs
-  row = {
-      "strategy": strategy, "devices": n, "mesh": dict(plan.mesh.shape),
-      "replicas": len(replicas),
+  return {
+      "strategy": label, "devices": n, "mesh": dict(plan.mesh.shape),
+      "replicas": num_replicas,
       "param_bytes_per_device_max": max(by_device.values()),
       "param_bytes_per_device_min": min(by_device.values()),
       "peak_bytes_per_device": peak,
@@ -186,15 +273,12 @@ def _bench_strategy(strategy: str, n: int, model: _Model, buckets: tuple[int, ..
       "place_s": place_s,
       "points": points,
   }
-  del replicas
-  gc.collect()
-  return row
 
 
 # ---- output ----------------------------------------------------------------------------------
 def _table(rows: list[dict[str, Any]]) -> str:
   mib = lambda x: "-" if x is None else f"{x / 2**20:.1f}"
-  head = (f"{'strategy':<17}{'mesh':>7}{'repl':>5}{'params/dev MiB':>16}{'peak/dev MiB':>14}"
+  head = (f"{'strategy':<26}{'mesh':>7}{'repl':>5}{'params/dev MiB':>16}{'peak/dev MiB':>14}"
           f"{'coll KiB/batch':>16}{'lat@1 ms':>10}{'rows/s@' + str(rows[0]['largest_bucket']):>13}"
           f"{'compile s':>11}")
   lines = [head, "-" * len(head)]
@@ -203,7 +287,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     if r["param_bytes_per_device_min"] != r["param_bytes_per_device_max"]:
       params = f"{mib(r['param_bytes_per_device_min'])}-{params}"
     lines.append(
-        f"{r['strategy']:<17}{r['mesh']['data']:>3}x{r['mesh']['model']:<3}{r['replicas']:>5}"
+        f"{r['strategy']:<26}{r['mesh']['data']:>3}x{r['mesh']['model']:<3}{r['replicas']:>5}"
         f"{params:>16}{mib(r['peak_bytes_per_device']):>14}"
         f"{r['collective_bytes_per_batch'] / 1024:>16.1f}{r['latency_ms_batch1']:>10.2f}"
         f"{r['rows_per_s_largest']:>13.0f}{r['compile_s']:>11.1f}")
@@ -243,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--quick", action="store_true", help="smaller tables, fewer buckets and reps")
   ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "xlaserve-bench"))
   ap.add_argument("--strategies", default="", help="comma-separated subset (default: all)")
+  ap.add_argument("--from-bundle", action="store_true",
+                  help="serve every strategy from an exported bundle through BundleEngine (the"
+                  " server's path); by default only embedding_tables gets such a row too")
   args = ap.parse_args(argv)
 
   import jax
@@ -264,10 +351,16 @@ def main(argv: list[str] | None = None) -> int:
   total = sum(x.nbytes for x in model.leaves)
   _log(f"{args.model}: {len(model.leaves)} params, {total / 2**20:.1f} MiB"
        f" (built in {time.perf_counter() - t0:.1f}s); buckets {buckets}")
+  bundled = strategies if args.from_bundle else [s for s in strategies if s == "embedding_tables"]
+  bundle = _export_bundle(model, buckets, args.out) if bundled else None
   rows = []
   for i, strategy in enumerate(strategies):
     _log(f"[{i + 1}/{len(strategies)}] {strategy}")
-    rows.append(_bench_strategy(strategy, args.devices, model, buckets, reps))
+    if not args.from_bundle:
+      rows.append(_bench_strategy(strategy, args.devices, model, buckets, reps))
+    if strategy in bundled:
+      _log(f"[{i + 1}/{len(strategies)}] {strategy} (bundle)")
+      rows.append(_bench_bundle(strategy, args.devices, model, bundle, buckets, reps))
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
