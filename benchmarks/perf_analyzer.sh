@@ -3,9 +3,19 @@
 # First use fetches its two missing shared libraries into bench_out/pa_libs (no GPU needed):
 # libb64.so.0d (Debian libb64-0d) and libcudart.so.12 (PyPI nvidia-cuda-runtime-cu12).
 # Usage: benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:8001 -i grpc -b 32 --concurrency-range 1:16:4
+# With `--serve native|python [--repository DIR]` first, it also starts `xlaserve serve` with that
+# gRPC front end on the port given by -u (demo repository by default), waits until the models are
+# loaded, runs perf_analyzer and stops the server: compare the front ends back to back with
+#   benchmarks/perf_analyzer.sh --serve python -m dlrm -u 127.0.0.1:8011 -i grpc -b 32 ...
+#   benchmarks/perf_analyzer.sh --serve native -m dlrm -u 127.0.0.1:8011 -i grpc -b 32 ...
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 libs="$root/bench_out/pa_libs"
+serve="" repo=""
+if [ "${1:-}" = "--serve" ]; then
+  serve="$2"; shift 2
+  if [ "${1:-}" = "--repository" ]; then repo="$2"; shift 2; fi
+fi
 pa="$(command -v perf_analyzer || true)"
 if [ -z "$pa" ]; then
   echo "perf_analyzer not found: pip install 'tritonclient[grpc]==2.41.0' (pip install -e '.[bench]')" >&2
@@ -20,5 +30,25 @@ if [ ! -e "$libs/libb64.so.0d" ] || [ ! -e "$libs/libcudart.so.12" ]; then
   cp "$(find "$libs/tmp/cudart" -name 'libcudart.so.12*' | head -1)" "$libs/libcudart.so.12"
   rm -rf "$libs/tmp"
 fi
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-exec "$pa" "$@"
+if [ -z "$serve" ]; then
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  exec "$pa" "$@"
+fi
+url="" prev=""
+for a in "$@"; do
+  if [ "$prev" = "-u" ]; then url="$a"; fi
+  prev="$a"
+done
+if [ -z "$url" ]; then echo "--serve needs -u HOST:PORT (the port to serve on)" >&2; exit 2; fi
+log="$(mktemp)"
+python -m serving.cli serve --frontend "$serve" --host "${url%:*}" --grpc-port "${url##*:}" \
+  --metrics-port -1 ${repo:+--model-repository "$repo"} >"$log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
+for _ in $(seq 1200); do
+  if grep -q "models loaded" "$log"; then break; fi
+  if ! kill -0 $server 2>/dev/null; then cat "$log" >&2; exit 1; fi
+  sleep 0.5
+done
+grep "front end" "$log" >&2 || true
+LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$pa" "$@"

@@ -1,13 +1,15 @@
 """Serving throughput and latency against the raw jitted model, measured in one run.
 
   python benchmarks/serving.py [--repository DIR] [--model dlrm] [--duration 8] [--out DIR]
+                               [--frontend native|python|both]
 
 1. Raw ceiling: the bundle's own compiled executables, called back to back in this
    process (no gRPC, no batching), rows/s at every bucket.
 2. Served: `xlaserve serve` in a subprocess, driven over gRPC on 127.0.0.1 by
    benchmarks/loadgen.py: 32-row requests at saturation, single-row requests at
    concurrency 16, a lone request, and 32-row requests at 70% of the saturated rate.
-Prints a table, writes serving.png and serving.json to --out.
+`--frontend both` measures the Python and the native gRPC front end back to back against
+the same raw ceiling. Prints a table, writes serving.png and serving.json to --out.
 """
 
 from __future__ import annotations
@@ -94,31 +96,9 @@ def start_server(repo: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen
   return proc, f"127.0.0.1:{port}"
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repository", type=pathlib.Path, default=None,
-                      help="model repository (default: the built-in demo repository)")
-  parser.add_argument("--model", default="dlrm", help="model to load-test")
-  parser.add_argument("--duration", type=float, default=8.0, help="seconds per load phase")
-  parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
-  parser.add_argument("--request-rows", type=int, default=32, help="rows per batched request")
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/serving"))
-  parser.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
-  args = parser.parse_args()
-  args.out.mkdir(parents=True, exist_ok=True)
-
-  repo = args.repository
-  if repo is None:
-    from serving.demo import ensure_demo_repository
-    repo = ensure_demo_repository(say)
-  from export.bundle import list_versions
-  bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
-
-  say("measuring the raw jitted model (the ceiling) ...")
-  raw, inputs = raw_ceiling(bundle, max(1.0, args.duration / 4))
-  best = max(raw, key=lambda r: r["rows_per_s"])
-
-  proc, addr = start_server(repo, args.server_args.split())
+def measure_served(repo: pathlib.Path, args, inputs, frontend: str) -> dict:
+  """Starts `xlaserve serve --frontend FRONTEND` and runs every load phase against it."""
+  proc, addr = start_server(repo, ["--frontend", frontend, *args.server_args.split()])
   rng = np.random.default_rng(1)
   big = build_request(args.model, make_inputs(inputs, args.request_rows, rng))
   one = build_request(args.model, make_inputs(inputs, 1, rng))
@@ -147,11 +127,16 @@ def main() -> None:
   finally:
     proc.terminate()
     proc.wait(60)
+  return runs
 
+
+def report(runs: dict, raw: list, best: dict, args, frontend: str) -> dict:
+  """Prints the phase table and the headline ratios of one front end; returns the summary."""
   headers = ["phase", "req/s", "rows/s", "p50 ms", "p99 ms", "errors"]
   rows = [[k, r.rps, r.rows_per_s, r.pct_ms(50), r.pct_ms(99), sum(r.errors.values())]
           for k, r in runs.items()]
   print()
+  print(f"== {frontend} front end ==")
   print(format_table(["bucket", "raw rows/s", "ms/batch"],
                      [[r["bucket"], r["rows_per_s"], r["ms_per_batch"]] for r in raw]))
   print()
@@ -175,10 +160,55 @@ def main() -> None:
         f" p99 {summary['single_row_c16_p99_ms']:.2f} ms")
   print(f"p99 at 70% load / p50 of a lone request: {p99_70:.2f} / {lone_p50:.2f} ms ="
         f" {p99_70 / lone_p50:.2f}x")
+  return summary
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repository", type=pathlib.Path, default=None,
+                      help="model repository (default: the built-in demo repository)")
+  parser.add_argument("--model", default="dlrm", help="model to load-test")
+  parser.add_argument("--duration", type=float, default=8.0, help="seconds per load phase")
+  parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
+  parser.add_argument("--request-rows", type=int, default=32, help="rows per batched request")
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/serving"))
+  parser.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
+  parser.add_argument("--frontend", choices=("native", "python", "both"), default="native",
+                      help="gRPC front end of the served phases; both: python, then native")
+  args = parser.parse_args()
+  args.out.mkdir(parents=True, exist_ok=True)
+
+  repo = args.repository
+  if repo is None:
+    from serving.demo import ensure_demo_repository
+    repo = ensure_demo_repository(say)
+  from export.bundle import list_versions
+  bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
+
+  say("measuring the raw jitted model (the ceiling) ...")
+  raw, inputs = raw_ceiling(bundle, max(1.0, args.duration / 4))
+  best = max(raw, key=lambda r: r["rows_per_s"])
+
+  frontends = ["python", "native"] if args.frontend == "both" else [args.frontend]
+  results = {}
+  for frontend in frontends:
+    say(f"--- {frontend} gRPC front end ---")
+    runs = measure_served(repo, args, inputs, frontend)
+    results[frontend] = (runs, report(runs, raw, best, args, frontend))
+  if len(frontends) > 1:
+    print()
+    print(format_table(["front end", "served rows/s", "served/raw", "1-row c16 rows/s",
+                        "p99@70% / lone p50"],
+                       [[f, r[1]["served_rows_per_s"], r[1]["served_over_raw"],
+                         r[1]["single_row_c16_rows_per_s"], r[1]["p99_at_70pct_over_lone_p50"]]
+                        for f, r in results.items()]))
+  runs, summary = results[frontends[-1]]
+  ratio = summary["served_over_raw"]
   (args.out / "serving.json").write_text(json.dumps(
-      {"raw": raw, "runs": {k: {"rps": r.rps, "rows_per_s": r.rows_per_s, "p50_ms": r.pct_ms(50),
-                                "p99_ms": r.pct_ms(99), "errors": r.errors}
-                            for k, r in runs.items()}, "summary": summary}, indent=1))
+      {"raw": raw, "frontends": {
+          f: {"runs": {k: {"rps": r.rps, "rows_per_s": r.rows_per_s, "p50_ms": r.pct_ms(50),
+                           "p99_ms": r.pct_ms(99), "errors": r.errors} for k, r in rn.items()},
+              "summary": sm} for f, (rn, sm) in results.items()}}, indent=1))
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
