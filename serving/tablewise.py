@@ -49,6 +49,8 @@ class TableWise:
     self.lookup: TableLookup = lookup
     self.tables = tables
     self.mesh = mesh
+    logger.info("%s: %d tables on %d devices, rows per device %s (block %d rows)", where,
+                len(lookup.tables), tables.num_shards, tables.shard_rows(), tables.block_rows)
 
   def fuse(self, params: Sequence[Any], shardings: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """Restored leaves -> (non-table leaves, then the fused tables [, scales, offsets])."""
