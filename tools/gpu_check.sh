@@ -66,6 +66,28 @@ print("ref", quantized_matmul_reference(x, w_q, jnp.array([1.0, 0.5]), mode="w8a
 print("jit quantize", jax.jit(quantize.quantize_activations_int8)(x))
 PY
       ;;
+    native)  # build the native front end from carried Debian grpc++ packages (.gdeb/), then measure
+      mkdir -p /tmp/g; for f in .gdeb/*.deb; do dpkg -x "$f" /tmp/g; done
+      L=/tmp/g/usr/lib/x86_64-linux-gnu
+      export PATH=/tmp/site/bin:/tmp/g/usr/bin:$PATH PKG_CONFIG_PATH=$L/pkgconfig:/tmp/g/usr/share/pkgconfig \
+        PKG_CONFIG_SYSROOT_DIR=/tmp/g CPATH=/tmp/g/usr/include LIBRARY_PATH=$L LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-}
+      XLASERVE_REQUIRE_NATIVE=1 timeout 240 python3 setup.py -q build_ext --inplace 2>&1 | tail -5
+      python3 -c "import serving._native; print('native front end built')" || exit 1
+      [ -e /tmp/repo/dlrm/1/manifest.json ] || timeout 200 python3 -c "import pathlib
+from serving.demo import build_dlrm
+build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
+      timeout 240 python3 benchmarks/serving.py --repository /tmp/repo --frontend ${FRONTENDS:-both} --duration 5 \
+        --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -40
+      if [ -z "${NO_PA:-}" ]; then
+        python3 -m serving.cli serve --model-repository /tmp/repo --grpc-port 18002 --metrics-port -1 \
+          --frontend native > /tmp/server_native.log 2>&1 &
+        for _ in $(seq 120); do grep -q "try it:" /tmp/server_native.log && break; sleep 1; done
+        timeout 90 bash benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:18002 -i grpc -b 32 -p 2000 -s 30 \
+          --concurrency-range 1:16:5 2>&1 | tee -a "$OUT/run.log" | grep -E "concurrency:|Throughput|p99 lat"
+        timeout 40 bash benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:18002 -i grpc -b 1 -p 2000 -s 30 \
+          --concurrency-range 16:16 --percentile 99 2>&1 | tee -a "$OUT/run.log" | grep -E "concurrency:|Throughput|p99 lat"
+        kill %1
+      fi ;;
     more)  # model, export and end-to-end serving tests, on the GPU
       timeout ${MORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 -x --timeout 120 \
         tests/models tests/export tests/serving/test_dlrm_e2e.py 2>&1 | tee -a "$OUT/run.log" | tail -40 ;;
