@@ -315,6 +315,9 @@ class Server:
     await self._loop.run_in_executor(None, lambda: self.repository.stop(drain=True))
     if self.native is not None:
       await self._loop.run_in_executor(None, self.native.stop, 1.0)
+      st = self.native.stats()
+      self.progress(f"native front end: {st['fast']} requests served natively, {st['relayed']}"
+                    f" calls relayed to the Python servicer, {st['forwarded']} handed back")
     await server.stop(grace=1.0)
     if self._socket_dir is not None:
       shutil.rmtree(self._socket_dir, ignore_errors=True)

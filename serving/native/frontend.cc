@@ -152,6 +152,29 @@ bool IntParam(std::string_view msg, int64_t* out) {
   return seen == 1;
 }
 
+// A well-formed InferParameter of any kind (Python ignores the ones it does not use).
+bool AnyParam(std::string_view msg) {
+  Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
+         reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
+  while (w.p < w.end) {
+    uint32_t f, t;
+    uint64_t v;
+    std::string_view s;
+    if (!w.Tag(&f, &t)) return false;
+    if ((f == 1 || f == 2 || f == 5) && t == 0) {
+      if (!w.Varint(&v)) return false;
+    } else if (f == 3 && t == 2) {
+      if (!w.Bytes(&s) || !ValidUtf8(s)) return false;
+    } else if (f == 4 && t == 1) {
+      if (w.end - w.p < 8) return false;
+      w.p += 8;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
 bool ParseParameter(std::string_view entry, Request* r) {
   Wire w{reinterpret_cast<const uint8_t*>(entry.data()),
          reinterpret_cast<const uint8_t*>(entry.data()) + entry.size()};
@@ -169,17 +192,17 @@ bool ParseParameter(std::string_view entry, Request* r) {
       return false;
     }
   }
-  if (!has_value) return false;
-  int64_t v;
-  if (!IntParam(value, &v)) return false;
-  if (key == "timeout" && r->timeout_us < 0) {
-    r->timeout_us = v;
-  } else if (key == "priority" && r->priority < 0) {
-    r->priority = v;
-  } else {
-    return false;
+  if (key == "timeout" || key == "priority") {  // validated and used, as in servicer.py
+    int64_t v;
+    if (!has_value || !IntParam(value, &v)) return false;
+    int64_t* slot = key == "timeout" ? &r->timeout_us : &r->priority;
+    if (*slot >= 0) return false;  // given twice: the Python servicer decides
+    *slot = v;
+    return true;
   }
-  return true;
+  // Any other parameter (e.g. perf_analyzer's triton_enable_empty_final_response): plain
+  // batched models ignore it, exactly as the Python servicer does.
+  return ValidUtf8(key) && (!has_value || AnyParam(value));
 }
 
 bool ParseInput(std::string_view msg, InTensor* t) {

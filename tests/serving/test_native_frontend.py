@@ -189,7 +189,22 @@ def test_what_it_does_not_serve_is_relayed_with_python_semantics(both):
         (want[1], want[0] and want[0].SerializeToString()), name
   assert _call(both["native"][1], cases["unknown model"])[1][0] == grpc.StatusCode.NOT_FOUND
   assert _call(both["native"][1], cases["bad shape"])[1][0] == grpc.StatusCode.INVALID_ARGUMENT
-  assert _relayed(nat_bg) >= relayed0 + len(cases)
+  assert _relayed(nat_bg) >= relayed0 + len(cases) - 1  # "other parameter" is served natively
+
+
+@needs_native
+def test_parameters_python_ignores_are_ignored_natively(both):
+  """perf_analyzer sends triton_enable_empty_final_response; plain models ignore it."""
+  nat_bg, nat = both["native"]
+  req = mock_request(*_rows(2))
+  req.parameters["triton_enable_empty_final_response"].bool_param = True
+  req.parameters["note"].string_param = "hello"
+  req.parameters["weight"].double_param = 0.5
+  req.parameters["priority"].uint64_param = 2
+  fast = nat_bg.server.native.stats()["fast"]
+  assert nat.ModelInfer(req).SerializeToString() == \
+      both["python"][1].ModelInfer(req).SerializeToString()
+  assert nat_bg.server.native.stats()["fast"] == fast + 1
 
 
 @needs_native
