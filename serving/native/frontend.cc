@@ -575,6 +575,7 @@ class Frontend {
     d["relayed"] = int64_t(relayed_);
     d["forwarded"] = int64_t(forwarded_);
     d["inflight"] = int64_t(inflight_);
+    d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
     return d;
   }
 

@@ -356,3 +356,26 @@ def test_auth_token_is_checked_on_the_fast_path(tmp_path):
     assert bg.server.native.stats()["fast"] == fast + 1
     assert stub.ServerLive(pb.ServerLiveRequest()).live
     assert bg.server.auth.denied == 2
+
+
+@needs_native
+def test_cancelled_and_finished_calls_release_their_state(tmp_path):
+  with _slow_server(tmp_path, delay_s=0.1) as bg, grpc.insecure_channel(bg.address) as ch:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    baseline = bg.server.native.stats()["live_calls"]
+    futs = [stub.ModelInfer.future(mock_request(*_rows(2, i))) for i in range(8)]
+    futs += [stub.ModelInfer.future(mock_request(*_rows(2), model="nope")) for _ in range(4)]
+    time.sleep(0.02)
+    for f in futs[:4]:
+      f.cancel()  # the runner still answers them; the C++ side drops the late answer
+    for f in futs[4:]:
+      try:
+        f.result(timeout=10)
+      except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND
+    assert outputs(stub.ModelInfer(mock_request(*_rows(1))))["y"].shape == (1, 1)
+    deadline = time.time() + 5
+    while bg.server.native.stats()["live_calls"] > baseline and time.time() < deadline:
+      time.sleep(0.05)
+    st = bg.server.native.stats()
+    assert st["live_calls"] == baseline and st["inflight"] == 0
