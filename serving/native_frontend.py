@@ -53,10 +53,11 @@ def is_native(req: InferRequest) -> bool:
 class _Slot:
   """A published (model, version) and what the feeder needs to build its requests."""
 
-  __slots__ = ("rec", "version_key", "inputs")
+  __slots__ = ("rec", "runner", "version_key", "inputs")
 
   def __init__(self, rec: ServedVersion, version_key: str, runner: ModelRunner):
     self.rec = rec
+    self.runner = runner  # the C++ side validated against this runner's input specs
     self.version_key = version_key
     self.inputs = tuple((t.name, codec._spec_dtype(t.dtype), int(np.prod(t.shape[1:])),
                          tuple(t.shape[1:])) for t in runner.engine.inputs)
@@ -117,7 +118,8 @@ class NativeFrontend:
         for key in keys:
           ident = (id(rec), key)
           slot = self._slot_of.get(ident)
-          if slot is None or slot not in self._slots or self._slots[slot].rec is not rec:
+          old = self._slots.get(slot) if slot is not None else None
+          if old is None or old.rec is not rec or old.runner is not runner:
             slot, self._next_slot = self._next_slot, self._next_slot + 1
           slot_of[ident] = slot
           slots[slot] = _Slot(rec, key, runner)
@@ -127,7 +129,7 @@ class NativeFrontend:
       # A slot no longer published stays while its version still runs: the C++ side may have
       # queued requests for it. Requests for a slot that is gone are relayed to Python.
       self._slots = slots | {s: v for s, v in self._slots.items()
-                             if s not in slots and v.rec.runner is not None}
+                             if s not in slots and v.rec.runner is v.runner}
       self._slot_of = slot_of
       self._fe.set_models(entries)
 
@@ -161,15 +163,24 @@ class NativeFrontend:
   # -- runner -> C++ -------------------------------------------------------------------------
 
   def complete(self, completions: list[Completion]) -> None:
-    """Runner thread: answers native requests, one call into C++ per batch."""
-    self._fe.complete([(req.extra[0], out, 0, "") if err is None
-                       else (req.extra[0], None, _CODE[err.code], err.message)
-                       for req, out, err in completions])
-    slots = self._slots
-    for req, _, err in completions:
-      slot = slots.get(req.extra[1])
-      log_outcome(slot.rec.name if slot else "", slot.version_key if slot else "",
-                  req.request_id, err, req.arrival)
+    """Runner thread: answers native requests, one call into C++ per batch. Never raises (the
+    runner thread must survive); a failure here fails the batch's requests with INTERNAL."""
+    try:
+      self._fe.complete([(req.extra[0], out, 0, "") if err is None
+                         else (req.extra[0], None, _CODE[err.code], err.message)
+                         for req, out, err in completions])
+      slots = self._slots
+      for req, _, err in completions:
+        slot = slots.get(req.extra[1])
+        log_outcome(slot.rec.name if slot else "", slot.version_key if slot else "",
+                    req.request_id, err, req.arrival)
+    except Exception as e:
+      logger.exception("native front end: answering %d requests failed", len(completions))
+      try:  # calls already answered are ignored by the C++ side
+        self._fe.complete([(req.extra[0], None, _CODE[Code.INTERNAL], f"front end failed: {e}")
+                           for req, _, _ in completions])
+      except Exception:
+        logger.exception("native front end: failing the requests failed too")
 
   # -- C++ -> runners ------------------------------------------------------------------------
 
@@ -191,27 +202,33 @@ class NativeFrontend:
 
   def _submit(self, batch: list) -> None:
     slots = self._slots
-    relay, refused = [], []
+    relay, refused, broken = [], [], []
     frombuffer = np.frombuffer
     for call, slot_id, rows, buf, offsets, arrival, deadline, priority, request_id in batch:
-      slot = slots.get(slot_id)
-      runner = slot.rec.runner if slot is not None else None
-      if runner is None:
-        relay.append(call)
-        continue
-      inputs = {name: frombuffer(buf, dt, rows * n, off).reshape((rows, *shape))
-                for (name, dt, n, shape), off in zip(slot.inputs, offsets)}
-      req = InferRequest(inputs, rows, _unused, arrival, deadline, priority, request_id,
-                         extra=(call, slot_id))
       try:
-        runner.submit(req)
-      except ServingError as e:
-        if (e.code is Code.UNAVAILABLE and not slot.version_key
-            and slot.rec.state is not State.READY):
-          relay.append(call)  # retired by a hot reload: the servicer picks the new default
-        else:
-          refused.append((req, None, e))
+        slot = slots.get(slot_id)
+        runner = slot.runner if slot is not None else None
+        if runner is None or slot.rec.runner is not runner:  # unloaded or reloaded since
+          relay.append(call)
+          continue
+        inputs = {name: frombuffer(buf, dt, rows * n, off).reshape((rows, *shape))
+                  for (name, dt, n, shape), off in zip(slot.inputs, offsets)}
+        req = InferRequest(inputs, rows, _unused, arrival, deadline, priority, request_id,
+                           extra=(call, slot_id))
+        try:
+          runner.submit(req)
+        except ServingError as e:
+          if (e.code is Code.UNAVAILABLE and not slot.version_key
+              and slot.rec.state is not State.READY):
+            relay.append(call)  # retired by a hot reload: the servicer picks the new default
+          else:
+            refused.append((req, None, e))
+      except Exception as e:  # a bug must fail its request, never leave it unanswered
+        logger.exception("native front end: request %s failed before queueing", request_id)
+        broken.append((call, None, _CODE[Code.INTERNAL], f"front end failed: {e}"))
     if relay:
       self._fe.forward(relay)
     if refused:
       self.complete(refused)
+    if broken:
+      self._fe.complete(broken)

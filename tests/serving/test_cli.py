@@ -21,7 +21,7 @@ def test_help_explains_every_flag():
   out = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--help"],
                        capture_output=True, text=True, check=True).stdout
   for flag in ("--model-repository", "--grpc-port", "--metrics-port", "--compile-cache",
-               "--max-queue-delay-us", "--devices", "--sharding", "--demo-tiny"):
+               "--max-queue-delay-us", "--devices", "--sharding", "--demo-tiny", "--frontend"):
     assert flag in out
 
 
@@ -77,6 +77,9 @@ def test_demo_serves_and_stops_on_sigterm(demo_process):
     assert c.is_model_ready(name), name
   out = _infer(addr, 3, 0)
   assert out.shape == (3, 1) and np.all((out > 0) & (out < 1))
+  from serving.native_frontend import load_extension
+  front = "native" if load_extension()[0] is not None else "python"  # no flag: native if built
+  assert any(f"gRPC front end: {front}" in line for line in lines), "".join(lines)
   body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
   for name in ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count",
                "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",

@@ -379,3 +379,17 @@ def test_cancelled_and_finished_calls_release_their_state(tmp_path):
       time.sleep(0.05)
     st = bg.server.native.stats()
     assert st["live_calls"] == baseline and st["inflight"] == 0
+
+
+def test_front_end_choice(tmp_path):
+  repo = tmp_path / "repo"
+  write_mock_bundle(repo, "mock", 1)
+  kw = dict(model_repository=str(repo), grpc_port=0, metrics_port=-1)
+  built = "native" if NATIVE is not None else "python"
+  assert Server(ServerConfig(**kw), engine_factory=mock_factory()).frontend == built
+  assert Server(ServerConfig(**kw, frontend="python"),
+                engine_factory=mock_factory()).frontend == "python"
+  tls = ServerConfig(**kw, tls_cert_file="cert.pem", tls_key_file="key.pem")
+  assert Server(tls, engine_factory=mock_factory()).frontend == "python"  # TLS: Python serves
+  with pytest.raises(ValueError):
+    ServerConfig(**kw, frontend="grpc")
