@@ -278,6 +278,22 @@ def test_deadlines_expire_in_the_queue(tmp_path):
 
 
 @needs_native
+def test_model_default_timeout_applies_without_a_timeout_parameter(tmp_path):
+  repo = tmp_path / "repo"
+  write_mock_bundle(repo, "mock", 1, config={"default_timeout_us": 100_000})
+  with serving(repo, mock_factory(delay_s=0.3)) as bg, grpc.insecure_channel(bg.address) as ch:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    first = stub.ModelInfer.future(mock_request(*_rows(8)))  # busy for 0.3 s
+    time.sleep(0.05)
+    queued = stub.ModelInfer.future(mock_request(*_rows(8), timeout=0))  # 0: no deadline
+    err = _call(stub, mock_request(*_rows(1)))[1]
+    assert err[0] == grpc.StatusCode.DEADLINE_EXCEEDED and "never executed" in err[1]
+    assert _call(stub, mock_request(*_rows(1), timeout=0))[0] is not None
+    first.result(), queued.result()
+    assert bg.server.native.stats()["relayed"] == 0
+
+
+@needs_native
 def test_unload_with_queued_requests_answers_every_one(tmp_path):
   with _slow_server(tmp_path, delay_s=0.15) as bg, grpc.insecure_channel(bg.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
