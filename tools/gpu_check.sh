@@ -86,6 +86,10 @@ build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
           --concurrency-range 1:16:5 2>&1 | tee -a "$OUT/run.log" | grep -E "concurrency:|Throughput|p99 lat"
         timeout 40 bash benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:18002 -i grpc -b 1 -p 2000 -s 30 \
           --concurrency-range 16:16 --percentile 99 2>&1 | tee -a "$OUT/run.log" | grep -E "concurrency:|Throughput|p99 lat"
+        timeout 40 bash benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:18002 -i grpc -b 32 -p 3000 -s 30 \
+          --request-rate-range ${RATE:-1600}:${RATE:-1600} --percentile 99 2>&1 | tee -a "$OUT/run.log" \
+          | grep -E "Request Rate:|Throughput|p50 lat|p99 lat|error|fail"
+        tail -8 /tmp/server_native.log
         kill %1
       fi ;;
     more)  # model, export and end-to-end serving tests, on the GPU
