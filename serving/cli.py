@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="number of local devices to place each model on (default: 1)")
   serve.add_argument("--sharding", default=None,
                      help="default sharding strategy for models without one in their config"
-                     " (replicated, tensor, tensor+data, embedding_rows, embedding_tables)")
+                     " (replicated, tensor, tensor+data, embedding_rows, embedding_tables;"
+                     " embedding_tables needs a bundle whose manifest has a table_lookup, which"
+                     " export_model writes for CTR models with categorical tables)")
   serve.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                      help="multi-host serving (jax.distributed): process 0's coordinator address."
                      " Every process gets the same repository (one model); one global mesh"
