@@ -1,14 +1,16 @@
 """Serving throughput and latency against the raw jitted model, measured in one run.
 
   python benchmarks/serving.py [--repository DIR] [--model dlrm] [--duration 8] [--out DIR]
-                               [--frontend native|python|both]
+                               [--frontend native|python|both] [--loadgen native|python]
 
 1. Raw ceiling: the bundle's own compiled executables, called back to back in this
    process (no gRPC, no batching), rows/s at every bucket.
 2. Served: `xlaserve serve` in a subprocess, driven over gRPC on 127.0.0.1 by
-   benchmarks/loadgen.py: 32-row requests at saturation, single-row requests at
+   the load generator: 32-row requests at saturation, single-row requests at
    concurrency 16, a lone request, and 32-row requests at 70% of the saturated rate.
-`--frontend both` measures the Python and the native gRPC front end back to back against
+The load generator is benchmarks/native_loadgen.cc (C++, one thread; the default when it
+builds) or benchmarks/loadgen.py (Python processes, which take a good part of a core from the
+server on a small machine); the report says which. `--frontend both` measures the Python and the native gRPC front end back to back against
 the same raw ceiling. Prints a table, writes serving.png and serving.json to --out.
 """
 
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -96,8 +99,23 @@ def start_server(repo: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen
   return proc, f"127.0.0.1:{port}"
 
 
+def pick_loadgen(choice: str | None) -> tuple[str, Callable]:
+  """(name, run_load) of the load generator: the C++ one by default when it builds."""
+  if choice == "python":
+    return "python", run_load
+  from benchmarks import native_loadgen
+  binary, why = native_loadgen.available()
+  if binary is not None:
+    return "native", native_loadgen.run_load
+  if choice == "native":
+    raise SystemExit(f"--loadgen native: the C++ load generator does not build: {why}")
+  say(f"C++ load generator unavailable, using the Python one: {why.splitlines()[0]}")
+  return "python", run_load
+
+
 def measure_served(repo: pathlib.Path, args, inputs, frontend: str) -> dict:
   """Starts `xlaserve serve --frontend FRONTEND` and runs every load phase against it."""
+  run_load = args.run_load
   proc, addr = start_server(repo, ["--frontend", frontend, *args.server_args.split()])
   rng = np.random.default_rng(1)
   big = build_request(args.model, make_inputs(inputs, args.request_rows, rng))
@@ -136,7 +154,7 @@ def report(runs: dict, raw: list, best: dict, args, frontend: str) -> dict:
   rows = [[k, r.rps, r.rows_per_s, r.pct_ms(50), r.pct_ms(99), sum(r.errors.values())]
           for k, r in runs.items()]
   print()
-  print(f"== {frontend} front end ==")
+  print(f"== {frontend} front end, {args.loadgen} load generator ==")
   print(format_table(["bucket", "raw rows/s", "ms/batch"],
                      [[r["bucket"], r["rows_per_s"], r["ms_per_batch"]] for r in raw]))
   print()
@@ -151,7 +169,7 @@ def report(runs: dict, raw: list, best: dict, args, frontend: str) -> dict:
       "single_row_c16_rows_per_s": runs["single_c16"].rows_per_s,
       "single_row_c16_p99_ms": runs["single_c16"].pct_ms(99),
       "p99_at_70pct_ms": p99_70, "lone_p50_ms": lone_p50,
-      "p99_at_70pct_over_lone_p50": p99_70 / lone_p50,
+      "p99_at_70pct_over_lone_p50": p99_70 / lone_p50, "loadgen": args.loadgen,
   }
   print()
   print(f"served / raw (32-row requests at saturation vs best bucket {best['bucket']}):"
@@ -175,7 +193,12 @@ def main() -> None:
   parser.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
   parser.add_argument("--frontend", choices=("native", "python", "both"), default="native",
                       help="gRPC front end of the served phases; both: python, then native")
+  parser.add_argument("--loadgen", choices=("native", "python"), default=None,
+                      help="load generator: C++ (benchmarks/native_loadgen.cc) or Python"
+                           " (benchmarks/loadgen.py); default: native when it builds, else python")
   args = parser.parse_args()
+  args.loadgen, args.run_load = pick_loadgen(args.loadgen)
+  say(f"load generator: {args.loadgen}")
   args.out.mkdir(parents=True, exist_ok=True)
 
   repo = args.repository
@@ -205,7 +228,7 @@ def main() -> None:
   runs, summary = results[frontends[-1]]
   ratio = summary["served_over_raw"]
   (args.out / "serving.json").write_text(json.dumps(
-      {"raw": raw, "frontends": {
+      {"raw": raw, "loadgen": args.loadgen, "frontends": {
           f: {"runs": {k: {"rps": r.rps, "rows_per_s": r.rows_per_s, "p50_ms": r.pct_ms(50),
                            "p99_ms": r.pct_ms(99), "errors": r.errors} for k, r in rn.items()},
               "summary": sm} for f, (rn, sm) in results.items()}}, indent=1))

@@ -1,0 +1,260 @@
+// A lean C++ gRPC load generator for ModelInfer: one thread, one completion queue.
+//
+// It sends one pre-serialized ModelInferRequest (written by benchmarks/native_loadgen.py) with
+// grpc::GenericStub, so it needs no generated protobuf code, over `--channels` connections:
+//   closed loop: `--concurrency` requests always in flight;
+//   open loop:   `--rate` requests/s issued on a fixed schedule whatever the completions, with
+//                latency measured from the *scheduled* send time (coordinated omission shows).
+// Only requests issued inside the measured window [warmup, warmup + duration) are recorded.
+// stdout: a compact summary ("window_s", "sent", "status NAME COUNT" lines); --latencies FILE:
+// one "STATUS_CODE LATENCY_US" line per recorded request. Responses are checked for status and
+// a non-empty body only.
+//
+//   g++ -O2 -std=c++17 native_loadgen.cc $(pkg-config --cflags --libs grpc++) -o native_loadgen
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr char kMethod[] = "/inference.GRPCInferenceService/ModelInfer";
+constexpr int kEmptyResponse = 100;  // OK status but a zero-byte body: counted as an error
+
+const char* CodeName(int code) {
+  static const char* kNames[] = {
+      "OK",        "CANCELLED",         "UNKNOWN",   "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+      "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
+  if (code >= 0 && code <= 16) return kNames[code];
+  return code == kEmptyResponse ? "EMPTY_RESPONSE" : "UNKNOWN";
+}
+
+struct Options {
+  std::string address, request_path, latencies_path;
+  int concurrency = 16;
+  int channels = 1;
+  double rate = 0;  // > 0: open loop
+  double duration = 5;
+  double warmup = 0.5;
+  double timeout = 10;  // <= 0: no deadline
+};
+
+struct Call {
+  grpc::ClientContext ctx;
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
+  Clock::time_point t0;  // scheduled (open loop) or actual (closed loop) send time
+  bool recorded = false;
+};
+
+struct Sample {
+  int code;
+  int64_t micros;
+};
+
+[[noreturn]] void Die(const std::string& msg) {
+  std::fprintf(stderr, "native_loadgen: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+Options Parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    if (i + 1 >= argc) Die("missing value for " + k);
+    std::string v = argv[++i];
+    if (k == "--address") o.address = v;
+    else if (k == "--request") o.request_path = v;
+    else if (k == "--latencies") o.latencies_path = v;
+    else if (k == "--concurrency") o.concurrency = std::stoi(v);
+    else if (k == "--channels") o.channels = std::stoi(v);
+    else if (k == "--rate") o.rate = std::stod(v);
+    else if (k == "--duration") o.duration = std::stod(v);
+    else if (k == "--warmup") o.warmup = std::stod(v);
+    else if (k == "--timeout") o.timeout = std::stod(v);
+    else Die("unknown flag " + k);
+  }
+  if (o.address.empty() || o.request_path.empty()) Die("--address and --request are required");
+  if (o.concurrency < 1 || o.channels < 1 || o.duration <= 0) Die("bad concurrency/channels/duration");
+  return o;
+}
+
+Clock::duration Seconds(double s) {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+}
+
+// gRPC takes system_clock or gpr_timespec deadlines; ours are steady_clock time points.
+gpr_timespec Deadline(Clock::time_point t) {
+  int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t - Clock::now()).count();
+  return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                      gpr_time_from_nanos(ns > 0 ? ns : 0, GPR_TIMESPAN));
+}
+
+class LoadGen {
+ public:
+  explicit LoadGen(const Options& o) : o_(o) {
+    std::ifstream in(o.request_path, std::ios::binary);
+    if (!in) Die("cannot read " + o.request_path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string bytes = ss.str();
+    grpc::Slice slice(bytes);
+    request_ = grpc::ByteBuffer(&slice, 1);
+    for (int i = 0; i < o.channels; ++i) {
+      grpc::ChannelArguments args;
+      args.SetMaxReceiveMessageSize(64 << 20);
+      args.SetMaxSendMessageSize(64 << 20);
+      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per channel
+      args.SetInt("xlaserve.loadgen_channel", i);
+      auto ch = grpc::CreateCustomChannel(o.address, grpc::InsecureChannelCredentials(), args);
+      if (!ch->WaitForConnected(Deadline(Clock::now() + std::chrono::seconds(10))))
+        Die("cannot connect to " + o.address);
+      stubs_.push_back(std::make_unique<grpc::GenericStub>(ch));
+    }
+  }
+
+  void Run() {
+    start_ = Clock::now();
+    window_begin_ = start_ + Seconds(o_.warmup);
+    window_end_ = window_begin_ + Seconds(o_.duration);
+    if (o_.rate > 0) {
+      OpenLoop();
+    } else {
+      ClosedLoop();
+    }
+    Drain();
+  }
+
+  void Report() const {
+    std::vector<int64_t> counts(kEmptyResponse + 1, 0);
+    for (const Sample& s : samples_) ++counts[s.code];
+    std::printf("window_s %.6f\nsent %zu\n", o_.duration, samples_.size());
+    for (int c = 0; c <= kEmptyResponse; ++c)
+      if (counts[c]) std::printf("status %s %lld\n", CodeName(c), static_cast<long long>(counts[c]));
+    if (!o_.latencies_path.empty()) {
+      FILE* f = std::fopen(o_.latencies_path.c_str(), "w");
+      if (!f) Die("cannot write " + o_.latencies_path);
+      for (const Sample& s : samples_)
+        std::fprintf(f, "%d %lld\n", s.code, static_cast<long long>(s.micros));
+      std::fclose(f);
+    }
+  }
+
+ private:
+  void Issue(Clock::time_point t0) {
+    auto* call = new Call;
+    call->t0 = t0;
+    call->recorded = t0 >= window_begin_ && t0 < window_end_;
+    if (o_.timeout > 0) call->ctx.set_deadline(Deadline(Clock::now() + Seconds(o_.timeout)));
+    grpc::GenericStub& stub = *stubs_[next_stub_++ % stubs_.size()];
+    call->reader = stub.PrepareUnaryCall(&call->ctx, kMethod, request_, &cq_);
+    call->reader->StartCall();
+    call->reader->Finish(&call->response, &call->status, call);
+    in_flight_.insert(call);
+  }
+
+  // Records a finished call and frees it.
+  void Complete(Call* call, Clock::time_point now) {
+    in_flight_.erase(call);
+    if (call->recorded) {
+      int code = call->status.error_code();
+      if (code == 0 && call->response.Length() == 0) code = kEmptyResponse;
+      samples_.push_back(
+          {code, std::chrono::duration_cast<std::chrono::microseconds>(now - call->t0).count()});
+    }
+    delete call;
+  }
+
+  void ClosedLoop() {
+    for (int i = 0; i < o_.concurrency; ++i) Issue(Clock::now());
+    void* tag;
+    bool ok;
+    while (cq_.Next(&tag, &ok)) {
+      Clock::time_point now = Clock::now();
+      Complete(static_cast<Call*>(tag), now);
+      if (now >= window_end_) break;
+      Issue(now);
+    }
+  }
+
+  void OpenLoop() {
+    const Clock::duration interval = Seconds(1.0 / o_.rate);
+    Clock::time_point next = start_;
+    void* tag;
+    bool ok;
+    while (next < window_end_) {
+      switch (cq_.AsyncNext(&tag, &ok, Deadline(next))) {
+        case grpc::CompletionQueue::GOT_EVENT:
+          Complete(static_cast<Call*>(tag), Clock::now());
+          break;
+        case grpc::CompletionQueue::TIMEOUT: {
+          Clock::time_point now = Clock::now();
+          while (next <= now && next < window_end_) {  // catch up: all sends that are due
+            Issue(next);
+            next += interval;
+          }
+          break;
+        }
+        case grpc::CompletionQueue::SHUTDOWN:
+          return;
+      }
+    }
+  }
+
+  // Waits for what is still in flight; cancels it after the deadline (or 15 s without one).
+  void Drain() {
+    Clock::time_point give_up = Clock::now() + Seconds(o_.timeout > 0 ? o_.timeout + 5 : 15);
+    bool cancelled = false;
+    void* tag;
+    bool ok;
+    while (!in_flight_.empty()) {
+      Clock::time_point wait = cancelled ? Clock::now() + std::chrono::seconds(5) : give_up;
+      auto r = cq_.AsyncNext(&tag, &ok, Deadline(wait));
+      if (r == grpc::CompletionQueue::GOT_EVENT) {
+        Complete(static_cast<Call*>(tag), Clock::now());
+      } else if (!cancelled) {
+        for (Call* c : in_flight_) c->ctx.TryCancel();
+        cancelled = true;
+      } else {
+        Die("calls did not finish after cancellation");
+      }
+    }
+    cq_.Shutdown();
+    while (cq_.Next(&tag, &ok)) {
+    }
+  }
+
+  Options o_;
+  grpc::ByteBuffer request_;
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
+  grpc::CompletionQueue cq_;
+  std::unordered_set<Call*> in_flight_;
+  std::vector<Sample> samples_;
+  size_t next_stub_ = 0;
+  Clock::time_point start_, window_begin_, window_end_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o = Parse(argc, argv);
+  LoadGen gen(o);
+  gen.Run();
+  gen.Report();
+  return 0;
+}

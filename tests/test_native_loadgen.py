@@ -1,0 +1,58 @@
+"""The C++ load generator (benchmarks/native_loadgen.cc) against a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from export.bundle import Manifest, Signature, write_bundle
+from serving.mock_engine import MockEngine
+from serving.server import BackgroundServer, Server, ServerConfig
+
+
+def _grpcpp_missing() -> str:
+  if shutil.which("g++") is None or shutil.which("pkg-config") is None:
+    return "g++ or pkg-config not installed"
+  if subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode != 0:
+    return "grpc++ not found by pkg-config (install libgrpc++-dev)"
+  return ""
+
+
+@pytest.mark.skipif(bool(_grpcpp_missing()), reason=_grpcpp_missing() or "grpc++ found")
+def test_native_loadgen_closed_and_open_loop_against_mock_server(tmp_path):
+  from benchmarks import loadgen, native_loadgen
+
+  eng = MockEngine()
+  manifest = Manifest(name="mock", version=1, kind="predict", jax_version="0.10.2",
+                      signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
+                      params=(), batch_buckets=eng.buckets)
+  write_bundle(tmp_path / "repo" / "mock" / "1", manifest, [], {})
+  server = Server(ServerConfig(model_repository=str(tmp_path / "repo"), grpc_port=0,
+                               metrics_port=-1),
+                  engine_factory=lambda path, m, cfg: MockEngine(buckets=m.batch_buckets))
+  bg = BackgroundServer(server).start()
+  try:
+    addr = bg.address
+    x = np.ones((2, 4), np.float32)
+    k = np.full((2, 1), 3, np.int32)
+    good = loadgen.build_request("mock", {"x": x, "k": k})
+    closed = native_loadgen.run_load(addr, good, rows_per_request=2, concurrency=4, processes=2,
+                                     duration=1.0, warmup=0.2)
+    assert closed.errors == {} and closed.ok > 0
+    assert len(closed.latencies_s) == closed.ok and closed.rows_per_s == 2 * closed.ok / 1.0
+    assert 0 < closed.pct_ms(50) <= closed.pct_ms(99) < 10_000
+
+    opened = native_loadgen.run_load(addr, good, rows_per_request=2, rate=50.0, duration=1.0,
+                                     warmup=0.2)
+    assert opened.errors == {} and abs(opened.ok - 50) <= 1  # one per scheduled slot
+
+    unknown = loadgen.build_request("no_such_model", {"x": x, "k": k})
+    bad = native_loadgen.run_load(addr, unknown, rows_per_request=2, concurrency=2,
+                                  duration=0.5, warmup=0.1)
+    assert bad.ok == 0 and set(bad.errors) == {"NOT_FOUND"} and bad.errors["NOT_FOUND"] > 0
+    assert len(bad.error_latencies_s["NOT_FOUND"]) == bad.errors["NOT_FOUND"]
+  finally:
+    bg.stop()
