@@ -33,6 +33,12 @@ class Engine(abc.ABC):
   outputs: tuple[TensorSpec, ...]
   buckets: tuple[int, ...]
 
+  @property
+  def bucket_seconds(self) -> Mapping[int, float]:
+    """Seconds one batch takes per bucket, timed at warm-up (may be empty): seeds the batcher's
+    choice between padding a batch up and running a smaller one."""
+    return {}
+
   @abc.abstractmethod
   def warmup(self, *, progress: Progress | None = None) -> None:
     """Compiles (or otherwise prepares) every bucket; raises if any bucket fails."""
@@ -93,6 +99,7 @@ class ReplicaEngine(Engine):
     self.placements = tuple(placements or (Placement(devices=(jax.devices()[0],)),))
     self._replicas: list[dict[str, Any]] = []
     self._next = 0
+    self._bucket_seconds: dict[int, float] = {}
     specs = self.manifest.params
     self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
 
@@ -122,6 +129,10 @@ class ReplicaEngine(Engine):
   @property
   def param_bytes(self) -> int:
     return self._param_bytes
+
+  @property
+  def bucket_seconds(self) -> Mapping[int, float]:
+    return dict(self._bucket_seconds)
 
   @property
   def ready(self) -> bool:
@@ -223,15 +234,19 @@ class BundleEngine(ReplicaEngine):
         except Exception as e:
           raise BundleError(f"{self.path}: compiling bucket {bucket} failed: {e}") from e
         say(f"replica {r}: bucket {bucket:>5} compiled in {time.perf_counter() - t1:.2f}s")
-      # Run every bucket once: surfaces runtime failures (e.g. out of memory) at load.
+      # Run every bucket: surfaces runtime failures (e.g. out of memory) at load; the second
+      # run, past one-off costs, times the bucket for the batcher.
       for bucket, exe in compiled.items():
         zeros = {t.name: np.zeros((bucket, *t.shape[1:]), _np_dtype(t.dtype)) for t in self.inputs}
-        out = exe(params, zeros)
+        for _ in range(2):
+          t1 = time.perf_counter()
+          out = jax.block_until_ready(exe(params, zeros))
+          seconds = time.perf_counter() - t1
+        self._bucket_seconds[bucket] = min(seconds, self._bucket_seconds.get(bucket, seconds))
         for spec in self.outputs:
           if out[spec.name].shape[0] != bucket:
             raise BundleError(f"{self.path}: output {spec.name} has {out[spec.name].shape[0]}"
                               f" rows at bucket {bucket}")
-        jax.block_until_ready(out)
       self._replicas.append({"params": params, "compiled": compiled})
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:

@@ -87,6 +87,8 @@ class ModelRunner:
     self.observer = observer or Observer()
     self.stats = RunnerStats()
     self._batcher: Batcher[InferRequest] = Batcher(config)
+    for bucket, seconds in engine.bucket_seconds.items():
+      self._batcher.observe(bucket, seconds)
     self._cv = threading.Condition()
     self._stopping = False
     self._inflight = 0

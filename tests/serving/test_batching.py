@@ -122,3 +122,47 @@ def test_remove_and_drain():
   assert b.queued_rows == 3
   assert [p.item for p in b.drain()] == ["b"]
   assert b.queued_rows == 0 and b.decide(0.0, idle=True).plan is None
+
+
+def test_partial_batch_runs_the_bucket_that_moves_most_rows_per_second():
+  # Compute-bound times (a 128-row batch costs twice a 64-row one): 5 x 32 = 160 queued rows
+  # run as 128 now (no padding, 128 rows in 1 ms) rather than 256 (160 useful rows in 2 ms).
+  b = make(buckets=(32, 64, 128, 256), idle_dispatch=True, max_rows=1024)
+  for bucket, ms in ((32, 0.3), (64, 0.5), (128, 1.0), (256, 2.0)):
+    b.observe(bucket, ms / 1e3)
+  for i in range(5):
+    add(b, f"r{i}", 32, t=0.0)
+  d = b.decide(0.0, idle=True)
+  assert d.plan.bucket == 128 and d.plan.padding == 0
+  assert layout(d.plan) == [(f"r{i}", 0, 32, 32 * i) for i in range(4)]
+  assert b.queued_rows == 32  # r4 waits for the next batch
+  d = b.decide(0.0, idle=True)
+  assert layout(d.plan) == [("r4", 0, 32, 0)] and d.plan.bucket == 32
+
+
+def test_padding_is_kept_when_the_bigger_bucket_costs_little_more():
+  # Overhead-bound times (256 rows cost barely more than 128): pad 160 up to 256, all at once.
+  b = make(buckets=(32, 64, 128, 256), idle_dispatch=True, max_rows=1024)
+  for bucket, ms in ((32, 0.9), (64, 0.95), (128, 1.0), (256, 1.1)):
+    b.observe(bucket, ms / 1e3)
+  for i in range(5):
+    add(b, f"r{i}", 32, t=0.0)
+  d = b.decide(0.0, idle=True)
+  assert d.plan.bucket == 256 and d.plan.rows == 160 and b.queued_rows == 0
+
+
+def test_smaller_bucket_must_win_by_the_margin():
+  # 96 rows: bucket 128 moves 96 rows per 1.0 ms; bucket 64 moves 64 per 0.62 ms (103k/s), only
+  # 8% better than 96k/s: under the 15% margin, so all 96 rows go now, padded to 128.
+  b = make(buckets=(32, 64, 128), idle_dispatch=True, max_rows=1024)
+  for bucket, ms in ((32, 0.5), (64, 0.62), (128, 1.0)):
+    b.observe(bucket, ms / 1e3)
+  for i in range(3):
+    add(b, f"r{i}", 32, t=0.0)
+  assert b.decide(0.0, idle=True).plan.bucket == 128
+  # Untimed buckets are never chosen over the natural one.
+  b2 = make(buckets=(32, 64, 128), idle_dispatch=True, max_rows=1024)
+  b2.observe(128, 1e-3)
+  for i in range(3):
+    add(b2, f"r{i}", 32, t=0.0)
+  assert b2.decide(0.0, idle=True).plan.bucket == 128
