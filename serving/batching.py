@@ -268,20 +268,29 @@ class Batcher(Generic[T]):
 
   def _capacity(self) -> int:
     """Rows for a partial batch: by measured batch times, the bucket that moves the most queued
-    rows per second of executor time. 160 queued rows run as 128 now and 32 next rather than
-    padded to 256 at twice the cost; padding waste otherwise eats the capacity that a queue
-    under load needs to drain. A smaller bucket must win by SMALLER_BUCKET_GAIN."""
-    natural = self.config.bucket_for(self._rows)
+    rows per second of executor time. 160 queued rows of 32-row requests run as 128 now and 32
+    next rather than padded to 256 at twice the cost: under load, padding waste eats the
+    capacity the queue needs to drain. A smaller bucket takes whole requests only (never splits
+    one to fill up) and must win by SMALLER_BUCKET_GAIN."""
+    cfg = self.config
+    natural = cfg.bucket_for(self._rows)
     t_natural = self._batch_s.get(natural)
-    if t_natural is None:
-      return natural
-    best, best_rate = natural, self._rows / t_natural * (1.0 + SMALLER_BUCKET_GAIN)
-    for bucket in reversed(self.config.buckets):  # largest first: a tie keeps fewer rows waiting
-      if bucket >= natural:
-        continue
+    if t_natural is None or natural == cfg.buckets[0]:
+      return cfg.max_batch_size
+    sizes, total = [], 0  # whole-request prefix sums, in take order, below `natural`
+    for p in self._ordered():
+      total += p.remaining
+      if total >= natural:
+        break
+      sizes.append(total)
+    best, best_rate = cfg.max_batch_size, self._rows / t_natural * (1.0 + SMALLER_BUCKET_GAIN)
+    for bucket in reversed(cfg.buckets):  # largest first: a tie keeps fewer rows waiting
       t = self._batch_s.get(bucket)
-      if t is not None and bucket / t > best_rate:
-        best, best_rate = bucket, bucket / t
+      if bucket >= natural or t is None:
+        continue
+      rows = max((n for n in sizes if n <= bucket), default=0)
+      if rows and rows / t > best_rate:
+        best, best_rate = rows, rows / t
     return best
 
   def _take(self, capacity: int) -> BatchPlan[T]:

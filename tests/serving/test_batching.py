@@ -166,3 +166,19 @@ def test_smaller_bucket_must_win_by_the_margin():
   for i in range(3):
     add(b2, f"r{i}", 32, t=0.0)
   assert b2.decide(0.0, idle=True).plan.bucket == 128
+
+
+def test_smaller_bucket_never_splits_a_request():
+  # One 5-row request (the rest of a split one): bucket 4 would be faster per row but would leave
+  # a single row of the same request for another batch; it runs whole, padded to 8.
+  b = make(buckets=(1, 2, 4, 8), idle_dispatch=True)
+  for bucket, ms in ((1, 0.1), (2, 0.2), (4, 0.4), (8, 1.6)):
+    b.observe(bucket, ms / 1e3)
+  add(b, "a", 5, t=0.0)
+  d = b.decide(0.0, idle=True)
+  assert d.plan.bucket == 8 and layout(d.plan) == [("a", 0, 5, 0)]
+  # Two requests of 3 and 2 rows: bucket 4 takes "a" whole (3 rows in 0.4 ms beats 5 in 1.6).
+  add(b, "b", 3, t=0.0)
+  add(b, "c", 2, t=0.0)
+  d = b.decide(0.0, idle=True)
+  assert d.plan.bucket == 4 and layout(d.plan) == [("b", 0, 3, 0)]
