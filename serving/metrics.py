@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import prometheus_client as prom
 from prometheus_client.core import Metric
@@ -87,11 +87,32 @@ class Metrics:
                      "XLA compiles outside model warm-up (must stay 0)", registry=r)
       g.set_function(compile_count)
 
+  def add_native_front_end(self, stats: Callable[[], Mapping[str, int]]) -> None:
+    """Exports the native front end's call counts, read at scrape time: `fast` (answered in
+    C++), `relayed` (to the Python servicer), `forwarded` (handed back by the feeder)."""
+    self.registry.register(_NativeCollector(stats))
+
   def observer(self, model: str, version: int) -> Observer:
     return _ModelObserver(self, model, str(version))
 
   def exposition(self) -> bytes:
     return prom.generate_latest(self.registry)
+
+
+class _NativeCollector:
+  """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took."""
+
+  def __init__(self, stats: Callable[[], Mapping[str, int]]):
+    self._stats = stats
+
+  def collect(self) -> Iterator[Metric]:
+    m = Metric("xlaserve_native_calls", "Calls the native gRPC front end took, by path: fast"
+               " (answered in C++), relayed (to the Python servicer), forwarded (handed back)",
+               "counter")
+    for path, v in sorted(self._stats().items()):
+      if path in ("fast", "relayed", "forwarded"):
+        m.add_sample("xlaserve_native_calls_total", {"path": path}, float(v))
+    yield m
 
 
 class _ModelObserver(Observer):

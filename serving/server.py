@@ -260,6 +260,7 @@ class Server:
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
           id_prefix=self.servicer._id_prefix, threads=cfg.native_threads)
+      self.metrics.add_native_front_end(self.native.stats)
     else:
       self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
                         else server.add_insecure_port(address))

@@ -20,7 +20,7 @@ from serving.engine import Engine
 from serving.protocol import grpc_service_pb2 as pb
 from serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.server import BackgroundServer, Server, ServerConfig
-from servingutil import expected, mock_factory, mock_request, outputs, rpc_code, serving, \
+from servingutil import expected, metric, mock_factory, mock_request, outputs, rpc_code, serving, \
     write_mock_bundle
 
 NATIVE, WHY = native_frontend.load_extension()
@@ -221,6 +221,13 @@ def test_undecodable_bytes_and_other_methods_are_relayed(both):
       meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="mock"))
       assert [t.name for t in meta.inputs] == ["x", "k"]
       assert rpc_code(ch.unary_unary("/no.Such/Method"), b"") == grpc.StatusCode.UNIMPLEMENTED
+  # The call counts are exported to Prometheus, read at scrape time.
+  bg = both["native"][0]
+  text = bg.server.metrics.exposition().decode()
+  for path, n in bg.server.native.stats().items():
+    if path in ("fast", "relayed", "forwarded"):
+      assert metric(text, "xlaserve_native_calls_total", path=path) == n
+  assert metric(text, "xlaserve_native_calls_total", path="relayed") >= 4
 
 
 @needs_native
