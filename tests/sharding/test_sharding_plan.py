@@ -94,6 +94,10 @@ def test_table_placement_balances_by_bytes():
   assert p.shard_rows() == [140, 120]
   assert p.block_rows == 140 and p.fused_shape == (280, 8)
   assert p.offset == (0, 0, 110, 60, 100)
+  # At most ceil(F / devices) tables a device (the all-gather is as wide as the fullest one):
+  # 100 -> d0, 10 -> d1, 10 -> d1, and the last 10 to d0 because d1 holds its two already.
+  q = TablePlacement.balance([0, 1, 2, 3], [(100, 8), (10, 8), (10, 8), (10, 8)], 2)
+  assert q.shard == (0, 1, 1, 0) and q.shard_rows() == [110, 20] and q.block_rows == 110
   with pytest.raises(ValueError, match="one embedding dim"):
     TablePlacement.balance([0, 1], [(4, 8), (4, 16)], 2)
   plan = ShardingPlan.create("embedding_tables", 2)
