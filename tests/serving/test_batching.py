@@ -124,14 +124,20 @@ def test_remove_and_drain():
   assert b.queued_rows == 0 and b.decide(0.0, idle=True).plan is None
 
 
+def timed(ms_by_bucket, rows, max_rows=1024):
+  """An idle-dispatch batcher whose buckets took `ms_by_bucket`, holding requests r0.. of `rows`."""
+  b = make(buckets=tuple(ms_by_bucket), idle_dispatch=True, max_rows=max_rows)
+  for bucket, ms in ms_by_bucket.items():
+    b.observe(bucket, ms / 1e3)
+  for i, n in enumerate(rows):
+    add(b, f"r{i}", n, t=0.0)
+  return b
+
+
 def test_partial_batch_runs_the_bucket_that_moves_most_rows_per_second():
   # Compute-bound times (a 128-row batch costs twice a 64-row one): 5 x 32 = 160 queued rows
   # run as 128 now (no padding, 128 rows in 1 ms) rather than 256 (160 useful rows in 2 ms).
-  b = make(buckets=(32, 64, 128, 256), idle_dispatch=True, max_rows=1024)
-  for bucket, ms in ((32, 0.3), (64, 0.5), (128, 1.0), (256, 2.0)):
-    b.observe(bucket, ms / 1e3)
-  for i in range(5):
-    add(b, f"r{i}", 32, t=0.0)
+  b = timed({32: 0.3, 64: 0.5, 128: 1.0, 256: 2.0}, [32] * 5)
   d = b.decide(0.0, idle=True)
   assert d.plan.bucket == 128 and d.plan.padding == 0
   assert layout(d.plan) == [(f"r{i}", 0, 32, 32 * i) for i in range(4)]
@@ -142,11 +148,7 @@ def test_partial_batch_runs_the_bucket_that_moves_most_rows_per_second():
 
 def test_padding_is_kept_when_the_bigger_bucket_costs_little_more():
   # Overhead-bound times (256 rows cost barely more than 128): pad 160 up to 256, all at once.
-  b = make(buckets=(32, 64, 128, 256), idle_dispatch=True, max_rows=1024)
-  for bucket, ms in ((32, 0.9), (64, 0.95), (128, 1.0), (256, 1.1)):
-    b.observe(bucket, ms / 1e3)
-  for i in range(5):
-    add(b, f"r{i}", 32, t=0.0)
+  b = timed({32: 0.9, 64: 0.95, 128: 1.0, 256: 1.1}, [32] * 5)
   d = b.decide(0.0, idle=True)
   assert d.plan.bucket == 256 and d.plan.rows == 160 and b.queued_rows == 0
 
@@ -154,30 +156,22 @@ def test_padding_is_kept_when_the_bigger_bucket_costs_little_more():
 def test_smaller_bucket_must_win_by_the_margin():
   # 96 rows: bucket 128 moves 96 rows per 1.0 ms; bucket 64 moves 64 per 0.62 ms (103k/s), only
   # 8% better than 96k/s: under the 15% margin, so all 96 rows go now, padded to 128.
+  assert timed({32: 0.5, 64: 0.62, 128: 1.0}, [32] * 3).decide(0.0, idle=True).plan.bucket == 128
+  # Untimed buckets are never chosen over the natural one.
   b = make(buckets=(32, 64, 128), idle_dispatch=True, max_rows=1024)
-  for bucket, ms in ((32, 0.5), (64, 0.62), (128, 1.0)):
-    b.observe(bucket, ms / 1e3)
+  b.observe(128, 1e-3)
   for i in range(3):
     add(b, f"r{i}", 32, t=0.0)
   assert b.decide(0.0, idle=True).plan.bucket == 128
-  # Untimed buckets are never chosen over the natural one.
-  b2 = make(buckets=(32, 64, 128), idle_dispatch=True, max_rows=1024)
-  b2.observe(128, 1e-3)
-  for i in range(3):
-    add(b2, f"r{i}", 32, t=0.0)
-  assert b2.decide(0.0, idle=True).plan.bucket == 128
 
 
 def test_smaller_bucket_never_splits_a_request():
   # One 5-row request (the rest of a split one): bucket 4 would be faster per row but would leave
   # a single row of the same request for another batch; it runs whole, padded to 8.
-  b = make(buckets=(1, 2, 4, 8), idle_dispatch=True)
-  for bucket, ms in ((1, 0.1), (2, 0.2), (4, 0.4), (8, 1.6)):
-    b.observe(bucket, ms / 1e3)
-  add(b, "a", 5, t=0.0)
+  b = timed({1: 0.1, 2: 0.2, 4: 0.4, 8: 1.6}, [5], max_rows=64)
   d = b.decide(0.0, idle=True)
-  assert d.plan.bucket == 8 and layout(d.plan) == [("a", 0, 5, 0)]
-  # Two requests of 3 and 2 rows: bucket 4 takes "a" whole (3 rows in 0.4 ms beats 5 in 1.6).
+  assert d.plan.bucket == 8 and layout(d.plan) == [("r0", 0, 5, 0)]
+  # Two requests of 3 and 2 rows: bucket 4 takes "b" whole (3 rows in 0.4 ms beats 5 in 1.6).
   add(b, "b", 3, t=0.0)
   add(b, "c", 2, t=0.0)
   d = b.decide(0.0, idle=True)
