@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.loadgen import LoadResult, build_request, format_table, run_load  # noqa: E402
+from benchmarks.serving import start_server  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -144,31 +143,6 @@ def overload(address: str, payload: bytes, *, rows: int, capacity_rps: float, fa
                          errors, pct(50), pct(99), start, end, float(mb.max()), samples)
 
 
-def start_server(repo: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
-  """`xlaserve serve` on free ports; returns the process, gRPC address and metrics URL."""
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo),
-       "--grpc-port", "0", "--metrics-port", "0", *extra],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=dict(os.environ, PYTHONUNBUFFERED="1"))
-  lines, ready = [], threading.Event()
-
-  def pump() -> None:
-    for line in proc.stdout:
-      lines.append(line)
-      if "models loaded" in line:
-        ready.set()
-    ready.set()
-
-  threading.Thread(target=pump, daemon=True).start()
-  if not ready.wait(600) or proc.poll() is not None:
-    raise RuntimeError("server did not start:\n" + "".join(lines))
-  m = re.search(r"gRPC on 127\.0\.0\.1:(\d+), Prometheus metrics at (http://\S+)",
-                "".join(lines))
-  say(f"server ready on port {m.group(1)}")
-  return proc, f"127.0.0.1:{m.group(1)}", m.group(2)
-
-
 def metric_total(text: str, name: str, **labels: str) -> float:
   """Sum of a Prometheus series over all samples carrying `labels`."""
   want = [f'{k}="{v}"' for k, v in labels.items()]
@@ -224,7 +198,7 @@ def main() -> None:
   inputs = manifest.signatures["serve"].inputs
   payload = build_request(args.model, make_inputs(inputs, args.request_rows,
                                                   np.random.default_rng(0)))
-  proc, addr, metrics_url = start_server(repo, args.server_args.split())
+  proc, addr, metrics_url = start_server(repo, args.server_args.split(), metrics=True)
   try:
     say("warming up ...")
     run_load(addr, payload, rows_per_request=args.request_rows, concurrency=4, duration=2.0)

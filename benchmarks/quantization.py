@@ -118,7 +118,7 @@ def main() -> None:
       say(f"[{mode}] exported in {export_s:.1f}s: embeddings {nbytes['embeddings'] / 2**20:.1f} MiB,"
           f" dense {nbytes['dense'] / 2**10:.1f} KiB; starting the server ...")
       t0 = time.perf_counter()
-      proc, addr = start_server(repo, [])
+      proc, addr, _ = start_server(repo, [])
       load_s = time.perf_counter() - t0
       try:
         say(f"[{mode}] scoring {held_rows} held-out rows over gRPC ...")

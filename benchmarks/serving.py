@@ -76,10 +76,13 @@ def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, 
   return results, inputs
 
 
-def start_server(repo: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(repo: pathlib.Path, extra: list[str], *,
+                 metrics: bool = False) -> tuple[subprocess.Popen, str, str | None]:
+  """`xlaserve serve` on a free gRPC port (and metrics port, with `metrics`), once its models
+  are loaded: (process, gRPC address, metrics URL or None)."""
   proc = subprocess.Popen(
       [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo),
-       "--grpc-port", "0", "--metrics-port", "-1", *extra],
+       "--grpc-port", "0", "--metrics-port", "0" if metrics else "-1", *extra],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
   lines, ready = [], threading.Event()
@@ -95,8 +98,9 @@ def start_server(repo: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen
   if not ready.wait(600) or proc.poll() is not None:
     raise RuntimeError("server did not start:\n" + "".join(lines))
   port = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1)
+  url = re.search(r"Prometheus metrics at (http://\S+)", "".join(lines)) if metrics else None
   say(f"server ready on port {port}")
-  return proc, f"127.0.0.1:{port}"
+  return proc, f"127.0.0.1:{port}", url.group(1) if url else None
 
 
 def pick_loadgen(choice: str | None) -> tuple[str, Callable]:
@@ -116,7 +120,7 @@ def pick_loadgen(choice: str | None) -> tuple[str, Callable]:
 def measure_served(repo: pathlib.Path, args, inputs, frontend: str) -> dict:
   """Starts `xlaserve serve --frontend FRONTEND` and runs every load phase against it."""
   run_load = args.run_load
-  proc, addr = start_server(repo, ["--frontend", frontend, *args.server_args.split()])
+  proc, addr, _ = start_server(repo, ["--frontend", frontend, *args.server_args.split()])
   rng = np.random.default_rng(1)
   big = build_request(args.model, make_inputs(inputs, args.request_rows, rng))
   one = build_request(args.model, make_inputs(inputs, 1, rng))

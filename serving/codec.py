@@ -44,7 +44,8 @@ class Limits:
 
 
 @functools.lru_cache(maxsize=None)
-def _spec_dtype(name: str) -> np.dtype:
+def spec_dtype(name: str) -> np.dtype:
+  """The numpy dtype of a manifest dtype name ("bfloat16" through ml_dtypes)."""
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -99,7 +100,7 @@ def decode_inputs(
     got_dt = _NP.get(t.datatype)
     if got_dt is None:
       raise _bad(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
-    want_dt = _spec_dtype(spec.dtype)
+    want_dt = spec_dtype(spec.dtype)
     if got_dt != want_dt and not (_is_int(got_dt) and _is_int(want_dt)):
       raise _bad(f"input {t.name!r}: datatype {t.datatype} given, expected {spec.datatype}")
     count = math.prod(shape)

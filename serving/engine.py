@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-import math
 import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from export import bundle as bundle_lib
 from export.bundle import BundleError, Manifest, TensorSpec
+from serving import codec
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,12 @@ class Placement:
   mesh: Any = None
 
 
-def _np_dtype(name: str) -> np.dtype:
-  if name == "bfloat16":
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
-  return np.dtype(name)
+_np_dtype = codec.spec_dtype  # kept under this name for the engines and their callers
+
+
+def param_bytes(manifest: Manifest) -> int:
+  """Bytes of all of a bundle's params, from its manifest (nothing restored)."""
+  return sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in manifest.params)
 
 
 def _platform() -> str:
@@ -100,8 +101,7 @@ class ReplicaEngine(Engine):
     self._replicas: list[dict[str, Any]] = []
     self._next = 0
     self._bucket_seconds: dict[int, float] = {}
-    specs = self.manifest.params
-    self._param_bytes = sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in specs)
+    self._param_bytes = param_bytes(self.manifest)
 
   def _restore(self, r: int, placement: Placement, say: Progress) -> tuple[list[Any], list[Any]]:
     """Params restored straight into `placement`'s layout; returns (params, shardings)."""

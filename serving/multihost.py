@@ -32,7 +32,7 @@ import numpy as np
 
 from export import bundle as bundle_lib
 from export.bundle import BundleError, Manifest
-from serving.engine import Engine, Progress, _check_jax_version, _platform
+from serving.engine import Engine, Progress, _check_jax_version, _platform, param_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +268,6 @@ def device_bytes_line(params: Sequence[Any], total: int) -> str:
           f" (whole model {total} bytes)")
 
 
-def _model_bytes(manifest: Manifest) -> int:
-  from serving.engine import _np_dtype
-
-  return sum(int(np.prod(p.shape)) * _np_dtype(p.dtype).itemsize for p in manifest.params)
-
-
 # ---- the leader -----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Refused:
@@ -330,7 +324,7 @@ class LockstepEngine(Engine):
 
   @property
   def param_bytes(self) -> int:
-    return _model_bytes(self.manifest)
+    return param_bytes(self.manifest)  # the module function
 
   @property
   def ready(self) -> bool:
@@ -499,7 +493,7 @@ def run_follower(bundle_dir: str | pathlib.Path, *, strategy: str = DEFAULT_STRA
   manifest = manifest or bundle_lib.read_manifest(path)
   try:
     program = _load_everywhere(path, manifest, strategy, say)
-    say(device_bytes_line(program.params, _model_bytes(manifest)))
+    say(device_bytes_line(program.params, param_bytes(manifest)))
     say(f"follower {jax.process_index()}/{jax.process_count()}: running the leader's batches"
         f" (buckets {program.buckets}) until it stops")
     steps = program.loop.follower_loop()

@@ -59,7 +59,7 @@ class _Slot:
     self.rec = rec
     self.runner = runner  # the C++ side validated against this runner's input specs
     self.version_key = version_key
-    self.inputs = tuple((t.name, codec._spec_dtype(t.dtype), int(np.prod(t.shape[1:])),
+    self.inputs = tuple((t.name, codec.spec_dtype(t.dtype), int(np.prod(t.shape[1:])),
                          tuple(t.shape[1:])) for t in runner.engine.inputs)
 
 
@@ -77,7 +77,7 @@ def _fast_runner(rec: ServedVersion) -> ModelRunner | None:
 
 
 def _entry_specs(specs: Sequence) -> list[tuple[str, str, list[int], int]]:
-  return [(t.name, t.datatype, list(t.shape), codec._spec_dtype(t.dtype).itemsize)
+  return [(t.name, t.datatype, list(t.shape), codec.spec_dtype(t.dtype).itemsize)
           for t in specs]
 
 

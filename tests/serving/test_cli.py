@@ -33,27 +33,10 @@ def test_missing_repository_says_what_to_do(tmp_path):
 
 @pytest.fixture
 def demo_process(tmp_path):
-  env = dict(os.environ, XLASERVE_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "serving.cli", "serve", "--demo-tiny", "--grpc-port", "0",
-       "--metrics-port", "0", "--compile-cache", str(tmp_path / "cache")],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-  lines: list[str] = []
-  ready = threading.Event()
-
-  def pump():
-    for line in proc.stdout:
-      lines.append(line)
-      if "try it:" in line:
-        ready.set()
-    ready.set()
-
-  threading.Thread(target=pump, daemon=True).start()
-  assert ready.wait(240), "server did not become ready:\n" + "".join(lines)
-  text = "".join(lines)
-  m = re.search(r"gRPC on 127\.0\.0\.1:(\d+), Prometheus metrics at (http://\S+)", text)
-  assert m, text
-  yield proc, f"127.0.0.1:{m.group(1)}", m.group(2), lines
+  proc, addr, metrics_url, lines = _start(
+      ["--demo-tiny", "--grpc-port", "0", "--metrics-port", "0",
+       "--compile-cache", str(tmp_path / "cache")], XLASERVE_HOME=str(tmp_path / "home"))
+  yield proc, addr, metrics_url, lines
   if proc.poll() is None:
     proc.kill()
     proc.wait(10)
@@ -96,12 +79,11 @@ def test_demo_serves_and_stops_on_sigterm(demo_process):
   assert any("stopped" in l for l in lines)
 
 
-def _serve_process(repo, tmp_path, *extra):
+def _start(args, **env):
+  """`xlaserve serve ARGS` in a subprocess, once ready: (proc, gRPC address, metrics URL, lines)."""
   proc = subprocess.Popen(
-      [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo),
-       "--grpc-port", "0", "--metrics-port", "0", "--compile-cache", str(tmp_path / "cache"),
-       *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=dict(os.environ, PYTHONUNBUFFERED="1"))
+      [sys.executable, "-m", "serving.cli", "serve", *args], stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
   lines: list[str] = []
   ready = threading.Event()
 
@@ -117,6 +99,11 @@ def _serve_process(repo, tmp_path, *extra):
   m = re.search(r"gRPC on 127\.0\.0\.1:(\d+), Prometheus metrics at (http://\S+)", "".join(lines))
   assert m, "".join(lines)
   return proc, f"127.0.0.1:{m.group(1)}", m.group(2), lines
+
+
+def _serve_process(repo, tmp_path, *extra):
+  return _start(["--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "0",
+                 "--compile-cache", str(tmp_path / "cache"), *extra])
 
 
 def test_sigterm_answers_in_flight_work_refuses_new_requests_and_exits_0(tmp_path):
