@@ -1,4 +1,5 @@
-// A lean C++ gRPC load generator for ModelInfer: one thread, one completion queue.
+// A lean C++ gRPC load generator for ModelInfer: one completion queue, one thread taking
+// completions (plus, in open loop, one keeping the send schedule).
 //
 // It sends one pre-serialized ModelInferRequest (written by benchmarks/native_loadgen.py) with
 // grpc::GenericStub, so it needs no generated protobuf code, over `--channels` connections:
@@ -10,11 +11,12 @@
 // one "STATUS_CODE LATENCY_US" line per recorded request. Responses are checked for status and
 // a non-empty body only.
 //
-//   g++ -O2 -std=c++17 native_loadgen.cc $(pkg-config --cflags --libs grpc++) -o native_loadgen
+//   g++ -O2 -std=c++17 -pthread native_loadgen.cc $(pkg-config --cflags --libs grpc++) -o native_loadgen
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -22,8 +24,10 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <unordered_set>
 #include <vector>
 
@@ -165,12 +169,16 @@ class LoadGen {
     call->reader = stub.PrepareUnaryCall(&call->ctx, kMethod, request_, &cq_);
     call->reader->StartCall();
     call->reader->Finish(&call->response, &call->status, call);
+    std::lock_guard<std::mutex> lock(mu_);
     in_flight_.insert(call);
   }
 
   // Records a finished call and frees it.
   void Complete(Call* call, Clock::time_point now) {
-    in_flight_.erase(call);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      in_flight_.erase(call);
+    }
     if (call->recorded) {
       int code = call->status.error_code();
       if (code == 0 && call->response.Length() == 0) code = kEmptyResponse;
@@ -192,28 +200,28 @@ class LoadGen {
     }
   }
 
+  // A sender thread keeps the schedule with sleep_until (tens of microseconds late at most);
+  // this thread takes completions. Waiting for send times in AsyncNext instead made sends up
+  // to ~2 ms late (its deadline is polled at millisecond granularity), and since latency counts
+  // from the scheduled time, that lateness showed up as server latency.
   void OpenLoop() {
     const Clock::duration interval = Seconds(1.0 / o_.rate);
-    Clock::time_point next = start_;
+    std::atomic<bool> sending{true};
+    std::thread sender([&] {
+      for (Clock::time_point next = start_; next < window_end_; next += interval) {
+        std::this_thread::sleep_until(next);  // returns at once when behind: catch up
+        Issue(next);
+      }
+      sending = false;
+    });
     void* tag;
     bool ok;
-    while (next < window_end_) {
-      switch (cq_.AsyncNext(&tag, &ok, Deadline(next))) {
-        case grpc::CompletionQueue::GOT_EVENT:
-          Complete(static_cast<Call*>(tag), Clock::now());
-          break;
-        case grpc::CompletionQueue::TIMEOUT: {
-          Clock::time_point now = Clock::now();
-          while (next <= now && next < window_end_) {  // catch up: all sends that are due
-            Issue(next);
-            next += interval;
-          }
-          break;
-        }
-        case grpc::CompletionQueue::SHUTDOWN:
-          return;
-      }
+    while (sending) {
+      if (cq_.AsyncNext(&tag, &ok, Deadline(Clock::now() + std::chrono::milliseconds(20))) ==
+          grpc::CompletionQueue::GOT_EVENT)
+        Complete(static_cast<Call*>(tag), Clock::now());
     }
+    sender.join();
   }
 
   // Waits for what is still in flight; cancels it after the deadline (or 15 s without one).
@@ -243,6 +251,7 @@ class LoadGen {
   grpc::ByteBuffer request_;
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
   grpc::CompletionQueue cq_;
+  std::mutex mu_;  // in_flight_ is shared with the open loop's sender thread
   std::unordered_set<Call*> in_flight_;
   std::vector<Sample> samples_;
   size_t next_stub_ = 0;

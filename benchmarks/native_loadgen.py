@@ -38,7 +38,7 @@ def build(force: bool = False) -> pathlib.Path:
     raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
   BINARY.parent.mkdir(parents=True, exist_ok=True)
   tmp = BINARY.with_name(f"{BINARY.name}.{os.getpid()}.tmp")
-  cmd = ["g++", "-O2", "-std=c++17", str(SOURCE), *shlex.split(flags), "-o", str(tmp)]
+  cmd = ["g++", "-O2", "-std=c++17", "-pthread", str(SOURCE), *shlex.split(flags), "-o", str(tmp)]
   logger.info("building %s", BINARY)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
