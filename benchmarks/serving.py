@@ -4,10 +4,13 @@
                                [--frontend native|python|both] [--loadgen native|python]
 
 1. Raw ceiling: the bundle's own compiled executables, called back to back in this
-   process (no gRPC, no batching), rows/s at every bucket.
+   process (no gRPC, no batching), rows/s at every bucket: the issue's ceiling. Also with two
+   callers at once (two batches in flight, as the server runs two instances on CPU), the
+   machine's real ceiling, reported beside it.
 2. Served: `xlaserve serve` in a subprocess, driven over gRPC on 127.0.0.1 by
    the load generator: 32-row requests at saturation, single-row requests at
-   concurrency 16, a lone request, and 32-row requests at 70% of the saturated rate.
+   concurrency 16, a lone request, and 32-row requests at 30, 50 and 70% of the saturated
+   rate (open loop: sent on schedule whatever the answers).
 The load generator is benchmarks/native_loadgen.cc (C++, one thread; the default when it
 builds) or benchmarks/loadgen.py (Python processes, which take a good part of a core from the
 server on a small machine); the report says which. `--frontend both` measures the Python and the native gRPC front end back to back against
@@ -50,8 +53,30 @@ def make_inputs(engine_inputs, rows: int, rng) -> dict[str, np.ndarray]:
   return out
 
 
+def _raw_rate(engine, bucket: int, inputs: dict, seconds: float, callers: int) -> float:
+  """Batches/s of `callers` threads each dispatching back to back (8 ahead, then fetching)."""
+  counts = [0] * callers
+  end = time.perf_counter() + seconds
+
+  def call(i: int) -> None:
+    while time.perf_counter() < end:
+      handles = [engine.dispatch(bucket=bucket, inputs=inputs) for _ in range(8)]
+      for h in handles:
+        engine.fetch(h)
+      counts[i] += 8
+
+  t0 = time.perf_counter()
+  threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return sum(counts) / (time.perf_counter() - t0)
+
+
 def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, list]:
-  """rows/s of the compiled executables at each bucket; returns (rows, engine inputs)."""
+  """rows/s of the compiled executables at each bucket, called back to back by one caller
+  (`rows_per_s`) and by two at once (`rows_per_s_2`); returns (rows, engine inputs)."""
   from serving.engine import BundleEngine
 
   engine = BundleEngine(bundle)
@@ -62,15 +87,11 @@ def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, 
     inp = make_inputs(engine.inputs, b, rng)
     for _ in range(3):
       engine.fetch(engine.dispatch(bucket=b, inputs=inp))
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds_per_bucket:
-      handles = [engine.dispatch(bucket=b, inputs=inp) for _ in range(8)]
-      for h in handles:
-        engine.fetch(h)
-      n += 8
-    dt = time.perf_counter() - t0
-    results.append({"bucket": b, "rows_per_s": n * b / dt, "ms_per_batch": dt / n * 1e3})
-    say(f"raw bucket {b:>5}: {n * b / dt:>10.0f} rows/s")
+    one = _raw_rate(engine, b, inp, seconds_per_bucket, 1)
+    two = _raw_rate(engine, b, inp, seconds_per_bucket, 2)
+    results.append({"bucket": b, "rows_per_s": one * b, "ms_per_batch": 1e3 / one,
+                    "rows_per_s_2": two * b})
+    say(f"raw bucket {b:>5}: {one * b:>10.0f} rows/s, two callers {two * b:>10.0f} rows/s")
   inputs = engine.inputs
   engine.close()
   return results, inputs
@@ -141,11 +162,13 @@ def measure_served(repo: pathlib.Path, args, inputs, frontend: str) -> dict:
     say(f"{args.request_rows}-row requests, lone ...")
     runs["batched_lone"] = run_load(addr, big, rows_per_request=args.request_rows,
                                     concurrency=1, duration=args.duration / 2)
-    rate70 = 0.7 * runs["batched_saturation"].rps
-    say(f"{args.request_rows}-row requests at 70% of saturation ({rate70:.0f} req/s, open loop)")
-    runs["batched_70pct"] = run_load(addr, big, rows_per_request=args.request_rows,
-                                     rate=rate70, processes=args.processes,
-                                     duration=args.duration)
+    for pct in (30, 50, 70):  # the load curve up to the issue's point (70%)
+      rate = pct / 100 * runs["batched_saturation"].rps
+      say(f"{args.request_rows}-row requests at {pct}% of saturation ({rate:.0f} req/s, open"
+          " loop)")
+      runs[f"batched_{pct}pct"] = run_load(addr, big, rows_per_request=args.request_rows,
+                                           rate=rate, processes=args.processes,
+                                           duration=args.duration)
   finally:
     proc.terminate()
     proc.wait(60)
@@ -159,17 +182,22 @@ def report(runs: dict, raw: list, best: dict, args, frontend: str) -> dict:
           for k, r in runs.items()]
   print()
   print(f"== {frontend} front end, {args.loadgen} load generator ==")
-  print(format_table(["bucket", "raw rows/s", "ms/batch"],
-                     [[r["bucket"], r["rows_per_s"], r["ms_per_batch"]] for r in raw]))
+  print(format_table(["bucket", "raw rows/s", "ms/batch", "raw rows/s, 2 callers"],
+                     [[r["bucket"], r["rows_per_s"], r["ms_per_batch"], r["rows_per_s_2"]]
+                      for r in raw]))
   print()
   print(format_table(headers, rows))
   ratio = runs["batched_saturation"].rows_per_s / best["rows_per_s"]
+  best2 = max(raw, key=lambda r: r["rows_per_s_2"])
+  ratio2 = runs["batched_saturation"].rows_per_s / best2["rows_per_s_2"]
   p99_70 = runs["batched_70pct"].pct_ms(99)
   lone_p50 = runs["batched_lone"].pct_ms(50)
   summary = {
       "raw_best_rows_per_s": best["rows_per_s"], "raw_best_bucket": best["bucket"],
       "served_rows_per_s": runs["batched_saturation"].rows_per_s,
       "served_over_raw": ratio,
+      "raw_two_callers_best_rows_per_s": best2["rows_per_s_2"],
+      "served_over_raw_two_callers": ratio2,
       "single_row_c16_rows_per_s": runs["single_c16"].rows_per_s,
       "single_row_c16_p99_ms": runs["single_c16"].pct_ms(99),
       "p99_at_70pct_ms": p99_70, "lone_p50_ms": lone_p50,
@@ -178,6 +206,8 @@ def report(runs: dict, raw: list, best: dict, args, frontend: str) -> dict:
   print()
   print(f"served / raw (32-row requests at saturation vs best bucket {best['bucket']}):"
         f" {ratio:.3f}")
+  print(f"served / raw with two callers at once (best bucket {best2['bucket']}, the machine's"
+        f" ceiling): {ratio2:.3f}")
   print(f"single-row requests at concurrency 16: {summary['single_row_c16_rows_per_s']:.0f} rows/s,"
         f" p99 {summary['single_row_c16_p99_ms']:.2f} ms")
   print(f"p99 at 70% load / p50 of a lone request: {p99_70:.2f} / {lone_p50:.2f} ms ="
@@ -241,6 +271,8 @@ def main() -> None:
   import matplotlib.pyplot as plt
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
   a1.plot([r["bucket"] for r in raw], [r["rows_per_s"] for r in raw], "o-", label="raw jitted")
+  a1.plot([r["bucket"] for r in raw], [r["rows_per_s_2"] for r in raw], "s:",
+          label="raw jitted, two callers")
   a1.axhline(runs["batched_saturation"].rows_per_s, color="C1",
              label=f"served, {args.request_rows}-row requests")
   a1.axhline(runs["single_c16"].rows_per_s, color="C2", ls="--", label="served, 1-row c=16")

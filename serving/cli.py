@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest single input tensor in bytes")
   serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
                      help="largest gRPC message in bytes")
+  serve.add_argument("--instances", type=int, default=None, metavar="N",
+                     help="default batches each model runs at once (Triton's instance_group"
+                     " count; per-model config.json 'instance_count' takes precedence); default:"
+                     " 2 on CPU, where a second batch uses the cores XLA leaves idle, 1 on GPU")
   serve.add_argument("--devices", type=int, default=None,
                      help="number of local devices to place each model on (default: 1)")
   serve.add_argument("--sharding", default=None,
@@ -145,7 +149,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None):
                                    max_queue_rows=args.max_queue_rows,
                                    max_queue_requests=args.max_queue_requests,
                                    default_timeout_us=args.default_timeout_us,
-                                   sharding=args.sharding, devices=args.devices)
+                                   sharding=args.sharding, devices=args.devices,
+                                   instance_count=args.instances)
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
       metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes,

@@ -278,11 +278,14 @@ class _Refused:
 
 class LockstepEngine(Engine):
   """Leader engine: each batch runs on every process's devices, announced by `leader_step`.
+  One batch at a time (`max_instances`): every process must run the same batches in order.
 
   `dispatch` blocks until the batch is done (the broadcast and the step are collectives). An
   input the artifact takes narrower (int64 ids as int32, since broadcasts and jitted inputs are
   32-bit without x64) is range-checked: a bad request fails alone, nothing is broadcast for it.
   """
+
+  max_instances = 1
 
   def __init__(self, path: str | pathlib.Path, *, manifest: Manifest | None = None,
                strategy: str = DEFAULT_STRATEGY):

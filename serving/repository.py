@@ -54,6 +54,8 @@ class ModelServingConfig:
   dispatch_when_idle: bool = True
   sharding: str | None = None  # strategy name from sharding/; None: the server default
   devices: int | None = None
+  instance_count: int | None = None  # batches run at once (Triton's instance_group count);
+  #                                    None: the engine's default (2 on CPU, 1 on accelerators)
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -66,6 +68,8 @@ class ModelServingConfig:
       raise ValueError(f"max_queue_requests must be >= 1, got {self.max_queue_requests}")
     if self.default_timeout_us is not None and self.default_timeout_us < 1:
       raise ValueError(f"default_timeout_us must be >= 1, got {self.default_timeout_us}")
+    if self.instance_count is not None and self.instance_count < 1:
+      raise ValueError(f"instance_count must be >= 1, got {self.instance_count}")
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> ModelServingConfig:
@@ -325,7 +329,8 @@ class ModelRepository:
                                 max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]),
                                 max_queue_requests=cfg.max_queue_requests)
       runner = make_runner(f"{name}/{version}", engine, batching, deliver=self.deliver,
-                           observer=self.observer_factory(name, version))
+                           observer=self.observer_factory(name, version),
+                           instances=cfg.instance_count)
       runner.start()
     except Exception as e:  # any failure isolates this version only
       logger.exception("loading %s/%s failed", name, version)

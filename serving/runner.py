@@ -1,10 +1,12 @@
 """Per-model batching loop: queue -> Batcher decision -> padded batch -> engine -> split outputs.
 
-One thread per served model version. While batch n runs on the device (JAX
-dispatch is asynchronous), the thread builds batch n+1 on the host; it then
-waits for batch n, copies each request's rows out, and hands completions back
-in one call per batch (`deliver`), so an asyncio servicer pays one wake-up per
-batch, not per request.
+One worker thread per instance (Triton's instance_group count) of a served model version, all
+fed by one queue. While batch n runs on the device (JAX dispatch is asynchronous), a worker
+builds batch n+1 on the host; it then waits for batch n, copies each request's rows out, and
+hands completions back in one call per batch (`deliver`), so an asyncio servicer pays one
+wake-up per batch, not per request. The first instance runs partial batches as the batcher
+decides; the others take full batches only, so under load a second batch runs while the first
+does (on CPU, on the cores XLA's threads leave idle) while a light load keeps one batch at a time.
 """
 
 from __future__ import annotations
@@ -73,10 +75,15 @@ class Observer:
 
 
 class ModelRunner:
-  """Owns one engine and its queue; thread-safe `submit`, one worker thread."""
+  """Owns one engine and its queue; thread-safe `submit`, one worker thread per instance."""
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
-               deliver: Deliver = deliver_inline, observer: Observer | None = None):
+               deliver: Deliver = deliver_inline, observer: Observer | None = None,
+               instances: int | None = None):
+    instances = engine.default_instances if instances is None else instances
+    if instances < 1 or (engine.max_instances is not None and instances > engine.max_instances):
+      raise ValueError(f"{name}: instance_count must be between 1 and"
+                       f" {engine.max_instances or 'any number'} for this engine, got {instances}")
     if tuple(config.buckets) != tuple(engine.buckets):
       raise ValueError(f"{name}: batching buckets {config.buckets} differ from the engine's"
                        f" compiled buckets {engine.buckets}")
@@ -86,19 +93,26 @@ class ModelRunner:
     self.deliver = deliver
     self.observer = observer or Observer()
     self.stats = RunnerStats()
+    self.instances = instances
+    self._stats_lock = threading.Lock()  # instances finish batches concurrently
+    self._split_lock = threading.Lock()  # outputs of requests split across batches
     self._batcher: Batcher[InferRequest] = Batcher(config)
     for bucket, seconds in engine.bucket_seconds.items():
       self._batcher.observe(bucket, seconds)
-    self._cv = threading.Condition()
+    lock = threading.RLock()
+    self._cv = threading.Condition(lock)  # the primary instance waits on this one
+    self._cv_full = threading.Condition(lock)  # the others: only a full batch wakes them
     self._stopping = False
     self._inflight = 0
-    self._last_done = 0.0  # when the previous batch finished (feeds the batcher's rate estimate)
-    self._thread = threading.Thread(target=self._loop, name=f"runner-{name}", daemon=True)
+    self._threads = [threading.Thread(target=self._loop, args=(i == 0,), daemon=True,
+                                      name=f"runner-{name}" + (f"#{i}" if instances > 1 else ""))
+                     for i in range(instances)]
     self._out_specs = [(t.name, t.shape[1:], _np_dtype(t.dtype)) for t in engine.outputs]
     self._in_specs = [(t.name, t.shape[1:], _np_dtype(t.dtype)) for t in engine.inputs]
 
   def start(self) -> None:
-    self._thread.start()
+    for t in self._threads:
+      t.start()
 
   @property
   def pending_requests(self) -> int:
@@ -114,12 +128,15 @@ class ModelRunner:
       try:
         self._batcher.add(Pending(req, req.rows, req.arrival, req.deadline, req.priority))
       except Admission as e:
-        self.stats.rejected += 1
-        self.stats.fail_count += 1  # Triton counts rejected requests as failures
+        with self._stats_lock:
+          self.stats.rejected += 1
+          self.stats.fail_count += 1  # Triton counts rejected requests as failures
         self.observer.shed()
         raise ServingError(Code.RESOURCE_EXHAUSTED, f"model {self.name}: {e}") from None
       self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
       self._cv.notify()
+      if self._batcher.queued_rows >= self.config.max_batch_size:
+        self._cv_full.notify()
 
   def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
     """Stops the loop; with `drain`, every queued request is answered first."""
@@ -129,27 +146,34 @@ class ModelRunner:
         dropped = self._batcher.drain()
         self._fail([p.item for p in dropped], ServingError(
             Code.UNAVAILABLE, f"model {self.name} was unloaded before this request ran; retry"))
-      self._cv.notify()
-    if self._thread.is_alive():
-      self._thread.join(timeout)
+      self._cv.notify_all()
+      self._cv_full.notify_all()
+    end = time.monotonic() + timeout
+    for t in self._threads:
+      if t.is_alive():
+        t.join(max(0.0, end - time.monotonic()))
 
   # -- worker thread ---------------------------------------------------------
 
   def _fail(self, reqs: Sequence[InferRequest], err: ServingError) -> None:
     now = time.perf_counter()
     for r in reqs:
-      self.stats.fail_count += 1
-      self.stats.fail_ns += int((now - r.arrival) * 1e9)
+      with self._stats_lock:
+        self.stats.fail_count += 1
+        self.stats.fail_ns += int((now - r.arrival) * 1e9)
       self.observer.request_done(ok=False, duration_s=now - r.arrival, code=err.code)
     if reqs:
       self.deliver([(r, None, err) for r in reqs])
 
-  def _next_plan(self, idle: bool) -> BatchPlan[InferRequest] | None:
-    """Blocks until a batch should run (or returns None when it should finish the in-flight one)."""
+  def _next_plan(self, idle: bool, primary: bool) -> BatchPlan[InferRequest] | None:
+    """Blocks until a batch should run (or returns None when it should finish the in-flight one).
+    Only the primary instance runs partial batches; the others take full ones, so they add
+    throughput under load but never split a trickle into concurrent small batches (on CPU two
+    at once share the same cores: each takes twice as long)."""
     with self._cv:
       while True:
         now = time.perf_counter()
-        d = self._batcher.decide(now, idle=idle)
+        d = self._batcher.decide(now, idle=idle and primary)
         if d.expired:
           self.stats.expired += len(d.expired)
           self._fail([p.item for p in d.expired], ServingError(
@@ -162,9 +186,12 @@ class ModelRunner:
           return d.plan
         if not idle:
           return None  # go finish the batch in flight; it frees the device
-        if self._stopping and self._batcher.queued_rows == 0:
-          return None
-        self._cv.wait(d.wait_s)
+        if self._stopping and (self._batcher.queued_rows == 0 or not primary):
+          return None  # the primary drains what is left
+        if primary:
+          self._cv.wait(d.wait_s)
+        else:
+          self._cv_full.wait()
 
   def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
     batch = {}
@@ -180,20 +207,22 @@ class ModelRunner:
     return batch
 
   def _finish(self, plan: BatchPlan[InferRequest], handle: Any, t_dispatch: float,
-              t_input: float) -> None:
+              t_input: float, last_done: float) -> float:
+    """Waits for a batch and delivers it; returns when it finished (this worker's clock for the
+    next batch's busy time)."""
     try:
       outs = self.engine.fetch(handle)
     except Exception as e:  # a failing batch fails its requests, not the server
       logger.exception("%s: batch of %d rows failed", self.name, plan.rows, extra={
           "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
       self._isolate(plan, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
-      return
+      return time.perf_counter()
     t_done = time.perf_counter()
-    busy_s = t_done - max(t_dispatch, self._last_done)  # pipelined: time since the previous batch
-    self._last_done = t_done
+    busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since this worker's last batch
     with self._cv:
       self._batcher.observe(plan.bucket, busy_s)
     self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input)
+    return t_done
 
   def _isolate(self, plan: BatchPlan[InferRequest], error: ServingError) -> None:
     """Re-runs each request's slice of a failed batch alone, so only the poisoned one fails."""
@@ -232,17 +261,46 @@ class ModelRunner:
     done: list = []
     for s in plan.slices:
       req = s.pending.item
-      if req.failed:
+      if s.start == 0 and s.last:  # the whole request: no other batch touches it
+        if req.failed:
+          continue
+        if error is not None:
+          req.failed = True
+          done.append((req, None, error))
+        else:
+          self._scatter(s, outs)
+          req.compute_ns += int(compute_s * 1e9)
+          done.append((req, req.outputs, None))
         continue
-      if error is not None:
-        req.failed = True
-        req.outputs = None
-        done.append((req, None, error))
-        continue
-      self._scatter(s, outs)
-      req.compute_ns += int(compute_s * 1e9)
-      if s.last:
-        done.append((req, req.outputs, None))
+      with self._split_lock:  # a split request's slices may finish in other instances, any order
+        if req.failed:
+          continue
+        if error is not None:
+          req.failed = True
+          req.outputs = None
+          done.append((req, None, error))
+          continue
+        self._scatter(s, outs)
+        req.compute_ns += int(compute_s * 1e9)
+        req.rows_done += s.rows
+        if req.rows_done == req.rows:
+          done.append((req, req.outputs, None))
+    with self._stats_lock:
+      queue_s = self._count(plan, done, error, compute_s, t_input, t_done)
+    for req, out, err in done:
+      self.observer.request_done(ok=err is None, duration_s=t_done - req.arrival,
+                                 code=None if err is None else err.code)
+    if error is None:
+      self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s,
+                          compute_s=compute_s)
+    with self._cv:
+      self._inflight -= len(done)
+    if done:
+      self.deliver(done)
+
+  def _count(self, plan: BatchPlan[InferRequest], done: list, error: ServingError | None,
+             compute_s: float, t_input: float, t_done: float) -> list[float]:
+    """Adds a finished batch to the stats (stats lock held); returns its requests' queue times."""
     st = self.stats
     if error is None:
       st.execution_count += 1
@@ -262,20 +320,12 @@ class ModelRunner:
       else:
         st.fail_count += 1
         st.fail_ns += int(dur * 1e9)
-      self.observer.request_done(ok=err is None, duration_s=dur,
-                                 code=None if err is None else err.code)
-    if error is None:
-      self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s,
-                          compute_s=compute_s)
-    with self._cv:
-      self._inflight -= len(done)
-    if done:
-      self.deliver(done)
+    return queue_s
 
-  def _loop(self) -> None:
-    inflight = None
+  def _loop(self, primary: bool) -> None:
+    inflight, last_done = None, 0.0
     while True:
-      plan = self._next_plan(idle=inflight is None)
+      plan = self._next_plan(idle=inflight is None, primary=primary)
       if plan is None and inflight is None:
         return  # stopping and drained
       if plan is not None:
@@ -301,5 +351,5 @@ class ModelRunner:
       else:
         started = None
       if inflight is not None:
-        self._finish(*inflight)
+        last_done = self._finish(*inflight, last_done)
       inflight = started

@@ -43,8 +43,10 @@ class SeqRunner(ModelRunner):
   """A ModelRunner for engines with `seq_buckets`; see the module docstring."""
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
-               deliver: Deliver = deliver_inline, observer: Observer | None = None):
-    super().__init__(name, engine, config, deliver=deliver, observer=observer)
+               deliver: Deliver = deliver_inline, observer: Observer | None = None,
+               instances: int | None = None):
+    super().__init__(name, engine, config, deliver=deliver, observer=observer,
+                     instances=instances)
     self.seq_buckets: tuple[int, ...] = tuple(engine.seq_buckets)
     self._in_seq = seq_axes(engine.inputs)
     self._out_seq = seq_axes(engine.outputs)
@@ -92,9 +94,10 @@ class SeqRunner(ModelRunner):
   def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
     seq = self._seq_bucket(plan)
     st = self.seq_stats
-    st.real_tokens += sum(s.rows * self.length_of(s.pending.item) for s in plan.slices)
-    st.padded_tokens += plan.bucket * seq
-    st.grid_counts[(plan.bucket, seq)] = st.grid_counts.get((plan.bucket, seq), 0) + 1
+    with self._stats_lock:
+      st.real_tokens += sum(s.rows * self.length_of(s.pending.item) for s in plan.slices)
+      st.padded_tokens += plan.bucket * seq
+      st.grid_counts[(plan.bucket, seq)] = st.grid_counts.get((plan.bucket, seq), 0) + 1
     batch = {}
     for name, shape, dtype in self._in_specs:
       full = (plan.bucket, *(seq if n == -1 else n for n in shape))
@@ -133,8 +136,9 @@ class SeqRunner(ModelRunner):
 
 
 def make_runner(name: str, engine: Engine, config: BatchingConfig, *,
-                deliver: Deliver = deliver_inline,
-                observer: Observer | None = None) -> ModelRunner:
-  """SeqRunner for engines with sequence buckets, ModelRunner for the rest."""
+                deliver: Deliver = deliver_inline, observer: Observer | None = None,
+                instances: int | None = None) -> ModelRunner:
+  """SeqRunner for engines with sequence buckets, ModelRunner for the rest; `instances`
+  batches at once (None: the engine's default)."""
   cls = SeqRunner if getattr(engine, "seq_buckets", ()) else ModelRunner
-  return cls(name, engine, config, deliver=deliver, observer=observer)
+  return cls(name, engine, config, deliver=deliver, observer=observer, instances=instances)

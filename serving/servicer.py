@@ -197,7 +197,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             max_queue_delay_microseconds=int(batching.max_queue_delay_s * 1e6)),
     )
     cfg.version_policy.latest.num_versions = rec.config.latest_n
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    cfg.instance_group.add(count=getattr(runner, "instances", 1),
+                           kind=mc.ModelInstanceGroup.KIND_AUTO)
     if getattr(runner, "decoupled", False):  # several responses per request (streaming)
       cfg.model_transaction_policy.decoupled = True
     return cfg

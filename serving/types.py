@@ -50,4 +50,5 @@ class InferRequest:
   compute_ns: int = 0
   parameters: Mapping[str, Any] | None = None  # request parameters, for runners that want them
   failed: bool = False  # answered with an error (later slices of a split request are skipped)
+  rows_done: int = 0  # rows whose outputs are in `outputs` (slices may finish out of order)
   extra: Any = None

@@ -1,0 +1,181 @@
+"""Model instances (Triton's instance_group count): several batches of one model at once."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from serving.batching import BatchingConfig
+from serving.mock_engine import MockEngine
+from serving.repository import ModelServingConfig
+from serving.runner import ModelRunner
+from serving.types import InferRequest
+
+
+class GatedEngine(MockEngine):
+  """MockEngine whose `fetch` waits for `gate`: a dispatched batch stays in flight until then."""
+
+  def __init__(self, **kw):
+    super().__init__(**kw)
+    self.gate = threading.Event()
+    self.waiting = 0  # fetches blocked on the gate
+
+  def fetch(self, handle):
+    with self._lock:
+      self.waiting += 1
+    assert self.gate.wait(10), "gate never opened"
+    return super().fetch(handle)
+
+
+def _request(rows: int, seed: int, answers: dict) -> InferRequest:
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-8, 8, size=(rows, 4)).astype(np.float32) / 4  # exact in float32
+  k = rng.integers(-3, 4, size=(rows, 1)).astype(np.int32)
+  done = threading.Event()
+
+  def on_done(out, err):
+    answers.setdefault(seed, []).append((x, k, out, err))
+    done.set()
+
+  return InferRequest({"x": x, "k": k}, rows, on_done, time.perf_counter(), extra=done)
+
+
+def _check(answers: dict, n: int) -> None:
+  assert sorted(answers) == list(range(n))
+  for seed, got in answers.items():
+    assert len(got) == 1, f"request {seed} answered {len(got)} times"
+    x, k, out, err = got[0]
+    assert err is None
+    np.testing.assert_array_equal(out["y"], 2.0 * x.sum(axis=1, keepdims=True) + 1.0)
+    np.testing.assert_array_equal(out["z"], x * k)
+
+
+def _wait_for(cond, timeout=5.0) -> bool:
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if cond():
+      return True
+    time.sleep(0.005)
+  return cond()
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_extra_instances_run_full_batches_while_one_is_in_flight(instances):
+  eng = GatedEngine(buckets=(1, 2, 4, 8))
+  runner = ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets), instances=instances)
+  runner.start()
+  answers: dict = {}
+  try:
+    reqs = [_request(n, i, answers) for i, n in enumerate((1, 1, 4, 4))]
+    runner.submit(reqs[0])
+    assert _wait_for(lambda: eng.waiting == 1)  # the primary holds batch 1 in flight
+    runner.submit(reqs[1])
+    time.sleep(0.05)
+    assert eng.batches == [1]  # a partial batch waits for the primary, whatever the instances
+    runner.submit(reqs[2])
+    runner.submit(reqs[3])  # 9 rows queued: a full batch (8)
+    if instances == 2:
+      assert _wait_for(lambda: eng.waiting == 2)  # the second instance runs it meanwhile
+      assert eng.batches == [1, 8]
+    else:
+      time.sleep(0.05)
+      assert eng.batches == [1]
+    eng.gate.set()
+    for r in reqs:
+      assert r.extra.wait(5)
+  finally:
+    eng.gate.set()
+    runner.stop()
+  _check(answers, 4)
+  assert runner.stats.success_count == 4 and runner.stats.inference_count == 10
+
+
+class GateFirstEngine(GatedEngine):
+  """Only the first batch waits for the gate: later batches overtake it."""
+
+  def fetch(self, handle):
+    with self._lock:
+      first = self.waiting == 0
+    if first:
+      return super().fetch(handle)
+    return MockEngine.fetch(self, handle)
+
+
+def test_split_request_is_delivered_once_all_its_slices_finish_in_any_order():
+  eng = GateFirstEngine(buckets=(1, 2, 4))
+  runner = ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets), instances=2)
+  runner.start()
+  answers: dict = {}
+  try:
+    req = _request(12, 0, answers)  # three full batches: rows 0-3, 4-7, 8-11
+    runner.submit(req)
+    # The primary holds rows 0-3; the second instance runs 4-7 and then the last slice, 8-11.
+    assert _wait_for(lambda: len(eng.batches) == 3 and eng.waiting == 1)
+    time.sleep(0.05)
+    assert not req.extra.is_set()  # not answered before rows 0-3 are in
+    eng.gate.set()
+    assert req.extra.wait(5)
+  finally:
+    eng.gate.set()
+    runner.stop()
+  _check(answers, 1)
+
+
+def test_concurrent_instances_answer_every_request_exactly_once():
+  eng = MockEngine(buckets=(1, 2, 4, 8, 16), delay_s=0.001)
+  runner = ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets), instances=3)
+  assert len(runner._threads) == 3
+  runner.start()
+  answers: dict = {}
+  sizes = np.random.default_rng(0).integers(1, 40, size=120)  # some split across batches
+  reqs = [_request(int(n), i, answers) for i, n in enumerate(sizes)]
+
+  def client(part):
+    for r in part:
+      runner.submit(r)
+
+  threads = [threading.Thread(target=client, args=(reqs[i::4],)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for r in reqs:
+    assert r.extra.wait(10)
+  runner.stop()
+  _check(answers, len(reqs))
+  st = runner.stats
+  assert st.success_count == len(reqs) and st.inference_count == int(sizes.sum())
+  assert sum(st.batch_counts.values()) == st.execution_count == len(eng.batches)
+  assert not any(t.is_alive() for t in runner._threads)
+
+
+def test_instance_count_is_validated():
+  eng = MockEngine()
+  with pytest.raises(ValueError, match="instance_count"):
+    ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets), instances=0)
+  eng.max_instances = 1  # e.g. multi-host lockstep: one batch at a time on every process
+  with pytest.raises(ValueError, match="instance_count must be between 1 and 1"):
+    ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets), instances=2)
+  assert ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets)).instances == 1
+  with pytest.raises(ValueError, match="instance_count must be >= 1"):
+    ModelServingConfig(instance_count=0)
+  assert ModelServingConfig.from_json({"instance_count": 3}).instance_count == 3
+
+
+def test_config_json_instance_count_is_served_and_reported(start_mock_server):
+  bg, engines = start_mock_server(config={"instance_count": 2})
+  c = tc.InferenceServerClient(bg.address)
+  groups = c.get_model_config("mock").config.instance_group
+  assert [g.count for g in groups] == [2]
+  rng = np.random.default_rng(3)
+  for n in (1, 5, 19):
+    x = rng.integers(-8, 8, size=(n, 4)).astype(np.float32) / 4
+    k = rng.integers(-3, 4, size=(n, 1)).astype(np.int32)
+    ins = [tc.InferInput("x", [n, 4], "FP32"), tc.InferInput("k", [n, 1], "INT32")]
+    ins[0].set_data_from_numpy(x)
+    ins[1].set_data_from_numpy(k)
+    res = c.infer("mock", ins)
+    np.testing.assert_array_equal(res.as_numpy("y"), 2.0 * x.sum(axis=1, keepdims=True) + 1.0)
+    np.testing.assert_array_equal(res.as_numpy("z"), x * k)
