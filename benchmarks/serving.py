@@ -87,8 +87,11 @@ def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, 
     inp = make_inputs(engine.inputs, b, rng)
     for _ in range(3):
       engine.fetch(engine.dispatch(bucket=b, inputs=inp))
-    one = _raw_rate(engine, b, inp, seconds_per_bucket, 1)
-    two = _raw_rate(engine, b, inp, seconds_per_bucket, 2)
+    # Best of three short rounds, alternating one and two callers: noise on a shared machine
+    # only ever slows a round down, so the best round is the ceiling.
+    rounds = [(_raw_rate(engine, b, inp, seconds_per_bucket / 6, 1),
+               _raw_rate(engine, b, inp, seconds_per_bucket / 6, 2)) for _ in range(3)]
+    one, two = max(r[0] for r in rounds), max(r[1] for r in rounds)
     results.append({"bucket": b, "rows_per_s": one * b, "ms_per_batch": 1e3 / one,
                     "rows_per_s_2": two * b})
     say(f"raw bucket {b:>5}: {one * b:>10.0f} rows/s, two callers {two * b:>10.0f} rows/s")
@@ -243,7 +246,7 @@ def main() -> None:
   bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
 
   say("measuring the raw jitted model (the ceiling) ...")
-  raw, inputs = raw_ceiling(bundle, max(1.0, args.duration / 4))
+  raw, inputs = raw_ceiling(bundle, max(2.0, args.duration / 2))
   best = max(raw, key=lambda r: r["rows_per_s"])
 
   frontends = ["python", "native"] if args.frontend == "both" else [args.frontend]
