@@ -33,6 +33,7 @@ import numpy as np
 from export import bundle as bundle_lib
 from export.bundle import BundleError, Manifest
 from serving.engine import Engine, Progress, _check_jax_version, _platform, param_bytes
+from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +345,9 @@ class LockstepEngine(Engine):
           info = np.iinfo(dt)
           lo, hi = int(x.min()), int(x.max())
           if lo < info.min or hi > info.max:
-            raise ValueError(f"input {t.name!r} has values in [{lo}, {hi}], outside {dt}"
-                             f" [{info.min}, {info.max}] that the model takes")
+            raise ServingError(Code.INVALID_ARGUMENT, f"input {t.name!r} has values in"
+                               f" [{lo}, {hi}], outside {dt} [{info.min}, {info.max}] that the"
+                               " model takes")
         x = x.astype(dt)
       out.append(x)
     return out
@@ -368,7 +370,7 @@ class LockstepEngine(Engine):
       raise RuntimeError(f"{self.path}: warmup() has not run")
     try:
       host = self._host_inputs(inputs)
-    except ValueError as e:
+    except ServingError as e:
       return _Refused(e)  # fetch raises it; the runner then retries each request alone
     with self._lock:
       return self._step_locked(bucket, host)

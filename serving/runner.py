@@ -38,6 +38,14 @@ def deliver_inline(completions: list[Completion]) -> None:
       logger.exception("request callback failed")
 
 
+def _as_serving_error(e: Exception, model: str) -> ServingError:
+  """The status a failed batch gives its requests: the engine's own ServingError (e.g. a value
+  it cannot take: INVALID_ARGUMENT), else INTERNAL."""
+  if isinstance(e, ServingError):
+    return e
+  return ServingError(Code.INTERNAL, f"model {model} failed: {e}")
+
+
 @dataclasses.dataclass(slots=True)
 class RunnerStats:
   """Counters in Triton's ModelStatistics terms (nanoseconds)."""
@@ -215,7 +223,7 @@ class ModelRunner:
     except Exception as e:  # a failing batch fails its requests, not the server
       logger.exception("%s: batch of %d rows failed", self.name, plan.rows, extra={
           "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
-      self._isolate(plan, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
+      self._isolate(plan, _as_serving_error(e, self.name))
       return time.perf_counter()
     t_done = time.perf_counter()
     busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since this worker's last batch
@@ -239,8 +247,8 @@ class ModelRunner:
                                                       inputs=self._assemble(single)))
         self._complete(single, outs, None, time.perf_counter() - t0, 0.0)
       except Exception as e:
-        self._complete(single, None, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"),
-                       time.perf_counter() - t0, 0.0)
+        self._complete(single, None, _as_serving_error(e, self.name), time.perf_counter() - t0,
+                       0.0)
 
   def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray]) -> None:
     """Copies slice `s`'s rows of the batch outputs into its request's outputs."""

@@ -146,8 +146,9 @@ def test_two_processes_serve_row_sharded_dlrm(bundle):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
       # int64 ids beyond int32 are refused before anything is broadcast; the group stays in step.
       too_big = np.full((2, 26), 2**40, np.int64)
-      with pytest.raises(tc.InferenceServerException, match="outside int32"):
+      with pytest.raises(tc.InferenceServerException, match="outside int32") as refused:
         _infer(c, np.zeros((2, 13), np.float32), too_big)
+      assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
       dense = rng.normal(size=(2, 13)).astype(np.float32)
       sparse = rng.integers(0, 3000, size=(2, 26))
       np.testing.assert_allclose(
