@@ -1,17 +1,6 @@
 """export.quantize: names, the NNX transformation, round trips, per-mode accuracy and param bytes.
 
-Tolerance table: max |prob - float32 prob| of the tiny DLRM on random inputs (missing and hashed
-ids included), each about 2-3x the worst seen over 2,000 rows of five models (three random, two
-trained). Why each is what it is:
-  int8         0.02   symmetric per-channel codes: a weight is off by at most amax/254 (0.4% of
-                      the channel's largest weight), the errors average out over a dot product
-  int8_act     0.04   int8 weights plus each activation row rounded to amax_row/254: the
-                      interaction vector has a wide range per row, so its small entries lose most
-  fp8          0.06   e4m3 keeps 3 mantissa bits: up to 6% relative error per weight
-  int8_tables  0.008  asymmetric row-wise codes: 256 levels over [row min, row max], an element is
-                      off by at most (max - min)/510, finer than int8's symmetric step
-  a+b          the sum of both parts' tolerances
-The same table is used for served bundles in tests/models/test_quantized_serving.py.
+Tolerances: tests/quant_tolerance.py (shared with tests/models/test_quantized_serving.py).
 """
 
 import jax
@@ -32,17 +21,9 @@ from export.quantize import (
 from models.dlrm import DLRM, DLRMConfig
 from models.embedding import QuantizedTable
 from models.layers import MLP, Dense
+from quant_tolerance import DLRM_PROB_TOLERANCE
 
-TOLERANCE = {
-    "none": 0.0,
-    "int8": 0.02,
-    "int8_act": 0.04,
-    "fp8": 0.06,
-    "int8_tables": 0.008,
-    "int8+int8_tables": 0.028,
-    "int8_act+int8_tables": 0.048,
-    "fp8+int8_tables": 0.068,
-}
+TOLERANCE = DLRM_PROB_TOLERANCE
 CFG = DLRMConfig.tiny()
 
 
