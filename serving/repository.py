@@ -357,7 +357,9 @@ class ModelRepository:
       if engine is not None:
         self._engines[(rec.name, rec.version)] = engine
       self._refresh_defaults()
-    say(f"{rec.name}/{rec.version}: READY in {rec.load_s:.2f}s")
+    instances = getattr(runner, "instances", 1)
+    say(f"{rec.name}/{rec.version}: READY in {rec.load_s:.2f}s"
+        + (f" ({instances} instances: up to {instances} batches at once)" if instances > 1 else ""))
     return rec
 
   def unload(self, name: str, version: int | None = None, *, drain: bool = True) -> None:
