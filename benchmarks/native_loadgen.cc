@@ -167,10 +167,13 @@ class LoadGen {
     if (o_.timeout > 0) call->ctx.set_deadline(Deadline(Clock::now() + Seconds(o_.timeout)));
     grpc::GenericStub& stub = *stubs_[next_stub_++ % stubs_.size()];
     call->reader = stub.PrepareUnaryCall(&call->ctx, kMethod, request_, &cq_);
+    {
+      // Booked before Finish: from then on the completion thread may take and free the call.
+      std::lock_guard<std::mutex> lock(mu_);
+      in_flight_.insert(call);
+    }
     call->reader->StartCall();
     call->reader->Finish(&call->response, &call->status, call);
-    std::lock_guard<std::mutex> lock(mu_);
-    in_flight_.insert(call);
   }
 
   // Records a finished call and frees it.
