@@ -137,6 +137,8 @@ class Batcher(Generic[T]):
     self.config = config
     self._queues: dict[int, Deque[Pending[T]]] = {}
     self._rows = 0
+    self._prio_rows: dict[int, int] = {}  # queued rows per priority: admission reads it per request
+    self._next_deadline: float | None = None  # no unstarted request expires before (may be early)
     self._batch_s: dict[int, float] = {}  # smoothed seconds a batch occupies the executor
 
   def observe(self, bucket: int, seconds: float) -> None:
@@ -157,7 +159,7 @@ class Batcher(Generic[T]):
     """Seconds until a new request of `rows` at `priority` would finish: full batches for the
     rows queued ahead of it and its own, plus the two the executor may hold (one running, one
     prepared). None when nothing is queued ahead or no full batch has been timed yet."""
-    ahead = sum(p.remaining for prio, q in self._queues.items() if prio <= priority for p in q)
+    ahead = sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
     if ahead == 0 or self._full_batch_s is None:
       return None
     return (-(-(ahead + rows) // self.config.max_batch_size) + 2) * self._full_batch_s
@@ -195,6 +197,19 @@ class Batcher(Generic[T]):
       q = self._queues[pending.priority] = collections.deque()
     q.append(pending)
     self._rows += pending.rows
+    self._prio_rows[pending.priority] = self._prio_rows.get(pending.priority, 0) + pending.rows
+    if pending.deadline is not None and (self._next_deadline is None
+                                         or pending.deadline < self._next_deadline):
+      self._next_deadline = pending.deadline
+
+  def _unqueue(self, priority: int, rows: int) -> None:
+    """Books `rows` of `priority` as gone from the queue (taken, expired or removed)."""
+    self._rows -= rows
+    left = self._prio_rows[priority] - rows
+    if left:
+      self._prio_rows[priority] = left
+    else:
+      del self._prio_rows[priority]
 
   def remove(self, pendings: Iterable[Pending[T]]) -> None:
     """Drops requests (cancelled by their client) from the queue."""
@@ -202,8 +217,8 @@ class Batcher(Generic[T]):
     for prio, q in list(self._queues.items()):
       kept = [p for p in q if id(p) not in doomed]
       for p in q:
-        if id(p) in doomed:
-          self._rows -= p.remaining
+        if id(p) in doomed and p.remaining:
+          self._unqueue(prio, p.remaining)
       if kept:
         self._queues[prio] = collections.deque(kept)
       else:
@@ -214,6 +229,8 @@ class Batcher(Generic[T]):
     out = [p for prio in sorted(self._queues) for p in self._queues[prio]]
     self._queues.clear()
     self._rows = 0
+    self._prio_rows.clear()
+    self._next_deadline = None
     return out
 
   def oldest_arrival(self) -> float | None:
@@ -235,20 +252,25 @@ class Batcher(Generic[T]):
       yield from self._queues[prio]
 
   def _expire(self, now: float) -> tuple[Pending[T], ...]:
-    expired = []
+    if self._next_deadline is None or now < self._next_deadline:
+      return ()  # nothing can have expired: no scan (decide runs once a batch)
+    expired, soonest = [], None
     for prio, q in list(self._queues.items()):
-      if any(p.deadline is not None and p.deadline <= now for p in q):
-        keep = collections.deque()
-        for p in q:
-          if p.deadline is not None and p.deadline <= now and p.taken == 0:
-            expired.append(p)
-            self._rows -= p.remaining
-          else:
-            keep.append(p)
-        if keep:
-          self._queues[prio] = keep
+      keep = collections.deque()
+      for p in q:
+        if p.deadline is None or p.taken:  # a started request is finished, deadline or not
+          keep.append(p)
+        elif p.deadline <= now:
+          expired.append(p)
+          self._unqueue(prio, p.remaining)
         else:
-          del self._queues[prio]  # empty levels are dropped: priorities are client-chosen
+          keep.append(p)
+          soonest = p.deadline if soonest is None else min(soonest, p.deadline)
+      if keep:
+        self._queues[prio] = keep
+      else:
+        del self._queues[prio]  # empty levels are dropped: priorities are client-chosen
+    self._next_deadline = soonest
     return tuple(expired)
 
   def decide(self, now: float, *, idle: bool) -> Decision[T]:
@@ -303,7 +325,7 @@ class Batcher(Generic[T]):
         slices.append(Slice(p, p.taken, n, dest))
         p.taken += n
         dest += n
-        self._rows -= n
+        self._unqueue(prio, n)
         if p.remaining == 0:
           q.popleft()
       if not q:

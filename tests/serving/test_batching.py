@@ -176,3 +176,47 @@ def test_smaller_bucket_never_splits_a_request():
   add(b, "c", 2, t=0.0)
   d = b.decide(0.0, idle=True)
   assert d.plan.bucket == 4 and layout(d.plan) == [("b", 0, 3, 0)]
+
+
+def test_queue_bookkeeping_matches_a_recount_through_random_operations():
+  """Rows per priority (read by admission on every request) and expiry, kept incrementally,
+  agree with a recount of the queue after every add, batch, expiry and removal."""
+  import random
+
+  rng = random.Random(0)
+  b = make(buckets=(1, 2, 4, 8, 16), max_rows=10_000)
+  b.observe(16, 0.002)
+  live, now, n = [], 0.0, 0
+  for _ in range(3000):
+    now += rng.uniform(0, 0.002)
+    op = rng.random()
+    if op < 0.55:
+      deadline = now + rng.uniform(0.0, 0.05) if rng.random() < 0.7 else None
+      p = Pending(n, rng.randint(1, 20), now, deadline, rng.choice((0, 1, 2)))
+      n += 1
+      try:
+        b.add(p)
+        live.append(p)
+      except Admission:  # refused at the door (deadline too close): must leave no trace
+        pass
+    elif op < 0.9:
+      expected_expired = {p.item for p in live
+                          if p.deadline is not None and p.deadline <= now and p.taken == 0}
+      d = b.decide(now, idle=rng.random() < 0.5)
+      assert {p.item for p in d.expired} == expected_expired
+      live = [p for p in live if p.item not in expected_expired]
+      if d.plan is not None:
+        live = [p for p in live if p.remaining]
+    elif live:
+      gone = rng.sample(live, k=min(len(live), rng.randint(1, 3)))
+      b.remove(gone)
+      live = [p for p in live if p not in gone]
+    recount = {}
+    for p in live:
+      if p.remaining:
+        recount[p.priority] = recount.get(p.priority, 0) + p.remaining
+    assert b._prio_rows == recount and b.queued_rows == sum(recount.values())
+    for prio in (0, 1, 2):
+      ahead = sum(r for q, r in recount.items() if q <= prio)
+      want = None if ahead == 0 else (-(-(ahead + 5) // 16) + 2) * 0.002
+      assert b.estimated_wait_s(5, prio) == pytest.approx(want)
