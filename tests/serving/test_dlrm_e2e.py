@@ -1,6 +1,7 @@
 """Export the DLRM model, serve the bundle over real gRPC, and compare with the Flax model itself."""
 
 import concurrent.futures
+import os
 import urllib.request
 
 import jax
@@ -80,6 +81,14 @@ def test_int32_ids_are_accepted(served):
   with tc.InferenceServerClient(bg.address) as c:
     got = infer(c, dense, sparse, "INT32")
   np.testing.assert_allclose(got, reference(model, dense, sparse), rtol=2e-5, atol=1e-6)
+
+
+def test_cpu_model_runs_two_instances_and_reports_them(served):
+  bg, _, _ = served
+  want = min(2, os.cpu_count() or 1)  # below, 1-99-row requests over buckets up to 64 split
+  assert bg.server.repository.get("dlrm").runner.instances == want  # across both instances
+  with tc.InferenceServerClient(bg.address) as c:
+    assert [g.count for g in c.get_model_config("dlrm").config.instance_group] == [want]
 
 
 def test_thousands_of_random_requests_cause_zero_compiles(served):

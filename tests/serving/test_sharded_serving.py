@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,9 @@ def test_sharded_dlrm_serves_same_outputs(bundle_repo, strategy, devices):
     placements = rec.runner.engine.placements
     assert len(placements) == (devices if strategy == "replicated" else 1)
     assert sum(len(p.devices) for p in placements) == devices
+    # Single-device CPU replicas run two batches at once; a mesh (collectives) runs one.
+    assert rec.runner.instances == (min(2, os.cpu_count() or 1) if strategy == "replicated"
+                                    else 1)
     rng = np.random.default_rng(devices)
     with tc.InferenceServerClient(bg.address) as c:
       for rows in (1, 3, 8, 13):
