@@ -137,7 +137,7 @@ class ReplicaEngine(Engine):
   @property
   def default_instances(self) -> int:
     """On CPU, two batches at once: XLA runs one batch on few threads, and a second one in
-    parallel fills the idle cores (raw demo DLRM, 2 cores: +25-45% rows/s at every bucket).
+    parallel fills the idle cores (raw demo DLRM, 2 cores: +20-45% rows/s at every bucket).
     Accelerators pipeline dispatched batches on their own, and a placement spanning devices
     (collectives) runs one batch at a time: 1."""
     if any(len(p.devices) != 1 or p.devices[0].platform != "cpu" for p in self.placements):
