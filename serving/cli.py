@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest single input tensor in bytes")
   serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
                      help="largest gRPC message in bytes")
+  serve.add_argument("--model-load-thread-count", type=int, default=4, metavar="N",
+                     help="models loaded (restored, compiled, warmed up) at once at start-up, as"
+                     " Triton's flag of the same name; 1 loads them one after another")
   serve.add_argument("--instances", type=int, default=None, metavar="N",
                      help="default batches each model runs at once (Triton's instance_group"
                      " count; per-model config.json 'instance_count' takes precedence); default:"
@@ -158,7 +161,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None):
                           max_tensor_bytes=args.max_tensor_bytes),
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
-      frontend=args.frontend or "auto", native_threads=args.native_threads)
+      frontend=args.frontend or "auto", native_threads=args.native_threads,
+      model_load_threads=args.model_load_thread_count)
 
 
 def serve(args: argparse.Namespace) -> int:

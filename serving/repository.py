@@ -13,6 +13,7 @@ queues and are dropped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import json
@@ -235,9 +236,12 @@ class ModelRepository:
     except (ValueError, TypeError, json.JSONDecodeError) as e:
       raise BundleError(f"{path}: {e}") from e
 
-  def load_all(self, progress: Callable[[str], None] | None = None) -> None:
-    """Loads every model found under the root (failures are recorded, not raised)."""
-    for name in self.discover():
+  def load_all(self, progress: Callable[[str], None] | None = None, *,
+               threads: int = 1) -> None:
+    """Loads every model found under the root, `threads` models at a time (Triton's
+    --model-load-thread-count: restoring and compiling one model leaves cores idle); failures
+    are recorded, not raised."""
+    def load_one(name: str) -> None:
       try:
         self.load(name, progress=progress)
       except ServingError as e:  # e.g. a symlink leading out of the repository
@@ -245,6 +249,15 @@ class ModelRepository:
           self._models.setdefault(name, {})[0] = ServedVersion(name, 0, State.UNAVAILABLE,
                                                                e.message)
         logger.error("%s: not loaded: %s", name, e.message)
+
+    names = self.discover()
+    if threads <= 1 or len(names) <= 1:
+      for name in names:
+        load_one(name)
+      return
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(names)),
+                                               thread_name_prefix="model-load") as pool:
+      list(pool.map(load_one, names))
 
   def load(self, name: str, progress: Callable[[str], None] | None = None) -> list[ServedVersion]:
     """Loads the versions of `name` its policy selects, then retires the ones it no longer

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import pathlib
 import shutil
@@ -116,6 +117,7 @@ class ServerConfig:
   auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
   frontend: str = "auto"  # "native" (C++), "python" (grpc.aio), "auto": native when built
   native_threads: int = 1  # completion-queue threads of the native front end
+  model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
@@ -132,6 +134,8 @@ class ServerConfig:
       raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
     if self.native_threads < 1:
       raise ValueError(f"native_threads must be >= 1, got {self.native_threads}")
+    if self.model_load_threads < 1:
+      raise ValueError(f"model_load_threads must be >= 1, got {self.model_load_threads}")
 
   def server_credentials(self) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files, or None for plaintext."""
@@ -286,7 +290,8 @@ class Server:
     t0 = time.perf_counter()
     if self.poller is not None:
       self.poller.prime()  # changes during the initial load are picked up by the first poll
-    await self._loop.run_in_executor(None, self.repository.load_all, self.progress)
+    await self._loop.run_in_executor(None, functools.partial(
+        self.repository.load_all, self.progress, threads=self.config.model_load_threads))
     self.load_s = time.perf_counter() - t0
     if self.native is not None:
       self.native.refresh()

@@ -412,3 +412,36 @@ def test_poller_applies_a_changed_version_policy(tmp_path):
     _wait(lambda: not ready(stub, "mock", "1"))
     assert index(stub)[("mock", "1")][1].startswith("retired")
     assert stub.ServerReady(pb.ServerReadyRequest()).ready
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_models_load_several_at_once(tmp_path, threads):
+  """`load_all(threads=N)` (--model-load-thread-count) loads N models at a time: "a" and "b"
+  each wait at a barrier for the other's load to be under way, which only concurrent loading
+  passes; the broken model is isolated either way."""
+  from serving.repository import ModelRepository, State
+
+  for name in ("a", "b", "c"):
+    write_mock_bundle(tmp_path, name)
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "1").mkdir()
+  (tmp_path / "broken" / "1" / "manifest.json").write_text("{not json")
+  barrier = threading.Barrier(2, timeout=2.0)
+  make = mock_factory()
+
+  def factory(path, manifest, cfg):
+    if manifest.name in ("a", "b"):
+      barrier.wait()  # BrokenBarrierError (the load fails) unless the other load runs meanwhile
+    return make(path, manifest, cfg)
+
+  repo = ModelRepository(tmp_path, engine_factory=factory)
+  try:
+    repo.load_all(threads=threads)
+    states = {r.name: r.state for r in repo.records()}
+    assert states["c"] is State.READY and states["broken"] is State.UNAVAILABLE
+    both = State.READY if threads > 1 else State.UNAVAILABLE
+    assert states["a"] is both and states["b"] is both
+  finally:
+    for r in repo.records():
+      if r.state is State.READY:
+        repo.unload(r.name, r.version)
