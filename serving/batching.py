@@ -215,12 +215,14 @@ class Batcher(Generic[T]):
     """Drops requests (cancelled by their client) from the queue."""
     doomed = {id(p) for p in pendings}
     for prio, q in list(self._queues.items()):
-      kept = [p for p in q if id(p) not in doomed]
+      kept = collections.deque()
       for p in q:
-        if id(p) in doomed and p.remaining:
+        if id(p) not in doomed:
+          kept.append(p)
+        elif p.remaining:
           self._unqueue(prio, p.remaining)
       if kept:
-        self._queues[prio] = collections.deque(kept)
+        self._queues[prio] = kept
       else:
         del self._queues[prio]
 

@@ -142,7 +142,7 @@ class ReplicaEngine(Engine):
     (collectives) runs one batch at a time: 1."""
     if any(len(p.devices) != 1 or p.devices[0].platform != "cpu" for p in self.placements):
       return 1
-    return max(1, min(2, os.cpu_count() or 1))
+    return min(2, os.cpu_count() or 1)
 
   @property
   def param_bytes(self) -> int:

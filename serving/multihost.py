@@ -328,7 +328,7 @@ class LockstepEngine(Engine):
 
   @property
   def param_bytes(self) -> int:
-    return param_bytes(self.manifest)  # the module function
+    return param_bytes(self.manifest)  # serving.engine.param_bytes (module level, same name)
 
   @property
   def ready(self) -> bool:

@@ -251,11 +251,7 @@ class ModelRepository:
         logger.error("%s: not loaded: %s", name, e.message)
 
     names = self.discover()
-    if threads <= 1 or len(names) <= 1:
-      for name in names:
-        load_one(name)
-      return
-    with concurrent.futures.ThreadPoolExecutor(min(threads, len(names)),
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(names))),
                                                thread_name_prefix="model-load") as pool:
       list(pool.map(load_one, names))
 

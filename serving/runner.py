@@ -11,6 +11,7 @@ does (on CPU, on the cores XLA's threads leave idle) while a light load keeps on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -165,10 +166,10 @@ class ModelRunner:
 
   def _fail(self, reqs: Sequence[InferRequest], err: ServingError) -> None:
     now = time.perf_counter()
+    with self._stats_lock:
+      self.stats.fail_count += len(reqs)
+      self.stats.fail_ns += sum(int((now - r.arrival) * 1e9) for r in reqs)
     for r in reqs:
-      with self._stats_lock:
-        self.stats.fail_count += 1
-        self.stats.fail_ns += int((now - r.arrival) * 1e9)
       self.observer.request_done(ok=False, duration_s=now - r.arrival, code=err.code)
     if reqs:
       self.deliver([(r, None, err) for r in reqs])
@@ -183,7 +184,8 @@ class ModelRunner:
         now = time.perf_counter()
         d = self._batcher.decide(now, idle=idle and primary)
         if d.expired:
-          self.stats.expired += len(d.expired)
+          with self._stats_lock:
+            self.stats.expired += len(d.expired)
           self._fail([p.item for p in d.expired], ServingError(
               Code.DEADLINE_EXCEEDED, f"model {self.name}: deadline passed while queued"
               " (never executed); raise the deadline or reduce load"))
@@ -269,18 +271,9 @@ class ModelRunner:
     done: list = []
     for s in plan.slices:
       req = s.pending.item
-      if s.start == 0 and s.last:  # the whole request: no other batch touches it
-        if req.failed:
-          continue
-        if error is not None:
-          req.failed = True
-          done.append((req, None, error))
-        else:
-          self._scatter(s, outs)
-          req.compute_ns += int(compute_s * 1e9)
-          done.append((req, req.outputs, None))
-        continue
-      with self._split_lock:  # a split request's slices may finish in other instances, any order
+      # A split request's slices may finish in other instances, in any order; a whole one is
+      # this batch's alone.
+      with contextlib.nullcontext() if s.start == 0 and s.last else self._split_lock:
         if req.failed:
           continue
         if error is not None:

@@ -21,7 +21,8 @@ def test_help_explains_every_flag():
   out = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--help"],
                        capture_output=True, text=True, check=True).stdout
   for flag in ("--model-repository", "--grpc-port", "--metrics-port", "--compile-cache",
-               "--max-queue-delay-us", "--devices", "--sharding", "--demo-tiny", "--frontend"):
+               "--max-queue-delay-us", "--devices", "--sharding", "--demo-tiny", "--frontend",
+               "--instances", "--model-load-thread-count"):
     assert flag in out
 
 
