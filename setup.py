@@ -1,4 +1,4 @@
-"""Builds the optional native gRPC front end (serving/native/frontend.cc) when grpc++ is found.
+"""Builds the optional native gRPC front end (serving/frontend/native/frontend.cc) when grpc++ is found.
 
 Without `pkg-config --cflags --libs grpc++` (Debian: apt-get install libgrpc++-dev pkg-config)
 the package installs without it and the server uses its pure-Python front end.
@@ -27,7 +27,7 @@ def _extensions() -> list[Extension]:
     print(_MISSING.format(why="pkg-config cannot find grpc++"), file=sys.stderr)
     return []
   import pybind11
-  return [Extension("serving._native", ["serving/native/frontend.cc"],
+  return [Extension("serving.frontend._native", ["serving/frontend/native/frontend.cc"],
                     include_dirs=[pybind11.get_include()], language="c++",
                     extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],
                     extra_link_args=libs)]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 # pylint: disable=g-import-not-at-top
 from export.generative import GenerativeExportConfig, ad_corpus, build_bundle
 from models.decoder import DecoderConfig
-from serving.compile_watch import CompileCounter
+from serving.telemetry.compile_watch import CompileCounter
 from serving.generation.engine import BundleEngine
 from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
 from serving.generation.service import GenerationService, ServiceConfig

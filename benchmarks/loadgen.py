@@ -44,8 +44,8 @@ class LoadResult:
 
 def build_request(model: str, inputs: dict[str, np.ndarray], *, params: dict | None = None) -> bytes:
   """Serializes a ModelInferRequest with raw_input_contents."""
-  from serving.codec import numpy_datatype
-  from serving.protocol import grpc_service_pb2 as pb
+  from serving.frontend.codec import numpy_datatype
+  from serving.frontend.protocol import grpc_service_pb2 as pb
 
   req = pb.ModelInferRequest(model_name=model)
   for name, arr in inputs.items():

@@ -188,11 +188,11 @@ def main() -> None:
   args.out.mkdir(parents=True, exist_ok=True)
 
   from benchmarks.serving import make_inputs
-  from export.bundle import list_versions, read_manifest
+  from bundle import list_versions, read_manifest
 
   repo = args.repository
   if repo is None:
-    from serving.demo import ensure_demo_repository
+    from demo.repository import ensure_demo_repository
     repo = ensure_demo_repository(say)
   manifest = read_manifest(repo / args.model / str(list_versions(repo / args.model)[-1]))
   inputs = manifest.signatures["serve"].inputs

@@ -8,7 +8,7 @@ dozen tokens), and query-ad pairs for the cross-encoder (query + ad + 3 special 
   seq-only   sum(seq bucket of each request) / sum(real tokens): padding of the sequence
              dimension alone (each request run by itself)
   2-D        padded / real tokens when serving a Poisson stream through the real
-             `serving.seq_batching.SeqBatcher` (one queue per sequence bucket, batch buckets
+             `serving.batching.seq.SeqBatcher` (one queue per sequence bucket, batch buckets
              1..64, dispatch when idle) on a simulated executor: batch and sequence padding
   1-queue    the same stream through one queue, each batch padded to its longest row's
              bucket (what grouping by length avoids)
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a bare checkout
 # pylint: disable=g-import-not-at-top
 from serving.batching import BatchingConfig, Pending
-from serving.seq_batching import SeqBatcher
+from serving.batching import SeqBatcher
 # pylint: enable=g-import-not-at-top
 
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)

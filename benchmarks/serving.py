@@ -42,11 +42,11 @@ def say(msg: str) -> None:
 
 
 def make_inputs(engine_inputs, rows: int, rng) -> dict[str, np.ndarray]:
-  from serving.engine import _np_dtype
+  from bundle import numpy_dtype
 
   out = {}
   for t in engine_inputs:
-    dt = _np_dtype(t.dtype)
+    dt = numpy_dtype(t.dtype)
     shape = (rows, *t.shape[1:])
     out[t.name] = (rng.integers(0, 1_000_000, shape).astype(dt) if dt.kind in "iu"
                    else rng.random(shape).astype(dt))
@@ -77,7 +77,7 @@ def _raw_rate(engine, bucket: int, inputs: dict, seconds: float, callers: int) -
 def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, list]:
   """rows/s of the compiled executables at each bucket, called back to back by one caller
   (`rows_per_s`) and by two at once (`rows_per_s_2`); returns (rows, engine inputs)."""
-  from serving.engine import BundleEngine
+  from serving.engines import BundleEngine
 
   engine = BundleEngine(bundle)
   engine.warmup(progress=lambda m: say(f"raw: {m}"))
@@ -240,9 +240,9 @@ def main() -> None:
 
   repo = args.repository
   if repo is None:
-    from serving.demo import ensure_demo_repository
+    from demo.repository import ensure_demo_repository
     repo = ensure_demo_repository(say)
-  from export.bundle import list_versions
+  from bundle import list_versions
   bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
 
   say("measuring the raw jitted model (the ceiling) ...")

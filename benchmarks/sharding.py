@@ -11,7 +11,7 @@ the timings only show overheads (see /work/shared/PLATFORM.md).
 
 Rows jit the Flax model in process; an `embedding_tables` run adds a row `embedding_tables
 (bundle)` served the way the server does it: the model exported once, then `BundleEngine`
-placed by `serving.placement` (fused lookup + the bundle's from-embeddings artifact).
+placed by `serving.repository.placement` (fused lookup + the bundle's from-embeddings artifact).
 `--from-bundle` serves every strategy that way.
 """
 
@@ -166,10 +166,10 @@ def _bench_strategy(strategy: str, n: int, model: _Model, buckets: tuple[int, ..
 
 def _bench_bundle(strategy: str, n: int, model: _Model, path: pathlib.Path,
                   buckets: tuple[int, ...], reps: int) -> dict[str, Any]:
-  """The strategy as the server runs it: BundleEngine on `serving.placement`'s placements."""
-  from export.bundle import read_manifest
-  from serving.engine import BundleEngine
-  from serving.placement import placements_for
+  """The strategy as the server runs it: BundleEngine on `serving.repository.placement`'s placements."""
+  from bundle import read_manifest
+  from serving.engines import BundleEngine
+  from serving.repository.placement import placements_for
   from serving.repository import ModelServingConfig
   from sharding import ShardingPlan, per_device_bytes
 

@@ -1,5 +1,5 @@
 """Flax model + params -> self-contained serving bundle (orbax params, StableHLO, manifest)."""
 
-from export.bundle import (BundleError, Manifest, ParamSpec, Signature, TensorSpec, read_manifest,
+from bundle import (BundleError, Manifest, ParamSpec, Signature, TensorSpec, read_manifest,
                            served_models)
 from export.exporter import DEFAULT_BATCH_BUCKETS, ExportConfig, Input, export_model

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from export import bundle as bundle_lib
-from export.bundle import Manifest, ParamSpec, Signature, TableLookup, TensorSpec
+import bundle as bundle_lib
+from bundle import Manifest, ParamSpec, Signature, TableLookup, TensorSpec
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Weights come from a short training run, at export time, on a synthetic ad-copy corpus built
 here from templates (nothing is downloaded), so greedy generations read like ads, not noise.
 
-Signatures (call convention of export/bundle.py, `fn(params, inputs) -> outputs`):
+Signatures (call convention of bundle/format.py, `fn(params, inputs) -> outputs`):
   prefill_<T>  tokens [b, T], lengths [b], page_table [b, P], <cache>  -> logits [b, V], <cache>
   decode       tokens [B], positions [B], page_table [B, P], lengths [B], <cache>
                -> logits [B, V], <cache>
@@ -29,8 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from export import bundle as bundle_lib
-from export.bundle import Manifest, Signature, TensorSpec
+import bundle as bundle_lib
+from bundle import Manifest, Signature, TensorSpec
 from export.exporter import TRITON_CUSTOM_CALL, _nnx_parts
 from models.decoder import KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
 from models.tokenizer import ByteTokenizer

@@ -133,7 +133,7 @@ def _client_example(port: int) -> str:
 
 def _configure_logging(args: argparse.Namespace) -> None:
   if args.log_format == "json":
-    from serving.logs import JsonFormatter
+    from serving.telemetry.logs import JsonFormatter
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
@@ -144,7 +144,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def server_config(args: argparse.Namespace, repo: str, token: str | None):
   """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
-  from serving import codec
+  from serving.frontend import codec
   from serving.repository import ModelServingConfig
   from serving.server import ServerConfig
 
@@ -169,9 +169,9 @@ def serve(args: argparse.Namespace) -> int:
   _configure_logging(args)
   say = _progress
   if args.log_format == "json":
-    from serving.logs import progress_line
+    from serving.telemetry.logs import progress_line
     say = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
-  from serving.auth import TOKEN_ENV, load_token
+  from serving.frontend.auth import TOKEN_ENV, load_token
   try:
     token = load_token(args.auth_token_file)
   except ValueError as e:
@@ -190,7 +190,7 @@ def serve(args: argparse.Namespace) -> int:
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device
     from serving.multihost import start_from_args
-    multihost, code = start_from_args(args, say)
+    multihost, code = start_from_args(args, say, lambda msg: print(msg, file=sys.stderr))
     if multihost is None:  # a follower, released by the leader (or failed)
       return code
 
@@ -198,7 +198,7 @@ def serve(args: argparse.Namespace) -> int:
 
   repo = args.model_repository
   if repo is None:
-    from serving.demo import ensure_demo_repository
+    from demo.repository import ensure_demo_repository
     repo = str(ensure_demo_repository(say, tiny=args.demo_tiny))
   elif not pathlib.Path(repo).is_dir():
     print(f"xlaserve: model repository {repo!r} does not exist. Export a model into it with"
@@ -210,10 +210,11 @@ def serve(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f"xlaserve: {e}", file=sys.stderr)
     return 2
-  from serving.placement import engine_factory_for
-  factory = multihost.factory if multihost else engine_factory_for(config)
+  from serving.kinds import standard_kinds
+  from serving.repository import engine_factory_for
+  kinds = standard_kinds(multihost.factory if multihost else engine_factory_for(config))
   try:
-    server = Server(config, engine_factory=factory, progress=say)
+    server = Server(config, kinds=kinds, progress=say)
   except RuntimeError as e:  # --frontend native without the extension
     print(f"xlaserve: {e}", file=sys.stderr)
     return 2

@@ -5,13 +5,13 @@ in a worker thread, then readiness turns true. Shutdown (SIGTERM/SIGINT):
 readiness turns false, new requests get UNAVAILABLE, every accepted request is
 answered, then the process exits 0.
 
-Front ends: by default the native C++ server (serving/native_frontend.py) owns the public
+Front ends: by default the native C++ server (serving/frontend/native.py) owns the public
 port, serves ModelInfer of plain batched models itself and relays every other call to the
 grpc.aio server, which then listens on a private unix socket; with `frontend="python"`,
 TLS, or without the compiled extension, the grpc.aio server owns the port.
 
 Optional: TLS (certificate and key files), a bearer token checked by an interceptor
-(serving/auth.py), and a repository poller for hot reload (serving/reload.py).
+(serving/frontend/auth.py), and a repository poller for hot reload (serving/repository/reload.py).
 """
 
 from __future__ import annotations
@@ -26,79 +26,24 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from serving import codec, native_frontend
-from serving.auth import BearerTokenInterceptor, check_token
-from serving.compile_watch import CompileCounter
-from serving.metrics import Metrics
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
-from serving.reload import RepositoryPoller
-from serving.repository import EngineFactory, ModelRepository, ModelServingConfig
-from serving.servicer import AsyncDelivery, InferenceServicer
+from serving.frontend import codec
+from serving.frontend import native as native_frontend
+from serving.frontend.auth import BearerTokenInterceptor, check_token
+from serving.telemetry.compile_watch import CompileCounter
+from serving.telemetry.metrics import Metrics
+from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
+from serving.frontend.servicer import AsyncSink, InferenceServicer
+from serving.kinds import ModelKind, standard_kinds
+from serving.repository import (EngineFactory, ModelRepository, ModelServingConfig,
+                                RepositoryPoller)
 
 logger = logging.getLogger(__name__)
-SERVICE_NAME = "inference.GRPCInferenceService"
-
-
-class _Undecodable:
-  """Stands in for a request message whose bytes did not parse."""
-
-  __slots__ = ("error",)
-
-  def __init__(self, error: str):
-    self.error = error
-
-
-def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-  """Undecodable bytes on a unary-request method get INVALID_ARGUMENT, not gRPC's UNKNOWN
-  (and not a logged traceback per hostile request)."""
-  if (handler.request_streaming or handler.response_streaming
-      or handler.request_deserializer is None):
-    return handler
-  parse, inner = handler.request_deserializer, handler.unary_unary
-
-  def safe_parse(data: bytes):
-    try:
-      return parse(data)
-    except Exception as e:  # protobuf raises DecodeError (and others for some corruptions)
-      return _Undecodable(f"{type(e).__name__}: {e}")
-
-  async def behaviour(request, context):
-    if type(request) is _Undecodable:
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the request is not a valid protobuf message: {request.error}")
-    return await inner(request, context)
-
-  return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=safe_parse,
-                                             response_serializer=handler.response_serializer)
-
-
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-  """Registers the Triton service with every unary method's request parsing guarded."""
-  captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-
-  class Capture:
-    def add_generic_rpc_handlers(self, handlers) -> None:
-      pass
-
-    def add_registered_method_handlers(self, service: str, handlers) -> None:
-      captured[service] = handlers
-
-  pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Capture())
-  if not captured:  # generated code without registered handlers: register it unguarded
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    return
-  for service, handlers in captured.items():
-    guarded = {method: _guard(h) for method, h in handlers.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
-    server.add_registered_method_handlers(service, guarded)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerConfig:
   """Process-wide settings; per-model settings live in each model's config.json."""
@@ -152,24 +97,27 @@ class ServerConfig:
 class Server:
   """One xlaserve process: `await run()` serves until `request_stop()` or a signal."""
 
-  def __init__(self, config: ServerConfig, *, engine_factory: EngineFactory | None = None,
+  def __init__(self, config: ServerConfig, *, kinds: Mapping[str, ModelKind] | None = None,
+               engine_factory: EngineFactory | None = None,
                progress: Callable[[str], None] | None = None):
+    """`kinds`: manifest kind -> how to load it (the CLI passes `standard_kinds`); without it,
+    the standard kinds with predict engines from `engine_factory`."""
     self.config = config
     self.progress = progress or (lambda msg: logger.info("%s", msg))
     self.compiles = CompileCounter().install()
     self.metrics = Metrics(compile_count=lambda: self.compiles.outside_warmup)
-    self.delivery = AsyncDelivery()
     self.native: native_frontend.NativeFrontend | None = None
     self._native_module, self.frontend = self._choose_frontend()
     self._socket_dir: str | None = None
+    kinds = dict(kinds) if kinds is not None else standard_kinds(engine_factory)
     self.repository = ModelRepository(
-        config.model_repository, engine_factory=engine_factory,
-        observer_factory=self.metrics.observer, deliver=self._deliver,
-        compile_counter=self.compiles, default_config=config.default_model_config)
-    from serving.generation.metrics import GenerationCollector
-    self.metrics.registry.register(GenerationCollector(lambda: [
-        (f"{r.name}/{r.version}", r.runner.service) for r in self.repository.records()
-        if r.runner is not None and getattr(r.runner, "decoupled", False)]))
+        config.model_repository, kinds={k: v.load for k, v in kinds.items()},
+        observer_factory=self.metrics.observer, compile_counter=self.compiles,
+        default_config=config.default_model_config)
+    for kind, spec in kinds.items():
+      if spec.metrics is not None:
+        self.metrics.registry.register(spec.metrics(
+            lambda kind=kind: self.repository.runners_of_kind(kind)))
     self.servicer = InferenceServicer(self.repository, limits=config.limits)
     self.servicer.on_repository_change = self._repository_changed
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
@@ -204,18 +152,6 @@ class Server:
       return None, "python"
     return module, "native"
 
-  def _deliver(self, completions: list) -> None:
-    """Runner -> clients: native requests to the C++ front end, the rest to asyncio."""
-    native = self.native
-    if native is not None:
-      mine = [c for c in completions if native_frontend.is_native(c[0])]
-      if mine:
-        native.complete(mine)
-        if len(mine) == len(completions):
-          return
-        completions = [c for c in completions if not native_frontend.is_native(c[0])]
-    self.delivery(completions)
-
   async def _set_health(self, serving: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -245,7 +181,7 @@ class Server:
                 on_loaded: Callable[[Server], None] | None = None) -> None:
     self._loop = asyncio.get_running_loop()
     self._stop = asyncio.Event()
-    self.delivery.loop = self._loop
+    self.servicer.sink.loop = self._loop
     cfg = self.config
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -263,7 +199,7 @@ class Server:
       self.native = native_frontend.NativeFrontend(
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
-          id_prefix=self.servicer._id_prefix, threads=cfg.native_threads)
+          id_prefix=self.servicer.id_prefix, threads=cfg.native_threads)
       self.metrics.add_native_front_end(self.native.stats)
     else:
       self.grpc_port = (server.add_secure_port(address, creds) if creds is not None

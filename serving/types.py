@@ -1,10 +1,15 @@
-"""Request and error types shared by the servicer, runner and repository (no protocol, no JAX)."""
+"""Request, completion and error types shared by every stage (no protocol, no JAX).
+
+A request carries its completion sink: the front end that accepted it and that answers it.
+Runners hand finished requests to `req.sink` (serving/runners/base.py `deliver`), one call per
+sink per batch, so an asyncio front end pays one wake-up per batch, not per request.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -35,20 +40,43 @@ class ServingError(Exception):
 class InferRequest:
   """One validated predict request: host arrays with a common leading row count.
 
-  `on_done(outputs, error)` is called exactly once, from the runner's thread.
+  The runner answers it exactly once, through `sink.complete`, from a runner thread;
+  `sink_token` is the sink's own handle for it (an asyncio future, a native call id).
   """
 
   inputs: Mapping[str, np.ndarray]
   rows: int
-  on_done: Callable[[dict[str, np.ndarray] | None, ServingError | None], None]
+  sink: CompletionSink
   arrival: float
   deadline: float | None = None
   priority: int = 0
   request_id: str = ""
+  sink_token: Any = None
   outputs: dict[str, np.ndarray] | None = None  # filled slice by slice by the runner
   queue_ns: int = 0
   compute_ns: int = 0
   parameters: Mapping[str, Any] | None = None  # request parameters, for runners that want them
   failed: bool = False  # answered with an error (later slices of a split request are skipped)
   rows_done: int = 0  # rows whose outputs are in `outputs` (slices may finish out of order)
-  extra: Any = None
+
+
+Completion = tuple[InferRequest, "dict[str, np.ndarray] | None", "ServingError | None"]
+
+
+class CompletionSink(Protocol):
+  """Where answers go: the front end that accepted the requests.
+
+  `complete` gets finished requests that name this sink, a batch at a time, on a runner
+  thread; it must neither block nor raise (a failure must answer the requests some other way).
+  """
+
+  def complete(self, completions: list[Completion]) -> None:
+    ...
+
+
+class CallbackSink:
+  """A sink for in-process callers: calls each request's `sink_token(outputs, error)`."""
+
+  def complete(self, completions: list[Completion]) -> None:
+    for req, out, err in completions:
+      req.sink_token(out, err)

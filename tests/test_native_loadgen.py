@@ -8,8 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from export.bundle import Manifest, Signature, write_bundle
-from serving.mock_engine import MockEngine
+from bundle import Manifest, Signature, write_bundle
+from serving.engines.mock import MockEngine
 from serving.server import BackgroundServer, Server, ServerConfig
 
 

@@ -22,7 +22,7 @@ def test_descriptors_match_tritonclient():
   import tritonclient.grpc.model_config_pb2 as tc_mc
   import tritonclient.grpc.service_pb2 as tc_svc
 
-  from serving.protocol import grpc_service_pb2, model_config_pb2
+  from serving.frontend.protocol import grpc_service_pb2, model_config_pb2
 
   assert grpc_service_pb2.DESCRIPTOR.serialized_pb == tc_svc.DESCRIPTOR.serialized_pb
   assert model_config_pb2.DESCRIPTOR.serialized_pb == tc_mc.DESCRIPTOR.serialized_pb

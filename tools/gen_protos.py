@@ -1,8 +1,8 @@
-"""Regenerates serving/protocol/*_pb2*.py with grpcio-tools from the official Triton protos.
+"""Regenerates serving/frontend/protocol/*_pb2*.py with grpcio-tools from the official Triton protos.
 
-The source is the FileDescriptorSet in serving/protocol/triton_protos.pb: the
+The source is the FileDescriptorSet in serving/frontend/protocol/triton_protos.pb: the
 descriptors of Triton's `grpc_service.proto` and `model_config.proto` (release
-r23.12, BSD-3 licence, see serving/protocol/LICENSE-triton), exactly as the
+r23.12, BSD-3 licence, see serving/frontend/protocol/LICENSE-triton), exactly as the
 pinned `tritonclient==2.41.0` ships them. Byte-identical descriptors let our
 server and `tritonclient` live in one process (protobuf's pool refuses a
 different file under the same name). Run: `python tools/gen_protos.py [--out DIR]
@@ -56,7 +56,7 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=PROTO_DIR,
-                      help="where to write the generated modules (default: serving/protocol)")
+                      help="where to write the generated modules (default: serving/frontend/protocol)")
   parser.add_argument("--refresh-descriptors", action="store_true",
                       help="first rebuild triton_protos.pb from the installed tritonclient")
   args = parser.parse_args()

@@ -40,7 +40,7 @@ for step in $steps; do
     serve)  # the demo DLRM exported for CUDA, served; benchmarks/serving.py, then perf_analyzer
       export PATH=/tmp/site/bin:$PATH
       timeout 200 python3 -c "import pathlib, logging; logging.basicConfig(level=logging.INFO)
-from serving.demo import build_dlrm
+from demo.repository import build_dlrm
 build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -5
       timeout 200 python3 benchmarks/serving.py --repository /tmp/repo --duration 6 --processes 4 \
         --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -30
@@ -72,9 +72,9 @@ PY
       export PATH=/tmp/site/bin:/tmp/g/usr/bin:$PATH PKG_CONFIG_PATH=$L/pkgconfig:/tmp/g/usr/share/pkgconfig \
         PKG_CONFIG_SYSROOT_DIR=/tmp/g CPATH=/tmp/g/usr/include LIBRARY_PATH=$L LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-}
       XLASERVE_REQUIRE_NATIVE=1 timeout 240 python3 setup.py -q build_ext --inplace 2>&1 | tail -5
-      python3 -c "import serving._native; print('native front end built')" || exit 1
+      python3 -c "import serving.frontend._native; print('native front end built')" || exit 1
       [ -e /tmp/repo/dlrm/1/manifest.json ] || timeout 200 python3 -c "import pathlib
-from serving.demo import build_dlrm
+from demo.repository import build_dlrm
 build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
       timeout 240 python3 benchmarks/serving.py --repository /tmp/repo --frontend ${FRONTENDS:-both} --duration 5 \
         --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -40

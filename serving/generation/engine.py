@@ -19,9 +19,9 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from export import bundle as bundle_lib
-from export.bundle import BundleError
-from serving.compile_watch import CompileCounter
+import bundle as bundle_lib
+from bundle import BundleError
+from serving.telemetry.compile_watch import CompileCounter
 from serving.generation.engine_api import SAMPLING_FIELDS, Engine, GenerateSpec, sampling_arrays
 from serving.generation.sampling import sample_tokens
 from serving.generation.scheduler import PrefillBucket

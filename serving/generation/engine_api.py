@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from export.bundle import BundleError, Manifest
+from bundle import BundleError, Manifest
 from serving.generation.request import SamplingParams
 from serving.generation.scheduler import PrefillBucket, SchedulerConfig
 

@@ -17,24 +17,16 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from export.bundle import TensorSpec
+from bundle import TensorSpec
 from serving.batching import BatchingConfig
 from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
-from serving.runner import Deliver, Observer, RunnerStats
+from serving.runners import Observer, RunnerCapabilities, RunnerStats, deliver
 from serving.types import Code, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
 
 TEXT_INPUT = TensorSpec("text_input", "object", (-1,), ("batch",))
 TEXT_OUTPUT = TensorSpec("text_output", "object", (-1,), ("batch",))
-
-
-class _Signature:
-  """The tensors a generate model exposes over the protocol."""
-
-  inputs = (TEXT_INPUT,)
-  outputs = (TEXT_OUTPUT,)
-  buckets = (1,)
 
 
 def sampling_from_parameters(params: Mapping[str, Any]) -> SamplingParams:
@@ -74,16 +66,14 @@ def _text_of(value: Any) -> bytes:
 class GenerationRunner:
   """Adapter: GenerationService <-> InferRequest / streamed Triton responses."""
 
-  decoupled = True
-  wants_parameters = True
+  capabilities = RunnerCapabilities(decoupled=True, wants_parameters=True)
+  inputs = (TEXT_INPUT,)
+  outputs = (TEXT_OUTPUT,)
 
-  def __init__(self, name: str, service: Any, *, deliver: Deliver,
-               observer: Observer | None = None):
+  def __init__(self, name: str, service: Any, *, observer: Observer | None = None):
     self.name = name
     self.service = service
-    self.deliver = deliver
     self.observer = observer or Observer()
-    self.engine = _Signature()
     self.config = BatchingConfig(buckets=(1,), max_queue_delay_s=0.0)
     self.stats = RunnerStats()
     self._lock = threading.Lock()
@@ -98,6 +88,9 @@ class GenerationRunner:
 
   def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
     self.service.stop(drain=drain, timeout=timeout)
+
+  def close(self) -> None:
+    """Device memory (params, KV cache) goes with the service once it is stopped."""
 
   def _submit_prompt(self, prompt: bytes, sampling: SamplingParams, request_id: str,
                      on_event: Callable[[GenerationEvent], None]) -> Any:
@@ -151,11 +144,11 @@ class GenerationRunner:
       st.execution_count += 1
       out = np.empty(len(texts), dtype=object)
       out[:] = [bytes(t) for t in texts]
-      self.deliver([(req, {"text_output": out}, None)])
+      deliver([(req, {"text_output": out}, None)])
     else:
       st.fail_count += 1
       st.fail_ns += int((now - req.arrival) * 1e9)
-      self.deliver([(req, None, error)])
+      deliver([(req, None, error)])
     self.observer.request_done(ok=error is None, duration_s=now - req.arrival,
                                code=None if error is None else error.code)
 
@@ -180,11 +173,10 @@ class GenerationRunner:
     return self._submit_prompt(prompt, sampling, "", wrapped)
 
 
-def load_generation_runner(path: Any, name: str, *, deliver: Deliver,
-                           observer: Observer | None = None,
+def load_generation_runner(path: Any, name: str, *, observer: Observer | None = None,
                            progress: Callable[[str], None] | None = None) -> GenerationRunner:
   """Loads a generate bundle (compiling every shape) and wraps it; raises BundleError."""
   from serving.generation.service import GenerationService
 
   service = GenerationService.from_bundle(path, progress=progress)
-  return GenerationRunner(name, service, deliver=deliver, observer=observer)
+  return GenerationRunner(name, service, observer=observer)

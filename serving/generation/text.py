@@ -10,7 +10,7 @@ import codecs
 import dataclasses
 from typing import Any, Mapping
 
-from export.bundle import BundleError
+from bundle import BundleError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

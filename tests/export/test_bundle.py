@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import export
-from export.bundle import BundleError, read_manifest, restore_params
+from bundle import BundleError, read_manifest, restore_params
 
 
 def _export_fn(repo, **kw):

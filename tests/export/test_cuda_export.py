@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import export
-from export.bundle import find_artifact, read_manifest
+from bundle import find_artifact, read_manifest
 from models.dlrm import DLRM, DLRMConfig
 
 TRITON = "__gpu$xla.gpu.triton"

@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 import export
-from export.bundle import BundleError, read_manifest, served_models
-from serving.engine import BundleEngine
+from bundle import BundleError, read_manifest, served_models
+from serving.engines import BundleEngine
+from serving.kinds import runner_factories
 from serving.repository import ModelRepository, State
-from serving.seq_engine import SeqBundleEngine
+from serving.engines import SeqBundleEngine
 
 BATCH, SEQ = (1, 2), (4, 8)
 TOKENS = [export.Input("tokens", "int32", ("batch", "seq")),
@@ -172,7 +173,7 @@ def test_quantization_choice(tmp_path):
 def test_int8_dense_layers_serve_close_to_float(tmp_path):
   """The choice reaches the bundle: models.layers.Dense kernels become int8 (weight-only)."""
   from models.relevance import RelevanceConfig, RelevanceModel
-  from serving.demo_models import relevance_inputs
+  from demo.models import relevance_inputs
 
   def model():
     return RelevanceModel(RelevanceConfig.tiny(), rngs=nnx.Rngs(0))
@@ -218,7 +219,7 @@ def test_bundles_from_an_incompatible_jax_fail_to_load_with_a_clear_message(tmp_
     SeqBundleEngine(seq)
   with pytest.raises(BundleError, match=needle):
     BundleEngine(plain)
-  repo = ModelRepository(tmp_path)
+  repo = ModelRepository(tmp_path, kinds=runner_factories())
   repo.load_all()
   for rec in repo.records():
     assert rec.state is State.UNAVAILABLE and needle in rec.reason, rec

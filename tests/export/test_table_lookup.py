@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import export
-from export.bundle import Manifest, TableLookup, read_manifest, restore_params
+from bundle import Manifest, TableLookup, read_manifest, restore_params
 from models.dlrm import DLRM, DLRMConfig
 
 INPUTS = [export.Input("dense", "float32", ("batch", 13)),

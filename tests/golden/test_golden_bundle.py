@@ -2,7 +2,7 @@
 
 The bundle and expected.npz were written once by tests/golden/make_golden.py. If this test
 fails, the code changed how bundles are read or served: fix the code, or (for a deliberate
-format change) bump export.bundle.FORMAT_VERSION, keep reading format 1, and regenerate.
+format change) bump bundle.FORMAT_VERSION, keep reading format 1, and regenerate.
 """
 
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from export.bundle import FORMAT_VERSION, compute_code_hash, read_manifest, served_models
+from bundle import FORMAT_VERSION, compute_code_hash, read_manifest, served_models
 from serving.server import BackgroundServer, Server, ServerConfig
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ from flax import nnx
 
 from models.dcn_v2 import CrossLayer, DCNv2, DCNv2Config
 from seqserve import check_logical_axes, infer, reference, serving
-from serving.demo_models import build_dcn_v2
+from demo.models import build_dcn_v2
 
 BATCH = (1, 4, 16)
 SEED = 11

@@ -10,7 +10,7 @@ from flax import nnx
 
 from models.relevance import RelevanceConfig, RelevanceModel
 from seqserve import check_logical_axes, infer, reference, serving, tokens
-from serving.demo_models import build_relevance
+from demo.models import build_relevance
 
 BATCH, SEQ = (1, 4), (16, 32, 64)
 SEED = 3

@@ -9,7 +9,7 @@ from flax import nnx
 
 from models.two_tower import TwoTower, TwoTowerConfig
 from seqserve import check_logical_axes, infer, reference, serving, tokens
-from serving.demo_models import build_two_tower
+from demo.models import build_two_tower
 
 BATCH, QUERY_SEQ, AD_SEQ = (1, 4), (8, 16), (16, 32)
 SEED = 5

@@ -3,7 +3,7 @@
 import pytest
 
 from servingutil import write_mock_bundle  # noqa: F401  (re-exported for older imports)
-from serving.mock_engine import MockEngine
+from serving.engines.mock import MockEngine
 from serving.server import BackgroundServer, Server, ServerConfig
 
 

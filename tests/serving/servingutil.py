@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
-from export.bundle import Manifest, Signature, write_bundle
-from serving.mock_engine import MockEngine
-from serving.protocol import grpc_service_pb2 as pb
+from bundle import Manifest, Signature, write_bundle
+from serving.engines.mock import MockEngine
+from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.server import BackgroundServer, Server, ServerConfig
 
 

@@ -18,9 +18,9 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from serving import auth
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.frontend import auth
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.server import ServerConfig
 from servingutil import expected, mock_factory, mock_request, outputs, rpc_code, serving, \
     write_mock_bundle

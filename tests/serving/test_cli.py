@@ -61,7 +61,7 @@ def test_demo_serves_and_stops_on_sigterm(demo_process):
     assert c.is_model_ready(name), name
   out = _infer(addr, 3, 0)
   assert out.shape == (3, 1) and np.all((out > 0) & (out < 1))
-  from serving.native_frontend import load_extension
+  from serving.frontend.native import load_extension
   front = "native" if load_extension()[0] is not None else "python"  # no flag: native if built
   assert any(f"gRPC front end: {front}" in line for line in lines), "".join(lines)
   body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()

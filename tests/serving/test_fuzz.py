@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from servingutil import expected, mock_request, outputs
 
 EXAMPLES = int(os.environ.get("XLASERVE_FUZZ_EXAMPLES", "500"))

@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import export
-from serving.mock_engine import MockEngine
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.engines.mock import MockEngine
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from servingutil import expected, mock_factory, mock_request, outputs, rpc_code, serving, \
     write_mock_bundle
 
@@ -419,6 +419,7 @@ def test_models_load_several_at_once(tmp_path, threads):
   """`load_all(threads=N)` (--model-load-thread-count) loads N models at a time: "a" and "b"
   each wait at a barrier for the other's load to be under way, which only concurrent loading
   passes; the broken model is isolated either way."""
+  from serving.kinds import runner_factories
   from serving.repository import ModelRepository, State
 
   for name in ("a", "b", "c"):
@@ -434,7 +435,7 @@ def test_models_load_several_at_once(tmp_path, threads):
       barrier.wait()  # BrokenBarrierError (the load fails) unless the other load runs meanwhile
     return make(path, manifest, cfg)
 
-  repo = ModelRepository(tmp_path, engine_factory=factory)
+  repo = ModelRepository(tmp_path, kinds=runner_factories(factory))
   try:
     repo.load_all(threads=threads)
     states = {r.name: r.state for r in repo.records()}

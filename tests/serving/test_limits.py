@@ -11,9 +11,10 @@ import numpy as np
 import psutil
 import pytest
 
-from serving import cli, codec
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving import cli
+from serving.frontend import codec
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from servingutil import expected, mock_factory, mock_request, outputs, rpc_code, serving, \
     write_mock_bundle
 

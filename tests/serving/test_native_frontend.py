@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from export.bundle import Manifest, Signature, TensorSpec, write_bundle
-from serving import native_frontend
-from serving.engine import Engine
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from bundle import Manifest, Signature, TensorSpec, write_bundle
+from serving.frontend import native as native_frontend
+from serving.engines import Engine
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.server import BackgroundServer, Server, ServerConfig
 from servingutil import expected, metric, mock_factory, mock_request, outputs, rpc_code, serving, \
     write_mock_bundle

@@ -14,9 +14,9 @@ import pytest
 from benchmarks.loadgen import build_request
 from benchmarks.overload import overload
 from serving.batching import Admission, BatchingConfig, Batcher, Pending
-from serving.mock_engine import MockEngine
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.engines.mock import MockEngine
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from servingutil import expected, metric, mock_factory, mock_request, outputs, serving, \
     write_mock_bundle
 
@@ -241,12 +241,12 @@ def test_request_outcomes_are_logged_as_json_with_request_ids(tmp_path, caplog):
   import json
   import logging
 
-  from serving.logs import JsonFormatter
+  from serving.telemetry.logs import JsonFormatter
 
   repo = tmp_path / "repo"
   write_mock_bundle(repo, "mock", 1)
   with serving(repo, mock_factory()) as bg, grpc.insecure_channel(bg.address) as ch, \
-      caplog.at_level(logging.DEBUG, logger="serving.servicer"):
+      caplog.at_level(logging.DEBUG, logger="serving.frontend.servicer"):
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
     req = mock_request(*_rows(2))
     req.id = "req-42"
@@ -255,7 +255,7 @@ def test_request_outcomes_are_logged_as_json_with_request_ids(tmp_path, caplog):
     bad.inputs[0].shape[:] = [2, 5]
     assert isinstance(_send(stub, bad), grpc.RpcError)
   records = [json.loads(JsonFormatter().format(r)) for r in caplog.records
-             if r.name == "serving.servicer"]
+             if r.name == "serving.frontend.servicer"]
   ok, failed = records[-2:]
   assert (ok["request_id"], ok["code"], ok["model"], ok["level"]) == ("req-42", "OK", "mock",
                                                                       "DEBUG")

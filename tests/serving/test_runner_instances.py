@@ -8,9 +8,9 @@ import pytest
 import tritonclient.grpc as tc
 
 from serving.batching import BatchingConfig
-from serving.mock_engine import MockEngine
+from serving.engines.mock import MockEngine
 from serving.repository import ModelServingConfig
-from serving.runner import ModelRunner
+from serving.runners import ModelRunner
 from serving.types import InferRequest
 
 
@@ -29,6 +29,18 @@ class GatedEngine(MockEngine):
     return super().fetch(handle)
 
 
+class _EventSink:
+  """Answers each request through its (callback, done event) token."""
+
+  def complete(self, completions):
+    for req, out, err in completions:
+      on_done, _ = req.sink_token
+      on_done(out, err)
+
+
+_SINK = _EventSink()
+
+
 def _request(rows: int, seed: int, answers: dict) -> InferRequest:
   rng = np.random.default_rng(seed)
   x = rng.integers(-8, 8, size=(rows, 4)).astype(np.float32) / 4  # exact in float32
@@ -39,7 +51,7 @@ def _request(rows: int, seed: int, answers: dict) -> InferRequest:
     answers.setdefault(seed, []).append((x, k, out, err))
     done.set()
 
-  return InferRequest({"x": x, "k": k}, rows, on_done, time.perf_counter(), extra=done)
+  return InferRequest({"x": x, "k": k}, rows, _SINK, time.perf_counter(), sink_token=(on_done, done))
 
 
 def _check(answers: dict, n: int) -> None:
@@ -84,7 +96,7 @@ def test_extra_instances_run_full_batches_while_one_is_in_flight(instances):
       assert eng.batches == [1]
     eng.gate.set()
     for r in reqs:
-      assert r.extra.wait(5)
+      assert r.sink_token[1].wait(5)
   finally:
     eng.gate.set()
     runner.stop()
@@ -114,9 +126,9 @@ def test_split_request_is_delivered_once_all_its_slices_finish_in_any_order():
     # The primary holds rows 0-3; the second instance runs 4-7 and then the last slice, 8-11.
     assert _wait_for(lambda: len(eng.batches) == 3 and eng.waiting == 1)
     time.sleep(0.05)
-    assert not req.extra.is_set()  # not answered before rows 0-3 are in
+    assert not req.sink_token[1].is_set()  # not answered before rows 0-3 are in
     eng.gate.set()
-    assert req.extra.wait(5)
+    assert req.sink_token[1].wait(5)
   finally:
     eng.gate.set()
     runner.stop()
@@ -142,7 +154,7 @@ def test_concurrent_instances_answer_every_request_exactly_once():
   for t in threads:
     t.join()
   for r in reqs:
-    assert r.extra.wait(10)
+    assert r.sink_token[1].wait(10)
   runner.stop()
   _check(answers, len(reqs))
   st = runner.stats

@@ -3,7 +3,7 @@
 import pytest
 
 from serving.batching import Admission, BatchingConfig, Pending
-from serving.seq_batching import SeqBatcher, SeqBatchPlan, check_seq_buckets
+from serving.batching import SeqBatcher, SeqBatchPlan, check_seq_buckets
 
 
 def make(buckets=(1, 2, 4, 8), seq=(4, 8, 16), delay=0.010, idle_dispatch=False, max_rows=64,

@@ -7,9 +7,9 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from export.bundle import Manifest, Signature, write_bundle
-from serving.mock_seq_engine import MockSeqEngine
-from serving.seq_runner import SeqRunner
+from bundle import Manifest, Signature, write_bundle
+from serving.engines.mock_seq import MockSeqEngine
+from serving.runners import SeqRunner
 from serving.server import BackgroundServer, Server, ServerConfig
 
 BUCKETS, SEQ = (1, 2, 4, 8), (4, 8, 16)
@@ -142,7 +142,8 @@ def test_a_failing_batch_fails_only_the_poisoned_request(seq_server):
 
 def test_a_multi_signature_bundle_is_one_model_per_signature(tmp_path):
   """Repository naming: `<folder>_<suffix>` per signature; each loads, versions, unloads alone."""
-  from serving.mock_engine import MockEngine
+  from serving.engines.mock import MockEngine
+  from serving.kinds import runner_factories
   from serving.repository import ModelRepository, State
 
   seq, plain = MockSeqEngine(buckets=BUCKETS, seq_buckets=SEQ), MockEngine(buckets=BUCKETS)
@@ -164,7 +165,7 @@ def test_a_multi_signature_bundle_is_one_model_per_signature(tmp_path):
             else MockEngine(buckets=BUCKETS))
 
   write(1)
-  repo = ModelRepository(tmp_path, engine_factory=factory)
+  repo = ModelRepository(tmp_path, kinds=runner_factories(factory))
   assert repo.discover() == ["multi_enc", "multi_score"]
   repo.load_all()
   assert sorted(made) == [("1", "encode"), ("1", "score")]

@@ -10,8 +10,8 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 
 
 def expected(x, k):

@@ -13,7 +13,7 @@ from flax import nnx
 
 import export
 from models.dlrm import DLRM, DLRMConfig
-from serving.placement import engine_factory_for
+from serving.repository.placement import engine_factory_for
 from serving.repository import ModelServingConfig
 from serving.server import BackgroundServer, Server, ServerConfig
 

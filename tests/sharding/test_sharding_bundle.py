@@ -12,7 +12,7 @@ from flax import nnx
 
 import export
 import sharding_testlib as tl
-from export.bundle import read_manifest, restore_params
+from bundle import read_manifest, restore_params
 from models.dlrm import DLRM
 from sharding import ShardingPlan, collective_stats, per_device_bytes
 

@@ -15,11 +15,11 @@ from flax import nnx
 
 import export
 import sharding_testlib as tl
-from export.bundle import BundleError, read_manifest
+from bundle import BundleError, read_manifest
 from models.dcn_v2 import DCNv2, DCNv2Config
 from models.dlrm import DLRM
-from serving.engine import BundleEngine
-from serving.placement import engine_factory_for, placements_for
+from serving.engines import BundleEngine
+from serving.repository.placement import engine_factory_for, placements_for
 from serving.repository import ModelServingConfig
 from serving.server import BackgroundServer, Server, ServerConfig
 from sharding import collective_stats, collectives, per_device_bytes

@@ -1,0 +1,113 @@
+"""Demo builders for the relevance, retrieval and DCN-v2 models (weights from a fixed seed).
+
+Sequence grids come from `benchmarks/padding.py` (padded / real tokens on ads length mixes):
+queries (median 6 tokens) use sequence buckets {8, 16, 32, 64}: 1.9x padded tokens against
+3.2x starting at 16; ad texts and query-ad pairs (median 32-41 tokens, nothing under 16)
+use {32, 64, 128, 256}: 1.6-1.7x, the same as starting at 8 or 16 with fewer executables,
+against 2.3-2.4x in one queue and 1.3x for a half-octave grid that compiles 2.75x as many.
+Batch buckets are 1..64 in powers of two. Each builder takes (repository, *, tiny) like
+`demo.repository.BUILDERS` expects; the grids can be overridden (tests use small ones).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+QUERY_SEQ_BUCKETS: tuple[int, ...] = (8, 16, 32, 64)
+TEXT_SEQ_BUCKETS: tuple[int, ...] = (32, 64, 128, 256)
+TEXT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+# --demo-tiny: a start-up of seconds, for smoke tests.
+TINY_BATCH_BUCKETS: tuple[int, ...] = (1, 4)
+TINY_QUERY_SEQ_BUCKETS: tuple[int, ...] = (8, 16)
+TINY_TEXT_SEQ_BUCKETS: tuple[int, ...] = (16, 32)
+
+
+def relevance_inputs() -> list:
+  """Inputs of the cross-encoder's signature: token and segment ids [B, S], lengths [B]."""
+  import export
+  return [export.Input("token_ids", "int32", ("batch", "seq")),
+          export.Input("segment_ids", "int32", ("batch", "seq")),
+          export.Input("lengths", "int32", ("batch",))]
+
+
+def tower_inputs() -> list:
+  """Inputs of each tower's signature: token ids [B, S], lengths [B]."""
+  import export
+  return [export.Input("token_ids", "int32", ("batch", "seq")),
+          export.Input("lengths", "int32", ("batch",))]
+
+
+def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
+                    name: str = "relevance", dtype: str = "float32",
+                    batch_buckets: tuple[int, ...] | None = None,
+                    seq_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
+  """Exports the query-ad relevance cross-encoder as `<repository>/<name>/1`."""
+  from flax import nnx
+
+  import export
+  from models.relevance import RelevanceConfig, RelevanceModel
+
+  cfg = (RelevanceConfig.tiny() if tiny else RelevanceConfig.demo()).with_dtype(dtype)
+  model = RelevanceModel(cfg, rngs=nnx.Rngs(seed))
+  return export.export_model(
+      model, repository=repository, name=name, version=1, inputs=relevance_inputs(),
+      config=export.ExportConfig(
+          batch_buckets=batch_buckets or (TINY_BATCH_BUCKETS if tiny else TEXT_BATCH_BUCKETS),
+          seq_buckets=seq_buckets or (TINY_TEXT_SEQ_BUCKETS if tiny else TEXT_SEQ_BUCKETS),
+          max_queue_delay_us=1000, platforms=platforms),
+      extra={"description": "query-ad relevance cross-encoder: token_ids, segment_ids (0 query,"
+                            " 1 ad) [B, S] and lengths [B] -> score [B, 1]",
+             "vocab_size": cfg.encoder.vocab_size, "seed": seed, "dtype": dtype})
+
+
+def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
+                    name: str = "two_tower", batch_buckets: tuple[int, ...] | None = None,
+                    query_seq_buckets: tuple[int, ...] | None = None,
+                    ad_seq_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
+  """Exports the retrieval towers as one bundle `<repository>/<name>/1`, served as two
+  models: `<name>_query` (signature query_embedding) and `<name>_ad` (ad_embedding)."""
+  from flax import nnx
+
+  import export
+  from models.two_tower import TwoTower, TwoTowerConfig
+
+  cfg = TwoTowerConfig.tiny() if tiny else TwoTowerConfig.demo()
+  model = TwoTower(cfg, rngs=nnx.Rngs(seed))
+  query_seq = query_seq_buckets or (TINY_QUERY_SEQ_BUCKETS if tiny else QUERY_SEQ_BUCKETS)
+  ad_seq = ad_seq_buckets or (TINY_TEXT_SEQ_BUCKETS if tiny else TEXT_SEQ_BUCKETS)
+  return export.export_model(
+      model, repository=repository, name=name, version=1,
+      inputs={"query_embedding": tower_inputs(), "ad_embedding": tower_inputs()},
+      signatures={"query_embedding": lambda m, **kw: m.query_embedding(**kw),
+                  "ad_embedding": lambda m, **kw: m.ad_embedding(**kw)},
+      config=export.ExportConfig(
+          batch_buckets=batch_buckets or (TINY_BATCH_BUCKETS if tiny else TEXT_BATCH_BUCKETS),
+          seq_buckets=ad_seq, signature_seq_buckets={"query_embedding": query_seq},
+          signature_suffixes={"query_embedding": "query", "ad_embedding": "ad"},
+          max_queue_delay_us=1000, platforms=platforms),
+      extra={"description": "two-tower retrieval: token_ids [B, S], lengths [B] -> unit-norm"
+                            " embedding [B, E]; dot products are cosine similarities",
+             "embed_dim": cfg.embed_dim, "seed": seed})
+
+
+def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
+                 name: str = "dcn_v2",
+                 batch_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
+  """Exports the DCN-v2 CTR model as `<repository>/<name>/1` (DLRM's inputs and output)."""
+  from flax import nnx
+
+  import export
+  from models.dcn_v2 import DCNv2, DCNv2Config
+
+  cfg = DCNv2Config.tiny() if tiny else DCNv2Config.demo()
+  model = DCNv2(cfg, rngs=nnx.Rngs(seed))
+  return export.export_model(
+      model, repository=repository, name=name, version=1,
+      inputs=[export.Input("dense", "float32", ("batch", cfg.num_dense)),
+              export.Input("sparse", "int64", ("batch", cfg.num_sparse))],
+      config=export.ExportConfig(
+          batch_buckets=batch_buckets or ((1, 4, 16) if tiny else
+                                          (1, 2, 4, 8, 16, 32, 64, 128, 256)),
+          max_queue_delay_us=1000, platforms=platforms),
+      extra={"description": "DCN-v2 CTR model: 13 dense + 26 categorical features -> prob",
+             "table_sizes": list(cfg.table_sizes), "seed": seed})

@@ -1,0 +1,11 @@
+"""Batching decisions in plain Python (no JAX, no tensors): which queued rows form the next
+batch, at which bucket, and which requests are refused at the door.
+
+`rows.py` batches rows into batch buckets; `seq.py` routes requests by length onto a
+(batch bucket x sequence bucket) grid; `admission.py` is the door check both share.
+"""
+
+from serving.batching.admission import Admission, check_deadline, check_queue_bounds
+from serving.batching.rows import (SMALLER_BUCKET_GAIN, Batcher, BatchingConfig, BatchPlan,
+                                   Decision, Pending, Slice)
+from serving.batching.seq import SeqBatcher, SeqBatchPlan, check_seq_buckets

@@ -1,0 +1,114 @@
+"""What every engine is: the `Engine` interface the runners drive, where a model version lives
+(`Placement`), and the checks and sums every bundle engine shares.
+
+`Engine` is keyword-only, numpy in and numpy out; `dispatch` may return before the device
+finishes, so a runner builds batch n+1 while batch n runs.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+import bundle as bundle_lib
+from bundle import BundleError, Manifest, TensorSpec, numpy_dtype
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+class Engine(abc.ABC):
+  """Runs batches of one model version; `dispatch` may return before the device finishes."""
+
+  inputs: tuple[TensorSpec, ...]
+  outputs: tuple[TensorSpec, ...]
+  buckets: tuple[int, ...]
+  seq_buckets: tuple[int, ...] = ()  # sequence buckets of a (batch x length) grid; () for rows
+
+  @property
+  def bucket_seconds(self) -> Mapping[int, float]:
+    """Seconds one batch takes per bucket, timed at warm-up (may be empty): seeds the batcher's
+    choice between padding a batch up and running a smaller one."""
+    return {}
+
+  @property
+  def grid_seconds(self) -> Mapping[tuple[int, int], float]:
+    """Seconds per (batch bucket, sequence bucket) batch for grid engines, timed at warm-up."""
+    return {}
+
+  max_instances: int | None = None  # most batches that may run at once; None: no limit
+
+  @property
+  def default_instances(self) -> int:
+    """Batches to run at once when the model config does not say (Triton's instance_group
+    count): 1, the device pipelines dispatched batches on its own."""
+    return 1
+
+  @abc.abstractmethod
+  def warmup(self, *, progress: Progress | None = None) -> None:
+    """Compiles (or otherwise prepares) every bucket; raises if any bucket fails."""
+
+  @abc.abstractmethod
+  def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+    """Starts one batch of exactly `bucket` rows; returns a handle for `fetch`."""
+
+  @abc.abstractmethod
+  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
+    """Waits for a dispatched batch and returns its outputs as host arrays."""
+
+  def close(self) -> None:
+    """Releases device memory held by this engine."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Placement:
+  """Where a model version lives: its devices and how params and batches are laid out.
+
+  `param_shardings(specs)` and `batch_sharding(ndim, bucket=)` come from `sharding/`;
+  the default places everything on one device. `tables` (a `sharding.TablePlacement`, on
+  `mesh`) asks for table-wise serving: see `serving.engines.tablewise`.
+  """
+
+  devices: tuple[Any, ...]
+  param_shardings: Callable[[Sequence[bundle_lib.ParamSpec]], Sequence[Any]] | None = None
+  batch_sharding: Callable[..., Any] | None = None
+  label: str = "single"
+  tables: Any = None
+  mesh: Any = None
+
+
+def param_bytes(manifest: Manifest) -> int:
+  """Bytes of all of a bundle's params, from its manifest (nothing restored)."""
+  return sum(int(np.prod(p.shape)) * numpy_dtype(p.dtype).itemsize for p in manifest.params)
+
+
+def export_platform() -> str:
+  """The export platform artifacts are keyed by: "cpu", "cuda", "rocm" or "tpu" (never "gpu")."""
+  import jax
+  return jax.export.default_export_platform()
+
+
+def check_jax_version(manifest: Manifest, path: pathlib.Path) -> None:
+  """StableHLO is forward-compatible within a window; refuse bundles from a newer jax."""
+  import jax
+
+  def parse(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+  theirs, ours = parse(manifest.jax_version), parse(jax.__version__)
+  if not theirs:
+    raise BundleError(f"{path}: manifest jax_version {manifest.jax_version!r} is unreadable")
+  if theirs > ours:
+    raise BundleError(
+        f"{path}: exported with jax {manifest.jax_version}, newer than this server's jax"
+        f" {jax.__version__}; upgrade the server or re-export with jax {jax.__version__}")
+  if theirs[:1] != ours[:1] or (ours[1] - theirs[1] if len(theirs) > 1 else 0) > 6:
+    raise BundleError(
+        f"{path}: exported with jax {manifest.jax_version}, too old for jax {jax.__version__}"
+        " (StableHLO compatibility window is about six months); re-export the model")

@@ -1,0 +1,223 @@
+"""Python half of the native gRPC front end (serving/frontend/native/frontend.cc).
+
+The C++ server owns the public port. It parses and validates ModelInfer requests for the
+"fast" models published here (plain batched predict models: runners declaring fixed-shape rows) and
+relays everything else to the Python servicer on an internal unix socket. One feeder
+thread takes parsed requests in bulk (GIL released while it waits), wraps each in the
+usual InferRequest and submits it to the model's runner, so batching, deadlines,
+admission and metrics are unchanged; the runner's answers go back in one call per batch.
+A request the feeder cannot place (a version retired since the table was published) is
+handed back to the relay, so the Python servicer answers it with its usual semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from bundle import numpy_dtype
+from serving.frontend import codec
+from serving.frontend.servicer import GRPC_CODE, log_outcome
+from serving.repository import ModelRepository, ServedVersion, State
+from serving.runners import Runner
+from serving.types import Code, Completion, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = ("apt-get install libgrpc++-dev pkg-config, then pip install -e . again"
+                " (Debian/Ubuntu package names)")
+_CODE = {c: GRPC_CODE[c].value[0] for c in Code}
+
+
+def load_extension() -> tuple[Any, str]:
+  """The compiled `serving.frontend._native` module (or None) and, when missing, why."""
+  try:
+    from serving.frontend import _native
+  except ImportError as e:
+    return None, f"the native front end is not built ({e}); {INSTALL_HINT}"
+  return _native, ""
+
+
+class _Slot:
+  """A published (model, version) and what the feeder needs to build its requests."""
+
+  __slots__ = ("rec", "runner", "version_key", "inputs")
+
+  def __init__(self, rec: ServedVersion, version_key: str, runner: Runner):
+    self.rec = rec
+    self.runner = runner  # the C++ side validated against this runner's input specs
+    self.version_key = version_key
+    self.inputs = tuple((t.name, numpy_dtype(t.dtype), int(np.prod(t.shape[1:])),
+                         tuple(t.shape[1:])) for t in runner.inputs)
+
+
+def _fast_runner(rec: ServedVersion) -> Runner | None:
+  """The runner if the C++ front end can serve it: one that declares plain fixed-shape rows
+  (numeric tensors, fixed dimensions after the batch dimension, no parameters)."""
+  runner = rec.runner
+  if rec.state is not State.READY or runner is None or not runner.capabilities.fixed_rows:
+    return None
+  return runner
+
+
+def _entry_specs(specs: Sequence) -> list[tuple[str, str, list[int], int]]:
+  return [(t.name, t.datatype, list(t.shape), numpy_dtype(t.dtype).itemsize)
+          for t in specs]
+
+
+class NativeFrontend:
+  """Starts the C++ server, keeps its model table current and feeds its requests to runners;
+  the completion sink of the requests it accepted (`sink_token` = (call id, slot))."""
+
+  def __init__(self, native: Any, repository: ModelRepository, *, backend: str,
+               limits: codec.Limits, max_message_bytes: int, auth_token: str | None,
+               id_prefix: str, threads: int = 1):
+    self.repo = repository
+    self._fe = native.Frontend(backend, max_message_bytes, limits.max_rows,
+                               limits.max_tensor_bytes, auth_token or "", id_prefix, threads)
+    self._slots: dict[int, _Slot] = {}
+    self._slot_of: dict[tuple[int, str], int] = {}  # (id(rec), version key) -> slot
+    self._next_slot = 1
+    self._lock = threading.Lock()
+    self._feeder = threading.Thread(target=self._feed, name="native-feeder", daemon=True)
+
+  def start(self, address: str) -> int:
+    """Listens on `address`; returns the port (0 if it could not bind)."""
+    port = self._fe.start(address)
+    if port:
+      self._feeder.start()
+    return port
+
+  def refresh(self) -> None:
+    """Publishes the fast models (default and explicit versions); thread-safe. A request for
+    a model not published is relayed to the Python servicer."""
+    with self._lock:
+      entries, slots, slot_of = [], {}, {}
+      for rec in self.repo.records():
+        runner = _fast_runner(rec)
+        if runner is None:
+          continue
+        keys = [str(rec.version)]
+        if self.repo.default_version(rec.name) is rec:
+          keys.append("")
+        for key in keys:
+          ident = (id(rec), key)
+          slot = self._slot_of.get(ident)
+          old = self._slots.get(slot) if slot is not None else None
+          if old is None or old.rec is not rec or old.runner is not runner:
+            slot, self._next_slot = self._next_slot, self._next_slot + 1
+          slot_of[ident] = slot
+          slots[slot] = _Slot(rec, key, runner)
+          entries.append((rec.name, key, slot, str(rec.version),
+                          _entry_specs(runner.inputs), _entry_specs(runner.outputs),
+                          rec.config.default_timeout_us or 0))
+      # A slot no longer published stays while its version still runs: the C++ side may have
+      # queued requests for it. Requests for a slot that is gone are relayed to Python.
+      self._slots = slots | {s: v for s, v in self._slots.items()
+                             if s not in slots and v.rec.runner is v.runner}
+      self._slot_of = slot_of
+      self._fe.set_models(entries)
+
+  def set_accepting(self, accepting: bool) -> None:
+    """False: every ModelInfer goes to the Python servicer (which answers UNAVAILABLE)."""
+    self._fe.set_accepting(accepting)
+
+  def inflight(self) -> int:
+    return self._fe.inflight()
+
+  def stats(self) -> dict[str, int]:
+    """Counts: fast (served natively), relayed (sent to Python), forwarded (handed back)."""
+    return dict(self._fe.stats())
+
+  async def wait_idle(self, timeout: float) -> bool:
+    """Waits until no native request is in flight (graceful shutdown)."""
+    import asyncio
+    end = time.perf_counter() + timeout
+    while self._fe.inflight() > 0:
+      if time.perf_counter() > end:
+        return False
+      await asyncio.sleep(0.005)
+    return True
+
+  def stop(self, grace_s: float = 1.0) -> None:
+    """Stops the C++ server (calls still open after `grace_s` are cancelled) and the feeder."""
+    self._fe.stop(grace_s)
+    if self._feeder.is_alive():
+      self._feeder.join(5.0)
+
+  # -- runner -> C++ -------------------------------------------------------------------------
+
+  def complete(self, completions: list[Completion]) -> None:
+    """Runner thread: answers native requests, one call into C++ per batch. Never raises (the
+    runner thread must survive); a failure here fails the batch's requests with INTERNAL."""
+    try:
+      self._fe.complete([(req.sink_token[0], out, 0, "") if err is None
+                         else (req.sink_token[0], None, _CODE[err.code], err.message)
+                         for req, out, err in completions])
+      slots = self._slots
+      for req, _, err in completions:
+        slot = slots.get(req.sink_token[1])
+        log_outcome(slot.rec.name if slot else "", slot.version_key if slot else "",
+                    req.request_id, err, req.arrival)
+    except Exception as e:
+      logger.exception("native front end: answering %d requests failed", len(completions))
+      try:  # calls already answered are ignored by the C++ side
+        self._fe.complete([(req.sink_token[0], None, _CODE[Code.INTERNAL], f"front end failed: {e}")
+                           for req, _, _ in completions])
+      except Exception:
+        logger.exception("native front end: failing the requests failed too")
+
+  # -- C++ -> runners ------------------------------------------------------------------------
+
+  def _feed(self) -> None:
+    fe = self._fe
+    while True:
+      try:
+        batch = fe.take(512, 0.5)
+      except Exception:  # never leave requests behind silently
+        logger.exception("native front end: taking requests failed")
+        continue
+      if batch is None:
+        return
+      if batch:
+        try:
+          self._submit(batch)
+        except Exception:
+          logger.exception("native front end: submitting requests failed")
+
+  def _submit(self, batch: list) -> None:
+    slots = self._slots
+    relay, refused, broken = [], [], []
+    frombuffer = np.frombuffer
+    for call, slot_id, rows, buf, offsets, arrival, deadline, priority, request_id in batch:
+      try:
+        slot = slots.get(slot_id)
+        runner = slot.runner if slot is not None else None
+        if runner is None or slot.rec.runner is not runner:  # unloaded or reloaded since
+          relay.append(call)
+          continue
+        inputs = {name: frombuffer(buf, dt, rows * n, off).reshape((rows, *shape))
+                  for (name, dt, n, shape), off in zip(slot.inputs, offsets)}
+        req = InferRequest(inputs, rows, self, arrival, deadline, priority, request_id,
+                           sink_token=(call, slot_id))
+        try:
+          runner.submit(req)
+        except ServingError as e:
+          if (e.code is Code.UNAVAILABLE and not slot.version_key
+              and slot.rec.state is not State.READY):
+            relay.append(call)  # retired by a hot reload: the servicer picks the new default
+          else:
+            refused.append((req, None, e))
+      except Exception as e:  # a bug must fail its request, never leave it unanswered
+        logger.exception("native front end: request %s failed before queueing", request_id)
+        broken.append((call, None, _CODE[Code.INTERNAL], f"front end failed: {e}"))
+    if relay:
+      self._fe.forward(relay)
+    if refused:
+      self.complete(refused)
+    if broken:
+      self._fe.complete(broken)

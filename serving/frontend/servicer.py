@@ -1,0 +1,328 @@
+"""gRPC servicer for Triton's `inference.GRPCInferenceService`: protocol in, our requests out.
+
+It parses and validates, hands an InferRequest to the model's runner, and awaits
+the answer; it decides nothing about batching. Runner completions arrive in one
+`call_soon_threadsafe` per batch (see `AsyncDelivery`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from typing import Any
+
+import grpc
+
+from serving.frontend import codec
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.frontend.model_config import model_config, model_metadata
+from serving.frontend.stream import StreamSession
+from serving.repository import ModelRepository, ServedVersion, State
+from serving.types import Code, Completion, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "xlaserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy",
+              "parameters")
+
+GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
+
+
+
+def log_outcome(model: str, version: str, request_id: str, err: ServingError | None,
+                t0: float) -> None:
+  """One structured record per request: ERROR for server faults, DEBUG otherwise."""
+  level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
+  if logger.isEnabledFor(level):
+    logger.log(level, "infer %s", "ok" if err is None else err.code.value, extra={
+        "request_id": request_id, "model": model, "version": version,
+        "code": "OK" if err is None else err.code.value,
+        "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        **({} if err is None else {"error": err.message})})
+
+
+class AsyncSink:
+  """Runner -> asyncio: resolves each request's future (its `sink_token`) on the event loop, one
+  hop per batch."""
+
+  def __init__(self) -> None:
+    self.loop: asyncio.AbstractEventLoop | None = None
+
+  def complete(self, completions: list[Completion]) -> None:
+    loop = self.loop
+    if loop is None or loop.is_closed():
+      return
+    loop.call_soon_threadsafe(_resolve_all, completions)
+
+
+def _resolve_all(completions: list[Completion]) -> None:
+  for req, out, err in completions:
+    fut = req.sink_token
+    if fut is not None and not fut.done():
+      if err is None:
+        fut.set_result(out)
+      else:
+        fut.set_exception(err)
+
+
+def _parse_version(v: str) -> int | None:
+  if not v:
+    return None
+  try:
+    n = int(v)
+  except ValueError:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model version {v!r} is not an integer") from None
+  if n < 1:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model version {v!r} must be >= 1")
+  return n
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+  """Triton v2 protocol over a ModelRepository."""
+
+  def __init__(self, repository: ModelRepository, *, limits: codec.Limits = codec.Limits(),
+               on_admit_error=None):
+    self.repo = repository
+    self.limits = limits
+    self.accepting = True
+    self.on_repository_change = None  # called after RepositoryModelLoad/Unload (health refresh)
+    self.sink = AsyncSink()  # answers of requests this servicer accepted
+    self.id_prefix = secrets.token_hex(4)  # request ids for requests that bring none
+    self._ids = itertools.count(1)
+    self._inflight = 0
+    self._idle = asyncio.Event()
+    self._idle.set()
+
+  # -- helpers -----------------------------------------------------------------
+
+  async def _abort(self, context: grpc.aio.ServicerContext, err: ServingError) -> None:
+    await context.abort(GRPC_CODE[err.code], err.message)
+
+  def _get(self, name: str, version: str) -> ServedVersion:
+    if not name:
+      raise ServingError(Code.INVALID_ARGUMENT, "model_name is empty")
+    if not version:
+      rec = self.repo.default_version(name)  # lock-free fast path
+      if rec is not None:
+        return rec
+    self.repo.check_name(name)  # rejects path-like names before any lookup
+    return self.repo.get(name, _parse_version(version))
+
+  def route(self, name: str, version: str) -> tuple[ServedVersion, Any]:
+    """The version to use and its runner, read once: a hot reload may retire the version
+    between lookup and use; an unnamed version then resolves to the new default."""
+    for _ in range(3):
+      rec = self._get(name, version)
+      runner = rec.runner
+      if runner is not None:
+        return rec, runner
+      if version:
+        break
+    raise ServingError(Code.UNAVAILABLE, f"model {name!r} version {version or 'default'} was"
+                       " unloaded while this request was routed; retry")
+
+  def _log_outcome(self, request, request_id: str, err: ServingError | None, t0: float) -> None:
+    log_outcome(request.model_name, request.model_version, request_id, err, t0)
+
+  # -- health and metadata -----------------------------------------------------
+
+  async def ServerLive(self, request, context):
+    return pb.ServerLiveResponse(live=True)
+
+  async def ServerReady(self, request, context):
+    return pb.ServerReadyResponse(ready=self.accepting and self.repo.all_ready)
+
+  async def ModelReady(self, request, context):
+    try:
+      self._get(request.name, request.version)
+      return pb.ModelReadyResponse(ready=self.accepting)
+    except ServingError:
+      return pb.ModelReadyResponse(ready=False)
+
+  async def ServerMetadata(self, request, context):
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                     extensions=list(EXTENSIONS))
+
+  async def ModelMetadata(self, request, context):
+    try:
+      rec, runner = self.route(request.name, request.version)
+    except ServingError as e:
+      return await self._abort(context, e)
+    versions = [str(r.version) for r in self.repo.versions_of(rec.name) if r.state is State.READY]
+    return model_metadata(rec, runner, versions)
+
+  async def ModelConfig(self, request, context):
+    try:
+      rec = self._get(request.name, request.version)
+      return pb.ModelConfigResponse(config=model_config(rec, self.limits.max_rows))
+    except ServingError as e:
+      return await self._abort(context, e)
+
+  async def ModelStatistics(self, request, context):
+    resp = pb.ModelStatisticsResponse()
+    try:
+      if request.name:
+        recs = [self._get(request.name, request.version)]
+      else:
+        recs = [r for r in self.repo.records() if r.state is State.READY]
+    except ServingError as e:
+      return await self._abort(context, e)
+    for rec in recs:
+      runner = rec.runner
+      if runner is None:  # unloaded since it was listed
+        continue
+      st = runner.stats
+      ms = resp.model_stats.add(name=rec.name, version=str(rec.version),
+                                last_inference=st.last_inference_ms,
+                                inference_count=st.inference_count,
+                                execution_count=st.execution_count)
+      s = ms.inference_stats
+      s.success.count, s.success.ns = st.success_count, st.success_ns
+      s.fail.count, s.fail.ns = st.fail_count, st.fail_ns
+      s.queue.count, s.queue.ns = st.success_count, st.queue_ns
+      s.compute_input.count, s.compute_input.ns = st.execution_count, st.compute_input_ns
+      s.compute_infer.count, s.compute_infer.ns = st.execution_count, st.compute_infer_ns
+      s.compute_output.count, s.compute_output.ns = st.execution_count, st.compute_output_ns
+      for bucket, n in sorted(st.batch_counts.items()):
+        b = ms.batch_stats.add(batch_size=bucket)
+        b.compute_infer.count = n
+    return resp
+
+  async def RepositoryIndex(self, request, context):
+    resp = pb.RepositoryIndexResponse()
+    for rec in self.repo.records():
+      if request.ready and rec.state is not State.READY:
+        continue
+      resp.models.add(name=rec.name, version=str(rec.version) if rec.version else "",
+                      state=rec.state.value, reason=rec.reason)
+    return resp
+
+  async def RepositoryModelLoad(self, request, context):
+    try:
+      self.repo.model_dir(request.model_name)
+      if request.parameters:
+        raise ServingError(Code.INVALID_ARGUMENT, "RepositoryModelLoad parameters (config"
+                           " overrides, file uploads) are not supported: put the bundle and"
+                           " config.json in the repository, then load the model by name")
+      loop = asyncio.get_running_loop()
+      recs = await loop.run_in_executor(None, self.repo.load, request.model_name)
+    except ServingError as e:
+      return await self._abort(context, e)
+    finally:
+      if self.on_repository_change is not None:
+        self.on_repository_change()
+    bad = [r for r in recs if r.state is not State.READY]
+    if bad:
+      await context.abort(grpc.StatusCode.INTERNAL,
+                          f"failed to load {request.model_name}: {bad[0].reason}")
+    return pb.RepositoryModelLoadResponse()
+
+  async def RepositoryModelUnload(self, request, context):
+    try:
+      self.repo.check_name(request.model_name)
+      loop = asyncio.get_running_loop()
+      await loop.run_in_executor(None, self.repo.unload, request.model_name)
+    except ServingError as e:
+      return await self._abort(context, e)
+    finally:
+      if self.on_repository_change is not None:
+        self.on_repository_change()
+    return pb.RepositoryModelUnloadResponse()
+
+  # -- inference ---------------------------------------------------------------
+
+  async def ModelInfer(self, request, context):
+    t0 = time.perf_counter()
+    if not self.accepting:
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "server is shutting down; retry on another replica")
+    request_id = request.id or f"{self.id_prefix}-{next(self._ids)}"
+    try:
+      response = await self.predict(request, context, t0, request_id)
+    except ServingError as e:
+      self._log_outcome(request, request_id, e, t0)
+      return await self._abort(context, e)
+    self._log_outcome(request, request_id, None, t0)
+    return response
+
+  async def predict(self, request, context, t0: float,
+                     request_id: str) -> pb.ModelInferResponse:
+    """Validates, queues and awaits one request (ModelInfer, and predict models in a stream);
+    raises ServingError. In-flight requests are counted for graceful shutdown."""
+    for attempt in range(3):
+      rec, runner = self.route(request.model_name, request.model_version)
+      arrays, rows = codec.decode_inputs(request, runner.inputs, self.limits)
+      out_specs = codec.requested_outputs(request, runner.outputs)
+      deadline, priority = self._schedule_params(request, context, t0,
+                                                 rec.config.default_timeout_us)
+      fut = asyncio.get_running_loop().create_future()
+      req = InferRequest(inputs=arrays, rows=rows, sink=self.sink, arrival=t0,
+                         deadline=deadline, priority=priority, request_id=request_id,
+                         sink_token=fut)
+      if runner.capabilities.wants_parameters:
+        req.parameters = {k: codec.param_value(v) for k, v in request.parameters.items()}
+      try:
+        runner.submit(req)
+        break
+      except ServingError as e:  # retired by a hot reload after lookup: use the new default
+        if (e.code is not Code.UNAVAILABLE or request.model_version or attempt == 2
+            or rec.state is State.READY):
+          raise
+    self._inflight += 1
+    self._idle.clear()
+    try:
+      outputs = await fut
+    finally:
+      self._inflight -= 1
+      if self._inflight == 0:
+        self._idle.set()
+    return codec.encode_response(request, rec.version, outputs, out_specs)
+
+  async def ModelStreamInfer(self, request_iterator, context):
+    """Bidirectional stream: see serving/frontend/stream.py."""
+    session = StreamSession(self, context)
+    async for response in session.run(request_iterator):  # cancellation reaches run's cleanup
+      yield response
+
+  def _schedule_params(self, request, context, t0: float,
+                       default_timeout_us: int | None = None) -> tuple[float | None, int]:
+    deadline = None
+    remaining = context.time_remaining()
+    if remaining is not None:
+      deadline = t0 + remaining
+    if default_timeout_us and "timeout" not in request.parameters:
+      d = t0 + default_timeout_us / 1e6
+      deadline = d if deadline is None else min(deadline, d)
+    priority = 0
+    for key, p in request.parameters.items():
+      value = codec.param_value(p)
+      if key == "timeout":  # Triton: microseconds
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+          raise ServingError(Code.INVALID_ARGUMENT, "parameter 'timeout' must be a non-negative"
+                             " integer (microseconds)")
+        if value:
+          d = t0 + value / 1e6
+          deadline = d if deadline is None else min(deadline, d)
+      elif key == "priority":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+          raise ServingError(Code.INVALID_ARGUMENT, "parameter 'priority' must be a non-negative"
+                             " integer (1 is highest; 0 means default)")
+        priority = value if value else 1 << 30
+    if priority == 0:
+      priority = 1 << 30
+    return deadline, priority
+
+  async def wait_idle(self, timeout: float) -> bool:
+    """Waits until no request is in flight (graceful shutdown)."""
+    try:
+      await asyncio.wait_for(self._idle.wait(), timeout)
+      return True
+    except asyncio.TimeoutError:
+      return False
+

@@ -1,0 +1,75 @@
+"""The table from manifest kind to runner factory that a server loads models through.
+
+The serving core never branches on a model's kind: the repository looks the kind up in this
+table, and the server registers each kind's metrics collector. `standard_kinds` is what the
+CLI passes: batched predict models (row and sequence runners over an engine) and generative
+models (continuous batching over a paged KV cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+from serving.batching import BatchingConfig
+from serving.engines import Engine
+from serving.repository import EngineFactory, LoadSpec, RunnerFactory, default_engine_factory
+from serving.runners import Runner, make_runner
+
+MetricsFactory = Callable[[Callable[[], Iterable[tuple[str, Runner]]]], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelKind:
+  """How models of one manifest kind load, and (optionally) a Prometheus collector over the
+  runners of that kind: `metrics(runners)` where `runners()` lists (label, runner)."""
+
+  load: RunnerFactory
+  metrics: MetricsFactory | None = None
+
+
+def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
+  """Predict bundles: an engine compiled for every bucket, behind a row or sequence runner."""
+  def load(spec: LoadSpec) -> Runner:
+    engine: Engine = engine_factory(spec.path, spec.manifest, spec.config)
+    try:
+      engine.warmup(progress=spec.progress)
+      cfg = spec.config
+      delay_us = (cfg.max_queue_delay_us if cfg.max_queue_delay_us is not None
+                  else int(spec.manifest.serving.get("max_queue_delay_us", 2000)))
+      batching = BatchingConfig(buckets=tuple(engine.buckets), max_queue_delay_s=delay_us / 1e6,
+                                dispatch_when_idle=cfg.dispatch_when_idle,
+                                max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]),
+                                max_queue_requests=cfg.max_queue_requests)
+      return make_runner(spec.name, engine, batching, observer=spec.observer,
+                         instances=cfg.instance_count)
+    except BaseException:
+      engine.close()  # give back what a half-finished warm-up allocated
+      raise
+  return load
+
+
+def generate_runner_factory(spec: LoadSpec) -> Runner:
+  """Generate bundles: a GenerationService (every shape compiled at load) behind its runner."""
+  from serving.generation.runner import load_generation_runner
+
+  return load_generation_runner(spec.path, spec.name, observer=spec.observer,
+                                progress=spec.progress)
+
+
+def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:
+  """The token-level collector (TTFT, TPOT, KV pages) over the generation runners."""
+  from serving.generation.metrics import GenerationCollector
+
+  return GenerationCollector(lambda: [(label, r.service) for label, r in runners()])
+
+
+def standard_kinds(engine_factory: EngineFactory | None = None) -> dict[str, ModelKind]:
+  """Every kind xlaserve serves; predict engines come from `engine_factory` (placement)."""
+  return {"predict": ModelKind(predict_runner_factory(engine_factory or default_engine_factory())),
+          "generate": ModelKind(generate_runner_factory, generation_metrics)}
+
+
+def runner_factories(engine_factory: EngineFactory | None = None) -> dict[str, RunnerFactory]:
+  """The load half of `standard_kinds`, as `ModelRepository(kinds=...)` takes it."""
+  return {kind: spec.load for kind, spec in standard_kinds(engine_factory).items()}

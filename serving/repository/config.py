@@ -1,0 +1,81 @@
+"""Per-model serving settings (`<root>/<model>/config.json`) and the factory types the
+repository loads through: a table from manifest kind to runner factory, built by the caller."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+from bundle import Manifest
+from serving.engines import Engine
+from serving.runners import Observer, Runner
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelServingConfig:
+  """How one model is served; read from `<root>/<model>/config.json`, every field optional."""
+
+  version_policy: str = "latest"  # "latest" (the newest `latest_n`), "all", or "specific"
+  latest_n: int = 1
+  versions: tuple[int, ...] = ()
+  max_queue_delay_us: int | None = None  # None: the bundle's export-time default
+  max_queue_rows: int = 65536
+  max_queue_requests: int | None = None  # None: bounded by rows only
+  default_timeout_us: int | None = None  # deadline for requests that bring none (Triton's
+  #                                        default_timeout_microseconds); None: no deadline
+  dispatch_when_idle: bool = True
+  sharding: str | None = None  # strategy name from sharding/; None: the server default
+  devices: int | None = None
+  instance_count: int | None = None  # batches run at once (Triton's instance_group count);
+  #                                    None: the engine's default (2 on CPU, 1 on accelerators)
+
+  def __post_init__(self):
+    if self.version_policy not in ("latest", "all", "specific"):
+      raise ValueError(f"version_policy {self.version_policy!r} must be latest, all or specific")
+    if self.latest_n < 1:
+      raise ValueError(f"latest_n must be >= 1, got {self.latest_n}")
+    if self.version_policy == "specific" and not self.versions:
+      raise ValueError("version_policy 'specific' needs a non-empty 'versions' list")
+    if self.max_queue_requests is not None and self.max_queue_requests < 1:
+      raise ValueError(f"max_queue_requests must be >= 1, got {self.max_queue_requests}")
+    if self.default_timeout_us is not None and self.default_timeout_us < 1:
+      raise ValueError(f"default_timeout_us must be >= 1, got {self.default_timeout_us}")
+    if self.instance_count is not None and self.instance_count < 1:
+      raise ValueError(f"instance_count must be >= 1, got {self.instance_count}")
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> ModelServingConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown keys {unknown} (known: {sorted(known)})")
+    d = dict(d)
+    if "versions" in d:
+      d["versions"] = tuple(int(v) for v in d["versions"])
+    return cls(**d)
+
+  def select(self, available: Sequence[int]) -> list[int]:
+    if self.version_policy == "all":
+      return list(available)
+    if self.version_policy == "specific":
+      return [v for v in available if v in self.versions]
+    return list(available)[-self.latest_n:]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadSpec:
+  """One model version to load, as a runner factory gets it."""
+
+  path: pathlib.Path
+  manifest: Manifest
+  config: ModelServingConfig
+  name: str  # "<model>/<version>", for logs and thread names
+  observer: Observer
+  progress: Callable[[str], None]
+
+
+RunnerFactory = Callable[[LoadSpec], Runner]  # builds, warms up and returns an unstarted runner
+EngineFactory = Callable[[pathlib.Path, Manifest, ModelServingConfig], Engine]

@@ -1,0 +1,73 @@
+"""Chooses where each model version runs: devices and sharding plan, from its serving config.
+
+The plan comes from `sharding/` (rules as data); the bundle's manifest gives each
+parameter's logical axes, so placing a model never needs its code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import pathlib
+from typing import Callable
+
+from bundle import BundleError, Manifest
+from serving.engines import BundleEngine, Engine, Placement, SeqBundleEngine
+from serving.engines.tablewise import require_lookup
+from serving.repository.config import EngineFactory, ModelServingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Placement] | None:
+  """Single device unless the config names a strategy or more than one device."""
+  if cfg.sharding is None and (cfg.devices is None or cfg.devices == 1):
+    return None
+  import jax
+
+  from sharding import ShardingPlan
+
+  strategy = cfg.sharding or "replicated"
+  available = jax.local_devices()
+  n = cfg.devices or len(available)
+  if n > len(available):
+    raise BundleError(f"{manifest.name}: {n} devices requested, {len(available)} present"
+                      " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  plan = ShardingPlan.create(strategy, n, available[:n])
+  axes = [p.logical_axes for p in manifest.params]
+  shapes = [p.shape for p in manifest.params]
+  try:
+    tables = plan.table_placement(axes, shapes)
+  except ValueError as e:
+    raise BundleError(f"{manifest.name}: {e}") from e
+  if tables is not None:  # whole tables on single devices: the bundle's lookup split runs them
+    require_lookup(manifest, strategy)
+  out = []
+  for mesh, p in plan.placements():
+    out.append(Placement(
+        devices=tuple(mesh.devices.flat),
+        param_shardings=lambda specs, p=p: p.param_shardings(
+            [s.logical_axes for s in specs], [s.shape for s in specs]),
+        batch_sharding=lambda ndim, bucket=None, p=p: p.input_sharding(ndim, batch=bucket),
+        label=f"{strategy} mesh {dict(mesh.shape)}", tables=tables, mesh=mesh))
+  logger.info("%s: %d placement(s) under %s", manifest.name, len(out), strategy)
+  return out
+
+
+def default_engine_factory(placements: Callable[[ModelServingConfig, Manifest], Sequence[Placement]]
+                           | None = None) -> EngineFactory:
+  """Predict bundles -> BundleEngine, or SeqBundleEngine (batch x sequence grid) for a
+  signature with a "seq" dimension; placed by `placements` (single device by default)."""
+  def make(path: pathlib.Path, manifest: Manifest, cfg: ModelServingConfig) -> Engine:
+    where = placements(cfg, manifest) if placements else None
+    sig = next(iter(manifest.signatures)) if len(manifest.signatures) == 1 else "serve"
+    if sig in manifest.signatures and manifest.signatures[sig].has_seq:
+      return SeqBundleEngine(path, manifest=manifest, signature=sig, placements=where)
+    return BundleEngine(path, manifest=manifest, signature=sig, placements=where)
+  return make
+
+
+def engine_factory_for(server_config: object = None) -> EngineFactory:
+  """The engine factory the CLI uses: bundles placed by their serving config."""
+  return default_engine_factory(placements_for)

@@ -1,0 +1,321 @@
+"""Per-model batching loop: queue -> Batcher decision -> padded batch -> engine -> split outputs.
+
+One worker thread per instance (Triton's instance_group count) of a served model version, all
+fed by one queue. While batch n runs on the device (JAX dispatch is asynchronous), a worker
+builds batch n+1 on the host; it then waits for batch n, copies each request's rows out, and
+hands completions back in one call per batch (`deliver`), so an asyncio servicer pays one
+wake-up per batch, not per request. The first instance runs partial batches as the batcher
+decides; the others take full batches only, so under load a second batch runs while the first
+does (on CPU, on the cores XLA's threads leave idle) while a light load keeps one batch at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
+from bundle import numpy_dtype
+from serving.engines import Engine
+from serving.runners.base import Observer, RunnerCapabilities, RunnerStats, deliver
+from serving.types import Code, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+def _as_serving_error(e: Exception, model: str) -> ServingError:
+  """The status a failed batch gives its requests: the engine's own ServingError (e.g. a value
+  it cannot take: INVALID_ARGUMENT), else INTERNAL."""
+  if isinstance(e, ServingError):
+    return e
+  return ServingError(Code.INTERNAL, f"model {model} failed: {e}")
+
+
+class ModelRunner:
+  """Owns one engine and its queue; thread-safe `submit`, one worker thread per instance."""
+
+  def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
+               observer: Observer | None = None, instances: int | None = None):
+    instances = engine.default_instances if instances is None else instances
+    if instances < 1 or (engine.max_instances is not None and instances > engine.max_instances):
+      raise ValueError(f"{name}: instance_count must be between 1 and"
+                       f" {engine.max_instances or 'any number'} for this engine, got {instances}")
+    if tuple(config.buckets) != tuple(engine.buckets):
+      raise ValueError(f"{name}: batching buckets {config.buckets} differ from the engine's"
+                       f" compiled buckets {engine.buckets}")
+    self.name = name
+    self.engine = engine
+    self.config = config
+    self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
+    self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=self._fixed_rows())
+    self.observer = observer or Observer()
+    self.stats = RunnerStats()
+    self.instances = instances
+    self._stats_lock = threading.Lock()  # instances finish batches concurrently
+    self._split_lock = threading.Lock()  # outputs of requests split across batches
+    self._batcher: Batcher[InferRequest] = Batcher(config)
+    for bucket, seconds in engine.bucket_seconds.items():
+      self._batcher.observe(bucket, seconds)
+    lock = threading.RLock()
+    self._cv = threading.Condition(lock)  # the primary instance waits on this one
+    self._cv_full = threading.Condition(lock)  # the others: only a full batch wakes them
+    self._stopping = False
+    self._inflight = 0
+    self._threads = [threading.Thread(target=self._loop, args=(i == 0,), daemon=True,
+                                      name=f"runner-{name}" + (f"#{i}" if instances > 1 else ""))
+                     for i in range(instances)]
+    self._out_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype)) for t in engine.outputs]
+    self._in_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype)) for t in engine.inputs]
+
+  def _fixed_rows(self) -> bool:
+    """Whether every tensor is fixed-shape rows of a numeric dtype (the native fast path)."""
+    return all(t.dtype != "object" and t.shape and t.shape[0] == -1
+               and all(d >= 0 for d in t.shape[1:]) for t in (*self.inputs, *self.outputs))
+
+  def start(self) -> None:
+    for t in self._threads:
+      t.start()
+
+  def stream(self, prompt: bytes, parameters: Any, request_id: str, on_event: Any) -> Any:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model {self.name} is not decoupled: it answers"
+                       " each request once (use ModelInfer)")
+
+  def close(self) -> None:
+    self.engine.close()
+
+  @property
+  def pending_requests(self) -> int:
+    with self._cv:
+      return self._batcher.queued_requests + self._inflight
+
+  def submit(self, req: InferRequest) -> None:
+    """Queues a request; raises ServingError(RESOURCE_EXHAUSTED/UNAVAILABLE) if refused."""
+    with self._cv:
+      if self._stopping:
+        raise ServingError(Code.UNAVAILABLE, f"model {self.name} is shutting down; retry on"
+                           " another replica")
+      try:
+        self._batcher.add(Pending(req, req.rows, req.arrival, req.deadline, req.priority))
+      except Admission as e:
+        with self._stats_lock:
+          self.stats.rejected += 1
+          self.stats.fail_count += 1  # Triton counts rejected requests as failures
+        self.observer.shed()
+        raise ServingError(Code.RESOURCE_EXHAUSTED, f"model {self.name}: {e}") from None
+      self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
+      self._cv.notify()
+      if self._batcher.queued_rows >= self.config.max_batch_size:
+        self._cv_full.notify()
+
+  def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+    """Stops the loop; with `drain`, every queued request is answered first."""
+    with self._cv:
+      self._stopping = True
+      if not drain:
+        dropped = self._batcher.drain()
+        self._fail([p.item for p in dropped], ServingError(
+            Code.UNAVAILABLE, f"model {self.name} was unloaded before this request ran; retry"))
+      self._cv.notify_all()
+      self._cv_full.notify_all()
+    end = time.monotonic() + timeout
+    for t in self._threads:
+      if t.is_alive():
+        t.join(max(0.0, end - time.monotonic()))
+
+  # -- worker thread ---------------------------------------------------------
+
+  def _fail(self, reqs: Sequence[InferRequest], err: ServingError) -> None:
+    now = time.perf_counter()
+    with self._stats_lock:
+      self.stats.fail_count += len(reqs)
+      self.stats.fail_ns += sum(int((now - r.arrival) * 1e9) for r in reqs)
+    for r in reqs:
+      self.observer.request_done(ok=False, duration_s=now - r.arrival, code=err.code)
+    if reqs:
+      deliver([(r, None, err) for r in reqs])
+
+  def _next_plan(self, idle: bool, primary: bool) -> BatchPlan[InferRequest] | None:
+    """Blocks until a batch should run (or returns None when it should finish the in-flight one).
+    Only the primary instance runs partial batches; the others take full ones, so they add
+    throughput under load but never split a trickle into concurrent small batches (on CPU two
+    at once share the same cores: each takes twice as long)."""
+    with self._cv:
+      while True:
+        now = time.perf_counter()
+        d = self._batcher.decide(now, idle=idle and primary)
+        if d.expired:
+          with self._stats_lock:
+            self.stats.expired += len(d.expired)
+          self._fail([p.item for p in d.expired], ServingError(
+              Code.DEADLINE_EXCEEDED, f"model {self.name}: deadline passed while queued"
+              " (never executed); raise the deadline or reduce load"))
+          self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
+        if d.plan is not None:
+          self._inflight += sum(1 for s in d.plan.slices if s.start == 0)
+          self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
+          return d.plan
+        if not idle:
+          return None  # go finish the batch in flight; it frees the device
+        if self._stopping and (self._batcher.queued_rows == 0 or not primary):
+          return None  # the primary drains what is left
+        if primary:
+          self._cv.wait(d.wait_s)
+        else:
+          self._cv_full.wait()
+
+  def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
+    batch = {}
+    for name, shape, dtype in self._in_specs:
+      if len(plan.slices) == 1 and plan.padding == 0:
+        s = plan.slices[0]
+        batch[name] = s.pending.item.inputs[name][s.start:s.start + s.rows]
+        continue
+      buf = np.zeros((plan.bucket, *shape), dtype)
+      for s in plan.slices:
+        buf[s.dest:s.dest + s.rows] = s.pending.item.inputs[name][s.start:s.start + s.rows]
+      batch[name] = buf
+    return batch
+
+  def _finish(self, plan: BatchPlan[InferRequest], handle: Any, t_dispatch: float,
+              t_input: float, last_done: float) -> float:
+    """Waits for a batch and delivers it; returns when it finished (this worker's clock for the
+    next batch's busy time)."""
+    try:
+      outs = self.engine.fetch(handle)
+    except Exception as e:  # a failing batch fails its requests, not the server
+      logger.exception("%s: batch of %d rows failed", self.name, plan.rows, extra={
+          "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
+      self._isolate(plan, _as_serving_error(e, self.name))
+      return time.perf_counter()
+    t_done = time.perf_counter()
+    busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since this worker's last batch
+    with self._cv:
+      self._batcher.observe(plan.bucket, busy_s)
+    self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input)
+    return t_done
+
+  def _isolate(self, plan: BatchPlan[InferRequest], error: ServingError) -> None:
+    """Re-runs each request's slice of a failed batch alone, so only the poisoned one fails."""
+    if len(plan.slices) == 1:
+      self._complete(plan, None, error, 0.0, 0.0)
+      return
+    for s in plan.slices:
+      if s.pending.item.failed:
+        continue
+      single = BatchPlan(self.config.bucket_for(s.rows), (Slice(s.pending, s.start, s.rows, 0),))
+      t0 = time.perf_counter()
+      try:
+        outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket,
+                                                      inputs=self._assemble(single)))
+        self._complete(single, outs, None, time.perf_counter() - t0, 0.0)
+      except Exception as e:
+        self._complete(single, None, _as_serving_error(e, self.name), time.perf_counter() - t0,
+                       0.0)
+
+  def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray]) -> None:
+    """Copies slice `s`'s rows of the batch outputs into its request's outputs."""
+    req = s.pending.item
+    if s.start == 0 and s.last:
+      req.outputs = {name: outs[name][s.dest:s.dest + s.rows] for name, _, _ in self._out_specs}
+      return
+    if req.outputs is None:
+      req.outputs = {name: np.empty((req.rows, *shape), dtype)
+                     for name, shape, dtype in self._out_specs}
+    for name, _, _ in self._out_specs:
+      req.outputs[name][s.start:s.start + s.rows] = outs[name][s.dest:s.dest + s.rows]
+
+  def _complete(self, plan: BatchPlan[InferRequest], outs: dict[str, np.ndarray] | None,
+                error: ServingError | None, compute_s: float, t_input: float) -> None:
+    """Copies each request's rows out of the batch outputs (or fails them) and delivers."""
+    t_done = time.perf_counter()
+    done: list = []
+    for s in plan.slices:
+      req = s.pending.item
+      # A split request's slices may finish in other instances, in any order; a whole one is
+      # this batch's alone.
+      with contextlib.nullcontext() if s.start == 0 and s.last else self._split_lock:
+        if req.failed:
+          continue
+        if error is not None:
+          req.failed = True
+          req.outputs = None
+          done.append((req, None, error))
+          continue
+        self._scatter(s, outs)
+        req.compute_ns += int(compute_s * 1e9)
+        req.rows_done += s.rows
+        if req.rows_done == req.rows:
+          done.append((req, req.outputs, None))
+    with self._stats_lock:
+      queue_s = self._count(plan, done, error, compute_s, t_input, t_done)
+    for req, out, err in done:
+      self.observer.request_done(ok=err is None, duration_s=t_done - req.arrival,
+                                 code=None if err is None else err.code)
+    if error is None:
+      self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s,
+                          compute_s=compute_s)
+    with self._cv:
+      self._inflight -= len(done)
+    if done:
+      deliver(done)
+
+  def _count(self, plan: BatchPlan[InferRequest], done: list, error: ServingError | None,
+             compute_s: float, t_input: float, t_done: float) -> list[float]:
+    """Adds a finished batch to the stats (stats lock held); returns its requests' queue times."""
+    st = self.stats
+    if error is None:
+      st.execution_count += 1
+      st.inference_count += plan.rows
+      st.batch_counts[plan.bucket] = st.batch_counts.get(plan.bucket, 0) + 1
+      st.compute_input_ns += int(t_input * 1e9)
+      st.compute_infer_ns += int(compute_s * 1e9)
+      st.last_inference_ms = int(time.time() * 1000)
+    queue_s = []
+    for req, out, err in done:
+      dur = t_done - req.arrival
+      queue_s.append(req.queue_ns / 1e9)
+      if err is None:
+        st.success_count += 1
+        st.success_ns += int(dur * 1e9)
+        st.queue_ns += req.queue_ns
+      else:
+        st.fail_count += 1
+        st.fail_ns += int(dur * 1e9)
+    return queue_s
+
+  def _loop(self, primary: bool) -> None:
+    inflight, last_done = None, 0.0
+    while True:
+      plan = self._next_plan(idle=inflight is None, primary=primary)
+      if plan is None and inflight is None:
+        return  # stopping and drained
+      if plan is not None:
+        t0 = time.perf_counter()
+        for s in plan.slices:
+          if s.start == 0:
+            s.pending.item.queue_ns = int((t0 - s.pending.item.arrival) * 1e9)
+        try:
+          batch = self._assemble(plan)
+          t1 = time.perf_counter()
+          handle = self.engine.dispatch(bucket=plan.bucket, inputs=batch)
+          started = (plan, handle, t1, t1 - t0)
+        except Exception as e:
+          logger.exception("%s: dispatch failed", self.name)
+          err = ServingError(Code.INTERNAL, f"model {self.name} failed to start a batch: {e}")
+          reqs = [s.pending.item for s in plan.slices if not s.pending.item.failed]
+          for r in reqs:
+            r.failed = True
+          with self._cv:
+            self._inflight -= len(reqs)
+          self._fail(reqs, err)
+          started = None
+      else:
+        started = None
+      if inflight is not None:
+        last_done = self._finish(*inflight, last_done)
+      inflight = started

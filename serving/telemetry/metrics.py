@@ -1,0 +1,159 @@
+"""Prometheus metrics with Triton's names where one exists, plus batching and compile figures.
+
+Each server owns its own CollectorRegistry (no process-global state), served as
+Prometheus text over HTTP on the metrics port.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable, Iterator, Mapping, Sequence
+
+import prometheus_client as prom
+from prometheus_client.core import Metric
+
+from serving.runners import Observer
+from serving.types import Code
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+_TRITON_COUNTERS = {
+    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
+    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
+    "nv_inference_count": "Number of inferences performed (rows; does not count padding)",
+    "nv_inference_exec_count": "Number of model executions performed (batches)",
+    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
+    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
+    "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in microseconds",
+}
+
+
+class TritonCounters:
+  """Counters under Triton's exact series names (prometheus_client would append `_total`)."""
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._values: dict[str, dict[tuple, float]] = collections.defaultdict(dict)
+
+  def inc(self, name: str, labels: tuple[tuple[str, str], ...], value: float = 1.0) -> None:
+    with self._lock:
+      series = self._values[name]
+      key = tuple(sorted(labels))
+      series[key] = series.get(key, 0.0) + value
+
+  def value(self, name: str, **labels: str) -> float:
+    with self._lock:
+      return self._values[name].get(tuple(sorted(labels.items())), 0.0)
+
+  def collect(self) -> Iterator[Metric]:
+    with self._lock:
+      snapshot = {k: dict(v) for k, v in self._values.items()}
+    for name, doc in _TRITON_COUNTERS.items():
+      m = Metric(name, doc, "counter")
+      for labels, v in snapshot.get(name, {}).items():
+        m.add_sample(name, dict(labels), v)
+      yield m
+
+
+class Metrics:
+  """All series of one server; `observer(model, version)` binds them for a runner."""
+
+  def __init__(self, compile_count: Callable[[], int] | None = None):
+    r = self.registry = prom.CollectorRegistry()
+    mv = ["model", "version"]
+    self.triton = TritonCounters()
+    r.register(self.triton)
+    self.pending = prom.Gauge("nv_inference_pending_request_count",
+                              "Requests waiting in the queue", mv, registry=r)
+    self.queue_rows = prom.Gauge("xlaserve_queue_rows", "Rows waiting in the queue", mv, registry=r)
+    self.latency = prom.Histogram("xlaserve_request_latency_seconds", "End-to-end request latency",
+                                  mv, buckets=_LATENCY_BUCKETS, registry=r)
+    self.batch_rows = prom.Histogram(
+        "xlaserve_batch_rows", "Real rows per executed batch, by bucket", mv + ["bucket"],
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+    self.padding = prom.Histogram(
+        "xlaserve_batch_padding_fraction", "Padded rows / bucket rows per batch, by bucket",
+        mv + ["bucket"], buckets=_FRACTION_BUCKETS, registry=r)
+    self.shed = prom.Counter("xlaserve_requests_shed", "Requests refused at admission with"
+                             " RESOURCE_EXHAUSTED (queue bound or unreachable deadline)", mv,
+                             registry=r)
+    self.deadline_miss = prom.Counter("xlaserve_deadline_exceeded",
+                                      "Requests whose deadline passed while queued", mv, registry=r)
+    if compile_count is not None:
+      g = prom.Gauge("xlaserve_compiles_after_warmup",
+                     "XLA compiles outside model warm-up (must stay 0)", registry=r)
+      g.set_function(compile_count)
+
+  def add_native_front_end(self, stats: Callable[[], Mapping[str, int]]) -> None:
+    """Exports the native front end's call counts, read at scrape time: `fast` (answered in
+    C++), `relayed` (to the Python servicer), `forwarded` (handed back by the feeder)."""
+    self.registry.register(_NativeCollector(stats))
+
+  def observer(self, model: str, version: int) -> Observer:
+    return _ModelObserver(self, model, str(version))
+
+  def exposition(self) -> bytes:
+    return prom.generate_latest(self.registry)
+
+
+class _NativeCollector:
+  """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took."""
+
+  def __init__(self, stats: Callable[[], Mapping[str, int]]):
+    self._stats = stats
+
+  def collect(self) -> Iterator[Metric]:
+    m = Metric("xlaserve_native_calls", "Calls the native gRPC front end took, by path: fast"
+               " (answered in C++), relayed (to the Python servicer), forwarded (handed back)",
+               "counter")
+    for path, v in sorted(self._stats().items()):
+      if path in ("fast", "relayed", "forwarded"):
+        m.add_sample("xlaserve_native_calls_total", {"path": path}, float(v))
+    yield m
+
+
+class _ModelObserver(Observer):
+  def __init__(self, m: Metrics, model: str, version: str):
+    self.m, self.labels = m, (model, version)
+    self._tl = (("model", model), ("version", version))
+    self._inc = m.triton.inc
+    self._latency = m.latency.labels(*self.labels)
+    self._pending = m.pending.labels(*self.labels)
+    self._queue_rows = m.queue_rows.labels(*self.labels)
+    self._per_bucket: dict[int, tuple] = {}
+
+  def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
+    hist = self._per_bucket.get(bucket)
+    if hist is None:
+      hist = self._per_bucket[bucket] = (self.m.batch_rows.labels(*self.labels, str(bucket)),
+                                         self.m.padding.labels(*self.labels, str(bucket)))
+    hist[0].observe(rows)
+    hist[1].observe((bucket - rows) / bucket)
+    self._inc("nv_inference_exec_count", self._tl)
+    self._inc("nv_inference_count", self._tl, rows)
+    self._inc("nv_inference_compute_infer_duration_us", self._tl, compute_s * 1e6)
+    if queue_s:
+      self._inc("nv_inference_queue_duration_us", self._tl, sum(queue_s) * 1e6)
+
+  def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
+    self._inc("nv_inference_request_duration_us", self._tl, duration_s * 1e6)
+    if ok:
+      self._inc("nv_inference_request_success", self._tl)
+      self._latency.observe(duration_s)
+    else:
+      reason = code.value if code else "INTERNAL"
+      self._inc("nv_inference_request_failure", self._tl + (("reason", reason),))
+      if code is Code.DEADLINE_EXCEEDED:
+        self.m.deadline_miss.labels(*self.labels).inc()
+
+  def queue_depth(self, rows: int, requests: int) -> None:
+    self._queue_rows.set(rows)
+    self._pending.set(requests)
+
+  def shed(self) -> None:
+    self.m.shed.labels(*self.labels).inc()
+    self._inc("nv_inference_request_failure",
+              self._tl + (("reason", Code.RESOURCE_EXHAUSTED.value),))  # Triton counts rejections

@@ -1,0 +1,57 @@
+"""Session fixtures: the tiny decoder trained for a few seconds, its bundles, a loaded engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from flax import nnx
+
+from export.generative import GenerativeExportConfig, ad_corpus, export_generative, train
+from models.decoder import Decoder, DecoderConfig
+from models.tokenizer import ByteTokenizer
+from serving.telemetry.compile_watch import CompileCounter
+
+
+@pytest.fixture(scope="session")
+def compile_counter() -> CompileCounter:
+  return CompileCounter().install()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained() -> tuple[Decoder, dict]:
+  """Trained, so greedy generations have clear winners (no near-ties between float paths)."""
+  config = GenerativeExportConfig.tiny()
+  model = Decoder(DecoderConfig.tiny(), rngs=nnx.Rngs(config.seed))
+  return model, train(model, ad_corpus(seed=config.seed), config, ByteTokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_trained) -> Decoder:
+  return tiny_trained[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_trained, tmp_path_factory):
+  model, training = tiny_trained
+  path = tmp_path_factory.mktemp("repo") / "decoder" / "1"
+  return export_generative(model, path, GenerativeExportConfig.tiny(),
+                           extra={"training": training})
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_bundle(tiny_model, tmp_path_factory):
+  """int8 KV cache; one prefill bucket keeps its compile time down."""
+  path = tmp_path_factory.mktemp("repo") / "decoder_int8" / "1"
+  config = dataclasses.replace(GenerativeExportConfig.tiny(), kv_dtype="int8",
+                               prefill_lengths=(128,))
+  return export_generative(tiny_model, path, config, name="decoder_int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_bundle, compile_counter):
+  from serving.generation.engine import BundleEngine
+
+  engine = BundleEngine(tiny_bundle, compile_counter=compile_counter)
+  yield engine
+  engine.close()
