@@ -187,8 +187,8 @@ def _bench_bundle(strategy: str, n: int, model: _Model, path: pathlib.Path,
   engine.warmup(progress=progress)
   load_s = time.perf_counter() - t0
   by_device: dict[Any, int] = {}
-  for r in engine._replicas:
-    for d, b in per_device_bytes(r["params"]).items():
+  for params, _ in engine.replicas:
+    for d, b in per_device_bytes(params).items():
       by_device[d] = by_device.get(d, 0) + b
   place_s = load_s - sum(compile_times.values())
   _log(f"  bundle loaded on {len(by_device)} device(s) in {load_s:.1f}s;"
@@ -196,11 +196,11 @@ def _bench_bundle(strategy: str, n: int, model: _Model, path: pathlib.Path,
 
   def compile_bucket(b: int) -> list:
     execs = []
-    for placement, r in zip(engine.placements, engine._replicas):
-      in_sh = engine._batch_sharding(placement, engine.inputs[0], b)
-      exe = r["compiled"][b]
+    for placement, (params, compiled) in zip(engine.placements, engine.replicas):
+      in_sh = engine.batch_sharding(placement, engine.inputs[0], b)
+      exe = compiled[b]
       execs.append((lambda params, d, s, exe=exe: exe(params, {"dense": d, "sparse": s}), exe,
-                    r["params"], in_sh))
+                    params, in_sh))
     return execs
 
   plan = ShardingPlan.create(strategy, n)

@@ -10,6 +10,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Any, Callable
 
 DEFAULT_COMPILE_CACHE = "~/.cache/xlaserve/jax-compile-cache"
 
@@ -30,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       allow_abbrev=False)  # '--auth-token X' must not pass as '--auth-token-file X'
 
+  _add_repository_flags(serve)
+  _add_queue_flags(serve)
+  _add_placement_flags(serve)
+  _add_security_flags(serve)
+  _add_runtime_flags(serve)
+  return parser
+
+
+def _add_repository_flags(serve: argparse.ArgumentParser) -> None:
+  """Where the models come from and how they load."""
   serve.add_argument("--model-repository", default=None,
                      help="folder of <model>/<version>/ bundles written by export.export_model;"
                      " omit it to serve the built-in demo models")
@@ -42,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
                      help="JAX persistent compilation cache folder, so restarts skip"
                      " recompiling; 'none' disables it")
+
+
+def _add_queue_flags(serve: argparse.ArgumentParser) -> None:
+  """Per-model batching and queue defaults, and request size limits."""
   serve.add_argument("--max-queue-delay-us", type=int, default=None,
                      help="default longest wait for a fuller batch, in microseconds (per-model"
                      " config.json and the bundle's export setting take precedence)")
@@ -73,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default batches each model runs at once (Triton's instance_group"
                      " count; per-model config.json 'instance_count' takes precedence); default:"
                      " 2 on CPU, where a second batch uses the cores XLA leaves idle, 1 on GPU")
+
+
+def _add_placement_flags(serve: argparse.ArgumentParser) -> None:
+  """Devices, sharding and multi-host serving."""
   serve.add_argument("--devices", type=int, default=None,
                      help="number of local devices to place each model on (default: 1)")
   serve.add_argument("--sharding", default=None,
@@ -95,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--demo-tiny", action="store_true",
                      help="with no --model-repository: serve tiny demo models (fast start,"
                      " for smoke tests)")
+
+
+def _add_security_flags(serve: argparse.ArgumentParser) -> None:
+  """TLS and bearer-token authentication."""
   serve.add_argument("--tls-cert", default=None,
                      help="PEM certificate (chain) file: serve gRPC over TLS (needs --tls-key)")
   serve.add_argument("--tls-key", default=None, help="PEM private key file for --tls-cert")
@@ -103,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                      " grpc.health must then send metadata 'authorization: Bearer <token>'. The"
                      " token may instead come from $XLASERVE_AUTH_TOKEN; it is never taken as a"
                      " command-line value (visible to every user in the process list)")
+
+
+def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
+  """Front end, event loop and logging."""
   serve.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="json: one JSON object per log line (with request_id, model, code)"
                      " for log pipelines, progress lines included")
@@ -120,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--log-level", default="WARNING",
                      help="Python logging level (DEBUG, INFO, WARNING, ERROR)")
-  return parser
 
 
 def _client_example(port: int) -> str:
@@ -165,67 +191,51 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None):
       model_load_threads=args.model_load_thread_count)
 
 
-def serve(args: argparse.Namespace) -> int:
-  _configure_logging(args)
-  say = _progress
-  if args.log_format == "json":
-    from serving.telemetry.logs import progress_line
-    say = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
-  from serving.frontend.auth import TOKEN_ENV, load_token
-  try:
-    token = load_token(args.auth_token_file)
-  except ValueError as e:
-    print(f"xlaserve: {e}", file=sys.stderr)
-    return 2
-  os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
+class _UsageError(Exception):
+  """A flag or environment problem the user must fix: printed, exit code 2."""
+
+
+def _fail(msg: str) -> None:
+  print(f"xlaserve: {msg}", file=sys.stderr)
+
+
+def _enable_compile_cache(folder: str) -> None:
+  """JAX's persistent compilation cache in `folder` ('none' disables it), so restarts skip
+  recompiling."""
   import jax
 
-  if args.compile_cache and args.compile_cache.lower() != "none":
-    cache = pathlib.Path(os.path.expanduser(args.compile_cache))
-    cache.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if not folder or folder.lower() == "none":
+    return
+  cache = pathlib.Path(os.path.expanduser(folder))
+  cache.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(cache))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-  multihost = None
-  if args.coordinator is not None:  # joins jax.distributed before anything touches a device
-    from serving.multihost import start_from_args
-    multihost, code = start_from_args(args, say, lambda msg: print(msg, file=sys.stderr))
-    if multihost is None:  # a follower, released by the leader (or failed)
-      return code
 
-  from serving.server import Server
-
+def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> str:
+  """The repository to serve: the flag's folder, or the demo repository (built on first use)."""
   repo = args.model_repository
   if repo is None:
     from demo.repository import ensure_demo_repository
-    repo = str(ensure_demo_repository(say, tiny=args.demo_tiny))
-  elif not pathlib.Path(repo).is_dir():
-    print(f"xlaserve: model repository {repo!r} does not exist. Export a model into it with"
-          " export.export_model(..., repository=DIR), or omit --model-repository to serve the"
-          " demo.", file=sys.stderr)
-    return 2
-  try:
-    config = server_config(args, repo, token)
-  except ValueError as e:
-    print(f"xlaserve: {e}", file=sys.stderr)
-    return 2
-  from serving.kinds import standard_kinds
-  from serving.repository import engine_factory_for
-  kinds = standard_kinds(multihost.factory if multihost else engine_factory_for(config))
-  try:
-    server = Server(config, kinds=kinds, progress=say)
-  except RuntimeError as e:  # --frontend native without the extension
-    print(f"xlaserve: {e}", file=sys.stderr)
-    return 2
+    return str(ensure_demo_repository(say, tiny=args.demo_tiny))
+  if not pathlib.Path(repo).is_dir():
+    raise _UsageError(f"model repository {repo!r} does not exist. Export a model into it with"
+                      " export.export_model(..., repository=DIR), or omit --model-repository to"
+                      " serve the demo.")
+  return repo
 
-  def listening(s: Server) -> None:
+
+def _callbacks(args: argparse.Namespace, repo: str, say: Callable[[str], None],
+               multihost: Any) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+  """(on_listening, on_loaded): the progress lines a user sees while the server starts."""
+  def listening(s: Any) -> None:
     metrics = (f", Prometheus metrics at http://{args.host}:{s.metrics_port}/metrics"
                if s.metrics_port else "")
     say(f"listening for gRPC on {args.host}:{s.grpc_port}{metrics}")
     say(f"serving repository {repo}; loading models ...")
 
-  def loaded(s: Server) -> None:
+  def loaded(s: Any) -> None:
     # What is alive now (JAX, executables: ~10^5 objects) lives as long as the process. Freezing
     # it keeps the cyclic collector from rescanning it: a full collection otherwise stops every
     # thread for ~75 ms, which alone breaks 100 ms deadlines under load (benchmarks/overload.py).
@@ -238,15 +248,50 @@ def serve(args: argparse.Namespace) -> int:
     if multihost:
       multihost.on_loaded(s)
 
+  return listening, loaded
+
+
+def serve(args: argparse.Namespace) -> int:
+  _configure_logging(args)
+  say = _progress
+  if args.log_format == "json":
+    from serving.telemetry.logs import progress_line
+    say = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
+  from serving.frontend.auth import TOKEN_ENV, load_token
+  try:
+    token = load_token(args.auth_token_file)
+  except ValueError as e:
+    _fail(str(e))
+    return 2
+  os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
+  _enable_compile_cache(args.compile_cache)
+  multihost = None
+  if args.coordinator is not None:  # joins jax.distributed before anything touches a device
+    from serving.multihost import start_from_args
+    multihost, code = start_from_args(args, say, lambda msg: print(msg, file=sys.stderr))
+    if multihost is None:  # a follower, released by the leader (or failed)
+      return code
+  from serving.kinds import standard_kinds
+  from serving.repository import engine_factory_for
+  from serving.server import Server
+  try:
+    repo = _repository(args, say)
+    config = server_config(args, repo, token)
+    kinds = standard_kinds(multihost.factory if multihost else engine_factory_for(config))
+    server = Server(config, kinds=kinds, progress=say)
+  except (_UsageError, ValueError, RuntimeError) as e:  # RuntimeError: --frontend native unbuilt
+    _fail(str(e))
+    return 2
+  listening, loaded = _callbacks(args, repo, say, multihost)
   if args.event_loop == "uvloop":
     import uvloop
-    run = lambda coro: uvloop.run(coro)
+    run = lambda coro: uvloop.run(coro)  # noqa: E731
   else:
     run = asyncio.run
   try:
     run(server.run(on_listening=listening, on_loaded=loaded))
   except OSError as e:
-    print(f"xlaserve: {e}", file=sys.stderr)
+    _fail(str(e))
     return 1
   return multihost.finish() if multihost else 0
 

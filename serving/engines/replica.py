@@ -202,6 +202,11 @@ class ReplicaEngine(Engine):
   def ready(self) -> bool:
     return bool(self._replicas)
 
+  @property
+  def replicas(self) -> tuple[tuple[list[Any], Mapping[Point, Any]], ...]:
+    """(params, point -> compiled executable) per placement, for benchmarks and accounting."""
+    return tuple((r["params"], r["compiled"]) for r in self._replicas)
+
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in handle.items()}
 
