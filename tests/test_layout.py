@@ -75,3 +75,15 @@ def test_no_function_over_the_line_limit():
                                              and node.name == "main"):
         over[f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"] = lines
   assert not over, f"functions over {MAX_FUNCTION_LINES} lines: {over}"
+
+
+def test_serving_a_bundle_loads_no_model_exporter_or_demo_code():
+  """At run time too: a server process that reads a manifest imports none of them (nor JAX)."""
+  code = ("import sys, bundle, serving.server, serving.kinds;"
+          f" bundle.read_manifest({str(ROOT / 'tests/golden/repo/golden/1')!r});"
+          " print(sorted({m.split('.')[0] for m in sys.modules}"
+          " & {'models', 'export', 'demo', 'jax', 'flax'}))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[]", result.stdout
