@@ -1,4 +1,5 @@
-"""Builds the optional native gRPC front end (serving/frontend/native/frontend.cc) when grpc++ is found.
+"""Builds the optional native gRPC front end (serving/frontend/native/: module.cc, wire.cc,
+relay.cc and their shared frontend.h) when grpc++ is found.
 
 Without `pkg-config --cflags --libs grpc++` (Debian: apt-get install libgrpc++-dev pkg-config)
 the package installs without it and the server uses its pure-Python front end.
@@ -10,6 +11,9 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+_NATIVE = "serving/frontend/native"
+_UNITS = ("module", "wire", "relay")  # translation units; frontend.h holds what they share
 
 _MISSING = ("xlaserve: building WITHOUT the native gRPC front end ({why}); the server will use"
             " the Python front end. Install it with: apt-get install libgrpc++-dev pkg-config")
@@ -27,8 +31,9 @@ def _extensions() -> list[Extension]:
     print(_MISSING.format(why="pkg-config cannot find grpc++"), file=sys.stderr)
     return []
   import pybind11
-  return [Extension("serving.frontend._native", ["serving/frontend/native/frontend.cc"],
-                    include_dirs=[pybind11.get_include()], language="c++",
+  return [Extension("serving.frontend._native", [f"{_NATIVE}/{name}.cc" for name in _UNITS],
+                    include_dirs=[pybind11.get_include()], depends=[f"{_NATIVE}/frontend.h"],
+                    language="c++",
                     extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],
                     extra_link_args=libs)]
 

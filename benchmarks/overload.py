@@ -167,6 +167,15 @@ def server_view(text: str, deadline_s: float) -> dict[str, float]:
 
 
 def main() -> None:
+  args = _parse_args()
+  args.out.mkdir(parents=True, exist_ok=True)
+  repo, payload = _repository_and_payload(args)
+  cap, fig, server_counts, up = _run_phases(repo, payload, args)
+  verdicts = _report(args, cap, fig, server_counts, up)
+  sys.exit(0 if all(verdicts.values()) else 1)
+
+
+def _parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repository", type=pathlib.Path, default=None,
                       help="model repository (default: the built-in demo repository)")
@@ -184,9 +193,11 @@ def main() -> None:
                       help="resident-memory growth over the run that fails the check")
   parser.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/overload"))
-  args = parser.parse_args()
-  args.out.mkdir(parents=True, exist_ok=True)
+  return parser.parse_args()
 
+
+def _repository_and_payload(args: argparse.Namespace) -> tuple[pathlib.Path, bytes]:
+  """The repository to serve (the demo one unless given) and one request to the model."""
   from benchmarks.serving import make_inputs
   from bundle import list_versions, read_manifest
 
@@ -198,6 +209,16 @@ def main() -> None:
   inputs = manifest.signatures["serve"].inputs
   payload = build_request(args.model, make_inputs(inputs, args.request_rows,
                                                   np.random.default_rng(0)))
+  return repo, payload
+
+
+def _run_phases(repo: pathlib.Path, payload: bytes, args: argparse.Namespace
+                ) -> tuple[LoadResult, OverloadFigures, dict[str, float], bool]:
+  """Starts the server; capacity, overload, then a check that it still answers.
+
+  Returns (capacity result, overload figures, the server's counts for the overload phase,
+  whether the server stayed up and answers).
+  """
   proc, addr, metrics_url = start_server(repo, args.server_args.split(), metrics=True)
   try:
     say("warming up ...")
@@ -224,7 +245,12 @@ def main() -> None:
   finally:
     proc.terminate()
     proc.wait(60)
+  return cap, fig, server_counts, up
 
+
+def _report(args: argparse.Namespace, cap: LoadResult, fig: OverloadFigures,
+            server_counts: dict[str, float], up: bool) -> dict[str, bool]:
+  """Prints the tables and verdicts, writes overload.json and overload.png; returns the verdicts."""
   print()
   print(format_table(
       ["phase", "offered req/s", "ok req/s", "shed", "deadline missed", "other errors",
@@ -255,7 +281,7 @@ def main() -> None:
        "config": {k: str(v) for k, v in vars(args).items()}}, indent=1))
   _plot(fig, cap.rps, args.out / "overload.png")
   say(f"wrote {args.out / 'overload.png'} and {args.out / 'overload.json'}")
-  sys.exit(0 if all(verdicts.values()) else 1)
+  return verdicts
 
 
 def _plot(fig: OverloadFigures, capacity: float, path: pathlib.Path) -> None:

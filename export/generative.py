@@ -31,7 +31,7 @@ from flax import nnx
 
 import bundle as bundle_lib
 from bundle import Manifest, Signature, TensorSpec
-from export.exporter import TRITON_CUSTOM_CALL, _nnx_parts
+from export.tracing import disabled_checks, nnx_parts
 from models.decoder import KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
 from models.tokenizer import ByteTokenizer
 
@@ -164,19 +164,45 @@ def export_generative(
 ) -> pathlib.Path:
   """Writes the bundle of `model` into `directory` (a `<repo>/<name>/<version>` folder)."""
   mc = model.config
+  _check_fits(mc, config, tokenizer)
+  if config.weights != "none":  # quantized Dense weights through the kernel dispatcher
+    from export.quantize import quantize_model
+    model = quantize_model(model, config.weights)
+  leaves, specs, rebuild = nnx_parts(model)
+  param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+  kv = cache_shapes(mc, num_pages=config.num_pages, page_size=config.page_size,
+                    kv_dtype=config.kv_dtype)
+  pages_per_seq = -(-mc.max_seq_len // config.page_size)
+  entries, prefill_meta = _entries(rebuild, kv, config, pages_per_seq)
+  signatures, artifacts = _export_entries(entries, param_structs, config.platforms)
+  batch_buckets, seq_buckets = (config.decode_batch,), tuple(config.prefill_lengths)
+  manifest = Manifest(
+      name=name, version=version, kind="generate", jax_version=jax.__version__,
+      signatures=signatures, params=tuple(specs), batch_buckets=batch_buckets,
+      seq_buckets=seq_buckets, quantization=config.weights,
+      code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
+      extra={**_generate_extra(mc, config, kv, pages_per_seq, prefill_meta, tokenizer),
+             **(extra or {})})
+  return bundle_lib.write_bundle(directory, manifest, leaves, artifacts)
+
+
+def _check_fits(mc: DecoderConfig, config: GenerativeExportConfig,
+                tokenizer: ByteTokenizer) -> None:
+  """The prefill buckets must cover the model's longest sequence, its vocab the tokenizer's."""
   if config.prefill_lengths[-1] < mc.max_seq_len:
     raise ValueError(f"the largest prefill length {config.prefill_lengths[-1]} must cover"
                      f" max_seq_len={mc.max_seq_len} (a preempted sequence is recomputed whole)")
   if tokenizer.vocab_size > mc.vocab_size:
     raise ValueError(f"tokenizer needs {tokenizer.vocab_size} ids, the model has {mc.vocab_size}")
-  pages_per_seq = -(-mc.max_seq_len // config.page_size)
-  if config.weights != "none":  # quantized Dense weights through the kernel dispatcher
-    from export.quantize import quantize_model
-    model = quantize_model(model, config.weights)
-  leaves, specs, rebuild = _nnx_parts(model)
-  param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  kv = cache_shapes(mc, num_pages=config.num_pages, page_size=config.page_size,
-                    kv_dtype=config.kv_dtype)
+
+
+_Entry = tuple[str, Callable[..., Any], dict[str, jax.ShapeDtypeStruct]]
+
+
+def _entries(rebuild: Callable[[list[Any]], Any], kv: dict[str, tuple[tuple[int, ...], str]],
+             config: GenerativeExportConfig, pages_per_seq: int
+             ) -> tuple[list[_Entry], list[dict[str, Any]]]:
+  """(signature name, fn, abstract inputs) of every prefill bucket and the decode; prefill meta."""
   cache_structs = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for k, (s, d) in kv.items()}
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
 
@@ -192,7 +218,7 @@ def export_generative(
         inputs["tokens"], inputs["positions"], inputs["page_table"], inputs["lengths"], cache)
     return {"logits": logits, **cache}
 
-  entries: list[tuple[str, Callable[..., Any], dict[str, jax.ShapeDtypeStruct]]] = []
+  entries: list[_Entry] = []
   prefill_meta = []
   for t in config.prefill_lengths:
     b = config.prefill_batch(t)
@@ -204,49 +230,52 @@ def export_generative(
   entries.append(("decode", decode_fn, {
       "tokens": i32(b), "positions": i32(b), "page_table": i32(b, pages_per_seq),
       "lengths": i32(b), **cache_structs}))
+  return entries, prefill_meta
 
+
+def _export_entries(entries: list[_Entry], param_structs: list[jax.ShapeDtypeStruct],
+                    platforms: tuple[str, ...]
+                    ) -> tuple[dict[str, Signature], dict[str, bytes]]:
+  """One artifact per entry and platform: (signatures, artifact file name -> bytes)."""
   artifacts: dict[str, bytes] = {}
   signatures: dict[str, Signature] = {}
   for sig_name, fn, in_structs in entries:
     out_structs = jax.eval_shape(fn, param_structs, in_structs)
     files = {}
-    for platform in config.platforms:
-      checks = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
-                if platform in ("cuda", "rocm") else [])
-      exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=checks)(
-          param_structs, in_structs)
+    for platform in platforms:
+      exp = jax.export.export(jax.jit(fn), platforms=(platform,),
+                              disabled_checks=disabled_checks(platform))(param_structs, in_structs)
       files[platform] = f"{sig_name}.{platform}.jaxexport"
       artifacts[files[platform]] = bytes(exp.serialize())
     signatures[sig_name] = Signature(
         sig_name, tuple(_spec(k, v) for k, v in in_structs.items()),
         tuple(_spec(k, v) for k, v in out_structs.items()), files)
-    logger.info("exported %s for %s", sig_name, config.platforms)
+    logger.info("exported %s for %s", sig_name, platforms)
+  return signatures, artifacts
 
-  batch_buckets, seq_buckets = (config.decode_batch,), tuple(config.prefill_lengths)
-  manifest = Manifest(
-      name=name, version=version, kind="generate", jax_version=jax.__version__,
-      signatures=signatures, params=tuple(specs), batch_buckets=batch_buckets,
-      seq_buckets=seq_buckets, quantization=config.weights,
-      code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
-      extra={
-          "page_size": config.page_size,
-          "num_pages": config.num_pages,
-          "null_page": NULL_PAGE,
-          "pages_per_seq": pages_per_seq,
-          "max_seq_len": mc.max_seq_len,
-          "prefill": prefill_meta,
-          "decode": {"batch": config.decode_batch, "signature": "decode"},
-          "kv_dtype": config.kv_dtype,
-          "kv_cache": {k: {"shape": list(s), "dtype": d} for k, (s, d) in kv.items()},
-          "vocab_size": mc.vocab_size,
-          "bos_id": tokenizer.bos_id,
-          "eos_id": tokenizer.eos_id,
-          "pad_id": tokenizer.pad_id,
-          "tokenizer": tokenizer.spec(),
-          "model": mc.to_json(),
-          **(extra or {}),
-      })
-  return bundle_lib.write_bundle(directory, manifest, leaves, artifacts)
+
+def _generate_extra(mc: DecoderConfig, config: GenerativeExportConfig,
+                    kv: dict[str, tuple[tuple[int, ...], str]], pages_per_seq: int,
+                    prefill_meta: list[dict[str, Any]], tokenizer: ByteTokenizer
+                    ) -> dict[str, Any]:
+  """`manifest.extra` of a generate bundle: cache geometry, buckets, tokenizer, model config."""
+  return {
+      "page_size": config.page_size,
+      "num_pages": config.num_pages,
+      "null_page": NULL_PAGE,
+      "pages_per_seq": pages_per_seq,
+      "max_seq_len": mc.max_seq_len,
+      "prefill": prefill_meta,
+      "decode": {"batch": config.decode_batch, "signature": "decode"},
+      "kv_dtype": config.kv_dtype,
+      "kv_cache": {k: {"shape": list(s), "dtype": d} for k, (s, d) in kv.items()},
+      "vocab_size": mc.vocab_size,
+      "bos_id": tokenizer.bos_id,
+      "eos_id": tokenizer.eos_id,
+      "pad_id": tokenizer.pad_id,
+      "tokenizer": tokenizer.spec(),
+      "model": mc.to_json(),
+  }
 
 
 def build_bundle(

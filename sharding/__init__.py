@@ -2,7 +2,8 @@
 
 From (strategy, device count, per-leaf logical axes and shapes) to placed params and jit
 shardings: `ShardingPlan.create`, `param_shardings`, `restore_sharded`/`serving_params`,
-`input_sharding`/`output_sharding`; `hlo` measures what the placement costs.
+`input_sharding`/`output_sharding`; `TablePlacement` puts whole embedding tables on single
+devices; `hlo` measures what the placement costs.
 """
 
 from sharding.hlo import (
@@ -11,12 +12,12 @@ from sharding.hlo import (
 )
 from sharding.mesh import make_mesh, mesh_shape, single_device_mesh
 from sharding.plan import (
-    ShardingPlan, TablePlacement, abstract_params, jit_step, place_from_host, restore_sharded,
-    serving_params,
+    ShardingPlan, abstract_params, jit_step, place_from_host, restore_sharded, serving_params,
 )
 from sharding.rules import (
     DATA, LOGICAL_AXES, MESH_AXES, MODEL, STRATEGIES, STRATEGY_RULES, rules_for,
 )
+from sharding.tables import TablePlacement
 
 __all__ = [
     "COLLECTIVE_OPS", "Collective", "CollectiveStats", "DATA", "LOGICAL_AXES", "MESH_AXES",

@@ -47,7 +47,7 @@ STRATEGY_RULES: Mapping[str, Mapping[str, MeshAxes]] = types.MappingProxyType({
     "embedding_rows": _table(table_rows=(DATA, MODEL), vocab=(DATA, MODEL)),
     # Whole tables on single devices, balanced by bytes (TorchRec table-wise). A stacked
     # [tables, rows, embed] parameter splits on `tables`; separate per-feature tables are fused
-    # into per-device blocks by `sharding.plan.TablePlacement` (rules alone cannot say "this whole
+    # into per-device blocks by `sharding.tables.TablePlacement` (rules alone cannot say "this whole
     # array lives on device k" for a jit over one mesh).
     "embedding_tables": _table(tables=(DATA, MODEL)),
 })

@@ -1,4 +1,4 @@
-"""Python half of the native gRPC front end (serving/frontend/native/frontend.cc).
+"""Python half of the native gRPC front end (serving/frontend/native/{module,wire,relay}.cc).
 
 The C++ server owns the public port. It parses and validates ModelInfer requests for the
 "fast" models published here (plain batched predict models: runners declaring fixed-shape rows) and

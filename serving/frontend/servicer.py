@@ -2,7 +2,7 @@
 
 It parses and validates, hands an InferRequest to the model's runner, and awaits
 the answer; it decides nothing about batching. Runner completions arrive in one
-`call_soon_threadsafe` per batch (see `AsyncDelivery`).
+`call_soon_threadsafe` per batch (see `AsyncSink`).
 """
 
 from __future__ import annotations

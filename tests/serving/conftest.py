@@ -1,34 +1,29 @@
 """Fixtures: a real xlaserve gRPC server on 127.0.0.1 (free port) serving the exact MockEngine."""
 
+import contextlib
+
 import pytest
 
-from servingutil import write_mock_bundle  # noqa: F401  (re-exported for older imports)
+from servingutil import serving, write_mock_bundle
 from serving.engines.mock import MockEngine
-from serving.server import BackgroundServer, Server, ServerConfig
 
 
 @pytest.fixture
 def start_mock_server(tmp_path):
   """start(**mock_kwargs) -> (BackgroundServer, {name: MockEngine}); stopped after the test."""
-  servers = []
+  with contextlib.ExitStack() as servers:
 
-  def start(models=("mock",), config=None, server_kwargs=None, **engine_kwargs):
-    repo = tmp_path / "repo"
-    engines = {}
-    for name in models:
-      write_mock_bundle(repo, name, config=config)
+    def start(models=("mock",), config=None, server_kwargs=None, **engine_kwargs):
+      repo = tmp_path / "repo"
+      engines = {}
+      for name in models:
+        write_mock_bundle(repo, name, config=config)
 
-    def factory(path, manifest, cfg):
-      eng = MockEngine(buckets=manifest.batch_buckets, **engine_kwargs)
-      engines[manifest.name] = eng
-      return eng
+      def factory(path, manifest, cfg):
+        eng = MockEngine(buckets=manifest.batch_buckets, **engine_kwargs)
+        engines[manifest.name] = eng
+        return eng
 
-    server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=-1,
-                                 **(server_kwargs or {})), engine_factory=factory)
-    bg = BackgroundServer(server).start()
-    servers.append(bg)
-    return bg, engines
+      return servers.enter_context(serving(repo, factory, **(server_kwargs or {}))), engines
 
-  yield start
-  for bg in servers:
-    bg.stop()
+    yield start

@@ -1,33 +1,25 @@
-"""Helpers shared by the serving tests: mock bundles, a server on 127.0.0.1, MockEngine math."""
+"""Helpers shared by the serving tests: mock bundles, a server on 127.0.0.1, MockEngine math.
+
+The server and tritonclient helpers every test folder uses live in tests/clientutil.py; `serving`
+is re-exported here for the serving tests that import it from this module."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import pathlib
-import re
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 import numpy as np
 
-from bundle import Manifest, Signature, write_bundle
+from clientutil import serving, write_engine_bundle  # noqa: F401  (re-exported)
 from serving.engines.mock import MockEngine
 from serving.frontend.protocol import grpc_service_pb2 as pb
-from serving.server import BackgroundServer, Server, ServerConfig
 
 
 def write_mock_bundle(repo: pathlib.Path, name: str = "mock", version: int = 1,
                       config: dict | None = None) -> pathlib.Path:
   """A bundle whose manifest describes the MockEngine's signature (no params, no StableHLO)."""
-  eng = MockEngine()
-  manifest = Manifest(name=name, version=version, kind="predict", jax_version="0.10.2",
-                      signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
-                      params=(), batch_buckets=eng.buckets)
-  path = write_bundle(repo / name / str(version), manifest, [], {})
-  if config is not None:
-    (repo / name / "config.json").write_text(json.dumps(config))
-  return path
+  return write_engine_bundle(repo, name, MockEngine(), version=version, config=config)
 
 
 def mock_factory(engines: dict | None = None, **engine_kwargs) -> Callable:
@@ -40,22 +32,22 @@ def mock_factory(engines: dict | None = None, **engine_kwargs) -> Callable:
   return factory
 
 
-@contextlib.contextmanager
-def serving(repo: pathlib.Path, factory: Callable | None = None,
-            **config) -> Iterator[BackgroundServer]:
-  """A real server on 127.0.0.1 (free port, no metrics port unless given), stopped on exit."""
-  config.setdefault("metrics_port", -1)
-  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0, **config),
-                               engine_factory=factory)).start()
-  try:
-    yield bg
-  finally:
-    bg.stop()
-
-
 def expected(x: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """The MockEngine's outputs worked by hand: y = 2 * sum(x) + 1, z = x * k."""
   return 2.0 * x.sum(axis=1, keepdims=True) + 1.0, x * k
+
+
+def mock_reference(x: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
+  """`expected` by output name, the reference `clientutil.assert_served_like` takes."""
+  y, z = expected(x, k)
+  return {"y": y, "z": z}
+
+
+def mock_rows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """n random rows for the MockEngine (x: quarters in [-2, 2), exact in float32; k in [-3, 3])."""
+  x = rng.integers(-8, 8, size=(n, 4)).astype(np.float32) / 4
+  k = rng.integers(-3, 4, size=(n, 1)).astype(np.int32)
+  return x, k
 
 
 def mock_request(x: np.ndarray, k: np.ndarray, *, model: str = "mock", version: str = "",

@@ -216,8 +216,14 @@ def test_deadline_aware_admission_uses_measured_full_batch_time():
   # A higher priority only waits for rows at its level or above.
   assert b.estimated_wait_s(1, -1) is None
   b.add(Pending("urgent", 1, 1.0, deadline=1.01, priority=-1))
-  b.observe(8, 0.2)  # smoothed: 0.8 * 0.1 + 0.2 * 0.2
-  assert b._full_batch_s == pytest.approx(0.12)
+  # Batch times are smoothed, so one slow batch moves the estimate a fifth of the way:
+  # 0.8 * 0.1 + 0.2 * 0.2 = 0.12 s per batch (not 0.2, the last one, nor 0.15, the mean).
+  # 16 rows queued at priority 0 or above, + 1: three batches, plus the executor's two: 0.6 s.
+  b.observe(8, 0.2)
+  assert b.estimated_wait_s(1, 0) == pytest.approx(0.6)
+  with pytest.raises(Admission, match="overloaded"):
+    b.add(Pending("0.59 s left", 1, 2.0, deadline=2.59))  # 0.1 per batch would fit (0.5 s)
+  b.add(Pending("0.61 s left", 1, 2.0, deadline=2.61))  # 0.2 (1.0 s) or 0.15 (0.75 s) would not
   # With headroom, the estimate must fit in the rest of the time left: 0.48 s <= 0.5 * 1.0 s.
   h = _batcher(deadline_headroom=0.5)
   h.add(Pending("ahead", 12, 0.0))
@@ -230,11 +236,31 @@ def test_deadline_aware_admission_uses_measured_full_batch_time():
 
 
 def test_client_chosen_priorities_do_not_accumulate():
+  """Every request with a new priority, each run at once: the batcher's memory stays flat (an
+  empty level per priority ever seen would grow it by hundreds of bytes a request)."""
+  import gc
+  import tracemalloc
+
   b = _batcher()
-  for i in range(1000):
-    b.add(Pending(i, 1, 0.0, priority=i))
-    assert b.decide(1.0, idle=True).plan is not None
-  assert b.queued_rows == 0 and not b._queues
+
+  def serve(first, n):
+    for i in range(first, first + n):
+      b.add(Pending(i, 1, 0.0, priority=i))
+      assert b.decide(1.0, idle=True).plan is not None
+    gc.collect()
+
+  serve(0, 1000)
+  tracemalloc.start()
+  try:
+    before = tracemalloc.take_snapshot()
+    serve(1000, 10_000)
+    after = tracemalloc.take_snapshot()
+  finally:
+    tracemalloc.stop()
+  grown = sum(d.size_diff for d in after.compare_to(before, "filename"))
+  assert grown < 100_000, grown  # 10,000 leftover levels: megabytes
+  assert b.queued_rows == b.queued_requests == 0
+  assert b.head_priority() is None and b.oldest_arrival() is None
 
 
 def test_request_outcomes_are_logged_as_json_with_request_ids(tmp_path, caplog):

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
+from clientutil import assert_served_like
 from serving.batching import BatchingConfig
 from serving.engines.mock import MockEngine
 from serving.repository import ModelServingConfig
 from serving.runners import ModelRunner
 from serving.types import InferRequest
+from servingutil import expected, mock_reference, mock_rows
 
 
 class GatedEngine(MockEngine):
@@ -21,9 +23,10 @@ class GatedEngine(MockEngine):
     super().__init__(**kw)
     self.gate = threading.Event()
     self.waiting = 0  # fetches blocked on the gate
+    self.count_lock = threading.Lock()  # instances fetch concurrently
 
   def fetch(self, handle):
-    with self._lock:
+    with self.count_lock:
       self.waiting += 1
     assert self.gate.wait(10), "gate never opened"
     return super().fetch(handle)
@@ -42,9 +45,7 @@ _SINK = _EventSink()
 
 
 def _request(rows: int, seed: int, answers: dict) -> InferRequest:
-  rng = np.random.default_rng(seed)
-  x = rng.integers(-8, 8, size=(rows, 4)).astype(np.float32) / 4  # exact in float32
-  k = rng.integers(-3, 4, size=(rows, 1)).astype(np.int32)
+  x, k = mock_rows(np.random.default_rng(seed), rows)
   done = threading.Event()
 
   def on_done(out, err):
@@ -60,8 +61,9 @@ def _check(answers: dict, n: int) -> None:
     assert len(got) == 1, f"request {seed} answered {len(got)} times"
     x, k, out, err = got[0]
     assert err is None
-    np.testing.assert_array_equal(out["y"], 2.0 * x.sum(axis=1, keepdims=True) + 1.0)
-    np.testing.assert_array_equal(out["z"], x * k)
+    y, z = expected(x, k)
+    np.testing.assert_array_equal(out["y"], y)
+    np.testing.assert_array_equal(out["z"], z)
 
 
 def _wait_for(cond, timeout=5.0) -> bool:
@@ -108,7 +110,7 @@ class GateFirstEngine(GatedEngine):
   """Only the first batch waits for the gate: later batches overtake it."""
 
   def fetch(self, handle):
-    with self._lock:
+    with self.count_lock:
       first = self.waiting == 0
     if first:
       return super().fetch(handle)
@@ -135,11 +137,18 @@ def test_split_request_is_delivered_once_all_its_slices_finish_in_any_order():
   _check(answers, 1)
 
 
+def _worker_threads(name: str) -> list[str]:
+  """Names of the live worker threads of runner `name` (named `runner-<name>#<instance>`)."""
+  return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"runner-{name}#"))
+
+
 def test_concurrent_instances_answer_every_request_exactly_once():
   eng = MockEngine(buckets=(1, 2, 4, 8, 16), delay_s=0.001)
-  runner = ModelRunner("m", eng, BatchingConfig(buckets=eng.buckets), instances=3)
-  assert len(runner._threads) == 3
+  runner = ModelRunner("three", eng, BatchingConfig(buckets=eng.buckets), instances=3)
+  assert runner.capabilities.instances == runner.instances == 3
+  assert _worker_threads("three") == []  # nothing runs before start
   runner.start()
+  assert _worker_threads("three") == ["runner-three#0", "runner-three#1", "runner-three#2"]
   answers: dict = {}
   sizes = np.random.default_rng(0).integers(1, 40, size=120)  # some split across batches
   reqs = [_request(int(n), i, answers) for i, n in enumerate(sizes)]
@@ -160,7 +169,7 @@ def test_concurrent_instances_answer_every_request_exactly_once():
   st = runner.stats
   assert st.success_count == len(reqs) and st.inference_count == int(sizes.sum())
   assert sum(st.batch_counts.values()) == st.execution_count == len(eng.batches)
-  assert not any(t.is_alive() for t in runner._threads)
+  assert _worker_threads("three") == []  # stop joined every instance
 
 
 def test_instance_count_is_validated():
@@ -182,12 +191,9 @@ def test_config_json_instance_count_is_served_and_reported(start_mock_server):
   groups = c.get_model_config("mock").config.instance_group
   assert [g.count for g in groups] == [2]
   rng = np.random.default_rng(3)
-  for n in (1, 5, 19):
-    x = rng.integers(-8, 8, size=(n, 4)).astype(np.float32) / 4
-    k = rng.integers(-3, 4, size=(n, 1)).astype(np.int32)
-    ins = [tc.InferInput("x", [n, 4], "FP32"), tc.InferInput("k", [n, 1], "INT32")]
-    ins[0].set_data_from_numpy(x)
-    ins[1].set_data_from_numpy(k)
-    res = c.infer("mock", ins)
-    np.testing.assert_array_equal(res.as_numpy("y"), 2.0 * x.sum(axis=1, keepdims=True) + 1.0)
-    np.testing.assert_array_equal(res.as_numpy("z"), x * k)
+  cases = [dict(zip("xk", mock_rows(rng, n))) for n in (1, 5, 19)]  # 19: split over batches
+  assert assert_served_like(c, "mock", cases, mock_reference) == 3
+  assert set(engines["mock"].batches) <= {1, 2, 4, 8} and sum(engines["mock"].batches) >= 25
+  assert bg.server.repository.get("mock").runner.capabilities.instances == 2
+  assert sorted(t.name for t in threading.enumerate()
+                if t.name.startswith("runner-mock#")) == ["runner-mock#0", "runner-mock#1"]
