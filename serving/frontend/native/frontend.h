@@ -1,0 +1,236 @@
+// Native gRPC front end: owns the public port and serves ModelInfer for plain batched models
+// without Python per-RPC work; every other call is relayed unchanged to the Python servicer.
+//
+// One AsyncGenericService sees each call as raw bytes. A ModelInfer for a model Python
+// registered as "fast" is parsed here (hand-written protobuf wire parsing), validated against
+// the model's input specs and queued for Python's feeder thread, which takes requests in bulk
+// (`take`) and submits them to the model's runner; the runner's answers come back in bulk
+// (`complete`) and are encoded here. Anything not fully understood (typed contents, BYTES,
+// unknown model, other parameters, bad shapes, other methods, streams) is proxied byte for
+// byte, with metadata and deadline, to the Python grpc.aio server on an internal address
+// through a GenericStub, so its status codes and messages stay the single source of truth.
+//
+// This header holds what the three units share:
+//   wire.cc    protobuf wire parsing, validation against the specs, response encoding;
+//   relay.cc   a call's completion-queue events and the relay to the Python servicer;
+//   module.cc  the server, its completion queues, the fast queue and the pybind11 module.
+
+#ifndef XLASERVE_SERVING_FRONTEND_NATIVE_FRONTEND_H_
+#define XLASERVE_SERVING_FRONTEND_NATIVE_FRONTEND_H_
+
+#include <pybind11/pybind11.h>
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace xlaserve::native {
+
+// -- model table -------------------------------------------------------------------------------
+
+struct Spec {
+  std::string name, datatype;
+  std::vector<int64_t> dims;  // dims[0] == -1 (rows)
+  int64_t row_bytes = 0;      // bytes per row
+};
+
+struct Model {
+  int slot = 0;
+  std::string version;  // the response's model_version
+  std::vector<Spec> inputs, outputs;
+  int64_t default_timeout_us = 0;
+};
+
+using Table = std::unordered_map<std::string, std::shared_ptr<const Model>>;  // name '\0' version
+
+// -- a parsed ModelInfer (views into the message bytes; wire.cc) -------------------------------
+
+struct InTensor {
+  std::string_view name, datatype;
+  std::vector<int64_t> shape;
+};
+
+struct Request {
+  std::string_view model_name, model_version, id;
+  std::vector<InTensor> inputs;
+  std::vector<std::string_view> outputs;
+  std::vector<std::string_view> raw;
+  int64_t timeout_us = -1;  // absent
+  int64_t priority = -1;    // absent
+};
+
+// False for anything the fast path does not fully understand: Python decides.
+bool ParseRequest(std::string_view msg, Request* r);
+
+// The inputs match the model's specs: `offsets` gets each raw tensor's offset into `msg` (in
+// spec order) and `rows` the common row count.
+bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t max_rows,
+                 int64_t max_tensor_bytes, std::vector<size_t>* offsets, int64_t* rows);
+
+// The requested outputs (all of them when none is named) as indexes into m.outputs.
+bool MatchOutputs(const Request& r, const Model& m, std::vector<int>* out_index);
+
+// -- calls -------------------------------------------------------------------------------------
+
+class Frontend;
+
+enum Op : uint8_t {
+  kRequest, kDone, kSRead, kSWrite, kSFinish, kCStart, kCRead, kCWrite, kCWritesDone, kCFinish,
+  kOps
+};
+
+struct Call;
+struct Tag {
+  Call* call;
+  Op op;
+};
+
+// One queued fast request, as Python's feeder takes it.
+struct Fast {
+  Call* call;
+  uint64_t id;
+  int slot;
+  int64_t rows;
+  std::vector<size_t> offsets;  // per input, in spec order, into the message bytes
+  double arrival, deadline;     // deadline < 0: none
+  int64_t priority;
+  std::string request_id;
+};
+
+// The request's bytes, shared by its Call and Python's arrays (buffer protocol).
+struct RequestBuffer {
+  grpc::Slice slice;
+};
+
+// One RPC: its server stream, and for a relayed call its client stream to the Python servicer.
+// Its events and the relay live in relay.cc.
+struct Call {
+  Frontend* fe;
+  grpc::ServerCompletionQueue* cq;
+  std::mutex mu;
+  grpc::GenericServerContext sctx;
+  grpc::GenericServerAsyncReaderWriter stream{&sctx};
+  Tag tags[kOps];
+  int pending = 0;       // outstanding completion-queue operations (the done tag included)
+  bool py_owned = false;  // queued for, or held by, Python
+  bool started = false;
+  // fast path
+  grpc::ByteBuffer in;
+  grpc::Slice message;
+  std::shared_ptr<const Model> model;
+  std::vector<int> out_index;  // requested outputs (indexes into model->outputs)
+  std::string_view model_name, id;
+  int64_t rows = 0;
+  // relay
+  std::unique_ptr<grpc::ClientContext> cctx;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> cstream;
+  grpc::ByteBuffer down;  // backend -> client
+  grpc::Status cstatus;
+  bool relaying = false, up_pending = false, up_closed = false, s_reading = false, c_started = false;
+  bool c_writing = false, writes_done = false, c_read_done = false, c_failed = false;
+  bool c_finishing = false, s_dead = false, done = false;
+
+  Call(Frontend* f, grpc::ServerCompletionQueue* q);
+  ~Call();
+  void* T(Op op) {
+    ++pending;
+    return &tags[op];
+  }
+  bool Releasable() const { return pending == 0 && !py_owned; }
+
+  void OnEvent(Op op, bool ok);
+  void OnBackendEvent(Op op, bool ok);
+  void StartRelay(bool have_first);
+  void PumpUp();
+  void MaybeFinishBackend();
+};
+
+// -- the front end (module.cc; Encode in wire.cc) ------------------------------------------------
+
+class Frontend {
+ public:
+  Frontend(std::string backend, int64_t max_message_bytes, int64_t max_rows,
+           int64_t max_tensor_bytes, std::string token, std::string id_prefix, int threads);
+  ~Frontend() { Stop(0.0); }
+
+  int Start(const std::string& address);
+
+  // Refuses what Python still holds (UNAVAILABLE), shuts the server down (cancelling calls
+  // still open after `grace_s`), waits for every call to be released, then stops the threads.
+  void Stop(double grace_s);
+
+  void SetModels(const std::vector<py::tuple>& entries);
+  void SetAccepting(bool v) { accepting_ = v; }
+
+  // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
+  // (None). Each item: (call, slot, rows, buffer, offsets, arrival, deadline, priority, id).
+  py::object Take(size_t max_items, double timeout_s);
+
+  // Answers fast calls: items of (call, outputs dict or None, grpc code, message).
+  void Complete(const py::list& items);
+
+  // Hands fast calls back to the relay: Python's servicer answers them.
+  void Forward(const std::vector<uint64_t>& ids);
+
+  int64_t Inflight() const { return inflight_; }
+  py::dict Stats() const;
+
+  // -- used by calls (no GIL) --
+
+  // Offers a fresh call object for the next RPC, unless stopping (then the queue may be shut).
+  void Spawn(grpc::ServerCompletionQueue* cq);
+
+  // Parses and validates a ModelInfer; true when it was queued for Python (call->mu held).
+  bool TryFast(Call* c);
+
+  grpc::GenericStub* stub() { return stub_.get(); }
+  std::atomic<int64_t> relayed_{0}, live_calls_{0};
+
+ private:
+  Call* Claim(uint64_t id);
+  void EndBusy(size_t n);
+  void Finish(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st);
+  std::string Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer* bb);
+  void Poll(grpc::ServerCompletionQueue* cq);
+
+  std::string backend_;
+  int64_t max_message_bytes_, max_rows_, max_tensor_bytes_;
+  std::string token_, id_prefix_;
+  int threads_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<grpc::GenericStub> stub_;
+  grpc::AsyncGenericService service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
+  std::vector<std::thread> workers_;
+  std::mutex table_mu_;
+  std::shared_ptr<Table> table_;
+  std::atomic<bool> accepting_{true};
+  std::mutex qmu_;
+  std::condition_variable qcv_, busy_cv_;
+  int64_t busy_ = 0;
+  std::deque<Fast> queue_;
+  std::unordered_map<uint64_t, Call*> owned_;
+  bool stopped_ = false;
+  uint64_t next_id_ = 1;
+  std::atomic<int64_t> inflight_{0}, fast_{0}, forwarded_{0};
+  std::atomic<uint64_t> request_ids_{1};
+};
+
+}  // namespace xlaserve::native
+
+#endif  // XLASERVE_SERVING_FRONTEND_NATIVE_FRONTEND_H_

@@ -1,0 +1,184 @@
+// A call's completion-queue events. The first message read decides: a ModelInfer the fast
+// path takes is queued for Python (module.cc); anything else is relayed byte for byte, with
+// metadata and deadline, through a GenericStub to the Python servicer on its internal address,
+// and the backend's messages, trailing metadata and status come back to the client unchanged.
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "frontend.h"
+
+namespace xlaserve::native {
+
+Call::Call(Frontend* f, grpc::ServerCompletionQueue* q) : fe(f), cq(q) {
+  for (int i = 0; i < kOps; ++i) tags[i] = Tag{this, Op(i)};
+  fe->live_calls_++;
+}
+
+Call::~Call() { fe->live_calls_--; }
+
+// -- call events (call->mu held) -----------------------------------------------------------------
+
+void Call::OnEvent(Op op, bool ok) {
+  switch (op) {
+    case kRequest:
+      if (!ok) return;  // shutting down; the done tag never comes for a call that never started
+      started = true;
+      ++pending;  // the done tag
+      fe->Spawn(cq);
+      stream.Read(&in, T(kSRead));
+      s_reading = true;
+      return;
+    case kDone:
+      done = true;
+      if (cctx && sctx.IsCancelled()) cctx->TryCancel();
+      return;
+    case kSRead:
+      s_reading = false;
+      if (!relaying) {  // the first message
+        bool fast = false;
+        if (ok) {
+          try {
+            fast = fe->TryFast(this);
+          } catch (...) {
+            fast = false;
+          }
+        }
+        if (!fast) {
+          fe->relayed_++;
+          StartRelay(ok);
+        }
+        return;
+      }
+      if (ok) {
+        up_pending = true;
+      } else {
+        up_closed = true;
+      }
+      PumpUp();
+      return;
+    case kSWrite:
+      if (!ok && !s_dead) {
+        s_dead = true;
+        cctx->TryCancel();
+      }
+      cstream->Read(&down, T(kCRead));
+      return;
+    case kSFinish:
+      return;
+    default:  // the relay's client stream
+      OnBackendEvent(op, ok);
+      return;
+  }
+}
+
+// Events of the relay's client stream to the Python servicer.
+void Call::OnBackendEvent(Op op, bool ok) {
+  switch (op) {
+    case kCStart:
+      if (!ok) {
+        c_failed = true;
+        c_read_done = true;
+        MaybeFinishBackend();
+        return;
+      }
+      c_started = true;
+      PumpUp();
+      cstream->Read(&down, T(kCRead));
+      return;
+    case kCWrite:
+      c_writing = false;
+      if (!ok) {
+        c_failed = true;  // the backend call is over; its status says why
+      } else if (!up_closed && !s_reading) {
+        stream.Read(&in, T(kSRead));
+        s_reading = true;
+      }
+      PumpUp();
+      MaybeFinishBackend();
+      return;
+    case kCWritesDone:
+      c_writing = false;
+      MaybeFinishBackend();
+      return;
+    case kCRead:
+      if (!ok) {
+        c_read_done = true;
+        MaybeFinishBackend();
+        return;
+      }
+      if (s_dead) {
+        cstream->Read(&down, T(kCRead));
+      } else {
+        stream.Write(down, T(kSWrite));
+      }
+      return;
+    case kCFinish: {
+      for (const auto& [k, v] : cctx->GetServerTrailingMetadata()) {
+        std::string key(k.data(), k.size());
+        if (key.rfind("grpc-", 0) == 0) continue;
+        sctx.AddTrailingMetadata(key, std::string(v.data(), v.size()));
+      }
+      stream.Finish(cstatus, T(kSFinish));
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+void Call::StartRelay(bool have_first) {
+  relaying = true;
+  up_pending = have_first;
+  up_closed = !have_first;
+  cctx = std::make_unique<grpc::ClientContext>();
+  auto dl = sctx.deadline();
+  if (dl < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
+    cctx->set_deadline(dl);
+  }
+  for (const auto& [k, v] : sctx.client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" ||
+        key == "te" || key == "content-type" || key == "host") {
+      continue;
+    }
+    bool valid = true;
+    for (char ch : key) {
+      valid = valid && ((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-' ||
+                        ch == '_' || ch == '.');
+    }
+    if (valid) cctx->AddMetadata(key, std::string(v.data(), v.size()));
+  }
+  cstream = fe->stub()->PrepareCall(cctx.get(), std::string(sctx.method()), cq);
+  if (!cstream) {
+    cstatus = grpc::Status(grpc::StatusCode::UNAVAILABLE, "internal relay unavailable");
+    stream.Finish(cstatus, T(kSFinish));
+    return;
+  }
+  cstream->StartCall(T(kCStart));
+  if (done && sctx.IsCancelled()) cctx->TryCancel();
+}
+
+void Call::PumpUp() {
+  if (c_failed || c_read_done || c_writing || !c_started) return;
+  if (up_pending) {
+    up_pending = false;
+    c_writing = true;
+    cstream->Write(in, T(kCWrite));
+  } else if (up_closed && !writes_done) {
+    writes_done = true;
+    c_writing = true;
+    cstream->WritesDone(T(kCWritesDone));
+  }
+}
+
+void Call::MaybeFinishBackend() {
+  if (c_read_done && !c_writing && !c_finishing) {
+    c_finishing = true;
+    cstream->Finish(&cstatus, T(kCFinish));
+  }
+}
+
+}  // namespace xlaserve::native

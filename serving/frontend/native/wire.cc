@@ -1,0 +1,363 @@
+// Wire format of ModelInfer for the fast path: parses the request's protobuf bytes (views, no
+// copies), checks its tensors against the model's specs, and encodes the response from the
+// runner's arrays. Anything it does not fully understand returns false: the call is relayed.
+
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "frontend.h"
+
+namespace xlaserve::native {
+namespace {
+
+// -- protobuf wire reading ---------------------------------------------------------------------
+
+struct Wire {
+  const uint8_t* p;
+  const uint8_t* end;
+
+  bool Varint(uint64_t* v) {
+    uint64_t out = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p >= end) return false;
+      uint8_t b = *p++;
+      out |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) {
+        *v = out;
+        return true;
+      }
+    }
+    return false;
+  }
+  bool Tag(uint32_t* field, uint32_t* type) {
+    uint64_t t;
+    if (!Varint(&t) || (t >> 3) == 0 || (t >> 3) > 0x1fffffff) return false;
+    *field = uint32_t(t >> 3);
+    *type = uint32_t(t & 7);
+    return true;
+  }
+  bool Bytes(std::string_view* out) {
+    uint64_t n;
+    if (!Varint(&n) || n > uint64_t(end - p)) return false;
+    *out = std::string_view(reinterpret_cast<const char*>(p), n);
+    p += n;
+    return true;
+  }
+};
+
+bool ValidUtf8(std::string_view s) {
+  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
+  const auto* e = p + s.size();
+  while (p < e) {
+    uint8_t c = *p;
+    if (c < 0x80) { ++p; continue; }
+    int n = (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
+    if (n < 0 || e - p <= n) return false;
+    uint32_t cp = c & (0x3f >> n);
+    for (int i = 1; i <= n; ++i) {
+      if ((p[i] & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (p[i] & 0x3f);
+    }
+    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+        cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    p += n + 1;
+  }
+  return true;
+}
+
+// An InferParameter holding a non-negative integer; anything else is left to Python.
+bool IntParam(std::string_view msg, int64_t* out) {
+  Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
+         reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
+  int seen = 0;
+  while (w.p < w.end) {
+    uint32_t f, t;
+    uint64_t v;
+    if (!w.Tag(&f, &t) || t != 0 || (f != 2 && f != 5) || !w.Varint(&v)) return false;
+    if (v > (uint64_t(1) << 62)) return false;  // negative int64 or absurd
+    *out = int64_t(v);
+    ++seen;
+  }
+  return seen == 1;
+}
+
+// A well-formed InferParameter of any kind (Python ignores the ones it does not use).
+bool AnyParam(std::string_view msg) {
+  Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
+         reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
+  while (w.p < w.end) {
+    uint32_t f, t;
+    uint64_t v;
+    std::string_view s;
+    if (!w.Tag(&f, &t)) return false;
+    if ((f == 1 || f == 2 || f == 5) && t == 0) {
+      if (!w.Varint(&v)) return false;
+    } else if (f == 3 && t == 2) {
+      if (!w.Bytes(&s) || !ValidUtf8(s)) return false;
+    } else if (f == 4 && t == 1) {
+      if (w.end - w.p < 8) return false;
+      w.p += 8;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool ParseParameter(std::string_view entry, Request* r) {
+  Wire w{reinterpret_cast<const uint8_t*>(entry.data()),
+         reinterpret_cast<const uint8_t*>(entry.data()) + entry.size()};
+  std::string_view key, value;
+  bool has_value = false;
+  while (w.p < w.end) {
+    uint32_t f, t;
+    if (!w.Tag(&f, &t) || t != 2) return false;
+    if (f == 1) {
+      if (!w.Bytes(&key)) return false;
+    } else if (f == 2) {
+      if (!w.Bytes(&value)) return false;
+      has_value = true;
+    } else {
+      return false;
+    }
+  }
+  if (key == "timeout" || key == "priority") {  // validated and used, as in servicer.py
+    int64_t v;
+    if (!has_value || !IntParam(value, &v)) return false;
+    int64_t* slot = key == "timeout" ? &r->timeout_us : &r->priority;
+    if (*slot >= 0) return false;  // given twice: the Python servicer decides
+    *slot = v;
+    return true;
+  }
+  // Any other parameter (e.g. perf_analyzer's triton_enable_empty_final_response): plain
+  // batched models ignore it, exactly as the Python servicer does.
+  return ValidUtf8(key) && (!has_value || AnyParam(value));
+}
+
+bool ParseInput(std::string_view msg, InTensor* t) {
+  Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
+         reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
+  while (w.p < w.end) {
+    uint32_t f, type;
+    if (!w.Tag(&f, &type)) return false;
+    if (f == 1 && type == 2) {
+      if (!w.Bytes(&t->name)) return false;
+    } else if (f == 2 && type == 2) {
+      if (!w.Bytes(&t->datatype)) return false;
+    } else if (f == 3 && type == 2) {  // packed
+      std::string_view packed;
+      if (!w.Bytes(&packed)) return false;
+      Wire pw{reinterpret_cast<const uint8_t*>(packed.data()),
+              reinterpret_cast<const uint8_t*>(packed.data()) + packed.size()};
+      while (pw.p < pw.end) {
+        uint64_t v;
+        if (!pw.Varint(&v) || t->shape.size() >= 16) return false;
+        t->shape.push_back(int64_t(v));
+      }
+    } else if (f == 3 && type == 0) {
+      uint64_t v;
+      if (!w.Varint(&v) || t->shape.size() >= 16) return false;
+      t->shape.push_back(int64_t(v));
+    } else {
+      return false;  // parameters, typed contents, unknown fields: Python decides
+    }
+  }
+  return true;
+}
+
+bool ParseOutput(std::string_view msg, std::string_view* name) {
+  Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
+         reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
+  bool named = false;
+  while (w.p < w.end) {
+    uint32_t f, t;
+    std::string_view v;
+    if (!w.Tag(&f, &t) || t != 2 || !w.Bytes(&v)) return false;
+    if (f == 1) {
+      *name = v;
+      named = true;
+    } else if (f != 2) {  // 2: output parameters, which Python ignores too
+      return false;
+    }
+  }
+  return named;
+}
+
+}  // namespace
+
+bool ParseRequest(std::string_view msg, Request* r) {
+  Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
+         reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
+  while (w.p < w.end) {
+    uint32_t f, t;
+    std::string_view v;
+    if (!w.Tag(&f, &t) || t != 2 || !w.Bytes(&v)) return false;
+    switch (f) {
+      case 1: r->model_name = v; break;
+      case 2: r->model_version = v; break;
+      case 3: r->id = v; break;
+      case 4: if (!ParseParameter(v, r)) return false; break;
+      case 5:
+        if (r->inputs.size() >= 64) return false;
+        r->inputs.emplace_back();
+        if (!ParseInput(v, &r->inputs.back())) return false;
+        break;
+      case 6:
+        if (r->outputs.size() >= 64) return false;
+        r->outputs.emplace_back();
+        if (!ParseOutput(v, &r->outputs.back())) return false;
+        break;
+      case 7: r->raw.push_back(v); break;
+      default: return false;
+    }
+  }
+  return ValidUtf8(r->id);
+}
+
+// -- validation against the model's specs ------------------------------------------------------
+
+bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t max_rows,
+                 int64_t max_tensor_bytes, std::vector<size_t>* offsets, int64_t* rows_out) {
+  const size_t n = m.inputs.size();
+  if (r.inputs.size() != n || r.raw.size() != n) return false;
+  offsets->assign(n, 0);
+  std::vector<bool> seen(n, false);
+  int64_t rows = -1;
+  for (size_t i = 0; i < n; ++i) {
+    const InTensor& t = r.inputs[i];
+    size_t k = 0;
+    while (k < n && m.inputs[k].name != t.name) ++k;
+    if (k == n || seen[k]) return false;
+    seen[k] = true;
+    const Spec& s = m.inputs[k];
+    if (t.datatype != s.datatype || t.shape.size() != s.dims.size()) return false;
+    for (size_t d = 1; d < s.dims.size(); ++d) {
+      if (t.shape[d] != s.dims[d]) return false;
+    }
+    int64_t nr = t.shape[0];
+    if (nr < 1 || nr > max_rows || (rows >= 0 && nr != rows)) return false;
+    rows = nr;
+    if (s.row_bytes != 0 && nr > max_tensor_bytes / s.row_bytes) return false;
+    if (int64_t(r.raw[i].size()) != nr * s.row_bytes) return false;
+    (*offsets)[k] = size_t(r.raw[i].data() - msg.data());
+  }
+  *rows_out = rows;
+  return true;
+}
+
+bool MatchOutputs(const Request& r, const Model& m, std::vector<int>* out_index) {
+  out_index->clear();
+  for (auto name : r.outputs) {
+    size_t k = 0;
+    while (k < m.outputs.size() && m.outputs[k].name != name) ++k;
+    if (k == m.outputs.size()) return false;
+    out_index->push_back(int(k));
+  }
+  if (r.outputs.empty()) {
+    for (size_t k = 0; k < m.outputs.size(); ++k) out_index->push_back(int(k));
+  }
+  return true;
+}
+
+namespace {
+
+// -- protobuf wire writing ---------------------------------------------------------------------
+
+size_t VarintSize(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) { v >>= 7; ++n; }
+  return n;
+}
+uint8_t* PutVarint(uint8_t* p, uint64_t v) {
+  while (v >= 0x80) { *p++ = uint8_t(v) | 0x80; v >>= 7; }
+  *p++ = uint8_t(v);
+  return p;
+}
+size_t FieldSize(size_t len) { return 1 + VarintSize(len) + len; }  // field numbers < 16
+uint8_t* PutField(uint8_t* p, int field, const void* data, size_t len) {
+  *p++ = uint8_t(field << 3 | 2);
+  p = PutVarint(p, len);
+  if (len) std::memcpy(p, data, len);
+  return p + len;
+}
+
+}  // namespace
+
+// -- the response (GIL held) ------------------------------------------------------------------
+
+std::string Frontend::Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer* bb) {
+  const Model& m = *c->model;
+  struct Piece {
+    const Spec* spec;
+    Py_buffer view;
+    py::object holder;
+    size_t tensor_len;
+  };
+  std::vector<Piece> pieces;
+  pieces.reserve(c->out_index.size());
+  auto release_all = [&pieces] {
+    for (auto& p : pieces) PyBuffer_Release(&p.view);
+  };
+  size_t total = FieldSize(c->model_name.size()) + FieldSize(m.version.size()) +
+                 (c->id.empty() ? 0 : FieldSize(c->id.size()));
+  for (int k : c->out_index) {
+    const Spec& s = m.outputs[k];
+    PyObject* arr = PyDict_GetItemString(outputs.ptr(), s.name.c_str());
+    if (arr == nullptr) {
+      release_all();
+      return "model output '" + s.name + "' is missing";
+    }
+    Piece p{&s, {}, py::reinterpret_borrow<py::object>(arr), 0};
+    if (PyObject_GetBuffer(arr, &p.view, PyBUF_C_CONTIGUOUS) != 0) {
+      PyErr_Clear();  // non-contiguous, or a dtype numpy cannot export (bfloat16): bytes
+      try {
+        p.holder = py::reinterpret_borrow<py::object>(arr).attr("tobytes")();
+      } catch (py::error_already_set&) {
+        release_all();
+        return "model output '" + s.name + "' is not an array";
+      }
+      if (PyObject_GetBuffer(p.holder.ptr(), &p.view, PyBUF_SIMPLE) != 0) {
+        PyErr_Clear();
+        release_all();
+        return "model output '" + s.name + "' is not an array";
+      }
+    }
+    if (p.view.len != c->rows * s.row_bytes) {
+      PyBuffer_Release(&p.view);
+      release_all();
+      return "model output '" + s.name + "' has " + std::to_string(p.view.len) +
+             " bytes, expected " + std::to_string(c->rows * s.row_bytes);
+    }
+    size_t shape_len = VarintSize(uint64_t(c->rows));
+    for (size_t d = 1; d < s.dims.size(); ++d) shape_len += VarintSize(uint64_t(s.dims[d]));
+    p.tensor_len = FieldSize(s.name.size()) + FieldSize(s.datatype.size()) + FieldSize(shape_len);
+    total += FieldSize(p.tensor_len) + FieldSize(size_t(p.view.len));
+    pieces.push_back(std::move(p));
+  }
+  grpc::Slice slice(total);
+  auto* out = const_cast<uint8_t*>(slice.begin());
+  out = PutField(out, 1, c->model_name.data(), c->model_name.size());
+  out = PutField(out, 2, m.version.data(), m.version.size());
+  if (!c->id.empty()) out = PutField(out, 3, c->id.data(), c->id.size());
+  for (auto& p : pieces) {
+    const Spec& s = *p.spec;
+    *out++ = uint8_t(5 << 3 | 2);
+    out = PutVarint(out, p.tensor_len);
+    out = PutField(out, 1, s.name.data(), s.name.size());
+    out = PutField(out, 2, s.datatype.data(), s.datatype.size());
+    size_t shape_len = VarintSize(uint64_t(c->rows));
+    for (size_t d = 1; d < s.dims.size(); ++d) shape_len += VarintSize(uint64_t(s.dims[d]));
+    *out++ = uint8_t(3 << 3 | 2);
+    out = PutVarint(out, shape_len);
+    out = PutVarint(out, uint64_t(c->rows));
+    for (size_t d = 1; d < s.dims.size(); ++d) out = PutVarint(out, uint64_t(s.dims[d]));
+  }
+  for (auto& p : pieces) out = PutField(out, 6, p.view.buf, size_t(p.view.len));
+  release_all();
+  *bb = grpc::ByteBuffer(&slice, 1);
+  return "";
+}
+
+}  // namespace xlaserve::native
