@@ -5,7 +5,8 @@
 Shapes are the ads-serving ones: decode matmuls (M = 1..16, 4096 x 4096), dense layers (batch
 256..4096, 512..1024 wide), embedding bags (26 features x 32 ids, 100k x 64 tables), and rows for
 flash/paged attention. Prints a table (time, GB/s, TFLOP/s), writes results.json and kernels.png to
---out. --tune (GPU only) times candidate block sizes and rewrites pallas_kernels/tuned_block_sizes.py.
+--out. --tune (GPU only) times candidate block sizes for all four kernel families (quantized matmul,
+embedding bag, flash and paged attention) and rewrites their rows of pallas_kernels/tuned_block_sizes.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import logging
 import math
 import pathlib
 import platform
@@ -29,15 +29,18 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a bare checkout
 # pylint: disable=g-import-not-at-top
-from pallas_kernels import quantize, tuned_block_sizes
+from pallas_kernels import quantize, tuned_block_sizes as tbs
+from pallas_kernels.common import ANY, MASK_VALUE, device_kind
 from pallas_kernels.embedding_bag import BlockSizes as BagBlockSizes
 from pallas_kernels.embedding_bag import embedding_bag_multi
+from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.paged_attention import BlockSizes as PagedBlockSizes
+from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.quantized_matmul import MODES
 from pallas_kernels.quantized_matmul import BlockSizes as MatmulBlockSizes
 from pallas_kernels.quantized_matmul import quantized_matmul
 # pylint: enable=g-import-not-at-top
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +192,7 @@ def _jnp_attention(q, k, v, causal):
   logits = logits / math.sqrt(q.shape[-1])
   if causal:
     mask = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
-    logits = jnp.where(mask, logits, -1e30)
+    logits = jnp.where(mask, logits, MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
@@ -204,105 +207,93 @@ def _jnp_paged(q, k_pages, v_pages, page_table, lengths):
   logits = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(head_dim)
   valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]
-  logits = jnp.where(valid[:, None, None, :], logits, -1e30)
+  logits = jnp.where(valid[:, None, None, :], logits, MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgs,bksd->bkgd", weights, v).reshape(q.shape)
 
 
+def _flash_inputs(key, batch, heads, kv_heads, seq, head_dim) -> tuple[jax.Array, ...]:
+  """(q, k, v) bfloat16: q [batch, heads, seq, head_dim], k and v [batch, kv_heads, seq, head_dim]."""
+  kq, kk, kv = jax.random.split(jax.random.fold_in(key, seq), 3)
+  return tuple(jax.random.normal(k_i, (batch, h, seq, head_dim), jnp.bfloat16)
+               for k_i, h in ((kq, heads), (kk, kv_heads), (kv, kv_heads)))
+
+
+def _paged_inputs(key, batch, heads, kv_heads, head_dim, page_size, pages_per_seq,
+                  cache_dtype=jnp.bfloat16) -> tuple[jax.Array, ...]:
+  """(q, k_pages, v_pages, page_table, lengths), then (k_scale, v_scale) for an int8 cache."""
+  kq, kk, kv, kl = jax.random.split(jax.random.fold_in(key, batch), 4)
+  num_pages = batch * pages_per_seq
+  pages_shape = (kv_heads, num_pages, page_size, head_dim)
+  q = jax.random.normal(kq, (batch, heads, head_dim), jnp.bfloat16)
+  if jnp.dtype(cache_dtype) == jnp.int8:
+    k_pages, v_pages = (jax.random.randint(k_i, pages_shape, -127, 128, jnp.int8) for k_i in (kk, kv))
+    scales = (jax.random.uniform(k_i, pages_shape[:3], jnp.float32, 0.005, 0.02) for k_i in (kk, kv))
+  else:
+    k_pages, v_pages = (jax.random.normal(k_i, pages_shape, cache_dtype) for k_i in (kk, kv))
+    scales = ()
+  page_table = jax.random.permutation(kl, num_pages).reshape(batch, pages_per_seq).astype(jnp.int32)
+  max_len = pages_per_seq * page_size
+  lengths = jax.random.randint(kl, (batch,), max_len // 2, max_len + 1, jnp.int32)
+  return (q, k_pages, v_pages, page_table, lengths, *scales)
+
+
 def attention_cases(quick: bool, key: jax.Array) -> list[Case]:
   cases = []
-  try:
-    from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    _progress(f"flash_attention rows skipped: {e}")
-  else:
-    for batch, heads, kv_heads, seq, head_dim in (
-        ((1, 8, 2, 256, 64),) if quick else ((4, 16, 4, 1024, 128), (16, 8, 8, 512, 64))):
-      kq, kk, kv = jax.random.split(jax.random.fold_in(key, seq), 3)
-      q = jax.random.normal(kq, (batch, heads, seq, head_dim), jnp.bfloat16)
-      k = jax.random.normal(kk, (batch, kv_heads, seq, head_dim), jnp.bfloat16)
-      v = jax.random.normal(kv, (batch, kv_heads, seq, head_dim), jnp.bfloat16)
-      shape = f"causal B={batch} H={heads}/{kv_heads} S={seq} D={head_dim}"
-      moved = _nbytes(q, k, v, q)
-      flops = 2 * batch * heads * seq * seq * head_dim  # 4*b*h*s*s*d halved by the causal mask
-      cases.append(Case("flash_attention", shape, "auto",
-                        jax.jit(functools.partial(flash_attention, causal=True)), (q, k, v),
-                        moved, flops))
-      cases.append(Case("flash_attention", shape, "jnp",
-                        jax.jit(functools.partial(_jnp_attention, causal=True)), (q, k, v),
-                        moved, flops))
-  try:
-    from pallas_kernels.paged_attention import paged_attention  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    _progress(f"paged_attention rows skipped: {e}")
-  else:
-    for batch, heads, kv_heads, head_dim, page_size, pages_per_seq in (
-        ((8, 8, 2, 64, 16, 32),) if quick else ((32, 32, 8, 128, 16, 128),)):
-      kq, kk, kv, kl = jax.random.split(jax.random.fold_in(key, batch), 4)
-      num_pages = batch * pages_per_seq
-      q = jax.random.normal(kq, (batch, heads, head_dim), jnp.bfloat16)
-      k_pages = jax.random.normal(kk, (kv_heads, num_pages, page_size, head_dim), jnp.bfloat16)
-      v_pages = jax.random.normal(kv, (kv_heads, num_pages, page_size, head_dim), jnp.bfloat16)
-      page_table = jax.random.permutation(kl, num_pages).reshape(batch, pages_per_seq)
-      page_table = page_table.astype(jnp.int32)
-      max_len = pages_per_seq * page_size
-      lengths = jax.random.randint(kl, (batch,), max_len // 2, max_len + 1, jnp.int32)
-      mean_len = float(np.mean(np.asarray(lengths)))
-      shape = f"B={batch} H={heads}/{kv_heads} D={head_dim} page={page_size} len<={max_len}"
-      moved = int(2 * batch * mean_len * kv_heads * head_dim * 2) + 2 * _nbytes(q)
-      flops = int(4 * batch * heads * mean_len * head_dim)
-      args = (q, k_pages, v_pages, page_table, lengths)
-      cases.append(Case("paged_attention", shape, "auto", jax.jit(paged_attention), args,
-                        moved, flops))
-      cases.append(Case("paged_attention", shape, "jnp", jax.jit(_jnp_paged), args, moved,
-                        flops))
+  for batch, heads, kv_heads, seq, head_dim in (
+      ((1, 8, 2, 256, 64),) if quick else ((4, 16, 4, 1024, 128), (16, 8, 8, 512, 64))):
+    q, k, v = args = _flash_inputs(key, batch, heads, kv_heads, seq, head_dim)
+    shape = f"causal B={batch} H={heads}/{kv_heads} S={seq} D={head_dim}"
+    moved = _nbytes(q, k, v, q)
+    flops = 2 * batch * heads * seq * seq * head_dim  # 4*b*h*s*s*d halved by the causal mask
+    for variant, fn in (("auto", flash_attention), ("jnp", _jnp_attention)):
+      cases.append(Case("flash_attention", shape, variant,
+                        jax.jit(functools.partial(fn, causal=True)), args, moved, flops))
+  for batch, heads, kv_heads, head_dim, page_size, pages_per_seq in (
+      ((8, 8, 2, 64, 16, 32),) if quick else ((32, 32, 8, 128, 16, 128),)):
+    args = _paged_inputs(key, batch, heads, kv_heads, head_dim, page_size, pages_per_seq)
+    mean_len = float(np.mean(np.asarray(args[4])))
+    max_len = pages_per_seq * page_size
+    shape = f"B={batch} H={heads}/{kv_heads} D={head_dim} page={page_size} len<={max_len}"
+    moved = int(2 * batch * mean_len * kv_heads * head_dim * 2) + 2 * _nbytes(args[0])
+    flops = int(4 * batch * heads * mean_len * head_dim)
+    for variant, fn in (("auto", paged_attention), ("jnp", _jnp_paged)):
+      cases.append(Case("paged_attention", shape, variant, jax.jit(fn), args, moved, flops))
   return cases
 
 
 # ------------------------------------------------------------------------------------------ tune
-def tune(quick: bool, key: jax.Array, reps: int) -> dict[tuple[str, str, str, str], dict]:
-  """GPU only: times candidate block sizes per shape class, returns the winners as table entries."""
-  device = tuned_block_sizes.current_device_kind()
-  entries: dict[tuple[str, str, str, str], dict] = {}
-  matmul_candidates = [
-      MatmulBlockSizes(bm, bn, bk, sk, nw, ns)
-      for bm, bn, bk, sk, nw, ns in ((16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 4),
-                                     (16, 128, 128, 4, 4, 3), (64, 64, 64, 1, 4, 3),
-                                     (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4))]
-  for m, k, n in ((16, 4096, 4096), (256, 512, 1024), (4096, 1024, 1024)):
-    x = jax.random.normal(key, (m, k), jnp.bfloat16)
-    w_q, w_scale = quantize.quantize_int8_per_channel(jax.random.normal(key, (k, n)))
-    for mode in ("w8a16", "w8a8"):
-      best = None
-      for blocks in matmul_candidates:
-        fn = jax.jit(functools.partial(quantized_matmul, mode=mode, impl="pallas",
-                                       block_sizes=blocks))
-        try:
-          ms = time_call(fn, (x, w_q, w_scale), reps)
-        except Exception as e:  # pylint: disable=broad-except
-          _progress(f"  tune {mode} M={m} {blocks}: failed ({type(e).__name__})")
-          continue
-        _progress(f"  tune {mode} M={m} K={k} N={n} {blocks}: {ms:.3f} ms")
-        if best is None or ms < best[0]:
-          best = (ms, blocks)
-      if best is not None:
-        key4 = (device, "quantized_matmul", tuned_block_sizes.matmul_shape_class(m, k, n),
-                f"{mode}:bfloat16")
-        entries[key4] = dataclasses.asdict(best[1])
-  tables = jax.random.normal(key, (26, 100_000, 64), jnp.float32)
-  ids = jax.random.randint(key, (1024, 26, 32), -1, 200_000)
-  best = None
-  for blocks in (BagBlockSizes(bb, bd, nw, ns) for bb in (16, 32, 64) for bd in (32, 64)
-                 for nw, ns in ((4, 2), (8, 2))):
-    fn = jax.jit(functools.partial(embedding_bag_multi, impl="pallas", block_sizes=blocks))
-    ms = time_call(fn, (tables, ids), reps)
-    _progress(f"  tune embedding_bag {blocks}: {ms:.3f} ms")
-    if best is None or ms < best[0]:
-      best = (ms, blocks)
-  entries[(device, "embedding_bag", tuned_block_sizes.embedding_shape_class(1024, 32, 64),
-           "float32")] = dataclasses.asdict(best[1])
-  del quick
-  return entries
+def _paged_scaled(q, k_pages, v_pages, page_table, lengths, k_scale=None, v_scale=None, **kwargs):
+  """paged_attention with the int8 scales positional, so the timing loop can pass them."""
+  return paged_attention(q, k_pages, v_pages, page_table, lengths, k_scale=k_scale,
+                         v_scale=v_scale, **kwargs)
+
+
+def tune_jobs(quick: bool, key: jax.Array) -> list[tbs.TuneJob]:
+  """The table rows `--tune` measures, all four kernel families (quick: one row per family)."""
+  jobs, pick = [], (lambda rows: rows[:1] if quick else rows)
+  for m, k, n in pick(((16, 4096, 4096), (256, 512, 1024), (4096, 1024, 1024))):
+    def matmul_args(m=m, k=k, n=n):
+      w_q, w_scale = quantize.quantize_int8_per_channel(jax.random.normal(key, (k, n)))
+      return jax.random.normal(key, (m, k), jnp.bfloat16), w_q, w_scale
+    jobs += [tbs.TuneJob("quantized_matmul", tbs.matmul_shape_class(m, k, n), f"{mode}:bfloat16",
+                         MatmulBlockSizes, quantized_matmul, matmul_args, dict(mode=mode))
+             for mode in ("w8a16", "w8a8")]
+  jobs.append(tbs.TuneJob(
+      "embedding_bag", tbs.embedding_shape_class(1024, 32, 64), "float32", BagBlockSizes,
+      embedding_bag_multi, lambda: (jax.random.normal(key, (26, 100_000, 64), jnp.float32),
+                                    jax.random.randint(key, (1024, 26, 32), -1, 200_000))))
+  for seq, d in pick(((256, 64), (64, 64), (1024, 64), (4096, 64), (1024, 128), (4096, 128))):
+    # Up to 256 keys: the bidirectional encoder; longer: causal decoder prefill.
+    jobs.append(tbs.TuneJob(
+        "flash_attention", tbs.flash_shape_class(seq, d), "bfloat16", FlashBlockSizes,
+        flash_attention, functools.partial(_flash_inputs, key, 4, 16, 4, seq, d),
+        dict(causal=seq > 256)))
+  for d, cache in pick(((128, "bfloat16"), (64, "bfloat16"), (64, "int8"), (128, "int8"))):
+    jobs.append(tbs.TuneJob(
+        "paged_attention", tbs.paged_shape_class(16, d), cache, PagedBlockSizes, _paged_scaled,
+        functools.partial(_paged_inputs, key, 32, 32, 8, d, 16, 128, cache)))
+  return jobs
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -363,21 +354,22 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default="bench_out/kernels", help="folder for JSON and PNG")
   parser.add_argument("--reps", type=int, default=None, help="timed calls per case")
   parser.add_argument("--tune", action="store_true",
-                      help="GPU only: time block-size candidates and rewrite the tuned table")
+                      help="GPU only: time block-size candidates of all four kernel families and "
+                      "rewrite their tuned-table rows (with --quick: one row per family)")
   args = parser.parse_args(argv)
   reps = args.reps or (3 if args.quick else 20)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   key = jax.random.key(0)
-  backend = jax.default_backend()
-  device = jax.devices()[0].device_kind
-  _progress(f"backend {backend} ({device}), jax {jax.__version__}, reps {reps}")
-  if args.tune:
-    if backend != "gpu":
-      _progress("--tune needs a GPU (impl='pallas' only interprets on CPU); skipped")
-    else:
-      path = tuned_block_sizes.rewrite_table(tune(args.quick, key, reps))
-      _progress(f"rewrote {path}")
+  backend, device = jax.default_backend(), device_kind()
+  where = f"{backend} ({'no GPU' if device == ANY else device})"
+  _progress(f"backend {where}, jax {jax.__version__}, reps {reps}")
+  if args.tune and backend != "gpu":
+    _progress("--tune needs a GPU (impl='pallas' only interprets on CPU); skipped")
+  elif args.tune:
+    time_ms = lambda fn, fn_args: time_call(fn, fn_args, reps)
+    entries = tbs.tune(tune_jobs(args.quick, key), device, time_ms, progress=_progress)
+    _progress(f"rewrote {tbs.rewrite_table(entries)}")
 
   cases = []
   for make in (matmul_cases, embedding_cases, attention_cases):
@@ -386,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   results = run(cases, reps)
   table = format_table(results)
-  print(f"\nbackend {backend} ({device}); impl=auto runs "
+  print(f"\nbackend {where}; impl=auto runs "
         f"{'the Triton kernels' if backend == 'gpu' else 'the jnp references (no GPU)'}\n")
   print(table)
   meta = dict(backend=backend, device_kind=device, jax=jax.__version__, quick=args.quick,
@@ -394,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
               python=platform.python_version(), seconds=time.perf_counter() - start)
   (out / "results.json").write_text(json.dumps(
       dict(meta=meta, results=[dataclasses.asdict(r) for r in results]), indent=1))
-  plot(results, out / "kernels.png", f"kernels on {backend} ({device})")
+  plot(results, out / "kernels.png", f"kernels on {where}")
   _progress(f"wrote {out / 'results.json'} and {out / 'kernels.png'}")
   return 0 if all(not r.error for r in results) else 1
 

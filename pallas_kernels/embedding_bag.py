@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.common import is_pow2
 from pallas_kernels.dispatch import check_impl, dispatch
 
 logger = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ logger = logging.getLogger(__name__)
 COMBINERS: tuple[str, ...] = ("sum", "mean")
 _QUANTIZED_DTYPES = (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8))
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _is_pow2(v: int) -> bool:
-  return v > 0 and v & (v - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,7 +42,7 @@ class BlockSizes:
 
   def __post_init__(self):
     for name in ("block_b", "block_d", "num_warps"):
-      if not _is_pow2(getattr(self, name)):
+      if not is_pow2(getattr(self, name)):
         raise ValueError(f"{name}={getattr(self, name)} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"{self.num_stages=} must be >= 1")
@@ -135,11 +132,13 @@ def _ids_int32(ids: jax.Array, num_rows: int) -> jax.Array:
   return jnp.where(ids >= 0, ids % num_rows, -1).astype(jnp.int32)
 
 
-def default_block_sizes(batch: int, bag: int, dim: int, dtype: jnp.dtype) -> BlockSizes:
+def default_block_sizes(
+    batch: int, bag: int, dim: int, dtype: jnp.dtype, *, device_kind: str | None = None
+) -> BlockSizes:
   """Block sizes from the tuned table for this device and shape class (safe fallback included)."""
   entry = tuned_block_sizes.lookup(
       "embedding_bag", tuned_block_sizes.embedding_shape_class(batch, bag, dim),
-      jnp.dtype(dtype).name)
+      jnp.dtype(dtype).name, device_kind=device_kind)
   return BlockSizes(**entry)
 
 

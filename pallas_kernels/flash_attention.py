@@ -14,29 +14,18 @@ import dataclasses
 import functools
 import logging
 import math
-import types
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import tuned_block_sizes
+from pallas_kernels.common import LOG2_E, MASK_VALUE, MIN_DOT_DIM, is_pow2
 from pallas_kernels.dispatch import Impl, check_impl, dispatch
 
 logger = logging.getLogger(__name__)
-
-# Finite, so a fully masked key block never computes inf - inf.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_LOG2_E = math.log2(math.e)
-# Triton's tl.dot needs every matmul dimension >= 16.
-_MIN_DOT_DIM = 16
-
-
-def _is_power_of_2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,60 +44,29 @@ class BlockSizes:
   def __post_init__(self):
     for name in ("block_q", "block_k"):
       value = getattr(self, name)
-      if not _is_power_of_2(value) or value < _MIN_DOT_DIM:
+      if not is_pow2(value) or value < MIN_DOT_DIM:
         raise ValueError(
-            f"{name}={value} must be a power of two >= {_MIN_DOT_DIM}")
-    if not _is_power_of_2(self.num_warps):
+            f"{name}={value} must be a power of two >= {MIN_DOT_DIM}")
+    if not is_pow2(self.num_warps):
       raise ValueError(f"num_warps={self.num_warps} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
 
-# Tuned block sizes: (device kind, shape class, dtype name) -> BlockSizes.
-# Shape class is `flash_shape_class(seq_k, head_dim)`. These H100 rows are
-# seeds taken from jax's `ops/gpu/attention.py` heuristics (128x128 tiles for
-# long sequences, num_warps 4 for head_dim <= 64), NOT measurements: the kernel
-# benchmark rewrites this table. Each compiles for sm_90 within shared memory
-# (128x128 at head_dim 128 needs 160 KiB at 2 stages, 224 KiB at 3).
-# Anything missing falls back to `BlockSizes()`.
-_H100 = "NVIDIA H100 80GB HBM3"
-TUNED_BLOCK_SIZES: Mapping[tuple[str, str, str], BlockSizes] = (
-    types.MappingProxyType({
-        (_H100, "s64_d64", "bfloat16"): BlockSizes(32, 64, 4, 2),
-        (_H100, "s256_d64", "bfloat16"): BlockSizes(64, 64, 4, 2),
-        (_H100, "s1024_d64", "bfloat16"): BlockSizes(128, 64, 4, 3),
-        (_H100, "long_d64", "bfloat16"): BlockSizes(128, 128, 4, 3),
-        (_H100, "s1024_d128", "bfloat16"): BlockSizes(128, 64, 8, 2),
-        (_H100, "long_d128", "bfloat16"): BlockSizes(128, 128, 8, 2),
-    }))
-
-
-def flash_shape_class(seq_k: int, head_dim: int) -> str:
-  """The shape part of a `TUNED_BLOCK_SIZES` key, e.g. "s256_d64"."""
-  d = max(_MIN_DOT_DIM, pl.next_power_of_2(head_dim))
-  for bucket in (64, 256, 1024):
-    if seq_k <= bucket:
-      return f"s{bucket}_d{d}"
-  return f"long_d{d}"
-
-
-def tuned_block_sizes(
-    device_kind: str, seq_k: int, head_dim: int, dtype: jnp.dtype
+def default_block_sizes(
+    seq_k: int, head_dim: int, dtype: jnp.dtype,
+    *,
+    device_kind: str | None = None,
 ) -> BlockSizes:
-  """Looks up `TUNED_BLOCK_SIZES`, falling back to `BlockSizes()`."""
-  key = (device_kind, flash_shape_class(seq_k, head_dim),
-         jnp.dtype(dtype).name)
-  sizes = TUNED_BLOCK_SIZES.get(key)
-  if sizes is None:
-    logger.debug("no tuned block sizes for %s: using %s", key, BlockSizes())
-    return BlockSizes()
-  return sizes
+  """Block sizes from the tuned table for this device and shape class.
 
-
-def _device_kind() -> str:
-  # Read at trace time, never at import. A CUDA lowering from a CPU host sees
-  # "cpu" here and gets the fallback.
-  return jax.devices()[0].device_kind
+  `device_kind` defaults to `common.device_kind()`; unknown devices and shapes
+  get the table's safe fallback (the `BlockSizes()` defaults).
+  """
+  entry = tuned_block_sizes.lookup(
+      "flash_attention", tuned_block_sizes.flash_shape_class(seq_k, head_dim),
+      jnp.dtype(dtype).name, device_kind=device_kind)
+  return BlockSizes(**entry)
 
 
 def _kernel(
@@ -141,7 +99,7 @@ def _kernel(
     num_k_blocks = jnp.minimum(num_k_blocks, last)
 
   q = q_ref[...]
-  scale = sm_scale * _LOG2_E  # exp2 domain: e^x = 2^(x log2 e)
+  scale = sm_scale * LOG2_E  # exp2 domain: e^x = 2^(x log2 e)
 
   def body(j, carry):
     acc, m_prev, l_prev = carry  # [block_q, d], [block_q], [block_q]
@@ -210,11 +168,11 @@ def _flash_attention_pallas(
   batch, heads, seq_q, head_dim = q.shape
   kv_heads, seq_k = k.shape[1], k.shape[2]
   group = heads // kv_heads
-  d = max(_MIN_DOT_DIM, pl.next_power_of_2(head_dim))
+  d = max(MIN_DOT_DIM, pl.next_power_of_2(head_dim))
   block_q = min(block_sizes.block_q,
-                max(_MIN_DOT_DIM, pl.next_power_of_2(seq_q)))
+                max(MIN_DOT_DIM, pl.next_power_of_2(seq_q)))
   block_k = min(block_sizes.block_k,
-                max(_MIN_DOT_DIM, pl.next_power_of_2(seq_k)))
+                max(MIN_DOT_DIM, pl.next_power_of_2(seq_k)))
   seq_q_pad = pl.cdiv(seq_q, block_q) * block_q
   seq_k_pad = pl.cdiv(seq_k, block_k) * block_k
   pad = lambda x, s: jnp.pad(
@@ -276,8 +234,7 @@ def flash_attention(
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
   if block_sizes is None:
-    block_sizes = tuned_block_sizes(
-        _device_kind(), k.shape[2], q.shape[3], q.dtype)
+    block_sizes = default_block_sizes(k.shape[2], q.shape[3], q.dtype)
   pallas_fn = functools.partial(
       _flash_attention_pallas, causal=causal, sm_scale=sm_scale,
       block_sizes=block_sizes, interpret=interpret)

@@ -15,29 +15,18 @@ import dataclasses
 import functools
 import logging
 import math
-import types
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import tuned_block_sizes
+from pallas_kernels.common import LOG2_E, MASK_VALUE, MIN_DOT_DIM, is_pow2
 from pallas_kernels.dispatch import Impl, check_impl, dispatch
 
 logger = logging.getLogger(__name__)
-
-# Finite, so a fully masked key block never computes inf - inf.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_LOG2_E = math.log2(math.e)
-# Triton's tl.dot needs every matmul dimension >= 16.
-_MIN_DOT_DIM = 16
-
-
-def _is_power_of_2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,57 +44,34 @@ class BlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    if not _is_power_of_2(self.block_h) or self.block_h < _MIN_DOT_DIM:
+    if not is_pow2(self.block_h) or self.block_h < MIN_DOT_DIM:
       raise ValueError(
-          f"block_h={self.block_h} must be a power of two >= {_MIN_DOT_DIM}")
-    if not _is_power_of_2(self.pages_per_compute_block):
+          f"block_h={self.block_h} must be a power of two >= {MIN_DOT_DIM}")
+    if not is_pow2(self.pages_per_compute_block):
       raise ValueError(
           f"pages_per_compute_block={self.pages_per_compute_block} must be a"
           " power of two")
-    if not _is_power_of_2(self.num_warps):
+    if not is_pow2(self.num_warps):
       raise ValueError(f"num_warps={self.num_warps} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
 
-# Tuned block sizes: (device kind, shape class, cache dtype name) -> BlockSizes.
-# Shape class is `paged_shape_class(page_size, head_dim)`. These H100 rows are
-# seeds taken from jax's `ops/gpu/paged_attention.py` defaults (block_h 16,
-# 8 pages per step), NOT measurements: the kernel benchmark rewrites this table.
-# Anything missing falls back to `BlockSizes()`.
-_H100 = "NVIDIA H100 80GB HBM3"
-TUNED_BLOCK_SIZES: Mapping[tuple[str, str, str], BlockSizes] = (
-    types.MappingProxyType({
-        (_H100, "p16_d64", "bfloat16"): BlockSizes(16, 8, 4, 2),
-        (_H100, "p16_d128", "bfloat16"): BlockSizes(16, 8, 8, 2),
-        (_H100, "p16_d64", "int8"): BlockSizes(16, 8, 4, 2),
-        (_H100, "p16_d128", "int8"): BlockSizes(16, 8, 8, 2),
-    }))
-
-
-def paged_shape_class(page_size: int, head_dim: int) -> str:
-  """The shape part of a `TUNED_BLOCK_SIZES` key, e.g. "p16_d64"."""
-  d = max(_MIN_DOT_DIM, pl.next_power_of_2(head_dim))
-  return f"p{page_size}_d{d}"
-
-
-def tuned_block_sizes(
-    device_kind: str, page_size: int, head_dim: int, cache_dtype: jnp.dtype
+def default_block_sizes(
+    page_size: int, head_dim: int, cache_dtype: jnp.dtype,
+    *,
+    device_kind: str | None = None,
 ) -> BlockSizes:
-  """Looks up `TUNED_BLOCK_SIZES`, falling back to `BlockSizes()`."""
-  key = (device_kind, paged_shape_class(page_size, head_dim),
-         jnp.dtype(cache_dtype).name)
-  sizes = TUNED_BLOCK_SIZES.get(key)
-  if sizes is None:
-    logger.debug("no tuned block sizes for %s: using %s", key, BlockSizes())
-    return BlockSizes()
-  return sizes
+  """Block sizes from the tuned table for this device and shape class.
 
-
-def _device_kind() -> str:
-  # Read at trace time, never at import. A CUDA lowering from a CPU host sees
-  # "cpu" here and gets the fallback.
-  return jax.devices()[0].device_kind
+  `device_kind` defaults to `common.device_kind()`; unknown devices and shapes
+  get the table's safe fallback (the `BlockSizes()` defaults).
+  """
+  entry = tuned_block_sizes.lookup(
+      "paged_attention",
+      tuned_block_sizes.paged_shape_class(page_size, head_dim),
+      jnp.dtype(cache_dtype).name, device_kind=device_kind)
+  return BlockSizes(**entry)
 
 
 def _kernel(
@@ -128,7 +94,7 @@ def _kernel(
   length = jnp.clip(lengths_ref[0], 0, max_len)
   num_blocks = lax.div(length + (block_k - 1), block_k)
   q = q_ref[...]
-  scale = sm_scale * _LOG2_E  # exp2 domain: e^x = 2^(x log2 e)
+  scale = sm_scale * LOG2_E  # exp2 domain: e^x = 2^(x log2 e)
 
   def body(j, carry):
     acc, m_prev, l_prev = carry  # [block_h, d], [block_h], [block_h]
@@ -180,7 +146,7 @@ def _validate(q, k_pages, v_pages, page_table, lengths, k_scale, v_scale):
     raise ValueError(
         f"heads of {q.shape=} must be a multiple of kv_heads of"
         f" {k_pages.shape=}")
-  if min(num_pages, page_size, head_dim) < 1 or not _is_power_of_2(page_size):
+  if min(num_pages, page_size, head_dim) < 1 or not is_pow2(page_size):
     raise ValueError(
         f"{k_pages.shape=} must be non-empty with a power-of-two page_size")
   if not jnp.issubdtype(q.dtype, jnp.floating):
@@ -217,14 +183,14 @@ def _paged_attention_pallas(
   kv_heads, num_pages, page_size, _ = k_pages.shape
   pages_per_seq = page_table.shape[1]
   group = heads // kv_heads
-  d = max(_MIN_DOT_DIM, pl.next_power_of_2(head_dim))
+  d = max(MIN_DOT_DIM, pl.next_power_of_2(head_dim))
   block_h = min(block_sizes.block_h,
-                max(_MIN_DOT_DIM, pl.next_power_of_2(group)))
+                max(MIN_DOT_DIM, pl.next_power_of_2(group)))
   group_pad = pl.cdiv(group, block_h) * block_h
   pages_per_block = max(
       min(block_sizes.pages_per_compute_block,
           pl.next_power_of_2(pages_per_seq)),
-      pl.cdiv(_MIN_DOT_DIM, page_size))
+      pl.cdiv(MIN_DOT_DIM, page_size))
   table_pad = pl.cdiv(pages_per_seq, pages_per_block) * pages_per_block
 
   q = q.reshape(batch, kv_heads, group, head_dim)
@@ -294,8 +260,8 @@ def paged_attention(
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
   if block_sizes is None:
-    block_sizes = tuned_block_sizes(
-        _device_kind(), k_pages.shape[2], q.shape[2], k_pages.dtype)
+    block_sizes = default_block_sizes(
+        k_pages.shape[2], q.shape[2], k_pages.dtype)
   pallas_fn = functools.partial(
       _paged_attention_pallas, sm_scale=sm_scale, block_sizes=block_sizes,
       interpret=interpret)

@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.common import MIN_DOT_DIM, is_pow2
 from pallas_kernels.dispatch import check_impl, dispatch
 from pallas_kernels.quantize import INT8_MAX, int8_symmetric_codes, quantize_activations_int8
 
@@ -31,12 +32,6 @@ _WEIGHT_DTYPES = {
     "w8a8": jnp.dtype(jnp.int8),
     "fp8": jnp.dtype(jnp.float8_e4m3fn),
 }
-_MIN_BLOCK = 16  # Triton's dot needs every tile dimension >= 16.
-
-
-def _is_pow2(v: int) -> bool:
-  return v > 0 and v & (v - 1) == 0
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BlockSizes:
@@ -52,11 +47,11 @@ class BlockSizes:
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):
       value = getattr(self, name)
-      if not _is_pow2(value) or value < _MIN_BLOCK:
-        raise ValueError(f"{name}={value} must be a power of two >= {_MIN_BLOCK}")
+      if not is_pow2(value) or value < MIN_DOT_DIM:
+        raise ValueError(f"{name}={value} must be a power of two >= {MIN_DOT_DIM}")
     if self.split_k < 1:
       raise ValueError(f"{self.split_k=} must be >= 1")
-    if not _is_pow2(self.num_warps):
+    if not is_pow2(self.num_warps):
       raise ValueError(f"{self.num_warps=} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"{self.num_stages=} must be >= 1")
@@ -128,11 +123,13 @@ def _check_args(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, mode: str) -> 
     raise ValueError(f"{w_scale.dtype=} must be floating")
 
 
-def default_block_sizes(m: int, k: int, n: int, mode: str, x_dtype: jnp.dtype) -> BlockSizes:
+def default_block_sizes(
+    m: int, k: int, n: int, mode: str, x_dtype: jnp.dtype, *, device_kind: str | None = None
+) -> BlockSizes:
   """Block sizes from the tuned table for this device and shape class (safe fallback included)."""
   entry = tuned_block_sizes.lookup(
       "quantized_matmul", tuned_block_sizes.matmul_shape_class(m, k, n),
-      f"{mode}:{jnp.dtype(x_dtype).name}")
+      f"{mode}:{jnp.dtype(x_dtype).name}", device_kind=device_kind)
   return BlockSizes(**entry)
 
 
@@ -148,9 +145,9 @@ def _quantized_matmul_pallas(
 ) -> jax.Array:
   m, k = x.shape
   n = w_q.shape[1]
-  min_k = 2 * _MIN_BLOCK if mode == "w8a8" else _MIN_BLOCK  # int8 MMA tiles are k=32 deep.
-  block_m = min(block_sizes.block_m, max(_MIN_BLOCK, pl.next_power_of_2(m)))
-  block_n = min(block_sizes.block_n, max(_MIN_BLOCK, pl.next_power_of_2(n)))
+  min_k = 2 * MIN_DOT_DIM if mode == "w8a8" else MIN_DOT_DIM  # int8 MMA tiles are k=32 deep.
+  block_m = min(block_sizes.block_m, max(MIN_DOT_DIM, pl.next_power_of_2(m)))
+  block_n = min(block_sizes.block_n, max(MIN_DOT_DIM, pl.next_power_of_2(n)))
   block_k = min(max(block_sizes.block_k, min_k), max(min_k, pl.next_power_of_2(k)))
   k_blocks = pl.cdiv(k, block_k)
   split_k = min(block_sizes.split_k, k_blocks)

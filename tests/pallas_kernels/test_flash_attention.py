@@ -20,11 +20,13 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_attention import (
     BlockSizes,
-    TUNED_BLOCK_SIZES,
+    default_block_sizes,
     flash_attention,
     flash_attention_reference,
+)
+from pallas_kernels.tuned_block_sizes import (
+    TUNED_BLOCK_SIZES,
     flash_shape_class,
-    tuned_block_sizes,
 )
 
 LN3 = math.log(3.0)
@@ -162,15 +164,23 @@ class TestFlashAttentionReference:
       BlockSizes(**kwargs)
 
   def test_tuned_lookup_falls_back(self):
-    assert tuned_block_sizes("cpu", 128, 64, jnp.bfloat16) == BlockSizes()
+    for kind in ("cpu", "*", "NVIDIA H100 80GB HBM3"):  # no float32 rows
+      assert default_block_sizes(
+          128, 64, jnp.float32, device_kind=kind) == BlockSizes()
     assert flash_shape_class(200, 48) == "s256_d64"
     assert flash_shape_class(5000, 128) == "long_d128"
-    for (kind, shape_class, dtype), sizes in TUNED_BLOCK_SIZES.items():
-      assert isinstance(sizes, BlockSizes)
+    rows = [(key, sizes) for key, sizes in TUNED_BLOCK_SIZES.items()
+            if key[1] == "flash_attention"]
+    assert len(rows) > 1
+    for (kind, _, shape_class, dtype), sizes in rows:
+      if shape_class == "*":
+        assert BlockSizes(**sizes) == BlockSizes()
+        continue
       seq = {"s64": 64, "s256": 256, "s1024": 1024, "long": 4096}[
           shape_class.split("_")[0]]
       head_dim = int(shape_class.split("_d")[1])
-      assert tuned_block_sizes(kind, seq, head_dim, dtype) is sizes
+      assert default_block_sizes(
+          seq, head_dim, dtype, device_kind=kind) == BlockSizes(**sizes)
 
 
 def test_interpret_mode_poisons_unwritten_outputs():

@@ -21,11 +21,13 @@ import pytest
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.paged_attention import (
     BlockSizes,
-    TUNED_BLOCK_SIZES,
+    default_block_sizes,
     paged_attention,
     paged_attention_reference,
+)
+from pallas_kernels.tuned_block_sizes import (
+    TUNED_BLOCK_SIZES,
     paged_shape_class,
-    tuned_block_sizes,
 )
 
 LN3 = math.log(3.0)
@@ -303,11 +305,20 @@ class TestPagedAttentionReference:
       BlockSizes(**kwargs)
 
   def test_tuned_lookup_falls_back(self):
-    assert tuned_block_sizes("cpu", 16, 64, jnp.int8) == BlockSizes()
+    for kind in ("cpu", "*", "NVIDIA H100 80GB HBM3"):  # no page_size 8 rows
+      assert default_block_sizes(
+          8, 64, jnp.int8, device_kind=kind) == BlockSizes()
     assert paged_shape_class(16, 48) == "p16_d64"
-    for (kind, shape_class, dtype), sizes in TUNED_BLOCK_SIZES.items():
+    rows = [(key, sizes) for key, sizes in TUNED_BLOCK_SIZES.items()
+            if key[1] == "paged_attention"]
+    assert len(rows) > 1
+    for (kind, _, shape_class, dtype), sizes in rows:
+      if shape_class == "*":
+        assert BlockSizes(**sizes) == BlockSizes()
+        continue
       page_size, head_dim = (int(x) for x in shape_class[1:].split("_d"))
-      assert tuned_block_sizes(kind, page_size, head_dim, dtype) is sizes
+      assert default_block_sizes(
+          page_size, head_dim, dtype, device_kind=kind) == BlockSizes(**sizes)
 
 
 # (batch, heads, kv_heads, head_dim, page_size, pages_per_seq, q dtype, cache,
