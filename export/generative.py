@@ -33,6 +33,7 @@ import bundle as bundle_lib
 from bundle import Manifest, Signature, TensorSpec
 from export.tracing import disabled_checks, nnx_parts
 from models.decoder import KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
+from pallas_kernels.common import is_pow2
 from models.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class GenerativeExportConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.page_size < 1 or self.page_size & (self.page_size - 1):
+    if not is_pow2(self.page_size):
       raise ValueError(f"page_size={self.page_size} must be a power of two")
     if self.num_pages < 2:
       raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page {NULL_PAGE} is reserved)")

@@ -25,13 +25,13 @@ import numpy as np
 from flax import nnx
 
 from models.layers import Dense
+from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.dispatch import check_impl
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.paged_attention import paged_attention
 
 NULL_PAGE = 0
 KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
-_MASK = -0.7 * float(np.finfo(np.float32).max)
 
 Cache = Mapping[str, jax.Array]
 
@@ -98,7 +98,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST) / math.sqrt(h)
   causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, S]
-  w = jax.nn.softmax(jnp.where(causal, s, _MASK), axis=-1)
+  w = jax.nn.softmax(jnp.where(causal, s, MASK_VALUE), axis=-1)
   o = jnp.einsum("BKGTS,BSKH->BTKGH", w, v.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST)
   return o.reshape(b, t, n, h).astype(q.dtype)
