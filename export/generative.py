@@ -33,8 +33,8 @@ import bundle as bundle_lib
 from bundle import Manifest, Signature, TensorSpec
 from export.tracing import disabled_checks, nnx_parts
 from models.decoder import KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
-from pallas_kernels.common import is_pow2
 from models.tokenizer import ByteTokenizer
+from pallas_kernels.common import is_pow2
 
 logger = logging.getLogger(__name__)
 
