@@ -8,9 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from bundle import Manifest, Signature, write_bundle
+from clientutil import serving, write_engine_bundle
 from serving.engines.mock import MockEngine
-from serving.server import BackgroundServer, Server, ServerConfig
 
 
 def _grpcpp_missing() -> str:
@@ -25,16 +24,8 @@ def _grpcpp_missing() -> str:
 def test_native_loadgen_closed_and_open_loop_against_mock_server(tmp_path):
   from benchmarks import loadgen, native_loadgen
 
-  eng = MockEngine()
-  manifest = Manifest(name="mock", version=1, kind="predict", jax_version="0.10.2",
-                      signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
-                      params=(), batch_buckets=eng.buckets)
-  write_bundle(tmp_path / "repo" / "mock" / "1", manifest, [], {})
-  server = Server(ServerConfig(model_repository=str(tmp_path / "repo"), grpc_port=0,
-                               metrics_port=-1),
-                  engine_factory=lambda path, m, cfg: MockEngine(buckets=m.batch_buckets))
-  bg = BackgroundServer(server).start()
-  try:
+  write_engine_bundle(tmp_path / "repo", "mock", MockEngine())
+  with serving(tmp_path / "repo", lambda path, m, cfg: MockEngine(buckets=m.batch_buckets)) as bg:
     addr = bg.address
     x = np.ones((2, 4), np.float32)
     k = np.full((2, 1), 3, np.int32)
@@ -54,5 +45,3 @@ def test_native_loadgen_closed_and_open_loop_against_mock_server(tmp_path):
                                   duration=0.5, warmup=0.1)
     assert bad.ok == 0 and set(bad.errors) == {"NOT_FOUND"} and bad.errors["NOT_FOUND"] > 0
     assert len(bad.error_latencies_s["NOT_FOUND"]) == bad.errors["NOT_FOUND"]
-  finally:
-    bg.stop()

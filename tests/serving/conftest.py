@@ -9,6 +9,13 @@ from serving.engines.mock import MockEngine
 
 
 @pytest.fixture
+def mock_repo(tmp_path):
+  """A repository holding one MockEngine bundle, mock v1."""
+  write_mock_bundle(tmp_path / "repo", "mock", 1)
+  return tmp_path / "repo"
+
+
+@pytest.fixture
 def start_mock_server(tmp_path):
   """start(**mock_kwargs) -> (BackgroundServer, {name: MockEngine}); stopped after the test."""
   with contextlib.ExitStack() as servers:

@@ -6,6 +6,8 @@ is re-exported here for the serving tests that import it from this module."""
 from __future__ import annotations
 
 import pathlib
+import re
+import time
 from typing import Callable
 
 import grpc
@@ -89,3 +91,57 @@ def rpc_code(fn: Callable, *args, **kwargs) -> grpc.StatusCode:
     return grpc.StatusCode.OK
   except grpc.RpcError as e:
     return e.code()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 30.0, step: float = 0.005) -> bool:
+  """Polls `cond` until it holds or `timeout` s pass; returns its last value (callers assert)."""
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if cond():
+      return True
+    time.sleep(step)
+  return bool(cond())
+
+
+def repository_index(stub) -> dict[tuple[str, str], tuple[str, str]]:
+  """RepositoryIndex as {(name, version): (state, reason)}."""
+  resp = stub.RepositoryIndex(pb.RepositoryIndexRequest())
+  return {(m.name, m.version): (m.state, m.reason) for m in resp.models}
+
+
+def model_ready(stub, name: str, version: str = "") -> bool:
+  return stub.ModelReady(pb.ModelReadyRequest(name=name, version=version)).ready
+
+
+def rpc_result(fn: Callable, *args, **kwargs) -> tuple[object, tuple[grpc.StatusCode, str] | None]:
+  """Calls a stub method: (response, None) when it answers, (None, (code, details)) when not."""
+  try:
+    return fn(*args, **kwargs), None
+  except grpc.RpcError as e:
+    return None, (e.code(), e.details())
+
+
+# Every table's rows divide 2 and 4 devices, so a row-sharded table splits evenly.
+DLRM_TABLE_SIZES_DIVISIBLE = (1024, 512, 96, 64) + (16,) * 22
+
+
+def export_dlrm(repo: pathlib.Path, *, seed: int, buckets: tuple[int, ...],
+                table_sizes: tuple[int, ...] | None = None, name: str = "dlrm"):
+  """Exports the tiny DLRM (initialised from `seed`) as `name` v1 with the serving signature
+  (dense FP32 [B, 13], sparse INT64 [B, 26]); returns the Flax model, the reference."""
+  import dataclasses
+
+  from flax import nnx
+
+  import export
+  from models.dlrm import DLRM, DLRMConfig
+
+  cfg = DLRMConfig.tiny()
+  if table_sizes is not None:
+    cfg = dataclasses.replace(cfg, table_sizes=table_sizes)
+  model = DLRM(cfg, rngs=nnx.Rngs(seed))
+  export.export_model(model, repository=repo, name=name,
+                      inputs=[export.Input("dense", "float32", ("batch", 13)),
+                              export.Input("sparse", "int64", ("batch", 26))],
+                      config=export.ExportConfig(batch_buckets=buckets))
+  return model

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -18,20 +16,16 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from clientutil import assert_served_like
+from procutil import run_cli
 from serving.frontend import auth
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.server import ServerConfig
-from servingutil import expected, mock_factory, mock_request, outputs, rpc_code, serving, \
-    write_mock_bundle
+from servingutil import expected, mock_factory, mock_reference, mock_request, outputs, rpc_code, \
+    serving
 
 TOKEN = "s3cr3t-Token_42"
-
-
-@pytest.fixture
-def repo(tmp_path):
-  write_mock_bundle(tmp_path / "repo", "mock", 1)
-  return tmp_path / "repo"
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +54,12 @@ def cert_files(tmp_path_factory):
 def _triton_infer(client, n=2, **kw):
   x = np.arange(4 * n, dtype=np.float32).reshape(n, 4)
   k = np.full((n, 1), 2, np.int32)
-  ins = [tc.InferInput("x", [n, 4], "FP32"), tc.InferInput("k", [n, 1], "INT32")]
-  ins[0].set_data_from_numpy(x)
-  ins[1].set_data_from_numpy(k)
-  res = client.infer("mock", ins, **kw)
-  np.testing.assert_array_equal(res.as_numpy("z"), expected(x, k)[1])
+  assert assert_served_like(client, "mock", [{"x": x, "k": k}], mock_reference, **kw) == 1
 
 
-def test_tls_with_tritonclient(repo, cert_files):
+def test_tls_with_tritonclient(mock_repo, cert_files):
   cert, key = cert_files
-  with serving(repo, mock_factory(), tls_cert_file=cert, tls_key_file=key) as bg:
+  with serving(mock_repo, mock_factory(), tls_cert_file=cert, tls_key_file=key) as bg:
     with tc.InferenceServerClient(bg.address, ssl=True, root_certificates=cert) as c:
       assert c.is_server_ready() and c.is_model_ready("mock")
       _triton_infer(c)
@@ -80,9 +70,9 @@ def test_tls_with_tritonclient(repo, cert_files):
       assert code == grpc.StatusCode.UNAVAILABLE
 
 
-def test_bearer_token_guards_every_model_rpc_and_does_no_model_work(repo):
+def test_bearer_token_guards_every_model_rpc_and_does_no_model_work(mock_repo):
   engines = {}
-  with serving(repo, mock_factory(engines), auth_token=TOKEN) as bg, \
+  with serving(mock_repo, mock_factory(engines), auth_token=TOKEN) as bg, \
       grpc.insecure_channel(bg.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
     x, k = np.ones((2, 4), np.float32), np.ones((2, 1), np.int32)
@@ -127,9 +117,9 @@ def test_bearer_token_guards_every_model_rpc_and_does_no_model_work(repo):
       assert stub.ModelReady(pb.ModelReadyRequest(name="mock"), metadata=md).ready
 
 
-def test_tls_and_token_together_with_tritonclient(repo, cert_files):
+def test_tls_and_token_together_with_tritonclient(mock_repo, cert_files):
   cert, key = cert_files
-  with serving(repo, mock_factory(), tls_cert_file=cert, tls_key_file=key,
+  with serving(mock_repo, mock_factory(), tls_cert_file=cert, tls_key_file=key,
                auth_token=TOKEN) as bg:
     with tc.InferenceServerClient(bg.address, ssl=True, root_certificates=cert) as c:
       assert c.is_server_live()
@@ -159,13 +149,9 @@ def test_token_sources_and_validation(tmp_path):
 
 
 def test_cli_takes_no_token_on_the_command_line(tmp_path):
-  def run(*args):
-    return subprocess.run([sys.executable, "-m", "serving.cli", "serve", *args],
-                          capture_output=True, text=True, timeout=120)
-
-  p = run("--auth-token", TOKEN)  # no such flag, and no abbreviation of --auth-token-file
+  p = run_cli("--auth-token", TOKEN)  # no such flag, and no abbreviation of --auth-token-file
   assert p.returncode == 2 and "unrecognized arguments" in p.stderr
-  p = run("--model-repository", str(tmp_path), "--auth-token-file", str(tmp_path / "missing"))
+  p = run_cli("--model-repository", str(tmp_path), "--auth-token-file", str(tmp_path / "missing"))
   assert p.returncode == 2 and "cannot read the auth token file" in p.stderr
-  help_text = run("--help").stdout
+  help_text = run_cli("--help").stdout
   assert "--auth-token-file" in help_text and "XLASERVE_AUTH_TOKEN" in help_text

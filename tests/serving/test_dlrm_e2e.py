@@ -2,36 +2,26 @@
 
 import concurrent.futures
 import os
-import urllib.request
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from flax import nnx
 
-import export
+from clientutil import assert_served_like, infer as triton_infer, serving
 from models.dlrm import DLRM, DLRMConfig
-from serving.server import BackgroundServer, Server, ServerConfig
+from servingutil import export_dlrm
 
 BUCKETS = (1, 4, 16, 64)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-  cfg = DLRMConfig.tiny()
-  model = DLRM(cfg, rngs=nnx.Rngs(3))
   repo = tmp_path_factory.mktemp("repo")
-  export.export_model(
-      model, repository=repo, name="dlrm",
-      inputs=[export.Input("dense", "float32", ("batch", 13)),
-              export.Input("sparse", "int64", ("batch", 26))],
-      config=export.ExportConfig(batch_buckets=BUCKETS))
-  server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=-1))
-  bg = BackgroundServer(server).start()
-  yield bg, model, cfg
-  bg.stop()
+  model = export_dlrm(repo, seed=3, buckets=BUCKETS)
+  with serving(repo) as bg:
+    yield bg, model, model.config
 
 
 def make_inputs(rng, n, cfg, id_dtype=np.int64):
@@ -40,17 +30,22 @@ def make_inputs(rng, n, cfg, id_dtype=np.int64):
   return dense, sparse
 
 
-def infer(client, dense, sparse, id_type="INT64"):
-  ins = [tc.InferInput("dense", list(dense.shape), "FP32"),
-         tc.InferInput("sparse", list(sparse.shape), id_type)]
-  ins[0].set_data_from_numpy(dense)
-  ins[1].set_data_from_numpy(sparse)
-  return client.infer("dlrm", ins).as_numpy("prob")
+def infer(client, dense, sparse):
+  """prob for one tritonclient call (the ids' datatype follows their numpy dtype)."""
+  return triton_infer(client, "dlrm", {"dense": dense, "sparse": sparse}, ("prob",))["prob"]
 
 
 def reference(model, dense, sparse):
   """The Flax model run directly, outside any bundle or server."""
   return np.asarray(model(jnp.asarray(dense), jnp.asarray(sparse))["prob"])
+
+
+def parity(bg, model, cases) -> int:
+  """Every case (dense, sparse) served exactly like the Flax model; returns how many."""
+  with tc.InferenceServerClient(bg.address) as c:
+    return assert_served_like(
+        c, "dlrm", [{"dense": d, "sparse": s} for d, s in cases],
+        lambda dense, sparse: {"prob": reference(model, dense, sparse)}, rtol=2e-5, atol=1e-6)
 
 
 def test_reference_handles_missing_and_hashed_ids_by_hand():
@@ -67,20 +62,16 @@ def test_reference_handles_missing_and_hashed_ids_by_hand():
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 50, 64, 150])
 def test_served_outputs_equal_flax_model(served, rows):
   bg, model, cfg = served
-  rng = np.random.default_rng(rows)
-  dense, sparse = make_inputs(rng, rows, cfg)
-  with tc.InferenceServerClient(bg.address) as c:
-    got = infer(c, dense, sparse)
-  assert got.shape == (rows, 1)
-  np.testing.assert_allclose(got, reference(model, dense, sparse), rtol=2e-5, atol=1e-6)
+  dense, sparse = make_inputs(np.random.default_rng(rows), rows, cfg)
+  assert reference(model, dense, sparse).shape == (rows, 1)
+  assert parity(bg, model, [(dense, sparse)]) == 1
 
 
 def test_int32_ids_are_accepted(served):
   bg, model, cfg = served
   dense, sparse = make_inputs(np.random.default_rng(9), 5, cfg, np.int32)
-  with tc.InferenceServerClient(bg.address) as c:
-    got = infer(c, dense, sparse, "INT32")
-  np.testing.assert_allclose(got, reference(model, dense, sparse), rtol=2e-5, atol=1e-6)
+  assert sparse.dtype == np.int32  # sent as INT32
+  assert parity(bg, model, [(dense, sparse)]) == 1
 
 
 def test_cpu_model_runs_two_instances_and_reports_them(served):

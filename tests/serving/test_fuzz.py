@@ -198,7 +198,7 @@ def _assert_serves(stub) -> None:
 
 
 def test_mutated_infer_requests_get_clean_answers(start_mock_server):
-  bg, engines = start_mock_server()
+  bg, _ = start_mock_server()
   seen = {"cases": 0}
   with grpc.insecure_channel(bg.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -264,4 +264,6 @@ def test_corrupted_wire_bytes_get_clean_answers(start_mock_server):
 
     run()
     _assert_serves(pb_grpc.GRPCInferenceServiceStub(ch))
+  assert seen["cases"] >= max(EXAMPLES * 2 // 5, 10)
+  assert sum(n for outcome, n in seen.items() if outcome != "cases") == seen["cases"]
   print(f"fuzzed wire bytes: {seen}")

@@ -37,15 +37,9 @@ def _still_serves(address):
   np.testing.assert_array_equal(outputs(resp)["y"], [[9.0]])
 
 
-@pytest.fixture
-def repo(tmp_path):
-  write_mock_bundle(tmp_path / "repo", "mock", 1)
-  return tmp_path / "repo"
-
-
-def test_message_size_limit(repo):
+def test_message_size_limit(mock_repo):
   engines = {}
-  with serving(repo, mock_factory(engines), max_message_bytes=64 << 10) as bg:
+  with serving(mock_repo, mock_factory(engines), max_message_bytes=64 << 10) as bg:
     ok, _ = _call(bg.address, mock_request(*_rows(2000)))  # about 40 KB
     code, details = _call(bg.address, mock_request(*_rows(4000)))  # about 80 KB
     assert ok == grpc.StatusCode.OK
@@ -54,29 +48,32 @@ def test_message_size_limit(repo):
     _still_serves(bg.address)
 
 
-def test_rows_per_request_limit(repo):
-  with serving(repo, mock_factory(), limits=codec.Limits(max_rows=16)) as bg:
+def test_rows_per_request_limit(mock_repo):
+  with serving(mock_repo, mock_factory(), limits=codec.Limits(max_rows=16)) as bg:
     assert _call(bg.address, mock_request(*_rows(16)))[0] == grpc.StatusCode.OK
     code, details = _call(bg.address, mock_request(*_rows(17)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "17 rows exceed the limit of 16 per request" in details
-    assert bg.server.servicer.model_config(
-        bg.server.repository.get("mock")).max_batch_size == 16
+    # ModelConfig tells clients the limit: Triton's max_batch_size is the most rows it accepts.
+    with grpc.insecure_channel(bg.address) as ch:
+      config = pb_grpc.GRPCInferenceServiceStub(ch).ModelConfig(
+          pb.ModelConfigRequest(name="mock")).config
+    assert config.max_batch_size == 16
 
 
-def test_bytes_per_tensor_limit(repo):
-  with serving(repo, mock_factory(), limits=codec.Limits(max_tensor_bytes=160)) as bg:
+def test_bytes_per_tensor_limit(mock_repo):
+  with serving(mock_repo, mock_factory(), limits=codec.Limits(max_tensor_bytes=160)) as bg:
     assert _call(bg.address, mock_request(*_rows(10)))[0] == grpc.StatusCode.OK  # x: 160 B
     code, details = _call(bg.address, mock_request(*_rows(11)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'x': 176 bytes exceed the limit of 160 per tensor" in details
 
 
-def test_huge_claimed_shapes_are_refused_before_allocating(repo):
+def test_huge_claimed_shapes_are_refused_before_allocating(mock_repo):
   """Shapes claiming terabytes over a few bytes of payload: refused from the header alone."""
   limits = codec.Limits(max_rows=1 << 62)  # leave only the bytes limit (64 MiB) in the way
   engines = {}
-  with serving(repo, mock_factory(engines), limits=limits) as bg:
+  with serving(mock_repo, mock_factory(engines), limits=limits) as bg:
     rss0 = psutil.Process(os.getpid()).memory_info().rss
     cases = []
     for rows in (1 << 20, 1 << 40, (1 << 62) - 1):

@@ -13,7 +13,7 @@ from serving.engines.mock import MockEngine
 from serving.repository import ModelServingConfig
 from serving.runners import ModelRunner
 from serving.types import InferRequest
-from servingutil import expected, mock_reference, mock_rows
+from servingutil import expected, mock_reference, mock_rows, wait_until
 
 
 class GatedEngine(MockEngine):
@@ -66,15 +66,6 @@ def _check(answers: dict, n: int) -> None:
     np.testing.assert_array_equal(out["z"], z)
 
 
-def _wait_for(cond, timeout=5.0) -> bool:
-  end = time.monotonic() + timeout
-  while time.monotonic() < end:
-    if cond():
-      return True
-    time.sleep(0.005)
-  return cond()
-
-
 @pytest.mark.parametrize("instances", [1, 2])
 def test_extra_instances_run_full_batches_while_one_is_in_flight(instances):
   eng = GatedEngine(buckets=(1, 2, 4, 8))
@@ -84,14 +75,14 @@ def test_extra_instances_run_full_batches_while_one_is_in_flight(instances):
   try:
     reqs = [_request(n, i, answers) for i, n in enumerate((1, 1, 4, 4))]
     runner.submit(reqs[0])
-    assert _wait_for(lambda: eng.waiting == 1)  # the primary holds batch 1 in flight
+    assert wait_until(lambda: eng.waiting == 1)  # the primary holds batch 1 in flight
     runner.submit(reqs[1])
     time.sleep(0.05)
     assert eng.batches == [1]  # a partial batch waits for the primary, whatever the instances
     runner.submit(reqs[2])
     runner.submit(reqs[3])  # 9 rows queued: a full batch (8)
     if instances == 2:
-      assert _wait_for(lambda: eng.waiting == 2)  # the second instance runs it meanwhile
+      assert wait_until(lambda: eng.waiting == 2)  # the second instance runs it meanwhile
       assert eng.batches == [1, 8]
     else:
       time.sleep(0.05)
@@ -126,7 +117,7 @@ def test_split_request_is_delivered_once_all_its_slices_finish_in_any_order():
     req = _request(12, 0, answers)  # three full batches: rows 0-3, 4-7, 8-11
     runner.submit(req)
     # The primary holds rows 0-3; the second instance runs 4-7 and then the last slice, 8-11.
-    assert _wait_for(lambda: len(eng.batches) == 3 and eng.waiting == 1)
+    assert wait_until(lambda: len(eng.batches) == 3 and eng.waiting == 1)
     time.sleep(0.05)
     assert not req.sink_token[1].is_set()  # not answered before rows 0-3 are in
     eng.gate.set()
@@ -194,6 +185,6 @@ def test_config_json_instance_count_is_served_and_reported(start_mock_server):
   cases = [dict(zip("xk", mock_rows(rng, n))) for n in (1, 5, 19)]  # 19: split over batches
   assert assert_served_like(c, "mock", cases, mock_reference) == 3
   assert set(engines["mock"].batches) <= {1, 2, 4, 8} and sum(engines["mock"].batches) >= 25
-  assert bg.server.repository.get("mock").runner.capabilities.instances == 2
-  assert sorted(t.name for t in threading.enumerate()
-                if t.name.startswith("runner-mock#")) == ["runner-mock#0", "runner-mock#1"]
+  runner = bg.server.repository.get("mock").runner
+  assert runner.capabilities.instances == 2 and runner.name == "mock/1"
+  assert _worker_threads(runner.name) == ["runner-mock/1#0", "runner-mock/1#1"]

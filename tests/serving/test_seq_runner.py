@@ -1,6 +1,7 @@
 """The real gRPC server with 2-D (batch x sequence) batching, against the exact MockSeqEngine."""
 
 import concurrent.futures
+import contextlib
 
 import numpy as np
 import pytest
@@ -8,9 +9,10 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from bundle import Manifest, Signature, write_bundle
+from clientutil import infer as triton_infer
+from clientutil import serving, write_engine_bundle
 from serving.engines.mock_seq import MockSeqEngine
 from serving.runners import SeqRunner
-from serving.server import BackgroundServer, Server, ServerConfig
 
 BUCKETS, SEQ = (1, 2, 4, 8), (4, 8, 16)
 
@@ -18,23 +20,14 @@ BUCKETS, SEQ = (1, 2, 4, 8), (4, 8, 16)
 @pytest.fixture
 def seq_server(tmp_path):
   """start(**mock_kwargs) -> (BackgroundServer, MockSeqEngine) serving model "seq"."""
-  servers = []
+  with contextlib.ExitStack() as servers:
 
-  def start(**engine_kwargs):
-    eng = MockSeqEngine(buckets=BUCKETS, seq_buckets=SEQ, **engine_kwargs)
-    manifest = Manifest(name="seq", version=1, kind="predict", jax_version="0.10.2",
-                        signatures={"serve": Signature("serve", eng.inputs, eng.outputs, {})},
-                        params=(), batch_buckets=BUCKETS, seq_buckets=SEQ)
-    write_bundle(tmp_path / "repo" / "seq" / "1", manifest, [], {})
-    server = Server(ServerConfig(model_repository=str(tmp_path / "repo"), grpc_port=0,
-                                 metrics_port=-1), engine_factory=lambda *a: eng)
-    bg = BackgroundServer(server).start()
-    servers.append(bg)
-    return bg, eng
+    def start(**engine_kwargs):
+      eng = MockSeqEngine(buckets=BUCKETS, seq_buckets=SEQ, **engine_kwargs)
+      write_engine_bundle(tmp_path / "repo", "seq", eng, seq_buckets=SEQ)
+      return servers.enter_context(serving(tmp_path / "repo", lambda *a: eng)), eng
 
-  yield start
-  for bg in servers:
-    bg.stop()
+    yield start
 
 
 def expected(tokens, segments, lengths):
@@ -51,13 +44,9 @@ def rand_request(rng, rows, length):
 
 
 def infer(client, tokens, segments, lengths):
-  ins = [tc.InferInput("tokens", list(tokens.shape), "INT32"),
-         tc.InferInput("segments", list(segments.shape), "INT32"),
-         tc.InferInput("lengths", list(lengths.shape), "INT32")]
-  for i, a in zip(ins, (tokens, segments, lengths)):
-    i.set_data_from_numpy(a)
-  res = client.infer("seq", ins)
-  return res.as_numpy("total"), res.as_numpy("doubled")
+  out = triton_infer(client, "seq", {"tokens": tokens, "segments": segments, "lengths": lengths},
+                     ("total", "doubled"))
+  return out["total"], out["doubled"]
 
 
 def test_random_lengths_get_exact_answers_on_the_grid(seq_server):
@@ -120,7 +109,7 @@ def test_metadata_shows_the_sequence_dimension(seq_server):
 
 
 def test_a_failing_batch_fails_only_the_poisoned_request(seq_server):
-  bg, eng = seq_server(fail_token=999, delay_s=0.01)
+  bg, _ = seq_server(fail_token=999, delay_s=0.01)
   rng = np.random.default_rng(2)
   good = [rand_request(rng, 2, 7) for _ in range(6)]
   bad = rand_request(rng, 1, 6)

@@ -10,26 +10,18 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from clientutil import infer as triton_infer
+from clientutil import triton_inputs
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
-
-
-def expected(x, k):
-  return 2.0 * x.sum(axis=1, keepdims=True) + 1.0, x * k
+from servingutil import expected
+from servingutil import mock_rows as rand_rows
 
 
 def infer(client, x, k, model="mock", **kw):
-  ins = [tc.InferInput("x", list(x.shape), "FP32"), tc.InferInput("k", list(k.shape), "INT32")]
-  ins[0].set_data_from_numpy(x)
-  ins[1].set_data_from_numpy(k)
-  res = client.infer(model, ins, **kw)
-  return res.as_numpy("y"), res.as_numpy("z")
-
-
-def rand_rows(rng, n):
-  x = rng.integers(-8, 8, size=(n, 4)).astype(np.float32) / 4  # exact in float32
-  k = rng.integers(-3, 4, size=(n, 1)).astype(np.int32)
-  return x, k
+  """(y, z) for one tritonclient call to the MockEngine."""
+  out = triton_infer(client, model, {"x": x, "k": k}, ("y", "z"), **kw)
+  return out["y"], out["z"]
 
 
 def test_metadata_config_and_health(start_mock_server):
@@ -97,13 +89,11 @@ def test_int64_ids_accepted_for_int32_input_with_range_check(start_mock_server):
   bg, _ = start_mock_server()
   c = tc.InferenceServerClient(bg.address)
   x = np.ones((1, 4), np.float32)
-  ins = [tc.InferInput("x", [1, 4], "FP32"), tc.InferInput("k", [1, 1], "INT64")]
-  ins[0].set_data_from_numpy(x)
-  ins[1].set_data_from_numpy(np.array([[2]], np.int64))
+  ins = triton_inputs({"x": x, "k": np.array([[2]], np.int64)})
+  assert ins[1].datatype() == "INT64"
   np.testing.assert_array_equal(c.infer("mock", ins).as_numpy("z"), [[2, 2, 2, 2]])
-  ins[1].set_data_from_numpy(np.array([[2**40]], np.int64))
   with pytest.raises(InferenceServerException, match="outside INT32 range"):
-    c.infer("mock", ins)
+    c.infer("mock", triton_inputs({"x": x, "k": np.array([[2**40]], np.int64)}))
 
 
 def _raw_request(x_shape=(2, 4), x_dtype="FP32", k_shape=(2, 1), x_bytes=None, names=("x", "k"),
@@ -151,7 +141,7 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(start_mock_serve
 
 
 def test_failing_batch_only_fails_the_poisoned_request(start_mock_server):
-  bg, engines = start_mock_server(delay_s=0.02, fail_value=-999.0)
+  bg, _ = start_mock_server(delay_s=0.02, fail_value=-999.0)
   rng = np.random.default_rng(1)
   good = [rand_rows(rng, 2) for _ in range(6)]
   bad_x = np.full((1, 4), -999.0, np.float32)
@@ -217,6 +207,7 @@ def test_queue_bound_sheds_with_resource_exhausted(start_mock_server):
         outcomes.append(e.status())
   assert "StatusCode.RESOURCE_EXHAUSTED" in outcomes
   assert outcomes.count("ok") >= 2  # one running, one queued
+  assert engines["mock"].batches == [8] * outcomes.count("ok")  # a shed request never ran
 
 
 def test_predict_requests_inside_a_stream_get_exact_answers(start_mock_server):
@@ -230,13 +221,8 @@ def test_predict_requests_inside_a_stream_get_exact_answers(start_mock_server):
   c.start_stream(callback=lambda result, error: results.put((result, error)))
   try:
     for i, (x, k) in enumerate(cases):
-      ins = [tc.InferInput("x", list(x.shape), "FP32"), tc.InferInput("k", list(k.shape), "INT32")]
-      ins[0].set_data_from_numpy(x)
-      ins[1].set_data_from_numpy(k)
-      c.async_stream_infer("mock", ins, request_id=str(i))
-    bad = [tc.InferInput("x", [1, 5], "FP32"), tc.InferInput("k", [1, 1], "INT32")]
-    bad[0].set_data_from_numpy(np.zeros((1, 5), np.float32))
-    bad[1].set_data_from_numpy(np.zeros((1, 1), np.int32))
+      c.async_stream_infer("mock", triton_inputs({"x": x, "k": k}), request_id=str(i))
+    bad = triton_inputs({"x": np.zeros((1, 5), np.float32), "k": np.zeros((1, 1), np.int32)})
     c.async_stream_infer("mock", bad, request_id="bad")
     got, errors = {}, []
     while len(got) + len(errors) < len(cases) + 1:

@@ -15,13 +15,13 @@ from flax import nnx
 
 import export
 import sharding_testlib as tl
+from clientutil import assert_served_like, serving
 from bundle import BundleError, read_manifest
 from models.dcn_v2 import DCNv2, DCNv2Config
 from models.dlrm import DLRM
 from serving.engines import BundleEngine
 from serving.repository.placement import engine_factory_for, placements_for
 from serving.repository import ModelServingConfig
-from serving.server import BackgroundServer, Server, ServerConfig
 from sharding import collective_stats, collectives, per_device_bytes
 
 BATCH = 8
@@ -79,8 +79,8 @@ def test_bundle_served_table_wise(bundles, quant, n):
 
     # Collectives: each device gathers its own tables' rows; one all-gather of the
     # [n, B, F_max, D] activations; never a table (or a fused block) gathered.
-    replica = engine._replicas[0]
-    hlo = replica["compiled"][BATCH].as_text()
+    params, compiled = engine.replicas[0]
+    hlo = compiled[BATCH].as_text()
     stats = collective_stats(hlo)
     width = max(tables.shard.count(k) for k in range(n))
     assert stats.count["all-gather"] == 1 and stats.total_count == 1
@@ -95,7 +95,7 @@ def test_bundle_served_table_wise(bundles, quant, n):
     dense_bytes = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
                       for i, p in enumerate(manifest.params) if i not in lookup.table_leaves)
     row_bytes = cfg.embed_dim * (1 if quant == "int8_tables" else 4) + (8 if lookup.scales else 0)
-    by_device = per_device_bytes(replica["params"])
+    by_device = per_device_bytes(params)
     assert len(by_device) == n
     assert set(by_device.values()) == {dense_bytes + tables.block_rows * row_bytes}
     assert sum(tables.shard_rows()) == sum(cfg.table_sizes)
@@ -120,7 +120,7 @@ def test_dcn_v2_bundle_served_table_wise(tmp_path):
 
 
 def test_old_bundle_without_lookup_is_refused(bundles, tmp_path):
-  path, manifest, _ = bundles[4]["none"]
+  path, _, _ = bundles[4]["none"]
   raw = json.loads((path / "manifest.json").read_text())
   del raw["signatures"]["serve"]["table_lookup"]
   (tmp_path / "manifest.json").write_text(json.dumps(raw))
@@ -139,24 +139,15 @@ def test_table_wise_over_grpc(bundles, tmp_path):
   model = DLRM(cfg, rngs=nnx.Rngs(7))
   _export(repo, model, "dlrm")
   # What `xlaserve serve --devices 8 --sharding embedding_tables` builds (serving/cli.py).
-  config = ServerConfig(
-      model_repository=str(repo), grpc_port=0, metrics_port=-1,
-      default_model_config=ModelServingConfig(sharding="embedding_tables", devices=8))
-  bg = BackgroundServer(Server(config, engine_factory=engine_factory_for(config))).start()
-  try:
+  with serving(repo, engine_factory_for(), default_model_config=ModelServingConfig(
+      sharding="embedding_tables", devices=8)) as bg:
     (placement,) = bg.server.repository.get("dlrm").runner.engine.placements
     assert len(placement.devices) == 8 and placement.tables is not None
     rng = np.random.default_rng(0)
+    cases = [{"dense": rng.normal(size=(rows, 13)).astype(np.float32),
+              "sparse": rng.integers(-1, 3000, size=(rows, 26)).astype(np.int32)}
+             for rows in (1, 3, 8, 13)]  # 13 rows: split over two batches
     with tc.InferenceServerClient(bg.address) as c:
-      for rows in (1, 3, 8, 13):
-        dense = rng.normal(size=(rows, 13)).astype(np.float32)
-        sparse = rng.integers(-1, 3000, size=(rows, 26)).astype(np.int32)
-        ins = [tc.InferInput("dense", [rows, 13], "FP32"),
-               tc.InferInput("sparse", [rows, 26], "INT32")]
-        ins[0].set_data_from_numpy(dense)
-        ins[1].set_data_from_numpy(sparse)
-        got = c.infer("dlrm", ins).as_numpy("prob")
-        want = np.asarray(model(jnp.asarray(dense), jnp.asarray(sparse))["prob"])
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  finally:
-    bg.stop()
+      checked = assert_served_like(c, "dlrm", cases, lambda dense, sparse: model(
+          jnp.asarray(dense), jnp.asarray(sparse)), rtol=1e-6, atol=1e-7)
+    assert checked == 4

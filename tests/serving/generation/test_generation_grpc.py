@@ -11,25 +11,22 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from clientutil import serving, triton_inputs
 from models.decoder import greedy_reference
 from models.tokenizer import ByteTokenizer
-from serving.server import BackgroundServer, Server, ServerConfig
 
 PROMPTS = ["Acme shoes:", "Cheap flights to", "x"]
 
 
 @pytest.fixture(scope="module")
 def lm_server(tiny_bundle):
-  repo = tiny_bundle.parent.parent  # <repo>/decoder/1
-  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0,
-                                            metrics_port=-1))).start()
-  yield bg
-  bg.stop()
+  with serving(tiny_bundle.parent.parent) as bg:  # <repo>/decoder/1
+    yield bg
 
 
 def _text_input(prompt: str) -> tc.InferInput:
-  t = tc.InferInput("text_input", [1], "BYTES")
-  t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+  (t,) = triton_inputs({"text_input": np.array([prompt.encode()], dtype=object)})
+  assert t.datatype() == "BYTES"
   return t
 
 
@@ -140,9 +137,7 @@ def test_int8_weight_bundle_serves_and_is_smaller(tiny_model, tiny_bundle, tmp_p
   nbytes = lambda m: sum(np.prod(p.shape) * np.dtype(p.dtype).itemsize for p in m.params)
   assert q.quantization == "int8" and nbytes(q) < 0.6 * nbytes(f)
   assert any(p.dtype == "int8" for p in q.params)
-  bg = BackgroundServer(Server(ServerConfig(model_repository=str(tmp_path), grpc_port=0,
-                                            metrics_port=-1))).start()
-  try:
+  with serving(tmp_path) as bg:
     c = tc.InferenceServerClient(bg.address)
     out = c.infer("decoder_w8", [_text_input("Acme shoes:")],
                   parameters={"max_tokens": 12, "ignore_eos": True}).as_numpy("text_output")[0]
@@ -150,5 +145,3 @@ def test_int8_weight_bundle_serves_and_is_smaller(tiny_model, tiny_bundle, tmp_p
     # Trained weights: the int8 model's greedy continuation starts like the float one.
     ref = _expected(tiny_model, "Acme shoes:", 12)
     assert out[:4] == ref[:4]
-  finally:
-    bg.stop()

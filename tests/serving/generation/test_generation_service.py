@@ -35,15 +35,28 @@ def service():
     svc.stop(drain=False)
 
 
-def assert_idle(svc: GenerationService) -> None:
+def wait_idle(svc: GenerationService) -> dict[str, float]:
+  """The stats once nothing runs, waits or holds a KV page (AssertionError after 5 s)."""
   deadline = time.monotonic() + 5
   while time.monotonic() < deadline:
     st = svc.stats()
     if st["running"] == st["waiting"] == st["kv_pages_used"] == 0:
-      svc._sched.check()
-      return
+      return st
     time.sleep(0.005)
   raise AssertionError(f"service did not go idle: {svc.stats()}")
+
+
+def assert_idle(svc: GenerationService) -> None:
+  """Idle with nothing leaked: no page held, and a full house of fresh requests (one per decode
+  slot) still runs to its length (a leaked slot or page would leave one waiting forever)."""
+  st = wait_idle(svc)
+  assert st["kv_pages_total"] > 0 and st["kv_cache_usage"] == 0.0
+  probes = [Stream() for _ in range(int(st["decode_slots"]))]
+  for s in probes:
+    svc.submit(request("a", max_new_tokens=3, ignore_eos=True), s)
+  for s in probes:
+    assert s.wait(10).finish_reason is FinishReason.LENGTH and len(s.tokens) == 3
+  wait_idle(svc)
 
 
 def test_stream_is_exact_and_ends_on_length(service):
@@ -263,7 +276,7 @@ def test_hundreds_of_random_requests_exact_and_no_leak(service):
                       delay_s=0.0002)
   svc = service(engine, max_waiting=1000)
   jobs = []
-  for i in range(400):
+  for _ in range(400):
     prompt = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
     n = rng.randint(1, 23)
     s = Stream()
