@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shlex
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
+
+from procutil import SERVE, Proc
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "export.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
@@ -22,42 +20,22 @@ def blocks(path: pathlib.Path) -> list[tuple[str, str]]:
   return [(m.group(1), m.group(2)) for m in FENCE.finditer(path.read_text())]
 
 
-class ServeProcess:
-  """`xlaserve serve ...` from a doc block, on a free port, until stop()."""
+def serve_block(command: str, cwd: pathlib.Path) -> Proc:
+  """`xlaserve serve ...` from a doc block, started in `cwd` on a free port (not yet waited for)."""
+  args = shlex.split(command)
+  assert args[:2] == ["xlaserve", "serve"], command
+  return Proc([*SERVE, *args[2:], "--grpc-port", "0", "--metrics-port", "-1",
+               "--compile-cache", "none"], cwd=cwd)
 
-  def __init__(self, command: str, cwd: pathlib.Path):
-    args = shlex.split(command)
-    assert args[:2] == ["xlaserve", "serve"], command
-    self.lines: list[str] = []
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", *args[1:], "--grpc-port", "0", "--metrics-port",
-         "-1", "--compile-cache", "none"],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    self.ready = threading.Event()
-    threading.Thread(target=self._pump, daemon=True).start()
 
-  def _pump(self) -> None:
-    for line in self.proc.stdout:
-      self.lines.append(line)
-      if "try it:" in line:
-        self.ready.set()
-    self.ready.set()
-
-  def address(self, timeout: float = 240) -> str:
-    assert self.ready.wait(timeout), "server did not become ready:\n" + "".join(self.lines)
-    text = "".join(self.lines)
-    assert "READY" in text and "UNAVAILABLE" not in text, text
-    return re.search(r"gRPC on (127\.0\.0\.1:\d+)", text).group(1)
-
-  def stop(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGTERM)
-      try:
-        self.proc.wait(60)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait(10)
+def stop(proc: Proc) -> None:
+  """SIGTERM (a graceful stop), then SIGKILL if it is still running a minute later."""
+  if proc.p.poll() is None:
+    proc.p.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(60)
+    except AssertionError:
+      proc.kill()
 
 
 def test_the_doc_has_python_and_a_serve_command():
@@ -68,18 +46,20 @@ def test_the_doc_has_python_and_a_serve_command():
 def test_export_doc_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace: dict = {"__name__": "export_doc"}
-  servers: list[ServeProcess] = []
+  servers: list[Proc] = []
   try:
     for i, (lang, code) in enumerate(blocks(DOC)):
       if lang == "python":
         exec(compile(code, f"{DOC.name}[block {i}]", "exec"), namespace)  # noqa: S102
       elif lang == "bash":
-        server = ServeProcess(code.strip(), tmp_path)
+        server = serve_block(code.strip(), tmp_path)
         servers.append(server)
-        monkeypatch.setenv("XLASERVE_URL", server.address())
+        address = server.wait_serving(240)
+        assert "READY" in server.text and "UNAVAILABLE" not in server.text, server.text
+        monkeypatch.setenv("XLASERVE_URL", address)
       else:
         pytest.fail(f"block {i}: unexpected language {lang!r}")
   finally:
     for server in servers:
-      server.stop()
-  assert servers and servers[0].proc.returncode == 0, "".join(servers[0].lines)
+      stop(server)
+  assert servers and servers[0].p.returncode == 0, servers[0].text

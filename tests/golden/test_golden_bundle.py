@@ -14,12 +14,11 @@ import pytest
 import tritonclient.grpc as tc
 
 from bundle import FORMAT_VERSION, compute_code_hash, read_manifest, served_models
-from serving.server import BackgroundServer, Server, ServerConfig
+from clientutil import assert_served_like, infer, serving
 
 HERE = pathlib.Path(__file__).resolve().parent
 BUNDLE = HERE / "repo" / "golden" / "1"
 MODELS = {"golden_tokens": "per_token", "golden_pooled": "pooled", "golden_affine": "affine"}
-_TRITON = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
 
 def expected() -> dict[str, dict[str, dict[str, np.ndarray]]]:
@@ -55,27 +54,20 @@ def test_manifest_reads_as_format_1():
 def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("repo")
   shutil.copytree(HERE / "repo", repo, dirs_exist_ok=True)  # never write into the checkout
-  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0,
-                                            metrics_port=-1))).start()
-  yield bg
-  bg.stop()
+  with serving(repo) as bg:
+    yield bg
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_served_outputs_equal_the_saved_ones(served, model):
   case = expected()[MODELS[model]]
-  ins = []
-  for name, arr in case["in"].items():
-    i = tc.InferInput(name, list(arr.shape), _TRITON[arr.dtype])
-    i.set_data_from_numpy(arr)
-    ins.append(i)
+  floats = {k: v for k, v in case["out"].items() if v.dtype.kind == "f"}
+  exact = {k: v for k, v in case["out"].items() if v.dtype.kind != "f"}
   with tc.InferenceServerClient(served.address) as c:
     assert c.is_model_ready(model)
-    res = c.infer(model, ins)
-  for name, want in case["out"].items():
-    got = res.as_numpy(name)
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    if want.dtype.kind == "f":  # a few float ops: equal up to the CPU's rounding
-      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    else:
-      np.testing.assert_array_equal(got, want)
+    # A few float ops: equal up to the CPU's rounding; everything else exactly.
+    assert assert_served_like(c, model, [case["in"]], lambda **_: floats,
+                              rtol=1e-6, atol=1e-7) == 1
+    assert assert_served_like(c, model, [case["in"]], lambda **_: exact) == 1
+    got = infer(c, model, case["in"])
+  assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in case["out"].items()}

@@ -1,43 +1,15 @@
-"""Helpers for model tests: serve a repository over real gRPC, call it, run the Flax original."""
+"""Helpers for model tests: run the Flax original (the reference served outputs must equal), random
+token batches, logical-axis checks. Serving and calling: tests/clientutil.py."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable
 
 import jax
 import numpy as np
-import tritonclient.grpc as tc
 from flax import nnx
 
-from serving.server import BackgroundServer, Server, ServerConfig
 from sharding.rules import LOGICAL_AXES
-
-_TRITON = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-           np.dtype(np.float32): "FP32"}
-
-
-@contextlib.contextmanager
-def serving(repo) -> Iterator[BackgroundServer]:
-  """The real server on 127.0.0.1 (free port) over `repo`, stopped afterwards."""
-  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0,
-                                            metrics_port=-1))).start()
-  try:
-    yield bg
-  finally:
-    bg.stop()
-
-
-def infer(client: tc.InferenceServerClient, model: str, inputs: Mapping[str, np.ndarray],
-          outputs: list[str]) -> dict[str, np.ndarray]:
-  """One ModelInfer call with raw tensors; returns the named outputs."""
-  ins = []
-  for name, arr in inputs.items():
-    i = tc.InferInput(name, list(arr.shape), _TRITON[arr.dtype])
-    i.set_data_from_numpy(arr)
-    ins.append(i)
-  res = client.infer(model, ins)
-  return {k: res.as_numpy(k) for k in outputs}
 
 
 def reference(model: nnx.Module, method: str = "__call__") -> Callable[..., dict[str, np.ndarray]]:

@@ -8,9 +8,10 @@ import pytest
 import tritonclient.grpc as tc
 from flax import nnx
 
-from models.dcn_v2 import CrossLayer, DCNv2, DCNv2Config
-from seqserve import check_logical_axes, infer, reference, serving
+from clientutil import assert_served_like, infer, serving
 from demo.models import build_dcn_v2
+from models.dcn_v2 import CrossLayer, DCNv2, DCNv2Config
+from seqserve import check_logical_axes, reference
 
 BATCH = (1, 4, 16)
 SEED = 11
@@ -58,9 +59,9 @@ def test_served_outputs_equal_flax_model(served, rows):
   bg, run, cfg = served
   x = features(np.random.default_rng(rows), rows, cfg)
   with tc.InferenceServerClient(bg.address) as c:
+    assert assert_served_like(c, "dcn_v2", [x], run, rtol=2e-5, atol=1e-6) == 1
     got = infer(c, "dcn_v2", x, ["prob"])["prob"]
   assert got.shape == (rows, 1) and np.all((got > 0) & (got < 1))
-  np.testing.assert_allclose(got, run(**x)["prob"], rtol=2e-5, atol=1e-6)
 
 
 def test_int32_ids_and_random_sizes_cause_zero_compiles(served):

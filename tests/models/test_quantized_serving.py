@@ -15,11 +15,11 @@ import tritonclient.grpc as tc
 from flax import nnx
 
 import export
+from clientutil import assert_served_like, infer, serving
 from export.quantize import quantize_model
 from models.dlrm import DLRM, DLRMConfig
 from models.layers import MLP
 from quant_tolerance import DLRM_PROB_TOLERANCE
-from serving.server import BackgroundServer, Server, ServerConfig
 
 BUCKETS = (1, 8)  # compiling a DLRM bucket takes ~2 s on 2 shared cores
 # Max |prob - float32 prob| per mode (tests/quant_tolerance.py); served float32 bundles differ from
@@ -52,10 +52,8 @@ def served(tmp_path_factory):
   for q in MLP_MODES:
     export.export_model(mlp, repository=repo, name=f"mlp_{q}", output_names=["y"],
                         inputs=[export.Input("x", "float32", ("batch", 12))], config=config(q))
-  server = Server(ServerConfig(model_repository=str(repo), grpc_port=0, metrics_port=-1))
-  bg = BackgroundServer(server).start()
-  yield bg, repo, model, mlp
-  bg.stop()
+  with serving(repo) as bg:
+    yield bg, repo, model, mlp
 
 
 def make_inputs(rng, n):
@@ -64,19 +62,22 @@ def make_inputs(rng, n):
   return dense, sparse
 
 
-def infer_dlrm(client, name, dense, sparse):
-  ins = [tc.InferInput("dense", list(dense.shape), "FP32"),
-         tc.InferInput("sparse", list(sparse.shape), "INT64")]
-  ins[0].set_data_from_numpy(dense)
-  ins[1].set_data_from_numpy(sparse)
-  return client.infer(name, ins).as_numpy("prob")
-
-
 def flax_prob(model, dense, sparse):
   """The Flax model itself, jitted (one shape: every request's rows together)."""
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda st, d, s: nnx.merge(graphdef, st)(d, s)["prob"])
   return np.asarray(fn(state, jnp.asarray(dense), jnp.asarray(sparse)))
+
+
+def split_requests(rows):
+  """`rows` cut into one block per request, SIZES[i] rows each."""
+  return np.split(rows, np.cumsum(SIZES)[:-1])
+
+
+def per_request(prob):
+  """A reference for `assert_served_like`: each request (told apart by its row count) answered
+  with its own rows of `prob`, the Flax model's output for every request's rows together."""
+  return lambda dense, sparse: {"prob": dict(zip(SIZES, split_requests(prob)))[len(dense)]}
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +92,16 @@ def requests(served):
 def test_served_quantized_dlrm_matches_flax(served, requests, mode):
   bg, _, model, _ = served
   dense, sparse, want_f = requests
-  cuts = np.cumsum((0,) + SIZES)
-  with tc.InferenceServerClient(bg.address) as c:
-    got = [infer_dlrm(c, model_name(mode), dense[a:b], sparse[a:b])
-           for a, b in zip(cuts[:-1], cuts[1:])]
-  assert [g.shape for g in got] == [(n, 1) for n in SIZES]
-  got = np.concatenate(got)
+  assert len(set(SIZES)) == len(SIZES)  # per_request tells requests apart by their row count
+  cases = [{"dense": d, "sparse": s} for d, s in zip(split_requests(dense), split_requests(sparse))]
   want_q = flax_prob(quantize_model(model, mode), dense, sparse)
-  np.testing.assert_allclose(got, want_q, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(got, want_f, rtol=0, atol=TOLERANCE[mode])
+  assert want_q.shape == want_f.shape == (sum(SIZES), 1)  # so each request's answer is (n, 1)
+  with tc.InferenceServerClient(bg.address) as c:
+    # The same quantized computation, then the float32 model within the mode's tolerance.
+    assert assert_served_like(c, model_name(mode), cases, per_request(want_q),
+                              rtol=2e-5, atol=2e-6) == len(SIZES)
+    assert assert_served_like(c, model_name(mode), cases, per_request(want_f),
+                              rtol=0, atol=TOLERANCE[mode]) == len(SIZES)
 
 
 @pytest.mark.parametrize("mode", MLP_MODES)
@@ -107,10 +109,8 @@ def test_served_quantized_mlp_matches_flax(served, mode):
   """Any models.layers model exports quantized, not only the DLRM."""
   bg, _, _, mlp = served
   x = np.random.default_rng(0).normal(size=(7, 12)).astype(np.float32)
-  inp = tc.InferInput("x", [7, 12], "FP32")
-  inp.set_data_from_numpy(x)
   with tc.InferenceServerClient(bg.address) as c:
-    got = c.infer(f"mlp_{mode}", [inp]).as_numpy("y")
+    got = infer(c, f"mlp_{mode}", {"x": x}, ["y"])["y"]
   want_q = np.asarray(quantize_model(mlp, mode)(jnp.asarray(x)))
   want_f = np.asarray(mlp(jnp.asarray(x)))
   np.testing.assert_allclose(got, want_q, rtol=2e-5, atol=2e-6)

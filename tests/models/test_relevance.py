@@ -2,15 +2,15 @@
 
 import concurrent.futures
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from flax import nnx
 
-from models.relevance import RelevanceConfig, RelevanceModel
-from seqserve import check_logical_axes, infer, reference, serving, tokens
+from clientutil import assert_served_like, infer, serving
 from demo.models import build_relevance
+from models.relevance import RelevanceConfig, RelevanceModel
+from seqserve import check_logical_axes, reference, tokens
 
 BATCH, SEQ = (1, 4), (16, 32, 64)
 SEED = 3
@@ -57,18 +57,18 @@ def test_served_scores_equal_flax_model_across_the_grid(served, rows, length):
   bg, run, _, cfg = served
   x = pair(np.random.default_rng(rows * 100 + length), rows, length, cfg)
   with tc.InferenceServerClient(bg.address) as c:
+    assert assert_served_like(c, "relevance", [x], run, rtol=1e-5, atol=1e-6) == 1
     got = infer(c, "relevance", x, ["score"])["score"]
   assert got.shape == (rows, 1) and got.dtype == np.float32
-  np.testing.assert_allclose(got, run(**x)["score"], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_bundle_within_stated_tolerance(served):
   bg, run, run_bf16, cfg = served
   x = pair(np.random.default_rng(5), 4, 40, cfg)
   with tc.InferenceServerClient(bg.address) as c:
-    got = infer(c, "relevance_bf16", x, ["score"])["score"]
-  np.testing.assert_allclose(got, run_bf16(**x)["score"], atol=5e-3)  # same bf16 model
-  np.testing.assert_allclose(got, run(**x)["score"], atol=BF16_ATOL)  # the float32 original
+    # The same bf16 model, then the float32 original.
+    assert assert_served_like(c, "relevance_bf16", [x], run_bf16, atol=5e-3) == 1
+    assert assert_served_like(c, "relevance_bf16", [x], run, atol=BF16_ATOL) == 1
 
 
 def test_random_lengths_cause_zero_compiles(served):

@@ -7,9 +7,10 @@ import pytest
 import tritonclient.grpc as tc
 from flax import nnx
 
-from models.two_tower import TwoTower, TwoTowerConfig
-from seqserve import check_logical_axes, infer, reference, serving, tokens
+from clientutil import assert_served_like, infer, serving
 from demo.models import build_two_tower
+from models.two_tower import TwoTower, TwoTowerConfig
+from seqserve import check_logical_axes, reference, tokens
 
 BATCH, QUERY_SEQ, AD_SEQ = (1, 4), (8, 16), (16, 32)
 SEED = 5
@@ -54,12 +55,12 @@ def test_served_embeddings_are_unit_norm_and_equal_flax(served, model, rows, len
   bg, refs, cfg = served
   ids, lengths = tokens(np.random.default_rng(rows * 31 + length), rows, length,
                         cfg.query.vocab_size)
+  x = {"token_ids": ids, "lengths": lengths}
   with tc.InferenceServerClient(bg.address) as c:
-    got = infer(c, model, {"token_ids": ids, "lengths": lengths}, ["embedding"])["embedding"]
+    assert assert_served_like(c, model, [x], refs[model], rtol=1e-5, atol=1e-6) == 1
+    got = infer(c, model, x, ["embedding"])["embedding"]
   assert got.shape == (rows, cfg.embed_dim)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-  np.testing.assert_allclose(got, refs[model](token_ids=ids, lengths=lengths)["embedding"],
-                             rtol=1e-5, atol=1e-6)
 
 
 def test_the_towers_differ_and_keep_their_own_length_limits(served):

@@ -1,6 +1,6 @@
 """One process of the two-process test: DLRM with row-sharded tables over a global mesh.
 
-Run from the repository root:
+Run from the repository root, with it on PYTHONPATH (as procutil.child_env sets it):
   python tests/sharding/multihost_worker.py --process-id I --port P --batches IN.npz --out OUT.npz
 Process 0 leads: it reads the padded batches, runs them through `LockstepLoop.leader_step`,
 stops the loop and writes the outputs; the others run `follower_loop()`.
@@ -9,13 +9,9 @@ stops the loop and writes the outputs; the others run `follower_loop()`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from sharding import multihost  # noqa: E402  (nothing touches a device before initialize)
+from sharding import multihost  # nothing touches a device before initialize
 
 
 def main() -> int:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import jax
@@ -13,26 +10,10 @@ import numpy as np
 import pytest
 
 import sharding_testlib as tl
+from procutil import Proc, child_env, free_port
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
-REPO = WORKER.parents[2]
 TIMEOUT_S = 150
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags)  # each process sets 2 devices itself
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-  return env
 
 
 def test_leader_and_follower_match_single_process(tmp_path):
@@ -49,23 +30,19 @@ def test_leader_and_follower_match_single_process(tmp_path):
   np.savez(inp, buckets=np.asarray(buckets), count=len(plan), **batches,
            **{f"param{i}": np.asarray(x) for i, x in enumerate(flat.leaves)})
 
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(WORKER), "--process-id", str(i), "--port", str(port),
-       "--batches", str(inp), "--out", str(out)],
-      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = []
+  port = free_port()
+  env = child_env(own_devices=True)  # each process sets 2 devices itself
+  procs = [Proc([sys.executable, str(WORKER), "--process-id", str(i), "--port", str(port),
+                 "--batches", str(inp), "--out", str(out)], env=env) for i in range(2)]
   try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  except subprocess.TimeoutExpired:
+    codes = [p.wait(TIMEOUT_S) for p in procs]
+  except AssertionError:
     for p in procs:
       p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    pytest.fail(f"multi-host run hung for {TIMEOUT_S}s:\n" + "\n---\n".join(logs))
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+    pytest.fail(f"multi-host run hung for {TIMEOUT_S}s:\n" + "\n---\n".join(p.text for p in procs))
+  logs = [p.output(10) for p in procs]
+  for i, code in enumerate(codes):
+    assert code == 0, f"process {i} failed:\n{logs[i][-4000:]}"
   assert "follower served 4 steps" in logs[1]
 
   got = np.load(out)
