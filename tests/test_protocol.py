@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_regenerating_protos_reproduces_committed_modules(tmp_path):
   subprocess.run([sys.executable, str(ROOT / "tools" / "gen_protos.py"), "--out", str(tmp_path)],
                  check=True, capture_output=True)
-  committed = ROOT / "serving" / "protocol"
+  committed = ROOT / "serving" / "frontend" / "protocol"
   names = sorted(p.name for p in tmp_path.glob("*.py"))
   assert names == ["grpc_service_pb2.py", "grpc_service_pb2_grpc.py", "model_config_pb2.py",
                    "model_config_pb2_grpc.py"]

@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROTO_DIR = HERE.parent / "serving" / "protocol"
+PROTO_DIR = HERE.parent / "serving" / "frontend" / "protocol"
 DESCRIPTOR_SET = PROTO_DIR / "triton_protos.pb"
 FILES = ("model_config.proto", "grpc_service.proto")
 
