@@ -144,8 +144,9 @@ class ReplicaEngine(Engine):
     except Exception as e:
       raise BundleError(f"{self.path}: compiling bucket {self.point_label(point).strip()}"
                         f" failed: {e}") from e
-    say(f"replica {r}: bucket {self.point_label(point)} compiled in"
-        f" {time.perf_counter() - t1:.2f}s")
+    if len(self.points()) == len(self.buckets):  # a grid says one summary line instead
+      say(f"replica {r}: bucket {self.point_label(point)} compiled in"
+          f" {time.perf_counter() - t1:.2f}s")
     return exe
 
   def _run_and_time(self, point: Point, exe: Any, params: list[Any]) -> None:
