@@ -1,7 +1,7 @@
 // The server core: the Frontend object Python drives (start/stop, the model table, the fast
 // queue its feeder thread takes from, completions and forwards), fast-path admission of a
 // ModelInfer (method, auth, model, specs, deadline), the completion-queue worker threads, and
-// the pybind11 module `serving.frontend._native`.
+// the pybind11 module `serving.frontend._native` (standard headers it shares come from frontend.h).
 
 #include <pybind11/stl.h>
 
@@ -9,13 +9,7 @@
 #include <cctype>
 #include <chrono>
 #include <ctime>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <string_view>
-#include <thread>
 #include <utility>
-#include <vector>
 
 #include "frontend.h"
 
