@@ -58,7 +58,8 @@ def _sources() -> list[pathlib.Path]:
 
 
 def test_no_module_over_the_line_limit():
-  over = {str(p.relative_to(ROOT)): n for p in _sources()
+  native = sorted((ROOT / "serving/frontend/native").glob("*.[ch]*"))  # the C++ front end too
+  over = {str(p.relative_to(ROOT)): n for p in (*_sources(), *native)
           if (n := p.read_text().count("\n")) > MAX_MODULE_LINES}
   assert not over, f"modules over {MAX_MODULE_LINES} lines (split them along a seam): {over}"
 
