@@ -4,6 +4,16 @@ The flag must be set before JAX initialises its CPU backend, hence here, first.
 """
 
 import os
+import pathlib
+import sys
+
+# tests/serving, tests/export, ... mirror the packages; on sys.path (pytest puts tests/ there for
+# the helper modules) they would shadow the real packages as namespace packages unless the
+# repository itself comes first (`python -m pytest` adds it; plain `pytest` and runs from a
+# subfolder do not).
+_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
