@@ -10,7 +10,10 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the CLI imports serving lazily: --help answers without loading it
+  from serving.server import ServerConfig
 
 DEFAULT_COMPILE_CACHE = "~/.cache/xlaserve/jax-compile-cache"
 
@@ -168,7 +171,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def server_config(args: argparse.Namespace, repo: str, token: str | None):
+def server_config(args: argparse.Namespace, repo: str, token: str | None) -> ServerConfig:
   """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
   from serving.frontend import codec
   from serving.repository import ModelServingConfig
