@@ -44,12 +44,12 @@ class LoadResult:
 
 def build_request(model: str, inputs: dict[str, np.ndarray], *, params: dict | None = None) -> bytes:
   """Serializes a ModelInferRequest with raw_input_contents."""
-  from serving.frontend.codec import numpy_datatype
+  from bundle import triton_datatype
   from serving.frontend.protocol import grpc_service_pb2 as pb
 
   req = pb.ModelInferRequest(model_name=model)
   for name, arr in inputs.items():
-    req.inputs.add(name=name, datatype=numpy_datatype(arr.dtype), shape=list(arr.shape))
+    req.inputs.add(name=name, datatype=triton_datatype(arr.dtype), shape=list(arr.shape))
     req.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
   for k, v in (params or {}).items():
     if isinstance(v, bool):

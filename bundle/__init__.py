@@ -26,11 +26,11 @@ The bundle format is a leaf package: it imports nothing else of xlaserve, so a s
 manifests without the exporter or any model code.
 """
 
-from bundle.datatypes import (BY_NUMPY, BY_TRITON, DATATYPES, DTYPE_TO_TRITON, TRITON_DATATYPES,
-                              Datatype, numpy_dtype, triton_datatype)
+from bundle.datatypes import (BY_NUMPY, BY_TRITON, DATATYPES, Datatype, numpy_dtype,
+                              triton_datatype)
 from bundle.manifest import (FORMAT_VERSION, BundleError, Manifest, ParamSpec, Signature, TableLookup,
                              TensorSpec, artifact_key, check_seq_buckets, compute_code_hash,
                              find_artifact,
                              only_signature, served_models)
-from bundle.store import (MANIFEST, PARAMS_DIR, list_versions, read_manifest, restore_params,
+from bundle.store import (MANIFEST, MODEL_NAME_RE, PARAMS_DIR, list_versions, read_manifest, restore_params,
                           write_bundle)

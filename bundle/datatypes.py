@@ -38,9 +38,6 @@ DATATYPES: tuple[Datatype, ...] = (
 )
 BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES}
 BY_NUMPY: dict[str, Datatype] = {d.numpy: d for d in DATATYPES}
-# Triton datatype name <-> numpy dtype name (kept as plain dicts for quick lookups).
-TRITON_DATATYPES: dict[str, str] = {d.triton: d.numpy for d in DATATYPES}
-DTYPE_TO_TRITON: dict[str, str] = {d.numpy: d.triton for d in DATATYPES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,4 +48,4 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def triton_datatype(dt: np.dtype) -> str:
   """The wire datatype name of a numpy dtype (KeyError for one the protocol lacks)."""
-  return DTYPE_TO_TRITON["bfloat16" if dt == ml_dtypes.bfloat16 else str(dt)]
+  return BY_NUMPY["bfloat16" if dt == ml_dtypes.bfloat16 else str(dt)].triton

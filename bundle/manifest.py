@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Sequence
 
-from bundle.datatypes import DTYPE_TO_TRITON
+from bundle.datatypes import BY_NUMPY
 
 FORMAT_VERSION = 1
 
@@ -31,7 +31,7 @@ class TensorSpec:
   def __post_init__(self):
     if len(self.shape) != len(self.dims):
       raise ValueError(f"{self.name}: shape {self.shape} and dims {self.dims} differ in rank")
-    if self.dtype not in DTYPE_TO_TRITON:
+    if self.dtype not in BY_NUMPY:
       raise ValueError(f"{self.name}: unsupported dtype {self.dtype!r}")
     for d, n in zip(self.dims, self.shape):
       if (d is not None) != (n == -1):
@@ -39,7 +39,7 @@ class TensorSpec:
 
   @property
   def datatype(self) -> str:
-    return DTYPE_TO_TRITON[self.dtype]
+    return BY_NUMPY[self.dtype].triton
 
   def to_json(self) -> dict[str, Any]:
     return {

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -16,6 +17,8 @@ from bundle.manifest import BundleError, Manifest, ParamSpec
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# A model folder name: the exporter writes only these, the server serves only these.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PARAMS_DIR = "params"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -28,8 +27,6 @@ from export.tracing import (
 __all__ = ["DEFAULT_BATCH_BUCKETS", "TRITON_CUSTOM_CALL", "ExportConfig", "Input", "export_model"]
 
 logger = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 Rebuild = Callable[[list[Any]], Any]
 
@@ -78,8 +75,8 @@ def export_model(
 def _model_dir(repository: str | os.PathLike[str], name: str,
                version: int | None) -> tuple[pathlib.Path, int]:
   """`<repository>/<name>` and the version to write (default: one past the newest there)."""
-  if not _NAME_RE.fullmatch(name):
-    raise ValueError(f"model name {name!r} must match {_NAME_RE.pattern}")
+  if not bundle_lib.MODEL_NAME_RE.fullmatch(name):
+    raise ValueError(f"model name {name!r} must match {bundle_lib.MODEL_NAME_RE.pattern}")
   model_dir = pathlib.Path(repository) / name
   if version is None:
     version = (bundle_lib.list_versions(model_dir) or [0])[-1] + 1

@@ -280,7 +280,7 @@ def serve(args: argparse.Namespace) -> int:
   try:
     repo = _repository(args, say)
     config = server_config(args, repo, token)
-    kinds = standard_kinds(multihost.factory if multihost else engine_factory_for(config))
+    kinds = standard_kinds(multihost.factory if multihost else engine_factory_for())
     server = Server(config, kinds=kinds, progress=say)
   except (_UsageError, ValueError, RuntimeError) as e:  # RuntimeError: --frontend native unbuilt
     _fail(str(e))

@@ -35,13 +35,13 @@ from grpc_health.v1._async import HealthServicer
 from serving.frontend import codec
 from serving.frontend import native as native_frontend
 from serving.frontend.auth import BearerTokenInterceptor, check_token
-from serving.telemetry.compile_watch import CompileCounter
-from serving.telemetry.metrics import Metrics
 from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
-from serving.frontend.servicer import AsyncSink, InferenceServicer
+from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import (EngineFactory, ModelRepository, ModelServingConfig,
                                 RepositoryPoller)
+from serving.telemetry.compile_watch import CompileCounter
+from serving.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ default import mode as the folder of tests/conftest.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import pathlib
@@ -14,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tritonclient.grpc as tc
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bundle import Manifest, Signature, write_bundle
 from serving.server import BackgroundServer, Server, ServerConfig
@@ -66,6 +67,23 @@ def infer(client: tc.InferenceServerClient, model: str, inputs: Mapping[str, np.
   res = client.infer(model, triton_inputs(inputs), **kwargs)
   names = outputs if outputs is not None else [o.name for o in res.get_response().outputs]
   return {k: res.as_numpy(k) for k in names}
+
+
+def call_concurrently(address: str, call: Callable[..., Any], cases: Sequence[Sequence[Any]], *,
+                      workers: int = 8, errors: bool = False) -> list[Any]:
+  """`call(client, *case)` for every case from `workers` threads, each with its own client;
+  results in case order. With `errors`, a failed call's InferenceServerException is its result."""
+  def one(case: Sequence[Any]) -> Any:
+    with tc.InferenceServerClient(address) as client:
+      try:
+        return call(client, *case)
+      except InferenceServerException as e:
+        if not errors:
+          raise
+        return e
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(one, cases))
 
 
 def assert_served_like(client: tc.InferenceServerClient, model: str,

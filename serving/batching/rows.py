@@ -135,6 +135,7 @@ class Batcher(Generic[T]):
     self.config = config
     self._queues: dict[int, Deque[Pending[T]]] = {}
     self._rows = 0
+    self._requests = 0  # queued requests, kept incrementally: read on every submit
     self._prio_rows: dict[int, int] = {}  # queued rows per priority: admission reads it per request
     self._next_deadline: float | None = None  # no unstarted request expires before (may be early)
     self._batch_s: dict[int, float] = {}  # smoothed seconds a batch occupies the executor
@@ -168,14 +169,14 @@ class Batcher(Generic[T]):
 
   @property
   def queued_requests(self) -> int:
-    return sum(len(q) for q in self._queues.values())
+    return self._requests
 
   def add(self, pending: Pending[T]) -> None:
     """Queues a request, or raises Admission (queue bounds, or a deadline the queue cannot meet)."""
     if pending.rows < 1:
       raise ValueError(f"a request needs at least one row, got {pending.rows}")
     cfg = self.config
-    check_queue_bounds(queued_rows=self._rows, queued_requests=self.queued_requests,
+    check_queue_bounds(queued_rows=self._rows, queued_requests=self._requests,
                        rows=pending.rows, max_queue_rows=cfg.max_queue_rows,
                        max_queue_requests=cfg.max_queue_requests)
     if pending.deadline is not None:
@@ -185,6 +186,7 @@ class Batcher(Generic[T]):
     if q is None:
       q = self._queues[pending.priority] = collections.deque()
     q.append(pending)
+    self._requests += 1
     self._rows += pending.rows
     self._prio_rows[pending.priority] = self._prio_rows.get(pending.priority, 0) + pending.rows
     if pending.deadline is not None and (self._next_deadline is None
@@ -208,7 +210,9 @@ class Batcher(Generic[T]):
       for p in q:
         if id(p) not in doomed:
           kept.append(p)
-        elif p.remaining:
+          continue
+        self._requests -= 1
+        if p.remaining:
           self._unqueue(prio, p.remaining)
       if kept:
         self._queues[prio] = kept
@@ -220,6 +224,7 @@ class Batcher(Generic[T]):
     out = [p for prio in sorted(self._queues) for p in self._queues[prio]]
     self._queues.clear()
     self._rows = 0
+    self._requests = 0
     self._prio_rows.clear()
     self._next_deadline = None
     return out
@@ -253,6 +258,7 @@ class Batcher(Generic[T]):
           keep.append(p)
         elif p.deadline <= now:
           expired.append(p)
+          self._requests -= 1
           self._unqueue(prio, p.remaining)
         else:
           keep.append(p)
@@ -319,6 +325,7 @@ class Batcher(Generic[T]):
         self._unqueue(prio, n)
         if p.remaining == 0:
           q.popleft()
+          self._requests -= 1
       if not q:
         del self._queues[prio]
       if dest == capacity:

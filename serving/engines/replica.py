@@ -108,10 +108,9 @@ class ReplicaEngine(Engine):
       t0 = time.perf_counter()
       compiled = {p: self._compile(r, placement, params, shardings, step, p, say)
                   for p in self.points()}
-      if len(compiled) > len(self.buckets):
+      if self.seq_buckets:  # a grid says one line; row engines one per bucket (in _compile)
         say(f"replica {r}: {len(compiled)} grid points ({len(self.buckets)} batch x"
-            f" {len(compiled) // len(self.buckets)} seq buckets) compiled in"
-            f" {time.perf_counter() - t0:.2f}s")
+            f" {len(self.seq_buckets)} seq buckets) compiled in {time.perf_counter() - t0:.2f}s")
       for point, exe in compiled.items():
         self._run_and_time(point, exe, params)
       self._replicas.append({"params": params, "compiled": compiled})
@@ -144,7 +143,7 @@ class ReplicaEngine(Engine):
     except Exception as e:
       raise BundleError(f"{self.path}: compiling bucket {self.point_label(point).strip()}"
                         f" failed: {e}") from e
-    if len(self.points()) == len(self.buckets):  # a grid says one summary line instead
+    if not self.seq_buckets:
       say(f"replica {r}: bucket {self.point_label(point)} compiled in"
           f" {time.perf_counter() - t1:.2f}s")
     return exe

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bundle import BY_TRITON, TensorSpec, numpy_dtype, triton_datatype
+from bundle import BY_TRITON, TensorSpec, numpy_dtype
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.types import Code, ServingError
 
@@ -191,11 +191,6 @@ def encode_response(
     resp.raw_output_contents.append(encode_bytes_tensor(arr) if arr.dtype == object
                                     else np.ascontiguousarray(arr).tobytes())
   return resp
-
-
-def numpy_datatype(dt: np.dtype) -> str:
-  """Triton datatype name of a numpy dtype."""
-  return triton_datatype(dt)
 
 
 def param_value(p: Any) -> Any:

@@ -12,16 +12,16 @@ import itertools
 import logging
 import secrets
 import time
-from typing import Any
 
 import grpc
 
 from serving.frontend import codec
+from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
-from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.stream import StreamSession
 from serving.repository import ModelRepository, ServedVersion, State
+from serving.runners import Runner
 from serving.types import Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule
               "parameters")
 
 GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
-
 
 
 def log_outcome(model: str, version: str, request_id: str, err: ServingError | None,
@@ -86,8 +85,7 @@ def _parse_version(v: str) -> int | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   """Triton v2 protocol over a ModelRepository."""
 
-  def __init__(self, repository: ModelRepository, *, limits: codec.Limits = codec.Limits(),
-               on_admit_error=None):
+  def __init__(self, repository: ModelRepository, *, limits: codec.Limits = codec.Limits()):
     self.repo = repository
     self.limits = limits
     self.accepting = True
@@ -114,7 +112,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self.repo.check_name(name)  # rejects path-like names before any lookup
     return self.repo.get(name, _parse_version(version))
 
-  def route(self, name: str, version: str) -> tuple[ServedVersion, Any]:
+  def route(self, name: str, version: str) -> tuple[ServedVersion, Runner]:
     """The version to use and its runner, read once: a hot reload may retire the version
     between lookup and use; an unnamed version then resolves to the new default."""
     for _ in range(3):

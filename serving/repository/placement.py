@@ -68,6 +68,6 @@ def default_engine_factory(placements: Callable[[ModelServingConfig, Manifest], 
   return make
 
 
-def engine_factory_for(server_config: object = None) -> EngineFactory:
+def engine_factory_for() -> EngineFactory:
   """The engine factory the CLI uses: bundles placed by their serving config."""
   return default_engine_factory(placements_for)

@@ -19,10 +19,9 @@ import enum
 import json
 import logging
 import pathlib
-import re
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
@@ -33,7 +32,6 @@ from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class State(enum.Enum):
@@ -106,7 +104,7 @@ class ModelRepository:
   @staticmethod
   def check_name(name: str) -> None:
     """Refuses names that are not plain folder names (no separators, no '..')."""
-    if not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):  # fullmatch: no trailing "\n"
+    if not bundle_lib.MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):  # fullmatch: no trailing "\n"
       raise ServingError(Code.INVALID_ARGUMENT, f"invalid model name {name!r}: use letters,"
                          " digits, '_', '-' and '.' only")
 
@@ -123,7 +121,7 @@ class ModelRepository:
   def discover(self) -> list[str]:
     """Served model names: one per folder, or one per signature of a multi-signature bundle."""
     folders = sorted(p.name for p in self.root.iterdir()
-                     if p.is_dir() and MODEL_NAME_RE.fullmatch(p.name)
+                     if p.is_dir() and bundle_lib.MODEL_NAME_RE.fullmatch(p.name)
                      and bundle_lib.list_versions(p))
     return sorted(n for f in folders for n in self.served_names(f))
 

@@ -12,21 +12,21 @@ does (on CPU, on the cores XLA's threads leave idle) while a light load keeps on
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
 from bundle import numpy_dtype
+from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
 from serving.engines import Engine
 from serving.runners.base import Observer, RunnerCapabilities, RunnerStats, deliver
 from serving.types import Code, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
+
 
 def _as_serving_error(e: Exception, model: str) -> ServingError:
   """The status a failed batch gives its requests: the engine's own ServingError (e.g. a value
@@ -55,7 +55,6 @@ class ModelRunner:
     self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=self._fixed_rows())
     self.observer = observer or Observer()
     self.stats = RunnerStats()
-    self.instances = instances
     self._stats_lock = threading.Lock()  # instances finish batches concurrently
     self._split_lock = threading.Lock()  # outputs of requests split across batches
     self._batcher: Batcher[InferRequest] = Batcher(config)

@@ -13,8 +13,6 @@ own length before it is delivered.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
-
 import numpy as np
 
 from serving.batching import BatchingConfig, BatchPlan, SeqBatcher, SeqBatchPlan, Slice

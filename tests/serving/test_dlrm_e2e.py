@@ -77,7 +77,7 @@ def test_int32_ids_are_accepted(served):
 def test_cpu_model_runs_two_instances_and_reports_them(served):
   bg, _, _ = served
   want = min(2, os.cpu_count() or 1)  # below, 1-99-row requests over buckets up to 64 split
-  assert bg.server.repository.get("dlrm").runner.instances == want  # across both instances
+  assert bg.server.repository.get("dlrm").runner.capabilities.instances == want  # across both instances
   with tc.InferenceServerClient(bg.address) as c:
     assert [g.count for g in c.get_model_config("dlrm").config.instance_group] == [want]
 

@@ -10,6 +10,7 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from clientutil import call_concurrently
 from clientutil import infer as triton_infer
 from clientutil import triton_inputs
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -51,12 +52,7 @@ def test_concurrent_requests_of_any_size_get_exact_answers(start_mock_server):
   rng = np.random.default_rng(0)
   cases = [rand_rows(rng, int(n)) for n in rng.integers(1, 30, size=60)]  # many exceed bucket 8
 
-  def call(case):
-    with tc.InferenceServerClient(bg.address) as c:
-      return infer(c, *case)
-
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    results = list(pool.map(call, cases))
+  results = call_concurrently(bg.address, infer, cases)
   for (x, k), (y, z) in zip(cases, results):
     ey, ez = expected(x, k)
     np.testing.assert_array_equal(y, ey)
@@ -146,16 +142,8 @@ def test_failing_batch_only_fails_the_poisoned_request(start_mock_server):
   good = [rand_rows(rng, 2) for _ in range(6)]
   bad_x = np.full((1, 4), -999.0, np.float32)
 
-  def call(case):
-    with tc.InferenceServerClient(bg.address) as c:
-      try:
-        return infer(c, *case)
-      except InferenceServerException as e:
-        return e
-
   cases = good[:3] + [(bad_x, np.ones((1, 1), np.int32))] + good[3:]
-  with concurrent.futures.ThreadPoolExecutor(7) as pool:
-    results = list(pool.map(call, cases))
+  results = call_concurrently(bg.address, infer, cases, workers=7, errors=True)
   assert isinstance(results[3], InferenceServerException)
   assert "INTERNAL" in str(results[3].status()) and "injected failure" in results[3].message()
   for (x, k), r in zip(good, results[:3] + results[4:]):

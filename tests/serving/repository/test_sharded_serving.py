@@ -34,7 +34,7 @@ def test_sharded_dlrm_serves_same_outputs(bundle_repo, strategy, devices):
     assert len(placements) == (devices if strategy == "replicated" else 1)
     assert sum(len(p.devices) for p in placements) == devices
     # Single-device CPU replicas run two batches at once; a mesh (collectives) runs one.
-    assert rec.runner.instances == (min(2, os.cpu_count() or 1) if strategy == "replicated"
+    assert rec.runner.capabilities.instances == (min(2, os.cpu_count() or 1) if strategy == "replicated"
                                     else 1)
     rng = np.random.default_rng(devices)
     cases = [{"dense": rng.normal(size=(rows, 13)).astype(np.float32),

@@ -1,6 +1,5 @@
 """The real gRPC server with 2-D (batch x sequence) batching, against the exact MockSeqEngine."""
 
-import concurrent.futures
 import contextlib
 
 import numpy as np
@@ -9,6 +8,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from bundle import Manifest, Signature, write_bundle
+from clientutil import call_concurrently
 from clientutil import infer as triton_infer
 from clientutil import serving, write_engine_bundle
 from serving.engines.mock_seq import MockSeqEngine
@@ -55,12 +55,7 @@ def test_random_lengths_get_exact_answers_on_the_grid(seq_server):
   cases = [rand_request(rng, int(r), int(l))
            for r, l in zip(rng.integers(1, 20, size=80), rng.integers(1, 17, size=80))]
 
-  def call(case):
-    with tc.InferenceServerClient(bg.address) as c:
-      return infer(c, *case)
-
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    results = list(pool.map(call, cases))
+  results = call_concurrently(bg.address, infer, cases)
   for case, (total, doubled) in zip(cases, results):
     want_total, want_doubled = expected(*case)
     np.testing.assert_array_equal(total, want_total)
@@ -115,15 +110,7 @@ def test_a_failing_batch_fails_only_the_poisoned_request(seq_server):
   bad = rand_request(rng, 1, 6)
   bad[0][0, 0] = 999
 
-  def call(case):
-    with tc.InferenceServerClient(bg.address) as c:
-      try:
-        return infer(c, *case)
-      except InferenceServerException as e:
-        return e
-
-  with concurrent.futures.ThreadPoolExecutor(7) as pool:
-    results = list(pool.map(call, good + [bad]))
+  results = call_concurrently(bg.address, infer, good + [bad], workers=7, errors=True)
   assert isinstance(results[-1], InferenceServerException) and "injected" in str(results[-1])
   for case, res in zip(good, results):
     np.testing.assert_array_equal(res[0], expected(*case)[0])
