@@ -1,5 +1,6 @@
 """Builds the optional native gRPC front end (serving/frontend/native/: module.cc, wire.cc,
-relay.cc and their shared frontend.h) when grpc++ is found.
+relay.cc, the batch queue in batcher.cc, row_queue.cc and row_answer.cc, the bindings, and their
+shared headers) when grpc++ is found.
 
 Without `pkg-config --cflags --libs grpc++` (Debian: apt-get install libgrpc++-dev pkg-config)
 the package installs without it and the server uses its pure-Python front end.
@@ -13,7 +14,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _NATIVE = "serving/frontend/native"
-_UNITS = ("module", "wire", "relay")  # translation units; frontend.h holds what they share
+_UNITS = ("module", "wire", "relay", "batcher", "row_queue", "row_answer", "bindings")
+_HEADERS = ("frontend.h", "batcher.h", "row_queue.h")  # what the units share
 
 _MISSING = ("xlaserve: building WITHOUT the native gRPC front end ({why}); the server will use"
             " the Python front end. Install it with: apt-get install libgrpc++-dev pkg-config")
@@ -32,7 +34,7 @@ def _extensions() -> list[Extension]:
     return []
   import pybind11
   return [Extension("serving.frontend._native", [f"{_NATIVE}/{name}.cc" for name in _UNITS],
-                    include_dirs=[pybind11.get_include()], depends=[f"{_NATIVE}/frontend.h"],
+                    include_dirs=[pybind11.get_include()], depends=[f"{_NATIVE}/{h}" for h in _HEADERS],
                     language="c++",
                     extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],
                     extra_link_args=libs)]

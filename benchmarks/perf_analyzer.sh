@@ -4,8 +4,9 @@
 # libb64.so.0d (Debian libb64-0d) and libcudart.so.12 (PyPI nvidia-cuda-runtime-cu12).
 # Usage: benchmarks/perf_analyzer.sh -m dlrm -u 127.0.0.1:8001 -i grpc -b 32 --concurrency-range 1:16:4
 # With `--serve native|python [--repository DIR]` first, it also starts `xlaserve serve` with that
-# gRPC front end on the port given by -u (demo repository by default), waits until the models are
-# loaded, runs perf_analyzer and stops the server: compare the front ends back to back with
+# gRPC front end on the port given by -u (the HTTP port with `-i http`; demo repository by
+# default), waits until the models are loaded, runs perf_analyzer and stops the server: compare
+# the front ends back to back with
 #   benchmarks/perf_analyzer.sh --serve python -m dlrm -u 127.0.0.1:8011 -i grpc -b 32 ...
 #   benchmarks/perf_analyzer.sh --serve native -m dlrm -u 127.0.0.1:8011 -i grpc -b 32 ...
 set -euo pipefail
@@ -34,14 +35,17 @@ if [ -z "$serve" ]; then
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   exec "$pa" "$@"
 fi
-url="" prev=""
+url="" proto="grpc" prev=""
 for a in "$@"; do
   if [ "$prev" = "-u" ]; then url="$a"; fi
+  if [ "$prev" = "-i" ]; then proto="$a"; fi
   prev="$a"
 done
 if [ -z "$url" ]; then echo "--serve needs -u HOST:PORT (the port to serve on)" >&2; exit 2; fi
 log="$(mktemp)"
-python -m serving.cli serve --frontend "$serve" --host "${url%:*}" --grpc-port "${url##*:}" \
+if [ "$proto" = "http" ]; then ports=(--grpc-port 0 --http-port "${url##*:}")
+else ports=(--grpc-port "${url##*:}" --http-port -1); fi
+python -m serving.cli serve --frontend "$serve" --host "${url%:*}" "${ports[@]}" \
   --metrics-port -1 ${repo:+--model-repository "$repo"} >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT

@@ -5,13 +5,18 @@ queries (median 6 tokens) use sequence buckets {8, 16, 32, 64}: 1.9x padded toke
 3.2x starting at 16; ad texts and query-ad pairs (median 32-41 tokens, nothing under 16)
 use {32, 64, 128, 256}: 1.6-1.7x, the same as starting at 8 or 16 with fewer executables,
 against 2.3-2.4x in one queue and 1.3x for a half-octave grid that compiles 2.75x as many.
-Batch buckets are 1..64 in powers of two. Each builder takes (repository, *, tiny) like
-`demo.repository.BUILDERS` expects; the grids can be overridden (tests use small ones).
+Batch buckets are 1..64 in powers of two. Each builder takes (repository, *, tiny, platforms,
+progress) like `demo.repository.BUILDERS` expects; the grids can be overridden (tests use small
+ones). Their weights come from a fixed seed: they build in seconds, with no training.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 QUERY_SEQ_BUCKETS: tuple[int, ...] = (8, 16, 32, 64)
 TEXT_SEQ_BUCKETS: tuple[int, ...] = (32, 64, 128, 256)
@@ -20,6 +25,10 @@ TEXT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 TINY_BATCH_BUCKETS: tuple[int, ...] = (1, 4)
 TINY_QUERY_SEQ_BUCKETS: tuple[int, ...] = (8, 16)
 TINY_TEXT_SEQ_BUCKETS: tuple[int, ...] = (16, 32)
+
+
+def _say(progress: Callable[[str], None] | None, msg: str) -> None:
+  (progress or (lambda m: logger.info("%s", m)))(msg)
 
 
 def relevance_inputs() -> list:
@@ -40,7 +49,8 @@ def tower_inputs() -> list:
 def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
                     name: str = "relevance", dtype: str = "float32",
                     batch_buckets: tuple[int, ...] | None = None,
-                    seq_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
+                    seq_buckets: tuple[int, ...] | None = None,
+                    progress: Callable[[str], None] | None = None) -> pathlib.Path:
   """Exports the query-ad relevance cross-encoder as `<repository>/<name>/1`."""
   from flax import nnx
 
@@ -49,12 +59,14 @@ def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int =
 
   cfg = (RelevanceConfig.tiny() if tiny else RelevanceConfig.demo()).with_dtype(dtype)
   model = RelevanceModel(cfg, rngs=nnx.Rngs(seed))
+  batch_buckets = batch_buckets or (TINY_BATCH_BUCKETS if tiny else TEXT_BATCH_BUCKETS)
+  seq_buckets = seq_buckets or (TINY_TEXT_SEQ_BUCKETS if tiny else TEXT_SEQ_BUCKETS)
+  _say(progress, f"{name}: exporting for {len(batch_buckets)} batch x {len(seq_buckets)}"
+       " sequence buckets ...")
   return export.export_model(
       model, repository=repository, name=name, version=1, inputs=relevance_inputs(),
-      config=export.ExportConfig(
-          batch_buckets=batch_buckets or (TINY_BATCH_BUCKETS if tiny else TEXT_BATCH_BUCKETS),
-          seq_buckets=seq_buckets or (TINY_TEXT_SEQ_BUCKETS if tiny else TEXT_SEQ_BUCKETS),
-          max_queue_delay_us=1000, platforms=platforms),
+      config=export.ExportConfig(batch_buckets=batch_buckets, seq_buckets=seq_buckets,
+                                 max_queue_delay_us=1000, platforms=platforms),
       extra={"description": "query-ad relevance cross-encoder: token_ids, segment_ids (0 query,"
                             " 1 ad) [B, S] and lengths [B] -> score [B, 1]",
              "vocab_size": cfg.encoder.vocab_size, "seed": seed, "dtype": dtype})
@@ -63,7 +75,8 @@ def build_relevance(repository: pathlib.Path, *, tiny: bool = False, seed: int =
 def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
                     name: str = "two_tower", batch_buckets: tuple[int, ...] | None = None,
                     query_seq_buckets: tuple[int, ...] | None = None,
-                    ad_seq_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
+                    ad_seq_buckets: tuple[int, ...] | None = None,
+                    progress: Callable[[str], None] | None = None) -> pathlib.Path:
   """Exports the retrieval towers as one bundle `<repository>/<name>/1`, served as two
   models: `<name>_query` (signature query_embedding) and `<name>_ad` (ad_embedding)."""
   from flax import nnx
@@ -75,6 +88,7 @@ def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int =
   model = TwoTower(cfg, rngs=nnx.Rngs(seed))
   query_seq = query_seq_buckets or (TINY_QUERY_SEQ_BUCKETS if tiny else QUERY_SEQ_BUCKETS)
   ad_seq = ad_seq_buckets or (TINY_TEXT_SEQ_BUCKETS if tiny else TEXT_SEQ_BUCKETS)
+  _say(progress, f"{name}: exporting the query and ad towers ...")
   return export.export_model(
       model, repository=repository, name=name, version=1,
       inputs={"query_embedding": tower_inputs(), "ad_embedding": tower_inputs()},
@@ -92,7 +106,8 @@ def build_two_tower(repository: pathlib.Path, *, tiny: bool = False, seed: int =
 
 def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0, platforms: tuple[str, ...] = ("cpu",),
                  name: str = "dcn_v2",
-                 batch_buckets: tuple[int, ...] | None = None) -> pathlib.Path:
+                 batch_buckets: tuple[int, ...] | None = None,
+                 progress: Callable[[str], None] | None = None) -> pathlib.Path:
   """Exports the DCN-v2 CTR model as `<repository>/<name>/1` (DLRM's inputs and output)."""
   from flax import nnx
 
@@ -101,6 +116,7 @@ def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
 
   cfg = DCNv2Config.tiny() if tiny else DCNv2Config.demo()
   model = DCNv2(cfg, rngs=nnx.Rngs(seed))
+  _say(progress, f"{name}: exporting ...")
   return export.export_model(
       model, repository=repository, name=name, version=1,
       inputs=[export.Input("dense", "float32", ("batch", cfg.num_dense)),

@@ -1,24 +1,34 @@
 """Builds the built-in demo model repository (the serving core never imports concrete models).
 
 `xlaserve serve` with no --model-repository serves these; they are exported once
-into a cache folder keyed by the recipe, so later starts only load them.
+into a cache folder keyed by the recipe, so later starts only load them. A first start builds
+them in BUILDERS order, quickest to answer first, while the server already runs (`DemoBuild`),
+and the server serves each one as soon as it is written. The LM's trained weights ship in
+demo/weights/ (demo/weights.py); it is trained at build time only if they are missing or stale.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
 import pathlib
 import shutil
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from demo.models import build_dcn_v2, build_relevance, build_two_tower
+from demo.weights import LM_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = "demo-v3"  # v3: CTR bundles carry the from-embeddings artifact (embedding_tables)
+# v3: CTR bundles carry the from-embeddings artifact (embedding_tables); v4: the LM from the
+# shipped int8 weights (demo/weights.py)
+DEMO_RECIPE = "demo-v4"
+
+Progress = Callable[[str], None]
 
 
 def demo_platforms() -> tuple[str, ...]:
@@ -32,30 +42,44 @@ def demo_cache_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("XLASERVE_HOME", pathlib.Path.home() / ".cache" / "xlaserve"))
 
 
+ROW_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The light model's batch time is nearly flat up to 1024 rows here (0.1-0.4 ms): larger
+# buckets cost one compile each and let a saturated queue run fewer, fuller batches.
+LIGHT_BUCKETS: tuple[int, ...] = ROW_BUCKETS + (512, 1024)
+
+
 def build_dlrm(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
-               quantization: str = "none", platforms: tuple[str, ...] = ("cpu",)) -> pathlib.Path:
-  """Exports the DLRM CTR demo as `<repository>/dlrm/1`, trained briefly on the synthetic click log
-  of `seed` (models/train.py) so its predictions mean something; deterministic for a seed."""
+               quantization: str = "none", platforms: tuple[str, ...] = ("cpu",),
+               light: bool = False, progress: Progress | None = None) -> pathlib.Path:
+  """Exports the DLRM CTR demo as `<repository>/dlrm/1` (with `light`: the light CTR model as
+  `ctr_light`), trained briefly on the synthetic click log of `seed` (models/train.py) so its
+  predictions mean something; deterministic for a seed."""
   from models.dlrm import DLRMConfig
   from models.train import TrainConfig, train_demo_dlrm
 
   import export
 
-  cfg = DLRMConfig.tiny() if tiny else DLRMConfig.demo()
-  model, report = train_demo_dlrm(
-      cfg, seed=seed, train=TrainConfig.tiny() if tiny else TrainConfig.demo(),
-      held_out_rows=4096 if tiny else 20_000)
-  logger.info("demo DLRM trained in %.1fs: held-out AUC %.3f (planted ceiling %.3f)",
-              report.seconds, report.held_out_auc, report.oracle_auc)
+  say = progress or (lambda msg: logger.info("%s", msg))
+  label = "ctr_light" if light else "dlrm"
+  cfg = DLRMConfig.tiny() if tiny else DLRMConfig.light() if light else DLRMConfig.demo()
+  train = TrainConfig.tiny() if tiny or light else TrainConfig.demo()
+  say(f"{label}: training {train.steps} steps of {train.batch_size} rows of a synthetic click"
+      " log, then scoring held-out rows ...")
+  model, report = train_demo_dlrm(cfg, seed=seed, train=train,
+                                  held_out_rows=4096 if tiny else 20_000)
+  buckets = LIGHT_BUCKETS if light and not tiny else ROW_BUCKETS
+  say(f"{label}: trained in {report.seconds:.1f}s: held-out AUC {report.held_out_auc:.3f}"
+      f" (planted ceiling {report.oracle_auc:.3f}); exporting {len(buckets)} batch buckets ...")
+  what = (f"light CTR model: {cfg.num_dense} dense + {cfg.num_sparse} categorical features,"
+          " small MLPs (a batch takes ~0.1 ms: the host path sets the ceiling)" if light else
+          f"DLRM-style CTR demo: {cfg.num_dense} dense + {cfg.num_sparse} categorical features")
   return export.export_model(
-      model, repository=repository, name="dlrm", version=1,
+      model, repository=repository, name="ctr_light" if light else "dlrm", version=1,
       inputs=[export.Input("dense", "float32", ("batch", cfg.num_dense)),
               export.Input("sparse", "int64", ("batch", cfg.num_sparse))],
-      config=export.ExportConfig(batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-                                 quantization=quantization, max_queue_delay_us=1000,
-                                 platforms=platforms),
-      extra={"description": "DLRM-style CTR demo: 13 dense + 26 categorical features, trained on"
-                            " a synthetic click log (models/synthetic.py)",
+      config=export.ExportConfig(batch_buckets=buckets, quantization=quantization,
+                                 max_queue_delay_us=1000, platforms=platforms),
+      extra={"description": what + ", trained on a synthetic click log (models/synthetic.py)",
              "table_sizes": list(cfg.table_sizes), "seed": seed,
              "training": {"steps": report.steps, "held_out_auc": round(report.held_out_auc, 4),
                           "held_out_log_loss": round(report.held_out_log_loss, 4),
@@ -63,42 +87,119 @@ def build_dlrm(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
 
 
 def build_lm(repository: pathlib.Path, *, tiny: bool = False,
-             platforms: tuple[str, ...] = ("cpu",)) -> pathlib.Path:
-  """Exports the generative demo (byte-level decoder trained briefly on ad copy) as `lm`."""
+             platforms: tuple[str, ...] = ("cpu",), progress: Progress | None = None,
+             weights: pathlib.Path | None = LM_WEIGHTS) -> pathlib.Path:
+  """Exports the generative demo (byte-level decoder trained on ad copy) as `lm`: the shipped
+  trained weights when `weights` holds this recipe's (demo/weights.py), else trained now."""
   import dataclasses
 
-  from export.generative import GenerativeExportConfig, build_bundle
+  from demo.weights import trained_lm
+  from export.generative import GenerativeExportConfig, export_generative
   from models.decoder import DecoderConfig
 
-  config = GenerativeExportConfig.tiny() if tiny else GenerativeExportConfig()
+  say = progress or (lambda msg: logger.info("%s", msg))
+  config = GenerativeExportConfig.tiny() if tiny else GenerativeExportConfig.demo()
   config = dataclasses.replace(config, platforms=platforms)
-  if tiny:
-    return build_bundle(repository / "lm" / "1", model_config=DecoderConfig.tiny(),
-                        config=config, name="lm")
-  return build_bundle(repository / "lm" / "1", config=config, name="lm")
+  model_config = DecoderConfig.tiny() if tiny else DecoderConfig.demo()
+  # Weights are shipped for the demo recipe only: the tiny one trains in seconds.
+  model, info = trained_lm(model_config, config, say, weights=None if tiny else weights)
+  say(f"lm: exporting {len(config.prefill_lengths)} prefill signatures and the decode ...")
+  return export_generative(model, repository / "lm" / "1", config, name="lm", extra=info)
 
 
+def build_ctr_light(repository: pathlib.Path, **kwargs) -> pathlib.Path:
+  """Exports the light CTR model as `<repository>/ctr_light/1` (see `build_dlrm`)."""
+  return build_dlrm(repository, light=True, **kwargs)
+
+
+# Build (and so serve) order on a first start: the quickest model to build and load first, the
+# flagship `dlrm` (the README's first example) next. Each builder takes
+# (repository, *, tiny, platforms, progress).
 BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
-    "dlrm": build_dlrm, "relevance": build_relevance, "dcn_v2": build_dcn_v2,
-    "two_tower": build_two_tower, "lm": build_lm}
+    "ctr_light": build_ctr_light, "dlrm": build_dlrm, "dcn_v2": build_dcn_v2, "lm": build_lm,
+    "two_tower": build_two_tower, "relevance": build_relevance}
 
 
-def ensure_demo_repository(progress: Callable[[str], None], *, tiny: bool = False,
-                           root: pathlib.Path | None = None) -> pathlib.Path:
-  """Returns a repository holding every demo model, exporting the missing ones first."""
+class DemoBuild:
+  """The demo models `repo` still lacks, built in BUILDERS order; `run` hands each to `serve` as
+  soon as it is written, so a first start answers with its first model while the rest build."""
+
+  def __init__(self, repo: pathlib.Path, names: list[str], progress: Progress, *,
+               tiny: bool = False, platforms: tuple[str, ...] = ("cpu",),
+               builders: dict[str, Callable[..., pathlib.Path]] | None = None,
+               serve_first: int = 2):
+    self.repo, self.names, self.say = repo, names, progress
+    self.tiny, self.platforms, self.serve_first = tiny, platforms, serve_first
+    self.builders = builders if builders is not None else BUILDERS
+    self.current: str | None = None  # the model being built now (for "still working" lines)
+
+  def run(self, serve: Callable[[str], None], *, serve_threads: int = 1,
+          stop: threading.Event | None = None) -> None:
+    """Builds every model and serves it (`serve(name)`, on `serve_threads` pool threads): the
+    first `serve_first` ones before the next build starts (on a few cores a load and a build
+    halve each other's speed, and these are what a newcomer calls first), the others while the
+    next one builds. A failed build is reported and skipped; RuntimeError names the failed
+    ones once the others are served. Once `stop` is set no further model is built."""
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(
+        max(1, serve_threads), thread_name_prefix="demo-serve") as pool:
+      served = []
+      for i, name in enumerate(self.names, 1):
+        if stop is not None and stop.is_set():
+          self.say(f"stopping: {', '.join(self.names[i - 1:])} not built (the next start"
+                   " builds them)")
+          break
+        self.say(f"building demo model {name!r} ({i} of {len(self.names)}) into {self.repo}"
+                 " (first start only) ...")
+        t0 = time.perf_counter()
+        self.current = name
+        try:
+          self.builders[name](self.repo, tiny=self.tiny, platforms=self.platforms,
+                              progress=self.say)
+        except Exception as e:  # the other models still build and serve
+          logger.exception("building demo model %s failed", name)
+          self.say(f"building demo model {name!r} FAILED: {type(e).__name__}: {e}")
+          failed.append(name)
+          continue
+        finally:
+          self.current = None
+        self.say(f"built {name!r} in {time.perf_counter() - t0:.1f}s")
+        served.append(pool.submit(serve, name))
+        if len(served) <= self.serve_first:
+          served[-1].result()
+      for future in served:
+        future.result()
+    if failed:
+      raise RuntimeError(f"demo models not built: {failed} (see the lines above)")
+
+  def serve_on(self, server: Any) -> None:
+    """The start-up work of a server (serving/server.py `Server(startup=...)`): builds the
+    models, loading each into `server` on its model-load threads; stops building when it stops."""
+    self.run(server.load_model, serve_threads=server.config.model_load_threads,
+             stop=server.stopping)
+
+
+def demo_build(progress: Progress, *, tiny: bool = False, root: pathlib.Path | None = None,
+               builders: dict[str, Callable[..., pathlib.Path]] | None = None) -> DemoBuild:
+  """The demo repository (created if absent) and the models it still lacks, in build order;
+  half-written exports (a folder without a manifest) are removed first."""
   import jax
 
+  builders = builders if builders is not None else BUILDERS
   platforms = demo_platforms()
   key = hashlib.sha256(
       f"{DEMO_RECIPE}|{jax.__version__}|{tiny}|{','.join(platforms)}".encode()).hexdigest()[:12]
   repo = (root or demo_cache_root()) / f"demo-repo-{key}"
   repo.mkdir(parents=True, exist_ok=True)
-  for name, build in BUILDERS.items():
-    if (repo / name / "1" / "manifest.json").exists():
-      continue
-    shutil.rmtree(repo / name, ignore_errors=True)  # a half-written export
-    progress(f"building demo model {name!r} into {repo} (first start only) ...")
-    t0 = time.perf_counter()
-    build(repo, tiny=tiny, platforms=platforms)
-    progress(f"built {name!r} in {time.perf_counter() - t0:.1f}s")
-  return repo
+  missing = [name for name in builders if not (repo / name / "1" / "manifest.json").exists()]
+  for name in missing:
+    shutil.rmtree(repo / name, ignore_errors=True)
+  return DemoBuild(repo, missing, progress, tiny=tiny, platforms=platforms, builders=builders)
+
+
+def ensure_demo_repository(progress: Progress, *, tiny: bool = False,
+                           root: pathlib.Path | None = None) -> pathlib.Path:
+  """Returns a repository holding every demo model, exporting the missing ones first."""
+  build = demo_build(progress, tiny=tiny, root=root)
+  build.run(lambda name: None)
+  return build.repo

@@ -116,8 +116,13 @@ class GenerativeExportConfig:
 
 
 def train(model: Decoder, lines: list[str], config: GenerativeExportConfig,
-          tokenizer: ByteTokenizer) -> dict[str, float]:
-  """Next-byte training on packed `BOS line EOS` windows; returns first/last loss and seconds."""
+          tokenizer: ByteTokenizer, *,
+          progress: Callable[[str], None] | None = None) -> dict[str, float]:
+  """Next-byte training on packed `BOS line EOS` windows; returns first/last loss and seconds.
+
+  `progress` (default: the log) gets a line on the first and last step and at least every 5 s.
+  """
+  say = progress or (lambda msg: logger.info("%s", msg))
   stream = np.asarray([t for line in lines for t in tokenizer.encode(line, eos=True)], np.int32)
   n = config.train_seq_len + 1
   if len(stream) <= n:
@@ -138,11 +143,17 @@ def train(model: Decoder, lines: list[str], config: GenerativeExportConfig,
     return loss
 
   start, losses = time.perf_counter(), []
+  said = start
+  say(f"training {config.train_steps} steps of {config.train_batch} x {config.train_seq_len}"
+      " tokens (the first step compiles)")
   for i in range(config.train_steps):
     starts = rng.integers(0, len(stream) - n, config.train_batch)
     losses.append(float(step(model, optimizer, stream[starts[:, None] + np.arange(n)])))
-    if i % 25 == 0 or i == config.train_steps - 1:
-      logger.info("train step %d/%d loss %.3f", i + 1, config.train_steps, losses[-1])
+    now = time.perf_counter()
+    if i == 0 or i == config.train_steps - 1 or now - said >= 5.0:
+      say(f"train step {i + 1}/{config.train_steps} loss {losses[-1]:.3f}"
+          f" ({now - start:.0f}s)")
+      said = now
   return {"steps": config.train_steps, "first_loss": losses[0] if losses else float("nan"),
           "final_loss": losses[-1] if losses else float("nan"),
           "seconds": round(time.perf_counter() - start, 2)}

@@ -71,6 +71,19 @@ class DLRMConfig:
         top_mlp=(32, 16, 1),
     )
 
+  @classmethod
+  def light(cls) -> DLRMConfig:
+    """A light CTR model (8 categorical features, small MLPs): a batch of 256 rows takes
+    about 0.1 ms on 2 CPU cores, the regime where the server's host path, not the model,
+    sets the ceiling (what an accelerator makes of a full-size model)."""
+    return cls(
+        num_dense=13,
+        table_sizes=(100_000, 20_000, 5_000, 1_000, 500, 100, 100, 50),
+        embed_dim=8,
+        bottom_mlp=(32, 8),
+        top_mlp=(32, 1),
+    )
+
 
 class DLRM(CategoricalEmbeddings, nnx.Module):
   """DLRM (Naumov et al. 2019) with one id per categorical feature."""

@@ -1,4 +1,4 @@
-"""`xlaserve` command line: serve a model repository (or the built-in demo) over gRPC."""
+"""`xlaserve` command line: serve a model repository (or the built-in demo) over gRPC and HTTP."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:  # the CLI imports serving lazily: --help answers without loading it
   from serving.server import ServerConfig
@@ -18,19 +19,50 @@ if TYPE_CHECKING:  # the CLI imports serving lazily: --help answers without load
 DEFAULT_COMPILE_CACHE = "~/.cache/xlaserve/jax-compile-cache"
 
 
+# CUDA graphs (XLA command buffers) for the usual kernel kinds, from the first kernel on.
+GPU_GRAPH_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+                   "--xla_gpu_graph_min_graph_size=1")
+
+
 def _progress(msg: str) -> None:
   print(f"[xlaserve {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class _Heartbeat:
+  """Progress lines with a heartbeat: while start-up has been silent for `quiet_s`, says what is
+  still running (demo builds, model loads), so a first start never looks hung."""
+
+  def __init__(self, say: Callable[[str], None], quiet_s: float = 10.0):
+    self._say, self.quiet_s, self._last = say, quiet_s, time.monotonic()
+    self._lock = threading.Lock()  # whole lines: loads and builds report from several threads
+
+  def __call__(self, msg: str) -> None:
+    with self._lock:
+      self._last = time.monotonic()
+      self._say(msg)
+
+  def watch(self, busy: Callable[[], list[str]], done: threading.Event) -> None:
+    """Until `done` is set, a thread says what `busy` lists whenever the lines pause."""
+    def beat() -> None:
+      while not done.wait(1.0):
+        quiet = time.monotonic() - self._last
+        if quiet >= self.quiet_s and (now := busy()):
+          self(f"still working ({quiet:.0f}s since the last line): {'; '.join(now)}")
+    threading.Thread(target=beat, name="xlaserve-heartbeat", daemon=True).start()
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="xlaserve", allow_abbrev=False,
-      description="JAX/XLA inference server speaking Triton's (KServe v2) gRPC protocol.")
+      description="JAX/XLA inference server speaking Triton's (KServe v2) gRPC and HTTP/REST"
+      " protocols.")
   sub = parser.add_subparsers(dest="command", required=True)
   serve = sub.add_parser(
-      "serve", help="serve a model repository over gRPC",
+      "serve", help="serve a model repository over gRPC and HTTP",
       description="Serve every model in a repository of exported bundles. With no"
-      " --model-repository, serves the built-in demo models (built on first start).",
+      " --model-repository, serves the built-in demo models; a first start builds them one by"
+      " one and serves each as soon as it is built (ModelReady turns true per model; server"
+      " readiness only once all are loaded).",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       allow_abbrev=False)  # '--auth-token X' must not pass as '--auth-token-file X'
 
@@ -51,6 +83,10 @@ def _add_repository_flags(serve: argparse.ArgumentParser) -> None:
   serve.add_argument("--grpc-port", type=int, default=8001,
                      help="gRPC port (Triton/KServe v2 protocol and grpc.health.v1); 0 picks a"
                      " free port")
+  serve.add_argument("--http-port", type=int, default=8000,
+                     help="HTTP/REST port (KServe v2 / Open Inference Protocol with Triton's"
+                     " binary-tensor, generate and repository extensions; same TLS and token as"
+                     " gRPC); 0 picks a free port, -1 disables HTTP")
   serve.add_argument("--metrics-port", type=int, default=8002,
                      help="HTTP port for Prometheus metrics at /metrics; 0 picks a free port, -1 disables")
   serve.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
@@ -144,8 +180,16 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " only. Default: native when the extension was built (it needs"
                      " libgrpc++-dev and pkg-config at install time), else python; TLS always"
                      " uses python")
+  serve.add_argument("--batch-queue", choices=("native", "python"), default="native",
+                     help="where plain batched models queue and batch with the native front end:"
+                     " native (C++: admission, batching and answers without Python per request)"
+                     " or python (the Python batcher, for comparison)")
   serve.add_argument("--native-threads", type=int, default=1,
                      help="gRPC completion-queue threads of the native front end")
+  serve.add_argument("--gpu-graphs", action=argparse.BooleanOptionalAction, default=True,
+                     help="on GPUs, let XLA run even short kernel sequences as CUDA graphs"
+                     " (command buffers), against launch-bound small models; adds"
+                     f" {' '.join(GPU_GRAPH_FLAGS)} to XLA_FLAGS unless it names them")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--log-level", default="WARNING",
@@ -185,12 +229,14 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    instance_count=args.instances)
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
-      metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes,
+      metrics_port=args.metrics_port, http_port=args.http_port,
+      max_message_bytes=args.max_message_bytes,
       limits=codec.Limits(max_rows=args.max_rows_per_request,
                           max_tensor_bytes=args.max_tensor_bytes),
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
       frontend=args.frontend or "auto", native_threads=args.native_threads,
+      batch_queue=args.batch_queue,
       model_load_threads=args.model_load_thread_count)
 
 
@@ -216,17 +262,37 @@ def _enable_compile_cache(folder: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> str:
-  """The repository to serve: the flag's folder, or the demo repository (built on first use)."""
+def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, Any]:
+  """(the repository to serve, the demo models still to build there or None): the flag's folder,
+  or the demo repository, whose missing models a first start builds while it serves (multi-host:
+  all of them before it serves)."""
   repo = args.model_repository
   if repo is None:
-    from demo.repository import ensure_demo_repository
-    return str(ensure_demo_repository(say, tiny=args.demo_tiny))
+    from demo.repository import demo_build, ensure_demo_repository
+    if args.coordinator is not None:
+      return str(ensure_demo_repository(say, tiny=args.demo_tiny)), None
+    build = demo_build(say, tiny=args.demo_tiny)
+    if not build.names:
+      return str(build.repo), None
+    say(f"first start: building the demo models {', '.join(build.names)} into {build.repo};"
+        " each serves as soon as it is built (ModelReady), the server reports ready once all"
+        " are loaded")
+    return str(build.repo), build
   if not pathlib.Path(repo).is_dir():
     raise _UsageError(f"model repository {repo!r} does not exist. Export a model into it with"
                       " export.export_model(..., repository=DIR), or omit --model-repository to"
                       " serve the demo.")
-  return repo
+  return repo, None
+
+
+def _busy(server: Any, build: Any) -> list[str]:
+  """What start-up is doing now, for the heartbeat."""
+  from serving.repository import State
+
+  now = [f"building demo model {build.current!r}"] if build is not None and build.current else []
+  loading = [f"{r.name}/{r.version}" for r in server.repository.records()
+             if r.state is State.LOADING]
+  return now + ([f"loading (restore, compile, warm up) {', '.join(loading)}"] if loading else [])
 
 
 def _callbacks(args: argparse.Namespace, repo: str, say: Callable[[str], None],
@@ -236,6 +302,8 @@ def _callbacks(args: argparse.Namespace, repo: str, say: Callable[[str], None],
     metrics = (f", Prometheus metrics at http://{args.host}:{s.metrics_port}/metrics"
                if s.metrics_port else "")
     say(f"listening for gRPC on {args.host}:{s.grpc_port}{metrics}")
+    if s.http is not None:
+      say(f"listening for HTTP/REST (KServe v2) on {s.http.scheme}://{args.host}:{s.http_port}")
     say(f"serving repository {repo}; loading models ...")
 
   def loaded(s: Any) -> None:
@@ -254,12 +322,23 @@ def _callbacks(args: argparse.Namespace, repo: str, say: Callable[[str], None],
   return listening, loaded
 
 
+def gpu_graph_flags(env: Mapping[str, str]) -> str:
+  """XLA_FLAGS with the CUDA-graph flags added (those the user set win). XLA reads the
+  variable when its backend starts; on CPU the flags are accepted and do nothing."""
+  flags = env.get("XLA_FLAGS", "")
+  extra = [f for f in GPU_GRAPH_FLAGS if f.split("=")[0] not in flags]
+  return " ".join([flags, *extra]).strip()
+
+
 def serve(args: argparse.Namespace) -> int:
   _configure_logging(args)
-  say = _progress
+  if args.gpu_graphs:
+    os.environ["XLA_FLAGS"] = gpu_graph_flags(os.environ)
+  plain = _progress
   if args.log_format == "json":
     from serving.telemetry.logs import progress_line
-    say = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
+    plain = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
+  say = _Heartbeat(plain)
   from serving.frontend.auth import TOKEN_ENV, load_token
   try:
     token = load_token(args.auth_token_file)
@@ -278,14 +357,17 @@ def serve(args: argparse.Namespace) -> int:
   from serving.repository import engine_factory_for
   from serving.server import Server
   try:
-    repo = _repository(args, say)
+    repo, build = _repository(args, say)
     config = server_config(args, repo, token)
     kinds = standard_kinds(multihost.factory if multihost else engine_factory_for())
-    server = Server(config, kinds=kinds, progress=say)
+    # A first demo start builds the missing models while it serves each one built.
+    server = Server(config, kinds=kinds, progress=say,
+                    startup=None if build is None else build.serve_on)
   except (_UsageError, ValueError, RuntimeError) as e:  # RuntimeError: --frontend native unbuilt
     _fail(str(e))
     return 2
   listening, loaded = _callbacks(args, repo, say, multihost)
+  say.watch(lambda: _busy(server, build), server.loaded)
   if args.event_loop == "uvloop":
     import uvloop
     run = lambda coro: uvloop.run(coro)  # noqa: E731

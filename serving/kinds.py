@@ -9,7 +9,7 @@ models (continuous batching over a paged KV cache).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from serving.batching import BatchingConfig
 from serving.engines import Engine
@@ -34,6 +34,7 @@ def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
     engine: Engine = engine_factory(spec.path, spec.manifest, spec.config)
     try:
       engine.warmup(progress=spec.progress)
+      _advise_buckets(engine.bucket_seconds, spec.progress)
       cfg = spec.config
       delay_us = (cfg.max_queue_delay_us if cfg.max_queue_delay_us is not None
                   else int(spec.manifest.serving.get("max_queue_delay_us", 2000)))
@@ -42,11 +43,26 @@ def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
                                 max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]),
                                 max_queue_requests=cfg.max_queue_requests)
       return make_runner(spec.name, engine, batching, observer=spec.observer,
-                         instances=cfg.instance_count)
+                         instances=cfg.instance_count, row_queue=spec.row_queue)
     except BaseException:
       engine.close()  # give back what a half-finished warm-up allocated
       raise
   return load
+
+
+FLAT_BATCH_TIME = 2.0  # largest/smallest bucket batch time below which larger buckets pay
+
+
+def _advise_buckets(seconds: Mapping[int, float], say: Callable[[str], None]) -> None:
+  """Says when the measured batch time is nearly flat across buckets (an accelerator, or a
+  light model): a larger largest bucket would then cost one compile and raise throughput."""
+  if len(seconds) < 2:
+    return
+  lo, hi = min(seconds), max(seconds)
+  if seconds[lo] > 0 and seconds[hi] / seconds[lo] < FLAT_BATCH_TIME:
+    say(f"batch time is nearly flat: {seconds[hi] * 1e3:.2f} ms at {hi} rows vs"
+        f" {seconds[lo] * 1e3:.2f} ms at {lo}; export with larger batch_buckets (up to"
+        f" {hi * 8}) for more rows/s at saturation")
 
 
 def generate_runner_factory(spec: LoadSpec) -> Runner:

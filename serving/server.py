@@ -1,7 +1,11 @@
 """Wires repository, runners, gRPC servicers and metrics into one server process.
 
 Start-up: the gRPC port opens at once (live, not ready), models load and warm up
-in a worker thread, then readiness turns true. Shutdown (SIGTERM/SIGINT):
+in a worker thread, then readiness turns true. Optional start-up work (`startup`: the demo builds
+its missing models there) runs beside that load and may add models as it goes (`load_model`):
+each serves (ModelReady, inference) as soon as it is loaded, while the server's readiness
+(ServerReady, grpc.health, HTTP /v2/health/ready) stays false until the work is done and every
+model is READY, so an orchestrator routes nothing before then. Shutdown (SIGTERM/SIGINT):
 readiness turns false, new requests get UNAVAILABLE, every accepted request is
 answered, then the process exits 0.
 
@@ -9,6 +13,9 @@ Front ends: by default the native C++ server (serving/frontend/native.py) owns t
 port, serves ModelInfer of plain batched models itself and relays every other call to the
 grpc.aio server, which then listens on a private unix socket; with `frontend="python"`,
 TLS, or without the compiled extension, the grpc.aio server owns the port.
+
+HTTP/REST (KServe v2 with Triton's extensions, serving/frontend/http/) runs on the same loop over
+the same servicer when `http_port` >= 0, with the same TLS files and bearer token.
 
 Optional: TLS (certificate and key files), a bearer token checked by an interceptor
 (serving/frontend/auth.py), and a repository poller for hot reload (serving/repository/reload.py).
@@ -34,8 +41,11 @@ from grpc_health.v1._async import HealthServicer
 
 from serving.frontend import codec
 from serving.frontend import native as native_frontend
+from serving.frontend.native_queue import row_queue_factory
 from serving.frontend.auth import BearerTokenInterceptor, check_token
 from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
+from serving.frontend.http import HttpConfig, HttpFrontend
+from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import (EngineFactory, ModelRepository, ModelServingConfig,
@@ -52,6 +62,7 @@ class ServerConfig:
   host: str = "127.0.0.1"
   grpc_port: int = 8001
   metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
+  http_port: int = -1  # KServe v2 HTTP/REST (the CLI's --http-port: 8000); 0: any; -1: none
   max_message_bytes: int = 64 << 20
   limits: codec.Limits = codec.Limits()
   shutdown_grace_s: float = 30.0
@@ -62,11 +73,15 @@ class ServerConfig:
   auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
   frontend: str = "auto"  # "native" (C++), "python" (grpc.aio), "auto": native when built
   native_threads: int = 1  # completion-queue threads of the native front end
+  batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
+  # front end) or "python" (the Python Batcher; for comparison)
   model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
       raise ValueError("ports must be in 0..65535 (metrics_port -1 disables metrics)")
+    if not -1 <= self.http_port < 65536:
+      raise ValueError(f"http_port must be in 0..65535 (-1 disables HTTP), got {self.http_port}")
     if self.max_message_bytes < 1024:
       raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small")
     if self.repository_poll_s < 0:
@@ -77,6 +92,8 @@ class ServerConfig:
       check_token(self.auth_token)
     if self.frontend not in ("auto", "native", "python"):
       raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
+    if self.batch_queue not in ("native", "python"):
+      raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
     if self.native_threads < 1:
       raise ValueError(f"native_threads must be >= 1, got {self.native_threads}")
     if self.model_load_threads < 1:
@@ -94,15 +111,32 @@ class ServerConfig:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+class _Servicer(InferenceServicer):
+  """ServerReady answers the server's readiness (`Server.ready`), as grpc.health and HTTP do."""
+
+  def __init__(self, repository: ModelRepository, *, limits: codec.Limits,
+               ready: Callable[[], bool]):
+    super().__init__(repository, limits=limits)
+    self._ready = ready
+
+  async def ServerReady(self, request, context):
+    return pb.ServerReadyResponse(ready=self._ready())
+
+
 class Server:
   """One xlaserve process: `await run()` serves until `request_stop()` or a signal."""
 
   def __init__(self, config: ServerConfig, *, kinds: Mapping[str, ModelKind] | None = None,
                engine_factory: EngineFactory | None = None,
-               progress: Callable[[str], None] | None = None):
+               progress: Callable[[str], None] | None = None,
+               startup: Callable[[Server], None] | None = None):
     """`kinds`: manifest kind -> how to load it (the CLI passes `standard_kinds`); without it,
-    the standard kinds with predict engines from `engine_factory`."""
+    the standard kinds with predict engines from `engine_factory`. `startup`: more start-up
+    work, run on a worker thread beside the initial load; it may add models (`load_model`),
+    which serve at once; the server turns ready only after it returns (if it raises, never)."""
     self.config = config
+    self.startup = startup
+    self._startup_failed = False
     self.progress = progress or (lambda msg: logger.info("%s", msg))
     self.compiles = CompileCounter().install()
     self.metrics = Metrics(compile_count=lambda: self.compiles.outside_warmup)
@@ -113,12 +147,15 @@ class Server:
     self.repository = ModelRepository(
         config.model_repository, kinds={k: v.load for k, v in kinds.items()},
         observer_factory=self.metrics.observer, compile_counter=self.compiles,
-        default_config=config.default_model_config)
+        default_config=config.default_model_config,
+        row_queue=(row_queue_factory(self._native_module)
+                   if self._native_module is not None and config.batch_queue == "native"
+                   else None))
     for kind, spec in kinds.items():
       if spec.metrics is not None:
         self.metrics.registry.register(spec.metrics(
             lambda kind=kind: self.repository.runners_of_kind(kind)))
-    self.servicer = InferenceServicer(self.repository, limits=config.limits)
+    self.servicer = _Servicer(self.repository, limits=config.limits, ready=lambda: self.ready)
     self.servicer.on_repository_change = self._repository_changed
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
@@ -127,9 +164,12 @@ class Server:
     self.health = HealthServicer()
     self.grpc_port: int | None = None
     self.metrics_port: int | None = None
+    self.http: HttpFrontend | None = None
+    self.http_port: int | None = None
     self.loaded = threading.Event()
     self.load_s = 0.0
     self._stop: asyncio.Event | None = None
+    self.stopping = threading.Event()  # set with _stop; start-up work reads it between steps
     self._loop: asyncio.AbstractEventLoop | None = None
     self._metrics_server = None
 
@@ -158,6 +198,28 @@ class Server:
     for svc in ("", SERVICE_NAME):
       await self.health.set(svc, status)
 
+  @property
+  def ready(self) -> bool:
+    """The server's readiness: start-up (initial load and `startup` work) is over and succeeded,
+    it is not shutting down, and every model serves a READY version."""
+    return (self.loaded.is_set() and not self._startup_failed and not self.stopping.is_set()
+            and self.servicer.accepting and self.repository.all_ready)
+
+  def load_model(self, name: str) -> None:
+    """Thread-safe: loads model `name` from the repository and publishes it to the front ends
+    at once (start-up work uses it to serve each model as soon as it exists)."""
+    self.repository.load(name, progress=self.progress)
+    self._repository_changed()
+
+  def _run_startup(self) -> None:
+    try:
+      with self.compiles.warming():  # its compiles (training, export) are start-up, not requests
+        self.startup(self)
+    except Exception as e:  # the models loaded so far keep serving; readiness stays false
+      logger.exception("start-up work failed")
+      self._startup_failed = True
+      self.progress(f"start-up work failed: {type(e).__name__}: {e}; the server stays NOT ready")
+
   def _repository_changed(self) -> None:
     """Thread-safe: republishes the native front end's models and refreshes grpc.health after
     models were loaded or unloaded at run time."""
@@ -168,11 +230,12 @@ class Server:
       return
 
     def refresh() -> None:
-      loop.create_task(self._set_health(self.servicer.accepting and self.repository.all_ready))
+      loop.create_task(self._set_health(self.ready))
     loop.call_soon_threadsafe(refresh)
 
   def request_stop(self) -> None:
-    """Thread-safe: begins graceful shutdown."""
+    """Thread-safe: begins graceful shutdown (once start-up work has seen `stopping`)."""
+    self.stopping.set()
     if self._loop is not None and self._stop is not None:
       self._loop.call_soon_threadsafe(self._stop.set)
 
@@ -213,6 +276,8 @@ class Server:
     if self.grpc_port == 0:
       raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port} (in use?); pick another"
                     " --grpc-port")
+    if cfg.http_port >= 0:
+      await self._start_http()
     if cfg.metrics_port >= 0:
       import prometheus_client as prom
       self._metrics_server, _ = prom.start_http_server(cfg.metrics_port, cfg.host,
@@ -220,27 +285,41 @@ class Server:
       self.metrics_port = self._metrics_server.server_address[1]
     if install_signal_handlers:
       for sig in (signal.SIGTERM, signal.SIGINT):
-        self._loop.add_signal_handler(sig, self._stop.set)
+        self._loop.add_signal_handler(sig, self.request_stop)
     if on_listening:
       on_listening(self)
     t0 = time.perf_counter()
     if self.poller is not None:
       self.poller.prime()  # changes during the initial load are picked up by the first poll
-    await self._loop.run_in_executor(None, functools.partial(
+    load = self._loop.run_in_executor(None, functools.partial(
         self.repository.load_all, self.progress, threads=self.config.model_load_threads))
+    if self.startup is not None:  # what is on disk serves natively before start-up work ends
+      load.add_done_callback(lambda _: self._repository_changed())
+      await asyncio.gather(load, self._loop.run_in_executor(None, self._run_startup))
+    await load
     self.load_s = time.perf_counter() - t0
     if self.native is not None:
       self.native.refresh()
     self.loaded.set()
     if self.poller is not None:
       self.poller.start()
-    await self._set_health(self.repository.all_ready)
+    await self._set_health(self.ready)
     self.progress(f"models loaded in {self.load_s:.1f}s; "
-                  f"{'all ready' if self.repository.all_ready else 'SOME UNAVAILABLE'}")
+                  f"{'all ready' if self.ready else 'SOME UNAVAILABLE'}")
     if on_loaded:
       on_loaded(self)
     await self._stop.wait()
     await self._shutdown(server)
+
+  async def _start_http(self) -> None:
+    """The KServe v2 HTTP/REST front end on this loop, over the same servicer (and so the same
+    routing, validation, auth token and TLS files as gRPC)."""
+    cfg = self.config
+    self.http = HttpFrontend(HttpConfig(
+        host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
+        tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,
+        max_body_bytes=cfg.max_message_bytes), self.servicer, is_ready=lambda: self.ready)
+    self.http_port = await self.http.start()
 
   async def _shutdown(self, server: grpc.aio.Server) -> None:
     self.progress("shutting down: refusing new requests, answering accepted ones")
@@ -260,6 +339,8 @@ class Server:
       st = self.native.stats()
       self.progress(f"native front end: {st['fast']} requests served natively, {st['relayed']}"
                     f" calls relayed to the Python servicer, {st['forwarded']} handed back")
+    if self.http is not None:
+      await self.http.stop()  # accepted requests were answered above; close the connections
     await server.stop(grace=1.0)
     if self._socket_dir is not None:
       shutil.rmtree(self._socket_dir, ignore_errors=True)
@@ -286,10 +367,12 @@ class BackgroundServer:
       self._listening.set()
       self.server.loaded.set()
 
-  def start(self, timeout: float = 300.0) -> BackgroundServer:
+  def start(self, timeout: float = 300.0, *, wait_loaded: bool = True) -> BackgroundServer:
+    """Starts it and waits until it listens and (`wait_loaded`) its start-up load is over."""
     self._thread.start()
     self._listening.wait(timeout)
-    self.server.loaded.wait(timeout)
+    if wait_loaded:
+      self.server.loaded.wait(timeout)
     if self.error is not None:
       raise RuntimeError(f"server failed to start: {self.error}") from self.error
     return self

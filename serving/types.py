@@ -27,6 +27,12 @@ class Code(enum.Enum):
   CANCELLED = "CANCELLED"
 
 
+# gRPC's numeric status of each failure kind (the native queue answers with these).
+GRPC_STATUS = {Code.INVALID_ARGUMENT: 3, Code.DEADLINE_EXCEEDED: 4, Code.NOT_FOUND: 5,
+               Code.RESOURCE_EXHAUSTED: 8, Code.CANCELLED: 1, Code.INTERNAL: 13,
+               Code.UNAVAILABLE: 14, Code.UNAUTHENTICATED: 16}
+
+
 class ServingError(Exception):
   """An error with the status a client should see and a message that says what to do."""
 

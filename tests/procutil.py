@@ -58,6 +58,7 @@ class Proc:
     self.closed = False  # stdout reached its end
     self.address: str | None = None  # set by wait_serving
     self.metrics_url: str | None = None
+    self.http_url: str | None = None  # http(s)://host:port of the HTTP/REST front end, if any
     self._cv = threading.Condition()
     threading.Thread(target=self._pump, daemon=True).start()
 
@@ -111,12 +112,15 @@ class Proc:
 
   def wait_serving(self, timeout: float) -> str:
     """For `xlaserve serve`: waits until its models are loaded ("try it:"), then returns its gRPC
-    address and sets `address` and `metrics_url` (None with --metrics-port -1)."""
+    address and sets `address`, `metrics_url` (None with --metrics-port -1) and `http_url`
+    (None with --http-port -1)."""
     assert self.wait_for(r"try it:", timeout), f"server did not become ready:\n{self.text}"
     m = re.search(r"listening for gRPC on 127\.0\.0\.1:(\d+)(?:, Prometheus metrics at"
                   r" (http://\S+))?", self.text)
     assert m, self.text
     self.address, self.metrics_url = f"127.0.0.1:{m.group(1)}", m.group(2)
+    h = re.search(r"listening for HTTP/REST \(KServe v2\) on (https?://\S+)", self.text)
+    self.http_url = h.group(1) if h else None
     return self.address
 
 

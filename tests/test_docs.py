@@ -24,7 +24,7 @@ def serve_block(command: str, cwd: pathlib.Path) -> Proc:
   """`xlaserve serve ...` from a doc block, started in `cwd` on a free port (not yet waited for)."""
   args = shlex.split(command)
   assert args[:2] == ["xlaserve", "serve"], command
-  return Proc([*SERVE, *args[2:], "--grpc-port", "0", "--metrics-port", "-1",
+  return Proc([*SERVE, *args[2:], "--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1",
                "--compile-cache", "none"], cwd=cwd)
 
 

@@ -40,9 +40,10 @@ for step in $steps; do
     serve)  # the demo DLRM exported for CUDA, served; benchmarks/serving.py, then perf_analyzer
       export PATH=/tmp/site/bin:$PATH
       timeout 200 python3 -c "import pathlib, logging; logging.basicConfig(level=logging.INFO)
-from demo.repository import build_dlrm
-build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -5
-      timeout 200 python3 benchmarks/serving.py --repository /tmp/repo --duration 6 --processes 4 \
+from demo.repository import build_ctr_light, build_dlrm
+build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))
+build_ctr_light(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -5
+      timeout 200 python3 benchmarks/serving.py --repository /tmp/repo --model dlrm,ctr_light --duration 6 --processes 4 \
         --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -30
       python3 -m serving.cli serve --model-repository /tmp/repo --grpc-port 18001 --metrics-port -1 \
         > /tmp/server.log 2>&1 &
@@ -73,10 +74,11 @@ PY
         PKG_CONFIG_SYSROOT_DIR=/tmp/g CPATH=/tmp/g/usr/include LIBRARY_PATH=$L LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-}
       XLASERVE_REQUIRE_NATIVE=1 timeout 240 python3 setup.py -q build_ext --inplace 2>&1 | tail -5
       python3 -c "import serving.frontend._native; print('native front end built')" || exit 1
-      [ -e /tmp/repo/dlrm/1/manifest.json ] || timeout 200 python3 -c "import pathlib
-from demo.repository import build_dlrm
-build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
-      timeout 240 python3 benchmarks/serving.py --repository /tmp/repo --frontend ${FRONTENDS:-both} --duration 5 \
+      [ -e /tmp/repo/ctr_light/1/manifest.json ] || timeout 200 python3 -c "import pathlib
+from demo.repository import build_ctr_light, build_dlrm
+build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))
+build_ctr_light(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
+      timeout 240 python3 benchmarks/serving.py --repository /tmp/repo --model dlrm,ctr_light --frontend ${FRONTENDS:-both} --duration 5 \
         --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -40
       if [ -z "${NO_PA:-}" ]; then
         python3 -m serving.cli serve --model-repository /tmp/repo --grpc-port 18002 --metrics-port -1 \

@@ -43,6 +43,8 @@ class Engine(abc.ABC):
     return {}
 
   max_instances: int | None = None  # most batches that may run at once; None: no limit
+  # Batches one instance keeps in flight (a queued runner dispatches batch n+1 while n runs).
+  pipeline_depth: int = 2
 
   @property
   def default_instances(self) -> int:

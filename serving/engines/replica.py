@@ -133,7 +133,10 @@ class ReplicaEngine(Engine):
 
     rows = self.batch_rows(point)
     in_sharding = {t.name: self.batch_sharding(placement, t, rows) for t in self.inputs}
-    fn = jax.jit(step(point), in_shardings=(list(shardings), in_sharding))
+    # On accelerators the batch's device copy is donated: XLA may reuse it for outputs and
+    # temporaries. Not on CPU, where an input may alias the host staging buffer it came from.
+    donate = (1,) if self._platform != "cpu" else ()
+    fn = jax.jit(step(point), in_shardings=(list(shardings), in_sharding), donate_argnums=donate)
     structs = {t.name: jax.ShapeDtypeStruct(self.point_shape(t, point), numpy_dtype(t.dtype))
                for t in self.inputs}
     param_structs = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding) for p in params]
@@ -188,6 +191,13 @@ class ReplicaEngine(Engine):
     if any(len(p.devices) != 1 or p.devices[0].platform != "cpu" for p in self.placements):
       return 1
     return min(2, os.cpu_count() or 1)
+
+  @property
+  def pipeline_depth(self) -> int:
+    """On CPU one batch per instance (two instances already fill the cores; a third and fourth
+    batch at once only share them: demo DLRM at saturation, 2 cores: 136k rows/s at depth 1,
+    121k at depth 2); on accelerators 2, so batch n+1 is dispatched while n runs."""
+    return 1 if self.default_instances > 1 else 2
 
   @property
   def param_bytes(self) -> int:

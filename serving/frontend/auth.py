@@ -1,4 +1,5 @@
-"""Bearer-token authentication for the gRPC server, as a server interceptor.
+"""Bearer-token authentication for the gRPC server, as a server interceptor (the HTTP front end
+checks the same header with `bearer_matches`).
 
 With a token configured, every RPC must carry the metadata `authorization: Bearer
 <token>`; one without it (or with another token) gets UNAUTHENTICATED before its
@@ -56,6 +57,15 @@ def load_token(path: str | os.PathLike[str] | None = None,
   return check_token(env.strip()) if env else None
 
 
+def bearer_matches(value: str | bytes, token: bytes) -> bool:
+  """Whether an `authorization` value (gRPC metadata or HTTP header) is `Bearer <token>`;
+  compared in constant time."""
+  if isinstance(value, str):
+    value = value.encode("ascii", "replace")
+  scheme, _, given = value.partition(b" ")
+  return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+
 async def _deny_unary(request: bytes, context: grpc.aio.ServicerContext) -> None:
   await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       "missing or wrong credentials: send metadata 'authorization: Bearer <token>'")
@@ -83,12 +93,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
   def _authorized(self, metadata) -> bool:
     for key, value in metadata or ():
-      if key != "authorization":
-        continue
-      if isinstance(value, str):
-        value = value.encode("ascii", "replace")
-      scheme, _, token = value.partition(b" ")
-      return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+      if key == "authorization":
+        return bearer_matches(value, self._token)
     return False
 
   async def intercept_service(

@@ -38,10 +38,19 @@ def _is_int(dt: np.dtype) -> bool:
   return dt.kind in "iu"
 
 
+def _where(t: Any, field: str) -> str:
+  """Where a tensor's typed values travel, for messages: `contents.<field>` in gRPC; a front end
+  whose tensor objects carry `data_label` (HTTP: its JSON `data`) names its own place."""
+  return getattr(t, "data_label", None) or f"contents.{field}"
+
+
 def decode_inputs(
     request: pb.ModelInferRequest, specs: Sequence[TensorSpec], limits: Limits
 ) -> tuple[dict[str, np.ndarray], int]:
-  """Returns {input name: array} in the signature's dtypes and the shared row count."""
+  """Returns {input name: array} in the signature's dtypes and the shared row count.
+
+  `request` is a ModelInferRequest or any object with its attributes (the HTTP front end's,
+  whose `raw_input_contents` holds a buffer or None per input)."""
   by_name = {s.name: s for s in specs}
   raw = request.raw_input_contents
   if raw and len(raw) != len(request.inputs):
@@ -109,10 +118,11 @@ def _decode_numeric(t: Any, spec: TensorSpec, data: bytes | None, shape: tuple[i
   else:
     field = known.contents_field  # BF16 and FP16 travel as raw bytes only
     if field is None:
-      raise _bad(f"input {t.name!r}: {t.datatype} must be sent in raw_input_contents")
+      raise _bad(f"input {t.name!r}: {t.datatype} must be sent in"
+                 f" {getattr(t, 'raw_label', 'raw_input_contents')}")
     values = getattr(t.contents, field)
     if len(values) != count:
-      raise _bad(f"input {t.name!r}: {len(values)} values in contents.{field}, expected"
+      raise _bad(f"input {t.name!r}: {len(values)} values in {_where(t, field)}, expected"
                  f" {count} for shape {list(shape)}")
     arr = np.asarray(values, dtype=got_dt).reshape(shape)
   if got_dt != want_dt:
@@ -132,8 +142,8 @@ def _decode_bytes_tensor(t: Any, data: bytes | None, shape: tuple[int, ...],
   if data is None:
     values = list(t.contents.bytes_contents)
     if len(values) != count:
-      raise _bad(f"input {t.name!r}: {len(values)} values in contents.bytes_contents, expected"
-                 f" {count} for shape {list(shape)}")
+      raise _bad(f"input {t.name!r}: {len(values)} values in {_where(t, 'bytes_contents')},"
+                 f" expected {count} for shape {list(shape)}")
   else:
     if len(data) > limits.max_tensor_bytes:
       raise _bad(f"input {t.name!r}: {len(data)} bytes exceed the limit of"
@@ -194,6 +204,8 @@ def encode_response(
 
 
 def param_value(p: Any) -> Any:
-  """The Python value of an InferParameter oneof."""
+  """The Python value of an InferParameter oneof (a plain value, as JSON gives, stays as is)."""
+  if not isinstance(p, pb.InferParameter):
+    return p
   which = p.WhichOneof("parameter_choice")
   return None if which is None else getattr(p, which)

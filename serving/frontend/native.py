@@ -2,7 +2,10 @@
 
 The C++ server owns the public port. It parses and validates ModelInfer requests for the
 "fast" models published here (plain batched predict models: runners declaring fixed-shape rows) and
-relays everything else to the Python servicer on an internal unix socket. One feeder
+relays everything else to the Python servicer on an internal unix socket. A runner with a native
+batch queue (`capabilities.queue`: serving/frontend/native_queue.py, serving/runners/queued.py)
+gets its requests straight from C++: admission, queueing, batch assembly and the answers happen
+there, and Python is entered once per batch. For any other fast runner, one feeder
 thread takes parsed requests in bulk (GIL released while it waits), wraps each in the
 usual InferRequest and submits it to the model's runner, so batching, deadlines,
 admission and metrics are unchanged; the runner's answers go back in one call per batch.
@@ -114,7 +117,7 @@ class NativeFrontend:
           slots[slot] = _Slot(rec, key, runner)
           entries.append((rec.name, key, slot, str(rec.version),
                           _entry_specs(runner.inputs), _entry_specs(runner.outputs),
-                          rec.config.default_timeout_us or 0))
+                          rec.config.default_timeout_us or 0, runner.capabilities.queue))
       # A slot no longer published stays while its version still runs: the C++ side may have
       # queued requests for it. Requests for a slot that is gone are relayed to Python.
       self._slots = slots | {s: v for s, v in self._slots.items()

@@ -12,9 +12,12 @@ import itertools
 import logging
 import secrets
 import time
+from typing import Mapping
 
 import grpc
+import numpy as np
 
+from bundle import TensorSpec
 from serving.frontend import codec
 from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -22,6 +25,7 @@ from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.frontend.stream import StreamSession
 from serving.repository import ModelRepository, ServedVersion, State
 from serving.runners import Runner
+from serving.telemetry.logs import log_outcome
 from serving.types import Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
@@ -32,18 +36,7 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule
               "parameters")
 
 GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
-
-
-def log_outcome(model: str, version: str, request_id: str, err: ServingError | None,
-                t0: float) -> None:
-  """One structured record per request: ERROR for server faults, DEBUG otherwise."""
-  level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
-  if logger.isEnabledFor(level):
-    logger.log(level, "infer %s", "ok" if err is None else err.code.value, extra={
-        "request_id": request_id, "model": model, "version": version,
-        "code": "OK" if err is None else err.code.value,
-        "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
-        **({} if err is None else {"error": err.message})})
+SHUTTING_DOWN = "server is shutting down; retry on another replica"
 
 
 class AsyncSink:
@@ -238,9 +231,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   async def ModelInfer(self, request, context):
     t0 = time.perf_counter()
     if not self.accepting:
-      await context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "server is shutting down; retry on another replica")
-    request_id = request.id or f"{self.id_prefix}-{next(self._ids)}"
+      await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+    request_id = self.request_id(request.id)
     try:
       response = await self.predict(request, context, t0, request_id)
     except ServingError as e:
@@ -249,10 +241,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self._log_outcome(request, request_id, None, t0)
     return response
 
+  def request_id(self, given: str) -> str:
+    """The client's request id, or a fresh server-unique one when it sent none."""
+    return given or f"{self.id_prefix}-{next(self._ids)}"
+
   async def predict(self, request, context, t0: float,
                      request_id: str) -> pb.ModelInferResponse:
     """Validates, queues and awaits one request (ModelInfer, and predict models in a stream);
-    raises ServingError. In-flight requests are counted for graceful shutdown."""
+    raises ServingError."""
+    rec, outputs, out_specs = await self.infer(request, context, t0, request_id)
+    return codec.encode_response(request, rec.version, outputs, out_specs)
+
+  async def infer(self, request, context, t0: float, request_id: str
+                  ) -> tuple[ServedVersion, Mapping[str, np.ndarray], list[TensorSpec]]:
+    """The protocol-neutral half of `predict`: routes, validates, queues and awaits one request
+    given as a ModelInferRequest or an object with its attributes (the HTTP front end's), with
+    `context` None when the protocol has no deadline of its own. Returns (version, outputs,
+    requested output specs); raises ServingError. In-flight requests are counted for graceful
+    shutdown."""
     for attempt in range(3):
       rec, runner = self.route(request.model_name, request.model_version)
       arrays, rows = codec.decode_inputs(request, runner.inputs, self.limits)
@@ -280,7 +286,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()
-    return codec.encode_response(request, rec.version, outputs, out_specs)
+    return rec, outputs, out_specs
 
   async def ModelStreamInfer(self, request_iterator, context):
     """Bidirectional stream: see serving/frontend/stream.py."""
@@ -291,7 +297,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   def _schedule_params(self, request, context, t0: float,
                        default_timeout_us: int | None = None) -> tuple[float | None, int]:
     deadline = None
-    remaining = context.time_remaining()
+    remaining = None if context is None else context.time_remaining()
     if remaining is not None:
       deadline = t0 + remaining
     if default_timeout_us and "timeout" not in request.parameters:

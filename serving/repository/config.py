@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bundle import Manifest
 from serving.engines import Engine
-from serving.runners import Observer, Runner
+from serving.runners import Observer, Runner, RowQueueFactory
 
 CONFIG_FILE = "config.json"
 
@@ -75,6 +75,7 @@ class LoadSpec:
   name: str  # "<model>/<version>", for logs and thread names
   observer: Observer
   progress: Callable[[str], None]
+  row_queue: RowQueueFactory | None = None  # native batch queues for plain batched models
 
 
 RunnerFactory = Callable[[LoadSpec], Runner]  # builds, warms up and returns an unstarted runner

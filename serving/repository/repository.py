@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
 from serving.repository.config import CONFIG_FILE, LoadSpec, ModelServingConfig, RunnerFactory
-from serving.runners import Observer, Runner
+from serving.runners import Observer, Runner, RowQueueFactory
 from serving.telemetry.compile_watch import CompileCounter
 from serving.types import Code, ServingError
 
@@ -70,7 +70,10 @@ class ModelRepository:
       observer_factory: ObserverFactory | None = None,
       compile_counter: CompileCounter | None = None,
       default_config: ModelServingConfig = ModelServingConfig(),
+      row_queue: RowQueueFactory | None = None,
   ):
+    """`row_queue`: makes the native batch queue of each plain batched model (the native front
+    end's; None: runners batch in Python)."""
     self.root = pathlib.Path(root).resolve()
     if not self.root.is_dir():
       raise FileNotFoundError(f"model repository {self.root} does not exist; create it or pass"
@@ -79,6 +82,7 @@ class ModelRepository:
     self.observer_factory = observer_factory or (lambda name, version: Observer())
     self.compiles = compile_counter or CompileCounter()
     self.default_config = default_config
+    self.row_queue = row_queue
     self._lock = threading.RLock()
     self._load_locks: dict[str, threading.Lock] = {}  # one load/unload of a model at a time
     self._models: dict[str, dict[int, ServedVersion]] = {}
@@ -273,7 +277,7 @@ class ModelRepository:
                         f" (it serves {sorted(self.kinds)})")
     spec = LoadSpec(path, manifest, cfg, f"{name}/{version}",
                     self.observer_factory(name, version),
-                    lambda msg: say(f"{name}/{version}: {msg}"))
+                    lambda msg: say(f"{name}/{version}: {msg}"), self.row_queue)
     with self.compiles.warming():
       return factory(spec)
 

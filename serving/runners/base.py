@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from bundle import TensorSpec
 from serving.batching import BatchingConfig
-from serving.types import Code, Completion, InferRequest
+from serving.types import Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
+# Per-request outcome records go to this logger (the name operators already filter on).
+REQUEST_LOGGER = "serving.frontend.servicer"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class RunnerCapabilities:
   decoupled: bool = False  # streams many responses per request (Triton's decoupled policy)
   wants_parameters: bool = False  # reads request parameters (e.g. sampling settings)
   fixed_rows: bool = False  # plain fixed-shape rows, no parameters: the native front end's fast path
+  queue: Any = None  # the runner's native batch queue, which the native front end feeds directly
 
 
 @dataclasses.dataclass(slots=True)
@@ -58,11 +62,24 @@ class Observer:
   def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
     pass
 
+  def requests_done(self, *, ok_s: Sequence[float],
+                    failed: Sequence[tuple[Code, float]] = ()) -> None:
+    """Many requests at once (a batch's): seconds since arrival of those answered OK, and
+    (code, seconds) of those failed. Runners that batch in C++ call this once per batch."""
+    for d in ok_s:
+      self.request_done(ok=True, duration_s=d, code=None)
+    for code, d in failed:
+      self.request_done(ok=False, duration_s=d, code=code)
+
   def queue_depth(self, rows: int, requests: int) -> None:
     pass
 
-  def shed(self) -> None:
+  def shed(self, n: int = 1) -> None:
     pass
+
+  def on_scrape(self, refresh: Callable[..., None], **kwargs: Any) -> None:
+    """Asks for `refresh(**kwargs)` before each metrics scrape (counters kept outside Python,
+    e.g. by a native queue, are brought up to date); held weakly by its owner."""
 
 
 class Runner(Protocol):
@@ -114,3 +131,23 @@ def deliver(completions: list[Completion]) -> None:
       sink.complete(group)
     except Exception:
       logger.exception("delivering %d answers failed", len(group))
+
+
+def request_log_enabled(err: ServingError | None = None) -> bool:
+  """Whether a request outcome would be logged (DEBUG for most, ERROR for server faults)."""
+  level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
+  return logging.getLogger(REQUEST_LOGGER).isEnabledFor(level)
+
+
+def log_outcome(model: str, version: str, request_id: str, err: ServingError | None,
+                t0: float) -> None:
+  """One structured record per request: ERROR for server faults, DEBUG otherwise."""
+  log = logging.getLogger(REQUEST_LOGGER)
+  level = logging.DEBUG if err is None or err.code is not Code.INTERNAL else logging.ERROR
+  if log.isEnabledFor(level):
+    log.log(level, "infer %s", "ok" if err is None else err.code.value, extra={
+        "request_id": request_id, "model": model, "version": version,
+        "code": "OK" if err is None else err.code.value,
+        "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        **({} if err is None else {"error": err.message})})
+

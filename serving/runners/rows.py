@@ -28,7 +28,7 @@ from serving.types import Code, InferRequest, ServingError
 logger = logging.getLogger(__name__)
 
 
-def _as_serving_error(e: Exception, model: str) -> ServingError:
+def as_serving_error(e: Exception, model: str) -> ServingError:
   """The status a failed batch gives its requests: the engine's own ServingError (e.g. a value
   it cannot take: INVALID_ARGUMENT), else INTERNAL."""
   if isinstance(e, ServingError):
@@ -36,23 +36,38 @@ def _as_serving_error(e: Exception, model: str) -> ServingError:
   return ServingError(Code.INTERNAL, f"model {model} failed: {e}")
 
 
+def check_runner_config(name: str, engine: Engine, config: BatchingConfig,
+                        instances: int | None) -> int:
+  """The instance count to run (the engine's default when None); raises ValueError when it or
+  the batching buckets do not fit the engine."""
+  instances = engine.default_instances if instances is None else instances
+  if instances < 1 or (engine.max_instances is not None and instances > engine.max_instances):
+    raise ValueError(f"{name}: instance_count must be between 1 and"
+                     f" {engine.max_instances or 'any number'} for this engine, got {instances}")
+  if tuple(config.buckets) != tuple(engine.buckets):
+    raise ValueError(f"{name}: batching buckets {config.buckets} differ from the engine's"
+                     f" compiled buckets {engine.buckets}")
+  return instances
+
+
+def fixed_rows(tensors: Sequence[Any]) -> bool:
+  """Whether every tensor is fixed-shape rows of a numeric dtype (the native fast path)."""
+  return all(t.dtype != "object" and t.shape and t.shape[0] == -1
+             and all(d >= 0 for d in t.shape[1:]) for t in tensors)
+
+
 class ModelRunner:
   """Owns one engine and its queue; thread-safe `submit`, one worker thread per instance."""
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
                observer: Observer | None = None, instances: int | None = None):
-    instances = engine.default_instances if instances is None else instances
-    if instances < 1 or (engine.max_instances is not None and instances > engine.max_instances):
-      raise ValueError(f"{name}: instance_count must be between 1 and"
-                       f" {engine.max_instances or 'any number'} for this engine, got {instances}")
-    if tuple(config.buckets) != tuple(engine.buckets):
-      raise ValueError(f"{name}: batching buckets {config.buckets} differ from the engine's"
-                       f" compiled buckets {engine.buckets}")
+    instances = check_runner_config(name, engine, config, instances)
     self.name = name
     self.engine = engine
     self.config = config
     self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
-    self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=self._fixed_rows())
+    self.capabilities = RunnerCapabilities(instances=instances,
+                                           fixed_rows=fixed_rows((*self.inputs, *self.outputs)))
     self.observer = observer or Observer()
     self.stats = RunnerStats()
     self._stats_lock = threading.Lock()  # instances finish batches concurrently
@@ -70,11 +85,6 @@ class ModelRunner:
                      for i in range(instances)]
     self._out_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype)) for t in engine.outputs]
     self._in_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype)) for t in engine.inputs]
-
-  def _fixed_rows(self) -> bool:
-    """Whether every tensor is fixed-shape rows of a numeric dtype (the native fast path)."""
-    return all(t.dtype != "object" and t.shape and t.shape[0] == -1
-               and all(d >= 0 for d in t.shape[1:]) for t in (*self.inputs, *self.outputs))
 
   def start(self) -> None:
     for t in self._threads:
@@ -189,7 +199,7 @@ class ModelRunner:
     except Exception as e:  # a failing batch fails its requests, not the server
       logger.exception("%s: batch of %d rows failed", self.name, plan.rows, extra={
           "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
-      self._isolate(plan, _as_serving_error(e, self.name))
+      self._isolate(plan, as_serving_error(e, self.name))
       return time.perf_counter()
     t_done = time.perf_counter()
     busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since this worker's last batch
@@ -213,7 +223,7 @@ class ModelRunner:
                                                       inputs=self._assemble(single)))
         self._complete(single, outs, None, time.perf_counter() - t0, 0.0)
       except Exception as e:
-        self._complete(single, None, _as_serving_error(e, self.name), time.perf_counter() - t0,
+        self._complete(single, None, as_serving_error(e, self.name), time.perf_counter() - t0,
                        0.0)
 
   def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray]) -> None:

@@ -17,8 +17,9 @@ import numpy as np
 
 from serving.batching import BatchingConfig, BatchPlan, SeqBatcher, SeqBatchPlan, Slice
 from serving.engines import Engine, seq_axes
-from serving.runners.base import Observer
-from serving.runners.rows import ModelRunner
+from serving.runners.base import Observer, Runner
+from serving.runners.queued import QueuedRowRunner, RowQueueFactory
+from serving.runners.rows import ModelRunner, fixed_rows
 from serving.types import Code, InferRequest, ServingError
 
 
@@ -132,8 +133,14 @@ class SeqRunner(ModelRunner):
 
 
 def make_runner(name: str, engine: Engine, config: BatchingConfig, *,
-                observer: Observer | None = None, instances: int | None = None) -> ModelRunner:
-  """SeqRunner for engines with sequence buckets, ModelRunner for the rest; `instances`
+                observer: Observer | None = None, instances: int | None = None,
+                row_queue: RowQueueFactory | None = None) -> Runner:
+  """SeqRunner for engines with sequence buckets; for plain fixed-shape rows, a QueuedRowRunner
+  on a native batch queue when `row_queue` makes one; ModelRunner for the rest. `instances`
   batches at once (None: the engine's default)."""
-  cls = SeqRunner if engine.seq_buckets else ModelRunner
-  return cls(name, engine, config, observer=observer, instances=instances)
+  if engine.seq_buckets:
+    return SeqRunner(name, engine, config, observer=observer, instances=instances)
+  if row_queue is not None and fixed_rows((*engine.inputs, *engine.outputs)):
+    return QueuedRowRunner(name, engine, config, queue_factory=row_queue, observer=observer,
+                           instances=instances)
+  return ModelRunner(name, engine, config, observer=observer, instances=instances)

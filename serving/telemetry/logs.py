@@ -11,6 +11,8 @@ import datetime
 import json
 import logging
 
+from serving.runners.base import REQUEST_LOGGER, log_outcome, request_log_enabled  # noqa: F401
+
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message",
                                                                                   "asctime"}

@@ -22,7 +22,7 @@ def test_help_explains_every_flag():
   out = p.stdout
   for flag in ("--model-repository", "--grpc-port", "--metrics-port", "--compile-cache",
                "--max-queue-delay-us", "--devices", "--sharding", "--demo-tiny", "--frontend",
-               "--instances", "--model-load-thread-count"):
+               "--instances", "--model-load-thread-count", "--http-port"):
     assert flag in out
 
 
@@ -33,7 +33,7 @@ def test_missing_repository_says_what_to_do(tmp_path):
 
 @pytest.fixture
 def demo_process(tmp_path):
-  proc = serve(["--demo-tiny", "--grpc-port", "0", "--metrics-port", "0",
+  proc = serve(["--demo-tiny", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
                 "--compile-cache", str(tmp_path / "cache")],
                env=child_env(XLASERVE_HOME=str(tmp_path / "home")))
   yield proc
@@ -55,8 +55,21 @@ def test_demo_serves_and_stops_on_sigterm(demo_process):
   assert c.is_server_ready() and c.is_model_ready("dlrm")
   for name in ("relevance", "dcn_v2", "two_tower_query", "two_tower_ad"):  # one per signature
     assert c.is_model_ready(name), name
+  # A first start serves each demo model as soon as it is built, the first before the next
+  # build begins (tests/serving/test_first_start.py: the readiness rules meanwhile), and it
+  # never goes quiet: a progress line at least every ~10 s until "try it:".
+  text = proc.text
+  assert text.index("ctr_light/1: READY") < text.index("building demo model 'dlrm'"), text
+  stamps = [int(h) * 3600 + int(m) * 60 + int(sec) for h, m, sec in re.findall(
+      r"^\[xlaserve (\d\d):(\d\d):(\d\d)\]", text[:text.index("try it:")], re.M)]
+  assert max(b - a for a, b in zip(stamps, stamps[1:])) <= 15, text
   out = _infer(addr, 3, 0)
   assert out.shape == (3, 1) and np.all((out > 0) & (out < 1))
+  # The same process answers KServe v2 over HTTP on the port its start-up line names.
+  assert proc.http_url and urllib.request.urlopen(
+      f"{proc.http_url}/v2/health/ready", timeout=10).status == 200
+  dlrm = json.loads(urllib.request.urlopen(f"{proc.http_url}/v2/models/dlrm", timeout=10).read())
+  assert [t["name"] for t in dlrm["inputs"]] == ["dense", "sparse"]
   from serving.frontend.native import load_extension
   front = "native" if load_extension()[0] is not None else "python"  # no flag: native if built
   assert f"gRPC front end: {front}" in proc.text, proc.text
@@ -91,8 +104,8 @@ def test_sigterm_answers_in_flight_work_refuses_new_requests_and_exits_0(tmp_pat
                       inputs=[export.Input("x", "float32", ("batch", 256))],
                       config=export.ExportConfig(batch_buckets=(1, 64, 512)))
   proc = serve(["--model-repository", str(tmp_path / "repo"), "--grpc-port", "0",
-                "--metrics-port", "0", "--compile-cache", str(tmp_path / "cache"),
-                "--log-format", "json"])
+                "--metrics-port", "0", "--http-port", "-1",
+                "--compile-cache", str(tmp_path / "cache"), "--log-format", "json"])
   addr, metrics_url = proc.address, proc.metrics_url
   try:
     big = rng.normal(size=(32768, 256)).astype(np.float32)  # 32 MiB: about a second of work

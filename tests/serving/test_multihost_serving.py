@@ -45,7 +45,8 @@ def test_two_processes_serve_row_sharded_dlrm(bundle):
   procs = [Proc([*SERVE, "--model-repository", str(repo), "--coordinator", coordinator,
                  "--num-processes", "2", "--process-id", str(i), "--local-devices", "2",
                  "--sharding", "embedding_rows", "--grpc-port", "0", "--metrics-port", "-1",
-                 "--compile-cache", "none"], env=child_env(own_devices=True)) for i in range(2)]
+                 "--http-port", "-1", "--compile-cache", "none"],
+                env=child_env(own_devices=True)) for i in range(2)]
   leader, follower = procs
   try:
     try:

@@ -33,12 +33,18 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_set>
 #include <unordered_map>
 #include <vector>
 
 namespace py = pybind11;
 
 namespace xlaserve::native {
+
+// The clock of Python's time.perf_counter() on Linux (CLOCK_MONOTONIC), in seconds.
+double MonoNow();
+
+class RowQueue;  // row_queue.h
 
 // -- model table -------------------------------------------------------------------------------
 
@@ -53,6 +59,7 @@ struct Model {
   std::string version;  // the response's model_version
   std::vector<Spec> inputs, outputs;
   int64_t default_timeout_us = 0;
+  std::shared_ptr<RowQueue> queue;   // the model's C++ queue; null: Python's feeder submits
 };
 
 using Table = std::unordered_map<std::string, std::shared_ptr<const Model>>;  // name '\0' version
@@ -80,6 +87,9 @@ bool ParseRequest(std::string_view msg, Request* r);
 // spec order) and `rows` the common row count.
 bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t max_rows,
                  int64_t max_tensor_bytes, std::vector<size_t>* offsets, int64_t* rows);
+
+// Whether the call carries the bearer token (constant-time compare); an empty token: always.
+bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token);
 
 // The requested outputs (all of them when none is named) as indexes into m.outputs.
 bool MatchOutputs(const Request& r, const Model& m, std::vector<int>* out_index);
@@ -187,6 +197,8 @@ class Frontend {
   void Forward(const std::vector<uint64_t>& ids);
 
   int64_t Inflight() const { return inflight_; }
+  void Answered() { inflight_--; }  // a call held by a RowQueue was answered
+  std::string NewRequestId() { return id_prefix_ + "-" + std::to_string(request_ids_++); }
   py::dict Stats() const;
 
   // -- used by calls (no GIL) --
@@ -194,7 +206,8 @@ class Frontend {
   // Offers a fresh call object for the next RPC, unless stopping (then the queue may be shut).
   void Spawn(grpc::ServerCompletionQueue* cq);
 
-  // Parses and validates a ModelInfer; true when it was queued for Python (call->mu held).
+  // Parses and validates a ModelInfer; true when it was queued (for Python's feeder or in the
+  // model's RowQueue) or refused at the door (call->mu held).
   bool TryFast(Call* c);
 
   grpc::GenericStub* stub() { return stub_.get(); }
@@ -227,7 +240,10 @@ class Frontend {
   std::unordered_map<uint64_t, Call*> owned_;
   bool stopped_ = false;
   uint64_t next_id_ = 1;
-  std::atomic<int64_t> inflight_{0}, fast_{0}, forwarded_{0};
+  std::atomic<int64_t> inflight_{0}, fast_{0}, forwarded_{0}, shed_{0};
+  // Queues a validated request in its model's RowQueue, or refuses it there (call->mu held);
+  // false: the queue is stopping and Python decides (a hot reload's new version).
+  bool QueueNative(Call* c, const Model& m, const Fast& f);
   std::atomic<uint64_t> request_ids_{1};
 };
 

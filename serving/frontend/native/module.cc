@@ -1,7 +1,7 @@
 // The server core: the Frontend object Python drives (start/stop, the model table, the fast
 // queue its feeder thread takes from, completions and forwards), fast-path admission of a
-// ModelInfer (method, auth, model, specs, deadline), the completion-queue worker threads, and
-// the pybind11 module `serving.frontend._native` (standard headers it shares come from frontend.h).
+// ModelInfer (method, auth, model, specs, deadline) into the model's RowQueue or the feeder's
+// queue, and the completion-queue worker threads. The pybind11 module is in bindings.cc.
 
 #include <pybind11/stl.h>
 
@@ -11,46 +11,25 @@
 #include <ctime>
 #include <utility>
 
-#include "frontend.h"
+#include "row_queue.h"
 
 namespace xlaserve::native {
-namespace {
 
-constexpr std::string_view kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
-
-double MonoNow() {  // the clock of Python's time.perf_counter() on Linux
+double MonoNow() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+
+namespace {
+
+constexpr std::string_view kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
 
 std::string Key(std::string_view name, std::string_view version) {
   std::string k(name);
   k.push_back('\0');
   k.append(version);
   return k;
-}
-
-bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token) {
-  if (token.empty()) return true;
-  for (const auto& [key, value] : ctx.client_metadata()) {
-    if (std::string_view(key.data(), key.size()) != "authorization") continue;
-    std::string_view v(value.data(), value.size());
-    auto sp = v.find(' ');
-    std::string_view scheme = v.substr(0, sp == std::string_view::npos ? v.size() : sp);
-    std::string_view tok = sp == std::string_view::npos ? std::string_view() : v.substr(sp + 1);
-    while (!tok.empty() && std::isspace(uint8_t(tok.front()))) tok.remove_prefix(1);
-    while (!tok.empty() && std::isspace(uint8_t(tok.back()))) tok.remove_suffix(1);
-    if (scheme.size() != 6) return false;
-    for (size_t i = 0; i < 6; ++i) {
-      if (std::tolower(uint8_t(scheme[i])) != "bearer"[i]) return false;
-    }
-    if (tok.size() != token.size()) return false;
-    uint8_t diff = 0;  // constant time
-    for (size_t i = 0; i < tok.size(); ++i) diff |= uint8_t(tok[i]) ^ uint8_t(token[i]);
-    return diff == 0;  // the first authorization header decides, as in serving/frontend/auth.py
-  }
-  return false;
 }
 
 }  // namespace
@@ -113,6 +92,14 @@ void Frontend::Stop(double grace_s) {
     Finish(c, nullptr, grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                     "server is shutting down; retry on another replica"));
   }
+  std::shared_ptr<Table> table;
+  {
+    std::lock_guard<std::mutex> l(table_mu_);
+    table = table_;
+  }
+  for (auto& [key, m] : *table) {  // no call may outlive the completion queues
+    if (m->queue) m->queue->AbandonNative();
+  }
   if (server_) {
     auto until = std::chrono::system_clock::now() +
                  std::chrono::microseconds(int64_t(grace_s * 1e6));
@@ -149,6 +136,7 @@ void Frontend::SetModels(const std::vector<py::tuple>& entries) {
       }
     }
     m->default_timeout_us = e[6].cast<int64_t>();
+    if (e.size() > 7 && !e[7].is_none()) m->queue = e[7].cast<std::shared_ptr<RowQueue>>();
     (*table)[Key(name, version_key)] = m;
   }
   std::lock_guard<std::mutex> l(table_mu_);
@@ -242,6 +230,7 @@ py::dict Frontend::Stats() const {
   d["fast"] = int64_t(fast_);
   d["relayed"] = int64_t(relayed_);
   d["forwarded"] = int64_t(forwarded_);
+  d["shed"] = int64_t(shed_);  // refused at the door by a model's queue (RESOURCE_EXHAUSTED)
   d["inflight"] = int64_t(inflight_);
   d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
   return d;
@@ -300,6 +289,7 @@ bool Frontend::TryFast(Call* c) {
   f.arrival = now;
   f.deadline = deadline;
   f.priority = r.priority > 0 ? r.priority : (int64_t(1) << 30);
+  if (m->queue) return QueueNative(c, *m, f);
   f.request_id = r.id.empty() ? id_prefix_ + "-" + std::to_string(request_ids_++)
                               : std::string(r.id);
   {
@@ -316,6 +306,27 @@ bool Frontend::TryFast(Call* c) {
   }
   qcv_.notify_one();
   return true;
+}
+
+bool Frontend::QueueNative(Call* c, const Model& m, const Fast& f) {
+  inflight_++;  // before the runner can answer it
+  std::string why;
+  switch (m.queue->AddNative(c, f.rows, f.offsets, f.arrival, f.deadline, f.priority, &why)) {
+    case AddResult::kQueued:
+      fast_++;
+      return true;
+    case AddResult::kRefused:
+      inflight_--;
+      shed_++;
+      c->py_owned = false;
+      c->stream.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, why), c->T(kSFinish));
+      return true;
+    case AddResult::kStopping:
+    default:
+      inflight_--;
+      c->py_owned = false;
+      return false;
+  }
 }
 
 Call* Frontend::Claim(uint64_t id) {
@@ -367,29 +378,3 @@ void Frontend::Poll(grpc::ServerCompletionQueue* cq) {
 }
 
 }  // namespace xlaserve::native
-
-using xlaserve::native::Frontend;
-using xlaserve::native::RequestBuffer;
-
-PYBIND11_MODULE(_native, m) {
-  m.doc() = "xlaserve's native gRPC front end (see serving/frontend/native.py)";
-  py::class_<RequestBuffer>(m, "RequestBuffer", py::buffer_protocol())
-      .def_buffer([](RequestBuffer& b) -> py::buffer_info {
-        return py::buffer_info(const_cast<uint8_t*>(b.slice.begin()), 1, "B", 1,
-                               {py::ssize_t(b.slice.size())}, {py::ssize_t(1)}, true);
-      });
-  py::class_<Frontend>(m, "Frontend")
-      .def(py::init<std::string, int64_t, int64_t, int64_t, std::string, std::string, int>(),
-           py::arg("backend"), py::arg("max_message_bytes"), py::arg("max_rows"),
-           py::arg("max_tensor_bytes"), py::arg("token"), py::arg("id_prefix"),
-           py::arg("threads"))
-      .def("start", &Frontend::Start, py::call_guard<py::gil_scoped_release>())
-      .def("stop", &Frontend::Stop, py::call_guard<py::gil_scoped_release>())
-      .def("set_models", &Frontend::SetModels)
-      .def("set_accepting", &Frontend::SetAccepting)
-      .def("take", &Frontend::Take)
-      .def("complete", &Frontend::Complete)
-      .def("forward", &Frontend::Forward)
-      .def("inflight", &Frontend::Inflight)
-      .def("stats", &Frontend::Stats);
-}

@@ -2,12 +2,13 @@
 // copies), checks its tensors against the model's specs, and encodes the response from the
 // runner's arrays. Anything it does not fully understand returns false: the call is relayed.
 
+#include <cctype>
 #include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include "frontend.h"
+#include "row_queue.h"
 
 namespace xlaserve::native {
 namespace {
@@ -285,23 +286,79 @@ uint8_t* PutField(uint8_t* p, int field, const void* data, size_t len) {
 
 }  // namespace
 
-// -- the response (GIL held) ------------------------------------------------------------------
+// -- authorization (the first authorization header decides, as in serving/frontend/auth.py) --
 
-std::string Frontend::Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer* bb) {
+bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token) {
+  if (token.empty()) return true;
+  for (const auto& [key, value] : ctx.client_metadata()) {
+    if (std::string_view(key.data(), key.size()) != "authorization") continue;
+    std::string_view v(value.data(), value.size());
+    auto sp = v.find(' ');
+    std::string_view scheme = v.substr(0, sp == std::string_view::npos ? v.size() : sp);
+    std::string_view tok = sp == std::string_view::npos ? std::string_view() : v.substr(sp + 1);
+    while (!tok.empty() && std::isspace(uint8_t(tok.front()))) tok.remove_prefix(1);
+    while (!tok.empty() && std::isspace(uint8_t(tok.back()))) tok.remove_suffix(1);
+    if (scheme.size() != 6) return false;
+    for (size_t i = 0; i < 6; ++i) {
+      if (std::tolower(uint8_t(scheme[i])) != "bearer"[i]) return false;
+    }
+    if (tok.size() != token.size()) return false;
+    uint8_t diff = 0;  // constant time
+    for (size_t i = 0; i < tok.size(); ++i) diff |= uint8_t(tok[i]) ^ uint8_t(token[i]);
+    return diff == 0;  // the first authorization header decides, as in serving/frontend/auth.py
+  }
+  return false;
+}
+
+// -- the response ----------------------------------------------------------------------------
+
+void EncodeRows(const Call* c, const std::vector<const uint8_t*>& rows0, grpc::ByteBuffer* bb) {
   const Model& m = *c->model;
-  struct Piece {
-    const Spec* spec;
-    Py_buffer view;
-    py::object holder;
-    size_t tensor_len;
+  auto shape_len = [c](const Spec& s) {
+    size_t n = VarintSize(uint64_t(c->rows));
+    for (size_t d = 1; d < s.dims.size(); ++d) n += VarintSize(uint64_t(s.dims[d]));
+    return n;
   };
-  std::vector<Piece> pieces;
-  pieces.reserve(c->out_index.size());
-  auto release_all = [&pieces] {
-    for (auto& p : pieces) PyBuffer_Release(&p.view);
+  auto tensor_len = [&shape_len](const Spec& s) {
+    return FieldSize(s.name.size()) + FieldSize(s.datatype.size()) + FieldSize(shape_len(s));
   };
   size_t total = FieldSize(c->model_name.size()) + FieldSize(m.version.size()) +
                  (c->id.empty() ? 0 : FieldSize(c->id.size()));
+  for (int k : c->out_index) {
+    const Spec& s = m.outputs[k];
+    total += FieldSize(tensor_len(s)) + FieldSize(size_t(c->rows * s.row_bytes));
+  }
+  grpc::Slice slice(total);
+  auto* out = const_cast<uint8_t*>(slice.begin());
+  out = PutField(out, 1, c->model_name.data(), c->model_name.size());
+  out = PutField(out, 2, m.version.data(), m.version.size());
+  if (!c->id.empty()) out = PutField(out, 3, c->id.data(), c->id.size());
+  for (int k : c->out_index) {
+    const Spec& s = m.outputs[k];
+    *out++ = uint8_t(5 << 3 | 2);
+    out = PutVarint(out, tensor_len(s));
+    out = PutField(out, 1, s.name.data(), s.name.size());
+    out = PutField(out, 2, s.datatype.data(), s.datatype.size());
+    *out++ = uint8_t(3 << 3 | 2);
+    out = PutVarint(out, shape_len(s));
+    out = PutVarint(out, uint64_t(c->rows));
+    for (size_t d = 1; d < s.dims.size(); ++d) out = PutVarint(out, uint64_t(s.dims[d]));
+  }
+  for (int k : c->out_index) {
+    out = PutField(out, 6, rows0[k], size_t(c->rows * m.outputs[k].row_bytes));
+  }
+  *bb = grpc::ByteBuffer(&slice, 1);
+}
+
+// A request answered by Python's runner (the feeder path): its outputs dict (GIL held).
+std::string Frontend::Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer* bb) {
+  const Model& m = *c->model;
+  std::vector<Py_buffer> views;
+  std::vector<py::object> holders;
+  std::vector<const uint8_t*> rows0(m.outputs.size(), nullptr);
+  auto release_all = [&views] {
+    for (auto& v : views) PyBuffer_Release(&v);
+  };
   for (int k : c->out_index) {
     const Spec& s = m.outputs[k];
     PyObject* arr = PyDict_GetItemString(outputs.ptr(), s.name.c_str());
@@ -309,54 +366,31 @@ std::string Frontend::Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer*
       release_all();
       return "model output '" + s.name + "' is missing";
     }
-    Piece p{&s, {}, py::reinterpret_borrow<py::object>(arr), 0};
-    if (PyObject_GetBuffer(arr, &p.view, PyBUF_C_CONTIGUOUS) != 0) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS) != 0) {
       PyErr_Clear();  // non-contiguous, or a dtype numpy cannot export (bfloat16): bytes
       try {
-        p.holder = py::reinterpret_borrow<py::object>(arr).attr("tobytes")();
+        holders.push_back(py::reinterpret_borrow<py::object>(arr).attr("tobytes")());
       } catch (py::error_already_set&) {
         release_all();
         return "model output '" + s.name + "' is not an array";
       }
-      if (PyObject_GetBuffer(p.holder.ptr(), &p.view, PyBUF_SIMPLE) != 0) {
+      if (PyObject_GetBuffer(holders.back().ptr(), &view, PyBUF_SIMPLE) != 0) {
         PyErr_Clear();
         release_all();
         return "model output '" + s.name + "' is not an array";
       }
     }
-    if (p.view.len != c->rows * s.row_bytes) {
-      PyBuffer_Release(&p.view);
+    views.push_back(view);
+    if (view.len != c->rows * s.row_bytes) {
       release_all();
-      return "model output '" + s.name + "' has " + std::to_string(p.view.len) +
+      return "model output '" + s.name + "' has " + std::to_string(view.len) +
              " bytes, expected " + std::to_string(c->rows * s.row_bytes);
     }
-    size_t shape_len = VarintSize(uint64_t(c->rows));
-    for (size_t d = 1; d < s.dims.size(); ++d) shape_len += VarintSize(uint64_t(s.dims[d]));
-    p.tensor_len = FieldSize(s.name.size()) + FieldSize(s.datatype.size()) + FieldSize(shape_len);
-    total += FieldSize(p.tensor_len) + FieldSize(size_t(p.view.len));
-    pieces.push_back(std::move(p));
+    rows0[k] = static_cast<const uint8_t*>(view.buf);
   }
-  grpc::Slice slice(total);
-  auto* out = const_cast<uint8_t*>(slice.begin());
-  out = PutField(out, 1, c->model_name.data(), c->model_name.size());
-  out = PutField(out, 2, m.version.data(), m.version.size());
-  if (!c->id.empty()) out = PutField(out, 3, c->id.data(), c->id.size());
-  for (auto& p : pieces) {
-    const Spec& s = *p.spec;
-    *out++ = uint8_t(5 << 3 | 2);
-    out = PutVarint(out, p.tensor_len);
-    out = PutField(out, 1, s.name.data(), s.name.size());
-    out = PutField(out, 2, s.datatype.data(), s.datatype.size());
-    size_t shape_len = VarintSize(uint64_t(c->rows));
-    for (size_t d = 1; d < s.dims.size(); ++d) shape_len += VarintSize(uint64_t(s.dims[d]));
-    *out++ = uint8_t(3 << 3 | 2);
-    out = PutVarint(out, shape_len);
-    out = PutVarint(out, uint64_t(c->rows));
-    for (size_t d = 1; d < s.dims.size(); ++d) out = PutVarint(out, uint64_t(s.dims[d]));
-  }
-  for (auto& p : pieces) out = PutField(out, 6, p.view.buf, size_t(p.view.len));
+  EncodeRows(c, rows0, bb);
   release_all();
-  *bb = grpc::ByteBuffer(&slice, 1);
   return "";
 }
 

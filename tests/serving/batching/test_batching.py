@@ -1,13 +1,33 @@
-"""The batcher's decisions, checked by hand-worked cases (no JAX, no threads)."""
+"""The batcher's decisions, checked by hand-worked cases (no JAX, no threads).
+
+Every case runs against both implementations: the Python `Batcher` and the C++ decisions the
+native batch queue uses (through `serving.frontend.native_queue.NativeBatcher`).
+"""
 
 import pytest
 
 from serving.batching import Admission, BatchingConfig, Batcher, Pending
+from serving.frontend.native import load_extension
+from serving.frontend.native_queue import NativeBatcher
+
+IMPLS = ["python", "native"]
+
+
+@pytest.fixture(params=IMPLS, autouse=True)
+def impl(request, monkeypatch):
+  """Which batcher `make` builds; the native one skips (with the reason) when not compiled."""
+  if request.param == "native" and load_extension()[0] is None:
+    pytest.skip(load_extension()[1])
+  monkeypatch.setattr(make, "impl", request.param, raising=False)
+  return request.param
 
 
 def make(buckets=(1, 2, 4, 8), delay=0.010, idle_dispatch=False, max_rows=64):
-  return Batcher(BatchingConfig(buckets=buckets, max_queue_delay_s=delay,
-                                dispatch_when_idle=idle_dispatch, max_queue_rows=max_rows))
+  cfg = BatchingConfig(buckets=buckets, max_queue_delay_s=delay, dispatch_when_idle=idle_dispatch,
+                       max_queue_rows=max_rows)
+  if getattr(make, "impl", "python") == "native":
+    return NativeBatcher(cfg, load_extension()[0])
+  return Batcher(cfg)
 
 
 def add(b, name, rows, t=0.0, **kw):

@@ -129,8 +129,10 @@ def test_split_request_is_delivered_once_all_its_slices_finish_in_any_order():
 
 
 def _worker_threads(name: str) -> list[str]:
-  """Names of the live worker threads of runner `name` (named `runner-<name>#<instance>`)."""
-  return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"runner-{name}#"))
+  """Names of the live batch (dispatch) threads of runner `name`, one per instance: named
+  `runner-<name>#<instance>` (a queued runner's completion threads end in `-out`)."""
+  return sorted(t.name for t in threading.enumerate()
+                if t.name.startswith(f"runner-{name}#") and not t.name.endswith("-out"))
 
 
 def test_concurrent_instances_answer_every_request_exactly_once():

@@ -1,0 +1,190 @@
+// The pybind11 module `serving.frontend._native`: the Frontend (module.cc), each model's
+// RowQueue and its batches (row_queue.cc, row_answer.cc), and `Decider`, a small binding of the
+// batching decisions (batcher.cc) that tests drive with the Python Batcher's cases.
+
+#include <pybind11/stl.h>
+
+#include <unordered_map>
+
+#include "row_queue.h"
+
+namespace xlaserve::native {
+namespace {
+
+// The decisions with entries named by integer ids (tests: serving/frontend/native_batcher.py).
+class DeciderBinding {
+ public:
+  DeciderBinding(std::vector<int64_t> buckets, double delay, bool idle, int64_t max_rows,
+                 int64_t max_requests, double headroom)
+      : d_(BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests, headroom}) {}
+
+  std::string Add(uint64_t id, int64_t rows, double arrival, py::object deadline,
+                  int64_t priority) {
+    if (rows < 1) {
+      throw py::value_error("a request needs at least one row, got " + std::to_string(rows));
+    }
+    auto e = std::make_unique<Entry>();
+    e->rows = rows;
+    e->arrival = arrival;
+    e->has_deadline = !deadline.is_none();
+    e->deadline = e->has_deadline ? deadline.cast<double>() : 0.0;
+    e->priority = priority;
+    std::string why = d_.Admit(*e);
+    if (!why.empty()) return why;
+    d_.Add(e.get());
+    ids_[e.get()] = id;
+    entries_[id] = std::move(e);
+    return "";
+  }
+
+  py::tuple Decide(double now, bool idle) {
+    Decision dec = d_.Decide(now, idle);
+    py::object plan = py::none();
+    if (dec.plan) {
+      py::list slices;
+      for (const PlanSlice& s : dec.plan->slices) {
+        slices.append(py::make_tuple(ids_.at(s.entry), s.start, s.rows, s.dest));
+      }
+      plan = py::make_tuple(dec.plan->bucket, slices);
+      for (const PlanSlice& s : dec.plan->slices) {
+        if (s.entry->remaining() == 0) Forget(s.entry);
+      }
+    }
+    py::object wait = dec.wait_s ? py::object(py::float_(*dec.wait_s)) : py::object(py::none());
+    return py::make_tuple(plan, Ids(dec.expired), wait);
+  }
+
+  py::list Expire(double now) { return Ids(d_.Expire(now)); }
+  py::list Drain() { return Ids(d_.Drain()); }
+
+  void Remove(const std::vector<uint64_t>& ids) {
+    std::unordered_set<Entry*> doomed;
+    for (uint64_t id : ids) {
+      auto it = entries_.find(id);
+      if (it != entries_.end()) doomed.insert(it->second.get());
+    }
+    d_.Remove(doomed);
+    for (Entry* e : doomed) Forget(e);
+  }
+
+  Decider d_;
+
+ private:
+  py::list Ids(const std::vector<Entry*>& entries) {
+    py::list out;
+    for (Entry* e : entries) {
+      out.append(ids_.at(e));
+      Forget(e);
+    }
+    return out;
+  }
+  void Forget(Entry* e) {
+    auto it = ids_.find(e);
+    if (it == ids_.end()) return;
+    uint64_t id = it->second;
+    ids_.erase(it);
+    entries_.erase(id);
+  }
+
+  std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;
+  std::unordered_map<Entry*, uint64_t> ids_;
+};
+
+py::object Optional(const std::optional<double>& v) {
+  return v ? py::object(py::float_(*v)) : py::object(py::none());
+}
+
+std::vector<Spec> Specs(const py::list& specs) {
+  std::vector<Spec> out;
+  for (auto s : specs) {
+    auto t = s.cast<py::tuple>();
+    Spec spec{t[0].cast<std::string>(), t[1].cast<std::string>(),
+              t[2].cast<std::vector<int64_t>>(), 0};
+    int64_t n = t[3].cast<int64_t>();
+    for (size_t d = 1; d < spec.dims.size(); ++d) n *= spec.dims[d];
+    spec.row_bytes = n;
+    out.push_back(std::move(spec));
+  }
+  return out;
+}
+
+std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> buckets, double delay,
+                                    bool idle, int64_t max_rows, int64_t max_requests,
+                                    double headroom, py::list inputs, py::list outputs,
+                                    int instances) {
+  return std::make_shared<RowQueue>(
+      std::move(name), BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests,
+                                      headroom},
+      Specs(inputs), Specs(outputs), instances);
+}
+
+}  // namespace
+}  // namespace xlaserve::native
+
+using namespace xlaserve::native;  // NOLINT: the module's one translation unit of bindings
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "xlaserve's native gRPC front end and batch queues (see serving/frontend/native.py)";
+  py::class_<RequestBuffer>(m, "RequestBuffer", py::buffer_protocol())
+      .def_buffer([](RequestBuffer& b) -> py::buffer_info {
+        return py::buffer_info(const_cast<uint8_t*>(b.slice.begin()), 1, "B", 1,
+                               {py::ssize_t(b.slice.size())}, {py::ssize_t(1)}, true);
+      });
+  py::class_<Frontend>(m, "Frontend")
+      .def(py::init<std::string, int64_t, int64_t, int64_t, std::string, std::string, int>(),
+           py::arg("backend"), py::arg("max_message_bytes"), py::arg("max_rows"),
+           py::arg("max_tensor_bytes"), py::arg("token"), py::arg("id_prefix"),
+           py::arg("threads"))
+      .def("start", &Frontend::Start, py::call_guard<py::gil_scoped_release>())
+      .def("stop", &Frontend::Stop, py::call_guard<py::gil_scoped_release>())
+      .def("set_models", &Frontend::SetModels)
+      .def("set_accepting", &Frontend::SetAccepting)
+      .def("take", &Frontend::Take)
+      .def("complete", &Frontend::Complete)
+      .def("forward", &Frontend::Forward)
+      .def("inflight", &Frontend::Inflight)
+      .def("stats", &Frontend::Stats);
+  py::class_<RowBatch, std::shared_ptr<RowBatch>>(m, "RowBatch")
+      .def_property_readonly("bucket", [](const RowBatch& b) { return b.bucket; })
+      .def_property_readonly("rows", [](const RowBatch& b) { return b.rows; })
+      .def_property_readonly("requests", [](const RowBatch& b) { return b.slices.size(); })
+      .def_property_readonly("inputs", [](std::shared_ptr<RowBatch> b) {
+        return b->q->Inputs(b);
+      });
+  py::class_<RowQueue, std::shared_ptr<RowQueue>>(m, "RowQueue")
+      .def(py::init(&MakeQueue), py::arg("name"), py::arg("buckets"),
+           py::arg("max_queue_delay_s"), py::arg("dispatch_when_idle"),
+           py::arg("max_queue_rows"), py::arg("max_queue_requests"),
+           py::arg("deadline_headroom"), py::arg("inputs"), py::arg("outputs"),
+           py::arg("instances"))
+      .def("add", &RowQueue::AddPython)
+      .def("next", &RowQueue::Next)
+      .def("complete", &RowQueue::Complete)
+      .def("fail", &RowQueue::Fail)
+      .def("isolate", &RowQueue::Isolate)
+      .def("stop", &RowQueue::Stop)
+      .def("release", &RowQueue::ReleaseHeld, py::call_guard<py::gil_scoped_release>())
+      .def("finished", &RowQueue::Finished, py::call_guard<py::gil_scoped_release>())
+      .def("pending", &RowQueue::Pending, py::call_guard<py::gil_scoped_release>())
+      .def("observe", &RowQueue::Observe, py::call_guard<py::gil_scoped_release>())
+      .def("stats", &RowQueue::Stats);
+  py::class_<DeciderBinding>(m, "Decider")
+      .def(py::init<std::vector<int64_t>, double, bool, int64_t, int64_t, double>())
+      .def("add", &DeciderBinding::Add)
+      .def("decide", &DeciderBinding::Decide)
+      .def("expire", &DeciderBinding::Expire)
+      .def("drain", &DeciderBinding::Drain)
+      .def("remove", &DeciderBinding::Remove)
+      .def("observe", [](DeciderBinding& b, int64_t bucket, double s) { b.d_.Observe(bucket, s); })
+      .def("estimated_wait_s", [](DeciderBinding& b, int64_t rows, int64_t priority) {
+        return Optional(b.d_.EstimatedWait(rows, priority));
+      })
+      .def("oldest_arrival", [](DeciderBinding& b) { return Optional(b.d_.OldestArrival()); })
+      .def("head_priority", [](DeciderBinding& b) -> py::object {
+        auto p = b.d_.HeadPriority();
+        return p ? py::object(py::int_(*p)) : py::object(py::none());
+      })
+      .def_property_readonly("queued_rows", [](DeciderBinding& b) { return b.d_.queued_rows(); })
+      .def_property_readonly("queued_requests",
+                             [](DeciderBinding& b) { return b.d_.queued_requests(); });
+}

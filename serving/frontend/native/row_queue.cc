@@ -1,0 +1,299 @@
+// RowQueue (row_queue.h): admission and batch planning by the Decider, staging buffers filled
+// under the queue's lock (so an entry answered elsewhere is never read after), and answers.
+// Lock order: a call's mutex, then the queue's; the GIL is never taken while the queue's mutex
+// is held (Python threads may hold the GIL while they wait for it).
+
+#include "row_queue.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include <pybind11/stl.h>
+
+namespace xlaserve::native {
+namespace {
+
+constexpr int kUnavailable = 14;
+
+}  // namespace
+Staging::Staging(size_t n) : size(n) {
+  data = static_cast<uint8_t*>(std::aligned_alloc(64, ((n + 63) / 64) * 64 + 64));
+}
+Staging::~Staging() { std::free(data); }
+
+RowBatch::~RowBatch() {
+  if (q) q->ReturnStaging(bucket, &inputs);
+}
+
+RowQueue::RowQueue(std::string name, BatchingParams params, std::vector<Spec> inputs,
+                   std::vector<Spec> outputs, int instances)
+    : name_(std::move(name)), d_(std::move(params)), inputs_(std::move(inputs)),
+      outputs_(std::move(outputs)),
+      inflight_(size_t(std::max(instances, 1)), 0) {}
+
+RowQueue::~RowQueue() = default;
+
+void RowQueue::ReturnStaging(int64_t bucket, std::vector<std::unique_ptr<Staging>>* bufs) {
+  if (bufs->empty()) return;
+  std::lock_guard<std::mutex> l(pool_mu_);
+  auto& free = pool_[bucket];
+  if (free.size() < 8) free.push_back(std::move(*bufs));
+}
+
+void RowQueue::TakeStaging(RowBatch* b) {
+  {
+    std::lock_guard<std::mutex> l(pool_mu_);
+    auto& free = pool_[b->bucket];
+    if (!free.empty()) {
+      b->inputs = std::move(free.back());
+      free.pop_back();
+      return;
+    }
+  }
+  for (const Spec& s : inputs_) b->inputs.push_back(std::make_unique<Staging>(
+      size_t(b->bucket * s.row_bytes)));
+}
+
+void RowQueue::Fill(RowBatch* b) {
+  for (size_t i = 0; i < inputs_.size(); ++i) {
+    const size_t rb = size_t(inputs_[i].row_bytes);
+    uint8_t* dst = b->inputs[i]->data;
+    for (const PlanSlice& s : b->slices) {
+      auto* e = static_cast<QEntry*>(s.entry);
+      if (e->answered) {
+        std::memset(dst + s.dest * rb, 0, s.rows * rb);
+      } else {
+        std::memcpy(dst + s.dest * rb, e->in[i] + s.start * rb, s.rows * rb);
+      }
+    }
+    const int64_t used = b->rows;
+    if (used < b->bucket) std::memset(dst + used * rb, 0, (b->bucket - used) * rb);
+  }
+}
+
+std::shared_ptr<RowBatch> RowQueue::Build(Plan plan, int instance, double now) {
+  auto b = std::make_shared<RowBatch>();
+  b->q = shared_from_this();
+  b->instance = instance;
+  b->bucket = plan.bucket;
+  b->rows = plan.rows();
+  b->slices = std::move(plan.slices);
+  b->t_taken = now;
+  for (const PlanSlice& s : b->slices) {
+    auto* e = static_cast<QEntry*>(s.entry);
+    e->inflight++;
+    if (e->remaining() == 0) e->queued = false;
+    if (s.start == 0) {
+      inflight_requests_++;
+      e->queue_ns = int64_t((now - e->arrival) * 1e9);
+    }
+  }
+  inflight_[instance]++;
+  TakeStaging(b.get());
+  Fill(b.get());
+  return b;
+}
+
+void RowQueue::Release(QEntry* e) {
+  if (e->queued || e->inflight > 0 || !e->answered) return;
+  live_.erase(e);
+  delete e;
+}
+
+void RowQueue::Admitted(bool was_empty, int64_t rows_before) {
+  // Wake the runner threads only when it can change their decision: the queue was empty (an
+  // idle primary dispatches at once) or now holds a full batch.
+  if (was_empty || (rows_before < d_.max_batch() && d_.queued_rows() >= d_.max_batch())) {
+    cv_.notify_all();
+  }
+}
+
+AddResult RowQueue::AddNative(Call* call, int64_t rows, const std::vector<size_t>& offsets,
+                              double arrival, double deadline, int64_t priority,
+                              std::string* why) {
+  auto* e = new QEntry();
+  e->call = call;
+  e->rows = rows;
+  e->arrival = arrival;
+  e->has_deadline = deadline >= 0;
+  e->deadline = deadline;
+  e->priority = priority;
+  const uint8_t* base = call->message.begin();
+  for (size_t off : offsets) e->in.push_back(base + off);
+  bool was_empty;
+  int64_t before;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stopping_) {
+      delete e;
+      return AddResult::kStopping;
+    }
+    std::string refusal = d_.Admit(*e);
+    if (!refusal.empty()) {
+      st_.rejected++;
+      st_.fail++;  // Triton counts rejected requests as failures
+      delete e;
+      *why = "model " + name_ + ": " + refusal;
+      return AddResult::kRefused;
+    }
+    was_empty = d_.queued_rows() == 0;
+    before = d_.queued_rows();
+    d_.Add(e);
+    live_.insert(e);
+  }
+  Admitted(was_empty, before);
+  return AddResult::kQueued;
+}
+
+py::tuple RowQueue::AddPython(py::object req, py::list arrays, int64_t rows, double arrival,
+                              py::object deadline, int64_t priority) {
+  if (rows < 1) throw py::value_error("a request needs at least one row");
+  if (py::len(arrays) != inputs_.size()) throw py::value_error("one array per model input");
+  auto e = std::make_unique<QEntry>();
+  for (size_t i = 0; i < inputs_.size(); ++i) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arrays[i].ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+      throw py::error_already_set();
+    }
+    bool ok = view.len == rows * inputs_[i].row_bytes;
+    e->in.push_back(static_cast<const uint8_t*>(view.buf));
+    PyBuffer_Release(&view);  // the array itself is kept alive below
+    if (!ok) throw py::value_error("input " + inputs_[i].name + " has the wrong size");
+  }
+  e->rows = rows;
+  e->arrival = arrival;
+  e->has_deadline = !deadline.is_none();
+  e->deadline = e->has_deadline ? deadline.cast<double>() : 0.0;
+  e->priority = priority;
+  bool was_empty;
+  int64_t before;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stopping_) {
+      return py::make_tuple(2, "model " + name_ + " is shutting down; retry on another replica");
+    }
+    std::string refusal = d_.Admit(*e);
+    if (!refusal.empty()) {
+      st_.rejected++;
+      st_.fail++;
+      return py::make_tuple(1, "model " + name_ + ": " + refusal);
+    }
+    e->py = req.inc_ref().ptr();
+    for (auto a : arrays) e->arrays.push_back(a.inc_ref().ptr());
+    was_empty = d_.queued_rows() == 0;
+    before = d_.queued_rows();
+    QEntry* raw = e.release();
+    d_.Add(raw);
+    live_.insert(raw);
+  }
+  Admitted(was_empty, before);
+  return py::make_tuple(0, "");
+}
+
+// -- stopping and reading -------------------------------------------------------------------
+
+py::list RowQueue::Stop(bool drain) {
+  std::vector<Answer> answers;
+  std::vector<Back> backs;
+  {
+    py::gil_scoped_release nogil;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stopping_ = true;
+      if (!drain) {
+        double now = MonoNow();
+        for (Entry* x : d_.Drain()) {
+          auto* e = static_cast<QEntry*>(x);
+          e->queued = false;
+          if (!e->answered) {
+            FailEntry(e, kUnavailable, "model " + name_ + " was unloaded before this request"
+                      " ran; retry", now, &answers, &backs);
+          }
+          Release(e);
+        }
+      }
+    }
+    cv_.notify_all();
+    Deliver(&answers);
+  }
+  return HandBack(&backs);
+}
+
+void RowQueue::AbandonNative() {
+  std::vector<Answer> answers;
+  std::vector<Back> backs;  // stays empty: Python requests are not abandoned
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stopping_ = true;
+    double now = MonoNow();
+    std::vector<QEntry*> natives;
+    for (QEntry* e : live_) {
+      if (e->call != nullptr && !e->answered) natives.push_back(e);
+    }
+    std::unordered_set<Entry*> queued;
+    for (QEntry* e : natives) {
+      FailEntry(e, kUnavailable, "server is shutting down; retry on another replica", now,
+                &answers, &backs);
+      if (e->queued) queued.insert(e);
+    }
+    d_.Remove(queued);
+    for (QEntry* e : natives) {
+      e->queued = false;
+      Release(e);
+    }
+  }
+  cv_.notify_all();
+  Deliver(&answers);
+}
+
+bool RowQueue::Settled(const std::shared_ptr<RowBatch>& b) {
+  std::lock_guard<std::mutex> l(mu_);  // GIL held: allowed (never the other way round)
+  return b->settled;
+}
+
+bool RowQueue::Finished(int instance) {
+  std::lock_guard<std::mutex> l(mu_);
+  return stopping_ && d_.queued_rows() == 0 && inflight_[instance] == 0;
+}
+
+int64_t RowQueue::Pending() {
+  std::lock_guard<std::mutex> l(mu_);
+  return d_.queued_requests() + inflight_requests_;
+}
+
+void RowQueue::Observe(int64_t bucket, double seconds) {
+  std::lock_guard<std::mutex> l(mu_);
+  d_.Observe(bucket, seconds);
+}
+
+py::dict RowQueue::Stats() {
+  QueueStats st;
+  int64_t rows, requests, inflight;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    st = st_;
+    rows = d_.queued_rows();
+    requests = d_.queued_requests();
+    inflight = inflight_requests_;
+  }
+  py::dict d;
+  d["success_count"] = st.success;
+  d["success_ns"] = st.success_ns;
+  d["fail_count"] = st.fail;
+  d["fail_ns"] = st.fail_ns;
+  d["queue_ns"] = st.queue_ns;
+  d["compute_input_ns"] = st.compute_input_ns;
+  d["compute_infer_ns"] = st.compute_infer_ns;
+  d["inference_count"] = st.inference_count;
+  d["execution_count"] = st.execution_count;
+  d["last_inference_ms"] = st.last_inference_ms;
+  d["expired"] = st.expired;
+  d["rejected"] = st.rejected;
+  d["batch_counts"] = py::cast(st.batch_counts);
+  d["queued_rows"] = rows;
+  d["queued_requests"] = requests;
+  d["inflight_requests"] = inflight;
+  return d;
+}
+
+}  // namespace xlaserve::native

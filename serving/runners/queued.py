@@ -1,0 +1,274 @@
+"""A plain batched model served from a native batch queue: Python is entered once per batch.
+
+The queue (serving/frontend/native/row_queue.h, made by the injected `queue_factory`) admits,
+queues and plans batches in C++, and fills one reused staging buffer per input; the native gRPC
+front end puts its requests straight into it, and `submit` puts the Python front ends' requests
+into the same queue. Per instance, a dispatch thread takes a batch and starts it on the engine
+(JAX dispatch is asynchronous), up to `depth` batches ahead, and a completion thread fetches
+each batch's outputs and hands them back to the queue, which answers native requests in C++
+and returns Python ones to be delivered here. Only the first instance runs partial batches (as
+in ModelRunner); a failing batch is re-run request by request so only the poisoned one fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from bundle import numpy_dtype
+from serving.batching import BatchingConfig
+from serving.engines import Engine
+from serving.runners.base import (Observer, RunnerCapabilities, RunnerStats, deliver, log_outcome,
+                                  request_log_enabled)
+from serving.runners.rows import as_serving_error, check_runner_config
+from serving.types import GRPC_STATUS, Code, InferRequest, ServingError
+
+logger = logging.getLogger(__name__)
+
+RowQueueFactory = Callable[..., Any]  # (name=, config=, inputs=, outputs=, instances=) -> queue
+_CODE_OF = {v: k for k, v in GRPC_STATUS.items()}
+GAUGE_PERIOD_S = 0.05  # queue-depth gauge and shed counter refresh, at most this often
+
+
+class QueuedRowRunner:
+  """Owns one engine and its native queue; thread-safe `submit`."""
+
+  def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
+               queue_factory: RowQueueFactory, observer: Observer | None = None,
+               instances: int | None = None, depth: int | None = None):
+    instances = check_runner_config(name, engine, config, instances)
+    self.name, self.engine, self.config = name, engine, config
+    self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
+    self.observer = observer or Observer()
+    self.depth = engine.pipeline_depth if depth is None else depth
+    self._q = queue_factory(name=name, config=config, inputs=self.inputs, outputs=self.outputs,
+                            instances=instances)
+    for bucket, seconds in engine.bucket_seconds.items():
+      self._q.observe(bucket, seconds)
+    self.observer.on_scrape(self._refresh_gauges, force=True)
+    self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=True, queue=self._q)
+    self._in = [(t.name, numpy_dtype(t.dtype)) for t in self.inputs]
+    self._in_views = [(t.name, numpy_dtype(t.dtype), tuple(t.shape[1:])) for t in self.inputs]
+    self._out = [(t.name, tuple(t.shape[1:]), numpy_dtype(t.dtype)) for t in self.outputs]
+    self._split_lock = threading.Lock()
+    self._gauge_at, self._shed_seen = 0.0, 0
+    self._gauge_lock = threading.Lock()
+    self._threads = []
+    for i in range(instances):
+      done: queue.SimpleQueue = queue.SimpleQueue()
+      suffix = f"#{i}" if instances > 1 else ""
+      self._threads += [
+          threading.Thread(target=self._dispatch_loop, args=(i, done), daemon=True,
+                           name=f"runner-{name}{suffix}"),
+          threading.Thread(target=self._complete_loop, args=(done,), daemon=True,
+                           name=f"runner-{name}{suffix}-out")]
+
+  def start(self) -> None:
+    for t in self._threads:
+      t.start()
+
+  def stream(self, prompt: bytes, parameters: Any, request_id: str, on_event: Any) -> Any:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model {self.name} is not decoupled: it answers"
+                       " each request once (use ModelInfer)")
+
+  def close(self) -> None:
+    self.engine.close()
+
+  @property
+  def pending_requests(self) -> int:
+    return self._q.pending()
+
+  @property
+  def stats(self) -> RunnerStats:
+    """Triton's ModelStatistics counters, kept by the queue for every request it took."""
+    st = self._q.stats()
+    return RunnerStats(**{k: st[k] for k in (
+        "success_count", "success_ns", "fail_count", "fail_ns", "queue_ns", "compute_input_ns",
+        "compute_infer_ns", "inference_count", "execution_count", "last_inference_ms",
+        "batch_counts", "expired", "rejected")})
+
+  def submit(self, req: InferRequest) -> None:
+    """Queues a request from a Python front end; raises ServingError if refused."""
+    arrays = [np.ascontiguousarray(req.inputs[name], dtype) for name, dtype in self._in]
+    code, message = self._q.add(req, arrays, req.rows, req.arrival, req.deadline, req.priority)
+    if code == 1:
+      self._refresh_gauges(force=True)
+      raise ServingError(Code.RESOURCE_EXHAUSTED, message)
+    if code == 2:
+      raise ServingError(Code.UNAVAILABLE, message)
+
+  def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+    """Stops the loop; with `drain`, every queued request is answered first."""
+    self._hand_back_failures(self._q.stop(drain))
+    end = time.monotonic() + timeout
+    for t in self._threads:
+      if t.is_alive():
+        t.join(max(0.0, end - time.monotonic()))
+
+  # -- threads -------------------------------------------------------------------------------
+
+  def _dispatch_loop(self, instance: int, done: queue.SimpleQueue) -> None:
+    q, primary = self._q, instance == 0
+    while True:
+      try:
+        batch, expired, native_failed, held, logs = q.next(instance, primary, self.depth, 0.5,
+                                                           request_log_enabled())
+      except Exception:  # a bug must not stop the model: log it and keep serving
+        logger.exception("%s: taking a batch failed", self.name)
+        time.sleep(0.01)
+        continue
+      try:
+        self._count_native_failures(native_failed)
+        self._log(logs)
+      finally:
+        q.release(held)  # expired native requests: answered once counted
+      if expired:
+        self._hand_back_failures(expired)
+      if batch is None:
+        if q.finished(instance):
+          break
+        continue
+      t0 = time.perf_counter()
+      try:
+        raw = batch.inputs  # bytes [bucket, row bytes] of the reused staging buffers
+        inputs = {name: raw[name].view(dtype).reshape((batch.bucket, *shape))
+                  for name, dtype, shape in self._in_views}
+        t1 = time.perf_counter()
+        handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs)
+      except Exception as e:  # a failing batch fails its requests, not the server
+        logger.exception("%s: dispatch failed", self.name)
+        self._fail(batch, ServingError(Code.INTERNAL,
+                                       f"model {self.name} failed to start a batch: {e}"))
+        continue
+      done.put((batch, handle, t1, t1 - t0))
+    done.put(None)
+
+  def _complete_loop(self, done: queue.SimpleQueue) -> None:
+    last_done = 0.0
+    while (item := done.get()) is not None:
+      batch, handle, t_dispatch, t_input = item
+      try:
+        outs = self.engine.fetch(handle)
+      except Exception as e:
+        logger.exception("%s: batch of %d rows failed", self.name, batch.rows)
+        self._isolate(batch, as_serving_error(e, self.name))
+        last_done = time.perf_counter()
+        continue
+      t_done = time.perf_counter()
+      busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
+      last_done = t_done
+      self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input)
+
+  # -- answers -------------------------------------------------------------------------------
+
+  def _answer(self, batch: Any, outs: dict[str, np.ndarray], busy_s: float, compute_s: float,
+              t_input: float) -> None:
+    try:
+      arrays = [np.ascontiguousarray(outs[name], dtype).reshape(-1).view(np.uint8)
+                for name, _, dtype in self._out]
+      backs, (ok_s, queue_s), held, logs = self._q.complete(batch, arrays, busy_s, compute_s,
+                                                            t_input, request_log_enabled())
+    except Exception as e:  # a missing or malformed output fails the batch
+      logger.exception("%s: answering a batch of %d rows failed", self.name, batch.rows)
+      self._fail(batch, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
+      return
+    try:  # metrics first: a client that has its answer finds it counted
+      self.observer.batch(bucket=batch.bucket, rows=batch.rows, queue_s=queue_s,
+                          compute_s=compute_s)
+      self.observer.requests_done(ok_s=ok_s)
+      self._refresh_gauges()
+      self._log(logs)
+    finally:
+      self._q.release(held)
+    if backs:
+      self._deliver_slices(backs, outs)
+
+  def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray]) -> None:
+    """Python requests: copies each slice's rows of the batch outputs into its request."""
+    done = []
+    for req, start, rows, dest, last in backs:
+      if start == 0 and rows == req.rows:  # whole (`last` only says it finishes the request)
+        req.outputs = {name: outs[name][dest:dest + rows] for name, _, _ in self._out}
+      else:
+        with self._split_lock:  # slices of one request may finish on other instances
+          if req.outputs is None:
+            req.outputs = {name: np.empty((req.rows, *shape), dtype)
+                           for name, shape, dtype in self._out}
+          for name, _, _ in self._out:
+            req.outputs[name][start:start + rows] = outs[name][dest:dest + rows]
+      if last:
+        done.append((req, req.outputs, None))
+    deliver(done)
+
+  def _fail(self, batch: Any, err: ServingError) -> None:
+    backs, native_failed, held, logs = self._q.fail(batch, GRPC_STATUS[err.code], err.message,
+                                                    request_log_enabled(err))
+    try:
+      self._count_native_failures(native_failed)
+      self._log(logs)
+    finally:
+      self._q.release(held)
+    self._hand_back_failures(backs)
+
+  def _log(self, logs: Sequence[tuple[str, int, str, float]]) -> None:
+    """The request log's records of native requests (gathered only while it is enabled)."""
+    model, _, version = self.name.rpartition("/")
+    for request_id, code, message, arrival in logs:
+      err = None if code == 0 else ServingError(_CODE_OF.get(code, Code.INTERNAL), message)
+      log_outcome(model or self.name, version, request_id, err, arrival)
+
+  def _count_native_failures(self, failed: Sequence[tuple[int, float]]) -> None:
+    """Metrics for native requests the queue failed (answered in C++)."""
+    if failed:
+      self.observer.requests_done(ok_s=(), failed=[(_CODE_OF.get(c, Code.INTERNAL), s)
+                                                   for c, s in failed])
+
+  def _isolate(self, batch: Any, err: ServingError) -> None:
+    """Re-runs each request's slice of a failed batch alone, so only the poisoned one fails."""
+    if batch.requests == 1:
+      self._fail(batch, err)
+      return
+    for single in self._q.isolate(batch):
+      t0 = time.perf_counter()
+      try:
+        raw = single.inputs
+        outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket, inputs={
+            name: raw[name].view(dtype).reshape((single.bucket, *shape))
+            for name, dtype, shape in self._in_views}))
+      except Exception as e:
+        self._fail(single, as_serving_error(e, self.name))
+        continue
+      t = time.perf_counter() - t0
+      self._answer(single, outs, 0.0, t, 0.0)
+
+  def _hand_back_failures(self, backs: Sequence[tuple]) -> None:
+    """Python requests the queue failed (expired, unloaded, failed batch): their sinks."""
+    if not backs:
+      return
+    now = time.perf_counter()
+    done = []
+    for req, code, message in backs:
+      err = ServingError(_CODE_OF.get(code, Code.INTERNAL), message)
+      req.failed = True
+      done.append((req, None, err))
+    self.observer.requests_done(ok_s=(), failed=[(e.code, now - r.arrival) for r, _, e in done])
+    deliver(done)
+
+  def _refresh_gauges(self, *, force: bool = False) -> None:
+    """Queue depth and requests shed at the door (native ones never enter Python), at most
+    every GAUGE_PERIOD_S."""
+    now = time.perf_counter()
+    if not force and now - self._gauge_at < GAUGE_PERIOD_S:
+      return
+    with self._gauge_lock:
+      self._gauge_at = now
+      st = self._q.stats()
+      self.observer.queue_depth(st["queued_rows"], st["queued_requests"])
+      shed, self._shed_seen = st["rejected"] - self._shed_seen, st["rejected"]
+    if shed > 0:
+      self.observer.shed(shed)
