@@ -52,8 +52,7 @@ class QueuedRowRunner:
       self._q.observe(bucket, seconds)
     self.observer.on_scrape(self._refresh_gauges, force=True)
     self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=True, queue=self._q)
-    self._in = [(t.name, numpy_dtype(t.dtype)) for t in self.inputs]
-    self._in_views = [(t.name, numpy_dtype(t.dtype), tuple(t.shape[1:])) for t in self.inputs]
+    self._in = [(t.name, numpy_dtype(t.dtype), tuple(t.shape[1:])) for t in self.inputs]
     self._out = [(t.name, tuple(t.shape[1:]), numpy_dtype(t.dtype)) for t in self.outputs]
     self._split_lock = threading.Lock()
     self._gauge_at, self._shed_seen = 0.0, 0
@@ -94,7 +93,7 @@ class QueuedRowRunner:
 
   def submit(self, req: InferRequest) -> None:
     """Queues a request from a Python front end; raises ServingError if refused."""
-    arrays = [np.ascontiguousarray(req.inputs[name], dtype) for name, dtype in self._in]
+    arrays = [np.ascontiguousarray(req.inputs[name], dtype) for name, dtype, _ in self._in]
     code, message = self._q.add(req, arrays, req.rows, req.arrival, req.deadline, req.priority)
     if code == 1:
       self._refresh_gauges(force=True)
@@ -135,9 +134,7 @@ class QueuedRowRunner:
         continue
       t0 = time.perf_counter()
       try:
-        raw = batch.inputs  # bytes [bucket, row bytes] of the reused staging buffers
-        inputs = {name: raw[name].view(dtype).reshape((batch.bucket, *shape))
-                  for name, dtype, shape in self._in_views}
+        inputs = self._inputs(batch)
         t1 = time.perf_counter()
         handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs)
       except Exception as e:  # a failing batch fails its requests, not the server
@@ -163,6 +160,12 @@ class QueuedRowRunner:
       busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
       last_done = t_done
       self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input)
+
+  def _inputs(self, batch: Any) -> dict[str, np.ndarray]:
+    """The batch's inputs: typed views of its staging buffers (bytes [bucket, row bytes])."""
+    raw = batch.inputs
+    return {name: raw[name].view(dtype).reshape((batch.bucket, *shape))
+            for name, dtype, shape in self._in}
 
   # -- answers -------------------------------------------------------------------------------
 
@@ -236,10 +239,8 @@ class QueuedRowRunner:
     for single in self._q.isolate(batch):
       t0 = time.perf_counter()
       try:
-        raw = single.inputs
-        outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket, inputs={
-            name: raw[name].view(dtype).reshape((single.bucket, *shape))
-            for name, dtype, shape in self._in_views}))
+        outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket,
+                                                      inputs=self._inputs(single)))
       except Exception as e:
         self._fail(single, as_serving_error(e, self.name))
         continue

@@ -94,20 +94,6 @@ py::object Optional(const std::optional<double>& v) {
   return v ? py::object(py::float_(*v)) : py::object(py::none());
 }
 
-std::vector<Spec> Specs(const py::list& specs) {
-  std::vector<Spec> out;
-  for (auto s : specs) {
-    auto t = s.cast<py::tuple>();
-    Spec spec{t[0].cast<std::string>(), t[1].cast<std::string>(),
-              t[2].cast<std::vector<int64_t>>(), 0};
-    int64_t n = t[3].cast<int64_t>();
-    for (size_t d = 1; d < spec.dims.size(); ++d) n *= spec.dims[d];
-    spec.row_bytes = n;
-    out.push_back(std::move(spec));
-  }
-  return out;
-}
-
 std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> buckets, double delay,
                                     bool idle, int64_t max_rows, int64_t max_requests,
                                     double headroom, py::list inputs, py::list outputs,
@@ -115,7 +101,7 @@ std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> bucke
   return std::make_shared<RowQueue>(
       std::move(name), BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests,
                                       headroom},
-      Specs(inputs), Specs(outputs), instances);
+      ParseSpecs(inputs), ParseSpecs(outputs), instances);
 }
 
 }  // namespace

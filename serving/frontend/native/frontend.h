@@ -62,6 +62,9 @@ struct Model {
   std::shared_ptr<RowQueue> queue;   // the model's C++ queue; null: Python's feeder submits
 };
 
+// Specs from Python's (name, datatype, dims, itemsize) tuples, row bytes computed (GIL held).
+std::vector<Spec> ParseSpecs(const py::list& specs);
+
 using Table = std::unordered_map<std::string, std::shared_ptr<const Model>>;  // name '\0' version
 
 // -- a parsed ModelInfer (views into the message bytes; wire.cc) -------------------------------
@@ -213,10 +216,12 @@ class Frontend {
   grpc::GenericStub* stub() { return stub_.get(); }
   std::atomic<int64_t> relayed_{0}, live_calls_{0};
 
+  // Answers a call held outside the completion queue (call->mu not held).
+  void Finish(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st);
+
  private:
   Call* Claim(uint64_t id);
   void EndBusy(size_t n);
-  void Finish(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st);
   std::string Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer* bb);
   void Poll(grpc::ServerCompletionQueue* cq);
 

@@ -116,6 +116,20 @@ void Frontend::Stop(double grace_s) {
   }
 }
 
+std::vector<Spec> ParseSpecs(const py::list& specs) {
+  std::vector<Spec> out;
+  for (auto s : specs) {
+    auto t = s.cast<py::tuple>();
+    Spec spec{t[0].cast<std::string>(), t[1].cast<std::string>(),
+              t[2].cast<std::vector<int64_t>>(), 0};
+    int64_t n = t[3].cast<int64_t>();
+    for (size_t d = 1; d < spec.dims.size(); ++d) n *= spec.dims[d];
+    spec.row_bytes = n;
+    out.push_back(std::move(spec));
+  }
+  return out;
+}
+
 void Frontend::SetModels(const std::vector<py::tuple>& entries) {
   auto table = std::make_shared<Table>();
   for (const auto& e : entries) {
@@ -124,17 +138,8 @@ void Frontend::SetModels(const std::vector<py::tuple>& entries) {
     auto version_key = e[1].cast<std::string>();
     m->slot = e[2].cast<int>();
     m->version = e[3].cast<std::string>();
-    for (int which = 4; which <= 5; ++which) {
-      for (auto s : e[which].cast<py::list>()) {
-        auto t = s.cast<py::tuple>();
-        Spec spec{t[0].cast<std::string>(), t[1].cast<std::string>(),
-                  t[2].cast<std::vector<int64_t>>(), 0};
-        int64_t n = t[3].cast<int64_t>();
-        for (size_t d = 1; d < spec.dims.size(); ++d) n *= spec.dims[d];
-        spec.row_bytes = n;
-        (which == 4 ? m->inputs : m->outputs).push_back(std::move(spec));
-      }
-    }
+    m->inputs = ParseSpecs(e[4].cast<py::list>());
+    m->outputs = ParseSpecs(e[5].cast<py::list>());
     m->default_timeout_us = e[6].cast<int64_t>();
     if (e.size() > 7 && !e[7].is_none()) m->queue = e[7].cast<std::shared_ptr<RowQueue>>();
     (*table)[Key(name, version_key)] = m;

@@ -22,16 +22,8 @@ int64_t WallMs() {
 }  // namespace
 
 void AnswerCall(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st) {
-  Frontend* fe = call->fe;
-  {
-    std::lock_guard<std::mutex> l(call->mu);
-    call->py_owned = false;
-    if (bb != nullptr) {
-      call->stream.WriteAndFinish(*bb, grpc::WriteOptions(), st, call->T(kSFinish));
-    } else {
-      call->stream.Finish(st, call->T(kSFinish));
-    }
-  }
+  Frontend* fe = call->fe;  // the call may be gone once finished
+  fe->Finish(call, bb, st);
   fe->Answered();
 }
 
@@ -46,7 +38,7 @@ void RowQueue::FailEntry(QEntry* e, int code, const std::string& message, double
     answers->push_back(Answer{e->call, {}, {}, grpc::Status(grpc::StatusCode(code), message),
                               e->arrival});
   } else {
-    backs->push_back(Back{e->py, 0, 0, 0, true, true, code, message, std::move(e->arrays)});
+    backs->push_back(Back{e->py, 0, 0, 0, true, code, message, std::move(e->arrays)});
     e->py = nullptr;
   }
 }
@@ -110,8 +102,7 @@ py::list RowQueue::Logs() {
 py::list RowQueue::HandBack(std::vector<Back>* backs) {
   py::list out;
   for (Back& b : *backs) {
-    py::object req = b.steal ? py::reinterpret_steal<py::object>(b.req)
-                             : py::reinterpret_borrow<py::object>(b.req);
+    auto req = py::reinterpret_steal<py::object>(b.req);  // each Back owns one reference
     for (PyObject* a : b.arrays) Py_DECREF(a);
     if (b.code != 0) {
       out.append(py::make_tuple(req, b.code, b.message));
@@ -245,7 +236,7 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
           }
         } else {
           if (!last) Py_INCREF(e->py);  // the entry keeps its own until its last slice
-          backs.push_back(Back{e->py, s.start, s.rows, s.dest, last, true, 0, "",
+          backs.push_back(Back{e->py, s.start, s.rows, s.dest, last, 0, "",
                                last ? std::move(e->arrays) : std::vector<PyObject*>()});
           if (last) e->py = nullptr;
         }

@@ -74,11 +74,12 @@ struct LogItem {
   double arrival;
 };
 
-// A Python request (or a slice of one) to hand back to the runner with the GIL.
+// A Python request (or a slice of one) to hand back to the runner with the GIL; it owns one
+// reference to the request, which goes to Python.
 struct Back {
   PyObject* req;
   int64_t start = 0, rows = 0, dest = 0;
-  bool last = true, steal = true;  // steal: the queue's reference goes with it
+  bool last = true;                // it finishes its request
   int code = 0;                    // 0: a slice of outputs; else the gRPC code of its failure
   std::string message;
   std::vector<PyObject*> arrays;   // input references, released with the final hand-back
