@@ -27,7 +27,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import pathlib
 import shutil
 import signal
 import tempfile
@@ -42,7 +41,7 @@ from grpc_health.v1._async import HealthServicer
 from serving.frontend import codec
 from serving.frontend import native as native_frontend
 from serving.frontend.native_queue import row_queue_factory
-from serving.frontend.auth import BearerTokenInterceptor, check_token
+from serving.frontend.auth import BearerTokenInterceptor, check_token, server_credentials
 from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
 from serving.frontend.http import HttpConfig, HttpFrontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -66,6 +65,7 @@ class ServerConfig:
   max_message_bytes: int = 64 << 20
   limits: codec.Limits = codec.Limits()
   shutdown_grace_s: float = 30.0
+  drain_quiet_s: float = 0.0  # the ports close after this long without a request (the CLI: 0.5)
   default_model_config: ModelServingConfig = ModelServingConfig()
   repository_poll_s: float = 0.0  # > 0: poll the repository for new/removed versions (hot reload)
   tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: serve gRPC over TLS
@@ -94,21 +94,10 @@ class ServerConfig:
       raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
     if self.batch_queue not in ("native", "python"):
       raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
-    if self.native_threads < 1:
-      raise ValueError(f"native_threads must be >= 1, got {self.native_threads}")
-    if self.model_load_threads < 1:
-      raise ValueError(f"model_load_threads must be >= 1, got {self.model_load_threads}")
-
-  def server_credentials(self) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured PEM files, or None for plaintext."""
-    if self.tls_cert_file is None:
-      return None
-    try:
-      cert = pathlib.Path(self.tls_cert_file).read_bytes()
-      key = pathlib.Path(self.tls_key_file).read_bytes()
-    except OSError as e:
-      raise OSError(f"cannot read TLS file {e.filename}: {e.strerror}") from e
-    return grpc.ssl_server_credentials([(key, cert)])
+    for name, low in (("native_threads", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0),
+                      ("drain_quiet_s", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
 class _Servicer(InferenceServicer):
@@ -252,7 +241,7 @@ class Server:
     server = grpc.aio.server(options=opts, interceptors=[self.auth] if self.auth else None)
     add_inference_service(self.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-    creds = cfg.server_credentials()
+    creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file)
     address = f"{cfg.host}:{cfg.grpc_port}"
     if self._native_module is not None:  # C++ owns the port; grpc.aio listens privately
       self._socket_dir = tempfile.mkdtemp(prefix="xlaserve-")
@@ -321,6 +310,19 @@ class Server:
         max_body_bytes=cfg.max_message_bytes), self.servicer, is_ready=lambda: self.ready)
     self.http_port = await self.http.start()
 
+  def _refused(self) -> int:
+    """Requests refused (UNAVAILABLE) since shutdown began, by every front end."""
+    return self.servicer.refused + (self.native.stats()["refused"] if self.native else 0)
+
+  async def _wait_quiet(self, since: float, seen: int, end: float) -> None:
+    """Waits (until `end`) for `drain_quiet_s` without a refusal (from `since`, when `seen` were
+    counted). gRPC cancels, as CANCELLED, a call that reaches a server already shut down
+    (grpc/grpc#41785): a client cannot tell that from any other failure."""
+    while time.perf_counter() - since < self.config.drain_quiet_s and time.perf_counter() < end:
+      if self._refused() != seen:
+        seen, since = self._refused(), time.perf_counter()
+      await asyncio.sleep(0.01)
+
   async def _shutdown(self, server: grpc.aio.Server) -> None:
     self.progress("shutting down: refusing new requests, answering accepted ones")
     self.servicer.accepting = False
@@ -329,10 +331,12 @@ class Server:
     await self._set_health(False)
     if self.poller is not None:
       await self._loop.run_in_executor(None, self.poller.stop)
-    end = time.perf_counter() + self.config.shutdown_grace_s
+    begin, refused = time.perf_counter(), self._refused()
+    end = begin + self.config.shutdown_grace_s
     await self.servicer.wait_idle(self.config.shutdown_grace_s)
     if self.native is not None:
       await self.native.wait_idle(max(0.0, end - time.perf_counter()))
+    await self._wait_quiet(begin, refused, end)
     await self._loop.run_in_executor(None, lambda: self.repository.stop(drain=True))
     if self.native is not None:
       await self._loop.run_in_executor(None, self.native.stop, 1.0)

@@ -28,6 +28,8 @@ class Code(enum.Enum):
 
 
 # gRPC's numeric status of each failure kind (the native queue answers with these).
+# Every front end refuses with this (UNAVAILABLE) once a graceful shutdown has begun.
+SHUTTING_DOWN = "server is shutting down; retry on another replica"
 GRPC_STATUS = {Code.INVALID_ARGUMENT: 3, Code.DEADLINE_EXCEEDED: 4, Code.NOT_FOUND: 5,
                Code.RESOURCE_EXHAUSTED: 8, Code.CANCELLED: 1, Code.INTERNAL: 13,
                Code.UNAVAILABLE: 14, Code.UNAUTHENTICATED: 16}

@@ -109,3 +109,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     kind = (False, False) if handler is None else (handler.request_streaming,
                                                     handler.response_streaming)
     return _DENY[kind]
+
+
+def server_credentials(cert_file: str | None, key_file: str | None
+                       ) -> grpc.ServerCredentials | None:
+  """TLS credentials from PEM files, or None for plaintext (no certificate file)."""
+  if cert_file is None:
+    return None
+  try:
+    cert = pathlib.Path(cert_file).read_bytes()
+    key = pathlib.Path(key_file).read_bytes()
+  except OSError as e:
+    raise OSError(f"cannot read TLS file {e.filename}: {e.strerror}") from e
+  return grpc.ssl_server_credentials([(key, cert)])

@@ -26,7 +26,7 @@ from serving.frontend.stream import StreamSession
 from serving.repository import ModelRepository, ServedVersion, State
 from serving.runners import Runner
 from serving.telemetry.logs import log_outcome
-from serving.types import Code, Completion, InferRequest, ServingError
+from serving.types import SHUTTING_DOWN, Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule
               "parameters")
 
 GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
-SHUTTING_DOWN = "server is shutting down; retry on another replica"
 
 
 class AsyncSink:
@@ -82,6 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self.repo = repository
     self.limits = limits
     self.accepting = True
+    self.refused = 0  # requests refused because the server is shutting down (the drain's clock)
     self.on_repository_change = None  # called after RepositoryModelLoad/Unload (health refresh)
     self.sink = AsyncSink()  # answers of requests this servicer accepted
     self.id_prefix = secrets.token_hex(4)  # request ids for requests that bring none
@@ -228,9 +228,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
   # -- inference ---------------------------------------------------------------
 
+  def refusing(self) -> bool:
+    """True once shutting down (the caller refuses with UNAVAILABLE); counts the refusal, so the
+    drain can wait for a spell without requests before it closes the ports."""
+    if self.accepting:
+      return False
+    self.refused += 1
+    return True
+
   async def ModelInfer(self, request, context):
     t0 = time.perf_counter()
-    if not self.accepting:
+    if self.refusing():
       await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
     request_id = self.request_id(request.id)
     try:

@@ -16,7 +16,7 @@ import numpy as np
 
 from serving.frontend import codec
 from serving.frontend.protocol import grpc_service_pb2 as pb
-from serving.types import Code, ServingError
+from serving.types import SHUTTING_DOWN, Code, ServingError
 
 
 def error_response(request: Any, err: ServingError) -> pb.ModelStreamInferResponse:
@@ -59,9 +59,8 @@ class StreamSession:
     try:
       async for request in request_iterator:
         key += 1
-        if not self.servicer.accepting:
-          self.out.put_nowait(error_response(request, ServingError(
-              Code.UNAVAILABLE, "server is shutting down; retry on another replica")))
+        if self.servicer.refusing():
+          self.out.put_nowait(error_response(request, ServingError(Code.UNAVAILABLE, SHUTTING_DOWN)))
           continue
         try:
           self._start(request, key)

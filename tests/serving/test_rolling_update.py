@@ -1,7 +1,8 @@
 """A rolling update, proven on two real `xlaserve serve` processes behind a round-robin client.
 
 Senders (unmodified tritonclient.grpc and tritonclient.http) keep sending to replicas A and B in
-turn while A gets SIGTERM. Proven: A's readiness (grpc.health, Triton's ServerReady,
+turn while A gets SIGTERM; like a Kubernetes Service, the client takes a replica out of rotation
+once a readiness probe of it fails (and, until then, retries what it refused). Proven: A's readiness (grpc.health, Triton's ServerReady,
 /v2/health/ready) turns false before its ports close; every request A accepted is answered (the
 count of ModelInfer calls its native front end accepted equals the gRPC answers the client got
 from A, and no HTTP request fails); the client sees no failure, retrying on B only what A refused
@@ -35,6 +36,8 @@ from procutil import SERVE, Proc, child_env
 
 MODEL = "affine"
 QUEUE_DELAY_S = 0.5  # every request waits this long in the queue (dispatch_when_idle: false)
+ENDPOINT_LAG_S = 1.0  # a replica leaves the client's rotation this long after a failed probe
+DRAIN_QUIET_S = 2.0  # the server's --drain-quiet-s: longer than that lag
 RNG = np.random.default_rng(13)
 W = RNG.integers(-4, 5, size=(16, 4)).astype(np.float32)  # integers: x @ W + B is exact in f32
 B = RNG.integers(-9, 10, size=(4,)).astype(np.float32)
@@ -105,11 +108,14 @@ def http_send(replicas: list[Replica]) -> Callable[[Replica, np.ndarray], np.nda
 
 
 class RoundRobin:
-  """The client: each request goes to the next replica in turn; one refused before it was
-  accepted is retried on the next replica; anything else is a failure. Records every outcome."""
+  """The client: each request goes to the next replica in rotation; one refused before it was
+  accepted is retried on the next replica; anything else is a failure. A replica whose readiness
+  probe failed leaves the rotation (`leave`), as endpoints leave a Kubernetes Service. Records
+  every outcome."""
 
   def __init__(self, replicas: list[Replica]):
     self.replicas = replicas
+    self.leaves: dict[str, float] = {}  # replica -> when it leaves the rotation
     self.stop = threading.Event()
     self.lock = threading.Lock()
     self.answers: list[tuple[str, str, float, float]] = []  # (replica, protocol, sent, answered)
@@ -120,10 +126,22 @@ class RoundRobin:
     self._calls = itertools.count()
     self._threads: list[threading.Thread] = []
 
+  def leave(self, name: str) -> None:
+    """Its readiness probe failed: the replica leaves the rotation ENDPOINT_LAG_S later (an
+    endpoint controller's lag; requests sent meanwhile are refused and retried)."""
+    with self.lock:
+      self.leaves.setdefault(name, time.monotonic() + ENDPOINT_LAG_S)
+
+  def _rotation(self) -> list[Replica]:
+    now = time.monotonic()
+    return [r for r in self.replicas if now < self.leaves.get(r.name, now + 1)] or self.replicas
+
   def call(self, send: Callable, protocol: str, x: np.ndarray) -> np.ndarray:
     first = next(self._turn)
     for attempt in range(2 * len(self.replicas)):
-      r = self.replicas[(first + attempt) % len(self.replicas)]
+      with self.lock:
+        rotation = self._rotation()
+        r = rotation[(first + attempt) % len(rotation)]
       key, sent = next(self._calls), time.monotonic()
       with self.lock:
         self.outstanding[key] = (r.name, sent)
@@ -188,8 +206,9 @@ class ReadinessWatch:
   """Polls one replica until its process exits: (grpc.health, ServerReady, /v2/health/ready,
   gRPC port open, HTTP port open) per observation, in order."""
 
-  def __init__(self, r: Replica):
+  def __init__(self, r: Replica, on_not_ready: Callable[[str], None]):
     self.r = r
+    self.on_not_ready = on_not_ready  # called once a probe has not said ready
     self.seen: list[tuple[str, str, str, bool, bool]] = []
     self.error: BaseException | None = None
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -221,6 +240,8 @@ class ReadinessWatch:
         while True:
           exited = self.r.proc.p.poll() is not None
           self.seen.append(self._observe(health, triton))
+          if self.seen[-1][:3] != (READY,) * 3:
+            self.on_not_ready(self.r.name)
           if exited:
             return
           time.sleep(0.002 if self.seen[-1][3] or self.seen[-1][4] else 0.05)  # slower once closed
@@ -246,7 +267,8 @@ def wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 def start_replicas(repo) -> list[Replica]:
   """Two `xlaserve serve` processes over `repo`, started together; killed if either fails."""
   procs = [Proc([*SERVE, "--model-repository", str(repo), "--grpc-port", "0",
-                 "--http-port", "0", "--metrics-port", "-1", "--compile-cache", "none"],
+                 "--http-port", "0", "--metrics-port", "-1", "--compile-cache", "none",
+                 "--drain-quiet-s", str(DRAIN_QUIET_S)],
                 env=child_env()) for _ in range(2)]
   try:
     for p in procs:
@@ -276,7 +298,7 @@ def test_rolling_update_loses_no_request(tmp_path):
     client.start(grpc_senders=4, http_senders=2)
     wait(lambda: all(client.count(r.name, p) >= 3 for r in replicas for p in ("grpc", "http")),
          60, "answers from both replicas over both protocols")
-    watch = ReadinessWatch(a).start()
+    watch = ReadinessWatch(a, client.leave).start()
     wait(lambda: bool(watch.seen), 30, "a first readiness observation")
     wait(lambda: queued_in(client, a.name), 30, "requests queued in A")
     t_signal = time.monotonic()

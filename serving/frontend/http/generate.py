@@ -26,8 +26,8 @@ from bundle import TensorSpec
 from serving.frontend import codec
 from serving.frontend.http import tensors
 from serving.frontend.http.app import Reply, Request, StreamReply, json_reply
-from serving.frontend.servicer import SHUTTING_DOWN, InferenceServicer, log_outcome
-from serving.types import Code, ServingError
+from serving.frontend.servicer import InferenceServicer, log_outcome
+from serving.types import SHUTTING_DOWN, Code, ServingError
 
 _RESERVED = ("id", "parameters")
 
@@ -92,7 +92,7 @@ class Generation:
 
   def _start(self, req: Request, model: str, version: str
              ) -> tuple[Any, Any, tensors.HttpInferRequest]:
-    if not self.servicer.accepting:
+    if self.servicer.refusing():
       raise ServingError(Code.UNAVAILABLE, SHUTTING_DOWN)
     rec, runner = self.servicer.route(model, version)
     return rec, runner, generate_request(req.body, model, version, runner.inputs)

@@ -28,8 +28,8 @@ from serving.frontend.http.app import HttpError, Reply, Request, json_reply
 from serving.frontend.http.generate import Generation
 from serving.frontend.http.jsonproto import to_json
 from serving.frontend.protocol import grpc_service_pb2 as pb
-from serving.frontend.servicer import GRPC_CODE, SHUTTING_DOWN, InferenceServicer, log_outcome
-from serving.types import Code, ServingError
+from serving.frontend.servicer import GRPC_CODE, InferenceServicer, log_outcome
+from serving.types import SHUTTING_DOWN, Code, ServingError
 
 _CODE_OF = {status: code for code, status in GRPC_CODE.items()}
 _MODEL_TAILS = frozenset({"", "ready", "config", "stats", "infer", "generate", "generate_stream"})
@@ -166,7 +166,7 @@ class Routes:
     """POST .../infer: JSON or binary tensors in, as the request asks out."""
     t0 = time.perf_counter()
     servicer = self.servicer
-    if not servicer.accepting:
+    if servicer.refusing():
       raise ServingError(Code.UNAVAILABLE, SHUTTING_DOWN)
     request_id = ""
     try:

@@ -41,6 +41,9 @@ namespace py = pybind11;
 
 namespace xlaserve::native {
 
+inline constexpr std::string_view kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
+inline constexpr const char* kShuttingDown = "server is shutting down; retry on another replica";
+
 // The clock of Python's time.perf_counter() on Linux (CLOCK_MONOTONIC), in seconds.
 double MonoNow();
 
@@ -156,6 +159,7 @@ struct Call {
   bool relaying = false, up_pending = false, up_closed = false, s_reading = false, c_started = false;
   bool c_writing = false, writes_done = false, c_read_done = false, c_failed = false;
   bool c_finishing = false, s_dead = false, done = false;
+  bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
   ~Call();
@@ -188,6 +192,7 @@ class Frontend {
 
   void SetModels(const std::vector<py::tuple>& entries);
   void SetAccepting(bool v) { accepting_ = v; }
+  bool Accepting() const { return accepting_; }
 
   // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
   // (None). Each item: (call, slot, rows, buffer, offsets, arrival, deadline, priority, id).
@@ -199,14 +204,16 @@ class Frontend {
   // Hands fast calls back to the relay: Python's servicer answers them.
   void Forward(const std::vector<uint64_t>& ids);
 
-  int64_t Inflight() const { return inflight_; }
+  // ModelInfer calls accepted and not yet answered: queued or held natively, being admitted
+  // (`entering_`), handed back, or relayed to the Python servicer. Graceful shutdown waits for 0.
+  int64_t Inflight();
   void Answered() { inflight_--; }  // a call held by a RowQueue was answered
   std::string NewRequestId() { return id_prefix_ + "-" + std::to_string(request_ids_++); }
   py::dict Stats() const;
 
   // -- used by calls (no GIL) --
 
-  // Offers a fresh call object for the next RPC, unless stopping (then the queue may be shut).
+  // Offers a fresh call object for the next RPC, until the completion queues close.
   void Spawn(grpc::ServerCompletionQueue* cq);
 
   // Parses and validates a ModelInfer; true when it was queued (for Python's feeder or in the
@@ -215,6 +222,9 @@ class Frontend {
 
   grpc::GenericStub* stub() { return stub_.get(); }
   std::atomic<int64_t> relayed_{0}, live_calls_{0};
+  // First messages being decided (TryFast, then queue/refuse/relay), and relayed ModelInfers.
+  std::atomic<int64_t> entering_{0}, relaying_{0};
+  std::atomic<int64_t> refused_{0};  // ModelInfer refused (UNAVAILABLE) because shutting down
 
   // Answers a call held outside the completion queue (call->mu not held).
   void Finish(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st);
@@ -244,6 +254,7 @@ class Frontend {
   std::deque<Fast> queue_;
   std::unordered_map<uint64_t, Call*> owned_;
   bool stopped_ = false;
+  bool cq_closed_ = false;  // set just before the completion queues shut down (Spawn stops)
   uint64_t next_id_ = 1;
   std::atomic<int64_t> inflight_{0}, fast_{0}, forwarded_{0}, shed_{0};
   // Queues a validated request in its model's RowQueue, or refuses it there (call->mu held);

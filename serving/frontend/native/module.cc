@@ -23,7 +23,6 @@ double MonoNow() {
 
 namespace {
 
-constexpr std::string_view kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
 
 std::string Key(std::string_view name, std::string_view version) {
   std::string k(name);
@@ -89,8 +88,7 @@ void Frontend::Stop(double grace_s) {
   }
   qcv_.notify_all();
   for (Call* c : orphans) {
-    Finish(c, nullptr, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                    "server is shutting down; retry on another replica"));
+    Finish(c, nullptr, grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown));
   }
   std::shared_ptr<Table> table;
   {
@@ -108,6 +106,10 @@ void Frontend::Stop(double grace_s) {
     auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (live_calls_ > 0 && std::chrono::steady_clock::now() < give_up) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    {
+      std::lock_guard<std::mutex> l(qmu_);
+      cq_closed_ = true;
     }
     for (auto& cq : cqs_) cq->Shutdown();
     for (auto& t : workers_) t.join();
@@ -237,6 +239,8 @@ py::dict Frontend::Stats() const {
   d["forwarded"] = int64_t(forwarded_);
   d["shed"] = int64_t(shed_);  // refused at the door by a model's queue (RESOURCE_EXHAUSTED)
   d["inflight"] = int64_t(inflight_);
+  d["relaying"] = int64_t(relaying_);  // relayed ModelInfer calls not yet released
+  d["refused"] = int64_t(refused_);  // refused because the server is shutting down
   d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
   return d;
 }
@@ -244,8 +248,10 @@ py::dict Frontend::Stats() const {
 // -- used by calls (no GIL) ---------------------------------------------------------------------
 
 void Frontend::Spawn(grpc::ServerCompletionQueue* cq) {
+  // Calls keep being requested until the queues close: an RPC arriving while the server shuts
+  // down must find one (then it is refused or drained), or gRPC cancels it unseen.
   std::lock_guard<std::mutex> stop_guard(qmu_);
-  if (stopped_) return;
+  if (cq_closed_) return;
   auto* c = new Call(this, cq);
   c->sctx.AsyncNotifyWhenDone(&c->tags[kDone]);  // delivered only once the call starts
   std::lock_guard<std::mutex> l(c->mu);

@@ -17,7 +17,21 @@ Call::Call(Frontend* f, grpc::ServerCompletionQueue* q) : fe(f), cq(q) {
   fe->live_calls_++;
 }
 
-Call::~Call() { fe->live_calls_--; }
+Call::~Call() {
+  if (counted) fe->relaying_--;
+  fe->live_calls_--;
+}
+
+int64_t Frontend::Inflight() {
+  // Read in the order calls move between the counts (entering -> queued/claimed -> relayed),
+  // so a call in transit is never missed.
+  int64_t n = entering_;
+  {
+    std::lock_guard<std::mutex> l(qmu_);  // Claim moves a call from inflight_ to busy_ under it
+    n += inflight_ + busy_;
+  }
+  return n + relaying_;
+}
 
 // -- call events (call->mu held) -----------------------------------------------------------------
 
@@ -38,6 +52,7 @@ void Call::OnEvent(Op op, bool ok) {
     case kSRead:
       s_reading = false;
       if (!relaying) {  // the first message
+        fe->entering_++;  // until it is queued, refused or counted as relayed (Inflight)
         bool fast = false;
         if (ok) {
           try {
@@ -46,10 +61,14 @@ void Call::OnEvent(Op op, bool ok) {
             fast = false;
           }
         }
-        if (!fast) {
+        if (!fast && ok && !fe->Accepting() && std::string_view(sctx.method()) == kInferMethod) {
+          fe->refused_++;
+          stream.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown), T(kSFinish));
+        } else if (!fast) {
           fe->relayed_++;
           StartRelay(ok);
         }
+        fe->entering_--;
         return;
       }
       if (ok) {
@@ -131,6 +150,10 @@ void Call::OnBackendEvent(Op op, bool ok) {
 
 void Call::StartRelay(bool have_first) {
   relaying = true;
+  if (!counted && std::string_view(sctx.method()) == kInferMethod) {
+    counted = true;  // before the caller stops counting it as entering or claimed
+    fe->relaying_++;
+  }
   up_pending = have_first;
   up_closed = !have_first;
   cctx = std::make_unique<grpc::ClientContext>();
