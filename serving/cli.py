@@ -72,15 +72,26 @@ def _fail(msg: str) -> None:
   print(f"xlaserve: {msg}", file=sys.stderr)
 
 
-def _enable_compile_cache(folder: str) -> None:
+def _enable_compile_cache(folder: str, say: Callable[[str], None]) -> None:
   """JAX's persistent compilation cache in `folder` ('none' disables it), so restarts skip
-  recompiling."""
+  recompiling. A folder that cannot be made or written is no reason not to serve: the server
+  starts without the cache (every start compiles every bucket) and says why. (A cache that fills
+  up later costs only warnings: JAX does not fail a compile whose cache write fails.)"""
   import jax
 
   if not folder or folder.lower() == "none":
     return
   cache = pathlib.Path(os.path.expanduser(folder))
-  cache.mkdir(parents=True, exist_ok=True)
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    probe = cache / f".xlaserve-probe-{os.getpid()}"
+    probe.write_bytes(b"probe")  # writable, and room for a file
+    probe.unlink()
+  except OSError as e:
+    say(f"WARNING: compile cache {cache} is unusable ({e.strerror or e}); serving without it, so"
+        " this and every start compile every bucket again. Fix the folder, point"
+        " --compile-cache elsewhere, or pass --compile-cache none to silence this.")
+    return
   jax.config.update("jax_compilation_cache_dir", str(cache))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -170,7 +181,7 @@ def serve(args: argparse.Namespace) -> int:
     _fail(str(e))
     return 2
   os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
-  _enable_compile_cache(args.compile_cache)
+  _enable_compile_cache(args.compile_cache, say)
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device
     from serving.multihost import start_from_args

@@ -62,6 +62,7 @@ class ServerConfig:
   grpc_port: int = 8001
   metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
   http_port: int = -1  # KServe v2 HTTP/REST (the CLI's --http-port: 8000); 0: any; -1: none
+  http_read_timeout_s: float = 30.0  # an HTTP request must arrive whole within this (else 408)
   max_message_bytes: int = 64 << 20
   limits: codec.Limits = codec.Limits()
   shutdown_grace_s: float = 30.0
@@ -307,7 +308,8 @@ class Server:
     self.http = HttpFrontend(HttpConfig(
         host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
         tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,
-        max_body_bytes=cfg.max_message_bytes), self.servicer, is_ready=lambda: self.ready)
+        max_body_bytes=cfg.max_message_bytes, read_timeout_s=cfg.http_read_timeout_s),
+        self.servicer, is_ready=lambda: self.ready)
     self.http_port = await self.http.start()
 
   def _refused(self) -> int:

@@ -38,6 +38,9 @@ class HttpConfig:
   auth_token: str | None = dataclasses.field(default=None, repr=False)
   max_body_bytes: int = 64 << 20
   graceful_s: float = 5.0  # at stop: how long open connections may take to finish
+  # A request must arrive whole (head and body) within this long of its first byte, or it gets
+  # 408 and its connection closes: a client that dribbles bytes cannot hold a connection.
+  read_timeout_s: float = 30.0
 
   def __post_init__(self):
     if not 0 <= self.port < 65536:
@@ -46,6 +49,8 @@ class HttpConfig:
       raise ValueError("HTTPS needs both a certificate and a key file")
     if self.auth_token is not None:
       check_token(self.auth_token)
+    if self.read_timeout_s <= 0:
+      raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s}")
     if self.max_body_bytes < 1024:
       raise ValueError(f"max_body_bytes={self.max_body_bytes} is too small")
 
@@ -78,13 +83,46 @@ class CoalescingTransport:
     return getattr(self._transport, name)
 
 
-def coalescing_protocol_class() -> type:
-  """uvicorn's httptools protocol over a CoalescingTransport (uvicorn.Config(http=...))."""
+REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain"
+                   b"\r\ncontent-length: 30\r\n\r\nrequest not received in time\r\n")
+
+
+def coalescing_protocol_class(read_timeout_s: float = 30.0) -> type:
+  """uvicorn's httptools protocol over a CoalescingTransport (uvicorn.Config(http=...)), with a
+  bound on how long one request may take to arrive (uvicorn has none: a client sending a byte
+  now and then would hold its connection for ever)."""
   from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
   class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    _read_timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
       super().connection_made(CoalescingTransport(transport, self.loop))
+
+    def on_message_begin(self) -> None:
+      super().on_message_begin()
+      self._read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+
+    def on_message_complete(self) -> None:
+      self._stop_read_timer()
+      super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+      self._stop_read_timer()
+      super().connection_lost(exc)
+
+    def _stop_read_timer(self) -> None:
+      if self._read_timer is not None:
+        self._read_timer.cancel()
+        self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+      self._read_timer = None
+      if not self.transport.is_closing():
+        logger.info("HTTP request from %s not received within %.0f s: 408, connection closed",
+                    self.client, read_timeout_s)
+        self.transport.write(REQUEST_TIMEOUT)
+        self.transport.close()
 
   return CoalescingHttpToolsProtocol
 
@@ -122,9 +160,9 @@ class HttpFrontend:
 
     cfg = self.config
     ucfg = uvicorn.Config(
-        self.app, host=cfg.host, port=cfg.port, http=coalescing_protocol_class(), ws="none",
-        lifespan="off", interface="asgi3", log_config=None, access_log=False, proxy_headers=False,
-        server_header=False, ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file,
+        self.app, host=cfg.host, port=cfg.port, http=coalescing_protocol_class(cfg.read_timeout_s),
+        ws="none", lifespan="off", interface="asgi3", log_config=None, access_log=False,
+        proxy_headers=False, server_header=False, ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file,
         timeout_graceful_shutdown=max(1, round(cfg.graceful_s)))
     ucfg.load()  # the TLS context (a bad certificate fails here) and the protocol class
     self._socket = _listen(cfg.host, cfg.port)
