@@ -8,7 +8,7 @@
 # Arguments after the image name go to `xlaserve serve` (see `xlaserve serve --help`). No model
 # repository is baked in: mount one (Kubernetes: a volume; KServe: /mnt/models). Without
 # --model-repository the server builds the demo models on first start into
-# /var/cache/xlaserve (minutes). Podman needs `--format docker` to keep the HEALTHCHECK.
+# /var/cache/xlaserve, serving each as soon as it is built. Podman needs `--format docker` to keep the HEALTHCHECK.
 #
 # Without a registry (no debian image to pull): tools/make_base_image.sh builds the base from
 # Debian packages, then add --build-arg BASE_IMAGE=localhost/xlaserve-base:bookworm.

@@ -45,12 +45,26 @@ class _Heartbeat:
     threading.Thread(target=beat, name="xlaserve-heartbeat", daemon=True).start()
 
 
-def _client_example(port: int) -> str:
+def _client_example(port: int, records: list[Any]) -> str:
+  """A one-line tritonclient call of a served model (the demo DLRM when served, else the first
+  READY model whose inputs are all numeric rows), with zeros of the right shapes."""
+  from bundle import numpy_dtype
+
+  def fits(rec: Any) -> bool:
+    ins = getattr(rec.runner, "inputs", ())
+    return rec.runner is not None and bool(ins) and all(
+        t.dtype != "object" and t.shape and t.shape[0] == -1 and -1 not in t.shape[1:] for t in ins)
+  usable = sorted((r for r in records if fits(r)), key=lambda r: r.name != "dlrm")
+  if not usable:
+    return f"curl http://127.0.0.1:<http-port>/v2/models/<model> (gRPC on 127.0.0.1:{port})"
+  rec = usable[0]
+  calls = "".join(
+      f"i=g.InferInput('{t.name}',{[2, *t.shape[1:]]},'{t.datatype}');"
+      f" i.set_data_from_numpy(np.zeros({(2, *t.shape[1:])},'{numpy_dtype(t.dtype).name}'));"
+      " x.append(i); " for t in rec.runner.inputs)
   return ("python -c \"import numpy as np, tritonclient.grpc as g; c=g.InferenceServerClient("
-          f"'127.0.0.1:{port}'); d=g.InferInput('dense',[2,13],'FP32'); d.set_data_from_numpy("
-          "np.random.rand(2,13).astype(np.float32)); s=g.InferInput('sparse',[2,26],'INT64');"
-          " s.set_data_from_numpy(np.random.randint(0,10**6,(2,26))); print(c.infer('dlrm',[d,s])"
-          ".as_numpy('prob'))\"")
+          f"'127.0.0.1:{port}'); x=[]; {calls}r=c.infer('{rec.name}',x);"
+          " print({o.name: r.as_numpy(o.name) for o in r.get_response().outputs})\"")
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -150,7 +164,7 @@ def _callbacks(args: argparse.Namespace, repo: str, say: Callable[[str], None],
     say(f"{gc.get_freeze_count()} start-up objects frozen out of the cyclic collector's scans")
     for rec in s.repository.records():
       say(f"  model {rec.name} v{rec.version}: {rec.state.value} {rec.reason}".rstrip())
-    say(f"try it: {_client_example(s.grpc_port)}")
+    say(f"try it: {_client_example(s.grpc_port, s.repository.records())}")
     if multihost:
       multihost.on_loaded(s)
 

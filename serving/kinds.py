@@ -43,7 +43,8 @@ def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
                                 max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]),
                                 max_queue_requests=cfg.max_queue_requests)
       return make_runner(spec.name, engine, batching, observer=spec.observer,
-                         instances=cfg.instance_count, row_queue=spec.row_queue)
+                         instances=cfg.instance_count, row_queue=spec.row_queue,
+                         nan_policy=cfg.nan_policy)
     except BaseException:
       engine.close()  # give back what a half-finished warm-up allocated
       raise

@@ -31,6 +31,7 @@ class ModelServingConfig:
   devices: int | None = None
   instance_count: int | None = None  # batches run at once (Triton's instance_group count);
   #                                    None: the engine's default (2 on CPU, 1 on accelerators)
+  nan_policy: str = "pass"  # "error": a request whose own output rows hold a NaN fails INTERNAL
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -43,6 +44,8 @@ class ModelServingConfig:
       raise ValueError(f"max_queue_requests must be >= 1, got {self.max_queue_requests}")
     if self.default_timeout_us is not None and self.default_timeout_us < 1:
       raise ValueError(f"default_timeout_us must be >= 1, got {self.default_timeout_us}")
+    if self.nan_policy not in ("pass", "error"):
+      raise ValueError(f"nan_policy {self.nan_policy!r} must be pass or error")
     if self.instance_count is not None and self.instance_count < 1:
       raise ValueError(f"instance_count must be >= 1, got {self.instance_count}")
 

@@ -252,7 +252,10 @@ class ModelRepository:
       runner = self._build_runner(path, manifest, cfg, name, version, say)
       runner.start()
     except Exception as e:  # any failure isolates this version only
-      logger.exception("loading %s/%s failed", name, version)
+      if isinstance(e, bundle_lib.BundleError):  # explained by its message: no traceback
+        logger.error("loading %s/%s failed: %s", name, version, e)
+      else:
+        logger.exception("loading %s/%s failed", name, version)
       if runner is not None:
         try:
           runner.close()  # give back what it allocated

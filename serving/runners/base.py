@@ -113,6 +113,22 @@ class Runner(Protocol):
     """Requests accepted and not yet answered."""
 
 
+NAN_POLICIES = ("pass", "error")
+
+
+def nan_error(model: str, outs: Mapping[str, Any], rows: int) -> ServingError | None:
+  """With nan_policy "error": the error for a batch whose first `rows` rows (padding excluded)
+  hold a NaN in a floating-point output, naming the output; None when there is none."""
+  import numpy as np
+
+  for name, out in outs.items():
+    a = np.asarray(out)
+    if a.dtype.kind == "f" and np.isnan(a[:rows]).any():
+      return ServingError(Code.INTERNAL, f"model {model} produced NaN in output {name}"
+                          " (nan_policy: error)")
+  return None
+
+
 def deliver(completions: list[Completion]) -> None:
   """Hands finished requests to their sinks, one call per sink (usually one per batch). A broken
   sink must not stop the runner thread that calls this."""

@@ -24,7 +24,7 @@ from bundle import numpy_dtype
 from serving.batching import BatchingConfig
 from serving.engines import Engine
 from serving.runners.base import (Observer, RunnerCapabilities, RunnerStats, deliver, log_outcome,
-                                  request_log_enabled)
+                                  nan_error, request_log_enabled)
 from serving.runners.rows import as_serving_error, check_runner_config
 from serving.types import GRPC_STATUS, Code, InferRequest, ServingError
 
@@ -40,9 +40,11 @@ class QueuedRowRunner:
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
                queue_factory: RowQueueFactory, observer: Observer | None = None,
-               instances: int | None = None, depth: int | None = None):
+               instances: int | None = None, depth: int | None = None,
+               nan_policy: str = "pass"):
     instances = check_runner_config(name, engine, config, instances)
     self.name, self.engine, self.config = name, engine, config
+    self.nan_check = nan_policy == "error"  # a request whose rows hold a NaN output fails
     self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
     self.observer = observer or Observer()
     self.depth = engine.pipeline_depth if depth is None else depth
@@ -156,6 +158,10 @@ class QueuedRowRunner:
         self._isolate(batch, as_serving_error(e, self.name))
         last_done = time.perf_counter()
         continue
+      if self.nan_check and (err := nan_error(self.name, outs, batch.rows)):
+        self._isolate(batch, err)  # only the requests whose own rows hold the NaN fail
+        last_done = time.perf_counter()
+        continue
       t_done = time.perf_counter()
       busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
       last_done = t_done
@@ -243,6 +249,9 @@ class QueuedRowRunner:
                                                       inputs=self._inputs(single)))
       except Exception as e:
         self._fail(single, as_serving_error(e, self.name))
+        continue
+      if self.nan_check and (err := nan_error(self.name, outs, single.rows)):
+        self._fail(single, err)
         continue
       t = time.perf_counter() - t0
       self._answer(single, outs, 0.0, t, 0.0)

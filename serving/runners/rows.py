@@ -22,7 +22,7 @@ import numpy as np
 from bundle import numpy_dtype
 from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
 from serving.engines import Engine
-from serving.runners.base import Observer, RunnerCapabilities, RunnerStats, deliver
+from serving.runners.base import Observer, RunnerCapabilities, RunnerStats, deliver, nan_error
 from serving.types import Code, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ class ModelRunner:
   """Owns one engine and its queue; thread-safe `submit`, one worker thread per instance."""
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
-               observer: Observer | None = None, instances: int | None = None):
+               observer: Observer | None = None, instances: int | None = None,
+               nan_policy: str = "pass"):
     instances = check_runner_config(name, engine, config, instances)
     self.name = name
+    self.nan_check = nan_policy == "error"  # a request whose rows hold a NaN output fails
     self.engine = engine
     self.config = config
     self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
@@ -201,6 +203,9 @@ class ModelRunner:
           "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
       self._isolate(plan, as_serving_error(e, self.name))
       return time.perf_counter()
+    if self.nan_check and (err := nan_error(self.name, outs, plan.rows)):
+      self._isolate(plan, err)  # only the requests whose own rows hold the NaN fail
+      return time.perf_counter()
     t_done = time.perf_counter()
     busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since this worker's last batch
     with self._cv:
@@ -221,7 +226,8 @@ class ModelRunner:
       try:
         outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket,
                                                       inputs=self._assemble(single)))
-        self._complete(single, outs, None, time.perf_counter() - t0, 0.0)
+        err = nan_error(self.name, outs, s.rows) if self.nan_check else None
+        self._complete(single, None if err else outs, err, time.perf_counter() - t0, 0.0)
       except Exception as e:
         self._complete(single, None, as_serving_error(e, self.name), time.perf_counter() - t0,
                        0.0)

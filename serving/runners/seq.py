@@ -134,13 +134,15 @@ class SeqRunner(ModelRunner):
 
 def make_runner(name: str, engine: Engine, config: BatchingConfig, *,
                 observer: Observer | None = None, instances: int | None = None,
-                row_queue: RowQueueFactory | None = None) -> Runner:
+                row_queue: RowQueueFactory | None = None, nan_policy: str = "pass") -> Runner:
   """SeqRunner for engines with sequence buckets; for plain fixed-shape rows, a QueuedRowRunner
   on a native batch queue when `row_queue` makes one; ModelRunner for the rest. `instances`
-  batches at once (None: the engine's default)."""
+  batches at once (None: the engine's default). `nan_policy` "error" fails the requests of a
+  row model whose outputs hold a NaN (sequence models pass NaN through)."""
   if engine.seq_buckets:
     return SeqRunner(name, engine, config, observer=observer, instances=instances)
   if row_queue is not None and fixed_rows((*engine.inputs, *engine.outputs)):
     return QueuedRowRunner(name, engine, config, queue_factory=row_queue, observer=observer,
-                           instances=instances)
-  return ModelRunner(name, engine, config, observer=observer, instances=instances)
+                           instances=instances, nan_policy=nan_policy)
+  return ModelRunner(name, engine, config, observer=observer, instances=instances,
+                     nan_policy=nan_policy)
