@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+import numpy as np
+
 from bundle import TensorSpec
 from serving.batching import BatchingConfig
 from serving.types import Code, Completion, InferRequest, ServingError
@@ -113,14 +115,29 @@ class Runner(Protocol):
     """Requests accepted and not yet answered."""
 
 
-NAN_POLICIES = ("pass", "error")
+class BatchedRunner:
+  """What the batched (non-decoupled) runners share: worker threads in `_threads`, an `engine`,
+  and no streaming."""
+
+  name: str
+  engine: Any
+  _threads: list[Any]
+
+  def start(self) -> None:
+    for t in self._threads:
+      t.start()
+
+  def stream(self, prompt: bytes, parameters: Any, request_id: str, on_event: Any) -> Any:
+    raise ServingError(Code.INVALID_ARGUMENT, f"model {self.name} is not decoupled: it answers"
+                       " each request once (use ModelInfer)")
+
+  def close(self) -> None:
+    self.engine.close()
 
 
 def nan_error(model: str, outs: Mapping[str, Any], rows: int) -> ServingError | None:
   """With nan_policy "error": the error for a batch whose first `rows` rows (padding excluded)
   hold a NaN in a floating-point output, naming the output; None when there is none."""
-  import numpy as np
-
   for name, out in outs.items():
     a = np.asarray(out)
     if a.dtype.kind == "f" and np.isnan(a[:rows]).any():

@@ -23,8 +23,8 @@ import numpy as np
 from bundle import numpy_dtype
 from serving.batching import BatchingConfig
 from serving.engines import Engine
-from serving.runners.base import (Observer, RunnerCapabilities, RunnerStats, deliver, log_outcome,
-                                  nan_error, request_log_enabled)
+from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
+                                  log_outcome, nan_error, request_log_enabled)
 from serving.runners.rows import as_serving_error, check_runner_config
 from serving.types import GRPC_STATUS, Code, InferRequest, ServingError
 
@@ -35,7 +35,7 @@ _CODE_OF = {v: k for k, v in GRPC_STATUS.items()}
 GAUGE_PERIOD_S = 0.05  # queue-depth gauge and shed counter refresh, at most this often
 
 
-class QueuedRowRunner:
+class QueuedRowRunner(BatchedRunner):
   """Owns one engine and its native queue; thread-safe `submit`."""
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
@@ -68,17 +68,6 @@ class QueuedRowRunner:
                            name=f"runner-{name}{suffix}"),
           threading.Thread(target=self._complete_loop, args=(done,), daemon=True,
                            name=f"runner-{name}{suffix}-out")]
-
-  def start(self) -> None:
-    for t in self._threads:
-      t.start()
-
-  def stream(self, prompt: bytes, parameters: Any, request_id: str, on_event: Any) -> Any:
-    raise ServingError(Code.INVALID_ARGUMENT, f"model {self.name} is not decoupled: it answers"
-                       " each request once (use ModelInfer)")
-
-  def close(self) -> None:
-    self.engine.close()
 
   @property
   def pending_requests(self) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 from bundle import numpy_dtype
 from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
 from serving.engines import Engine
-from serving.runners.base import Observer, RunnerCapabilities, RunnerStats, deliver, nan_error
+from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
+                                  nan_error)
 from serving.types import Code, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def fixed_rows(tensors: Sequence[Any]) -> bool:
              and all(d >= 0 for d in t.shape[1:]) for t in tensors)
 
 
-class ModelRunner:
+class ModelRunner(BatchedRunner):
   """Owns one engine and its queue; thread-safe `submit`, one worker thread per instance."""
 
   def __init__(self, name: str, engine: Engine, config: BatchingConfig, *,
@@ -87,17 +88,6 @@ class ModelRunner:
                      for i in range(instances)]
     self._out_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype)) for t in engine.outputs]
     self._in_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype)) for t in engine.inputs]
-
-  def start(self) -> None:
-    for t in self._threads:
-      t.start()
-
-  def stream(self, prompt: bytes, parameters: Any, request_id: str, on_event: Any) -> Any:
-    raise ServingError(Code.INVALID_ARGUMENT, f"model {self.name} is not decoupled: it answers"
-                       " each request once (use ModelInfer)")
-
-  def close(self) -> None:
-    self.engine.close()
 
   @property
   def pending_requests(self) -> int:

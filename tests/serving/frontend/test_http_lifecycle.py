@@ -5,9 +5,7 @@ with gRPC's UNAVAILABLE message."""
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import functools
-import ipaddress
 import json
 import ssl
 import threading
@@ -19,10 +17,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as th
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from httputil import Http, both_protocols
 from serving.engines.mock import MockEngine
@@ -71,28 +65,6 @@ def test_bearer_token_guards_every_endpoint_but_liveness_and_readiness(tmp_path)
       with pytest.raises(th.InferenceServerException) as e:
         c.infer("mock", http_inputs(x, k))
       assert e.value.status() == "401"
-
-
-@pytest.fixture(scope="module")
-def cert_files(tmp_path_factory):
-  """A self-signed certificate for 127.0.0.1, and its key, as PEM files."""
-  key = ec.generate_private_key(ec.SECP256R1())
-  name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-  now = datetime.datetime.now(datetime.timezone.utc)
-  cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.SubjectAlternativeName([
-              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(key, hashes.SHA256()))
-  d = tmp_path_factory.mktemp("tls")
-  (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-  (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-  return str(d / "cert.pem"), str(d / "key.pem")
 
 
 def test_tls_serves_https_only(tmp_path, cert_files):
