@@ -18,6 +18,11 @@ computation from already looked-up embeddings, with the lookup it replaces (`Tab
 The server uses it to serve table-wise (`embedding_tables`: whole tables on different
 devices, fused into one row-sharded array the signature's own params could not take).
 
+A signature may also carry `context` (optional, format 1 still): inputs sent once per request
+(a user, a query) beside inputs sent once per candidate (ads). `<signature>.context.<platform>
+.jaxexport` computes the context part's features once per request; the signature's artifacts
+score candidates from their request's feature row (`ContextSplit`).
+
 Every exported function has the call convention `fn(params: list[Array], inputs:
 dict[str, Array]) -> dict[str, Array]`; params are a flat list of leaves (exported
 input trees accept only string keys, and NNX state with lists has int keys).
@@ -28,7 +33,7 @@ manifests without the exporter or any model code.
 
 from bundle.datatypes import (BY_NUMPY, BY_TRITON, DATATYPES, Datatype, numpy_dtype,
                               triton_datatype)
-from bundle.manifest import (FORMAT_VERSION, BundleError, Manifest, ParamSpec, Signature, TableLookup,
+from bundle.manifest import (FORMAT_VERSION, BundleError, ContextSplit, Manifest, ParamSpec, Signature, TableLookup,
                              TensorSpec, artifact_key, check_seq_buckets, compute_code_hash,
                              find_artifact,
                              only_signature, served_models)

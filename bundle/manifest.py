@@ -130,6 +130,45 @@ class TableLookup:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ContextSplit:
+  """A signature served in two parts: once per request (context) and once per candidate.
+
+  `inputs` name the signature's context inputs (one row per request: shape [1, ...]); the
+  others are candidate inputs (N rows). `artifacts` run the context part:
+  `fn(params, {context inputs at R rows}) -> {features [R, ...]}`; the signature's own
+  artifacts score candidates: `fn(params, {features [C, ...] (each candidate's request row),
+  candidate inputs [C, ...]}) -> outputs [C, ...]`. The server runs the context part at a
+  bucket of `request_buckets` and the scoring part at a batch bucket, and gathers each
+  candidate's feature row between the two on the device.
+  """
+
+  inputs: tuple[str, ...]
+  features: tuple[TensorSpec, ...]
+  artifacts: Mapping[str, str]  # artifact_key(platform, None, batch) -> file name
+  request_buckets: tuple[int, ...]
+
+  def __post_init__(self):
+    if not self.inputs or not self.features:
+      raise ValueError("context: needs at least one context input and one feature")
+    b = self.request_buckets
+    if not b or list(b) != sorted(set(b)) or b[0] < 1:
+      raise ValueError(f"context: request_buckets must be positive and strictly increasing,"
+                       f" got {b}")
+    for t in self.features:
+      if not t.dims or t.dims[0] != "batch" or "seq" in t.dims:
+        raise ValueError(f"context feature {t.name!r}: dims {t.dims} must be ('batch', fixed...)")
+
+  def to_json(self) -> dict[str, Any]:
+    return {"inputs": list(self.inputs), "features": [t.to_json() for t in self.features],
+            "artifacts": dict(self.artifacts), "request_buckets": list(self.request_buckets)}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> ContextSplit:
+    return cls(tuple(d["inputs"]), tuple(TensorSpec.from_json(t) for t in d["features"]),
+               dict(d["artifacts"]), tuple(int(b) for b in d["request_buckets"]))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Signature:
   """One callable entry point of a bundle."""
 
@@ -139,6 +178,28 @@ class Signature:
   artifacts: Mapping[str, str]  # artifact_key(platform, seq) -> file name
   seq_buckets: tuple[int, ...] = ()  # this signature's own sequence buckets; () -> the manifest's
   table_lookup: TableLookup | None = None  # the split for table-wise serving, if exported
+  context: ContextSplit | None = None  # context inputs computed once per request, if any
+
+  def __post_init__(self):
+    if self.context is None:
+      return
+    names = {t.name: t for t in self.inputs}
+    for n in self.context.inputs:
+      t = names.get(n)
+      if t is None or t.shape[:1] != (1,) or t.dims[0] is not None:
+        raise ValueError(f"signature {self.name!r}: context input {n!r} must be an input of"
+                         " shape [1, ...] (one row per request)")
+    if all(n in self.context.inputs for n in names):
+      raise ValueError(f"signature {self.name!r}: a context model needs a candidate input")
+    if self.table_lookup is not None or self.has_seq:
+      raise ValueError(f"signature {self.name!r}: context inputs do not combine with"
+                       " table-wise serving or sequence inputs yet")
+
+  @property
+  def candidate_inputs(self) -> tuple[TensorSpec, ...]:
+    """The inputs with one row per candidate (all of them when there is no context part)."""
+    ctx = self.context.inputs if self.context else ()
+    return tuple(t for t in self.inputs if t.name not in ctx)
 
   @property
   def has_seq(self) -> bool:
@@ -155,6 +216,8 @@ class Signature:
       d["seq_buckets"] = list(self.seq_buckets)
     if self.table_lookup is not None:
       d["table_lookup"] = self.table_lookup.to_json()
+    if self.context is not None:
+      d["context"] = self.context.to_json()
     return d
 
   @classmethod
@@ -166,6 +229,7 @@ class Signature:
         dict(d["artifacts"]),
         tuple(int(s) for s in d.get("seq_buckets", ())),
         TableLookup.from_json(d["table_lookup"]) if d.get("table_lookup") else None,
+        ContextSplit.from_json(d["context"]) if d.get("context") else None,
     )
 
 

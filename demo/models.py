@@ -127,3 +127,51 @@ def build_dcn_v2(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
           max_queue_delay_us=1000, platforms=platforms),
       extra={"description": "DCN-v2 CTR model: 13 dense + 26 categorical features -> prob",
              "table_sizes": list(cfg.table_sizes), "seed": seed})
+
+
+RANKER_BUCKETS: tuple[int, ...] = (1, 4, 16, 64, 128, 256, 512, 1024)  # candidates per batch
+RANKER_REQUEST_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # requests per batch
+
+
+def ranker_inputs(cfg) -> tuple[list, list]:
+  """(context inputs, candidate inputs) of the ranking model: a user's click history [1, H]
+  and profile [1, U] once per request; each candidate ad's ids [N, F] and dense features."""
+  import export
+  return ([export.Input("history", "int32", ("batch", cfg.history_len)),
+           export.Input("user_dense", "float32", ("batch", cfg.user_dense))],
+          [export.Input("ad_sparse", "int32", ("batch", len(cfg.ad_table_sizes))),
+           export.Input("ad_dense", "float32", ("batch", cfg.ad_dense))])
+
+
+def build_ranker(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
+                 platforms: tuple[str, ...] = ("cpu",), name: str = "ranker", flat: bool = False,
+                 batch_buckets: tuple[int, ...] | None = None,
+                 request_buckets: tuple[int, ...] | None = None,
+                 progress: Callable[[str], None] | None = None) -> pathlib.Path:
+  """Exports the ads ranking model (models/ranking.py) as `<repository>/<name>/1` with its user
+  side as context inputs (computed once per request); `flat` exports the same model with every
+  input per candidate (the user's rows repeated by the client), for comparison."""
+  from flax import nnx
+
+  import export
+  from models.ranking import Ranker, RankerConfig
+
+  cfg = RankerConfig.tiny() if tiny else RankerConfig.demo()
+  model = Ranker(cfg, rngs=nnx.Rngs(seed))
+  config = export.ExportConfig(
+      batch_buckets=batch_buckets or ((1, 4, 16) if tiny else RANKER_BUCKETS),
+      request_buckets=request_buckets or ((1, 2, 4) if tiny else RANKER_REQUEST_BUCKETS),
+      max_queue_delay_us=1000, platforms=platforms)
+  context, candidates = ranker_inputs(cfg)
+  extra = {"description": "ads ranking: user click history [1, H] and profile [1, U] once per"
+                          " request, N candidate ads (ids [N, F], dense [N, D]) -> prob [N, 1]"
+                          + (" (flat: user inputs repeated on every row)" if flat else ""),
+           "seed": seed}
+  _say(progress, f"{name}: exporting {'flat' if flat else 'the user side and the scoring'} ...")
+  if flat:
+    return export.export_model(model, repository=repository, name=name, version=1,
+                               inputs=context + candidates, config=config, extra=extra)
+  return export.export_context_model(
+      model, repository=repository, name=name, version=1, context_inputs=context,
+      candidate_inputs=candidates, context_fn=lambda m, **kw: m.context(**kw),
+      score_fn=lambda m, ctx, **kw: m.score(ctx, **kw), config=config, extra=extra)

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from demo.models import build_dcn_v2, build_relevance, build_two_tower
+from demo.models import build_dcn_v2, build_ranker, build_relevance, build_two_tower
 from demo.weights import LM_WEIGHTS
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def build_ctr_light(repository: pathlib.Path, **kwargs) -> pathlib.Path:
 # flagship `dlrm` (the README's first example) next. Each builder takes
 # (repository, *, tiny, platforms, progress).
 BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
-    "ctr_light": build_ctr_light, "dlrm": build_dlrm, "dcn_v2": build_dcn_v2, "lm": build_lm,
+    "ctr_light": build_ctr_light, "dlrm": build_dlrm, "dcn_v2": build_dcn_v2, "ranker": build_ranker,
+    "lm": build_lm,
     "two_tower": build_two_tower, "relevance": build_relevance}
 
 

@@ -3,3 +3,4 @@
 from bundle import (BundleError, Manifest, ParamSpec, Signature, TensorSpec, read_manifest,
                            served_models)
 from export.exporter import DEFAULT_BATCH_BUCKETS, ExportConfig, Input, export_model
+from export.context import export_context_model

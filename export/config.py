@@ -44,6 +44,8 @@ class ExportConfig:
   `seq_buckets` applies to every signature with a "seq" dimension unless
   `signature_seq_buckets` gives that signature its own. `signature_suffixes` names the
   served models of a multi-signature bundle (`<model>_<suffix>`, default the signature name).
+  `request_buckets`: how many requests a context model's per-request part runs at (a batch
+  holds at most the largest); its candidates run at `batch_buckets`.
   """
 
   batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
@@ -53,12 +55,17 @@ class ExportConfig:
   max_queue_delay_us: int = 2000
   signature_seq_buckets: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   signature_suffixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # Context models (export.context): the numbers of requests their context part runs at.
+  request_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
   def __post_init__(self):
     if not self.batch_buckets or list(self.batch_buckets) != sorted(set(self.batch_buckets)):
       raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets}")
     if self.batch_buckets[0] < 1:
       raise ValueError(f"batch_buckets must be positive, got {self.batch_buckets}")
+    rb = tuple(self.request_buckets)
+    if not rb or list(rb) != sorted(set(rb)) or rb[0] < 1:
+      raise ValueError(f"request_buckets must be positive and strictly increasing, got {rb}")
     per_sig = {k: tuple(v) for k, v in self.signature_seq_buckets.items()}
     for label, buckets in [("seq_buckets", tuple(self.seq_buckets))] + [
         (f"signature_seq_buckets[{k!r}]", v) for k, v in per_sig.items()]:

@@ -13,7 +13,8 @@ runs. A partial batch is released only when the executor is free: at once with
 Under load, batches grow on their own while the previous one runs, and a lone
 request pays no batching delay. A
 request larger than the largest bucket is split across batches, never refused.
-Requests whose deadline has passed are expired, never executed.
+Requests whose deadline has passed are expired, never executed. With `max_batch_requests`, a
+batch also holds at most that many requests (a full batch is that many, too).
 
 Admission (overload): a request is refused at once when the queue holds
 `max_queue_rows` rows or `max_queue_requests` requests, or when it carries a
@@ -46,6 +47,9 @@ class BatchingConfig:
   max_queue_rows: int = 65536
   max_queue_requests: int | None = None  # None: bounded by rows only
   deadline_headroom: float = 0.5  # share of the time left kept for delivery and estimate error
+  # Most requests (slices) in one batch; None: rows bound it only. Context models run one
+  # context row per request, compiled up to their largest request bucket.
+  max_batch_requests: int | None = None
 
   def __post_init__(self):
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
@@ -57,6 +61,9 @@ class BatchingConfig:
                        f" ({self.buckets[-1]} rows)")
     if self.max_queue_requests is not None and self.max_queue_requests < 1:
       raise ValueError(f"max_queue_requests must be >= 1 (or None), got {self.max_queue_requests}")
+    if self.max_batch_requests is not None and self.max_batch_requests < 1:
+      raise ValueError(f"max_batch_requests must be >= 1 (or None), got"
+                       f" {self.max_batch_requests}")
     if not 0.0 <= self.deadline_headroom < 1.0:
       raise ValueError(f"deadline_headroom must be in [0, 1), got {self.deadline_headroom}")
 
@@ -277,7 +284,8 @@ class Batcher(Generic[T]):
       return Decision(None, expired, None)
     cfg = self.config
     oldest = min(q[0].arrival for q in self._queues.values() if q)
-    full = self._rows >= cfg.max_batch_size
+    full = self._rows >= cfg.max_batch_size or (
+        cfg.max_batch_requests is not None and self._requests >= cfg.max_batch_requests)
     timed_out = now - oldest >= cfg.max_queue_delay_s
     # While a batch runs, only a full batch goes ahead (pipelined); a partial one waits for
     # the executor, growing meanwhile, so overload yields full batches, not half-empty ones.
@@ -314,9 +322,10 @@ class Batcher(Generic[T]):
 
   def _take(self, capacity: int) -> BatchPlan[T]:
     slices, dest = [], 0
+    most = self.config.max_batch_requests or capacity
     for prio in sorted(self._queues):
       q = self._queues[prio]
-      while q and dest < capacity:
+      while q and dest < capacity and len(slices) < most:
         p = q[0]
         n = min(p.remaining, capacity - dest)
         slices.append(Slice(p, p.taken, n, dest))
@@ -328,6 +337,6 @@ class Batcher(Generic[T]):
           self._requests -= 1
       if not q:
         del self._queues[prio]
-      if dest == capacity:
+      if dest == capacity or len(slices) == most:
         break
     return BatchPlan(self.config.bucket_for(dest), tuple(slices))

@@ -30,6 +30,10 @@ class Engine(abc.ABC):
   outputs: tuple[TensorSpec, ...]
   buckets: tuple[int, ...]
   seq_buckets: tuple[int, ...] = ()  # sequence buckets of a (batch x length) grid; () for rows
+  # Context models (serving/engines/context.py): inputs sent once per request, and the numbers
+  # of requests a batch's context part runs at (a batch holds at most the largest). () else.
+  context_inputs: tuple[str, ...] = ()
+  request_buckets: tuple[int, ...] = ()
 
   @property
   def bucket_seconds(self) -> Mapping[int, float]:

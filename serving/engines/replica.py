@@ -92,6 +92,14 @@ class ReplicaEngine(Engine):
   def point_label(self, point: Point) -> str:
     return f"{point:>5}"
 
+  def point_inputs(self, point: Point) -> Sequence[TensorSpec]:
+    """The tensors the executable of `point` takes (engines in two parts differ per point)."""
+    return self.inputs
+
+  def point_outputs(self, point: Point) -> Sequence[TensorSpec]:
+    """The tensors the executable of `point` returns."""
+    return self.outputs
+
   def _prepare(self, placement: Placement, params: list[Any],
                shardings: list[Any]) -> tuple[list[Any], list[Any], Step]:
     """(params, shardings, point -> function) a replica compiles; table-wise serving re-lays
@@ -131,14 +139,15 @@ class ReplicaEngine(Engine):
                step: Step, point: Point, say: Progress) -> Any:
     import jax
 
-    rows = self.batch_rows(point)
-    in_sharding = {t.name: self.batch_sharding(placement, t, rows) for t in self.inputs}
+    ins = self.point_inputs(point)
+    in_sharding = {t.name: self.batch_sharding(placement, t, self.point_shape(t, point)[0])
+                   for t in ins}
     # On accelerators the batch's device copy is donated: XLA may reuse it for outputs and
     # temporaries. Not on CPU, where an input may alias the host staging buffer it came from.
     donate = (1,) if self._platform != "cpu" else ()
     fn = jax.jit(step(point), in_shardings=(list(shardings), in_sharding), donate_argnums=donate)
     structs = {t.name: jax.ShapeDtypeStruct(self.point_shape(t, point), numpy_dtype(t.dtype))
-               for t in self.inputs}
+               for t in ins}
     param_structs = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding) for p in params]
     t1 = time.perf_counter()
     try:
@@ -157,9 +166,9 @@ class ReplicaEngine(Engine):
     import jax
 
     zeros = {t.name: np.zeros(self.point_shape(t, point), numpy_dtype(t.dtype))
-             for t in self.inputs}
+             for t in self.point_inputs(point)}
     out = jax.block_until_ready(exe(params, zeros))
-    for t in self.outputs:
+    for t in self.point_outputs(point):
       want = self.point_shape(t, point)
       if tuple(out[t.name].shape) != want:
         raise BundleError(f"{self.path}: output {t.name} has shape {tuple(out[t.name].shape)}"

@@ -69,12 +69,19 @@ def decode_inputs(
     if len(shape) != len(spec.shape):
       raise _bad(f"input {t.name!r}: shape {list(shape)} has rank {len(shape)}, expected"
                  f" {list(spec.shape)} (-1 is the batch dimension)")
+    per_request = spec.dims[0] is None  # a context input: one row per request
+    if per_request and shape[:1] != (1,):
+      raise _bad(f"input {t.name!r} is a context input: one row per request (shape"
+                 f" {list(spec.shape)}), got shape {list(shape)}; send the candidates' rows in"
+                 " the other inputs")
     for d, (got, want) in enumerate(zip(shape, spec.shape)):
       if got < (1 if want == -1 else 0) or (want != -1 and got != want):
         raise _bad(f"input {t.name!r}: shape {list(shape)} does not match {list(spec.shape)}"
                    f" at dimension {d}")
     n_rows = shape[0]
-    if rows is None:
+    if per_request:
+      pass
+    elif rows is None:
       rows = n_rows
     elif n_rows != rows:
       raise _bad(f"input {t.name!r} has {n_rows} rows but another input has {rows}: every input"

@@ -1,6 +1,6 @@
 """Triton's metadata answers for a served version, built from its runner's declared surface:
 ModelMetadata (tensors) and ModelConfig (batch dims implicit, buckets as preferred sizes,
-instances, decoupled policy)."""
+instances, decoupled policy; a context model's context and candidate inputs as parameters)."""
 
 from __future__ import annotations
 
@@ -54,4 +54,11 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
                          kind=mc.ModelInstanceGroup.KIND_AUTO)
   if runner.capabilities.decoupled:  # several responses per request (streaming)
     cfg.model_transaction_policy.decoupled = True
+  context = [t.name for t in runner.inputs if t.dims and t.dims[0] is None]
+  if context:  # a context model: these inputs carry one row per request (ModelMetadata: [1, ...])
+    cfg.parameters["context_inputs"].string_value = ",".join(context)
+    cfg.parameters["candidate_inputs"].string_value = ",".join(
+        t.name for t in runner.inputs if t.name not in context)
+    if batching.max_batch_requests:
+      cfg.parameters["max_batch_requests"].string_value = str(batching.max_batch_requests)
   return cfg

@@ -13,7 +13,7 @@ import pathlib
 from typing import Callable
 
 from bundle import BundleError, Manifest
-from serving.engines import BundleEngine, Engine, Placement, SeqBundleEngine
+from serving.engines import BundleEngine, ContextEngine, Engine, Placement, SeqBundleEngine
 from serving.engines.tablewise import require_lookup
 from serving.repository.config import EngineFactory, ModelServingConfig
 
@@ -57,13 +57,15 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
 
 def default_engine_factory(placements: Callable[[ModelServingConfig, Manifest], Sequence[Placement]]
                            | None = None) -> EngineFactory:
-  """Predict bundles -> BundleEngine, or SeqBundleEngine (batch x sequence grid) for a
-  signature with a "seq" dimension; placed by `placements` (single device by default)."""
+  """Predict bundles -> BundleEngine, SeqBundleEngine (batch x sequence grid) for a
+  signature with a "seq" dimension, or ContextEngine for one with context inputs; placed by `placements` (single device by default)."""
   def make(path: pathlib.Path, manifest: Manifest, cfg: ModelServingConfig) -> Engine:
     where = placements(cfg, manifest) if placements else None
     sig = next(iter(manifest.signatures)) if len(manifest.signatures) == 1 else "serve"
     if sig in manifest.signatures and manifest.signatures[sig].has_seq:
       return SeqBundleEngine(path, manifest=manifest, signature=sig, placements=where)
+    if sig in manifest.signatures and manifest.signatures[sig].context is not None:
+      return ContextEngine(path, manifest=manifest, signature=sig, placements=where)
     return BundleEngine(path, manifest=manifest, signature=sig, placements=where)
   return make
 

@@ -6,6 +6,7 @@ declared capabilities, statistics and delivery; `rows.py` and `seq.py` are the b
 """
 
 from serving.runners.base import (Observer, Runner, RunnerCapabilities, RunnerStats, deliver)
+from serving.runners.context import ContextRunner
 from serving.runners.queued import QueuedRowRunner, RowQueueFactory
 from serving.runners.rows import ModelRunner
 from serving.runners.seq import SeqRunner, SeqStats, make_runner

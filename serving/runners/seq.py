@@ -18,6 +18,7 @@ import numpy as np
 from serving.batching import BatchingConfig, BatchPlan, SeqBatcher, SeqBatchPlan, Slice
 from serving.engines import Engine, seq_axes
 from serving.runners.base import Observer, Runner
+from serving.runners.context import ContextRunner
 from serving.runners.queued import QueuedRowRunner, RowQueueFactory
 from serving.runners.rows import ModelRunner, fixed_rows
 from serving.types import Code, InferRequest, ServingError
@@ -135,12 +136,15 @@ class SeqRunner(ModelRunner):
 def make_runner(name: str, engine: Engine, config: BatchingConfig, *,
                 observer: Observer | None = None, instances: int | None = None,
                 row_queue: RowQueueFactory | None = None, nan_policy: str = "pass") -> Runner:
-  """SeqRunner for engines with sequence buckets; for plain fixed-shape rows, a QueuedRowRunner
+  """SeqRunner for engines with sequence buckets; ContextRunner for context models; for plain fixed-shape rows, a QueuedRowRunner
   on a native batch queue when `row_queue` makes one; ModelRunner for the rest. `instances`
   batches at once (None: the engine's default). `nan_policy` "error" fails the requests of a
   row model whose outputs hold a NaN (sequence models pass NaN through)."""
   if engine.seq_buckets:
     return SeqRunner(name, engine, config, observer=observer, instances=instances)
+  if engine.request_buckets:
+    return ContextRunner(name, engine, config, observer=observer, instances=instances,
+                         nan_policy=nan_policy)
   if row_queue is not None and fixed_rows((*engine.inputs, *engine.outputs)):
     return QueuedRowRunner(name, engine, config, queue_factory=row_queue, observer=observer,
                            instances=instances, nan_policy=nan_policy)
