@@ -23,6 +23,9 @@ A signature may also carry `context` (optional, format 1 still): inputs sent onc
 .jaxexport` computes the context part's features once per request; the signature's artifacts
 score candidates from their request's feature row (`ContextSplit`).
 
+A manifest of kind "pipeline" has no params or StableHLO: its one signature is the pipeline's
+inputs and outputs and its `pipeline` section the steps over served models (`PipelineSpec`).
+
 Every exported function has the call convention `fn(params: list[Array], inputs:
 dict[str, Array]) -> dict[str, Array]`; params are a flat list of leaves (exported
 input trees accept only string keys, and NNX state with lists has int keys).
@@ -37,5 +40,6 @@ from bundle.manifest import (FORMAT_VERSION, BundleError, ContextSplit, Manifest
                              TensorSpec, artifact_key, check_seq_buckets, compute_code_hash,
                              find_artifact,
                              only_signature, served_models)
+from bundle.pipeline import OPS, PipelineSpec, Source, Step
 from bundle.store import (MANIFEST, MODEL_NAME_RE, PARAMS_DIR, list_versions, read_manifest, restore_params,
                           write_bundle)

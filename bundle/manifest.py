@@ -11,6 +11,7 @@ import json
 from typing import Any, Iterable, Mapping, Sequence
 
 from bundle.datatypes import BY_NUMPY
+from bundle.pipeline import PipelineSpec
 
 FORMAT_VERSION = 1
 
@@ -267,6 +268,16 @@ class Manifest:
   serving: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   format_version: int = FORMAT_VERSION
+  pipeline: PipelineSpec | None = None  # kind "pipeline": its steps (bundle/pipeline.py)
+
+  def __post_init__(self):
+    if (self.kind == "pipeline") != (self.pipeline is not None):
+      raise ValueError(f"kind {self.kind!r}: a pipeline section goes with kind 'pipeline' only")
+    if self.pipeline is not None:
+      if len(self.signatures) != 1:
+        raise ValueError("a pipeline has one signature: its inputs and outputs")
+      sig = next(iter(self.signatures.values()))
+      self.pipeline.check(tuple(t.name for t in sig.inputs), tuple(t.name for t in sig.outputs))
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -283,6 +294,7 @@ class Manifest:
         "signatures": {k: s.to_json() for k, s in self.signatures.items()},
         "params": [p.to_json() for p in self.params],
         "extra": dict(self.extra),
+        **({"pipeline": self.pipeline.to_json()} if self.pipeline is not None else {}),
     }
 
   @classmethod
@@ -306,6 +318,7 @@ class Manifest:
         code_hash=d.get("code_hash", ""),
         serving=d.get("serving", {}),
         extra=d.get("extra", {}),
+        pipeline=PipelineSpec.from_json(d["pipeline"]) if d.get("pipeline") else None,
     )
 
 

@@ -1,4 +1,5 @@
-"""Demo builders for the relevance, retrieval and DCN-v2 models (weights from a fixed seed).
+"""Demo builders for the relevance, retrieval, DCN-v2 and ranking models (weights from a fixed
+seed).
 
 Sequence grids come from `benchmarks/padding.py` (padded / real tokens on ads length mixes):
 queries (median 6 tokens) use sequence buckets {8, 16, 32, 64}: 1.9x padded tokens against
@@ -134,37 +135,46 @@ RANKER_REQUEST_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # requests p
 
 
 def ranker_inputs(cfg) -> tuple[list, list]:
-  """(context inputs, candidate inputs) of the ranking model: a user's click history [1, H]
-  and profile [1, U] once per request; each candidate ad's ids [N, F] and dense features."""
+  """(context inputs, candidate inputs) of the ranking model: a user's click history [1, H],
+  profile [1, U] (and the query's embedding [1, Q]) once per request; each candidate ad's ids
+  [N, F] and dense features."""
   import export
+  query = [export.Input("query", "float32", ("batch", cfg.query_dim))] if cfg.query_dim else []
   return ([export.Input("history", "int32", ("batch", cfg.history_len)),
-           export.Input("user_dense", "float32", ("batch", cfg.user_dense))],
+           export.Input("user_dense", "float32", ("batch", cfg.user_dense)), *query],
           [export.Input("ad_sparse", "int32", ("batch", len(cfg.ad_table_sizes))),
            export.Input("ad_dense", "float32", ("batch", cfg.ad_dense))])
 
 
 def build_ranker(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,
                  platforms: tuple[str, ...] = ("cpu",), name: str = "ranker", flat: bool = False,
-                 batch_buckets: tuple[int, ...] | None = None,
+                 query_dim: int | None = None, batch_buckets: tuple[int, ...] | None = None,
                  request_buckets: tuple[int, ...] | None = None,
                  progress: Callable[[str], None] | None = None) -> pathlib.Path:
   """Exports the ads ranking model (models/ranking.py) as `<repository>/<name>/1` with its user
   side as context inputs (computed once per request); `flat` exports the same model with every
-  input per candidate (the user's rows repeated by the client), for comparison."""
+  input per candidate (the user's rows repeated by the client), for comparison. `query_dim`
+  (default: the two-tower embedding's) adds the query embedding to the context (0: none)."""
+  import dataclasses
+
   from flax import nnx
 
   import export
   from models.ranking import Ranker, RankerConfig
+  from models.two_tower import TwoTowerConfig
 
   cfg = RankerConfig.tiny() if tiny else RankerConfig.demo()
+  if query_dim is None:  # the demo pipeline feeds it the two-tower query embedding
+    query_dim = TwoTowerConfig.tiny().embed_dim if tiny else cfg.query_dim
+  cfg = dataclasses.replace(cfg, query_dim=query_dim)
   model = Ranker(cfg, rngs=nnx.Rngs(seed))
   config = export.ExportConfig(
       batch_buckets=batch_buckets or ((1, 4, 16) if tiny else RANKER_BUCKETS),
       request_buckets=request_buckets or ((1, 2, 4) if tiny else RANKER_REQUEST_BUCKETS),
       max_queue_delay_us=1000, platforms=platforms)
   context, candidates = ranker_inputs(cfg)
-  extra = {"description": "ads ranking: user click history [1, H] and profile [1, U] once per"
-                          " request, N candidate ads (ids [N, F], dense [N, D]) -> prob [N, 1]"
+  extra = {"description": "ads ranking: user click history [1, H], profile [1, U] and query"
+                          " embedding [1, Q] once per request, N candidate ads (ids [N, F], dense [N, D]) -> prob [N, 1]"
                           + (" (flat: user inputs repeated on every row)" if flat else ""),
            "seed": seed}
   _say(progress, f"{name}: exporting {'flat' if flat else 'the user side and the scoring'} ...")

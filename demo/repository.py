@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from demo.ads import build_ad_index, build_ads_pipeline
 from demo.models import build_dcn_v2, build_ranker, build_relevance, build_two_tower
 from demo.weights import LM_WEIGHTS
 
@@ -117,8 +118,8 @@ def build_ctr_light(repository: pathlib.Path, **kwargs) -> pathlib.Path:
 # (repository, *, tiny, platforms, progress).
 BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
     "ctr_light": build_ctr_light, "dlrm": build_dlrm, "dcn_v2": build_dcn_v2, "ranker": build_ranker,
-    "lm": build_lm,
-    "two_tower": build_two_tower, "relevance": build_relevance}
+    "lm": build_lm, "two_tower": build_two_tower, "relevance": build_relevance,
+    "ad_index": build_ad_index, "ads_pipeline": build_ads_pipeline}
 
 
 class DemoBuild:

@@ -4,3 +4,4 @@ from bundle import (BundleError, Manifest, ParamSpec, Signature, TensorSpec, rea
                            served_models)
 from export.exporter import DEFAULT_BATCH_BUCKETS, ExportConfig, Input, export_model
 from export.context import export_context_model
+from export.pipeline import export_pipeline

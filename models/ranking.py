@@ -1,7 +1,8 @@
 """Ads ranking with a user side: one user (pooled click history + profile) against many ads.
 
 The user tower (a mean-pooled bag of the user's last `history_len` clicked ad ids and an MLP
-over it and the user's dense profile) depends on the user only; the ad tower (categorical ad
+over it, the user's dense profile and optionally the query's embedding) depends on the request
+only; the ad tower (categorical ad
 features and ad dense features) and the head (user, ad and their product) depend on each
 candidate. `context` and `score` are that split, which `export.export_context_model` serves
 once per request and once per candidate; `__call__` is the same model flat (user rows given on
@@ -29,6 +30,7 @@ class RankerConfig:
   history_len: int = 64  # ids per user (-1 pads a short history)
   history_dim: int = 32
   user_dense: int = 16
+  query_dim: int = 0  # > 0: the context also takes a query embedding [R, query_dim]
   user_mlp: tuple[int, ...] = (512, 256, 64)
   ad_table_sizes: tuple[int, ...] = (500_000, 50_000, 1_000, 50)  # ad, advertiser, category, type
   ad_dim: int = 16
@@ -46,8 +48,9 @@ class RankerConfig:
 
   @classmethod
   def demo(cls) -> RankerConfig:
-    """The demo `ranker`: the user side is about three quarters of a flat row's work."""
-    return cls()
+    """The demo `ranker` (search ads: the context is the user and the query's 64-d two-tower
+    embedding): the user side is about three quarters of a flat row's work."""
+    return cls(query_dim=64)
 
   @classmethod
   def tiny(cls) -> RankerConfig:
@@ -70,17 +73,23 @@ class Ranker(nnx.Module):
     self.history = nnx.Param(
         jax.random.normal(rngs.params(), (c.history_rows, c.history_dim)) / c.history_dim ** 0.5,
         logical_axes=("table_rows", "embed"))
-    self.user_mlp = MLP(c.history_dim + c.user_dense, c.user_mlp, rngs=rngs)
+    self.user_mlp = MLP(c.history_dim + c.user_dense + c.query_dim, c.user_mlp, rngs=rngs)
     self.ad_tables = make_tables(c.ad_table_sizes, c.ad_dim, rngs)
     self.ad_mlp = MLP(len(c.ad_table_sizes) * c.ad_dim + c.ad_dense, c.ad_mlp, rngs=rngs)
     self.head = MLP(3 * c.width, c.head_mlp, rngs=rngs)
 
-  def context(self, history: jax.Array, user_dense: jax.Array) -> dict[str, jax.Array]:
-    """history [R, history_len] ids, user_dense [R, user_dense] -> {"user": [R, width]}."""
+  def context(self, history: jax.Array, user_dense: jax.Array,
+              query: jax.Array | None = None) -> dict[str, jax.Array]:
+    """history [R, history_len] ids, user_dense [R, user_dense] (and with `query_dim`, the
+    query's embedding [R, query_dim]) -> {"user": [R, width]}."""
     pooled = embedding_bag(self.history[...], history.astype(jnp.int32), combiner="mean",
                            impl=kernel_impl(self.config.embedding_impl, history))
-    x = jnp.concatenate([pooled.astype(jnp.float32), user_dense.astype(jnp.float32)], axis=1)
-    return {"user": jax.nn.relu(self.user_mlp(x))}
+    parts = [pooled.astype(jnp.float32), user_dense.astype(jnp.float32)]
+    if self.config.query_dim:
+      if query is None:
+        raise ValueError(f"this ranker takes a query embedding [R, {self.config.query_dim}]")
+      parts.append(query.astype(jnp.float32))
+    return {"user": jax.nn.relu(self.user_mlp(jnp.concatenate(parts, axis=1)))}
 
   def score(self, context: dict[str, jax.Array], ad_sparse: jax.Array,
             ad_dense: jax.Array) -> dict[str, jax.Array]:
@@ -95,6 +104,6 @@ class Ranker(nnx.Module):
     return {"prob": jax.nn.sigmoid(logit)}
 
   def __call__(self, history: jax.Array, user_dense: jax.Array, ad_sparse: jax.Array,
-               ad_dense: jax.Array) -> dict[str, jax.Array]:
-    """The flat model: every row carries its user's inputs."""
-    return self.score(self.context(history, user_dense), ad_sparse, ad_dense)
+               ad_dense: jax.Array, query: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The flat model: every row carries its user's (and query's) inputs."""
+    return self.score(self.context(history, user_dense, query), ad_sparse, ad_dense)

@@ -2,8 +2,9 @@
 
 The serving core never branches on a model's kind: the repository looks the kind up in this
 table, and the server registers each kind's metrics collector. `standard_kinds` is what the
-CLI passes: batched predict models (row and sequence runners over an engine) and generative
-models (continuous batching over a paged KV cache).
+CLI passes: batched predict models (row, sequence and context runners over an engine),
+generative models (continuous batching over a paged KV cache) and pipelines (steps over the
+other served models).
 """
 
 from __future__ import annotations
@@ -81,10 +82,28 @@ def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> A
   return GenerationCollector(lambda: [(label, r.service) for label, r in runners()])
 
 
+def pipeline_runner_factory(spec: LoadSpec) -> Runner:
+  """Pipelines: steps over the other served models (looked up per request) and host ops."""
+  from serving.runners.pipeline import PipelineRunner
+
+  if spec.models is None:
+    raise ValueError(f"{spec.name}: pipelines need a repository to look their steps up in")
+  return PipelineRunner(spec.name.split("/")[0], spec.manifest, spec.models,
+                        observer=spec.observer)
+
+
+def pipeline_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:
+  """Per-step counts and seconds of every pipeline."""
+  from serving.telemetry.pipeline_metrics import PipelineCollector
+
+  return PipelineCollector(runners)
+
+
 def standard_kinds(engine_factory: EngineFactory | None = None) -> dict[str, ModelKind]:
   """Every kind xlaserve serves; predict engines come from `engine_factory` (placement)."""
   return {"predict": ModelKind(predict_runner_factory(engine_factory or default_engine_factory())),
-          "generate": ModelKind(generate_runner_factory, generation_metrics)}
+          "generate": ModelKind(generate_runner_factory, generation_metrics),
+          "pipeline": ModelKind(pipeline_runner_factory, pipeline_metrics)}
 
 
 def runner_factories(engine_factory: EngineFactory | None = None) -> dict[str, RunnerFactory]:

@@ -4,7 +4,7 @@ instances, decoupled policy; a context model's context and candidate inputs as p
 
 from __future__ import annotations
 
-from bundle import BY_TRITON, TensorSpec
+from bundle import BY_TRITON, PipelineSpec, TensorSpec
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import model_config_pb2 as mc
 from serving.repository import ServedVersion
@@ -54,11 +54,37 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
                          kind=mc.ModelInstanceGroup.KIND_AUTO)
   if runner.capabilities.decoupled:  # several responses per request (streaming)
     cfg.model_transaction_policy.decoupled = True
+  if rec.manifest is not None and rec.manifest.pipeline is not None:
+    _ensemble(cfg, rec.manifest.pipeline)
   context = [t.name for t in runner.inputs if t.dims and t.dims[0] is None]
-  if context:  # a context model: these inputs carry one row per request (ModelMetadata: [1, ...])
+  if context and rec.manifest is not None and rec.manifest.pipeline is None:  # a context model: these inputs carry one row per request (ModelMetadata: [1, ...])
     cfg.parameters["context_inputs"].string_value = ",".join(context)
     cfg.parameters["candidate_inputs"].string_value = ",".join(
         t.name for t in runner.inputs if t.name not in context)
     if batching.max_batch_requests:
       cfg.parameters["max_batch_requests"].string_value = str(batching.max_batch_requests)
   return cfg
+
+
+def _ensemble(cfg: mc.ModelConfig, pipeline: PipelineSpec) -> None:
+  """A pipeline as Triton describes an ensemble: platform "ensemble", one scheduling step per
+  model step (input_map: the model's input -> the pipeline tensor feeding it; output_map: the
+  model's output -> "<step>.<output>"). Op steps are host glue Triton has no word for: they are
+  listed in the `pipeline_ops` parameter."""
+  cfg.platform = "ensemble"
+  cfg.ClearField("dynamic_batching")
+  used = {src.tensor for st in pipeline.steps for src in st.inputs.values()}
+  used |= {src.tensor for src in pipeline.outputs.values()}
+  ops = []
+  for step in pipeline.steps:
+    if step.op is not None:
+      ops.append(f"{step.name}:{step.op}")
+      continue
+    s = cfg.ensemble_scheduling.step.add(model_name=step.model,
+                                         model_version=step.version or -1)
+    for name, src in step.inputs.items():
+      s.input_map[name] = src.tensor
+    for tensor in sorted(t for t in used if t.startswith(step.name + ".")):
+      s.output_map[tensor.split(".", 1)[1]] = tensor
+  if ops:
+    cfg.parameters["pipeline_ops"].string_value = ",".join(ops)

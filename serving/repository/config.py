@@ -79,6 +79,8 @@ class LoadSpec:
   observer: Observer
   progress: Callable[[str], None]
   row_queue: RowQueueFactory | None = None  # native batch queues for plain batched models
+  # (model, version or None) -> that model's READY runner (pipelines call other models)
+  models: Callable[[str, "int | None"], Runner] | None = None
 
 
 RunnerFactory = Callable[[LoadSpec], Runner]  # builds, warms up and returns an unstarted runner

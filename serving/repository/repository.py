@@ -280,7 +280,7 @@ class ModelRepository:
                         f" (it serves {sorted(self.kinds)})")
     spec = LoadSpec(path, manifest, cfg, f"{name}/{version}",
                     self.observer_factory(name, version),
-                    lambda msg: say(f"{name}/{version}: {msg}"), self.row_queue)
+                    lambda msg: say(f"{name}/{version}: {msg}"), self.row_queue, self.runner_of)
     with self.compiles.warming():
       return factory(spec)
 
@@ -351,6 +351,15 @@ class ModelRepository:
         raise ServingError(Code.UNAVAILABLE, f"model {name!r} version {version} is"
                            f" {rec.state.value}: {rec.reason}")
       return rec
+
+  def runner_of(self, name: str, version: int | None = None) -> Runner:
+    """The runner of `name`'s READY version (default: newest), or a ServingError saying why not."""
+    rec = self.default_version(name) if version is None else None
+    rec = rec or self.get(name, version)
+    runner = rec.runner
+    if runner is None:
+      raise ServingError(Code.UNAVAILABLE, f"model {name!r} was just unloaded; retry")
+    return runner
 
   def records(self) -> list[ServedVersion]:
     with self._lock:

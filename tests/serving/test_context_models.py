@@ -30,7 +30,8 @@ TOL = dict(rtol=1e-5, atol=1e-6)  # float32: batching changes XLA's reduction or
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("repo")
-  build_ranker(repo, tiny=True, seed=5, batch_buckets=BUCKETS, request_buckets=REQUEST_BUCKETS)
+  build_ranker(repo, tiny=True, seed=5, query_dim=0, batch_buckets=BUCKETS,
+               request_buckets=REQUEST_BUCKETS)
   (repo / "ranker" / "config.json").write_text(json.dumps(
       {"max_queue_delay_us": 300_000, "dispatch_when_idle": False}))
   with serving(repo, http_port=0) as bg:
@@ -49,10 +50,11 @@ def request(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 
 def flat_reference(model: Ranker, case: dict[str, np.ndarray]) -> np.ndarray:
-  """The flat model on the user's rows repeated for every candidate."""
+  """The flat model on the user's rows repeated for every candidate (rows already repeated are
+  taken as they are)."""
   n = len(case["ad_sparse"])
-  out = model(jnp.repeat(case["history"], n, 0), jnp.repeat(case["user_dense"], n, 0),
-              jnp.asarray(case["ad_sparse"]), jnp.asarray(case["ad_dense"]))
+  case = {k: v if len(v) == n else np.repeat(v, n, 0) for k, v in case.items()}
+  out = model(**{k: jnp.asarray(v) for k, v in case.items()})
   return np.asarray(out["prob"])
 
 
@@ -72,9 +74,14 @@ def test_answers_equal_the_flat_model_across_buckets_and_splits(served):
   compiles = bg.server.compiles.outside_warmup
   answers = call_concurrently(bg.address, _call, [(case,) for case in cases], workers=len(cases))
   assert bg.server.compiles.outside_warmup == compiles  # read before the references compile
-  for n, case, got in zip(sizes, cases, answers):
+  # The flat model is row-wise: one call on every request's rows, in order, is the reference.
+  want = flat_reference(model, {k: np.concatenate([
+      np.repeat(c[k], n, 0) if k in ("history", "user_dense") else c[k]
+      for n, c in zip(sizes, cases)]) for k in cases[0]})
+  ends = np.cumsum(sizes)
+  for n, end, got in zip(sizes, ends, answers):
     assert got.shape == (n, 1)
-    np.testing.assert_allclose(got, flat_reference(model, case), **TOL, err_msg=f"{n} rows")
+    np.testing.assert_allclose(got, want[end - n:end], **TOL, err_msg=f"{n} rows")
   with tc.InferenceServerClient(bg.address) as c:
     stats = c.get_inference_statistics("ranker", as_json=True)["model_stats"][0]
   batches = int(stats.get("execution_count", 0)) - int(before.get("execution_count", 0))

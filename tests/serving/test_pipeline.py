@@ -1,0 +1,140 @@
+"""The retrieval -> ranking pipeline (demo/ads.py, tiny models) on the real server, called with
+unmodified tritonclient. Its answer equals the steps composed without the server: numpy bytes
+tokenization, the Flax query tower, a brute-force numpy top-K over the corpus embedded by the
+Flax ad tower, the Flax ranker run flat on the retrieved ads, and a numpy top-n. A failing step
+fails that request with the step named; the server keeps serving; ModelConfig describes the
+ensemble; statistics and per-step metrics count the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.request
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from flax import nnx
+from tritonclient.utils import InferenceServerException
+
+from clientutil import call_concurrently, serving, triton_inputs
+from demo.ads import TINY_ADS, TINY_K, TOP_N, ad_corpus, build_ad_index, build_ads_pipeline
+from demo.models import build_ranker, build_two_tower
+from models.ranking import Ranker, RankerConfig
+from models.two_tower import TwoTower, TwoTowerConfig
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+QUERIES = [b"acme shoes", b"coffee offer", b"kids tent", b"warm jacket"]  # <= 16 bytes
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  repo = tmp_path_factory.mktemp("repo")
+  for build in (build_two_tower, build_ranker, build_ad_index, build_ads_pipeline):
+    build(repo, tiny=True)
+  with serving(repo, metrics_port=0) as bg:
+    yield bg
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """Every step without the server: the models rebuilt from their seeds, the corpus regenerated;
+  `answer(cases)` for a list of (query, user) computes them all in one pass."""
+  towers = TwoTower(TwoTowerConfig.tiny(), rngs=nnx.Rngs(0))
+  rcfg = RankerConfig.tiny()
+  ranker = Ranker(dataclasses.replace(rcfg, query_dim=TwoTowerConfig.tiny().embed_dim),
+                  rngs=nnx.Rngs(0))
+  corpus = ad_corpus(TINY_ADS, 0, table_sizes=rcfg.ad_table_sizes, dense=rcfg.ad_dense)
+  ads = np.asarray(towers.ad(*map(jnp.asarray, byte_ids(corpus["titles"], 48))))  # all at once
+
+  def answer(cases):
+    q = np.asarray(towers.query(*map(jnp.asarray, byte_ids([c[0] for c in cases], 16))))
+    out = []
+    for (query, u), qi in zip(cases, q):
+      sims = (ads @ qi).astype(np.float64)
+      order = np.argsort(-sims, kind="stable")
+      assert sims[order[TINY_K - 1]] - sims[order[TINY_K]] > 1e-4, "near tie at K: change data"
+      out.append((order[:TINY_K], qi, u))
+    rows = {"history": [], "user_dense": [], "query": [], "ad_sparse": [], "ad_dense": []}
+    for top, qi, u in out:  # the flat ranker on every case's K ads, user rows repeated
+      rows["history"].append(np.repeat(u["history"], TINY_K, 0))
+      rows["user_dense"].append(np.repeat(u["user_dense"], TINY_K, 0))
+      rows["query"].append(np.repeat(qi[None], TINY_K, 0))
+      rows["ad_sparse"].append(corpus["ad_sparse"][top])
+      rows["ad_dense"].append(corpus["ad_dense"][top])
+    prob = np.asarray(ranker(**{k: jnp.asarray(np.concatenate(v)) for k, v in rows.items()})
+                      ["prob"]).reshape(len(cases), TINY_K)
+    best = [np.argsort(-p, kind="stable")[:TOP_N] for p in prob]
+    return [(corpus["ad_ids"][top][b], p[b]) for (top, _, _), p, b in zip(out, prob, best)]
+  return answer
+
+
+def byte_ids(texts, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """UTF-8 bytes as token ids [n, length] (0-padded) and lengths [n], written out here."""
+  ids = np.zeros((len(texts), length), np.int32)
+  for i, t in enumerate(texts):
+    ids[i, :len(t)] = list(t)
+  return ids, np.array([len(t) for t in texts], np.int32)
+
+
+def user(rng: np.random.Generator) -> dict[str, np.ndarray]:
+  cfg = RankerConfig.tiny()
+  return {"history": rng.integers(-1, cfg.history_rows, (1, cfg.history_len)).astype(np.int32),
+          "user_dense": rng.normal(size=(1, cfg.user_dense)).astype(np.float32)}
+
+
+def call(client: tc.InferenceServerClient, query: bytes, u: dict[str, np.ndarray]):
+  res = client.infer("ads_pipeline", triton_inputs(
+      {"query": np.array([query], dtype=object), **u}), client_timeout=60)
+  return res.as_numpy("ad_ids"), res.as_numpy("scores")
+
+
+def test_one_call_equals_the_steps_composed_without_the_server(served, reference):
+  rng = np.random.default_rng(0)
+  cases = [(q, user(rng)) for q in QUERIES]
+  answers = call_concurrently(served.address, call, cases, workers=len(cases))
+  for (q, u), (ids, scores), (want_ids, want_scores) in zip(cases, answers, reference(cases)):
+    assert ids.shape == (1, TOP_N) and scores.shape == (1, TOP_N)
+    np.testing.assert_array_equal(ids[0], want_ids, err_msg=q)
+    np.testing.assert_allclose(scores[0], want_scores, **TOL, err_msg=q)
+
+
+def test_a_failing_step_fails_that_request_with_the_step_named(served, reference):
+  rng = np.random.default_rng(1)
+  u = user(rng)
+  with tc.InferenceServerClient(served.address) as c:
+    # 40 bytes: longer than the tiny query tower's largest sequence bucket (16).
+    with pytest.raises(InferenceServerException) as e:
+      call(c, b"a query much longer than sixteen bytes!!", u)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "pipeline ads_pipeline step 'embed' (model two_tower_query)" in e.value.message()
+    c.unload_model("ranker")
+    with pytest.raises(InferenceServerException) as e:
+      call(c, QUERIES[0], u)
+    assert e.value.status() == "StatusCode.UNAVAILABLE"
+    assert "step 'rank' (model ranker)" in e.value.message()
+    c.load_model("ranker")
+    ids, scores = call(c, QUERIES[0], u)
+    np.testing.assert_array_equal(ids[0], reference([(QUERIES[0], u)])[0][0])
+    with pytest.raises(InferenceServerException) as e:  # the protocol's own checks come first
+      call(c, QUERIES[0], {**u, "user_dense": np.zeros((2, 3), np.float32)})
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "'user_dense'" in e.value.message()
+
+
+def test_config_statistics_and_step_metrics(served):
+  with tc.InferenceServerClient(served.address) as c:
+    config = c.get_model_config("ads_pipeline", as_json=True)["config"]
+    stats = c.get_inference_statistics("ads_pipeline", as_json=True)["model_stats"][0]
+  assert config["platform"] == "ensemble"
+  steps = config["ensemble_scheduling"]["step"]
+  assert [s["model_name"] for s in steps] == ["two_tower_query", "ad_index", "ranker"]
+  assert steps[1]["input_map"] == {"query": "embed.embedding"}
+  assert config["parameters"]["pipeline_ops"]["string_value"] == "tokenize:tokenize,select:top_k"
+  ok = int(stats["inference_stats"]["success"]["count"])
+  assert ok >= len(QUERIES)
+  text = urllib.request.urlopen(
+      f"http://127.0.0.1:{served.server.metrics_port}/metrics", timeout=30).read().decode()
+  line = next(x for x in text.splitlines() if x.startswith("xlaserve_pipeline_step_seconds_count")
+              and 'model="ads_pipeline"' in x and 'step="rank"' in x)
+  assert float(line.split()[-1]) >= ok
