@@ -27,6 +27,9 @@ from pallas_kernels.dispatch import check_impl, dispatch
 logger = logging.getLogger(__name__)
 
 COMBINERS: tuple[str, ...] = ("sum", "mean")
+# The reference gathers a row's whole lookup at once up to this many values (features x bag x
+# dim; per row, so a symbolic batch decides the same way), else it loops over the bag.
+GATHER_AT_ONCE_PER_ROW = 4096
 _QUANTIZED_DTYPES = (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8))
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -190,12 +193,19 @@ def _reference(
     *,
     combiner: str,
 ) -> jax.Array:  # [batch, features, dim]
-  # A loop over the bag, like the kernel: gathering [batch, features, bag, dim] at once and summing
-  # was ~10x slower on XLA CPU (where impl="auto" serves this) for 26 features x 32 ids.
+  # Small lookups gather every row at once (one flat gather): a user's 64-id history for 8
+  # users takes 0.08 ms that way on XLA CPU against 0.5 ms for the loop's 64 steps. Large ones
+  # loop over the bag, like the kernel: gathering [batch, features, bag, dim] at once was ~5x
+  # slower on XLA CPU (where impl="auto" serves this) for 256 rows x 26 features x 32 ids.
   num_features, num_rows, dim = tables.shape
   batch, _, bag = ids.shape
   valid = ids >= 0  # [batch, features, bag]
   rows = jnp.where(valid, ids % num_rows, 0)
+  if num_features * bag * dim <= GATHER_AT_ONCE_PER_ROW and num_features * num_rows < 2**31:
+    out = _gather_at_once(tables, rows, valid, scale, offset)
+    if combiner == "mean":
+      out = out / jnp.maximum(valid.sum(axis=2), 1)[..., None].astype(jnp.float32)
+    return out.astype(_out_dtype(tables.dtype))
   feature = jnp.arange(num_features)[None, :]  # [1, features]
 
   def body(j, acc):
@@ -209,6 +219,19 @@ def _reference(
   if combiner == "mean":
     out = out / jnp.maximum(valid.sum(axis=2), 1)[..., None].astype(jnp.float32)
   return out.astype(_out_dtype(tables.dtype))
+
+
+def _gather_at_once(tables, rows, valid, scale, offset):
+  """Sum over the bag of every looked-up row, gathered in one flat gather -> [B, F, dim] f32."""
+  num_features, num_rows, dim = tables.shape
+  batch, _, bag = rows.shape
+  flat = (rows + (jnp.arange(num_features) * num_rows)[None, :, None]).reshape(-1)
+  vals = jnp.take(tables.reshape(-1, dim), flat, axis=0).astype(jnp.float32)
+  vals = vals.reshape(batch, num_features, bag, dim)
+  if scale is not None:
+    vals = (vals * jnp.take(scale.reshape(-1), flat).reshape(batch, num_features, bag, 1)
+            + jnp.take(offset.reshape(-1), flat).reshape(batch, num_features, bag, 1))
+  return jnp.sum(jnp.where(valid[..., None], vals, 0.0), axis=2)
 
 
 def _check_combiner(combiner: str) -> None:

@@ -54,13 +54,15 @@ class _Slot:
     self.rec = rec
     self.runner = runner  # the C++ side validated against this runner's input specs
     self.version_key = version_key
+    # (name, dtype, values per row, row shape, 1 for a context input (one row) else 0)
     self.inputs = tuple((t.name, numpy_dtype(t.dtype), int(np.prod(t.shape[1:])),
-                         tuple(t.shape[1:])) for t in runner.inputs)
+                         tuple(t.shape[1:]), int(t.shape[0] == 1)) for t in runner.inputs)
 
 
 def _fast_runner(rec: ServedVersion) -> Runner | None:
   """The runner if the C++ front end can serve it: one that declares plain fixed-shape rows
-  (numeric tensors, fixed dimensions after the batch dimension, no parameters)."""
+  (numeric tensors, fixed dimensions after the batch dimension, no parameters; context inputs
+  of one row per request beside them)."""
   runner = rec.runner
   if rec.state is not State.READY or runner is None or not runner.capabilities.fixed_rows:
     return None
@@ -203,8 +205,9 @@ class NativeFrontend:
         if runner is None or slot.rec.runner is not runner:  # unloaded or reloaded since
           relay.append(call)
           continue
-        inputs = {name: frombuffer(buf, dt, rows * n, off).reshape((rows, *shape))
-                  for (name, dt, n, shape), off in zip(slot.inputs, offsets)}
+        inputs = {name: frombuffer(buf, dt, (one or rows) * n, off).reshape(((one or rows),
+                                                                            *shape))
+                  for (name, dt, n, shape, one), off in zip(slot.inputs, offsets)}
         req = InferRequest(inputs, rows, self, arrival, deadline, priority, request_id,
                            sink_token=(call, slot_id))
         try:

@@ -53,7 +53,7 @@ class RowQueue;  // row_queue.h
 
 struct Spec {
   std::string name, datatype;
-  std::vector<int64_t> dims;  // dims[0] == -1 (rows)
+  std::vector<int64_t> dims;  // dims[0] == -1 (rows), or 1 (a context input: one per request)
   int64_t row_bytes = 0;      // bytes per row
 };
 
