@@ -19,3 +19,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+
+def pytest_addoption(parser):
+  parser.addoption("--run-slow", action="store_true", default=False,
+                   help="also run the tests marked slow: more variants of what the default run"
+                   " already covers (CI runs without them to stay within its time budget)")
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest
+
+  if config.getoption("--run-slow") or os.environ.get("XLASERVE_RUN_SLOW") == "1":
+    return
+  skip = pytest.mark.skip(reason="slow variant: run with --run-slow (or XLASERVE_RUN_SLOW=1)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

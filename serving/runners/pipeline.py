@@ -146,6 +146,10 @@ class PipelineRunner:
     try:
       outputs = {t.name: np.asarray(resolve(self.spec.outputs[t.name], run.tensors),
                                     numpy_dtype(t.dtype)) for t in self.outputs}
+      for t in self.outputs:
+        if outputs[t.name].shape != tuple(t.shape):
+          raise ValueError(f"output {t.name!r} has shape {list(outputs[t.name].shape)}, the"
+                           f" pipeline declares {list(t.shape)}")
     except Exception as e:
       self._answer(run, None, ServingError(Code.INTERNAL, f"pipeline {self.name}: its outputs"
                                            f" cannot be assembled: {e}"))

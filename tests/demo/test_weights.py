@@ -107,6 +107,7 @@ def test_the_demo_lm_bundle_serves_the_recorded_greedy_text(tmp_path):
   assert res.as_numpy("text_output")[0] == want
 
 
+@pytest.mark.slow  # a variant: opt in with --run-slow
 def test_missing_or_stale_weights_fall_back_to_training_with_progress(tmp_path):
   config = dataclasses.replace(GenerativeExportConfig.tiny(), train_steps=3)
   lines = []

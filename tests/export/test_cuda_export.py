@@ -11,7 +11,8 @@ from models.dlrm import DLRM, DLRMConfig
 TRITON = "__gpu$xla.gpu.triton"
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8+int8_tables"])
+@pytest.mark.parametrize("quantization", ["none", pytest.param("int8+int8_tables",
+                                                         marks=pytest.mark.slow)])
 def test_cuda_artifacts_have_static_batch_and_triton_kernels(tmp_path, quantization):
   model = DLRM(DLRMConfig.tiny(), rngs=nnx.Rngs(0))
   path = export.export_model(

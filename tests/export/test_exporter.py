@@ -170,6 +170,7 @@ def test_quantization_choice(tmp_path):
                         config=export.ExportConfig(quantization="int8"), **fn_args)
 
 
+@pytest.mark.slow  # a variant: opt in with --run-slow
 def test_int8_dense_layers_serve_close_to_float(tmp_path):
   """The choice reaches the bundle: models.layers.Dense kernels become int8 (weight-only)."""
   from models.relevance import RelevanceConfig, RelevanceModel

@@ -53,8 +53,14 @@ def test_demo_serves_and_stops_on_sigterm(demo_process):
   addr, metrics_url = proc.address, proc.metrics_url
   c = tc.InferenceServerClient(addr)
   assert c.is_server_ready() and c.is_model_ready("dlrm")
-  for name in ("relevance", "dcn_v2", "two_tower_query", "two_tower_ad"):  # one per signature
+  for name in ("relevance", "dcn_v2", "two_tower_query", "two_tower_ad", "ranker", "ad_index",
+               "ads_pipeline"):  # one per signature, and the retrieval -> ranking pipeline
     assert c.is_model_ready(name), name
+  ads = infer(c, "ads_pipeline", {"query": np.array([b"acme shoes"], dtype=object),
+                                  "history": np.arange(6, dtype=np.int32)[None],
+                                  "user_dense": np.ones((1, 3), np.float32)})
+  assert ads["ad_ids"].shape == ads["scores"].shape == (1, 10)
+  assert np.all(np.diff(ads["scores"][0]) <= 0) and len(set(ads["ad_ids"][0])) == 10
   # A first start serves each demo model as soon as it is built, the first before the next
   # build begins (tests/serving/test_first_start.py: the readiness rules meanwhile), and it
   # never goes quiet: a progress line at least every ~10 s until "try it:".

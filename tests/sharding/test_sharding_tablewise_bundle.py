@@ -63,7 +63,7 @@ def _engine(path, manifest, n):
 
 
 @pytest.mark.parametrize("quant", ["none", "int8_tables"])
-@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow), 8])
 def test_bundle_served_table_wise(bundles, quant, n):
   cfg, model, dense, sparse, by_quant = bundles
   path, manifest, want = by_quant[quant]
@@ -106,6 +106,7 @@ def test_bundle_served_table_wise(bundles, quant, n):
     engine.close()
 
 
+@pytest.mark.slow  # a variant: opt in with --run-slow
 def test_dcn_v2_bundle_served_table_wise(tmp_path):
   cfg = dataclasses.replace(DCNv2Config.tiny(), embedding_impl="xla")
   model = DCNv2(cfg, rngs=nnx.Rngs(3))

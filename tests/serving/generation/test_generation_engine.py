@@ -205,6 +205,7 @@ def test_stop_sequence_through_the_real_model(service):
   assert cut.data == text[:text.find(stop)]
 
 
+@pytest.mark.slow  # a variant: opt in with --run-slow
 def test_int8_kv_cache_bundle_serves(tiny_int8_bundle, tiny_model, compile_counter):
   m = read_manifest(tiny_int8_bundle)
   assert m.extra["kv_dtype"] == "int8"

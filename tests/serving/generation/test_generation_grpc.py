@@ -123,6 +123,7 @@ def test_generation_metrics_exposed(lm_server):
   assert 'vllm:gpu_cache_usage_perc{model_name="decoder/1"}' in text
 
 
+@pytest.mark.slow  # a variant: opt in with --run-slow
 def test_int8_weight_bundle_serves_and_is_smaller(tiny_model, tiny_bundle, tmp_path):
   """int8 Dense weights (MLP, head) through the quantization path: fewer bytes, and it serves."""
   import dataclasses

@@ -21,7 +21,8 @@ def bundle_repo(tmp_path_factory):
                            table_sizes=DLRM_TABLE_SIZES_DIVISIBLE)
 
 
-@pytest.mark.parametrize("strategy,devices", [("replicated", 2), ("tensor", 4),
+@pytest.mark.parametrize("strategy,devices", [pytest.param("replicated", 2, marks=pytest.mark.slow),
+                                              ("tensor", 4),
                                               ("tensor+data", 8), ("embedding_rows", 8)])
 def test_sharded_dlrm_serves_same_outputs(bundle_repo, strategy, devices):
   repo, model = bundle_repo
