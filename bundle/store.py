@@ -41,8 +41,9 @@ def write_bundle(
     raise ValueError(f"{len(params)} param leaves but {len(manifest.params)} specs")
   tree = {"leaves": {f"{i:05d}": np.asarray(p) if not hasattr(p, "sharding") else p
                      for i, p in enumerate(params)}}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path / PARAMS_DIR, tree)
+  if params:  # a bundle without params (a pipeline) has no checkpoint
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(path / PARAMS_DIR, tree)
   for fname, blob in artifacts.items():
     (path / fname).write_bytes(blob)
   tmp = path / (MANIFEST + ".tmp")
@@ -82,6 +83,8 @@ def restore_params(
     return jax.ShapeDtypeStruct(p.shape, np.dtype(p.dtype) if p.dtype != "bfloat16"
                                 else jax.numpy.bfloat16, sharding=sharding)
 
+  if not manifest.params:
+    return []
   abstract = {"leaves": {f"{i:05d}": target(i, p) for i, p in enumerate(manifest.params)}}
   ckpt = pathlib.Path(directory).absolute() / PARAMS_DIR
   if not ckpt.exists():

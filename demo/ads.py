@@ -1,9 +1,12 @@
 """The demo ad corpus, its retrieval index, and the retrieval -> ranking pipeline over them.
 
 `ad_index` is a predict bundle whose params are the corpus: each ad's two-tower ad embedding
-(the demo `two_tower` model's ad tower, same seed), its id and its ranking features. Its one
-signature takes query embeddings [B, E] and returns the exact top-K ads by inner product
-(cosine: the embeddings are unit vectors), found in XLA on the device, with their features.
+(the demo `two_tower` model's ad tower, same seed), its id and its ranking features, one ad
+per slot, plus 10% free slots (`valid` 0). Its one signature takes query embeddings [B, E] and
+returns the exact top-K ads by inner product (cosine: the embeddings are unit vectors), found
+in XLA on the device, with their features. Ads are added, removed or replaced while serving by
+setting slots' rows (`POST /v2/models/ad_index/params`, serving/frontend/params.py): all leaves
+of one update change between two batches, so a query sees one generation of the index.
 `ads_pipeline` chains: query text -> tokenize -> `two_tower_query` -> `ad_index` -> `ranker`
 (the query embedding and the user as context, the K retrieved ads as candidates) -> the top n
 ads by predicted click probability.
@@ -22,7 +25,7 @@ logger = logging.getLogger(__name__)
 DEMO_ADS, TINY_ADS = 100_000, 2_000
 DEMO_K, TINY_K = 200, 20  # ads retrieved per query, then ranked
 TOP_N = 10  # ads the pipeline answers with
-TITLE_LEN = 48  # ad titles are embedded at this many bytes (the longest is 48)
+TITLE_LEN = 32  # ad titles are embedded at this many bytes (the ad number first: distinct)
 INDEX_BUCKETS, TINY_INDEX_BUCKETS = (1, 2, 4, 8, 16), (1, 4)  # queries per batch
 
 _BRANDS = ("Acme", "Nimbus", "Vertex", "Solace", "Kite", "Orbit", "Maple", "Harbor", "Zenith",
@@ -39,7 +42,7 @@ def ad_corpus(n: int, seed: int = 0, *, table_sizes: tuple[int, ...] = (500_000,
   advertiser, category, format, each within its table) and ad_dense [n, dense]."""
   rng = np.random.default_rng(seed)
   b, p, h = (rng.integers(0, len(x), n) for x in (_BRANDS, _PRODUCTS, _HOOKS))
-  titles = np.array([f"{_BRANDS[i]} {_PRODUCTS[j]} - {_HOOKS[k]} #{a}".encode()
+  titles = np.array([f"#{a} {_BRANDS[i]} {_PRODUCTS[j]} - {_HOOKS[k]}".encode()
                      for a, (i, j, k) in enumerate(zip(b, p, h))], dtype=object)
   ids = np.arange(n, dtype=np.int32)
   sparse = np.stack([ids % table_sizes[0], b * 997 + p, p, h][:len(table_sizes)], axis=1)
@@ -59,14 +62,21 @@ def byte_tokens(texts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]
   return ids, lengths
 
 
-def embed_ads(towers, titles: np.ndarray, *, batch: int = 1024) -> np.ndarray:
-  """The ad tower's unit embeddings [n, E] of `titles`, in fixed-size batches (one compile)."""
+def embed_ads(towers, titles: np.ndarray, *, batch: int = 1024,
+              progress: Callable[[str], None] | None = None) -> np.ndarray:
+  """The ad tower's unit embeddings [n, E] of `titles`, in fixed-size batches (one compile);
+  says how far it got about every 10 s."""
+  import time
+
   import jax
 
   fn = jax.jit(lambda ids, lengths: towers.ad(ids, lengths))
   ids, lengths = byte_tokens(titles, TITLE_LEN)
-  out = []
+  out, said = [], time.monotonic()
   for start in range(0, len(titles), batch):
+    if progress is not None and time.monotonic() - said > 10:
+      progress(f"ad_index: {start:,} of {len(titles):,} ads embedded ...")
+      said = time.monotonic()
     chunk_ids, chunk_len = ids[start:start + batch], lengths[start:start + batch]
     pad = batch - len(chunk_ids)
     if pad:
@@ -109,9 +119,12 @@ def build_ad_index(repository: pathlib.Path, *, tiny: bool = False, seed: int = 
   rcfg = RankerConfig.tiny() if tiny else RankerConfig.demo()
   corpus = ad_corpus(n, seed, table_sizes=rcfg.ad_table_sizes, dense=rcfg.ad_dense)
   say(f"ad_index: embedding {n:,} generated ads with the two-tower ad tower ...")
-  params = {"embeddings": embed_ads(towers, corpus["titles"]), "ad_ids": corpus["ad_ids"],
-            "ad_sparse": corpus["ad_sparse"], "ad_dense": corpus["ad_dense"],
-            "valid": np.ones(n, np.float32)}
+  free = n // 10  # empty slots (valid 0) for ads added while serving (POST .../params)
+  grow = lambda x, fill: np.concatenate([x, np.full((free, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
+  params = {"embeddings": grow(embed_ads(towers, corpus["titles"], progress=say), 0.0),
+            "ad_ids": grow(corpus["ad_ids"], -1), "ad_sparse": grow(corpus["ad_sparse"], 0),
+            "ad_dense": grow(corpus["ad_dense"], 0.0),
+            "valid": grow(np.ones(n, np.float32), 0.0)}
   dim = params["embeddings"].shape[1]
   return export.export_model(
       functools.partial(retrieve, k=k), params=params, repository=repository, name="ad_index",
@@ -119,8 +132,9 @@ def build_ad_index(repository: pathlib.Path, *, tiny: bool = False, seed: int = 
       config=export.ExportConfig(batch_buckets=TINY_INDEX_BUCKETS if tiny else INDEX_BUCKETS,
                                  max_queue_delay_us=500,
                                  platforms=platforms),
-      extra={"description": f"exact top-{k} retrieval over {n:,} ad embeddings (inner product)",
-             "num_ads": n, "k": k})
+      extra={"description": f"exact top-{k} retrieval over {n:,} ad embeddings (inner product);"
+                            f" slots {n}..{n + free - 1} are free for ads added while serving",
+             "num_ads": n, "slots": n + free, "k": k})
 
 
 def pipeline_config(*, k: int, top_n: int = TOP_N, ranker=None) -> dict:

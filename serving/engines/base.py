@@ -68,6 +68,11 @@ class Engine(abc.ABC):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     """Waits for a dispatched batch and returns its outputs as host arrays."""
 
+  def update_rows(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> int:
+    """Sets rows of named param leaves while serving (see ReplicaEngine); returns the params
+    generation. Engines without params to update raise ValueError."""
+    raise ValueError("this model's params cannot be updated while it serves")
+
   def close(self) -> None:
     """Releases device memory held by this engine."""
 

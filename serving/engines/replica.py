@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import pathlib
 import time
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -74,6 +75,9 @@ class ReplicaEngine(Engine):
     self._point_seconds: dict[Point, float] = {}
     self._param_bytes = param_bytes(self.manifest)
     self._platform = export_platform()
+    self._update_lock = threading.Lock()  # live row updates, one at a time
+    self._generation = 0
+    self._scatter_fn: Any = None
 
   # -- hooks -------------------------------------------------------------------------------
 
@@ -211,6 +215,54 @@ class ReplicaEngine(Engine):
   @property
   def param_bytes(self) -> int:
     return self._param_bytes
+
+  # -- live row updates ----------------------------------------------------------------------
+
+  def update_rows(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> int:
+    """Sets rows `rows` of the param leaves named in `values` (path -> [len(rows), ...]) on
+    every replica, on the device, all leaves at once: a batch sees either every change or none
+    (each dispatch reads its replica's params once). Returns the new params generation.
+    Raises ValueError for an unknown leaf, a row out of range or a shape that does not fit."""
+    import jax
+
+    if any(p.tables is not None for p in self.placements):
+      raise ValueError("live row updates are not supported under table-wise placements")
+    leaves = {p.path: (i, p) for i, p in enumerate(self.manifest.params)}
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    for path, v in values.items():
+      if path not in leaves:
+        raise ValueError(f"no param leaf {path!r} (leaves: {sorted(leaves)})")
+      _, spec = leaves[path]
+      if not spec.shape or rows.size and (rows.min() < 0 or rows.max() >= spec.shape[0]):
+        raise ValueError(f"rows must be in [0, {spec.shape[0] if spec.shape else 0}) for"
+                         f" {path!r}")
+      if tuple(v.shape) != (rows.size, *spec.shape[1:]):
+        raise ValueError(f"{path!r}: values of shape {list(v.shape)}, expected"
+                         f" {[rows.size, *spec.shape[1:]]}")
+    n = 1 << max(0, int(rows.size) - 1).bit_length()  # bucketed: few scatter shapes compile
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)])  # noqa: E731
+    with self._update_lock:
+      for replica in self._replicas:
+        params = list(replica["params"])
+        for path, v in values.items():
+          i = leaves[path][0]
+          params[i] = self._scatter(params[i], pad(rows), pad(np.asarray(v, params[i].dtype)))
+        jax.block_until_ready(params)
+        replica["params"] = params  # one assignment: later batches see all of it
+      self._generation += 1
+      return self._generation
+
+  @property
+  def generation(self) -> int:
+    """How many live row updates the params have taken."""
+    return self._generation
+
+  def _scatter(self, x: Any, rows: np.ndarray, values: np.ndarray) -> Any:
+    import jax
+
+    if self._scatter_fn is None:
+      self._scatter_fn = jax.jit(lambda a, r, v: a.at[r].set(v))
+    return self._scatter_fn(x, rows, values)
 
   @property
   def point_seconds(self) -> Mapping[Point, float]:

@@ -8,7 +8,10 @@ ensemble; statistics and per-step metrics count the steps.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
+import urllib.error
 import urllib.request
 
 import jax.numpy as jnp
@@ -19,7 +22,8 @@ from flax import nnx
 from tritonclient.utils import InferenceServerException
 
 from clientutil import call_concurrently, serving, triton_inputs
-from demo.ads import TINY_ADS, TINY_K, TOP_N, ad_corpus, build_ad_index, build_ads_pipeline
+from demo.ads import (TINY_ADS, TINY_K, TITLE_LEN, TOP_N, ad_corpus, build_ad_index,
+                      build_ads_pipeline)
 from demo.models import build_ranker, build_two_tower
 from models.ranking import Ranker, RankerConfig
 from models.two_tower import TwoTower, TwoTowerConfig
@@ -33,7 +37,7 @@ def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("repo")
   for build in (build_two_tower, build_ranker, build_ad_index, build_ads_pipeline):
     build(repo, tiny=True)
-  with serving(repo, metrics_port=0) as bg:
+  with serving(repo, metrics_port=0, http_port=0) as bg:
     yield bg
 
 
@@ -46,7 +50,7 @@ def reference():
   ranker = Ranker(dataclasses.replace(rcfg, query_dim=TwoTowerConfig.tiny().embed_dim),
                   rngs=nnx.Rngs(0))
   corpus = ad_corpus(TINY_ADS, 0, table_sizes=rcfg.ad_table_sizes, dense=rcfg.ad_dense)
-  ads = np.asarray(towers.ad(*map(jnp.asarray, byte_ids(corpus["titles"], 48))))  # all at once
+  ads = np.asarray(towers.ad(*map(jnp.asarray, byte_ids(corpus["titles"], TITLE_LEN))))  # all at once
 
   def answer(cases):
     q = np.asarray(towers.query(*map(jnp.asarray, byte_ids([c[0] for c in cases], 16))))
@@ -72,6 +76,7 @@ def reference():
 
 def byte_ids(texts, length: int) -> tuple[np.ndarray, np.ndarray]:
   """UTF-8 bytes as token ids [n, length] (0-padded) and lengths [n], written out here."""
+  texts = [t[:length] for t in texts]
   ids = np.zeros((len(texts), length), np.int32)
   for i, t in enumerate(texts):
     ids[i, :len(t)] = list(t)
@@ -138,3 +143,69 @@ def test_config_statistics_and_step_metrics(served):
   line = next(x for x in text.splitlines() if x.startswith("xlaserve_pipeline_step_seconds_count")
               and 'model="ads_pipeline"' in x and 'step="rank"' in x)
   assert float(line.split()[-1]) >= ok
+
+
+def index_query(client: tc.InferenceServerClient, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  res = client.infer("ad_index", triton_inputs({"query": q}), client_timeout=60)
+  return res.as_numpy("ad_ids")[0], res.as_numpy("scores")[0]
+
+
+def update(port: int, model: str, rows, **leaves: np.ndarray) -> dict:
+  """POST /v2/models/<model>/params with JSON tensors; the JSON answer (raises HTTPError)."""
+  kinds = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+  body = {"inputs": [{"name": "rows", "datatype": "INT64", "shape": [len(rows)],
+                      "data": [int(r) for r in rows]}] + [
+      {"name": k, "datatype": kinds[v.dtype], "shape": list(v.shape), "data": v.ravel().tolist()}
+      for k, v in leaves.items()]}
+  req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/params",
+                               data=json.dumps(body).encode(), method="POST")
+  return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+
+def test_ads_are_added_removed_and_replaced_live_one_generation_per_query(served):
+  port = served.server.http_port
+  with tc.InferenceServerClient(served.address) as c:
+    ids, lengths = byte_ids([QUERIES[0]], 16)
+    q = c.infer("two_tower_query", triton_inputs({"token_ids": ids, "lengths": lengths})
+                ).as_numpy("embedding")
+    before = index_query(c, q)
+    slot = TINY_ADS  # the first free slot
+    added = update(port, "ad_index", [slot], embeddings=q, ad_ids=np.array([777777], np.int32),
+                   valid=np.ones(1, np.float32))
+    got_ids, got_scores = index_query(c, q)
+    assert got_ids[0] == 777777 and abs(got_scores[0] - float(q[0] @ q[0])) < 1e-5
+    removed = update(port, "ad_index", [slot], valid=np.zeros(1, np.float32))
+    assert removed["generation"] == added["generation"] + 1
+    after = index_query(c, q)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-6)
+
+    # Replace every ad: the same ads in other slots (embeddings and ids moved together). A query
+    # answered with half the update (embeddings moved, ids not) would name other ads.
+    perm = np.random.default_rng(0).permutation(TINY_ADS)
+    rcfg = RankerConfig.tiny()
+    corpus = ad_corpus(TINY_ADS, 0, table_sizes=rcfg.ad_table_sizes, dense=rcfg.ad_dense)
+    towers = TwoTower(TwoTowerConfig.tiny(), rngs=nnx.Rngs(0))
+    emb = np.asarray(towers.ad(*map(jnp.asarray, byte_ids(corpus["titles"], TITLE_LEN))))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      queries = [pool.submit(index_query, c, q) for _ in range(40)]
+      moved = update(port, "ad_index", perm, embeddings=emb, ad_ids=corpus["ad_ids"],
+                     ad_sparse=corpus["ad_sparse"], ad_dense=corpus["ad_dense"])
+      answers = [f.result() for f in queries]
+    assert moved["rows"] == TINY_ADS and moved["generation"] == removed["generation"] + 1
+    for got_ids, got_scores in answers + [index_query(c, q)]:
+      np.testing.assert_array_equal(got_ids, before[0])
+      np.testing.assert_allclose(got_scores, before[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model,rows,leaves,message", [
+    ("ad_index", [0], {"nope": np.zeros((1, 2), np.float32)}, "has no param leaves ['nope']"),
+    ("ad_index", [10**6], {"valid": np.zeros(1, np.float32)}, "rows must be in [0, 2200)"),
+    ("ad_index", [0], {"valid": np.zeros(2, np.float32)}, "has 2 rows but another input has 1"),
+    ("ads_pipeline", [0], {"valid": np.zeros(1, np.float32)}, "no params that can be updated"),
+])
+def test_bad_updates_are_refused_by_name(served, model, rows, leaves, message):
+  with pytest.raises(urllib.error.HTTPError) as e:
+    update(served.server.http_port, model, rows, **leaves)
+  assert e.value.code == 400
+  assert message in json.loads(e.value.read())["error"]

@@ -12,17 +12,20 @@ the runner queue). So one mistake gets the same message on both protocols.
   GET  .../ready | .../config | .../stats    readiness, configuration, statistics
   POST .../infer                             inference (JSON and binary tensors)
   POST .../generate | .../generate_stream    Triton's generate extension (generate.py)
+  POST .../params                            live row updates of the model's params (params.py)
   POST /v2/repository/index                  the repository's models and their states
   POST /v2/repository/models/{m}/load | /unload
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable
 
 import grpc
 
+from serving.frontend import params
 from serving.frontend.http import tensors
 from serving.frontend.http.app import HttpError, Reply, Request, json_reply
 from serving.frontend.http.generate import Generation
@@ -32,8 +35,9 @@ from serving.frontend.servicer import GRPC_CODE, InferenceServicer, log_outcome
 from serving.types import SHUTTING_DOWN, Code, ServingError
 
 _CODE_OF = {status: code for code, status in GRPC_CODE.items()}
-_MODEL_TAILS = frozenset({"", "ready", "config", "stats", "infer", "generate", "generate_stream"})
-_POST_TAILS = frozenset({"infer", "generate", "generate_stream"})
+_MODEL_TAILS = frozenset({"", "ready", "config", "stats", "infer", "generate", "generate_stream",
+                          "params"})
+_POST_TAILS = frozenset({"infer", "generate", "generate_stream", "params"})
 
 
 class _Context:
@@ -97,7 +101,8 @@ class Routes:
     handler = {"": self.model_metadata, "ready": self.model_ready, "config": self.model_config,
                "stats": self.model_stats, "infer": self.infer,
                "generate": self.generation.generate,
-               "generate_stream": self.generation.generate_stream}[tail]
+               "generate_stream": self.generation.generate_stream,
+               "params": self.update_params}[tail]
     return ("POST" if tail in _POST_TAILS else "GET"), handler, (model, version)
 
   async def _call(self, method: Callable, request: Any) -> Any:
@@ -182,3 +187,16 @@ class Routes:
     if n is None:
       return Reply(200, body)
     return Reply(200, body, tensors.BINARY_TYPE, [(tensors.HEADER_LENGTH, str(n).encode())])
+
+  async def update_params(self, req: Request, model: str, version: str) -> Reply:
+    """POST .../params: rows of the model's param leaves set while it serves (JSON or binary
+    tensors, as for infer); answers the params generation."""
+    servicer = self.servicer
+    rec, runner = servicer.route(model, version)
+    n = tensors.header_length(req.headers.get(tensors.HEADER_LENGTH), len(req.body))
+    request = tensors.parse_infer_request(model, version, req.body, n)
+    rows, generation = await asyncio.to_thread(
+        params.apply_update, runner, rec.manifest, request, servicer.limits,
+        servicer.repo.compiles)
+    return json_reply({"model_name": rec.name, "model_version": str(rec.version),
+                       "rows": rows, "generation": generation})
