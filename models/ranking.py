@@ -28,7 +28,7 @@ class RankerConfig:
 
   history_rows: int = 200_000  # ad id space of the click history
   history_len: int = 64  # ids per user (-1 pads a short history)
-  history_dim: int = 32
+  history_dim: int = 16  # = ad_dim: one embedding width (table-wise sharding fuses tables)
   user_dense: int = 16
   query_dim: int = 0  # > 0: the context also takes a query embedding [R, query_dim]
   user_mlp: tuple[int, ...] = (512, 256, 64)
@@ -55,7 +55,7 @@ class RankerConfig:
   @classmethod
   def tiny(cls) -> RankerConfig:
     """Same structure, kilobytes of weights: for tests."""
-    return cls(history_rows=500, history_len=6, history_dim=8, user_dense=3, user_mlp=(16, 8),
+    return cls(history_rows=500, history_len=6, history_dim=4, user_dense=3, user_mlp=(16, 8),
                ad_table_sizes=(300, 40, 7), ad_dim=4, ad_dense=2, ad_mlp=(12, 8),
                head_mlp=(8, 1))
 

@@ -238,12 +238,9 @@ bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t
       if (t.shape[d] != s.dims[d]) return false;
     }
     int64_t nr = t.shape[0];
-    if (s.dims[0] == 1) {  // a context input: exactly one row per request, not a row count
-      if (nr != 1) return false;
-    } else {
-      if (nr < 1 || nr > max_rows || (rows >= 0 && nr != rows)) return false;
-      rows = nr;
-    }
+    const bool context = s.dims[0] == 1;  // a context input: one row per request, not a count
+    if (context ? nr != 1 : (nr < 1 || nr > max_rows || (rows >= 0 && nr != rows))) return false;
+    if (!context) rows = nr;
     if (s.row_bytes != 0 && nr > max_tensor_bytes / s.row_bytes) return false;
     if (int64_t(r.raw[i].size()) != nr * s.row_bytes) return false;
     (*offsets)[k] = size_t(r.raw[i].data() - msg.data());
