@@ -2,7 +2,7 @@
 
   python benchmarks/context.py [--candidates 200] [--seconds 6] [--rounds 2] [--out DIR]
 
-Exports the demo ranking model (models/ranking.py: a 64-id click history pooled, the user's
+Exports the demo ranking model (models/ranking.py: a 100-id click history pooled, the user's
 profile and the query's 64-d embedding through a user MLP; an ad tower and a head) twice into
 a scratch repository: `ranker` with the user side as context inputs (sent once, computed once
 per request) and `ranker_flat` (the user's rows repeated on every candidate row by the
