@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--seconds", type=float, default=6.0, help="seconds per saturated run")
   ap.add_argument("--rounds", type=int, default=2, help="rounds; the best of each is kept")
   ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
-                  default=[8, 16], help="closed-loop concurrencies tried at saturation")
+                  default=[8, 16, 32], help="closed-loop concurrencies tried at saturation")
   ap.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
   ap.add_argument("--out", type=pathlib.Path, default=ROOT / "bench_out" / "pipeline")
   args = ap.parse_args(argv)
