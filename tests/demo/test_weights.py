@@ -72,6 +72,7 @@ def test_shipped_weights_are_small_and_for_the_demo_recipe():
   assert meta["quality"]["greedy_prompts_identical"] == meta["quality"]["greedy_prompts"]
 
 
+@pytest.mark.slow  # test_the_demo_lm_bundle_serves_the_recorded_greedy_text covers it end to end
 def test_shipped_weights_reproduce_their_recorded_outputs():
   model, meta = load_lm(LM_WEIGHTS, DecoderConfig.demo(), GenerativeExportConfig.demo())
   _, arrays = read_lm(LM_WEIGHTS)
