@@ -38,6 +38,7 @@ from bundle.datatypes import (BY_NUMPY, BY_TRITON, DATATYPES, Datatype, numpy_dt
                               triton_datatype)
 from bundle.manifest import (FORMAT_VERSION, BundleError, ContextSplit, Manifest, ParamSpec, Signature, TableLookup,
                              TensorSpec, artifact_key, check_seq_buckets, compute_code_hash,
+                             smallest_bucket,
                              find_artifact,
                              only_signature, served_models)
 from bundle.pipeline import OPS, PipelineSpec, Source, Step

@@ -5,6 +5,7 @@ See `bundle/__init__.py` for the layout on disk.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,11 @@ class TensorSpec:
   @property
   def datatype(self) -> str:
     return BY_NUMPY[self.dtype].triton
+
+  @property
+  def per_request(self) -> bool:
+    """A context input: a fixed leading 1, one row per request (not per candidate)."""
+    return bool(self.dims) and self.dims[0] is None and self.shape[0] == 1
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -187,7 +193,7 @@ class Signature:
     names = {t.name: t for t in self.inputs}
     for n in self.context.inputs:
       t = names.get(n)
-      if t is None or t.shape[:1] != (1,) or t.dims[0] is not None:
+      if t is None or not t.per_request:
         raise ValueError(f"signature {self.name!r}: context input {n!r} must be an input of"
                          " shape [1, ...] (one row per request)")
     if all(n in self.context.inputs for n in names):
@@ -363,6 +369,12 @@ def compute_code_hash(
   h.update(json.dumps([(p.shape, p.dtype) for p in params]).encode())
   h.update(json.dumps([list(batch_buckets), list(seq_buckets)]).encode())
   return h.hexdigest()[:16]
+
+
+def smallest_bucket(buckets: Sequence[int], n: int) -> int | None:
+  """The smallest of the sorted `buckets` holding `n`, or None when `n` exceeds the largest."""
+  i = bisect.bisect_left(buckets, n)
+  return buckets[i] if i < len(buckets) else None
 
 
 def check_seq_buckets(seq_buckets: Iterable[int]) -> tuple[int, ...]:

@@ -26,11 +26,11 @@ delivering the answer and the estimate's own error.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 from typing import Deque, Generic, Iterable, TypeVar
 
+from bundle import smallest_bucket
 from serving.batching.admission import check_deadline, check_queue_bounds
 
 T = TypeVar("T")
@@ -73,10 +73,10 @@ class BatchingConfig:
 
   def bucket_for(self, rows: int) -> int:
     """Smallest bucket holding `rows` (rows <= max_batch_size)."""
-    i = bisect.bisect_left(self.buckets, rows)
-    if i == len(self.buckets):
+    bucket = smallest_bucket(self.buckets, rows)
+    if bucket is None:
       raise ValueError(f"{rows} rows exceed the largest bucket {self.buckets[-1]}")
-    return self.buckets[i]
+    return bucket
 
 
 @dataclasses.dataclass(slots=True, eq=False)

@@ -15,12 +15,11 @@ queues holding an older request (finitely many, fewer with every batch) run befo
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 from typing import Callable, Generic, Iterable, TypeVar
 
-from bundle import check_seq_buckets
+from bundle import check_seq_buckets, smallest_bucket
 from serving.batching.admission import check_queue_bounds
 from serving.batching.rows import BatchingConfig, BatchPlan, Batcher, Decision, Pending
 
@@ -65,11 +64,11 @@ class SeqBatcher(Generic[T]):
     """Smallest sequence bucket holding `length` tokens; ValueError beyond the largest."""
     if length < 1:
       raise ValueError(f"sequence length must be >= 1, got {length}")
-    i = bisect.bisect_left(self.seq_buckets, length)
-    if i == len(self.seq_buckets):
+    bucket = smallest_bucket(self.seq_buckets, length)
+    if bucket is None:
       raise ValueError(f"sequence length {length} exceeds the largest sequence bucket"
                        f" {self.seq_buckets[-1]}")
-    return self.seq_buckets[i]
+    return bucket
 
   @property
   def queued_rows(self) -> int:

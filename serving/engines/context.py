@@ -11,14 +11,13 @@ feature row by its segment id before the model's scoring function.
 
 from __future__ import annotations
 
-import bisect
 import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 import bundle as bundle_lib
-from bundle import BundleError, ContextSplit, Manifest, TensorSpec
+from bundle import BundleError, ContextSplit, Manifest, TensorSpec, smallest_bucket
 from serving.engines.base import Placement
 from serving.engines.replica import Point, ReplicaEngine, Step, deserialize, resolve_signature
 
@@ -117,11 +116,11 @@ class ContextEngine(ReplicaEngine):
 
   def request_bucket_for(self, requests: int) -> int:
     """Smallest request bucket holding `requests` (at most the largest)."""
-    i = bisect.bisect_left(self.request_buckets, requests)
-    if i == len(self.request_buckets):
+    bucket = smallest_bucket(self.request_buckets, requests)
+    if bucket is None:
       raise ValueError(f"{requests} requests exceed the largest request bucket"
                        f" {self.request_buckets[-1]}")
-    return self.request_buckets[i]
+    return bucket
 
   @property
   def bucket_seconds(self) -> Mapping[int, float]:

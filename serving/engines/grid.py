@@ -10,7 +10,6 @@ that fits (models mask padded positions through their `lengths` input).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest, TensorSpec
-from bundle import check_seq_buckets
+from bundle import check_seq_buckets, smallest_bucket
 from serving.engines.base import Placement
 from serving.engines.replica import ReplicaEngine, deserialize, resolve_signature
 
@@ -111,11 +110,11 @@ class SeqBundleEngine(ReplicaEngine):
 
   def seq_bucket_for(self, length: int) -> int:
     """Smallest sequence bucket holding `length` tokens."""
-    i = bisect.bisect_left(self.seq_buckets, length)
-    if i == len(self.seq_buckets):
+    bucket = smallest_bucket(self.seq_buckets, length)
+    if bucket is None:
       raise ValueError(f"sequence length {length} exceeds the largest sequence bucket"
                        f" {self.seq_buckets[-1]}")
-    return self.seq_buckets[i]
+    return bucket
 
   def pad(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
     """(sequence bucket, inputs zero-padded along their "seq" dimension to it)."""

@@ -69,7 +69,7 @@ def decode_inputs(
     if len(shape) != len(spec.shape):
       raise _bad(f"input {t.name!r}: shape {list(shape)} has rank {len(shape)}, expected"
                  f" {list(spec.shape)} (-1 is the batch dimension)")
-    per_request = spec.dims[0] is None  # a context input: one row per request
+    per_request = spec.per_request  # a context input: one row per request
     if per_request and shape[:1] != (1,):
       raise _bad(f"input {t.name!r} is a context input: one row per request (shape"
                  f" {list(spec.shape)}), got shape {list(shape)}; send the candidates' rows in"

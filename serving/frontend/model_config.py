@@ -56,7 +56,7 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
     cfg.model_transaction_policy.decoupled = True
   if rec.manifest is not None and rec.manifest.pipeline is not None:
     _ensemble(cfg, rec.manifest.pipeline)
-  context = [t.name for t in runner.inputs if t.dims and t.dims[0] is None]
+  context = [t.name for t in runner.inputs if t.per_request]
   if context and rec.manifest is not None and rec.manifest.pipeline is None:  # a context model: these inputs carry one row per request (ModelMetadata: [1, ...])
     cfg.parameters["context_inputs"].string_value = ",".join(context)
     cfg.parameters["candidate_inputs"].string_value = ",".join(

@@ -56,7 +56,7 @@ class _Slot:
     self.version_key = version_key
     # (name, dtype, values per row, row shape, 1 for a context input (one row) else 0)
     self.inputs = tuple((t.name, numpy_dtype(t.dtype), int(np.prod(t.shape[1:])),
-                         tuple(t.shape[1:]), int(t.shape[0] == 1)) for t in runner.inputs)
+                         tuple(t.shape[1:]), int(t.per_request)) for t in runner.inputs)
 
 
 def _fast_runner(rec: ServedVersion) -> Runner | None:

@@ -54,8 +54,7 @@ def check_runner_config(name: str, engine: Engine, config: BatchingConfig,
 def fixed_rows(tensors: Sequence[Any]) -> bool:
   """Whether every tensor is fixed-shape rows of a numeric dtype (the native fast path); a
   context input (leading dimension 1: one row per request) counts as fixed too."""
-  return all(t.dtype != "object" and t.shape and t.shape[0] in (-1, 1)
-             and (t.shape[0] == -1 or t.dims[0] is None)
+  return all(t.dtype != "object" and t.shape and (t.shape[0] == -1 or t.per_request)
              and all(d >= 0 for d in t.shape[1:]) for t in tensors)
 
 
