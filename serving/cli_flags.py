@@ -72,6 +72,15 @@ def _add_queue_flags(serve: argparse.ArgumentParser) -> None:
   serve.add_argument("--max-queue-requests", type=int, default=None,
                      help="default per-model queue bound in requests (unbounded if omitted);"
                      " a request with a deadline the queue cannot meet is also refused at once")
+  serve.add_argument("--latency-slo-ms", type=float, default=None,
+                     help="default per-model latency target (p99): requests the queue cannot"
+                     " finish within it are refused at once with RESOURCE_EXHAUSTED, none waits"
+                     " longer than it, and batches are sized to it (config.json"
+                     " latency_slo_ms overrides); none if omitted")
+  serve.add_argument("--max-queue-wait-ms", type=float, default=1000.0,
+                     help="for models without a latency target: longest an admitted request"
+                     " waits unstarted, and the bound admission estimates against; the excess"
+                     " gets RESOURCE_EXHAUSTED at once; 0 disables")
   serve.add_argument("--default-timeout-us", type=int, default=None,
                      help="default per-model deadline in microseconds for requests that bring"
                      " no Triton 'timeout' parameter (a gRPC deadline still applies); none if"
@@ -180,6 +189,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    max_queue_rows=args.max_queue_rows,
                                    max_queue_requests=args.max_queue_requests,
                                    default_timeout_us=args.default_timeout_us,
+                                   latency_slo_ms=args.latency_slo_ms,
+                                   max_queue_wait_ms=args.max_queue_wait_ms,
                                    sharding=args.sharding, devices=args.devices,
                                    instance_count=args.instances)
   return ServerConfig(

@@ -42,7 +42,11 @@ def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
       batching = BatchingConfig(buckets=tuple(engine.buckets), max_queue_delay_s=delay_us / 1e6,
                                 dispatch_when_idle=cfg.dispatch_when_idle,
                                 max_queue_rows=max(cfg.max_queue_rows, engine.buckets[-1]),
-                                max_queue_requests=cfg.max_queue_requests)
+                                max_queue_requests=cfg.max_queue_requests,
+                                latency_slo_s=(None if cfg.latency_slo_ms is None
+                                               else cfg.latency_slo_ms / 1e3),
+                                max_queue_wait_s=(cfg.max_queue_wait_ms / 1e3
+                                                  if cfg.max_queue_wait_ms > 0 else None))
       return make_runner(spec.name, engine, batching, observer=spec.observer,
                          instances=cfg.instance_count, row_queue=spec.row_queue,
                          nan_policy=cfg.nan_policy)

@@ -29,3 +29,14 @@ def check_deadline(*, wait_s: float | None, left_s: float, headroom: float) -> N
         f"overloaded: the queue ahead needs about {wait_s * 1e3:.0f} ms of the"
         f" {max(left_s, 0) * 1e3:.0f} ms left before the deadline; retry later, with a longer"
         " deadline, or add capacity")
+
+
+def check_budget(*, estimate_s: float | None, budget_s: float, latency_slo_s: float | None) -> None:
+  """Raises Admission when a new request's estimated finish (queue ahead plus its own batch)
+  passes the model's budget: its latency target less headroom, or its queue-wait bound."""
+  if estimate_s is None or estimate_s <= budget_s:
+    return
+  what = (f"the model's {latency_slo_s * 1e3:.0f} ms latency target" if latency_slo_s is not None
+          else f"the {budget_s * 1e3:.0f} ms queue-wait bound")
+  raise Admission(f"overloaded: the queue ahead needs about {estimate_s * 1e3:.0f} ms, beyond"
+                  f" {what}; retry later or add capacity")

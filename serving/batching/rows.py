@@ -22,6 +22,13 @@ deadline that the rows queued ahead of it cannot meet at the measured batch rate
 (`observe`), so excess load is shed at the door instead of timing out in the queue.
 The estimate must fit in (1 - `deadline_headroom`) of the time left: the rest covers
 delivering the answer and the estimate's own error.
+
+Latency target (`latency_slo_s`, see slo.py): queueing is bounded in time. A request is refused
+at the door when the queue ahead (at the measured drain rate) plus its own batch would not
+finish inside the target less headroom; an admitted request still unstarted after
+`queue_wait_bound_s` (the target, else `max_queue_wait_s`) is shed, never run late. With a
+target, an idle executor holds a partial batch briefly when arrivals would fill its padding in
+time (`slo.fill_wait_s`).
 """
 
 from __future__ import annotations
@@ -30,53 +37,12 @@ import collections
 import dataclasses
 from typing import Deque, Generic, Iterable, TypeVar
 
-from bundle import smallest_bucket
-from serving.batching.admission import check_deadline, check_queue_bounds
+from serving.batching.admission import check_budget, check_deadline, check_queue_bounds
+from serving.batching.config import BatchingConfig
+from serving.batching.slo import LoadMeter, fill_wait_s, slo_budget_s
 
 T = TypeVar("T")
 SMALLER_BUCKET_GAIN = 0.15  # rows/s a smaller bucket must add before queued rows wait for it
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BatchingConfig:
-  """Per-model batching knobs (Triton's dynamic_batching, with our bucket grid)."""
-
-  buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-  max_queue_delay_s: float = 0.002
-  dispatch_when_idle: bool = True
-  max_queue_rows: int = 65536
-  max_queue_requests: int | None = None  # None: bounded by rows only
-  deadline_headroom: float = 0.5  # share of the time left kept for delivery and estimate error
-  # Most requests (slices) in one batch; None: rows bound it only. Context models run one
-  # context row per request, compiled up to their largest request bucket.
-  max_batch_requests: int | None = None
-
-  def __post_init__(self):
-    if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
-      raise ValueError(f"buckets must be positive and strictly increasing, got {self.buckets}")
-    if self.max_queue_delay_s < 0:
-      raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
-    if self.max_queue_rows < self.buckets[-1]:
-      raise ValueError(f"max_queue_rows={self.max_queue_rows} must hold one full batch"
-                       f" ({self.buckets[-1]} rows)")
-    if self.max_queue_requests is not None and self.max_queue_requests < 1:
-      raise ValueError(f"max_queue_requests must be >= 1 (or None), got {self.max_queue_requests}")
-    if self.max_batch_requests is not None and self.max_batch_requests < 1:
-      raise ValueError(f"max_batch_requests must be >= 1 (or None), got"
-                       f" {self.max_batch_requests}")
-    if not 0.0 <= self.deadline_headroom < 1.0:
-      raise ValueError(f"deadline_headroom must be in [0, 1), got {self.deadline_headroom}")
-
-  @property
-  def max_batch_size(self) -> int:
-    return self.buckets[-1]
-
-  def bucket_for(self, rows: int) -> int:
-    """Smallest bucket holding `rows` (rows <= max_batch_size)."""
-    bucket = smallest_bucket(self.buckets, rows)
-    if bucket is None:
-      raise ValueError(f"{rows} rows exceed the largest bucket {self.buckets[-1]}")
-    return bucket
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -89,6 +55,7 @@ class Pending(Generic[T]):
   deadline: float | None = None
   priority: int = 0
   taken: int = 0  # rows already placed into batches (a request may span several)
+  expires: float | None = None  # unstarted past this, it is failed: its deadline or wait bound
 
   @property
   def remaining(self) -> int:
@@ -146,6 +113,7 @@ class Batcher(Generic[T]):
     self._prio_rows: dict[int, int] = {}  # queued rows per priority: admission reads it per request
     self._next_deadline: float | None = None  # no unstarted request expires before (may be early)
     self._batch_s: dict[int, float] = {}  # smoothed seconds a batch occupies the executor
+    self._load = LoadMeter()
 
   def observe(self, bucket: int, seconds: float) -> None:
     """Records how long a batch of `bucket` rows occupied the executor (smoothed per bucket)."""
@@ -170,6 +138,18 @@ class Batcher(Generic[T]):
       return None
     return (-(-(ahead + rows) // self.config.max_batch_size) + 2) * self._full_batch_s
 
+  def estimated_latency_s(self, rows: int, priority: int) -> float | None:
+    """Seconds until a new request would finish, for the latency budget: the rows queued ahead
+    at the measured drain rate (whole batches at the measured batch time until the queue was
+    ever backlogged), plus its own batch. None when nothing is queued ahead or timed."""
+    cfg, full_s = self.config, self._full_batch_s
+    ahead = sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
+    if ahead == 0 or full_s is None:
+      return None
+    own = self._batch_s.get(cfg.bucket_for(min(ahead + rows, cfg.max_batch_size)), full_s)
+    rate = self._load.drain_rate()
+    return (ahead / rate if rate else -(-ahead // cfg.max_batch_size) * full_s) + own
+
   @property
   def queued_rows(self) -> int:
     return self._rows
@@ -189,6 +169,14 @@ class Batcher(Generic[T]):
     if pending.deadline is not None:
       check_deadline(wait_s=self.estimated_wait_s(pending.rows, pending.priority),
                      left_s=pending.deadline - pending.arrival, headroom=cfg.deadline_headroom)
+    bound = cfg.queue_wait_bound_s
+    if (budget := slo_budget_s(cfg.latency_slo_s, bound)) is not None:
+      check_budget(estimate_s=self.estimated_latency_s(pending.rows, pending.priority),
+                   budget_s=budget, latency_slo_s=cfg.latency_slo_s)
+    pending.expires = pending.deadline
+    if bound is not None and (pending.expires is None or pending.arrival + bound < pending.expires):
+      pending.expires = pending.arrival + bound
+    self._load.arrived(pending.arrival, pending.rows)
     q = self._queues.get(pending.priority)
     if q is None:
       q = self._queues[pending.priority] = collections.deque()
@@ -196,9 +184,9 @@ class Batcher(Generic[T]):
     self._requests += 1
     self._rows += pending.rows
     self._prio_rows[pending.priority] = self._prio_rows.get(pending.priority, 0) + pending.rows
-    if pending.deadline is not None and (self._next_deadline is None
-                                         or pending.deadline < self._next_deadline):
-      self._next_deadline = pending.deadline
+    if pending.expires is not None and (self._next_deadline is None
+                                        or pending.expires < self._next_deadline):
+      self._next_deadline = pending.expires
 
   def _unqueue(self, priority: int, rows: int) -> None:
     """Books `rows` of `priority` as gone from the queue (taken, expired or removed)."""
@@ -247,7 +235,7 @@ class Batcher(Generic[T]):
     return min(levels) if levels else None
 
   def expire(self, now: float) -> tuple[Pending[T], ...]:
-    """Removes and returns the unstarted requests whose deadline has passed."""
+    """Removes and returns the unstarted requests whose deadline or wait bound has passed."""
     return self._expire(now)
 
   def _ordered(self) -> Iterable[Pending[T]]:
@@ -261,15 +249,15 @@ class Batcher(Generic[T]):
     for prio, q in list(self._queues.items()):
       keep = collections.deque()
       for p in q:
-        if p.deadline is None or p.taken:  # a started request is finished, deadline or not
+        if p.expires is None or p.taken:  # a started request is finished, deadline or not
           keep.append(p)
-        elif p.deadline <= now:
+        elif p.expires <= now:
           expired.append(p)
           self._requests -= 1
           self._unqueue(prio, p.remaining)
         else:
           keep.append(p)
-          soonest = p.deadline if soonest is None else min(soonest, p.deadline)
+          soonest = p.expires if soonest is None else min(soonest, p.expires)
       if keep:
         self._queues[prio] = keep
       else:
@@ -291,7 +279,16 @@ class Batcher(Generic[T]):
     # the executor, growing meanwhile, so overload yields full batches, not half-empty ones.
     if not (full or (idle and (timed_out or cfg.dispatch_when_idle))):
       return Decision(None, expired, max(0.0, oldest + cfg.max_queue_delay_s - now))
-    return Decision(self._take(cfg.max_batch_size if full else self._capacity()), expired, 0.0)
+    if not full and cfg.latency_slo_s is not None and cfg.dispatch_when_idle:
+      bucket = cfg.bucket_for(min(self._rows, cfg.max_batch_size))
+      hold = fill_wait_s(now=now, oldest=oldest, queued=self._rows, bucket=bucket,
+                         bucket_s=self._batch_s.get(bucket),
+                         arrival_rate=self._load.arrival_rate(now), latency_slo_s=cfg.latency_slo_s)
+      if hold > 0.0:
+        return Decision(None, expired, hold)
+    plan = self._take(cfg.max_batch_size if full else self._capacity())
+    self._load.taken(now, plan.rows, self._rows >= cfg.max_batch_size)
+    return Decision(plan, expired, 0.0)
 
   def _capacity(self) -> int:
     """Rows for a partial batch: by measured batch times, the bucket that moves the most queued
@@ -340,3 +337,10 @@ class Batcher(Generic[T]):
       if dest == capacity or len(slices) == most:
         break
     return BatchPlan(self.config.bucket_for(dest), tuple(slices))
+
+
+def expired_by_deadline(pending: Pending) -> bool:
+  """Whether an expired request ran out of its own deadline (DEADLINE_EXCEEDED) rather than the
+  queue-wait bound (shed: RESOURCE_EXHAUSTED)."""
+  return pending.deadline is not None and pending.deadline == pending.expires
+

@@ -21,7 +21,8 @@ from typing import Callable, Generic, Iterable, TypeVar
 
 from bundle import check_seq_buckets, smallest_bucket
 from serving.batching.admission import check_queue_bounds
-from serving.batching.rows import BatchingConfig, BatchPlan, Batcher, Decision, Pending
+from serving.batching.config import BatchingConfig
+from serving.batching.rows import BatchPlan, Batcher, Decision, Pending
 
 T = TypeVar("T")
 

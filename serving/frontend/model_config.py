@@ -49,6 +49,12 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
           preferred_batch_size=list(batching.buckets),
           max_queue_delay_microseconds=int(batching.max_queue_delay_s * 1e6)),
   )
+  if (bound := batching.queue_wait_bound_s) is not None:  # Triton's queue timeout, REJECT
+    cfg.dynamic_batching.default_queue_policy.default_timeout_microseconds = int(bound * 1e6)
+    cfg.dynamic_batching.default_queue_policy.allow_timeout_override = True
+  if batching.latency_slo_s is not None:
+    cfg.parameters["latency_slo_ms"].string_value = f"{batching.latency_slo_s * 1e3:g}"
+    cfg.parameters["latency_slo_percentile"].string_value = f"{rec.config.latency_slo_percentile:g}"
   cfg.version_policy.latest.num_versions = rec.config.latest_n
   cfg.instance_group.add(count=runner.capabilities.instances,
                          kind=mc.ModelInstanceGroup.KIND_AUTO)

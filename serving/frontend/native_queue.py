@@ -31,7 +31,8 @@ def row_queue_factory(native: Any) -> Callable[..., Any]:
         name=name, buckets=list(config.buckets), max_queue_delay_s=config.max_queue_delay_s,
         dispatch_when_idle=config.dispatch_when_idle, max_queue_rows=config.max_queue_rows,
         max_queue_requests=-1 if config.max_queue_requests is None else config.max_queue_requests,
-        deadline_headroom=config.deadline_headroom, inputs=_specs(inputs),
+        deadline_headroom=config.deadline_headroom, latency_slo_s=config.latency_slo_s or 0.0,
+        max_queue_wait_s=config.max_queue_wait_s or 0.0, inputs=_specs(inputs),
         outputs=_specs(outputs), instances=instances)
   return make
 
@@ -44,7 +45,8 @@ class NativeBatcher(Generic[T]):
     self._d = native.Decider(list(config.buckets), config.max_queue_delay_s,
                              config.dispatch_when_idle, config.max_queue_rows,
                              -1 if config.max_queue_requests is None
-                             else config.max_queue_requests, config.deadline_headroom)
+                             else config.max_queue_requests, config.deadline_headroom,
+                             config.latency_slo_s or 0.0, config.max_queue_wait_s or 0.0)
     self._by_id: dict[int, Pending[T]] = {}
     self._id_of: dict[int, int] = {}  # id(pending) -> C++ entry id
     self._ids = itertools.count(1)

@@ -32,6 +32,9 @@ class ModelServingConfig:
   instance_count: int | None = None  # batches run at once (Triton's instance_group count);
   #                                    None: the engine's default (2 on CPU, 1 on accelerators)
   nan_policy: str = "pass"  # "error": a request whose own output rows hold a NaN fails INTERNAL
+  latency_slo_ms: float | None = None  # latency target: admission, queue-wait bound, batching
+  latency_slo_percentile: float = 99.0  # the percentile the target is for (reported)
+  max_queue_wait_ms: float = 1000.0  # queue-wait bound without a target; 0: unbounded
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -48,9 +51,19 @@ class ModelServingConfig:
       raise ValueError(f"nan_policy {self.nan_policy!r} must be pass or error")
     if self.instance_count is not None and self.instance_count < 1:
       raise ValueError(f"instance_count must be >= 1, got {self.instance_count}")
+    if self.latency_slo_ms is not None and not self.latency_slo_ms > 0:
+      raise ValueError(f"latency_slo_ms must be > 0, got {self.latency_slo_ms}")
+    if not 0 < self.latency_slo_percentile < 100:
+      raise ValueError(f"latency_slo_percentile must be in (0, 100), got"
+                       f" {self.latency_slo_percentile}")
+    if not self.max_queue_wait_ms >= 0:
+      raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
+                       f" {self.max_queue_wait_ms}")
 
   @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> ModelServingConfig:
+  def from_json(cls, d: Mapping[str, Any],
+                base: ModelServingConfig | None = None) -> ModelServingConfig:
+    """The settings `d` names, the others from `base` (the server's defaults) or the class's."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -58,7 +71,7 @@ class ModelServingConfig:
     d = dict(d)
     if "versions" in d:
       d["versions"] = tuple(int(v) for v in d["versions"])
-    return cls(**d)
+    return dataclasses.replace(base, **d) if base is not None else cls(**d)
 
   def select(self, available: Sequence[int]) -> list[int]:
     if self.version_policy == "all":

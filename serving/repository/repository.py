@@ -162,7 +162,7 @@ class ModelRepository:
     if not path.exists():
       return self.default_config
     try:
-      return ModelServingConfig.from_json(json.loads(path.read_text()))
+      return ModelServingConfig.from_json(json.loads(path.read_text()), self.default_config)
     except (ValueError, TypeError, json.JSONDecodeError) as e:
       raise BundleError(f"{path}: {e}") from e
 

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from bundle import numpy_dtype
-from serving.batching import Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice
+from serving.batching import (Admission, BatchingConfig, BatchPlan, Batcher, Pending, Slice,
+                              expired_by_deadline, shed_message)
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   nan_error)
@@ -153,9 +154,12 @@ class ModelRunner(BatchedRunner):
         if d.expired:
           with self._stats_lock:
             self.stats.expired += len(d.expired)
-          self._fail([p.item for p in d.expired], ServingError(
+          late = [p.item for p in d.expired if expired_by_deadline(p)]
+          self._fail(late, ServingError(
               Code.DEADLINE_EXCEEDED, f"model {self.name}: deadline passed while queued"
               " (never executed); raise the deadline or reduce load"))
+          self._fail([p.item for p in d.expired if not expired_by_deadline(p)], ServingError(
+              Code.RESOURCE_EXHAUSTED, shed_message(self.name, self.config)))
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
         if d.plan is not None:
           self._inflight += sum(1 for s in d.plan.slices if s.start == 0)

@@ -4,12 +4,17 @@
 #include "batcher.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 
 namespace xlaserve::native {
 namespace {
 
 constexpr double kSmallerBucketGain = 0.15;  // rows.py SMALLER_BUCKET_GAIN
+constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
+constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
+constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
+constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
 
 std::string Format(const char* fmt, double a, double b) {
   char buf[256];
@@ -17,7 +22,65 @@ std::string Format(const char* fmt, double a, double b) {
   return buf;
 }
 
+// slo.py slo_budget_s: <= 0 means no bound.
+double SloBudget(const BatchingParams& p) {
+  return p.latency_slo_s > 0 ? p.latency_slo_s * (1.0 - kSloHeadroom) : p.max_queue_wait_s;
+}
+
+// slo.py fill_wait_s.
+double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
+                std::optional<double> bucket_s, double rate, double slo) {
+  if (queued >= bucket || rate <= 0.0 || !bucket_s) return 0.0;
+  double wait = double(bucket - queued) / rate;
+  double age = now - oldest;
+  if (age + wait + *bucket_s > slo * (1.0 - kSloHeadroom) || age + wait > slo * kMaxFillShare) {
+    return 0.0;
+  }
+  return wait;
+}
+
 }  // namespace
+
+void LoadMeter::Arrived(double t, int64_t rows) {
+  if (!any_arrival_) {
+    any_arrival_ = true;
+    arrived_ = double(rows);
+    arrived_t_ = t;
+    return;
+  }
+  if (t > arrived_t_) {
+    arrived_ *= std::exp((arrived_t_ - t) / kRateWindowS);
+    arrived_t_ = t;
+  }
+  arrived_ += double(rows);
+}
+
+double LoadMeter::ArrivalRate(double now) const {
+  if (!any_arrival_) return 0.0;
+  return arrived_ * std::exp(std::min(0.0, arrived_t_ - now) / kRateWindowS) / kRateWindowS;
+}
+
+void LoadMeter::Taken(double now, int64_t rows, bool backlogged) {
+  if (any_take_ && backlogged_ && now > take_t_) {
+    double dt = now - take_t_;
+    if (!any_drain_) {
+      any_drain_ = true;
+      drain_rows_ = double(rows);
+      drain_dt_ = dt;
+    } else {
+      drain_rows_ += kDrainSmoothing * (double(rows) - drain_rows_);
+      drain_dt_ += kDrainSmoothing * (dt - drain_dt_);
+    }
+  }
+  if (!any_take_ || now > take_t_) take_t_ = now;
+  any_take_ = true;
+  backlogged_ = backlogged;
+}
+
+std::optional<double> LoadMeter::DrainRate() const {
+  if (!any_drain_) return std::nullopt;
+  return drain_rows_ / drain_dt_;
+}
 
 int64_t Plan::rows() const {
   int64_t n = 0;
@@ -36,15 +99,32 @@ std::optional<double> Decider::FullBatchSeconds() const {
   return it != batch_s_.end() ? it->second : batch_s_.rbegin()->second;
 }
 
-std::optional<double> Decider::EstimatedWait(int64_t rows, int64_t priority) const {
+int64_t Decider::RowsAhead(int64_t priority) const {
   int64_t ahead = 0;
   for (const auto& [prio, n] : prio_rows_) {
     if (prio <= priority) ahead += n;
   }
+  return ahead;
+}
+
+std::optional<double> Decider::EstimatedWait(int64_t rows, int64_t priority) const {
+  int64_t ahead = RowsAhead(priority);
   auto full = FullBatchSeconds();
   if (ahead == 0 || !full) return std::nullopt;
   int64_t batches = (ahead + rows + max_batch() - 1) / max_batch();
   return double(batches + 2) * *full;
+}
+
+std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority) const {
+  int64_t ahead = RowsAhead(priority);
+  auto full = FullBatchSeconds();
+  if (ahead == 0 || !full) return std::nullopt;
+  auto it = batch_s_.find(BucketFor(std::min(ahead + rows, max_batch())));
+  double own = it != batch_s_.end() ? it->second : *full;
+  auto rate = load_.DrainRate();
+  double wait = (rate && *rate != 0.0) ? double(ahead) / *rate
+                                       : double((ahead + max_batch() - 1) / max_batch()) * *full;
+  return wait + own;
 }
 
 std::string Decider::Admit(const Entry& e) const {
@@ -66,16 +146,36 @@ std::string Decider::Admit(const Entry& e) const {
                     *wait * 1e3, std::max(left, 0.0) * 1e3);
     }
   }
+  double budget = SloBudget(p_);
+  if (budget > 0) {
+    auto est = EstimatedLatency(e.rows, e.priority);
+    if (est && *est > budget) {
+      std::string what =
+          p_.latency_slo_s > 0
+              ? Format("the model's %.0f ms latency target", p_.latency_slo_s * 1e3, 0)
+              : Format("the %.0f ms queue-wait bound", budget * 1e3, 0);
+      return Format("overloaded: the queue ahead needs about %.0f ms, beyond ", *est * 1e3, 0) +
+             what + "; retry later or add capacity";
+    }
+  }
   return "";
 }
 
 void Decider::Add(Entry* e) {
+  double bound = p_.QueueWaitBound();
+  e->has_expiry = e->has_deadline;
+  e->expires = e->deadline;
+  if (bound > 0 && (!e->has_expiry || e->arrival + bound < e->expires)) {
+    e->has_expiry = true;
+    e->expires = e->arrival + bound;
+  }
+  load_.Arrived(e->arrival, e->rows);
   queues_[e->priority].push_back(e);
   requests_ += 1;
   rows_ += e->rows;
   prio_rows_[e->priority] += e->rows;
-  if (e->has_deadline && (!next_deadline_ || e->deadline < *next_deadline_)) {
-    next_deadline_ = e->deadline;
+  if (e->has_expiry && (!next_deadline_ || e->expires < *next_deadline_)) {
+    next_deadline_ = e->expires;
   }
 }
 
@@ -145,15 +245,15 @@ std::vector<Entry*> Decider::Expire(double now) {
   for (auto it = queues_.begin(); it != queues_.end();) {
     std::deque<Entry*> keep;
     for (Entry* e : it->second) {
-      if (!e->has_deadline || e->taken) {  // a started request is finished, deadline or not
+      if (!e->has_expiry || e->taken) {  // a started request is finished, deadline or not
         keep.push_back(e);
-      } else if (e->deadline <= now) {
+      } else if (e->expires <= now) {
         expired.push_back(e);
         requests_ -= 1;
         Unqueue(it->first, e->remaining());
       } else {
         keep.push_back(e);
-        if (!soonest || e->deadline < *soonest) soonest = e->deadline;
+        if (!soonest || e->expires < *soonest) soonest = e->expires;
       }
     }
     if (keep.empty()) {
@@ -180,7 +280,19 @@ Decision Decider::Decide(double now, bool idle) {
     d.wait_s = std::max(0.0, oldest + p_.max_queue_delay_s - now);
     return d;
   }
+  if (!full && p_.latency_slo_s > 0 && p_.dispatch_when_idle) {
+    int64_t bucket = BucketFor(std::min(rows_, max_batch()));
+    auto it = batch_s_.find(bucket);
+    double hold = FillWait(now, oldest, rows_, bucket,
+                           it == batch_s_.end() ? std::nullopt : std::optional<double>(it->second),
+                           load_.ArrivalRate(now), p_.latency_slo_s);
+    if (hold > 0.0) {
+      d.wait_s = hold;
+      return d;
+    }
+  }
   d.plan = Take(full ? max_batch() : Capacity());
+  load_.Taken(now, d.plan->rows(), rows_ >= max_batch());
   d.wait_s = 0.0;
   return d;
 }

@@ -9,6 +9,8 @@
 // batch runs in the bucket that moves the most queued rows per second of measured batch time;
 // requests larger than the largest bucket are split; expired requests are never planned.
 // Admission refuses at the door on queue bounds and on deadlines the queue cannot meet.
+// With a latency target (serving/batching/slo.py): admission by the estimated finish against
+// the target's budget, a queue-wait bound, and a brief hold of a partial batch to fill it.
 
 #ifndef XLASERVE_SERVING_FRONTEND_NATIVE_BATCHER_H_
 #define XLASERVE_SERVING_FRONTEND_NATIVE_BATCHER_H_
@@ -30,6 +32,23 @@ struct BatchingParams {
   int64_t max_queue_rows = 65536;
   int64_t max_queue_requests = -1;  // < 0: bounded by rows only
   double deadline_headroom = 0.5;
+  double latency_slo_s = 0;     // <= 0: no latency target
+  double max_queue_wait_s = 0;  // <= 0: unbounded (without a target)
+  // The latency target when set, else max_queue_wait_s; <= 0: unbounded.
+  double QueueWaitBound() const { return latency_slo_s > 0 ? latency_slo_s : max_queue_wait_s; }
+};
+
+// Arrival and drain rates of one queue (slo.py's LoadMeter).
+class LoadMeter {
+ public:
+  void Arrived(double t, int64_t rows);
+  double ArrivalRate(double now) const;
+  void Taken(double now, int64_t rows, bool backlogged);
+  std::optional<double> DrainRate() const;
+
+ private:
+  double arrived_ = 0, arrived_t_ = 0, take_t_ = 0, drain_rows_ = 0, drain_dt_ = 0;
+  bool any_arrival_ = false, any_take_ = false, backlogged_ = false, any_drain_ = false;
 };
 
 // One queued request as the decisions see it.
@@ -40,6 +59,9 @@ struct Entry {
   bool has_deadline = false;
   double deadline = 0;
   int64_t priority = 0;
+  bool has_expiry = false;  // unstarted past `expires`, it fails: its deadline or wait bound
+  double expires = 0;
+  bool ExpiredByDeadline() const { return has_deadline && deadline == expires; }
   int64_t remaining() const { return rows - taken; }
   virtual ~Entry() = default;
 };
@@ -76,6 +98,7 @@ class Decider {
   void Add(Entry* e);  // after Admit returned ""
   void Observe(int64_t bucket, double seconds);
   std::optional<double> EstimatedWait(int64_t rows, int64_t priority) const;
+  std::optional<double> EstimatedLatency(int64_t rows, int64_t priority) const;
 
   Decision Decide(double now, bool idle);
   std::vector<Entry*> Expire(double now);
@@ -90,6 +113,7 @@ class Decider {
 
  private:
   std::optional<double> FullBatchSeconds() const;
+  int64_t RowsAhead(int64_t priority) const;
   void Unqueue(int64_t priority, int64_t rows);
   int64_t Capacity() const;
   Plan Take(int64_t capacity);
@@ -100,6 +124,7 @@ class Decider {
   int64_t rows_ = 0, requests_ = 0;
   std::optional<double> next_deadline_;  // no unstarted request expires before (may be early)
   std::map<int64_t, double> batch_s_;    // smoothed seconds a batch occupies the executor
+  LoadMeter load_;
 };
 
 }  // namespace xlaserve::native

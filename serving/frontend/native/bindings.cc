@@ -15,8 +15,9 @@ namespace {
 class DeciderBinding {
  public:
   DeciderBinding(std::vector<int64_t> buckets, double delay, bool idle, int64_t max_rows,
-                 int64_t max_requests, double headroom)
-      : d_(BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests, headroom}) {}
+                 int64_t max_requests, double headroom, double slo, double max_wait)
+      : d_(BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests, headroom, slo,
+                          max_wait}) {}
 
   std::string Add(uint64_t id, int64_t rows, double arrival, py::object deadline,
                   int64_t priority) {
@@ -96,11 +97,11 @@ py::object Optional(const std::optional<double>& v) {
 
 std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> buckets, double delay,
                                     bool idle, int64_t max_rows, int64_t max_requests,
-                                    double headroom, py::list inputs, py::list outputs,
-                                    int instances) {
+                                    double headroom, double slo, double max_wait,
+                                    py::list inputs, py::list outputs, int instances) {
   return std::make_shared<RowQueue>(
       std::move(name), BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests,
-                                      headroom},
+                                      headroom, slo, max_wait},
       ParseSpecs(inputs), ParseSpecs(outputs), instances);
 }
 
@@ -141,7 +142,8 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init(&MakeQueue), py::arg("name"), py::arg("buckets"),
            py::arg("max_queue_delay_s"), py::arg("dispatch_when_idle"),
            py::arg("max_queue_rows"), py::arg("max_queue_requests"),
-           py::arg("deadline_headroom"), py::arg("inputs"), py::arg("outputs"),
+           py::arg("deadline_headroom"), py::arg("latency_slo_s"), py::arg("max_queue_wait_s"),
+           py::arg("inputs"), py::arg("outputs"),
            py::arg("instances"))
       .def("add", &RowQueue::AddPython)
       .def("next", &RowQueue::Next)
@@ -155,7 +157,8 @@ PYBIND11_MODULE(_native, m) {
       .def("observe", &RowQueue::Observe, py::call_guard<py::gil_scoped_release>())
       .def("stats", &RowQueue::Stats);
   py::class_<DeciderBinding>(m, "Decider")
-      .def(py::init<std::vector<int64_t>, double, bool, int64_t, int64_t, double>())
+      .def(py::init<std::vector<int64_t>, double, bool, int64_t, int64_t, double, double,
+                    double>())
       .def("add", &DeciderBinding::Add)
       .def("decide", &DeciderBinding::Decide)
       .def("expire", &DeciderBinding::Expire)

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #include "row_queue.h"
@@ -13,6 +14,16 @@ namespace xlaserve::native {
 namespace {
 
 constexpr int kDeadlineExceeded = 4;
+constexpr int kResourceExhausted = 8;
+
+// serving/batching/rows.py shed_message: a request shed by the queue-wait bound.
+std::string ShedMessage(const std::string& model, const BatchingParams& p) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.0f", p.QueueWaitBound() * 1e3);
+  return "model " + model + ": still queued after " + buf + " ms, its " +
+         (p.latency_slo_s > 0 ? "latency target" : "queue-wait bound") +
+         "; shed unstarted: retry later or add capacity";
+}
 
 int64_t WallMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -147,8 +158,14 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
           auto* e = static_cast<QEntry*>(x);
           e->queued = false;
           st_.expired++;
-          FailEntry(e, kDeadlineExceeded, "model " + name_ + ": deadline passed while queued"
-                    " (never executed); raise the deadline or reduce load", now, &answers, &backs);
+          if (e->ExpiredByDeadline()) {
+            FailEntry(e, kDeadlineExceeded, "model " + name_ + ": deadline passed while queued"
+                      " (never executed); raise the deadline or reduce load", now, &answers,
+                      &backs);
+          } else {
+            FailEntry(e, kResourceExhausted, ShedMessage(name_, d_.params()), now, &answers,
+                      &backs);
+          }
           Release(e);
         }
         if (dec.plan) {

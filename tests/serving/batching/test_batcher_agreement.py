@@ -13,11 +13,16 @@ from serving.frontend.native_queue import NativeBatcher
 native, why = load_extension()
 pytestmark = pytest.mark.skipif(native is None, reason=why)
 
-CONFIGS = [  # (buckets, delay, idle dispatch, max rows, max requests, timed buckets)
-    ((1, 2, 4, 8), 0.010, False, 64, None, {}),
-    ((1, 2, 4, 8, 16), 0.002, True, 200, 12, {16: 0.002}),
-    ((32, 64, 128, 256), 0.001, True, 4096, None, {32: 3e-4, 64: 5e-4, 128: 1e-3, 256: 2e-3}),
-    ((1, 4, 16, 64), 0.0, True, 500, 30, {1: 1e-4, 4: 1.2e-4, 16: 2e-4, 64: 9e-4}),
+CONFIGS = [  # (buckets, delay, idle dispatch, max rows, max requests, timed buckets,
+    #          latency target, queue-wait bound)
+    ((1, 2, 4, 8), 0.010, False, 64, None, {}, None, None),
+    ((1, 2, 4, 8, 16), 0.002, True, 200, 12, {16: 0.002}, None, None),
+    ((32, 64, 128, 256), 0.001, True, 4096, None, {32: 3e-4, 64: 5e-4, 128: 1e-3, 256: 2e-3},
+     None, None),
+    ((1, 4, 16, 64), 0.0, True, 500, 30, {1: 1e-4, 4: 1.2e-4, 16: 2e-4, 64: 9e-4}, None, None),
+    ((1, 2, 4, 8, 16), 0.002, True, 400, None, {16: 0.002, 4: 8e-4}, 0.02, None),
+    ((1, 4, 16, 64), 0.001, True, 500, None, {1: 1e-4, 16: 2e-4, 64: 9e-4}, None, 0.015),
+    ((1, 2, 4, 8), 0.003, False, 64, None, {8: 1e-3}, 0.01, None),
 ]
 
 
@@ -38,9 +43,10 @@ def _add(b, p):
 @pytest.mark.parametrize("case", range(len(CONFIGS)))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_python_and_native_decisions_agree(case, seed):
-  buckets, delay, idle_dispatch, max_rows, max_requests, timed = CONFIGS[case]
+  buckets, delay, idle_dispatch, max_rows, max_requests, timed, slo, wait = CONFIGS[case]
   cfg = BatchingConfig(buckets=buckets, max_queue_delay_s=delay, dispatch_when_idle=idle_dispatch,
-                       max_queue_rows=max_rows, max_queue_requests=max_requests)
+                       max_queue_rows=max_rows, max_queue_requests=max_requests,
+                       latency_slo_s=slo, max_queue_wait_s=wait)
   py_b, c_b = Batcher(cfg), NativeBatcher(cfg, native)
   for bucket, s in timed.items():
     py_b.observe(bucket, s)

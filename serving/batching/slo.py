@@ -1,0 +1,88 @@
+"""Scheduling by a latency target, in plain Python: the load a queue sees and what the target
+allows. The row Batcher asks it (admission, the queue-wait bound, how long to hold a partial
+batch for a fuller one); the native queue's Decider (frontend/native/batcher.cc) is a port,
+checked against it on a shared table of cases.
+
+Two rates, both from what the batcher already sees: the *arrival* rate (rows/s, an
+exponentially decaying count of recent arrivals, so it falls when traffic stops) and the
+*drain* rate (rows/s the queue actually moves while a full batch is waiting: the host path's
+per-request cost included, which per-bucket batch times alone miss when requests are small).
+"""
+
+from __future__ import annotations
+
+import math
+
+RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
+SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
+MAX_FILL_SHARE = 0.25  # longest hold for a fuller batch, as a share of the target
+DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
+
+
+class LoadMeter:
+  """Arrival and drain rates of one queue; not thread-safe (the batcher's owner locks)."""
+
+  def __init__(self) -> None:
+    self._arrived = 0.0  # decayed rows; a steady rate r holds it near r * RATE_WINDOW_S
+    self._arrived_t: float | None = None
+    self._take_t: float | None = None
+    self._backlogged = False  # a full batch was still queued after the last take
+    self._drain_rows: float | None = None
+    self._drain_dt = 0.0
+
+  def arrived(self, t: float, rows: int) -> None:
+    """Counts `rows` arriving at `t` (arrivals may come slightly out of order)."""
+    if self._arrived_t is None:
+      self._arrived, self._arrived_t = float(rows), t
+      return
+    if t > self._arrived_t:
+      self._arrived *= math.exp((self._arrived_t - t) / RATE_WINDOW_S)
+      self._arrived_t = t
+    self._arrived += rows
+
+  def arrival_rate(self, now: float) -> float:
+    """Rows per second arriving lately, decayed to `now`."""
+    if self._arrived_t is None:
+      return 0.0
+    return self._arrived * math.exp(min(0.0, self._arrived_t - now) / RATE_WINDOW_S) / RATE_WINDOW_S
+
+  def taken(self, now: float, rows: int, backlogged: bool) -> None:
+    """A batch of `rows` left the queue at `now`; `backlogged`: a full batch is still queued.
+    The time since the previous take is a drain sample when the queue stayed backlogged."""
+    if self._take_t is not None and self._backlogged and now > self._take_t:
+      dt = now - self._take_t
+      if self._drain_rows is None:
+        self._drain_rows, self._drain_dt = float(rows), dt
+      else:
+        self._drain_rows += DRAIN_SMOOTHING * (rows - self._drain_rows)
+        self._drain_dt += DRAIN_SMOOTHING * (dt - self._drain_dt)
+    if self._take_t is None or now > self._take_t:
+      self._take_t = now
+    self._backlogged = backlogged
+
+  def drain_rate(self) -> float | None:
+    """Rows per second the queue moved while backlogged; None before it ever was."""
+    return None if self._drain_rows is None else self._drain_rows / self._drain_dt
+
+
+def slo_budget_s(latency_slo_s: float | None, queue_wait_bound_s: float | None) -> float | None:
+  """The time a new request's estimated finish must fit in to be admitted: the latency target
+  less SLO_HEADROOM, or the queue-wait bound when no target is set; None: no bound."""
+  if latency_slo_s is not None:
+    return latency_slo_s * (1.0 - SLO_HEADROOM)
+  return queue_wait_bound_s
+
+
+def fill_wait_s(*, now: float, oldest: float, queued: int, bucket: int, bucket_s: float | None,
+                arrival_rate: float, latency_slo_s: float) -> float:
+  """Seconds worth holding a partial batch of `queued` rows (in `bucket`) for arrivals to fill
+  its padding: only while the rows would come, at the arrival rate, in time for the batch to
+  finish inside the target's budget, and within MAX_FILL_SHARE of the target; 0: run now."""
+  if queued >= bucket or arrival_rate <= 0.0 or bucket_s is None:
+    return 0.0
+  wait = (bucket - queued) / arrival_rate
+  age = now - oldest
+  if (age + wait + bucket_s > latency_slo_s * (1.0 - SLO_HEADROOM)
+      or age + wait > latency_slo_s * MAX_FILL_SHARE):
+    return 0.0
+  return wait
