@@ -141,14 +141,15 @@ class Batcher(Generic[T]):
   def estimated_latency_s(self, rows: int, priority: int) -> float | None:
     """Seconds until a new request would finish, for the latency budget: the rows queued ahead
     at the measured drain rate (whole batches at the measured batch time until the queue was
-    ever backlogged), plus its own batch. None when nothing is queued ahead or timed."""
+    ever backlogged), then the full batch the executor holds when it is taken, then its own
+    batch. None when nothing is queued ahead or timed."""
     cfg, full_s = self.config, self._full_batch_s
     ahead = sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
     if ahead == 0 or full_s is None:
       return None
     own = self._batch_s.get(cfg.bucket_for(min(ahead + rows, cfg.max_batch_size)), full_s)
     rate = self._load.drain_rate()
-    return (ahead / rate if rate else -(-ahead // cfg.max_batch_size) * full_s) + own
+    return (ahead / rate if rate else -(-ahead // cfg.max_batch_size) * full_s) + full_s + own
 
   @property
   def queued_rows(self) -> int:

@@ -124,7 +124,7 @@ std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority) 
   auto rate = load_.DrainRate();
   double wait = (rate && *rate != 0.0) ? double(ahead) / *rate
                                        : double((ahead + max_batch() - 1) / max_batch()) * *full;
-  return wait + own;
+  return wait + *full + own;
 }
 
 std::string Decider::Admit(const Entry& e) const {

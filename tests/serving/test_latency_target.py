@@ -1,0 +1,66 @@
+"""A model's latency target against the real server, on both batch queues: overload without any
+per-request deadline is shed with RESOURCE_EXHAUSTED at once, the admitted requests finish
+within the target, the excess is counted, and ModelConfig reports the target and its queue
+policy. Plus: config.json keys override the server's defaults, the others are inherited."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import numpy as np
+import pytest
+
+from benchmarks.loadgen import build_request
+from benchmarks.overload import overload
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.repository import ModelServingConfig
+from servingutil import expected, metric, mock_factory, mock_request, outputs, serving, \
+    write_mock_bundle
+
+
+@pytest.mark.parametrize("frontend,batch_queue", [("auto", "native"), ("python", "python")])
+def test_overload_without_deadlines_is_shed_and_the_admitted_meet_the_target(
+    tmp_path, frontend, batch_queue):
+  """3x the sustainable rate of full-batch requests for 3 s, none carrying a deadline."""
+  target_ms, delay_s, rows, duration = 500, 0.02, 8, 3.0
+  capacity = 1 / delay_s  # one 8-row batch per 20 ms (one instance): 50 requests/s
+  write_mock_bundle(tmp_path, "mock", 1, config={"latency_slo_ms": target_ms,
+                                                 "instance_count": 1})
+  with serving(tmp_path, mock_factory(delay_s=delay_s), frontend=frontend,
+               batch_queue=batch_queue) as bg, grpc.insecure_channel(bg.address) as ch:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    cfg = stub.ModelConfig(pb.ModelConfigRequest(name="mock")).config
+    assert cfg.parameters["latency_slo_ms"].string_value == str(target_ms)
+    assert cfg.parameters["latency_slo_percentile"].string_value == "99"
+    policy = cfg.dynamic_batching.default_queue_policy
+    assert policy.default_timeout_microseconds == target_ms * 1000
+    x, k = np.full((rows, 4), 1.0, np.float32), np.ones((rows, 1), np.int32)
+    for _ in range(3):  # batch times measured before the load starts
+      stub.ModelInfer(mock_request(x, k))
+    fig = overload(bg.address, build_request("mock", {"x": x, "k": k}), rows=rows,
+                   capacity_rps=capacity, factor=3.0, duration=duration,
+                   deadline_s=target_ms / 1e3, server_pid=os.getpid(), grpc_deadline=False)
+    np.testing.assert_array_equal(outputs(stub.ModelInfer(mock_request(x, k)))["y"],
+                                  expected(x, k)[0])
+    assert fig.other_errors == {} and fig.deadline_missed == 0
+    assert fig.shed > 0.4 * fig.offered  # two thirds of the load is excess
+    assert fig.ok >= 0.7 * capacity * duration  # goodput holds up
+    assert fig.admitted_p99_ms <= target_ms
+    text = bg.server.metrics.exposition().decode()
+    mv = {"model": "mock", "version": "1"}
+    assert metric(text, "nv_inference_request_failure", reason="RESOURCE_EXHAUSTED",
+                  **mv) == fig.shed
+    assert metric(text, "nv_inference_request_success", **mv) == fig.ok + 4
+
+
+def test_config_json_overrides_the_server_defaults_key_by_key():
+  server = ModelServingConfig(max_queue_wait_ms=300.0, latency_slo_ms=40.0, instance_count=3)
+  got = ModelServingConfig.from_json({"latency_slo_ms": 10}, server)
+  assert (got.latency_slo_ms, got.max_queue_wait_ms, got.instance_count) == (10, 300.0, 3)
+  assert ModelServingConfig.from_json({}).max_queue_wait_ms == 1000.0
+  with pytest.raises(ValueError, match="latency_slo_ms must be > 0"):
+    ModelServingConfig.from_json({"latency_slo_ms": 0}, server)
+  with pytest.raises(ValueError, match="unknown keys"):
+    ModelServingConfig.from_json({"latency_slo": 10}, server)
