@@ -114,6 +114,7 @@ class Batcher(Generic[T]):
     self._next_deadline: float | None = None  # no unstarted request expires before (may be early)
     self._batch_s: dict[int, float] = {}  # smoothed seconds a batch occupies the executor
     self._load = LoadMeter()
+    self._last_bucket = 0  # the bucket of the batch taken last (the executor holds it)
 
   def observe(self, bucket: int, seconds: float) -> None:
     """Records how long a batch of `bucket` rows occupied the executor (smoothed per bucket)."""
@@ -138,18 +139,27 @@ class Batcher(Generic[T]):
       return None
     return (-(-(ahead + rows) // self.config.max_batch_size) + 2) * self._full_batch_s
 
+  def _rows_s(self, n: int, full_s: float) -> float:
+    """Seconds to run `n` rows as full batches and one partial, at the measured batch times."""
+    full, part = divmod(n, self.config.max_batch_size)
+    return full * full_s + (self._batch_s.get(self.config.bucket_for(part), full_s) if part
+                            else 0.0)
+
   def estimated_latency_s(self, rows: int, priority: int) -> float | None:
-    """Seconds until a new request would finish, for the latency budget: the rows queued ahead
-    at the measured drain rate (whole batches at the measured batch time until the queue was
-    ever backlogged), then the full batch the executor holds when it is taken, then its own
-    batch. None when nothing is queued ahead or timed."""
-    cfg, full_s = self.config, self._full_batch_s
+    """Seconds until a new request would finish, for the latency budget: the batch the executor
+    holds (the last one taken), then the rows queued ahead and its own as batches at their
+    measured times or, once the queue was backlogged, the rows ahead at the measured drain rate
+    (the host path's cost included) and its own batch, whichever is longer. None when nothing
+    is queued ahead or nothing was timed."""
+    full_s = self._full_batch_s
     ahead = sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
     if ahead == 0 or full_s is None:
       return None
-    own = self._batch_s.get(cfg.bucket_for(min(ahead + rows, cfg.max_batch_size)), full_s)
-    rate = self._load.drain_rate()
-    return (ahead / rate if rate else -(-ahead // cfg.max_batch_size) * full_s) + full_s + own
+    queued = self._rows_s(ahead + rows, full_s)
+    if rate := self._load.drain_rate():
+      queued = max(queued, ahead / rate + self._rows_s(rows, full_s))
+    held = self._batch_s.get(self._last_bucket, full_s) if self._last_bucket else 0.0
+    return held + queued
 
   @property
   def queued_rows(self) -> int:
@@ -289,6 +299,7 @@ class Batcher(Generic[T]):
         return Decision(None, expired, hold)
     plan = self._take(cfg.max_batch_size if full else self._capacity())
     self._load.taken(now, plan.rows, self._rows >= cfg.max_batch_size)
+    self._last_bucket = plan.bucket
     return Decision(plan, expired, 0.0)
 
   def _capacity(self) -> int:

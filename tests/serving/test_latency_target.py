@@ -5,14 +5,16 @@ policy. Plus: config.json keys override the server's defaults, the others are in
 
 from __future__ import annotations
 
-import os
+import asyncio
+import collections
+import gc
+import time
 
 import grpc
 import numpy as np
 import pytest
 
 from benchmarks.loadgen import build_request
-from benchmarks.overload import overload
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.repository import ModelServingConfig
@@ -20,11 +22,35 @@ from servingutil import expected, metric, mock_factory, mock_request, outputs, s
     write_mock_bundle
 
 
+def open_loop(address: str, payload: bytes, rate: float, seconds: float) -> list[tuple[float, str]]:
+  """Sends `payload` at `rate` requests/s for `seconds` without waiting for answers (one
+  asyncio client, no deadline); returns (latency, gRPC code name) per request."""
+  async def run():
+    out = []
+    async with grpc.aio.insecure_channel(address) as ch:
+      call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+      async def one():
+        t0 = time.perf_counter()
+        try:
+          await call(payload, timeout=60)
+          out.append((time.perf_counter() - t0, "OK"))
+        except grpc.aio.AioRpcError as e:
+          out.append((time.perf_counter() - t0, e.code().name))
+      tasks, start = [], time.perf_counter()
+      for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(one()))
+      await asyncio.gather(*tasks)
+    return out
+  return asyncio.run(run())
+
+
 @pytest.mark.parametrize("frontend,batch_queue", [("auto", "native"), ("python", "python")])
 def test_overload_without_deadlines_is_shed_and_the_admitted_meet_the_target(
     tmp_path, frontend, batch_queue):
   """3x the sustainable rate of full-batch requests for 3 s, none carrying a deadline."""
-  target_ms, delay_s, rows, duration = 500, 0.02, 8, 3.0
+  target_ms, delay_s, rows, duration = 400, 0.02, 8, 3.0
   capacity = 1 / delay_s  # one 8-row batch per 20 ms (one instance): 50 requests/s
   write_mock_bundle(tmp_path, "mock", 1, config={"latency_slo_ms": target_ms,
                                                  "instance_count": 1})
@@ -39,20 +65,26 @@ def test_overload_without_deadlines_is_shed_and_the_admitted_meet_the_target(
     x, k = np.full((rows, 4), 1.0, np.float32), np.ones((rows, 1), np.int32)
     for _ in range(3):  # batch times measured before the load starts
       stub.ModelInfer(mock_request(x, k))
-    fig = overload(bg.address, build_request("mock", {"x": x, "k": k}), rows=rows,
-                   capacity_rps=capacity, factor=3.0, duration=duration,
-                   deadline_s=target_ms / 1e3, server_pid=os.getpid(), grpc_deadline=False)
+    gc.collect()  # as `xlaserve serve` does once loaded: a full collection of this test process
+    gc.freeze()   # (pytest, JAX) would otherwise stall the in-process server ~60 ms mid-run
+    try:
+      got = open_loop(bg.address, build_request("mock", {"x": x, "k": k}), 3 * capacity,
+                      duration)
+    finally:
+      gc.unfreeze()
     np.testing.assert_array_equal(outputs(stub.ModelInfer(mock_request(x, k)))["y"],
                                   expected(x, k)[0])
-    assert fig.other_errors == {} and fig.deadline_missed == 0
-    assert fig.shed > 0.4 * fig.offered  # two thirds of the load is excess
-    assert fig.ok >= 0.7 * capacity * duration  # goodput holds up
-    assert fig.admitted_p99_ms <= target_ms
+    codes = collections.Counter(code for _, code in got)
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["RESOURCE_EXHAUSTED"] > 0.4 * len(got)  # two thirds of the load is excess
+    assert codes["OK"] >= 0.7 * capacity * duration  # goodput holds up
+    ok = np.array([s for s, code in got if code == "OK"])
+    assert np.percentile(ok, 99) * 1e3 <= target_ms
     text = bg.server.metrics.exposition().decode()
     mv = {"model": "mock", "version": "1"}
     assert metric(text, "nv_inference_request_failure", reason="RESOURCE_EXHAUSTED",
-                  **mv) == fig.shed
-    assert metric(text, "nv_inference_request_success", **mv) == fig.ok + 4
+                  **mv) == codes["RESOURCE_EXHAUSTED"]
+    assert metric(text, "nv_inference_request_success", **mv) == codes["OK"] + 4
 
 
 def test_config_json_overrides_the_server_defaults_key_by_key():

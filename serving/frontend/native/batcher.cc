@@ -115,16 +115,31 @@ std::optional<double> Decider::EstimatedWait(int64_t rows, int64_t priority) con
   return double(batches + 2) * *full;
 }
 
+double Decider::RowsSeconds(int64_t n, double full_s) const {
+  int64_t full = n / max_batch(), part = n % max_batch();
+  double s = double(full) * full_s;
+  if (part) {
+    auto it = batch_s_.find(BucketFor(part));
+    s += it != batch_s_.end() ? it->second : full_s;
+  }
+  return s;
+}
+
 std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority) const {
   int64_t ahead = RowsAhead(priority);
   auto full = FullBatchSeconds();
   if (ahead == 0 || !full) return std::nullopt;
-  auto it = batch_s_.find(BucketFor(std::min(ahead + rows, max_batch())));
-  double own = it != batch_s_.end() ? it->second : *full;
+  double queued = RowsSeconds(ahead + rows, *full);
   auto rate = load_.DrainRate();
-  double wait = (rate && *rate != 0.0) ? double(ahead) / *rate
-                                       : double((ahead + max_batch() - 1) / max_batch()) * *full;
-  return wait + *full + own;
+  if (rate && *rate != 0.0) {
+    queued = std::max(queued, double(ahead) / *rate + RowsSeconds(rows, *full));
+  }
+  double held = 0.0;
+  if (last_bucket_) {
+    auto it = batch_s_.find(last_bucket_);
+    held = it != batch_s_.end() ? it->second : *full;
+  }
+  return held + queued;
 }
 
 std::string Decider::Admit(const Entry& e) const {
@@ -293,6 +308,7 @@ Decision Decider::Decide(double now, bool idle) {
   }
   d.plan = Take(full ? max_batch() : Capacity());
   load_.Taken(now, d.plan->rows(), rows_ >= max_batch());
+  last_bucket_ = d.plan->bucket;
   d.wait_s = 0.0;
   return d;
 }

@@ -114,6 +114,7 @@ class Decider {
  private:
   std::optional<double> FullBatchSeconds() const;
   int64_t RowsAhead(int64_t priority) const;
+  double RowsSeconds(int64_t n, double full_s) const;  // n rows as full batches and a partial
   void Unqueue(int64_t priority, int64_t rows);
   int64_t Capacity() const;
   Plan Take(int64_t capacity);
@@ -125,6 +126,7 @@ class Decider {
   std::optional<double> next_deadline_;  // no unstarted request expires before (may be early)
   std::map<int64_t, double> batch_s_;    // smoothed seconds a batch occupies the executor
   LoadMeter load_;
+  int64_t last_bucket_ = 0;  // the bucket of the batch taken last (the executor holds it)
 };
 
 }  // namespace xlaserve::native

@@ -1,0 +1,162 @@
+"""Throughput at a latency bound, with MLPerf LoadGen's Server scenario: the fixed-delay batcher
+against the latency-target (SLO-aware) one, in one run.
+
+  python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
+                           [--steps 6] [--out DIR]
+
+For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
+default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in config.json)
+and each request size:
+1. closed-loop saturation: the same gRPC client keeps `--concurrency` requests in flight (no
+   LoadGen), requests/s;
+2. LoadGen's Server scenario (Poisson arrivals) at a target QPS, searched by bisection for the
+   highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
+   late or failed (a shed request counts as a miss: shedding cannot buy a valid run).
+Prints the table (best VALID QPS / closed-loop saturation) and the p99-vs-offered-load curves,
+writes slo.png and slo.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks.http_serving import scratch_repository  # noqa: E402
+from benchmarks.loadgen import build_request, format_table  # noqa: E402
+from benchmarks.serving import make_inputs, start_server  # noqa: E402
+from benchmarks.slo_sut import GrpcSut, loadgen_run  # noqa: E402
+
+BATCHERS = ("fixed", "slo")
+
+
+def say(msg: str) -> None:
+  print(f"[slo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float):
+  """A server over a one-model copy of `repo`, configured for `batcher`."""
+  scratch = scratch_repository(repo, model)
+  cfg = {"latency_slo_ms": bound_ms} if batcher == "slo" else {"max_queue_wait_ms": 0}
+  (scratch / model / "config.json").write_text(json.dumps(cfg))
+  return start_server(scratch, [])
+
+
+def search(sut: GrpcSut, sat_qps: float, args: argparse.Namespace, outdir: pathlib.Path,
+           label: str) -> tuple[float, list[dict]]:
+  """Bisection for the highest VALID target QPS in (0, 1.1 x saturation]; returns it (0 when
+  none was) and every run's figures."""
+  lo, hi, best, runs = 0.0, 1.1 * sat_qps, 0.0, []
+  qps = 0.6 * sat_qps
+  for step in range(args.steps):
+    r = loadgen_run(sut, qps, args.bound_ms, args.seconds, outdir / f"{label}-{step}")
+    runs.append(r)
+    say(f"  {label}: {qps:8.0f} QPS -> p99 {r['p99_ms']:7.2f} ms, late or failed"
+        f" {r['missed_share'] * 100:5.2f}%, LoadGen {r['loadgen']}: "
+        + ("VALID" if r["valid"] else "INVALID"))
+    if r["valid"]:
+      best, lo = max(best, qps), qps
+    else:
+      hi = qps
+    qps = (lo + hi) / 2
+  return best, runs
+
+
+def measure(args: argparse.Namespace, repo: pathlib.Path, batcher: str) -> dict:
+  """Saturation and the LoadGen search for every request size, against one server."""
+  from bundle import list_versions, read_manifest
+
+  proc, address, _ = server_for(repo, args.model, batcher, args.bound_ms)
+  out = {}
+  try:
+    bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
+    signature = next(iter(read_manifest(bundle).signatures.values())).inputs
+    for rows in args.rows:
+      payload = build_request(args.model, make_inputs(signature, rows, np.random.default_rng(0)))
+      with GrpcSut(address, payload) as sut:
+        sut.closed_loop(args.concurrency, 1.0)  # warm the connection and the batcher
+        sat = sut.closed_loop(args.concurrency, args.seconds)
+        say(f"{batcher}, {rows}-row: closed-loop saturation {sat:.0f} requests/s")
+        best, runs = search(sut, sat, args, args.out / "loadgen", f"{batcher}-{rows}row")
+      out[rows] = {"saturation_qps": sat, "best_valid_qps": best, "runs": runs}
+  finally:
+    proc.terminate()
+    proc.wait(30)
+  return out
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+  rows = []
+  for size in args.rows:
+    sat = {b: results[b][size]["saturation_qps"] for b in BATCHERS}
+    best = {b: results[b][size]["best_valid_qps"] for b in BATCHERS}
+    for b in BATCHERS:
+      rows.append((f"{size}-row", b, f"{sat[b]:.0f}", f"{best[b]:.0f}",
+                   f"{best[b] / sat[b]:.2f}", f"{best[b] / max(sat.values()):.2f}"))
+  return format_table(["requests", "batcher", "closed-loop req/s",
+                       f"best VALID QPS (p99 <= {args.bound_ms:g} ms)", "/ own saturation",
+                       "/ best saturation"], rows)
+
+
+def plot(results: dict, args: argparse.Namespace, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(args.rows), figsize=(6 * len(args.rows), 4.5), squeeze=False)
+  for ax, size in zip(axes[0], args.rows):
+    for b, style in zip(BATCHERS, ("o--", "s-")):
+      runs = sorted(results[b][size]["runs"], key=lambda r: r["target_qps"])
+      ax.plot([r["target_qps"] for r in runs], [r["p99_ms"] for r in runs], style,
+              label=f"{b} (best VALID {results[b][size]['best_valid_qps']:.0f} QPS)")
+    ax.axhline(args.bound_ms, color="gray", lw=1, ls=":")
+    ax.set(title=f"{args.model}, {size}-row requests", xlabel="offered QPS (Poisson)",
+           ylabel="p99 latency, ms (failures as misses)", yscale="log")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", default="dlrm", help="demo model to serve (default dlrm)")
+  p.add_argument("--repository", type=pathlib.Path, default=None,
+                 help="model repository (default: the demo repository, built if missing)")
+  p.add_argument("--bound-ms", type=float, default=10.0, help="p99 latency bound (default 10)")
+  p.add_argument("--rows", default="1,32", help="request sizes, comma-separated")
+  p.add_argument("--seconds", type=float, default=5.0, help="seconds per LoadGen run")
+  p.add_argument("--steps", type=int, default=6, help="LoadGen runs per bisection")
+  p.add_argument("--concurrency", type=int, default=64,
+                 help="requests in flight for the closed-loop saturation")
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "slo")
+  args = p.parse_args(argv)
+  args.rows = [int(r) for r in args.rows.split(",") if r.strip()]
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  args.out.mkdir(parents=True, exist_ok=True)
+  repo = args.repository
+  if repo is None:
+    from demo.repository import ensure_demo_repository
+    repo = ensure_demo_repository(say)
+  results = {}
+  for batcher in BATCHERS:
+    say(f"--- {batcher} batcher ---")
+    results[batcher] = measure(args, repo, batcher)
+  print(table(results, args))
+  (args.out / "slo.json").write_text(json.dumps(results, indent=1, default=str))
+  plot(results, args, args.out / "slo.png")
+  say(f"wrote {args.out / 'slo.png'} and {args.out / 'slo.json'}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,125 @@
+"""MLPerf LoadGen driving `xlaserve serve` over gRPC: the system under test is an asynchronous
+gRPC client (grpc.aio, its own event loop thread) that sends one ModelInfer per query sample and
+completes the sample when the answer (or an error) arrives. Also a closed-loop mode with the
+same client, for the saturation figure the LoadGen runs are compared with."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import re
+import threading
+import time
+
+import numpy as np
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SAMPLES = 1024  # LoadGen's query sample library: every sample is the same request
+
+
+class GrpcSut:
+  """One channel on a private event loop; `send` may be called from any thread."""
+
+  def __init__(self, address: str, payload: bytes):
+    self.address, self.payload = address, payload
+    self.loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+    self.records: list[tuple[float, str]] = []  # (seconds, "OK" or the gRPC code name)
+    self.on_done = None  # (sample id) -> None, set by the LoadGen run
+
+  def __enter__(self) -> GrpcSut:
+    import grpc
+
+    self._thread.start()
+    async def connect():
+      self.channel = grpc.aio.insecure_channel(self.address)
+      self.call = self.channel.unary_unary(METHOD)
+    asyncio.run_coroutine_threadsafe(connect(), self.loop).result()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    asyncio.run_coroutine_threadsafe(self.channel.close(), self.loop).result()
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self._thread.join(10)
+
+  async def _one(self, sample_id: int | None) -> None:
+    import grpc
+
+    t0 = time.perf_counter()
+    try:
+      await self.call(self.payload, timeout=60)
+      code = "OK"
+    except grpc.aio.AioRpcError as e:
+      code = e.code().name
+    self.records.append((time.perf_counter() - t0, code))
+    if sample_id is not None and self.on_done is not None:
+      self.on_done(sample_id)
+
+  def send(self, sample_ids: list[int]) -> None:
+    def start():
+      for i in sample_ids:
+        self.loop.create_task(self._one(i))
+    self.loop.call_soon_threadsafe(start)
+
+  def closed_loop(self, concurrency: int, seconds: float) -> float:
+    """Requests/s answered OK with `concurrency` requests always in flight for `seconds`."""
+    async def run() -> int:
+      end = time.perf_counter() + seconds
+      async def worker():
+        while time.perf_counter() < end:
+          await self._one(None)
+      t0 = time.perf_counter()
+      await asyncio.gather(*(worker() for _ in range(concurrency)))
+      return sum(code == "OK" for _, code in self.records) / (time.perf_counter() - t0)
+    self.records = []
+    return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+
+def _summary(path: pathlib.Path) -> dict:
+  text = path.read_text()
+  valid = re.search(r"Result is\s*:\s*(\w+)", text)
+  return {"loadgen": valid.group(1) if valid else "?"}
+
+
+def loadgen_run(sut: GrpcSut, qps: float, bound_ms: float, seconds: float,
+                outdir: pathlib.Path) -> dict:
+  """One LoadGen Server-scenario run at `qps` (Poisson arrivals) with a p99 bound; VALID only
+  when LoadGen says so and at most 1% of the queries were late or failed."""
+  import mlperf_loadgen as lg
+
+  outdir.mkdir(parents=True, exist_ok=True)
+  settings = lg.TestSettings()
+  settings.scenario = lg.TestScenario.Server
+  settings.mode = lg.TestMode.PerformanceOnly
+  settings.server_target_qps = qps
+  settings.server_target_latency_ns = int(bound_ms * 1e6)
+  settings.server_target_latency_percentile = 0.99
+  settings.min_duration_ms = int(seconds * 1000)
+  settings.max_duration_ms = int(seconds * 4000)
+  settings.min_query_count = max(1, int(qps * seconds))
+  log = lg.LogSettings()
+  log.log_output.outdir = str(outdir)
+  log.log_output.copy_summary_to_stdout = False
+  log.enable_trace = False
+
+  def done(sample_id: int) -> None:
+    lg.QuerySamplesComplete([lg.QuerySampleResponse(sample_id, 0, 0)])
+
+  sut.records, sut.on_done = [], done
+  handle = lg.ConstructSUT(lambda samples: sut.send([s.id for s in samples]), lambda: None)
+  qsl = lg.ConstructQSL(SAMPLES, SAMPLES, lambda _: None, lambda _: None)
+  try:
+    lg.StartTestWithLogSettings(handle, qsl, settings, log)
+  finally:
+    lg.DestroyQSL(qsl)
+    lg.DestroySUT(handle)
+  sut.on_done = None
+  lat = np.array([s if code == "OK" else np.inf for s, code in sut.records])
+  failed = sum(1 for _, code in sut.records if code != "OK")
+  missed = float(np.mean(lat > bound_ms / 1e3)) if len(lat) else 1.0
+  out = _summary(outdir / "mlperf_log_summary.txt")
+  p99 = float(np.percentile(lat, 99) * 1e3) if len(lat) else float("inf")
+  out.update(target_qps=qps, queries=len(lat), failed=failed, missed_share=missed,
+             p99_ms=p99 if np.isfinite(p99) else 1e4,
+             valid=out["loadgen"] == "VALID" and missed <= 0.01)
+  return out
