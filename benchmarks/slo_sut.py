@@ -76,9 +76,14 @@ class GrpcSut:
 
 
 def _summary(path: pathlib.Path) -> dict:
+  """LoadGen's verdict, its p99 (from each query's scheduled issue time) and early stopping."""
   text = path.read_text()
   valid = re.search(r"Result is\s*:\s*(\w+)", text)
-  return {"loadgen": valid.group(1) if valid else "?"}
+  p99 = re.search(r"99\.00 percentile latency \(ns\)\s*:\s*(\d+)", text)
+  early = re.search(r"Early stopping satisfied\s*:\s*(\w+)", text)
+  return {"loadgen": valid.group(1) if valid else "?",
+          "loadgen_p99_ms": int(p99.group(1)) / 1e6 if p99 else float("nan"),
+          "early_stopping": early.group(1) if early else "?"}
 
 
 def loadgen_run(sut: GrpcSut, qps: float, bound_ms: float, seconds: float,
@@ -118,8 +123,8 @@ def loadgen_run(sut: GrpcSut, qps: float, bound_ms: float, seconds: float,
   failed = sum(1 for _, code in sut.records if code != "OK")
   missed = float(np.mean(lat > bound_ms / 1e3)) if len(lat) else 1.0
   out = _summary(outdir / "mlperf_log_summary.txt")
-  p99 = float(np.percentile(lat, 99) * 1e3) if len(lat) else float("inf")
-  out.update(target_qps=qps, queries=len(lat), failed=failed, missed_share=missed,
-             p99_ms=p99 if np.isfinite(p99) else 1e4,
+  # The p99 reported: LoadGen's, unless failures alone pass 1% (each counts as a miss).
+  p99 = out["loadgen_p99_ms"] if failed <= 0.01 * max(len(lat), 1) else 1e4
+  out.update(target_qps=qps, queries=len(lat), failed=failed, missed_share=missed, p99_ms=p99,
              valid=out["loadgen"] == "VALID" and missed <= 0.01)
   return out

@@ -1,0 +1,31 @@
+"""MLPerf LoadGen (the unmodified `mlperf_loadgen` package) drives the real server through
+benchmarks/slo_sut.py, as benchmarks/slo.py does: every query LoadGen issues is answered and
+counted, a light load is VALID at its bound, and a load beyond the model's capacity is not."""
+
+import numpy as np
+import pytest
+
+from benchmarks.loadgen import build_request
+from servingutil import mock_factory, serving, write_mock_bundle
+
+lg = pytest.importorskip("mlperf_loadgen")
+
+from benchmarks.slo_sut import GrpcSut, loadgen_run  # noqa: E402
+
+
+def test_loadgen_server_scenario_against_the_server(tmp_path):
+  write_mock_bundle(tmp_path / "repo", "mock", 1, config={"latency_slo_ms": 100,
+                                                          "instance_count": 1})
+  x, k = np.ones((8, 4), np.float32), np.ones((8, 1), np.int32)
+  payload = build_request("mock", {"x": x, "k": k})
+  with serving(tmp_path / "repo", mock_factory(delay_s=0.01)) as bg, \
+      GrpcSut(bg.address, payload) as sut:
+    sat = sut.closed_loop(8, 1.0)
+    assert 60 < sat < 110  # one 8-row batch per 10 ms: 100 requests/s at most
+    light = loadgen_run(sut, 30.0, 100.0, 2.0, tmp_path / "light")
+    assert light["queries"] >= 60 and light["failed"] == 0
+    assert light["loadgen"] == "VALID" and light["valid"] and light["p99_ms"] < 100
+    heavy = loadgen_run(sut, 300.0, 100.0, 2.0, tmp_path / "heavy")
+    assert heavy["queries"] >= 600  # every query answered, shed ones included
+    assert heavy["failed"] > 0.5 * heavy["queries"]  # 3x capacity: the excess is shed
+    assert not heavy["valid"]  # and shedding does not make the run count as valid
