@@ -45,7 +45,9 @@ class ExportConfig:
   `signature_seq_buckets` gives that signature its own. `signature_suffixes` names the
   served models of a multi-signature bundle (`<model>_<suffix>`, default the signature name).
   `request_buckets`: how many requests a context model's per-request part runs at (a batch
-  holds at most the largest); its candidates run at `batch_buckets`.
+  holds at most the largest); its candidates run at `batch_buckets`. `deterministic`: a row's
+  outputs are bit-identical whatever batch it shares (export/invariant.py), at the cost of
+  running the model over `invariant_tile`-row slices.
   """
 
   batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
@@ -57,12 +59,16 @@ class ExportConfig:
   signature_suffixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # Context models (export.context): the numbers of requests their context part runs at.
   request_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+  deterministic: bool = False
+  invariant_tile: int = 8
 
   def __post_init__(self):
     if not self.batch_buckets or list(self.batch_buckets) != sorted(set(self.batch_buckets)):
       raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets}")
     if self.batch_buckets[0] < 1:
       raise ValueError(f"batch_buckets must be positive, got {self.batch_buckets}")
+    if self.invariant_tile < 1:
+      raise ValueError(f"invariant_tile must be >= 1, got {self.invariant_tile}")
     rb = tuple(self.request_buckets)
     if not rb or list(rb) != sorted(set(rb)) or rb[0] < 1:
       raise ValueError(f"request_buckets must be positive and strictly increasing, got {rb}")

@@ -20,6 +20,7 @@ from bundle import ContextSplit, Signature, TensorSpec
 from bundle import write_bundle
 from export.config import ExportConfig, Input
 from export.exporter import _export_artifacts, _flatten, _input_structs, _manifest, _model_dir
+from export.invariant import tiled_rows
 from export.tracing import as_output_dict, output_specs
 
 SINGLE_FEATURE = "context"  # the feature's name when the context part returns one array
@@ -65,9 +66,13 @@ def export_context_model(
   single: list[bool] = []
 
   def context_part(param_leaves, ins):
-    out = context_fn(rebuild(list(param_leaves)), **ins)
-    single[:] = [not isinstance(out, Mapping)]
-    return {SINGLE_FEATURE: out} if single[0] else dict(out)
+    target = rebuild(list(param_leaves))
+
+    def run(rows):
+      out = context_fn(target, **rows)
+      single[:] = [not isinstance(out, Mapping)]
+      return {SINGLE_FEATURE: out} if single[0] else dict(out)
+    return tiled_rows(run, ins, config.invariant_tile) if config.deterministic else run(ins)
 
   def ctx_structs(seq=None, batch=None):
     return _input_structs(ctx_specs, b if batch is None else batch, None)
@@ -84,10 +89,14 @@ def export_context_model(
   score_specs = [*features, *(i.to_spec() for i in candidate_inputs)]
 
   def score_part(param_leaves, ins):
-    feats = {k: ins[k] for k in feature_names}
-    ctx = feats[SINGLE_FEATURE] if single[0] else feats
-    cand = {k: v for k, v in ins.items() if k not in feature_names}
-    return as_output_dict(score_fn(rebuild(list(param_leaves)), ctx, **cand), output_names)
+    target = rebuild(list(param_leaves))
+
+    def run(rows):
+      feats = {k: rows[k] for k in feature_names}
+      ctx = feats[SINGLE_FEATURE] if single[0] else feats
+      cand = {k: v for k, v in rows.items() if k not in feature_names}
+      return as_output_dict(score_fn(target, ctx, **cand), output_names)
+    return tiled_rows(run, ins, config.invariant_tile) if config.deterministic else run(ins)
 
   def score_structs(seq=None, batch=None):
     return _input_structs(score_specs, b if batch is None else batch, None)

@@ -18,6 +18,7 @@ import numpy as np
 import bundle as bundle_lib
 from bundle import Manifest, ParamSpec, Signature, TableLookup, TensorSpec
 from export.config import DEFAULT_BATCH_BUCKETS, ExportConfig, Input
+from export.invariant import tiled_rows
 from export.lookup import export_from_embeddings, table_split
 from export.tracing import (
     TRITON_CUSTOM_CALL, as_output_dict, disabled_checks, is_nnx_module, nnx_parts, output_specs,
@@ -161,7 +162,8 @@ def _export_signature(
 
   def serve_fn(param_leaves, ins):
     target = rebuild(list(param_leaves))
-    return as_output_dict(sig_fn(target, **ins), output_names)
+    run = lambda rows: as_output_dict(sig_fn(target, **rows), output_names)
+    return tiled_rows(run, ins, config.invariant_tile) if config.deterministic else run(ins)
 
   param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   out_specs = output_specs(serve_fn, param_structs, in_structs, b, seq_buckets)
@@ -211,6 +213,8 @@ def _manifest(name: str, version: int, signatures: dict[str, Signature],
       code_hash=bundle_lib.compute_code_hash(artifacts, specs, config.batch_buckets,
                                              config.seq_buckets),
       serving={"max_queue_delay_us": config.max_queue_delay_us,
+               **({"deterministic": True, "invariant_tile": config.invariant_tile}
+                  if config.deterministic else {}),
                **({"signature_suffixes": dict(config.signature_suffixes)}
                   if config.signature_suffixes else {})},
       extra=dict(extra or {}))

@@ -56,6 +56,8 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
     cfg.parameters["latency_slo_ms"].string_value = f"{batching.latency_slo_s * 1e3:g}"
     cfg.parameters["latency_slo_percentile"].string_value = f"{rec.config.latency_slo_percentile:g}"
   cfg.version_policy.latest.num_versions = rec.config.latest_n
+  if rec.manifest is not None and rec.manifest.serving.get("deterministic"):
+    cfg.parameters["deterministic"].string_value = "true"  # batch-invariant scores
   cfg.instance_group.add(count=runner.capabilities.instances,
                          kind=mc.ModelInstanceGroup.KIND_AUTO)
   if runner.capabilities.decoupled:  # several responses per request (streaming)
