@@ -30,10 +30,7 @@ ScoreFn = Callable[..., Any]
 
 
 def export_context_model(
-    model: Any,
-    *,
-    repository: str | os.PathLike[str],
-    name: str,
+    model: Any, *, repository: str | os.PathLike[str], name: str,
     context_inputs: Sequence[Input],
     candidate_inputs: Sequence[Input],
     context_fn: ContextFn,

@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.command == "serve":
     return serve(args)
+  if args.command == "plan-buckets":
+    from serving import plan_buckets
+    return plan_buckets.main(args)
   raise AssertionError(args.command)
 
 

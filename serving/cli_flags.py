@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_placement_flags(serve)
   _add_security_flags(serve)
   _add_runtime_flags(serve)
+  from serving import plan_buckets
+  plan_buckets.add_parser(sub)
   return parser
 
 

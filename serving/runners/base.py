@@ -76,6 +76,9 @@ class Observer:
   def queue_depth(self, rows: int, requests: int) -> None:
     pass
 
+  def request_sizes(self, rows: Sequence[int]) -> None:
+    """Rows of requests that started running (once each): the traffic bucket plans learn from."""
+
   def shed(self, n: int = 1) -> None:
     pass
 

@@ -123,6 +123,7 @@ class QueuedRowRunner(BatchedRunner):
         if q.finished(instance):
           break
         continue
+      self.observer.request_sizes(batch.request_rows)
       t0 = time.perf_counter()
       try:
         inputs = self._inputs(batch)

@@ -162,7 +162,9 @@ class ModelRunner(BatchedRunner):
               Code.RESOURCE_EXHAUSTED, shed_message(self.name, self.config)))
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
         if d.plan is not None:
-          self._inflight += sum(1 for s in d.plan.slices if s.start == 0)
+          started = [s.pending.rows for s in d.plan.slices if s.start == 0]
+          self._inflight += len(started)
+          self.observer.request_sizes(started)
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
           return d.plan
         if not idle:

@@ -20,6 +20,8 @@ from serving.types import Code
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# Request sizes, fine enough to plan buckets from: every size to 16, then quarter octaves.
+_SIZE_BUCKETS = tuple(sorted({*range(1, 17), *(round(2 ** (k / 4)) for k in range(17, 65))}))
 
 
 _TRITON_COUNTERS = {
@@ -78,6 +80,9 @@ class Metrics:
     self.batch_rows = prom.Histogram(
         "xlaserve_batch_rows", "Real rows per executed batch, by bucket", mv + ["bucket"],
         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+    self.request_rows = prom.Histogram(
+        "xlaserve_request_rows", "Rows per request (what `xlaserve plan-buckets` learns from)",
+        mv, buckets=_SIZE_BUCKETS, registry=r)
     self.padding = prom.Histogram(
         "xlaserve_batch_padding_fraction", "Padded rows / bucket rows per batch, by bucket",
         mv + ["bucket"], buckets=_FRACTION_BUCKETS, registry=r)
@@ -153,6 +158,7 @@ class _ModelObserver(Observer):
     self._latency = m.latency.labels(*self.labels)
     self._pending = m.pending.labels(*self.labels)
     self._queue_rows = m.queue_rows.labels(*self.labels)
+    self._request_rows = m.request_rows.labels(*self.labels)
     self._per_bucket: dict[int, tuple] = {}
 
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
@@ -189,6 +195,10 @@ class _ModelObserver(Observer):
       _observe_many(self._latency, ok_s)
     for code, d in failed:
       self.request_done(ok=False, duration_s=d, code=code)
+
+  def request_sizes(self, rows: Sequence[int]) -> None:
+    if len(rows):
+      _observe_many(self._request_rows, rows)
 
   def queue_depth(self, rows: int, requests: int) -> None:
     self._queue_rows.set(rows)

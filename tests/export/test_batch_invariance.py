@@ -3,7 +3,7 @@ bit-identical alone (the smallest bucket), in every batch bucket, at the first, 
 position, with random rows around it, for each demo model family: the DLRM CTR models (demo
 tiny and the light CTR model), DCN-v2, the relevance cross-encoder and the two towers (rows of
 one sequence bucket), and the ranking model's candidates (context model). Bits are compared,
-not tolerances. The default export of the DLRM is checked to be the same model (within float32
+not tolerances. The deterministic DLRM is checked against the Flax model (within float32
 rounding), and the manifest of a deterministic bundle says so."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from demo.models import ranker_inputs, relevance_inputs, tower_inputs
 from serving.engines import SEGMENT_INPUT
 from serving.repository import ModelServingConfig, default_engine_factory
 
-BUCKETS = (1, 2, 8, 32, 64)  # below, at and across the default 32-row tile
+BUCKETS = (1, 8, 32, 64)  # below, at and across the default 32-row tile
 SEQ = (8,)
 
 
@@ -91,33 +91,27 @@ def _check_invariant(engine, specs, probe, rng, extra=None):
   return alone
 
 
-SLOW = {"ctr_light", "dcn_v2", "two_tower"}  # same layers as dlrm / relevance: opt-in (--run-slow)
+SLOW = {"ctr_light", "dcn_v2", "two_tower", "relevance"}  # opt-in (--run-slow): the dlrm and
+# the context model below cover the mechanism; these cover the other layer kinds
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                                   for n in sorted(MODELS)])
 def test_deterministic_rows_are_bit_identical_in_every_batch(tmp_path, name):
   model, kw = MODELS[name]()
-  outs = {}
-  for det in (True, False) if name == "dlrm" else (True,):
-    repo = tmp_path / ("det" if det else "default")
-    export.export_model(model, repository=repo, name=name, version=1,
-                        config=export.ExportConfig(batch_buckets=BUCKETS, seq_buckets=SEQ,
-                                                   deterministic=det), **kw)
-    path = repo / name
-    engine = _engine(path)
-    try:
-      rng = np.random.default_rng(0)
-      probe = _rows(engine.inputs, 1, np.random.default_rng(42))
-      if det:
-        assert read_manifest(path / "1").serving["deterministic"] is True
-        outs[det] = _check_invariant(engine, engine.inputs, probe, rng)
-      else:
-        outs[det] = _placed(engine, engine.inputs, probe, engine.buckets[0], 0, rng)
-    finally:
-      engine.close()
-  for k in outs.get(False, ()):  # the same model either way: only the rounding may differ
-    np.testing.assert_allclose(outs[True][k], outs[False][k], rtol=1e-5, atol=1e-6)
+  export.export_model(model, repository=tmp_path, name=name, version=1,
+                      config=export.ExportConfig(batch_buckets=BUCKETS, seq_buckets=SEQ,
+                                                 deterministic=True), **kw)
+  assert read_manifest(tmp_path / name / "1").serving["deterministic"] is True
+  engine = _engine(tmp_path / name)
+  try:
+    probe = _rows(engine.inputs, 1, np.random.default_rng(42))
+    got = _check_invariant(engine, engine.inputs, probe, np.random.default_rng(0))
+  finally:
+    engine.close()
+  if name == "dlrm":  # the same model as the Flax one: only the rounding may differ
+    want = model(**{k: np.asarray(v) for k, v in probe.items()})
+    np.testing.assert_allclose(got["prob"], np.asarray(want["prob"])[0], rtol=1e-5, atol=1e-6)
 
 
 def test_context_model_candidates_are_bit_identical_in_every_batch(tmp_path):

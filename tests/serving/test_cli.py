@@ -110,7 +110,7 @@ def test_sigterm_answers_in_flight_work_refuses_new_requests_and_exits_0(tmp_pat
                       inputs=[export.Input("x", "float32", ("batch", 256))],
                       config=export.ExportConfig(batch_buckets=(1, 64, 512)))
   proc = serve(["--model-repository", str(tmp_path / "repo"), "--grpc-port", "0",
-                "--metrics-port", "0", "--http-port", "-1",
+                "--metrics-port", "0", "--http-port", "-1", "--max-queue-wait-ms", "0",
                 "--compile-cache", str(tmp_path / "cache"), "--log-format", "json"])
   addr, metrics_url = proc.address, proc.metrics_url
   try:

@@ -46,7 +46,8 @@ def open_loop(address: str, payload: bytes, rate: float, seconds: float) -> list
   return asyncio.run(run())
 
 
-@pytest.mark.parametrize("frontend,batch_queue", [("auto", "native"), ("python", "python")])
+@pytest.mark.parametrize("frontend,batch_queue", [
+    ("auto", "native"), pytest.param("python", "python", marks=pytest.mark.slow)])
 def test_overload_without_deadlines_is_shed_and_the_admitted_meet_the_target(
     tmp_path, frontend, batch_queue):
   """3x the sustainable rate of full-batch requests for 3 s, none carrying a deadline."""

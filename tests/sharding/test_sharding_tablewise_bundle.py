@@ -62,7 +62,7 @@ def _engine(path, manifest, n):
   return engine
 
 
-@pytest.mark.parametrize("quant", ["none", "int8_tables"])
+@pytest.mark.parametrize("quant", ["none", pytest.param("int8_tables", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow), 8])
 def test_bundle_served_table_wise(bundles, quant, n):
   cfg, model, dense, sparse, by_quant = bundles

@@ -135,6 +135,13 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("bucket", [](const RowBatch& b) { return b.bucket; })
       .def_property_readonly("rows", [](const RowBatch& b) { return b.rows; })
       .def_property_readonly("requests", [](const RowBatch& b) { return b.slices.size(); })
+      .def_property_readonly("request_rows", [](const RowBatch& b) {
+        std::vector<int64_t> rows;  // requests whose first slice is in this batch
+        for (const PlanSlice& s : b.slices) {
+          if (s.start == 0) rows.push_back(s.entry->rows);
+        }
+        return rows;
+      })
       .def_property_readonly("inputs", [](std::shared_ptr<RowBatch> b) {
         return b->q->Inputs(b);
       });

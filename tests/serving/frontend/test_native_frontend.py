@@ -31,7 +31,8 @@ def test_extension_is_built_where_required():
 
 def _slow_server(tmp_path, delay_s=0.3, **config):
   repo = tmp_path / "repo"
-  write_mock_bundle(repo, "mock", 1)
+  # Seconds of deliberately queued work: without the default 1 s queue-wait bound.
+  write_mock_bundle(repo, "mock", 1, config={"max_queue_wait_ms": 0})
   return serving(repo, mock_factory(delay_s=delay_s), **config)
 
 

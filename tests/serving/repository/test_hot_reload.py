@@ -189,7 +189,7 @@ def test_repository_load_swaps_a_real_bundle_with_compiles_only_in_warmup(tmp_pa
 
 def test_retired_version_answers_its_queued_requests_before_it_is_dropped(tmp_path):
   repo = tmp_path / "repo"
-  write_mock_bundle(repo, "mock", 1)
+  write_mock_bundle(repo, "mock", 1, config={"max_queue_wait_ms": 0})  # ~1 s queued on purpose
   engines = {}
   with serving(repo, mock_factory(engines, delay_s=0.15)) as bg, \
       grpc.insecure_channel(bg.address) as ch:

@@ -22,7 +22,7 @@ def bundle_repo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy,devices", [pytest.param("replicated", 2, marks=pytest.mark.slow),
-                                              ("tensor", 4),
+                                              pytest.param("tensor", 4, marks=pytest.mark.slow),
                                               ("tensor+data", 8), ("embedding_rows", 8)])
 def test_sharded_dlrm_serves_same_outputs(bundle_repo, strategy, devices):
   repo, model = bundle_repo
