@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--requests-per-day", type=float, default=1e10)
   p.add_argument("--rows", type=int, default=100, help="rows (candidates) per request")
   p.add_argument("--p99-ms", type=float, default=20.0, help="p99 latency target")
-  p.add_argument("--peak-to-mean", type=float, default=2.0,
+  p.add_argument("--peak-to-mean", type=float, default=1.7,
                  help="peak hour / mean hour of the diurnal curve (ignored with --shape)")
   p.add_argument("--shape", default=None, help="24 comma-separated hourly weights")
   p.add_argument("--price-per-hour", type=float, default=2.5,
@@ -142,7 +142,7 @@ def write_profile(args: argparse.Namespace) -> None:
   repo = ensure_demo_repository(print)
   bundle = repo / args.write_profile / str(list_versions(repo / args.write_profile)[-1])
   raw, _ = raw_ceiling(bundle, 3.0)
-  prof = {"model": args.write_profile, "measured_on": "see `machine`", "machine": _machine(),
+  prof = {"model": args.write_profile, "machine": _machine(),
           "bucket_seconds": {str(r["bucket"]): r["ms_per_batch"] / 1e3 for r in raw},
           "host_s_per_request": args.host_us / 1e6, "instances": 1}
   args.profile.write_text(json.dumps(prof, indent=1) + "\n")
