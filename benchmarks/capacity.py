@@ -192,7 +192,8 @@ def _plot(res: dict, args: argparse.Namespace, path: pathlib.Path) -> None:
          title=f"{args.requests_per_day:.3g} requests/day, p99 <= {args.p99_ms:g} ms:"
                f" {res['replica_hours_per_day']:,} replica-hours/day")
   ax2.set_ylabel("requests/s")
-  fig.legend(loc="upper left")
+  handles = [*ax.get_legend_handles_labels()[0], *ax2.get_legend_handles_labels()[0]]
+  ax.legend(handles=handles, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

@@ -20,7 +20,7 @@ _SAMPLE = re.compile(r'^xlaserve_request_rows_bucket\{(?P<labels>[^}]*)\}\s+(?P<
 def add_parser(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser(
       "plan-buckets", help="the batch buckets a model's recorded traffic asks for",
-      description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--metrics", required=True,
                  help="the server's metrics URL (http://127.0.0.1:8002/metrics) or a file"
                  " holding a saved scrape")
