@@ -1,6 +1,7 @@
 """`xlaserve plan-buckets`: the bucket set a model's recorded traffic asks for.
 
-Reads the `xlaserve_request_rows` histogram of a model from a running server's Prometheus
+Reads the `xlaserve_request_rows` histogram of a model (`xlaserve_request_seq_len` of a
+sequence model with `--sizes seq`) from a running server's Prometheus
 endpoint (or a saved copy of its text), and prints the plan that minimises padded rows per
 request under a budget of buckets (serving/batching/bucket_plan.py), against the current one.
 """
@@ -14,7 +15,8 @@ from typing import Mapping
 
 from serving.batching.bucket_plan import evaluate, plan_buckets
 
-_SAMPLE = re.compile(r'^xlaserve_request_rows_bucket\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$')
+_SAMPLE = re.compile(r'^(?P<name>xlaserve_request_\w+)_bucket\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$')
+METRIC = {"rows": "xlaserve_request_rows", "seq": "xlaserve_request_seq_len"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,16 +31,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--buckets", type=int, default=None,
                  help="how many buckets the plan may compile (default: as many as today)")
   p.add_argument("--current", required=True,
-                 help="today's buckets, comma-separated (ModelConfig's preferred_batch_size)")
+                 help="today's buckets, comma-separated (ModelConfig's preferred_batch_size,"
+                 " or the sequence buckets with --sizes seq)")
+  p.add_argument("--sizes", choices=sorted(METRIC), default="rows",
+                 help="plan batch buckets from request rows, or sequence buckets from the"
+                 " sequence lengths of a sequence model")
 
 
-def size_counts(text: str, model: str, version: str | None = None) -> dict[int, float]:
+def size_counts(text: str, model: str, version: str | None = None,
+                metric: str = METRIC["rows"]) -> dict[int, float]:
   """Requests per size bin (its upper bound) of `model` from Prometheus text (cumulative
   histogram buckets, summed over versions unless one is named)."""
   cumulative: dict[float, float] = {}
   for line in text.splitlines():
     m = _SAMPLE.match(line.strip())
-    if not m:
+    if not m or m.group("name") != metric:
       continue
     labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
     if labels.get("model") != model or (version is not None and labels.get("version") != version):
@@ -61,7 +68,8 @@ def read(source: str) -> str:
     return f.read()
 
 
-def report(counts: Mapping[int, float], current: list[int], k: int) -> str:
+def report(counts: Mapping[int, float], current: list[int], k: int,
+           field: str = "batch_buckets") -> str:
   """The current plan and the learned one, padded rows per request each."""
   now = evaluate(counts, current)
   new = plan_buckets(counts, k, largest=current[-1])
@@ -72,19 +80,20 @@ def report(counts: Mapping[int, float], current: list[int], k: int) -> str:
       f" padded/real {now.padded / now.real:.3f}",
       f"learned  {len(new.buckets):>2} buckets {' '.join(map(str, new.buckets))}:"
       f" padded/real {new.padded / new.real:.3f}",
-      "export with ExportConfig(batch_buckets=(" + ", ".join(map(str, new.buckets)) + ",))"])
+      f"export with ExportConfig({field}=(" + ", ".join(map(str, new.buckets)) + ",))"])
 
 
 def main(args: argparse.Namespace) -> int:
   current = sorted(int(x) for x in args.current.split(",") if x.strip())
-  counts = size_counts(read(args.metrics), args.model, args.version)
+  counts = size_counts(read(args.metrics), args.model, args.version, METRIC[args.sizes])
   if not counts:
-    print(f"no xlaserve_request_rows recorded for model {args.model!r}: send it traffic first")
+    print(f"no {METRIC[args.sizes]} recorded for model {args.model!r}: send it traffic first")
     return 1
   if max(counts) > current[-1]:  # split requests: the largest bucket still bounds a batch
     capped: dict[int, float] = {}
     for n, w in counts.items():
       capped[min(n, current[-1])] = capped.get(min(n, current[-1]), 0.0) + w
     counts = capped
-  print(report(counts, current, args.buckets or len(current)))
+  print(report(counts, current, args.buckets or len(current),
+               "seq_buckets" if args.sizes == "seq" else "batch_buckets"))
   return 0

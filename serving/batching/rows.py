@@ -43,6 +43,7 @@ from serving.batching.slo import LoadMeter, fill_wait_s, slo_budget_s
 
 T = TypeVar("T")
 SMALLER_BUCKET_GAIN = 0.15  # rows/s a smaller bucket must add before queued rows wait for it
+OBSERVE_MAX_GROWTH = 4.0  # one batch counts as at most this many times the smoothed time
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -120,7 +121,9 @@ class Batcher(Generic[T]):
     """Records how long a batch of `bucket` rows occupied the executor (smoothed per bucket)."""
     if seconds > 0:
       old = self._batch_s.get(bucket)
-      self._batch_s[bucket] = seconds if old is None else 0.8 * old + 0.2 * seconds
+      # A stall (a collector pause, a busy core) must not make every estimate shed at once.
+      self._batch_s[bucket] = (seconds if old is None
+                               else 0.8 * old + 0.2 * min(seconds, OBSERVE_MAX_GROWTH * old))
 
   @property
   def _full_batch_s(self) -> float | None:

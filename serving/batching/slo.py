@@ -17,6 +17,8 @@ RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
 SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
 MAX_FILL_SHARE = 0.25  # longest hold for a fuller batch, as a share of the target
 DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
+DRAIN_MIN_SAMPLES = 4  # a drain rate is used once this many samples agree on it
+DRAIN_MAX_GROWTH = 4.0  # one sample's interval counts as at most this many times the smoothed one
 
 
 class LoadMeter:
@@ -29,6 +31,7 @@ class LoadMeter:
     self._backlogged = False  # a full batch was still queued after the last take
     self._drain_rows: float | None = None
     self._drain_dt = 0.0
+    self._drain_samples = 0
 
   def arrived(self, t: float, rows: int) -> None:
     """Counts `rows` arriving at `t` (arrivals may come slightly out of order)."""
@@ -53,16 +56,20 @@ class LoadMeter:
       dt = now - self._take_t
       if self._drain_rows is None:
         self._drain_rows, self._drain_dt = float(rows), dt
-      else:
+      else:  # a stall (a new version's first batches, a pause) must not shed for long
         self._drain_rows += DRAIN_SMOOTHING * (rows - self._drain_rows)
-        self._drain_dt += DRAIN_SMOOTHING * (dt - self._drain_dt)
+        self._drain_dt += DRAIN_SMOOTHING * (min(dt, DRAIN_MAX_GROWTH * self._drain_dt)
+                                             - self._drain_dt)
+      self._drain_samples += 1
     if self._take_t is None or now > self._take_t:
       self._take_t = now
     self._backlogged = backlogged
 
   def drain_rate(self) -> float | None:
-    """Rows per second the queue moved while backlogged; None before it ever was."""
-    return None if self._drain_rows is None else self._drain_rows / self._drain_dt
+    """Rows per second the queue moved while backlogged; None before DRAIN_MIN_SAMPLES."""
+    if self._drain_rows is None or self._drain_samples < DRAIN_MIN_SAMPLES:
+      return None
+    return self._drain_rows / self._drain_dt
 
 
 def slo_budget_s(latency_slo_s: float | None, queue_wait_bound_s: float | None) -> float | None:

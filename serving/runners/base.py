@@ -79,6 +79,9 @@ class Observer:
   def request_sizes(self, rows: Sequence[int]) -> None:
     """Rows of requests that started running (once each): the traffic bucket plans learn from."""
 
+  def request_lengths(self, lengths: Sequence[int]) -> None:
+    """Sequence lengths of requests that started running (sequence models)."""
+
   def shed(self, n: int = 1) -> None:
     pass
 

@@ -162,9 +162,9 @@ class ModelRunner(BatchedRunner):
               Code.RESOURCE_EXHAUSTED, shed_message(self.name, self.config)))
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
         if d.plan is not None:
-          started = [s.pending.rows for s in d.plan.slices if s.start == 0]
+          started = [s.pending.item for s in d.plan.slices if s.start == 0]
           self._inflight += len(started)
-          self.observer.request_sizes(started)
+          self._record_started(started)
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
           return d.plan
         if not idle:
@@ -175,6 +175,10 @@ class ModelRunner(BatchedRunner):
           self._cv.wait(d.wait_s)
         else:
           self._cv_full.wait()
+
+  def _record_started(self, reqs: Sequence[InferRequest]) -> None:
+    """The traffic record bucket plans learn from: rows of each request as it starts."""
+    self.observer.request_sizes([r.rows for r in reqs])
 
   def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
     batch = {}

@@ -13,6 +13,8 @@ own length before it is delivered.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
+
 import numpy as np
 
 from serving.batching import BatchingConfig, BatchPlan, SeqBatcher, SeqBatchPlan, Slice
@@ -76,6 +78,10 @@ class SeqRunner(ModelRunner):
       raise ServingError(Code.INVALID_ARGUMENT, f"model {self.name}: sequence length must be"
                          " at least 1")
     return length
+
+  def _record_started(self, reqs: Sequence[InferRequest]) -> None:
+    super()._record_started(reqs)
+    self.observer.request_lengths([self.length_of(r) for r in reqs])
 
   def submit(self, req: InferRequest) -> None:
     """Validates the sequence length (INVALID_ARGUMENT), then queues like ModelRunner."""

@@ -83,6 +83,9 @@ class Metrics:
     self.request_rows = prom.Histogram(
         "xlaserve_request_rows", "Rows per request (what `xlaserve plan-buckets` learns from)",
         mv, buckets=_SIZE_BUCKETS, registry=r)
+    self.request_seq_len = prom.Histogram(
+        "xlaserve_request_seq_len", "Sequence length per request of sequence models (what"
+        " `xlaserve plan-buckets --sizes seq` learns from)", mv, buckets=_SIZE_BUCKETS, registry=r)
     self.padding = prom.Histogram(
         "xlaserve_batch_padding_fraction", "Padded rows / bucket rows per batch, by bucket",
         mv + ["bucket"], buckets=_FRACTION_BUCKETS, registry=r)
@@ -159,6 +162,7 @@ class _ModelObserver(Observer):
     self._pending = m.pending.labels(*self.labels)
     self._queue_rows = m.queue_rows.labels(*self.labels)
     self._request_rows = m.request_rows.labels(*self.labels)
+    self._request_seq_len = m.request_seq_len.labels(*self.labels)
     self._per_bucket: dict[int, tuple] = {}
 
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
@@ -199,6 +203,10 @@ class _ModelObserver(Observer):
   def request_sizes(self, rows: Sequence[int]) -> None:
     if len(rows):
       _observe_many(self._request_rows, rows)
+
+  def request_lengths(self, lengths: Sequence[int]) -> None:
+    if len(lengths):
+      _observe_many(self._request_seq_len, lengths)
 
   def queue_depth(self, rows: int, requests: int) -> None:
     self._queue_rows.set(rows)

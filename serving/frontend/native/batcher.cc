@@ -11,10 +11,13 @@ namespace xlaserve::native {
 namespace {
 
 constexpr double kSmallerBucketGain = 0.15;  // rows.py SMALLER_BUCKET_GAIN
+constexpr double kObserveMaxGrowth = 4.0;    // rows.py OBSERVE_MAX_GROWTH
 constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
 constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
 constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
 constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
+constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES
+constexpr double kDrainMaxGrowth = 4.0;      // slo.py DRAIN_MAX_GROWTH
 
 std::string Format(const char* fmt, double a, double b) {
   char buf[256];
@@ -69,8 +72,9 @@ void LoadMeter::Taken(double now, int64_t rows, bool backlogged) {
       drain_dt_ = dt;
     } else {
       drain_rows_ += kDrainSmoothing * (double(rows) - drain_rows_);
-      drain_dt_ += kDrainSmoothing * (dt - drain_dt_);
+      drain_dt_ += kDrainSmoothing * (std::min(dt, kDrainMaxGrowth * drain_dt_) - drain_dt_);
     }
+    drain_samples_ += 1;
   }
   if (!any_take_ || now > take_t_) take_t_ = now;
   any_take_ = true;
@@ -78,7 +82,7 @@ void LoadMeter::Taken(double now, int64_t rows, bool backlogged) {
 }
 
 std::optional<double> LoadMeter::DrainRate() const {
-  if (!any_drain_) return std::nullopt;
+  if (!any_drain_ || drain_samples_ < kDrainMinSamples) return std::nullopt;
   return drain_rows_ / drain_dt_;
 }
 
@@ -197,7 +201,9 @@ void Decider::Add(Entry* e) {
 void Decider::Observe(int64_t bucket, double seconds) {
   if (seconds <= 0) return;
   auto it = batch_s_.find(bucket);
-  batch_s_[bucket] = it == batch_s_.end() ? seconds : 0.8 * it->second + 0.2 * seconds;
+  batch_s_[bucket] = it == batch_s_.end()
+                        ? seconds
+                        : 0.8 * it->second + 0.2 * std::min(seconds, kObserveMaxGrowth * it->second);
 }
 
 void Decider::Unqueue(int64_t priority, int64_t rows) {

@@ -49,6 +49,7 @@ class LoadMeter {
  private:
   double arrived_ = 0, arrived_t_ = 0, take_t_ = 0, drain_rows_ = 0, drain_dt_ = 0;
   bool any_arrival_ = false, any_take_ = false, backlogged_ = false, any_drain_ = false;
+  int drain_samples_ = 0;
 };
 
 // One queued request as the decisions see it.

@@ -156,3 +156,27 @@ def test_a_multi_signature_bundle_is_one_model_per_signature(tmp_path):
   repo.unload("multi_score")
   assert repo.get("multi_enc").version == 2
   repo.stop()
+
+
+def test_sequence_lengths_are_recorded_for_bucket_plans(seq_server, capsys, tmp_path):
+  """What `xlaserve plan-buckets --sizes seq` reads: every request's sequence length once."""
+  from serving.cli import main as cli_main
+  from serving.plan_buckets import METRIC, size_counts
+
+  bg, _ = seq_server()
+  sent = {3: 4, 6: 2, 11: 3}
+  with tc.InferenceServerClient(bg.address) as client:
+    for length, times in sent.items():
+      for i in range(times):
+        infer(client, *rand_request(np.random.default_rng(i), 2, length))
+  text = bg.server.metrics.exposition().decode()
+  assert size_counts(text, "seq", "1", METRIC["seq"]) == {n: float(c) for n, c in sent.items()}
+  assert size_counts(text, "seq", "1") == {2: 9.0}  # rows per request
+  scrape = tmp_path / "scrape.txt"
+  scrape.write_text(text)
+  assert cli_main(["plan-buckets", "--metrics", str(scrape), "--model", "seq", "--sizes", "seq",
+                   "--current", ",".join(map(str, SEQ)), "--buckets", "3"]) == 0
+  out = capsys.readouterr().out
+  # 16 stays (the model's longest); of 3, 6, 11 the cheapest pair is 3 and 11: padded
+  # tokens 4x3 + 2x11 + 3x11 = 67, against 72 for (3, 6) and 69 for (6, 11).
+  assert "learned   3 buckets 3 11 16:" in out and "seq_buckets=(3, 11, 16,)" in out
