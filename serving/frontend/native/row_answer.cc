@@ -182,8 +182,13 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
       if (idle) {
         cv_.wait_until(l, wake);
       } else {  // a batch is in flight: as in ModelRunner, wait for it, not for new requests
+        // Wake on a completion or on the stop itself, not on "stopping" being true: a draining
+        // primary would otherwise spin here holding mu_, starving the completion it waits for
+        // until `until` (the 0.5 s stalls seen at hot-reload swaps).
         uint64_t seen = completions_;
-        cv_.wait_until(l, wake, [&] { return completions_ != seen || stopping_; });
+        bool was_stopping = stopping_;
+        cv_.wait_until(l, wake,
+                       [&] { return completions_ != seen || stopping_ != was_stopping; });
       }
     }
     failed.swap(native_failed_);
