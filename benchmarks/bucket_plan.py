@@ -43,9 +43,9 @@ def mixes(n: int, seed: int) -> dict[str, tuple[collections.Counter, tuple[int, 
 
 def compare(counts: collections.Counter, default: tuple[int, ...]) -> dict:
   base = evaluate(counts, default)
-  same = plan_buckets(counts, len(default), largest=default[-1])
-  fewest = next(plan_buckets(counts, k, largest=default[-1]) for k in range(1, len(default) + 1)
-                if plan_buckets(counts, k, largest=default[-1]).waste <= base.waste)
+  plans = [plan_buckets(counts, k, largest=default[-1]) for k in range(1, len(default) + 1)]
+  same = plans[-1]
+  fewest = next(p for p in plans if p.waste <= base.waste)
   return {"default": base, "learned": same, "fewest": fewest,
           "waste_ratio": same.waste / base.waste if base.waste else 0.0}
 

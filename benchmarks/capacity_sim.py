@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import random
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -48,12 +48,14 @@ class SimResult:
 
 
 def simulate(replica: Replica, *, rate: float, rows: int, seconds: float, seed: int = 0,
-             latency_slo_s: float | None = None, max_queue_delay_s: float = 0.002) -> SimResult:
-  """Requests of `rows` rows arriving at `rate`/s for `seconds` into one replica's batcher."""
-  cfg = BatchingConfig(buckets=replica.buckets, max_queue_delay_s=max_queue_delay_s,
-                       max_queue_rows=max(1 << 20, replica.buckets[-1]),
-                       latency_slo_s=latency_slo_s)
-  batcher: Batcher = Batcher(cfg)
+             latency_slo_s: float | None = None, max_queue_delay_s: float = 0.002,
+             batcher: Any = None) -> SimResult:
+  """Requests of `rows` rows arriving at `rate`/s for `seconds` into one replica's batcher
+  (`batcher`: one already made, e.g. the native queue's decisions; default a Batcher)."""
+  if batcher is None:
+    batcher = Batcher(BatchingConfig(buckets=replica.buckets, max_queue_delay_s=max_queue_delay_s,
+                                     max_queue_rows=max(1 << 20, replica.buckets[-1]),
+                                     latency_slo_s=latency_slo_s))
   for b, s in replica.bucket_seconds.items():
     batcher.observe(int(b), float(s))
   rng = random.Random(seed)

@@ -20,7 +20,7 @@ from bundle import ContextSplit, Signature, TensorSpec
 from bundle import write_bundle
 from export.config import ExportConfig, Input
 from export.exporter import _export_artifacts, _flatten, _input_structs, _manifest, _model_dir
-from export.invariant import tiled_rows
+from export.invariant import run_rows
 from export.tracing import as_output_dict, output_specs
 
 SINGLE_FEATURE = "context"  # the feature's name when the context part returns one array
@@ -69,7 +69,7 @@ def export_context_model(
       out = context_fn(target, **rows)
       single[:] = [not isinstance(out, Mapping)]
       return {SINGLE_FEATURE: out} if single[0] else dict(out)
-    return tiled_rows(run, ins, config.invariant_tile) if config.deterministic else run(ins)
+    return run_rows(run, ins, deterministic=config.deterministic, tile=config.invariant_tile)
 
   def ctx_structs(seq=None, batch=None):
     return _input_structs(ctx_specs, b if batch is None else batch, None)
@@ -93,7 +93,7 @@ def export_context_model(
       ctx = feats[SINGLE_FEATURE] if single[0] else feats
       cand = {k: v for k, v in rows.items() if k not in feature_names}
       return as_output_dict(score_fn(target, ctx, **cand), output_names)
-    return tiled_rows(run, ins, config.invariant_tile) if config.deterministic else run(ins)
+    return run_rows(run, ins, deterministic=config.deterministic, tile=config.invariant_tile)
 
   def score_structs(seq=None, batch=None):
     return _input_structs(score_specs, b if batch is None else batch, None)

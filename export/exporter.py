@@ -18,7 +18,7 @@ import numpy as np
 import bundle as bundle_lib
 from bundle import Manifest, ParamSpec, Signature, TableLookup, TensorSpec
 from export.config import DEFAULT_BATCH_BUCKETS, ExportConfig, Input
-from export.invariant import tiled_rows
+from export.invariant import run_rows
 from export.lookup import export_from_embeddings, table_split
 from export.tracing import (
     TRITON_CUSTOM_CALL, as_output_dict, disabled_checks, is_nnx_module, nnx_parts, output_specs,
@@ -163,7 +163,7 @@ def _export_signature(
   def serve_fn(param_leaves, ins):
     target = rebuild(list(param_leaves))
     run = lambda rows: as_output_dict(sig_fn(target, **rows), output_names)
-    return tiled_rows(run, ins, config.invariant_tile) if config.deterministic else run(ins)
+    return run_rows(run, ins, deterministic=config.deterministic, tile=config.invariant_tile)
 
   param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   out_specs = output_specs(serve_fn, param_structs, in_structs, b, seq_buckets)

@@ -15,6 +15,12 @@ import jax
 import jax.numpy as jnp
 
 
+def run_rows(fn: Callable[[dict[str, Any]], dict[str, Any]], inputs: Mapping[str, Any], *,
+             deterministic: bool, tile: int) -> dict[str, Any]:
+  """`fn(inputs)`, in fixed tiles when the export is deterministic (ExportConfig)."""
+  return tiled_rows(fn, inputs, tile) if deterministic else fn(dict(inputs))
+
+
 def tiled_rows(fn: Callable[[dict[str, Any]], dict[str, Any]], inputs: Mapping[str, Any],
                tile: int) -> dict[str, Any]:
   """`fn` (rows in, rows out; rows independent) over `inputs`' leading dimension in slices of

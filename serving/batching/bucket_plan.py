@@ -72,9 +72,8 @@ def plan_buckets(counts: Mapping[int, float], k: int, *, largest: int | None = N
   if not sizes:
     raise ValueError("no traffic recorded")
   top = max(sizes[-1], largest or 0)
-  cands = sorted(set(sizes) | {top})
-  weight = [sum(counts.get(n, 0) for n in sizes if prev < n <= c)
-            for prev, c in zip([0] + cands[:-1], cands)]  # traffic landing in each candidate
+  cands = sorted(set(sizes) | {top})  # every size is a candidate: its own traffic lands on it
+  weight = [counts.get(c, 0) for c in cands]
   m = len(cands)
   k = min(k, m)
   inf = float("inf")

@@ -137,10 +137,14 @@ class Batcher(Generic[T]):
     """Seconds until a new request of `rows` at `priority` would finish: full batches for the
     rows queued ahead of it and its own, plus the two the executor may hold (one running, one
     prepared). None when nothing is queued ahead or no full batch has been timed yet."""
-    ahead = sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
+    ahead = self._rows_ahead(priority)
     if ahead == 0 or self._full_batch_s is None:
       return None
     return (-(-(ahead + rows) // self.config.max_batch_size) + 2) * self._full_batch_s
+
+  def _rows_ahead(self, priority: int) -> int:
+    """Rows queued at `priority` or higher (lower numbers): what a new request waits behind."""
+    return sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
 
   def _rows_s(self, n: int, full_s: float) -> float:
     """Seconds to run `n` rows as full batches and one partial, at the measured batch times."""
@@ -155,7 +159,7 @@ class Batcher(Generic[T]):
     (the host path's cost included) and its own batch, whichever is longer. None when nothing
     is queued ahead or nothing was timed."""
     full_s = self._full_batch_s
-    ahead = sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
+    ahead = self._rows_ahead(priority)
     if ahead == 0 or full_s is None:
       return None
     queued = self._rows_s(ahead + rows, full_s)

@@ -89,7 +89,7 @@ def fill_wait_s(*, now: float, oldest: float, queued: int, bucket: int, bucket_s
     return 0.0
   wait = (bucket - queued) / arrival_rate
   age = now - oldest
-  if (age + wait + bucket_s > latency_slo_s * (1.0 - SLO_HEADROOM)
+  if (age + wait + bucket_s > latency_slo_s * (1.0 - SLO_HEADROOM)  # slo_budget_s's budget
       or age + wait > latency_slo_s * MAX_FILL_SHARE):
     return 0.0
   return wait

@@ -3,9 +3,10 @@ by the estimated finish at the measured drain rate, the hold for a fuller batch,
 overloaded queue simulated end to end. Every test runs against the Python Batcher and the C++
 decisions of the native queue."""
 
-import random
-
 import pytest
+
+from benchmarks import capacity_sim
+from benchmarks.capacity_sim import Replica
 
 from serving.batching import Admission, Batcher, BatchingConfig, Pending, expired_by_deadline
 from serving.frontend.native import load_extension
@@ -151,37 +152,12 @@ def test_without_a_target_partial_batches_run_at_once(impl):
   assert d.plan is not None and d.plan.rows == 5
 
 
-def simulate(b, *, rate, seconds, seed=0, overhead_s=1e-3, per_row_s=1e-5):
-  """One executor behind `b` (a batch takes overhead + per_row x bucket), one-row requests
-  arriving as a Poisson process for `seconds`. Returns (latencies of answered requests, shed)."""
-  rng = random.Random(seed)
-  inf = float("inf")
-  nxt, free_at, wake_at, running = rng.expovariate(rate), inf, None, []
-  lat, shed = [], 0
-  while True:
-    ready = free_at if running else (inf if wake_at is None else wake_at)
-    if nxt < seconds and nxt <= ready:
-      try:
-        b.add(Pending(nxt, 1, nxt))
-      except Admission:
-        shed += 1
-      if not running:
-        wake_at = nxt  # an idle executor looks at once
-      nxt += rng.expovariate(rate)
-      continue
-    if ready == inf:
-      return lat, shed
-    t = ready
-    lat += [t - a for a in running]
-    running = []
-    d = b.decide(t, idle=True)
-    shed += len(d.expired)
-    if d.plan is None:
-      wake_at = None if d.wait_s is None else t + d.wait_s
-      continue
-    took = overhead_s + per_row_s * d.plan.bucket
-    b.observe(d.plan.bucket, took)
-    free_at, running = t + took, [s.pending.arrival for s in d.plan.slices]
+def simulate(b, *, rate, seconds):
+  """One executor behind `b` (a batch takes 1 ms + 10 µs x bucket), one-row requests arriving
+  as a Poisson process for `seconds` (benchmarks/capacity_sim.py). Returns (latencies, shed)."""
+  replica = Replica({k: 1e-3 + 1e-5 * k for k in b.config.buckets})
+  r = capacity_sim.simulate(replica, rate=rate, rows=1, seconds=seconds, batcher=b)
+  return r.latencies_s, r.shed
 
 
 @pytest.mark.parametrize("impl", IMPLS)
