@@ -1,9 +1,11 @@
-"""Builds the optional native gRPC front end (serving/frontend/native/: module.cc, wire.cc,
-relay.cc, the batch queue in batcher.cc, row_queue.cc and row_answer.cc, the bindings, and their
-shared headers) when grpc++ is found.
+"""Builds the optional native front end (serving/frontend/native/: the gRPC server in module.cc,
+wire.cc and relay.cc, the HTTP server in http_conn.cc, http_server.cc and http_infer.cc, the
+batch queue in batcher.cc, row_queue.cc and row_answer.cc, the bindings, and their shared
+headers) when grpc++ and RapidJSON are found.
 
-Without `pkg-config --cflags --libs grpc++` (Debian: apt-get install libgrpc++-dev pkg-config)
-the package installs without it and the server uses its pure-Python front end.
+Without `pkg-config --cflags --libs grpc++` and RapidJSON's headers (Debian: apt-get install
+libgrpc++-dev rapidjson-dev pkg-config) the package installs without it and the server uses its
+pure-Python front ends.
 """
 
 import os
@@ -14,23 +16,30 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _NATIVE = "serving/frontend/native"
-_UNITS = ("module", "wire", "relay", "batcher", "row_queue", "row_answer", "bindings")
-_HEADERS = ("frontend.h", "batcher.h", "row_queue.h")  # what the units share
+_UNITS = ("module", "wire", "relay", "batcher", "row_queue", "row_answer", "http_conn",
+          "http_server", "http_infer", "bindings")
+_HEADERS = ("frontend.h", "batcher.h", "row_queue.h", "http.h")  # what the units share
 
-_MISSING = ("xlaserve: building WITHOUT the native gRPC front end ({why}); the server will use"
-            " the Python front end. Install it with: apt-get install libgrpc++-dev pkg-config")
+_MISSING = ("xlaserve: building WITHOUT the native front end ({why}); the server will use the"
+            " Python front ends. Install them with: apt-get install libgrpc++-dev rapidjson-dev"
+            " pkg-config")
 
 
-def _pkg_config(*args: str) -> list[str]:
-  return subprocess.check_output(["pkg-config", *args, "grpc++"], text=True,
+def _pkg_config(package: str, *args: str) -> list[str]:
+  return subprocess.check_output(["pkg-config", *args, package], text=True,
                                  stderr=subprocess.DEVNULL).split()
 
 
 def _extensions() -> list[Extension]:
   try:
-    cflags, libs = _pkg_config("--cflags"), _pkg_config("--libs")
+    cflags, libs = _pkg_config("grpc++", "--cflags"), _pkg_config("grpc++", "--libs")
   except (OSError, subprocess.CalledProcessError):
     print(_MISSING.format(why="pkg-config cannot find grpc++"), file=sys.stderr)
+    return []
+  try:
+    cflags += _pkg_config("RapidJSON", "--cflags")
+  except (OSError, subprocess.CalledProcessError):
+    print(_MISSING.format(why="pkg-config cannot find RapidJSON"), file=sys.stderr)
     return []
   import pybind11
   return [Extension("serving.frontend._native", [f"{_NATIVE}/{name}.cc" for name in _UNITS],

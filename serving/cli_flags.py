@@ -158,6 +158,12 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " only. Default: native when the extension was built (it needs"
                      " libgrpc++-dev and pkg-config at install time), else python; TLS always"
                      " uses python")
+  serve.add_argument("--http-frontend", choices=("native", "python"), default=None,
+                     help="HTTP front end. native: a C++ HTTP/1.1 server owns --http-port, answers"
+                     " binary-tensor inference (Triton's binary data extension) of natively"
+                     " queued models itself and relays every other request to the Python HTTP"
+                     " server (uvicorn) on a private unix socket. python: uvicorn owns the port."
+                     " Default: native with the native gRPC front end (no TLS), else python")
   serve.add_argument("--batch-queue", choices=("native", "python"), default="native",
                      help="where plain batched models queue and batch with the native front end:"
                      " native (C++: admission, batching and answers without Python per request)"
@@ -185,7 +191,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
   """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
   from serving.frontend import codec
   from serving.repository import ModelServingConfig
-  from serving.server import ServerConfig
+  from serving.server_config import ServerConfig
 
   default_cfg = ModelServingConfig(max_queue_delay_us=args.max_queue_delay_us,
                                    max_queue_rows=args.max_queue_rows,
@@ -204,7 +210,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                           max_tensor_bytes=args.max_tensor_bytes),
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
-      frontend=args.frontend or "auto", native_threads=args.native_threads,
+      frontend=args.frontend or "auto", http_frontend=args.http_frontend or "auto",
+      native_threads=args.native_threads,
       batch_queue=args.batch_queue,
       model_load_threads=args.model_load_thread_count,
       shutdown_grace_s=args.shutdown_grace_s, drain_quiet_s=args.drain_quiet_s)

@@ -24,7 +24,6 @@ Optional: TLS (certificate and key files), a bearer token checked by an intercep
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import shutil
@@ -41,66 +40,18 @@ from grpc_health.v1._async import HealthServicer
 from serving.frontend import codec
 from serving.frontend import native as native_frontend
 from serving.frontend.native_queue import row_queue_factory
-from serving.frontend.auth import BearerTokenInterceptor, check_token, server_credentials
+from serving.frontend.auth import BearerTokenInterceptor, server_credentials
 from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
 from serving.frontend.http import HttpConfig, HttpFrontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
-from serving.repository import (EngineFactory, ModelRepository, ModelServingConfig,
-                                RepositoryPoller)
+from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
+from serving.server_config import ServerConfig
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-@dataclasses.dataclass(frozen=True, slots=True)
-class ServerConfig:
-  """Process-wide settings; per-model settings live in each model's config.json."""
-
-  model_repository: str
-  host: str = "127.0.0.1"
-  grpc_port: int = 8001
-  metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
-  http_port: int = -1  # KServe v2 HTTP/REST (the CLI's --http-port: 8000); 0: any; -1: none
-  http_read_timeout_s: float = 30.0  # an HTTP request must arrive whole within this (else 408)
-  max_message_bytes: int = 64 << 20
-  limits: codec.Limits = codec.Limits()
-  shutdown_grace_s: float = 30.0
-  drain_quiet_s: float = 0.0  # the ports close after this long without a request (the CLI: 0.5)
-  default_model_config: ModelServingConfig = ModelServingConfig()
-  repository_poll_s: float = 0.0  # > 0: poll the repository for new/removed versions (hot reload)
-  tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: serve gRPC over TLS
-  tls_key_file: str | None = None
-  auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
-  frontend: str = "auto"  # "native" (C++), "python" (grpc.aio), "auto": native when built
-  native_threads: int = 1  # completion-queue threads of the native front end
-  batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
-  # front end) or "python" (the Python Batcher; for comparison)
-  model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
-
-  def __post_init__(self):
-    if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
-      raise ValueError("ports must be in 0..65535 (metrics_port -1 disables metrics)")
-    if not -1 <= self.http_port < 65536:
-      raise ValueError(f"http_port must be in 0..65535 (-1 disables HTTP), got {self.http_port}")
-    if self.max_message_bytes < 1024:
-      raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small")
-    if self.repository_poll_s < 0:
-      raise ValueError(f"repository_poll_s must be >= 0 (0 disables), got {self.repository_poll_s}")
-    if (self.tls_cert_file is None) != (self.tls_key_file is None):
-      raise ValueError("TLS needs both a certificate and a key file (--tls-cert and --tls-key)")
-    if self.auth_token is not None:
-      check_token(self.auth_token)
-    if self.frontend not in ("auto", "native", "python"):
-      raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
-    if self.batch_queue not in ("native", "python"):
-      raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
-    for name, low in (("native_threads", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0),
-                      ("drain_quiet_s", 0)):
-      if getattr(self, name) < low:
-        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-
-
 class _Servicer(InferenceServicer):
   """ServerReady answers the server's readiness (`Server.ready`), as grpc.health and HTTP do."""
 
@@ -156,6 +107,7 @@ class Server:
     self.metrics_port: int | None = None
     self.http: HttpFrontend | None = None
     self.http_port: int | None = None
+    self.http_frontend = "python"  # "native" once the C++ HTTP server owns the port
     self.loaded = threading.Event()
     self.load_s = 0.0
     self._stop: asyncio.Event | None = None
@@ -302,15 +254,30 @@ class Server:
     await self._shutdown(server)
 
   async def _start_http(self) -> None:
-    """The KServe v2 HTTP/REST front end on this loop, over the same servicer (and so the same
-    routing, validation, auth token and TLS files as gRPC)."""
+    """The KServe v2 HTTP/REST front end over the same servicer (and so the same routing,
+    validation, auth token and TLS files as gRPC): uvicorn on this loop, behind the native
+    HTTP server (on a private unix socket) or on the port itself."""
     cfg = self.config
+    native = self.native is not None and cfg.http_frontend != "python"
+    if cfg.http_frontend == "native" and not native:
+      raise RuntimeError("--http-frontend native needs the native gRPC front end (built, and"
+                         " no TLS); drop the flag to serve HTTP from Python")
     self.http = HttpFrontend(HttpConfig(
         host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
         tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,
         max_body_bytes=cfg.max_message_bytes, read_timeout_s=cfg.http_read_timeout_s),
         self.servicer, is_ready=lambda: self.ready)
-    self.http_port = await self.http.start()
+    if not native:
+      self.http_port = await self.http.start()
+      return
+    backend = f"{self._socket_dir}/http.sock"
+    await self.http.start(unix_socket=backend)
+    self.http_port = self.native.start_http(cfg.host, cfg.http_port, backend,
+                                            read_timeout_s=cfg.http_read_timeout_s,
+                                            max_body_bytes=cfg.max_message_bytes)
+    self.http_frontend = "native"
+    self.progress("HTTP front end: native (C++; other requests relayed to the Python HTTP"
+                  " server)")
 
   def _refused(self) -> int:
     """Requests refused (UNAVAILABLE) since shutdown began, by every front end."""

@@ -87,6 +87,7 @@ class NativeFrontend:
     self._slots: dict[int, _Slot] = {}
     self._slot_of: dict[tuple[int, str], int] = {}  # (id(rec), version key) -> slot
     self._next_slot = 1
+    self._threads = threads
     self._lock = threading.Lock()
     self._feeder = threading.Thread(target=self._feed, name="native-feeder", daemon=True)
 
@@ -96,6 +97,17 @@ class NativeFrontend:
     if port:
       self._feeder.start()
     return port
+
+  def start_http(self, host: str, port: int, backend: str, *, read_timeout_s: float,
+                 max_body_bytes: int) -> int:
+    """Serves HTTP on host:port in C++ (binary-tensor inference of natively queued models),
+    relaying every other request to the Python HTTP server on the unix socket `backend`;
+    returns the port. Raises OSError when it cannot listen."""
+    try:
+      return self._fe.start_http(host, port, backend, read_timeout_s, max_body_bytes,
+                                 self._threads)
+    except RuntimeError as e:
+      raise OSError(str(e)) from None
 
   def refresh(self) -> None:
     """Publishes the fast models (default and explicit versions); thread-safe. A request for

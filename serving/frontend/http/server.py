@@ -127,7 +127,12 @@ def coalescing_protocol_class(read_timeout_s: float = 30.0) -> type:
   return CoalescingHttpToolsProtocol
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, unix_socket: str | None = None) -> socket.socket:
+  if unix_socket is not None:  # private, behind the native HTTP server
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(unix_socket)
+    sock.listen(2048)
+    return sock
   try:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     return socket.create_server((host, port), family=family, backlog=2048)
@@ -154,8 +159,9 @@ class HttpFrontend:
   def scheme(self) -> str:
     return "https" if self.config.tls_cert_file else "http"
 
-  async def start(self) -> int:
-    """Binds and starts serving on the running loop; returns the port."""
+  async def start(self, unix_socket: str | None = None) -> int:
+    """Binds (host:port, or the private `unix_socket` the native HTTP server relays to) and
+    starts serving on the running loop; returns the port (0 on a unix socket)."""
     import uvicorn
 
     cfg = self.config
@@ -165,7 +171,7 @@ class HttpFrontend:
         proxy_headers=False, server_header=False, ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file,
         timeout_graceful_shutdown=max(1, round(cfg.graceful_s)))
     ucfg.load()  # the TLS context (a bad certificate fails here) and the protocol class
-    self._socket = _listen(cfg.host, cfg.port)
+    self._socket = _listen(cfg.host, cfg.port, unix_socket)
     server = uvicorn.Server(ucfg)
     server.lifespan = ucfg.lifespan_class(ucfg)  # what Server.serve sets before startup
     try:
@@ -175,7 +181,7 @@ class HttpFrontend:
       raise
     self._server = server
     self._ticker = asyncio.ensure_future(server.main_loop())  # the Date header, once a second
-    self.port = self._socket.getsockname()[1]
+    self.port = 0 if unix_socket is not None else self._socket.getsockname()[1]
     return self.port
 
   async def stop(self) -> None:

@@ -47,7 +47,8 @@ inline constexpr const char* kShuttingDown = "server is shutting down; retry on 
 // The clock of Python's time.perf_counter() on Linux (CLOCK_MONOTONIC), in seconds.
 double MonoNow();
 
-class RowQueue;  // row_queue.h
+class RowQueue;    // row_queue.h
+class HttpServer;  // http.h
 
 // -- model table -------------------------------------------------------------------------------
 
@@ -94,6 +95,9 @@ bool ParseRequest(std::string_view msg, Request* r);
 bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t max_rows,
                  int64_t max_tensor_bytes, std::vector<size_t>* offsets, int64_t* rows);
 
+// Whether an Authorization value is "Bearer <token>" (constant-time compare).
+bool BearerMatches(std::string_view value, const std::string& token);
+
 // Whether the call carries the bearer token (constant-time compare); an empty token: always.
 bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token);
 
@@ -132,9 +136,18 @@ struct RequestBuffer {
   grpc::Slice slice;
 };
 
+// A request a RowQueue holds natively until it is answered: a gRPC call (below) or an HTTP
+// request (http.h). Reply is called once, with no lock held; the responder may be gone after.
+struct Responder {
+  virtual ~Responder() = default;
+  // This request's row 0 of every model output (model output order), or its failure.
+  virtual void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) = 0;
+  virtual std::string LogId() = 0;  // the request's id for the request log
+};
+
 // One RPC: its server stream, and for a relayed call its client stream to the Python servicer.
 // Its events and the relay live in relay.cc.
-struct Call {
+struct Call final : Responder {
   Frontend* fe;
   grpc::ServerCompletionQueue* cq;
   std::mutex mu;
@@ -162,7 +175,9 @@ struct Call {
   bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
-  ~Call();
+  ~Call() override;
+  void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) override;
+  std::string LogId() override;
   void* T(Op op) {
     ++pending;
     return &tags[op];
@@ -182,9 +197,14 @@ class Frontend {
  public:
   Frontend(std::string backend, int64_t max_message_bytes, int64_t max_rows,
            int64_t max_tensor_bytes, std::string token, std::string id_prefix, int threads);
-  ~Frontend() { Stop(0.0); }
+  ~Frontend();
 
   int Start(const std::string& address);
+
+  // Serves HTTP on host:port natively, relaying what it does not serve to the Python HTTP
+  // server on the unix socket `backend` (http.h); returns the port, or raises saying why not.
+  int StartHttp(const std::string& host, int port, const std::string& backend,
+                double read_timeout_s, int64_t max_body_bytes, int threads);
 
   // Refuses what Python still holds (UNAVAILABLE), shuts the server down (cancelling calls
   // still open after `grace_s`), waits for every call to be released, then stops the threads.
@@ -212,6 +232,12 @@ class Frontend {
   py::dict Stats() const;
 
   // -- used by calls (no GIL) --
+
+  // The published model (name, version: "" the default), or null.
+  std::shared_ptr<const Model> Lookup(std::string_view name, std::string_view version);
+  const std::string& token() const { return token_; }
+  int64_t max_rows() const { return max_rows_; }
+  int64_t max_tensor_bytes() const { return max_tensor_bytes_; }
 
   // Offers a fresh call object for the next RPC, until the completion queues close.
   void Spawn(grpc::ServerCompletionQueue* cq);
@@ -261,6 +287,7 @@ class Frontend {
   // false: the queue is stopping and Python decides (a hot reload's new version).
   bool QueueNative(Call* c, const Model& m, const Fast& f);
   std::atomic<uint64_t> request_ids_{1};
+  std::unique_ptr<HttpServer> http_;
 };
 
 }  // namespace xlaserve::native

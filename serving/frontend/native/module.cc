@@ -11,6 +11,7 @@
 #include <ctime>
 #include <utility>
 
+#include "http.h"
 #include "row_queue.h"
 
 namespace xlaserve::native {
@@ -42,6 +43,29 @@ Frontend::Frontend(std::string backend, int64_t max_message_bytes, int64_t max_r
       max_tensor_bytes_(max_tensor_bytes), token_(std::move(token)),
       id_prefix_(std::move(id_prefix)), threads_(threads < 1 ? 1 : threads),
       table_(std::make_shared<Table>()) {}
+
+Frontend::~Frontend() { Stop(0.0); }
+
+int Frontend::StartHttp(const std::string& host, int port, const std::string& backend,
+                        double read_timeout_s, int64_t max_body_bytes, int threads) {
+  if (http_) throw std::runtime_error("the native HTTP front end is already started");
+  auto server = std::make_unique<HttpServer>(
+      this, HttpOptions{backend, read_timeout_s, max_body_bytes, threads});
+  std::string error;
+  int bound = server->Start(host, port, &error);
+  if (bound == 0) {
+    throw std::runtime_error("cannot listen for HTTP on " + host + ":" + std::to_string(port) +
+                             " (" + error + "); pick another --http-port (-1 disables HTTP)");
+  }
+  http_ = std::move(server);
+  return bound;
+}
+
+std::shared_ptr<const Model> Frontend::Lookup(std::string_view name, std::string_view version) {
+  std::lock_guard<std::mutex> l(table_mu_);
+  auto it = table_->find(Key(name, version));
+  return it == table_->end() ? nullptr : it->second;
+}
 
 int Frontend::Start(const std::string& address) {
   grpc::ChannelArguments args;
@@ -75,6 +99,7 @@ int Frontend::Start(const std::string& address) {
 }
 
 void Frontend::Stop(double grace_s) {
+  if (http_) http_->Stop(grace_s);  // before the queues abandon what HTTP still holds
   std::vector<Call*> orphans;
   {
     std::unique_lock<std::mutex> l(qmu_);
@@ -242,6 +267,7 @@ py::dict Frontend::Stats() const {
   d["relaying"] = int64_t(relaying_);  // relayed ModelInfer calls not yet released
   d["refused"] = int64_t(refused_);  // refused because the server is shutting down
   d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
+  if (http_) http_->Stats(&d);
   return d;
 }
 
@@ -267,13 +293,8 @@ bool Frontend::TryFast(Call* c) {
   std::string_view msg(reinterpret_cast<const char*>(c->message.begin()), c->message.size());
   Request r;
   if (!ParseRequest(msg, &r)) return false;
-  std::shared_ptr<const Model> m;
-  {
-    std::lock_guard<std::mutex> l(table_mu_);
-    auto it = table_->find(Key(r.model_name, r.model_version));
-    if (it == table_->end()) return false;
-    m = it->second;
-  }
+  std::shared_ptr<const Model> m = Lookup(r.model_name, r.model_version);
+  if (!m) return false;
   Fast f;
   int64_t rows = -1;
   if (!MatchInputs(r, *m, msg, max_rows_, max_tensor_bytes_, &f.offsets, &rows)) return false;
@@ -322,7 +343,8 @@ bool Frontend::TryFast(Call* c) {
 bool Frontend::QueueNative(Call* c, const Model& m, const Fast& f) {
   inflight_++;  // before the runner can answer it
   std::string why;
-  switch (m.queue->AddNative(c, f.rows, f.offsets, f.arrival, f.deadline, f.priority, &why)) {
+  switch (m.queue->AddNative(c, c->message.begin(), f.rows, f.offsets, f.arrival, f.deadline,
+                             f.priority, &why)) {
     case AddResult::kQueued:
       fast_++;
       return true;

@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "frontend.h"
+#include "http.h"
 
 namespace xlaserve::native {
 
@@ -30,7 +31,7 @@ int64_t Frontend::Inflight() {
     std::lock_guard<std::mutex> l(qmu_);  // Claim moves a call from inflight_ to busy_ under it
     n += inflight_ + busy_;
   }
-  return n + relaying_;
+  return n + relaying_ + (http_ ? http_->Inflight() : 0);
 }
 
 // -- call events (call->mu held) -----------------------------------------------------------------

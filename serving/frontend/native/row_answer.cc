@@ -38,15 +38,27 @@ void AnswerCall(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st) {
   fe->Answered();
 }
 
+void Call::Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) {
+  if (!st.ok()) {
+    AnswerCall(this, nullptr, st);
+    return;
+  }
+  grpc::ByteBuffer bb;
+  EncodeRows(this, rows0, &bb);
+  AnswerCall(this, &bb, grpc::Status::OK);
+}
+
+std::string Call::LogId() { return id.empty() ? fe->NewRequestId() : std::string(id); }
+
 void RowQueue::FailEntry(QEntry* e, int code, const std::string& message, double now,
                          std::vector<Answer>* answers, std::vector<Back>* backs) {
   e->answered = true;
   if (e->taken > 0) inflight_requests_--;
   st_.fail++;
   st_.fail_ns += int64_t((now - e->arrival) * 1e9);
-  if (e->call != nullptr) {
+  if (e->native != nullptr) {
     native_failed_.emplace_back(code, now - e->arrival);
-    answers->push_back(Answer{e->call, {}, {}, grpc::Status(grpc::StatusCode(code), message),
+    answers->push_back(Answer{e->native, {}, {}, grpc::Status(grpc::StatusCode(code), message),
                               e->arrival});
   } else {
     backs->push_back(Back{e->py, 0, 0, 0, true, code, message, std::move(e->arrays)});
@@ -57,16 +69,14 @@ void RowQueue::FailEntry(QEntry* e, int code, const std::string& message, double
 void RowQueue::Deliver(std::vector<Answer>* answers) {
   for (Answer& a : *answers) {
     if (!a.status.ok()) {
-      AnswerCall(a.call, nullptr, a.status);
+      a.native->Reply({}, a.status);
       continue;
     }
     if (!a.owned.empty()) {  // a split request: its assembled outputs (pointers taken only now)
       a.rows0.clear();
       for (auto& o : a.owned) a.rows0.push_back(reinterpret_cast<const uint8_t*>(o.data()));
     }
-    grpc::ByteBuffer bb;
-    EncodeRows(a.call, a.rows0, &bb);
-    AnswerCall(a.call, &bb, grpc::Status::OK);
+    a.native->Reply(a.rows0, grpc::Status::OK);
   }
   answers->clear();
 }
@@ -76,9 +86,7 @@ uint64_t RowQueue::Hold(std::vector<Answer>* answers, std::vector<LogItem>* logs
   std::lock_guard<std::mutex> l(mu_);
   if (logs != nullptr) {
     for (const Answer& a : *answers) {
-      const Call* c = a.call;
-      logs->push_back(LogItem{c->id.empty() ? c->fe->NewRequestId() : std::string(c->id),
-                              int(a.status.error_code()), a.status.error_message(), a.arrival});
+      logs->push_back(LogItem{a.native->LogId(), int(a.status.error_code()), a.status.error_message(), a.arrival});
     }
   }
   uint64_t id = next_held_++;
@@ -237,9 +245,9 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
         }
         e->rows_done += s.rows;
         bool last = e->rows_done == e->rows;
-        if (e->call != nullptr) {
+        if (e->native != nullptr) {
           if (s.start == 0 && s.rows == e->rows) {  // whole: answered from the batch's rows
-            Answer a{e->call, {}, {}, grpc::Status::OK, e->arrival};
+            Answer a{e->native, {}, {}, grpc::Status::OK, e->arrival};
             for (size_t k = 0; k < outs.size(); ++k) {
               a.rows0.push_back(outs[k] + s.dest * outputs_[k].row_bytes);
             }
@@ -253,7 +261,8 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
               std::memcpy(e->out[k].data() + s.start * rb, outs[k] + s.dest * rb, s.rows * rb);
             }
             if (last) {
-              answers.push_back(Answer{e->call, {}, std::move(e->out), grpc::Status::OK, e->arrival});
+              answers.push_back(Answer{e->native, {}, std::move(e->out), grpc::Status::OK,
+                                       e->arrival});
             }
           }
         } else {

@@ -108,17 +108,16 @@ void RowQueue::Admitted(bool was_empty, int64_t rows_before) {
   }
 }
 
-AddResult RowQueue::AddNative(Call* call, int64_t rows, const std::vector<size_t>& offsets,
-                              double arrival, double deadline, int64_t priority,
-                              std::string* why) {
+AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t rows,
+                              const std::vector<size_t>& offsets, double arrival,
+                              double deadline, int64_t priority, std::string* why) {
   auto* e = new QEntry();
-  e->call = call;
+  e->native = native;
   e->rows = rows;
   e->arrival = arrival;
   e->has_deadline = deadline >= 0;
   e->deadline = deadline;
   e->priority = priority;
-  const uint8_t* base = call->message.begin();
   for (size_t off : offsets) e->in.push_back(base + off);
   bool was_empty;
   int64_t before;
@@ -228,7 +227,7 @@ void RowQueue::AbandonNative() {
     double now = MonoNow();
     std::vector<QEntry*> natives;
     for (QEntry* e : live_) {
-      if (e->call != nullptr && !e->answered) natives.push_back(e);
+      if (e->native != nullptr && !e->answered) natives.push_back(e);
     }
     std::unordered_set<Entry*> queued;
     for (QEntry* e : natives) {

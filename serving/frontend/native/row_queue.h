@@ -16,7 +16,7 @@ namespace xlaserve::native {
 
 // A queued request: native (its call is held until answered) or Python (an InferRequest).
 struct QEntry : Entry {
-  Call* call = nullptr;
+  Responder* native = nullptr;       // a native request (gRPC or HTTP)
   PyObject* py = nullptr;            // a new reference, handed back to Python when answered
   std::vector<PyObject*> arrays;     // a Python request's input arrays (references)
   std::vector<const uint8_t*> in;    // per input: row 0 of this request
@@ -57,9 +57,9 @@ struct QueueStats {
   std::map<int64_t, int64_t> batch_counts;
 };
 
-// A native call to answer once the queue's lock is released.
+// A native request to answer once the queue's lock is released.
 struct Answer {
-  Call* call;
+  Responder* native;
   std::vector<const uint8_t*> rows0;  // per model output: this request's row 0
   std::vector<std::string> owned;     // a split request's assembled outputs (rows0 points here)
   grpc::Status status;
@@ -93,9 +93,11 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
            std::vector<Spec> outputs, int instances);
   ~RowQueue();
 
-  // A native request (call->mu held): queued, refused (`why` says why) or stopping.
-  AddResult AddNative(Call* call, int64_t rows, const std::vector<size_t>& offsets,
-                      double arrival, double deadline, int64_t priority, std::string* why);
+  // A native request (its inputs at `base` + offsets, alive until it is answered): queued,
+  // refused (`why` says why) or stopping.
+  AddResult AddNative(Responder* native, const uint8_t* base, int64_t rows,
+                      const std::vector<size_t>& offsets, double arrival, double deadline,
+                      int64_t priority, std::string* why);
   // A Python request (GIL held): (0 queued | 1 refused | 2 stopping, message).
   py::tuple AddPython(py::object req, py::list arrays, int64_t rows, double arrival,
                       py::object deadline, int64_t priority);

@@ -1,0 +1,162 @@
+// Native HTTP/1.1 front end: owns the public HTTP port and answers the KServe v2 binary-tensor
+// inference call (POST /v2/models/{m}[/versions/{v}]/infer with Triton's binary data
+// extension) of a model with a native batch queue in C++, as the gRPC front end does for
+// ModelInfer. Everything else (health, metadata, JSON tensors, generate, repository calls, and
+// any request the fast path does not fully understand) is relayed to the Python HTTP server
+// (uvicorn, serving/frontend/http/) on an internal unix socket, one connection per relayed
+// request, so its statuses and messages stay the single source of truth. A connection whose
+// framing the relay does not follow request by request (a chunked or oversized body, a
+// malformed head, HTTP/1.0, an upgrade) becomes a byte tunnel to the Python server.
+//
+//   http_conn.cc    one client connection: framing, keep-alive, relay, tunnel, read timeout;
+//   http_server.cc  the listener, the epoll loops, stop;
+//   http_infer.cc   the fast path: the JSON header (RapidJSON), validation, the response.
+
+#ifndef XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_
+#define XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_
+
+#include "frontend.h"
+
+namespace xlaserve::native {
+
+struct HttpOptions {
+  std::string backend;           // the Python HTTP server's unix socket
+  double read_timeout_s = 30.0;  // a request must arrive whole this long after its first byte
+  int64_t max_body_bytes = 64 << 20;
+  int threads = 1;               // epoll loops
+};
+
+// A request head parsed in place: views into the bytes it was parsed from.
+struct HttpHead {
+  std::string_view method, target;
+  int minor = 1;  // HTTP/1.minor
+  std::vector<std::pair<std::string_view, std::string_view>> headers;  // names as sent
+  size_t head_len = 0;  // up to and including the blank line
+  int64_t content_length = 0;
+  bool tunnel = false;  // framing the relay does not follow request by request
+  bool expect_continue = false, close = false;
+  // The value of header `name` (lower-case), "" when absent; `count` gets its occurrences.
+  std::string_view Get(std::string_view name, int* count = nullptr) const;
+};
+
+// Parses the head at the start of `buf`: 1 complete, 0 incomplete, -1 malformed.
+int ParseHead(std::string_view buf, HttpHead* h);
+
+class HttpServer;
+class Conn;
+
+enum class FastResult { kQueued, kAnswered, kRelay };
+
+// What an epoll event points at: a connection's client side or its backend (relay) side.
+struct HttpWatch {
+  Conn* conn;
+  bool backend;
+};
+
+// An inference request the fast path queued: it owns the request's bytes until answered.
+struct HttpCall final : Responder {
+  std::shared_ptr<Conn> conn;
+  HttpServer* server = nullptr;
+  std::string bytes;  // the whole request; the body starts at body_at
+  size_t body_at = 0;
+  std::shared_ptr<const Model> model;
+  std::vector<int> out_index;
+  std::string model_name, id;
+  int64_t rows = 0;
+  bool close = false;
+
+  void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) override;
+  std::string LogId() override;
+};
+
+// A response with a JSON body: Triton's {"error": message} with the status its code maps to.
+std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close);
+
+// One client connection, served by one epoll loop; answers may come from any thread.
+class Conn : public std::enable_shared_from_this<Conn> {
+ public:
+  Conn(HttpServer* s, int epfd, int fd);
+  ~Conn();
+  void Register();  // starts watching the client's socket
+  void OnEvent(bool backend, uint32_t events);  // its loop's thread
+  void Finish(const std::string& response, bool close);  // the request in progress is answered
+  void Tick(double now);  // the loop's timer: the read timeout
+  void CloseIfIdle();     // stop: closes a connection with nothing in progress
+  void Abort();           // stop: closes it now
+  bool dead() const { return dead_; }
+
+ private:
+  enum State { kIdle, kFast, kRelay, kTunnel };
+  void Process();
+  bool Send(std::string_view data);
+  void Flush();
+  void Relay(const std::string& request, const HttpHead& h);
+  void Tunnel();
+  bool OpenBackend();
+  void OnBackend(uint32_t events);
+  void EndRelay(bool eof);
+  void ForwardResponse(std::string_view data);
+  void Interest();
+  void Close();
+
+  HttpServer* server_;
+  int epfd_, fd_, bfd_ = -1;
+  HttpWatch cw_{this, false}, bw_{this, true};
+  std::mutex mu_;
+  State state_ = kIdle;
+  std::string in_, out_, bout_, resp_head_;
+  size_t out_off_ = 0, bout_off_ = 0;
+  uint32_t cmask_ = 0, bmask_ = 0;
+  double first_byte_ = 0;  // when the request being received began (0: none)
+  bool continued_ = false, close_ = false, close_after_ = false, resp_started_ = false;
+  bool connecting_ = false, backend_write_done_ = false;
+  std::atomic<bool> dead_{false};
+};
+
+class HttpServer {
+ public:
+  HttpServer(Frontend* fe, HttpOptions opts);
+  ~HttpServer();
+  // Listens on host:port (0: any free port); returns the port, or 0 with `error` set.
+  int Start(const std::string& host, int port, std::string* error);
+  // Closes the listener and idle connections, lets requests in progress finish for `grace_s`,
+  // then closes everything.
+  void Stop(double grace_s);
+  int64_t Inflight() const { return inflight_; }
+  void Stats(py::dict* d) const;
+
+  // -- used by connections --
+  // A complete request (call->bytes; the connection's lock held): queued (the call is taken),
+  // answered at the door (`answer`: the response), or to relay (call->bytes untouched).
+  FastResult TryFast(std::unique_ptr<HttpCall>* call, const HttpHead& h, std::string* answer);
+  const HttpOptions& options() const { return opts_; }
+  Frontend* fe() const { return fe_; }
+  bool stopping() const { return stopping_; }
+  void Answered() { inflight_--; }
+  std::atomic<int64_t> relayed_{0}, tunnels_{0}, timeouts_{0}, connections_{0};
+
+ private:
+  struct Loop {
+    int epfd = -1, wakefd = -1;
+    std::thread thread;
+    std::mutex mu;
+    std::unordered_map<Conn*, std::shared_ptr<Conn>> conns;
+  };
+  void Run(Loop* loop);
+  void Accept();
+  int64_t Open();                  // connections not yet closed
+  void ForEach(void (Conn::*fn)());
+
+  Frontend* fe_;
+  HttpOptions opts_;
+  int listen_fd_ = -1;
+  std::vector<std::unique_ptr<Loop>> loops_;
+  size_t next_loop_ = 0;
+  double accept_paused_until_ = 0;  // out of descriptors: accepting resumes then (loop 0)
+  std::atomic<bool> stopping_{false}, stop_loops_{false};
+  std::atomic<int64_t> inflight_{0}, fast_{0}, shed_{0};
+};
+
+}  // namespace xlaserve::native
+
+#endif  // XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_

@@ -1,0 +1,491 @@
+// One client connection of the native HTTP front end (http.h): reads requests one at a time
+// (keep-alive; pipelined requests wait in the buffer, so answers keep their order), offers each
+// complete one to the fast path, relays the rest to the Python server with "connection: close"
+// (the response ends at the backend's end of file, and is forwarded as it comes with that
+// header dropped unless the client asked for it), and tunnels what it cannot frame.
+
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "http.h"
+
+namespace xlaserve::native {
+namespace {
+
+constexpr size_t kMaxHead = 64 << 10;     // a longer head goes to the Python server to refuse
+constexpr size_t kHighWater = 4 << 20;    // stop reading a side whose peer has this much unsent
+constexpr size_t kReadChunk = 256 << 10;
+constexpr const char* kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+// serving/frontend/http/server.py REQUEST_TIMEOUT, byte for byte.
+constexpr const char* kRequestTimeout =
+    "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain"
+    "\r\ncontent-length: 30\r\n\r\nrequest not received in time\r\n";
+
+bool IEquals(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::tolower(uint8_t(a[i])) != std::tolower(uint8_t(b[i]))) return false;
+  }
+  return true;
+}
+
+// Headers a relayed request must not carry on (the relay frames it with "connection: close").
+bool HopByHop(std::string_view name) {
+  return IEquals(name, "connection") || IEquals(name, "keep-alive") || IEquals(name, "expect") ||
+         IEquals(name, "proxy-connection");
+}
+
+}  // namespace
+
+Conn::Conn(HttpServer* s, int epfd, int fd) : server_(s), epfd_(epfd), fd_(fd) {
+  server_->connections_++;
+}
+
+Conn::~Conn() {
+  if (bfd_ >= 0) ::close(bfd_);
+  ::close(fd_);
+  server_->connections_--;
+}
+
+void Conn::Register() {
+  std::lock_guard<std::mutex> l(mu_);
+  epoll_event ev{};
+  ev.events = cmask_ = EPOLLIN;
+  ev.data.ptr = &cw_;
+  ::epoll_ctl(epfd_, EPOLL_CTL_ADD, fd_, &ev);
+}
+
+// -- events (the loop's thread) -----------------------------------------------------------------
+
+void Conn::OnEvent(bool backend, uint32_t events) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (dead_) return;
+  if (backend) {
+    OnBackend(events);
+  } else {
+    if (events & EPOLLOUT) Flush();
+    if (!dead_ && (events & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+      char buf[16 << 10];
+      size_t got = 0;
+      while (!dead_ && got < kReadChunk) {
+        ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+        if (n > 0) {
+          got += size_t(n);
+          if (state_ == kTunnel) {
+            bout_.append(buf, size_t(n));
+          } else {
+            in_.append(buf, size_t(n));
+          }
+          continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (n < 0 && errno == EINTR) continue;
+        Close();  // the client closed (or failed): an answer still to come is dropped
+        return;
+      }
+      if (state_ == kTunnel && bfd_ >= 0 && !connecting_) OnBackend(EPOLLOUT);
+    }
+  }
+  if (!dead_ && state_ == kIdle) Process();
+  if (!dead_) Interest();
+}
+
+void Conn::Tick(double now) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (dead_ || state_ != kIdle || first_byte_ == 0) return;
+  if (now - first_byte_ < server_->options().read_timeout_s) return;
+  server_->timeouts_++;
+  first_byte_ = 0;
+  in_.clear();
+  close_after_ = true;
+  if (Send(kRequestTimeout) && out_off_ >= out_.size()) Close();
+  if (!dead_) Interest();
+}
+
+void Conn::CloseIfIdle() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (dead_) return;
+  if (state_ == kIdle && in_.empty() && out_off_ >= out_.size()) {
+    Close();
+  } else {
+    close_after_ = true;  // no further request is taken
+  }
+}
+
+void Conn::Abort() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!dead_) Close();
+}
+
+// -- requests -----------------------------------------------------------------------------------
+
+void Conn::Process() {
+  while (!dead_ && state_ == kIdle && !close_after_) {
+    if (in_.empty()) {
+      first_byte_ = 0;
+      return;
+    }
+    if (first_byte_ == 0) first_byte_ = MonoNow();
+    HttpHead h;
+    int parsed = ParseHead(in_, &h);
+    if (parsed == 0 && in_.size() <= kMaxHead) return;
+    if (parsed <= 0 || h.tunnel || h.minor != 1 ||
+        h.content_length > server_->options().max_body_bytes) {
+      Tunnel();
+      return;
+    }
+    size_t total = h.head_len + size_t(h.content_length);
+    if (in_.size() < total) {
+      if (h.expect_continue && !continued_) {
+        continued_ = true;
+        Send(kContinue);
+      }
+      return;
+    }
+    continued_ = false;
+    first_byte_ = 0;
+    close_ = h.close;
+    auto call = std::make_unique<HttpCall>();
+    if (in_.size() == total) {
+      call->bytes.swap(in_);
+    } else {
+      call->bytes.assign(in_, 0, total);
+      in_.erase(0, total);
+    }
+    HttpHead head;  // parsed again: the views now point into the request's own bytes
+    ParseHead(call->bytes, &head);
+    call->body_at = head.head_len;
+    call->conn = shared_from_this();
+    std::string answer;
+    switch (server_->TryFast(&call, head, &answer)) {
+      case FastResult::kQueued:
+        state_ = kFast;
+        return;
+      case FastResult::kAnswered:  // refused at the door
+        if (close_) close_after_ = true;
+        if (!Send(answer)) return;
+        if (close_after_ && out_off_ >= out_.size()) Close();
+        continue;
+      case FastResult::kRelay:
+      default:
+        Relay(call->bytes, head);
+    }
+  }
+}
+
+void Conn::Finish(const std::string& response, bool close) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (dead_) return;
+  state_ = kIdle;
+  if (close) close_after_ = true;
+  if (!Send(response)) return;
+  if (close_after_ && out_off_ >= out_.size()) {
+    Close();
+    return;
+  }
+  Process();
+  if (!dead_) Interest();
+}
+
+// -- writing to the client ----------------------------------------------------------------------
+
+bool Conn::Send(std::string_view data) {
+  if (dead_) return false;
+  if (out_off_ >= out_.size()) {
+    out_.clear();
+    out_off_ = 0;
+    while (!data.empty()) {
+      ssize_t n = ::send(fd_, data.data(), data.size(), MSG_NOSIGNAL);
+      if (n > 0) {
+        data.remove_prefix(size_t(n));
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      Close();
+      return false;
+    }
+  }
+  out_.append(data);
+  return true;
+}
+
+void Conn::Flush() {
+  while (out_off_ < out_.size()) {
+    ssize_t n = ::send(fd_, out_.data() + out_off_, out_.size() - out_off_, MSG_NOSIGNAL);
+    if (n > 0) {
+      out_off_ += size_t(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    Close();
+    return;
+  }
+  out_.clear();
+  out_off_ = 0;
+  if (close_after_ && state_ == kIdle) Close();
+}
+
+// -- relay and tunnel ---------------------------------------------------------------------------
+
+bool Conn::OpenBackend() {
+  bfd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  const std::string& path = server_->options().backend;
+  std::memcpy(addr.sun_path, path.data(), std::min(path.size(), sizeof(addr.sun_path) - 1));
+  int rc = bfd_ < 0 ? -1 : ::connect(bfd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  if (rc < 0 && errno != EINPROGRESS && errno != EAGAIN) {
+    if (bfd_ >= 0) ::close(bfd_);
+    bfd_ = -1;
+    return false;
+  }
+  connecting_ = rc < 0;
+  backend_write_done_ = false;
+  bmask_ = 0;
+  epoll_event ev{};
+  ev.events = EPOLLOUT | EPOLLIN;
+  ev.data.ptr = &bw_;
+  bmask_ = ev.events;
+  ::epoll_ctl(epfd_, EPOLL_CTL_ADD, bfd_, &ev);
+  return true;
+}
+
+void Conn::Relay(const std::string& request, const HttpHead& h) {
+  server_->relayed_++;
+  std::string head;
+  head.reserve(h.head_len + 32);
+  head.append(h.method).append(" ").append(h.target).append(" HTTP/1.1\r\n");
+  for (auto& [name, value] : h.headers) {
+    if (HopByHop(name)) continue;
+    head.append(name).append(": ").append(value).append("\r\n");
+  }
+  head.append("connection: close\r\n\r\n");
+  bout_ = std::move(head);
+  bout_.append(request, h.head_len, std::string::npos);
+  bout_off_ = 0;
+  resp_head_.clear();
+  resp_started_ = false;
+  state_ = kRelay;
+  if (!OpenBackend()) EndRelay(false);
+}
+
+void Conn::Tunnel() {
+  server_->tunnels_++;
+  state_ = kTunnel;
+  first_byte_ = 0;
+  bout_.swap(in_);
+  in_.clear();
+  bout_off_ = 0;
+  if (!OpenBackend()) {
+    Send(HttpErrorResponse(14, "the HTTP server behind the front end is not reachable", true));
+    close_after_ = true;
+    state_ = kIdle;
+    if (out_off_ >= out_.size()) Close();
+  }
+}
+
+void Conn::OnBackend(uint32_t events) {
+  if (bfd_ < 0) return;
+  if (connecting_ && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    ::getsockopt(bfd_, SOL_SOCKET, SO_ERROR, &err, &len);
+    connecting_ = false;
+    if (err != 0) {
+      EndRelay(false);
+      return;
+    }
+  }
+  while (!connecting_ && !backend_write_done_ && bout_off_ < bout_.size()) {
+    ssize_t n = ::send(bfd_, bout_.data() + bout_off_, bout_.size() - bout_off_, MSG_NOSIGNAL);
+    if (n > 0) {
+      bout_off_ += size_t(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    backend_write_done_ = true;  // it stopped reading: its answer may still come
+  }
+  if (bout_off_ >= bout_.size()) {
+    bout_.clear();
+    bout_off_ = 0;
+  }
+  if (connecting_ || !(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
+  char buf[16 << 10];
+  size_t got = 0;
+  while (!dead_ && got < kReadChunk && out_.size() - out_off_ < kHighWater) {
+    ssize_t n = ::recv(bfd_, buf, sizeof(buf), 0);
+    if (n > 0) {
+      got += size_t(n);
+      ForwardResponse(std::string_view(buf, size_t(n)));
+      continue;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n < 0 && errno == EINTR) continue;
+    EndRelay(n == 0);
+    return;
+  }
+}
+
+void Conn::ForwardResponse(std::string_view data) {
+  if (state_ == kTunnel || resp_started_) {
+    Send(data);
+    return;
+  }
+  resp_head_.append(data);
+  size_t end = resp_head_.find("\r\n\r\n");
+  if (end == std::string::npos) return;
+  // The head without the relay's "connection: close", unless the client asked for it.
+  std::string head;
+  size_t pos = 0, stop = end + 2;
+  while (pos < stop) {
+    size_t eol = resp_head_.find("\r\n", pos);
+    std::string_view line(resp_head_.data() + pos, eol - pos);
+    size_t colon = line.find(':');
+    bool drop = !close_ && colon != std::string_view::npos &&
+                IEquals(line.substr(0, colon), "connection");
+    if (!drop) head.append(line).append("\r\n");
+    pos = eol + 2;
+  }
+  head.append("\r\n");
+  resp_started_ = true;
+  std::string rest = resp_head_.substr(end + 4);
+  resp_head_.clear();
+  if (Send(head) && !rest.empty()) Send(rest);
+}
+
+void Conn::EndRelay(bool eof) {
+  if (bfd_ >= 0) {
+    ::epoll_ctl(epfd_, EPOLL_CTL_DEL, bfd_, nullptr);
+    ::close(bfd_);
+    bfd_ = -1;
+  }
+  bout_.clear();
+  bout_off_ = 0;
+  bool tunnel = state_ == kTunnel;
+  state_ = kIdle;
+  if (tunnel) {
+    close_after_ = true;
+  } else if (!resp_started_) {
+    Send(HttpErrorResponse(14, eof ? "the HTTP server behind the front end closed without an"
+                                     " answer" : "the HTTP server behind the front end is not"
+                                     " reachable", true));
+    close_after_ = true;
+  } else if (close_) {
+    close_after_ = true;
+  }
+  if (!dead_ && close_after_ && out_off_ >= out_.size()) Close();
+}
+
+// -- epoll interest and closing -----------------------------------------------------------------
+
+void Conn::Interest() {
+  size_t unsent = out_.size() - out_off_;
+  uint32_t want = 0;
+  if (!close_after_) {
+    size_t cap = state_ == kIdle ? size_t(server_->options().max_body_bytes) + kMaxHead
+                                 : kMaxHead;
+    if (state_ == kTunnel ? bout_.size() < kHighWater : in_.size() < cap) want |= EPOLLIN;
+  }
+  if (unsent > 0) want |= EPOLLOUT;
+  if (want != cmask_) {
+    epoll_event ev{};
+    ev.events = want;
+    ev.data.ptr = &cw_;
+    ::epoll_ctl(epfd_, EPOLL_CTL_MOD, fd_, &ev);
+    cmask_ = want;
+  }
+  if (bfd_ < 0) return;
+  uint32_t bwant = 0;
+  if (unsent < kHighWater) bwant |= EPOLLIN;
+  if (connecting_ || (!backend_write_done_ && bout_off_ < bout_.size())) bwant |= EPOLLOUT;
+  if (bwant != bmask_) {
+    epoll_event ev{};
+    ev.events = bwant;
+    ev.data.ptr = &bw_;
+    ::epoll_ctl(epfd_, EPOLL_CTL_MOD, bfd_, &ev);
+    bmask_ = bwant;
+  }
+}
+
+void Conn::Close() {
+  if (dead_) return;
+  dead_ = true;
+  ::epoll_ctl(epfd_, EPOLL_CTL_DEL, fd_, nullptr);
+  ::shutdown(fd_, SHUT_RDWR);  // the descriptor itself closes with the last reference
+  if (bfd_ >= 0) {
+    ::epoll_ctl(epfd_, EPOLL_CTL_DEL, bfd_, nullptr);
+    ::close(bfd_);
+    bfd_ = -1;
+  }
+  in_.clear();
+  out_.clear();
+  bout_.clear();
+}
+
+// -- parsing a head -----------------------------------------------------------------------------
+
+std::string_view HttpHead::Get(std::string_view name, int* count) const {
+  std::string_view found;
+  int n = 0;
+  for (auto& [k, v] : headers) {
+    if (!IEquals(k, name)) continue;
+    if (n++ == 0) found = v;
+  }
+  if (count != nullptr) *count = n;
+  return found;
+}
+
+int ParseHead(std::string_view buf, HttpHead* h) {
+  size_t end = buf.find("\r\n\r\n");
+  if (end == std::string_view::npos) return 0;
+  h->head_len = end + 4;
+  size_t eol = buf.find("\r\n");
+  std::string_view line = buf.substr(0, eol);
+  size_t sp1 = line.find(' '), sp2 = line.rfind(' ');
+  if (sp1 == std::string_view::npos || sp2 == sp1) return -1;
+  h->method = line.substr(0, sp1);
+  h->target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  std::string_view version = line.substr(sp2 + 1);
+  if (version.size() != 8 || version.substr(0, 7) != "HTTP/1." || h->target.empty()) return -1;
+  h->minor = version[7] - '0';
+  size_t pos = eol + 2;
+  while (pos < end + 2) {
+    size_t next = buf.find("\r\n", pos);
+    std::string_view l = buf.substr(pos, next - pos);
+    size_t colon = l.find(':');
+    if (colon == std::string_view::npos || colon == 0) return -1;
+    std::string_view name = l.substr(0, colon), value = l.substr(colon + 1);
+    for (char ch : name) {
+      if (ch == ' ' || ch == '\t') return -1;
+    }
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+    h->headers.emplace_back(name, value);
+    pos = next + 2;
+  }
+  int n = 0;
+  std::string_view cl = h->Get("content-length", &n);
+  if (n > 1 || (n == 1 && (cl.empty() || cl.size() > 15))) h->tunnel = true;
+  for (char ch : cl) {
+    if (ch < '0' || ch > '9') h->tunnel = true;
+  }
+  if (!h->tunnel && n == 1) h->content_length = std::stoll(std::string(cl));
+  h->Get("transfer-encoding", &n);
+  if (n > 0) h->tunnel = true;
+  h->Get("upgrade", &n);
+  if (n > 0) h->tunnel = true;
+  std::string_view conn = h->Get("connection");
+  h->close = IEquals(conn, "close");
+  h->expect_continue = IEquals(h->Get("expect"), "100-continue");
+  return 1;
+}
+
+}  // namespace xlaserve::native

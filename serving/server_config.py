@@ -1,0 +1,64 @@
+"""The process-wide settings of one xlaserve server (per-model settings live in each model's
+config.json): ports, limits, TLS and token, front ends, shutdown."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from serving.frontend import codec
+from serving.frontend.auth import check_token
+from serving.repository import ModelServingConfig
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+  """Process-wide settings; per-model settings live in each model's config.json."""
+
+  model_repository: str
+  host: str = "127.0.0.1"
+  grpc_port: int = 8001
+  metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
+  http_port: int = -1  # KServe v2 HTTP/REST (the CLI's --http-port: 8000); 0: any; -1: none
+  http_read_timeout_s: float = 30.0  # an HTTP request must arrive whole within this (else 408)
+  max_message_bytes: int = 64 << 20
+  limits: codec.Limits = codec.Limits()
+  shutdown_grace_s: float = 30.0
+  drain_quiet_s: float = 0.0  # the ports close after this long without a request (the CLI: 0.5)
+  default_model_config: ModelServingConfig = ModelServingConfig()
+  repository_poll_s: float = 0.0  # > 0: poll the repository for new/removed versions (hot reload)
+  tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: serve gRPC over TLS
+  tls_key_file: str | None = None
+  auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
+  frontend: str = "auto"  # "native" (C++), "python" (grpc.aio), "auto": native when built
+  # HTTP: "native" (C++ owns the port, serves binary-tensor inference of natively queued models
+  # and relays the rest to uvicorn), "python" (uvicorn owns the port), "auto": native when the
+  # gRPC front end is native (no TLS)
+  http_frontend: str = "auto"
+  native_threads: int = 1  # completion-queue threads of the native front end
+  batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
+  # front end) or "python" (the Python Batcher; for comparison)
+  model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
+
+  def __post_init__(self):
+    if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
+      raise ValueError("ports must be in 0..65535 (metrics_port -1 disables metrics)")
+    if not -1 <= self.http_port < 65536:
+      raise ValueError(f"http_port must be in 0..65535 (-1 disables HTTP), got {self.http_port}")
+    if self.max_message_bytes < 1024:
+      raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small")
+    if self.repository_poll_s < 0:
+      raise ValueError(f"repository_poll_s must be >= 0 (0 disables), got {self.repository_poll_s}")
+    if (self.tls_cert_file is None) != (self.tls_key_file is None):
+      raise ValueError("TLS needs both a certificate and a key file (--tls-cert and --tls-key)")
+    if self.auth_token is not None:
+      check_token(self.auth_token)
+    if self.frontend not in ("auto", "native", "python"):
+      raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
+    if self.http_frontend not in ("auto", "native", "python"):
+      raise ValueError(f"http_frontend must be auto, native or python, got {self.http_frontend!r}")
+    if self.batch_queue not in ("native", "python"):
+      raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
+    for name, low in (("native_threads", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0),
+                      ("drain_quiet_s", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
