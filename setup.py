@@ -1,5 +1,6 @@
 """Builds the optional native front end (serving/frontend/native/: the gRPC server in module.cc,
-wire.cc and relay.cc, the HTTP server in http_conn.cc, http_server.cc and http_infer.cc, the
+wire.cc and relay.cc, the HTTP server in http_conn.cc, http_relay.cc, http_server.cc and
+http_infer.cc, the bearer token check in auth.cc, the
 batch queue in batcher.cc, row_queue.cc and row_answer.cc, the bindings, and their shared
 headers) when grpc++ and RapidJSON are found.
 
@@ -16,8 +17,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _NATIVE = "serving/frontend/native"
-_UNITS = ("module", "wire", "relay", "batcher", "row_queue", "row_answer", "http_conn",
-          "http_server", "http_infer", "bindings")
+_UNITS = ("module", "wire", "relay", "auth", "batcher", "row_queue", "row_answer", "http_conn",
+          "http_relay", "http_server", "http_infer", "bindings")
 _HEADERS = ("frontend.h", "batcher.h", "row_queue.h", "http.h")  # what the units share
 
 _MISSING = ("xlaserve: building WITHOUT the native front end ({why}); the server will use the"

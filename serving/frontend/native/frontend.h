@@ -10,10 +10,13 @@
 // byte, with metadata and deadline, to the Python grpc.aio server on an internal address
 // through a GenericStub, so its status codes and messages stay the single source of truth.
 //
-// This header holds what the three units share:
+// This header holds what the units share:
 //   wire.cc    protobuf wire parsing, validation against the specs, response encoding;
 //   relay.cc   a call's completion-queue events and the relay to the Python servicer;
-//   module.cc  the server, its completion queues, the fast queue and the pybind11 module.
+//   auth.cc    the bearer token check (gRPC and HTTP);
+//   module.cc  the server, its completion queues and the fast queue (bindings.cc: pybind11).
+// The same table of models and the same batch queues (row_queue.h) serve the native HTTP front
+// end (http.h), which the Frontend starts and stops with its own.
 
 #ifndef XLASERVE_SERVING_FRONTEND_NATIVE_FRONTEND_H_
 #define XLASERVE_SERVING_FRONTEND_NATIVE_FRONTEND_H_

@@ -8,12 +8,15 @@
 // framing the relay does not follow request by request (a chunked or oversized body, a
 // malformed head, HTTP/1.0, an upgrade) becomes a byte tunnel to the Python server.
 //
-//   http_conn.cc    one client connection: framing, keep-alive, relay, tunnel, read timeout;
+//   http_conn.cc    one client connection: framing, keep-alive, answers, read timeout;
+//   http_relay.cc   the relay of a request, and the tunnel, to the Python server;
 //   http_server.cc  the listener, the epoll loops, stop;
 //   http_infer.cc   the fast path: the JSON header (RapidJSON), validation, the response.
 
 #ifndef XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_
 #define XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_
+
+#include <cctype>
 
 #include "frontend.h"
 
@@ -44,6 +47,15 @@ int ParseHead(std::string_view buf, HttpHead* h);
 
 class HttpServer;
 class Conn;
+
+// Case-insensitive ASCII equality (header names and tokens).
+inline bool IEquals(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::tolower(uint8_t(a[i])) != std::tolower(uint8_t(b[i]))) return false;
+  }
+  return true;
+}
 
 enum class FastResult { kQueued, kAnswered, kRelay };
 

@@ -1,12 +1,10 @@
 // One client connection of the native HTTP front end (http.h): reads requests one at a time
 // (keep-alive; pipelined requests wait in the buffer, so answers keep their order), offers each
-// complete one to the fast path, relays the rest to the Python server with "connection: close"
-// (the response ends at the backend's end of file, and is forwarded as it comes with that
-// header dropped unless the client asked for it), and tunnels what it cannot frame.
+// complete one to the fast path or relays it (http_relay.cc), writes the answers, enforces the
+// read timeout; and parses request heads.
 
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -25,20 +23,6 @@ constexpr const char* kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
 constexpr const char* kRequestTimeout =
     "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain"
     "\r\ncontent-length: 30\r\n\r\nrequest not received in time\r\n";
-
-bool IEquals(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::tolower(uint8_t(a[i])) != std::tolower(uint8_t(b[i]))) return false;
-  }
-  return true;
-}
-
-// Headers a relayed request must not carry on (the relay frames it with "connection: close").
-bool HopByHop(std::string_view name) {
-  return IEquals(name, "connection") || IEquals(name, "keep-alive") || IEquals(name, "expect") ||
-         IEquals(name, "proxy-connection");
-}
 
 }  // namespace
 
@@ -230,158 +214,6 @@ void Conn::Flush() {
   out_.clear();
   out_off_ = 0;
   if (close_after_ && state_ == kIdle) Close();
-}
-
-// -- relay and tunnel ---------------------------------------------------------------------------
-
-bool Conn::OpenBackend() {
-  bfd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  const std::string& path = server_->options().backend;
-  std::memcpy(addr.sun_path, path.data(), std::min(path.size(), sizeof(addr.sun_path) - 1));
-  int rc = bfd_ < 0 ? -1 : ::connect(bfd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  if (rc < 0 && errno != EINPROGRESS && errno != EAGAIN) {
-    if (bfd_ >= 0) ::close(bfd_);
-    bfd_ = -1;
-    return false;
-  }
-  connecting_ = rc < 0;
-  backend_write_done_ = false;
-  bmask_ = 0;
-  epoll_event ev{};
-  ev.events = EPOLLOUT | EPOLLIN;
-  ev.data.ptr = &bw_;
-  bmask_ = ev.events;
-  ::epoll_ctl(epfd_, EPOLL_CTL_ADD, bfd_, &ev);
-  return true;
-}
-
-void Conn::Relay(const std::string& request, const HttpHead& h) {
-  server_->relayed_++;
-  std::string head;
-  head.reserve(h.head_len + 32);
-  head.append(h.method).append(" ").append(h.target).append(" HTTP/1.1\r\n");
-  for (auto& [name, value] : h.headers) {
-    if (HopByHop(name)) continue;
-    head.append(name).append(": ").append(value).append("\r\n");
-  }
-  head.append("connection: close\r\n\r\n");
-  bout_ = std::move(head);
-  bout_.append(request, h.head_len, std::string::npos);
-  bout_off_ = 0;
-  resp_head_.clear();
-  resp_started_ = false;
-  state_ = kRelay;
-  if (!OpenBackend()) EndRelay(false);
-}
-
-void Conn::Tunnel() {
-  server_->tunnels_++;
-  state_ = kTunnel;
-  first_byte_ = 0;
-  bout_.swap(in_);
-  in_.clear();
-  bout_off_ = 0;
-  if (!OpenBackend()) {
-    Send(HttpErrorResponse(14, "the HTTP server behind the front end is not reachable", true));
-    close_after_ = true;
-    state_ = kIdle;
-    if (out_off_ >= out_.size()) Close();
-  }
-}
-
-void Conn::OnBackend(uint32_t events) {
-  if (bfd_ < 0) return;
-  if (connecting_ && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
-    int err = 0;
-    socklen_t len = sizeof(err);
-    ::getsockopt(bfd_, SOL_SOCKET, SO_ERROR, &err, &len);
-    connecting_ = false;
-    if (err != 0) {
-      EndRelay(false);
-      return;
-    }
-  }
-  while (!connecting_ && !backend_write_done_ && bout_off_ < bout_.size()) {
-    ssize_t n = ::send(bfd_, bout_.data() + bout_off_, bout_.size() - bout_off_, MSG_NOSIGNAL);
-    if (n > 0) {
-      bout_off_ += size_t(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-    backend_write_done_ = true;  // it stopped reading: its answer may still come
-  }
-  if (bout_off_ >= bout_.size()) {
-    bout_.clear();
-    bout_off_ = 0;
-  }
-  if (connecting_ || !(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
-  char buf[16 << 10];
-  size_t got = 0;
-  while (!dead_ && got < kReadChunk && out_.size() - out_off_ < kHighWater) {
-    ssize_t n = ::recv(bfd_, buf, sizeof(buf), 0);
-    if (n > 0) {
-      got += size_t(n);
-      ForwardResponse(std::string_view(buf, size_t(n)));
-      continue;
-    }
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    if (n < 0 && errno == EINTR) continue;
-    EndRelay(n == 0);
-    return;
-  }
-}
-
-void Conn::ForwardResponse(std::string_view data) {
-  if (state_ == kTunnel || resp_started_) {
-    Send(data);
-    return;
-  }
-  resp_head_.append(data);
-  size_t end = resp_head_.find("\r\n\r\n");
-  if (end == std::string::npos) return;
-  // The head without the relay's "connection: close", unless the client asked for it.
-  std::string head;
-  size_t pos = 0, stop = end + 2;
-  while (pos < stop) {
-    size_t eol = resp_head_.find("\r\n", pos);
-    std::string_view line(resp_head_.data() + pos, eol - pos);
-    size_t colon = line.find(':');
-    bool drop = !close_ && colon != std::string_view::npos &&
-                IEquals(line.substr(0, colon), "connection");
-    if (!drop) head.append(line).append("\r\n");
-    pos = eol + 2;
-  }
-  head.append("\r\n");
-  resp_started_ = true;
-  std::string rest = resp_head_.substr(end + 4);
-  resp_head_.clear();
-  if (Send(head) && !rest.empty()) Send(rest);
-}
-
-void Conn::EndRelay(bool eof) {
-  if (bfd_ >= 0) {
-    ::epoll_ctl(epfd_, EPOLL_CTL_DEL, bfd_, nullptr);
-    ::close(bfd_);
-    bfd_ = -1;
-  }
-  bout_.clear();
-  bout_off_ = 0;
-  bool tunnel = state_ == kTunnel;
-  state_ = kIdle;
-  if (tunnel) {
-    close_after_ = true;
-  } else if (!resp_started_) {
-    Send(HttpErrorResponse(14, eof ? "the HTTP server behind the front end closed without an"
-                                     " answer" : "the HTTP server behind the front end is not"
-                                     " reachable", true));
-    close_after_ = true;
-  } else if (close_) {
-    close_after_ = true;
-  }
-  if (!dead_ && close_after_ && out_off_ >= out_.size()) Close();
 }
 
 // -- epoll interest and closing -----------------------------------------------------------------

@@ -131,14 +131,6 @@ bool InferTarget(std::string_view t, std::string_view* name, std::string_view* v
   return !name->empty() && !version->empty() && version->find('/') == std::string_view::npos;
 }
 
-bool Lower(std::string_view a, std::string_view b) {  // a, lower-cased, equals b
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::tolower(uint8_t(a[i])) != b[i]) return false;
-  }
-  return true;
-}
-
 // Whether an Accept-Encoding value may ask for compression (the Python side compresses then).
 bool MayCompress(std::string_view v) {
   std::string s(v);
@@ -210,7 +202,7 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
     if (n != 1 || !BearerMatches(auth, fe_->token())) return FastResult::kRelay;
   }
   std::string_view enc = h.Get("content-encoding");
-  if ((!enc.empty() && !Lower(enc, "identity")) || MayCompress(h.Get("accept-encoding"))) {
+  if ((!enc.empty() && !IEquals(enc, "identity")) || MayCompress(h.Get("accept-encoding"))) {
     return FastResult::kRelay;
   }
   std::string_view hl = h.Get("inference-header-content-length", &n);

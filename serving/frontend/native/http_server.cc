@@ -49,6 +49,21 @@ int Listen(const std::string& host, int port, std::string* error) {
 
 }  // namespace
 
+int Frontend::StartHttp(const std::string& host, int port, const std::string& backend,
+                        double read_timeout_s, int64_t max_body_bytes, int threads) {
+  if (http_) throw std::runtime_error("the native HTTP front end is already started");
+  auto server = std::make_unique<HttpServer>(
+      this, HttpOptions{backend, read_timeout_s, max_body_bytes, threads});
+  std::string error;
+  int bound = server->Start(host, port, &error);
+  if (bound == 0) {
+    throw std::runtime_error("cannot listen for HTTP on " + host + ":" + std::to_string(port) +
+                             " (" + error + "); pick another --http-port (-1 disables HTTP)");
+  }
+  http_ = std::move(server);
+  return bound;
+}
+
 HttpServer::HttpServer(Frontend* fe, HttpOptions opts) : fe_(fe), opts_(std::move(opts)) {}
 
 HttpServer::~HttpServer() { Stop(0.0); }

@@ -11,7 +11,7 @@
 #include <ctime>
 #include <utility>
 
-#include "http.h"
+#include "http.h"  // the destructor ends the HTTP server
 #include "row_queue.h"
 
 namespace xlaserve::native {
@@ -23,7 +23,6 @@ double MonoNow() {
 }
 
 namespace {
-
 
 std::string Key(std::string_view name, std::string_view version) {
   std::string k(name);
@@ -45,21 +44,6 @@ Frontend::Frontend(std::string backend, int64_t max_message_bytes, int64_t max_r
       table_(std::make_shared<Table>()) {}
 
 Frontend::~Frontend() { Stop(0.0); }
-
-int Frontend::StartHttp(const std::string& host, int port, const std::string& backend,
-                        double read_timeout_s, int64_t max_body_bytes, int threads) {
-  if (http_) throw std::runtime_error("the native HTTP front end is already started");
-  auto server = std::make_unique<HttpServer>(
-      this, HttpOptions{backend, read_timeout_s, max_body_bytes, threads});
-  std::string error;
-  int bound = server->Start(host, port, &error);
-  if (bound == 0) {
-    throw std::runtime_error("cannot listen for HTTP on " + host + ":" + std::to_string(port) +
-                             " (" + error + "); pick another --http-port (-1 disables HTTP)");
-  }
-  http_ = std::move(server);
-  return bound;
-}
 
 std::shared_ptr<const Model> Frontend::Lookup(std::string_view name, std::string_view version) {
   std::lock_guard<std::mutex> l(table_mu_);

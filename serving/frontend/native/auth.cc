@@ -1,0 +1,37 @@
+// The bearer token check of both native front ends: the first gRPC authorization header, or an
+// HTTP request's one Authorization header, must be "Bearer <token>" (as in
+// serving/frontend/auth.py), compared in constant time.
+
+#include <cctype>
+
+#include "frontend.h"
+
+namespace xlaserve::native {
+
+bool BearerMatches(std::string_view v, const std::string& token) {
+  auto sp = v.find(' ');
+  std::string_view scheme = v.substr(0, sp == std::string_view::npos ? v.size() : sp);
+  std::string_view tok = sp == std::string_view::npos ? std::string_view() : v.substr(sp + 1);
+  while (!tok.empty() && std::isspace(uint8_t(tok.front()))) tok.remove_prefix(1);
+  while (!tok.empty() && std::isspace(uint8_t(tok.back()))) tok.remove_suffix(1);
+  if (scheme.size() != 6) return false;
+  for (size_t i = 0; i < 6; ++i) {
+    if (std::tolower(uint8_t(scheme[i])) != "bearer"[i]) return false;
+  }
+  if (tok.size() != token.size()) return false;
+  uint8_t diff = 0;  // constant time
+  for (size_t i = 0; i < tok.size(); ++i) diff |= uint8_t(tok[i]) ^ uint8_t(token[i]);
+  return diff == 0;
+}
+
+bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token) {
+  if (token.empty()) return true;
+  for (const auto& [key, value] : ctx.client_metadata()) {
+    if (std::string_view(key.data(), key.size()) != "authorization") continue;
+    // the first authorization header decides, as in serving/frontend/auth.py
+    return BearerMatches(std::string_view(value.data(), value.size()), token);
+  }
+  return false;
+}
+
+}  // namespace xlaserve::native
