@@ -23,7 +23,7 @@ ARG VARIANT=cpu
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ make \
-      pkg-config libgrpc++-dev \
+      pkg-config libgrpc++-dev rapidjson-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/xlaserve
 ENV PATH=/opt/xlaserve/bin:$PATH

@@ -5,10 +5,12 @@
 
 For each model, a server serves it alone (hard-linked from the repository into a scratch
 repository, so nothing else loads) with both protocols on free ports of 127.0.0.1, with its
-default gRPC front end (the native one when built). The load generator is Triton's own
-`perf_analyzer` (tritonclient==2.41.0, through benchmarks/perf_analyzer.sh, which fetches its two
-libraries), `-i grpc` and `-i http` with the same flags. Phases, each run for both protocols
-back to back, best of `--rounds` (noise on a shared machine only ever slows a round down):
+default front ends (the native C++ ones when built: gRPC, and HTTP for binary-tensor inference;
+`--server-args "--http-frontend python"` measures uvicorn on the port instead). The load
+generator is Triton's own `perf_analyzer` (tritonclient==2.41.0, through
+benchmarks/perf_analyzer.sh, which fetches its two libraries), `-i grpc` and `-i http` with the
+same flags. Phases, each run for both protocols back to back, best of `--rounds` (noise on a
+shared machine only ever slows a round down):
   1. 1-row requests at concurrency 16 (the request path's cost per request),
   2. `--rows`-row requests at concurrency 32 (saturation, as benchmarks/serving.py: rows/s).
 HTTP sends binary tensor data (perf_analyzer's default for HTTP). Besides rows/s and latency,
@@ -17,8 +19,7 @@ requests its statistics count; model compute included) is reported: it is steadi
 throughput on a machine shared with other work. The targets: HTTP 1-row at
 least 4,000 rows/s on 2 cores, and HTTP at least 0.7 of gRPC at saturation. `dlrm` is the demo
 CTR model (the model's compute dominates a 32-row request); `ctr_light` a light one whose batch
-takes ~0.1 ms, so the host path, where the native gRPC front end parses in C++ outside the GIL,
-sets the ceiling. Prints a table, writes http.png and http.json to --out.
+takes ~0.1 ms, so the host path sets the ceiling. Prints a table, writes http.png and http.json to --out.
 """
 
 from __future__ import annotations

@@ -100,8 +100,9 @@ class Metrics:
       g.set_function(compile_count)
 
   def add_native_front_end(self, stats: Callable[[], Mapping[str, int]]) -> None:
-    """Exports the native front end's call counts, read at scrape time: `fast` (answered in
-    C++), `relayed` (to the Python servicer), `forwarded` (handed back by the feeder)."""
+    """Exports the native front ends' call counts, read at scrape time: `fast` (answered in
+    C++), `relayed` (to the Python servicer), `forwarded` (handed back by the feeder), and
+    HTTP's `http_fast`, `http_relayed`, `http_tunnels`, `http_timeouts`."""
     self.registry.register(_NativeCollector(stats))
 
   def observer(self, model: str, version: int) -> Observer:
@@ -137,6 +138,10 @@ class _ScrapeHooks:
     return iter(())
 
 
+_NATIVE_PATHS = frozenset({"fast", "relayed", "forwarded", "http_fast", "http_relayed",
+                           "http_tunnels", "http_timeouts"})
+
+
 class _NativeCollector:
   """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took."""
 
@@ -144,11 +149,13 @@ class _NativeCollector:
     self._stats = stats
 
   def collect(self) -> Iterator[Metric]:
-    m = Metric("xlaserve_native_calls", "Calls the native gRPC front end took, by path: fast"
-               " (answered in C++), relayed (to the Python servicer), forwarded (handed back)",
+    m = Metric("xlaserve_native_calls", "Calls the native front ends took, by path: gRPC fast"
+               " (answered in C++), relayed (to the Python servicer), forwarded (handed back);"
+               " HTTP http_fast (answered in C++), http_relayed (to the Python HTTP server),"
+               " http_tunnels (connections passed through whole), http_timeouts (408)",
                "counter")
     for path, v in sorted(self._stats().items()):
-      if path in ("fast", "relayed", "forwarded"):
+      if path in _NATIVE_PATHS:
         m.add_sample("xlaserve_native_calls_total", {"path": path}, float(v))
     yield m
 
