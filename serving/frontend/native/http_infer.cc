@@ -216,7 +216,9 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   std::shared_ptr<const Model> m = fe_->Lookup(name, version);
   if (!m || !m->queue) return FastResult::kRelay;
   rapidjson::Document doc;
-  doc.Parse<rapidjson::kParseValidateEncodingFlag>(body.data(), header_len);
+  // Iterative: a header nested 100,000 deep must not exhaust the stack.
+  doc.Parse<rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag>(body.data(),
+                                                                                   header_len);
   Request r;
   std::vector<size_t> offsets;
   int64_t rows = 0;

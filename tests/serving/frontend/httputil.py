@@ -91,3 +91,20 @@ def both_protocols(repo: pathlib.Path, *, generate: bool = False, config: dict |
     yield bg
   finally:
     bg.stop()
+
+
+def raw_request(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> bytes:
+  """One HTTP/1.1 request as bytes (a Content-Length of `body` unless headers give None)."""
+  headers = {"Host": "x", "Content-Length": str(len(body)), **(headers or {})}
+  return (f"{method} {path} HTTP/1.1\r\n" + "".join(
+      f"{k}: {v}\r\n" for k, v in headers.items() if v is not None) + "\r\n").encode() + body
+
+
+def read_reply(fp) -> tuple[int, dict[str, str], bytes]:
+  """One response from a buffered socket file; both front ends send Content-Length bodies."""
+  line = fp.readline()
+  assert line.startswith(b"HTTP/1.1 "), line
+  headers = {k.lower(): v for k, v in http.client.parse_headers(fp).items()}
+  status = int(line.split()[1])
+  assert status == 100 or "content-length" in headers, headers
+  return status, headers, fp.read(int(headers.get("content-length", 0)))

@@ -24,6 +24,7 @@ from serving.engines.mock import MockEngine
 from serving.frontend import native as native_frontend
 from servingutil import expected, mock_rows, serving, wait_until, write_engine_bundle, \
     write_mock_bundle
+from httputil import raw_request, read_reply
 from test_http import http_inputs
 from test_native_parity import DTYPES, DtypeEngine
 
@@ -120,7 +121,7 @@ def _exchange(port: int, wire: bytes, replies: int = 1) -> list[tuple]:
   with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
     s.sendall(wire)
     fp = s.makefile("rb")
-    return [_normal(*_read_reply(fp)) for _ in range(replies)]
+    return [_normal(*read_reply(fp)) for _ in range(replies)]
 
 
 def _same(both, *request, via=_call):
@@ -147,23 +148,6 @@ def _assert_mock(answer: tuple, x, k) -> None:
   got = _decoded(*answer[3:])
   for name, want in zip("yz", expected(x, k)):
     np.testing.assert_array_equal(got[name], want)
-
-
-def _raw(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> bytes:
-  """One HTTP/1.1 request as bytes (a Content-Length of `body` unless headers give None)."""
-  headers = {"Host": "x", "Content-Length": str(len(body)), **(headers or {})}
-  return (f"{method} {path} HTTP/1.1\r\n" + "".join(
-      f"{k}: {v}\r\n" for k, v in headers.items() if v is not None) + "\r\n").encode() + body
-
-
-def _read_reply(fp) -> tuple[int, dict[str, str], bytes]:
-  """One response from a buffered socket file; both front ends send Content-Length bodies."""
-  line = fp.readline()
-  assert line.startswith(b"HTTP/1.1 "), line
-  headers = {k.lower(): v for k, v in http.client.parse_headers(fp).items()}
-  status = int(line.split()[1])
-  assert status == 100 or "content-length" in headers, headers
-  return status, headers, fp.read(int(headers.get("content-length", 0)))
 
 
 BINARY = {"binary_data": True}
@@ -257,7 +241,7 @@ def test_what_the_fast_path_does_not_serve_is_relayed_with_python_answers(both):
         _call(both[k].server.http_port, "GET", path) for k in ("native", "python")))
     assert got == want and got[0][0] == 200 and got[1], path
   # A body over the limit, refused from its Content-Length before it is sent.
-  wire = _raw("POST", INFER, b"", {"Content-Length": str(LIMIT + 1), IHCL: "10"})
+  wire = raw_request("POST", INFER, b"", {"Content-Length": str(LIMIT + 1), IHCL: "10"})
   status, _, _, head, _ = _same(both, wire, via=_exchange)[0]
   assert status == 413 and "exceeds the limit" in head["error"]
 
@@ -282,8 +266,8 @@ def test_keep_alive_and_pipelined_requests_mix_fast_and_relayed_in_order(both):
         _assert_mock(got, x, k)
   assert _paths(nat, before) == (20, 30)
   rows = [mock_rows(rng, n) for n in (3, 5)]
-  wire = (_raw("POST", INFER, *_mock_body(*rows[0])) + _raw("GET", "/v2/models/mock/ready")
-          + _raw("POST", INFER, *_mock_body(*rows[1])))
+  wire = (raw_request("POST", INFER, *_mock_body(*rows[0])) + raw_request("GET", "/v2/models/mock/ready")
+          + raw_request("POST", INFER, *_mock_body(*rows[1])))
   first, ready, last = _same(both, wire, 3, via=_exchange)  # all sent before any answer
   _assert_mock(first, *rows[0])
   _assert_mock(last, *rows[1])
@@ -297,14 +281,14 @@ def _in_pieces(port: int, body: bytes, headers: dict, how: str) -> tuple[int | N
            {"Content-Length": None, "Transfer-Encoding": "chunked"})
   with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
     fp, interim = s.makefile("rb"), None
-    s.sendall(_raw("POST", INFER, b"", {"Content-Length": str(len(body)), **headers, **extra}))
+    s.sendall(raw_request("POST", INFER, b"", {"Content-Length": str(len(body)), **headers, **extra}))
     if how == "continue":
-      interim = _read_reply(fp)[0]
+      interim = read_reply(fp)[0]
       s.sendall(body)
     else:
       for piece in (body[:7], body[7:40], body[40:], b""):
         s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-    return interim, _normal(*_read_reply(fp))
+    return interim, _normal(*read_reply(fp))
 
 
 @pytest.mark.parametrize("how", ["continue", "chunked"])
@@ -335,6 +319,14 @@ def test_bearer_token_refusals_match_and_the_token_holder_is_served_natively(tmp
     assert _paths(nat, before) == (1, 0)
 
 
+def test_a_header_nested_two_million_deep_is_refused_and_the_server_serves_on(tmp_path):
+  """The JSON header is parsed without recursion: a recursive parser overflows its stack."""
+  x, k = mock_rows(np.random.default_rng(8), 2)
+  with _pair(tmp_path) as pair:
+    assert _same(pair, "POST", INFER, b"[" * 2_000_000, {IHCL: "2000000"})[0] == 400
+    _assert_mock(_same(pair, "POST", INFER, *_mock_body(x, k)), x, k)
+
+
 def test_tritonclient_http_concurrent_clients_get_their_own_rows(both):
   nat, calls, before = both["native"], 6, _paths(both["native"])
 
@@ -362,7 +354,7 @@ def test_slow_clients_get_408_while_others_are_served(tmp_path):
     slow = [stack.enter_context(socket.create_connection(("127.0.0.1", port[kind]), timeout=10))
             for kind in ("native", "python") for _ in range(4)]
     for i, s in enumerate(slow):  # heads never finished, and (the 4th of each) a body
-      s.sendall(_raw("POST", INFER, b"{", {"Content-Length": "100000"}) if i % 4 == 3 else
+      s.sendall(raw_request("POST", INFER, b"{", {"Content-Length": "100000"}) if i % 4 == 3 else
                 b"POST /v2/models/mock/infer HTTP/1.1\r\nhost: x\r\nx-slow: ")
     rng, t0, calls = np.random.default_rng(8), time.monotonic(), 0
     while time.monotonic() - t0 < 2.5 * READ_TIMEOUT_S:
@@ -374,7 +366,7 @@ def test_slow_clients_get_408_while_others_are_served(tmp_path):
       calls += 1
       time.sleep(0.1)
     # Everything each one was sent until the server closed it.
-    answers = [_normal(*_read_reply(io.BufferedReader(io.BytesIO(b"".join(
+    answers = [_normal(*read_reply(io.BufferedReader(io.BytesIO(b"".join(
         iter(lambda s=s: s.recv(4096), b"")))))) for s in slow]
   assert calls >= 5 and answers[:4] == answers[4:]  # native, python
   assert all(a[0] == 408 and b"not received in time" in a[3] for a in answers), answers
@@ -385,7 +377,7 @@ def test_clients_that_vanish_leave_nothing_in_flight(both):
   x1, k1 = mock_rows(rng, 1)
   body, headers = _mock_body(x1, k1)
   for model in ("slow", "mock"):  # slow: gone well before the answer (0.3 s a batch)
-    wire = _raw("POST", f"/v2/models/{model}/infer", body, headers)
+    wire = raw_request("POST", f"/v2/models/{model}/infer", body, headers)
     cut = [wire[:len(wire) - len(body) // 2], wire[:-1]]  # gone mid-body, or once all is sent
     for i, data in enumerate(cut + [wire] * 6):
       with socket.create_connection(("127.0.0.1", port)) as s:
