@@ -155,22 +155,29 @@ def _decode_bytes_tensor(t: Any, data: bytes | None, shape: tuple[int, ...],
     if len(data) > limits.max_tensor_bytes:
       raise _bad(f"input {t.name!r}: {len(data)} bytes exceed the limit of"
                  f" {limits.max_tensor_bytes} per tensor")
-    values, pos = [], 0
-    for _ in range(count):
-      if pos + 4 > len(data):
-        raise _bad(f"input {t.name!r}: BYTES data ends inside an element length; each element"
-                   " is a 4-byte little-endian length followed by its bytes")
-      n = int.from_bytes(data[pos:pos + 4], "little")
-      pos += 4
-      if pos + n > len(data):
-        raise _bad(f"input {t.name!r}: BYTES element of {n} bytes runs past the data")
-      values.append(bytes(data[pos:pos + n]))
-      pos += n
-    if pos != len(data):
-      raise _bad(f"input {t.name!r}: {len(data) - pos} bytes left after {count} BYTES elements")
+    values = bytes_elements(t.name, data, count)
   arr = np.empty(count, dtype=object)
   arr[:] = values
   return arr.reshape(shape)
+
+
+def bytes_elements(name: str, data: Any, count: int, *, exact: bool = True) -> list[bytes]:
+  """`count` BYTES elements (each a 4-byte little-endian length and that many bytes) from the
+  start of `data`; with `exact`, nothing may follow them."""
+  values, pos = [], 0
+  for _ in range(count):
+    if pos + 4 > len(data):
+      raise _bad(f"input {name!r}: BYTES data ends inside an element length; each element"
+                 " is a 4-byte little-endian length followed by its bytes")
+    n = int.from_bytes(data[pos:pos + 4], "little")
+    pos += 4
+    if pos + n > len(data):
+      raise _bad(f"input {name!r}: BYTES element of {n} bytes runs past the data")
+    values.append(bytes(data[pos:pos + n]))
+    pos += n
+  if exact and pos != len(data):
+    raise _bad(f"input {name!r}: {len(data) - pos} bytes left after {count} BYTES elements")
+  return values
 
 
 def encode_bytes_tensor(arr: np.ndarray) -> bytes:

@@ -45,6 +45,13 @@ def load_extension() -> tuple[Any, str]:
   return _native, ""
 
 
+def _bytes_at(name: str, buf: Any, offset: int, count: int) -> np.ndarray:
+  """A per-request BYTES input (validated in C++) from the request's bytes at `offset`."""
+  arr = np.empty(count, dtype=object)
+  arr[:] = codec.bytes_elements(name, memoryview(buf)[offset:], count, exact=False)
+  return arr
+
+
 class _Slot:
   """A published (model, version) and what the feeder needs to build its requests."""
 
@@ -217,8 +224,8 @@ class NativeFrontend:
         if runner is None or slot.rec.runner is not runner:  # unloaded or reloaded since
           relay.append(call)
           continue
-        inputs = {name: frombuffer(buf, dt, (one or rows) * n, off).reshape(((one or rows),
-                                                                            *shape))
+        inputs = {name: (frombuffer(buf, dt, (one or rows) * n, off) if dt != object
+                         else _bytes_at(name, buf, off, n)).reshape(((one or rows), *shape))
                   for (name, dt, n, shape, one), off in zip(slot.inputs, offsets)}
         req = InferRequest(inputs, rows, self, arrival, deadline, priority, request_id,
                            sink_token=(call, slot_id))

@@ -44,6 +44,13 @@ class _Run:
   t_step: float = 0.0
 
 
+def _native_shapes(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> bool:
+  """Whether the native front end can take the pipeline's requests: every tensor one row per
+  request with fixed dimensions, numeric or (inputs only) BYTES, so it answers them in C++."""
+  return all(t.per_request and all(d >= 0 for d in t.shape[1:])
+             and (t.dtype != "object" or t in inputs) for t in (*inputs, *outputs))
+
+
 class PipelineRunner:
   """Runs a manifest's `PipelineSpec` over the served models `models` looks up."""
 
@@ -55,7 +62,7 @@ class PipelineRunner:
     self.name, self.models, self.spec = name, models, manifest.pipeline
     self.inputs, self.outputs = sig.inputs, sig.outputs
     self.config = BatchingConfig(buckets=(1,), max_queue_delay_s=0.0)  # steps batch, not this
-    self.capabilities = RunnerCapabilities()
+    self.capabilities = RunnerCapabilities(fixed_rows=_native_shapes(self.inputs, self.outputs))
     self.observer = observer or Observer()
     self.stats = RunnerStats()
     self.step_stats = {s.name: StepStats() for s in self.spec.steps}

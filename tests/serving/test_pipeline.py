@@ -14,6 +14,7 @@ import json
 import urllib.error
 import urllib.request
 
+import grpc
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,12 +22,15 @@ import tritonclient.grpc as tc
 from flax import nnx
 from tritonclient.utils import InferenceServerException
 
+from bundle import triton_datatype
 from clientutil import call_concurrently, serving, triton_inputs
 from demo.ads import (TINY_ADS, TINY_K, TITLE_LEN, TOP_N, ad_corpus, build_ad_index,
                       build_ads_pipeline)
 from demo.models import build_ranker, build_two_tower
 from models.ranking import Ranker, RankerConfig
 from models.two_tower import TwoTower, TwoTowerConfig
+from serving.frontend.protocol import grpc_service_pb2 as pb
+from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 QUERIES = [b"acme shoes", b"coffee offer", b"kids tent", b"warm jacket"]  # <= 16 bytes
@@ -95,10 +99,18 @@ def call(client: tc.InferenceServerClient, query: bytes, u: dict[str, np.ndarray
   return res.as_numpy("ad_ids"), res.as_numpy("scores")
 
 
+def _native(bg, path: str) -> int:
+  """Pipeline calls the native front end answered through its fast path or relayed."""
+  return bg.server.native.stats()[path] if bg.server.native is not None else 0
+
+
 def test_one_call_equals_the_steps_composed_without_the_server(served, reference):
   rng = np.random.default_rng(0)
   cases = [(q, user(rng)) for q in QUERIES]
+  fast = _native(served, "fast")
   answers = call_concurrently(served.address, call, cases, workers=len(cases))
+  if served.server.native is not None:  # the query text (BYTES) no longer sends it to Python
+    assert _native(served, "fast") - fast == len(cases)
   for (q, u), (ids, scores), (want_ids, want_scores) in zip(cases, answers, reference(cases)):
     assert ids.shape == (1, TOP_N) and scores.shape == (1, TOP_N)
     np.testing.assert_array_equal(ids[0], want_ids, err_msg=q)
@@ -125,6 +137,17 @@ def test_a_failing_step_fails_that_request_with_the_step_named(served, reference
     with pytest.raises(InferenceServerException) as e:  # the protocol's own checks come first
       call(c, QUERIES[0], {**u, "user_dense": np.zeros((2, 3), np.float32)})
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "'user_dense'" in e.value.message()
+  relayed, req = _native(served, "relayed"), pb.ModelInferRequest(model_name="ads_pipeline")
+  for name, arr in (("query", None), *u.items()):
+    req.inputs.add(name=name, datatype="BYTES" if arr is None else triton_datatype(arr.dtype),
+                   shape=[1] if arr is None else arr.shape)
+    req.raw_input_contents.append((100).to_bytes(4, "little") + b"short" if arr is None
+                                  else arr.tobytes())  # a BYTES length running past the data
+  with grpc.insecure_channel(served.address) as ch:
+    with pytest.raises(grpc.RpcError) as e:  # the Python codec's message, as ever
+      pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req)
+  assert "BYTES element of 100 bytes runs past the data" in e.value.details()
+  assert served.server.native is None or _native(served, "relayed") == relayed + 1
 
 
 def test_config_statistics_and_step_metrics(served):

@@ -224,7 +224,7 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   int64_t rows = 0;
   if (doc.HasParseError() || !doc.IsObject() || !ReadHeader(doc, body.substr(header_len), &r) ||
       !MatchInputs(r, *m, body, fe_->max_rows(), fe_->max_tensor_bytes(), &offsets, &rows) ||
-      !MatchOutputs(r, *m, &call.out_index)) {
+      !MatchOutputs(r, *m, &call.out_index) || rows == 0) {
     return FastResult::kRelay;
   }
   call.server = this;

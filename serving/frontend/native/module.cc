@@ -282,7 +282,7 @@ bool Frontend::TryFast(Call* c) {
   Fast f;
   int64_t rows = -1;
   if (!MatchInputs(r, *m, msg, max_rows_, max_tensor_bytes_, &f.offsets, &rows)) return false;
-  if (!MatchOutputs(r, *m, &c->out_index)) return false;
+  if (!MatchOutputs(r, *m, &c->out_index) || (m->queue && rows == 0)) return false;
   // Deadline: the earliest of the gRPC deadline, Triton's timeout and the model's default.
   double now = MonoNow();
   double deadline = -1;

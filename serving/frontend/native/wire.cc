@@ -68,6 +68,24 @@ bool ValidUtf8(std::string_view s) {
   return true;
 }
 
+// Whether `raw` is exactly prod(dims) BYTES elements (each a 4-byte little-endian length and
+// that many bytes), within the tensor limit: what the Python codec accepts.
+bool BytesElements(std::string_view raw, const std::vector<int64_t>& dims, int64_t max_bytes) {
+  if (int64_t(raw.size()) > max_bytes) return false;
+  int64_t count = 1;
+  for (int64_t d : dims) count *= d < 0 ? 1 : d;
+  size_t pos = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (raw.size() - pos < 4) return false;
+    uint32_t n;
+    std::memcpy(&n, raw.data() + pos, 4);  // little-endian hosts (x86-64, aarch64)
+    pos += 4;
+    if (raw.size() - pos < n) return false;
+    pos += n;
+  }
+  return pos == raw.size();
+}
+
 // An InferParameter holding a non-negative integer; anything else is left to Python.
 bool IntParam(std::string_view msg, int64_t* out) {
   Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
@@ -241,12 +259,15 @@ bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t
     const bool context = s.dims[0] == 1;  // a context input: one row per request, not a count
     if (context ? nr != 1 : (nr < 1 || nr > max_rows || (rows >= 0 && nr != rows))) return false;
     if (!context) rows = nr;
-    if (s.row_bytes != 0 && nr > max_tensor_bytes / s.row_bytes) return false;
-    if (int64_t(r.raw[i].size()) != nr * s.row_bytes) return false;
+    if (s.datatype == "BYTES") {  // a per-request BYTES tensor (a pipeline's query text)
+      if (!context || !BytesElements(r.raw[i], s.dims, max_tensor_bytes)) return false;
+    } else {
+      if (s.row_bytes != 0 && nr > max_tensor_bytes / s.row_bytes) return false;
+      if (int64_t(r.raw[i].size()) != nr * s.row_bytes) return false;
+    }
     (*offsets)[k] = size_t(r.raw[i].data() - msg.data());
   }
-  if (rows < 0) return false;  // no row input: not a model the fast path serves
-  *rows_out = rows;
+  *rows_out = rows < 0 ? 0 : rows;  // 0: every input is per request (as the Python codec says)
   return true;
 }
 
@@ -290,10 +311,13 @@ uint8_t* PutField(uint8_t* p, int field, const void* data, size_t len) {
 
 // -- the response ----------------------------------------------------------------------------
 
+// A per-request output (leading dimension 1) has one row whatever the request's row count.
+int64_t OutputRows(const Call& c, const Spec& s) { return s.dims[0] == 1 ? 1 : c.rows; }
+
 void EncodeRows(const Call* c, const std::vector<const uint8_t*>& rows0, grpc::ByteBuffer* bb) {
   const Model& m = *c->model;
   auto shape_len = [c](const Spec& s) {
-    size_t n = VarintSize(uint64_t(c->rows));
+    size_t n = VarintSize(uint64_t(OutputRows(*c, s)));
     for (size_t d = 1; d < s.dims.size(); ++d) n += VarintSize(uint64_t(s.dims[d]));
     return n;
   };
@@ -304,7 +328,7 @@ void EncodeRows(const Call* c, const std::vector<const uint8_t*>& rows0, grpc::B
                  (c->id.empty() ? 0 : FieldSize(c->id.size()));
   for (int k : c->out_index) {
     const Spec& s = m.outputs[k];
-    total += FieldSize(tensor_len(s)) + FieldSize(size_t(c->rows * s.row_bytes));
+    total += FieldSize(tensor_len(s)) + FieldSize(size_t(OutputRows(*c, s) * s.row_bytes));
   }
   grpc::Slice slice(total);
   auto* out = const_cast<uint8_t*>(slice.begin());
@@ -319,11 +343,12 @@ void EncodeRows(const Call* c, const std::vector<const uint8_t*>& rows0, grpc::B
     out = PutField(out, 2, s.datatype.data(), s.datatype.size());
     *out++ = uint8_t(3 << 3 | 2);
     out = PutVarint(out, shape_len(s));
-    out = PutVarint(out, uint64_t(c->rows));
+    out = PutVarint(out, uint64_t(OutputRows(*c, s)));
     for (size_t d = 1; d < s.dims.size(); ++d) out = PutVarint(out, uint64_t(s.dims[d]));
   }
   for (int k : c->out_index) {
-    out = PutField(out, 6, rows0[k], size_t(c->rows * m.outputs[k].row_bytes));
+    const Spec& s = m.outputs[k];
+    out = PutField(out, 6, rows0[k], size_t(OutputRows(*c, s) * s.row_bytes));
   }
   *bb = grpc::ByteBuffer(&slice, 1);
 }
@@ -360,10 +385,10 @@ std::string Frontend::Encode(Call* c, const py::dict& outputs, grpc::ByteBuffer*
       }
     }
     views.push_back(view);
-    if (view.len != c->rows * s.row_bytes) {
+    if (view.len != OutputRows(*c, s) * s.row_bytes) {
       release_all();
       return "model output '" + s.name + "' has " + std::to_string(view.len) +
-             " bytes, expected " + std::to_string(c->rows * s.row_bytes);
+             " bytes, expected " + std::to_string(OutputRows(*c, s) * s.row_bytes);
     }
     rows0[k] = static_cast<const uint8_t*>(view.buf);
   }
