@@ -275,32 +275,89 @@ std::string_view HttpHead::Get(std::string_view name, int* count) const {
   return found;
 }
 
-int ParseHead(std::string_view buf, HttpHead* h) {
+namespace {
+
+// RFC 9110 token characters (methods, header names).
+bool Token(std::string_view s) {
+  if (s.empty()) return false;
+  for (char ch : s) {
+    auto c = uint8_t(ch);
+    if (!(std::isalnum(c) || std::strchr("!#$%&'*+-.^_`|~", c) != nullptr) || c == 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Where the head ends (after its blank line), 0 while incomplete, or npos when a line ends
+// in a bare LF or holds a bare CR: the Python server is the one to refuse those.
+size_t HeadEnd(std::string_view buf) {
   size_t end = buf.find("\r\n\r\n");
-  if (end == std::string_view::npos) return 0;
-  h->head_len = end + 4;
-  size_t eol = buf.find("\r\n");
-  std::string_view line = buf.substr(0, eol);
-  size_t sp1 = line.find(' '), sp2 = line.rfind(' ');
-  if (sp1 == std::string_view::npos || sp2 == sp1) return -1;
+  size_t limit = end == std::string_view::npos ? buf.size() : end + 4;
+  for (size_t i = 0; i < limit; ++i) {
+    if (buf[i] == '\n' && (i == 0 || buf[i - 1] != '\r')) return std::string_view::npos;
+    if (buf[i] == '\r' && i + 1 < limit && buf[i + 1] != '\n') return std::string_view::npos;
+  }
+  return end == std::string_view::npos ? 0 : limit;
+}
+
+bool RequestLine(std::string_view line, HttpHead* h) {
+  size_t sp1 = line.find(' ');
+  if (sp1 == std::string_view::npos) return false;
+  size_t sp2 = line.find(' ', sp1 + 1);
+  if (sp2 == std::string_view::npos || line.find(' ', sp2 + 1) != std::string_view::npos) {
+    return false;
+  }
   h->method = line.substr(0, sp1);
   h->target = line.substr(sp1 + 1, sp2 - sp1 - 1);
   std::string_view version = line.substr(sp2 + 1);
-  if (version.size() != 8 || version.substr(0, 7) != "HTTP/1." || h->target.empty()) return -1;
+  for (char ch : h->method) {
+    if (ch < 'A' || ch > 'Z') return false;  // the methods HTTP defines are upper case
+  }
+  for (char ch : h->target) {
+    if (uint8_t(ch) <= 0x20 || uint8_t(ch) >= 0x7f) return false;
+  }
+  if (version.size() != 8 || version.substr(0, 7) != "HTTP/1." || h->target.empty()) return false;
   h->minor = version[7] - '0';
-  size_t pos = eol + 2;
-  while (pos < end + 2) {
+  return true;
+}
+
+// Whether a Connection value lists the token "close".
+bool ListsClose(std::string_view v) {
+  while (!v.empty()) {
+    size_t comma = v.find(',');
+    std::string_view item = v.substr(0, comma);
+    while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+    while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
+    if (IEquals(item, "close")) return true;
+    if (comma == std::string_view::npos) break;
+    v.remove_prefix(comma + 1);
+  }
+  return false;
+}
+
+}  // namespace
+
+int ParseHead(std::string_view buf, HttpHead* h) {
+  size_t end = HeadEnd(buf);
+  if (end == 0) return 0;
+  if (end == std::string_view::npos) return -1;
+  h->head_len = end;
+  size_t eol = buf.find("\r\n");
+  if (!RequestLine(buf.substr(0, eol), h)) return -1;
+  for (size_t pos = eol + 2; pos < end - 2;) {
     size_t next = buf.find("\r\n", pos);
     std::string_view l = buf.substr(pos, next - pos);
     size_t colon = l.find(':');
-    if (colon == std::string_view::npos || colon == 0) return -1;
+    if (colon == std::string_view::npos || !Token(l.substr(0, colon))) return -1;
     std::string_view name = l.substr(0, colon), value = l.substr(colon + 1);
-    for (char ch : name) {
-      if (ch == ' ' || ch == '\t') return -1;
+    for (char ch : value) {
+      if ((uint8_t(ch) < 0x20 && ch != '\t') || uint8_t(ch) == 0x7f) return -1;
     }
     while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
     while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
     h->headers.emplace_back(name, value);
+    if (IEquals(name, "connection") && ListsClose(value)) h->close = true;
     pos = next + 2;
   }
   int n = 0;
@@ -313,9 +370,7 @@ int ParseHead(std::string_view buf, HttpHead* h) {
   h->Get("transfer-encoding", &n);
   if (n > 0) h->tunnel = true;
   h->Get("upgrade", &n);
-  if (n > 0) h->tunnel = true;
-  std::string_view conn = h->Get("connection");
-  h->close = IEquals(conn, "close");
+  if (n > 0 || h->method == "CONNECT") h->tunnel = true;
   h->expect_continue = IEquals(h->Get("expect"), "100-continue");
   return 1;
 }

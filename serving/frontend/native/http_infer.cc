@@ -108,7 +108,7 @@ bool ReadHeader(const Value& d, std::string_view binary, Request* r) {
     if (!bin) return false;  // JSON output values: the Python front end writes them
     r->outputs.push_back(Str(*name));
   }
-  return true;
+  return !r->outputs.empty() || binary_out;  // none named: every output, as when absent
 }
 
 // "/v2/models/{m}/infer" or "/v2/models/{m}/versions/{v}/infer", nothing to decode.
@@ -201,8 +201,11 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
     std::string_view auth = h.Get("authorization", &n);
     if (n != 1 || !BearerMatches(auth, fe_->token())) return FastResult::kRelay;
   }
-  std::string_view enc = h.Get("content-encoding");
-  if ((!enc.empty() && !IEquals(enc, "identity")) || MayCompress(h.Get("accept-encoding"))) {
+  int n_enc = 0, n_accept = 0;  // repeated: Python reads the last one; it decides
+  std::string_view enc = h.Get("content-encoding", &n_enc);
+  std::string_view accept = h.Get("accept-encoding", &n_accept);
+  if (n_enc > 1 || n_accept > 1 || (!enc.empty() && !IEquals(enc, "identity")) ||
+      MayCompress(accept)) {
     return FastResult::kRelay;
   }
   std::string_view hl = h.Get("inference-header-content-length", &n);

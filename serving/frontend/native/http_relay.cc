@@ -143,11 +143,17 @@ void Conn::ForwardResponse(std::string_view data) {
     size_t eol = resp_head_.find("\r\n", pos);
     std::string_view line(resp_head_.data() + pos, eol - pos);
     size_t colon = line.find(':');
-    bool drop = !close_ && colon != std::string_view::npos &&
-                IEquals(line.substr(0, colon), "connection");
+    std::string_view name = line.substr(0, colon == std::string_view::npos ? 0 : colon);
+    std::string_view value = colon == std::string_view::npos ? "" : line.substr(colon + 1);
+    while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+    // Not the app's own answer (it always sends JSON, binary or events): uvicorn refused the
+    // request itself (it could not read it), so the connection closes, as it would there.
+    if (IEquals(name, "content-type") && value.substr(0, 10) == "text/plain") close_ = true;
+    bool drop = IEquals(name, "connection");
     if (!drop) head.append(line).append("\r\n");
     pos = eol + 2;
   }
+  if (close_) head.append("connection: close\r\n");
   head.append("\r\n");
   resp_started_ = true;
   std::string rest = resp_head_.substr(end + 4);
