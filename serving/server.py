@@ -310,8 +310,10 @@ class Server:
     if self.native is not None:
       await self._loop.run_in_executor(None, self.native.stop, 1.0)
       st = self.native.stats()
+      http = (f"; HTTP: {st['http_fast']} served natively, {st['http_relayed']} relayed"
+              if "http_fast" in st else "")
       self.progress(f"native front end: {st['fast']} requests served natively, {st['relayed']}"
-                    f" calls relayed to the Python servicer, {st['forwarded']} handed back")
+                    f" calls relayed to the Python servicer, {st['forwarded']} handed back{http}")
     if self.http is not None:
       await self.http.stop()  # accepted requests were answered above; close the connections
     await server.stop(grace=1.0)
