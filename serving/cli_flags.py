@@ -56,6 +56,9 @@ def _add_repository_flags(serve: argparse.ArgumentParser) -> None:
   serve.add_argument("--http-read-timeout-s", type=float, default=30.0,
                      help="an HTTP request must arrive whole (head and body) within this many"
                      " seconds of its first byte, or it gets 408 and the connection closes")
+  serve.add_argument("--http-idle-timeout-s", type=float, default=60.0,
+                     help="a keep-alive HTTP connection with no request for this many seconds is"
+                     " closed (0: never); keep it above your load balancer's idle timeout")
   serve.add_argument("--metrics-port", type=int, default=8002,
                      help="HTTP port for Prometheus metrics at /metrics; 0 picks a free port, -1 disables")
   serve.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
@@ -204,7 +207,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
       metrics_port=args.metrics_port, http_port=args.http_port,
-      http_read_timeout_s=args.http_read_timeout_s,
+      http_read_timeout_s=args.http_read_timeout_s, http_idle_timeout_s=args.http_idle_timeout_s,
       max_message_bytes=args.max_message_bytes,
       limits=codec.Limits(max_rows=args.max_rows_per_request,
                           max_tensor_bytes=args.max_tensor_bytes),

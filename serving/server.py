@@ -265,7 +265,8 @@ class Server:
     self.http = HttpFrontend(HttpConfig(
         host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
         tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,
-        max_body_bytes=cfg.max_message_bytes, read_timeout_s=cfg.http_read_timeout_s),
+        max_body_bytes=cfg.max_message_bytes, read_timeout_s=cfg.http_read_timeout_s,
+        idle_timeout_s=cfg.http_idle_timeout_s),
         self.servicer, is_ready=lambda: self.ready)
     if not native:
       self.http_port = await self.http.start()
@@ -274,6 +275,7 @@ class Server:
     await self.http.start(unix_socket=backend)
     self.http_port = self.native.start_http(cfg.host, cfg.http_port, backend,
                                             read_timeout_s=cfg.http_read_timeout_s,
+                                            idle_timeout_s=cfg.http_idle_timeout_s,
                                             max_body_bytes=cfg.max_message_bytes)
     self.http_frontend = "native"
     self.progress("HTTP front end: native (C++; other requests relayed to the Python HTTP"

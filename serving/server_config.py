@@ -20,6 +20,7 @@ class ServerConfig:
   metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
   http_port: int = -1  # KServe v2 HTTP/REST (the CLI's --http-port: 8000); 0: any; -1: none
   http_read_timeout_s: float = 30.0  # an HTTP request must arrive whole within this (else 408)
+  http_idle_timeout_s: float = 60.0  # a keep-alive HTTP connection idle this long closes
   max_message_bytes: int = 64 << 20
   limits: codec.Limits = codec.Limits()
   shutdown_grace_s: float = 30.0
@@ -58,7 +59,7 @@ class ServerConfig:
       raise ValueError(f"http_frontend must be auto, native or python, got {self.http_frontend!r}")
     if self.batch_queue not in ("native", "python"):
       raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
-    for name, low in (("native_threads", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0),
+    for name, low in (("http_idle_timeout_s", 0), ("native_threads", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0),
                       ("drain_quiet_s", 0)):
       if getattr(self, name) < low:
         raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

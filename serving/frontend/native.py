@@ -106,13 +106,13 @@ class NativeFrontend:
     return port
 
   def start_http(self, host: str, port: int, backend: str, *, read_timeout_s: float,
-                 max_body_bytes: int) -> int:
+                 idle_timeout_s: float, max_body_bytes: int) -> int:
     """Serves HTTP on host:port in C++ (binary-tensor inference of natively queued models),
     relaying every other request to the Python HTTP server on the unix socket `backend`;
     returns the port. Raises OSError when it cannot listen."""
     try:
-      return self._fe.start_http(host, port, backend, read_timeout_s, max_body_bytes,
-                                 self._threads)
+      return self._fe.start_http(host, port, backend, read_timeout_s, idle_timeout_s,
+                                 max_body_bytes, self._threads)
     except RuntimeError as e:
       raise OSError(str(e)) from None
 

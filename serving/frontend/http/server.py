@@ -41,6 +41,9 @@ class HttpConfig:
   # A request must arrive whole (head and body) within this long of its first byte, or it gets
   # 408 and its connection closes: a client that dribbles bytes cannot hold a connection.
   read_timeout_s: float = 30.0
+  # A keep-alive connection with no request for this long is closed (uvicorn's keep-alive
+  # timeout; the native HTTP server's too). Keep it above a load balancer's idle timeout.
+  idle_timeout_s: float = 60.0
 
   def __post_init__(self):
     if not 0 <= self.port < 65536:
@@ -169,7 +172,8 @@ class HttpFrontend:
         self.app, host=cfg.host, port=cfg.port, http=coalescing_protocol_class(cfg.read_timeout_s),
         ws="none", lifespan="off", interface="asgi3", log_config=None, access_log=False,
         proxy_headers=False, server_header=False, ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file,
-        timeout_graceful_shutdown=max(1, round(cfg.graceful_s)))
+        timeout_graceful_shutdown=max(1, round(cfg.graceful_s)),
+        timeout_keep_alive=cfg.idle_timeout_s if cfg.idle_timeout_s > 0 else 1e9)
     ucfg.load()  # the TLS context (a bad certificate fails here) and the protocol class
     self._socket = _listen(cfg.host, cfg.port, unix_socket)
     server = uvicorn.Server(ucfg)

@@ -124,7 +124,8 @@ PYBIND11_MODULE(_native, m) {
            py::arg("threads"))
       .def("start", &Frontend::Start, py::call_guard<py::gil_scoped_release>())
       .def("start_http", &Frontend::StartHttp, py::arg("host"), py::arg("port"),
-           py::arg("backend"), py::arg("read_timeout_s"), py::arg("max_body_bytes"),
+           py::arg("backend"), py::arg("read_timeout_s"), py::arg("idle_timeout_s"),
+           py::arg("max_body_bytes"),
            py::arg("threads"), py::call_guard<py::gil_scoped_release>())
       .def("stop", &Frontend::Stop, py::call_guard<py::gil_scoped_release>())
       .def("set_models", &Frontend::SetModels)

@@ -207,7 +207,8 @@ class Frontend {
   // Serves HTTP on host:port natively, relaying what it does not serve to the Python HTTP
   // server on the unix socket `backend` (http.h); returns the port, or raises saying why not.
   int StartHttp(const std::string& host, int port, const std::string& backend,
-                double read_timeout_s, int64_t max_body_bytes, int threads);
+                double read_timeout_s, double idle_timeout_s, int64_t max_body_bytes,
+                int threads);
 
   // Refuses what Python still holds (UNAVAILABLE), shuts the server down (cancelling calls
   // still open after `grace_s`), waits for every call to be released, then stops the threads.

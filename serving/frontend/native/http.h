@@ -25,6 +25,7 @@ namespace xlaserve::native {
 struct HttpOptions {
   std::string backend;           // the Python HTTP server's unix socket
   double read_timeout_s = 30.0;  // a request must arrive whole this long after its first byte
+  double idle_timeout_s = 60.0;  // a keep-alive connection idle this long is closed (0: never)
   int64_t max_body_bytes = 64 << 20;
   int threads = 1;               // epoll loops
 };
@@ -92,7 +93,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void Register();  // starts watching the client's socket
   void OnEvent(bool backend, uint32_t events);  // its loop's thread
   void Finish(const std::string& response, bool close);  // the request in progress is answered
-  void Tick(double now);  // the loop's timer: the read timeout
+  void Tick(double now);  // the loop's timer: the read and idle timeouts
   void CloseIfIdle();     // stop: closes a connection with nothing in progress
   void Abort();           // stop: closes it now
   bool dead() const { return dead_; }
@@ -120,6 +121,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   size_t out_off_ = 0, bout_off_ = 0;
   uint32_t cmask_ = 0, bmask_ = 0;
   double first_byte_ = 0;  // when the request being received began (0: none)
+  double last_active_ = 0;  // the last byte read or answer sent
   bool continued_ = false, close_ = false, close_after_ = false, resp_started_ = false;
   bool connecting_ = false, backend_write_done_ = false;
   std::atomic<bool> dead_{false};
@@ -145,7 +147,7 @@ class HttpServer {
   Frontend* fe() const { return fe_; }
   bool stopping() const { return stopping_; }
   void Answered() { inflight_--; }
-  std::atomic<int64_t> relayed_{0}, tunnels_{0}, timeouts_{0}, connections_{0};
+  std::atomic<int64_t> relayed_{0}, tunnels_{0}, timeouts_{0}, connections_{0}, idle_closed_{0};
 
  private:
   struct Loop {

@@ -26,7 +26,8 @@ constexpr const char* kRequestTimeout =
 
 }  // namespace
 
-Conn::Conn(HttpServer* s, int epfd, int fd) : server_(s), epfd_(epfd), fd_(fd) {
+Conn::Conn(HttpServer* s, int epfd, int fd)
+    : server_(s), epfd_(epfd), fd_(fd), last_active_(MonoNow()) {
   server_->connections_++;
 }
 
@@ -60,6 +61,7 @@ void Conn::OnEvent(bool backend, uint32_t events) {
         ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
         if (n > 0) {
           got += size_t(n);
+          last_active_ = MonoNow();
           if (state_ == kTunnel) {
             bout_.append(buf, size_t(n));
           } else {
@@ -81,6 +83,13 @@ void Conn::OnEvent(bool backend, uint32_t events) {
 
 void Conn::Tick(double now) {
   std::lock_guard<std::mutex> l(mu_);
+  double idle = server_->options().idle_timeout_s;
+  if (!dead_ && state_ == kIdle && in_.empty() && out_off_ >= out_.size() && idle > 0 &&
+      now - last_active_ >= idle) {
+    server_->idle_closed_++;  // as uvicorn's keep-alive timeout: an idle connection holds nothing
+    Close();
+    return;
+  }
   if (dead_ || state_ != kIdle || first_byte_ == 0) return;
   if (now - first_byte_ < server_->options().read_timeout_s) return;
   server_->timeouts_++;
@@ -166,6 +175,7 @@ void Conn::Finish(const std::string& response, bool close) {
   std::lock_guard<std::mutex> l(mu_);
   if (dead_) return;
   state_ = kIdle;
+  last_active_ = MonoNow();
   if (close) close_after_ = true;
   if (!Send(response)) return;
   if (close_after_ && out_off_ >= out_.size()) {

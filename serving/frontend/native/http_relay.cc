@@ -171,6 +171,7 @@ void Conn::EndRelay(bool eof) {
   bout_off_ = 0;
   bool tunnel = state_ == kTunnel;
   state_ = kIdle;
+  last_active_ = MonoNow();
   if (tunnel) {
     close_after_ = true;
   } else if (!resp_started_) {

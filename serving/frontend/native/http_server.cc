@@ -50,10 +50,11 @@ int Listen(const std::string& host, int port, std::string* error) {
 }  // namespace
 
 int Frontend::StartHttp(const std::string& host, int port, const std::string& backend,
-                        double read_timeout_s, int64_t max_body_bytes, int threads) {
+                        double read_timeout_s, double idle_timeout_s, int64_t max_body_bytes,
+                        int threads) {
   if (http_) throw std::runtime_error("the native HTTP front end is already started");
   auto server = std::make_unique<HttpServer>(
-      this, HttpOptions{backend, read_timeout_s, max_body_bytes, threads});
+      this, HttpOptions{backend, read_timeout_s, idle_timeout_s, max_body_bytes, threads});
   std::string error;
   int bound = server->Start(host, port, &error);
   if (bound == 0) {
@@ -224,6 +225,7 @@ void HttpServer::Stats(py::dict* d) const {
   (*d)["http_tunnels"] = int64_t(tunnels_);  // connections passed through whole
   (*d)["http_timeouts"] = int64_t(timeouts_);  // requests not received in time (408)
   (*d)["http_connections"] = int64_t(connections_);
+  (*d)["http_idle_closed"] = int64_t(idle_closed_);  // keep-alive connections closed idle
 }
 
 }  // namespace xlaserve::native

@@ -2,7 +2,8 @@
 connections that dribble a request a byte at a time, on both ports, while a well-behaved client
 keeps calling. The well-behaved client is answered throughout; every dribbling HTTP request,
 whether stuck in its head or its body, gets 408 once `http_read_timeout_s` has passed since its
-first byte (though it never went quiet), and its connection is closed.
+first byte (though it never went quiet), and its connection is closed. An idle keep-alive
+connection is closed after `http_idle_timeout_s`, on both HTTP front ends.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import tritonclient.grpc as tg
 
-from httputil import Http, both_protocols
+from httputil import Http, both_protocols, raw_request, read_reply
 from servingutil import mock_reference
 
 READ_TIMEOUT_S = 1.0
@@ -82,3 +84,23 @@ def test_dribbling_clients_time_out_and_others_are_served(tmp_path):
         s.close()
   assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers
   assert all(b"request not received in time" in a for a in answers), answers
+
+
+@pytest.mark.parametrize("http_frontend", ["native", "python"])
+def test_idle_keep_alive_connections_close_and_busy_ones_stay_open(tmp_path, http_frontend):
+  """A keep-alive connection with no request for `http_idle_timeout_s` is closed (it holds a
+  descriptor for nothing); one that keeps asking, each time within the timeout, stays open."""
+  idle_s, ready = 0.6, raw_request("GET", "/v2/health/ready")
+  with both_protocols(tmp_path, http_idle_timeout_s=idle_s, http_frontend=http_frontend) as bg:
+    assert bg.server.http_frontend == http_frontend
+    idle, busy = (socket.create_connection(("127.0.0.1", bg.server.http_port)) for _ in "ib")
+    with idle, busy:
+      for s in (idle, busy):
+        s.sendall(ready)
+        assert read_reply(s.makefile("rb"))[0] == 200
+      busy_reader, t0 = busy.makefile("rb"), time.monotonic()
+      while time.monotonic() - t0 < 3 * idle_s:  # the busy one asks every idle_s / 3
+        time.sleep(idle_s / 3)
+        busy.sendall(ready)
+        assert read_reply(busy_reader)[0] == 200
+      assert _answer(idle) == b""  # closed by the server long ago, nothing more sent
