@@ -16,6 +16,7 @@ import prometheus_client as prom
 from prometheus_client.core import Metric
 
 from serving.runners import Observer
+from serving.telemetry.host_metrics import HostCollector
 from serving.types import Code
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -72,6 +73,7 @@ class Metrics:
     mv = ["model", "version"]
     self.triton = TritonCounters()
     r.register(self.triton)
+    r.register(HostCollector())  # nv_cpu_utilization, nv_cpu_memory_{total,used}_bytes
     self.pending = prom.Gauge("nv_inference_pending_request_count",
                               "Requests waiting in the queue", mv, registry=r)
     self.queue_rows = prom.Gauge("xlaserve_queue_rows", "Rows waiting in the queue", mv, registry=r)
