@@ -19,7 +19,8 @@ requests its statistics count; model compute included) is reported: it is steadi
 throughput on a machine shared with other work. The targets: HTTP 1-row at
 least 4,000 rows/s on 2 cores, and HTTP at least 0.7 of gRPC at saturation. `dlrm` is the demo
 CTR model (the model's compute dominates a 32-row request); `ctr_light` a light one whose batch
-takes ~0.1 ms, so the host path sets the ceiling. Prints a table, writes http.png and http.json to --out.
+takes ~0.1 ms, so the host path sets the ceiling. Prints a table, writes http.png and http.json
+to --out.
 """
 
 from __future__ import annotations

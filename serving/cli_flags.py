@@ -159,8 +159,8 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " (streams, admin, health, anything it does not fully understand) to the"
                      " Python servicer; it cuts per-request CPU several-fold. python: grpc.aio"
                      " only. Default: native when the extension was built (it needs"
-                     " libgrpc++-dev, rapidjson-dev and pkg-config at install time), else python; TLS always"
-                     " uses python")
+                     " libgrpc++-dev, rapidjson-dev and pkg-config at install time), else"
+                     " python; TLS always uses python")
   serve.add_argument("--http-frontend", choices=("native", "python"), default=None,
                      help="HTTP front end. native: a C++ HTTP/1.1 server owns --http-port, answers"
                      " binary-tensor inference (Triton's binary data extension) of natively"

@@ -59,7 +59,7 @@ class ServerConfig:
       raise ValueError(f"http_frontend must be auto, native or python, got {self.http_frontend!r}")
     if self.batch_queue not in ("native", "python"):
       raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
-    for name, low in (("http_idle_timeout_s", 0), ("native_threads", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0),
-                      ("drain_quiet_s", 0)):
+    for name, low in (("http_idle_timeout_s", 0), ("native_threads", 1),
+                      ("model_load_threads", 1), ("shutdown_grace_s", 0), ("drain_quiet_s", 0)):
       if getattr(self, name) < low:
         raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

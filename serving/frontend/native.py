@@ -31,8 +31,8 @@ from serving.types import Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("apt-get install libgrpc++-dev rapidjson-dev pkg-config, then pip install -e . again"
-                " (Debian/Ubuntu package names)")
+INSTALL_HINT = ("apt-get install libgrpc++-dev rapidjson-dev pkg-config, then pip install -e ."
+                " again (Debian/Ubuntu package names)")
 _CODE = {c: GRPC_CODE[c].value[0] for c in Code}
 
 

@@ -266,7 +266,8 @@ def test_keep_alive_and_pipelined_requests_mix_fast_and_relayed_in_order(both):
         _assert_mock(got, x, k)
   assert _paths(nat, before) == (20, 30)
   rows = [mock_rows(rng, n) for n in (3, 5)]
-  wire = (raw_request("POST", INFER, *_mock_body(*rows[0])) + raw_request("GET", "/v2/models/mock/ready")
+  wire = (raw_request("POST", INFER, *_mock_body(*rows[0]))
+          + raw_request("GET", "/v2/models/mock/ready")
           + raw_request("POST", INFER, *_mock_body(*rows[1])))
   first, ready, last = _same(both, wire, 3, via=_exchange)  # all sent before any answer
   _assert_mock(first, *rows[0])
