@@ -141,6 +141,9 @@ def _add_security_flags(serve: argparse.ArgumentParser) -> None:
   serve.add_argument("--tls-cert", default=None,
                      help="PEM certificate (chain) file: serve gRPC over TLS (needs --tls-key)")
   serve.add_argument("--tls-key", default=None, help="PEM private key file for --tls-cert")
+  serve.add_argument("--tls-reload-s", type=float, default=60.0,
+                     help="the native gRPC front end re-reads --tls-cert and --tls-key this often,"
+                     " so a renewed certificate serves new connections without a restart")
   serve.add_argument("--auth-token-file", default=None,
                      help="file holding a bearer token; every RPC except liveness/readiness and"
                      " grpc.health must then send metadata 'authorization: Bearer <token>'. The"
@@ -160,13 +163,13 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " Python servicer; it cuts per-request CPU several-fold. python: grpc.aio"
                      " only. Default: native when the extension was built (it needs"
                      " libgrpc++-dev, rapidjson-dev and pkg-config at install time), else"
-                     " python; TLS always uses python")
+                     " python")
   serve.add_argument("--http-frontend", choices=("native", "python"), default=None,
                      help="HTTP front end. native: a C++ HTTP/1.1 server owns --http-port, answers"
                      " binary-tensor inference (Triton's binary data extension) of natively"
                      " queued models itself and relays every other request to the Python HTTP"
                      " server (uvicorn) on a private unix socket. python: uvicorn owns the port."
-                     " Default: native with the native gRPC front end (no TLS), else python")
+                     " Default: native with the native gRPC front end and no TLS, else python")
   serve.add_argument("--batch-queue", choices=("native", "python"), default="native",
                      help="where plain batched models queue and batch with the native front end:"
                      " native (C++: admission, batching and answers without Python per request)"
@@ -212,7 +215,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       limits=codec.Limits(max_rows=args.max_rows_per_request,
                           max_tensor_bytes=args.max_tensor_bytes),
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
-      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
+      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_reload_s=args.tls_reload_s,
+      auth_token=token,
       frontend=args.frontend or "auto", http_frontend=args.http_frontend or "auto",
       native_threads=args.native_threads,
       batch_queue=args.batch_queue,

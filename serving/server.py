@@ -11,8 +11,9 @@ answered, then the process exits 0.
 
 Front ends: by default the native C++ server (serving/frontend/native.py) owns the public
 port, serves ModelInfer of plain batched models itself and relays every other call to the
-grpc.aio server, which then listens on a private unix socket; with `frontend="python"`,
-TLS, or without the compiled extension, the grpc.aio server owns the port.
+grpc.aio server, which then listens on a private unix socket (with TLS, the native server
+terminates it, re-reading the certificate files every `tls_reload_s`); with
+`frontend="python"` or without the compiled extension, the grpc.aio server owns the port.
 
 HTTP/REST (KServe v2 with Triton's extensions, serving/frontend/http/) runs on the same loop over
 the same servicer when `http_port` >= 0, with the same TLS files and bearer token.
@@ -127,11 +128,6 @@ class Server:
       logger.warning("using the Python gRPC front end: %s", why)
       self.progress(f"gRPC front end: python ({why})")
       return None, "python"
-    if cfg.tls_cert_file is not None:
-      logger.warning("TLS is configured: using the Python gRPC front end (the native one"
-                     " serves plaintext only)")
-      self.progress("gRPC front end: python (TLS is served by the Python front end)")
-      return None, "python"
     return module, "native"
 
   async def _set_health(self, serving: bool) -> None:
@@ -204,7 +200,8 @@ class Server:
       self.native = native_frontend.NativeFrontend(
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
-          id_prefix=self.servicer.id_prefix, threads=cfg.native_threads)
+          id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
+          tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s) if creds else None)
       self.metrics.add_native_front_end(self.native.stats)
     else:
       self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
@@ -258,10 +255,11 @@ class Server:
     validation, auth token and TLS files as gRPC): uvicorn on this loop, behind the native
     HTTP server (on a private unix socket) or on the port itself."""
     cfg = self.config
-    native = self.native is not None and cfg.http_frontend != "python"
+    native = (self.native is not None and cfg.http_frontend != "python"
+              and cfg.tls_cert_file is None)  # HTTPS: uvicorn terminates TLS
     if cfg.http_frontend == "native" and not native:
-      raise RuntimeError("--http-frontend native needs the native gRPC front end (built, and"
-                         " no TLS); drop the flag to serve HTTP from Python")
+      raise RuntimeError("--http-frontend native needs the native gRPC front end (built) and"
+                         " plain HTTP (no TLS); drop the flag to serve HTTP from Python")
     self.http = HttpFrontend(HttpConfig(
         host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
         tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,

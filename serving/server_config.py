@@ -29,6 +29,7 @@ class ServerConfig:
   repository_poll_s: float = 0.0  # > 0: poll the repository for new/removed versions (hot reload)
   tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: serve gRPC over TLS
   tls_key_file: str | None = None
+  tls_reload_s: float = 60.0  # the native front end re-reads the TLS files this often
   auth_token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, or None
   frontend: str = "auto"  # "native" (C++), "python" (grpc.aio), "auto": native when built
   # HTTP: "native" (C++ owns the port, serves binary-tensor inference of natively queued models
@@ -59,7 +60,7 @@ class ServerConfig:
       raise ValueError(f"http_frontend must be auto, native or python, got {self.http_frontend!r}")
     if self.batch_queue not in ("native", "python"):
       raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
-    for name, low in (("http_idle_timeout_s", 0), ("native_threads", 1),
+    for name, low in (("http_idle_timeout_s", 0), ("tls_reload_s", 1), ("native_threads", 1),
                       ("model_load_threads", 1), ("shutdown_grace_s", 0), ("drain_quiet_s", 0)):
       if getattr(self, name) < low:
         raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

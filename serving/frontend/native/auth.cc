@@ -1,7 +1,13 @@
-// The bearer token check of both native front ends: the first gRPC authorization header, or an
-// HTTP request's one Authorization header, must be "Bearer <token>" (as in
-// serving/frontend/auth.py), compared in constant time.
+// The native front ends' security: TLS credentials for the gRPC port (grpc++'s file-watching
+// certificate provider, so a renewed certificate needs no restart), and the bearer token check:
+// the first gRPC authorization header, or an HTTP request's one Authorization header, must be
+// "Bearer <token>" (as in serving/frontend/auth.py), compared in constant time.
 
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
+
+#include <algorithm>
 #include <cctype>
 
 #include "frontend.h"
@@ -32,6 +38,17 @@ bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token)
     return BearerMatches(std::string_view(value.data(), value.size()), token);
   }
   return false;
+}
+
+std::shared_ptr<grpc::ServerCredentials> Credentials(const std::string& cert_file,
+                                                     const std::string& key_file, int reload_s) {
+  if (cert_file.empty()) return grpc::InsecureServerCredentials();
+  auto certs = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      key_file, cert_file, unsigned(std::max(1, reload_s)));
+  grpc::experimental::TlsServerCredentialsOptions options(certs);
+  options.watch_identity_key_cert_pairs();
+  options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  return grpc::experimental::TlsServerCredentials(options);
 }
 
 }  // namespace xlaserve::native

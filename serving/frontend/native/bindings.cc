@@ -122,6 +122,8 @@ PYBIND11_MODULE(_native, m) {
            py::arg("backend"), py::arg("max_message_bytes"), py::arg("max_rows"),
            py::arg("max_tensor_bytes"), py::arg("token"), py::arg("id_prefix"),
            py::arg("threads"))
+      .def("set_tls", &Frontend::SetTls, py::arg("cert_file"), py::arg("key_file"),
+           py::arg("reload_s"))
       .def("start", &Frontend::Start, py::call_guard<py::gil_scoped_release>())
       .def("start_http", &Frontend::StartHttp, py::arg("host"), py::arg("port"),
            py::arg("backend"), py::arg("read_timeout_s"), py::arg("idle_timeout_s"),

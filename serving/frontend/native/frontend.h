@@ -101,6 +101,11 @@ bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t
 // Whether an Authorization value is "Bearer <token>" (constant-time compare).
 bool BearerMatches(std::string_view value, const std::string& token);
 
+// Plaintext without a certificate file; else TLS from the chain and key files, re-read every
+// `reload_s` seconds (a renewed certificate serves new connections without a restart).
+std::shared_ptr<grpc::ServerCredentials> Credentials(const std::string& cert_file,
+                                                     const std::string& key_file, int reload_s);
+
 // Whether the call carries the bearer token (constant-time compare); an empty token: always.
 bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token);
 
@@ -204,6 +209,14 @@ class Frontend {
 
   int Start(const std::string& address);
 
+  // Serve TLS (before Start): the certificate chain and key files, re-read every `reload_s`
+  // seconds, so a renewed certificate takes effect without a restart.
+  void SetTls(std::string cert_file, std::string key_file, int reload_s) {
+    tls_cert_ = std::move(cert_file);
+    tls_key_ = std::move(key_file);
+    tls_reload_s_ = reload_s;
+  }
+
   // Serves HTTP on host:port natively, relaying what it does not serve to the Python HTTP
   // server on the unix socket `backend` (http.h); returns the port, or raises saying why not.
   int StartHttp(const std::string& host, int port, const std::string& backend,
@@ -268,6 +281,8 @@ class Frontend {
   std::string backend_;
   int64_t max_message_bytes_, max_rows_, max_tensor_bytes_;
   std::string token_, id_prefix_;
+  std::string tls_cert_, tls_key_;
+  int tls_reload_s_ = 60;
   int threads_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<grpc::GenericStub> stub_;

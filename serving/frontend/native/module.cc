@@ -60,7 +60,7 @@ int Frontend::Start(const std::string& address) {
   stub_ = std::make_unique<grpc::GenericStub>(channel_);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, Credentials(tls_cert_, tls_key_, tls_reload_s_), &port);
   builder.SetMaxReceiveMessageSize(int(std::min<int64_t>(max_message_bytes_, INT32_MAX)));
   builder.SetMaxSendMessageSize(int(std::min<int64_t>(max_message_bytes_, INT32_MAX)));
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import pathlib
 
 import pytest
 from cryptography import x509
@@ -12,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-@pytest.fixture(scope="module")
-def cert_files(tmp_path_factory):
-  """A self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+def write_cert(d: pathlib.Path) -> tuple[str, str]:
+  """A fresh self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files in
+  `d` (cert.pem, key.pem; replaced atomically when they exist)."""
   key = ec.generate_private_key(ec.SECP256R1())
   name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
   now = datetime.datetime.now(datetime.timezone.utc)
@@ -27,9 +29,17 @@ def cert_files(tmp_path_factory):
               critical=False)
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(key, hashes.SHA256()))
-  d = tmp_path_factory.mktemp("tls")
-  (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-  (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
+  d.mkdir(parents=True, exist_ok=True)
+  for name, data in (("key.pem", key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption())),
+                     ("cert.pem", cert.public_bytes(serialization.Encoding.PEM))):
+    (d / f"{name}.tmp").write_bytes(data)
+    os.replace(d / f"{name}.tmp", d / name)
   return str(d / "cert.pem"), str(d / "key.pem")
+
+
+@pytest.fixture(scope="module")
+def cert_files(tmp_path_factory):
+  """A self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+  return write_cert(tmp_path_factory.mktemp("tls"))

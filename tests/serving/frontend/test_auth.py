@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 
 import grpc
 import numpy as np
@@ -11,13 +12,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from clientutil import assert_served_like
+from conftest import write_cert
 from procutil import run_cli
 from serving.frontend import auth
+from serving.frontend import native as native_frontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
 from serving.server import ServerConfig
 from servingutil import expected, mock_factory, mock_reference, mock_request, outputs, rpc_code, \
-    serving
+    serving, wait_until
+
+NATIVE, WHY = native_frontend.load_extension()
 
 TOKEN = "s3cr3t-Token_42"
 
@@ -39,6 +44,31 @@ def test_tls_with_tritonclient(mock_repo, cert_files):
       code = rpc_code(pb_grpc.GRPCInferenceServiceStub(ch).ServerLive, pb.ServerLiveRequest(),
                       timeout=5)
       assert code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.skipif(NATIVE is None, reason=WHY)
+def test_a_renewed_certificate_serves_new_connections_without_a_restart(mock_repo, tmp_path):
+  cert, key = write_cert(tmp_path / "tls")
+  old = tmp_path / "old.pem"
+  old.write_bytes(pathlib.Path(cert).read_bytes())
+  with serving(mock_repo, mock_factory(), tls_cert_file=cert, tls_key_file=key,
+               tls_reload_s=1) as bg:
+    assert bg.server.frontend == "native"  # the native server terminates TLS itself
+
+    def live(root: pathlib.Path) -> bool:
+      try:
+        with tc.InferenceServerClient(bg.address, ssl=True, root_certificates=str(root)) as c:
+          return c.is_server_live(client_timeout=5)
+      except InferenceServerException:
+        return False
+
+    assert live(old)
+    write_cert(tmp_path / "tls")  # renewed in place: a new key and certificate
+    new = pathlib.Path(cert)
+    assert wait_until(lambda: live(new), timeout=10)  # no restart
+    assert not live(old)  # new connections get only the new certificate
+    with tc.InferenceServerClient(bg.address, ssl=True, root_certificates=str(new)) as c:
+      _triton_infer(c)
 
 
 def test_bearer_token_guards_every_model_rpc_and_does_no_model_work(mock_repo):

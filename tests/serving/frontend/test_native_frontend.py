@@ -186,6 +186,6 @@ def test_front_end_choice(tmp_path):
   assert Server(ServerConfig(**kw, frontend="python"),
                 engine_factory=mock_factory()).frontend == "python"
   tls = ServerConfig(**kw, tls_cert_file="cert.pem", tls_key_file="key.pem")
-  assert Server(tls, engine_factory=mock_factory()).frontend == "python"  # TLS: Python serves
+  assert Server(tls, engine_factory=mock_factory()).frontend == built  # TLS: the same server
   with pytest.raises(ValueError):
     ServerConfig(**kw, frontend="grpc")
