@@ -41,6 +41,8 @@ struct HttpHead {
   bool expect_continue = false, close = false;
   // The value of header `name` (lower-case), "" when absent; `count` gets its occurrences.
   std::string_view Get(std::string_view name, int* count = nullptr) const;
+  // Points the views at the same bytes copied from `from` to `to` (no second parse).
+  void Rebase(const char* from, const char* to);
 };
 
 // Parses the head at the start of `buf`: 1 complete, 0 incomplete, -1 malformed.
@@ -48,6 +50,16 @@ int ParseHead(std::string_view buf, HttpHead* h);
 
 class HttpServer;
 class Conn;
+
+inline constexpr size_t kHighWater = 4 << 20;  // unsent bytes on one side before reads pause
+inline constexpr size_t kReadChunk = 256 << 10;  // most read per event from one socket
+
+// `v` without leading and trailing spaces and tabs (header values, list items).
+inline std::string_view TrimBlanks(std::string_view v) {
+  while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+  while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.remove_suffix(1);
+  return v;
+}
 
 // Case-insensitive ASCII equality (header names and tokens).
 inline bool IEquals(std::string_view a, std::string_view b) {
@@ -111,6 +123,9 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void ForwardResponse(std::string_view data);
   void Interest();
   void Close();
+  bool Flushed() const { return out_off_ >= out_.size(); }  // nothing left to write
+  // Between requests: nothing received, nothing in progress, nothing to write.
+  bool Quiet() const { return state_ == kIdle && in_.empty() && Flushed(); }
 
   HttpServer* server_;
   int epfd_, fd_, bfd_ = -1;

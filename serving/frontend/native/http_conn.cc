@@ -16,8 +16,6 @@ namespace xlaserve::native {
 namespace {
 
 constexpr size_t kMaxHead = 64 << 10;     // a longer head goes to the Python server to refuse
-constexpr size_t kHighWater = 4 << 20;    // stop reading a side whose peer has this much unsent
-constexpr size_t kReadChunk = 256 << 10;
 constexpr const char* kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
 // serving/frontend/http/server.py REQUEST_TIMEOUT, byte for byte.
 constexpr const char* kRequestTimeout =
@@ -84,8 +82,7 @@ void Conn::OnEvent(bool backend, uint32_t events) {
 void Conn::Tick(double now) {
   std::lock_guard<std::mutex> l(mu_);
   double idle = server_->options().idle_timeout_s;
-  if (!dead_ && state_ == kIdle && in_.empty() && out_off_ >= out_.size() && idle > 0 &&
-      now - last_active_ >= idle) {
+  if (!dead_ && Quiet() && idle > 0 && now - last_active_ >= idle) {
     server_->idle_closed_++;  // as uvicorn's keep-alive timeout: an idle connection holds nothing
     Close();
     return;
@@ -96,14 +93,14 @@ void Conn::Tick(double now) {
   first_byte_ = 0;
   in_.clear();
   close_after_ = true;
-  if (Send(kRequestTimeout) && out_off_ >= out_.size()) Close();
+  if (Send(kRequestTimeout) && Flushed()) Close();
   if (!dead_) Interest();
 }
 
 void Conn::CloseIfIdle() {
   std::lock_guard<std::mutex> l(mu_);
   if (dead_) return;
-  if (state_ == kIdle && in_.empty() && out_off_ >= out_.size()) {
+  if (Quiet()) {
     Close();
   } else {
     close_after_ = true;  // no further request is taken
@@ -144,29 +141,29 @@ void Conn::Process() {
     first_byte_ = 0;
     close_ = h.close;
     auto call = std::make_unique<HttpCall>();
+    const char* base = in_.data();
     if (in_.size() == total) {
       call->bytes.swap(in_);
     } else {
       call->bytes.assign(in_, 0, total);
       in_.erase(0, total);
     }
-    HttpHead head;  // parsed again: the views now point into the request's own bytes
-    ParseHead(call->bytes, &head);
-    call->body_at = head.head_len;
+    h.Rebase(base, call->bytes.data());  // the views now point into the request's own bytes
+    call->body_at = h.head_len;
     call->conn = shared_from_this();
     std::string answer;
-    switch (server_->TryFast(&call, head, &answer)) {
+    switch (server_->TryFast(&call, h, &answer)) {
       case FastResult::kQueued:
         state_ = kFast;
         return;
       case FastResult::kAnswered:  // refused at the door
         if (close_) close_after_ = true;
         if (!Send(answer)) return;
-        if (close_after_ && out_off_ >= out_.size()) Close();
+        if (close_after_ && Flushed()) Close();
         continue;
       case FastResult::kRelay:
       default:
-        Relay(call->bytes, head);
+        Relay(call->bytes, h);
     }
   }
 }
@@ -178,7 +175,7 @@ void Conn::Finish(const std::string& response, bool close) {
   last_active_ = MonoNow();
   if (close) close_after_ = true;
   if (!Send(response)) return;
-  if (close_after_ && out_off_ >= out_.size()) {
+  if (close_after_ && Flushed()) {
     Close();
     return;
   }
@@ -190,7 +187,7 @@ void Conn::Finish(const std::string& response, bool close) {
 
 bool Conn::Send(std::string_view data) {
   if (dead_) return false;
-  if (out_off_ >= out_.size()) {
+  if (Flushed()) {
     out_.clear();
     out_off_ = 0;
     while (!data.empty()) {
@@ -336,10 +333,7 @@ bool RequestLine(std::string_view line, HttpHead* h) {
 bool ListsClose(std::string_view v) {
   while (!v.empty()) {
     size_t comma = v.find(',');
-    std::string_view item = v.substr(0, comma);
-    while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
-    while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
-    if (IEquals(item, "close")) return true;
+    if (IEquals(TrimBlanks(v.substr(0, comma)), "close")) return true;
     if (comma == std::string_view::npos) break;
     v.remove_prefix(comma + 1);
   }
@@ -347,6 +341,17 @@ bool ListsClose(std::string_view v) {
 }
 
 }  // namespace
+
+void HttpHead::Rebase(const char* from, const char* to) {
+  auto move = [from, to](std::string_view v) { return std::string_view(to + (v.data() - from),
+                                                                        v.size()); };
+  method = move(method);
+  target = move(target);
+  for (auto& [k, v] : headers) {
+    k = move(k);
+    v = move(v);
+  }
+}
 
 int ParseHead(std::string_view buf, HttpHead* h) {
   size_t end = HeadEnd(buf);
@@ -364,8 +369,7 @@ int ParseHead(std::string_view buf, HttpHead* h) {
     for (char ch : value) {
       if ((uint8_t(ch) < 0x20 && ch != '\t') || uint8_t(ch) == 0x7f) return -1;
     }
-    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
-    while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+    value = TrimBlanks(value);
     h->headers.emplace_back(name, value);
     if (IEquals(name, "connection") && ListsClose(value)) h->close = true;
     pos = next + 2;

@@ -17,8 +17,6 @@
 namespace xlaserve::native {
 namespace {
 
-constexpr size_t kHighWater = 4 << 20;  // as in http_conn.cc: unsent bytes before reads pause
-constexpr size_t kReadChunk = 256 << 10;
 
 // Headers a relayed request must not carry on (the relay frames it with "connection: close").
 bool HopByHop(std::string_view name) {
@@ -81,7 +79,7 @@ void Conn::Tunnel() {
     Send(HttpErrorResponse(14, "the HTTP server behind the front end is not reachable", true));
     close_after_ = true;
     state_ = kIdle;
-    if (out_off_ >= out_.size()) Close();
+    if (Flushed()) Close();
   }
 }
 
@@ -145,7 +143,7 @@ void Conn::ForwardResponse(std::string_view data) {
     size_t colon = line.find(':');
     std::string_view name = line.substr(0, colon == std::string_view::npos ? 0 : colon);
     std::string_view value = colon == std::string_view::npos ? "" : line.substr(colon + 1);
-    while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+    value = TrimBlanks(value);
     // Not the app's own answer (it always sends JSON, binary or events): uvicorn refused the
     // request itself (it could not read it), so the connection closes, as it would there.
     if (IEquals(name, "content-type") && value.substr(0, 10) == "text/plain") close_ = true;
@@ -182,7 +180,7 @@ void Conn::EndRelay(bool eof) {
   } else if (close_) {
     close_after_ = true;
   }
-  if (!dead_ && close_after_ && out_off_ >= out_.size()) Close();
+  if (!dead_ && close_after_ && Flushed()) Close();
 }
 
 }  // namespace xlaserve::native
