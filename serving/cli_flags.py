@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports serving lazily: --help answers without loading it
   from serving.server import ServerConfig
@@ -119,6 +119,14 @@ def _add_placement_flags(serve: argparse.ArgumentParser) -> None:
                      " (replicated, tensor, tensor+data, embedding_rows, embedding_tables;"
                      " embedding_tables needs a bundle whose manifest has a table_lookup, which"
                      " export_model writes for CTR models with categorical tables)")
+  serve.add_argument("--embedding-device-budget", default=None, metavar="SIZE",
+                     help="device memory (e.g. 512MiB, 2GiB) the embedding tables of each model"
+                     " may take, for models whose config.json sets no embedding_cache: tables"
+                     " that do not fit are cached (hottest rows on the device, the table in"
+                     " host memory); default: every table on the device")
+  serve.add_argument("--embedding-host", default="memory", choices=("memory", "mmap"),
+                     help="where cached tables live in full: host memory, or memory-mapped from"
+                     " a raw copy written beside the bundle (tables larger than host memory)")
   serve.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                      help="multi-host serving (jax.distributed): process 0's coordinator address."
                      " Every process gets the same repository (one model); one global mesh"
@@ -193,6 +201,14 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      help="Python logging level (DEBUG, INFO, WARNING, ERROR)")
 
 
+def _embedding_cache(args: argparse.Namespace) -> Any:
+  from serving.engines.cached import EmbeddingCacheConfig, parse_bytes
+
+  budget = args.embedding_device_budget
+  return EmbeddingCacheConfig(device_budget_bytes=None if budget is None else parse_bytes(budget),
+                              host=args.embedding_host)
+
+
 def server_config(args: argparse.Namespace, repo: str, token: str | None) -> ServerConfig:
   """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
   from serving.frontend import codec
@@ -206,7 +222,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    latency_slo_ms=args.latency_slo_ms,
                                    max_queue_wait_ms=args.max_queue_wait_ms,
                                    sharding=args.sharding, devices=args.devices,
-                                   instance_count=args.instances)
+                                   instance_count=args.instances,
+                                   embedding_cache=_embedding_cache(args))
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
       metrics_port=args.metrics_port, http_port=args.http_port,

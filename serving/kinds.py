@@ -96,6 +96,13 @@ def pipeline_runner_factory(spec: LoadSpec) -> Runner:
                         observer=spec.observer)
 
 
+def embedding_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:
+  """Per-table embedding cache counters of the predict models that have a cache."""
+  from serving.telemetry.embedding_metrics import EmbeddingCacheCollector
+
+  return EmbeddingCacheCollector(runners)
+
+
 def pipeline_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:
   """Per-step counts and seconds of every pipeline."""
   from serving.telemetry.pipeline_metrics import PipelineCollector
@@ -105,7 +112,8 @@ def pipeline_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any
 
 def standard_kinds(engine_factory: EngineFactory | None = None) -> dict[str, ModelKind]:
   """Every kind xlaserve serves; predict engines come from `engine_factory` (placement)."""
-  return {"predict": ModelKind(predict_runner_factory(engine_factory or default_engine_factory())),
+  return {"predict": ModelKind(predict_runner_factory(engine_factory or default_engine_factory()),
+                               embedding_metrics),
           "generate": ModelKind(generate_runner_factory, generation_metrics),
           "pipeline": ModelKind(pipeline_runner_factory, pipeline_metrics)}
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bundle import Manifest
 from serving.engines import Engine
+from serving.engines.cached.config import EmbeddingCacheConfig
 from serving.runners import Observer, Runner, RowQueueFactory
 
 CONFIG_FILE = "config.json"
@@ -35,6 +36,8 @@ class ModelServingConfig:
   latency_slo_ms: float | None = None  # latency target: admission, queue-wait bound, batching
   latency_slo_percentile: float = 99.0  # the percentile the target is for (reported)
   max_queue_wait_ms: float = 1000.0  # queue-wait bound without a target; 0: unbounded
+  # Embedding tables under a device budget (serving/engines/cached); default: all on device.
+  embedding_cache: EmbeddingCacheConfig = dataclasses.field(default_factory=EmbeddingCacheConfig)
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -71,6 +74,8 @@ class ModelServingConfig:
     d = dict(d)
     if "versions" in d:
       d["versions"] = tuple(int(v) for v in d["versions"])
+    if "embedding_cache" in d:
+      d["embedding_cache"] = EmbeddingCacheConfig.from_json(d["embedding_cache"])
     return dataclasses.replace(base, **d) if base is not None else cls(**d)
 
   def select(self, available: Sequence[int]) -> list[int]:

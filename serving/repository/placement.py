@@ -55,13 +55,43 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
   return out
 
 
+def cached_engine(path: pathlib.Path, manifest: Manifest, sig: str,
+                  cfg: ModelServingConfig) -> Engine | None:
+  """A CachedTablesEngine when the config sets an embedding budget and some table does not fit
+  it; None to serve the bundle as usual (no budget, no categorical tables, or all tables fit)."""
+  from serving.engines.cached import CachedTablesEngine, plan_tables
+
+  cache = cfg.embedding_cache
+  signature = manifest.signatures.get(sig)
+  if not cache.enabled or signature is None or manifest.kind != "predict":
+    return None
+  if signature.table_lookup is None:
+    if cache.cache_ratios:  # named tables a model does not have: say so; a server default is moot
+      raise BundleError(f"{manifest.name}: embedding_cache names tables but signature {sig!r}"
+                        " has no categorical tables to cache")
+    return None
+  if cfg.sharding is not None or (cfg.devices or 1) > 1:
+    raise BundleError(f"{manifest.name}: embedding_cache serves a model on one device; drop"
+                      " sharding/devices from its config, or drop embedding_cache")
+  try:
+    plans = plan_tables(signature.table_lookup, manifest.params, cache)
+  except ValueError as e:
+    raise BundleError(f"{manifest.name}: {e}") from e
+  if all(p.cache_rows is None for p in plans):
+    logger.info("%s: every embedding table fits the device budget; no cache", manifest.name)
+    return None
+  return CachedTablesEngine(path, manifest=manifest, signature=sig, config=cache)
+
+
 def default_engine_factory(placements: Callable[[ModelServingConfig, Manifest], Sequence[Placement]]
                            | None = None) -> EngineFactory:
   """Predict bundles -> BundleEngine, SeqBundleEngine (batch x sequence grid) for a
   signature with a "seq" dimension, or ContextEngine for one with context inputs; placed by `placements` (single device by default)."""
   def make(path: pathlib.Path, manifest: Manifest, cfg: ModelServingConfig) -> Engine:
-    where = placements(cfg, manifest) if placements else None
     sig = next(iter(manifest.signatures)) if len(manifest.signatures) == 1 else "serve"
+    if (cached := cached_engine(path, manifest, sig, cfg)) is not None:
+      return cached
+    where = placements(cfg, manifest) if placements else None
     if sig in manifest.signatures and manifest.signatures[sig].has_seq:
       return SeqBundleEngine(path, manifest=manifest, signature=sig, placements=where)
     if sig in manifest.signatures and manifest.signatures[sig].context is not None:

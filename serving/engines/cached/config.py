@@ -36,9 +36,8 @@ def parse_bytes(text: str | int | float) -> int:
 class EmbeddingCacheConfig:
   """How a model's embedding tables are placed; every field optional.
 
-  `device_budget_bytes`: device memory the tables may take (tables, caches and the cache's
-  own index excluded from nothing: rows x row bytes); None with no `cache_ratios`: every
-  table on the device (no cache). `cache_ratios`: table (param path, or feature index as a
+  `device_budget_bytes`: device memory the tables and caches may take (rows x row bytes);
+  None with no `cache_ratios`: every table on the device (no cache). `cache_ratios`: table (param path, or feature index as a
   string) -> fraction of its rows to cache on the device (1.0 or more: fully on device);
   tables it names are placed by it, the budget places the others. `host`: "memory" (the whole
   table in host RAM) or "mmap" (memory-mapped from a raw copy written beside the bundle, for
@@ -47,7 +46,7 @@ class EmbeddingCacheConfig:
   """
 
   device_budget_bytes: int | None = None
-  cache_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  cache_ratios: tuple[tuple[str, float], ...] = ()  # (table, ratio) pairs
   host: str = "memory"
   min_device_table_bytes: int = 1 << 20
   aging_lookups: int = 16
@@ -58,7 +57,7 @@ class EmbeddingCacheConfig:
       raise ValueError(f"device_budget_bytes must be >= 0, got {self.device_budget_bytes}")
     if self.host not in ("memory", "mmap"):
       raise ValueError(f"embedding_cache host {self.host!r} must be memory or mmap")
-    for k, r in self.cache_ratios.items():
+    for k, r in self.cache_ratios:
       if not (isinstance(r, (int, float)) and r > 0):
         raise ValueError(f"cache ratio for {k!r} must be a number > 0, got {r!r}")
     if self.aging_lookups < 1:
@@ -83,7 +82,8 @@ class EmbeddingCacheConfig:
       raise ValueError(f"embedding_cache: unknown keys {unknown} (known: {sorted(known)})")
     budget = d.get("device_budget")
     return cls(device_budget_bytes=None if budget is None else parse_bytes(budget),
-               cache_ratios={str(k): float(v) for k, v in (d.get("cache_ratios") or {}).items()},
+               cache_ratios=tuple(sorted((str(k), float(v))
+                                         for k, v in (d.get("cache_ratios") or {}).items())),
                host=d.get("host", "memory"),
                min_device_table_bytes=parse_bytes(d.get("min_device_table_bytes", 1 << 20)),
                aging_lookups=int(d.get("aging_lookups", 16)), seed=int(d.get("seed", 0)))
@@ -124,12 +124,13 @@ def plan_tables(lookup: TableLookup, params: Sequence[ParamSpec],
   if len(set(lookup.tables)) != len(lookup.tables):
     raise ValueError("features sharing one table cannot be cached; place them on the device")
   names = {**{p: f for f, p in enumerate(paths)}, **{str(f): f for f in range(len(paths))}}
-  unknown = sorted(set(config.cache_ratios) - set(names))
+  ratios = dict(config.cache_ratios)
+  unknown = sorted(set(ratios) - set(names))
   if unknown:
     raise ValueError(f"embedding_cache cache_ratios name {unknown}: no such table (tables:"
                      f" {paths}, or their feature index)")
   cache: dict[int, int | None] = {}
-  for key, ratio in config.cache_ratios.items():
+  for key, ratio in ratios.items():
     f = names[key]
     cache[f] = None if ratio >= 1 else max(1, int(lookup.rows[f] * ratio))
   budget = config.device_budget_bytes
