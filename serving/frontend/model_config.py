@@ -64,6 +64,11 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
     cfg.model_transaction_policy.decoupled = True
   if rec.manifest is not None and rec.manifest.pipeline is not None:
     _ensemble(cfg, rec.manifest.pipeline)
+  tables = getattr(getattr(runner, "engine", None), "table_stats", None)
+  if tables is not None:  # embedding cache placement: table=device or table=cached:rows/rows
+    cfg.parameters["embedding_tables"].string_value = ",".join(
+        f"{t['table']}=" + ("device" if t["placement"] == "device"
+                            else f"cached:{t['cache_rows']}/{t['rows']}") for t in tables())
   context = [t.name for t in runner.inputs if t.per_request]
   if context and rec.manifest is not None and rec.manifest.pipeline is None:  # a context model: these inputs carry one row per request (ModelMetadata: [1, ...])
     cfg.parameters["context_inputs"].string_value = ",".join(context)
