@@ -5,11 +5,14 @@ into a cache folder keyed by the recipe, so later starts only load them. A first
 them in BUILDERS order, quickest to answer first, while the server already runs (`DemoBuild`),
 and the server serves each one as soon as it is written. The LM's trained weights ship in
 demo/weights/ (demo/weights.py); it is trained at build time only if they are missing or stale.
+`xlaserve serve --demo NAMES` serves a chosen set instead (`demo_builders`), which may include
+the models built only on request (ON_REQUEST: `dlrm_large`, several GiB of tables).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import os
@@ -17,9 +20,10 @@ import pathlib
 import shutil
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from demo.ads import build_ad_index, build_ads_pipeline
+from demo.large_tables import LARGE_TABLE_GIB, build_dlrm_large
 from demo.models import build_dcn_v2, build_ranker, build_relevance, build_two_tower
 from demo.weights import LM_WEIGHTS
 
@@ -120,6 +124,25 @@ BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
     "ctr_light": build_ctr_light, "dlrm": build_dlrm, "dcn_v2": build_dcn_v2, "ranker": build_ranker,
     "lm": build_lm, "two_tower": build_two_tower, "relevance": build_relevance,
     "ad_index": build_ad_index, "ads_pipeline": build_ads_pipeline}
+# Served only when `--demo` names them: `dlrm_large` writes several GiB (demo/large_tables.py).
+ON_REQUEST: tuple[str, ...] = ("dlrm_large",)
+
+
+def demo_builders(models: Sequence[str] | None = None, *,
+                  table_gib: float = LARGE_TABLE_GIB) -> dict[str, Callable[..., pathlib.Path]]:
+  """The builders of the demo models `models` names (None: BUILDERS, the standard set), in
+  BUILDERS order with the on-request ones last; `table_gib` sizes `dlrm_large`. Raises
+  ValueError naming the valid models for an unknown or empty selection."""
+  if models is None:
+    return dict(BUILDERS)
+  catalog = {**BUILDERS, "dlrm_large": functools.partial(build_dlrm_large, table_gib=table_gib)}
+  choices = f"choose from {', '.join(catalog)} (default: all but {', '.join(ON_REQUEST)})"
+  unknown = [m for m in models if m not in catalog]
+  if unknown:
+    raise ValueError(f"unknown demo model(s) {', '.join(unknown)}: {choices}")
+  if not models:
+    raise ValueError(f"no demo model named: {choices}")
+  return {name: build for name, build in catalog.items() if name in models}
 
 
 class DemoBuild:
@@ -182,15 +205,23 @@ class DemoBuild:
 
 
 def demo_build(progress: Progress, *, tiny: bool = False, root: pathlib.Path | None = None,
-               builders: dict[str, Callable[..., pathlib.Path]] | None = None) -> DemoBuild:
-  """The demo repository (created if absent) and the models it still lacks, in build order;
-  half-written exports (a folder without a manifest) are removed first."""
+               builders: dict[str, Callable[..., pathlib.Path]] | None = None,
+               models: Sequence[str] | None = None,
+               table_gib: float = LARGE_TABLE_GIB) -> DemoBuild:
+  """The demo repository of `models` (`demo_builders`; created if absent) and the models it
+  still lacks, in build order; half-written exports (a folder without a manifest) are removed
+  first. The server serves every model in a repository, so each selection other than the
+  standard set has its own folder, keyed by the names (and `table_gib` with `dlrm_large`)."""
   import jax
 
-  builders = builders if builders is not None else BUILDERS
+  builders = builders if builders is not None else demo_builders(models, table_gib=table_gib)
   platforms = demo_platforms()
-  key = hashlib.sha256(
-      f"{DEMO_RECIPE}|{jax.__version__}|{tiny}|{','.join(platforms)}".encode()).hexdigest()[:12]
+  recipe = f"{DEMO_RECIPE}|{jax.__version__}|{tiny}|{','.join(platforms)}"
+  if models is not None and list(builders) != list(BUILDERS):
+    recipe += f"|models={','.join(builders)}"
+  if "dlrm_large" in builders and not tiny:
+    recipe += f"|table_gib={table_gib:g}"
+  key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
   repo = (root or demo_cache_root()) / f"demo-repo-{key}"
   repo.mkdir(parents=True, exist_ok=True)
   missing = [name for name in builders if not (repo / name / "1" / "manifest.json").exists()]
@@ -200,8 +231,10 @@ def demo_build(progress: Progress, *, tiny: bool = False, root: pathlib.Path | N
 
 
 def ensure_demo_repository(progress: Progress, *, tiny: bool = False,
-                           root: pathlib.Path | None = None) -> pathlib.Path:
-  """Returns a repository holding every demo model, exporting the missing ones first."""
-  build = demo_build(progress, tiny=tiny, root=root)
+                           root: pathlib.Path | None = None, models: Sequence[str] | None = None,
+                           table_gib: float = LARGE_TABLE_GIB) -> pathlib.Path:
+  """Returns a repository holding the demo models `models` names (default: the standard set),
+  exporting the missing ones first."""
+  build = demo_build(progress, tiny=tiny, root=root, models=models, table_gib=table_gib)
   build.run(lambda name: None)
   return build.repo

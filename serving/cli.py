@@ -118,20 +118,42 @@ def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[s
   repo = args.model_repository
   if repo is None:
     from demo.repository import demo_build, ensure_demo_repository
+    models = _demo_models(args)
     if args.coordinator is not None:
-      return str(ensure_demo_repository(say, tiny=args.demo_tiny)), None
-    build = demo_build(say, tiny=args.demo_tiny)
+      return str(ensure_demo_repository(say, tiny=args.demo_tiny, models=models,
+                                        table_gib=args.demo_table_gib)), None
+    build = demo_build(say, tiny=args.demo_tiny, models=models, table_gib=args.demo_table_gib)
     if not build.names:
       return str(build.repo), None
     say(f"first start: building the demo models {', '.join(build.names)} into {build.repo};"
         " each serves as soon as it is built (ModelReady), the server reports ready once all"
         " are loaded")
     return str(build.repo), build
+  if args.demo is not None:
+    raise _UsageError("--demo chooses demo models to serve with no --model-repository; drop"
+                      " one of the two")
   if not pathlib.Path(repo).is_dir():
     raise _UsageError(f"model repository {repo!r} does not exist. Export a model into it with"
                       " export.export_model(..., repository=DIR), or omit --model-repository to"
                       " serve the demo.")
   return repo, None
+
+
+def _demo_models(args: argparse.Namespace) -> list[str] | None:
+  """The demo models --demo names (None: the standard set); _UsageError for an unknown name
+  (listing the valid ones) or a table size that is not positive."""
+  from demo.repository import demo_builders
+
+  if args.demo is None:
+    return None
+  if not args.demo_table_gib > 0:
+    raise _UsageError(f"--demo-table-gib must be > 0, got {args.demo_table_gib}")
+  models = [m.strip() for m in args.demo.split(",") if m.strip()]
+  try:
+    demo_builders(models, table_gib=args.demo_table_gib)
+  except ValueError as e:
+    raise _UsageError(f"--demo {args.demo!r}: {e}") from e
+  return models
 
 
 def _busy(server: Any, build: Any) -> list[str]:
@@ -237,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "plan-buckets":
     from serving import plan_buckets
     return plan_buckets.main(args)
+  if args.command == "update":
+    from serving import update_cli
+    return update_cli.main(args)
   raise AssertionError(args.command)
 
 

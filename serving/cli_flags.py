@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_placement_flags(serve)
   _add_security_flags(serve)
   _add_runtime_flags(serve)
-  from serving import plan_buckets
+  from serving import plan_buckets, update_cli
   plan_buckets.add_parser(sub)
+  update_cli.add_parser(sub)
   return parser
 
 
@@ -142,6 +143,15 @@ def _add_placement_flags(serve: argparse.ArgumentParser) -> None:
   serve.add_argument("--demo-tiny", action="store_true",
                      help="with no --model-repository: serve tiny demo models (fast start,"
                      " for smoke tests)")
+  serve.add_argument("--demo", default=None, metavar="MODELS",
+                     help="with no --model-repository: the demo models to serve, comma-separated"
+                     " (default: the standard set, every demo model but dlrm_large). dlrm_large,"
+                     " a DLRM with several GiB of generated embedding tables (a few huge ones"
+                     " hold most bytes), is built and served only when named here; serve it with"
+                     " --embedding-device-budget. Each selection is its own cached repository")
+  serve.add_argument("--demo-table-gib", type=float, default=4.0, metavar="GIB",
+                     help="with --demo dlrm_large: GiB of float32 embedding tables it generates"
+                     " (its first start writes about as much to disk, ~10 s a GiB on 2 cores)")
 
 
 def _add_security_flags(serve: argparse.ArgumentParser) -> None:

@@ -66,6 +66,16 @@ class InferRequest:
   parameters: Mapping[str, Any] | None = None  # request parameters, for runners that want them
   failed: bool = False  # answered with an error (later slices of a split request are skipped)
   rows_done: int = 0  # rows whose outputs are in `outputs` (slices may finish out of order)
+  # The params generations (live updates) that scored its rows, lowest and highest: equal
+  # unless a request split across batches straddled an update; (0, 0): the bundle's params.
+  generations: tuple[int, int] = (0, 0)
+
+
+def merge_generations(req: InferRequest, generation: int, first: bool) -> None:
+  """Records that a slice of `req` ran at `generation` (`first`: its first slice done)."""
+  lo, hi = req.generations
+  req.generations = ((generation, generation) if first
+                     else (min(lo, generation), max(hi, generation)))
 
 
 Completion = tuple[InferRequest, "dict[str, np.ndarray] | None", "ServingError | None"]

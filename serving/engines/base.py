@@ -69,9 +69,18 @@ class Engine(abc.ABC):
     """Waits for a dispatched batch and returns its outputs as host arrays."""
 
   def update_rows(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> int:
-    """Sets rows of named param leaves while serving (see ReplicaEngine); returns the params
-    generation. Engines without params to update raise ValueError."""
+    """Sets rows `rows` of each param leaf named in `values`; see `apply_update`."""
+    return self.apply_update({path: (rows, v) for path, v in values.items()})
+
+  def apply_update(self, changes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Sets rows of param leaves while serving, all at once between two batches: leaf path ->
+    (rows [M], values [M, *leaf.shape[1:]]). Returns the new params generation; raises
+    ValueError (nothing applied) when any part is bad. Engines without params refuse."""
     raise ValueError("this model's params cannot be updated while it serves")
+
+  def generation_of(self, handle: Any) -> int:
+    """The params generation a dispatched batch runs with (0: the bundle's own params)."""
+    return 0
 
   def close(self) -> None:
     """Releases device memory held by this engine."""

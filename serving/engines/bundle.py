@@ -81,4 +81,12 @@ class BundleEngine(ReplicaEngine):
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
     replica = self._next_replica()
-    return replica["compiled"][bucket](replica["params"], dict(inputs))
+    with self._update_lock:  # the params and the generation they are, read together
+      params, generation = replica["params"], self._generation
+    return replica["compiled"][bucket](params, dict(inputs)), generation
+
+  def fetch(self, handle: Any) -> dict[str, np.ndarray]:
+    return super().fetch(handle[0])
+
+  def generation_of(self, handle: Any) -> int:
+    return handle[1]

@@ -55,6 +55,27 @@ def deserialize(path: pathlib.Path, fname: str, cache: dict[str, Any]) -> Any:
   return cache[fname]
 
 
+def check_rows(path: str, spec: Any, rows: Any, values: Any,
+               known: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(rows int64 [M], values) of one leaf's update, checked against its spec (None: no such
+  leaf); raises ValueError saying what is wrong."""
+  if spec is None:
+    raise ValueError(f"no param leaf {path!r} (leaves: {list(known)})")
+  rows = np.asarray(rows).reshape(-1)
+  if rows.dtype.kind not in "iu":
+    raise ValueError(f"{path!r}: rows must be integers, got {rows.dtype}")
+  rows = rows.astype(np.int64)
+  if not spec.shape or rows.size and (rows.min() < 0 or rows.max() >= spec.shape[0]):
+    raise ValueError(f"rows must be in [0, {spec.shape[0] if spec.shape else 0}) for {path!r}")
+  values = np.asarray(values)
+  if tuple(values.shape) != (rows.size, *spec.shape[1:]):
+    raise ValueError(f"{path!r}: values of shape {list(values.shape)}, expected"
+                     f" {[rows.size, *spec.shape[1:]]}")
+  if not rows.size:
+    raise ValueError(f"{path!r}: no rows to update")
+  return rows, values
+
+
 class ReplicaEngine(Engine):
   """Replicas fed in turn, the shared warm-up, host fetch and release. Subclasses set
   `path`, `manifest`, `signature`, `inputs`, `outputs`, `buckets`, `_exported` (point ->
@@ -218,9 +239,9 @@ class ReplicaEngine(Engine):
 
   # -- live row updates ----------------------------------------------------------------------
 
-  def update_rows(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> int:
-    """Sets rows `rows` of the param leaves named in `values` (path -> [len(rows), ...]) on
-    every replica, on the device, all leaves at once: a batch sees either every change or none
+  def apply_update(self, changes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Sets the rows of the param leaves in `changes` (path -> (rows, values)) on every
+    replica, on the device, all leaves at once: a batch sees either every change or none
     (each dispatch reads its replica's params once). Returns the new params generation.
     Raises ValueError for an unknown leaf, a row out of range or a shape that does not fit."""
     import jax
@@ -228,25 +249,14 @@ class ReplicaEngine(Engine):
     if any(p.tables is not None for p in self.placements):
       raise ValueError("live row updates are not supported under table-wise placements")
     leaves = {p.path: (i, p) for i, p in enumerate(self.manifest.params)}
-    rows = np.asarray(rows, np.int64).reshape(-1)
-    for path, v in values.items():
-      if path not in leaves:
-        raise ValueError(f"no param leaf {path!r} (leaves: {sorted(leaves)})")
-      _, spec = leaves[path]
-      if not spec.shape or rows.size and (rows.min() < 0 or rows.max() >= spec.shape[0]):
-        raise ValueError(f"rows must be in [0, {spec.shape[0] if spec.shape else 0}) for"
-                         f" {path!r}")
-      if tuple(v.shape) != (rows.size, *spec.shape[1:]):
-        raise ValueError(f"{path!r}: values of shape {list(v.shape)}, expected"
-                         f" {[rows.size, *spec.shape[1:]]}")
-    n = 1 << max(0, int(rows.size) - 1).bit_length()  # bucketed: few scatter shapes compile
-    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)])  # noqa: E731
+    checked = {path: check_rows(path, leaves.get(path, (0, None))[1], rows, v, sorted(leaves))
+               for path, (rows, v) in changes.items()}
     with self._update_lock:
       for replica in self._replicas:
         params = list(replica["params"])
-        for path, v in values.items():
+        for path, (rows, v) in checked.items():
           i = leaves[path][0]
-          params[i] = self._scatter(params[i], pad(rows), pad(np.asarray(v, params[i].dtype)))
+          params[i] = self._scatter(params[i], rows, np.asarray(v, params[i].dtype))
         jax.block_until_ready(params)
         replica["params"] = params  # one assignment: later batches see all of it
       self._generation += 1
@@ -258,11 +268,14 @@ class ReplicaEngine(Engine):
     return self._generation
 
   def _scatter(self, x: Any, rows: np.ndarray, values: np.ndarray) -> Any:
+    """x with rows set; padded to a power of two (repeating the last row) so few shapes compile."""
     import jax
 
     if self._scatter_fn is None:
       self._scatter_fn = jax.jit(lambda a, r, v: a.at[r].set(v))
-    return self._scatter_fn(x, rows, values)
+    n = 1 << max(0, len(rows) - 1).bit_length()
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], n - len(a), 0)])  # noqa: E731
+    return self._scatter_fn(x, pad(rows), pad(values))
 
   @property
   def point_seconds(self) -> Mapping[Point, float]:

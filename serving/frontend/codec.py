@@ -17,6 +17,7 @@ from bundle import BY_TRITON, TensorSpec, numpy_dtype
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.types import Code, ServingError
 
+PARAMS_GENERATION = "params_generation"  # response parameter: see generation_params
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
@@ -204,17 +205,30 @@ def requested_outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]
 
 def encode_response(
     request: pb.ModelInferRequest, version: int, outputs: Mapping[str, np.ndarray],
-    specs: Sequence[TensorSpec],
+    specs: Sequence[TensorSpec], generations: tuple[int, int] = (0, 0),
 ) -> pb.ModelInferResponse:
-  """Builds the response with raw_output_contents (one bytes copy per output)."""
+  """Builds the response with raw_output_contents (one bytes copy per output), and the params
+  generations that scored it once live updates have changed them."""
   resp = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version),
                                id=request.id)
+  for key, value in generation_params(generations).items():
+    resp.parameters[key].int64_param = value
   for spec in specs:
     arr = outputs[spec.name]
     resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=arr.shape)
     resp.raw_output_contents.append(encode_bytes_tensor(arr) if arr.dtype == object
                                     else np.ascontiguousarray(arr).tobytes())
   return resp
+
+
+def generation_params(generations: tuple[int, int]) -> dict[str, int]:
+  """Response parameters naming the params generation that scored a request: none before the
+  first live update; `params_generation_min` too when a split request straddled an update."""
+  lo, hi = generations
+  if hi <= 0:
+    return {}
+  return {PARAMS_GENERATION: hi} if lo == hi else {PARAMS_GENERATION: hi,
+                                                   PARAMS_GENERATION + "_min": lo}
 
 
 def param_value(p: Any) -> Any:

@@ -257,15 +257,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                      request_id: str) -> pb.ModelInferResponse:
     """Validates, queues and awaits one request (ModelInfer, and predict models in a stream);
     raises ServingError."""
-    rec, outputs, out_specs = await self.infer(request, context, t0, request_id)
-    return codec.encode_response(request, rec.version, outputs, out_specs)
+    rec, outputs, out_specs, generations = await self.infer(request, context, t0, request_id)
+    return codec.encode_response(request, rec.version, outputs, out_specs, generations)
 
   async def infer(self, request, context, t0: float, request_id: str
-                  ) -> tuple[ServedVersion, Mapping[str, np.ndarray], list[TensorSpec]]:
+                  ) -> tuple[ServedVersion, Mapping[str, np.ndarray], list[TensorSpec],
+                             tuple[int, int]]:
     """The protocol-neutral half of `predict`: routes, validates, queues and awaits one request
     given as a ModelInferRequest or an object with its attributes (the HTTP front end's), with
     `context` None when the protocol has no deadline of its own. Returns (version, outputs,
-    requested output specs); raises ServingError. In-flight requests are counted for graceful
+    requested output specs, params generations that scored it); raises ServingError. In-flight requests are counted for graceful
     shutdown."""
     for attempt in range(3):
       rec, runner = self.route(request.model_name, request.model_version)
@@ -294,7 +295,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()
-    return rec, outputs, out_specs
+    return rec, outputs, out_specs, req.generations
 
   async def ModelStreamInfer(self, request_iterator, context):
     """Bidirectional stream: see serving/frontend/stream.py."""

@@ -26,7 +26,7 @@ from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   log_outcome, nan_error, request_log_enabled)
 from serving.runners.rows import as_serving_error, check_runner_config
-from serving.types import GRPC_STATUS, Code, InferRequest, ServingError
+from serving.types import GRPC_STATUS, Code, InferRequest, ServingError, merge_generations
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ class QueuedRowRunner(BatchedRunner):
       t_done = time.perf_counter()
       busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
       last_done = t_done
-      self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input)
+      self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input,
+                   self.engine.generation_of(handle))
 
   def _inputs(self, batch: Any) -> dict[str, np.ndarray]:
     """The batch's inputs: typed views of its staging buffers (bytes [bucket, row bytes])."""
@@ -166,12 +167,13 @@ class QueuedRowRunner(BatchedRunner):
   # -- answers -------------------------------------------------------------------------------
 
   def _answer(self, batch: Any, outs: dict[str, np.ndarray], busy_s: float, compute_s: float,
-              t_input: float) -> None:
+              t_input: float, generation: int = 0) -> None:
     try:
       arrays = [np.ascontiguousarray(outs[name], dtype).reshape(-1).view(np.uint8)
                 for name, _, dtype in self._out]
       backs, (ok_s, queue_s), held, logs = self._q.complete(batch, arrays, busy_s, compute_s,
-                                                            t_input, request_log_enabled())
+                                                            t_input, request_log_enabled(),
+                                                            generation)
     except Exception as e:  # a missing or malformed output fails the batch
       logger.exception("%s: answering a batch of %d rows failed", self.name, batch.rows)
       self._fail(batch, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
@@ -185,16 +187,19 @@ class QueuedRowRunner(BatchedRunner):
     finally:
       self._q.release(held)
     if backs:
-      self._deliver_slices(backs, outs)
+      self._deliver_slices(backs, outs, generation)
 
-  def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray]) -> None:
+  def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray],
+                      generation: int = 0) -> None:
     """Python requests: copies each slice's rows of the batch outputs into its request."""
     done = []
     for req, start, rows, dest, last in backs:
       if start == 0 and rows == req.rows:  # whole (`last` only says it finishes the request)
+        req.generations = (generation, generation)
         req.outputs = {name: outs[name][dest:dest + rows] for name, _, _ in self._out}
       else:
         with self._split_lock:  # slices of one request may finish on other instances
+          merge_generations(req, generation, first=req.outputs is None)
           if req.outputs is None:
             req.outputs = {name: np.empty((req.rows, *shape), dtype)
                            for name, shape, dtype in self._out}

@@ -25,7 +25,7 @@ from serving.batching import (Admission, BatchingConfig, BatchPlan, Batcher, Pen
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   nan_error)
-from serving.types import Code, InferRequest, ServingError
+from serving.types import Code, InferRequest, ServingError, merge_generations
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,8 @@ class ModelRunner(BatchedRunner):
     busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since this worker's last batch
     with self._cv:
       self._batcher.observe(plan.bucket, busy_s)
-    self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input)
+    self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input,
+                   self.engine.generation_of(handle))
     return t_done
 
   def _isolate(self, plan: BatchPlan[InferRequest], error: ServingError) -> None:
@@ -246,7 +247,8 @@ class ModelRunner(BatchedRunner):
       req.outputs[name][s.start:s.start + s.rows] = outs[name][s.dest:s.dest + s.rows]
 
   def _complete(self, plan: BatchPlan[InferRequest], outs: dict[str, np.ndarray] | None,
-                error: ServingError | None, compute_s: float, t_input: float) -> None:
+                error: ServingError | None, compute_s: float, t_input: float,
+                generation: int = 0) -> None:
     """Copies each request's rows out of the batch outputs (or fails them) and delivers."""
     t_done = time.perf_counter()
     done: list = []
@@ -262,6 +264,7 @@ class ModelRunner(BatchedRunner):
           req.outputs = None
           done.append((req, None, error))
           continue
+        merge_generations(req, generation, first=req.rows_done == 0)
         self._scatter(s, outs)
         req.compute_ns += int(compute_s * 1e9)
         req.rows_done += s.rows

@@ -3,6 +3,9 @@ assembles the batch's [B, F, D] embeddings from tables on the device, device cac
 batch's miss rows, and writes the admitted misses into the caches (donated, so in place).
 
 Miss buffers have a fixed set of sizes (`miss_buckets`), so every shape is compiled at load.
+Admitted misses are written first and hits read after, from the written cache: the slots a
+batch writes are free or evicted ones, never one it reads (row_cache protects its hits), so the
+values read are the same and XLA updates the donated cache in place instead of copying it.
 Every feature's vectors come out of the same expression (gather, dequantize for 8-bit tables
 as codes * scale + offset, zero for a missing id) whether its rows came from a table, a cache
 or the miss buffer: the result is bit-identical to every table on the device.
@@ -72,12 +75,12 @@ def make_assemble(cached: Sequence[bool], cache_rows: Sequence[int | None],
         hit = r < cap
         from_cache = jnp.clip(r, 0, cap)
         from_miss = jnp.clip(r - cap, 0, miss[0].shape[0] - 1)
+        slot, src = insert_slot[ci], insert_from[ci]
+        written = tuple(a.at[slot].set(jnp.take(m, src, axis=0)) for a, m in zip(caches[ci], miss))
         parts = [jnp.where(hit.reshape(-1, *([1] * (a.ndim - 1))), jnp.take(a, from_cache, axis=0),
                            jnp.take(m, from_miss, axis=0))
-                 for a, m in zip(caches[ci], miss)]
-        slot, src = insert_slot[ci], insert_from[ci]
-        new_caches.append(tuple(a.at[slot].set(jnp.take(m, src, axis=0))
-                                for a, m in zip(caches[ci], miss)))
+                 for a, m in zip(written, miss)]
+        new_caches.append(written)
         ci += 1
       out.append(vectors(parts[0], tuple(parts[1:]), valid))
     return jnp.stack(out, axis=1), new_caches

@@ -28,7 +28,7 @@ from serving.engines.cached.assemble import (gather_misses, make_assemble, miss_
 from serving.engines.cached.config import EmbeddingCacheConfig, TablePlan, plan_tables
 from serving.engines.cached.host_tables import host_table
 from serving.engines.cached.row_cache import RowCache
-from serving.engines.replica import ReplicaEngine, deserialize, resolve_signature
+from serving.engines.replica import ReplicaEngine, check_rows, deserialize, resolve_signature
 
 logger = logging.getLogger(__name__)
 HOT_ROWS_FILE = "hot_rows.npz"  # optional in a bundle: table param path -> rows, hottest first
@@ -120,9 +120,9 @@ class CachedTablesEngine(ReplicaEngine):
       if p.cache_rows is None:
         continue
       if p.path in hot.files and self.caches[p.feature].warm(hot[p.path]):
-        slots, rows = self.caches[p.feature].cached_rows()
-        self._caches[k] = tuple(a.at[slots].set(h[rows]) for a, h in zip(
-            self._caches[k], (jax.device_put(np.asarray(h), self.device) for h in self._host[k])))
+        slots, rows = self.caches[p.feature].cached_rows()  # only these rows go to the device
+        self._caches[k] = tuple(a.at[slots].set(jax.device_put(h[rows], self.device))
+                                for a, h in zip(self._caches[k], self._host[k]))
       k += 1
     say(f"caches warmed from {HOT_ROWS_FILE}")
 
@@ -186,9 +186,9 @@ class CachedTablesEngine(ReplicaEngine):
         ins_slot[k, :len(s)], ins_from[k, :len(fr)] = s, fr
       emb, self._caches = self._assemble[bucket, m](self._tables, self._caches, rows, miss,
                                                     ins_slot, ins_from)
-      generation = self._generation
+      generation, dense = self._generation, self._dense
     rest[self.lookup.embeddings_input] = emb
-    return self._model[bucket](self._dense, rest), generation
+    return self._model[bucket](dense, rest), generation
 
   def _plan_batch(self, ids: np.ndarray) -> tuple[np.ndarray, list, list, list]:
     """Host half: per feature the row (device table) or source (cache slot or miss position)
@@ -217,6 +217,54 @@ class CachedTablesEngine(ReplicaEngine):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     out, _ = handle
     return {k: np.asarray(v) for k, v in out.items()}
+
+  def generation_of(self, handle: Any) -> int:
+    return handle[1]
+
+  # -- live updates --------------------------------------------------------------------------
+
+  def apply_update(self, changes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Sets rows of param leaves between two batches. Table leaves take ids (hashed modulo
+    the table's rows, as lookups are; new ids too); other leaves take rows in range. A cached
+    table's host rows change and the cache drops the rows it held (later lookups read the new
+    values); tables on the device and dense leaves are rewritten on the device. Validated
+    whole first: a bad part refuses the update with nothing applied."""
+    specs = {p.path: (i, p) for i, p in enumerate(self.manifest.params)}
+    table_of = {leaf: (p, part) for p in self.plans
+                for part, leaf in enumerate(self._leaves(p.feature))}
+    checked = {}
+    for path, (rows, values) in changes.items():
+      i, spec = specs.get(path, (0, None))
+      if i in table_of and spec is not None:
+        rows = np.asarray(rows).reshape(-1)
+        if rows.dtype.kind not in "iu" or (rows.size and rows.min() < 0):
+          raise ValueError(f"{path!r}: ids must be non-negative integers")
+        rows = rows.astype(np.int64) % spec.shape[0]
+      checked[path] = (i, *check_rows(path, spec, rows, values, sorted(specs)))
+    with self._lock:
+      dense_index = [i for i in range(len(specs)) if i not in self.lookup.table_leaves]
+      dense = list(self._dense)
+      for path, (i, rows, values) in checked.items():
+        if i not in table_of:
+          j = dense_index.index(i)
+          dense[j] = self._scatter(dense[j], rows, np.asarray(values, dense[j].dtype))
+          continue
+        plan, part = table_of[i]
+        if plan.cache_rows is None:
+          t = list(self._tables[self._device_index(plan.feature)])
+          t[part] = self._scatter(t[part], rows, np.asarray(values, t[part].dtype))
+          self._tables[self._device_index(plan.feature)] = tuple(t)
+        else:
+          k = list(self.caches).index(plan.feature)
+          self._host[k][part][rows] = values
+          self.caches[plan.feature].invalidate(rows)
+          self.caches[plan.feature].stats.updated_rows += len(rows)
+      self._dense = dense
+      self._generation += 1
+      return self._generation
+
+  def _device_index(self, feature: int) -> int:
+    return sum(1 for p in self.plans[:feature] if p.cache_rows is None)
 
   # -- accounting ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ class CacheStats:
   inserts: int = 0
   evictions: int = 0
   invalidations: int = 0
+  updated_rows: int = 0  # rows set by live updates
   batches: int = 0
 
 

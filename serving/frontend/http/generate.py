@@ -102,7 +102,7 @@ class Generation:
     t0 = time.perf_counter()
     request_id = self.servicer.request_id(request.id)
     try:
-      rec, outputs, specs = await self.servicer.infer(request, None, t0, request_id)
+      rec, outputs, specs, _ = await self.servicer.infer(request, None, t0, request_id)
     except ServingError as e:
       log_outcome(model, version, request_id, e, t0)
       raise

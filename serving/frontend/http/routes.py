@@ -178,21 +178,28 @@ class Routes:
       n = tensors.header_length(req.headers.get(tensors.HEADER_LENGTH), len(req.body))
       request = tensors.parse_infer_request(model, version, req.body, n)
       request_id = servicer.request_id(request.id)
-      rec, outputs, specs = await servicer.infer(request, None, t0, request_id)
+      rec, outputs, specs, generations = await servicer.infer(request, None, t0, request_id)
     except ServingError as e:
       log_outcome(model, version, request_id, e, t0)
       raise
     log_outcome(model, version, request_id, None, t0)
-    body, n = tensors.encode_infer_response(request, rec.version, outputs, specs)
+    body, n = tensors.encode_infer_response(request, rec.version, outputs, specs, generations)
     if n is None:
       return Reply(200, body)
     return Reply(200, body, tensors.BINARY_TYPE, [(tensors.HEADER_LENGTH, str(n).encode())])
 
   async def update_params(self, req: Request, model: str, version: str) -> Reply:
     """POST .../params: rows of the model's param leaves set while it serves (JSON or binary
-    tensors, as for infer); answers the params generation."""
+    tensors, as for infer, or an .npz update file); answers the params generation."""
     servicer = self.servicer
     rec, runner = servicer.route(model, version)
+    kind = req.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if kind == params.NPZ_TYPE.encode():
+      changes = params.decode_npz(req.body, rec.manifest, servicer.limits)
+      rows, generation = await asyncio.to_thread(
+          params.apply_changes, runner, rec.manifest, changes, servicer.repo.compiles)
+      return json_reply({"model_name": rec.name, "model_version": str(rec.version),
+                         "rows": rows, "generation": generation})
     n = tensors.header_length(req.headers.get(tensors.HEADER_LENGTH), len(req.body))
     request = tensors.parse_infer_request(model, version, req.body, n)
     rows, generation = await asyncio.to_thread(

@@ -244,8 +244,8 @@ def tensor_bytes(arr: np.ndarray) -> bytes | np.ndarray:
 
 
 def encode_infer_response(request: HttpInferRequest, version: int,
-                          outputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]
-                          ) -> tuple[bytes, int | None]:
+                          outputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec],
+                          generations: tuple[int, int] = (0, 0)) -> tuple[bytes, int | None]:
   """(body, JSON header length or None when every output is JSON): the inference response with
   each output binary or JSON as the request asked."""
   binary_of = {o.name: o.binary for o in request.outputs}
@@ -265,6 +265,8 @@ def encode_infer_response(request: HttpInferRequest, version: int,
   head = {"model_name": request.model_name, "model_version": str(version), "outputs": entries}
   if request.id:
     head["id"] = request.id
+  if params := codec.generation_params(generations):
+    head["parameters"] = params
   header = json.dumps(head, separators=(",", ":")).encode()
   if not chunks:
     return header, None

@@ -144,12 +144,24 @@ struct RequestBuffer {
   grpc::Slice slice;
 };
 
+// The params generations (live updates) that scored a request, lowest and highest (a request
+// split across batches may straddle an update); hi 0: the bundle's own params, not reported.
+struct Generations {
+  int64_t lo = 0, hi = 0;
+};
+
+// Response parameters naming them (generation.cc): ModelInferResponse field 4 entries, and
+// the HTTP header's "parameters" object ("" when hi is 0).
+std::string GenerationParamsProto(const Generations& g);
+std::string GenerationParamsJson(const Generations& g);
+
 // A request a RowQueue holds natively until it is answered: a gRPC call (below) or an HTTP
 // request (http.h). Reply is called once, with no lock held; the responder may be gone after.
 struct Responder {
   virtual ~Responder() = default;
   // This request's row 0 of every model output (model output order), or its failure.
-  virtual void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) = 0;
+  virtual void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
+                     const Generations& gen) = 0;
   virtual std::string LogId() = 0;  // the request's id for the request log
 };
 
@@ -184,7 +196,8 @@ struct Call final : Responder {
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
   ~Call() override;
-  void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) override;
+  void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
+             const Generations& gen) override;
   std::string LogId() override;
   void* T(Op op) {
     ++pending;

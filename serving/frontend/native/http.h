@@ -90,7 +90,8 @@ struct HttpCall final : Responder {
   int64_t rows = 0;
   bool close = false;
 
-  void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) override;
+  void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
+             const Generations& gen) override;
   std::string LogId() override;
 };
 

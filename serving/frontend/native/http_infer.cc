@@ -259,7 +259,8 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   }
 }
 
-void HttpCall::Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) {
+void HttpCall::Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
+                     const Generations& gen) {
   std::string response;
   if (!st.ok()) {
     response = HttpErrorResponse(int(st.error_code()), st.error_message(), close);
@@ -299,6 +300,11 @@ void HttpCall::Reply(const std::vector<const uint8_t*>& rows0, const grpc::Statu
     if (!id.empty()) {
       w.Key("id");
       w.String(id.data(), rapidjson::SizeType(id.size()));
+    }
+    if (gen.hi > 0) {
+      std::string params = GenerationParamsJson(gen);
+      w.Key("parameters");
+      w.RawValue(params.data(), params.size(), rapidjson::kObjectType);
     }
     w.EndObject();
     response = Head(200, "application/octet-stream", sb.GetSize() + data_bytes, sb.GetSize(),

@@ -38,13 +38,20 @@ void AnswerCall(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st) {
   fe->Answered();
 }
 
-void Call::Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st) {
+void Call::Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
+                 const Generations& gen) {
   if (!st.ok()) {
     AnswerCall(this, nullptr, st);
     return;
   }
   grpc::ByteBuffer bb;
   EncodeRows(this, rows0, &bb);
+  if (gen.hi > 0) {  // response parameters after the outputs: protobuf fields in any order
+    std::vector<grpc::Slice> slices;
+    (void)bb.Dump(&slices);
+    slices.emplace_back(GenerationParamsProto(gen));
+    bb = grpc::ByteBuffer(slices.data(), slices.size());
+  }
   AnswerCall(this, &bb, grpc::Status::OK);
 }
 
@@ -69,14 +76,14 @@ void RowQueue::FailEntry(QEntry* e, int code, const std::string& message, double
 void RowQueue::Deliver(std::vector<Answer>* answers) {
   for (Answer& a : *answers) {
     if (!a.status.ok()) {
-      a.native->Reply({}, a.status);
+      a.native->Reply({}, a.status, a.gen);
       continue;
     }
     if (!a.owned.empty()) {  // a split request: its assembled outputs (pointers taken only now)
       a.rows0.clear();
       for (auto& o : a.owned) a.rows0.push_back(reinterpret_cast<const uint8_t*>(o.data()));
     }
-    a.native->Reply(a.rows0, grpc::Status::OK);
+    a.native->Reply(a.rows0, grpc::Status::OK, a.gen);
   }
   answers->clear();
 }
@@ -208,7 +215,7 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
 }
 
 py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, double busy_s,
-                             double compute_s, double input_s, bool log) {
+                             double compute_s, double input_s, bool log, int64_t generation) {
   if (py::len(outputs) != outputs_.size()) throw py::value_error("one array per model output");
   if (Settled(b)) {
     return py::make_tuple(py::list(), py::make_tuple(py::list(), py::list()), 0, py::list());
@@ -243,11 +250,13 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
           Release(e);
           continue;
         }
+        e->gen = e->rows_done == 0 ? Generations{generation, generation}
+                 : Generations{std::min(e->gen.lo, generation), std::max(e->gen.hi, generation)};
         e->rows_done += s.rows;
         bool last = e->rows_done == e->rows;
         if (e->native != nullptr) {
           if (s.start == 0 && s.rows == e->rows) {  // whole: answered from the batch's rows
-            Answer a{e->native, {}, {}, grpc::Status::OK, e->arrival};
+            Answer a{e->native, {}, {}, grpc::Status::OK, e->arrival, e->gen};
             for (size_t k = 0; k < outs.size(); ++k) {
               a.rows0.push_back(outs[k] + s.dest * outputs_[k].row_bytes);
             }
@@ -262,7 +271,7 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
             }
             if (last) {
               answers.push_back(Answer{e->native, {}, std::move(e->out), grpc::Status::OK,
-                                       e->arrival});
+                                       e->arrival, e->gen});
             }
           }
         } else {

@@ -26,6 +26,7 @@ struct QEntry : Entry {
   bool queued = true;                // still held by the decider
   bool answered = false;             // native: call finished; Python: handed back
   std::vector<std::string> out;      // a split native request's outputs, assembled here
+  Generations gen;                   // params generations its completed slices ran at
 };
 
 // A staging buffer for one input of one bucket, 64-byte aligned, reused across batches.
@@ -64,6 +65,7 @@ struct Answer {
   std::vector<std::string> owned;     // a split request's assembled outputs (rows0 points here)
   grpc::Status status;
   double arrival = 0;
+  Generations gen;
 };
 
 // A native request's outcome for the request log (only while DEBUG logging is on).
@@ -109,7 +111,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   // Answers a batch from its outputs (uint8 views, model output order); returns (Python
   // slices [(req, start, rows, dest, last)], durations of requests answered OK).
   py::tuple Complete(std::shared_ptr<RowBatch> b, py::list outputs, double busy_s,
-                     double compute_s, double input_s, bool log);
+                     double compute_s, double input_s, bool log, int64_t generation);
   // Fails a batch's requests; returns (Python requests [(req, code, message)], native
   // requests failed [(code, seconds since arrival)]).
   py::tuple Fail(std::shared_ptr<RowBatch> b, int code, const std::string& message, bool log);

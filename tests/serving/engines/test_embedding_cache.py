@@ -180,3 +180,50 @@ def test_a_bundle_without_table_lookup_is_refused_with_advice(tmp_path):
   write_mock_bundle(tmp_path, "mock", 1)
   with pytest.raises(BundleError, match="from-embeddings artifact"):
     CachedTablesEngine(tmp_path / "mock" / "1", config=EmbeddingCacheConfig(device_budget_bytes=1))
+
+
+def test_live_updates_match_the_all_on_device_model_updated_alike(bundles):
+  path, _ = bundles["none"]
+  full = cached(path)  # its own copy: updates below must not leak into the shared reference
+  eng = cached(path, cache_ratios=(("0", 0.02), ("1", 0.02)))
+  try:
+    rng = np.random.default_rng(8)
+    batches = list(stream(21, 24, 1.05))
+    for i, (b, ins) in enumerate(batches):
+      assert_same(path, full, eng, [(b, ins)])
+      if i % 3 == 2:  # new values for hot and cold ids of cached, device and dense leaves
+        hot = ins["sparse"][:, 0][ins["sparse"][:, 0] >= 0][:4]
+        ids = np.concatenate([hot, rng.integers(0, 10**9, 3)])
+        change = {"tables/t00": (ids, rng.normal(size=(len(ids), 8)).astype(np.float32)),
+                  "tables/t02": (np.array([1, 70]), rng.normal(size=(2, 8)).astype(np.float32))}
+        if i == 8:
+          w = next(p for p in eng.manifest.params if p.path.startswith("bottom"))
+          change[w.path] = (np.array([0]), rng.normal(size=(1, *w.shape[1:])).astype(np.float32))
+        assert eng.apply_update(change) == full.apply_update(change) == i // 3 + 1
+    h = eng.dispatch(bucket=1, inputs=batches[0][1] if batches[0][0] == 1 else {
+        "dense": np.zeros((1, 13), np.float32), "sparse": np.zeros((1, 4), np.int64)})
+    assert eng.generation_of(h) == 8
+    (st,) = [t for t in eng.table_stats() if t["feature"] == 0]
+    assert st["updated_rows"] == 8 * 7 and st["invalidations"] > 0
+  finally:
+    eng.close()
+    full.close()
+
+
+def test_a_bad_update_changes_nothing(bundles):
+  path, full = bundles["none"]
+  eng = cached(path, cache_ratios=(("0", 0.02),))
+  try:
+    b, ins = next(stream(4, 1, 1.05))
+    before = run(eng, b, ins)
+    good = (np.array([1, 2]), np.ones((2, 8), np.float32))
+    for bad, match in (({"tables/t00": good, "nope": good}, "no param leaf"),
+                       ({"tables/t00": good, "tables/t01": (np.array([-1]), np.ones((1, 8)))},
+                        "non-negative"),
+                       ({"tables/t00": (np.array([1]), np.ones((1, 3)))}, "shape")):
+      with pytest.raises(ValueError, match=match):
+        eng.apply_update(bad)
+    assert eng.generation == 0
+    np.testing.assert_array_equal(run(eng, b, ins), before)
+  finally:
+    eng.close()
