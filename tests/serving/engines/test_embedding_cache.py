@@ -227,3 +227,24 @@ def test_a_bad_update_changes_nothing(bundles):
     np.testing.assert_array_equal(run(eng, b, ins), before)
   finally:
     eng.close()
+
+
+def test_memory_mapped_host_tables_serve_and_update_without_touching_disk(bundles):
+  path, full = bundles["int8_tables"]
+  eng = cached(path, cache_ratios=(("0", 0.02), ("1", 0.02)), host="mmap")
+  try:
+    raw = sorted((path / "host_tables").glob("*.npy"))
+    assert len(raw) == 6  # codes, scale and offset of both cached tables
+    on_disk = {f.name: np.load(f) for f in raw}
+    assert_same(path, full, eng, stream(13, 12, 1.05))
+    ids = np.array([3, 4])
+    change = {"tables/t00/codes": (ids, np.full((2, 8), 7, np.int8))}
+    eng.apply_update(change)
+    own = cached(path)  # every table on device, updated alike
+    own.apply_update(change)
+    assert_same(path, own, eng, stream(14, 6, 1.05))
+    own.close()
+    for f in raw:  # copy-on-write: updates never reach the raw copies
+      np.testing.assert_array_equal(np.load(f), on_disk[f.name])
+  finally:
+    eng.close()
