@@ -47,6 +47,9 @@ class Engine(abc.ABC):
     return {}
 
   max_instances: int | None = None  # most batches that may run at once; None: no limit
+  # Whether `dispatch` takes `rows=` (the batch's real rows; the rest is padding), which
+  # runners then pass: engines whose work depends on the values (embedding caches) want it.
+  wants_rows: bool = False
   # Batches one instance keeps in flight (a queued runner dispatches batch n+1 while n runs).
   pipeline_depth: int = 2
 

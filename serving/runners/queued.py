@@ -128,7 +128,8 @@ class QueuedRowRunner(BatchedRunner):
       try:
         inputs = self._inputs(batch)
         t1 = time.perf_counter()
-        handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs)
+        handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs, **(
+            {"rows": batch.rows} if self.engine.wants_rows else {}))
       except Exception as e:  # a failing batch fails its requests, not the server
         logger.exception("%s: dispatch failed", self.name)
         self._fail(batch, ServingError(Code.INTERNAL,
@@ -240,8 +241,9 @@ class QueuedRowRunner(BatchedRunner):
     for single in self._q.isolate(batch):
       t0 = time.perf_counter()
       try:
-        outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket,
-                                                      inputs=self._inputs(single)))
+        handle = self.engine.dispatch(bucket=single.bucket, inputs=self._inputs(single), **(
+            {"rows": single.rows} if self.engine.wants_rows else {}))
+        outs = self.engine.fetch(handle)
       except Exception as e:
         self._fail(single, as_serving_error(e, self.name))
         continue
@@ -249,7 +251,7 @@ class QueuedRowRunner(BatchedRunner):
         self._fail(single, err)
         continue
       t = time.perf_counter() - t0
-      self._answer(single, outs, 0.0, t, 0.0)
+      self._answer(single, outs, 0.0, t, 0.0, self.engine.generation_of(handle))
 
   def _hand_back_failures(self, backs: Sequence[tuple]) -> None:
     """Python requests the queue failed (expired, unloaded, failed batch): their sinks."""

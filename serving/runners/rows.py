@@ -227,7 +227,8 @@ class ModelRunner(BatchedRunner):
       t0 = time.perf_counter()
       try:
         outs = self.engine.fetch(self.engine.dispatch(bucket=single.bucket,
-                                                      inputs=self._assemble(single)))
+                                                      inputs=self._assemble(single), **(
+            {"rows": s.rows} if self.engine.wants_rows else {})))
         err = nan_error(self.name, outs, s.rows) if self.nan_check else None
         self._complete(single, None if err else outs, err, time.perf_counter() - t0, 0.0)
       except Exception as e:
@@ -321,7 +322,8 @@ class ModelRunner(BatchedRunner):
         try:
           batch = self._assemble(plan)
           t1 = time.perf_counter()
-          handle = self.engine.dispatch(bucket=plan.bucket, inputs=batch)
+          handle = self.engine.dispatch(bucket=plan.bucket, inputs=batch, **(
+              {"rows": plan.rows} if self.engine.wants_rows else {}))
           started = (plan, handle, t1, t1 - t0)
         except Exception as e:
           logger.exception("%s: dispatch failed", self.name)

@@ -128,7 +128,9 @@ def test_updates_under_load_every_answer_matches_its_generation(served, tmp_path
   gens = sorted({hi for _, hi, _, _ in answers})
   assert gens[0] == 0 and gens[-1] == UPDATES and len(gens) > UPDATES // 2, gens
   # A request split across two batches may straddle an update: it then names both ends, and
-  # each of its rows must equal the reference at one of them.
+  # each of its rows must equal the reference at one of them. The server may run a row at
+  # another bucket than the reference does (a few ulps apart); an update moves the rows it
+  # touches by far more than the tolerance.
   wanted: dict[int, dict[int, np.ndarray]] = {}
   for g in range(UPDATES + 1):
     if g:
@@ -138,8 +140,10 @@ def test_updates_under_load_every_answer_matches_its_generation(served, tmp_path
         wanted.setdefault(i, {})[g] = reference(ref, ins)
   straddled = 0
   for i, (lo, hi, _, got) in enumerate(answers):
-    close = [np.isclose(got, wanted[i][g], rtol=1e-6, atol=1e-7).all(axis=1) for g in {lo, hi}]
-    assert np.logical_or.reduce(close).all(), f"answer {i}, generations {lo}..{hi}"
+    close = [np.isclose(got, wanted[i][g], rtol=1e-5, atol=1e-6).all(axis=1) for g in {lo, hi}]
+    bad = ~np.logical_or.reduce(close)
+    assert not bad.any(), (f"answer {i}, generations {lo}..{hi}, rows {np.flatnonzero(bad)} of"
+                           f" {len(got)} differ by {[np.abs(got - wanted[i][g])[bad].max() for g in {lo, hi}]}")
     straddled += lo != hi
   assert straddled < len(answers) // 4
   ref.close()

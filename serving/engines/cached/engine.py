@@ -62,6 +62,8 @@ class CachedTablesEngine(ReplicaEngine):
         self.lookup.artifacts, self._platform, batch=b) or self._missing(), {})
                       for b in self.buckets}
     self._quantized = bool(self.lookup.scales)
+    self._scratch_slots = np.array([[p.cache_rows] for p in self.plans if p.cache_rows is not None],
+                                   np.int32).reshape(-1, 1)
     self._lock = threading.Lock()  # the host half of a batch, and updates, in dispatch order
     self.caches: dict[int, RowCache] = {}
     for p in self.plans:
@@ -172,15 +174,20 @@ class CachedTablesEngine(ReplicaEngine):
 
   # -- serving -------------------------------------------------------------------------------
 
-  def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+  wants_rows = True  # padding rows are not lookups: they must not count, nor heat row 0
+
+  def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray],
+               rows: int | None = None) -> Any:
     ids = np.asarray(inputs[self.lookup.ids_input])
+    if rows is not None and rows < len(ids):
+      ids = ids.copy()
+      ids[rows:] = -1
     rest = {k: v for k, v in inputs.items() if k != self.lookup.ids_input}
     with self._lock:
       rows, parts, slots, froms = self._plan_batch(ids)
       m = miss_bucket(sum(len(r) for _, r in parts), self._miss_buckets[bucket])
       miss = gather_misses(self._host, parts, m)
-      ins_slot = np.array([[self.plans[f].cache_rows] * m for f in self.caches], np.int32
-                          ).reshape(len(self.caches), m)
+      ins_slot = np.repeat(self._scratch_slots, m, axis=1)  # padding writes: the scratch rows
       ins_from = np.zeros_like(ins_slot)
       for k, (s, fr) in enumerate(zip(slots, froms)):
         ins_slot[k, :len(s)], ins_from[k, :len(fr)] = s, fr
