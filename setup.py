@@ -2,7 +2,8 @@
 wire.cc and relay.cc, the HTTP server in http_conn.cc, http_relay.cc, http_server.cc and
 http_infer.cc, the bearer token check in auth.cc, response parameters in generation.cc, the
 batch queue in batcher.cc, row_queue.cc and row_answer.cc, the bindings, and their shared
-headers) when grpc++ and RapidJSON are found.
+headers) when grpc++ and RapidJSON are found; and the embedding cache's batch planner
+(serving/engines/cached/plan.cc, plain C++ with pybind11) always.
 
 Without `pkg-config --cflags --libs grpc++` and RapidJSON's headers (Debian: apt-get install
 libgrpc++-dev rapidjson-dev pkg-config) the package installs without it and the server uses its
@@ -31,19 +32,27 @@ def _pkg_config(package: str, *args: str) -> list[str]:
                                  stderr=subprocess.DEVNULL).split()
 
 
+def _planner(pybind11) -> Extension:
+  """The embedding cache's batch planner (serving/engines/cached/plan.cc): plain C++."""
+  return Extension("serving.engines.cached._plan", ["serving/engines/cached/plan.cc"],
+                   include_dirs=[pybind11.get_include()], language="c++",
+                   extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden"])
+
+
 def _extensions() -> list[Extension]:
+  import pybind11
   try:
     cflags, libs = _pkg_config("grpc++", "--cflags"), _pkg_config("grpc++", "--libs")
   except (OSError, subprocess.CalledProcessError):
     print(_MISSING.format(why="pkg-config cannot find grpc++"), file=sys.stderr)
-    return []
+    return [_planner(pybind11)]
   try:
     cflags += _pkg_config("RapidJSON", "--cflags")
   except (OSError, subprocess.CalledProcessError):
     print(_MISSING.format(why="pkg-config cannot find RapidJSON"), file=sys.stderr)
-    return []
+    return [_planner(pybind11)]
   import pybind11
-  return [Extension("serving.frontend._native", [f"{_NATIVE}/{name}.cc" for name in _UNITS],
+  return [_planner(pybind11)] + [Extension("serving.frontend._native", [f"{_NATIVE}/{name}.cc" for name in _UNITS],
                     include_dirs=[pybind11.get_include()], depends=[f"{_NATIVE}/{h}" for h in _HEADERS],
                     language="c++",
                     extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],

@@ -1,5 +1,5 @@
-"""The device half of a cached lookup: one jitted function per (batch bucket, miss bucket) that
-assembles the batch's [B, F, D] embeddings from tables on the device, device caches and the
+"""The device half of a cached lookup (traced into each batch's executable, see engine.py):
+it assembles the batch's [B, F, D] embeddings from tables on the device, device caches and the
 batch's miss rows, and writes the admitted misses into the caches (donated, so in place).
 
 Miss buffers have a fixed set of sizes (`miss_buckets`), so every shape is compiled at load.

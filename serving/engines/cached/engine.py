@@ -2,10 +2,10 @@
 
 Each table is placed by `plan_tables`: fully on the device, or cached (its hottest rows in a
 fixed-size device cache, the whole table in host memory or memory-mapped from disk). A batch
-runs in two compiled steps: `assemble` (per batch bucket and miss bucket) builds the [B, F, D]
+runs as one executable per (batch bucket, miss bucket): `assemble` builds the [B, F, D]
 embeddings from tables, caches and the batch's misses and writes admitted misses into the
-caches; then the signature's from-embeddings artifact (per batch bucket) runs the rest of the
-model. The host half (dedupe, hit/miss split, admission, gathering the misses) runs under one
+(donated) caches, and the signature's from-embeddings artifact runs the rest of the model on
+them; one dispatch per batch, as for a bundle with every table on the device. The host half (dedupe, hit/miss split, admission, gathering the misses) runs under one
 lock in dispatch order, so the index always matches the device caches as the batch will see
 them; the device half is asynchronous, so the next batch's gather overlaps this one's compute.
 """
@@ -62,6 +62,7 @@ class CachedTablesEngine(ReplicaEngine):
         self.lookup.artifacts, self._platform, batch=b) or self._missing(), {})
                       for b in self.buckets}
     self._quantized = bool(self.lookup.scales)
+    self._table_rows = np.array([p.rows for p in self.plans], np.int64)
     self._scratch_slots = np.array([[p.cache_rows] for p in self.plans if p.cache_rows is not None],
                                    np.int32).reshape(-1, 1)
     self._lock = threading.Lock()  # the host half of a batch, and updates, in dispatch order
@@ -108,7 +109,7 @@ class CachedTablesEngine(ReplicaEngine):
     say(f"tables placed ({self.placement_summary()}) in {time.perf_counter() - t0:.2f}s")
     self._warm_from_hot_rows(say)
     self._compile_all(say)
-    self._replicas.append({"params": self._dense, "compiled": self._model})
+    self._replicas.append({"params": self._dense, "compiled": self._step})
 
   def _warm_from_hot_rows(self, say: Progress) -> None:
     hot_file = self.path / HOT_ROWS_FILE
@@ -132,20 +133,23 @@ class CachedTablesEngine(ReplicaEngine):
     import jax
 
     cached = [p.cache_rows is not None for p in self.plans]
-    fn = make_assemble(cached, [p.cache_rows for p in self.plans], self._quantized)
-    self._assemble: dict[tuple[int, int], Any] = {}
+    assemble = make_assemble(cached, [p.cache_rows for p in self.plans], self._quantized)
+    emb_name = self.lookup.embeddings_input
     self._miss_buckets = {b: miss_buckets(b, sum(cached)) for b in self.buckets}
-    self._model: dict[int, Any] = {}
-    dense_structs = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding)
-                     for p in self._dense]
+    self._step: dict[tuple[int, int], Any] = {}
+    struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
     for b in self.buckets:
       t1 = time.perf_counter()
-      self._model[b] = jax.jit(self._exported[b].call).trace(
-          dense_structs, self._model_structs(b)).lower().compile()
+      model = self._exported[b].call
+
+      def step(dense, rest, *args, model=model):  # one executable: lookup, then the model
+        emb, caches = assemble(*args)
+        return model(dense, {**rest, emb_name: emb}), caches
+
       for m in self._miss_buckets[b]:
-        args = self._assemble_args(b, m)
-        structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-        self._assemble[b, m] = jax.jit(fn, donate_argnums=(1,)).trace(*structs).lower().compile()
+        structs = jax.tree.map(struct, (self._dense, self._rest_structs(b),
+                                        *self._assemble_args(b, m)))
+        self._step[b, m] = jax.jit(step, donate_argnums=(3,)).trace(*structs).lower().compile()
       say(f"bucket {b:>5} compiled ({len(self._miss_buckets[b])} miss buffers) in"
           f" {time.perf_counter() - t1:.2f}s")
       zeros = {t.name: np.zeros((b, *t.shape[1:]), numpy_dtype(t.dtype)) for t in self.inputs}
@@ -156,14 +160,10 @@ class CachedTablesEngine(ReplicaEngine):
         seconds = time.perf_counter() - t1
         self._point_seconds[b] = min(seconds, self._point_seconds.get(b, seconds))
 
-  def _model_structs(self, b: int) -> dict[str, Any]:
-    import jax
-
-    out = {t.name: jax.ShapeDtypeStruct((b, *t.shape[1:]), numpy_dtype(t.dtype))
-           for t in self.inputs if t.name != self.lookup.ids_input}
-    out[self.lookup.embeddings_input] = jax.ShapeDtypeStruct(
-        (b, len(self.plans), self.lookup.dim), np.float32)
-    return out
+  def _rest_structs(self, b: int) -> dict[str, Any]:
+    """The model's inputs other than the ids, at bucket `b` (placeholders for tracing)."""
+    return {t.name: np.zeros((b, *t.shape[1:]), numpy_dtype(t.dtype))
+            for t in self.inputs if t.name != self.lookup.ids_input}
 
   def _assemble_args(self, b: int, m: int) -> tuple[Any, ...]:
     """Placeholder arguments of the assemble step at (b, m), for tracing."""
@@ -191,28 +191,22 @@ class CachedTablesEngine(ReplicaEngine):
       ins_from = np.zeros_like(ins_slot)
       for k, (s, fr) in enumerate(zip(slots, froms)):
         ins_slot[k, :len(s)], ins_from[k, :len(fr)] = s, fr
-      emb, self._caches = self._assemble[bucket, m](self._tables, self._caches, rows, miss,
-                                                    ins_slot, ins_from)
-      generation, dense = self._generation, self._dense
-    rest[self.lookup.embeddings_input] = emb
-    return self._model[bucket](dense, rest), generation
+      out, self._caches = self._step[bucket, m](self._dense, rest, self._tables, self._caches,
+                                                rows, miss, ins_slot, ins_from)
+      return out, self._generation
 
   def _plan_batch(self, ids: np.ndarray) -> tuple[np.ndarray, list, list, list]:
     """Host half: per feature the row (device table) or source (cache slot or miss position)
     of every lookup, the misses to gather per cached table, and the admitted inserts."""
-    rows = np.empty(ids.shape, np.int32)
+    ids = ids.astype(np.int64, copy=False)
+    every = ids >= 0
+    rows = np.where(every, ids % self._table_rows, -1).astype(np.int32)  # all features at once
     parts, slots, froms, base = [], [], [], 0
-    for k_plan in self.plans:
-      f = k_plan.feature
-      col = ids[:, f].astype(np.int64)
-      valid = col >= 0
-      r = np.where(valid, col % k_plan.rows, -1)
-      if k_plan.cache_rows is None:
-        rows[:, f] = r
-        continue
-      plan = self.caches[f].plan(r[valid])
-      cap = k_plan.cache_rows
-      src = np.full(len(col), -1, np.int64)
+    for f, cache in self.caches.items():
+      valid = every[:, f]
+      plan = cache.plan(rows[valid, f].astype(np.int64))
+      cap = cache.capacity
+      src = np.full(len(ids), -1, np.int64)
       src[valid] = np.where(plan.src >= cap, plan.src + base, plan.src)
       rows[:, f] = src
       parts.append((len(parts), plan.miss_rows))

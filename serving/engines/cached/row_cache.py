@@ -7,12 +7,15 @@ batch). Policy: LFU with aging. Every lookup counts towards its row's frequency;
 once the table has seen `aging_lookups` lookups per cached row, so yesterday's hot rows fade.
 A miss takes a free slot, else it replaces the least frequent of a random sample of cached
 rows when it is more frequent than that row (sampled LFU, as Redis does: O(misses), never
-O(capacity) per batch). Everything is vectorized numpy: no per-id Python.
+O(capacity) per batch). No per-id Python: `plan` runs in C++ (plan.cc, the `_plan` extension
+built with the package, GIL released) when it is built, else as vectorized numpy; both keep
+the same index arrays and the same policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +52,8 @@ class BatchPlan:
 class RowCache:
   """The index and policy of one table's device cache of `capacity` rows of `rows`."""
 
-  def __init__(self, rows: int, capacity: int, *, aging_lookups: int = 16, seed: int = 0):
+  def __init__(self, rows: int, capacity: int, *, aging_lookups: int = 16, seed: int = 0,
+               native: bool = True):
     if not 0 < capacity < rows:
       raise ValueError(f"cache capacity {capacity} must be in (0, {rows})")
     self.rows, self.capacity = rows, capacity
@@ -57,12 +61,26 @@ class RowCache:
     self.row_of = np.full(capacity, -1, np.int64)  # slot -> table row, -1: free
     self.freq = np.zeros(rows, np.uint32)
     self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack of free slots
-    self._nfree = capacity
-    self._since_aging = 0
-    self._age_after = aging_lookups * capacity
+    # [free slots, lookups since aging, lookups per aging, xorshift state]: shared with plan.cc
+    self._state = np.array([capacity, 0, aging_lookups * capacity, seed * 2654435761 + 1],
+                           np.int64)
     self._rng = np.random.default_rng(seed)
-    self._read = np.zeros(capacity, bool)  # scratch: slots this batch reads (not evicted)
+    self._read = np.zeros(capacity, np.uint8)  # scratch: slots this batch reads (not evicted)
+    self._native = load_planner() if native else None
     self.stats = CacheStats()
+
+  @property
+  def _nfree(self) -> int:
+    return int(self._state[0])
+
+  @_nfree.setter
+  def _nfree(self, n: int) -> None:
+    self._state[0] = n
+
+  @property
+  def native(self) -> bool:
+    """Whether `plan` runs in C++."""
+    return self._native is not None
 
   @property
   def occupancy(self) -> int:
@@ -88,6 +106,15 @@ class RowCache:
   def plan(self, rows: np.ndarray) -> BatchPlan:
     """Splits one batch's valid table rows into hits and misses and admits misses; updates
     the index as the device cache will be once this batch's writes land."""
+    if self._native is not None:
+      counts = np.zeros(6, np.int64)
+      src, miss, slot, frm = self._native.plan(rows, self.slot_of, self.row_of, self.freq,
+                                               self._free, self._read, self._state, counts)
+      st = self.stats
+      st.batches += 1
+      for k, v in zip(("lookups", "hits", "unique", "misses", "inserts", "evictions"), counts):
+        setattr(st, k, getattr(st, k) + int(v))
+      return BatchPlan(src, miss, slot, frm)
     uniq, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
     self._count(uniq, counts)
     slots = self.slot_of[uniq].astype(np.int64)
@@ -122,10 +149,10 @@ class RowCache:
   def _count(self, uniq: np.ndarray, counts: np.ndarray) -> None:
     f = self.freq[uniq].astype(np.uint64) + counts
     self.freq[uniq] = np.minimum(f, np.iinfo(np.uint32).max)
-    self._since_aging += int(counts.sum())
-    if self._since_aging >= self._age_after:
+    self._state[1] += int(counts.sum())
+    if self._state[1] >= self._state[2]:
       np.right_shift(self.freq, 1, out=self.freq)
-      self._since_aging = 0
+      self._state[1] = 0
 
   def _admit(self, miss_rows: np.ndarray, protect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(miss_rows)
@@ -155,9 +182,9 @@ class RowCache:
   def _victims(self, n: int, protect: np.ndarray) -> np.ndarray:
     """Distinct occupied slots not read by this batch, sampled at random (up to SAMPLE * n)."""
     sample = np.unique(self._rng.integers(0, self.capacity, min(SAMPLE * n, 4 * self.capacity)))
-    self._read[protect] = True  # a mask, not np.isin: O(sample + hits), no sort
-    sample = sample[(self.row_of[sample] >= 0) & ~self._read[sample]]
-    self._read[protect] = False
+    self._read[protect] = 1  # a mask, not np.isin: O(sample + hits), no sort
+    sample = sample[(self.row_of[sample] >= 0) & (self._read[sample] == 0)]
+    self._read[protect] = 0
     return sample
 
   def _pop_free(self, k: int) -> np.ndarray:
@@ -167,3 +194,12 @@ class RowCache:
   def _place(self, rows: np.ndarray, slots: np.ndarray) -> None:
     self.slot_of[rows] = slots
     self.row_of[slots] = rows
+
+
+def load_planner() -> Any:
+  """The compiled planner (serving/engines/cached/plan.cc), or None when it was not built."""
+  try:
+    from serving.engines.cached import _plan
+  except ImportError:
+    return None
+  return _plan

@@ -1,7 +1,8 @@
 """The cache index and policy without JAX (serving/engines/cached/row_cache.py), and table
 placement under a budget (config.py): the index stays a bijection, a plan's sources point at
 the right rows, LFU with aging tracks a shifting hot set, its hit rate is close to an oracle
-that caches the truly most frequent rows, and placement follows budget and ratios."""
+that caches the truly most frequent rows, and placement follows budget and ratios. The policy
+tests run against both implementations of `plan` (C++ plan.cc and numpy)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import pytest
 
 from bundle import ParamSpec, TableLookup
 from serving.engines.cached import EmbeddingCacheConfig, RowCache, parse_bytes, plan_tables
+from serving.engines.cached.row_cache import load_planner
+
+IMPLS = [pytest.param(True, id="cpp", marks=pytest.mark.skipif(
+    load_planner() is None, reason="the C++ planner is not built (pip install -e .)")),
+         pytest.param(False, id="numpy")]
 
 
 def zipf(rng, alpha, n, size, perm):
@@ -34,9 +40,11 @@ def replay(c: RowCache, cache_rows: dict[int, int], rows: np.ndarray) -> np.ndar
   return got
 
 
-def test_sources_resolve_to_the_rows_asked_for_and_the_index_stays_consistent():
+@pytest.mark.parametrize("native", IMPLS)
+def test_sources_resolve_to_the_rows_asked_for_and_the_index_stays_consistent(native):
   rng = np.random.default_rng(0)
-  c = RowCache(1000, 50, seed=1)
+  c = RowCache(1000, 50, seed=1, native=native)
+  assert c.native == native
   cache_rows: dict[int, int] = {}
   perm = rng.permutation(1000)
   for i in range(200):
@@ -49,11 +57,12 @@ def test_sources_resolve_to_the_rows_asked_for_and_the_index_stays_consistent():
   assert c.stats.evictions > 0 and c.stats.hits > 0
 
 
-def test_lfu_hit_rate_is_close_to_an_oracle_of_the_most_frequent_rows():
+@pytest.mark.parametrize("native", IMPLS)
+def test_lfu_hit_rate_is_close_to_an_oracle_of_the_most_frequent_rows(native):
   rng = np.random.default_rng(1)
   n, cap = 100_000, 2_000
   perm = rng.permutation(n)
-  c = RowCache(n, cap, seed=0)
+  c = RowCache(n, cap, seed=0, native=native)
   batches = [zipf(rng, 1.05, n, 512, perm) for _ in range(400)]
   for b in batches[:100]:  # warm the cache, then measure
     c.plan(b)
@@ -66,9 +75,10 @@ def test_lfu_hit_rate_is_close_to_an_oracle_of_the_most_frequent_rows():
   assert lfu >= 0.85 * oracle, (lfu, oracle)
 
 
-def test_aging_lets_a_new_hot_set_replace_the_old_one():
+@pytest.mark.parametrize("native", IMPLS)
+def test_aging_lets_a_new_hot_set_replace_the_old_one(native):
   rng = np.random.default_rng(2)
-  c = RowCache(10_000, 100, aging_lookups=4, seed=0)
+  c = RowCache(10_000, 100, aging_lookups=4, seed=0, native=native)
   for rows in (np.arange(100), np.arange(5000, 5100)):
     for _ in range(60):
       c.plan(rng.choice(rows, 200))
@@ -76,8 +86,9 @@ def test_aging_lets_a_new_hot_set_replace_the_old_one():
   assert (cached >= 5000).mean() > 0.9
 
 
-def test_warm_fills_free_slots_hottest_first():
-  c = RowCache(100, 3)
+@pytest.mark.parametrize("native", IMPLS)
+def test_warm_fills_free_slots_hottest_first(native):
+  c = RowCache(100, 3, native=native)
   assert c.warm(np.array([7, 7, 5, 999, 9, 11])) == 3
   assert sorted(c.cached_rows()[1]) == [5, 7, 9]
   assert c.plan(np.array([7, 5, 9])).miss_rows.size == 0
@@ -118,3 +129,19 @@ def test_config_from_json_and_sizes():
               {"budget": 1}):
     with pytest.raises(ValueError):
       EmbeddingCacheConfig.from_json(bad)
+
+
+@pytest.mark.parametrize("native", IMPLS)
+def test_both_plans_count_alike_and_refuse_rows_out_of_range(native):
+  rng = np.random.default_rng(3)
+  c = RowCache(500, 20, seed=2, native=native)
+  rows = rng.integers(0, 500, 300)
+  p = c.plan(rows)
+  uniq = np.unique(rows)
+  assert c.stats.lookups == 300 and c.stats.unique == len(uniq) == len(p.miss_rows)
+  assert c.stats.inserts == len(p.insert_slot) == 20 and c.stats.hits == 0
+  assert np.array_equal(np.sort(p.miss_rows), uniq)
+  np.testing.assert_array_equal(np.bincount(rows, minlength=500), c.freq)
+  if native:
+    with pytest.raises(ValueError, match="out of range"):
+      c.plan(np.array([500]))
