@@ -23,6 +23,7 @@ from serving.types import Code, ServingError
 
 ROWS = "rows"
 NPZ_TYPE = "application/x-npz"
+UPDATE_PARAMETER = "params_update"  # RepositoryModelLoad parameter (bytes): an update file
 
 
 def update_specs(manifest: Manifest, names: list[str]) -> list[TensorSpec]:

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from bundle import TensorSpec
-from serving.frontend import codec
+from serving.frontend import codec, params
 from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -195,6 +195,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     return resp
 
   async def RepositoryModelLoad(self, request, context):
+    if params.UPDATE_PARAMETER in request.parameters:  # a live update, not a (re)load
+      return await self._update_params(request, context)
     try:
       self.repo.model_dir(request.model_name)
       if request.parameters:
@@ -212,6 +214,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     if bad:
       await context.abort(grpc.StatusCode.INTERNAL,
                           f"failed to load {request.model_name}: {bad[0].reason}")
+    return pb.RepositoryModelLoadResponse()
+
+  async def _update_params(self, request, context):
+    """RepositoryModelLoad with `params_update` (bytes: an .npz update file, see params.py, and
+    optionally `version`): applies it to the served version between two batches; the params
+    generation comes back as trailing metadata `params-generation`."""
+    try:
+      extra = sorted(set(request.parameters) - {params.UPDATE_PARAMETER, "version"})
+      if extra:
+        raise ServingError(Code.INVALID_ARGUMENT, f"parameters {extra} do not go with"
+                           f" {params.UPDATE_PARAMETER!r}")
+      p = request.parameters
+      rec, runner = self.route(request.model_name,
+                               p["version"].string_param if "version" in p else "")
+      changes = params.decode_npz(p[params.UPDATE_PARAMETER].bytes_param, rec.manifest,
+                                  self.limits)
+      _, generation = await asyncio.get_running_loop().run_in_executor(
+          None, params.apply_changes, runner, rec.manifest, changes, self.repo.compiles)
+    except ServingError as e:
+      return await self._abort(context, e)
+    context.set_trailing_metadata((("params-generation", str(generation)),))
     return pb.RepositoryModelLoadResponse()
 
   async def RepositoryModelUnload(self, request, context):

@@ -179,3 +179,33 @@ def test_a_bad_update_is_refused_whole(served):
   with pytest.raises(RuntimeError, match="HTTP 400.*npz"):
     update_cli.send(url, "ads", None, b"not a zip file", None, 60)
   assert bg.server.repository.get("ads").runner.engine.generation == before
+
+
+def test_an_update_over_grpc_repository_model_load(served):
+  """Triton's RepositoryModelLoad with a `params_update` file (tritonclient's load_model(files=))
+  updates the served version in place; anything else beside it is refused."""
+  import grpc
+  from tritonclient.utils import InferenceServerException
+
+  from serving.frontend.protocol import grpc_service_pb2 as pb
+  from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
+
+  bg, path = served
+  engine = bg.server.repository.get("ads").runner.engine
+  before = engine.generation
+  ids = np.array([7, 5007])  # the same row of t00, twice (hashed)
+  u = {"tables/t00": np.full((2, DIM), 3.0, np.float32), "rows:tables/t00": ids}
+  with tc.InferenceServerClient(bg.address) as c:
+    c.load_model("ads", files={"params_update": npz(u)})
+    assert engine.generation == before + 1
+    with pytest.raises(InferenceServerException, match="do not go with"):
+      c.load_model("ads", config="{}", files={"params_update": npz(u)})
+    ins = {"dense": np.zeros((1, 13), np.float32), "sparse": np.full((1, len(TABLES)), 7)}
+    res = c.infer("ads", triton_inputs(ins))
+    assert res.get_response().parameters["params_generation"].int64_param == before + 1
+  with grpc.insecure_channel(bg.address) as ch:  # the generation, as trailing metadata
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    req = pb.RepositoryModelLoadRequest(model_name="ads")
+    req.parameters["params_update"].bytes_param = npz(u)
+    _, call = stub.RepositoryModelLoad.with_call(req)
+    assert dict(call.trailing_metadata())["params-generation"] == str(before + 2)
