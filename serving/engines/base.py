@@ -71,10 +71,6 @@ class Engine(abc.ABC):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     """Waits for a dispatched batch and returns its outputs as host arrays."""
 
-  def update_rows(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> int:
-    """Sets rows `rows` of each param leaf named in `values`; see `apply_update`."""
-    return self.apply_update({path: (rows, v) for path, v in values.items()})
-
   def apply_update(self, changes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
     """Sets rows of param leaves while serving, all at once between two batches: leaf path ->
     (rows [M], values [M, *leaf.shape[1:]]). Returns the new params generation; raises

@@ -51,18 +51,20 @@ def apply_update(runner: Any, manifest: Manifest, request: Any, limits: codec.Li
                  compiles: Any) -> tuple[int, int]:
   """Decodes and applies one update (blocking; run it off the event loop). Returns (rows,
   generation); raises ServingError (INVALID_ARGUMENT for a bad request)."""
-  update = getattr(runner, "update_rows", None)
+  _updater(runner, manifest)  # a model without params is refused before its tensors are read
+  specs = update_specs(manifest, [t.name for t in request.inputs])
+  arrays, rows = codec.decode_inputs(request, specs, limits)
+  changes = {k: (arrays[ROWS], v) for k, v in arrays.items() if k != ROWS}
+  return rows, apply_changes(runner, manifest, changes, compiles)[1]
+
+
+def _updater(runner: Any, manifest: Manifest) -> Any:
+  """The engine's `apply_update`; ServingError when the model has none."""
+  update = getattr(getattr(runner, "engine", None), "apply_update", None)
   if update is None:
     raise ServingError(Code.INVALID_ARGUMENT, f"model {manifest.name!r} has no params that can"
                        " be updated while serving")
-  specs = update_specs(manifest, [t.name for t in request.inputs])
-  arrays, rows = codec.decode_inputs(request, specs, limits)
-  values: Mapping[str, np.ndarray] = {k: v for k, v in arrays.items() if k != ROWS}
-  try:
-    with compiles.warming():  # a scatter compiled for a new size is not a request's compile
-      return rows, update(arrays[ROWS], values)
-  except ValueError as e:
-    raise ServingError(Code.INVALID_ARGUMENT, f"model {manifest.name!r}: {e}") from None
+  return update
 
 
 def decode_npz(body: bytes, manifest: Manifest, limits: codec.Limits
@@ -98,11 +100,9 @@ def decode_npz(body: bytes, manifest: Manifest, limits: codec.Limits
 
 def apply_changes(runner: Any, manifest: Manifest, changes: Mapping[str, tuple[Any, Any]],
                   compiles: Any) -> tuple[int, int]:
-  """Applies decoded changes (blocking); returns (rows, generation)."""
-  update = getattr(getattr(runner, "engine", None), "apply_update", None)
-  if update is None:
-    raise ServingError(Code.INVALID_ARGUMENT, f"model {manifest.name!r} has no params that can"
-                       " be updated while serving")
+  """Applies decoded changes (blocking; run it off the event loop); returns (rows,
+  generation). Raises ServingError (INVALID_ARGUMENT, nothing applied) for a bad update."""
+  update = _updater(runner, manifest)
   try:
     with compiles.warming():  # a scatter compiled for a new size is not a request's compile
       generation = update(changes)

@@ -140,10 +140,6 @@ class BatchedRunner:
   def close(self) -> None:
     self.engine.close()
 
-  def update_rows(self, rows: Any, values: Any) -> int:
-    """Live row updates of the engine's params (serving/frontend/params.py); the generation."""
-    return self.engine.update_rows(rows, values)
-
 
 def nan_error(model: str, outs: Mapping[str, Any], rows: int) -> ServingError | None:
   """With nan_policy "error": the error for a batch whose first `rows` rows (padding excluded)

@@ -126,10 +126,13 @@ DLRM_TABLE_SIZES_DIVISIBLE = (1024, 512, 96, 64) + (16,) * 22
 
 
 def export_dlrm(repo: pathlib.Path, *, seed: int, buckets: tuple[int, ...],
-                table_sizes: tuple[int, ...] | None = None, name: str = "dlrm"):
+                table_sizes: tuple[int, ...] | None = None, name: str = "dlrm",
+                config: dict | None = None):
   """Exports the tiny DLRM (initialised from `seed`) as `name` v1 with the serving signature
-  (dense FP32 [B, 13], sparse INT64 [B, 26]); returns the Flax model, the reference."""
+  (dense FP32 [B, 13], sparse INT64 [B, 26]), and `config` as its config.json when given;
+  returns the Flax model, the reference."""
   import dataclasses
+  import json
 
   from flax import nnx
 
@@ -144,4 +147,32 @@ def export_dlrm(repo: pathlib.Path, *, seed: int, buckets: tuple[int, ...],
                       inputs=[export.Input("dense", "float32", ("batch", 13)),
                               export.Input("sparse", "int64", ("batch", 26))],
                       config=export.ExportConfig(batch_buckets=buckets))
+  if config is not None:
+    (repo / name / "config.json").write_text(json.dumps(config))
   return model
+
+
+def run_padded(engine, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+  """An engine's `output` for every row of `inputs`, in chunks of its largest bucket, each
+  padded (repeating its first row) to the smallest bucket that holds it."""
+  top, n_rows, out = engine.buckets[-1], len(next(iter(inputs.values()))), []
+  for start in range(0, n_rows, top):
+    part = {k: v[start:start + top] for k, v in inputs.items()}
+    n = len(next(iter(part.values())))
+    b = next(b for b in engine.buckets if b >= n)
+    padded = {k: np.concatenate([v, np.repeat(v[:1], b - n, 0)]) for k, v in part.items()}
+    out.append(engine.fetch(engine.dispatch(bucket=b, inputs=padded))[output][:n])
+  return np.concatenate(out)
+
+
+def http_inputs(arrays: dict[str, np.ndarray]) -> list:
+  """tritonclient.http inputs for named arrays, sent as binary data."""
+  import tritonclient.http as th
+  from tritonclient.utils import np_to_triton_dtype
+
+  ins = []
+  for name, arr in arrays.items():
+    i = th.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+    i.set_data_from_numpy(arr, binary_data=True)
+    ins.append(i)
+  return ins

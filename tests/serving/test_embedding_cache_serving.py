@@ -6,7 +6,6 @@ ModelConfig, per-table counters on /metrics; the server flag's budget places a m
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import shutil
 
 import numpy as np
@@ -17,7 +16,7 @@ import tritonclient.http as th
 from clientutil import infer, serving
 from serving.engines.cached import CachedTablesEngine, EmbeddingCacheConfig
 from serving.repository import ModelServingConfig
-from servingutil import export_dlrm
+from servingutil import export_dlrm, http_inputs, run_padded
 
 TABLES = (5000, 3000) + (64,) * 24
 BUCKETS = (1, 8, 64)
@@ -26,9 +25,8 @@ BUCKETS = (1, 8, 64)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("repo")
-  export_dlrm(repo, seed=4, buckets=BUCKETS, table_sizes=TABLES, name="ads")
-  (repo / "ads" / "config.json").write_text(json.dumps(
-      {"embedding_cache": {"device_budget": "48KiB", "min_device_table_bytes": 4096}}))
+  export_dlrm(repo, seed=4, buckets=BUCKETS, table_sizes=TABLES, name="ads", config={
+      "embedding_cache": {"device_budget": "48KiB", "min_device_table_bytes": 4096}})
   ref = CachedTablesEngine(repo / "ads" / "1", config=EmbeddingCacheConfig())  # all on device
   ref.warmup()
   with serving(repo, http_port=0) as bg:
@@ -48,15 +46,7 @@ def requests(seed: int, n: int):
 
 
 def reference(ref, inputs) -> np.ndarray:
-  """The all-on-device engine, batch by batch of at most its largest bucket (padded)."""
-  out = []
-  for start in range(0, len(inputs["sparse"]), BUCKETS[-1]):
-    part = {k: v[start:start + BUCKETS[-1]] for k, v in inputs.items()}
-    n = len(part["sparse"])
-    b = next(b for b in BUCKETS if b >= n)
-    padded = {k: np.concatenate([v, np.repeat(v[:1], b - n, 0)]) for k, v in part.items()}
-    out.append(ref.fetch(ref.dispatch(bucket=b, inputs=padded))["prob"][:n])
-  return np.concatenate(out)
+  return run_padded(ref, inputs, "prob")
 
 
 def test_placement_is_visible_in_model_config(served):
@@ -110,12 +100,7 @@ def test_http_answers_match_too(served):
   bg, ref = served
   ins = next(requests(99, 1))
   with th.InferenceServerClient(f"127.0.0.1:{bg.server.http_port}") as c:
-    inputs = []
-    for name, arr in ins.items():
-      i = th.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT64")
-      i.set_data_from_numpy(arr, binary_data=True)
-      inputs.append(i)
-    got = c.infer("ads", inputs).as_numpy("prob")
+    got = c.infer("ads", http_inputs(ins)).as_numpy("prob")
   np.testing.assert_array_equal(got, reference(ref, ins))
 
 

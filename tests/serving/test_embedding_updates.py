@@ -7,7 +7,6 @@ all-on-device model at that generation; nothing fails; a bad update is refused w
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import tritonclient.http as th
 from clientutil import serving, triton_inputs
 from serving import update_cli
 from serving.engines.cached import CachedTablesEngine, EmbeddingCacheConfig
-from servingutil import export_dlrm
+from servingutil import export_dlrm, http_inputs, run_padded
 
 TABLES = (5000, 3000) + (64,) * 24
 BUCKETS = (1, 8, 64)
@@ -32,9 +31,8 @@ UPDATES, BY_CLI = 100, 5
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("repo")
-  export_dlrm(repo, seed=5, buckets=BUCKETS, table_sizes=TABLES, name="ads")
-  (repo / "ads" / "config.json").write_text(json.dumps(
-      {"embedding_cache": {"device_budget": "96KiB", "min_device_table_bytes": 4096}}))
+  export_dlrm(repo, seed=5, buckets=BUCKETS, table_sizes=TABLES, name="ads", config={
+      "embedding_cache": {"device_budget": "96KiB", "min_device_table_bytes": 4096}})
   with serving(repo, http_port=0) as bg:
     yield bg, repo / "ads" / "1"
 
@@ -92,7 +90,7 @@ def test_updates_under_load_every_answer_matches_its_generation(served, tmp_path
           res = grpc_c.infer("ads", triton_inputs(ins))
           params = {k: v.int64_param for k, v in res.get_response().parameters.items()}
         else:
-          res = http_c.infer("ads", [_http_input(n, a) for n, a in ins.items()])
+          res = http_c.infer("ads", http_inputs(ins))
           params = res.get_response().get("parameters") or {}
         hi = params.get("params_generation", 0)
         answers.append((params.get("params_generation_min", hi), hi, ins, res.as_numpy("prob")))
@@ -137,7 +135,7 @@ def test_updates_under_load_every_answer_matches_its_generation(served, tmp_path
       ref.apply_update(changes(updates[g - 1]))
     for i, (lo, hi, ins, _) in enumerate(answers):
       if g in (lo, hi):
-        wanted.setdefault(i, {})[g] = reference(ref, ins)
+        wanted.setdefault(i, {})[g] = run_padded(ref, ins, "prob")
   straddled = 0
   for i, (lo, hi, _, got) in enumerate(answers):
     close = [np.isclose(got, wanted[i][g], rtol=1e-5, atol=1e-6).all(axis=1) for g in {lo, hi}]
@@ -147,19 +145,6 @@ def test_updates_under_load_every_answer_matches_its_generation(served, tmp_path
     straddled += lo != hi
   assert straddled < len(answers) // 4
   ref.close()
-
-
-def reference(ref, ins) -> np.ndarray:
-  """The all-on-device engine's outputs for one request (at most the largest bucket)."""
-  b = next(x for x in BUCKETS if x >= len(ins["sparse"]))
-  padded = {k: np.concatenate([v, np.repeat(v[:1], b - len(v), 0)]) for k, v in ins.items()}
-  return ref.fetch(ref.dispatch(bucket=b, inputs=padded))["prob"][:len(ins["sparse"])]
-
-
-def _http_input(name: str, arr: np.ndarray) -> th.InferInput:
-  i = th.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT64")
-  i.set_data_from_numpy(arr, binary_data=True)
-  return i
 
 
 def test_a_bad_update_is_refused_whole(served):

@@ -143,7 +143,7 @@ def plan_tables(lookup: TableLookup, params: Sequence[ParamSpec],
     big = []
     for f in sorted(rest, key=lambda f: lookup.rows[f]):
       size = lookup.rows[f] * row_bytes
-      if size <= config.min_device_table_bytes or size <= left and not big:
+      if size <= config.min_device_table_bytes or size <= left:
         cache[f], left = None, left - size
       else:
         big.append(f)

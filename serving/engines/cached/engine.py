@@ -58,9 +58,13 @@ class CachedTablesEngine(ReplicaEngine):
       self.plans: tuple[TablePlan, ...] = plan_tables(self.lookup, self.manifest.params, config)
     except ValueError as e:
       raise BundleError(f"{self.path}: {e}") from e
-    self._exported = {b: deserialize(self.path, bundle_lib.find_artifact(
-        self.lookup.artifacts, self._platform, batch=b) or self._missing(), {})
-                      for b in self.buckets}
+    files = {b: bundle_lib.find_artifact(self.lookup.artifacts, self._platform, batch=b)
+             for b in self.buckets}
+    if not all(files.values()):
+      raise BundleError(f"{self.path}: no {self._platform!r} from-embeddings artifact for buckets"
+                        f" {[b for b, f in files.items() if not f]}; re-export with this platform")
+    loaded: dict[str, Any] = {}
+    self._exported = {b: deserialize(self.path, f, loaded) for b, f in files.items()}
     self._quantized = bool(self.lookup.scales)
     self._table_rows = np.array([p.rows for p in self.plans], np.int64)
     self._scratch_slots = np.array([[p.cache_rows] for p in self.plans if p.cache_rows is not None],
@@ -69,10 +73,6 @@ class CachedTablesEngine(ReplicaEngine):
     self.caches: dict[int, RowCache] = {}
     for p in self.plans:
       logger.info("%s: %s", self.manifest.name, p.describe())
-
-  def _missing(self) -> str:
-    raise BundleError(f"{self.path}: no {self._platform!r} from-embeddings artifact; re-export"
-                      " with this platform")
 
   # -- load ----------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def run(engine, bucket, inputs):
   return engine.fetch(engine.dispatch(bucket=bucket, inputs=inputs))["prob"]
 
 
-def assert_same(path, full, engine, batches) -> None:
+def assert_same(full, engine, batches) -> None:
   for i, (b, ins) in enumerate(batches):
     np.testing.assert_array_equal(run(engine, b, ins), run(full, b, ins), err_msg=f"batch {i}")
 
@@ -85,69 +86,56 @@ def assert_same(path, full, engine, batches) -> None:
 @pytest.mark.parametrize("ratio", [0.0002, 0.02, 0.5])
 def test_outputs_bit_identical_to_every_table_on_device(bundles, quant, alpha, ratio):
   path, full = bundles[quant]
-  eng = cached(path, cache_ratios=(("tables/t00" if quant == "none" else "tables/t00/codes",
-                                    ratio), ("1", ratio)))
-  try:
+  with closing(cached(path, cache_ratios=(("tables/t00" if quant == "none" else "tables/t00/codes",
+                                    ratio), ("1", ratio)))) as eng:
     assert [p.placement for p in eng.plans] == ["cached", "cached", "device", "device"]
     assert eng.plans[0].cache_rows == max(1, int(TABLES[0] * ratio))
     batches = list(stream(int(alpha * 10), 30, alpha))
-    assert_same(path, full, eng, batches)
+    assert_same(full, eng, batches)
     st = {t["feature"]: t for t in eng.table_stats()}
     ids = np.concatenate([ins["sparse"][:, 0] for _, ins in batches])
     assert st[0]["lookups"] == (ids >= 0).sum()
     assert st[0]["hits"] + st[0]["misses"] <= st[0]["lookups"]
     seen = len(np.unique(ids[ids >= 0] % TABLES[0]))  # a free slot takes every miss
     assert st[0]["occupancy"] == min(eng.plans[0].cache_rows, seen)
-  finally:
-    eng.close()
 
 
 def test_eviction_storm_and_one_row_cache(bundles):
   path, full = bundles["none"]
-  eng = cached(path, cache_ratios=(("0", 0.0002), ("1", 0.001)))  # 1 and 3 rows
-  try:
-    assert_same(path, full, eng, stream(5, 30, None))  # uniform ids: nothing stays hot
+  with closing(cached(path, cache_ratios=(("0", 0.0002), ("1", 0.001)))) as eng:  # 1, 3 rows
+    assert_same(full, eng, stream(5, 30, None))  # uniform ids: nothing stays hot
     st = {t["feature"]: t for t in eng.table_stats()}
     assert st[1]["evictions"] > 0 and st[0]["occupancy"] == 1
-  finally:
-    eng.close()
 
 
 def test_a_cache_that_always_misses(bundles):
   path, full = bundles["int8_tables"]
-  eng = cached(path, cache_ratios=(("0", 0.1),))
-  try:
+  with closing(cached(path, cache_ratios=(("0", 0.1),))) as eng:
     rng = np.random.default_rng(3)
     batches, start = [], 0
     for b in (64, 8, 64, 1, 64):  # every id new: rows start, start+1, ... never repeat
       ids = np.stack([np.arange(start, start + b)] * len(TABLES), axis=1).astype(np.int64)
       start += b
       batches.append((b, {"dense": rng.normal(size=(b, 13)).astype(np.float32), "sparse": ids}))
-    assert_same(path, full, eng, batches)
+    assert_same(full, eng, batches)
     (st,) = [t for t in eng.table_stats() if t["feature"] == 0]
     assert st["hits"] == 0 and st["misses"] == st["lookups"] == start
-  finally:
-    eng.close()
 
 
 def test_64_bit_ids_are_hashed_modulo_rows_exactly(bundles):
   path, full = bundles["none"]
-  eng = cached(path, cache_ratios=(("0", 0.05),))
-  try:
+  with closing(cached(path, cache_ratios=(("0", 0.05),))) as eng:
     b = 8
     ids = np.full((b, len(TABLES)), 2**40 + 7, np.int64) + np.arange(b)[:, None]
     small = ids % np.array(TABLES)  # the same rows, as small ids
     dense = np.ones((b, 13), np.float32)
     got = run(eng, b, {"dense": dense, "sparse": ids})
     np.testing.assert_array_equal(got, run(full, b, {"dense": dense, "sparse": small}))
-  finally:
-    eng.close()
 
 
 def test_two_threads_dispatching_at_once_stay_exact(bundles):
   path, full = bundles["none"]
-  eng = cached(path, cache_ratios=(("0", 0.01), ("1", 0.01)))
-  try:
+  with closing(cached(path, cache_ratios=(("0", 0.01), ("1", 0.01)))) as eng:
     batches = list(stream(11, 60, 1.05))
     want = [run(full, b, ins) for b, ins in batches]
 
@@ -158,19 +146,14 @@ def test_two_threads_dispatching_at_once_stay_exact(bundles):
       for part in pool.map(worker, (0, 1)):
         for i, got in part:
           np.testing.assert_array_equal(got, want[i], err_msg=f"batch {i}")
-  finally:
-    eng.close()
 
 
 def test_the_bundles_own_artifact_agrees(bundles):
   path, full = bundles["none"]
-  plain = BundleEngine(path)
-  plain.warmup()
-  try:
+  with closing(BundleEngine(path)) as plain:
+    plain.warmup()
     for b, ins in stream(2, 6, 1.05):
       np.testing.assert_allclose(run(full, b, ins), run(plain, b, ins), rtol=1e-6, atol=1e-7)
-  finally:
-    plain.close()
 
 
 def test_a_bundle_without_table_lookup_is_refused_with_advice(tmp_path):
@@ -184,13 +167,13 @@ def test_a_bundle_without_table_lookup_is_refused_with_advice(tmp_path):
 
 def test_live_updates_match_the_all_on_device_model_updated_alike(bundles):
   path, _ = bundles["none"]
-  full = cached(path)  # its own copy: updates below must not leak into the shared reference
-  eng = cached(path, cache_ratios=(("0", 0.02), ("1", 0.02)))
-  try:
+  # `full` is its own copy: updates below must not leak into the shared reference.
+  with closing(cached(path)) as full, closing(
+      cached(path, cache_ratios=(("0", 0.02), ("1", 0.02)))) as eng:
     rng = np.random.default_rng(8)
     batches = list(stream(21, 24, 1.05))
     for i, (b, ins) in enumerate(batches):
-      assert_same(path, full, eng, [(b, ins)])
+      assert_same(full, eng, [(b, ins)])
       if i % 3 == 2:  # new values for hot and cold ids of cached, device and dense leaves
         hot = ins["sparse"][:, 0][ins["sparse"][:, 0] >= 0][:4]
         ids = np.concatenate([hot, rng.integers(0, 10**9, 3)])
@@ -200,20 +183,16 @@ def test_live_updates_match_the_all_on_device_model_updated_alike(bundles):
           w = next(p for p in eng.manifest.params if p.path.startswith("bottom"))
           change[w.path] = (np.array([0]), rng.normal(size=(1, *w.shape[1:])).astype(np.float32))
         assert eng.apply_update(change) == full.apply_update(change) == i // 3 + 1
-    h = eng.dispatch(bucket=1, inputs=batches[0][1] if batches[0][0] == 1 else {
-        "dense": np.zeros((1, 13), np.float32), "sparse": np.zeros((1, 4), np.int64)})
+    h = eng.dispatch(bucket=1, inputs={"dense": np.zeros((1, 13), np.float32),
+                                       "sparse": np.zeros((1, 4), np.int64)})
     assert eng.generation_of(h) == 8
     (st,) = [t for t in eng.table_stats() if t["feature"] == 0]
     assert st["updated_rows"] == 8 * 7 and st["invalidations"] > 0
-  finally:
-    eng.close()
-    full.close()
 
 
 def test_a_bad_update_changes_nothing(bundles):
   path, full = bundles["none"]
-  eng = cached(path, cache_ratios=(("0", 0.02),))
-  try:
+  with closing(cached(path, cache_ratios=(("0", 0.02),))) as eng:
     b, ins = next(stream(4, 1, 1.05))
     before = run(eng, b, ins)
     good = (np.array([1, 2]), np.ones((2, 8), np.float32))
@@ -225,26 +204,20 @@ def test_a_bad_update_changes_nothing(bundles):
         eng.apply_update(bad)
     assert eng.generation == 0
     np.testing.assert_array_equal(run(eng, b, ins), before)
-  finally:
-    eng.close()
 
 
 def test_memory_mapped_host_tables_serve_and_update_without_touching_disk(bundles):
   path, full = bundles["int8_tables"]
-  eng = cached(path, cache_ratios=(("0", 0.02), ("1", 0.02)), host="mmap")
-  try:
+  with closing(cached(path, cache_ratios=(("0", 0.02), ("1", 0.02)), host="mmap")) as eng:
     raw = sorted((path / "host_tables").glob("*.npy"))
     assert len(raw) == 6  # codes, scale and offset of both cached tables
     on_disk = {f.name: np.load(f) for f in raw}
-    assert_same(path, full, eng, stream(13, 12, 1.05))
+    assert_same(full, eng, stream(13, 12, 1.05))
     ids = np.array([3, 4])
     change = {"tables/t00/codes": (ids, np.full((2, 8), 7, np.int8))}
     eng.apply_update(change)
-    own = cached(path)  # every table on device, updated alike
-    own.apply_update(change)
-    assert_same(path, own, eng, stream(14, 6, 1.05))
-    own.close()
+    with closing(cached(path)) as own:  # every table on device, updated alike
+      own.apply_update(change)
+      assert_same(own, eng, stream(14, 6, 1.05))
     for f in raw:  # copy-on-write: updates never reach the raw copies
       np.testing.assert_array_equal(np.load(f), on_disk[f.name])
-  finally:
-    eng.close()
