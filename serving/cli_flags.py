@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add_placement_flags(serve)
   _add_security_flags(serve)
   _add_runtime_flags(serve)
-  from serving import plan_buckets, update_cli
+  from serving import plan_buckets, profile_cli, update_cli
   plan_buckets.add_parser(sub)
   update_cli.add_parser(sub)
+  profile_cli.add_parser(sub)
   return parser
 
 
@@ -207,6 +208,9 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      help="once drained, the ports close only after this long without a new"
                      " request (each refused with UNAVAILABLE), within the grace: set it above"
                      " the time your load balancer takes to drop a replica that is not ready")
+  serve.add_argument("--profile-dir", default=None,
+                     help="where `xlaserve profile` captures (POST /v2/admin/profile) write their"
+                     " jax.profiler traces; default: a folder under the system's temp dir")
   serve.add_argument("--log-level", default="WARNING",
                      help="Python logging level (DEBUG, INFO, WARNING, ERROR)")
 
@@ -248,4 +252,5 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       native_threads=args.native_threads,
       batch_queue=args.batch_queue,
       model_load_threads=args.model_load_thread_count,
-      shutdown_grace_s=args.shutdown_grace_s, drain_quiet_s=args.drain_quiet_s)
+      shutdown_grace_s=args.shutdown_grace_s, drain_quiet_s=args.drain_quiet_s,
+      profile_dir=args.profile_dir)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import pathlib
 import shutil
 import signal
 import tempfile
@@ -51,6 +52,7 @@ from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
 from serving.server_config import ServerConfig
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.metrics import Metrics
+from serving.telemetry.profile import Profiler
 
 logger = logging.getLogger(__name__)
 class _Servicer(InferenceServicer):
@@ -99,6 +101,9 @@ class Server:
             lambda kind=kind: self.repository.runners_of_kind(kind)))
     self.servicer = _Servicer(self.repository, limits=config.limits, ready=lambda: self.ready)
     self.servicer.on_repository_change = self._repository_changed
+    self.servicer.stages = self.metrics  # profile captures record through it
+    self.servicer.profiler = Profiler(self.metrics, pathlib.Path(
+        config.profile_dir or pathlib.Path(tempfile.gettempdir()) / "xlaserve-profiles"))
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)

@@ -40,6 +40,7 @@ class ServerConfig:
   batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
   # front end) or "python" (the Python Batcher; for comparison)
   model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
+  profile_dir: str | None = None  # profile captures' traces; None: under the temp dir
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:

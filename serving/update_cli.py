@@ -14,12 +14,11 @@ file is refused with nothing applied, and the command stops there.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import pathlib
 import sys
 import time
-import urllib.parse
+
+from serving import http_client
 
 NPZ_TYPE = "application/x-npz"
 
@@ -53,28 +52,9 @@ def update_files(paths: list[str]) -> list[pathlib.Path]:
 def send(url: str, model: str, version: str | None, body: bytes, token: str | None,
          timeout_s: float) -> dict:
   """POSTs one update; returns the server's JSON answer or raises RuntimeError with its error."""
-  u = urllib.parse.urlsplit(url)
-  if u.scheme not in ("http", "https") or not u.hostname:
-    raise ValueError(f"--url {url!r} must be http://HOST:PORT or https://HOST:PORT")
-  conn_type = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-  conn = conn_type(u.hostname, u.port, timeout=timeout_s)
   path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/params"
-  headers = {"content-type": NPZ_TYPE}
-  if token:
-    headers["authorization"] = f"Bearer {token}"
-  try:
-    conn.request("POST", path, body=body, headers=headers)
-    resp = conn.getresponse()
-    data = resp.read()
-  finally:
-    conn.close()
-  try:
-    answer = json.loads(data)
-  except ValueError:
-    answer = {"error": data.decode(errors="replace")}
-  if resp.status != 200:
-    raise RuntimeError(f"HTTP {resp.status}: {answer.get('error', answer)}")
-  return answer
+  return http_client.call_json(url, "POST", path, body=body, content_type=NPZ_TYPE, token=token,
+                               timeout_s=timeout_s)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from serving.frontend.stream import StreamSession
 from serving.repository import ModelRepository, ServedVersion, State
 from serving.runners import Runner
 from serving.telemetry.logs import log_outcome
+from serving.telemetry.profile import model_key
 from serving.types import SHUTTING_DOWN, Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self.accepting = True
     self.refused = 0  # requests refused because the server is shutting down (the drain's clock)
     self.on_repository_change = None  # called after RepositoryModelLoad/Unload (health refresh)
+    self.profiler = None  # the server's Profiler (serving/telemetry/profile.py): admin endpoint
+    self.stages = None  # while a profile runs, `.recorder` takes front-end times (Metrics)
     self.sink = AsyncSink()  # answers of requests this servicer accepted
     self.id_prefix = secrets.token_hex(4)  # request ids for requests that bring none
     self._ids = itertools.count(1)
@@ -305,6 +308,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         req.parameters = {k: codec.param_value(v) for k, v in request.parameters.items()}
       try:
         runner.submit(req)
+        if self.stages is not None and (recorder := self.stages.recorder) is not None:
+          recorder.add(model_key(rec.name, rec.version), "front_end", [time.perf_counter() - t0])
         break
       except ServingError as e:  # retired by a hot reload after lookup: use the new default
         if (e.code is not Code.UNAVAILABLE or request.model_version or attempt == 2

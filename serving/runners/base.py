@@ -61,6 +61,11 @@ class Observer:
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
     pass
 
+  def batch_timing(self, *, start: float, done: float, rows: int, requests: int,
+                   assembly_s: float, encode_s: float) -> None:
+    """A finished batch's timeline for profiles: in flight from `start` to `done`
+    (perf_counter seconds), assembling its inputs and handing out its answers took these."""
+
   def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
     pass
 

@@ -158,6 +158,9 @@ class QueuedRowRunner(BatchedRunner):
       last_done = t_done
       self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input,
                    self.engine.generation_of(handle))
+      self.observer.batch_timing(start=t_dispatch, done=t_done, rows=batch.rows,
+                                 requests=len(batch.request_rows), assembly_s=t_input,
+                                 encode_s=time.perf_counter() - t_done)
 
   def _inputs(self, batch: Any) -> dict[str, np.ndarray]:
     """The batch's inputs: typed views of its staging buffers (bytes [bucket, row bytes])."""

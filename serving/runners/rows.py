@@ -213,6 +213,9 @@ class ModelRunner(BatchedRunner):
       self._batcher.observe(plan.bucket, busy_s)
     self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input,
                    self.engine.generation_of(handle))
+    self.observer.batch_timing(start=t_dispatch, done=t_done, rows=plan.rows,
+                               requests=len(plan.slices), assembly_s=t_input,
+                               encode_s=time.perf_counter() - t_done)
     return t_done
 
   def _isolate(self, plan: BatchPlan[InferRequest], error: ServingError) -> None:

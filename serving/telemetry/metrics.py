@@ -17,6 +17,7 @@ from prometheus_client.core import Metric
 
 from serving.runners import Observer
 from serving.telemetry.host_metrics import HostCollector
+from serving.telemetry.profile import StageRecorder, model_key
 from serving.types import Code
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -69,6 +70,7 @@ class Metrics:
   def __init__(self, compile_count: Callable[[], int] | None = None):
     r = self.registry = prom.CollectorRegistry()
     self.scrape_hooks = _ScrapeHooks()
+    self.recorder: StageRecorder | None = None  # set while a profile capture runs
     r.register(self.scrape_hooks)  # first: it refreshes what the collectors below report
     mv = ["model", "version"]
     self.triton = TritonCounters()
@@ -173,6 +175,7 @@ class _ModelObserver(Observer):
     self._request_rows = m.request_rows.labels(*self.labels)
     self._request_seq_len = m.request_seq_len.labels(*self.labels)
     self._per_bucket: dict[int, tuple] = {}
+    self._key = model_key(model, version)
 
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
     hist = self._per_bucket.get(bucket)
@@ -186,6 +189,15 @@ class _ModelObserver(Observer):
     self._inc("nv_inference_compute_infer_duration_us", self._tl, compute_s * 1e6)
     if queue_s:
       self._inc("nv_inference_queue_duration_us", self._tl, sum(queue_s) * 1e6)
+    if (recorder := self.m.recorder) is not None:
+      recorder.add(self._key, "queue", queue_s)
+      recorder.add(self._key, "compute", [compute_s])
+
+  def batch_timing(self, *, start: float, done: float, rows: int, requests: int,
+                   assembly_s: float, encode_s: float) -> None:
+    if (recorder := self.m.recorder) is not None:
+      recorder.batch(self._key, start=start, done=done, rows=rows, requests=requests,
+                     assembly_s=assembly_s, encode_s=encode_s)
 
   def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
     self._inc("nv_inference_request_duration_us", self._tl, duration_s * 1e6)

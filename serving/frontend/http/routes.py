@@ -15,6 +15,7 @@ the runner queue). So one mistake gets the same message on both protocols.
   POST .../params                            live row updates of the model's params (params.py)
   POST /v2/repository/index                  the repository's models and their states
   POST /v2/repository/models/{m}/load | /unload
+  POST /v2/admin/profile, GET /v2/admin/profile/trace   on-demand profiles (admin.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import grpc
 
 from serving.frontend import params
 from serving.frontend.http import tensors
+from serving.frontend.http.admin import AdminRoutes
 from serving.frontend.http.app import HttpError, Reply, Request, json_reply
 from serving.frontend.http.generate import Generation
 from serving.frontend.http.jsonproto import to_json
@@ -58,6 +60,7 @@ class Routes:
     self.servicer = servicer
     self.is_ready = is_ready  # the server's readiness (models loaded, not shutting down)
     self.generation = Generation(servicer)
+    self.admin = AdminRoutes(lambda: servicer.profiler)
     self._context = _Context()
 
   def lookup(self, method: str, path: str) -> tuple[Callable, tuple]:
@@ -84,6 +87,8 @@ class Routes:
       return "GET", self.model_stats, ("", "")
     if rest[0] == "models" and len(rest) >= 2:
       return self._match_model(rest[1], rest[2:])
+    if rest[0] == "admin":
+      return self.admin.match(rest[1:])
     if rest == ["repository", "index"]:
       return "POST", self.repository_index, ()
     if (len(rest) == 4 and rest[:2] == ["repository", "models"]
