@@ -49,6 +49,7 @@ from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
 from serving.server_config import ServerConfig
+from serving.telemetry.canary_metrics import CanaryCollector
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.metrics import Metrics
 
@@ -99,6 +100,7 @@ class Server:
             lambda kind=kind: self.repository.runners_of_kind(kind)))
     self.servicer = _Servicer(self.repository, limits=config.limits, ready=lambda: self.ready)
     self.servicer.on_repository_change = self._repository_changed
+    self.metrics.registry.register(CanaryCollector(self.servicer.canary.snapshot))
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
