@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "update":
     from serving import update_cli
     return update_cli.main(args)
+  if args.command == "shadow-report":
+    from serving import shadow_cli
+    return shadow_cli.main(args)
   raise AssertionError(args.command)
 
 

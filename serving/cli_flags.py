@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
   from serving import plan_buckets, update_cli
   plan_buckets.add_parser(sub)
   update_cli.add_parser(sub)
+  from serving import shadow_cli
+  shadow_cli.add_parser(sub)
   return parser
 
 
