@@ -5,7 +5,7 @@ per-row scores. Means (and so the mean shift and the calibration ratio) are exac
 over every row. Quantiles and the Spearman rank correlation come from a reservoir of paired
 rows (Vitter's algorithm R, seeded): exact while the rows seen fit in it (4096 by default),
 after that a uniform sample, so a quantile's rank error is about sqrt(q(1-q)/n) for n reservoir
-rows (±0.5 percentile points at p50 for 4096). The top-changed share counts requests of more
+rows (±0.8 percentile points, one standard error, at p50 for 4096). The top-changed share counts requests of more
 than one row (a ranked list of candidates) whose highest-scored row differs between versions.
 Without labels the calibration ratio (mean shadow / mean primary) is relative: how much the
 candidate's average prediction moves, not whether either is calibrated against outcomes.

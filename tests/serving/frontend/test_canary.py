@@ -125,6 +125,13 @@ def test_split_by_weight_sticky_per_key_explicit_version_bypasses(tmp_path):
       assert metric(text, "nv_inference_request_success", model="mock", version=v) >= (
           split_1 if v == "1" else split_2)
     http.close()
+    # Weights move on a reload (the native front end republished after it); no split: default.
+    config = tmp_path / "repo" / "mock" / "config.json"
+    for weights, want in (({"1": 100, "2": 0}, {1}), (None, {2})):
+      config.write_text(json.dumps({"version_policy": "all", **(
+          {"traffic": {"versions": weights}} if weights else {})}))
+      stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mock"))
+      assert {answer(stub, x, k, user_id=int(key))[0] for key in keys[:30]} == want
 
 
 def send_rows(stub, rng, n_requests: int, model: str = "mock") -> tuple[list, list]:
