@@ -51,9 +51,8 @@ class Canary:
     rec = ready.get(version) if version is not None else None
     runner = rec.runner if rec is not None else None
     if runner is None:
-      states = {v: r.state.value for v, r in ready.items()}
       raise ServingError(Code.UNAVAILABLE, f"model {name!r}: no version of its traffic split"
-                         f" {list(traffic.versions)} is ready (ready: {sorted(states)}); name a"
+                         f" {list(traffic.versions)} is ready (ready: {sorted(ready)}); name a"
                          " version, or wait for the split's versions to load")
     with self._lock:
       self._routed[(name, version)] = self._routed.get((name, version), 0) + 1

@@ -234,3 +234,5 @@ def test_slow_or_failing_shadow_changes_no_response_nor_its_latency(tmp_path):
     state, reason = repository_index(stub)[("broken", "")]
     assert state == "UNAVAILABLE" and "name versions [7]" in reason
     assert answer(stub, x, k, model="plain")[0] == 1  # the others keep serving
+    with pytest.raises(RuntimeError, match="HTTP 404: model 'nothing' is not in the repository"):
+      shadow_report(bg, "nothing")
