@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "profile":
     from serving import profile_cli
     return profile_cli.main(args)
+  if args.command == "shadow-report":
+    from serving import shadow_cli
+    return shadow_cli.main(args)
   raise AssertionError(args.command)
 
 

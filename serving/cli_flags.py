@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
   _add_placement_flags(serve)
   _add_security_flags(serve)
   _add_runtime_flags(serve)
-  from serving import plan_buckets, profile_cli, update_cli
+  from serving import plan_buckets, profile_cli, shadow_cli, update_cli
   plan_buckets.add_parser(sub)
   update_cli.add_parser(sub)
   profile_cli.add_parser(sub)
+  shadow_cli.add_parser(sub)
   return parser
 
 

@@ -50,6 +50,7 @@ from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
 from serving.server_config import ServerConfig
+from serving.telemetry.canary_metrics import CanaryCollector
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.metrics import Metrics
 from serving.telemetry.profile import Profiler
@@ -104,6 +105,7 @@ class Server:
     self.servicer.stages = self.metrics  # profile captures record through it
     self.servicer.profiler = Profiler(self.metrics, pathlib.Path(
         config.profile_dir or pathlib.Path(tempfile.gettempdir()) / "xlaserve-profiles"))
+    self.metrics.registry.register(CanaryCollector(self.servicer.canary.snapshot))
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)

@@ -129,8 +129,8 @@ class NativeFrontend:
         if runner is None:
           continue
         keys = [str(rec.version)]
-        if self.repo.default_version(rec.name) is rec:
-          keys.append("")
+        if self.repo.default_version(rec.name) is rec and not self.repo.traffic.routed(rec.name):
+          keys.append("")  # a split or shadow: unversioned requests go to the Python servicer
         for key in keys:
           ident = (id(rec), key)
           slot = self._slot_of.get(ident)

@@ -19,6 +19,7 @@ import numpy as np
 
 from bundle import TensorSpec
 from serving.frontend import codec, params
+from serving.frontend.canary import Canary
 from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -87,6 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self.profiler = None  # the server's Profiler (serving/telemetry/profile.py): admin endpoint
     self.stages = None  # while a profile runs, `.recorder` takes front-end times (Metrics)
     self.sink = AsyncSink()  # answers of requests this servicer accepted
+    self.canary = Canary(repository)  # traffic splits and shadow versions
     self.id_prefix = secrets.token_hex(4)  # request ids for requests that bring none
     self._ids = itertools.count(1)
     self._inflight = 0
@@ -295,7 +297,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     requested output specs, params generations that scored it); raises ServingError. In-flight requests are counted for graceful
     shutdown."""
     for attempt in range(3):
-      rec, runner = self.route(request.model_name, request.model_version)
+      rec, runner = (self.canary.route(request)
+                     or self.route(request.model_name, request.model_version))
       arrays, rows = codec.decode_inputs(request, runner.inputs, self.limits)
       out_specs = codec.requested_outputs(request, runner.outputs)
       deadline, priority = self._schedule_params(request, context, t0,
@@ -323,6 +326,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()
+    self.canary.answered(request, rec, runner, arrays, rows, outputs, request_id)
     return rec, outputs, out_specs, req.generations
 
   async def ModelStreamInfer(self, request_iterator, context):

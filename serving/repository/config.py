@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 from bundle import Manifest
 from serving.engines import Engine
 from serving.engines.cached.config import EmbeddingCacheConfig
+from serving.repository.traffic import ShadowConfig, TrafficConfig, check_split
 from serving.runners import Observer, Runner, RowQueueFactory
 
 CONFIG_FILE = "config.json"
@@ -38,6 +39,9 @@ class ModelServingConfig:
   max_queue_wait_ms: float = 1000.0  # queue-wait bound without a target; 0: unbounded
   # Embedding tables under a device budget (serving/engines/cached); default: all on device.
   embedding_cache: EmbeddingCacheConfig = dataclasses.field(default_factory=EmbeddingCacheConfig)
+  # Canary split of unversioned requests, and a candidate scored beside them (traffic.py).
+  traffic: TrafficConfig | None = None
+  shadow: ShadowConfig | None = None
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -62,6 +66,8 @@ class ModelServingConfig:
     if not self.max_queue_wait_ms >= 0:
       raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
                        f" {self.max_queue_wait_ms}")
+    check_split(self.traffic, self.shadow,
+                self.versions if self.version_policy == "specific" else ())
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any],
@@ -76,6 +82,10 @@ class ModelServingConfig:
       d["versions"] = tuple(int(v) for v in d["versions"])
     if "embedding_cache" in d:
       d["embedding_cache"] = EmbeddingCacheConfig.from_json(d["embedding_cache"])
+    if d.get("traffic") is not None:
+      d["traffic"] = TrafficConfig.from_json(d["traffic"])
+    if d.get("shadow") is not None:
+      d["shadow"] = ShadowConfig.from_json(d["shadow"])
     return dataclasses.replace(base, **d) if base is not None else cls(**d)
 
   def select(self, available: Sequence[int]) -> list[int]:

@@ -26,6 +26,7 @@ from typing import Callable, Mapping
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
 from serving.repository.config import CONFIG_FILE, LoadSpec, ModelServingConfig, RunnerFactory
+from serving.repository.traffic import TrafficTable, unloaded_versions
 from serving.runners import Observer, Runner, RowQueueFactory
 from serving.telemetry.compile_watch import CompileCounter
 from serving.types import Code, ServingError
@@ -89,12 +90,14 @@ class ModelRepository:
     self._defaults: dict[str, ServedVersion] = {}  # newest READY version, rebuilt on changes
     # Served name -> (folder, signature) for each signature of a multi-signature bundle.
     self._aliases: dict[str, tuple[str, str]] = {}
+    self.traffic = TrafficTable()  # each model's canary split and shadow version, as loaded
 
   def _refresh_defaults(self) -> None:
     """Recomputes the default-version table (call with the lock held); swapped atomically."""
     table = {}
     for name, versions in self._models.items():
-      ready = [r for _, r in sorted(versions.items()) if r.state is State.READY]
+      ready = [r for v, r in sorted(versions.items())
+               if r.state is State.READY and not self.traffic.is_shadow(name, v)]
       if ready:
         table[name] = ready[-1]
     self._defaults = table
@@ -204,6 +207,8 @@ class ModelRepository:
           raise BundleError(f"no complete version of {name} under {model_dir} matches policy"
                             f" {cfg.version_policy} (versions on disk: {on_disk}; a version"
                             f" counts once its {bundle_lib.MANIFEST} is written)")
+        if problem := unloaded_versions(cfg.traffic, cfg.shadow, wanted):
+          raise BundleError(f"{model_dir / CONFIG_FILE}: {problem}")
       except BundleError as e:
         with self._lock:
           serving = [r for r in self._models.get(name, {}).values() if r.state is State.READY]
@@ -217,6 +222,9 @@ class ModelRepository:
           self._models.setdefault(name, {})[0] = rec
         say(f"{name}: UNAVAILABLE: {e}")
         return [rec]
+      self.traffic.set(name, cfg.traffic, cfg.shadow)  # before a new shadow version turns READY
+      with self._lock:
+        self._refresh_defaults()
       recs = [self._load_version(name, v, cfg, say) for v in wanted]
       if any(r.state is State.READY for r in recs):
         with self._lock:
@@ -337,7 +345,8 @@ class ModelRepository:
         raise ServingError(Code.NOT_FOUND, f"model {name!r} is not in the repository; list models"
                            " with RepositoryIndex")
       if version is None:
-        ready = [r for v, r in sorted(versions.items()) if r.state is State.READY]
+        ready = [r for v, r in sorted(versions.items())
+                 if r.state is State.READY and not self.traffic.is_shadow(name, v)]
         if not ready:
           reasons = "; ".join(f"v{r.version}: {r.state.value} {r.reason}".strip()
                               for r in versions.values())

@@ -13,6 +13,7 @@ the runner queue). So one mistake gets the same message on both protocols.
   POST .../infer                             inference (JSON and binary tensors)
   POST .../generate | .../generate_stream    Triton's generate extension (generate.py)
   POST .../params                            live row updates of the model's params (params.py)
+  GET  /v2/models/{m}/shadow                 canary split and shadow comparison (canary.py)
   POST /v2/repository/index                  the repository's models and their states
   POST /v2/repository/models/{m}/load | /unload
   POST /v2/admin/profile, GET /v2/admin/profile/trace   on-demand profiles (admin.py)
@@ -38,7 +39,7 @@ from serving.types import SHUTTING_DOWN, Code, ServingError
 
 _CODE_OF = {status: code for code, status in GRPC_CODE.items()}
 _MODEL_TAILS = frozenset({"", "ready", "config", "stats", "infer", "generate", "generate_stream",
-                          "params"})
+                          "params", "shadow"})
 _POST_TAILS = frozenset({"infer", "generate", "generate_stream", "params"})
 
 
@@ -107,7 +108,7 @@ class Routes:
                "stats": self.model_stats, "infer": self.infer,
                "generate": self.generation.generate,
                "generate_stream": self.generation.generate_stream,
-               "params": self.update_params}[tail]
+               "params": self.update_params, "shadow": self.shadow_report}[tail]
     return ("POST" if tail in _POST_TAILS else "GET"), handler, (model, version)
 
   async def _call(self, method: Callable, request: Any) -> Any:
@@ -212,3 +213,9 @@ class Routes:
         servicer.repo.compiles)
     return json_reply({"model_name": rec.name, "model_version": str(rec.version),
                        "rows": rows, "generation": generation})
+
+  async def shadow_report(self, req: Request, model: str, version: str) -> Reply:
+    """GET /v2/models/<m>/shadow: the model's traffic split and shadow comparison as JSON."""
+    if version:
+      raise HttpError(404, "the shadow report is per model: GET /v2/models/<model>/shadow")
+    return json_reply(self.servicer.canary.report(model))
