@@ -16,9 +16,17 @@ from typing import Any, Callable
 
 from serving.engines.memory import MemoryReport, runner_memory
 from serving.repository.config import LoadSpec, RunnerFactory
-from serving.types import Code, ServingError
+from bundle import BundleError
+from serving.types import Code
 
 logger = logging.getLogger(__name__)
+
+
+class DeviceBudgetExceeded(BundleError):
+  """A load refused by the budget; explained by its message (no traceback), answered with
+  RESOURCE_EXHAUSTED."""
+
+  code = Code.RESOURCE_EXHAUSTED
 
 
 def format_bytes(n: float) -> str:
@@ -66,7 +74,7 @@ class DeviceBudget:
                      for d in report.devices) or "no device memory"
 
   def admit(self, label: str, runner: Any) -> MemoryReport:
-    """Records `label`'s memory, or raises ServingError(RESOURCE_EXHAUSTED) saying which device
+    """Records `label`'s memory, or raises DeviceBudgetExceeded saying which device
     it would overfill and which versions hold that device (nothing recorded then)."""
     report = runner_memory(runner)
     if not report.known:
@@ -76,8 +84,7 @@ class DeviceBudget:
       for d in report.devices:
         held = {k: r.on(d.device) for k, r in self._held.items() if k != label and r.on(d.device)}
         if sum(held.values()) + d.total > self.limit_bytes:
-          raise ServingError(Code.RESOURCE_EXHAUSTED, self._refusal(label, d.device, d.total,
-                                                                    held))
+          raise DeviceBudgetExceeded(self._refusal(label, d.device, d.total, held))
       self._held[label] = report
     return report
 

@@ -268,7 +268,7 @@ class ModelRepository:
         reason += " buckets or versions, or shard the model over more devices)"
       with self._lock:
         rec.state, rec.reason = State.UNAVAILABLE, reason
-        rec.code = e.code if isinstance(e, ServingError) else Code.INTERNAL
+        rec.code = e.code if isinstance(getattr(e, "code", None), Code) else Code.INTERNAL
       say(f"{name}/{version}: UNAVAILABLE: {rec.reason}")
       return rec
     return self._mark_ready(rec, manifest, runner, t0, say)
