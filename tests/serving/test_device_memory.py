@@ -5,6 +5,7 @@ the XLA preallocation default; NVML series from a fake NVML and absent on this C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -78,6 +79,26 @@ def test_a_load_over_the_device_budget_is_refused_naming_who_holds_the_device(tm
       c.load_model("relevance")
       assert assert_served_like(c, "relevance", _cases(3)[:1], _reference(model), rtol=1e-5,
                                 atol=1e-6) == 1
+
+
+def test_an_embedding_cache_reports_its_host_tables_and_only_the_cache_on_device(dlrm):
+  """Two tables cached: device params are the model's params less those tables plus their
+  caches (rows + 1 scratch slot each), host bytes are the two whole tables."""
+  from serving.engines.cached import CachedTablesEngine, EmbeddingCacheConfig
+
+  src, model = dlrm
+  tables = {"tables/t00": 0.1, "tables/t01": 0.25}
+  engine = CachedTablesEngine(src / "1", config=EmbeddingCacheConfig.from_json(
+      {"cache_ratios": tables}))
+  with contextlib.closing(engine):
+    engine.warmup()
+    report = engine.memory()
+  state = nnx.state(model, nnx.Param)
+  whole = {k: np.asarray(state["tables"][k.split("/")[1]][...]) for k in tables}
+  cache = sum((int(w.shape[0] * tables[k]) + 1) * w[0].nbytes for k, w in whole.items())
+  host = sum(w.nbytes for w in whole.values())
+  assert [(d.device, d.params) for d in report.devices] == [(0, PARAMS_OF(model) - host + cache)]
+  assert report.host == host and report.device_scratch > 0
 
 
 def test_preallocation_is_off_unless_asked_for_and_a_user_setting_wins():
