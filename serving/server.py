@@ -48,8 +48,8 @@ from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
-from serving.server_config import ServerConfig
 from serving.repository.budget import DeviceBudget, holding
+from serving.server_config import ServerConfig
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.memory_metrics import ModelMemoryCollector
 from serving.telemetry.metrics import Metrics
@@ -100,7 +100,8 @@ class Server:
                    if self._native_module is not None and config.batch_queue == "native"
                    else None))
     self.metrics.registry.register(ModelMemoryCollector(lambda: [
-        (f"{r.name}/{r.version}", r.runner) for r in self.repository.records() if r.runner]))
+        (f"{r.name}/{r.version}", r.runner) for r in self.repository.records()
+        if r.runner is not None]))
     for kind, spec in kinds.items():
       if spec.metrics is not None:
         self.metrics.registry.register(spec.metrics(
