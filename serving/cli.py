@@ -202,6 +202,8 @@ def gpu_graph_flags(env: Mapping[str, str]) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
+  from serving.preallocation import configure as configure_preallocation
+  prealloc = configure_preallocation(os.environ, preallocate=args.preallocate_device_memory)
   _configure_logging(args)
   if args.gpu_graphs:
     os.environ["XLA_FLAGS"] = gpu_graph_flags(os.environ)
@@ -210,6 +212,7 @@ def serve(args: argparse.Namespace) -> int:
     from serving.telemetry.logs import progress_line
     plain = lambda msg: print(progress_line(msg), flush=True)  # noqa: E731
   say = _Heartbeat(plain)
+  say(prealloc)
   from serving.frontend.auth import TOKEN_ENV, load_token
   try:
     token = load_token(args.auth_token_file)

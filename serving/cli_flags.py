@@ -127,6 +127,16 @@ def _add_placement_flags(serve: argparse.ArgumentParser) -> None:
                      " may take, for models whose config.json sets no embedding_cache: tables"
                      " that do not fit are cached (hottest rows on the device, the table in"
                      " host memory); default: every table on the device")
+  serve.add_argument("--device-memory-budget", default=None, metavar="SIZE",
+                     help="device memory (e.g. 2GiB) every loaded model version may hold"
+                     " together on each device: params, compiled code and scratch, measured"
+                     " after warm-up; a load beyond it is refused (RESOURCE_EXHAUSTED, naming"
+                     " the versions holding the device) and the others keep serving; default:"
+                     " no cap")
+  serve.add_argument("--preallocate-device-memory", action="store_true",
+                     help="let JAX take 75%% of each accelerator's memory at start (its"
+                     " default); without it the server sets XLA_PYTHON_CLIENT_PREALLOCATE=false"
+                     " (unless already set) so memory is allocated as models load")
   serve.add_argument("--embedding-host", default="memory", choices=("memory", "mmap"),
                      help="where cached tables live in full: host memory, or memory-mapped from"
                      " a raw copy written beside the bundle (tables larger than host memory)")
@@ -224,6 +234,15 @@ def _embedding_cache(args: argparse.Namespace) -> Any:
                               host=args.embedding_host)
 
 
+def _device_budget(size: str | None) -> int | None:
+  from serving.engines.cached import parse_bytes
+
+  try:
+    return None if size is None else parse_bytes(size)
+  except ValueError as e:
+    raise ValueError(f"--device-memory-budget: {e}") from None
+
+
 def server_config(args: argparse.Namespace, repo: str, token: str | None) -> ServerConfig:
   """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
   from serving.frontend import codec
@@ -253,5 +272,6 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       native_threads=args.native_threads,
       batch_queue=args.batch_queue,
       model_load_threads=args.model_load_thread_count,
+      device_memory_budget_bytes=_device_budget(args.device_memory_budget),
       shutdown_grace_s=args.shutdown_grace_s, drain_quiet_s=args.drain_quiet_s,
       profile_dir=args.profile_dir)

@@ -49,9 +49,11 @@ from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
+from serving.repository.budget import DeviceBudget, holding
 from serving.server_config import ServerConfig
 from serving.telemetry.canary_metrics import CanaryCollector
 from serving.telemetry.compile_watch import CompileCounter
+from serving.telemetry.memory_metrics import ModelMemoryCollector
 from serving.telemetry.metrics import Metrics
 from serving.telemetry.profile import Profiler
 
@@ -89,13 +91,20 @@ class Server:
     self._native_module, self.frontend = self._choose_frontend()
     self._socket_dir: str | None = None
     kinds = dict(kinds) if kinds is not None else standard_kinds(engine_factory)
+    self.budget = (DeviceBudget(config.device_memory_budget_bytes,
+                                holds=lambda label: holding(self.repository)(label))
+                   if config.device_memory_budget_bytes is not None else None)
     self.repository = ModelRepository(
-        config.model_repository, kinds={k: v.load for k, v in kinds.items()},
+        config.model_repository, kinds={k: self.budget.guard(v.load) if self.budget else v.load
+                                        for k, v in kinds.items()},
         observer_factory=self.metrics.observer, compile_counter=self.compiles,
         default_config=config.default_model_config,
         row_queue=(row_queue_factory(self._native_module)
                    if self._native_module is not None and config.batch_queue == "native"
                    else None))
+    self.metrics.registry.register(ModelMemoryCollector(lambda: [
+        (f"{r.name}/{r.version}", r.runner) for r in self.repository.records()
+        if r.runner is not None]))
     for kind, spec in kinds.items():
       if spec.metrics is not None:
         self.metrics.registry.register(spec.metrics(

@@ -41,6 +41,9 @@ class ServerConfig:
   # front end) or "python" (the Python Batcher; for comparison)
   model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
   profile_dir: str | None = None  # profile captures' traces; None: under the temp dir
+  # Bytes per device all loaded versions may hold together (params, executables, scratch); a
+  # load beyond it is refused with RESOURCE_EXHAUSTED (serving/repository/budget.py). None: no cap.
+  device_memory_budget_bytes: int | None = None
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
@@ -61,6 +64,9 @@ class ServerConfig:
       raise ValueError(f"http_frontend must be auto, native or python, got {self.http_frontend!r}")
     if self.batch_queue not in ("native", "python"):
       raise ValueError(f"batch_queue must be native or python, got {self.batch_queue!r}")
+    if self.device_memory_budget_bytes is not None and self.device_memory_budget_bytes <= 0:
+      raise ValueError(f"device_memory_budget_bytes must be > 0, got"
+                       f" {self.device_memory_budget_bytes}")
     for name, low in (("http_idle_timeout_s", 0), ("tls_reload_s", 1), ("native_threads", 1),
                       ("model_load_threads", 1), ("shutdown_grace_s", 0), ("drain_quiet_s", 0)):
       if getattr(self, name) < low:

@@ -4,7 +4,8 @@
 `bundle.py` (batch buckets), `grid.py` (batch x sequence buckets) and `context.py` (a request
 grid and a candidate grid) serve exported bundles;
 `tablewise.py` composes a fused table lookup for `embedding_tables`; `lockstep.py` runs one
-model across processes; `mock.py` and `mock_seq.py` are engines whose outputs can be worked by
+model across processes; `memory.py` is what a loaded version holds (its `memory()` report);
+`mock.py` and `mock_seq.py` are engines whose outputs can be worked by
 hand, for exact server tests.
 """
 

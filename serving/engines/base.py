@@ -17,6 +17,7 @@ import numpy as np
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest, TensorSpec, numpy_dtype
+from serving.engines.memory import MemoryReport
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ class Engine(abc.ABC):
   def generation_of(self, handle: Any) -> int:
     """The params generation a dispatched batch runs with (0: the bundle's own params)."""
     return 0
+
+  def memory(self) -> MemoryReport:
+    """What this engine holds once warmed up (device bytes per device, host bytes). The default
+    is an honest "unknown" (every number 0, `known` False) for engines that cannot tell."""
+    return MemoryReport.unknown()
 
   def close(self) -> None:
     """Releases device memory held by this engine."""

@@ -24,6 +24,7 @@ import bundle as bundle_lib
 from bundle import BundleError, Manifest, Signature, TensorSpec, numpy_dtype
 from serving.engines.base import (Engine, Placement, Progress, check_jax_version, export_platform,
                                   param_bytes)
+from serving.engines.memory import MemoryReport, merge, replica_memory
 
 Point = Hashable
 Step = Callable[[Point], Callable[..., Any]]
@@ -99,6 +100,7 @@ class ReplicaEngine(Engine):
     self._update_lock = threading.Lock()  # live row updates, one at a time
     self._generation = 0
     self._scatter_fn: Any = None
+    self._memory: MemoryReport | None = None
 
   # -- hooks -------------------------------------------------------------------------------
 
@@ -276,6 +278,28 @@ class ReplicaEngine(Engine):
     n = 1 << max(0, len(rows) - 1).bit_length()
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], n - len(a), 0)])  # noqa: E731
     return self._scatter_fn(x, pad(rows), pad(values))
+
+  def memory(self) -> MemoryReport:
+    """Per device: the replicas' placed arrays, their executables' code and largest scratch
+    (from XLA's memory analysis); host: `_host_bytes()`. Computed once, after warm-up."""
+    if self._memory is None and self._replicas:
+      entries = [e for i, r in enumerate(self._replicas)
+                 for e in replica_memory(self._device_arrays(r), r["compiled"].values(),
+                                         self._replica_devices(i))]
+      self._memory = MemoryReport(devices=merge(entries), host=self._host_bytes())
+    return self._memory or MemoryReport.unknown()
+
+  def _device_arrays(self, replica: Mapping[str, Any]) -> list[Any]:
+    """The device arrays a replica holds (its params; engines with more add them)."""
+    return list(replica["params"])
+
+  def _replica_devices(self, index: int) -> Sequence[Any]:
+    return self.placements[index].devices if index < len(self.placements) else ()
+
+  def _host_bytes(self) -> int:
+    """Host memory the engine keeps beside its device arrays (none for bundle engines: params
+    are restored straight into their device layout)."""
+    return 0
 
   @property
   def point_seconds(self) -> Mapping[Point, float]:

@@ -5,6 +5,7 @@ instances, decoupled policy; a context model's context and candidate inputs as p
 from __future__ import annotations
 
 from bundle import BY_TRITON, PipelineSpec, TensorSpec
+from serving.frontend.memory_usage import add_instance_group
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import model_config_pb2 as mc
 from serving.repository import ServedVersion
@@ -58,8 +59,7 @@ def model_config(rec: ServedVersion, max_batch_size: int) -> mc.ModelConfig:
   cfg.version_policy.latest.num_versions = rec.config.latest_n
   if rec.manifest is not None and rec.manifest.serving.get("deterministic"):
     cfg.parameters["deterministic"].string_value = "true"  # batch-invariant scores
-  cfg.instance_group.add(count=runner.capabilities.instances,
-                         kind=mc.ModelInstanceGroup.KIND_AUTO)
+  add_instance_group(cfg, runner, rec.config.device_ids)
   if runner.capabilities.decoupled:  # several responses per request (streaming)
     cfg.model_transaction_policy.decoupled = True
   if rec.manifest is not None and rec.manifest.pipeline is not None:

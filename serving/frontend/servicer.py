@@ -20,6 +20,7 @@ import numpy as np
 from bundle import TensorSpec
 from serving.frontend import codec, params
 from serving.frontend.canary import Canary
+from serving.frontend.memory_usage import add_memory_usage
 from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -188,6 +189,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       for bucket, n in sorted(st.batch_counts.items()):
         b = ms.batch_stats.add(batch_size=bucket)
         b.compute_infer.count = n
+      add_memory_usage(ms, runner)
     return resp
 
   async def RepositoryIndex(self, request, context):
@@ -216,8 +218,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       if self.on_repository_change is not None:
         self.on_repository_change()
     bad = [r for r in recs if r.state is not State.READY]
-    if bad:
-      await context.abort(grpc.StatusCode.INTERNAL,
+    if bad:  # e.g. RESOURCE_EXHAUSTED: over the device memory budget
+      await context.abort(GRPC_CODE[bad[0].code],
                           f"failed to load {request.model_name}: {bad[0].reason}")
     return pb.RepositoryModelLoadResponse()
 

@@ -2,7 +2,7 @@
 
 `repository.py` discovers, loads (through a kind -> runner factory table), versions and
 retires models; `config.py` holds per-model settings and the factory types; `placement.py`
-chooses devices and sharding for a version; `reload.py` polls the folder for hot reloads.
+chooses devices and sharding for a version; `reload.py` polls the folder for hot reloads; `budget.py` refuses versions over the device-memory budget.
 """
 
 from serving.repository.config import (CONFIG_FILE, EngineFactory, LoadSpec, ModelServingConfig,

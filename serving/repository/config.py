@@ -31,6 +31,9 @@ class ModelServingConfig:
   dispatch_when_idle: bool = True
   sharding: str | None = None  # strategy name from sharding/; None: the server default
   devices: int | None = None
+  # Which local devices (indices into jax.local_devices()): config.json "devices" as a list. One
+  # replica per listed device (or, with `sharding`, the plan over exactly these devices).
+  device_ids: tuple[int, ...] | None = None
   instance_count: int | None = None  # batches run at once (Triton's instance_group count);
   #                                    None: the engine's default (2 on CPU, 1 on accelerators)
   nan_policy: str = "pass"  # "error": a request whose own output rows hold a NaN fails INTERNAL
@@ -63,6 +66,9 @@ class ModelServingConfig:
     if not 0 < self.latency_slo_percentile < 100:
       raise ValueError(f"latency_slo_percentile must be in (0, 100), got"
                        f" {self.latency_slo_percentile}")
+    if self.device_ids is not None and (not self.device_ids or len(set(self.device_ids))
+                                        != len(self.device_ids) or min(self.device_ids) < 0):
+      raise ValueError(f"devices {list(self.device_ids)} must list distinct device indices >= 0")
     if not self.max_queue_wait_ms >= 0:
       raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
                        f" {self.max_queue_wait_ms}")
@@ -80,6 +86,13 @@ class ModelServingConfig:
     d = dict(d)
     if "versions" in d:
       d["versions"] = tuple(int(v) for v in d["versions"])
+    if isinstance(d.get("devices"), list):  # device indices, not a count
+      ids = d.pop("devices")
+      if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"devices {ids} must be a list of device indices (integers)")
+      d["device_ids"], d["devices"] = tuple(ids), None
+      if "instance_count" not in d and (base is None or base.instance_count is None):
+        d["instance_count"] = len(ids)  # one batch at a time per listed device
     if "embedding_cache" in d:
       d["embedding_cache"] = EmbeddingCacheConfig.from_json(d["embedding_cache"])
     if d.get("traffic") is not None:

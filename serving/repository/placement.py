@@ -7,10 +7,8 @@ parameter's logical axes, so placing a model never needs its code.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
-
 import pathlib
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from bundle import BundleError, Manifest
 from serving.engines import BundleEngine, ContextEngine, Engine, Placement, SeqBundleEngine
@@ -21,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Placement] | None:
-  """Single device unless the config names a strategy or more than one device."""
-  if cfg.sharding is None and (cfg.devices is None or cfg.devices == 1):
+  """Single device unless the config names a strategy, more than one device, or which devices
+  (`devices` as a list: one replica on each, or the strategy's plan over exactly those)."""
+  if cfg.sharding is None and cfg.device_ids is None and (cfg.devices is None or cfg.devices == 1):
     return None
   import jax
 
@@ -30,7 +29,9 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
 
   strategy = cfg.sharding or "replicated"
   available = jax.local_devices()
-  n = cfg.devices or len(available)
+  if cfg.device_ids is not None:
+    available = listed_devices(cfg.device_ids, available, manifest.name)
+  n = len(available) if cfg.device_ids is not None else cfg.devices or len(available)
   if n > len(available):
     raise BundleError(f"{manifest.name}: {n} devices requested, {len(available)} present"
                       " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
@@ -55,6 +56,17 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
   return out
 
 
+def listed_devices(ids: Sequence[int], available: Sequence[Any], model: str) -> list[Any]:
+  """The local devices `ids` names (indices into jax.local_devices()); a BundleError naming
+  the indices that do not exist."""
+  missing = [i for i in ids if i >= len(available)]
+  if missing:
+    raise BundleError(f"{model}: config.json devices {list(ids)} names device(s) {missing}, but"
+                      f" this host has {len(available)} {available[0].platform} device(s)"
+                      f" (indices 0..{len(available) - 1})")
+  return [available[i] for i in ids]
+
+
 def cached_engine(path: pathlib.Path, manifest: Manifest, sig: str,
                   cfg: ModelServingConfig) -> Engine | None:
   """A CachedTablesEngine when the config sets an embedding budget and some table does not fit
@@ -70,7 +82,7 @@ def cached_engine(path: pathlib.Path, manifest: Manifest, sig: str,
       raise BundleError(f"{manifest.name}: embedding_cache names tables but signature {sig!r}"
                         " has no categorical tables to cache")
     return None
-  if cfg.sharding is not None or (cfg.devices or 1) > 1:
+  if cfg.sharding is not None or (cfg.devices or 1) > 1 or len(cfg.device_ids or ()) > 1:
     raise BundleError(f"{manifest.name}: embedding_cache serves a model on one device; drop"
                       " sharding/devices from its config, or drop embedding_cache")
   try:
@@ -80,7 +92,11 @@ def cached_engine(path: pathlib.Path, manifest: Manifest, sig: str,
   if all(p.cache_rows is None for p in plans):
     logger.info("%s: every embedding table fits the device budget; no cache", manifest.name)
     return None
-  return CachedTablesEngine(path, manifest=manifest, signature=sig, config=cache)
+  device = None
+  if cfg.device_ids:
+    import jax
+    device = listed_devices(cfg.device_ids, jax.local_devices(), manifest.name)[0]
+  return CachedTablesEngine(path, manifest=manifest, signature=sig, config=cache, device=device)
 
 
 def default_engine_factory(placements: Callable[[ModelServingConfig, Manifest], Sequence[Placement]]

@@ -55,6 +55,7 @@ class ServedVersion:
   config: ModelServingConfig = dataclasses.field(default_factory=ModelServingConfig)
   load_s: float = 0.0
   retired: bool = False  # unloaded on purpose (unload, or no longer selected): not "unready"
+  code: Code = Code.INTERNAL  # the status a failed load answers RepositoryModelLoad with
 
 
 ObserverFactory = Callable[[str, int], Observer]
@@ -275,6 +276,7 @@ class ModelRepository:
         reason += " buckets or versions, or shard the model over more devices)"
       with self._lock:
         rec.state, rec.reason = State.UNAVAILABLE, reason
+        rec.code = e.code if isinstance(getattr(e, "code", None), Code) else Code.INTERNAL
       say(f"{name}/{version}: UNAVAILABLE: {rec.reason}")
       return rec
     return self._mark_ready(rec, manifest, runner, t0, say)

@@ -16,6 +16,7 @@ import prometheus_client as prom
 from prometheus_client.core import Metric
 
 from serving.runners import Observer
+from serving.telemetry.gpu_metrics import GpuCollector
 from serving.telemetry.host_metrics import HostCollector
 from serving.telemetry.profile import StageRecorder, model_key
 from serving.types import Code
@@ -76,6 +77,7 @@ class Metrics:
     self.triton = TritonCounters()
     r.register(self.triton)
     r.register(HostCollector())  # nv_cpu_utilization, nv_cpu_memory_{total,used}_bytes
+    r.register(GpuCollector())  # nv_gpu_* through NVML; absent without it
     self.pending = prom.Gauge("nv_inference_pending_request_count",
                               "Requests waiting in the queue", mv, registry=r)
     self.queue_rows = prom.Gauge("xlaserve_queue_rows", "Rows waiting in the queue", mv, registry=r)

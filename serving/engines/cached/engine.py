@@ -16,7 +16,7 @@ import logging
 import pathlib
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -288,6 +288,17 @@ class CachedTablesEngine(ReplicaEngine):
         d["miss_bytes"] = c.stats.misses * p.row_bytes
       out.append(d)
     return out
+
+  def _device_arrays(self, replica: Mapping[str, Any]) -> list[Any]:
+    """Dense params, the tables kept whole on the device, and the device caches."""
+    return [*self._dense, *(a for g in (*self._tables, *self._caches) for a in g)]
+
+  def _replica_devices(self, index: int) -> Sequence[Any]:
+    return (self.device,)
+
+  def _host_bytes(self) -> int:
+    """The cached tables' host copies (a memory-mapped table counts at its full size)."""
+    return sum(int(a.nbytes) for tables in self._host for a in tables)
 
   def close(self) -> None:
     with self._lock:
