@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Any, Callable
 
+from serving.engines.base import param_bytes
 from serving.engines.memory import MemoryReport, runner_memory
 from serving.repository.config import LoadSpec, RunnerFactory
 from bundle import BundleError
@@ -57,6 +58,7 @@ class DeviceBudget:
     """`load`, with each built (warmed-up) runner admitted before it is returned; a refused
     one is closed (its memory given back) and the refusal raised."""
     def guarded(spec: LoadSpec) -> Any:
+      self.precheck(spec)  # a load whose params alone cannot fit never touches the device
       runner = load(spec)
       try:
         report = self.admit(spec.name, runner)
@@ -88,13 +90,39 @@ class DeviceBudget:
       self._held[label] = report
     return report
 
-  def _refusal(self, label: str, device: int, need: int, held: dict[str, int]) -> str:
+  def precheck(self, spec: LoadSpec) -> None:
+    """Refuses, before anything is loaded, a version whose params alone (from its manifest)
+    would take a device it will use past the budget beside what is held there."""
+    floor = params_floor(spec)
+    with self._lock:
+      for device, need in floor.items():
+        held = {k: r.on(device) for k, r in self._held.items()
+                if k != spec.name and r.on(device) and self._holds(k)}
+        if sum(held.values()) + need > self.limit_bytes:
+          raise DeviceBudgetExceeded(self._refusal(spec.name, device, need, held, "at least"))
+
+  def _refusal(self, label: str, device: int, need: int, held: dict[str, int],
+               at_least: str = "") -> str:
     name, _, version = label.partition("/")
     holders = ", ".join(f"{k.replace('/', ' v')} {format_bytes(n)}"
                         for k, n in sorted(held.items(), key=lambda kv: -kv[1])) or "nothing"
-    return (f"loading {name} v{version} needs {format_bytes(need)} on device {device}; budget"
+    need_s = f"{at_least} {format_bytes(need)} (its params)" if at_least else format_bytes(need)
+    return (f"loading {name} v{version} needs {need_s} on device {device}; budget"
             f" {format_bytes(self.limit_bytes)}; held: {holders}; unload one or raise"
             " --device-memory-budget")
+
+
+def params_floor(spec: LoadSpec) -> dict[int, int]:
+  """Device index -> the fewest param bytes the version will place there: its whole params on
+  each device of a replicated placement, a 1/n share when a strategy shards them over n. Empty
+  when it cannot tell (embedding tables cached on the host)."""
+  cfg = spec.config
+  if cfg.embedding_cache.device_budget_bytes is not None:
+    return {}
+  devices = cfg.device_ids or tuple(range(cfg.devices or 1))
+  total = param_bytes(spec.manifest)
+  share = total if cfg.sharding in (None, "replicated") else total // len(devices)
+  return {d: share for d in devices} if share else {}
 
 
 def holding(repository: Any) -> Callable[[str], bool]:

@@ -69,7 +69,8 @@ def test_a_load_over_the_device_budget_is_refused_naming_who_holds_the_device(tm
         c.load_model("relevance")
       assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
       msg = str(e.value)
-      assert re.search(r"loading relevance v1 needs [\d.]+ KiB on device 0; budget 195\.3 KiB;"
+      assert re.search(r"loading relevance v1 needs (at least )?[\d.]+ KiB( \(its params\))? on"
+                       r" device 0; budget 195\.3 KiB;"
                        r" held: ranker v1 [\d.]+ KiB; unload one or raise"
                        r" --device-memory-budget", msg), msg
       assert not c.is_model_ready("relevance")
@@ -79,6 +80,27 @@ def test_a_load_over_the_device_budget_is_refused_naming_who_holds_the_device(tm
       c.load_model("relevance")
       assert assert_served_like(c, "relevance", _cases(3)[:1], _reference(model), rtol=1e-5,
                                 atol=1e-6) == 1
+
+
+def test_params_over_the_budget_are_refused_before_loading_the_rest_after_warm_up(tmp_path, dlrm):
+  src, model = dlrm
+  _model(tmp_path, src, "ranker")
+  params = PARAMS_OF(model)
+  with serving(tmp_path, engine_factory_for(), model_load_threads=1,
+               device_memory_budget_bytes=params // 2) as bg:  # not even the params fit
+    with tc.InferenceServerClient(bg.address) as c:
+      with pytest.raises(InferenceServerException) as e:
+        c.load_model("ranker")
+      assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
+      assert re.search(r"loading ranker v1 needs at least [\d.]+ KiB \(its params\) on device 0;"
+                       r" budget [\d.]+ KiB; held: nothing", str(e.value)), e.value
+  with serving(tmp_path, engine_factory_for(), device_memory_budget_bytes=params + 1) as bg:
+    with tc.InferenceServerClient(bg.address) as c:  # the params fit; with code and scratch not
+      with pytest.raises(InferenceServerException) as e:
+        c.load_model("ranker")
+      assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
+      need = float(re.search(r"needs ([\d.]+) KiB on device 0", str(e.value)).group(1))
+      assert need * 1024 > params + 1
 
 
 def test_an_embedding_cache_reports_its_host_tables_and_only_the_cache_on_device(dlrm):
