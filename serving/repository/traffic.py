@@ -3,7 +3,7 @@ decision (which served version an unversioned request goes to), testable without
 
 A split maps each version to a weight. A request that brings the sticky parameter (e.g. a user
 id) goes to the version whose interval of the cumulative weights holds a stable hash of the
-key (blake2b, not Python's salted `hash`), so one user stays on one version across requests,
+key (FNV-1a with a 64-bit finalizer, not Python's salted `hash`), so one user stays on one version across requests,
 processes and restarts, and moving weight between two versions moves only the users in the
 shifted interval. Without the key the point is drawn at random. Versions that are not ready
 are skipped and the others' weights renormalised. The shadow version is loaded but never
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import math
 import threading
 from typing import Any, Collection, Mapping, Sequence
@@ -130,10 +129,22 @@ def unloaded_versions(traffic: TrafficConfig | None, shadow: ShadowConfig | None
           " \"all\" or \"specific\" with those versions")
 
 
+_FNV_OFFSET, _FNV_PRIME, _MASK = 0xcbf29ce484222325, 0x100000001b3, (1 << 64) - 1
+
+
 def sticky_point(key: str) -> float:
-  """A stable point in [0, 1) for a request key: the same key gives the same point everywhere."""
-  digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-  return int.from_bytes(digest, "big") / 2.0 ** 64
+  """A stable point in [0, 1) for a request key: the same key gives the same point everywhere.
+  64-bit FNV-1a of its UTF-8 bytes, then MurmurHash3's fmix64 (FNV alone mixes short keys' high
+  bits poorly); the native front end computes the same (serving/frontend/native/split.cc)."""
+  h = _FNV_OFFSET
+  for b in key.encode("utf-8", "surrogatepass"):
+    h = ((h ^ b) * _FNV_PRIME) & _MASK
+  h ^= h >> 33
+  h = (h * 0xff51afd7ed558ccd) & _MASK
+  h ^= h >> 33
+  h = (h * 0xc4ceb9fe1a85ec53) & _MASK
+  h ^= h >> 33
+  return (h >> 11) * 2.0 ** -53
 
 
 def pick(weights: Sequence[tuple[int, float]], ready: Collection[int], u: float) -> int | None:

@@ -105,7 +105,7 @@ def test_split_by_weight_sticky_per_key_explicit_version_bypasses(tmp_path):
     n, share = len(got), 0.2
     assert abs(got.count(2) - n * share) <= 4 * np.sqrt(n * share * (1 - share)), got.count(2)
     # Sticky: a key stays on its version, on gRPC and HTTP (binary tensors) alike, and it is
-    # the version the blake2b point of the key falls on.
+    # the version the key's sticky point falls on.
     http = th.InferenceServerClient(f"127.0.0.1:{bg.server.http_port}")
     for key in keys[:40]:
       want = pick(((1, 80), (2, 20)), {1, 2}, sticky_point(str(key)))
