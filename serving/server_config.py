@@ -8,6 +8,7 @@ import dataclasses
 from serving.frontend import codec
 from serving.frontend.auth import check_token
 from serving.repository import ModelServingConfig
+from serving.telemetry.tracing import TracingConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class ServerConfig:
   batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
   # front end) or "python" (the Python Batcher; for comparison)
   model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
+  tracing: TracingConfig = TracingConfig()  # OpenTelemetry: sampling rate and OTLP endpoint
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:

@@ -132,6 +132,7 @@ PYBIND11_MODULE(_native, m) {
       .def("stop", &Frontend::Stop, py::call_guard<py::gil_scoped_release>())
       .def("set_models", &Frontend::SetModels)
       .def("set_accepting", &Frontend::SetAccepting)
+      .def("set_tracing", &Frontend::SetTracing)
       .def("take", &Frontend::Take)
       .def("complete", &Frontend::Complete)
       .def("forward", &Frontend::Forward)

@@ -46,6 +46,8 @@ namespace xlaserve::native {
 
 inline constexpr std::string_view kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
 inline constexpr const char* kShuttingDown = "server is shutting down; retry on another replica";
+// The head decision a relayed request carries to Python when tracing ("1" or "0"; trace.cc).
+inline constexpr std::string_view kTraceMarker = "x-xlaserve-trace";
 
 // The clock of Python's time.perf_counter() on Linux (CLOCK_MONOTONIC), in seconds.
 double MonoNow();
@@ -193,6 +195,7 @@ struct Call final : Responder {
   bool c_writing = false, writes_done = false, c_read_done = false, c_failed = false;
   bool c_finishing = false, s_dead = false, done = false;
   bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
+  int trace = -1;  // tracing: the head decision (1: sampled, relayed for Python to trace; 0: not)
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
   ~Call() override;
@@ -242,6 +245,14 @@ class Frontend {
 
   void SetModels(const std::vector<py::tuple>& entries);
   void SetAccepting(bool v) { accepting_ = v; }
+  // Tracing (trace.cc): head decisions by a client's traceparent, else a draw against `rate`.
+  void SetTracing(bool on, double rate) {
+    trace_rate_ = rate;
+    tracing_ = on;
+  }
+  bool Tracing() const { return tracing_; }
+  int TraceDecision(std::string_view traceparent);  // 1 sampled, 0 not
+  bool SampledForTrace(Call* c);  // a ModelInfer sampled (c->trace set): relay it to Python
   bool Accepting() const { return accepting_; }
 
   // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
@@ -305,7 +316,8 @@ class Frontend {
   std::vector<std::thread> workers_;
   std::mutex table_mu_;
   std::shared_ptr<Table> table_;
-  std::atomic<bool> accepting_{true};
+  std::atomic<bool> accepting_{true}, tracing_{false};
+  double trace_rate_ = 0;
   std::mutex qmu_;
   std::condition_variable qcv_, busy_cv_;
   int64_t busy_ = 0;

@@ -196,6 +196,9 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   if (h.method != "POST" || !fe_->Accepting() || !InferTarget(h.target, &name, &version)) {
     return FastResult::kRelay;
   }
+  if (fe_->Tracing() && (call.trace = fe_->TraceDecision(h.Get("traceparent"))) == 1) {
+    return FastResult::kRelay;  // sampled: Python answers and traces it
+  }
   int n = 0;
   if (!fe_->token().empty()) {
     std::string_view auth = h.Get("authorization", &n);
