@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import json
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,21 +35,23 @@ from benchmarks.serving import ServerCpu, make_inputs, pick_loadgen, say, start_
 
 
 class Sink:
-  """An OTLP/gRPC trace receiver counting the spans exported to it."""
+  """An OTLP/gRPC trace receiver counting the spans exported to it (and the SERVER ones: the
+  traced requests)."""
 
   def __init__(self):
     import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
     sink = self
-    self.spans = 0
+    self.spans = self.requests = 0
     self._lock = threading.Lock()
 
     class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
       def Export(self, request, context):
-        n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
         with sink._lock:
-          sink.spans += n
+          sink.spans += len(spans)
+          sink.requests += sum(s.kind == s.SPAN_KIND_SERVER for s in spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
     self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
@@ -61,33 +64,35 @@ class Sink:
 
 
 def _one_model_repository(repo: pathlib.Path, model: str, tmp: pathlib.Path) -> pathlib.Path:
-  """A repository holding only `model` (a link to its folder in `repo`): a quick start."""
+  """A repository holding only (a copy of) `model`: a quick start."""
   out = tmp / "repo"
-  out.mkdir()
-  (out / model).symlink_to((repo / model).resolve())
+  shutil.copytree(repo / model, out / model)
   return out
 
 
 def _round(repo: pathlib.Path, payload: bytes, args: argparse.Namespace, extra: list[str],
            sink: Sink) -> dict:
-  """One server with flags `extra`, one closed-loop load phase; its figures."""
+  """One server with flags `extra`, one closed-loop load phase; its figures (spans: all this
+  server exported, flushed at its stop; traced: their share of the requests it answered)."""
+  spans0, traced0 = sink.spans, sink.requests
   proc, addr, _ = start_server(repo, [*extra, *args.server_args.split()])
   try:
     cpu = ServerCpu(proc, addr, args.model)
-    args.run_load(addr, payload, rows_per_request=1, concurrency=args.concurrency,
-                  processes=args.processes, duration=1.0, warmup=0.2)  # warm the paths
-    spans0, before = sink.spans, cpu.read()
+    warm = args.run_load(addr, payload, rows_per_request=1, concurrency=args.concurrency,
+                         processes=args.processes, duration=1.0, warmup=0.0)  # warm the paths
+    before = cpu.read()
     res = args.run_load(addr, payload, rows_per_request=1, concurrency=args.concurrency,
-                        processes=args.processes, duration=args.duration, warmup=0.5)
+                        processes=args.processes, duration=args.duration, warmup=0.0)
     after = cpu.read()
   finally:
-    proc.terminate()
+    proc.terminate()  # graceful: the server flushes its spans
     proc.wait(60)
   if res.errors:
     raise RuntimeError(f"errors under load: {res.errors}")
+  answered = max(warm.ok + res.ok, 1)
   return {"rps": res.rps, "p50_ms": res.pct_ms(50), "p99_ms": res.pct_ms(99),
-          "cpu_us": (after[0] - before[0]) / max(res.ok, 1) * 1e6, "requests": res.ok,
-          "spans": sink.spans - spans0}
+          "cpu_us": (after[0] - before[0]) / max(res.ok, 1) * 1e6, "requests": answered,
+          "spans": sink.spans - spans0, "traced": (sink.requests - traced0) / answered}
 
 
 def _median(rounds: list[dict]) -> dict:
@@ -141,7 +146,7 @@ def main() -> None:
         r = _round(small, payload, args, extra, sink)
         rounds[name].append(r)
         say(f"round {i + 1} {name:>10}: {r['rps']:8.0f} req/s, p99 {r['p99_ms']:.2f} ms,"
-            f" {r['cpu_us']:.0f} µs CPU/req, {r['spans']} spans")
+            f" {r['cpu_us']:.0f} µs CPU/req, {r['spans']} spans, traced {r['traced']:.4f}")
   sink.stop()
   results = {n: {"rounds": rs, "median": _median(rs)} for n, rs in rounds.items()}
   base = results["off"]["median"]
@@ -150,9 +155,9 @@ def main() -> None:
     m = r["median"]
     rows.append([n, f"{m['rps']:.0f}", f"{m['rps'] / base['rps']:.3f}", f"{m['p50_ms']:.2f}",
                  f"{m['p99_ms']:.2f}", f"{m['cpu_us']:.0f}", f"{m['cpu_us'] / base['cpu_us']:.3f}",
-                 f"{m['spans'] / max(m['requests'], 1):.4f}"])
+                 f"{m['traced']:.4f}", f"{m['spans'] / m['requests']:.3f}"])
   print(format_table(["tracing", "req/s", "vs off", "p50 ms", "p99 ms", "CPU µs/req",
-                      "CPU vs off", "spans/req"], rows))
+                      "CPU vs off", "traced", "spans/req"], rows))
   print(f"{args.model}, 1-row requests, concurrency {args.concurrency}, {args.loadgen} load"
         f" generator, median of {args.rounds} rounds of {args.duration:g} s")
   (args.out / "tracing_cost.json").write_text(json.dumps(

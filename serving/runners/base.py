@@ -79,9 +79,12 @@ class Observer:
     pass
 
   def traced_batch(self, *, bucket: int, rows: int, requests: Sequence[InferRequest],
-                   t_taken: float, t_dispatch: float, t_done: float) -> None:
-    """A batch holding traced requests (`req.trace` set; called only when `tracing`): when it
-    was taken from the queue, dispatched and done (perf_counter), before its answers go out."""
+                   t_taken: float, t_dispatch: float, t_done: float,
+                   natives: Sequence[tuple] = (), t_sent: float = 0.0) -> None:
+    """A batch holding traced requests (called only when `tracing`): when it was taken from
+    the queue, dispatched and done (perf_counter), before the Python ones' (`req.trace` set)
+    answers go out; `natives`: records of those a native queue answered, at `t_sent`
+    (name, traceparent, tracestate, request id, rows, start, arrival, queue seconds)."""
 
   def request_sizes(self, rows: Sequence[int]) -> None:
     """Rows of requests that started running (once each): the traffic bucket plans learn from."""

@@ -185,20 +185,23 @@ class QueuedRowRunner(BatchedRunner):
       self.observer.requests_done(ok_s=ok_s)
       self._refresh_gauges()
       self._log(logs)
-      if backs and t_dispatch is not None and self.observer.tracing:
-        self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s)
     finally:
-      self._q.release(held)
+      t_sent = self._q.release(held)
+    if t_dispatch is not None and self.observer.tracing:
+      self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s, t_sent)
     if backs:
       self._deliver_slices(backs, outs, generation)
 
   def _trace(self, batch: Any, backs: Sequence[tuple], t_taken: float, t_dispatch: float,
-             t_done: float) -> None:
-    """The batch span of the traced Python requests in it (native ones are never traced)."""
+             t_done: float, t_sent: float) -> None:
+    """The batch span of the traced requests in it: Python ones (`req.trace`) and native ones
+    the queue answered (their records, sent at `t_sent`)."""
     traced = [b[0] for b in backs if b[0].trace is not None]
-    if traced:
+    natives = self._q.traced(batch)
+    if traced or natives:
       self.observer.traced_batch(bucket=batch.bucket, rows=batch.rows, requests=traced,
-                                 t_taken=t_taken, t_dispatch=t_dispatch, t_done=t_done)
+                                 t_taken=t_taken, t_dispatch=t_dispatch, t_done=t_done,
+                                 natives=natives, t_sent=t_sent)
 
   def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray],
                       generation: int = 0) -> None:

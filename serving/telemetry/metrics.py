@@ -209,11 +209,12 @@ class _ModelObserver(Observer):
       _observe_many(self._queue_time, queue_s)
 
   def traced_batch(self, *, bucket: int, rows: int, requests: Sequence[Any], t_taken: float,
-                   t_dispatch: float, t_done: float) -> None:
+                   t_dispatch: float, t_done: float, natives: Sequence[tuple] = (),
+                   t_sent: float = 0.0) -> None:
     try:  # a tracing fault must not stop the runner thread that calls this
       self._tracing.batch(model=self.labels[0], version=self.labels[1], bucket=bucket, rows=rows,
                           traces=[r.trace for r in requests], t_taken=t_taken,
-                          t_dispatch=t_dispatch, t_done=t_done)
+                          t_dispatch=t_dispatch, t_done=t_done, natives=natives, t_sent=t_sent)
     except Exception:
       logger.exception("recording a batch span failed")
 

@@ -3,13 +3,14 @@
 Each server builds its own TracerProvider (never the global one) exporting over OTLP/gRPC.
 A request's head decision is taken once, before any span object exists: a client's W3C
 `traceparent` decides (parent-based), else one random draw against the rate, made here or,
-for requests the native front end would answer in C++, there (it relays the sampled ones and
-marks the relay with `x-xlaserve-trace: 1|0`). Unsampled requests cost that draw and nothing
-more. A sampled request carries a `RequestTrace` (its SERVER span and a few perf_counter
-floats); the runner hands each batch holding traced requests to `Tracing.batch`, which
-records ONE `batch` span (children `assemble`, `compute`) linked to every traced request in
-it, and the front end ends the request span with children `parse`, `queue`, `compute`,
-`encode`, all with explicit timestamps converted from the monotonic clock to epoch ns.
+with the native front ends, in C++ (serving/frontend/native/trace.cc; what C++ relays carries
+the decision as `x-xlaserve-trace: 1|0`). Unsampled requests cost that draw and nothing more.
+A sampled Python request carries a `RequestTrace` (its SERVER span and a few perf_counter
+floats); a sampled request the native queue answers stays on the C++ fast path and comes back
+with its batch as a record of timestamps. The runner hands each batch holding traced requests
+to `Tracing.batch`, which records ONE `batch` span (children `assemble`, `compute`) linked to
+every traced request in it; request spans get children `parse`, `queue`, `compute`, `encode`,
+all with explicit timestamps converted from the monotonic clock to epoch ns once.
 """
 
 from __future__ import annotations
@@ -154,11 +155,14 @@ class Tracing:
     return RequestTrace(span, t0)
 
   def batch(self, *, model: str, version: str, bucket: int, rows: int,
-            traces: Sequence[RequestTrace], t_taken: float, t_dispatch: float,
-            t_done: float) -> None:
+            traces: Sequence[RequestTrace], t_taken: float, t_dispatch: float, t_done: float,
+            natives: Sequence[tuple] = (), t_sent: float = 0.0) -> None:
     """One batch's span, linked to the traced requests in it (children `assemble` and
-    `compute`); each request's trace learns when its rows were taken and done."""
+    `compute`); each Python request's trace learns when its rows were taken and done, and
+    the native ones (records of requests the C++ queue answered, at `t_sent`) are recorded."""
+    native = [self._native_request(n, model, version) for n in natives]
     links = [otel.Link(t.span.get_span_context()) for t in traces]
+    links += [otel.Link(span.get_span_context()) for span, _ in native]
     span = self._tracer.start_span(
         "batch", kind=otel.SpanKind.INTERNAL, links=links, start_time=self._ns(t_taken),
         attributes={_HEAD: True, "xlaserve.model": model, "xlaserve.version": version,
@@ -171,12 +175,37 @@ class Tracing:
     for t in traces:  # a request split across batches spans from its first to its last
       t.t_taken = t_taken if t.t_taken is None else min(t.t_taken, t_taken)
       t.t_done = t_done if t.t_done is None else max(t.t_done, t_done)
+    for span, arrival in native:  # (a split one: its queue runs to its last batch)
+      ctx = otel.set_span_in_context(span)
+      self._child("parse", ctx, None, arrival, start_ns=span.start_time)
+      self._child("queue", ctx, arrival, t_taken)
+      self._child("compute", ctx, t_taken, t_done)
+      self._child("encode", ctx, t_done, max(t_done, t_sent))
+      span.end(end_time=self._ns(max(t_done, t_sent)))
 
-  def _child(self, name: str, ctx: Any, start: float | None, end: float | None) -> None:
-    if start is None or end is None:
+  def _native_request(self, record: tuple, model: str, version: str) -> tuple[Any, float]:
+    """The SERVER span (started) of a request the native queue answered, from its record."""
+    name, parent, state, request_id, rows, t_start, arrival, _ = record
+    ctx = None
+    if parent:
+      carrier = {"traceparent": parent, **({"tracestate": state} if state else {})}
+      ctx = self._propagator.extract(carrier)
+      if not otel.get_current_span(ctx).get_span_context().is_valid:
+        ctx = None
+    span = self._tracer.start_span(name, context=ctx, kind=otel.SpanKind.SERVER,
+                                   start_time=self._ns(t_start), attributes={
+        _HEAD: True, "xlaserve.model": model, "xlaserve.version": version,
+        "xlaserve.rows": rows, "xlaserve.request_id": request_id, "xlaserve.code": "OK",
+        "xlaserve.native": True})
+    return span, arrival
+
+  def _child(self, name: str, ctx: Any, start: float | None, end: float | None, *,
+             start_ns: int | None = None) -> None:
+    if (start is None and start_ns is None) or end is None:
       return
-    self._tracer.start_span(name, context=ctx, start_time=self._ns(start)).end(
-        end_time=self._ns(max(start, end)))
+    first = self._ns(start) if start_ns is None else start_ns
+    self._tracer.start_span(name, context=ctx, start_time=first).end(
+        end_time=max(first, self._ns(end)))
 
   def finish(self, rt: RequestTrace, *, attributes: dict[str, Any],
              error: str | None = None) -> None:

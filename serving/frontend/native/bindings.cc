@@ -166,6 +166,7 @@ PYBIND11_MODULE(_native, m) {
       .def("isolate", &RowQueue::Isolate)
       .def("stop", &RowQueue::Stop)
       .def("release", &RowQueue::ReleaseHeld, py::call_guard<py::gil_scoped_release>())
+      .def("traced", &RowQueue::Traced)
       .def("finished", &RowQueue::Finished, py::call_guard<py::gil_scoped_release>())
       .def("pending", &RowQueue::Pending, py::call_guard<py::gil_scoped_release>())
       .def("observe", &RowQueue::Observe, py::call_guard<py::gil_scoped_release>())

@@ -96,6 +96,9 @@ struct HttpCall final : Responder {
   std::string LogId() override;
 };
 
+// A sampled HTTP request's trace record (trace.cc).
+std::unique_ptr<TraceInfo> HttpTrace(const HttpHead& h, std::string id, double t_start);
+
 // A response with a JSON body: Triton's {"error": message} with the status its code maps to.
 std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close);
 

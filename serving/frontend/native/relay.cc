@@ -55,7 +55,8 @@ void Call::OnEvent(Op op, bool ok) {
       if (!relaying) {  // the first message
         fe->entering_++;  // until it is queued, refused or counted as relayed (Inflight)
         bool fast = false;
-        if (ok && !fe->SampledForTrace(this)) {  // a sampled one goes to Python, traced
+        if (ok) {
+          fe->DecideTrace(this);  // tracing: the head decision, before the fast path
           try {
             fast = fe->TryFast(this);
           } catch (...) {

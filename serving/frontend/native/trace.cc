@@ -1,14 +1,16 @@
 // Tracing's head decision in the native front ends (serving/telemetry/tracing.py has the rest).
 // With tracing on, each ModelInfer (gRPC) and inference POST (HTTP) is decided once, before
 // parsing: a client's valid W3C traceparent decides by its sampled flag (parent-based), else
-// one draw against the rate. A sampled request is relayed to Python, which answers and traces
-// it; the relay tells Python the decision ("x-xlaserve-trace: 1" or "0", any client-sent
-// marker dropped), so Python never draws again. Unsampled requests keep the C++ fast path.
+// one draw against the rate. A sampled request the fast path takes into a model's RowQueue
+// stays there, carrying a TraceInfo; the queue hands the finished ones to the runner per batch
+// (`Traced`), which records their spans from these timestamps. Any other request is relayed
+// with the decision ("x-xlaserve-trace: 1" or "0", any client-sent marker dropped), so Python
+// traces it without drawing again.
 
 #include <random>
 
-#include "frontend.h"
 #include "http.h"
+#include "row_queue.h"
 
 namespace xlaserve::native {
 namespace {
@@ -57,14 +59,55 @@ int Frontend::TraceDecision(std::string_view traceparent) {
   return std::uniform_real_distribution<double>(0.0, 1.0)(rng) < rate ? 1 : 0;
 }
 
-bool Frontend::SampledForTrace(Call* c) {
-  if (!tracing_ || std::string_view(c->sctx.method()) != kInferMethod) return false;
-  std::string_view parent;
-  const auto& md = c->sctx.client_metadata();
-  auto it = md.find("traceparent");
-  if (it != md.end()) parent = std::string_view(it->second.data(), it->second.size());
-  c->trace = TraceDecision(parent);
-  return c->trace == 1;
+namespace {
+
+std::string_view Metadata(const grpc::GenericServerContext& ctx, const char* key) {
+  const auto& md = ctx.client_metadata();
+  auto it = md.find(key);
+  return it == md.end() ? std::string_view() : std::string_view(it->second.data(), it->second.size());
+}
+
+}  // namespace
+
+void Frontend::DecideTrace(Call* c) {
+  if (!tracing_ || std::string_view(c->sctx.method()) != kInferMethod) return;
+  c->trace = TraceDecision(Metadata(c->sctx, "traceparent"));
+  if (c->trace == 1) c->trace_t0 = MonoNow();
+}
+
+std::unique_ptr<TraceInfo> Frontend::TraceOf(Call* c) {
+  if (c->trace != 1) return nullptr;
+  auto t = std::make_unique<TraceInfo>();
+  t->name = "ModelInfer " + std::string(c->model_name);
+  t->parent = std::string(Metadata(c->sctx, "traceparent"));
+  t->state = std::string(Metadata(c->sctx, "tracestate"));
+  t->request_id = c->LogId();
+  t->t_start = c->trace_t0;
+  return t;
+}
+
+std::unique_ptr<TraceInfo> HttpTrace(const HttpHead& h, std::string id, double t_start) {
+  auto t = std::make_unique<TraceInfo>();
+  t->name = "POST " + std::string(h.target.substr(0, h.target.find('?')));
+  t->parent = std::string(h.Get("traceparent"));
+  t->state = std::string(h.Get("tracestate"));
+  t->request_id = std::move(id);
+  t->t_start = t_start;
+  return t;
+}
+
+py::list RowQueue::Traced(const std::shared_ptr<RowBatch>& b) {
+  std::vector<std::tuple<std::unique_ptr<TraceInfo>, int64_t, double, double>> got;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    got.swap(b->traced);
+  }
+  py::list out;
+  for (auto& [t, rows, arrival, queue_s] : got) {
+    out.append(py::make_tuple(t->name, t->parent, t->state, t->request_id, rows, t->t_start,
+                              arrival, queue_s));
+  }
+  return out;
 }
 
 }  // namespace xlaserve::native

@@ -73,7 +73,8 @@ def _attrs(span) -> dict:
   out = {}
   for kv in span.attributes:
     v = kv.value
-    out[kv.key] = v.string_value if v.HasField("string_value") else v.int_value
+    out[kv.key] = (v.string_value if v.HasField("string_value") else
+                   v.bool_value if v.HasField("bool_value") else v.int_value)
   return out
 
 
@@ -83,13 +84,13 @@ def _grpc_infer(address: str, x, k, headers=None):
     return res.as_numpy("y"), res.as_numpy("z")
 
 
-def _http_infer(port: int, x, k, headers=None):
+def _http_infer(port: int, x, k, headers=None, binary=True):
   ins = []
   for name, arr in (("x", x), ("k", k)):
     i = th.InferInput(name, list(arr.shape), th.np_to_triton_dtype(arr.dtype))
-    i.set_data_from_numpy(arr, binary_data=True)
+    i.set_data_from_numpy(arr, binary_data=binary)
     ins.append(i)
-  outs = [th.InferRequestedOutput(n, binary_data=True) for n in ("y", "z")]
+  outs = [th.InferRequestedOutput(n, binary_data=binary) for n in ("y", "z")]
   with th.InferenceServerClient(f"127.0.0.1:{port}") as c:
     res = c.infer("mock", ins, outputs=outs, headers=headers)
     return res.as_numpy("y"), res.as_numpy("z")
@@ -138,9 +139,10 @@ def _batch_of(spans, request_span) -> dict:
   return {"batch": batch, **kids}
 
 
-def _check_request(spans, trace_id, parent_id, name, rows) -> None:
+def _check_request(spans, trace_id, parent_id, name, rows, native=False) -> None:
   t = _request_trace(spans, trace_id, parent_id, name)
   a = _attrs(t["request"])
+  assert bool(a.get("xlaserve.native")) == native  # answered by the C++ queue
   assert (a["xlaserve.model"], a["xlaserve.version"], a["xlaserve.rows"]) == ("mock", "1", rows)
   assert a["xlaserve.code"] == "OK" and a["xlaserve.request_id"]
   b = _batch_of(spans, t["request"])
@@ -160,8 +162,9 @@ def fast_export(monkeypatch):
 
 @pytest.mark.skipif(NATIVE is None, reason="native front end not built")
 def test_client_traceparent_is_traced_through_the_native_front_ends(tmp_path, fast_export):
-  """Rate 0: only client-sampled requests are traced (relayed from C++ to Python); the rest
-  stay on the C++ fast path and export nothing; the histograms count them all."""
+  """Rate 0: only client-sampled requests are traced, on the C++ fast path (spans from its
+  timestamps) or, for what C++ relays (JSON tensors), by Python told the decision; nothing
+  else is exported; the histograms count every request."""
   write_mock_bundle(tmp_path / "repo")
   rng = np.random.default_rng(0)
   with _otlp_receiver() as (receiver, endpoint):
@@ -171,11 +174,14 @@ def test_client_traceparent_is_traced_through_the_native_front_ends(tmp_path, fa
       srv = bg.server
       assert (srv.frontend, srv.http_frontend) == ("native", "native")
       (g_tid, g_sid), (h_tid, h_sid), (u_tid, u_sid) = _ids(), _ids(), _ids()
+      j_tid, j_sid = _ids()
       x, k = mock_rows(rng, 3)
       before = srv.native.stats()
       _check_answer(_grpc_infer(bg.address, x, k, {"traceparent": _parent(g_tid, g_sid)}), x, k)
       _check_answer(_http_infer(srv.http_port, x, k, {"traceparent": _parent(h_tid, h_sid)}),
                     x, k)
+      _check_answer(_http_infer(srv.http_port, x, k, {"traceparent": _parent(j_tid, j_sid)},
+                                binary=False), x, k)
       untraced = [None, {"traceparent": _parent(u_tid, u_sid, "00")},  # not sampled by client
                   {"traceparent": "00-xyz-0-01"},  # malformed: ignored
                   {"x-xlaserve-trace": "1"}]  # a client cannot pass as the native relay
@@ -183,21 +189,22 @@ def test_client_traceparent_is_traced_through_the_native_front_ends(tmp_path, fa
         _check_answer(_grpc_infer(bg.address, x, k, headers), x, k)
       _check_answer(_http_infer(srv.http_port, x, k, {"x-xlaserve-trace": "1"}), x, k)
       after = srv.native.stats()
-      assert after["relayed"] - before["relayed"] == 1  # the sampled gRPC call
-      assert after["http_relayed"] - before["http_relayed"] == 1
-      assert after["fast"] - before["fast"] == len(untraced)
-      assert after["http_fast"] - before["http_fast"] == 1
+      assert after["relayed"] - before["relayed"] == 0  # traced or not: the C++ fast path
+      assert after["http_relayed"] - before["http_relayed"] == 1  # the JSON one
+      assert after["fast"] - before["fast"] == 1 + len(untraced)
+      assert after["http_fast"] - before["http_fast"] == 2
       text = urllib.request.urlopen(
           f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
     # the server stopped: its buffered spans were flushed
   spans = receiver.spans
   assert receiver.services == {"tracing-test"}
-  _check_request(spans, g_tid, g_sid, "ModelInfer mock", 3)
-  _check_request(spans, h_tid, h_sid, "POST /v2/models/mock/infer", 3)
+  _check_request(spans, g_tid, g_sid, "ModelInfer mock", 3, native=True)
+  _check_request(spans, h_tid, h_sid, "POST /v2/models/mock/infer", 3, native=True)
+  _check_request(spans, j_tid, j_sid, "POST /v2/models/mock/infer", 3)
   servers = [s for s in spans if s.kind == SERVER]
-  assert sorted(s.trace_id.hex() for s in servers) == sorted([g_tid, h_tid])
-  assert len(spans) == 2 * (1 + len(STAGES)) + 2 * 3  # nothing else: two requests, two batches
-  n = 2 + len(untraced) + 1
+  assert sorted(s.trace_id.hex() for s in servers) == sorted([g_tid, h_tid, j_tid])
+  assert len(spans) == 3 * (1 + len(STAGES)) + 3 * 3  # nothing else: 3 requests, 3 batches
+  n = 3 + len(untraced) + 1
   labels = {"model": "mock", "version": "1"}
   assert metric(text, "xlaserve_queue_duration_seconds_count", **labels) == n
   assert metric(text, "xlaserve_compute_duration_seconds_count", **labels) == metric(
@@ -205,7 +212,7 @@ def test_client_traceparent_is_traced_through_the_native_front_ends(tmp_path, fa
   assert metric(text, "xlaserve_compute_duration_seconds_sum", **labels) > 0
 
 
-def test_python_front_ends_rate_one_roots_errors_and_no_marker(tmp_path, fast_export):
+def test_python_front_ends_rate_one_roots_and_errors(tmp_path, fast_export):
   """Rate 1 on the Python front ends: requests without (or with a malformed) traceparent are
   new roots, a failed request's span has the ERROR status, a client's unsampled traceparent
   is honoured."""
@@ -241,7 +248,7 @@ def test_python_front_ends_rate_one_roots_errors_and_no_marker(tmp_path, fast_ex
 @pytest.mark.skipif(NATIVE is None, reason="native front end not built")
 def test_native_head_sampling_at_rate_one(tmp_path, fast_export):
   """Rate 1 behind the native front ends: C++ samples every request without a client decision
-  and Python traces it as a root; an unsampled client traceparent keeps the fast path."""
+  and they are traced as roots, on the fast path; an unsampled client traceparent is not."""
   write_mock_bundle(tmp_path / "repo")
   rng = np.random.default_rng(2)
   with _otlp_receiver() as (receiver, endpoint):
@@ -255,10 +262,11 @@ def test_native_head_sampling_at_rate_one(tmp_path, fast_export):
       _check_answer(_grpc_infer(bg.address, x, k, {"traceparent": _parent(u_tid, u_sid, "00")}),
                     x, k)
       after = bg.server.native.stats()
-      assert after["fast"] - before["fast"] == 1
+      assert after["fast"] - before["fast"] == 2 and after["http_fast"] - before["http_fast"] == 1
       assert (after["relayed"] - before["relayed"], after["http_relayed"]
-              - before["http_relayed"]) == (1, 1)
+              - before["http_relayed"]) == (0, 0)
   servers = {s.name: s for s in receiver.spans if s.kind == SERVER}
   assert sorted(servers) == ["ModelInfer mock", "POST /v2/models/mock/infer"]
   for name, s in servers.items():
-    _check_request(receiver.spans, s.trace_id.hex(), None, name, 1)
+    _check_request(receiver.spans, s.trace_id.hex(), None, name, 1, native=True)
+  assert not [s for s in receiver.spans if s.trace_id.hex() == u_tid]
