@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_placement_flags(serve)
   _add_security_flags(serve)
   _add_runtime_flags(serve)
+  _add_tracing_flags(serve)
   from serving import plan_buckets, profile_cli, shadow_cli, update_cli
   plan_buckets.add_parser(sub)
   update_cli.add_parser(sub)
@@ -226,6 +227,20 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      help="Python logging level (DEBUG, INFO, WARNING, ERROR)")
 
 
+def _add_tracing_flags(serve: argparse.ArgumentParser) -> None:
+  """OpenTelemetry tracing (serving/telemetry/tracing.py)."""
+  serve.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT",
+                     help="OpenTelemetry collector (OTLP over gRPC, plaintext) to export request"
+                     " and batch spans to, e.g. localhost:4317 (Jaeger, otel-collector); none:"
+                     " tracing off. A client's sampled W3C traceparent (gRPC metadata or HTTP"
+                     " header) is always traced")
+  serve.add_argument("--trace-rate", type=float, default=0.0, metavar="RATE",
+                     help="fraction (0..1) of requests without a client traceparent that are"
+                     " traced; needs --otlp-endpoint")
+  serve.add_argument("--trace-service-name", default="xlaserve",
+                     help="the service.name resource of the exported spans")
+
+
 def _embedding_cache(args: argparse.Namespace) -> Any:
   from serving.engines.cached import EmbeddingCacheConfig, parse_bytes
 
@@ -248,6 +263,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
   from serving.frontend import codec
   from serving.repository import ModelServingConfig
   from serving.server_config import ServerConfig
+  from serving.telemetry.tracing import TracingConfig
 
   default_cfg = ModelServingConfig(max_queue_delay_us=args.max_queue_delay_us,
                                    max_queue_rows=args.max_queue_rows,
@@ -274,4 +290,6 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       model_load_threads=args.model_load_thread_count,
       device_memory_budget_bytes=_device_budget(args.device_memory_budget),
       shutdown_grace_s=args.shutdown_grace_s, drain_quiet_s=args.drain_quiet_s,
-      profile_dir=args.profile_dir)
+      profile_dir=args.profile_dir,
+      tracing=TracingConfig(rate=args.trace_rate, otlp_endpoint=args.otlp_endpoint,
+                            service_name=args.trace_service_name))

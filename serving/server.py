@@ -56,6 +56,7 @@ from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.memory_metrics import ModelMemoryCollector
 from serving.telemetry.metrics import Metrics
 from serving.telemetry.profile import Profiler
+from serving.telemetry.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 class _Servicer(InferenceServicer):
@@ -86,7 +87,9 @@ class Server:
     self._startup_failed = False
     self.progress = progress or (lambda msg: logger.info("%s", msg))
     self.compiles = CompileCounter().install()
-    self.metrics = Metrics(compile_count=lambda: self.compiles.outside_warmup)
+    self.tracing = Tracing(config.tracing) if config.tracing.enabled else None
+    self.metrics = Metrics(compile_count=lambda: self.compiles.outside_warmup,
+                           tracing=self.tracing)
     self.native: native_frontend.NativeFrontend | None = None
     self._native_module, self.frontend = self._choose_frontend()
     self._socket_dir: str | None = None
@@ -115,6 +118,7 @@ class Server:
     self.servicer.profiler = Profiler(self.metrics, pathlib.Path(
         config.profile_dir or pathlib.Path(tempfile.gettempdir()) / "xlaserve-profiles"))
     self.metrics.registry.register(CanaryCollector(self.servicer.canary.snapshot))
+    self.servicer.tracing = self.tracing
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
@@ -219,6 +223,9 @@ class Server:
           id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
           tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s) if creds else None)
       self.metrics.add_native_front_end(self.native.stats)
+      if self.tracing is not None:  # C++ takes the head decision of what it would answer
+        self.native.set_tracing(cfg.tracing.rate)
+        self.servicer.trust_trace_marker = True  # grpc.aio hears only the relay
     else:
       self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
                         else server.add_insecure_port(address))
@@ -287,6 +294,7 @@ class Server:
       return
     backend = f"{self._socket_dir}/http.sock"
     await self.http.start(unix_socket=backend)
+    self.http.routes.trust_trace_marker = True  # uvicorn hears only the native relay
     self.http_port = self.native.start_http(cfg.host, cfg.http_port, backend,
                                             read_timeout_s=cfg.http_read_timeout_s,
                                             idle_timeout_s=cfg.http_idle_timeout_s,
@@ -337,6 +345,8 @@ class Server:
       shutil.rmtree(self._socket_dir, ignore_errors=True)
     if self._metrics_server is not None:
       self._metrics_server.shutdown()
+    if self.tracing is not None:  # the spans still buffered go to the collector
+      await self._loop.run_in_executor(None, self.tracing.shutdown)
     self.progress("stopped")
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from serving.frontend import codec
 from serving.frontend.auth import check_token
 from serving.repository import ModelServingConfig
+from serving.telemetry.tracing import TracingConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class ServerConfig:
   # Bytes per device all loaded versions may hold together (params, executables, scratch); a
   # load beyond it is refused with RESOURCE_EXHAUSTED (serving/repository/budget.py). None: no cap.
   device_memory_budget_bytes: int | None = None
+  tracing: TracingConfig = TracingConfig()  # OpenTelemetry: sampling rate and OTLP endpoint
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:

@@ -69,6 +69,7 @@ class InferRequest:
   # The params generations (live updates) that scored its rows, lowest and highest: equal
   # unless a request split across batches straddled an update; (0, 0): the bundle's params.
   generations: tuple[int, int] = (0, 0)
+  trace: Any = None  # a sampled request's trace (serving/telemetry/tracing.py); None: untraced
 
 
 def merge_generations(req: InferRequest, generation: int, first: bool) -> None:

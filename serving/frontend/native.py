@@ -149,6 +149,11 @@ class NativeFrontend:
       self._slot_of = slot_of
       self._fe.set_models(entries)
 
+  def set_tracing(self, rate: float) -> None:
+    """Tracing on: C++ takes the head decision of each ModelInfer (a client's sampled
+    traceparent, else a draw against `rate`) and relays the sampled ones to Python, marked."""
+    self._fe.set_tracing(True, rate)
+
   def set_accepting(self, accepting: bool) -> None:
     """False: every ModelInfer goes to the Python servicer (which answers UNAVAILABLE)."""
     self._fe.set_accepting(accepting)

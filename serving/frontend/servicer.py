@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from bundle import TensorSpec
-from serving.frontend import codec, params
+from serving.frontend import codec, params, request_trace
 from serving.frontend.canary import Canary
 from serving.frontend.memory_usage import add_memory_usage
 from serving.frontend.model_config import model_config, model_metadata
@@ -29,6 +29,7 @@ from serving.repository import ModelRepository, ServedVersion, State
 from serving.runners import Runner
 from serving.telemetry.logs import log_outcome
 from serving.telemetry.profile import model_key
+from serving.telemetry.tracing import RequestTrace
 from serving.types import SHUTTING_DOWN, Code, Completion, InferRequest, ServingError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self._inflight = 0
     self._idle = asyncio.Event()
     self._idle.set()
+    self.tracing = None  # a Tracing (serving/telemetry/tracing.py) when requests are traced
+    self.trust_trace_marker = False  # behind the native front end: its head decision holds
 
   # -- helpers -----------------------------------------------------------------
 
@@ -271,26 +274,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     if self.refusing():
       await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
     request_id = self.request_id(request.id)
+    rt = None if self.tracing is None else request_trace.start_grpc(
+        self.tracing, context, request.model_name, t0, self.trust_trace_marker)
     try:
-      response = await self.predict(request, context, t0, request_id)
+      response = await self.predict(request, context, t0, request_id, trace=rt)
     except ServingError as e:
       self._log_outcome(request, request_id, e, t0)
+      if rt is not None:
+        request_trace.finish_grpc(self.tracing, rt, request_id, e)
       return await self._abort(context, e)
     self._log_outcome(request, request_id, None, t0)
+    if rt is not None:
+      request_trace.finish_grpc(self.tracing, rt, request_id, None)
     return response
 
   def request_id(self, given: str) -> str:
     """The client's request id, or a fresh server-unique one when it sent none."""
     return given or f"{self.id_prefix}-{next(self._ids)}"
 
-  async def predict(self, request, context, t0: float,
-                     request_id: str) -> pb.ModelInferResponse:
+  async def predict(self, request, context, t0: float, request_id: str, *,
+                    trace: RequestTrace | None = None) -> pb.ModelInferResponse:
     """Validates, queues and awaits one request (ModelInfer, and predict models in a stream);
     raises ServingError."""
-    rec, outputs, out_specs, generations = await self.infer(request, context, t0, request_id)
+    rec, outputs, out_specs, generations = await self.infer(request, context, t0, request_id,
+                                                            trace=trace)
     return codec.encode_response(request, rec.version, outputs, out_specs, generations)
 
-  async def infer(self, request, context, t0: float, request_id: str
+  async def infer(self, request, context, t0: float, request_id: str, *,
+                  trace: RequestTrace | None = None
                   ) -> tuple[ServedVersion, Mapping[str, np.ndarray], list[TensorSpec],
                              tuple[int, int]]:
     """The protocol-neutral half of `predict`: routes, validates, queues and awaits one request
@@ -311,6 +322,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          sink_token=fut)
       if runner.capabilities.wants_parameters:
         req.parameters = {k: codec.param_value(v) for k, v in request.parameters.items()}
+      if trace is not None:  # sampled (`trace` says so): the runner records its batch span
+        trace.submitted(rec.name, rec.version, rows)
+        req.trace = trace
       try:
         runner.submit(req)
         if self.stages is not None and (recorder := self.stages.recorder) is not None:
@@ -325,6 +339,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     try:
       outputs = await fut
     finally:
+      if trace is not None:
+        trace.answered()
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()

@@ -56,7 +56,9 @@ class RunnerStats:
 
 
 class Observer:
-  """Hooks for metrics; the default does nothing."""
+  """Hooks for metrics and tracing; the default does nothing."""
+
+  tracing = False  # True: runners hand batches holding traced requests to `traced_batch`
 
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
     pass
@@ -80,6 +82,14 @@ class Observer:
 
   def queue_depth(self, rows: int, requests: int) -> None:
     pass
+
+  def traced_batch(self, *, bucket: int, rows: int, requests: Sequence[InferRequest],
+                   t_taken: float, t_dispatch: float, t_done: float,
+                   natives: Sequence[tuple] = (), t_sent: float = 0.0) -> None:
+    """A batch holding traced requests (called only when `tracing`): when it was taken from
+    the queue, dispatched and done (perf_counter), before the Python ones' (`req.trace` set)
+    answers go out; `natives`: records of those a native queue answered, at `t_sent`
+    (name, traceparent, tracestate, request id, rows, start, arrival, queue seconds)."""
 
   def request_sizes(self, rows: Sequence[int]) -> None:
     """Rows of requests that started running (once each): the traffic bucket plans learn from."""

@@ -157,7 +157,7 @@ class QueuedRowRunner(BatchedRunner):
       busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
       last_done = t_done
       self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input,
-                   self.engine.generation_of(handle))
+                   self.engine.generation_of(handle), t_dispatch=t_dispatch)
       self.observer.batch_timing(start=t_dispatch, done=t_done, rows=batch.rows,
                                  requests=len(batch.request_rows), assembly_s=t_input,
                                  encode_s=time.perf_counter() - t_done)
@@ -171,7 +171,7 @@ class QueuedRowRunner(BatchedRunner):
   # -- answers -------------------------------------------------------------------------------
 
   def _answer(self, batch: Any, outs: dict[str, np.ndarray], busy_s: float, compute_s: float,
-              t_input: float, generation: int = 0) -> None:
+              t_input: float, generation: int = 0, *, t_dispatch: float | None = None) -> None:
     try:
       arrays = [np.ascontiguousarray(outs[name], dtype).reshape(-1).view(np.uint8)
                 for name, _, dtype in self._out]
@@ -189,9 +189,22 @@ class QueuedRowRunner(BatchedRunner):
       self._refresh_gauges()
       self._log(logs)
     finally:
-      self._q.release(held)
+      t_sent = self._q.release(held)
+    if t_dispatch is not None and self.observer.tracing:
+      self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s, t_sent)
     if backs:
       self._deliver_slices(backs, outs, generation)
+
+  def _trace(self, batch: Any, backs: Sequence[tuple], t_taken: float, t_dispatch: float,
+             t_done: float, t_sent: float) -> None:
+    """The batch span of the traced requests in it: Python ones (`req.trace`) and native ones
+    the queue answered (their records, sent at `t_sent`)."""
+    traced = [b[0] for b in backs if b[0].trace is not None]
+    natives = self._q.traced(batch)
+    if traced or natives:
+      self.observer.traced_batch(bucket=batch.bucket, rows=batch.rows, requests=traced,
+                                 t_taken=t_taken, t_dispatch=t_dispatch, t_done=t_done,
+                                 natives=natives, t_sent=t_sent)
 
   def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray],
                       generation: int = 0) -> None:
@@ -254,7 +267,7 @@ class QueuedRowRunner(BatchedRunner):
         self._fail(single, err)
         continue
       t = time.perf_counter() - t0
-      self._answer(single, outs, 0.0, t, 0.0, self.engine.generation_of(handle))
+      self._answer(single, outs, 0.0, t, 0.0, self.engine.generation_of(handle), t_dispatch=t0)
 
   def _hand_back_failures(self, backs: Sequence[tuple]) -> None:
     """Python requests the queue failed (expired, unloaded, failed batch): their sinks."""

@@ -212,7 +212,7 @@ class ModelRunner(BatchedRunner):
     with self._cv:
       self._batcher.observe(plan.bucket, busy_s)
     self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input,
-                   self.engine.generation_of(handle))
+                   self.engine.generation_of(handle), t_dispatch=t_dispatch)
     self.observer.batch_timing(start=t_dispatch, done=t_done, rows=plan.rows,
                                requests=len(plan.slices), assembly_s=t_input,
                                encode_s=time.perf_counter() - t_done)
@@ -252,8 +252,9 @@ class ModelRunner(BatchedRunner):
 
   def _complete(self, plan: BatchPlan[InferRequest], outs: dict[str, np.ndarray] | None,
                 error: ServingError | None, compute_s: float, t_input: float,
-                generation: int = 0) -> None:
-    """Copies each request's rows out of the batch outputs (or fails them) and delivers."""
+                generation: int = 0, *, t_dispatch: float | None = None) -> None:
+    """Copies each request's rows out of the batch outputs (or fails them) and delivers;
+    with `t_dispatch` (a whole batch's), traced requests in it get their batch span first."""
     t_done = time.perf_counter()
     done: list = []
     for s in plan.slices:
@@ -282,6 +283,12 @@ class ModelRunner(BatchedRunner):
     if error is None:
       self.observer.batch(bucket=plan.bucket, rows=plan.rows, queue_s=queue_s,
                           compute_s=compute_s)
+    if t_dispatch is not None and self.observer.tracing:
+      traced = [s.pending.item for s in plan.slices if s.pending.item.trace is not None]
+      if traced:
+        self.observer.traced_batch(bucket=plan.bucket, rows=plan.rows, requests=traced,
+                                   t_taken=t_dispatch - t_input, t_dispatch=t_dispatch,
+                                   t_done=t_done)
     with self._cv:
       self._inflight -= len(done)
     if done:

@@ -7,6 +7,7 @@ Prometheus text over HTTP on the metrics port.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -19,8 +20,14 @@ from serving.runners import Observer
 from serving.telemetry.gpu_metrics import GpuCollector
 from serving.telemetry.host_metrics import HostCollector
 from serving.telemetry.profile import StageRecorder, model_key
+from serving.telemetry.tracing import Tracing
 from serving.types import Code
 
+logger = logging.getLogger(__name__)
+
+# Stage durations (queue, compute) reach below the request latency's first bucket.
+_STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+                  1.0, 2.0, 5.0)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 # Request sizes, fine enough to plan buckets from: every size to 16, then quarter octaves.
@@ -68,7 +75,9 @@ class TritonCounters:
 class Metrics:
   """All series of one server; `observer(model, version)` binds them for a runner."""
 
-  def __init__(self, compile_count: Callable[[], int] | None = None):
+  def __init__(self, compile_count: Callable[[], int] | None = None,
+               tracing: Tracing | None = None):
+    self.tracing = tracing  # batch spans of traced requests go through the observers
     r = self.registry = prom.CollectorRegistry()
     self.scrape_hooks = _ScrapeHooks()
     self.recorder: StageRecorder | None = None  # set while a profile capture runs
@@ -83,6 +92,12 @@ class Metrics:
     self.queue_rows = prom.Gauge("xlaserve_queue_rows", "Rows waiting in the queue", mv, registry=r)
     self.latency = prom.Histogram("xlaserve_request_latency_seconds", "End-to-end request latency",
                                   mv, buckets=_LATENCY_BUCKETS, registry=r)
+    self.queue_time = prom.Histogram(
+        "xlaserve_queue_duration_seconds", "Time each request waited in the queue before its"
+        " batch was taken", mv, buckets=_STAGE_BUCKETS, registry=r)
+    self.compute_time = prom.Histogram(
+        "xlaserve_compute_duration_seconds", "Time each batch took from dispatch to its outputs",
+        mv, buckets=_STAGE_BUCKETS, registry=r)
     self.batch_rows = prom.Histogram(
         "xlaserve_batch_rows", "Real rows per executed batch, by bucket", mv + ["bucket"],
         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
@@ -176,8 +191,12 @@ class _ModelObserver(Observer):
     self._queue_rows = m.queue_rows.labels(*self.labels)
     self._request_rows = m.request_rows.labels(*self.labels)
     self._request_seq_len = m.request_seq_len.labels(*self.labels)
+    self._queue_time = m.queue_time.labels(*self.labels)
+    self._compute_time = m.compute_time.labels(*self.labels)
     self._per_bucket: dict[int, tuple] = {}
     self._key = model_key(model, version)
+    self._tracing = m.tracing
+    self.tracing = m.tracing is not None
 
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
     hist = self._per_bucket.get(bucket)
@@ -189,8 +208,10 @@ class _ModelObserver(Observer):
     self._inc("nv_inference_exec_count", self._tl)
     self._inc("nv_inference_count", self._tl, rows)
     self._inc("nv_inference_compute_infer_duration_us", self._tl, compute_s * 1e6)
-    if queue_s:
-      self._inc("nv_inference_queue_duration_us", self._tl, sum(queue_s) * 1e6)
+    self._compute_time.observe(compute_s)
+    if len(queue_s):
+      self._inc("nv_inference_queue_duration_us", self._tl, float(np.sum(queue_s)) * 1e6)
+      _observe_many(self._queue_time, queue_s)
     if (recorder := self.m.recorder) is not None:
       recorder.add(self._key, "queue", queue_s)
       recorder.add(self._key, "compute", [compute_s])
@@ -200,6 +221,16 @@ class _ModelObserver(Observer):
     if (recorder := self.m.recorder) is not None:
       recorder.batch(self._key, start=start, done=done, rows=rows, requests=requests,
                      assembly_s=assembly_s, encode_s=encode_s)
+
+  def traced_batch(self, *, bucket: int, rows: int, requests: Sequence[Any], t_taken: float,
+                   t_dispatch: float, t_done: float, natives: Sequence[tuple] = (),
+                   t_sent: float = 0.0) -> None:
+    try:  # a tracing fault must not stop the runner thread that calls this
+      self._tracing.batch(model=self.labels[0], version=self.labels[1], bucket=bucket, rows=rows,
+                          traces=[r.trace for r in requests], t_taken=t_taken,
+                          t_dispatch=t_dispatch, t_done=t_done, natives=natives, t_sent=t_sent)
+    except Exception:
+      logger.exception("recording a batch span failed")
 
   def request_done(self, *, ok: bool, duration_s: float, code: Code | None) -> None:
     self._inc("nv_inference_request_duration_us", self._tl, duration_s * 1e6)

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import grpc
 
-from serving.frontend import params
+from serving.frontend import params, request_trace
 from serving.frontend.http import tensors
 from serving.frontend.http.admin import AdminRoutes
-from serving.frontend.http.app import HttpError, Reply, Request, json_reply
+from serving.frontend.http.app import HTTP_STATUS, HttpError, Reply, Request, json_reply
 from serving.frontend.http.generate import Generation
 from serving.frontend.http.jsonproto import to_json
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -63,6 +63,7 @@ class Routes:
     self.generation = Generation(servicer)
     self.admin = AdminRoutes(lambda: servicer.profiler)
     self._context = _Context()
+    self.trust_trace_marker = False  # behind the native HTTP server: its head decision holds
 
   def lookup(self, method: str, path: str) -> tuple[Callable, tuple]:
     """(handler, path arguments); HttpError 404 for an unknown path, 405 for a wrong method."""
@@ -180,16 +181,23 @@ class Routes:
     if servicer.refusing():
       raise ServingError(Code.UNAVAILABLE, SHUTTING_DOWN)
     request_id = ""
+    rt = None if servicer.tracing is None else request_trace.start_http(
+        servicer.tracing, req.headers, req.path, t0, self.trust_trace_marker)
     try:
       n = tensors.header_length(req.headers.get(tensors.HEADER_LENGTH), len(req.body))
       request = tensors.parse_infer_request(model, version, req.body, n)
       request_id = servicer.request_id(request.id)
-      rec, outputs, specs, generations = await servicer.infer(request, None, t0, request_id)
+      rec, outputs, specs, generations = await servicer.infer(request, None, t0, request_id,
+                                                              trace=rt)
     except ServingError as e:
       log_outcome(model, version, request_id, e, t0)
+      if rt is not None:
+        request_trace.finish_http(servicer.tracing, rt, request_id, HTTP_STATUS[e.code], e)
       raise
     log_outcome(model, version, request_id, None, t0)
     body, n = tensors.encode_infer_response(request, rec.version, outputs, specs, generations)
+    if rt is not None:
+      request_trace.finish_http(servicer.tracing, rt, request_id, 200, None)
     if n is None:
       return Reply(200, body)
     return Reply(200, body, tensors.BINARY_TYPE, [(tensors.HEADER_LENGTH, str(n).encode())])

@@ -46,6 +46,14 @@ namespace xlaserve::native {
 
 inline constexpr std::string_view kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
 inline constexpr const char* kShuttingDown = "server is shutting down; retry on another replica";
+// The head decision a relayed request carries to Python when tracing ("1" or "0"; trace.cc).
+inline constexpr std::string_view kTraceMarker = "x-xlaserve-trace";
+
+// A sampled request the native path answers: what Python's spans of it need (trace.cc).
+struct TraceInfo {
+  std::string name, parent, state, request_id;  // span name, client traceparent, tracestate
+  double t_start = 0;  // its first message read (MonoNow); parsed by its arrival in the queue
+};
 
 // The clock of Python's time.perf_counter() on Linux (CLOCK_MONOTONIC), in seconds.
 double MonoNow();
@@ -193,6 +201,8 @@ struct Call final : Responder {
   bool c_writing = false, writes_done = false, c_read_done = false, c_failed = false;
   bool c_finishing = false, s_dead = false, done = false;
   bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
+  int trace = -1;  // tracing: the head decision (1: sampled, traced; 0: not; -1: none taken)
+  double trace_t0 = 0;  // when it was decided (its first message read)
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
   ~Call() override;
@@ -242,6 +252,15 @@ class Frontend {
 
   void SetModels(const std::vector<py::tuple>& entries);
   void SetAccepting(bool v) { accepting_ = v; }
+  // Tracing (trace.cc): head decisions by a client's traceparent, else a draw against `rate`.
+  void SetTracing(bool on, double rate) {
+    trace_rate_ = rate;
+    tracing_ = on;
+  }
+  bool Tracing() const { return tracing_; }
+  int TraceDecision(std::string_view traceparent);  // 1 sampled, 0 not
+  void DecideTrace(Call* c);  // a ModelInfer's head decision (c->trace), when tracing
+  std::unique_ptr<TraceInfo> TraceOf(Call* c);  // a sampled call's trace record, else null
   bool Accepting() const { return accepting_; }
 
   // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
@@ -305,7 +324,8 @@ class Frontend {
   std::vector<std::thread> workers_;
   std::mutex table_mu_;
   std::shared_ptr<Table> table_;
-  std::atomic<bool> accepting_{true};
+  std::atomic<bool> accepting_{true}, tracing_{false};
+  double trace_rate_ = 0;
   std::mutex qmu_;
   std::condition_variable qcv_, busy_cv_;
   int64_t busy_ = 0;

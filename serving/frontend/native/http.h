@@ -89,11 +89,15 @@ struct HttpCall final : Responder {
   std::string model_name, id;
   int64_t rows = 0;
   bool close = false;
+  int trace = -1;  // tracing: the head decision the relay passes on (Call::trace)
 
   void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
              const Generations& gen) override;
   std::string LogId() override;
 };
+
+// A sampled HTTP request's trace record (trace.cc).
+std::unique_ptr<TraceInfo> HttpTrace(const HttpHead& h, std::string id, double t_start);
 
 // A response with a JSON body: Triton's {"error": message} with the status its code maps to.
 std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close);
@@ -116,7 +120,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void Process();
   bool Send(std::string_view data);
   void Flush();
-  void Relay(const std::string& request, const HttpHead& h);
+  void Relay(const std::string& request, const HttpHead& h, int trace = -1);
   void Tunnel();
   bool OpenBackend();
   void OnBackend(uint32_t events);

@@ -163,7 +163,7 @@ void Conn::Process() {
         continue;
       case FastResult::kRelay:
       default:
-        Relay(call->bytes, h);
+        Relay(call->bytes, h, call->trace);
     }
   }
 }

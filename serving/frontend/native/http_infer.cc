@@ -196,6 +196,8 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   if (h.method != "POST" || !fe_->Accepting() || !InferTarget(h.target, &name, &version)) {
     return FastResult::kRelay;
   }
+  double t_start = MonoNow();
+  if (fe_->Tracing()) call.trace = fe_->TraceDecision(h.Get("traceparent"));
   int n = 0;
   if (!fe_->token().empty()) {
     std::string_view auth = h.Get("authorization", &n);
@@ -241,7 +243,9 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   inflight_++;
   std::string why;
   auto base = reinterpret_cast<const uint8_t*>(body.data());
-  switch (m->queue->AddNative(&call, base, rows, offsets, now, deadline, int64_t(1) << 30, &why)) {
+  auto trace = call.trace == 1 ? HttpTrace(h, call.LogId(), t_start) : nullptr;
+  switch (m->queue->AddNative(&call, base, rows, offsets, now, deadline, int64_t(1) << 30, &why,
+                              std::move(trace))) {
     case AddResult::kQueued:
       fast_++;
       holder->release();  // the queue holds it until Reply

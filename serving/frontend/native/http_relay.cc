@@ -49,15 +49,16 @@ bool Conn::OpenBackend() {
   return true;
 }
 
-void Conn::Relay(const std::string& request, const HttpHead& h) {
+void Conn::Relay(const std::string& request, const HttpHead& h, int trace) {
   server_->relayed_++;
   std::string head;
   head.reserve(h.head_len + 32);
   head.append(h.method).append(" ").append(h.target).append(" HTTP/1.1\r\n");
   for (auto& [name, value] : h.headers) {
-    if (HopByHop(name)) continue;
+    if (HopByHop(name) || IEquals(name, kTraceMarker)) continue;  // only ours reaches Python
     head.append(name).append(": ").append(value).append("\r\n");
   }
+  if (trace >= 0) head.append(kTraceMarker).append(trace ? ": 1\r\n" : ": 0\r\n");
   head.append("connection: close\r\n\r\n");
   bout_ = std::move(head);
   bout_.append(request, h.head_len, std::string::npos);

@@ -278,7 +278,7 @@ bool Frontend::TryFast(Call* c) {
   Request r;
   if (!ParseRequest(msg, &r)) return false;
   std::shared_ptr<const Model> m = Lookup(r.model_name, r.model_version);
-  if (!m) return false;
+  if (!m || (!m->queue && c->trace == 1)) return false;  // sampled: Python's feeder path
   Fast f;
   int64_t rows = -1;
   if (!MatchInputs(r, *m, msg, max_rows_, max_tensor_bytes_, &f.offsets, &rows)) return false;
@@ -328,7 +328,7 @@ bool Frontend::QueueNative(Call* c, const Model& m, const Fast& f) {
   inflight_++;  // before the runner can answer it
   std::string why;
   switch (m.queue->AddNative(c, c->message.begin(), f.rows, f.offsets, f.arrival, f.deadline,
-                             f.priority, &why)) {
+                             f.priority, &why, TraceOf(c))) {
     case AddResult::kQueued:
       fast_++;
       return true;

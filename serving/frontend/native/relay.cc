@@ -56,6 +56,7 @@ void Call::OnEvent(Op op, bool ok) {
         fe->entering_++;  // until it is queued, refused or counted as relayed (Inflight)
         bool fast = false;
         if (ok) {
+          fe->DecideTrace(this);  // tracing: the head decision, before the fast path
           try {
             fast = fe->TryFast(this);
           } catch (...) {
@@ -165,7 +166,7 @@ void Call::StartRelay(bool have_first) {
   for (const auto& [k, v] : sctx.client_metadata()) {
     std::string key(k.data(), k.size());
     if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" ||
-        key == "te" || key == "content-type" || key == "host") {
+        key == "te" || key == "content-type" || key == "host" || key == kTraceMarker) {
       continue;
     }
     bool valid = true;
@@ -175,6 +176,7 @@ void Call::StartRelay(bool have_first) {
     }
     if (valid) cctx->AddMetadata(key, std::string(v.data(), v.size()));
   }
+  if (trace >= 0) cctx->AddMetadata(std::string(kTraceMarker), trace ? "1" : "0");
   cstream = fe->stub()->PrepareCall(cctx.get(), std::string(sctx.method()), cq);
   if (!cstream) {
     cstatus = grpc::Status(grpc::StatusCode::UNAVAILABLE, "internal relay unavailable");

@@ -102,16 +102,17 @@ uint64_t RowQueue::Hold(std::vector<Answer>* answers, std::vector<LogItem>* logs
   return id;
 }
 
-void RowQueue::ReleaseHeld(uint64_t id) {
+double RowQueue::ReleaseHeld(uint64_t id) {
   std::vector<Answer> answers;
   {
     std::lock_guard<std::mutex> l(mu_);
     auto it = held_.find(id);
-    if (it == held_.end()) return;
+    if (it == held_.end()) return MonoNow();
     answers = std::move(it->second);
     held_.erase(it);
   }
   Deliver(&answers);
+  return MonoNow();
 }
 
 py::list RowQueue::Logs() {
@@ -288,6 +289,7 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
           st_.queue_ns += e->queue_ns;
           ok_s.push_back(now - e->arrival);
           queue_s.push_back(e->queue_ns / 1e9);
+          if (e->trace) b->traced.emplace_back(std::move(e->trace), e->rows, e->arrival, queue_s.back());
         }
         Release(e);
       }

@@ -110,9 +110,11 @@ void RowQueue::Admitted(bool was_empty, int64_t rows_before) {
 
 AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t rows,
                               const std::vector<size_t>& offsets, double arrival,
-                              double deadline, int64_t priority, std::string* why) {
+                              double deadline, int64_t priority, std::string* why,
+                              std::unique_ptr<TraceInfo> trace) {
   auto* e = new QEntry();
   e->native = native;
+  e->trace = std::move(trace);
   e->rows = rows;
   e->arrival = arrival;
   e->has_deadline = deadline >= 0;

@@ -27,6 +27,7 @@ struct QEntry : Entry {
   bool answered = false;             // native: call finished; Python: handed back
   std::vector<std::string> out;      // a split native request's outputs, assembled here
   Generations gen;                   // params generations its completed slices ran at
+  std::unique_ptr<TraceInfo> trace;  // sampled for tracing (native only)
 };
 
 // A staging buffer for one input of one bucket, 64-byte aligned, reused across batches.
@@ -48,6 +49,8 @@ struct RowBatch {
   std::vector<std::unique_ptr<Staging>> inputs;
   double t_taken = 0;
   bool settled = false;  // completed, failed or isolated
+  // Traced native requests it finished: (record, rows, arrival, queue seconds); trace.cc.
+  std::vector<std::tuple<std::unique_ptr<TraceInfo>, int64_t, double, double>> traced;
   ~RowBatch();
 };
 
@@ -99,7 +102,8 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   // refused (`why` says why) or stopping.
   AddResult AddNative(Responder* native, const uint8_t* base, int64_t rows,
                       const std::vector<size_t>& offsets, double arrival, double deadline,
-                      int64_t priority, std::string* why);
+                      int64_t priority, std::string* why,
+                      std::unique_ptr<TraceInfo> trace = nullptr);
   // A Python request (GIL held): (0 queued | 1 refused | 2 stopping, message).
   py::tuple AddPython(py::object req, py::list arrays, int64_t rows, double arrival,
                       py::object deadline, int64_t priority);
@@ -118,7 +122,11 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   // Next, Complete and Fail hold the native answers they produce (returning an id, 0: none)
   // until the runner has counted them in its metrics: this sends them. Each also returns, with
   // `log`, the native outcomes for the request log [(request id, code, message, arrival)].
-  void ReleaseHeld(uint64_t id);
+  // Returns when the answers were sent (MonoNow; the traced ones' encode ends then).
+  double ReleaseHeld(uint64_t id);
+  // The traced native requests `b` finished, taken once (GIL held): [(span name, traceparent,
+  // tracestate, request id, rows, t_start, arrival, queue seconds)].
+  py::list Traced(const std::shared_ptr<RowBatch>& b);
   // A failed batch as one batch per request slice, to run alone (poison isolation).
   std::vector<std::shared_ptr<RowBatch>> Isolate(std::shared_ptr<RowBatch> b);
   // Refuses new requests; without `drain`, fails everything queued. Returns Python requests

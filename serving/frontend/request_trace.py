@@ -1,0 +1,45 @@
+"""How the Python front ends start and end a request's trace (serving/telemetry/tracing.py):
+the W3C trace context and the native relay's head decision read from gRPC metadata or HTTP
+headers, and the span's final attributes (request id, status) in each protocol's terms."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from serving.telemetry.tracing import RequestTrace, Tracing
+from serving.types import GRPC_STATUS, ServingError
+
+
+def start_grpc(tracing: Tracing, context: Any, model: str, t0: float,
+               trusted_marker: bool) -> RequestTrace | None:
+  """A ModelInfer's trace (None: not sampled), from the call's invocation metadata."""
+  metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+  return tracing.start(f"ModelInfer {model}", metadata.get, t0, trusted_marker=trusted_marker)
+
+
+def start_http(tracing: Tracing, headers: Mapping[bytes, bytes], path: str, t0: float,
+               trusted_marker: bool) -> RequestTrace | None:
+  """An HTTP inference request's trace (None: not sampled), from its headers."""
+
+  def get(key: str) -> str | None:
+    v = headers.get(key.encode())
+    return None if v is None else v.decode("latin-1")
+
+  return tracing.start(f"POST {path}", get, t0, trusted_marker=trusted_marker)
+
+
+def finish_grpc(tracing: Tracing, rt: RequestTrace, request_id: str,
+                err: ServingError | None) -> None:
+  """Ends a ModelInfer's span with its request id and gRPC status."""
+  tracing.finish(rt, attributes={
+      "xlaserve.request_id": request_id, "xlaserve.code": "OK" if err is None else err.code.value,
+      "rpc.grpc.status_code": 0 if err is None else GRPC_STATUS[err.code]},
+      error=None if err is None else err.message)
+
+
+def finish_http(tracing: Tracing, rt: RequestTrace, request_id: str, status: int,
+                err: ServingError | None) -> None:
+  """Ends an HTTP inference request's span with its request id and HTTP status."""
+  tracing.finish(rt, attributes={
+      "xlaserve.request_id": request_id, "xlaserve.code": "OK" if err is None else err.code.value,
+      "http.response.status_code": status}, error=None if err is None else err.message)
