@@ -223,9 +223,10 @@ class Server:
           id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
           tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s) if creds else None)
       self.metrics.add_native_front_end(self.native.stats)
+      self.servicer.canary.native_routed = self.native.routed_counts  # its split's counts
+      self.servicer.trust_trace_marker = True  # grpc.aio hears only the relay: its marks hold
       if self.tracing is not None:  # C++ takes the head decision of what it would answer
         self.native.set_tracing(cfg.tracing.rate)
-        self.servicer.trust_trace_marker = True  # grpc.aio hears only the relay
     else:
       self.grpc_port = (server.add_secure_port(address, creds) if creds is not None
                         else server.add_insecure_port(address))

@@ -4,15 +4,16 @@ offers answered live requests to its shadow version.
 A request that names a version goes to that version (no split, no shadow: those are for live
 traffic). An unversioned request of a model with a split goes where `traffic.pick` sends it: the
 sticky parameter's hash, or a random point without it, over the ready versions' weights. The
-native front end does not publish the unversioned route of such models (serving/frontend/
-native.py), so their unversioned requests all come through here, on both protocols.
+native gRPC front end routes such models' unversioned requests itself by the same rule
+(serving/frontend/native/split.cc) and relays the share drawn for the shadow here, marked
+(`SHADOW_MARKER`); every other request of theirs (HTTP, JSON tensors, ...) is routed here.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -24,6 +25,14 @@ from serving.runners import Runner
 from serving.types import Code, ServingError
 
 
+SHADOW_MARKER = "x-xlaserve-shadow"  # the native front end's mark: drawn for the shadow
+
+
+def shadow_marked(context: Any) -> bool:
+  """Whether a relayed gRPC call carries the native split's shadow mark."""
+  return any(k == SHADOW_MARKER and v == "1" for k, v in (context.invocation_metadata() or ()))
+
+
 class Canary:
   """Traffic splits and shadow scoring over one repository; counts requests per split version."""
 
@@ -33,6 +42,7 @@ class Canary:
     self._rng = random.Random(seed)
     self._lock = threading.Lock()
     self._routed: dict[tuple[str, int], int] = {}
+    self.native_routed: Callable[[], Mapping[tuple[str, int], int]] | None = None
 
   def route(self, request: Any) -> tuple[ServedVersion, Runner] | None:
     """The version (and its runner) the split picks for `request` (a ModelInferRequest or the
@@ -60,18 +70,24 @@ class Canary:
 
   def answered(self, request: Any, rec: ServedVersion, runner: Runner,
                arrays: Mapping[str, np.ndarray], rows: int, outputs: Mapping[str, np.ndarray],
-               request_id: str) -> None:
-    """After an answer: offers a live (unversioned) request of a model with a shadow to it."""
+               request_id: str, *, sampled: bool = False) -> None:
+    """After an answer: offers a live (unversioned) request of a model with a shadow to it
+    (`sampled`: the native front end's split already drew it for the shadow)."""
     if request.model_version:
       return
     shadow = self.repo.traffic.get(rec.name)[1]
     if shadow is not None:
-      self.shadow.offer(self.repo, rec, runner, shadow, arrays, rows, outputs, request_id)
+      self.shadow.offer(self.repo, rec, runner, shadow, arrays, rows, outputs, request_id,
+                        sampled=sampled)
 
   def routed(self) -> dict[tuple[str, int], int]:
-    """(model, version) -> unversioned requests the split sent there."""
+    """(model, version) -> unversioned requests the split sent there (here and, through
+    `native_routed`, in the native front end)."""
     with self._lock:
-      return dict(self._routed)
+      out = dict(self._routed)
+    for key, n in (self.native_routed() if self.native_routed is not None else {}).items():
+      out[key] = out.get(key, 0) + n
+    return out
 
   def report(self, model: str) -> dict[str, Any]:
     """The JSON of GET /v2/models/<model>/shadow: the split and shadow settings, requests per

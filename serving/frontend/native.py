@@ -15,6 +15,7 @@ handed back to the relay, so the Python servicer answers it with its usual seman
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -130,7 +131,7 @@ class NativeFrontend:
           continue
         keys = [str(rec.version)]
         if self.repo.default_version(rec.name) is rec and not self.repo.traffic.routed(rec.name):
-          keys.append("")  # a split or shadow: unversioned requests go to the Python servicer
+          keys.append("")  # a split or shadow: its own unversioned entry (below)
         for key in keys:
           ident = (id(rec), key)
           slot = self._slot_of.get(ident)
@@ -142,6 +143,8 @@ class NativeFrontend:
           entries.append((rec.name, key, slot, str(rec.version),
                           _entry_specs(runner.inputs), _entry_specs(runner.outputs),
                           rec.config.default_timeout_us or 0, runner.capabilities.queue))
+      entries += [e for name in {r.name for r in self.repo.records()}
+                  if (e := self._split_entry(name)) is not None]
       # A slot no longer published stays while its version still runs: the C++ side may have
       # queued requests for it. Requests for a slot that is gone are relayed to Python.
       self._slots = slots | {s: v for s, v in self._slots.items()
@@ -153,6 +156,32 @@ class NativeFrontend:
     """Tracing on: C++ takes the head decision of each ModelInfer (a client's sampled
     traceparent, else a draw against `rate`) and relays the sampled ones to Python, marked."""
     self._fe.set_tracing(True, rate)
+
+  def _split_entry(self, name: str) -> tuple | None:
+    """The unversioned entry of a model with a canary split or shadow, which the C++ side
+    routes (split.cc: the same points and weights as serving/repository/traffic.py); None when
+    the model has neither, or a version it may pick is not served natively (then Python routes
+    every unversioned request)."""
+    traffic, shadow = self.repo.traffic.get(name)
+    if traffic is None and shadow is None:
+      return None
+    ready = {r.version: r for r in self.repo.versions_of(name)
+             if r.state is State.READY and r.runner is not None}
+    if traffic is not None:
+      live = [(v, w) for v, w in traffic.weights if w > 0 and v in ready]
+    else:
+      default = self.repo.default_version(name)
+      live = [(default.version, 1.0)] if default is not None else []
+    if not live or any(_fast_runner(ready[v]) is None for v, _ in live):
+      return None
+    bounds = list(itertools.accumulate(float(w) for _, w in live))
+    split = ((traffic.sticky_parameter or "") if traffic is not None else "", bounds,
+             [str(v) for v, _ in live], shadow.fraction if shadow is not None else 0.0)
+    return (name, "", -1, "", [], [], 0, None, split)
+
+  def routed_counts(self) -> dict[tuple[str, int], int]:
+    """(model, version) -> unversioned requests the C++ split sent there."""
+    return {(m, int(v)): n for (m, v), n in self._fe.routed_counts().items()}
 
   def set_accepting(self, accepting: bool) -> None:
     """False: every ModelInfer goes to the Python servicer (which answers UNAVAILABLE)."""

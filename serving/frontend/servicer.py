@@ -19,7 +19,7 @@ import numpy as np
 
 from bundle import TensorSpec
 from serving.frontend import codec, params, request_trace
-from serving.frontend.canary import Canary
+from serving.frontend.canary import Canary, shadow_marked
 from serving.frontend.memory_usage import add_memory_usage
 from serving.frontend.model_config import model_config, model_metadata
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -97,7 +97,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self._idle = asyncio.Event()
     self._idle.set()
     self.tracing = None  # a Tracing (serving/telemetry/tracing.py) when requests are traced
-    self.trust_trace_marker = False  # behind the native front end: its head decision holds
+    # Behind the native front end: its marks hold (tracing's head decision, the split's shadow
+    # draw); a client cannot set them through it.
+    self.trust_trace_marker = False
 
   # -- helpers -----------------------------------------------------------------
 
@@ -344,7 +346,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       self._inflight -= 1
       if self._inflight == 0:
         self._idle.set()
-    self.canary.answered(request, rec, runner, arrays, rows, outputs, request_id)
+    self.canary.answered(request, rec, runner, arrays, rows, outputs, request_id, sampled=(
+        self.trust_trace_marker and context is not None and shadow_marked(context)))
     return rec, outputs, out_specs, req.generations
 
   async def ModelStreamInfer(self, request_iterator, context):

@@ -53,10 +53,12 @@ class ShadowScorer:
 
   def offer(self, repo: ModelRepository, rec: ServedVersion, runner: Runner, cfg: ShadowConfig,
             arrays: Mapping[str, np.ndarray], rows: int, outputs: Mapping[str, np.ndarray],
-            request_id: str) -> None:
+            request_id: str, *, sampled: bool = False) -> None:
     """Called once the primary `rec` (served by `runner`) answered `arrays` with `outputs`;
-    never raises, never waits for the shadow."""
-    if rec.version == cfg.version or (cfg.fraction < 1 and self._rng.random() >= cfg.fraction):
+    never raises, never waits for the shadow. `sampled`: already drawn at `fraction` (by the
+    native front end's split), so it is scored without a second draw."""
+    if rec.version == cfg.version or (not sampled and cfg.fraction < 1
+                                      and self._rng.random() >= cfg.fraction):
       return
     key = (rec.name, cfg.version)
     with self._lock:

@@ -131,6 +131,7 @@ PYBIND11_MODULE(_native, m) {
            py::arg("threads"), py::call_guard<py::gil_scoped_release>())
       .def("stop", &Frontend::Stop, py::call_guard<py::gil_scoped_release>())
       .def("set_models", &Frontend::SetModels)
+      .def("routed_counts", &Frontend::RoutedCounts)
       .def("set_accepting", &Frontend::SetAccepting)
       .def("set_tracing", &Frontend::SetTracing)
       .def("take", &Frontend::Take)

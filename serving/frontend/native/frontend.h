@@ -48,6 +48,8 @@ inline constexpr std::string_view kInferMethod = "/inference.GRPCInferenceServic
 inline constexpr const char* kShuttingDown = "server is shutting down; retry on another replica";
 // The head decision a relayed request carries to Python when tracing ("1" or "0"; trace.cc).
 inline constexpr std::string_view kTraceMarker = "x-xlaserve-trace";
+// Marks a request the native split relayed for Python to score with the shadow (split.cc).
+inline constexpr std::string_view kShadowMarker = "x-xlaserve-shadow";
 
 // A sampled request the native path answers: what Python's spans of it need (trace.cc).
 struct TraceInfo {
@@ -69,12 +71,24 @@ struct Spec {
   int64_t row_bytes = 0;      // bytes per row
 };
 
+// A canary split of a model's unversioned requests (split.cc): cumulative weights over the
+// versions it picks among, the request parameter that pins a user, and the share relayed to
+// Python for shadow scoring.
+struct Split {
+  std::string sticky;                    // request parameter name; empty: random by weight
+  std::vector<double> bounds;            // cumulative weights (unnormalised), version order
+  std::vector<std::string> versions;     // version keys, parallel to bounds
+  std::vector<std::atomic<int64_t>*> routed;  // requests sent to each (Frontend-owned counters)
+  double shadow_fraction = 0;            // relayed with the shadow marker, for Python to score
+};
+
 struct Model {
   int slot = 0;
   std::string version;  // the response's model_version
   std::vector<Spec> inputs, outputs;
   int64_t default_timeout_us = 0;
   std::shared_ptr<RowQueue> queue;   // the model's C++ queue; null: Python's feeder submits
+  std::unique_ptr<Split> split;      // set: this entry routes to a version's entry (split.cc)
 };
 
 // Specs from Python's (name, datatype, dims, itemsize) tuples, row bytes computed (GIL held).
@@ -96,6 +110,7 @@ struct Request {
   std::vector<std::string_view> raw;
   int64_t timeout_us = -1;  // absent
   int64_t priority = -1;    // absent
+  std::vector<std::pair<std::string_view, std::string_view>> params;  // other (key, value)
 };
 
 // False for anything the fast path does not fully understand: Python decides.
@@ -202,6 +217,7 @@ struct Call final : Responder {
   bool c_finishing = false, s_dead = false, done = false;
   bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
   int trace = -1;  // tracing: the head decision (1: sampled, traced; 0: not; -1: none taken)
+  bool shadow = false;  // relayed by a canary split for shadow scoring (kShadowMarker)
   double trace_t0 = 0;  // when it was decided (its first message read)
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
@@ -284,6 +300,10 @@ class Frontend {
 
   // The published model (name, version: "" the default), or null.
   std::shared_ptr<const Model> Lookup(std::string_view name, std::string_view version);
+  // The entry a request goes to: its version's, or the one a split picks (null: relay).
+  std::shared_ptr<const Model> Route(Call* c, const Request& r);
+  void SetSplit(Model* m, const std::string& name, const py::tuple& split);  // GIL held
+  py::dict RoutedCounts();  // (model, version) -> requests a split sent there
   const std::string& token() const { return token_; }
   int64_t max_rows() const { return max_rows_; }
   int64_t max_tensor_bytes() const { return max_tensor_bytes_; }
@@ -323,6 +343,8 @@ class Frontend {
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
   std::vector<std::thread> workers_;
   std::mutex table_mu_;
+  // Split counters by "model\0version", never freed while the front end lives (table_mu_).
+  std::unordered_map<std::string, std::unique_ptr<std::atomic<int64_t>>> routed_;
   std::shared_ptr<Table> table_;
   std::atomic<bool> accepting_{true}, tracing_{false};
   double trace_rate_ = 0;

@@ -153,6 +153,7 @@ void Frontend::SetModels(const std::vector<py::tuple>& entries) {
     m->outputs = ParseSpecs(e[5].cast<py::list>());
     m->default_timeout_us = e[6].cast<int64_t>();
     if (e.size() > 7 && !e[7].is_none()) m->queue = e[7].cast<std::shared_ptr<RowQueue>>();
+    if (e.size() > 8 && !e[8].is_none()) SetSplit(m.get(), name, e[8].cast<py::tuple>());
     (*table)[Key(name, version_key)] = m;
   }
   std::lock_guard<std::mutex> l(table_mu_);
@@ -277,7 +278,7 @@ bool Frontend::TryFast(Call* c) {
   std::string_view msg(reinterpret_cast<const char*>(c->message.begin()), c->message.size());
   Request r;
   if (!ParseRequest(msg, &r)) return false;
-  std::shared_ptr<const Model> m = Lookup(r.model_name, r.model_version);
+  std::shared_ptr<const Model> m = Route(c, r);
   if (!m || (!m->queue && c->trace == 1)) return false;  // sampled: Python's feeder path
   Fast f;
   int64_t rows = -1;

@@ -166,7 +166,8 @@ void Call::StartRelay(bool have_first) {
   for (const auto& [k, v] : sctx.client_metadata()) {
     std::string key(k.data(), k.size());
     if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" ||
-        key == "te" || key == "content-type" || key == "host" || key == kTraceMarker) {
+        key == "te" || key == "content-type" || key == "host" || key == kTraceMarker ||
+        key == kShadowMarker) {
       continue;
     }
     bool valid = true;
@@ -177,6 +178,7 @@ void Call::StartRelay(bool have_first) {
     if (valid) cctx->AddMetadata(key, std::string(v.data(), v.size()));
   }
   if (trace >= 0) cctx->AddMetadata(std::string(kTraceMarker), trace ? "1" : "0");
+  if (shadow) cctx->AddMetadata(std::string(kShadowMarker), "1");
   cstream = fe->stub()->PrepareCall(cctx.get(), std::string(sctx.method()), cq);
   if (!cstream) {
     cstatus = grpc::Status(grpc::StatusCode::UNAVAILABLE, "internal relay unavailable");

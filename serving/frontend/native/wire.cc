@@ -150,9 +150,9 @@ bool ParseParameter(std::string_view entry, Request* r) {
     *slot = v;
     return true;
   }
-  // Any other parameter (e.g. perf_analyzer's triton_enable_empty_final_response): plain
-  // batched models ignore it, exactly as the Python servicer does.
-  return ValidUtf8(key) && (!has_value || AnyParam(value));
+  // Any other parameter: plain models ignore it as Python does; a split may read it (split.cc).
+  if (!ValidUtf8(key) || (has_value && !AnyParam(value))) return false;
+  return r->params.emplace_back(key, value), true;
 }
 
 bool ParseInput(std::string_view msg, InTensor* t) {

@@ -236,3 +236,46 @@ def test_slow_or_failing_shadow_changes_no_response_nor_its_latency(tmp_path):
     assert answer(stub, x, k, model="plain")[0] == 1  # the others keep serving
     with pytest.raises(RuntimeError, match="HTTP 404: model 'nothing' is not in the repository"):
       shadow_report(bg, "nothing")
+
+
+def _keyed(x, k, key) -> pb.ModelInferRequest:
+  """An unversioned request whose user_id is a string, a bool or an int parameter."""
+  req = mock_request(x, k)
+  param = req.parameters["user_id"]
+  if isinstance(key, bool):
+    param.bool_param = key
+  elif isinstance(key, int):
+    param.int64_param = key
+  else:
+    param.string_param = key
+  return req
+
+
+def test_the_native_front_end_splits_on_its_fast_path_as_python_would(tmp_path):
+  cfg = {"traffic": {"versions": {"1": 50, "2": 50}, "sticky_parameter": "user_id"},
+         "shadow": {"version": 3, "fraction": 0.5, "queue_requests": 1000, "output": "y"}}
+  with server(tmp_path, {"mock": ((1, 2, 3), cfg)}, {("mock", 2): (TiltedMock, {})},
+              http_port=0) as (bg, stub):
+    if bg.server.native is None:
+      pytest.skip("the native front end is not built")
+    rng = np.random.default_rng(5)
+    x, k = mock_rows(rng, 2)
+    keys = ["alice", "bob", "\u00e9l\u00e8ve", True, False, -7, 2 ** 40, *range(40)]
+    before = bg.server.native.stats()
+    for key in keys:  # the version is the one the key's point falls on (Python's rule)
+      want = pick(((1, 50), (2, 50)), {1, 2}, sticky_point(str(key)))
+      for _ in range(3):
+        resp = stub.ModelInfer(_keyed(x, k, key))
+        assert int(resp.model_version) == want, key
+        np.testing.assert_array_equal(outputs(resp)["y"], reference(want, x, k))
+    n = 3 * len(keys)
+    after = bg.server.native.stats()
+    fast, relayed = after["fast"] - before["fast"], after["relayed"] - before["relayed"]
+    assert fast + relayed == n
+    # Half were drawn for the shadow and relayed (marked) for Python to score; each was scored
+    # once: no second draw in Python (that would shadow a quarter).
+    assert abs(relayed - n / 2) <= 4 * np.sqrt(n / 4), relayed
+    assert wait_until(lambda: sum(c["submitted"] for c in shadow_report(bg, "mock")[
+        "shadow_counts"]) == relayed)
+    report = shadow_report(bg, "mock")
+    assert sum(report["traffic"]["requests"].values()) == n  # native and Python routes
