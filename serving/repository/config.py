@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 from bundle import Manifest
 from serving.engines import Engine
 from serving.engines.cached.config import EmbeddingCacheConfig
+from serving.repository.auto_plan import BucketPlanConfig, check_buckets
 from serving.repository.traffic import ShadowConfig, TrafficConfig, check_split
 from serving.runners import Observer, Runner, RowQueueFactory
 
@@ -45,6 +46,10 @@ class ModelServingConfig:
   # Canary split of unversioned requests, and a candidate scored beside them (traffic.py).
   traffic: TrafficConfig | None = None
   shadow: ShadowConfig | None = None
+  # The batch buckets to compile instead of the bundle's (also what an adopted plan sets), and
+  # whether the server re-plans them from traffic (serving/repository/auto_plan.py).
+  batch_buckets: tuple[int, ...] | None = None
+  bucket_plan: BucketPlanConfig = dataclasses.field(default_factory=BucketPlanConfig)
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -72,6 +77,8 @@ class ModelServingConfig:
     if not self.max_queue_wait_ms >= 0:
       raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
                        f" {self.max_queue_wait_ms}")
+    if self.batch_buckets is not None:
+      check_buckets(self.batch_buckets)
     check_split(self.traffic, self.shadow,
                 self.versions if self.version_policy == "specific" else ())
 
@@ -99,6 +106,10 @@ class ModelServingConfig:
       d["traffic"] = TrafficConfig.from_json(d["traffic"])
     if d.get("shadow") is not None:
       d["shadow"] = ShadowConfig.from_json(d["shadow"])
+    if d.get("batch_buckets") is not None:
+      d["batch_buckets"] = check_buckets(d["batch_buckets"])
+    if "bucket_plan" in d:
+      d["bucket_plan"] = BucketPlanConfig.from_json(d["bucket_plan"])
     return dataclasses.replace(base, **d) if base is not None else cls(**d)
 
   def select(self, available: Sequence[int]) -> list[int]:
