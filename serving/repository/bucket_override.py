@@ -1,6 +1,6 @@
-"""The batch buckets a version compiles: the bundle's, or config.json's `batch_buckets` (which
-an adopted `bucket_plan: auto` plan also sets, in memory), checked against what the bundle's
-artifacts can run.
+"""The batch buckets a version compiles: the bundle's, config.json's `batch_buckets`, or an
+adopted `bucket_plan: auto` plan's (`adopted_buckets`, in memory), checked against what the
+bundle's artifacts can run.
 
 A bundle exported with a symbolic batch dimension (every CPU export) runs any batch size; a GPU
 export may carry one fixed-batch artifact per bucket (static grids for its kernels), and then
@@ -37,8 +37,8 @@ def fixed_batches(manifest: Manifest, platform: str) -> frozenset[int] | None:
 def serving_manifest(manifest: Manifest, cfg: ModelServingConfig, platform: str) -> Manifest:
   """`manifest` with the batch buckets `cfg` asks for; a BundleError when the bundle cannot
   run them, or cannot be planned automatically (fixed-batch artifacts, non-row signatures)."""
-  auto = cfg.bucket_plan.auto
-  if cfg.batch_buckets is None and not auto:
+  auto, buckets = cfg.bucket_plan.auto, cfg.adopted_buckets or cfg.batch_buckets
+  if buckets is None and not auto:
     return manifest
   if manifest.kind != "predict":
     raise BundleError(f"{manifest.name}: batch_buckets and bucket_plan apply to predict models,"
@@ -55,10 +55,10 @@ def serving_manifest(manifest: Manifest, cfg: ModelServingConfig, platform: str)
                         f" size, but this bundle's {platform!r} artifacts are compiled for"
                         f" batches {sorted(fixed)} only (a GPU export); use bucket_plan fixed,"
                         " or re-export with the buckets `xlaserve plan-buckets` prints")
-  if cfg.batch_buckets is None:
+  if buckets is None:
     return manifest
-  if fixed is not None and (missing := sorted(set(cfg.batch_buckets) - fixed)):
-    raise BundleError(f"{manifest.name}: batch_buckets {list(cfg.batch_buckets)} include"
+  if fixed is not None and (missing := sorted(set(buckets) - fixed)):
+    raise BundleError(f"{manifest.name}: batch_buckets {list(buckets)} include"
                       f" {missing}, but this bundle's {platform!r} artifacts run batches"
                       f" {sorted(fixed)} only; pick among those or re-export")
-  return dataclasses.replace(manifest, batch_buckets=tuple(cfg.batch_buckets))
+  return dataclasses.replace(manifest, batch_buckets=tuple(buckets))

@@ -50,6 +50,7 @@ class ModelServingConfig:
   # whether the server re-plans them from traffic (serving/repository/auto_plan.py).
   batch_buckets: tuple[int, ...] | None = None
   bucket_plan: BucketPlanConfig = dataclasses.field(default_factory=BucketPlanConfig)
+  adopted_buckets: tuple[int, ...] | None = None  # an adopted plan's (in memory, not config.json)
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -77,8 +78,9 @@ class ModelServingConfig:
     if not self.max_queue_wait_ms >= 0:
       raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
                        f" {self.max_queue_wait_ms}")
-    if self.batch_buckets is not None:
-      check_buckets(self.batch_buckets)
+    for name in ("batch_buckets", "adopted_buckets"):
+      if getattr(self, name) is not None:
+        check_buckets(getattr(self, name), name)
     check_split(self.traffic, self.shadow,
                 self.versions if self.version_policy == "specific" else ())
 
@@ -86,7 +88,7 @@ class ModelServingConfig:
   def from_json(cls, d: Mapping[str, Any],
                 base: ModelServingConfig | None = None) -> ModelServingConfig:
     """The settings `d` names, the others from `base` (the server's defaults) or the class's."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - {"adopted_buckets"}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown keys {unknown} (known: {sorted(known)})")

@@ -5,8 +5,9 @@ serving ones on this thread (`ModelRepository.rebuild`), the front ends switch t
 runner, and the old one answers what it queued before it is freed. No request waits on a
 compile and none fails at the switch.
 
-The adopted buckets are an in-memory override of that version (its config's `batch_buckets`);
-config.json is never rewritten. A new version of the model starts from its own buckets.
+The adopted buckets are an in-memory override of that version (its config's `adopted_buckets`);
+config.json is never rewritten. A new version of the model, a restart, or a config.json that
+changes `batch_buckets` or `bucket_plan` starts again from config.json's (or the bundle's).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class AutoPlanner:
                   f" {d.gain:.0%} lower expected batch cost on {d.requests} requests, padded/real"
                   f" rows {d.current.padded / d.current.real:.2f} ->"
                   f" {d.best.padded / d.best.real:.2f}; compiling beside the serving buckets")
-    cfg = dataclasses.replace(rec.config, batch_buckets=d.proposed)
+    cfg = dataclasses.replace(rec.config, adopted_buckets=d.proposed)
     try:
       old = self.repo.rebuild(rec.name, rec.version, cfg, self.progress, expect=runner)
     except ServingError as e:  # unloaded or reloaded meanwhile

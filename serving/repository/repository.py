@@ -227,6 +227,7 @@ class ModelRepository(RebuildMixin):
       with self._lock:
         self._refresh_defaults()
       recs = [self._load_version(name, v, cfg, say) for v in wanted]
+      self.rebuild_changed(recs, cfg, say)  # READY versions whose config.json buckets changed
       if any(r.state is State.READY for r in recs):
         with self._lock:
           stale = [v for v, r in self._models.get(name, {}).items()

@@ -88,6 +88,8 @@ def test_config_json_bucket_plan_and_batch_buckets():
     with pytest.raises(ValueError, match="batch_buckets"):
       ModelServingConfig.from_json({"batch_buckets": bad})
   assert check_buckets([1, 2, 64]) == (1, 2, 64)
+  with pytest.raises(ValueError, match="unknown keys \\['adopted_buckets'\\]"):
+    ModelServingConfig.from_json({"adopted_buckets": [1, 2]})  # only an adopted plan sets it
 
 
 def _manifest(artifacts: dict[str, str], *, seq: bool = False) -> Manifest:
@@ -115,6 +117,9 @@ def test_override_checked_against_the_bundle_artifacts():
   with pytest.raises(BundleError, match="bucket_plan auto needs artifacts that run any batch"):
     serving_manifest(fixed, auto, "cpu")
   assert serving_manifest(symbolic, auto, "cpu") is symbolic
+  adopted = ModelServingConfig(batch_buckets=(2, 8), adopted_buckets=(3, 8),
+                               bucket_plan=BucketPlanConfig(mode="auto"))
+  assert serving_manifest(symbolic, adopted, "cpu").batch_buckets == (3, 8)
   with pytest.raises(BundleError, match="plans the batch buckets of row models"):
     serving_manifest(_manifest({"cpu@s16": "a"}, seq=True), auto, "cpu")
 

@@ -157,6 +157,12 @@ def test_config_batch_buckets_override_the_bundle_and_bad_ones_are_refused(tmp_p
     (repo / "mlp" / "config.json").write_text(json.dumps({"batch_buckets": [8, 4]}))
     assert wait_until(lambda: bg.server.poller.polls > 3)
     assert _buckets(stub) == [3, 5, 8]
+    # A good one is compiled beside the serving runner and switched in.
+    (repo / "mlp" / "config.json").write_text(json.dumps({"batch_buckets": [2, 8]}))
+    assert wait_until(lambda: _buckets(stub) == [2, 8])
+    np.testing.assert_allclose(outputs(stub.ModelInfer(_request(x)))["y"],
+                               _reference(params, x), rtol=1e-5, atol=1e-5)
+    assert index(stub)[("mlp", "1")] == ("READY", "")
   bad = tmp_path / "bad"
   _repo(bad, bundle, {"batch_buckets": [0, 4]})
   with serving(bad / "repo") as bg, grpc.insecure_channel(bg.address) as ch:
