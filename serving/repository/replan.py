@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from serving.repository.auto_plan import Decision, SizeTallies, decide
+from serving.repository.auto_plan import BucketPlanConfig, Decision, SizeTallies, decide
 from serving.repository.rebuild import retire
 from serving.repository.repository import ModelRepository, ServedVersion, State
 from serving.runners import Runner
@@ -80,7 +80,7 @@ class AutoPlanner:
           del table[key]
     return adopted
 
-  def _decide(self, key: Key, runner: Runner, plan: Any) -> Decision:
+  def _decide(self, key: Key, runner: Runner, plan: BucketPlanConfig) -> Decision:
     """The decision on the sizes recorded since the last plan (kept when too few)."""
     tally = self.tallies.of(*key)
     counts = tally.take()
