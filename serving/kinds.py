@@ -14,7 +14,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from serving.batching import BatchingConfig
 from serving.engines import Engine
+from serving.engines.base import export_platform
 from serving.repository import EngineFactory, LoadSpec, RunnerFactory, default_engine_factory
+from serving.repository.bucket_override import serving_manifest
 from serving.runners import Runner, make_runner
 
 MetricsFactory = Callable[[Callable[[], Iterable[tuple[str, Runner]]]], Any]
@@ -32,7 +34,8 @@ class ModelKind:
 def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
   """Predict bundles: an engine compiled for every bucket, behind a row or sequence runner."""
   def load(spec: LoadSpec) -> Runner:
-    engine: Engine = engine_factory(spec.path, spec.manifest, spec.config)
+    manifest = serving_manifest(spec.manifest, spec.config, export_platform())  # batch_buckets
+    engine: Engine = engine_factory(spec.path, manifest, spec.config)
     try:
       engine.warmup(progress=spec.progress)
       _advise_buckets(engine.bucket_seconds, spec.progress)

@@ -49,8 +49,11 @@ from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.servicer import InferenceServicer
 from serving.kinds import ModelKind, standard_kinds
 from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
+from serving.repository.auto_plan import SizeTallies
 from serving.repository.budget import DeviceBudget, holding
+from serving.repository.replan import AutoPlanner
 from serving.server_config import ServerConfig
+from serving.telemetry.bucket_plan_metrics import BucketPlanCollector
 from serving.telemetry.canary_metrics import CanaryCollector
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.memory_metrics import ModelMemoryCollector
@@ -97,10 +100,12 @@ class Server:
     self.budget = (DeviceBudget(config.device_memory_budget_bytes,
                                 holds=lambda label: holding(self.repository)(label))
                    if config.device_memory_budget_bytes is not None else None)
+    self.tallies = SizeTallies()  # request sizes per version, for bucket_plan: auto
     self.repository = ModelRepository(
         config.model_repository, kinds={k: self.budget.guard(v.load) if self.budget else v.load
                                         for k, v in kinds.items()},
-        observer_factory=self.metrics.observer, compile_counter=self.compiles,
+        observer_factory=self.tallies.observing(self.metrics.observer),
+        compile_counter=self.compiles,
         default_config=config.default_model_config,
         row_queue=(row_queue_factory(self._native_module)
                    if self._native_module is not None and config.batch_queue == "native"
@@ -123,6 +128,9 @@ class Server:
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
                    if config.repository_poll_s > 0 else None)
+    self.planner = AutoPlanner(self.repository, self.tallies, progress=self.progress,
+                               on_change=self._repository_changed)  # bucket_plan: auto
+    self.metrics.registry.register(BucketPlanCollector(self.planner.snapshot))
     self.health = HealthServicer()
     self.grpc_port: int | None = None
     self.metrics_port: int | None = None
@@ -266,6 +274,7 @@ class Server:
     self.loaded.set()
     if self.poller is not None:
       self.poller.start()
+    self.planner.start()
     await self._set_health(self.ready)
     self.progress(f"models loaded in {self.load_s:.1f}s; "
                   f"{'all ready' if self.ready else 'SOME UNAVAILABLE'}")
@@ -325,6 +334,7 @@ class Server:
     await self._set_health(False)
     if self.poller is not None:
       await self._loop.run_in_executor(None, self.poller.stop)
+    await self._loop.run_in_executor(None, self.planner.stop)
     begin, refused = time.perf_counter(), self._refused()
     end = begin + self.config.shutdown_grace_s
     await self.servicer.wait_idle(self.config.shutdown_grace_s)

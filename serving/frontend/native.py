@@ -269,9 +269,9 @@ class NativeFrontend:
         try:
           runner.submit(req)
         except ServingError as e:
-          if (e.code is Code.UNAVAILABLE and not slot.version_key
-              and slot.rec.state is not State.READY):
-            relay.append(call)  # retired by a hot reload: the servicer picks the new default
+          if e.code is Code.UNAVAILABLE and (slot.rec.runner is not runner or (
+              not slot.version_key and slot.rec.state is not State.READY)):
+            relay.append(call)  # retired or rebuilt by a hot reload: the servicer routes it
           else:
             refused.append((req, None, e))
       except Exception as e:  # a bug must fail its request, never leave it unanswered

@@ -333,8 +333,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
           recorder.add(model_key(rec.name, rec.version), "front_end", [time.perf_counter() - t0])
         break
       except ServingError as e:  # retired by a hot reload after lookup: use the new default
-        if (e.code is not Code.UNAVAILABLE or request.model_version or attempt == 2
-            or rec.state is State.READY):
+        rebuilt = rec.runner is not runner  # this version's runner replaced (an adopted plan)
+        if (e.code is not Code.UNAVAILABLE or attempt == 2 or not rebuilt
+            and (request.model_version or rec.state is State.READY)):
           raise
     self._inflight += 1
     self._idle.clear()

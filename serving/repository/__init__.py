@@ -2,7 +2,9 @@
 
 `repository.py` discovers, loads (through a kind -> runner factory table), versions and
 retires models; `config.py` holds per-model settings and the factory types; `placement.py`
-chooses devices and sharding for a version; `reload.py` polls the folder for hot reloads; `budget.py` refuses versions over the device-memory budget.
+chooses devices and sharding for a version; `reload.py` polls the folder for hot reloads; `budget.py` refuses versions over the device-memory budget;
+`auto_plan.py` (decisions) and `replan.py` (the planner thread) re-plan batch buckets from traffic
+(`bucket_plan: auto`), switched in by `rebuild.py`; `bucket_override.py` checks `batch_buckets`.
 """
 
 from serving.repository.config import (CONFIG_FILE, EngineFactory, LoadSpec, ModelServingConfig,

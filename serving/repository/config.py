@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 from bundle import Manifest
 from serving.engines import Engine
 from serving.engines.cached.config import EmbeddingCacheConfig
+from serving.repository.auto_plan import BucketPlanConfig, check_buckets
 from serving.repository.traffic import ShadowConfig, TrafficConfig, check_split
 from serving.runners import Observer, Runner, RowQueueFactory
 
@@ -45,6 +46,11 @@ class ModelServingConfig:
   # Canary split of unversioned requests, and a candidate scored beside them (traffic.py).
   traffic: TrafficConfig | None = None
   shadow: ShadowConfig | None = None
+  # The batch buckets to compile instead of the bundle's (also what an adopted plan sets), and
+  # whether the server re-plans them from traffic (serving/repository/auto_plan.py).
+  batch_buckets: tuple[int, ...] | None = None
+  bucket_plan: BucketPlanConfig = dataclasses.field(default_factory=BucketPlanConfig)
+  adopted_buckets: tuple[int, ...] | None = None  # an adopted plan's (in memory, not config.json)
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -72,6 +78,9 @@ class ModelServingConfig:
     if not self.max_queue_wait_ms >= 0:
       raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
                        f" {self.max_queue_wait_ms}")
+    for name in ("batch_buckets", "adopted_buckets"):
+      if getattr(self, name) is not None:
+        check_buckets(getattr(self, name), name)
     check_split(self.traffic, self.shadow,
                 self.versions if self.version_policy == "specific" else ())
 
@@ -79,7 +88,7 @@ class ModelServingConfig:
   def from_json(cls, d: Mapping[str, Any],
                 base: ModelServingConfig | None = None) -> ModelServingConfig:
     """The settings `d` names, the others from `base` (the server's defaults) or the class's."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - {"adopted_buckets"}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown keys {unknown} (known: {sorted(known)})")
@@ -99,6 +108,10 @@ class ModelServingConfig:
       d["traffic"] = TrafficConfig.from_json(d["traffic"])
     if d.get("shadow") is not None:
       d["shadow"] = ShadowConfig.from_json(d["shadow"])
+    if d.get("batch_buckets") is not None:
+      d["batch_buckets"] = check_buckets(d["batch_buckets"])
+    if "bucket_plan" in d:
+      d["bucket_plan"] = BucketPlanConfig.from_json(d["bucket_plan"])
     return dataclasses.replace(base, **d) if base is not None else cls(**d)
 
   def select(self, available: Sequence[int]) -> list[int]:

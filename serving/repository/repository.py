@@ -26,13 +26,13 @@ from typing import Callable, Mapping
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
 from serving.repository.config import CONFIG_FILE, LoadSpec, ModelServingConfig, RunnerFactory
+from serving.repository.rebuild import RebuildMixin
 from serving.repository.traffic import TrafficTable, unloaded_versions
 from serving.runners import Observer, Runner, RowQueueFactory
 from serving.telemetry.compile_watch import CompileCounter
 from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
-
 
 
 class State(enum.Enum):
@@ -61,8 +61,8 @@ class ServedVersion:
 ObserverFactory = Callable[[str, int], Observer]
 
 
-class ModelRepository:
-  """Loads and serves the models under `root`; thread-safe lookups."""
+class ModelRepository(RebuildMixin):
+  """Loads and serves the models under `root`; thread-safe lookups; `rebuild` (rebuild.py)."""
 
   def __init__(
       self,
@@ -227,6 +227,7 @@ class ModelRepository:
       with self._lock:
         self._refresh_defaults()
       recs = [self._load_version(name, v, cfg, say) for v in wanted]
+      self.rebuild_changed(recs, cfg, say)  # READY versions whose config.json buckets changed
       if any(r.state is State.READY for r in recs):
         with self._lock:
           stale = [v for v, r in self._models.get(name, {}).items()
