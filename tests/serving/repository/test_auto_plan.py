@@ -134,8 +134,11 @@ def test_tallies_count_through_the_observer_and_pass_every_hook_on():
     def shed(self, n=1):
       seen.append(("shed", n))
 
+    tracing = True  # a flag, not a hook: it must pass through too (runners read it)
+
   tallies = SizeTallies()
   obs = tallies.observing(lambda name, version: Inner())("m", 1)
+  assert obs.tracing is True and isinstance(obs, Observer)
   obs.request_sizes([3, 5, 3])
   obs.shed(2)
   tallies.observing(lambda name, version: Inner())("m", 1).request_sizes([8])
