@@ -3,7 +3,8 @@
 // parameters, inputs and outputs), then MatchInputs / MatchOutputs against the models of
 // fuzz_models.h. What the validator accepts is read the way the batch queue reads it, so an
 // offset or length it gets wrong is an AddressSanitizer report, as any out-of-bounds read in the
-// parser is. Built by fuzz/build.sh (-fsanitize=fuzzer,address,undefined); docs/DEVELOPING.md.
+// parser is; and what it serves natively must be a message Python's protobuf parses too
+// (proto_oracle.h), or the two front ends would answer the same bytes differently. Built by fuzz/build.sh (-fsanitize=fuzzer,address,undefined); docs/DEVELOPING.md.
 
 #include <cstddef>
 #include <cstdint>
@@ -12,6 +13,7 @@
 
 #include "frontend.h"
 #include "fuzz_models.h"
+#include "proto_oracle.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   namespace fz = xlaserve::fuzz;
@@ -32,6 +34,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<int> out_index;
   if (!nt::MatchOutputs(r, *m, &out_index)) return 0;
   for (int k : out_index) fz::Check(k >= 0 && size_t(k) < m->outputs.size(), "output index");
+  fz::Check(fz::ProtoAcceptsRequest(msg), "served natively, but protobuf rejects the bytes");
   fz::ReadAccepted(*m, data, size, offsets, rows);
   return 0;
 }
