@@ -2,10 +2,10 @@
 // copies), checks its tensors against the model's specs, and encodes the response from the
 // runner's arrays. Anything it does not fully understand returns false: the call is relayed.
 
-#include <cctype>
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "row_queue.h"
@@ -19,9 +19,9 @@ struct Wire {
   const uint8_t* p;
   const uint8_t* end;
 
-  bool Varint(uint64_t* v) {
+  bool Varint(uint64_t* v, int max_bytes = 10) {  // protobuf: tags and lengths in 5 at most
     uint64_t out = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
+    for (int shift = 0; shift < 7 * max_bytes; shift += 7) {
       if (p >= end) return false;
       uint8_t b = *p++;
       out |= uint64_t(b & 0x7f) << shift;
@@ -34,14 +34,14 @@ struct Wire {
   }
   bool Tag(uint32_t* field, uint32_t* type) {
     uint64_t t;
-    if (!Varint(&t) || (t >> 3) == 0 || (t >> 3) > 0x1fffffff) return false;
+    if (!Varint(&t, 5) || (t >> 3) == 0 || (t >> 3) > 0x1fffffff) return false;
     *field = uint32_t(t >> 3);
     *type = uint32_t(t & 7);
     return true;
   }
   bool Bytes(std::string_view* out) {
     uint64_t n;
-    if (!Varint(&n) || n > uint64_t(end - p)) return false;
+    if (!Varint(&n, 5) || n > uint64_t(end - p)) return false;
     *out = std::string_view(reinterpret_cast<const char*>(p), n);
     p += n;
     return true;
@@ -129,15 +129,14 @@ bool ParseParameter(std::string_view entry, Request* r) {
   Wire w{reinterpret_cast<const uint8_t*>(entry.data()),
          reinterpret_cast<const uint8_t*>(entry.data()) + entry.size()};
   std::string_view key, value;
-  bool has_value = false;
+  bool has_key = false, has_value = false;  // either given twice: Python decides
   while (w.p < w.end) {
     uint32_t f, t;
     if (!w.Tag(&f, &t) || t != 2) return false;
     if (f == 1) {
-      if (!w.Bytes(&key)) return false;
+      if (std::exchange(has_key, true) || !w.Bytes(&key)) return false;
     } else if (f == 2) {
-      if (!w.Bytes(&value)) return false;
-      has_value = true;
+      if (std::exchange(has_value, true) || !w.Bytes(&value)) return false;
     } else {
       return false;
     }
@@ -161,10 +160,10 @@ bool ParseInput(std::string_view msg, InTensor* t) {
   while (w.p < w.end) {
     uint32_t f, type;
     if (!w.Tag(&f, &type)) return false;
-    if (f == 1 && type == 2) {
-      if (!w.Bytes(&t->name)) return false;
+    if (f == 1 && type == 2) {  // name or datatype given twice: Python decides
+      if (t->name.data() != nullptr || !w.Bytes(&t->name)) return false;
     } else if (f == 2 && type == 2) {
-      if (!w.Bytes(&t->datatype)) return false;
+      if (t->datatype.data() != nullptr || !w.Bytes(&t->datatype)) return false;
     } else if (f == 3 && type == 2) {  // packed
       std::string_view packed;
       if (!w.Bytes(&packed)) return false;
@@ -190,14 +189,15 @@ bool ParseOutput(std::string_view msg, std::string_view* name) {
   Wire w{reinterpret_cast<const uint8_t*>(msg.data()),
          reinterpret_cast<const uint8_t*>(msg.data()) + msg.size()};
   bool named = false;
+  Request scratch;  // output parameters, which Python ignores once protobuf has parsed them
   while (w.p < w.end) {
     uint32_t f, t;
     std::string_view v;
     if (!w.Tag(&f, &t) || t != 2 || !w.Bytes(&v)) return false;
     if (f == 1) {
+      if (std::exchange(named, true)) return false;  // given twice: Python decides
       *name = v;
-      named = true;
-    } else if (f != 2) {  // 2: output parameters, which Python ignores too
+    } else if (f != 2 || !ParseParameter(v, &scratch)) {
       return false;
     }
   }
@@ -214,9 +214,9 @@ bool ParseRequest(std::string_view msg, Request* r) {
     std::string_view v;
     if (!w.Tag(&f, &t) || t != 2 || !w.Bytes(&v)) return false;
     switch (f) {
-      case 1: r->model_name = v; break;
-      case 2: r->model_version = v; break;
-      case 3: r->id = v; break;
+      case 1: if (r->model_name.data()) return false; r->model_name = v; break;  // given twice:
+      case 2: if (r->model_version.data()) return false; r->model_version = v; break;  // Python
+      case 3: if (r->id.data()) return false; r->id = v; break;  // decides (checks every copy)
       case 4: if (!ParseParameter(v, r)) return false; break;
       case 5:
         if (r->inputs.size() >= 64) return false;

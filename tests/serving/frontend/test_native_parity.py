@@ -1,11 +1,14 @@
 """The native (C++) gRPC front end and the Python one behind the same repository give the same
 bytes: every dtype, requested outputs and versions, what the C++ side relays, parameters it
-ignores, undecodable bytes, concurrent tritonclient clients, and differential fuzzing."""
+ignores, undecodable bytes, concurrent tritonclient clients, and differential fuzzing (hypothesis
+cases, and libFuzzer's corpus and seeds from fuzz/)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.util
 import os
+import pathlib
 
 import grpc
 import ml_dtypes
@@ -275,3 +278,98 @@ def test_fuzzed_requests_get_identical_answers_from_both_front_ends(both):
       ch.close()
   after = calls["native"].server.native.stats()
   assert after["fast"] > before["fast"] and after["relayed"] > before["relayed"]  # both paths
+
+
+FUZZ = pathlib.Path(__file__).resolve().parents[3] / "fuzz"
+CORPUS_CAP = 400  # files sent to both front ends (~2 s)
+
+
+def fuzz_corpus(tmp: pathlib.Path, cap: int = CORPUS_CAP) -> dict[str, bytes]:
+  """fuzz/'s gRPC inputs: past crashes, the seeds (fuzz/seeds.py) and an even sample of the
+  checked-in corpus, `cap` files in all, by name."""
+  spec = importlib.util.spec_from_file_location("fuzz_seeds", FUZZ / "seeds.py")
+  seeds = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(seeds)
+  seeds.write(tmp)
+  fixed = sorted((FUZZ / "regressions" / "grpc").glob("*")) + sorted((tmp / "grpc").glob("*"))
+  corpus = sorted((FUZZ / "corpus" / "grpc").glob("*"))
+  room = max(cap - len(fixed), 0)
+  step = max(len(corpus) // room, 1) if room else len(corpus) + 1
+  return {p.name: p.read_bytes() for p in [*fixed, *corpus[::step][:room]]}
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # Inf/NaN inputs
+def test_fuzz_corpus_gets_identical_answers_from_both_front_ends(both, tmp_path):
+  """The same bytes, whatever libFuzzer made of them, get the same answer from the native and
+  the Python front end: response bytes, or status code and message."""
+  files = fuzz_corpus(tmp_path)
+  assert len(files) >= 30, sorted(files)
+  channels = {k: grpc.insecure_channel(both[k][0].address) for k in both}
+  raw = {k: ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+         for k, ch in channels.items()}
+
+  def answer(kind, data):
+    try:
+      return raw[kind](data, timeout=10), None
+    except grpc.RpcError as e:
+      return None, (e.code(), e.details())
+
+  outcomes = {}
+  try:
+    for name, data in files.items():
+      got, want = answer("native", data), answer("python", data)
+      if grpc.StatusCode.DEADLINE_EXCEEDED in {e[0] for _, e in (got, want) if e}:
+        continue  # a small timeout parameter races the queue on either server
+      assert got == want, (name, data[:200], got, want)
+      outcome = "OK" if got[1] is None else got[1][0].name
+      outcomes[outcome] = outcomes.get(outcome, 0) + 1
+  finally:
+    for ch in channels.values():
+      ch.close()
+  print(f"fuzz corpus, both front ends: {outcomes}")
+  assert outcomes.get("OK", 0) >= 10 and outcomes.get("INVALID_ARGUMENT", 0) >= 5, outcomes
+
+
+def _protobuf_rejects(base: bytes) -> dict[str, bytes]:
+  """Bytes the C++ parser once served although protobuf (the Python servicer) refuses them,
+  found by fuzz/grpc_request_fuzz.cc's protobuf oracle: `base` is a valid mock request."""
+  bad, entry = b"\x0a\x02\xc3\x28", b"\x0a\x01n\x12\x02\x08\x01"  # a bad UTF-8 key; n: true
+  out = b"\x0a\x01y"
+  return {
+      "output parameters not a message": base + b"\x32\x06" + out + b"\x12\x01\xff",
+      "output parameter key not UTF-8": base + b"\x32\x0b" + out + b"\x12\x06" + bad + b"\x12\x00",
+      "tag in 6 bytes": b"\x8a\x80\x80\x80\x80\x00" + base[1:],
+      "length in 6 bytes": base[:1] + b"\x84\x80\x80\x80\x80\x00" + base[2:],
+      "model name twice, first not UTF-8": b"\x0a\x02\xc3\x28" + base,
+      "id twice, first not UTF-8": b"\x1a\x02\xc3\x28\x1a\x01i" + base,
+      "parameter key twice": base + b"\x22\x0b" + bad + entry,
+      "output name twice": base + b"\x32\x07\x0a\x02\xc3\x28" + out,
+  }
+
+
+@needs_native
+def test_what_protobuf_rejects_is_relayed_not_served(both):
+  """Regression (found by libFuzzer): each case got an answer from the native front end and
+  INVALID_ARGUMENT from the Python one; now both refuse it alike and the server keeps serving."""
+  nat_bg, nat = both["native"]
+  x, k = mock_rows(np.random.default_rng(3), 2)
+  base = mock_request(x, k).SerializeToString()
+  relayed0 = _relayed(nat_bg)
+  for name, data in _protobuf_rejects(base).items():
+    with pytest.raises(Exception):
+      pb.ModelInferRequest.FromString(data)  # the reference: protobuf refuses it
+    results = []
+    for kind in ("native", "python"):
+      with grpc.insecure_channel(both[kind][0].address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+          ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(data, timeout=10)
+      results.append((e.value.code(), e.value.details()))
+    assert results[0] == results[1], name
+    assert results[0][0] == grpc.StatusCode.INVALID_ARGUMENT, (name, results[0])
+    assert "not a valid protobuf message" in results[0][1], (name, results[0])
+  assert _relayed(nat_bg) == relayed0 + len(_protobuf_rejects(base))
+  y, z = expected(x, k)
+  got = nat.ModelInfer(mock_request(x, k))
+  np.testing.assert_array_equal(np.frombuffer(got.raw_output_contents[0], np.float32), y.ravel())
+  np.testing.assert_array_equal(np.frombuffer(got.raw_output_contents[1], np.float32), z.ravel())
