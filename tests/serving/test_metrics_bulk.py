@@ -20,6 +20,14 @@ def test_bulk_observation_matches_one_by_one():
   bulk, single = Metrics(), Metrics()
   ob, os_ = bulk.observer("m", 1), single.observer("m", 1)
   ob.requests_done(ok_s=list(values), failed=[(Code.DEADLINE_EXCEEDED, 0.2)])
+  # Batches of every size, small ones (a Python loop) and large (numpy) alike, bounds included.
+  start = 0
+  for size in [1, 2, 3, 5, 8, 13, 21, 32, 33, 64] * 3:
+    chunk = np.concatenate([values[start:start + size], [0.001, 0.002]])[:size]
+    ob.requests_done(ok_s=list(chunk))
+    for v in chunk:
+      os_.request_done(ok=True, duration_s=float(v), code=None)
+    start = (start + size) % (len(values) - 64)
   for v in values:
     os_.request_done(ok=True, duration_s=float(v), code=None)
   os_.request_done(ok=False, duration_s=0.2, code=Code.DEADLINE_EXCEEDED)
