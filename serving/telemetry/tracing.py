@@ -24,10 +24,12 @@ from typing import Any, Callable, Sequence
 from opentelemetry import trace as otel
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (Decision, ParentBased, Sampler, SamplingResult,
                                               TraceIdRatioBased)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 logger = logging.getLogger(__name__)
@@ -114,9 +116,12 @@ class Tracing:
     self.provider = TracerProvider(
         sampler=_HeadSampler(config.rate),
         resource=Resource.create({"service.name": config.service_name}))
-    self.provider.add_span_processor(BatchSpanProcessor(
-        exporter or OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)))
+    self._processor = BatchSpanProcessor(
+        exporter or OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True))
+    self.provider.add_span_processor(self._processor)
     self._tracer = self.provider.get_tracer("xlaserve")
+    self._scope = InstrumentationScope("xlaserve")
+    self._ids = RandomIdGenerator()
     self._propagator = TraceContextTextMapPropagator()
     self._offset_ns = time.time_ns() - time.perf_counter_ns()  # monotonic -> epoch, once
     self._random = random.Random()
@@ -168,19 +173,17 @@ class Tracing:
         attributes={_HEAD: True, "xlaserve.model": model, "xlaserve.version": version,
                     "xlaserve.bucket": bucket, "xlaserve.rows": rows,
                     "xlaserve.traced_requests": len(traces)})
-    ctx = otel.set_span_in_context(span)
-    self._child("assemble", ctx, t_taken, t_dispatch)
-    self._child("compute", ctx, t_dispatch, t_done)
+    self._child("assemble", span, t_taken, t_dispatch)
+    self._child("compute", span, t_dispatch, t_done)
     span.end(end_time=self._ns(t_done))
     for t in traces:  # a request split across batches spans from its first to its last
       t.t_taken = t_taken if t.t_taken is None else min(t.t_taken, t_taken)
       t.t_done = t_done if t.t_done is None else max(t.t_done, t_done)
     for span, arrival in native:  # (a split one: its queue runs to its last batch)
-      ctx = otel.set_span_in_context(span)
-      self._child("parse", ctx, None, arrival, start_ns=span.start_time)
-      self._child("queue", ctx, arrival, t_taken)
-      self._child("compute", ctx, t_taken, t_done)
-      self._child("encode", ctx, t_done, max(t_done, t_sent))
+      self._child("parse", span, None, arrival, start_ns=span.start_time)
+      self._child("queue", span, arrival, t_taken)
+      self._child("compute", span, t_taken, t_done)
+      self._child("encode", span, t_done, max(t_done, t_sent))
       span.end(end_time=self._ns(max(t_done, t_sent)))
 
   def _native_request(self, record: tuple, model: str, version: str) -> tuple[Any, float]:
@@ -199,13 +202,20 @@ class Tracing:
         "xlaserve.native": True})
     return span, arrival
 
-  def _child(self, name: str, ctx: Any, start: float | None, end: float | None, *,
+  def _child(self, name: str, parent: Any, start: float | None, end: float | None, *,
              start_ns: int | None = None) -> None:
+    """A finished child span of `parent` (sampled already: its decision holds), built whole and
+    handed to the exporter's processor: a tenth of what starting and ending a span costs."""
     if (start is None and start_ns is None) or end is None:
       return
     first = self._ns(start) if start_ns is None else start_ns
-    self._tracer.start_span(name, context=ctx, start_time=first).end(
-        end_time=max(first, self._ns(end)))
+    pc = parent.get_span_context()
+    ctx = otel.SpanContext(pc.trace_id, self._ids.generate_span_id(), False, pc.trace_flags,
+                           pc.trace_state)
+    self._processor.on_end(ReadableSpan(
+        name=name, context=ctx, parent=pc, resource=self.provider.resource,
+        kind=otel.SpanKind.INTERNAL, start_time=first, end_time=max(first, self._ns(end)),
+        instrumentation_scope=self._scope))
 
   def finish(self, rt: RequestTrace, *, attributes: dict[str, Any],
              error: str | None = None) -> None:
@@ -214,11 +224,10 @@ class Tracing:
     the event loop); `error` sets the ERROR status."""
     t_end = time.perf_counter()
     span = rt.span
-    ctx = otel.set_span_in_context(span)
-    self._child("parse", ctx, rt.t0, t_end if rt.t_submit is None else rt.t_submit)
-    self._child("queue", ctx, rt.t_submit, rt.t_resume if rt.t_taken is None else rt.t_taken)
-    self._child("compute", ctx, rt.t_taken, rt.t_done)
-    self._child("encode", ctx, rt.t_resume, t_end)
+    self._child("parse", span, rt.t0, t_end if rt.t_submit is None else rt.t_submit)
+    self._child("queue", span, rt.t_submit, rt.t_resume if rt.t_taken is None else rt.t_taken)
+    self._child("compute", span, rt.t_taken, rt.t_done)
+    self._child("encode", span, rt.t_resume, t_end)
     span.set_attributes({**rt.attributes, **attributes})
     if error is not None:
       span.set_status(otel.Status(otel.StatusCode.ERROR, error))
