@@ -14,10 +14,10 @@ only considered once its manifest (written last) exists.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
 
 from serving.repository.config import CONFIG_FILE
+from serving.repository.periodic import Periodic
 from serving.repository.repository import ModelRepository
 from serving.types import ServingError
 
@@ -40,8 +40,7 @@ class RepositoryPoller:
     self.on_change = on_change
     self.polls = 0
     self._seen: Snapshot = {}
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._loop, name="repository-poller", daemon=True)
+    self._thread = Periodic("repository-poller", self.poll_once, lambda: self.interval_s)
 
   def snapshot(self) -> Snapshot:
     """{model: (complete versions, config.json bytes or None)} for every model on disk (contents,
@@ -92,13 +91,4 @@ class RepositoryPoller:
     return self
 
   def stop(self, timeout: float = 30.0) -> None:
-    self._stop.set()
-    if self._thread.is_alive():
-      self._thread.join(timeout)
-
-  def _loop(self) -> None:
-    while not self._stop.wait(self.interval_s):
-      try:
-        self.poll_once()
-      except Exception:
-        logger.exception("repository poll failed")
+    self._thread.stop(timeout)

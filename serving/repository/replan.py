@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 from serving.repository.auto_plan import BucketPlanConfig, Decision, SizeTallies, decide
+from serving.repository.periodic import Periodic
 from serving.repository.rebuild import retire
 from serving.repository.repository import ModelRepository, ServedVersion, State
 from serving.runners import Runner
@@ -51,8 +52,7 @@ class AutoPlanner:
     self._last: dict[Key, Decision] = {}
     self._failed: dict[Key, tuple[int, ...]] = {}  # a plan whose load failed is not retried
     self._adoptions: collections.Counter[str] = collections.Counter()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._loop, name="bucket-planner", daemon=True)
+    self._thread = Periodic("bucket-planner", self.plan_once, self._wait_s)
 
   def plan_once(self, now: float | None = None) -> list[tuple[str, int, tuple[int, ...]]]:
     """Plans every auto version whose interval has passed; returns (model, version, buckets)
@@ -148,13 +148,4 @@ class AutoPlanner:
     return self
 
   def stop(self, timeout: float = 30.0) -> None:
-    self._stop.set()
-    if self._thread.is_alive():
-      self._thread.join(timeout)
-
-  def _loop(self) -> None:
-    while not self._stop.wait(self._wait_s()):
-      try:
-        self.plan_once()
-      except Exception:  # a planning bug must not stop the planner, nor the server
-        logger.exception("bucket planning failed")
+    self._thread.stop(timeout)

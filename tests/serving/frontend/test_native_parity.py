@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import importlib.util
 import os
 import pathlib
+from typing import Callable
 
 import grpc
 import ml_dtypes
@@ -242,15 +243,10 @@ def test_tritonclient_concurrent_clients_get_their_own_rows(both):
 
 @needs_native
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # Inf/NaN inputs
-def test_fuzzed_requests_get_identical_answers_from_both_front_ends(both):
-  """Differential fuzzing: whatever the C++ side serves or relays, the client sees the bytes
-  (or the status and message) the Python front end gives."""
-  from hypothesis import HealthCheck, given, settings
-  from test_fuzz import corrupted_wire, infer_requests
-
-  examples = max(int(os.environ.get("XLASERVE_FUZZ_EXAMPLES", "500")) // 4, 10)
-  calls = {k: both[k][0] for k in both}
-  channels = {k: grpc.insecure_channel(bg.address) for k, bg in calls.items()}
+def _raw_callers(addresses: dict) -> tuple[dict, Callable]:
+  """(channels to close, answer(kind, bytes) -> (response bytes, None) or (None, (code,
+  details))): ModelInfer with raw request bytes to each front end."""
+  channels = {k: grpc.insecure_channel(a) for k, a in addresses.items()}
   raw = {k: ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
          for k, ch in channels.items()}
 
@@ -259,6 +255,18 @@ def test_fuzzed_requests_get_identical_answers_from_both_front_ends(both):
       return raw[kind](data, timeout=10), None
     except grpc.RpcError as e:
       return None, (e.code(), e.details())
+  return channels, answer
+
+
+def test_fuzzed_requests_get_identical_answers_from_both_front_ends(both):
+  """Differential fuzzing: whatever the C++ side serves or relays, the client sees the bytes
+  (or the status and message) the Python front end gives."""
+  from hypothesis import HealthCheck, given, settings
+  from test_fuzz import corrupted_wire, infer_requests
+
+  examples = max(int(os.environ.get("XLASERVE_FUZZ_EXAMPLES", "500")) // 4, 10)
+  calls = {k: both[k][0] for k in both}
+  channels, answer = _raw_callers({k: bg.address for k, bg in calls.items()})
 
   @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
             suppress_health_check=list(HealthCheck))
@@ -305,15 +313,7 @@ def test_fuzz_corpus_gets_identical_answers_from_both_front_ends(both, tmp_path)
   the Python front end: response bytes, or status code and message."""
   files = fuzz_corpus(tmp_path)
   assert len(files) >= 30, sorted(files)
-  channels = {k: grpc.insecure_channel(both[k][0].address) for k in both}
-  raw = {k: ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-         for k, ch in channels.items()}
-
-  def answer(kind, data):
-    try:
-      return raw[kind](data, timeout=10), None
-    except grpc.RpcError as e:
-      return None, (e.code(), e.details())
+  channels, answer = _raw_callers({k: both[k][0].address for k in both})
 
   outcomes = {}
   try:
