@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import pathlib
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -95,6 +96,49 @@ def _round(repo: pathlib.Path, payload: bytes, args: argparse.Namespace, extra: 
           "spans": sink.spans - spans0, "traced": (sink.requests - traced0) / answered}
 
 
+def free_port() -> int:
+  """A port free on 127.0.0.1 now (for the server's HTTP admin endpoint)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def _same_server(repo: pathlib.Path, payload: bytes, args: argparse.Namespace,
+                 sink: Sink) -> dict[str, list[dict]]:
+  """`--same-server`: one server with tracing on, its rate switched between load phases
+  (POST /v2/admin/tracing): "off" is rate 0 there. No per-server drift between configurations."""
+  from serving import http_client
+
+  port = free_port()
+  proc, addr, _ = start_server(repo, ["--otlp-endpoint", sink.endpoint, "--trace-rate", "0",
+                                      "--http-port", str(port), *args.server_args.split()])
+  rates = {"off": 0.0} | {f"rate {r:g}": r for r in args.rates}
+  out: dict[str, list[dict]] = {name: [] for name in rates}
+  try:
+    cpu = ServerCpu(proc, addr, args.model)
+    args.run_load(addr, payload, rows_per_request=1, concurrency=args.concurrency,
+                  processes=args.processes, duration=1.0, warmup=0.0)
+    for i in range(args.rounds):
+      for name, rate in rates.items():
+        http_client.call(f"http://127.0.0.1:{port}", "POST", "/v2/admin/tracing",
+                         body=json.dumps({"rate": rate}).encode())
+        before, spans0, traced0 = cpu.read(), sink.spans, sink.requests
+        res = args.run_load(addr, payload, rows_per_request=1, concurrency=args.concurrency,
+                            processes=args.processes, duration=args.duration, warmup=0.0)
+        after = cpu.read()
+        r = {"rps": res.rps, "p50_ms": res.pct_ms(50), "p99_ms": res.pct_ms(99),
+             "cpu_us": (after[0] - before[0]) / max(res.ok, 1) * 1e6,
+             "requests": max(res.ok, 1), "spans": sink.spans - spans0,  # exports lag a phase
+             "traced": (sink.requests - traced0) / max(res.ok, 1)}
+        out[name].append(r)
+        say(f"round {i + 1} {name:>10}: {r['rps']:8.0f} req/s, p99 {r['p99_ms']:.2f} ms,"
+            f" {r['cpu_us']:.0f} µs CPU/req (same server)")
+  finally:
+    proc.terminate()
+    proc.wait(60)
+  return out
+
+
 def _median(rounds: list[dict]) -> dict:
   return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
@@ -141,7 +185,9 @@ def main() -> None:
   rounds: dict[str, list[dict]] = {name: [] for name in configs}
   with tempfile.TemporaryDirectory(prefix="tracing_cost_") as tmp:
     small = _one_model_repository(repo, args.model, pathlib.Path(tmp))
-    for i in range(args.rounds):
+    if args.same_server:
+      rounds = _same_server(small, payload, args, sink)
+    for i in range(0 if args.same_server else args.rounds):
       for name, extra in configs.items():
         r = _round(small, payload, args, extra, sink)
         rounds[name].append(r)
@@ -159,7 +205,8 @@ def main() -> None:
   print(format_table(["tracing", "req/s", "vs off", "p50 ms", "p99 ms", "CPU µs/req",
                       "CPU vs off", "traced", "spans/req"], rows))
   print(f"{args.model}, 1-row requests, concurrency {args.concurrency}, {args.loadgen} load"
-        f" generator, median of {args.rounds} rounds of {args.duration:g} s")
+        f" generator, median of {args.rounds} rounds of {args.duration:g} s"
+        + (" on one server (off: rate 0)" if args.same_server else ""))
   (args.out / "tracing_cost.json").write_text(json.dumps(
       {"model": args.model, "concurrency": args.concurrency, "duration_s": args.duration,
        "loadgen": args.loadgen, "results": results}, indent=1))
@@ -172,6 +219,10 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument("--repository", type=pathlib.Path, default=None,
                       help="model repository (default: the built-in demo repository)")
   parser.add_argument("--model", default="ctr_light", help="the model to load")
+  parser.add_argument("--same-server", action="store_true",
+                      help="one server, its rate switched between phases (POST"
+                      " /v2/admin/tracing) instead of a fresh server per round: no drift"
+                      " between servers, at the price of spans exported a phase late")
   parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
                       default=[0.01], help="comma-separated --trace-rate values to compare")
   parser.add_argument("--duration", type=float, default=6.0, help="seconds per load phase")

@@ -124,6 +124,7 @@ class Server:
         config.profile_dir or pathlib.Path(tempfile.gettempdir()) / "xlaserve-profiles"))
     self.metrics.registry.register(CanaryCollector(self.servicer.canary.snapshot))
     self.servicer.tracing = self.tracing
+    self.servicer.set_trace_rate = self.tracing.set_rate if self.tracing is not None else None
     self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
@@ -234,6 +235,7 @@ class Server:
       self.servicer.canary.native_routed = self.native.routed_counts  # its split's counts
       self.servicer.trust_trace_marker = True  # grpc.aio hears only the relay: its marks hold
       if self.tracing is not None:  # C++ takes the head decision of what it would answer
+        self.tracing.rate_listeners.append(self.native.set_tracing)
         self.native.set_tracing(cfg.tracing.rate)
     else:
       self.grpc_port = (server.add_secure_port(address, creds) if creds is not None

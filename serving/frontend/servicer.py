@@ -89,6 +89,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     self.on_repository_change = None  # called after RepositoryModelLoad/Unload (health refresh)
     self.profiler = None  # the server's Profiler (serving/telemetry/profile.py): admin endpoint
     self.stages = None  # while a profile runs, `.recorder` takes front-end times (Metrics)
+    self.set_trace_rate = None  # with tracing on: changes its sampling rate (admin endpoint)
     self.sink = AsyncSink()  # answers of requests this servicer accepted
     self.canary = Canary(repository)  # traffic splits and shadow versions
     self.id_prefix = secrets.token_hex(4)  # request ids for requests that bring none

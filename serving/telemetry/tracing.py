@@ -125,6 +125,21 @@ class Tracing:
     self._propagator = TraceContextTextMapPropagator()
     self._offset_ns = time.time_ns() - time.perf_counter_ns()  # monotonic -> epoch, once
     self._random = random.Random()
+    self.rate_listeners: list[Callable[[float], None]] = []  # told of every `set_rate`
+
+  @property
+  def rate(self) -> float:
+    """The share of requests without a client decision that are traced."""
+    return self._rate
+
+  def set_rate(self, rate: float) -> None:
+    """Changes the sampling rate while serving (POST /v2/admin/tracing), here and for the
+    `rate_listeners` (the native front ends' head decisions)."""
+    if not 0.0 <= rate <= 1.0:
+      raise ValueError(f"trace rate must be in 0..1, got {rate}")
+    self._rate = rate
+    for listener in self.rate_listeners:
+      listener(rate)
 
   def _ns(self, t: float) -> int:
     return int(t * 1e9) + self._offset_ns

@@ -4,6 +4,8 @@
                                   server for N seconds (serving/telemetry/profile.py) and answers
                                   its per-stage breakdown; one capture at a time (409 otherwise)
   GET  /v2/admin/profile/trace    the last capture's trace (Chrome trace format, gzipped JSON)
+  POST /v2/admin/tracing          {"rate": R}: tracing's sampling rate from now on (a server
+                                  started with --otlp-endpoint); answers {"rate": R}
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ MAX_PROFILE_S = 600.0
 class AdminRoutes:
   """The /v2/admin endpoints; `profiler()` gives the server's Profiler (None: not offered)."""
 
-  def __init__(self, profiler: Callable[[], Any]):
-    self._profiler = profiler
+  def __init__(self, profiler: Callable[[], Any], set_trace_rate: Callable[[], Any]):
+    self._profiler, self._set_trace_rate = profiler, set_trace_rate
     self._last_trace: str | None = None
 
   def match(self, rest: list[str]) -> tuple[str, Callable, tuple] | None:
@@ -30,6 +32,8 @@ class AdminRoutes:
       return "POST", self.profile, ()
     if rest == ["profile", "trace"]:
       return "GET", self.trace, ()
+    if rest == ["tracing"]:
+      return "POST", self.tracing, ()
     return None
 
   def _get(self) -> Any:
@@ -66,3 +70,15 @@ class AdminRoutes:
       raise HttpError(404, "no profile captured yet: POST /v2/admin/profile first")
     body = await asyncio.to_thread(pathlib.Path(self._last_trace).read_bytes)
     return Reply(200, body, b"application/gzip")
+
+  async def tracing(self, req: Request) -> Reply:
+    setter = self._set_trace_rate()
+    if setter is None:
+      raise HttpError(404, "tracing is off: start the server with --otlp-endpoint HOST:PORT")
+    opts = tensors.load_json(req.body, "the tracing request") if req.body.strip() else {}
+    rate = opts.get("rate")
+    if set(opts) != {"rate"} or isinstance(rate, bool) or not isinstance(rate, (int, float)) or (
+        not 0 <= rate <= 1):
+      raise tensors.bad(f"send {{\"rate\": R}} with R in [0, 1], got {opts!r}")
+    setter(float(rate))
+    return json_reply({"rate": float(rate)})

@@ -61,7 +61,7 @@ class Routes:
     self.servicer = servicer
     self.is_ready = is_ready  # the server's readiness (models loaded, not shutting down)
     self.generation = Generation(servicer)
-    self.admin = AdminRoutes(lambda: servicer.profiler)
+    self.admin = AdminRoutes(lambda: servicer.profiler, lambda: servicer.set_trace_rate)
     self._context = _Context()
     self.trust_trace_marker = False  # behind the native HTTP server: its head decision holds
 

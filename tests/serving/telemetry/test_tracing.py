@@ -9,7 +9,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import secrets
+import json
 import threading
+import urllib.error
 import urllib.request
 
 import grpc
@@ -270,3 +272,37 @@ def test_native_head_sampling_at_rate_one(tmp_path, fast_export):
   for name, s in servers.items():
     _check_request(receiver.spans, s.trace_id.hex(), None, name, 1, native=True)
   assert not [s for s in receiver.spans if s.trace_id.hex() == u_tid]
+
+
+def _set_rate(port: int, body: bytes) -> tuple[int, dict]:
+  req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/admin/tracing", data=body,
+                               method="POST")
+  try:
+    with urllib.request.urlopen(req) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_the_sampling_rate_changes_while_serving(tmp_path, fast_export):
+  """POST /v2/admin/tracing sets the rate for what follows, in C++ and Python alike: exactly
+  the requests sent while it was 1 are traced."""
+  write_mock_bundle(tmp_path / "repo")
+  rng = np.random.default_rng(4)
+  x, k = mock_rows(rng, 1)
+  with _otlp_receiver() as (receiver, endpoint):
+    cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint)
+    with serving(tmp_path / "repo", mock_factory(), http_port=0, tracing=cfg) as bg:
+      port = bg.server.http_port
+      for rate, calls in ((None, 2), (1, 3), (0, 2)):
+        if rate is not None:
+          assert _set_rate(port, json.dumps({"rate": rate}).encode()) == (200, {"rate": rate})
+        for _ in range(calls):
+          _check_answer(_grpc_infer(bg.address, x, k), x, k)
+      status, body = _set_rate(port, b'{"rate": 2}')
+      assert status == 400 and "R in [0, 1]" in body["error"]
+  assert len([s for s in receiver.spans if s.kind == SERVER]) == 3
+  write_mock_bundle(tmp_path / "plain")
+  with serving(tmp_path / "plain", mock_factory(), http_port=0) as bg:  # tracing off
+    status, body = _set_rate(bg.server.http_port, b'{"rate": 1}')
+    assert status == 404 and "--otlp-endpoint" in body["error"]
