@@ -21,7 +21,6 @@ import concurrent.futures
 import json
 import pathlib
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from benchmarks.http_serving import free_port  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
 from benchmarks.serving import ServerCpu, make_inputs, pick_loadgen, say, start_server  # noqa: E402
 
@@ -94,13 +94,6 @@ def _round(repo: pathlib.Path, payload: bytes, args: argparse.Namespace, extra: 
   return {"rps": res.rps, "p50_ms": res.pct_ms(50), "p99_ms": res.pct_ms(99),
           "cpu_us": (after[0] - before[0]) / max(res.ok, 1) * 1e6, "requests": answered,
           "spans": sink.spans - spans0, "traced": (sink.requests - traced0) / answered}
-
-
-def free_port() -> int:
-  """A port free on 127.0.0.1 now (for the server's HTTP admin endpoint)."""
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
 
 
 def _same_server(repo: pathlib.Path, payload: bytes, args: argparse.Namespace,

@@ -124,28 +124,15 @@ class SizeTallies:
 
 
 def counting(inner: Observer, tally: SizeTally) -> Observer:
-  """`inner`, with `request_sizes` also counted into `tally`."""
-  return _Counting(inner, tally)
+  """`inner` itself (made for this version alone), its `request_sizes` also counting into
+  `tally`; every other hook and flag stays inner's own."""
+  own = inner.request_sizes
 
-
-class _Counting(Observer):
-  """Every attribute is `inner`'s (hooks and flags alike, including ones added to Observer
-  later), except `request_sizes`, which also counts into the tally."""
-
-  def __init__(self, inner: Observer, tally: SizeTally):
-    object.__setattr__(self, "_inner", inner)
-    object.__setattr__(self, "_tally", tally)
-
-  def __getattribute__(self, name: str):
-    if name == "request_sizes":
-      return object.__getattribute__(self, "_request_sizes")
-    if name in ("_request_sizes", "_inner", "_tally", "__class__"):
-      return object.__getattribute__(self, name)
-    return getattr(object.__getattribute__(self, "_inner"), name)
-
-  def _request_sizes(self, rows: Sequence[int]) -> None:
-    self._tally.add(rows)
-    self._inner.request_sizes(rows)
+  def request_sizes(rows: Sequence[int]) -> None:
+    tally.add(rows)
+    own(rows)
+  inner.request_sizes = request_sizes
+  return inner
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
