@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Sequence
 
 from opentelemetry import trace as otel
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -32,12 +31,15 @@ from opentelemetry.sdk.trace.sampling import (Decision, ParentBased, Sampler, Sa
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from serving.telemetry.otlp_wire import WireSpanExporter
+
 logger = logging.getLogger(__name__)
 
 # The relay's head decision for a request (gRPC metadata key and HTTP header, "1" or "0"),
 # trusted only where the Python front end listens behind the native one.
 TRACE_MARKER = "x-xlaserve-trace"
 _HEAD = "xlaserve.head_sampled"  # span-start attribute the sampler honours, then drops
+_SAMPLED = otel.TraceFlags(otel.TraceFlags.SAMPLED)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,7 +119,7 @@ class Tracing:
         sampler=_HeadSampler(config.rate),
         resource=Resource.create({"service.name": config.service_name}))
     self._processor = BatchSpanProcessor(
-        exporter or OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True))
+        exporter or WireSpanExporter(endpoint=config.otlp_endpoint, insecure=True))
     self.provider.add_span_processor(self._processor)
     self._tracer = self.provider.get_tracer("xlaserve")
     self._scope = InstrumentationScope("xlaserve")
@@ -182,55 +184,68 @@ class Tracing:
     the native ones (records of requests the C++ queue answered, at `t_sent`) are recorded."""
     native = [self._native_request(n, model, version) for n in natives]
     links = [otel.Link(t.span.get_span_context()) for t in traces]
-    links += [otel.Link(span.get_span_context()) for span, _ in native]
-    span = self._tracer.start_span(
-        "batch", kind=otel.SpanKind.INTERNAL, links=links, start_time=self._ns(t_taken),
-        attributes={_HEAD: True, "xlaserve.model": model, "xlaserve.version": version,
-                    "xlaserve.bucket": bucket, "xlaserve.rows": rows,
-                    "xlaserve.traced_requests": len(traces)})
-    self._child("assemble", span, t_taken, t_dispatch)
-    self._child("compute", span, t_dispatch, t_done)
-    span.end(end_time=self._ns(t_done))
+    links += [otel.Link(ctx) for ctx, _, _ in native]
+    batch = self._context(None)
+    for name, start, end in (("assemble", t_taken, t_dispatch), ("compute", t_dispatch, t_done)):
+      self._child(name, batch, start, end)
+    self._emit("batch", batch, None, self._ns(t_taken), self._ns(t_done), {
+        "xlaserve.model": model, "xlaserve.version": version, "xlaserve.bucket": bucket,
+        "xlaserve.rows": rows, "xlaserve.traced_requests": len(traces)}, links)
     for t in traces:  # a request split across batches spans from its first to its last
       t.t_taken = t_taken if t.t_taken is None else min(t.t_taken, t_taken)
       t.t_done = t_done if t.t_done is None else max(t.t_done, t_done)
-    for span, arrival in native:  # (a split one: its queue runs to its last batch)
-      self._child("parse", span, None, arrival, start_ns=span.start_time)
-      self._child("queue", span, arrival, t_taken)
-      self._child("compute", span, t_taken, t_done)
-      self._child("encode", span, t_done, max(t_done, t_sent))
-      span.end(end_time=self._ns(max(t_done, t_sent)))
+    t_end = max(t_done, t_sent)
+    for ctx, (parent, start_ns, arrival, attributes), name in native:
+      # (a split one: its queue runs to its last batch)
+      self._child("parse", ctx, None, arrival, start_ns=start_ns)
+      self._child("queue", ctx, arrival, t_taken)
+      self._child("compute", ctx, t_taken, t_done)
+      self._child("encode", ctx, t_done, t_end)
+      self._emit(name, ctx, parent, start_ns, self._ns(t_end), attributes, (),
+                 otel.SpanKind.SERVER)
 
-  def _native_request(self, record: tuple, model: str, version: str) -> tuple[Any, float]:
-    """The SERVER span (started) of a request the native queue answered, from its record."""
+  def _native_request(self, record: tuple, model: str,
+                      version: str) -> tuple[otel.SpanContext, tuple, str]:
+    """The context of the SERVER span of a request the native queue answered (its client's
+    parent span, if valid, and what the span records), from its record."""
     name, parent, state, request_id, rows, t_start, arrival, _ = record
-    ctx = None
+    remote = None
     if parent:
       carrier = {"traceparent": parent, **({"tracestate": state} if state else {})}
-      ctx = self._propagator.extract(carrier)
-      if not otel.get_current_span(ctx).get_span_context().is_valid:
-        ctx = None
-    span = self._tracer.start_span(name, context=ctx, kind=otel.SpanKind.SERVER,
-                                   start_time=self._ns(t_start), attributes={
-        _HEAD: True, "xlaserve.model": model, "xlaserve.version": version,
-        "xlaserve.rows": rows, "xlaserve.request_id": request_id, "xlaserve.code": "OK",
-        "xlaserve.native": True})
-    return span, arrival
+      remote = otel.get_current_span(self._propagator.extract(carrier)).get_span_context()
+      if not remote.is_valid:
+        remote = None
+    attributes = {"xlaserve.model": model, "xlaserve.version": version, "xlaserve.rows": rows,
+                  "xlaserve.request_id": request_id, "xlaserve.code": "OK",
+                  "xlaserve.native": True}
+    return self._context(remote), (remote, self._ns(t_start), arrival, attributes), name
 
-  def _child(self, name: str, parent: Any, start: float | None, end: float | None, *,
-             start_ns: int | None = None) -> None:
-    """A finished child span of `parent` (sampled already: its decision holds), built whole and
-    handed to the exporter's processor: a tenth of what starting and ending a span costs."""
+  def _context(self, parent: otel.SpanContext | None) -> otel.SpanContext:
+    """A new sampled span's context: a child of `parent` (its trace and state), else a root."""
+    if parent is None:
+      return otel.SpanContext(self._ids.generate_trace_id(), self._ids.generate_span_id(), False,
+                              _SAMPLED)
+    return otel.SpanContext(parent.trace_id, self._ids.generate_span_id(), False, _SAMPLED,
+                            parent.trace_state)
+
+  def _emit(self, name: str, ctx: otel.SpanContext, parent: otel.SpanContext | None,
+            start_ns: int, end_ns: int, attributes: dict[str, Any] | None = None,
+            links: Sequence[otel.Link] = (), kind: otel.SpanKind = otel.SpanKind.INTERNAL) -> None:
+    """Hands a finished span, built whole, to the exporter's processor. Spans whose whole
+    life is known when they are recorded skip the tracer (its sampler and attribute checks:
+    the head decision is taken), a tenth of what starting and ending one costs."""
+    self._processor.on_end(ReadableSpan(
+        name=name, context=ctx, parent=parent, resource=self.provider.resource, kind=kind,
+        attributes=attributes, links=links, start_time=start_ns, end_time=max(start_ns, end_ns),
+        instrumentation_scope=self._scope))
+
+  def _child(self, name: str, parent: otel.SpanContext, start: float | None, end: float | None,
+             *, start_ns: int | None = None) -> None:
+    """A finished child span of `parent` (sampled already: its decision holds)."""
     if (start is None and start_ns is None) or end is None:
       return
     first = self._ns(start) if start_ns is None else start_ns
-    pc = parent.get_span_context()
-    ctx = otel.SpanContext(pc.trace_id, self._ids.generate_span_id(), False, pc.trace_flags,
-                           pc.trace_state)
-    self._processor.on_end(ReadableSpan(
-        name=name, context=ctx, parent=pc, resource=self.provider.resource,
-        kind=otel.SpanKind.INTERNAL, start_time=first, end_time=max(first, self._ns(end)),
-        instrumentation_scope=self._scope))
+    self._emit(name, self._context(parent), parent, first, self._ns(end))
 
   def finish(self, rt: RequestTrace, *, attributes: dict[str, Any],
              error: str | None = None) -> None:
@@ -239,10 +254,11 @@ class Tracing:
     the event loop); `error` sets the ERROR status."""
     t_end = time.perf_counter()
     span = rt.span
-    self._child("parse", span, rt.t0, t_end if rt.t_submit is None else rt.t_submit)
-    self._child("queue", span, rt.t_submit, rt.t_resume if rt.t_taken is None else rt.t_taken)
-    self._child("compute", span, rt.t_taken, rt.t_done)
-    self._child("encode", span, rt.t_resume, t_end)
+    ctx = span.get_span_context()
+    self._child("parse", ctx, rt.t0, t_end if rt.t_submit is None else rt.t_submit)
+    self._child("queue", ctx, rt.t_submit, rt.t_resume if rt.t_taken is None else rt.t_taken)
+    self._child("compute", ctx, rt.t_taken, rt.t_done)
+    self._child("encode", ctx, rt.t_resume, t_end)
     span.set_attributes({**rt.attributes, **attributes})
     if error is not None:
       span.set_status(otel.Status(otel.StatusCode.ERROR, error))
