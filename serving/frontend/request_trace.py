@@ -11,10 +11,11 @@ from serving.types import GRPC_STATUS, ServingError
 
 
 def start_grpc(tracing: Tracing, context: Any, model: str, t0: float,
-               trusted_marker: bool) -> RequestTrace | None:
-  """A ModelInfer's trace (None: not sampled), from the call's invocation metadata."""
+               trusted_marker: bool, method: str = "ModelInfer") -> RequestTrace | None:
+  """A ModelInfer's (or a stream's request's: `method`) trace (None: not sampled), from the
+  call's invocation metadata."""
   metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-  return tracing.start(f"ModelInfer {model}", metadata.get, t0, trusted_marker=trusted_marker)
+  return tracing.start(f"{method} {model}", metadata.get, t0, trusted_marker=trusted_marker)
 
 
 def start_http(tracing: Tracing, headers: Mapping[bytes, bytes], path: str, t0: float,
@@ -43,3 +44,20 @@ def finish_http(tracing: Tracing, rt: RequestTrace, request_id: str, status: int
   tracing.finish(rt, attributes={
       "xlaserve.request_id": request_id, "xlaserve.code": "OK" if err is None else err.code.value,
       "http.response.status_code": status}, error=None if err is None else err.message)
+
+
+def finish_generation(tracing: Tracing, rt: RequestTrace, request_id: str, event: Any) -> None:
+  """Ends a generation's span from its final event (tokens, timings, finish reason, error)."""
+  m = event.metrics
+  attributes = {"xlaserve.request_id": request_id,
+                "xlaserve.code": "OK" if event.error is None else event.error.code.value,
+                "xlaserve.finish_reason": str(getattr(event.finish_reason, "value",
+                                                      event.finish_reason))}
+  if m is not None:
+    attributes.update({"xlaserve.prompt_tokens": m.prompt_tokens,
+                       "xlaserve.generated_tokens": m.generated_tokens,
+                       "xlaserve.preemptions": m.preemptions})
+  tracing.finish_generation(
+      rt, attributes=attributes, queue_s=None if m is None else m.queue_s,
+      ttft_s=None if m is None else m.ttft_s,
+      error=None if event.error is None else event.error.message)

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from serving.frontend import codec
+from serving.frontend import codec, request_trace
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.types import SHUTTING_DOWN, Code, ServingError
 
@@ -37,6 +37,7 @@ class StreamSession:
     self.loop = asyncio.get_running_loop()
     self.out: asyncio.Queue = asyncio.Queue()
     self.live: dict[int, Any] = {}  # stream-local key -> generation handle
+    self.traces: dict[int, Any] = {}  # stream-local key -> a sampled generation's trace
     self.open_items = 0
     self.reader_done = asyncio.Event()
 
@@ -82,13 +83,26 @@ class StreamSession:
       self.open_items -= 1
       raise
 
+  def _trace(self, request: Any, t0: float) -> Any:
+    """The request's trace when tracing samples it (the stream's metadata decides), else None."""
+    s = self.servicer
+    return None if s.tracing is None else request_trace.start_grpc(
+        s.tracing, self.context, request.model_name, t0, s.trust_trace_marker,
+        "ModelStreamInfer")
+
   async def _predict(self, request: Any) -> None:
+    t0 = time.perf_counter()
+    rt, tracing, request_id = self._trace(request, t0), self.servicer.tracing, request.id
     try:
-      resp = await self.servicer.predict(request, self.context, time.perf_counter(), request.id)
+      resp = await self.servicer.predict(request, self.context, t0, request_id, trace=rt)
       resp.parameters["triton_final_response"].bool_param = True
       self.out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
+      if rt is not None:
+        request_trace.finish_grpc(tracing, rt, request_id, None)
     except ServingError as e:
       self.out.put_nowait(error_response(request, e))
+      if rt is not None:
+        request_trace.finish_grpc(tracing, rt, request_id, e)
     finally:
       self.open_items -= 1
       self.out.put_nowait(None)
@@ -108,6 +122,10 @@ class StreamSession:
       loop.call_soon_threadsafe(self._on_event, request, rec, key, empty_final, ev)
 
     prompt = prompts[0] if isinstance(prompts[0], bytes) else str(prompts[0]).encode()
+    rt = self._trace(request, time.perf_counter())
+    if rt is not None:
+      rt.submitted(rec.name, rec.version, 1)
+      self.traces[key] = rt
     self.live[key] = runner.stream(bytes(prompt), params, request.id, on_event)
 
   def _respond(self, request: Any, rec: Any, piece: bytes | None, final: bool) -> None:
@@ -134,5 +152,7 @@ class StreamSession:
       self._respond(request, rec, ev.piece if ev.piece else None, True)
     if ev.finished:
       self.live.pop(key, None)
+      if (rt := self.traces.pop(key, None)) is not None:
+        request_trace.finish_generation(self.servicer.tracing, rt, request.id, ev)
       self.open_items -= 1
       self.out.put_nowait(None)

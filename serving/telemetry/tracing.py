@@ -264,6 +264,26 @@ class Tracing:
       span.set_status(otel.Status(otel.StatusCode.ERROR, error))
     span.end(end_time=self._ns(t_end))
 
+  def finish_generation(self, rt: RequestTrace, *, attributes: dict[str, Any],
+                        queue_s: float | None, ttft_s: float | None,
+                        error: str | None = None) -> None:
+    """Ends a generation's span now (a stream's request, or a generate call) with children
+    `queue` (to its first decode slot), `prefill` (to its first token) and `decode` (to its
+    last), from the generation's own timings, counted from its submit (`submitted`)."""
+    t_end = time.perf_counter()
+    base = rt.t0 if rt.t_submit is None else rt.t_submit
+    t_admit = None if queue_s is None else base + queue_s
+    t_first = None if ttft_s is None else base + ttft_s
+    ctx = rt.span.get_span_context()
+    self._child("parse", ctx, rt.t0, base)
+    self._child("queue", ctx, base, t_admit)
+    self._child("prefill", ctx, t_admit, t_first)
+    self._child("decode", ctx, t_first, t_end)
+    rt.span.set_attributes({**rt.attributes, **attributes})
+    if error is not None:
+      rt.span.set_status(otel.Status(otel.StatusCode.ERROR, error))
+    rt.span.end(end_time=self._ns(t_end))
+
   def shutdown(self) -> None:
     """Exports what is buffered and stops the exporter (server stop)."""
     try:

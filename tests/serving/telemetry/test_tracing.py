@@ -6,61 +6,26 @@ not sampled is not exported, and the queue and compute histograms on /metrics.""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import secrets
 import json
-import threading
+import queue
 import urllib.error
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from clientutil import triton_inputs
 from serving.frontend import native as native_frontend
 from serving.telemetry.tracing import TracingConfig
+from otlputil import INTERNAL, SERVER, otlp_receiver
 from servingutil import expected, metric, mock_factory, mock_rows, serving, write_mock_bundle
 
 NATIVE, _ = native_frontend.load_extension()
-SERVER, INTERNAL = 2, 1  # OTLP span kinds
 STATUS_ERROR = 2
 STAGES = ("parse", "queue", "compute", "encode")
-
-
-class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-  """An OTLP trace receiver: keeps every span exported to it, with its service.name."""
-
-  def __init__(self):
-    self.spans: list = []
-    self.services: set[str] = set()
-    self._lock = threading.Lock()
-
-  def Export(self, request, context):
-    with self._lock:
-      for rs in request.resource_spans:
-        self.services.update(a.value.string_value for a in rs.resource.attributes
-                             if a.key == "service.name")
-        for ss in rs.scope_spans:
-          self.spans.extend(ss.spans)
-    return trace_service_pb2.ExportTraceServiceResponse()
-
-
-@contextlib.contextmanager
-def _otlp_receiver():
-  receiver = _Receiver()
-  server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-  trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-  port = server.add_insecure_port("127.0.0.1:0")
-  server.start()
-  try:
-    yield receiver, f"127.0.0.1:{port}"
-  finally:
-    server.stop(0)
 
 
 def _parent(trace_id: str, span_id: str, flags: str = "01") -> str:
@@ -169,7 +134,7 @@ def test_client_traceparent_is_traced_through_the_native_front_ends(tmp_path, fa
   else is exported; the histograms count every request."""
   write_mock_bundle(tmp_path / "repo")
   rng = np.random.default_rng(0)
-  with _otlp_receiver() as (receiver, endpoint):
+  with otlp_receiver() as (receiver, endpoint):
     cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint, service_name="tracing-test")
     with serving(tmp_path / "repo", mock_factory(), http_port=0, metrics_port=0,
                  tracing=cfg) as bg:
@@ -220,7 +185,7 @@ def test_python_front_ends_rate_one_roots_and_errors(tmp_path, fast_export):
   is honoured."""
   write_mock_bundle(tmp_path / "repo")
   rng = np.random.default_rng(1)
-  with _otlp_receiver() as (receiver, endpoint):
+  with otlp_receiver() as (receiver, endpoint):
     cfg = TracingConfig(rate=1.0, otlp_endpoint=endpoint)
     with serving(tmp_path / "repo", mock_factory(), http_port=0, frontend="python",
                  http_frontend="python", tracing=cfg) as bg:
@@ -253,7 +218,7 @@ def test_native_head_sampling_at_rate_one(tmp_path, fast_export):
   and they are traced as roots, on the fast path; an unsampled client traceparent is not."""
   write_mock_bundle(tmp_path / "repo")
   rng = np.random.default_rng(2)
-  with _otlp_receiver() as (receiver, endpoint):
+  with otlp_receiver() as (receiver, endpoint):
     cfg = TracingConfig(rate=1.0, otlp_endpoint=endpoint)
     with serving(tmp_path / "repo", mock_factory(), http_port=0, tracing=cfg) as bg:
       x, k = mock_rows(rng, 1)
@@ -290,7 +255,7 @@ def test_the_sampling_rate_changes_while_serving(tmp_path, fast_export):
   write_mock_bundle(tmp_path / "repo")
   rng = np.random.default_rng(4)
   x, k = mock_rows(rng, 1)
-  with _otlp_receiver() as (receiver, endpoint):
+  with otlp_receiver() as (receiver, endpoint):
     cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint)
     with serving(tmp_path / "repo", mock_factory(), http_port=0, tracing=cfg) as bg:
       port = bg.server.http_port
@@ -306,3 +271,37 @@ def test_the_sampling_rate_changes_while_serving(tmp_path, fast_export):
   with serving(tmp_path / "plain", mock_factory(), http_port=0) as bg:  # tracing off
     status, body = _set_rate(bg.server.http_port, b'{"rate": 1}')
     assert status == 404 and "--otlp-endpoint" in body["error"]
+
+
+def test_requests_on_a_stream_are_traced_each(tmp_path, fast_export):
+  """ModelStreamInfer: each predict request on a stream is its own SERVER span, a child of
+  the stream's traceparent, with the stage children and its batch span."""
+  write_mock_bundle(tmp_path / "repo")
+  rng = np.random.default_rng(5)
+  tid, sid = _ids()
+  with otlp_receiver() as (receiver, endpoint):
+    cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint)
+    with serving(tmp_path / "repo", mock_factory(), tracing=cfg) as bg:
+      results: queue.Queue = queue.Queue()
+      with tg.InferenceServerClient(bg.address) as c:
+        c.start_stream(callback=lambda result, error: results.put((result, error)),
+                       headers={"traceparent": _parent(tid, sid)})
+        sent = [mock_rows(rng, n) for n in (1, 2, 3)]
+        for i, (x, k) in enumerate(sent):
+          c.async_stream_infer("mock", triton_inputs({"x": x, "k": k}), request_id=str(i))
+        got = {}
+        for _ in sent:
+          result, error = results.get(timeout=30)
+          assert error is None, error
+          got[int(result.get_response().id)] = (result.as_numpy("y"), result.as_numpy("z"))
+        c.stop_stream()
+      for i, (x, k) in enumerate(sent):
+        _check_answer(got[i], x, k)
+  servers = [s for s in receiver.spans if s.kind == SERVER]
+  assert len(servers) == 3 and {s.trace_id.hex() for s in servers} == {tid}
+  assert sorted(_attrs(s)["xlaserve.rows"] for s in servers) == [1, 2, 3]
+  for s in servers:
+    assert s.name == "ModelStreamInfer mock" and s.parent_span_id.hex() == sid
+    kids = {c.name: c for c in receiver.spans if c.parent_span_id == s.span_id}
+    assert sorted(kids) == sorted(STAGES)
+    _batch_of(receiver.spans, s)
