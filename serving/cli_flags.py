@@ -150,6 +150,11 @@ def _add_placement_flags(serve: argparse.ArgumentParser) -> None:
                      help="with --coordinator: number of processes in the group")
   serve.add_argument("--process-id", type=int, default=0,
                      help="with --coordinator: this process's index (0 serves gRPC)")
+  serve.add_argument("--heartbeat-timeout-s", type=int, default=10,
+                     help="with --coordinator: a process the group has not heard from this long"
+                     " is gone. The leader then answers UNAVAILABLE, turns not ready, and"
+                     " restarts itself to re-form the group, serving again once every process"
+                     " is back; a follower whose leader is gone exits")
   serve.add_argument("--local-devices", type=int, default=None,
                      help="with --coordinator: CPU devices in this process (a CPU stand-in for"
                      " the GPUs of a host; default: all local devices)")

@@ -31,19 +31,42 @@ OP_STOP, OP_STEP, OP_NOOP = 0, 1, 2
 def initialize(
     coordinator_address: str, num_processes: int, process_id: int, *,
     local_cpu_devices: int | None = None, timeout_s: int = 60, heartbeat_timeout_s: int = 30,
+    recoverable: bool = False,
 ) -> None:
   """`jax.distributed.initialize` with bounded waits; must run before anything touches a device.
 
   `local_cpu_devices` sets this process's CPU device count (the CPU stand-in for GPUs per host).
+  `recoverable`: a dead process no longer ends the others through the coordination service
+  (they see it in failing collectives, and decide; see `say_goodbye` for leaving).
   """
   if local_cpu_devices is not None:
     jax.config.update("jax_num_cpu_devices", local_cpu_devices)
+  jax.config.update("jax_enable_recoverability", recoverable)
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id, initialization_timeout=timeout_s,
       heartbeat_timeout_seconds=heartbeat_timeout_s, shutdown_timeout_seconds=timeout_s)
   logger.info("process %d/%d up: %d local of %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def say_goodbye(timeout_s: float = 0.0) -> bool:
+  """Followers: records in the coordination service that this process leaves now. The leader
+  (`timeout_s` > 0) waits, bounded, until every follower has; True when all had. In a
+  `recoverable` group leaving is not synchronised by the service, and a follower whose service
+  stops under it aborts: the leader stops its service only after these goodbyes."""
+  from jax._src import distributed  # the key-value store has no public API in jax 0.10
+
+  client = distributed.global_state.client
+  if jax.process_index() != 0:
+    client.key_value_set(f"xlaserve/left/{jax.process_index()}", "1")
+    return True
+  try:
+    for i in range(1, jax.process_count()):
+      client.blocking_key_value_get(f"xlaserve/left/{i}", int(timeout_s * 1000))
+  except Exception:  # a follower that died or is slow: leave anyway
+    return False
+  return True
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -271,10 +271,22 @@ class LockstepEngine(Engine):
     try:
       return self._program.loop.leader_step(self._index[bucket], host)
     except Exception as e:  # the processes may be out of step now: refuse everything after
-      self._broken = (f"multi-host step failed ({type(e).__name__}: {e}); the processes may be"
-                      " out of step: restart all of them")
+      self._broken = (f"multi-host step failed ({type(e).__name__}: {e}); the group is out of"
+                      " step: the leader re-forms it")
       logger.exception("lockstep batch of bucket %d failed", bucket)
       raise
+
+  def keepalive(self) -> str | None:
+    """A no-op round trip through every process between batches (a process gone fails it
+    at once); returns why the group is out of step (this or a failed batch), else None."""
+    with self._lock:
+      if self._broken is None and self.ready:
+        try:
+          self._program.loop.keepalive()
+        except Exception as e:
+          self._broken = f"keepalive failed ({type(e).__name__}: {e})"
+          logger.error("multi-host keepalive failed: %s", e)
+      return self._broken
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
     if self._program is None:
@@ -284,7 +296,10 @@ class LockstepEngine(Engine):
     except ServingError as e:
       return _Refused(e)  # fetch raises it; the runner then retries each request alone
     with self._lock:
-      return self._step_locked(bucket, host)
+      try:
+        return self._step_locked(bucket, host)
+      except Exception:  # a process gone: UNAVAILABLE (retry elsewhere or later), not INTERNAL
+        return _Refused(ServingError(Code.UNAVAILABLE, f"{self.path.name}: {self._broken}"))
 
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     if isinstance(handle, _Refused):

@@ -100,3 +100,47 @@ def test_two_processes_serve_row_sharded_dlrm(bundle):
   finally:
     for p in procs:
       p.kill()
+
+
+def test_a_killed_follower_turns_the_leader_unready_until_it_returns(bundle):
+  """kill -9 of the follower: the next request gets UNAVAILABLE at once, the leader turns not
+  ready within the heartbeat bound and restarts itself (same pid) to re-form the group; once a
+  new follower joins, it serves correct answers again."""
+  repo, model, _ = bundle
+  coordinator, port = f"127.0.0.1:{free_port()}", free_port()  # fixed: the same after a restart
+  args = lambda i, grpc_port: [  # noqa: E731
+      *SERVE, "--model-repository", str(repo), "--coordinator", coordinator, "--num-processes",
+      "2", "--process-id", str(i), "--local-devices", "2", "--sharding", "embedding_rows",
+      "--grpc-port", str(grpc_port), "--metrics-port", "-1", "--http-port", "-1",
+      "--compile-cache", "none", "--heartbeat-timeout-s", "3"]
+  leader = Proc(args(0, port), env=child_env(own_devices=True))
+  follower = Proc(args(1, 0), env=child_env(own_devices=True))
+  procs = [leader, follower]
+  rng = np.random.default_rng(3)
+  case = {"dense": rng.normal(size=(3, 13)).astype(np.float32),
+          "sparse": rng.integers(0, 3000, size=(3, 26))}
+  reference = lambda dense, sparse: model(jnp.asarray(dense), jnp.asarray(sparse))  # noqa: E731
+  parity = dict(rtol=1e-5, atol=1e-6, client_timeout=30)
+  try:
+    address = leader.wait_serving(START_TIMEOUT_S)
+    with tc.InferenceServerClient(address) as c:
+      assert assert_served_like(c, "dlrm", [case], reference, **parity) == 1
+      follower.kill()  # SIGKILL
+      with pytest.raises(tc.InferenceServerException) as lost:
+        infer(c, "dlrm", case, client_timeout=30)
+      assert lost.value.status() == "StatusCode.UNAVAILABLE", lost.value
+    assert leader.wait_for(r"the group lost a process", 20), leader.text
+    assert leader.wait_for(r"re-forming the group after", 60), leader.text
+    assert leader.p.poll() is None  # the same process (exec), never down
+    follower = Proc(args(1, 0), env=child_env(own_devices=True))
+    procs.append(follower)
+    assert leader.wait_for(r"try it:(.|\n)*try it:", START_TIMEOUT_S), leader.text
+    with tc.InferenceServerClient(address) as c:
+      assert c.is_server_ready()
+      assert assert_served_like(c, "dlrm", [case], reference, **parity) == 1
+    leader.p.send_signal(signal.SIGTERM)
+    assert leader.wait(EXIT_TIMEOUT_S) == 0, leader.text
+    assert follower.wait(EXIT_TIMEOUT_S) == 0, follower.text
+  finally:
+    for p in procs:
+      p.kill()
