@@ -1,0 +1,256 @@
+"""The OpenAI-compatible API (/v1) on the real server, driven by the unmodified `openai` client.
+
+The trained tiny decoder is served once (native HTTP front end, relaying /v1 to Python) and
+checked against independent references: the model's own full forward (greedy tokens, log-softmax),
+the byte tokenizer's counts, and Triton's generate endpoint and gRPC streaming on the same
+server. Disconnects are checked on the exact mock generation engine slowed down, through the
+server's own metrics.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import queue
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as tc
+
+from bundle import Manifest, Signature, write_bundle
+from clientutil import serving, triton_inputs
+from models.decoder import greedy_reference
+from models.tokenizer import ByteTokenizer
+from serving.generation.mock_engine import MockEngine
+from serving.generation.runner import TEXT_INPUT, TEXT_OUTPUT, GenerationRunner
+from serving.generation.service import GenerationService
+from serving.kinds import ModelKind, generation_metrics, standard_kinds
+from serving.server import BackgroundServer, Server, ServerConfig
+
+TOK = ByteTokenizer()
+PROMPTS = ["Acme shoes:", "Cheap flights to"]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_bundle):
+  with serving(tiny_bundle.parent.parent, http_port=0) as bg:  # <repo>/decoder/1
+    yield bg
+
+
+def client(bg, **kw) -> openai.OpenAI:
+  return openai.OpenAI(base_url=f"http://127.0.0.1:{bg.server.http_port}/v1", api_key="x",
+                       max_retries=0, timeout=60, **kw)
+
+
+def greedy(model, prompt: str, n: int) -> list[int]:
+  return greedy_reference(model, [TOK.encode(prompt)], max_new_tokens=n, eos_id=TOK.eos_id)[0]
+
+
+def post(bg, path: str, body: bytes) -> tuple[int, dict]:
+  conn = http.client.HTTPConnection("127.0.0.1", bg.server.http_port, timeout=60)
+  try:
+    conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+  finally:
+    conn.close()
+
+
+def test_models_and_greedy_completions_equal_the_reference_and_triton(lm, tiny_model):
+  c = client(lm)
+  assert [m.id for m in c.models.list().data] == ["decoder"]
+  assert c.models.retrieve("decoder").id == "decoder"
+  res = c.completions.create(model="decoder", prompt=PROMPTS, max_tokens=12, temperature=0)
+  assert [ch.index for ch in res.choices] == [0, 1]
+  for prompt, ch in zip(PROMPTS, res.choices):
+    ids = greedy(tiny_model, prompt, 12)
+    assert ch.text == TOK.decode(ids)
+    assert ch.finish_reason == ("stop" if ids[-1] == TOK.eos_id else "length")
+    status, out = post(lm, "/v2/models/decoder/generate", json.dumps(
+        {"text_input": prompt, "parameters": {"max_tokens": 12}}).encode())
+    assert status == 200 and out["text_output"] == ch.text  # Triton's endpoint agrees
+  want = [greedy(tiny_model, p, 12) for p in PROMPTS]
+  assert res.usage.prompt_tokens == sum(len(TOK.encode(p)) for p in PROMPTS)
+  assert res.usage.completion_tokens == sum(len(ids) for ids in want)
+  assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+
+
+def test_streamed_completion_and_chat(lm, tiny_model):
+  c = client(lm)
+  chunks = list(c.completions.create(model="decoder", prompt="Acme", max_tokens=20,
+                                     temperature=0, extra_body={"ignore_eos": True}, stream=True,
+                                     stream_options={"include_usage": True}))
+  texts = [ch.choices[0].text for ch in chunks if ch.choices]
+  assert len(texts) > 1 and "".join(texts) == TOK.decode(greedy(tiny_model, "Acme", 20))
+  assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.prompt_tokens == 5
+  assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+  messages = [{"role": "system", "content": "Write ads."}, {"role": "user", "content": "shoes"}]
+  rendered = "<|system|>\nWrite ads.\n<|user|>\nshoes\n<|assistant|>\n"  # the documented template
+  want = TOK.decode(greedy(tiny_model, rendered, 16))
+  res = c.chat.completions.create(model="decoder", messages=messages, max_completion_tokens=16,
+                                  temperature=0)
+  assert res.choices[0].message.role == "assistant" and res.choices[0].message.content == want
+  assert res.usage.prompt_tokens == len(TOK.encode(rendered))
+  stream = c.chat.completions.create(model="decoder", messages=messages, max_tokens=16,
+                                     temperature=0, stream=True)
+  deltas = [ch.choices[0].delta for ch in stream]
+  assert deltas[0].role == "assistant"
+  assert "".join(d.content or "" for d in deltas) == want
+
+
+def test_n_choices_with_seeds_and_stop_strings(lm, tiny_model):
+  c = client(lm)
+  kw = dict(model="decoder", prompt="Acme", max_tokens=16, temperature=1.0, top_p=0.95,
+            extra_body={"ignore_eos": True})
+  two = c.completions.create(n=2, seed=5, **kw)
+  again = c.completions.create(n=2, seed=5, **kw)
+  assert [ch.text for ch in two.choices] == [ch.text for ch in again.choices]
+  # Choice j of a seeded request draws with seed + j (documented), so it is reproducible alone.
+  assert c.completions.create(n=1, seed=6, **kw).choices[0].text == two.choices[1].text
+  assert two.usage.completion_tokens == 32 and two.usage.prompt_tokens == 5
+  greedy_text = TOK.decode(greedy(tiny_model, "Acme", 24))
+  stop = greedy_text[6:8]
+  res = c.completions.create(model="decoder", prompt="Acme", max_tokens=24, temperature=0,
+                             stop=[stop, "\x00never"])
+  assert res.choices[0].text == greedy_text[:greedy_text.index(stop)]
+  assert res.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_the_models_log_softmax(lm, tiny_model):
+  c = client(lm)
+  res = c.completions.create(model="decoder", prompt="Acme", max_tokens=8, temperature=0,
+                             logprobs=3, extra_body={"ignore_eos": True})
+  lp = res.choices[0].logprobs
+  seq = TOK.encode("Acme") + list(res.choices[0].text.encode())
+  ref = np.asarray(jax.nn.log_softmax(tiny_model(jnp.asarray([seq]))[0].astype(jnp.float32)))
+  assert len(lp.tokens) == len(lp.token_logprobs) == 8
+  for i, (chosen, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+    row = ref[len(TOK.encode("Acme")) - 1 + i]
+    assert len(top) == 3 and max(top.values()) == chosen  # greedy: the best token
+    assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
+    np.testing.assert_allclose(chosen, row.max(), atol=2e-3)
+    np.testing.assert_allclose(sorted(top.values(), reverse=True), np.sort(row)[::-1][:3],
+                               atol=2e-3)
+  chat = c.chat.completions.create(model="decoder", messages=[{"role": "user", "content": "x"}],
+                                   max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+  content = chat.choices[0].logprobs.content
+  assert bytes(b for e in content for b in e.bytes) == chat.choices[0].message.content.encode()
+  assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob
+             for e in content)
+
+
+def test_errors_in_openai_format_and_the_server_keeps_serving(lm):
+  c = client(lm)
+  with pytest.raises(openai.NotFoundError):
+    c.completions.create(model="nope", prompt="x")
+  for bad in ({"temperature": 5}, {"top_p": 0}, {"n": 0}, {"logprobs": 9},
+              {"extra_body": {"frequency_penalty": 1.0}}, {"extra_body": {"foo": 1}}):
+    with pytest.raises(openai.BadRequestError):
+      c.completions.create(model="decoder", prompt="x", **bad)
+  with pytest.raises(openai.BadRequestError):
+    c.chat.completions.create(model="decoder", messages=[{"role": "robot", "content": "x"}])
+  status, out = post(lm, "/v1/completions", b'{"model": "decoder", "prompt": 3}')
+  assert status == 400 and out["error"]["param"] == "prompt"
+  assert set(out["error"]) == {"message", "type", "param", "code"}
+  assert out["error"]["type"] == "invalid_request_error"
+  for body in (b"{not json", b"[]", b'{"model": "decoder", "prompt": "' + b"x" * 400 + b'"}'):
+    status, out = post(lm, "/v1/completions", body)
+    assert status == 400 and out["error"]["message"], body
+  status, out = post(lm, "/v1/embeddings", b"{}")
+  assert status == 404 and out["error"]["code"] == "not_found"
+  assert c.completions.create(model="decoder", prompt="x", max_tokens=2).choices[0].text != None
+
+
+def test_tritonclient_grpc_streaming_on_the_same_server(lm, tiny_model):
+  results: queue.Queue = queue.Queue()
+  g = tc.InferenceServerClient(lm.address)
+  g.start_stream(callback=lambda result, error: results.put((result, error)))
+  try:
+    (t,) = triton_inputs({"text_input": np.array([b"Acme"], dtype=object)})
+    g.async_stream_infer("decoder", [t], parameters={"max_tokens": 10})
+    pieces = []
+    while True:
+      result, error = results.get(timeout=60)
+      assert error is None, error
+      out = result.as_numpy("text_output")
+      if out is not None:
+        pieces.append(out[0])
+      if result.get_response().parameters["triton_final_response"].bool_param:
+        break
+  finally:
+    g.stop_stream()
+  want = TOK.decode(greedy(tiny_model, "Acme", 10))
+  assert b"".join(pieces).decode() == want
+  assert client(lm).completions.create(model="decoder", prompt="Acme", max_tokens=10,
+                                       temperature=0).choices[0].text == want
+
+
+# -- disconnects, on the exact mock engine slowed to 20 ms a step --------------------------------
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def slow_lm(request, tmp_path_factory):
+  repo = tmp_path_factory.mktemp("openai") / "repo"
+  manifest = Manifest(name="lm", version=1, kind="generate", jax_version="0.10.2",
+                      signatures={"serve": Signature("serve", (TEXT_INPUT,), (TEXT_OUTPUT,), {})},
+                      params=(), batch_buckets=(1,))
+  write_bundle(repo / "lm" / "1", manifest, [], {})
+  kinds = standard_kinds()
+  kinds["generate"] = ModelKind(lambda spec: GenerationRunner(
+      spec.name, GenerationService(MockEngine(delay_s=0.02))), generation_metrics)
+  bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0, http_port=0,
+                                            metrics_port=-1, http_frontend=request.param),
+                               kinds=kinds)).start()
+  try:
+    yield bg
+  finally:
+    bg.stop()
+
+
+def metric(bg, name: str) -> float:
+  for line in bg.server.metrics.exposition().decode().splitlines():
+    if line.startswith(f'{name}{{model_name="lm/1"}}'):
+      return float(line.split()[-1])
+  raise AssertionError(f"no {name}")
+
+
+def wait_freed(bg, cancelled_before: float) -> None:
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    if (metric(bg, "xlaserve:generation_requests_cancelled_total") > cancelled_before
+        and metric(bg, "xlaserve:kv_cache_pages_used") == 0
+        and metric(bg, "vllm:num_requests_running") == 0):
+      return
+    time.sleep(0.02)
+  raise AssertionError("the disconnected request still holds its slot or pages")
+
+
+def test_disconnect_cancels_and_frees_pages(slow_lm):
+  c = client(slow_lm)
+  # The mock continues each byte with the next one: "ab" -> "cdef...".
+  res = c.completions.create(model="lm", prompt="ab", max_tokens=4, temperature=0)
+  assert res.choices[0].text == "cdef" and res.usage.completion_tokens == 4
+  before = metric(slow_lm, "xlaserve:generation_requests_cancelled_total")
+  stream = c.completions.create(model="lm", prompt="ab", max_tokens=50, temperature=0,
+                                stream=True)
+  first = next(iter(stream))
+  assert first.choices[0].text == "c"
+  assert metric(slow_lm, "xlaserve:kv_cache_pages_used") > 0
+  stream.close()  # ~1 s of generation left
+  wait_freed(slow_lm, before)
+  before = metric(slow_lm, "xlaserve:generation_requests_cancelled_total")
+  body = json.dumps({"model": "lm", "messages": [{"role": "user", "content": "a"}],
+                     "max_tokens": 50, "n": 2}).encode()
+  with socket.create_connection(("127.0.0.1", slow_lm.server.http_port)) as s:
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.time() + 10
+    while metric(slow_lm, "vllm:num_requests_running") < 2 and time.time() < deadline:
+      time.sleep(0.01)
+  wait_freed(slow_lm, before + 1)  # both choices cancelled
