@@ -22,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as tc
+from flax import nnx
 
 from bundle import Manifest, Signature, write_bundle
 from clientutil import serving, triton_inputs
@@ -29,12 +30,14 @@ from models.decoder import greedy_reference
 from models.tokenizer import ByteTokenizer
 from serving.generation.mock_engine import MockEngine
 from serving.generation.runner import TEXT_INPUT, TEXT_OUTPUT, GenerationRunner
-from serving.generation.service import GenerationService
+from serving.generation.service import GenerationService, ServiceConfig
 from serving.kinds import ModelKind, generation_metrics, standard_kinds
 from serving.server import BackgroundServer, Server, ServerConfig
 
 TOK = ByteTokenizer()
 PROMPTS = ["Acme shoes:", "Cheap flights to"]
+CHAT = [{"role": "system", "content": "Write ads."}, {"role": "user", "content": "shoes"}]
+RENDERED = "<|system|>\nWrite ads.\n<|user|>\nshoes\n<|assistant|>\n"  # the documented template
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,14 @@ def client(bg, **kw) -> openai.OpenAI:
                        max_retries=0, timeout=60, **kw)
 
 
-def greedy(model, prompt: str, n: int) -> list[int]:
-  return greedy_reference(model, [TOK.encode(prompt)], max_new_tokens=n, eos_id=TOK.eos_id)[0]
+@pytest.fixture(scope="module")
+def greedy(tiny_model):
+  """greedy(prompt, n): the model's own greedy tokens (full forward, no cache), all prompts in
+  one call (one compile); n tokens are a prefix of 24."""
+  prompts = [*PROMPTS, "Acme", RENDERED]
+  refs = greedy_reference(tiny_model, [TOK.encode(p) for p in prompts], max_new_tokens=24,
+                          eos_id=TOK.eos_id)
+  return lambda prompt, n: refs[prompts.index(prompt)][:n]
 
 
 def post(bg, path: str, body: bytes) -> tuple[int, dict]:
@@ -62,49 +71,47 @@ def post(bg, path: str, body: bytes) -> tuple[int, dict]:
     conn.close()
 
 
-def test_models_and_greedy_completions_equal_the_reference_and_triton(lm, tiny_model):
+def test_models_and_greedy_completions_equal_the_reference_and_triton(lm, greedy):
   c = client(lm)
   assert [m.id for m in c.models.list().data] == ["decoder"]
   assert c.models.retrieve("decoder").id == "decoder"
   res = c.completions.create(model="decoder", prompt=PROMPTS, max_tokens=12, temperature=0)
   assert [ch.index for ch in res.choices] == [0, 1]
   for prompt, ch in zip(PROMPTS, res.choices):
-    ids = greedy(tiny_model, prompt, 12)
+    ids = greedy(prompt, 12)
     assert ch.text == TOK.decode(ids)
     assert ch.finish_reason == ("stop" if ids[-1] == TOK.eos_id else "length")
     status, out = post(lm, "/v2/models/decoder/generate", json.dumps(
         {"text_input": prompt, "parameters": {"max_tokens": 12}}).encode())
     assert status == 200 and out["text_output"] == ch.text  # Triton's endpoint agrees
-  want = [greedy(tiny_model, p, 12) for p in PROMPTS]
+  want = [greedy(p, 12) for p in PROMPTS]
   assert res.usage.prompt_tokens == sum(len(TOK.encode(p)) for p in PROMPTS)
   assert res.usage.completion_tokens == sum(len(ids) for ids in want)
   assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
 
 
-def test_streamed_completion_and_chat(lm, tiny_model):
+def test_streamed_completion_and_chat(lm, greedy):
   c = client(lm)
   chunks = list(c.completions.create(model="decoder", prompt="Acme", max_tokens=20,
                                      temperature=0, extra_body={"ignore_eos": True}, stream=True,
                                      stream_options={"include_usage": True}))
   texts = [ch.choices[0].text for ch in chunks if ch.choices]
-  assert len(texts) > 1 and "".join(texts) == TOK.decode(greedy(tiny_model, "Acme", 20))
+  assert len(texts) > 1 and "".join(texts) == TOK.decode(greedy("Acme", 20))
   assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.prompt_tokens == 5
   assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
-  messages = [{"role": "system", "content": "Write ads."}, {"role": "user", "content": "shoes"}]
-  rendered = "<|system|>\nWrite ads.\n<|user|>\nshoes\n<|assistant|>\n"  # the documented template
-  want = TOK.decode(greedy(tiny_model, rendered, 16))
-  res = c.chat.completions.create(model="decoder", messages=messages, max_completion_tokens=16,
+  want = TOK.decode(greedy(RENDERED, 16))
+  res = c.chat.completions.create(model="decoder", messages=CHAT, max_completion_tokens=16,
                                   temperature=0)
   assert res.choices[0].message.role == "assistant" and res.choices[0].message.content == want
-  assert res.usage.prompt_tokens == len(TOK.encode(rendered))
-  stream = c.chat.completions.create(model="decoder", messages=messages, max_tokens=16,
+  assert res.usage.prompt_tokens == len(TOK.encode(RENDERED))
+  stream = c.chat.completions.create(model="decoder", messages=CHAT, max_tokens=16,
                                      temperature=0, stream=True)
   deltas = [ch.choices[0].delta for ch in stream]
   assert deltas[0].role == "assistant"
   assert "".join(d.content or "" for d in deltas) == want
 
 
-def test_n_choices_with_seeds_and_stop_strings(lm, tiny_model):
+def test_n_choices_with_seeds_and_stop_strings(lm, greedy):
   c = client(lm)
   kw = dict(model="decoder", prompt="Acme", max_tokens=16, temperature=1.0, top_p=0.95,
             extra_body={"ignore_eos": True})
@@ -114,7 +121,7 @@ def test_n_choices_with_seeds_and_stop_strings(lm, tiny_model):
   # Choice j of a seeded request draws with seed + j (documented), so it is reproducible alone.
   assert c.completions.create(n=1, seed=6, **kw).choices[0].text == two.choices[1].text
   assert two.usage.completion_tokens == 32 and two.usage.prompt_tokens == 5
-  greedy_text = TOK.decode(greedy(tiny_model, "Acme", 24))
+  greedy_text = TOK.decode(greedy("Acme", 24))
   stop = greedy_text[6:8]
   res = c.completions.create(model="decoder", prompt="Acme", max_tokens=24, temperature=0,
                              stop=[stop, "\x00never"])
@@ -128,7 +135,8 @@ def test_logprobs_match_the_models_log_softmax(lm, tiny_model):
                              logprobs=3, extra_body={"ignore_eos": True})
   lp = res.choices[0].logprobs
   seq = TOK.encode("Acme") + list(res.choices[0].text.encode())
-  ref = np.asarray(jax.nn.log_softmax(tiny_model(jnp.asarray([seq]))[0].astype(jnp.float32)))
+  logits = nnx.jit(lambda m, x: m(x))(tiny_model, jnp.asarray([seq]))[0]  # the full forward
+  ref = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
   assert len(lp.tokens) == len(lp.token_logprobs) == 8
   for i, (chosen, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
     row = ref[len(TOK.encode("Acme")) - 1 + i]
@@ -167,7 +175,7 @@ def test_errors_in_openai_format_and_the_server_keeps_serving(lm):
   assert c.completions.create(model="decoder", prompt="x", max_tokens=2).choices[0].text != None
 
 
-def test_tritonclient_grpc_streaming_on_the_same_server(lm, tiny_model):
+def test_tritonclient_grpc_streaming_on_the_same_server(lm, greedy):
   results: queue.Queue = queue.Queue()
   g = tc.InferenceServerClient(lm.address)
   g.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -185,7 +193,7 @@ def test_tritonclient_grpc_streaming_on_the_same_server(lm, tiny_model):
         break
   finally:
     g.stop_stream()
-  want = TOK.decode(greedy(tiny_model, "Acme", 10))
+  want = TOK.decode(greedy("Acme", 10))
   assert b"".join(pieces).decode() == want
   assert client(lm).completions.create(model="decoder", prompt="Acme", max_tokens=10,
                                        temperature=0).choices[0].text == want
@@ -203,7 +211,8 @@ def slow_lm(request, tmp_path_factory):
   write_bundle(repo / "lm" / "1", manifest, [], {})
   kinds = standard_kinds()
   kinds["generate"] = ModelKind(lambda spec: GenerationRunner(
-      spec.name, GenerationService(MockEngine(delay_s=0.02))), generation_metrics)
+      spec.name, GenerationService(MockEngine(delay_s=0.02), config=ServiceConfig(max_waiting=8))),
+      generation_metrics)
   bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0, http_port=0,
                                             metrics_port=-1, http_frontend=request.param),
                                kinds=kinds)).start()
@@ -254,3 +263,12 @@ def test_disconnect_cancels_and_frees_pages(slow_lm):
     while metric(slow_lm, "vllm:num_requests_running") < 2 and time.time() < deadline:
       time.sleep(0.01)
   wait_freed(slow_lm, before + 1)  # both choices cancelled
+
+
+def test_full_queue_is_429_and_frees_what_it_started(slow_lm):
+  c = client(slow_lm)
+  before = metric(slow_lm, "xlaserve:generation_requests_cancelled_total")
+  with pytest.raises(openai.RateLimitError):  # 16 choices, room for 8 waiting
+    c.completions.create(model="lm", prompt="ab", max_tokens=40, n=16)
+  wait_freed(slow_lm, before + 7)  # the 8 it had queued are cancelled
+  assert c.completions.create(model="lm", prompt="ab", max_tokens=3).choices[0].text == "cde"
