@@ -71,8 +71,17 @@ def post(bg, path: str, body: bytes) -> tuple[int, dict]:
     conn.close()
 
 
+def relayed(bg) -> float:
+  """Requests the native HTTP front end relayed to the Python app (its own metric)."""
+  for line in bg.server.metrics.exposition().decode().splitlines():
+    if line.startswith('xlaserve_native_calls_total{path="http_relayed"}'):
+      return float(line.split()[-1])
+  return 0.0
+
+
 def test_models_and_greedy_completions_equal_the_reference_and_triton(lm, greedy):
   c = client(lm)
+  since = relayed(lm)
   assert [m.id for m in c.models.list().data] == ["decoder"]
   assert c.models.retrieve("decoder").id == "decoder"
   res = c.completions.create(model="decoder", prompt=PROMPTS, max_tokens=12, temperature=0)
@@ -88,6 +97,7 @@ def test_models_and_greedy_completions_equal_the_reference_and_triton(lm, greedy
   assert res.usage.prompt_tokens == sum(len(TOK.encode(p)) for p in PROMPTS)
   assert res.usage.completion_tokens == sum(len(ids) for ids in want)
   assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+  assert relayed(lm) >= since + 5  # the default (native) HTTP front end relayed /v1 and /v2
 
 
 def test_streamed_completion_and_chat(lm, greedy):
@@ -199,7 +209,9 @@ def test_tritonclient_grpc_streaming_on_the_same_server(lm, greedy):
                                        temperature=0).choices[0].text == want
 
 
-# -- disconnects, on the exact mock engine slowed to 20 ms a step --------------------------------
+# -- disconnects, overload, failures and bad input on the exact mock engine ---------------------
+# It continues each byte with the next one ("ab" -> "cdef..."), 20 ms a step, and fails any step
+# whose sequence holds the byte 0x01 (the prompt "\x00" reaches it on its second step).
 
 
 @pytest.fixture(scope="module", params=["native", "python"])
@@ -211,7 +223,8 @@ def slow_lm(request, tmp_path_factory):
   write_bundle(repo / "lm" / "1", manifest, [], {})
   kinds = standard_kinds()
   kinds["generate"] = ModelKind(lambda spec: GenerationRunner(
-      spec.name, GenerationService(MockEngine(delay_s=0.02), config=ServiceConfig(max_waiting=8))),
+      spec.name, GenerationService(MockEngine(delay_s=0.02, fail=lambda kind, seq: 1 in seq),
+                                   config=ServiceConfig(max_waiting=8))),
       generation_metrics)
   bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0, http_port=0,
                                             metrics_port=-1, http_frontend=request.param),
@@ -242,7 +255,6 @@ def wait_freed(bg, cancelled_before: float) -> None:
 
 def test_disconnect_cancels_and_frees_pages(slow_lm):
   c = client(slow_lm)
-  # The mock continues each byte with the next one: "ab" -> "cdef...".
   res = c.completions.create(model="lm", prompt="ab", max_tokens=4, temperature=0)
   assert res.choices[0].text == "cdef" and res.usage.completion_tokens == 4
   before = metric(slow_lm, "xlaserve:generation_requests_cancelled_total")
@@ -272,3 +284,48 @@ def test_full_queue_is_429_and_frees_what_it_started(slow_lm):
     c.completions.create(model="lm", prompt="ab", max_tokens=40, n=16)
   wait_freed(slow_lm, before + 7)  # the 8 it had queued are cancelled
   assert c.completions.create(model="lm", prompt="ab", max_tokens=3).choices[0].text == "cde"
+
+
+BAD = [b"", b"null", b'{"model": 1, "prompt": "x"}', b'{"prompt": "x"}',
+       b'{"model": "lm", "prompt": []}', b'{"model": "lm", "prompt": [1, 2]}',
+       b'{"model": "lm", "prompt": "x", "stop": 3}', b'{"model": "lm", "prompt": "x", "stop": [""]}',
+       b'{"model": "lm", "prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i"]}',
+       b'{"model": "lm", "prompt": "x", "logprobs": true}', b'{"model": "lm", "prompt": "x", "n": 17}',
+       b'{"model": "lm", "prompt": "x", "max_tokens": 0}', b'{"model": "lm", "prompt": "x", "seed": 1.5}',
+       b'{"model": "lm", "prompt": "x", "top_k": -2}', b'{"model": "lm", "prompt": "x", "stream": "yes"}',
+       b'{"model": "lm", "prompt": "x", "stream_options": {"include_usage": true}}',
+       b'{"model": "lm", "prompt": "x", "temperature": "hot"}', b'{"model": "lm", "prompt": "x", "echo": true}',
+       b'{"model": "lm", "prompt": "x", "best_of": 3}', b'{"model": "lm", "prompt": "' + b"x" * 80 + b'"}']
+BAD_CHAT = [b'{"model": "lm", "messages": []}', b'{"model": "lm", "messages": "hi"}',
+            b'{"model": "lm", "messages": [{"role": "user", "content": 5}]}',
+            b'{"model": "lm", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+            b'{"model": "lm", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+            b'{"model": "lm", "messages": [{"role": "user", "content": "x"}], "logprobs": true,'
+            b' "top_logprobs": 21}',
+            b'{"model": "lm", "messages": [{"role": "user", "content": "x"}], "tools": [{"a": 1}]}']
+
+
+def test_bad_input_is_a_400_in_openai_format_and_breaks_nothing(slow_lm):
+  for path, bodies in (("/v1/completions", BAD), ("/v1/chat/completions", BAD_CHAT)):
+    for body in bodies:
+      status, out = post(slow_lm, path, body)
+      assert status == 400, (body, out)
+      assert set(out["error"]) == {"message", "type", "param", "code"}, out
+      assert out["error"]["type"] == "invalid_request_error" and out["error"]["message"]
+  conn = http.client.HTTPConnection("127.0.0.1", slow_lm.server.http_port, timeout=30)
+  conn.request("GET", "/v1/completions")
+  resp = conn.getresponse()
+  assert resp.status == 405 and json.loads(resp.read())["error"]["message"]
+  conn.close()
+  assert client(slow_lm).completions.create(model="lm", prompt="ab", max_tokens=2).choices[0].text == "cd"
+
+
+def test_engine_failure_is_a_500_or_a_last_error_event(slow_lm):
+  c = client(slow_lm)
+  with pytest.raises(openai.InternalServerError, match="injected"):
+    c.completions.create(model="lm", prompt="\x00", max_tokens=8)
+  stream = c.completions.create(model="lm", prompt="\x00", max_tokens=8, stream=True)
+  with pytest.raises(openai.APIError, match="injected"):
+    for chunk in stream:  # the first piece, then the error event
+      assert chunk.choices[0].text == "\x01"
+  assert c.completions.create(model="lm", prompt="ab", max_tokens=2).choices[0].text == "cd"
