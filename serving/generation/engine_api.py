@@ -30,6 +30,11 @@ class StepLogprobs:
   top_ids: np.ndarray  # [B, K] int32, best first (K >= MAX_LOGPROBS or the vocabulary)
   top_logprobs: np.ndarray  # [B, K] float32
 
+  def event_fields(self, row: int, k: int) -> dict[str, Any]:
+    """GenerationEvent's logprob fields for `row`: its logprob and its `k` best alternatives."""
+    return {"logprob": float(self.chosen[row]), "top_logprobs": tuple(zip(
+        self.top_ids[row, :k].tolist(), self.top_logprobs[row, :k].tolist()))}
+
 
 def sampling_arrays(rows: Sequence[tuple[int, SamplingParams, int, int]],
                     batch: int) -> dict[str, np.ndarray]:

@@ -308,10 +308,8 @@ class GenerationService:
         if seq is None or self._sched.get(row.seq_id) is not seq:
           continue  # cancelled while the step ran
         live = self._live[row.seq_id]
-        extra = {} if lp is None or live.sampling.logprobs is None else {
-            "logprob": float(lp.chosen[pick]),
-            "top_logprobs": tuple(zip(lp.top_ids[pick, :live.sampling.logprobs].tolist(),
-                                      lp.top_logprobs[pick, :live.sampling.logprobs].tolist()))}
+        extra = ({} if lp is None or live.sampling.logprobs is None
+                 else lp.event_fields(pick, live.sampling.logprobs))
         emit.append(self._on_token(live, int(tokens[pick]), now, extra))
     self._send(emit)
 

@@ -9,12 +9,15 @@ server's own metrics.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
+import pathlib
 import queue
 import socket
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +80,17 @@ def relayed(bg) -> float:
     if line.startswith('xlaserve_native_calls_total{path="http_relayed"}'):
       return float(line.split()[-1])
   return 0.0
+
+
+def get(bg, path: str) -> int:
+  conn = http.client.HTTPConnection("127.0.0.1", bg.server.http_port, timeout=60)
+  try:
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+  finally:
+    conn.close()
 
 
 def test_models_and_greedy_completions_equal_the_reference_and_triton(lm, greedy):
@@ -214,9 +228,9 @@ def test_tritonclient_grpc_streaming_on_the_same_server(lm, greedy):
 # whose sequence holds the byte 0x01 (the prompt "\x00" reaches it on its second step).
 
 
-@pytest.fixture(scope="module", params=["native", "python"])
-def slow_lm(request, tmp_path_factory):
-  repo = tmp_path_factory.mktemp("openai") / "repo"
+@contextlib.contextmanager
+def mock_server(repo: pathlib.Path, frontend: str) -> Iterator[BackgroundServer]:
+  """The server over one generate model `lm` on the slowed mock engine (HTTP: `frontend`)."""
   manifest = Manifest(name="lm", version=1, kind="generate", jax_version="0.10.2",
                       signatures={"serve": Signature("serve", (TEXT_INPUT,), (TEXT_OUTPUT,), {})},
                       params=(), batch_buckets=(1,))
@@ -227,12 +241,18 @@ def slow_lm(request, tmp_path_factory):
                                    config=ServiceConfig(max_waiting=8))),
       generation_metrics)
   bg = BackgroundServer(Server(ServerConfig(model_repository=str(repo), grpc_port=0, http_port=0,
-                                            metrics_port=-1, http_frontend=request.param),
+                                            metrics_port=-1, http_frontend=frontend),
                                kinds=kinds)).start()
   try:
     yield bg
   finally:
     bg.stop()
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def slow_lm(request, tmp_path_factory):
+  with mock_server(tmp_path_factory.mktemp("openai") / "repo", request.param) as bg:
+    yield bg
 
 
 def metric(bg, name: str) -> float:
@@ -329,3 +349,19 @@ def test_engine_failure_is_a_500_or_a_last_error_event(slow_lm):
     for chunk in stream:  # the first piece, then the error event
       assert chunk.choices[0].text == "\x01"
   assert c.completions.create(model="lm", prompt="ab", max_tokens=2).choices[0].text == "cd"
+
+
+def test_shutdown_finishes_the_stream_in_flight_and_refuses_new_requests_503(tmp_path):
+  with mock_server(tmp_path / "repo", "native") as bg:
+    c = client(bg)
+    stream = iter(c.completions.create(model="lm", prompt=" ", max_tokens=50, stream=True))
+    first = next(stream).choices[0].text
+    bg.server.request_stop()
+    deadline = time.time() + 5
+    while time.time() < deadline and get(bg, "/v2/health/ready") == 200:
+      time.sleep(0.02)
+    with pytest.raises(openai.InternalServerError) as e:
+      c.completions.create(model="lm", prompt="ab", max_tokens=2)
+    assert e.value.status_code == 503 and e.value.body["type"] == "server_error"
+    text = first + "".join(ch.choices[0].text for ch in stream if ch.choices)
+    assert text == bytes(range(0x21, 0x21 + 50)).decode()  # "!\"#$%..."
