@@ -22,8 +22,9 @@ import numpy as np
 import bundle as bundle_lib
 from bundle import BundleError
 from serving.telemetry.compile_watch import CompileCounter
-from serving.generation.engine_api import SAMPLING_FIELDS, Engine, GenerateSpec, sampling_arrays
-from serving.generation.sampling import sample_tokens
+from serving.generation.engine_api import (MAX_LOGPROBS, SAMPLING_FIELDS, Engine, GenerateSpec,
+                                           StepLogprobs, sampling_arrays)
+from serving.generation.sampling import sample_tokens, token_logprobs
 from serving.generation.scheduler import PrefillBucket
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class BundleEngine(Engine):
         k: jax.ShapeDtypeStruct(tuple(v["shape"]), _dtype(v["dtype"]))
         for k, v in self.spec.kv_cache.items()}
     self._cache: dict[str, jax.Array] = {}
+    self._logprobs: tuple[jax.Array, ...] | None = None  # of the last call, still on the device
     self.reset()
     self.load_seconds = 0.0
     start = time.perf_counter()
@@ -95,7 +97,9 @@ class BundleEngine(Engine):
 
     def step(params, inputs, cache, sampling):
       out = exported.call(params, {**inputs, **cache})
-      return sample_tokens(out["logits"], **sampling), {k: out[k] for k in names}
+      tokens = sample_tokens(out["logits"], **sampling)
+      logprobs = token_logprobs(out["logits"], tokens, MAX_LOGPROBS)
+      return (tokens, logprobs), {k: out[k] for k in names}
 
     inputs = {t.name: jax.ShapeDtypeStruct(t.shape, _dtype(t.dtype)) for t in sig.inputs
               if t.name not in self._cache_structs}
@@ -125,8 +129,16 @@ class BundleEngine(Engine):
 
   def _run(self, executable: Any, inputs: Mapping[str, np.ndarray],
            sampling: Mapping[str, np.ndarray]) -> np.ndarray:
-    tokens, self._cache = executable(self._params, dict(inputs), self._cache, dict(sampling))
+    (tokens, self._logprobs), self._cache = executable(self._params, dict(inputs), self._cache,
+                                                       dict(sampling))
     return np.asarray(tokens)
+
+  def logprobs(self) -> StepLogprobs | None:
+    """Copied to the host only when asked (a request wants logprobs)."""
+    if self._logprobs is None:
+      return None
+    chosen, ids, values = (np.asarray(x) for x in self._logprobs)
+    return StepLogprobs(chosen, ids, values)
 
   def prefill(self, *, bucket: PrefillBucket, tokens: np.ndarray, lengths: np.ndarray,
               page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -151,5 +163,5 @@ class BundleEngine(Engine):
   def close(self) -> None:
     for x in (*self._cache.values(), *self._params):
       x.delete()
-    self._cache, self._params = {}, []
+    self._cache, self._params, self._logprobs = {}, [], None
 

@@ -13,13 +13,27 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bundle import BundleError, Manifest
-from serving.generation.request import SamplingParams
+from serving.generation.request import MAX_LOGPROBS, SamplingParams
 from serving.generation.scheduler import PrefillBucket, SchedulerConfig
 
 # Per-row sampling inputs of every engine call (see serving/generation/sampling.py).
 SAMPLING_FIELDS: Mapping[str, str] = {
     "temperature": "float32", "top_k": "int32", "top_p": "float32", "seed": "int32",
     "step": "int32"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepLogprobs:
+  """Raw log-softmax of the logits behind one engine call's tokens, row by row as its tokens."""
+
+  chosen: np.ndarray  # [B] float32, the sampled token's
+  top_ids: np.ndarray  # [B, K] int32, best first (K >= MAX_LOGPROBS or the vocabulary)
+  top_logprobs: np.ndarray  # [B, K] float32
+
+  def event_fields(self, row: int, k: int) -> dict[str, Any]:
+    """GenerationEvent's logprob fields for `row`: its logprob and its `k` best alternatives."""
+    return {"logprob": float(self.chosen[row]), "top_logprobs": tuple(zip(
+        self.top_ids[row, :k].tolist(), self.top_logprobs[row, :k].tolist()))}
 
 
 def sampling_arrays(rows: Sequence[tuple[int, SamplingParams, int, int]],
@@ -111,6 +125,10 @@ class Engine(abc.ABC):
              page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
     """One token per slot ([decode_batch] arrays, lengths = positions + 1 for live rows)
     -> the next token per slot [decode_batch]."""
+
+  def logprobs(self) -> StepLogprobs | None:
+    """The log-probabilities behind the last prefill/decode call's tokens (None: not reported)."""
+    return None
 
   def reset(self) -> None:
     """Starts from a fresh cache (after a failed call may have consumed it)."""

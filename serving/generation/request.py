@@ -13,6 +13,7 @@ from serving.types import Code, ServingError
 
 MAX_SEED = 2**31 - 1
 MAX_STOP_SEQUENCES = 8
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 
 class FinishReason(enum.Enum):
@@ -30,7 +31,9 @@ class SamplingParams:
 
   `seed` makes a sampled request reproducible whatever it is batched with (token i is drawn
   with the key fold_in(key(seed), i)); None picks a random one. `stop` strings (str as UTF-8
-  or bytes) end the stream before the match; the match itself is not returned. Invalid values
+  or bytes) end the stream before the match; the match itself is not returned. `logprobs`
+  (None: off) asks each token event for the token's log-probability and that many best
+  alternatives (raw log-softmax of the logits; serving/generation/sampling.py). Invalid values
   raise ServingError(INVALID_ARGUMENT).
   """
 
@@ -41,6 +44,7 @@ class SamplingParams:
   seed: int | None = None
   stop: tuple[str | bytes, ...] = ()
   ignore_eos: bool = False
+  logprobs: int | None = None
 
   def __post_init__(self):
     def bad(msg: str) -> ServingError:
@@ -58,6 +62,8 @@ class SamplingParams:
       raise bad(f"seed={self.seed} must be in [0, {MAX_SEED}]")
     if isinstance(self.stop, (str, bytes)) or len(self.stop) > MAX_STOP_SEQUENCES:
       raise bad(f"stop must be a sequence of at most {MAX_STOP_SEQUENCES} strings")
+    if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+      raise bad(f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]")
     if not all(isinstance(s, (str, bytes)) and s for s in self.stop):
       raise bad(f"stop sequences must be non-empty str or bytes, got {self.stop!r}")
 
@@ -101,7 +107,8 @@ class GenerationEvent:
   sequence, so it can be empty or span several tokens); `text` is `piece` decoded as UTF-8
   across steps (a multi-byte character appears once complete). `index` counts generated
   tokens before this one. The final event carries `finish_reason`, `metrics`, and `error`
-  when the reason is ERROR.
+  when the reason is ERROR. When the request asked for logprobs (and the engine reports them),
+  an event with a token carries its `logprob` and `top_logprobs` ((token id, logprob), best first).
   """
 
   request_id: str
@@ -113,6 +120,8 @@ class GenerationEvent:
   finish_reason: FinishReason | None = None
   error: ServingError | None = None
   metrics: RequestMetrics | None = None
+  logprob: float | None = None
+  top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 OnEvent = Callable[[GenerationEvent], None]

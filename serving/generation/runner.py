@@ -155,7 +155,12 @@ class GenerationRunner:
   def stream(self, prompt: bytes, parameters: Mapping[str, Any], request_id: str,
              on_event: Callable[[GenerationEvent], None]) -> Any:
     """Starts one streamed generation; `on_event` gets every event (engine thread)."""
-    sampling = sampling_from_parameters(parameters)
+    return self.stream_sampling(prompt, sampling_from_parameters(parameters), on_event)
+
+  def stream_sampling(self, prompt: bytes, sampling: SamplingParams,
+                      on_event: Callable[[GenerationEvent], None]) -> Any:
+    """`stream` with the sampling already decided (the OpenAI API parses its own); counted in
+    the model's statistics as any stream. Returns the handle; raises ServingError if refused."""
     t0 = time.perf_counter()
 
     def wrapped(ev: GenerationEvent) -> None:

@@ -6,6 +6,10 @@ set whose probability reaches top_p (1.0: all), are sampled by the Gumbel-max tr
 hashed from (seed, step, token id), so a seeded request draws the same tokens whatever else
 shares its batch. The counter hash (murmur3's finalizer) stands in for jax.random: threefry
 keys per row cost about a second of compile time per executable on CPU.
+
+`token_logprobs` reports the sampled token's log-probability and the `k` best alternatives as
+the raw log-softmax of the model's logits (vLLM's default "raw_logprobs": before temperature,
+top_k and top_p); it is an extra output beside the tokens and never changes them.
 """
 
 from __future__ import annotations
@@ -57,3 +61,15 @@ def sample_tokens(
   gumbel = -jnp.log(-jnp.log(uniform_noise(seed, step, vocab)))
   drawn = jnp.argmax(jnp.where(x >= threshold, x + gumbel, -jnp.inf), axis=-1)
   return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def token_logprobs(
+    logits: jax.Array,  # [B, V] float
+    tokens: jax.Array,  # [B] int32, the sampled tokens
+    k: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """-> chosen [B] float32, top ids [B, k] int32, top logprobs [B, k] float32 (best first)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  top_values, top_ids = jax.lax.top_k(logp, min(k, logp.shape[-1]))
+  return chosen, top_ids.astype(jnp.int32), top_values

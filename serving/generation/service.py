@@ -24,11 +24,11 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from serving.generation.engine_api import Engine, sampling_arrays
+from serving.generation.engine_api import Engine, StepLogprobs, sampling_arrays
 from serving.generation.request import (MAX_SEED, FinishReason, GenerationEvent,
                                         GenerationRequest, OnEvent, RequestHandle,
                                         RequestMetrics, SamplingParams)
@@ -222,21 +222,29 @@ class GenerationService:
       batches = self._sched.schedule_prefill()
       now = self._clock()
       prefills = [(batch, self._prefill_inputs(batch, now),
-                   [self._sched.get(r.seq_id) for r in batch.rows]) for batch in batches]
-    for batch, inputs, seqs in prefills:
+                   [self._sched.get(r.seq_id) for r in batch.rows], self._want_lp(batch.rows))
+                  for batch in batches]
+    for batch, inputs, seqs, want in prefills:
       tokens = self._execute(lambda: self.engine.prefill(bucket=batch.bucket, **inputs))
       if tokens is None:
         return
-      self._apply(batch.rows, seqs, tokens)
+      lp = self.engine.logprobs() if want else None
+      self._apply(batch.rows, seqs, tokens, range(len(batch.rows)), lp)
     with self._cv:
       dec = self._sched.schedule_decode()
       if dec is None:
         return
       inputs = self._decode_inputs(dec.rows)
       seqs = [self._sched.get(r.seq_id) for r in dec.rows]
+      want = self._want_lp(dec.rows)
     tokens = self._execute(lambda: self.engine.decode(**inputs))
     if tokens is not None:
-      self._apply(dec.rows, seqs, tokens[[r.slot for r in dec.rows]])
+      lp = self.engine.logprobs() if want else None
+      self._apply(dec.rows, seqs, tokens, [r.slot for r in dec.rows], lp)
+
+  def _want_lp(self, rows: tuple[PrefillRow, ...] | tuple[DecodeRow, ...]) -> bool:
+    """Whether a row asked for logprobs (only then are they copied off the device)."""
+    return any(self._live[r.seq_id].sampling.logprobs is not None for r in rows)
 
   def _prefill_inputs(self, batch: PrefillBatch, now: float) -> dict[str, np.ndarray]:
     spec, b = self.engine.spec, batch.bucket
@@ -290,19 +298,25 @@ class GenerationService:
       return None
 
   def _apply(self, rows: tuple[PrefillRow, ...] | tuple[DecodeRow, ...], seqs: list[Seq | None],
-             tokens: np.ndarray) -> None:
-    """Hands each row's sampled token to its request (unless it was cancelled meanwhile)."""
+             tokens: np.ndarray, picks: Sequence[int], lp: StepLogprobs | None) -> None:
+    """Hands each row's sampled token (`tokens[picks[i]]`) to its request (unless it was
+    cancelled meanwhile)."""
     emit: _Emit = []
     with self._cv:
       now = self._clock()
-      for row, seq, tok in zip(rows, seqs, tokens.tolist()):
+      for row, seq, pick in zip(rows, seqs, picks):
         if seq is None or self._sched.get(row.seq_id) is not seq:
           continue  # cancelled while the step ran
-        emit.append(self._on_token(self._live[row.seq_id], tok, now))
+        live = self._live[row.seq_id]
+        extra = ({} if lp is None or live.sampling.logprobs is None
+                 else lp.event_fields(pick, live.sampling.logprobs))
+        emit.append(self._on_token(live, int(tokens[pick]), now, extra))
     self._send(emit)
 
-  def _on_token(self, live: _Live, token: int, now: float) -> tuple[_Live, GenerationEvent]:
-    """Records a token; returns its event (the final one if the request ends here)."""
+  def _on_token(self, live: _Live, token: int, now: float,
+                extra: dict[str, Any]) -> tuple[_Live, GenerationEvent]:
+    """Records a token; returns its event (the final one if the request ends here); `extra`
+    holds the token's logprob fields when the request asked for them."""
     seq = self._sched.get(live.request_id)
     index = seq.num_generated
     at_limit = self._sched.append_token(live.request_id, token)
@@ -310,16 +324,19 @@ class GenerationService:
     live.first = now if live.first is None else live.first
     live.last = now
     if token == self.engine.spec.eos_id and not live.sampling.ignore_eos:
-      return self._retire(live, FinishReason.STOP, None, live.stop.flush(), token)
+      return self._retire(live, FinishReason.STOP, None, live.stop.flush(), token, extra)
     piece, stopped = live.stop.feed(self._codec.piece(token))
     if stopped:
-      return self._retire(live, FinishReason.STOP, None, piece, token)
+      return self._retire(live, FinishReason.STOP, None, piece, token, extra)
     if at_limit:
-      return self._retire(live, FinishReason.LENGTH, None, piece + live.stop.flush(), token)
-    return live, GenerationEvent(live.request_id, index, token, piece, live.utf8.decode(piece))
+      return self._retire(live, FinishReason.LENGTH, None, piece + live.stop.flush(), token,
+                          extra)
+    return live, GenerationEvent(live.request_id, index, token, piece, live.utf8.decode(piece),
+                                 **extra)
 
   def _retire(self, live: _Live, reason: FinishReason, error: ServingError | None, piece: bytes,
-              token: int | None) -> tuple[_Live, GenerationEvent]:
+              token: int | None, extra: dict[str, Any] | None = None
+              ) -> tuple[_Live, GenerationEvent]:
     """Frees the request's slot and pages and builds its final event (caller holds the lock)."""
     seq = self._sched.get(live.request_id)
     generated = seq.num_generated if seq is not None else 0
@@ -342,7 +359,8 @@ class GenerationService:
                              now - live.submitted, preemptions)
     index = generated - 1 if token is not None else generated
     return live, GenerationEvent(live.request_id, index, token, piece,
-                                 live.utf8.decode(piece, final=True), True, reason, error, metrics)
+                                 live.utf8.decode(piece, final=True), True, reason, error, metrics,
+                                 **(extra or {}))
 
   def _send(self, emit: _Emit) -> None:
     for live, event in emit:

@@ -45,12 +45,13 @@ class HttpError(Exception):
 @dataclasses.dataclass(slots=True)
 class Request:
   """What a handler gets: the method, the decoded path, the headers (lower-case names) and
-  the whole body."""
+  the whole body; `receive` (ASGI's, after the body) tells a waiting handler the client left."""
 
   method: str
   path: str
   headers: dict[bytes, bytes]
   body: bytes = b""
+  receive: Callable[[], Awaitable[dict]] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -140,7 +141,7 @@ class HttpApp:
     if scope["type"] != "http":
       return
     headers = dict(scope["headers"])
-    req = Request(scope["method"], scope["path"], headers)
+    req = Request(scope["method"], scope["path"], headers, receive=receive)
     try:
       if self._token is not None and req.path not in OPEN_PATHS and not bearer_matches(
           headers.get(b"authorization", b""), self._token):

@@ -17,6 +17,7 @@ the runner queue). So one mistake gets the same message on both protocols.
   POST /v2/repository/index                  the repository's models and their states
   POST /v2/repository/models/{m}/load | /unload
   POST /v2/admin/profile, GET /v2/admin/profile/trace   on-demand profiles (admin.py)
+  /v1/models, /v1/completions, /v1/chat/completions       the OpenAI API (openai_api.py)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from serving.frontend.http.admin import AdminRoutes
 from serving.frontend.http.app import HTTP_STATUS, HttpError, Reply, Request, json_reply
 from serving.frontend.http.generate import Generation
 from serving.frontend.http.jsonproto import to_json
+from serving.frontend.http.openai_api import OpenAIRoutes
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.servicer import GRPC_CODE, InferenceServicer, log_outcome
 from serving.types import SHUTTING_DOWN, Code, ServingError
@@ -62,12 +64,15 @@ class Routes:
     self.is_ready = is_ready  # the server's readiness (models loaded, not shutting down)
     self.generation = Generation(servicer)
     self.admin = AdminRoutes(lambda: servicer.profiler, lambda: servicer.set_trace_rate)
+    self.openai = OpenAIRoutes(servicer)
     self._context = _Context()
     self.trust_trace_marker = False  # behind the native HTTP server: its head decision holds
 
   def lookup(self, method: str, path: str) -> tuple[Callable, tuple]:
     """(handler, path arguments); HttpError 404 for an unknown path, 405 for a wrong method."""
     parts = path.strip("/").split("/")
+    if parts[0] == "v1":
+      return self.openai.lookup(method, parts[1:])
     found = self._match(parts)
     if found is None:
       raise HttpError(404, f"no endpoint {path!r}: see the KServe v2 protocol (/v2,"

@@ -10,7 +10,7 @@ import pytest
 
 from serving.generation.engine_api import sampling_arrays
 from serving.generation.request import SamplingParams
-from serving.generation.sampling import sample_tokens, uniform_noise
+from serving.generation.sampling import sample_tokens, token_logprobs, uniform_noise
 
 B, V = 8, 50
 
@@ -90,3 +90,14 @@ def test_uniform_noise_is_in_range_and_uncorrelated():
   assert 0 < u.min() and u.max() < 1
   assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 0.2887) < 0.01
   assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.02
+
+
+def test_token_logprobs_are_the_raw_log_softmax(logits):
+  tokens = np.arange(B, dtype=np.int32) % V  # any tokens, not only the best
+  chosen, ids, values = (np.asarray(x) for x in jax.jit(
+      lambda x, t: token_logprobs(x, t, 5))(logits, tokens))
+  shifted = logits - logits.max(-1, keepdims=True)  # the reference, in float64
+  ref = shifted - np.log(np.exp(shifted.astype(np.float64)).sum(-1, keepdims=True))
+  np.testing.assert_allclose(chosen, ref[np.arange(B), tokens], atol=1e-5)
+  np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1)[:, :5])
+  np.testing.assert_allclose(values, np.take_along_axis(ref, ids, -1), atol=1e-5)
