@@ -23,9 +23,9 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import numpy as np
 
 from bundle import TensorSpec
-from serving.frontend import codec
+from serving.frontend import codec, request_trace
 from serving.frontend.http import tensors
-from serving.frontend.http.app import Reply, Request, StreamReply, json_reply
+from serving.frontend.http.app import HTTP_STATUS, Reply, Request, StreamReply, json_reply
 from serving.frontend.servicer import InferenceServicer, log_outcome
 from serving.types import SHUTTING_DOWN, Code, ServingError
 
@@ -97,28 +97,45 @@ class Generation:
     rec, runner = self.servicer.route(model, version)
     return rec, runner, generate_request(req.body, model, version, runner.inputs)
 
-  async def _infer(self, request: tensors.HttpInferRequest, model: str, version: str
-                   ) -> dict:
-    t0 = time.perf_counter()
+  def _trace(self, req: Request, t0: float) -> Any:
+    """The request's trace when tracing samples it (its headers decide), else None."""
+    s = self.servicer
+    return None if s.tracing is None else request_trace.start_http(
+        s.tracing, req.headers, req.path, t0, s.trust_trace_marker)
+
+  async def _infer(self, request: tensors.HttpInferRequest, model: str, version: str,
+                   rt: Any = None) -> dict:
+    t0 = time.perf_counter() if rt is None else rt.t0
     request_id = self.servicer.request_id(request.id)
     try:
-      rec, outputs, specs, _ = await self.servicer.infer(request, None, t0, request_id)
+      rec, outputs, specs, _ = await self.servicer.infer(request, None, t0, request_id, trace=rt)
     except ServingError as e:
       log_outcome(model, version, request_id, e, t0)
+      if rt is not None:
+        request_trace.finish_http(self.servicer.tracing, rt, request_id, HTTP_STATUS[e.code], e)
       raise
     log_outcome(model, version, request_id, None, t0)
+    if rt is not None:
+      request_trace.finish_http(self.servicer.tracing, rt, request_id, 200, None)
     return generate_answer(rec.name, rec.version, request.id, outputs, specs)
 
   async def generate(self, req: Request, model: str, version: str) -> Reply:
     """POST .../generate: one answer."""
-    _, _, request = self._start(req, model, version)
-    return json_reply(await self._infer(request, model, version))
+    rt = self._trace(req, time.perf_counter())
+    try:
+      _, _, request = self._start(req, model, version)
+    except ServingError as e:
+      if rt is not None:
+        request_trace.finish_http(self.servicer.tracing, rt, "", HTTP_STATUS[e.code], e)
+      raise
+    return json_reply(await self._infer(request, model, version, rt))
 
   async def generate_stream(self, req: Request, model: str, version: str) -> StreamReply:
     """POST .../generate_stream: server-sent events."""
     rec, runner, request = self._start(req, model, version)
     if not runner.capabilities.decoupled:
-      return StreamReply(self._single(request, model, version), cancel=lambda: None)
+      rt = self._trace(req, time.perf_counter())
+      return StreamReply(self._single(request, model, version, rt), cancel=lambda: None)
     arrays, _ = codec.decode_inputs(request, runner.inputs, self.servicer.limits)
     prompts = arrays["text_input"].reshape(-1)
     if len(prompts) != 1:
@@ -126,8 +143,16 @@ class Generation:
                          f" has {len(prompts)} elements)")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    handle = runner.stream(bytes(prompts[0]), dict(request.parameters), request.id,
-                           lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    rt, tracing = self._trace(req, time.perf_counter()), self.servicer.tracing
+    if rt is not None:
+      rt.submitted(rec.name, rec.version, 1)
+
+    def on_event(ev: Any) -> None:  # engine thread
+      loop.call_soon_threadsafe(events.put_nowait, ev)
+      if ev.finished and rt is not None:  # also when the client went away
+        loop.call_soon_threadsafe(request_trace.finish_generation, tracing, rt, request.id, ev)
+
+    handle = runner.stream(bytes(prompts[0]), dict(request.parameters), request.id, on_event)
     state = {"open": True}
 
     def cancel() -> None:
@@ -142,9 +167,9 @@ class Generation:
     return StreamReply(self._pieces(events, head, state), cancel)
 
   async def _single(self, request: tensors.HttpInferRequest, model: str,
-                    version: str) -> AsyncIterator[bytes]:
+                    version: str, rt: Any = None) -> AsyncIterator[bytes]:
     try:
-      yield sse(await self._infer(request, model, version))
+      yield sse(await self._infer(request, model, version, rt))
     except ServingError as e:
       yield sse({"error": e.message})
 

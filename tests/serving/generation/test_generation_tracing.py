@@ -4,10 +4,14 @@ its token counts; exported over OTLP/gRPC to a receiver inside the test."""
 
 from __future__ import annotations
 
+import json
 import queue
 import secrets
+import time
+import urllib.request
 
 import numpy as np
+import pytest
 import tritonclient.grpc as tc
 
 from clientutil import serving, triton_inputs
@@ -21,31 +25,52 @@ def _attrs(span) -> dict:
                    else kv.value.int_value) for kv in span.attributes}
 
 
-def test_a_streamed_generation_is_one_span_with_its_phases(tiny_bundle, monkeypatch):
-  monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+@pytest.fixture(scope="module")
+def traced_lm(tiny_bundle):
+  """(server, receiver): the tiny LM served with tracing on (rate 0: clients decide)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # the SDK's export delay (ms)
+    with otlp_receiver() as (receiver, endpoint):
+      cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint)
+      with serving(tiny_bundle.parent.parent, tracing=cfg, http_port=0) as bg:
+        yield bg, receiver
+
+
+def _server_span(receiver, trace_id: str):
+  """The one SERVER span of `trace_id`, once exported (the SDK exports every 50 ms here)."""
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline:
+    spans = [s for s in receiver.spans if s.kind == SERVER and s.trace_id.hex() == trace_id]
+    if spans and any(s.parent_span_id == spans[0].span_id and s.name == "decode"
+                     for s in receiver.spans):
+      assert len(spans) == 1
+      return spans[0]
+    time.sleep(0.05)
+  raise AssertionError(f"no span of trace {trace_id} exported")
+
+
+def test_a_streamed_generation_is_one_span_with_its_phases(traced_lm):
+  bg, receiver = traced_lm
   tid, sid = secrets.token_hex(16), secrets.token_hex(8)
   prompt = "Acme shoes:"
-  with otlp_receiver() as (receiver, endpoint):
-    cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint)
-    with serving(tiny_bundle.parent.parent, tracing=cfg) as bg:
-      results: queue.Queue = queue.Queue()
-      c = tc.InferenceServerClient(bg.address)
-      c.start_stream(callback=lambda result, error: results.put((result, error)),
-                     headers={"traceparent": f"00-{tid}-{sid}-01"})
-      try:
-        c.async_stream_infer("decoder", triton_inputs(
-            {"text_input": np.array([prompt.encode()], dtype=object)}), request_id="g",
-            parameters={"max_tokens": 9, "ignore_eos": True})
-        pieces, final = [], False
-        while not final:
-          result, error = results.get(timeout=60)
-          assert error is None, error
-          out = result.as_numpy("text_output")
-          pieces += [] if out is None else [out[0]]
-          final = result.get_response().parameters["triton_final_response"].bool_param
-      finally:
-        c.stop_stream()
-  (span,) = [s for s in receiver.spans if s.kind == SERVER]
+  results: queue.Queue = queue.Queue()
+  c = tc.InferenceServerClient(bg.address)
+  c.start_stream(callback=lambda result, error: results.put((result, error)),
+                 headers={"traceparent": f"00-{tid}-{sid}-01"})
+  try:
+    c.async_stream_infer("decoder", triton_inputs(
+        {"text_input": np.array([prompt.encode()], dtype=object)}), request_id="g",
+        parameters={"max_tokens": 9, "ignore_eos": True})
+    pieces, final = [], False
+    while not final:
+      result, error = results.get(timeout=60)
+      assert error is None, error
+      out = result.as_numpy("text_output")
+      pieces += [] if out is None else [out[0]]
+      final = result.get_response().parameters["triton_final_response"].bool_param
+  finally:
+    c.stop_stream()
+  span = _server_span(receiver, tid)
   assert span.name == "ModelStreamInfer decoder"
   assert (span.trace_id.hex(), span.parent_span_id.hex()) == (tid, sid)
   a = _attrs(span)
@@ -62,3 +87,25 @@ def test_a_streamed_generation_is_one_span_with_its_phases(tiny_bundle, monkeypa
     assert s0 <= e0 <= s1, "the phases follow one another"
   assert times[-1][1] <= span.end_time_unix_nano
   assert times[-1][1] > times[-1][0]  # 8 decode steps take time
+
+
+def test_http_generate_stream_is_traced_as_a_generation(traced_lm):
+  """POST .../generate_stream with a traceparent header: one SERVER span with the phases."""
+  bg, receiver = traced_lm
+  tid, sid = secrets.token_hex(16), secrets.token_hex(8)
+  body = json.dumps({"text_input": "Acme shoes:",
+                     "parameters": {"max_tokens": 5, "ignore_eos": True}}).encode()
+  req = urllib.request.Request(
+      f"http://127.0.0.1:{bg.server.http_port}/v2/models/decoder/generate_stream",
+      data=body, headers={"traceparent": f"00-{tid}-{sid}-01",
+                          "content-type": "application/json"})
+  with urllib.request.urlopen(req, timeout=60) as r:
+    events = [json.loads(line[5:]) for line in r.read().decode().splitlines()
+              if line.startswith("data:")]
+  assert len("".join(e["text_output"] for e in events).encode()) == 5
+  span = _server_span(receiver, tid)
+  assert span.name == "POST /v2/models/decoder/generate_stream"
+  assert (span.trace_id.hex(), span.parent_span_id.hex()) == (tid, sid)
+  assert _attrs(span)["xlaserve.generated_tokens"] == 5
+  kids = sorted(s.name for s in receiver.spans if s.parent_span_id == span.span_id)
+  assert kids == sorted(["parse", "queue", "prefill", "decode"])
