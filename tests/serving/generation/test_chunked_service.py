@@ -181,3 +181,29 @@ def test_engine_failure_forgets_the_cached_prefixes(service):
   s.wait()
   assert s.tokens == expected(b"a shared prefix.", 2)
   wait_idle(svc)
+
+
+def test_flags_and_config_json_set_the_generation_policy(capsys):
+  from serving import cli
+  from serving.repository import ModelServingConfig
+
+  args = cli.build_parser().parse_args(["serve", "--no-prefix-caching",
+                                        "--max-num-batched-tokens", "24"])
+  cfg = cli.server_config(args, "/tmp", None).default_model_config
+  assert (cfg.chunked_prefill, cfg.max_num_batched_tokens, cfg.prefix_caching) == (True, 24, False)
+  per_model = ModelServingConfig.from_json({"chunked_prefill": False}, cfg)
+  assert (per_model.chunked_prefill, per_model.max_num_batched_tokens) == (False, 24)
+  with pytest.raises(ValueError, match="max_num_batched_tokens"):
+    ModelServingConfig(max_num_batched_tokens=0)
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["serve", "--help"])
+  help_text = capsys.readouterr().out
+  for flag in ("--chunked-prefill", "--no-chunked-prefill", "--max-num-batched-tokens",
+               "--no-prefix-caching"):
+    assert flag in help_text
+
+
+def test_a_budget_below_the_decode_batch_is_refused():
+  with pytest.raises(ValueError, match="decode_batch"):
+    GenerationService(MockEngine(mock_spec(extend=EXTEND)),
+                      config=ServiceConfig(max_num_batched_tokens=3))
