@@ -72,8 +72,10 @@ class GenerativeExportConfig:
   """KV cache geometry, buckets, platforms and the training run of a generate bundle.
 
   The number of compiled shapes a server runs is `len(prefill_lengths) + len(chunk_lengths) + 1`
-  (the decode). Prefill bucket T (and chunk bucket C) runs `min(decode_batch, max(1,
-  prefill_tokens // T))` rows at once. `chunk_lengths` () exports no extend signatures.
+  (the decode). Prefill bucket T runs `min(decode_batch, max(1, prefill_tokens // T))` rows at
+  once; chunk bucket C runs `extend_batch(C)` rows, so every extend call computes at most the
+  largest chunk's worth of tokens (a chunk step's cost is bounded, whatever the bucket).
+  `chunk_lengths` () exports no extend signatures.
   """
 
   page_size: int = 16
@@ -111,6 +113,9 @@ class GenerativeExportConfig:
 
   def prefill_batch(self, length: int) -> int:
     return min(self.decode_batch, max(1, self.prefill_tokens // length))
+
+  def extend_batch(self, length: int) -> int:
+    return min(self.decode_batch, max(1, self.chunk_lengths[-1] // length))
 
   @classmethod
   def demo(cls) -> GenerativeExportConfig:
@@ -272,7 +277,7 @@ def _extend_entries(rebuild: Callable[[list[Any]], Any],
   entries: list[_Entry] = []
   meta = []
   for c in config.chunk_lengths:
-    b = config.prefill_batch(c)
+    b = config.extend_batch(c)
     entries.append((f"extend_{c}", extend_fn, {
         "tokens": i32(b, c), "starts": i32(b), "lengths": i32(b),
         "page_table": i32(b, pages_per_seq), **cache_structs}))

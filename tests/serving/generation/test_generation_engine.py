@@ -66,8 +66,8 @@ def test_manifest_records_what_the_engine_needs(tiny_bundle):
       8, 64, 0, 16, 128)
   assert x["prefill"][0] == {"length": 16, "batch": 4, "signature": "prefill_16"}
   assert x["decode"] == {"batch": 8, "signature": "decode"}
-  assert x["extend"] == [{"length": 16, "batch": 4, "signature": "extend_16"},
-                         {"length": 32, "batch": 2, "signature": "extend_32"}]
+  assert x["extend"] == [{"length": 16, "batch": 2, "signature": "extend_16"},
+                         {"length": 32, "batch": 1, "signature": "extend_32"}]
   assert x["kv_cache"]["k_pages"] == {"shape": [2, 2, 64, 8, 16], "dtype": "float32"}
   assert (x["vocab_size"], x["bos_id"], x["eos_id"], x["pad_id"]) == (259, 256, 257, 258)
   assert x["tokenizer"]["kind"] == "bytes" and x["model"]["num_layers"] == 2
