@@ -166,7 +166,7 @@ def plot(all_results: dict[str, list[dict[str, Any]]], path: Any) -> None:
     for a, (metrics, title) in enumerate(((("ttft_p50_s", "ttft_p99_s"), "TTFT p50 / p99 (ms)"),
                                           (("tpot_p99_s", "itl_p99_s"), "TPOT p99 / ITL p99 (ms)"))):
       ax = axes[0][2 * w + a]
-      labels = [f"{k}\n{m[:4]}" for k in kinds for m in metrics]
+      labels = [f"{k}\n{m[:-2]}" for k in kinds for m in metrics]
       x = np.arange(len(labels))
       width = 0.8 / len(results)
       for j, r in enumerate(results):
