@@ -120,16 +120,18 @@ def run(s: ChunkedScheduler, next_token=lambda seq: 7):
 
 
 def test_a_long_prompt_advances_a_chunk_per_step_beside_decodes():
-  s = scheduler(budget=10)
+  s = scheduler(budget=8)
   s.add("short", [1, 2], 30)
   run(s)  # its whole prefill in one chunk
   s.add("long", list(range(30)), 4)
   steps = [run(s) for _ in range(6)]
-  for st in steps[:4]:
-    assert st.num_tokens <= 10 and [r.seq_id for r in st.decode.rows] == ["short"]
+  assert [st.num_tokens for st in steps[:5]] == [8, 8, 8, 8, 3]
+  for st in steps[:5]:
+    assert [r.seq_id for r in st.decode.rows] == ["short"]
   chunks = [(r.start, len(r.tokens)) for st in steps for b in st.chunks for r in b.rows]
-  assert chunks == [(0, 8), (8, 8), (16, 8), (24, 6)]  # then "long" decodes
-  assert [r.seq_id for r in steps[4].decode.rows] == ["short", "long"]
+  # 7 tokens a step: the budget less the running decode; then "long" decodes too.
+  assert chunks == [(0, 7), (7, 7), (14, 7), (21, 7), (28, 2)]
+  assert [r.seq_id for r in steps[5].decode.rows] == ["short", "long"]
 
 
 def test_a_cached_prefix_starts_at_the_first_uncached_token():
