@@ -2,6 +2,11 @@
 
     python benchmarks/generate.py [--bundle DIR | --preset demo|tiny] [--requests N] [--rate R]
                                   [--prompt-len MIN:MAX] [--output-len MIN:MAX] [--out DIR]
+                                  [--workload batching|shared-prefix|long-prompt|features]
+
+`--workload shared-prefix`, `long-prompt` or `features` (both) instead compares prefix caching
+and chunked prefill, each on vs off, in the same run (benchmarks/generate_features.py): TTFT,
+TPOT and inter-token gaps p50/p99 and tokens/s per mode; writes features.json and features.png.
 
 A mixed workload (uniform prompt and output lengths, greedy, EOS ignored so every request
 generates exactly its output length) arrives as a Poisson stream at --rate requests/s (0: all at
@@ -34,6 +39,7 @@ from serving.telemetry.compile_watch import CompileCounter
 from serving.generation.engine import BundleEngine
 from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
 from serving.generation.service import GenerationService, ServiceConfig
+from benchmarks import generate_features
 # pylint: enable=g-import-not-at-top
 
 logger = logging.getLogger(__name__)
@@ -158,6 +164,20 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--output-len", type=_range, default=(8, 128))
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/generate"))
+  p.add_argument("--workload", default="batching",
+                 choices=("batching", "shared-prefix", "long-prompt", "features"),
+                 help="batching: continuous vs static; the others: prefix caching / chunked"
+                 " prefill on vs off (features: both workloads)")
+  p.add_argument("--instruction-len", type=int, default=300,
+                 help="shared-prefix: bytes of the common instruction")
+  p.add_argument("--long-len", type=int, default=440, help="long-prompt: bytes per long prompt")
+  p.add_argument("--long-prompts", type=int, default=6, help="long-prompt: how many")
+  p.add_argument("--long-every-s", type=float, default=1.0,
+                 help="long-prompt: seconds between long prompts")
+  p.add_argument("--decode-out", type=int, default=200,
+                 help="long-prompt: tokens each running decode generates")
+  p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                 help="chunked modes' per-step token budget (default: the service's)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
   args.out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +195,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"loading {bundle} ...", file=sys.stderr, flush=True)
   engine = BundleEngine(bundle, compile_counter=counter)
   spec = engine.spec
+  if args.workload != "batching":
+    run_features(engine, args, counter)
+    engine.close()
+    return
   jobs = workload(args.requests, args.prompt_len, args.output_len, args.rate, args.seed,
                   spec.max_seq_len)
   results = []
@@ -219,6 +243,35 @@ def main(argv: list[str] | None = None) -> None:
        f"{engine.manifest.name}: continuous vs static batching ({len(jobs)} requests)")
   print(f"wrote {args.out / 'results.json'} and {args.out / 'generate.png'}")
   engine.close()
+
+
+def run_features(engine: BundleEngine, args: argparse.Namespace, counter: CompileCounter) -> None:
+  """The prefix-caching and chunked-prefill workloads, every mode on this engine."""
+  gf, spec = generate_features, engine.spec
+  if not spec.extend_buckets:
+    raise SystemExit(f"{args.bundle} has no extend signatures: re-export it")
+  names = ("shared-prefix", "long-prompt") if args.workload == "features" else (args.workload,)
+  jobs = {
+      "shared-prefix": lambda: gf.shared_prefix_jobs(args.requests, args.rate, args.seed,
+                                                     spec.max_seq_len, args.instruction_len),
+      "long-prompt": lambda: gf.long_prompt_jobs(
+          spec.decode_batch // 2, args.long_prompts, args.seed, spec.max_seq_len, args.long_len,
+          args.decode_out, args.long_every_s)}
+  results = {}
+  for name in names:
+    work = jobs[name]()
+    print(f"{name}: {len(work)} requests", file=sys.stderr, flush=True)
+    results[name] = [gf.run(engine, work, mode, dataclasses.replace(
+        cfg, max_num_batched_tokens=args.max_num_batched_tokens)) for mode, cfg in gf.MODES[name]]
+    print(gf.table(name, results[name]))
+  print(f"compiles after warm-up: {counter.outside_warmup}")
+  (args.out / "features.json").write_text(json.dumps({
+      "model": engine.manifest.name, "decode_batch": spec.decode_batch,
+      "extend": [[b.length, b.batch] for b in spec.extend_buckets], "args": {
+          k: str(v) for k, v in vars(args).items()}, "results": results,
+      "compiles_after_warmup": counter.outside_warmup}, indent=1))
+  gf.plot(results, args.out / "features.png")
+  print(f"wrote {args.out / 'features.json'} and {args.out / 'features.png'}")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def build_lm(repository: pathlib.Path, *, tiny: bool = False,
   model_config = DecoderConfig.tiny() if tiny else DecoderConfig.demo()
   # Weights are shipped for the demo recipe only: the tiny one trains in seconds.
   model, info = trained_lm(model_config, config, say, weights=None if tiny else weights)
-  say(f"lm: exporting {len(config.prefill_lengths)} prefill signatures and the decode ...")
+  say(f"lm: exporting {len(config.prefill_lengths)} prefill and {len(config.chunk_lengths)} extend"
+      " signatures and the decode ...")
   return export_generative(model, repository / "lm" / "1", config, name="lm", extra=info)
 
 

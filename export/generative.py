@@ -1,4 +1,4 @@
-"""Decoder LM -> `kind="generate"` bundle: one prefill signature per length bucket, one decode.
+"""Decoder LM -> `kind="generate"` bundle: prefill and extend signatures per length bucket, one decode.
 
 Weights come from a short training run, at export time, on a synthetic ad-copy corpus built
 here from templates (nothing is downloaded), so greedy generations read like ads, not noise.
@@ -7,6 +7,9 @@ Signatures (call convention of bundle/format.py, `fn(params, inputs) -> outputs`
   prefill_<T>  tokens [b, T], lengths [b], page_table [b, P], <cache>  -> logits [b, V], <cache>
   decode       tokens [B], positions [B], page_table [B, P], lengths [B], <cache>
                -> logits [B, V], <cache>
+  extend_<C>   tokens [b, C], starts [b], lengths [b], page_table [b, P], <cache>
+               -> logits [b, V], <cache>   (a prefill chunk at an offset: chunked prefill and
+               prefix caching; listed in `extra["extend"]`, absent from older bundles)
 `<cache>` is every array in `manifest.extra["kv_cache"]` (k_pages, v_pages, plus k_scale,
 v_scale for an int8 cache); the server passes them in and takes the updated ones back.
 
@@ -68,14 +71,18 @@ def ad_corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
 class GenerativeExportConfig:
   """KV cache geometry, buckets, platforms and the training run of a generate bundle.
 
-  The number of compiled shapes a server runs is `len(prefill_lengths) + 1` (the decode).
-  Prefill bucket T runs `min(decode_batch, max(1, prefill_tokens // T))` rows at once.
+  The number of compiled shapes a server runs is `len(prefill_lengths) + len(chunk_lengths) + 1`
+  (the decode). Prefill bucket T runs `min(decode_batch, max(1, prefill_tokens // T))` rows at
+  once; chunk bucket C runs `extend_batch(C)` rows, so every extend call computes at most the
+  largest chunk's worth of tokens (a chunk step's cost is bounded, whatever the bucket).
+  `chunk_lengths` () exports no extend signatures.
   """
 
   page_size: int = 16
   num_pages: int = 512  # including the null page
   prefill_lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
   prefill_tokens: int = 256
+  chunk_lengths: tuple[int, ...] = (32, 64, 128)
   decode_batch: int = 16
   kv_dtype: str = "float32"
   weights: str = "none"  # export.quantize name for the Dense layers (MLP, head): "none", "int8", ...
@@ -93,6 +100,10 @@ class GenerativeExportConfig:
       raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page {NULL_PAGE} is reserved)")
     if not self.prefill_lengths or list(self.prefill_lengths) != sorted(set(self.prefill_lengths)):
       raise ValueError(f"prefill_lengths must be strictly increasing, got {self.prefill_lengths}")
+    if list(self.chunk_lengths) != sorted(set(self.chunk_lengths)) or min(
+        self.chunk_lengths, default=1) < 1:
+      raise ValueError(f"chunk_lengths must be strictly increasing and positive, got"
+                       f" {self.chunk_lengths}")
     if min(self.decode_batch, self.prefill_tokens, self.prefill_lengths[0]) < 1:
       raise ValueError("decode_batch, prefill_tokens and prefill_lengths must be positive")
     if self.kv_dtype not in KV_DTYPES:
@@ -103,6 +114,9 @@ class GenerativeExportConfig:
   def prefill_batch(self, length: int) -> int:
     return min(self.decode_batch, max(1, self.prefill_tokens // length))
 
+  def extend_batch(self, length: int) -> int:
+    return min(self.decode_batch, max(1, self.chunk_lengths[-1] // length))
+
   @classmethod
   def demo(cls) -> GenerativeExportConfig:
     return cls()
@@ -111,7 +125,7 @@ class GenerativeExportConfig:
   def tiny(cls) -> GenerativeExportConfig:
     """For tests: 64 pages of 8 (so a full decode batch of long sequences must preempt)."""
     return cls(page_size=8, num_pages=64, prefill_lengths=(16, 32, 64, 128), prefill_tokens=64,
-               decode_batch=8, train_steps=120, train_batch=16, train_seq_len=64,
+               chunk_lengths=(16, 32), decode_batch=8, train_steps=120, train_batch=16, train_seq_len=64,
                learning_rate=1e-2)
 
 
@@ -186,6 +200,8 @@ def export_generative(
                     kv_dtype=config.kv_dtype)
   pages_per_seq = -(-mc.max_seq_len // config.page_size)
   entries, prefill_meta = _entries(rebuild, kv, config, pages_per_seq)
+  extend_entries, extend_meta = _extend_entries(rebuild, kv, config, pages_per_seq)
+  entries += extend_entries
   signatures, artifacts = _export_entries(entries, param_structs, config.platforms)
   batch_buckets, seq_buckets = (config.decode_batch,), tuple(config.prefill_lengths)
   manifest = Manifest(
@@ -194,7 +210,7 @@ def export_generative(
       seq_buckets=seq_buckets, quantization=config.weights,
       code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
       extra={**_generate_extra(mc, config, kv, pages_per_seq, prefill_meta, tokenizer),
-             **(extra or {})})
+             "extend": extend_meta, **(extra or {})})
   return bundle_lib.write_bundle(directory, manifest, leaves, artifacts)
 
 
@@ -243,6 +259,30 @@ def _entries(rebuild: Callable[[list[Any]], Any], kv: dict[str, tuple[tuple[int,
       "tokens": i32(b), "positions": i32(b), "page_table": i32(b, pages_per_seq),
       "lengths": i32(b), **cache_structs}))
   return entries, prefill_meta
+
+
+def _extend_entries(rebuild: Callable[[list[Any]], Any],
+                    kv: dict[str, tuple[tuple[int, ...], str]], config: GenerativeExportConfig,
+                    pages_per_seq: int) -> tuple[list[_Entry], list[dict[str, Any]]]:
+  """(signature name, fn, abstract inputs) of every chunk bucket's `extend_<C>`; its meta."""
+  cache_structs = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for k, (s, d) in kv.items()}
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+
+  def extend_fn(params, inputs):
+    cache = {k: inputs[k] for k in kv}
+    logits, cache = rebuild(list(params)).extend(
+        inputs["tokens"], inputs["starts"], inputs["lengths"], inputs["page_table"], cache)
+    return {"logits": logits, **cache}
+
+  entries: list[_Entry] = []
+  meta = []
+  for c in config.chunk_lengths:
+    b = config.extend_batch(c)
+    entries.append((f"extend_{c}", extend_fn, {
+        "tokens": i32(b, c), "starts": i32(b), "lengths": i32(b),
+        "page_table": i32(b, pages_per_seq), **cache_structs}))
+    meta.append({"length": c, "batch": b, "signature": f"extend_{c}"})
+  return entries, meta
 
 
 def _export_entries(entries: list[_Entry], param_structs: list[jax.ShapeDtypeStruct],

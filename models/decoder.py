@@ -6,6 +6,9 @@ Three pure entry points over the same params:
                                      the logits at each row's last valid position
   `decode_step(tokens, positions, page_table, lengths, cache)`   one token per row through
                                      `paged_attention`
+  `extend(tokens, starts, lengths, page_table, cache)`   a prefill chunk at an offset that
+                                     attends to the pages the sequence already has (chunked
+                                     prefill, prefix caching; models/chunk_attention.py)
 
 `cache` maps "k_pages", "v_pages" [layers, kv_heads, num_pages, page_size, head_dim] (float,
 or int8 with "k_scale", "v_scale" [layers, kv_heads, num_pages, page_size] float32, one scale
@@ -25,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from models.layers import Dense
+from models.chunk_attention import paged_chunk_attention
 from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.dispatch import check_impl
 from pallas_kernels.flash_attention import flash_attention
@@ -272,6 +276,33 @@ class Decoder(nnx.Module):
           impl=self.config.attention_impl)
 
     return self._logits(self._run(tokens, positions, attend)), new
+
+  def extend(
+      self,
+      tokens: jax.Array,  # [B, C] int32, the chunk, right-padded
+      starts: jax.Array,  # [B] int32, position of each row's first chunk token
+      lengths: jax.Array,  # [B] int32, valid chunk tokens per row (0: idle row)
+      page_table: jax.Array,  # [B, P] int32, pages of the whole sequence
+      cache: Cache,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Writes the chunk's K/V at starts.., attends to positions 0.. of the sequence's pages ->
+    (logits [B, V] at position starts + lengths - 1, cache). With starts 0 it is `prefill`."""
+    b, c = tokens.shape
+    positions = starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]  # [B, C]
+    page, offset = _slots(page_table, positions, jnp.arange(c)[None, :] < lengths[:, None],
+                          cache["k_pages"].shape[3])
+    new = dict(cache)
+
+    def attend(layer, q, k, v):  # q [B, C, N, H], k/v [B, C, K, H]
+      new.update(_write(new, layer, page, offset, k, v))
+      return paged_chunk_attention(
+          q, new["k_pages"][layer], new["v_pages"][layer], page_table, positions,
+          k_scale=new["k_scale"][layer] if "k_scale" in new else None,
+          v_scale=new["v_scale"][layer] if "v_scale" in new else None)
+
+    x = self._run(tokens, positions, attend)  # [B, C, D]
+    last = jnp.clip(lengths - 1, 0, c - 1)
+    return self._logits(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), new
 
 
 def _slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array,

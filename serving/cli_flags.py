@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_security_flags(serve)
   _add_runtime_flags(serve)
   _add_tracing_flags(serve)
+  _add_generation_flags(serve)
   from serving import plan_buckets, profile_cli, shadow_cli, update_cli
   plan_buckets.add_parser(sub)
   update_cli.add_parser(sub)
@@ -246,6 +247,22 @@ def _add_tracing_flags(serve: argparse.ArgumentParser) -> None:
                      help="the service.name resource of the exported spans")
 
 
+def _add_generation_flags(serve: argparse.ArgumentParser) -> None:
+  """Generate models: chunked prefill and prefix caching (bundles with extend signatures)."""
+  serve.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                     help="generate models: prefill prompts in chunks under the per-step token"
+                     " budget, so a long prompt never stalls running decodes (needs a bundle"
+                     " with extend signatures; older bundles prefill whole prompts)")
+  serve.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                     help="generate models: tokens one engine step may compute, decode rows plus"
+                     " prefill chunk tokens (vLLM's max_num_batched_tokens; >= the decode batch);"
+                     " default: decode batch + largest chunk bucket")
+  serve.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="generate models: share full KV pages between requests by the hash of"
+                     " their token prefix, so a repeated instruction is prefilled once (needs"
+                     " --chunked-prefill)")
+
+
 def _embedding_cache(args: argparse.Namespace) -> Any:
   from serving.engines.cached import EmbeddingCacheConfig, parse_bytes
 
@@ -278,7 +295,10 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    max_queue_wait_ms=args.max_queue_wait_ms,
                                    sharding=args.sharding, devices=args.devices,
                                    instance_count=args.instances,
-                                   embedding_cache=_embedding_cache(args))
+                                   embedding_cache=_embedding_cache(args),
+                                   chunked_prefill=args.chunked_prefill,
+                                   max_num_batched_tokens=args.max_num_batched_tokens,
+                                   prefix_caching=args.prefix_caching)
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
       metrics_port=args.metrics_port, http_port=args.http_port,

@@ -77,9 +77,14 @@ def _advise_buckets(seconds: Mapping[int, float], say: Callable[[str], None]) ->
 def generate_runner_factory(spec: LoadSpec) -> Runner:
   """Generate bundles: a GenerationService (every shape compiled at load) behind its runner."""
   from serving.generation.runner import load_generation_runner
+  from serving.generation.service import ServiceConfig
 
+  cfg = spec.config
   return load_generation_runner(spec.path, spec.name, observer=spec.observer,
-                                progress=spec.progress)
+                                progress=spec.progress, config=ServiceConfig(
+                                    chunked_prefill=cfg.chunked_prefill,
+                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                    prefix_caching=cfg.prefix_caching))
 
 
 def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:

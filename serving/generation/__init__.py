@@ -1,7 +1,8 @@
 """Generative serving: continuous batching over a paged KV cache, token events streamed to callers.
 
 Request path: `GenerationService.submit` (service.py) -> `Scheduler` decisions (scheduler.py,
-pages.py; plain Python, importable without JAX) -> `BundleEngine` (engine.py: exported
+pages.py; or chunked prefill and prefix caching: chunking.py, prefix_cache.py; plain Python,
+importable without JAX) -> `BundleEngine` (engine.py: exported
 prefill/decode + sampling.py, compiled once per shape at load). Names are re-exported lazily,
 so `import serving.generation.scheduler` loads neither JAX nor the engine.
 """
@@ -13,6 +14,8 @@ from typing import Any
 
 _EXPORTS = {
     "BundleEngine": "engine",
+    "ChunkConfig": "chunking",
+    "ChunkedScheduler": "chunking",
     "DecodeBatch": "scheduler",
     "Engine": "engine_api",
     "FinishReason": "request",
@@ -23,6 +26,7 @@ _EXPORTS = {
     "MockEngine": "mock_engine",
     "PagePool": "pages",
     "PrefillBatch": "scheduler",
+    "PrefixCachePool": "prefix_cache",
     "PrefillBucket": "scheduler",
     "RequestHandle": "request",
     "RequestMetrics": "request",

@@ -3,7 +3,8 @@
 Loading deserializes the StableHLO (the model's code is never imported), restores the params,
 allocates the KV cache named in the manifest (float, or int8 with scales) and compiles every
 shape it will run: `len(prefill buckets) + 1` executables, each the exported step followed by
-`sample_tokens`, with the cache donated so it is updated in place. A compile error fails the
+`sample_tokens`, with the cache donated so it is updated in place (plus one per chunk bucket of
+the `extend_<C>` signatures, where the bundle has them). A compile error fails the
 load; after it, a call never compiles (a wrong shape raises instead).
 """
 
@@ -54,7 +55,8 @@ class BundleEngine(Engine):
     self.spec = GenerateSpec.from_manifest(self.manifest)
     self.platform = platform or jax.default_backend()
     self._exported = {name: self._deserialize(name) for name in (
-        *self.spec.prefill_signatures.values(), self.spec.decode_signature)}
+        *self.spec.prefill_signatures.values(), self.spec.decode_signature,
+        *self.spec.extend_signatures.values())}
     self._device = jax.devices(self.platform)[0]
     self._params = bundle_lib.restore_params(
         directory, self.manifest, [jax.sharding.SingleDeviceSharding(self._device)]
@@ -72,10 +74,13 @@ class BundleEngine(Engine):
       self._prefill = {b.length: self._compile(self.spec.prefill_signatures[b.length], b.batch,
                                                progress) for b in self.spec.prefill_buckets}
       self._decode = self._compile(self.spec.decode_signature, self.spec.decode_batch, progress)
+      self._extend = {b.length: self._compile(self.spec.extend_signatures[b.length], b.batch,
+                                              progress) for b in self.spec.extend_buckets}
       self._warm_run()
     self.load_seconds = time.perf_counter() - start
     logger.info("loaded %s v%d on %s: %d executables in %.1fs", self.manifest.name,
-                self.manifest.version, self.platform, len(self._prefill) + 1, self.load_seconds)
+                self.manifest.version, self.platform, len(self._prefill) + len(self._extend) + 1,
+                self.load_seconds)
 
   def _deserialize(self, signature: str) -> jax.export.Exported:
     sig = self.manifest.signatures[signature]
@@ -126,6 +131,12 @@ class BundleEngine(Engine):
     self.decode(tokens=idle + sp.pad_id, positions=idle, lengths=idle,
                 page_table=np.full((sp.decode_batch, sp.pages_per_seq), sp.null_page, np.int32),
                 sampling=_greedy(sp.decode_batch))
+    for b in sp.extend_buckets:
+      idle = np.zeros(b.batch, np.int32)
+      self.extend(bucket=b, tokens=np.full((b.batch, b.length), sp.pad_id, np.int32),
+                  starts=idle, lengths=idle, page_table=np.full(
+                      (b.batch, sp.pages_per_seq), sp.null_page, np.int32),
+                  sampling=_greedy(b.batch))
 
   def _run(self, executable: Any, inputs: Mapping[str, np.ndarray],
            sampling: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -149,6 +160,13 @@ class BundleEngine(Engine):
              page_table: np.ndarray, sampling: Mapping[str, np.ndarray]) -> np.ndarray:
     return self._run(self._decode, {"tokens": tokens, "positions": positions,
                                     "lengths": lengths, "page_table": page_table}, sampling)
+
+  def extend(self, *, bucket: PrefillBucket, tokens: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray, page_table: np.ndarray,
+             sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    return self._run(self._extend[bucket.length], {
+        "tokens": tokens, "starts": starts, "lengths": lengths, "page_table": page_table},
+                     sampling)
 
   def reset(self) -> None:
     """Zeroed cache arrays, put on the device from the host (no compile)."""

@@ -70,6 +70,9 @@ class GenerateSpec:
   prefill_signatures: Mapping[int, str]  # bucket length -> signature name
   decode_signature: str
   kv_cache: Mapping[str, Mapping[str, Any]]  # name -> {"shape": [...], "dtype": "..."}
+  # Chunk shapes of the `extend_<C>` signatures (a prefill at an offset); () in older bundles.
+  extend_buckets: tuple[PrefillBucket, ...] = ()
+  extend_signatures: Mapping[int, str] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_manifest(cls, manifest: Manifest) -> GenerateSpec:
@@ -88,11 +91,15 @@ class GenerateSpec:
           bos_id=int(x["bos_id"]), eos_id=int(x["eos_id"]), pad_id=int(x["pad_id"]),
           kv_dtype=str(x["kv_dtype"]), tokenizer=dict(x["tokenizer"]),
           prefill_signatures={int(p["length"]): str(p["signature"]) for p in x["prefill"]},
-          decode_signature=str(x["decode"]["signature"]), kv_cache=dict(x["kv_cache"]))
+          decode_signature=str(x["decode"]["signature"]), kv_cache=dict(x["kv_cache"]),
+          extend_buckets=tuple(PrefillBucket(int(p["length"]), int(p["batch"]))
+                               for p in x.get("extend", ())),
+          extend_signatures={int(p["length"]): str(p["signature"]) for p in x.get("extend", ())})
     except (KeyError, TypeError, ValueError) as e:
       raise BundleError(f"manifest of {manifest.name!r} lacks generate fields ({e!r});"
                         " re-export it with export/generative.py") from e
-    for sig in (*spec.prefill_signatures.values(), spec.decode_signature):
+    for sig in (*spec.prefill_signatures.values(), spec.decode_signature,
+                *spec.extend_signatures.values()):
       if sig not in manifest.signatures:
         raise BundleError(f"manifest names signature {sig!r} but does not define it")
     return spec
@@ -129,6 +136,14 @@ class Engine(abc.ABC):
   def logprobs(self) -> StepLogprobs | None:
     """The log-probabilities behind the last prefill/decode call's tokens (None: not reported)."""
     return None
+
+  def extend(self, *, bucket: PrefillBucket, tokens: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray, page_table: np.ndarray,
+             sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A prefill chunk at an offset (only when `spec.extend_buckets`): tokens [bucket.batch,
+    bucket.length] at positions starts.. (lengths valid per row, 0 idle), attending to the pages
+    the sequence already holds -> the token sampled after each row's last chunk token [batch]."""
+    raise NotImplementedError(f"{type(self).__name__} has no extend signatures")
 
   def reset(self) -> None:
     """Starts from a fresh cache (after a failed call may have consumed it)."""

@@ -16,6 +16,8 @@ GAUGES = {
     "vllm:gpu_cache_usage_perc": ("kv_cache_usage", "Fraction of KV-cache pages in use (0-1)"),
     "xlaserve:kv_cache_pages_used": ("kv_pages_used", "KV-cache pages in use"),
     "xlaserve:kv_cache_pages_total": ("kv_pages_total", "KV-cache pages in the pool"),
+    "xlaserve:prefix_cache_pages": ("prefix_cache_pages",
+                                    "KV-cache pages holding a cached prefix (shared or evictable)"),
 }
 COUNTERS = {
     "vllm:generation_tokens": ("tokens_generated", "Tokens generated"),
@@ -23,6 +25,10 @@ COUNTERS = {
     "vllm:num_preemptions": ("preemptions", "Sequences preempted when pages ran out"),
     "xlaserve:generation_requests_refused": ("requests_refused", "Requests refused at admission"),
     "xlaserve:generation_requests_cancelled": ("requests_cancelled", "Requests cancelled"),
+    "vllm:prefix_cache_queries": ("prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache"),
+    "vllm:prefix_cache_hits": ("prefix_cache_hits",
+                               "Prompt tokens found in the prefix cache (prefill skipped)"),
 }
 SUMMARIES = {
     "vllm:time_to_first_token_seconds": ("ttft_seconds_sum", "ttft_count",

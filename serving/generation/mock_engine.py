@@ -22,8 +22,10 @@ from serving.generation.scheduler import PrefillBucket
 
 def mock_spec(*, page_size: int = 4, num_pages: int = 33, max_seq_len: int = 64,
               decode_batch: int = 4,
-              prefill: Sequence[tuple[int, int]] = ((8, 4), (16, 2), (64, 1))) -> GenerateSpec:
-  """A byte-tokenizer spec (BOS 256, EOS 257, PAD 258) with small shapes."""
+              prefill: Sequence[tuple[int, int]] = ((8, 4), (16, 2), (64, 1)),
+              extend: Sequence[tuple[int, int]] = ()) -> GenerateSpec:
+  """A byte-tokenizer spec (BOS 256, EOS 257, PAD 258) with small shapes; `extend` (length,
+  batch) chunk buckets give it extend signatures (chunked prefill, prefix caching)."""
   return GenerateSpec(
       page_size=page_size, num_pages=num_pages, null_page=0,
       pages_per_seq=-(-max_seq_len // page_size), max_seq_len=max_seq_len,
@@ -31,14 +33,16 @@ def mock_spec(*, page_size: int = 4, num_pages: int = 33, max_seq_len: int = 64,
       vocab_size=259, bos_id=256, eos_id=257, pad_id=258, kv_dtype="int32",
       tokenizer={"kind": "bytes", "num_bytes": 256, "bos_id": 256, "eos_id": 257, "pad_id": 258},
       prefill_signatures={t: f"prefill_{t}" for t, _ in prefill}, decode_signature="decode",
-      kv_cache={})
+      kv_cache={}, extend_buckets=tuple(PrefillBucket(t, b) for t, b in extend),
+      extend_signatures={t: f"extend_{t}" for t, _ in extend})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Call:
-  kind: str  # "prefill" or "decode"
+  kind: str  # "prefill", "decode" or "extend"
   rows: int  # live rows
-  length: int  # bucket length (prefill) or 1
+  length: int  # bucket length (prefill, extend) or 1
+  tokens: int = 0  # valid tokens computed (prefill, extend) or live rows (decode)
 
 
 def _succ(seq: Sequence[int]) -> int:
@@ -89,7 +93,8 @@ class MockEngine(Engine):
         self._write(page_table[row], pos, int(tokens[row, pos]))
       seqs.append(self._read(page_table[row], n) if n else None)
     with self._lock:
-      self.calls.append(Call("prefill", int(np.count_nonzero(lengths)), bucket.length))
+      self.calls.append(Call("prefill", int(np.count_nonzero(lengths)), bucket.length,
+                             int(lengths.sum())))
     return np.asarray(self._answer("prefill", seqs), np.int32)
 
   def decode(self, *, tokens: np.ndarray, positions: np.ndarray, lengths: np.ndarray,
@@ -104,5 +109,25 @@ class MockEngine(Engine):
       else:
         seqs.append(None)
     with self._lock:
-      self.calls.append(Call("decode", int(np.count_nonzero(lengths)), 1))
+      self.calls.append(Call("decode", int(np.count_nonzero(lengths)), 1,
+                             int(np.count_nonzero(lengths))))
     return np.asarray(self._answer("decode", seqs), np.int32)
+
+  def extend(self, *, bucket: PrefillBucket, tokens: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray, page_table: np.ndarray,
+             sampling: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Writes each row's chunk at starts.., reads the whole sequence back through its pages."""
+    if not self.spec.extend_buckets:
+      raise NotImplementedError("this mock spec has no extend signatures")
+    if tokens.shape != (bucket.batch, bucket.length):
+      raise ValueError(f"tokens {tokens.shape} do not match bucket {bucket}")
+    seqs: list[list[int] | None] = []
+    for row in range(bucket.batch):
+      n, start = int(lengths[row]), int(starts[row])
+      for i in range(n):
+        self._write(page_table[row], start + i, int(tokens[row, i]))
+      seqs.append(self._read(page_table[row], start + n) if n else None)
+    with self._lock:
+      self.calls.append(Call("extend", int(np.count_nonzero(lengths)), bucket.length,
+                             int(lengths.sum())))
+    return np.asarray(self._answer("extend", seqs), np.int32)

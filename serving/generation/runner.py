@@ -179,9 +179,12 @@ class GenerationRunner:
 
 
 def load_generation_runner(path: Any, name: str, *, observer: Observer | None = None,
-                           progress: Callable[[str], None] | None = None) -> GenerationRunner:
-  """Loads a generate bundle (compiling every shape) and wraps it; raises BundleError."""
-  from serving.generation.service import GenerationService
+                           progress: Callable[[str], None] | None = None,
+                           config: Any = None) -> GenerationRunner:
+  """Loads a generate bundle (compiling every shape) and wraps it; raises BundleError.
+  `config`: a ServiceConfig (default: ServiceConfig())."""
+  from serving.generation.service import GenerationService, ServiceConfig
 
-  service = GenerationService.from_bundle(path, progress=progress)
+  service = GenerationService.from_bundle(path, progress=progress,
+                                          config=config or ServiceConfig())
   return GenerationRunner(name, service, observer=observer)

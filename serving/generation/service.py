@@ -11,8 +11,9 @@
 `lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)`. Each request gets token events
 and then exactly one final event (`finished=True`). Each loop iteration runs the scheduler's
 prefill batch(es), then one decode step over every running sequence (serving/generation/
-scheduler.py); scheduling happens under a lock, engine calls outside it, so `submit`, `cancel`
-and `stats` never wait for the device.
+scheduler.py); with a bundle that has extend signatures, prefill is chunked under a token
+budget and full pages are shared by prefix (serving/generation/chunking.py). Scheduling happens
+under a lock, engine calls outside it, so `submit`, `cancel` and `stats` never wait for the device.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from serving.generation.chunking import ChunkedScheduler, ChunkRow, chunk_config
+from serving.generation.chunked_step import ChunkedSteps
 from serving.generation.engine_api import Engine, StepLogprobs, sampling_arrays
 from serving.generation.request import (MAX_SEED, FinishReason, GenerationEvent,
                                         GenerationRequest, OnEvent, RequestHandle,
@@ -41,12 +44,19 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServiceConfig:
-  """Admission policy (see SchedulerConfig); `static_batching` is for comparison benchmarks."""
+  """Admission policy (see SchedulerConfig); `static_batching` is for comparison benchmarks.
+
+  Chunked prefill and prefix caching (ChunkConfig) apply when the bundle has extend signatures
+  and batching is not static; `max_num_batched_tokens` None: decode_batch + largest chunk.
+  """
 
   max_waiting: int = 256
   max_prefill_batches_per_step: int = 1
   watermark_pages: int = 0
   static_batching: bool = False
+  chunked_prefill: bool = True
+  max_num_batched_tokens: int | None = None
+  prefix_caching: bool = True
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -69,7 +79,7 @@ class _Live:
 _Emit = list[tuple[_Live, GenerationEvent]]
 
 
-class GenerationService:
+class GenerationService(ChunkedSteps):
   """Continuous batching over one engine; thread-safe submit/cancel/stats."""
 
   def __init__(self, engine: Engine, *, config: ServiceConfig = ServiceConfig(),
@@ -80,10 +90,14 @@ class GenerationService:
     self._clock = clock
     spec = engine.spec
     self._codec = ByteCodec.from_spec(spec.tokenizer)
-    self._sched = Scheduler(spec.scheduler_config(
+    sched_config = spec.scheduler_config(
         max_waiting=config.max_waiting, watermark_pages=config.watermark_pages,
         max_prefill_batches_per_step=config.max_prefill_batches_per_step,
-        static_batching=config.static_batching))
+        static_batching=config.static_batching)
+    chunk = chunk_config(spec, config)
+    self._sched = (Scheduler(sched_config) if chunk is None
+                   else ChunkedScheduler(sched_config, chunk))
+    self._chunked = chunk is not None
     self._cv = threading.Condition()
     self._live: dict[Hashable, _Live] = {}
     self._outbox: _Emit = []  # events made off the engine thread (cancel), sent by it
@@ -189,6 +203,9 @@ class GenerationService:
           "kv_pages_total": pool.capacity,
           "kv_cache_usage": pool.usage,
           "preemptions": self._sched.num_preemptions,
+          "prefix_cache_hits": getattr(pool, "hit_tokens", 0),
+          "prefix_cache_queries": getattr(pool, "queried_tokens", 0),
+          "prefix_cache_pages": getattr(pool, "num_cached", 0),
       }
 
   # --- engine thread ---
@@ -218,6 +235,8 @@ class GenerationService:
         self._send(emit)
 
   def _step(self) -> None:
+    if self._chunked:
+      return self._step_chunked()
     with self._cv:
       batches = self._sched.schedule_prefill()
       now = self._clock()
@@ -242,7 +261,7 @@ class GenerationService:
       lp = self.engine.logprobs() if want else None
       self._apply(dec.rows, seqs, tokens, [r.slot for r in dec.rows], lp)
 
-  def _want_lp(self, rows: tuple[PrefillRow, ...] | tuple[DecodeRow, ...]) -> bool:
+  def _want_lp(self, rows: tuple[PrefillRow | DecodeRow | ChunkRow, ...]) -> bool:
     """Whether a row asked for logprobs (only then are they copied off the device)."""
     return any(self._live[r.seq_id].sampling.logprobs is not None for r in rows)
 
@@ -293,11 +312,13 @@ class GenerationService:
         self._counters["engine_failures"] += 1
         emit = [self._retire(self._live[rid], FinishReason.ERROR, err, b"", None)
                 for rid in self._sched.running_ids()]
+        if self._chunked:  # the reset below empties the cache the prefixes were in
+          self._sched.clear_cache()
       self.engine.reset()
       self._send(emit)
       return None
 
-  def _apply(self, rows: tuple[PrefillRow, ...] | tuple[DecodeRow, ...], seqs: list[Seq | None],
+  def _apply(self, rows: tuple[PrefillRow | DecodeRow | ChunkRow, ...], seqs: list[Seq | None],
              tokens: np.ndarray, picks: Sequence[int], lp: StepLogprobs | None) -> None:
     """Hands each row's sampled token (`tokens[picks[i]]`) to its request (unless it was
     cancelled meanwhile)."""

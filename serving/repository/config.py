@@ -51,6 +51,12 @@ class ModelServingConfig:
   batch_buckets: tuple[int, ...] | None = None
   bucket_plan: BucketPlanConfig = dataclasses.field(default_factory=BucketPlanConfig)
   adopted_buckets: tuple[int, ...] | None = None  # an adopted plan's (in memory, not config.json)
+  # Generate models with extend signatures (serving/generation/chunking.py): prefill in chunks
+  # under a per-step token budget shared with decodes (None: decode batch + largest chunk), and
+  # full KV pages shared by prefix.
+  chunked_prefill: bool = True
+  max_num_batched_tokens: int | None = None
+  prefix_caching: bool = True
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -78,6 +84,8 @@ class ModelServingConfig:
     if not self.max_queue_wait_ms >= 0:
       raise ValueError(f"max_queue_wait_ms must be >= 0 (0: unbounded), got"
                        f" {self.max_queue_wait_ms}")
+    if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+      raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
     for name in ("batch_buckets", "adopted_buckets"):
       if getattr(self, name) is not None:
         check_buckets(getattr(self, name), name)

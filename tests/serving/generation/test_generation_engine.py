@@ -59,12 +59,15 @@ def test_manifest_records_what_the_engine_needs(tiny_bundle):
   m = read_manifest(tiny_bundle)
   x = m.extra
   assert m.kind == "generate" and m.batch_buckets == (8,) and m.seq_buckets == (16, 32, 64, 128)
-  assert set(m.signatures) == {"prefill_16", "prefill_32", "prefill_64", "prefill_128", "decode"}
+  assert set(m.signatures) == {"prefill_16", "prefill_32", "prefill_64", "prefill_128", "decode",
+                               "extend_16", "extend_32"}
   assert all(set(s.artifacts) == {"cpu"} for s in m.signatures.values())
   assert (x["page_size"], x["num_pages"], x["null_page"], x["pages_per_seq"], x["max_seq_len"]) == (
       8, 64, 0, 16, 128)
   assert x["prefill"][0] == {"length": 16, "batch": 4, "signature": "prefill_16"}
   assert x["decode"] == {"batch": 8, "signature": "decode"}
+  assert x["extend"] == [{"length": 16, "batch": 2, "signature": "extend_16"},
+                         {"length": 32, "batch": 1, "signature": "extend_32"}]
   assert x["kv_cache"]["k_pages"] == {"shape": [2, 2, 64, 8, 16], "dtype": "float32"}
   assert (x["vocab_size"], x["bos_id"], x["eos_id"], x["pad_id"]) == (259, 256, 257, 258)
   assert x["tokenizer"]["kind"] == "bytes" and x["model"]["num_layers"] == 2
@@ -84,8 +87,10 @@ def test_serving_code_never_imports_models():
 
 
 def test_greedy_output_equals_one_at_a_time_full_forward(service, tiny_model):
-  """Many concurrent requests of different lengths (with preemption) vs the plain model."""
-  svc = service()
+  """Many concurrent requests of different lengths (with preemption) vs the plain model. Whole
+  prefills admit all of them at once, so pages run out and preemption happens whatever the
+  timing; chunked admission (tests/serving/generation/test_chunked_*.py) paces itself."""
+  svc = service(chunked_prefill=False)
   rng = random.Random(0)
   cases = [(p, rng.randint(1, 60)) for p in prompts(28, seed=0)]
   streams = []

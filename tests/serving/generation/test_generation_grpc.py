@@ -123,6 +123,44 @@ def test_generation_metrics_exposed(lm_server):
   assert 'vllm:gpu_cache_usage_perc{model_name="decoder/1"}' in text
 
 
+def test_shared_prefix_streams_hit_the_prefix_cache(lm_server, tiny_model):
+  """Streamed over tritonclient: prompts sharing a long instruction equal greedy, and the
+  second and later ones are served from the prefix cache (Prometheus counters)."""
+  instruction = "Write one line of ad copy for this product. Product: "  # 6 full pages of 8
+  prompts = [instruction + p for p in ("shoes", "tea sets", "socks")]
+  metric = 'vllm:prefix_cache_hits_total{model_name="decoder/1"}'
+
+  def hits() -> float:
+    text = lm_server.server.metrics.exposition().decode()
+    return float(next(l for l in text.splitlines() if l.startswith(metric)).split()[-1])
+
+  before = hits()
+  c = tc.InferenceServerClient(lm_server.address)
+  results: queue.Queue = queue.Queue()
+  c.start_stream(callback=lambda result, error: results.put((result, error)))
+  got = {}
+  try:
+    for i, prompt in enumerate(prompts):  # one at a time: the first fills the cache
+      c.async_stream_infer("decoder", [_text_input(prompt)], request_id=str(i),
+                           parameters={"max_tokens": 8})
+      pieces = []
+      while True:
+        result, error = results.get(timeout=60)
+        assert error is None, error
+        out = result.as_numpy("text_output")
+        pieces += [] if out is None else [out[0]]
+        if result.get_response().parameters["triton_final_response"].bool_param:
+          break
+      got[prompt] = b"".join(pieces)
+  finally:
+    c.stop_stream()
+  for prompt in prompts:
+    assert got[prompt] == _expected(tiny_model, prompt, 8), prompt
+  assert hits() - before >= 2 * 48
+  text = lm_server.server.metrics.exposition().decode()
+  assert 'vllm:prefix_cache_queries_total{model_name="decoder/1"}' in text
+
+
 @pytest.mark.slow  # a variant: opt in with --run-slow
 def test_int8_weight_bundle_serves_and_is_smaller(tiny_model, tiny_bundle, tmp_path):
   """int8 Dense weights (MLP, head) through the quantization path: fewer bytes, and it serves."""
