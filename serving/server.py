@@ -1,25 +1,22 @@
 """Wires repository, runners, gRPC servicers and metrics into one server process.
 
-Start-up: the gRPC port opens at once (live, not ready), models load and warm up
-in a worker thread, then readiness turns true. Optional start-up work (`startup`: the demo builds
-its missing models there) runs beside that load and may add models as it goes (`load_model`):
-each serves (ModelReady, inference) as soon as it is loaded, while the server's readiness
-(ServerReady, grpc.health, HTTP /v2/health/ready) stays false until the work is done and every
-model is READY, so an orchestrator routes nothing before then. Shutdown (SIGTERM/SIGINT):
-readiness turns false, new requests get UNAVAILABLE, every accepted request is
-answered, then the process exits 0.
+Start-up: the gRPC port opens at once (live, not ready), models load and warm up in a worker thread,
+then readiness turns true. Optional start-up work (`startup`: the demo builds its missing models
+there) runs beside that load and may add models as it goes (`load_model`): each serves (ModelReady,
+inference) as soon as it is loaded, while the server's readiness (ServerReady, grpc.health, HTTP
+/v2/health/ready) stays false until the work is done and every model is READY, so an orchestrator
+routes nothing before then. Shutdown (SIGTERM/SIGINT): readiness turns false, new requests get
+UNAVAILABLE, every accepted request is answered, then the process exits 0.
 
-Front ends: by default the native C++ server (serving/frontend/native.py) owns the public
-port, serves ModelInfer of plain batched models itself and relays every other call to the
-grpc.aio server, which then listens on a private unix socket (with TLS, the native server
-terminates it, re-reading the certificate files every `tls_reload_s`); with
-`frontend="python"` or without the compiled extension, the grpc.aio server owns the port.
+Front ends: by default the native C++ server (serving/frontend/native.py) owns the public port,
+serves ModelInfer of plain batched models itself and relays every other call to the grpc.aio server,
+which then listens on a private unix socket (with TLS, the native server terminates it, rereading
+the certificate files every `tls_reload_s`); with `frontend="python"` or without the compiled
+extension, the grpc.aio server owns the port.
 
-HTTP/REST (KServe v2 with Triton's extensions, serving/frontend/http/) runs on the same loop over
-the same servicer when `http_port` >= 0, with the same TLS files and bearer token.
-
-Optional: TLS (certificate and key files), a bearer token checked by an interceptor
-(serving/frontend/auth.py), and a repository poller for hot reload (serving/repository/reload.py).
+HTTP/REST (KServe v2, serving/frontend/http/) runs on the same loop over the same servicer when
+`http_port` >= 0. Optional: TLS (mutual with a client CA), a bearer token (serving/frontend/auth.py)
+or tenants with quotas (serving/tenancy.py), and hot reload (serving/repository/reload.py).
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ from grpc_health.v1._async import HealthServicer
 from serving.frontend import codec
 from serving.frontend import native as native_frontend
 from serving.frontend.native_queue import row_queue_factory
-from serving.frontend.auth import BearerTokenInterceptor, server_credentials
+from serving.frontend.auth import server_credentials
 from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
 from serving.frontend.http import HttpConfig, HttpFrontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -52,6 +49,7 @@ from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
 from serving.repository.auto_plan import SizeTallies
 from serving.repository.budget import DeviceBudget, holding
 from serving.repository.replan import AutoPlanner
+from serving import tenancy
 from serving.server_config import ServerConfig
 from serving.telemetry.bucket_plan_metrics import BucketPlanCollector
 from serving.telemetry.canary_metrics import CanaryCollector
@@ -125,7 +123,8 @@ class Server:
     self.metrics.registry.register(CanaryCollector(self.servicer.canary.snapshot))
     self.servicer.tracing = self.tracing
     self.servicer.set_trace_rate = self.tracing.set_rate if self.tracing is not None else None
-    self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
+    self.gate = tenancy.install(config, self._native_module, self.servicer, self.metrics.registry)
+    self.auth = tenancy.interceptor(config, self.gate)  # a bearer token's, or the tenants'
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
                    if config.repository_poll_s > 0 else None)
@@ -219,7 +218,7 @@ class Server:
     server = grpc.aio.server(options=opts, interceptors=[self.auth] if self.auth else None)
     add_inference_service(self.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-    creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file)
+    creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
     address = f"{cfg.host}:{cfg.grpc_port}"
     if self._native_module is not None:  # C++ owns the port; grpc.aio listens privately
       self._socket_dir = tempfile.mkdtemp(prefix="xlaserve-")
@@ -230,7 +229,8 @@ class Server:
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
           id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
-          tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s) if creds else None)
+          tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s, cfg.tls_client_ca_file)
+          if creds else None, tenants=self.gate and self.gate.table)
       self.metrics.add_native_front_end(self.native.stats)
       self.servicer.canary.native_routed = self.native.routed_counts  # its split's counts
       self.servicer.trust_trace_marker = True  # grpc.aio hears only the relay: its marks hold

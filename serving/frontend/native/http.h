@@ -100,7 +100,9 @@ struct HttpCall final : Responder {
 std::unique_ptr<TraceInfo> HttpTrace(const HttpHead& h, std::string id, double t_start);
 
 // A response with a JSON body: Triton's {"error": message} with the status its code maps to.
-std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close);
+// `status` > 0 overrides the mapping (429: a tenant over its quota).
+std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close,
+                              int status = 0);
 
 // One client connection, served by one epoll loop; answers may come from any thread.
 class Conn : public std::enable_shared_from_this<Conn> {
