@@ -61,9 +61,10 @@ class Tenant:
 
 
 def _number(where: str, value: Any, *, low: float) -> float:
+  """A finite number >= `low` (> 0 when `low` is 0)."""
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-      or value < low:
-    raise ValueError(f"{where} must be a number >= {low:g}, not {value!r}")
+      or value < low or value <= 0:
+    raise ValueError(f"{where} must be a number {f'>= {low:g}' if low else '> 0'}, not {value!r}")
   return float(value)
 
 
@@ -81,7 +82,7 @@ def _rate(where: str, entry: dict, kind: str) -> tuple[float, float]:
     if burst is not None:
       raise ValueError(f"{where}.{kind}_burst needs {kind}_per_s")
     return UNLIMITED, UNLIMITED
-  rate = _number(f"{where}.{kind}_per_s", rate, low=1e-9)
+  rate = _number(f"{where}.{kind}_per_s", rate, low=0)
   burst = _number(f"{where}.{kind}_burst", rate if burst is None else burst, low=1)
   return rate, burst
 

@@ -80,3 +80,15 @@ def test_a_good_file_parses_with_its_defaults(tmp_path):
   assert (online.requests_per_s, online.requests_burst, online.priority) == (2, 2, 1)
   assert batch.rows_burst == 1000 and batch.requests_per_s == float("inf")
   assert mtls.identities == ("CN-peer", "spiffe://ads/scorer") and mtls.priority == 0
+
+
+def test_the_cli_refuses_a_bad_tenants_file_at_start_naming_the_field(tmp_path):
+  from procutil import run_cli
+  bad = tmp_path / "tenants.json"
+  bad.write_text(json.dumps({"tenants": [{"name": "batch-jobs", "tokens": ["t"],
+                                          "rows_per_s": -5}]}))
+  p = run_cli("--model-repository", str(tmp_path), "--tenants", str(bad))
+  assert p.returncode == 2, p.stderr
+  assert "tenants[0].rows_per_s must be a number > 0, not -5" in p.stderr and str(bad) in p.stderr
+  help_text = run_cli("--help").stdout
+  assert "--tenants" in help_text and "--tls-client-ca" in help_text
