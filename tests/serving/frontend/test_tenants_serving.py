@@ -191,3 +191,22 @@ def test_tenants_and_a_bearer_token_are_exclusive(mock_repo):
   from serving.server_config import ServerConfig
   with pytest.raises(ValueError, match="--tenants and --auth-token-file"):
     ServerConfig(model_repository=str(mock_repo), tenants=TENANTS, auth_token="tok")
+
+
+def test_generation_is_charged_too(tmp_path):
+  from httputil import both_protocols
+  tenants = parse_tenants({"tenants": [{"name": "writer", "tokens": ["tok-w"],
+                                        "requests_per_s": 0.01, "requests_burst": 2}]})
+  with both_protocols(tmp_path / "repo", generate=True, tenants=tenants) as bg:
+    api = Http(bg.server.http_port, headers={"Authorization": "Bearer tok-w"})
+    status, out = api.post_json("/v2/models/lm/generate",
+                                {"text_input": "ab", "parameters": {"max_tokens": 2}})
+    assert (status, out["text_output"]) == (200, "cd")
+    status, _, body = api.call("POST", "/v2/models/lm/generate_stream",
+                               b'{"text_input": "ab", "parameters": {"max_tokens": 2}}')
+    assert status == 200 and body.count(b"data: ") == 2
+    status, _, body = api.call("POST", "/v2/models/lm/generate_stream",
+                               b'{"text_input": "ab", "parameters": {"max_tokens": 2}}')
+    assert (status, json.loads(body)) == (
+        429, {"error": "tenant 'writer' is over its quota of 0.01 requests/s"})
+    assert Http(bg.server.http_port).call("POST", "/v2/models/lm/generate", b"{}")[0] == 401
