@@ -189,6 +189,10 @@ def _add_security_flags(serve: argparse.ArgumentParser) -> None:
                      " quotas and a priority. Every call must then come from a tenant"
                      " (UNAUTHENTICATED otherwise); one over a quota gets RESOURCE_EXHAUSTED"
                      " (HTTP 429). Replaces --auth-token-file")
+  serve.add_argument("--metrics-tls", action="store_true",
+                     help="serve the metrics port over HTTPS with --tls-cert/--tls-key (and, with"
+                     " --tls-client-ca, only to scrapers with a client certificate it signed);"
+                     " the files are re-read when they change, every --tls-reload-s")
 
 
 def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
@@ -294,7 +298,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_reload_s=args.tls_reload_s,
       auth_token=token, tls_client_ca_file=args.tls_client_ca,
-      tenants=load_tenants(args.tenants) if args.tenants else (),
+      tenants=load_tenants(args.tenants) if args.tenants else (), metrics_tls=args.metrics_tls,
       frontend=args.frontend or "auto", http_frontend=args.http_frontend or "auto",
       native_threads=args.native_threads,
       batch_queue=args.batch_queue,

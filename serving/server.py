@@ -56,6 +56,7 @@ from serving.telemetry.canary_metrics import CanaryCollector
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.memory_metrics import ModelMemoryCollector
 from serving.telemetry.metrics import Metrics
+from serving.telemetry.metrics_endpoint import MetricsEndpoint
 from serving.telemetry.profile import Profiler
 from serving.telemetry.tracing import Tracing
 
@@ -251,10 +252,9 @@ class Server:
                     " --grpc-port")
     if cfg.http_port >= 0:
       await self._start_http()
-    if cfg.metrics_port >= 0:
-      import prometheus_client as prom
-      self._metrics_server, _ = prom.start_http_server(cfg.metrics_port, cfg.host,
-                                                       registry=self.metrics.registry)
+    if cfg.metrics_port >= 0:  # HTTPS with --metrics-tls
+      self._metrics_server = MetricsEndpoint(cfg.host, cfg.metrics_port, self.metrics.registry,
+                                             tls=tenancy.metrics_tls(cfg))
       self.metrics_port = self._metrics_server.server_address[1]
     if install_signal_handlers:
       for sig in (signal.SIGTERM, signal.SIGINT):

@@ -52,6 +52,7 @@ class ServerConfig:
   tls_client_ca_file: str | None = None
   # Tenants and quotas (--tenants FILE, serving/frontend/tenants.py): every call needs a tenant
   tenants: tuple[Tenant, ...] = dataclasses.field(default=(), repr=False)
+  metrics_tls: bool = False  # serve the metrics port over HTTPS with the TLS files above
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
@@ -68,6 +69,8 @@ class ServerConfig:
       check_token(self.auth_token)
     if self.tls_client_ca_file is not None and self.tls_cert_file is None:
       raise ValueError("mutual TLS (--tls-client-ca) needs TLS: --tls-cert and --tls-key")
+    if self.metrics_tls and self.tls_cert_file is None:
+      raise ValueError("--metrics-tls needs TLS: --tls-cert and --tls-key")
     if self.tenants and self.auth_token is not None:
       raise ValueError("--tenants and --auth-token-file both say who may call: use one (give the"
                        " token to a tenant)")

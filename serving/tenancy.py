@@ -1,6 +1,7 @@
 """Wires `--tenants` into a server: the tenant table (the C++ one when the native front end
 serves, so every path charges the same buckets), the gate the Python front ends identify callers
-with, and the per-tenant metrics. Kept out of serving/server.py, which only calls `install`."""
+with, and the per-tenant metrics; and who may call at all (`interceptor`), and the metrics
+port's TLS. Kept out of serving/server.py, which only calls these."""
 
 from __future__ import annotations
 
@@ -39,3 +40,12 @@ def interceptor(config: ServerConfig, gate: TenantGate | None
   if config.auth_token:
     return BearerTokenInterceptor(config.auth_token)
   return TenantInterceptor(gate) if gate is not None else None
+
+
+def metrics_tls(config: ServerConfig) -> tuple[str, str, str | None, float] | None:
+  """The metrics port's TLS with `--metrics-tls`: the server's certificate files, its client CA
+  (scrapers then need a client certificate) and how often to check them; else None: plain HTTP."""
+  if not config.metrics_tls:
+    return None
+  return (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file,
+          config.tls_reload_s)
