@@ -290,16 +290,15 @@ class Server:
     validation, auth token and TLS files as gRPC): uvicorn on this loop, behind the native
     HTTP server (on a private unix socket) or on the port itself."""
     cfg = self.config
-    native = (self.native is not None and cfg.http_frontend != "python"
-              and cfg.tls_cert_file is None)  # HTTPS: uvicorn terminates TLS
+    native = self.native is not None and cfg.http_frontend != "python"  # HTTPS too (C++)
     if cfg.http_frontend == "native" and not native:
-      raise RuntimeError("--http-frontend native needs the native gRPC front end (built) and"
-                         " plain HTTP (no TLS); drop the flag to serve HTTP from Python")
+      raise RuntimeError("--http-frontend native needs the native gRPC front end (built); drop"
+                         " the flag to serve HTTP from Python")
     self.http = HttpFrontend(HttpConfig(
         host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
-        tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,
-        max_body_bytes=cfg.max_message_bytes, read_timeout_s=cfg.http_read_timeout_s,
-        idle_timeout_s=cfg.http_idle_timeout_s),
+        tls_key_file=cfg.tls_key_file, tls_client_ca_file=cfg.tls_client_ca_file,
+        auth_token=cfg.auth_token, max_body_bytes=cfg.max_message_bytes,
+        read_timeout_s=cfg.http_read_timeout_s, idle_timeout_s=cfg.http_idle_timeout_s),
         self.servicer, is_ready=lambda: self.ready)
     if not native:
       self.http_port = await self.http.start()
