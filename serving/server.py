@@ -1,18 +1,19 @@
 """Wires repository, runners, gRPC servicers and metrics into one server process.
 
-Start-up: the gRPC port opens at once (live, not ready), models load and warm up in a worker thread,
-then readiness turns true. Optional start-up work (`startup`: the demo builds its missing models
-there) runs beside that load and may add models as it goes (`load_model`): each serves (ModelReady,
-inference) as soon as it is loaded, while the server's readiness (ServerReady, grpc.health, HTTP
-/v2/health/ready) stays false until the work is done and every model is READY, so an orchestrator
-routes nothing before then. Shutdown (SIGTERM/SIGINT): readiness turns false, new requests get
-UNAVAILABLE, every accepted request is answered, then the process exits 0.
+Start-up: the gRPC port opens at once (live, not ready), models load and warm up
+in a worker thread, then readiness turns true. Optional start-up work (`startup`: the demo builds
+its missing models there) runs beside that load and may add models as it goes (`load_model`):
+each serves (ModelReady, inference) as soon as it is loaded, while the server's readiness
+(ServerReady, grpc.health, HTTP /v2/health/ready) stays false until the work is done and every
+model is READY, so an orchestrator routes nothing before then. Shutdown (SIGTERM/SIGINT):
+readiness turns false, new requests get UNAVAILABLE, every accepted request is
+answered, then the process exits 0.
 
-Front ends: by default the native C++ server (serving/frontend/native.py) owns the public port,
-serves ModelInfer of plain batched models itself and relays every other call to the grpc.aio server,
-which then listens on a private unix socket (with TLS, the native server terminates it, rereading
-the certificate files every `tls_reload_s`); with `frontend="python"` or without the compiled
-extension, the grpc.aio server owns the port.
+Front ends: by default the native C++ server (serving/frontend/native.py) owns the public
+port, serves ModelInfer of plain batched models itself and relays every other call to the
+grpc.aio server, which then listens on a private unix socket (with TLS, the native server
+terminates it, re-reading the certificate files every `tls_reload_s`); with
+`frontend="python"` or without the compiled extension, the grpc.aio server owns the port.
 
 HTTP/REST (KServe v2, serving/frontend/http/) runs on the same loop over the same servicer when
 `http_port` >= 0. Optional: TLS (mutual with a client CA), a bearer token (serving/frontend/auth.py)
