@@ -210,3 +210,24 @@ def test_generation_is_charged_too(tmp_path):
     assert (status, json.loads(body)) == (
         429, {"error": "tenant 'writer' is over its quota of 0.01 requests/s"})
     assert Http(bg.server.http_port).call("POST", "/v2/models/lm/generate", b"{}")[0] == 401
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_each_request_of_a_stream_is_charged(mock_repo, frontend):
+  import queue
+
+  from clientutil import triton_inputs
+  results: queue.Queue = queue.Queue()
+  with serving(mock_repo, mock_factory(), tenants=TENANTS, frontend=frontend) as bg, \
+      tc.InferenceServerClient(bg.address) as c:
+    c.start_stream(lambda result, error: results.put((result, error)),
+                   headers={"authorization": "Bearer tok-pair"})  # a burst of 2
+    for i in range(3):
+      c.async_stream_infer("mock", triton_inputs({"x": X, "k": K}), request_id=str(i))
+    got = [results.get(timeout=10) for _ in range(3)]
+    c.stop_stream()
+  ok = [r for r, e in got if e is None]
+  errors = [e for r, e in got if e is not None]
+  assert len(ok) == 2 and len(errors) == 1
+  np.testing.assert_array_equal(ok[0].as_numpy("y"), mock_reference(X, K)["y"])
+  assert "tenant 'pair' is over its quota of 0.01 requests/s" in errors[0].message()
