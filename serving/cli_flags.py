@@ -186,6 +186,19 @@ def _add_security_flags(serve: argparse.ArgumentParser) -> None:
                      " grpc.health must then send metadata 'authorization: Bearer <token>'. The"
                      " token may instead come from $XLASERVE_AUTH_TOKEN; it is never taken as a"
                      " command-line value (visible to every user in the process list)")
+  serve.add_argument("--tls-client-ca", default=None, metavar="FILE",
+                     help="PEM CA bundle: mutual TLS on the gRPC port (and HTTPS); a client must"
+                     " present a certificate signed by it. Re-read with --tls-reload-s")
+  serve.add_argument("--tenants", default=None, metavar="FILE",
+                     help="JSON file of tenants (schema: docs/operations.md): each has bearer"
+                     " tokens and/or mTLS identities (certificate CN or SAN), requests/s and rows/s"
+                     " quotas and a priority. Every call must then come from a tenant"
+                     " (UNAUTHENTICATED otherwise); one over a quota gets RESOURCE_EXHAUSTED"
+                     " (HTTP 429). Replaces --auth-token-file")
+  serve.add_argument("--metrics-tls", action="store_true",
+                     help="serve the metrics port over HTTPS with --tls-cert/--tls-key (and, with"
+                     " --tls-client-ca, only to scrapers with a client certificate it signed);"
+                     " the files are re-read when they change, every --tls-reload-s")
 
 
 def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
@@ -284,6 +297,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
   """The ServerConfig the parsed flags describe; raises ValueError for inconsistent values."""
   from serving.frontend import codec
   from serving.repository import ModelServingConfig
+  from serving.frontend.tenants import load_tenants
   from serving.server_config import ServerConfig
   from serving.telemetry.tracing import TracingConfig
 
@@ -308,7 +322,8 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                           max_tensor_bytes=args.max_tensor_bytes),
       default_model_config=default_cfg, repository_poll_s=args.repository_poll_s,
       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_reload_s=args.tls_reload_s,
-      auth_token=token,
+      auth_token=token, tls_client_ca_file=args.tls_client_ca,
+      tenants=load_tenants(args.tenants) if args.tenants else (), metrics_tls=args.metrics_tls,
       frontend=args.frontend or "auto", http_frontend=args.http_frontend or "auto",
       native_threads=args.native_threads,
       batch_queue=args.batch_queue,

@@ -15,11 +15,9 @@ grpc.aio server, which then listens on a private unix socket (with TLS, the nati
 terminates it, re-reading the certificate files every `tls_reload_s`); with
 `frontend="python"` or without the compiled extension, the grpc.aio server owns the port.
 
-HTTP/REST (KServe v2 with Triton's extensions, serving/frontend/http/) runs on the same loop over
-the same servicer when `http_port` >= 0, with the same TLS files and bearer token.
-
-Optional: TLS (certificate and key files), a bearer token checked by an interceptor
-(serving/frontend/auth.py), and a repository poller for hot reload (serving/repository/reload.py).
+HTTP/REST (KServe v2, serving/frontend/http/) runs on the same loop over the same servicer when
+`http_port` >= 0. Optional: TLS (mutual with a client CA), a bearer token (serving/frontend/auth.py)
+or tenants with quotas (serving/tenancy.py), and hot reload (serving/repository/reload.py).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from grpc_health.v1._async import HealthServicer
 from serving.frontend import codec
 from serving.frontend import native as native_frontend
 from serving.frontend.native_queue import row_queue_factory
-from serving.frontend.auth import BearerTokenInterceptor, server_credentials
+from serving.frontend.auth import server_credentials
 from serving.frontend.grpc_service import SERVICE_NAME, add_inference_service
 from serving.frontend.http import HttpConfig, HttpFrontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
@@ -52,12 +50,14 @@ from serving.repository import EngineFactory, ModelRepository, RepositoryPoller
 from serving.repository.auto_plan import SizeTallies
 from serving.repository.budget import DeviceBudget, holding
 from serving.repository.replan import AutoPlanner
+from serving import tenancy
 from serving.server_config import ServerConfig
 from serving.telemetry.bucket_plan_metrics import BucketPlanCollector
 from serving.telemetry.canary_metrics import CanaryCollector
 from serving.telemetry.compile_watch import CompileCounter
 from serving.telemetry.memory_metrics import ModelMemoryCollector
 from serving.telemetry.metrics import Metrics
+from serving.telemetry.metrics_endpoint import MetricsEndpoint
 from serving.telemetry.profile import Profiler
 from serving.telemetry.tracing import Tracing
 
@@ -125,7 +125,8 @@ class Server:
     self.metrics.registry.register(CanaryCollector(self.servicer.canary.snapshot))
     self.servicer.tracing = self.tracing
     self.servicer.set_trace_rate = self.tracing.set_rate if self.tracing is not None else None
-    self.auth = BearerTokenInterceptor(config.auth_token) if config.auth_token else None
+    self.gate = tenancy.install(config, self._native_module, self.servicer, self.metrics.registry)
+    self.auth = tenancy.interceptor(config, self.gate)  # a bearer token's, or the tenants'
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
                    if config.repository_poll_s > 0 else None)
@@ -219,7 +220,7 @@ class Server:
     server = grpc.aio.server(options=opts, interceptors=[self.auth] if self.auth else None)
     add_inference_service(self.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-    creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file)
+    creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
     address = f"{cfg.host}:{cfg.grpc_port}"
     if self._native_module is not None:  # C++ owns the port; grpc.aio listens privately
       self._socket_dir = tempfile.mkdtemp(prefix="xlaserve-")
@@ -230,7 +231,8 @@ class Server:
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
           id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
-          tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s) if creds else None)
+          tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s, cfg.tls_client_ca_file)
+          if creds else None, tenants=self.gate and self.gate.table)
       self.metrics.add_native_front_end(self.native.stats)
       self.servicer.canary.native_routed = self.native.routed_counts  # its split's counts
       self.servicer.trust_trace_marker = True  # grpc.aio hears only the relay: its marks hold
@@ -251,10 +253,9 @@ class Server:
                     " --grpc-port")
     if cfg.http_port >= 0:
       await self._start_http()
-    if cfg.metrics_port >= 0:
-      import prometheus_client as prom
-      self._metrics_server, _ = prom.start_http_server(cfg.metrics_port, cfg.host,
-                                                       registry=self.metrics.registry)
+    if cfg.metrics_port >= 0:  # HTTPS with --metrics-tls
+      self._metrics_server = MetricsEndpoint(cfg.host, cfg.metrics_port, self.metrics.registry,
+                                             tls=tenancy.metrics_tls(cfg))
       self.metrics_port = self._metrics_server.server_address[1]
     if install_signal_handlers:
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -290,16 +291,15 @@ class Server:
     validation, auth token and TLS files as gRPC): uvicorn on this loop, behind the native
     HTTP server (on a private unix socket) or on the port itself."""
     cfg = self.config
-    native = (self.native is not None and cfg.http_frontend != "python"
-              and cfg.tls_cert_file is None)  # HTTPS: uvicorn terminates TLS
+    native = self.native is not None and cfg.http_frontend != "python"  # HTTPS too (C++)
     if cfg.http_frontend == "native" and not native:
-      raise RuntimeError("--http-frontend native needs the native gRPC front end (built) and"
-                         " plain HTTP (no TLS); drop the flag to serve HTTP from Python")
+      raise RuntimeError("--http-frontend native needs the native gRPC front end (built); drop"
+                         " the flag to serve HTTP from Python")
     self.http = HttpFrontend(HttpConfig(
         host=cfg.host, port=cfg.http_port, tls_cert_file=cfg.tls_cert_file,
-        tls_key_file=cfg.tls_key_file, auth_token=cfg.auth_token,
-        max_body_bytes=cfg.max_message_bytes, read_timeout_s=cfg.http_read_timeout_s,
-        idle_timeout_s=cfg.http_idle_timeout_s),
+        tls_key_file=cfg.tls_key_file, tls_client_ca_file=cfg.tls_client_ca_file,
+        auth_token=cfg.auth_token, max_body_bytes=cfg.max_message_bytes,
+        read_timeout_s=cfg.http_read_timeout_s, idle_timeout_s=cfg.http_idle_timeout_s),
         self.servicer, is_ready=lambda: self.ready)
     if not native:
       self.http_port = await self.http.start()

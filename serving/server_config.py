@@ -7,6 +7,7 @@ import dataclasses
 
 from serving.frontend import codec
 from serving.frontend.auth import check_token
+from serving.frontend.tenants import Tenant
 from serving.repository import ModelServingConfig
 from serving.telemetry.tracing import TracingConfig
 
@@ -46,6 +47,12 @@ class ServerConfig:
   # load beyond it is refused with RESOURCE_EXHAUSTED (serving/repository/budget.py). None: no cap.
   device_memory_budget_bytes: int | None = None
   tracing: TracingConfig = TracingConfig()  # OpenTelemetry: sampling rate and OTLP endpoint
+  # A PEM CA bundle: mutual TLS, clients must present a certificate it signed (re-read as the
+  # certificate is, by the native front end)
+  tls_client_ca_file: str | None = None
+  # Tenants and quotas (--tenants FILE, serving/frontend/tenants.py): every call needs a tenant
+  tenants: tuple[Tenant, ...] = dataclasses.field(default=(), repr=False)
+  metrics_tls: bool = False  # serve the metrics port over HTTPS with the TLS files above
 
   def __post_init__(self):
     if not 0 <= self.grpc_port < 65536 or not -1 <= self.metrics_port < 65536:
@@ -60,6 +67,13 @@ class ServerConfig:
       raise ValueError("TLS needs both a certificate and a key file (--tls-cert and --tls-key)")
     if self.auth_token is not None:
       check_token(self.auth_token)
+    if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+      raise ValueError("mutual TLS (--tls-client-ca) needs TLS: --tls-cert and --tls-key")
+    if self.metrics_tls and self.tls_cert_file is None:
+      raise ValueError("--metrics-tls needs TLS: --tls-cert and --tls-key")
+    if self.tenants and self.auth_token is not None:
+      raise ValueError("--tenants and --auth-token-file both say who may call: use one (give the"
+                       " token to a tenant)")
     if self.frontend not in ("auto", "native", "python"):
       raise ValueError(f"frontend must be auto, native or python, got {self.frontend!r}")
     if self.http_frontend not in ("auto", "native", "python"):

@@ -111,14 +111,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     return _DENY[kind]
 
 
-def server_credentials(cert_file: str | None, key_file: str | None
-                       ) -> grpc.ServerCredentials | None:
-  """TLS credentials from PEM files, or None for plaintext (no certificate file)."""
+def server_credentials(cert_file: str | None, key_file: str | None,
+                       client_ca_file: str | None = None) -> grpc.ServerCredentials | None:
+  """TLS credentials from PEM files, or None for plaintext (no certificate file); with a client
+  CA bundle, mutual TLS (a client must present a certificate it signed)."""
   if cert_file is None:
     return None
   try:
     cert = pathlib.Path(cert_file).read_bytes()
     key = pathlib.Path(key_file).read_bytes()
+    ca = pathlib.Path(client_ca_file).read_bytes() if client_ca_file else None
   except OSError as e:
     raise OSError(f"cannot read TLS file {e.filename}: {e.strerror}") from e
-  return grpc.ssl_server_credentials([(key, cert)])
+  return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                     require_client_auth=ca is not None)

@@ -101,6 +101,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # Behind the native front end: its marks hold (tracing's head decision, the split's shadow
     # draw); a client cannot set them through it.
     self.trust_trace_marker = False
+    self.tenant_gate = None  # --tenants (serving/frontend/tenant_gate.py): quotas and priority
 
   # -- helpers -----------------------------------------------------------------
 
@@ -319,6 +320,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
       out_specs = codec.requested_outputs(request, runner.outputs)
       deadline, priority = self._schedule_params(request, context, t0,
                                                  rec.config.default_timeout_us)
+      if self.tenant_gate is not None:  # charged once its rows are known; raises OverQuota
+        priority = self.tenant_gate.admit(rows, priority)
       fut = asyncio.get_running_loop().create_future()
       req = InferRequest(inputs=arrays, rows=rows, sink=self.sink, arrival=t0,
                          deadline=deadline, priority=priority, request_id=request_id,

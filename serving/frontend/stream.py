@@ -113,6 +113,8 @@ class StreamSession:
     if len(prompts) != 1:
       raise ServingError(Code.INVALID_ARGUMENT, "stream one prompt per request (text_input"
                          f" has {len(prompts)} elements)")
+    if (gate := self.servicer.tenant_gate) is not None:  # --tenants: a prompt is 1 row
+      gate.admit(1, 0)
     params = {k: codec.param_value(v) for k, v in request.parameters.items()}
     empty_final = bool(params.pop("triton_enable_empty_final_response", False))
     params.pop("streaming", None)

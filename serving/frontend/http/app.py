@@ -136,6 +136,7 @@ class HttpApp:
     self._token = auth_token.encode() if auth_token else None
     self._limit = max_body_bytes
     self.denied = 0  # requests refused for want of the token
+    self.tenants = None  # --tenants: a TenantGate (serving/frontend/tenant_gate.py)
 
   async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
     if scope["type"] != "http":
@@ -149,11 +150,13 @@ class HttpApp:
         logger.info("unauthenticated HTTP request to %s refused", req.path,
                     extra={"method": req.path, "code": "UNAUTHENTICATED"})
         raise ServingError(Code.UNAUTHENTICATED, UNAUTHENTICATED)
+      if self.tenants is not None and req.path not in OPEN_PATHS:
+        self._enter_tenant(headers)
       handler, args = self._lookup(req.method, req.path)
       req.body = await self._read_body(receive, headers)
       reply = await handler(req, *args)
-    except ServingError as e:
-      reply = error_reply(HTTP_STATUS[e.code], e.message)
+    except ServingError as e:  # a tenant over its quota: 429
+      reply = error_reply(getattr(e, "http_status", 0) or HTTP_STATUS[e.code], e.message)
     except HttpError as e:
       reply = error_reply(e.status, e.message)
     except Exception as e:  # a bug: answer 500, keep serving
@@ -171,6 +174,17 @@ class HttpApp:
     out.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": out})
     await send({"type": "http.response.body", "body": body})
+
+  def _enter_tenant(self, headers: dict[bytes, bytes]) -> None:
+    """Decides the request's tenant from its bearer token (kept for the rest of the request);
+    none: UNAUTHENTICATED."""
+    gate = self.tenants
+    tenant = gate.identify(headers.get(b"authorization"), ())
+    if tenant < 0:
+      gate.unknown += 1
+      raise ServingError(Code.UNAUTHENTICATED, "no tenant has this token: send the header"
+                         " 'Authorization: Bearer <token>' with a tenant's token")
+    gate.current.set(tenant)
 
   async def _read_body(self, receive: Callable, headers: dict[bytes, bytes]) -> bytes:
     """The whole request body (refused early when Content-Length is over the limit)."""

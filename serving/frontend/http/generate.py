@@ -141,6 +141,8 @@ class Generation:
     if len(prompts) != 1:
       raise ServingError(Code.INVALID_ARGUMENT, "stream one prompt per request (text_input"
                          f" has {len(prompts)} elements)")
+    if (gate := self.servicer.tenant_gate) is not None:  # --tenants: a prompt is 1 row
+      gate.admit(1, 0)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     rt, tracing = self._trace(req, time.perf_counter()), self.servicer.tracing

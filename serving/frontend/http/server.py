@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import ssl
 from typing import Callable
 
 from serving.frontend.auth import check_token
@@ -35,6 +36,7 @@ class HttpConfig:
   port: int = 8000  # 0: any free port
   tls_cert_file: str | None = None  # PEM chain; with tls_key_file: HTTPS
   tls_key_file: str | None = None
+  tls_client_ca_file: str | None = None  # PEM CA bundle: HTTPS clients need a certificate it signed
   auth_token: str | None = dataclasses.field(default=None, repr=False)
   max_body_bytes: int = 64 << 20
   graceful_s: float = 5.0  # at stop: how long open connections may take to finish
@@ -153,6 +155,7 @@ class HttpFrontend:
     self.routes = Routes(servicer, is_ready)
     self.app = HttpApp(self.routes.lookup, auth_token=config.auth_token,
                        max_body_bytes=config.max_body_bytes)
+    self.app.tenants = servicer.tenant_gate  # --tenants: identified by bearer token
     self.port: int | None = None
     self._server = None
     self._socket: socket.socket | None = None
@@ -161,6 +164,15 @@ class HttpFrontend:
   @property
   def scheme(self) -> str:
     return "https" if self.config.tls_cert_file else "http"
+
+  def _tls(self, unix_socket: str | None) -> dict:
+    """uvicorn's TLS settings: none behind the native server (it terminates HTTPS itself)."""
+    cfg = self.config
+    if unix_socket is not None or cfg.tls_cert_file is None:
+      return {}
+    ca = cfg.tls_client_ca_file
+    return {"ssl_certfile": cfg.tls_cert_file, "ssl_keyfile": cfg.tls_key_file,
+            "ssl_ca_certs": ca, "ssl_cert_reqs": ssl.CERT_REQUIRED if ca else ssl.CERT_NONE}
 
   async def start(self, unix_socket: str | None = None) -> int:
     """Binds (host:port, or the private `unix_socket` the native HTTP server relays to) and
@@ -171,7 +183,7 @@ class HttpFrontend:
     ucfg = uvicorn.Config(
         self.app, host=cfg.host, port=cfg.port, http=coalescing_protocol_class(cfg.read_timeout_s),
         ws="none", lifespan="off", interface="asgi3", log_config=None, access_log=False,
-        proxy_headers=False, server_header=False, ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file,
+        proxy_headers=False, server_header=False, **self._tls(unix_socket),
         timeout_graceful_shutdown=max(1, round(cfg.graceful_s)),
         timeout_keep_alive=cfg.idle_timeout_s if cfg.idle_timeout_s > 0 else 1e9)
     ucfg.load()  # the TLS context (a bad certificate fails here) and the protocol class

@@ -1,5 +1,6 @@
 // The native front ends' security: TLS credentials for the gRPC port (grpc++'s file-watching
-// certificate provider, so a renewed certificate needs no restart), and the bearer token check:
+// certificate provider, so a renewed certificate needs no restart; with a client CA, mutual
+// TLS), and the bearer token check:
 // the first gRPC authorization header, or an HTTP request's one Authorization header, must be
 // "Bearer <token>" (as in serving/frontend/auth.py), compared in constant time.
 
@@ -41,13 +42,20 @@ bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token)
 }
 
 std::shared_ptr<grpc::ServerCredentials> Credentials(const std::string& cert_file,
-                                                     const std::string& key_file, int reload_s) {
+                                                     const std::string& key_file, int reload_s,
+                                                     const std::string& client_ca) {
   if (cert_file.empty()) return grpc::InsecureServerCredentials();
+  // With a client CA the same provider watches it too: a renewed CA bundle needs no restart.
   auto certs = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-      key_file, cert_file, unsigned(std::max(1, reload_s)));
+      key_file, cert_file, client_ca, unsigned(std::max(1, reload_s)));
   grpc::experimental::TlsServerCredentialsOptions options(certs);
   options.watch_identity_key_cert_pairs();
-  options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  if (client_ca.empty()) {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {  // mutual TLS: no handshake completes without a certificate the CA signed
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
   return grpc::experimental::TlsServerCredentials(options);
 }
 

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "row_queue.h"
+#include "tenants.h"
 
 namespace xlaserve::native {
 namespace {
@@ -105,6 +106,19 @@ std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> bucke
       ParseSpecs(inputs), ParseSpecs(outputs), instances);
 }
 
+// A tenant table from serving/frontend/tenants.py Tenant.native() tuples.
+std::shared_ptr<Tenants> MakeTenants(const py::list& specs) {
+  std::vector<TenantSpec> out;
+  for (auto s : specs) {
+    auto t = s.cast<py::tuple>();
+    out.push_back(TenantSpec{t[0].cast<std::string>(), t[1].cast<std::vector<std::string>>(),
+                             t[2].cast<std::vector<std::string>>(), t[3].cast<double>(),
+                             t[4].cast<double>(), t[5].cast<double>(), t[6].cast<double>(),
+                             t[7].cast<int64_t>()});
+  }
+  return std::make_shared<Tenants>(std::move(out));
+}
+
 }  // namespace
 }  // namespace xlaserve::native
 
@@ -123,7 +137,7 @@ PYBIND11_MODULE(_native, m) {
            py::arg("max_tensor_bytes"), py::arg("token"), py::arg("id_prefix"),
            py::arg("threads"))
       .def("set_tls", &Frontend::SetTls, py::arg("cert_file"), py::arg("key_file"),
-           py::arg("reload_s"))
+           py::arg("reload_s"), py::arg("client_ca") = "")
       .def("start", &Frontend::Start, py::call_guard<py::gil_scoped_release>())
       .def("start_http", &Frontend::StartHttp, py::arg("host"), py::arg("port"),
            py::arg("backend"), py::arg("read_timeout_s"), py::arg("idle_timeout_s"),
@@ -137,8 +151,28 @@ PYBIND11_MODULE(_native, m) {
       .def("take", &Frontend::Take)
       .def("complete", &Frontend::Complete)
       .def("forward", &Frontend::Forward)
+      .def("set_tenants", &Frontend::SetTenants)
       .def("inflight", &Frontend::Inflight)
       .def("stats", &Frontend::Stats);
+  // The same methods as serving/frontend/tenants.py TenantTable.
+  py::class_<Tenants, std::shared_ptr<Tenants>>(m, "Tenants")
+      .def(py::init(&MakeTenants))
+      .def("identify", [](const Tenants& t, py::object auth, std::vector<std::string> ids) {
+        std::string a = auth.is_none() ? std::string() : auth.cast<std::string>();
+        return t.Identify(a, !auth.is_none(), ids);
+      })
+      .def("admit", &Tenants::Admit, py::call_guard<py::gil_scoped_release>())
+      .def("index", &Tenants::Index)
+      .def("name", [](const Tenants& t, int i) { return t.spec(i).name; })
+      .def("priority", [](const Tenants& t, int i) { return t.spec(i).priority; })
+      .def("stats", [](Tenants& t) {
+        py::dict d;
+        auto counts = t.Counts();
+        for (size_t i = 0; i < counts.size(); ++i) {
+          d[py::str(t.spec(int(i)).name)] = py::make_tuple(counts[i].first, counts[i].second);
+        }
+        return d;
+      });
   py::class_<RowBatch, std::shared_ptr<RowBatch>>(m, "RowBatch")
       .def_property_readonly("bucket", [](const RowBatch& b) { return b.bucket; })
       .def_property_readonly("rows", [](const RowBatch& b) { return b.rows; })

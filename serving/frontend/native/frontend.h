@@ -61,6 +61,7 @@ struct TraceInfo {
 double MonoNow();
 
 class RowQueue;    // row_queue.h
+class Tenants;    // tenants.h
 class HttpServer;  // http.h
 
 // -- model table -------------------------------------------------------------------------------
@@ -125,9 +126,11 @@ bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t
 bool BearerMatches(std::string_view value, const std::string& token);
 
 // Plaintext without a certificate file; else TLS from the chain and key files, re-read every
-// `reload_s` seconds (a renewed certificate serves new connections without a restart).
+// `reload_s` seconds (a renewed certificate serves new connections without a restart); with a
+// client CA bundle (also re-read), mutual TLS: clients must present a certificate it signed.
 std::shared_ptr<grpc::ServerCredentials> Credentials(const std::string& cert_file,
-                                                     const std::string& key_file, int reload_s);
+                                                     const std::string& key_file, int reload_s,
+                                                     const std::string& client_ca);
 
 // Whether the call carries the bearer token (constant-time compare); an empty token: always.
 bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token);
@@ -218,6 +221,7 @@ struct Call final : Responder {
   bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
   int trace = -1;  // tracing: the head decision (1: sampled, traced; 0: not; -1: none taken)
   bool shadow = false;  // relayed by a canary split for shadow scoring (kShadowMarker)
+  int tenant = -1;  // with tenants: its tenant (-1: not yet decided, or none)
   double trace_t0 = 0;  // when it was decided (its first message read)
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
@@ -250,10 +254,11 @@ class Frontend {
 
   // Serve TLS (before Start): the certificate chain and key files, re-read every `reload_s`
   // seconds, so a renewed certificate takes effect without a restart.
-  void SetTls(std::string cert_file, std::string key_file, int reload_s) {
+  void SetTls(std::string cert_file, std::string key_file, int reload_s, std::string client_ca) {
     tls_cert_ = std::move(cert_file);
     tls_key_ = std::move(key_file);
     tls_reload_s_ = reload_s;
+    tls_client_ca_ = std::move(client_ca);  // "": no client certificates asked for
   }
 
   // Serves HTTP on host:port natively, relaying what it does not serve to the Python HTTP
@@ -278,6 +283,12 @@ class Frontend {
   void DecideTrace(Call* c);  // a ModelInfer's head decision (c->trace), when tracing
   std::unique_ptr<TraceInfo> TraceOf(Call* c);  // a sampled call's trace record, else null
   bool Accepting() const { return accepting_; }
+  // Tenants and quotas (before Start): every ModelInfer is charged to its tenant (tenants.h).
+  void SetTenants(std::shared_ptr<Tenants> t) { tenants_ = std::move(t); }
+  Tenants* tenants() const { return tenants_.get(); }
+  // Charges a parsed ModelInfer of `rows` to its tenant: true when refused over quota (answered
+  // RESOURCE_EXHAUSTED; call->mu held); else `priority` becomes its tenant's (tenants.cc).
+  bool OverQuota(Call* c, int64_t rows, int64_t* priority);
 
   // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
   // (None). Each item: (call, slot, rows, buffer, offsets, arrival, deadline, priority, id).
@@ -333,7 +344,7 @@ class Frontend {
   std::string backend_;
   int64_t max_message_bytes_, max_rows_, max_tensor_bytes_;
   std::string token_, id_prefix_;
-  std::string tls_cert_, tls_key_;
+  std::string tls_cert_, tls_key_, tls_client_ca_;
   int tls_reload_s_ = 60;
   int threads_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -362,6 +373,7 @@ class Frontend {
   bool QueueNative(Call* c, const Model& m, const Fast& f);
   std::atomic<uint64_t> request_ids_{1};
   std::unique_ptr<HttpServer> http_;
+  std::shared_ptr<Tenants> tenants_;
 };
 
 }  // namespace xlaserve::native

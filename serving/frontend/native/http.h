@@ -11,10 +11,13 @@
 //   http_conn.cc    one client connection: framing, keep-alive, answers, read timeout;
 //   http_relay.cc   the relay of a request, and the tunnel, to the Python server;
 //   http_server.cc  the listener, the epoll loops, stop;
-//   http_infer.cc   the fast path: the JSON header (RapidJSON), validation, the response.
+//   http_infer.cc   the fast path: the JSON header (RapidJSON), validation, the response;
+//   http_tls.cc     HTTPS (OpenSSL) with the gRPC port's certificate files, re-read as they change.
 
 #ifndef XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_
 #define XLASERVE_SERVING_FRONTEND_NATIVE_HTTP_H_
+
+#include <openssl/ssl.h>
 
 #include <cctype>
 
@@ -28,6 +31,29 @@ struct HttpOptions {
   double idle_timeout_s = 60.0;  // a keep-alive connection idle this long is closed (0: never)
   int64_t max_body_bytes = 64 << 20;
   int threads = 1;               // epoll loops
+  // HTTPS (http_tls.cc): the certificate chain and key (empty: plain HTTP), the client CA bundle
+  // (set: client certificates required), and how often to check the files for a renewal.
+  std::string tls_cert, tls_key, tls_client_ca;
+  int tls_reload_s = 60;
+};
+
+// The TLS context new connections get; swapped whole when the files change (live connections
+// keep the one they began with: OpenSSL counts its references).
+class HttpTls {
+ public:
+  HttpTls(const HttpOptions& opts, SSL_CTX* ctx);
+  ~HttpTls();
+  static std::unique_ptr<HttpTls> Create(const HttpOptions& opts, std::string* error);
+  SSL* NewSsl(int fd);          // a server-side session over the connected socket `fd`
+  void MaybeReload(double now);  // loop 0's timer: re-reads the files once they changed
+
+ private:
+  std::string Stamp() const;
+  HttpOptions opts_;
+  std::mutex mu_;
+  SSL_CTX* ctx_;
+  std::string stamp_;
+  double next_check_ = 0;
 };
 
 // A request head parsed in place: views into the bytes it was parsed from.
@@ -100,7 +126,9 @@ struct HttpCall final : Responder {
 std::unique_ptr<TraceInfo> HttpTrace(const HttpHead& h, std::string id, double t_start);
 
 // A response with a JSON body: Triton's {"error": message} with the status its code maps to.
-std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close);
+// `status` > 0 overrides the mapping (429: a tenant over its quota).
+std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close,
+                              int status = 0);
 
 // One client connection, served by one epoll loop; answers may come from any thread.
 class Conn : public std::enable_shared_from_this<Conn> {
@@ -108,6 +136,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   Conn(HttpServer* s, int epfd, int fd);
   ~Conn();
   void Register();  // starts watching the client's socket
+  void SetSsl(SSL* ssl) { ssl_ = ssl; }  // HTTPS: its TLS session (owned), before Register
   void OnEvent(bool backend, uint32_t events);  // its loop's thread
   void Finish(const std::string& response, bool close);  // the request in progress is answered
   void Tick(double now);  // the loop's timer: the read and idle timeouts
@@ -128,6 +157,11 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void ForwardResponse(std::string_view data);
   void Interest();
   void Close();
+  // The client's bytes, through TLS when the server serves HTTPS (http_tls.cc): as recv/send,
+  // -1 with errno EAGAIN when TLS must wait for the socket.
+  ssize_t ClientRecv(char* buf, size_t n);
+  ssize_t ClientSend(const char* data, size_t n);
+  bool TlsPending() const { return ssl_ != nullptr && SSL_pending(ssl_) > 0; }
   bool Flushed() const { return out_off_ >= out_.size(); }  // nothing left to write
   // Between requests: nothing received, nothing in progress, nothing to write.
   bool Quiet() const { return state_ == kIdle && in_.empty() && Flushed(); }
@@ -145,6 +179,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
   bool continued_ = false, close_ = false, close_after_ = false, resp_started_ = false;
   bool connecting_ = false, backend_write_done_ = false;
   std::atomic<bool> dead_{false};
+  SSL* ssl_ = nullptr;           // HTTPS: the connection's TLS session (null: plain HTTP)
+  bool tls_want_write_ = false;  // a TLS read waits for the socket to take the handshake's bytes
 };
 
 class HttpServer {
@@ -189,6 +225,7 @@ class HttpServer {
   double accept_paused_until_ = 0;  // out of descriptors: accepting resumes then (loop 0)
   std::atomic<bool> stopping_{false}, stop_loops_{false};
   std::atomic<int64_t> inflight_{0}, fast_{0}, shed_{0};
+  std::unique_ptr<HttpTls> tls_;  // HTTPS; null: plain HTTP
 };
 
 }  // namespace xlaserve::native

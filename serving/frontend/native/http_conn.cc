@@ -30,6 +30,7 @@ Conn::Conn(HttpServer* s, int epfd, int fd)
 }
 
 Conn::~Conn() {
+  if (ssl_ != nullptr) SSL_free(ssl_);
   if (bfd_ >= 0) ::close(bfd_);
   ::close(fd_);
   server_->connections_--;
@@ -51,12 +52,13 @@ void Conn::OnEvent(bool backend, uint32_t events) {
   if (backend) {
     OnBackend(events);
   } else {
+    if (tls_want_write_ && (events & EPOLLOUT)) events |= EPOLLIN;  // the handshake goes on
     if (events & EPOLLOUT) Flush();
     if (!dead_ && (events & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
       char buf[16 << 10];
       size_t got = 0;
-      while (!dead_ && got < kReadChunk) {
-        ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+      while (!dead_ && (got < kReadChunk || TlsPending())) {  // TLS: nothing left in OpenSSL
+        ssize_t n = ClientRecv(buf, sizeof(buf));
         if (n > 0) {
           got += size_t(n);
           last_active_ = MonoNow();
@@ -191,7 +193,7 @@ bool Conn::Send(std::string_view data) {
     out_.clear();
     out_off_ = 0;
     while (!data.empty()) {
-      ssize_t n = ::send(fd_, data.data(), data.size(), MSG_NOSIGNAL);
+      ssize_t n = ClientSend(data.data(), data.size());
       if (n > 0) {
         data.remove_prefix(size_t(n));
         continue;
@@ -208,7 +210,7 @@ bool Conn::Send(std::string_view data) {
 
 void Conn::Flush() {
   while (out_off_ < out_.size()) {
-    ssize_t n = ::send(fd_, out_.data() + out_off_, out_.size() - out_off_, MSG_NOSIGNAL);
+    ssize_t n = ClientSend(out_.data() + out_off_, out_.size() - out_off_);
     if (n > 0) {
       out_off_ += size_t(n);
       continue;
@@ -233,7 +235,7 @@ void Conn::Interest() {
                                  : kMaxHead;
     if (state_ == kTunnel ? bout_.size() < kHighWater : in_.size() < cap) want |= EPOLLIN;
   }
-  if (unsent > 0) want |= EPOLLOUT;
+  if (unsent > 0 || tls_want_write_) want |= EPOLLOUT;
   if (want != cmask_) {
     epoll_event ev{};
     ev.events = want;

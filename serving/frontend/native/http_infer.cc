@@ -15,6 +15,7 @@
 
 #include "http.h"
 #include "row_queue.h"
+#include "tenants.h"
 
 namespace xlaserve::native {
 namespace {
@@ -144,6 +145,7 @@ const char* Reason(int status) {
     case 400: return "Bad Request";
     case 401: return "Unauthorized";
     case 404: return "Not Found";
+    case 429: return "Too Many Requests";
     case 500: return "Internal Server Error";
     default: return "Service Unavailable";
   }
@@ -177,14 +179,16 @@ std::string Head(int status, const char* type, size_t length, size_t header_len,
 
 }  // namespace
 
-std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close) {
+std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close,
+                              int status) {
   rapidjson::StringBuffer sb;
   rapidjson::Writer<rapidjson::StringBuffer> w(sb);
   w.StartObject();
   w.Key("error");
   w.String(message.data(), rapidjson::SizeType(message.size()));
   w.EndObject();
-  std::string out = Head(StatusOf(grpc_code), "application/json", sb.GetSize(), 0, close);
+  std::string out = Head(status > 0 ? status : StatusOf(grpc_code), "application/json",
+                         sb.GetSize(), 0, close);
   out.append(sb.GetString(), sb.GetSize());
   return out;
 }
@@ -198,7 +202,11 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   }
   double t_start = MonoNow();
   if (fe_->Tracing()) call.trace = fe_->TraceDecision(h.Get("traceparent"));
-  int n = 0;
+  int n = 0, tenant = -1;
+  if (Tenants* ts = fe_->tenants()) {  // a tenant's token, or Python refuses it (401)
+    std::string_view auth = h.Get("authorization", &n);
+    if (n > 1 || (tenant = ts->Identify(auth, n == 1, {})) < 0) return FastResult::kRelay;
+  }
   if (!fe_->token().empty()) {
     std::string_view auth = h.Get("authorization", &n);
     if (n != 1 || !BearerMatches(auth, fe_->token())) return FastResult::kRelay;
@@ -232,6 +240,15 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
       !MatchOutputs(r, *m, &call.out_index) || rows == 0) {
     return FastResult::kRelay;
   }
+  int64_t priority = kDefaultPriority;
+  if (tenant >= 0) {
+    std::string over = fe_->tenants()->Admit(tenant, rows, MonoNow());
+    if (!over.empty()) {
+      *answer = HttpErrorResponse(8, over, h.close, 429);
+      return FastResult::kAnswered;
+    }
+    priority = EffectivePriority(priority, fe_->tenants()->spec(tenant).priority);
+  }
   call.server = this;
   call.model = m;
   call.model_name.assign(name);
@@ -244,7 +261,7 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   std::string why;
   auto base = reinterpret_cast<const uint8_t*>(body.data());
   auto trace = call.trace == 1 ? HttpTrace(h, call.LogId(), t_start) : nullptr;
-  switch (m->queue->AddNative(&call, base, rows, offsets, now, deadline, int64_t(1) << 30, &why,
+  switch (m->queue->AddNative(&call, base, rows, offsets, now, deadline, priority, &why,
                               std::move(trace))) {
     case AddResult::kQueued:
       fast_++;

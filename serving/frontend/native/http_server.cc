@@ -54,7 +54,8 @@ int Frontend::StartHttp(const std::string& host, int port, const std::string& ba
                         int threads) {
   if (http_) throw std::runtime_error("the native HTTP front end is already started");
   auto server = std::make_unique<HttpServer>(
-      this, HttpOptions{backend, read_timeout_s, idle_timeout_s, max_body_bytes, threads});
+      this, HttpOptions{backend, read_timeout_s, idle_timeout_s, max_body_bytes, threads,
+                        tls_cert_, tls_key_, tls_client_ca_, tls_reload_s_});
   std::string error;
   int bound = server->Start(host, port, &error);
   if (bound == 0) {
@@ -70,6 +71,7 @@ HttpServer::HttpServer(Frontend* fe, HttpOptions opts) : fe_(fe), opts_(std::mov
 HttpServer::~HttpServer() { Stop(0.0); }
 
 int HttpServer::Start(const std::string& host, int port, std::string* error) {
+  if (!opts_.tls_cert.empty() && !(tls_ = HttpTls::Create(opts_, error))) return 0;
   listen_fd_ = Listen(host, port, error);
   if (listen_fd_ < 0) return 0;
   sockaddr_storage addr{};
@@ -117,7 +119,13 @@ void HttpServer::Accept() {
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     Loop* l = loops_[next_loop_++ % loops_.size()].get();
+    SSL* ssl = tls_ ? tls_->NewSsl(fd) : nullptr;
+    if (tls_ && ssl == nullptr) {  // never plaintext on an HTTPS port
+      ::close(fd);
+      continue;
+    }
     auto c = std::make_shared<Conn>(this, l->epfd, fd);
+    c->SetSsl(ssl);
     {
       std::lock_guard<std::mutex> g(l->mu);
       l->conns[c.get()] = c;
@@ -147,6 +155,7 @@ void HttpServer::Run(Loop* loop) {
     double now = MonoNow();
     if (now - last_tick < kTick) continue;
     last_tick = now;
+    if (tls_ && loop == loops_[0].get()) tls_->MaybeReload(now);
     if (loop == loops_[0].get() && accept_paused_until_ > 0 && now >= accept_paused_until_ &&
         listen_fd_ >= 0) {
       accept_paused_until_ = 0;

@@ -13,14 +13,9 @@
 
 #include "http.h"  // the destructor ends the HTTP server
 #include "row_queue.h"
+#include "tenants.h"
 
 namespace xlaserve::native {
-
-double MonoNow() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 namespace {
 
@@ -60,7 +55,7 @@ int Frontend::Start(const std::string& address) {
   stub_ = std::make_unique<grpc::GenericStub>(channel_);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(address, Credentials(tls_cert_, tls_key_, tls_reload_s_), &port);
+  builder.AddListeningPort(address, Credentials(tls_cert_, tls_key_, tls_reload_s_, tls_client_ca_), &port);
   builder.SetMaxReceiveMessageSize(int(std::min<int64_t>(max_message_bytes_, INT32_MAX)));
   builder.SetMaxSendMessageSize(int(std::min<int64_t>(max_message_bytes_, INT32_MAX)));
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -272,6 +267,7 @@ void Frontend::Spawn(grpc::ServerCompletionQueue* cq) {
 bool Frontend::TryFast(Call* c) {
   if (std::string_view(c->sctx.method()) != kInferMethod || !accepting_) return false;
   if (!Authorized(c->sctx, token_)) return false;
+  if (tenants_ && (c->tenant = tenants_->Of(c->sctx)) < 0) return false;  // Python refuses it
   if (!c->in.Valid() || !c->in.TrySingleSlice(&c->message).ok()) {
     if (!c->in.Valid() || !c->in.DumpToSingleSlice(&c->message).ok()) return false;
   }
@@ -284,6 +280,8 @@ bool Frontend::TryFast(Call* c) {
   int64_t rows = -1;
   if (!MatchInputs(r, *m, msg, max_rows_, max_tensor_bytes_, &f.offsets, &rows)) return false;
   if (!MatchOutputs(r, *m, &c->out_index) || (m->queue && rows == 0)) return false;
+  int64_t priority = r.priority > 0 ? r.priority : (int64_t(1) << 30);
+  if (tenants_ && OverQuota(c, rows, &priority)) return true;
   // Deadline: the earliest of the gRPC deadline, Triton's timeout and the model's default.
   double now = MonoNow();
   double deadline = -1;
@@ -305,7 +303,7 @@ bool Frontend::TryFast(Call* c) {
   f.rows = rows;
   f.arrival = now;
   f.deadline = deadline;
-  f.priority = r.priority > 0 ? r.priority : (int64_t(1) << 30);
+  f.priority = priority;
   if (m->queue) return QueueNative(c, *m, f);
   f.request_id = r.id.empty() ? id_prefix_ + "-" + std::to_string(request_ids_++)
                               : std::string(r.id);

@@ -10,6 +10,7 @@
 
 #include "frontend.h"
 #include "http.h"
+#include "tenants.h"
 
 namespace xlaserve::native {
 
@@ -167,7 +168,7 @@ void Call::StartRelay(bool have_first) {
     std::string key(k.data(), k.size());
     if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" ||
         key == "te" || key == "content-type" || key == "host" || key == kTraceMarker ||
-        key == kShadowMarker) {
+        key == kShadowMarker || key == kTenantMarker) {
       continue;
     }
     bool valid = true;
@@ -179,6 +180,10 @@ void Call::StartRelay(bool have_first) {
   }
   if (trace >= 0) cctx->AddMetadata(std::string(kTraceMarker), trace ? "1" : "0");
   if (shadow) cctx->AddMetadata(std::string(kShadowMarker), "1");
+  if (Tenants* ts = fe->tenants()) {  // the tenant it identified (a certificate's, too)
+    if (tenant < 0) tenant = ts->Of(sctx);
+    if (tenant >= 0) cctx->AddMetadata(std::string(kTenantMarker), ts->spec(tenant).name);
+  }
   cstream = fe->stub()->PrepareCall(cctx.get(), std::string(sctx.method()), cq);
   if (!cstream) {
     cstatus = grpc::Status(grpc::StatusCode::UNAVAILABLE, "internal relay unavailable");

@@ -7,12 +7,19 @@
 // with the decision ("x-xlaserve-trace: 1" or "0", any client-sent marker dropped), so Python
 // traces it without drawing again.
 
+#include <ctime>
 #include <random>
 
 #include "http.h"
 #include "row_queue.h"
 
 namespace xlaserve::native {
+
+double MonoNow() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 namespace {
 
 bool LowerHex(std::string_view s) {

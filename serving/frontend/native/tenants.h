@@ -1,0 +1,76 @@
+// Tenants and their quotas in C++ (tenants.cc): the same identification and token buckets as
+// serving/frontend/tenants.py (TenantTable), checked against the same table of cases
+// (tests/serving/frontend/tenant_cases.py). The gRPC and HTTP fast paths decide a request's
+// tenant and charge its buckets here, after parsing, where its rows are known; Python's relayed
+// path charges the same object through its binding, so every path shares one set of buckets.
+
+#ifndef XLASERVE_SERVING_FRONTEND_NATIVE_TENANTS_H_
+#define XLASERVE_SERVING_FRONTEND_NATIVE_TENANTS_H_
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace grpc {
+class GenericServerContext;
+}
+
+namespace xlaserve::native {
+
+// One tenant as Python parsed it; a rate of 0 means no bucket; priority 0: the request's own.
+struct TenantSpec {
+  std::string name;
+  std::vector<std::string> tokens, identities;
+  double requests_per_s = 0, requests_burst = 0, rows_per_s = 0, rows_burst = 0;
+  int64_t priority = 0;
+};
+
+inline constexpr int64_t kDefaultPriority = int64_t(1) << 30;  // a request without a priority
+inline constexpr std::string_view kTenantMarker = "x-xlaserve-tenant";  // relay -> Python
+
+// A request's priority under its tenant's (tenants.py effective_priority).
+int64_t EffectivePriority(int64_t requested, int64_t tenant_priority);
+
+class Tenants {
+ public:
+  explicit Tenants(std::vector<TenantSpec> specs);
+
+  // The tenant of a bearer Authorization value (has_auth: one was sent), else of the first of
+  // the peer's certificate names that is a tenant's; -1 for none. Tokens compared in constant time.
+  int Identify(std::string_view authorization, bool has_auth,
+               const std::vector<std::string>& identities) const;
+  // A gRPC call's tenant: its first authorization header, else its client certificate's CN and
+  // SANs (mutual TLS); -1 for none.
+  int Of(const grpc::GenericServerContext& ctx) const;
+  // Charges one request of `rows` at `now` (seconds, CLOCK_MONOTONIC): "" admitted, else why
+  // not (nothing charged). Thread-safe.
+  std::string Admit(int tenant, int64_t rows, double now);
+  int Index(std::string_view name) const;
+  const TenantSpec& spec(int tenant) const { return specs_[size_t(tenant)]; }
+  size_t size() const { return specs_.size(); }
+  // Per tenant: (requests admitted, requests refused over quota).
+  std::vector<std::pair<int64_t, int64_t>> Counts();
+
+ private:
+  struct Bucket {
+    double rate = 0, burst = 0, tokens = 0, last = 0;
+    bool primed = false;
+    void Refill(double now);
+  };
+  struct State {
+    Bucket requests, rows;
+    int64_t admitted = 0, over = 0;
+  };
+  std::vector<TenantSpec> specs_;
+  std::vector<std::pair<std::string, int>> tokens_;  // token, tenant
+  std::unordered_map<std::string, int> ids_, index_;
+  std::mutex mu_;
+  std::vector<State> states_;
+};
+
+}  // namespace xlaserve::native
+
+#endif  // XLASERVE_SERVING_FRONTEND_NATIVE_TENANTS_H_
