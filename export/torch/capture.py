@@ -121,16 +121,17 @@ def program(ep: Any) -> Program:
   if bad_outputs:
     raise ValueError(f"the program mutates state ({bad_outputs}): export the model in eval mode")
   gm = copy.deepcopy(ep.graph_module)
-  nodes = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+  # Placeholders follow the signature's input specs in order (a copied graph may rename them).
+  nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
   params, placeholders, inputs = {}, {}, []
-  for spec in sig.input_specs:
+  for node, spec in zip(nodes, sig.input_specs, strict=True):
     name = spec.arg.name
     if spec.kind == InputKind.USER_INPUT:
-      inputs.append(_input(name, nodes[name].meta.get("val")))
-      placeholders[name] = ("input", name)
+      inputs.append(_input(name, node.meta.get("val")))
+      placeholders[node.name] = ("input", name)
     elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
       params[spec.target] = _lifted(ep, spec)
-      placeholders[name] = ("param", spec.target)
+      placeholders[node.name] = ("param", spec.target)
     else:
       raise UnsupportedOperatorError(f"input {name!r} of kind {spec.kind.name} does not lower")
   rewrites = bags.rewrite_padded_bags(gm.graph)
