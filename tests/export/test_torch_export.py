@@ -157,3 +157,19 @@ def test_xlaserve_export_torch_writes_a_bundle_from_a_pt2_archive(tmp_path, caps
                    str(tmp_path / "repo")]) == 2
   assert "dynamic batch" in capsys.readouterr().err
   assert not (tmp_path / "repo" / "fixed").exists()
+
+
+def test_an_onnx_operator_without_a_lowering_fails_the_export_naming_it(tmp_path):
+  pytest.importorskip("jaxonnxruntime")
+  from export.onnx_export import export_onnx
+
+  class Remainder(torch.nn.Module):
+    def forward(self, ids):
+      return ids % 7
+
+  onnx_file = tmp_path / "mod.onnx"
+  torch.onnx.export(Remainder(), (torch.randint(0, 50, (2, 3)),), str(onnx_file), dynamo=False,
+                    input_names=["ids"], dynamic_axes={"ids": {0: "batch"}})
+  with pytest.raises(UnsupportedOperatorError, match="Mod"):
+    export_onnx(onnx_file, repository=tmp_path, name="mod")
+  assert not (tmp_path / "mod").exists()

@@ -1,4 +1,4 @@
-"""PyTorch models exported with `export.torch.export_torch`, served by `xlaserve serve` (a real
+"""PyTorch models exported with `export.torch.export_torch` (and one through ONNX), served by `xlaserve serve` (a real
 server process over gRPC, unmodified tritonclient) and compared with torch eager on the same
 rows: across bucket boundaries and requests split over batches. The server process never loads
 torch. Tolerance (float32, CPU): rtol 1e-5, atol 1e-6.
@@ -19,6 +19,7 @@ from clientutil import assert_served_like, infer  # noqa: E402
 from demo.torch_models import (TorchCtrConfig, TorchDCNv2, TorchDLRM,  # noqa: E402
                                TorchEncoderScorer, ctr_inputs, token_inputs)
 from export import ExportConfig, read_manifest  # noqa: E402
+from export.onnx_export import export_onnx  # noqa: E402
 from export.torch import export_torch  # noqa: E402
 from procutil import serve  # noqa: E402
 
@@ -47,6 +48,15 @@ def served(tmp_path_factory):
   for name, (model, rows) in models.items():
     export_torch(model, rows(3, seed=0), repository=repo, name=name, output_names=["score"],
                  config=ExportConfig(batch_buckets=BUCKETS))
+  # The DCN again through ONNX (torch's TorchScript-based ONNX exporter, then jaxonnxruntime).
+  dcn, rows = models["torch_dcn"]
+  onnx_file = repo.parent / "dcn.onnx"
+  torch.onnx.export(dcn.eval(), rows(3, seed=0), str(onnx_file), dynamo=False,
+                    input_names=["dense", "sparse"], output_names=["score"],
+                    dynamic_axes={"dense": {0: "batch"}, "sparse": {0: "batch"}})
+  export_onnx(onnx_file, repository=repo, name="onnx_dcn",
+              config=ExportConfig(batch_buckets=BUCKETS))
+  models["onnx_dcn"] = models["torch_dcn"]
   proc = serve(["--model-repository", str(repo), "--grpc-port", "0", "--http-port", "-1",
                 "--metrics-port", "-1", "--compile-cache", "none"])
   try:
@@ -61,7 +71,7 @@ def _eager(model: torch.nn.Module, **inputs: np.ndarray) -> dict[str, np.ndarray
     return {"score": model(*(torch.from_numpy(v) for v in inputs.values())).numpy()}
 
 
-@pytest.mark.parametrize("name", ["torch_dlrm", "torch_dcn", "torch_encoder"])
+@pytest.mark.parametrize("name", ["torch_dlrm", "torch_dcn", "torch_encoder", "onnx_dcn"])
 def test_served_equals_torch_eager(served, name):
   proc, models, repo = served
   model, rows = models[name]
