@@ -14,7 +14,6 @@ import logging
 import operator
 from typing import Any
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 

@@ -136,27 +136,36 @@ def test_cuda_artifacts_run_the_lookups_on_the_embedding_bag_kernel(tmp_path, mo
   assert TRITON not in cpu.mlir_module()
 
 
-def test_xlaserve_export_torch_writes_a_bundle_from_a_pt2_archive(tmp_path, capsys):
+def test_export_torch_command_writes_a_bundle_from_a_pt2_archive(tmp_path, capsys):
   torch.manual_seed(0)
   model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
   batch = torch.export.Dim("batch", min=1)
   torch.export.save(torch.export.export(model, (torch.randn(3, 4),),
                                         dynamic_shapes=({0: batch},)), tmp_path / "m.pt2")
   torch.export.save(torch.export.export(model, (torch.randn(3, 4),)), tmp_path / "fixed.pt2")
-  ok = subprocess.run(
-      [sys.executable, "-m", "serving.cli", "export-torch", str(tmp_path / "m.pt2"), "--name",
-       "mlp", "--repository", str(tmp_path / "repo"), "--batch-buckets", "1,4",
-       "--output-names", "logits"],
-      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=child_env())
-  assert ok.returncode == 0, ok.stderr
+  repo = str(tmp_path / "repo")
+  assert cli.main([str(tmp_path / "m.pt2"), "--name", "mlp", "--repository", repo,
+                   "--batch-buckets", "1,4", "--output-names", "logits"]) == 0
+  assert capsys.readouterr().out.strip().endswith("mlp/1")
   manifest = read_manifest(tmp_path / "repo" / "mlp" / "1")
-  assert ok.stdout.strip().endswith("mlp/1") and manifest.batch_buckets == (1, 4)
+  assert manifest.batch_buckets == (1, 4) and manifest.extra["source"] == "torch"
   assert [o.name for o in manifest.signatures["serve"].outputs] == ["logits"]
-  # The same command in process: an archive captured without a dynamic batch is refused.
-  assert cli.main([str(tmp_path / "fixed.pt2"), "--name", "fixed", "--repository",
-                   str(tmp_path / "repo")]) == 2
+  # An archive captured without a dynamic batch is refused, nothing written.
+  assert cli.main([str(tmp_path / "fixed.pt2"), "--name", "fixed", "--repository", repo]) == 2
   assert "dynamic batch" in capsys.readouterr().err
   assert not (tmp_path / "repo" / "fixed").exists()
+
+
+def test_xlaserve_hands_export_torch_to_the_exporter_process():
+  """`xlaserve export-torch` runs `python -m export.torch.cli`: its own flags and help."""
+  out = subprocess.run([sys.executable, "-m", "serving.cli", "export-torch", "--help"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                       env=child_env())
+  assert out.returncode == 0, out.stderr
+  assert "usage: xlaserve export-torch" in out.stdout and "--batch-buckets" in out.stdout
+  assert "export-torch" in subprocess.run(
+      [sys.executable, "-m", "serving.cli", "--help"], capture_output=True, text=True,
+      timeout=120, cwd=REPO_ROOT, env=child_env()).stdout
 
 
 def test_an_onnx_operator_without_a_lowering_fails_the_export_naming_it(tmp_path):
