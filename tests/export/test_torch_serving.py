@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 torch = pytest.importorskip("torch")
 
-from clientutil import assert_served_like, infer  # noqa: E402
+from clientutil import assert_served_like, call_concurrently, infer  # noqa: E402
 from demo.torch_models import (TorchCtrConfig, TorchDCNv2, TorchDLRM,  # noqa: E402
                                TorchEncoderScorer, ctr_inputs, token_inputs)
 from export import ExportConfig, read_manifest  # noqa: E402
@@ -80,6 +80,18 @@ def test_served_equals_torch_eager(served, name):
   with tc.InferenceServerClient(proc.address) as client:
     assert assert_served_like(client, name, cases, lambda **kw: _eager(model, **kw),
                               rtol=RTOL, atol=ATOL) == len(ROWS)
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(served):
+  proc, models, _ = served
+  model, rows = models["torch_dlrm"]
+  cases = [tuple(t.numpy() for t in rows(n, seed=100 + i)) for i, n in enumerate(
+      [1, 2, 3, 5, 7, 9, 11, 13, 15, 20, 2, 1])]
+  got = call_concurrently(proc.address, lambda c, d, s: infer(
+      c, "torch_dlrm", {"dense": d, "sparse": s}, ["score"])["score"], cases)
+  for (d, s), g in zip(cases, got):
+    np.testing.assert_allclose(g, _eager(model, dense=d, sparse=s)["score"], rtol=RTOL,
+                               atol=ATOL)
 
 
 def test_manifest_records_the_torch_source_and_the_kernel_rewrites(served):
