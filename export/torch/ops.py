@@ -207,6 +207,23 @@ def _copy(dst, src, non_blocking=False):
   return jnp.broadcast_to(src, dst.shape).astype(dst.dtype)
 
 
+def _sort(x, dim=-1, descending=False, stable=False):
+  idx = jnp.argsort(x, axis=dim, stable=True, descending=descending)
+  return jnp.take_along_axis(x, idx, axis=dim), idx
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+  return jnp.where(x * beta > threshold, x, jnp.log1p(jnp.exp(x * beta)) / beta)
+
+
+def _elu(x, alpha=1.0, scale=1.0, input_scale=1.0):
+  return scale * jnp.where(x > 0, x, alpha * jnp.expm1(x * input_scale))
+
+
+def _unbind(x, dim=0):
+  return [_select(x, dim, i) for i in range(x.shape[dim])]
+
+
 def _nothing(*args, **kwargs):
   """Run-time checks and no-ops of the captured graph (shapes are checked by jax.export)."""
   return None
@@ -240,8 +257,8 @@ _BINARY = {
 _OVERLOADS = ("Tensor", "Scalar", "Tensor_Tensor", "Tensor_Scalar", "default")
 
 
-def _table() -> dict[str, Callable[..., Any]]:
-  """Every op name the translator lowers (built on call: nothing is built at import)."""
+def _elementwise_ops() -> dict[str, Callable[..., Any]]:
+  """Element-wise math, every overload (Tensor, Scalar, ...) of each."""
   t: dict[str, Callable[..., Any]] = {}
   for name, fn in _ELEMENTWISE.items():
     t[f"aten.{name}.default"] = fn
@@ -254,7 +271,12 @@ def _table() -> dict[str, Callable[..., Any]]:
       t[f"aten.{name}.{ov}"] = _binary(fn)
   t["aten.rsub.Scalar"] = t["aten.rsub.Tensor"] = lambda a, b, alpha=1: b - a * alpha
   t["aten.div.Tensor_mode"] = t["aten.div.Scalar_mode"] = _div
-  t.update({
+  return t
+
+
+def _layout_ops() -> dict[str, Callable[..., Any]]:
+  """Shapes, indexing, copies, checks and tensor creation."""
+  return {
       # shapes and layout
       "aten.view.default": lambda x, s: jnp.reshape(x, tuple(s)),
       "aten._unsafe_view.default": lambda x, s: jnp.reshape(x, tuple(s)),
@@ -271,6 +293,9 @@ def _table() -> dict[str, Callable[..., Any]]:
           x, idx, axis=dim),
       "aten.index_select.default": lambda x, dim, idx: jnp.take(x, idx, axis=dim),
       "aten.flip.default": lambda x, dims: jnp.flip(x, tuple(dims)),
+      "aten.unbind.int": _unbind,
+      "aten.masked_fill.Scalar": lambda x, mask, v: jnp.where(mask, jnp.asarray(v, x.dtype), x),
+      "aten.masked_fill.Tensor": lambda x, mask, v: jnp.where(mask, v.astype(x.dtype), x),
       # copies, casts and checks
       "aten.clone.default": _IDENTITY, "aten.alias.default": _IDENTITY,
       "aten.lift_fresh_copy.default": _IDENTITY, "aten.detach.default": _IDENTITY,
@@ -285,9 +310,16 @@ def _table() -> dict[str, Callable[..., Any]]:
       "aten.scalar_tensor.default": lambda v, *, dtype=None: jnp.asarray(v, dtype or np.float32),
       "aten.arange.start_step": _arange, "aten.arange.default": _arange,
       "aten.arange.start": _arange,
+  }
+
+
+def _math_ops() -> dict[str, Callable[..., Any]]:
+  """Linear algebra, reductions, activations, normalisation, Python's operators on sizes."""
+  return {
       # linear algebra
       "aten.mm.default": jnp.matmul, "aten.bmm.default": jnp.matmul,
       "aten.addmm.default": lambda c, a, b, *, beta=1, alpha=1: beta * c + alpha * (a @ b),
+      "aten.baddbmm.default": lambda c, a, b, *, beta=1, alpha=1: beta * c + alpha * (a @ b),
       # reductions
       "aten.sum.dim_IntList": _reduce(jnp.sum), "aten.mean.dim": _reduce(jnp.mean),
       "aten.sum.default": lambda x, *, dtype=None: jnp.sum(x, dtype=dtype),
@@ -298,11 +330,14 @@ def _table() -> dict[str, Callable[..., Any]]:
       "aten.prod.dim_int": _reduce(jnp.prod),
       "aten.max.dim": _max_dim, "aten.min.dim": _min_dim, "aten.argmax.default": _argmax,
       "aten.var.correction": _var, "aten.cumsum.default": _cumsum, "aten.topk.default": _topk,
+      "aten.sort.default": _sort, "aten.sort.stable": _sort,
+      "aten.max.default": jnp.max, "aten.min.default": jnp.min,
       # activations and normalisation
       "aten.clamp.default": _clamp, "aten.clamp.Tensor": _clamp,
       "aten.clamp_min.default": lambda x, m: jnp.maximum(x, m),
       "aten.clamp_max.default": lambda x, m: jnp.minimum(x, m),
       "aten.where.self": jnp.where, "aten.gelu.default": _gelu,
+      "aten.softplus.default": _softplus, "aten.elu.default": _elu,
       "aten.hardtanh.default": lambda x, lo=-1.0, hi=1.0: jnp.clip(x, lo, hi),
       "aten.leaky_relu.default": lambda x, slope=0.01: jax.nn.leaky_relu(x, slope),
       "aten._softmax.default": lambda x, dim, half_to_float=False: jax.nn.softmax(x, axis=dim),
@@ -316,9 +351,12 @@ def _table() -> dict[str, Callable[..., Any]]:
       "operator.add": operator.add, "operator.sub": operator.sub,
       "operator.floordiv": operator.floordiv, "operator.mod": operator.mod,
       "operator.neg": operator.neg,
-  })
-  t.update(bags.BAG_OPS)
-  return t
+  }
+
+
+def _table() -> dict[str, Callable[..., Any]]:
+  """Every op name the translator lowers (built on call: nothing is built at import)."""
+  return {**_elementwise_ops(), **_layout_ops(), **_math_ops(), **bags.BAG_OPS}
 
 
 def op_name(target: Any) -> str:

@@ -62,7 +62,12 @@ class Zoo(torch.nn.Module):
     g = torch.gather(h, 1, (k % 6)[:, None])  # [B, 1]
     pad = torch.nn.functional.pad(h[:, 1:4], (1, 2), value=0.5)
     cond = torch.where(h > 0, h, torch.zeros_like(h)).cumsum(dim=1)
-    out = torch.cat([soft, pad, cond.clamp(max=3.0), g, top, idx.float()], dim=1)
+    srt, order = torch.sort(h[:, :4], dim=1, descending=True)
+    a, b, *_ = torch.unbind(h.reshape(-1, 3, 2), dim=1)  # [B, 2] each
+    smooth = torch.nn.functional.softplus(a) + torch.nn.functional.elu(b)
+    filled = h.masked_fill(h < -0.5, 0.25) * h.max()
+    out = torch.cat([soft, pad, cond.clamp(max=3.0), g, top, idx.float(), srt, order.float(),
+                     smooth, filled], dim=1)
     return out / (1.0 + h.var(dim=1, keepdim=True)), (k // 2) % 3
 
 
