@@ -90,7 +90,7 @@ class TorchDCNv2(nn.Module):
 
 
 class TorchEncoderScorer(nn.Module):
-  """token_ids [B, S] int64 (right-padded), lengths [B] int64 -> score [B, 1].
+  """token_ids [B, S] int64 (right-padded, S <= seq), lengths [B] int64 -> score [B, 1].
 
   Token + position embeddings, a pre-built `nn.TransformerEncoder` with a key padding mask,
   the mean of the valid positions, a linear head and a sigmoid.
@@ -107,7 +107,8 @@ class TorchEncoderScorer(nn.Module):
 
   def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     pad = torch.arange(token_ids.shape[1])[None, :] >= lengths[:, None]  # [B, S]
-    h = self.encoder(self.tokens(token_ids) + self.positions[None], src_key_padding_mask=pad)
+    positions = self.positions[: token_ids.shape[1]][None]  # any length up to `seq`
+    h = self.encoder(self.tokens(token_ids) + positions, src_key_padding_mask=pad)
     valid = (~pad).to(h.dtype)[..., None]  # [B, S, 1]
     pooled = (h * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
     return torch.sigmoid(self.head(pooled))

@@ -36,9 +36,16 @@ class Program:
   torch_version: str
 
 
-def capture(module: Any, example_inputs: Sequence[Any]) -> Any:
+def capture(module: Any, example_inputs: Sequence[Any], *,
+            seq_dims: Mapping[str, int] | None = None, max_seq: int | None = None) -> Any:
   """`torch.export` of `module` (in eval mode, no grad) with a dynamic first dimension on every
-  input (`program` decomposes it). The example batch must be >= 2 (torch specialises a 1)."""
+  input (`program` decomposes it). The example batch must be >= 2 (torch specialises a 1).
+
+  seq_dims: forward argument name -> its sequence dimension (dynamic too, up to `max_seq`;
+  served at the sequence buckets, one artifact per bucket).
+  """
+  import inspect
+
   import torch
 
   args = tuple(example_inputs)
@@ -46,12 +53,19 @@ def capture(module: Any, example_inputs: Sequence[Any]) -> Any:
     if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] < 2:
       raise ValueError(f"example input {i} must be a tensor with a batch (first) dimension >= 2;"
                        " torch.export specialises a batch of 1 to a constant")
+  names = list(inspect.signature(module.forward).parameters)[:len(args)]
+  unknown = sorted(set(seq_dims or {}) - set(names))
+  if unknown:
+    raise ValueError(f"seq_dims names {unknown}, not arguments of forward {names}")
   batch = torch.export.Dim("batch", min=1)
+  seq = torch.export.Dim("seq", min=2, max=max_seq) if seq_dims else None
+  dynamic = tuple({0: batch, **({seq_dims[n]: seq} if n in (seq_dims or {}) else {})}
+                  for n in names)
   was_training = module.training
   module.eval()
   try:
     with torch.no_grad():
-      ep = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+      ep = torch.export.export(module, args, dynamic_shapes=dynamic)
   finally:
     module.train(was_training)
   return ep
@@ -78,12 +92,8 @@ def _input(name: str, val: Any) -> Input:
   if not shape or not isinstance(shape[0], torch.SymInt):
     raise ValueError(f"input {name!r} has a fixed first dimension {shape[:1]}: capture with a"
                      " dynamic batch (torch.export dynamic_shapes={0: Dim('batch')})")
-  rest = []
-  for i, d in enumerate(shape[1:], 1):
-    if not isinstance(d, int):
-      raise ValueError(f"input {name!r} dimension {i} is dynamic ({d}): only the batch (first)"
-                       " dimension may vary; pad to a fixed length")
-    rest.append(d)
+  # Any other dynamic dimension is the sequence: served at the sequence buckets.
+  rest = [d if isinstance(d, int) else "seq" for d in shape[1:]]
   return Input(name, str(val.dtype).removeprefix("torch."), ("batch", *rest))
 
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="version to write (default: one past the newest in the repository)")
   p.add_argument("--batch-buckets", type=_ints, default=DEFAULT_BATCH_BUCKETS,
                  help="comma-separated batch sizes the server compiles (default: %(default)s)")
+  p.add_argument("--seq-buckets", type=_ints, default=(),
+                 help="comma-separated sequence lengths to serve at, for a program with a"
+                 " dynamic dimension besides the batch (one artifact per length)")
   p.add_argument("--platforms", type=_names, default=("cpu",),
                  help="comma-separated platforms to write StableHLO for: cpu, cuda, rocm, tpu"
                  " (default: cpu)")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
   from export.torch.ops import UnsupportedOperatorError
 
   try:
-    config = ExportConfig(batch_buckets=args.batch_buckets, platforms=args.platforms,
+    config = ExportConfig(batch_buckets=args.batch_buckets, seq_buckets=args.seq_buckets,
+                          platforms=args.platforms,
                           max_queue_delay_us=args.max_queue_delay_us)
     program = torch.export.load(args.program)
     path = export_torch(program, repository=args.repository, name=args.name,

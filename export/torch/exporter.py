@@ -23,9 +23,12 @@ from export.torch.lower import lowered
 logger = logging.getLogger(__name__)
 
 
-def torch_program(model: Any, example_inputs: Sequence[Any] | None = None) -> Program:
-  """The lowerable `Program` of a `torch.nn.Module` (captured on `example_inputs`) or of an
-  `ExportedProgram` (e.g. `torch.export.load("model.pt2")`, captured with a dynamic batch)."""
+def torch_program(model: Any, example_inputs: Sequence[Any] | None = None, *,
+                  seq_dims: Mapping[str, int] | None = None,
+                  max_seq: int | None = None) -> Program:
+  """The lowerable `Program` of a `torch.nn.Module` (captured on `example_inputs`; `seq_dims`
+  as `capture`) or of an `ExportedProgram` (e.g. `torch.export.load("model.pt2")`, captured
+  with a dynamic batch, and a dynamic dimension for any sequence)."""
   import torch
 
   if isinstance(model, torch.export.ExportedProgram):
@@ -36,7 +39,7 @@ def torch_program(model: Any, example_inputs: Sequence[Any] | None = None) -> Pr
     raise TypeError(f"model must be a torch.nn.Module or an ExportedProgram, got {type(model)}")
   if example_inputs is None:
     raise ValueError("example_inputs are needed to capture a torch.nn.Module")
-  return program(capture(model, example_inputs))
+  return program(capture(model, example_inputs, seq_dims=seq_dims, max_seq=max_seq))
 
 
 def export_torch(
@@ -47,17 +50,22 @@ def export_torch(
     name: str,
     version: int | None = None,
     output_names: Sequence[str] | None = None,
+    seq_dims: Mapping[str, int] | None = None,
     config: ExportConfig = ExportConfig(),
     extra: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
   """Writes `<repository>/<name>/<version>/` from a torch model and returns its path.
 
   Inputs are named after `forward`'s arguments; their first dimension is the batch (bucketed),
-  the others are fixed at the example's sizes. Outputs are named by `output_names` (default
+  the others are fixed at the example's sizes except `seq_dims` (argument name -> dimension),
+  which vary up to the largest of `config.seq_buckets` and are served at those buckets. Outputs are named by `output_names` (default
   "output", or "output_<i>" for several). Raises `UnsupportedOperatorError` naming every
   operator the translator cannot lower, before anything is written.
   """
-  prog = torch_program(model, example_inputs)
+  if seq_dims and not config.seq_buckets:
+    raise ValueError("seq_dims needs ExportConfig.seq_buckets (the lengths to serve at)")
+  prog = torch_program(model, example_inputs, seq_dims=seq_dims,
+                       max_seq=max(config.seq_buckets) if seq_dims else None)
   params = {k: jnp.asarray(v) for k, v in prog.params.items()}
   info = {"source": "torch", "torch_version": prog.torch_version,
           "embedding_bags_on_kernel": prog.bag_rewrites, **(extra or {})}

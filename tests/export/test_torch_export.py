@@ -187,3 +187,34 @@ def test_an_onnx_operator_without_a_lowering_fails_the_export_naming_it(tmp_path
   with pytest.raises(UnsupportedOperatorError, match="Mod"):
     export_onnx(onnx_file, repository=tmp_path, name="mod")
   assert not (tmp_path / "mod").exists()
+
+
+def test_a_sequence_dimension_is_exported_per_sequence_bucket(tmp_path):
+  """seq_dims: the token dimension varies; each sequence bucket gets its artifact, and a
+  shorter request padded up to its bucket scores like torch eager on the unpadded rows."""
+  from bundle import restore_params
+  from demo.torch_models import TorchEncoderScorer, token_inputs
+
+  torch.manual_seed(0)
+  model = TorchEncoderScorer(vocab=50, seq=16, dim=8, heads=2, layers=1)
+  ids, lengths = token_inputs(3, vocab=50, seq=10)
+  path = export_torch(model, (ids, lengths), repository=tmp_path, name="enc",
+                      seq_dims={"token_ids": 1},
+                      config=ExportConfig(batch_buckets=(1, 4), seq_buckets=(8, 16)))
+  manifest = read_manifest(path)
+  sig = manifest.signatures["serve"]
+  assert [(t.name, t.dims) for t in sig.inputs] == [("token_ids", ("batch", "seq")),
+                                                   ("lengths", ("batch",))]
+  params = restore_params(path, manifest)
+  model.eval()
+  for length, bucket in ((5, 8), (8, 8), (13, 16)):
+    ids, lengths = token_inputs(4, vocab=50, seq=length, seed=length)
+    padded = np.zeros((4, bucket), np.int32)
+    padded[:, :length] = ids.numpy()
+    exp = jax.export.deserialize(bytearray(
+        (path / find_artifact(sig.artifacts, "cpu", batch=4, seq=bucket)).read_bytes()))
+    got = exp.call(params, {"token_ids": padded, "lengths": lengths.numpy().astype(np.int32)})
+    with torch.no_grad():
+      want = model(ids, lengths).numpy()
+    np.testing.assert_allclose(np.asarray(got["output"]), want, rtol=RTOL, atol=ATOL,
+                               err_msg=f"length {length} in bucket {bucket}")
