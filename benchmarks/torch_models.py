@@ -9,7 +9,8 @@ For each model (demo/torch_models.py at its default sizes, random weights):
 2. Raw: the converted function under jax.jit, torch eager (no_grad) and torch.compile'd, each
    called back to back at every batch size of the buckets: rows/s.
 3. Served: `xlaserve serve` in a subprocess over the bundle, driven over gRPC by
-   benchmarks/loadgen.py with `--request-rows`-row requests at saturation (closed loop): rows/s.
+   the load generator (benchmarks/native_loadgen.cc when it builds, else benchmarks/loadgen.py)
+   with `--request-rows`-row requests at saturation (closed loop): rows/s.
 Prints a table and writes torch_models.json to --out. Needs torch (the test extra).
 """
 
@@ -26,7 +27,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks.loadgen import build_request, format_table, run_load  # noqa: E402
+from benchmarks import loadgen, native_loadgen  # noqa: E402
+from benchmarks.loadgen import build_request, format_table  # noqa: E402
 
 BUCKETS = (1, 8, 32, 128, 256)
 
@@ -97,7 +99,8 @@ def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float
 
 
 def served_rate(repo: pathlib.Path, name: str, rows: Callable[[int], tuple[Any, ...]],
-                request_rows: int, seconds: float) -> tuple[float, float, float]:
+                request_rows: int, seconds: float, run_load: Callable[..., Any]
+                ) -> tuple[float, float, float]:
   """(rows/s at saturation, p50 ms, load s) of `xlaserve serve` over the bundle."""
   from procutil import serve
 
@@ -137,6 +140,9 @@ def main() -> None:
   from export.torch import export_torch
 
   torch.set_num_threads(args.torch_threads)
+  binary, why = native_loadgen.available()
+  run_load = native_loadgen.run_load if binary else loadgen.run_load
+  say(f"load generator: {'native (C++)' if binary else f'python ({why.splitlines()[0]})'}")
   say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cpus {os.cpu_count()};"
       f" load average {os.getloadavg()[0]:.1f}")
   results, table = {}, []
@@ -152,7 +158,8 @@ def main() -> None:
                    config=ExportConfig(batch_buckets=BUCKETS))
       export_s = time.perf_counter() - t0
       say(f"{name}: served")
-      served, p50, load_s = served_rate(repo, name, rows, args.request_rows, args.seconds)
+      served, p50, load_s = served_rate(repo, name, rows, args.request_rows, args.seconds,
+                                        run_load)
     best = lambda k: max(raw[k].values())  # noqa: E731
     results[name] = {"raw": raw, "served_rows_per_s": served, "served_p50_ms": p50,
                      "export_s": export_s, "capture_s": capture_s, "server_load_s": load_s,
