@@ -255,7 +255,18 @@ def serve(args: argparse.Namespace) -> int:
   return multihost.finish() if multihost else 0
 
 
+def _export_torch(argv: list[str]) -> int:
+  """`xlaserve export-torch ...` runs the exporter in its own process: serving never imports
+  `export` or torch, and the exporter's flags and --help are its own (export/torch/cli.py)."""
+  import subprocess
+
+  return subprocess.call([sys.executable, "-m", "export.torch.cli", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["export-torch"]:
+    return _export_torch(argv[1:])
   args = build_parser().parse_args(argv)
   if args.command == "serve":
     return serve(args)

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
   update_cli.add_parser(sub)
   profile_cli.add_parser(sub)
   shadow_cli.add_parser(sub)
+  sub.add_parser(  # handed whole to `python -m export.torch.cli` (serving never imports export)
+      "export-torch", add_help=False,
+      help="write a bundle from a torch.export archive (MODEL.pt2); see"
+      " `xlaserve export-torch --help` for its flags")
   return parser
 
 

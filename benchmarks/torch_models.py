@@ -1,0 +1,178 @@
+"""PyTorch models converted by export.torch: served rows/s against the raw jitted converted
+function, torch eager and torch.compile, on the same cores in one run.
+
+  python benchmarks/torch_models.py [--models dlrm,dcn,encoder] [--seconds 3] [--out DIR]
+
+For each model (demo/torch_models.py at its default sizes, random weights):
+1. Compile: export_torch (capture + lowering + jax.export) and the server's load (every bucket
+   compiled) timed; torch.compile's first call (its compile) timed too.
+2. Raw: the converted function under jax.jit, torch eager (no_grad) and torch.compile'd, each
+   called back to back at every batch size of the buckets: rows/s.
+3. Served: `xlaserve serve` in a subprocess over the bundle, driven over gRPC by
+   the load generator (benchmarks/native_loadgen.cc when it builds, else benchmarks/loadgen.py)
+   with `--request-rows`-row requests at saturation (closed loop): rows/s.
+Prints a table and writes torch_models.json to --out. Needs torch (the test extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks import loadgen, native_loadgen  # noqa: E402
+from benchmarks.loadgen import build_request, format_table  # noqa: E402
+
+BUCKETS = (1, 8, 32, 128, 256)
+
+
+def say(msg: str) -> None:
+  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def models() -> dict[str, tuple[Any, Callable[[int], tuple[Any, ...]]]]:
+  """name -> (torch module, rows(n) -> example inputs)."""
+  import torch
+  from demo.torch_models import (TorchCtrConfig, TorchDCNv2, TorchDLRM, TorchEncoderScorer,
+                                 ctr_inputs, token_inputs)
+
+  torch.manual_seed(0)
+  cfg = TorchCtrConfig()
+  return {
+      "dlrm": (TorchDLRM(cfg), lambda n: ctr_inputs(cfg, n, bags=True)),
+      "dcn": (TorchDCNv2(cfg), lambda n: ctr_inputs(cfg, n, bags=False)),
+      "encoder": (TorchEncoderScorer(), lambda n: token_inputs(n)),
+  }
+
+
+def rate(fn: Callable[[], Any], rows: int, seconds: float, windows: int = 3) -> float:
+  """rows/s of `fn` called back to back: the best of `windows` windows splitting `seconds`
+  (after two warm-up calls), so a busy shared machine's pauses count against no method."""
+  fn(), fn()
+  best = 0.0
+  for _ in range(windows):
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / windows:
+      fn()
+      n += 1
+    best = max(best, n * rows / (time.perf_counter() - t0))
+  return best
+
+
+def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float
+              ) -> tuple[dict[str, dict[int, float]], float, float]:
+  """({"jax": ..., "eager": ..., "compile": ...} bucket -> rows/s, export s, torch.compile s)."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from export.torch import lowered, torch_program
+
+  t0 = time.perf_counter()
+  prog = torch_program(model, rows(4))
+  capture_s = time.perf_counter() - t0
+  fn = jax.jit(lowered(prog))
+  params = {k: jnp.asarray(v) for k, v in prog.params.items()}
+  model.eval()
+  compiled = torch.compile(model)
+  out: dict[str, dict[int, float]] = {"jax": {}, "eager": {}, "compile": {}}
+  compile_s = float("nan")
+  for b in BUCKETS:
+    xs = rows(b)
+    ins = {i.name: jnp.asarray(x.numpy()) for i, x in zip(prog.inputs, xs)}
+    out["jax"][b] = rate(lambda: jax.block_until_ready(fn(params, ins)), b, seconds)
+    with torch.no_grad():
+      out["eager"][b] = rate(lambda: model(*xs), b, seconds)
+      t0 = time.perf_counter()
+      compiled(*xs)
+      if b == BUCKETS[0]:
+        compile_s = time.perf_counter() - t0
+      out["compile"][b] = rate(lambda: compiled(*xs), b, seconds)
+    say(f"  bucket {b}: " + ", ".join(f"{k} {v[b]:.0f} rows/s" for k, v in out.items()))
+  return out, capture_s, compile_s
+
+
+def served_rate(repo: pathlib.Path, name: str, rows: Callable[[int], tuple[Any, ...]],
+                request_rows: int, seconds: float, run_load: Callable[..., Any]
+                ) -> tuple[float, float, float]:
+  """(rows/s at saturation, p50 ms, load s) of `xlaserve serve` over the bundle."""
+  from procutil import serve
+
+  t0 = time.perf_counter()
+  proc = serve(["--model-repository", str(repo), "--grpc-port", "0", "--http-port", "-1",
+                "--metrics-port", "-1", "--compile-cache", "none"], timeout=600)
+  load_s = time.perf_counter() - t0
+  try:
+    from bundle import read_manifest
+    names = [t.name for t in read_manifest(repo / name / "1").signatures["serve"].inputs]
+    payload = build_request(name, dict(zip(names, (x.numpy() for x in rows(request_rows)))))
+    run_load(proc.address, payload, rows_per_request=request_rows, concurrency=8,
+             duration=1.0)  # warm
+    res = run_load(proc.address, payload, rows_per_request=request_rows, concurrency=16,
+                   duration=seconds)
+    if res.errors:
+      raise RuntimeError(f"served {name}: errors {res.errors}")
+    return res.rows_per_s, res.pct_ms(50), load_s
+  finally:
+    proc.kill()
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="dlrm,dcn,encoder")
+  p.add_argument("--seconds", type=float, default=3.0)
+  p.add_argument("--request-rows", type=int, default=128)
+  p.add_argument("--torch-threads", type=int, default=1,
+                 help="torch's intra-op threads (torch.set_num_threads). On a busy shared"
+                 " machine torch's OpenMP pool stalls on every op when a thread is descheduled"
+                 " (measured here: 60 ms per 8-row DCN call at 2 threads); 1 avoids it")
+  p.add_argument("--out", default="bench_out")
+  args = p.parse_args()
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+  import torch
+  from export import ExportConfig
+  from export.torch import export_torch
+
+  torch.set_num_threads(args.torch_threads)
+  binary, why = native_loadgen.available()
+  run_load = native_loadgen.run_load if binary else loadgen.run_load
+  say(f"load generator: {'native (C++)' if binary else f'python ({why.splitlines()[0]})'}")
+  say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cpus {os.cpu_count()};"
+      f" load average {os.getloadavg()[0]:.1f}")
+  results, table = {}, []
+  for name, (model, rows) in models().items():
+    if name not in args.models.split(","):
+      continue
+    say(f"{name}: raw rates")
+    raw, capture_s, compile_s = raw_rates(model, rows, args.seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+      repo = pathlib.Path(tmp)
+      t0 = time.perf_counter()
+      export_torch(model, rows(4), repository=repo, name=name, output_names=["score"],
+                   config=ExportConfig(batch_buckets=BUCKETS))
+      export_s = time.perf_counter() - t0
+      say(f"{name}: served")
+      served, p50, load_s = served_rate(repo, name, rows, args.request_rows, args.seconds,
+                                        run_load)
+    best = lambda k: max(raw[k].values())  # noqa: E731
+    results[name] = {"raw": raw, "served_rows_per_s": served, "served_p50_ms": p50,
+                     "export_s": export_s, "capture_s": capture_s, "server_load_s": load_s,
+                     "torch_compile_s": compile_s}
+    table.append([name, served, best("jax"), best("eager"), best("compile"),
+                  served / best("compile"), export_s, load_s, compile_s])
+  print(format_table(["model", "served rows/s", "jax raw best", "torch eager best",
+                      "torch.compile best", "served/compile", "export s", "server load s",
+                      "torch.compile s"], table))
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "torch_models.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()
