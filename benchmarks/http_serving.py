@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from typing import Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTOCOLS = ("grpc", "http")
@@ -54,12 +55,13 @@ def free_port() -> int:
 
 
 def perf_analyzer(url: str, model: str, protocol: str, rows: int, concurrency: int,
-                  seconds: float) -> dict[str, float]:
-  """rows/s and p50/p99 latency (ms) of one perf_analyzer run."""
+                  seconds: float, extra: Sequence[str] = ()) -> dict[str, float]:
+  """rows/s and p50/p99 latency (ms) of one perf_analyzer run (`extra`: more of its flags)."""
   ms = str(int(seconds * 1000))
   cmd = ["bash", str(ROOT / "benchmarks/perf_analyzer.sh"), "-m", model, "-u", url,
          "-i", protocol, "-b", str(rows), "--concurrency-range", f"{concurrency}:{concurrency}",
-         "--measurement-interval", ms, "--stability-percentage", "100", "--max-trials", "6"]
+         "--measurement-interval", ms, "--stability-percentage", "100", "--max-trials", "6",
+         *extra]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + 10 * seconds, cwd=ROOT)
   text = out.stdout + out.stderr
   m = re.search(r"Throughput: ([\d.]+) infer/sec", text)
