@@ -160,3 +160,14 @@ def test_bag_blocks_shape_the_grid():
   [kernel] = lowering.triton_kernels(fn, S((26, 1000, 64), jnp.float32), S((100, 26, 32),
                                                                           jnp.int32))
   assert kernel.grid == (7, 26, 2)  # ceil(100 / 16) bag blocks, 26 features, 64 / 32 columns
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 4096, 4096), (256, 512, 1024), (4096, 1024, 1024)])
+def test_int4_default_blocks_compile_without_spills(m, k, n):
+  """int4_matmul's default block sizes (decode, small, large) fit an H100 with no spills."""
+  pytest.importorskip("triton", reason="the `triton` package (test extra) compiles Triton IR")
+  make, specs = _int4(m, k=k, n=n)
+  [kernel] = lowering.triton_kernels(make("pallas"), *specs)
+  compiled = lowering.compile_triton_kernel(kernel, arch=90)
+  assert compiled.registers <= H100_MAX_REGISTERS and compiled.stack_bytes == 0
+  assert compiled.shared_bytes <= H100_MAX_SHARED_BYTES
