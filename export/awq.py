@@ -69,6 +69,7 @@ class _Group:
   layers: tuple[Any, ...]
   fold: tuple[str, Any]
   sets: tuple[tuple[Any, str], ...]  # (parent, attribute) of each layer, to swap in Int4Dense
+  down: Any = None  # gate+up: the MLP's down layer, whose output the search inspects
 
 
 def calibration_tokens(lines: Sequence[str], seq_len: int,
@@ -87,7 +88,7 @@ def _groups(model: Any) -> list[_Group]:
   for i, block in enumerate(model.blocks):
     mlp = block.mlp
     groups.append(_Group(f"blocks/{i}/mlp/gate+up", (mlp.gate, mlp.up), ("norm", block.mlp_norm),
-                         ((mlp, "gate"), (mlp, "up"))))
+                         ((mlp, "gate"), (mlp, "up")), down=mlp.down))
     groups.append(_Group(f"blocks/{i}/mlp/down", (mlp.down,), ("dense", mlp.up),
                          ((mlp, "down"),)))
   if isinstance(model.head, Dense):
@@ -135,18 +136,35 @@ def _scaled_error(x: jax.Array, w: jax.Array, s: jax.Array, group_size: int) -> 
   return jnp.mean((jnp.dot(x / s[None, :], wq, precision=hi) - ref) ** 2)
 
 
-def search_scales(x: np.ndarray, w: jax.Array, config: AwqConfig) -> tuple[np.ndarray, float,
-                                                                          float, float]:
-  """Grid search over alpha for inputs x [rows, K] and weights w [K, N] -> (s, alpha, err, rtn)."""
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _mlp_error(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, s: jax.Array,
+               group_size: int) -> jax.Array:
+  """Mean squared error of the gated MLP's output with gate and up through int4 (down float):
+  llm-awq's `module2inspect=mlp`, so the search weighs errors as the MLP passes them on."""
+  hi = jax.lax.Precision.HIGHEST
+
+  def mlp(xx, wg, wu):
+    h = jax.nn.silu(jnp.dot(xx, wg, precision=hi)) * jnp.dot(xx, wu, precision=hi)
+    return jnp.dot(h, w_down, precision=hi)
+
+  q = lambda w: fake_quantize_int4(w * s[:, None], group_size)  # noqa: E731
+  return jnp.mean((mlp(x / s[None, :], q(w_gate), q(w_up)) - mlp(x, w_gate, w_up)) ** 2)
+
+
+def search_scales(x: np.ndarray, error: Callable[[jax.Array], jax.Array], config: AwqConfig
+                  ) -> tuple[np.ndarray, float, float, float]:
+  """Grid search over alpha for inputs x [rows, K] -> (s, alpha, error, error at s = 1 (RTN)).
+
+  `error(s)` is the output error of the group with int4 weights and input scales s [K].
+  """
   x_mean = np.maximum(np.abs(x).mean(axis=0), 1e-4)  # [K]
-  xj = jnp.asarray(x)
   best = None
-  rtn = float(_scaled_error(xj, w, jnp.ones(w.shape[0], jnp.float32), config.group_size))
+  rtn = float(error(jnp.ones(x.shape[1], jnp.float32)))
   alphas = [i / config.grid for i in range(config.grid)] if config.search else [0.0]
   for alpha in alphas:
     s = np.maximum(x_mean ** alpha, 1e-4)
     s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-    err = rtn if alpha == 0 else float(_scaled_error(xj, w, jnp.asarray(s), config.group_size))
+    err = rtn if alpha == 0 else float(error(jnp.asarray(s)))
     if best is None or err < best[2]:
       best = (s, alpha, err)
   return best[0], best[1], best[2], rtn
@@ -174,8 +192,13 @@ def quantize_decoder(model: Any, tokens: np.ndarray, config: AwqConfig = AwqConf
   groups = _groups(out)
   reports = []
   for g in groups:  # activations come from the float model: every fold is exact in float
-    w = jnp.concatenate([layer.kernel[...] for layer in g.layers], axis=1)  # per-column quant
-    s, alpha, err, rtn = search_scales(inputs[g.name], w, config)
+    x, gs = jnp.asarray(inputs[g.name]), config.group_size
+    ws = [layer.kernel[...] for layer in g.layers]
+    if g.down is not None:  # the MLP output (down float, not yet folded: this group goes first)
+      error = functools.partial(_mlp_error, x, *ws, g.down.kernel[...], group_size=gs)
+    else:  # per-column quantization: the layers' outputs side by side
+      error = functools.partial(_scaled_error, x, jnp.concatenate(ws, axis=1), group_size=gs)
+    s, alpha, err, rtn = search_scales(inputs[g.name], error, config)
     if alpha != 0:
       _fold(g, jnp.asarray(s))
     reports.append(LayerReport(g.name, alpha, err, rtn))
