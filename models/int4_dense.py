@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import kernel_impl
 from pallas_kernels.int4_matmul import int4_matmul
 from pallas_kernels.quantize_int4 import dequantize_int4, quantize_int4_packed, unpack_int4
 
@@ -57,7 +58,7 @@ class Int4Dense(nnx.Module):
         self.kernel_packed[...],  # [Kp/2, out] uint8
         self.kernel_scales[...],  # [Kp/G, out]
         self.kernel_zeros[...],  # [Kp/G, out] uint8
-        group_size=self.group_size, impl=self.impl)  # -> [M, out]
+        group_size=self.group_size, impl=kernel_impl(self.impl, x))  # -> [M, out]
     y = y.reshape(*lead, -1)
     if self.bias is not None:
       y = y + self.bias[...]
