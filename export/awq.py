@@ -4,7 +4,7 @@ Following mit-han-lab/llm-awq (`auto_scale.py`): run the float decoder over a sm
 set of generated ad text, record each quantized layer's input, and per group of layers that share
 an input grid-search the exponent alpha of per-input-channel scales s = mean|x|^alpha (normalized
 so sqrt(max(s) min(s)) = 1) that minimises the group's output error with int4 weights:
-||x W - (x / s) Q(diag(s) W)||^2. The 1/s is folded into the op before (exact in float), so
+||x W - (x / s) Q(diag(s) W)||^2, for gate/up measured at the MLP's output. The 1/s is folded into the op before (exact in float), so
 serving costs nothing extra: the MLP's gate and up rows scale with `mlp_norm`, the down rows with
 the up layer's columns (per-column scaling commutes with per-(group, column) int4 quantization),
 an untied head with `final_norm`. Then every such layer becomes a `models.int4_dense.Int4Dense`.
