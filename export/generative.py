@@ -86,6 +86,8 @@ class GenerativeExportConfig:
   decode_batch: int = 16
   kv_dtype: str = "float32"
   weights: str = "none"  # export.quantize name for the Dense layers (MLP, head): "none", "int8", ...
+  # ... or "awq" / "int4" (export/awq.py: int4 with per-group scales, AWQ-scaled or round-to-nearest)
+  int4_group_size: int = 128
   platforms: tuple[str, ...] = ("cpu",)
   train_steps: int = 150
   train_batch: int = 16
@@ -191,9 +193,11 @@ def export_generative(
   """Writes the bundle of `model` into `directory` (a `<repo>/<name>/<version>` folder)."""
   mc = model.config
   _check_fits(mc, config, tokenizer)
+  quant_extra: dict[str, Any] = {}
   if config.weights != "none":  # quantized Dense weights through the kernel dispatcher
-    from export.quantize import quantize_model
-    model = quantize_model(model, config.weights)
+    from export.awq import quantize_generate_weights
+    model, quant_extra = quantize_generate_weights(
+        model, config.weights, group_size=config.int4_group_size, seed=config.seed + 1)
   leaves, specs, rebuild = nnx_parts(model)
   param_structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   kv = cache_shapes(mc, num_pages=config.num_pages, page_size=config.page_size,
@@ -210,7 +214,7 @@ def export_generative(
       seq_buckets=seq_buckets, quantization=config.weights,
       code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
       extra={**_generate_extra(mc, config, kv, pages_per_seq, prefill_meta, tokenizer),
-             "extend": extend_meta, **(extra or {})})
+             "extend": extend_meta, **quant_extra, **(extra or {})})
   return bundle_lib.write_bundle(directory, manifest, leaves, artifacts)
 
 
@@ -357,11 +361,15 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--train-steps", type=int, default=None)
   p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
   p.add_argument("--platforms", default="cpu", help="comma-separated, e.g. cpu,cuda")
+  p.add_argument("--weights", default="none", help="dense (MLP, head) weights: none, int8, fp8,"
+                 " awq (int4, activation-aware scales) or int4 (round to nearest); see export/awq.py")
+  p.add_argument("--group-size", type=int, default=128, help="int4 group size along K")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
   config = getattr(GenerativeExportConfig, args.preset)()
   config = dataclasses.replace(
       config, kv_dtype=args.kv_dtype, platforms=tuple(args.platforms.split(",")),
+      weights=args.weights, int4_group_size=args.group_size,
       train_steps=config.train_steps if args.train_steps is None else args.train_steps)
   path = build_bundle(pathlib.Path(args.repo) / args.name / str(args.version),
                       model_config=getattr(DecoderConfig, args.preset)(), config=config,

@@ -8,6 +8,7 @@ from pallas_kernels.embedding_bag import (
     embedding_bag_reference,
 )
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.int4_matmul import int4_matmul, int4_matmul_reference
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.quantize import (
     dequantize_fp8_per_channel,

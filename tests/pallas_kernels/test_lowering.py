@@ -1,4 +1,4 @@
-"""CUDA lowering of quantized_matmul and embedding_bag on a machine without a GPU.
+"""CUDA lowering of quantized_matmul, int4_matmul and embedding_bag on a machine without a GPU.
 
 Each kernel must lower to the `__gpu$xla.gpu.triton` custom call (impl="pallas" and impl="auto"),
 its Triton IR must compile for sm_90 with the `triton` package (registers and shared memory within
@@ -19,6 +19,7 @@ import pytest
 from pallas_kernels import lowering
 from pallas_kernels.embedding_bag import BlockSizes as BagBlocks
 from pallas_kernels.embedding_bag import embedding_bag, embedding_bag_multi
+from pallas_kernels.int4_matmul import int4_matmul
 from pallas_kernels.quantized_matmul import BlockSizes as MatmulBlocks
 from pallas_kernels.quantized_matmul import quantized_matmul
 
@@ -32,6 +33,13 @@ def _matmul(mode, w_dtype, m=16, blocks=None):
   return fn, (S((m, 512), jnp.bfloat16), S((512, 256), w_dtype), S((256,), jnp.float32))
 
 
+def _int4(m, group_size=128, k=512, n=256):
+  fn = lambda impl: functools.partial(int4_matmul, group_size=group_size, impl=impl)
+  groups = k // group_size
+  return fn, (S((m, k), jnp.bfloat16), S((k // 2, n), jnp.uint8), S((groups, n), jnp.float32),
+              S((groups, n), jnp.uint8))
+
+
 def _bag_quantized(impl):
   return lambda t, i, s, o: embedding_bag(t, i, combiner="mean", scale=s, offset=o, impl=impl)
 
@@ -42,6 +50,8 @@ KERNELS = {
     "matmul_w8a8": (
         *_matmul("w8a8", jnp.int8, m=256, blocks=MatmulBlocks(128, 128, 64, num_warps=8)), 1),
     "matmul_fp8": (*_matmul("fp8", jnp.float8_e4m3fn, m=1), 1),
+    "matmul_int4_decode": (*_int4(1), 1),
+    "matmul_int4_g32": (*_int4(256, group_size=32), 1),
     "embedding_bag": (
         lambda impl: functools.partial(embedding_bag, impl=impl),
         (S((100_000, 64), jnp.float32), S((256, 32), jnp.int32)), 1),
@@ -66,7 +76,7 @@ def test_lowers_to_triton_for_cuda(name, impl):
   assert text.count(f"stablehlo.custom_call @{lowering.TRITON_CUSTOM_CALL}") == count
 
 
-@pytest.mark.parametrize("name", ["matmul_w8a8", "embedding_bag_uint8"])
+@pytest.mark.parametrize("name", ["matmul_w8a8", "matmul_int4_decode", "embedding_bag_uint8"])
 def test_xla_impl_and_cpu_lowering_have_no_kernel(name):
   make, specs, _ = KERNELS[name]
   assert lowering.TRITON_CUSTOM_CALL not in lowering.lower_for_cuda(make("xla"), *specs)
@@ -93,7 +103,7 @@ def _compiled(name):
 
 
 @pytest.mark.parametrize("name", ["matmul_w8a16", "matmul_w8a8", "matmul_fp8",
-                                  "embedding_bag_uint8"])
+                                  "matmul_int4_decode", "matmul_int4_g32", "embedding_bag_uint8"])
 def test_compiles_for_sm90(name):
   compiled = _compiled(name)
   assert compiled.cubin[:4] == b"\x7fELF"
@@ -150,3 +160,14 @@ def test_bag_blocks_shape_the_grid():
   [kernel] = lowering.triton_kernels(fn, S((26, 1000, 64), jnp.float32), S((100, 26, 32),
                                                                           jnp.int32))
   assert kernel.grid == (7, 26, 2)  # ceil(100 / 16) bag blocks, 26 features, 64 / 32 columns
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 4096, 4096), (256, 512, 1024), (4096, 1024, 1024)])
+def test_int4_default_blocks_compile_without_spills(m, k, n):
+  """int4_matmul's default block sizes (decode, small, large) fit an H100 with no spills."""
+  pytest.importorskip("triton", reason="the `triton` package (test extra) compiles Triton IR")
+  make, specs = _int4(m, k=k, n=n)
+  [kernel] = lowering.triton_kernels(make("pallas"), *specs)
+  compiled = lowering.compile_triton_kernel(kernel, arch=90)
+  assert compiled.registers <= H100_MAX_REGISTERS and compiled.stack_bytes == 0
+  assert compiled.shared_bytes <= H100_MAX_SHARED_BYTES
