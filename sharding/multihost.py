@@ -9,9 +9,10 @@ wait in `follower_loop`, receive, and call the same step. The number of distinct
 number of buckets, as in single-host serving.
 
 Waits: `initialize` bounds connecting to the coordinator; a follower blocked in a broadcast is
-released by the leader's `stop()`, or, if the leader dies, by the coordination service's
-heartbeat timeout (the process then exits). Call `keepalive()` on an idle leader if the
-collectives implementation has an idle timeout.
+released by the leader's `stop()`, or, if the leader dies, by the broken collective connection
+(or, in a group that is not `recoverable`, the coordination service's heartbeat timeout). The
+leader's `keepalive()` is a no-op round trip: it fails at once when a process is gone, which is
+how a serving leader notices a dead follower while idle (serving/multihost.py).
 """
 
 from __future__ import annotations
