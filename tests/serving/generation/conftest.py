@@ -55,3 +55,23 @@ def tiny_engine(tiny_bundle, compile_counter):
   engine = BundleEngine(tiny_bundle, compile_counter=compile_counter)
   yield engine
   engine.close()
+
+
+@pytest.fixture
+def service(tiny_engine):
+  """make(**ServiceConfig fields) -> a started GenerationService over the tiny engine; each is
+  stopped after the test, which then checks it left no request or KV page behind."""
+  from serving.generation.service import GenerationService, ServiceConfig
+
+  services = []
+
+  def make(**config):
+    svc = GenerationService(tiny_engine, config=ServiceConfig(max_waiting=1000, **config)).start()
+    services.append(svc)
+    return svc
+
+  yield make
+  for svc in services:
+    svc.stop(drain=False)
+    st = svc.stats()
+    assert st["running"] == st["waiting"] == st["kv_pages_used"] == 0, st

@@ -11,28 +11,11 @@ import pytest
 from genutil import Stream
 from models.decoder import greedy_reference, init_cache
 from serving.generation.request import GenerationRequest, SamplingParams
-from serving.generation.service import GenerationService, ServiceConfig
 
 EOS = 257
 # Float32 logits of a prompt prefilled in chunks vs in one shot (measured: ~2e-6).
 CHUNK_ATOL = 1e-4
 INSTRUCTION = b"Write one line of ad copy for this product. Product: "  # 53 bytes, 6 full pages
-
-
-@pytest.fixture
-def service(tiny_engine):
-  services = []
-
-  def make(**config):
-    svc = GenerationService(tiny_engine, config=ServiceConfig(max_waiting=1000, **config)).start()
-    services.append(svc)
-    return svc
-
-  yield make
-  for svc in services:
-    svc.stop(drain=False)
-    st = svc.stats()
-    assert st["running"] == st["waiting"] == st["kv_pages_used"] == 0, st
 
 
 def test_extend_in_chunks_equals_one_shot_prefill(tiny_model):

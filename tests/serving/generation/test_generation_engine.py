@@ -19,7 +19,7 @@ from genutil import Stream
 from models.decoder import greedy_reference
 from serving.generation.engine import BundleEngine
 from serving.generation.request import FinishReason, GenerationRequest, SamplingParams
-from serving.generation.service import GenerationService, ServiceConfig
+from serving.generation.service import GenerationService
 
 EOS = 257
 MAX_LEN = 128
@@ -37,22 +37,6 @@ def prompts(n: int, seed: int) -> list[bytes]:
       line = rng.choice(lines).encode()
       out.append(line[:rng.randint(1, len(line))])
   return out
-
-
-@pytest.fixture
-def service(tiny_engine):
-  services = []
-
-  def make(**config):
-    svc = GenerationService(tiny_engine, config=ServiceConfig(max_waiting=1000, **config)).start()
-    services.append(svc)
-    return svc
-
-  yield make
-  for svc in services:
-    svc.stop(drain=False)
-    st = svc.stats()
-    assert st["running"] == st["waiting"] == st["kv_pages_used"] == 0, st
 
 
 def test_manifest_records_what_the_engine_needs(tiny_bundle):
