@@ -5,7 +5,11 @@
 // grpc::GenericStub, so it needs no generated protobuf code, over `--channels` connections:
 //   closed loop: `--concurrency` requests always in flight;
 //   open loop:   `--rate` requests/s issued on a fixed schedule whatever the completions, with
-//                latency measured from the *scheduled* send time (coordinated omission shows).
+//                latency measured from the *scheduled* send time (coordinated omission shows);
+//   SUT mode:    `--sut 1`: a system under test for MLPerf LoadGen (benchmarks/slo_sut.py). It
+//                reads query ids (native uint64) from stdin, sends one request per id at once,
+//                and writes a record per answer to stdout (uint64 id, int64 status code, int64
+//                microseconds since the id was read), until stdin closes and nothing is in flight.
 // Only requests issued inside the measured window [warmup, warmup + duration) are recorded.
 // stdout: a compact summary ("window_s", "sent", "status NAME COUNT" lines); --latencies FILE:
 // one "STATUS_CODE LATENCY_US" line per recorded request. Responses are checked for status and
@@ -28,6 +32,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <unistd.h>
 #include <unordered_set>
 #include <vector>
 
@@ -52,6 +57,7 @@ struct Options {
   int concurrency = 16;
   int channels = 1;
   double rate = 0;  // > 0: open loop
+  bool sut = false;  // ids in on stdin, answers out on stdout
   double duration = 5;
   double warmup = 0.5;
   double timeout = 10;  // <= 0: no deadline
@@ -64,6 +70,12 @@ struct Call {
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
   Clock::time_point t0;  // scheduled (open loop) or actual (closed loop) send time
   bool recorded = false;
+  uint64_t id = 0;  // SUT mode: LoadGen's query id
+};
+
+struct SutRecord {
+  uint64_t id;
+  int64_t code, micros;
 };
 
 struct Sample {
@@ -91,6 +103,7 @@ Options Parse(int argc, char** argv) {
     else if (k == "--duration") o.duration = std::stod(v);
     else if (k == "--warmup") o.warmup = std::stod(v);
     else if (k == "--timeout") o.timeout = std::stod(v);
+    else if (k == "--sut") o.sut = std::stoi(v) != 0;
     else Die("unknown flag " + k);
   }
   if (o.address.empty() || o.request_path.empty()) Die("--address and --request are required");
@@ -136,6 +149,10 @@ class LoadGen {
     start_ = Clock::now();
     window_begin_ = start_ + Seconds(o_.warmup);
     window_end_ = window_begin_ + Seconds(o_.duration);
+    if (o_.sut) {
+      SutLoop();
+      return;
+    }
     if (o_.rate > 0) {
       OpenLoop();
     } else {
@@ -160,9 +177,10 @@ class LoadGen {
   }
 
  private:
-  void Issue(Clock::time_point t0) {
+  void Issue(Clock::time_point t0, uint64_t id = 0) {
     auto* call = new Call;
     call->t0 = t0;
+    call->id = id;
     call->recorded = t0 >= window_begin_ && t0 < window_end_;
     if (o_.timeout > 0) call->ctx.set_deadline(Deadline(Clock::now() + Seconds(o_.timeout)));
     grpc::GenericStub& stub = *stubs_[next_stub_++ % stubs_.size()];
@@ -176,19 +194,74 @@ class LoadGen {
     call->reader->Finish(&call->response, &call->status, call);
   }
 
-  // Records a finished call and frees it.
-  void Complete(Call* call, Clock::time_point now) {
+  // Records a finished call (SUT mode: into `out`) and frees it.
+  void Complete(Call* call, Clock::time_point now, std::vector<SutRecord>* out = nullptr) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       in_flight_.erase(call);
     }
-    if (call->recorded) {
-      int code = call->status.error_code();
-      if (code == 0 && call->response.Length() == 0) code = kEmptyResponse;
-      samples_.push_back(
-          {code, std::chrono::duration_cast<std::chrono::microseconds>(now - call->t0).count()});
+    int code = call->status.error_code();
+    if (code == 0 && call->response.Length() == 0) code = kEmptyResponse;
+    int64_t micros = std::chrono::duration_cast<std::chrono::microseconds>(now - call->t0).count();
+    if (out != nullptr) {
+      out->push_back({call->id, code, micros});
+    } else if (call->recorded) {
+      samples_.push_back({code, micros});
     }
     delete call;
+  }
+
+  // One thread reads ids from stdin and sends at once; this one writes every answer's record,
+  // those that arrived together in one write.
+  void SutLoop() {
+    std::atomic<bool> reading{true};
+    std::thread reader([&] {
+      std::vector<char> buf(8 * 4096);
+      size_t have = 0;
+      for (;;) {
+        ssize_t n = read(0, buf.data() + have, buf.size() - have);
+        if (n <= 0) break;
+        have += static_cast<size_t>(n);
+        Clock::time_point now = Clock::now();
+        size_t whole = have / 8 * 8;
+        for (size_t i = 0; i < whole; i += 8) {
+          uint64_t id;
+          std::memcpy(&id, buf.data() + i, 8);
+          Issue(now, id);
+        }
+        std::memmove(buf.data(), buf.data() + whole, have - whole);
+        have -= whole;
+      }
+      reading = false;
+    });
+    std::vector<SutRecord> out;
+    void* tag;
+    bool ok;
+    for (;;) {
+      auto r = cq_.AsyncNext(&tag, &ok, Deadline(Clock::now() + std::chrono::milliseconds(20)));
+      while (r == grpc::CompletionQueue::GOT_EVENT) {
+        Complete(static_cast<Call*>(tag), Clock::now(), &out);
+        r = cq_.AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));  // whatever else is ready
+      }
+      WriteAll(out);
+      out.clear();
+      if (!reading) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (in_flight_.empty()) break;
+      }
+    }
+    reader.join();
+  }
+
+  static void WriteAll(const std::vector<SutRecord>& out) {
+    const char* p = reinterpret_cast<const char*>(out.data());
+    size_t left = out.size() * sizeof(SutRecord);
+    while (left > 0) {
+      ssize_t n = write(1, p, left);
+      if (n <= 0) Die("stdout closed");
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
   }
 
   void ClosedLoop() {
@@ -267,6 +340,6 @@ int main(int argc, char** argv) {
   Options o = Parse(argc, argv);
   LoadGen gen(o);
   gen.Run();
-  gen.Report();
+  if (!o.sut) gen.Report();
   return 0;
 }

@@ -2,13 +2,15 @@
 against the latency-target (SLO-aware) one, in one run.
 
   python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
-                           [--steps 6] [--out DIR]
+                           [--steps 6] [--client native|python] [--out DIR]
 
 For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
 default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in config.json)
 and each request size:
 1. closed-loop saturation: the same gRPC client keeps `--concurrency` requests in flight (no
-   LoadGen), requests/s;
+   LoadGen), requests/s. The client (`--client`): `native`, the C++ load generator (LoadGen's
+   SUT over a pipe; default when it builds), or `python`, a grpc.aio client (~100 us of Python
+   per query, taken from the 2 cores the server runs on);
 2. LoadGen's Server scenario (Poisson arrivals) at a target QPS, searched by bisection for the
    highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
    late or failed (a shed request counts as a miss: shedding cannot buy a valid run). A QPS
@@ -33,7 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
 from benchmarks.serving import make_inputs, start_server  # noqa: E402
-from benchmarks.slo_sut import GrpcSut, loadgen_run  # noqa: E402
+from benchmarks.slo_sut import GrpcSut, NativeSut, loadgen_run  # noqa: E402
 
 BATCHERS = ("fixed", "slo")
 
@@ -50,7 +52,7 @@ def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float):
   return start_server(scratch, [])
 
 
-def search(sut: GrpcSut, sat_qps: float, args: argparse.Namespace, outdir: pathlib.Path,
+def search(sut: GrpcSut | NativeSut, sat_qps: float, args: argparse.Namespace, outdir: pathlib.Path,
            label: str) -> tuple[float, list[dict]]:
   """Bisection for the highest VALID target QPS in (0, 1.1 x saturation]; returns it (0 when
   none was) and every run's figures."""
@@ -84,7 +86,8 @@ def measure(args: argparse.Namespace, repo: pathlib.Path, batcher: str) -> dict:
     signature = next(iter(read_manifest(bundle).signatures.values())).inputs
     for rows in args.rows:
       payload = build_request(args.model, make_inputs(signature, rows, np.random.default_rng(0)))
-      with GrpcSut(address, payload) as sut:
+      client = NativeSut if args.client == "native" else GrpcSut
+      with client(address, payload) as sut:
         sut.closed_loop(args.concurrency, 1.0)  # warm the connection and the batcher
         sat = sut.closed_loop(args.concurrency, args.seconds)
         say(f"{batcher}, {rows}-row: closed-loop saturation {sat:.0f} requests/s")
@@ -141,9 +144,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="LoadGen runs at a QPS before it counts as INVALID")
   p.add_argument("--concurrency", type=int, default=64,
                  help="requests in flight for the closed-loop saturation")
+  p.add_argument("--client", choices=("native", "python"), default=None,
+                 help="the SUT's gRPC client: native (C++, default when it builds) or python"
+                      " (grpc.aio)")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "slo")
   args = p.parse_args(argv)
   args.rows = [int(r) for r in args.rows.split(",") if r.strip()]
+  if args.client is None:
+    from benchmarks import native_loadgen
+    binary, why = native_loadgen.available()
+    args.client = "native" if binary else "python"
+    if not binary:
+      say(f"the C++ client does not build ({why.splitlines()[0]}); using the grpc.aio client")
   return args
 
 

@@ -1,14 +1,20 @@
-"""MLPerf LoadGen driving `xlaserve serve` over gRPC: the system under test is an asynchronous
-gRPC client (grpc.aio, its own event loop thread) that sends one ModelInfer per query sample and
-completes the sample when the answer (or an error) arrives. Also a closed-loop mode with the
-same client, for the saturation figure the LoadGen runs are compared with."""
+"""MLPerf LoadGen driving `xlaserve serve` over gRPC: the system under test sends one ModelInfer
+per query sample and completes the sample when the answer (or an error) arrives. Two clients:
+`NativeSut`, the C++ load generator in its SUT mode (ids in over a pipe, answers back; Python only
+hands ids over and completes samples, a few microseconds each), and `GrpcSut`, a grpc.aio client
+on its own event loop thread (~100 us of Python per query, which on 2 cores the server loses).
+Each also has a closed-loop mode with the same client code, for the saturation figure the
+LoadGen runs are compared with."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import pathlib
 import re
+import subprocess
+import tempfile
 import threading
 import time
 
@@ -54,7 +60,7 @@ class GrpcSut:
       code = e.code().name
     self.records.append((time.perf_counter() - t0, code))
     if sample_id is not None and self.on_done is not None:
-      self.on_done(sample_id)
+      self.on_done([sample_id])
 
   def send(self, sample_ids: list[int]) -> None:
     def start():
@@ -76,6 +82,66 @@ class GrpcSut:
     return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
 
 
+_RECORD = np.dtype([("id", "<u8"), ("code", "<i8"), ("micros", "<i8")])  # native_loadgen.cc
+
+
+class NativeSut:
+  """benchmarks/native_loadgen.cc in SUT mode, as a child process; same interface as GrpcSut."""
+
+  def __init__(self, address: str, payload: bytes, channels: int = 1):
+    self.address, self.payload, self.channels = address, payload, channels
+    self.records: list[tuple[float, str]] = []
+    self.on_done = None  # (sample ids) -> None, set by the LoadGen run
+    self._tmp = tempfile.TemporaryDirectory(prefix="native_sut_")
+
+  def __enter__(self) -> NativeSut:
+    from benchmarks import native_loadgen
+
+    request = pathlib.Path(self._tmp.name, "request.pb")
+    request.write_bytes(self.payload)
+    self._proc = subprocess.Popen(
+        [str(native_loadgen.build()), "--address", self.address, "--request", str(request),
+         "--channels", str(self.channels), "--timeout", "60", "--sut", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._proc.stdin.close()
+    self._proc.wait(90)
+    self._reader.join(10)
+    self._tmp.cleanup()
+
+  def _read(self) -> None:
+    """Completes samples as their records arrive (os.read releases the GIL while it waits)."""
+    import grpc
+
+    names = {c.value[0]: c.name for c in grpc.StatusCode}
+    names[100] = "EMPTY_RESPONSE"
+    fd, rest = self._proc.stdout.fileno(), b""
+    while chunk := os.read(fd, 1 << 16):
+      rest += chunk
+      whole = len(rest) // _RECORD.itemsize * _RECORD.itemsize
+      recs, rest = np.frombuffer(rest[:whole], _RECORD), rest[whole:]
+      self.records.extend((int(m) * 1e-6, names.get(int(c), "UNKNOWN"))
+                          for c, m in zip(recs["code"], recs["micros"]))
+      if self.on_done is not None and len(recs):
+        self.on_done(recs["id"].tolist())
+
+  def send(self, sample_ids: list[int]) -> None:
+    os.write(self._proc.stdin.fileno(), np.asarray(sample_ids, np.uint64).tobytes())
+
+  def closed_loop(self, concurrency: int, seconds: float) -> float:
+    """Requests/s answered OK by the same C++ client keeping `concurrency` requests in flight."""
+    from benchmarks import native_loadgen
+
+    result = native_loadgen.run_load(self.address, self.payload, rows_per_request=1,
+                                     concurrency=concurrency, processes=self.channels,
+                                     duration=seconds, warmup=min(0.5, seconds / 4))
+    return result.rps
+
+
 def _summary(path: pathlib.Path) -> dict:
   """LoadGen's verdict, its p99 (from each query's scheduled issue time) and early stopping."""
   text = path.read_text()
@@ -87,7 +153,7 @@ def _summary(path: pathlib.Path) -> dict:
           "early_stopping": early.group(1) if early else "?"}
 
 
-def loadgen_run(sut: GrpcSut, qps: float, bound_ms: float, seconds: float,
+def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: float,
                 outdir: pathlib.Path) -> dict:
   """One LoadGen Server-scenario run at `qps` (Poisson arrivals) with a p99 bound; VALID only
   when LoadGen says so and at most 1% of the queries were late or failed."""
@@ -108,8 +174,8 @@ def loadgen_run(sut: GrpcSut, qps: float, bound_ms: float, seconds: float,
   log.log_output.copy_summary_to_stdout = False
   log.enable_trace = False
 
-  def done(sample_id: int) -> None:
-    lg.QuerySamplesComplete([lg.QuerySampleResponse(sample_id, 0, 0)])
+  def done(sample_ids: list[int]) -> None:
+    lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in sample_ids])
 
   sut.records, sut.on_done = [], done
   handle = lg.ConstructSUT(lambda samples: sut.send([s.id for s in samples]), lambda: None)
