@@ -27,8 +27,8 @@ Latency target (`latency_slo_s`, see slo.py): queueing is bounded in time. A req
 at the door when the queue ahead (at the measured drain rate) plus its own batch would not
 finish inside the target less headroom; an admitted request still unstarted after
 `queue_wait_bound_s` (the target, else `max_queue_wait_s`) is shed, never run late. With a
-target, an idle executor holds a partial batch briefly when arrivals would fill its padding in
-time (`slo.fill_wait_s`).
+target, an idle executor under load holds a partial batch briefly when arrivals would fill its
+padding in time (`slo.fill_wait_s`).
 """
 
 from __future__ import annotations
@@ -132,6 +132,14 @@ class Batcher(Generic[T]):
     if not self._batch_s:
       return None
     return self._batch_s.get(self.config.max_batch_size, self._batch_s[max(self._batch_s)])
+
+  @property
+  def _capacity_rows_s(self) -> float | None:
+    """Rows/s the queue can move: the measured drain rate, else full batches back to back."""
+    if rate := self._load.drain_rate():
+      return rate
+    full_s = self._full_batch_s
+    return self.config.max_batch_size / full_s if full_s else None
 
   def estimated_wait_s(self, rows: int, priority: int) -> float | None:
     """Seconds until a new request of `rows` at `priority` would finish: full batches for the
@@ -301,7 +309,8 @@ class Batcher(Generic[T]):
       bucket = cfg.bucket_for(min(self._rows, cfg.max_batch_size))
       hold = fill_wait_s(now=now, oldest=oldest, queued=self._rows, bucket=bucket,
                          bucket_s=self._batch_s.get(bucket),
-                         arrival_rate=self._load.arrival_rate(now), latency_slo_s=cfg.latency_slo_s)
+                         arrival_rate=self._load.arrival_rate(now), capacity=self._capacity_rows_s,
+                         latency_slo_s=cfg.latency_slo_s)
       if hold > 0.0:
         return Decision(None, expired, hold)
     plan = self._take(cfg.max_batch_size if full else self._capacity())

@@ -16,6 +16,7 @@ import math
 RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
 SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
 MAX_FILL_SHARE = 0.25  # longest hold for a fuller batch, as a share of the target
+HOLD_LOAD_SHARE = 0.5  # holds only once arrivals reach this share of the measured capacity
 DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
 DRAIN_MIN_SAMPLES = 4  # a drain rate is used once this many samples agree on it
 DRAIN_MAX_GROWTH = 4.0  # one sample's interval counts as at most this many times the smoothed one
@@ -81,11 +82,14 @@ def slo_budget_s(latency_slo_s: float | None, queue_wait_bound_s: float | None) 
 
 
 def fill_wait_s(*, now: float, oldest: float, queued: int, bucket: int, bucket_s: float | None,
-                arrival_rate: float, latency_slo_s: float) -> float:
+                arrival_rate: float, capacity: float | None, latency_slo_s: float) -> float:
   """Seconds worth holding a partial batch of `queued` rows (in `bucket`) for arrivals to fill
-  its padding: only while the rows would come, at the arrival rate, in time for the batch to
-  finish inside the target's budget, and within MAX_FILL_SHARE of the target; 0: run now."""
-  if queued >= bucket or arrival_rate <= 0.0 or bucket_s is None:
+  its padding: only under load (arrivals at HOLD_LOAD_SHARE of `capacity`, the rows/s the queue
+  can move, or more: below that, batches run at once cost nothing the queue needs, and a hold
+  is pure latency), only while the rows would come, at the arrival rate, in time for the batch
+  to finish inside the target's budget, and within MAX_FILL_SHARE of the target; 0: run now."""
+  if (queued >= bucket or arrival_rate <= 0.0 or bucket_s is None or capacity is None
+      or arrival_rate < HOLD_LOAD_SHARE * capacity):
     return 0.0
   wait = (bucket - queued) / arrival_rate
   age = now - oldest

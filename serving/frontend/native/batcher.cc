@@ -15,6 +15,7 @@ constexpr double kObserveMaxGrowth = 4.0;    // rows.py OBSERVE_MAX_GROWTH
 constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
 constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
 constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
+constexpr double kHoldLoadShare = 0.5;       // slo.py HOLD_LOAD_SHARE
 constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
 constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES
 constexpr double kDrainMaxGrowth = 4.0;      // slo.py DRAIN_MAX_GROWTH
@@ -32,8 +33,10 @@ double SloBudget(const BatchingParams& p) {
 
 // slo.py fill_wait_s.
 double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
-                std::optional<double> bucket_s, double rate, double slo) {
-  if (queued >= bucket || rate <= 0.0 || !bucket_s) return 0.0;
+                std::optional<double> bucket_s, double rate, std::optional<double> capacity,
+                double slo) {
+  if (queued >= bucket || rate <= 0.0 || !bucket_s || !capacity || rate < kHoldLoadShare * *capacity)
+    return 0.0;
   double wait = double(bucket - queued) / rate;
   double age = now - oldest;
   if (age + wait + *bucket_s > slo * (1.0 - kSloHeadroom) || age + wait > slo * kMaxFillShare) {
@@ -101,6 +104,13 @@ std::optional<double> Decider::FullBatchSeconds() const {
   if (batch_s_.empty()) return std::nullopt;
   auto it = batch_s_.find(max_batch());
   return it != batch_s_.end() ? it->second : batch_s_.rbegin()->second;
+}
+
+std::optional<double> Decider::CapacityRowsS() const {
+  if (auto rate = load_.DrainRate()) return rate;
+  auto full = FullBatchSeconds();
+  if (!full || *full <= 0.0) return std::nullopt;
+  return double(max_batch()) / *full;
 }
 
 int64_t Decider::RowsAhead(int64_t priority) const {
@@ -306,7 +316,7 @@ Decision Decider::Decide(double now, bool idle) {
     auto it = batch_s_.find(bucket);
     double hold = FillWait(now, oldest, rows_, bucket,
                            it == batch_s_.end() ? std::nullopt : std::optional<double>(it->second),
-                           load_.ArrivalRate(now), p_.latency_slo_s);
+                           load_.ArrivalRate(now), CapacityRowsS(), p_.latency_slo_s);
     if (hold > 0.0) {
       d.wait_s = hold;
       return d;

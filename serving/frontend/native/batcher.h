@@ -114,6 +114,7 @@ class Decider {
 
  private:
   std::optional<double> FullBatchSeconds() const;
+  std::optional<double> CapacityRowsS() const;  // rows.py _capacity_rows_s
   int64_t RowsAhead(int64_t priority) const;
   double RowsSeconds(int64_t n, double full_s) const;  // n rows as full batches and a partial
   void Unqueue(int64_t priority, int64_t rows);

@@ -137,6 +137,25 @@ def test_holds_a_partial_batch_only_while_arrivals_would_fill_it_in_time(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_a_load_well_under_capacity_never_holds(impl):
+  # The same 10,000 rows/s as above, but a full batch takes 0.1 ms: the queue can move 80,000
+  # rows/s, so holding 5 rows for 3 more buys nothing the queue needs and only adds latency.
+  b = make(impl, buckets=(1, 2, 4, 8), latency_slo_s=0.02)
+  b.observe(8, 0.0001)
+  t = 0.0
+  for i in range(2000):
+    b.add(Pending(i, 1, t))
+    b.decide(t, idle=False)
+    t += 1e-4
+  b.drain()
+  for i in range(5):
+    b.add(Pending(("a", i), 1, t))
+    t += 1e-4
+  d = b.decide(t, idle=True)
+  assert d.plan is not None and d.plan.rows == 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_without_a_target_partial_batches_run_at_once(impl):
   b = make(impl, buckets=(1, 2, 4, 8))
   b.observe(8, 0.001)
