@@ -1,0 +1,124 @@
+"""The tiny LM tensor-parallel on 2 and 4 virtual devices: greedy output identical to one
+device and to the model's full forward, per-device weight and KV bytes, the HLO's collectives."""
+
+from __future__ import annotations
+
+import random
+
+import jax
+import pytest
+
+from bundle import read_manifest
+from genutil import Stream
+from models.decoder import greedy_reference
+from serving.generation.engine import BundleEngine
+from serving.generation.placement import lm_placement
+from serving.generation.request import GenerationRequest, SamplingParams
+from serving.generation.service import GenerationService, ServiceConfig
+from sharding.hlo import collectives, collective_stats
+from test_generation_engine import EOS, prompts
+
+
+@pytest.fixture(scope="module")
+def tp_engines(tiny_bundle, compile_counter):
+  """n -> the tiny bundle's engine over the first n devices under `tensor` (1: one device)."""
+  manifest = read_manifest(tiny_bundle)
+  engines = {n: BundleEngine(tiny_bundle, compile_counter=compile_counter, placement=lm_placement(
+      manifest, strategy="tensor", devices=jax.devices()[:n])) for n in (1, 2, 4)}
+  yield engines
+  for e in engines.values():
+    e.close()
+
+
+def _generate(engine, cases, **config) -> list[list[int]]:
+  svc = GenerationService(engine, config=ServiceConfig(max_waiting=1000, **config)).start()
+  try:
+    streams = []
+    for prompt, n in cases:
+      s = Stream()
+      svc.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=n)), s)
+      streams.append(s)
+    for s in streams:
+      s.wait(120)
+  finally:
+    svc.stop()
+  assert svc.stats()["kv_pages_used"] == 0
+  return [s.tokens for s in streams]
+
+
+def test_greedy_identical_on_1_2_and_4_devices_and_to_the_full_forward(
+    tp_engines, tiny_model, compile_counter):
+  rng = random.Random(3)
+  cases = [(p, rng.randint(1, 40)) for p in prompts(12, seed=5)]
+  cases += [(b"Acme running shoes: save 20% today. " + p, 12) for p, _ in cases[:4]]  # prefixes
+  want = greedy_reference(tiny_model, [[256, *p] for p, _ in cases],
+                          max_new_tokens=[n for _, n in cases], eos_id=EOS)
+  before = compile_counter.outside_warmup
+  for n, engine in tp_engines.items():
+    assert _generate(engine, cases) == want, n  # chunked prefill + prefix caching
+    assert _generate(engine, cases[:6], chunked_prefill=False) == want[:6], n  # whole prefills
+  assert compile_counter.outside_warmup == before  # every shape compiled at load, on any mesh
+
+
+def _leaf_bytes(engine, which) -> dict[int, int]:
+  """Bytes each device holds of the arrays `which` picks, from their addressable shards."""
+  out: dict[int, int] = {}
+  for name, array in which(engine):
+    for shard in array.addressable_shards:
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+  return out
+
+
+def _params(engine, pick):
+  return [(p.path, a) for p, a in zip(engine.manifest.params, engine._params) if pick(p.path)]
+
+
+def test_each_device_holds_its_share_of_weights_and_kv_pages(tp_engines):
+  one = tp_engines[1]
+  full_kv = one.cache_bytes
+  heads = lambda path: "/attn/w" in path  # noqa: E731  [embed, heads|kv_heads, head_dim] ...
+  q_o = lambda path: "/attn/wq" in path or "/attn/wo" in path  # noqa: E731
+  mlp = lambda path: "/mlp/" in path  # noqa: E731
+  rest = lambda path: not (heads(path) or mlp(path))  # noqa: E731  embed (vocab 259), norms
+  total = {name: sum(a.nbytes for _, a in _params(one, f)) for name, f in (
+      ("heads", heads), ("q_o", q_o), ("mlp", mlp), ("rest", rest))}
+  cache = lambda e: e._cache.items()  # noqa: E731
+  # 2 devices: 4 query and 2 kv heads, 192 MLP columns split in half; the vocab (259) does not
+  # divide, so the embedding and head are replicated; each device holds half of every page.
+  two = tp_engines[2]
+  for dev in (0, 1):
+    assert _leaf_bytes(two, lambda e: _params(e, heads))[dev] == total["heads"] // 2
+    assert _leaf_bytes(two, lambda e: _params(e, mlp))[dev] == total["mlp"] // 2
+    assert _leaf_bytes(two, lambda e: _params(e, rest))[dev] == total["rest"]
+    assert _leaf_bytes(two, cache)[dev] == full_kv // 2
+  # 4 devices: 2 kv heads do not divide 4, so K/V projections and the cache are replicated
+  # (the fallback); query/output heads and the MLP split in four.
+  four = tp_engines[4]
+  for dev in range(4):
+    assert _leaf_bytes(four, lambda e: _params(e, q_o))[dev] == total["q_o"] // 4
+    assert _leaf_bytes(four, lambda e: _params(e, mlp))[dev] == total["mlp"] // 4
+    assert _leaf_bytes(four, cache)[dev] == full_kv
+  # The memory accounting (ModelStatistics, xlaserve_model_memory_bytes) says the same.
+  for n, engine in tp_engines.items():
+    report = engine.memory()
+    assert [d.device for d in report.devices] == [d.id for d in jax.devices()[:n]]
+    params = _leaf_bytes(engine, lambda e: _params(e, lambda _: True))
+    kv = _leaf_bytes(engine, cache)
+    for d in report.devices:
+      assert (d.params, d.kv_cache) == (params[d.device], kv[d.device])
+  assert tp_engines[2].memory().devices[0].params < 0.75 * one.memory().devices[0].params
+
+
+def test_decode_all_reduces_per_layer_and_never_gathers_the_cache(tp_engines):
+  layers = tp_engines[1].manifest.extra["model"]["num_layers"]
+  for sig, exe in tp_engines[1].executables.items():
+    assert collective_stats(exe.as_text()).total_count == 0, sig
+  shard_bytes = tp_engines[1].cache_bytes // len(tp_engines[1].spec.kv_cache) // 2
+  for sig, exe in tp_engines[2].executables.items():
+    found = collectives(exe.as_text())
+    stats = collective_stats(exe.as_text())
+    # Megatron: one all-reduce after attention's output projection, one after the MLP's down
+    # projection, per layer; nothing else is split, so nothing is gathered.
+    assert stats.count.get("all-reduce", 0) == 2 * layers, (sig, stats)
+    assert stats.total_count == 2 * layers, (sig, stats)
+    assert max(c.nbytes for c in found) < shard_bytes, sig  # activations, never KV pages
