@@ -65,6 +65,8 @@ class BundleEngine(Engine):
         *self.spec.prefill_signatures.values(), self.spec.decode_signature,
         *self.spec.extend_signatures.values())}
     self.placement = placement or single_placement(self.manifest, jax.devices(self.platform)[0])
+    if progress and placement is not None:
+      progress(f"placement: {self.placement.label}")
     self._params = bundle_lib.restore_params(directory, self.manifest,
                                              list(self.placement.params))
     self._cache_structs = {

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bundle import BundleError, Manifest
 from sharding import ShardingPlan
 from sharding.mesh import single_device_mesh
-from sharding.rules import MODEL, mesh_axes_of
+from sharding.rules import MODEL, mesh_axes_of, rules_for
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,28 @@ def lm_placement(manifest: Manifest, *, strategy: str | None, devices: Sequence[
     cache[name] = plan.sharding_for(None if cache_axes is None else tuple(cache_axes),
                                     tuple(entry["shape"]))
   split = [n for n, s in cache.items() if any(MODEL in mesh_axes_of(e) for e in s.spec)]
-  logger.info("%s: %s over %d devices; KV cache %s", manifest.name, strategy, len(devices),
-              f"split by kv heads ({', '.join(split)})" if split else "replicated")
-  return LMPlacement(plan.mesh, tuple(params), cache,
-                     f"{strategy} mesh {dict(plan.mesh.shape)}")
+  whole = _replicated_dims(plan, [*axes, *(e.get("logical_axes") for e in
+                                           manifest.extra.get("kv_cache", {}).values())],
+                           [*(p.shape for p in manifest.params), *(
+                               e["shape"] for e in manifest.extra.get("kv_cache", {}).values())],
+                           [*params, *cache.values()])
+  label = (f"{manifest.name}: {strategy} over {len(devices)} devices; KV cache "
+           + (f"split by kv heads ({', '.join(split)})" if split else "replicated")
+           + (f"; replicated where they do not divide {len(devices)}: {', '.join(whole)}"
+              if whole else ""))
+  logger.info("%s", label)
+  return LMPlacement(plan.mesh, tuple(params), cache, label)
+
+
+def _replicated_dims(plan: ShardingPlan, axes: Sequence[Any], shapes: Sequence[Any],
+                     shardings: Sequence[NamedSharding]) -> list[str]:
+  """"name (size)" of every logical axis the rules split that stayed whole (did not divide)."""
+  rules = rules_for(plan.strategy)
+  out: list[str] = []
+  for names, shape, sh in zip(axes, shapes, shardings):
+    for dim, name in enumerate(names or ()):
+      spec = tuple(sh.spec) + (None,) * len(shape)
+      if name is not None and mesh_axes_of(rules.get(name)) and spec[dim] is None:
+        item = f"{name} ({shape[dim]})"
+        out += [item] if item not in out else []
+  return out

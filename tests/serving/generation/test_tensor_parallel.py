@@ -3,7 +3,10 @@ device and to the model's full forward, per-device weight and KV bytes, the HLO'
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+import shutil
 
 import jax
 import pytest
@@ -122,3 +125,28 @@ def test_decode_all_reduces_per_layer_and_never_gathers_the_cache(tp_engines):
     assert stats.count.get("all-reduce", 0) == 2 * layers, (sig, stats)
     assert stats.total_count == 2 * layers, (sig, stats)
     assert max(c.nbytes for c in found) < shard_bytes, sig  # activations, never KV pages
+
+
+def test_fallbacks_and_bundles_without_axes_are_replicated_and_said(tiny_bundle, tp_engines,
+                                                                   tmp_path, caplog):
+  assert tp_engines[4].placement.label == (
+      "decoder: tensor over 4 devices; KV cache replicated; replicated where they do not divide"
+      " 4: kv_heads (2), vocab (259)")
+  old = tmp_path / "decoder" / "1"  # a bundle from before the manifest recorded logical axes
+  shutil.copytree(tiny_bundle, old)
+  m = json.loads((old / "manifest.json").read_text())
+  for p in m["params"]:
+    p["logical_axes"] = None
+  for entry in m["extra"]["kv_cache"].values():
+    del entry["logical_axes"]
+  (old / "manifest.json").write_text(json.dumps(m))
+  with caplog.at_level(logging.WARNING, logger="serving.generation.placement"):
+    placement = lm_placement(read_manifest(old), strategy="tensor", devices=jax.devices()[:2])
+  assert all(s.is_fully_replicated for s in (*placement.params, *placement.cache.values()))
+  said = caplog.text
+  assert "records no logical axes for its params; they are replicated on all 2 devices" in said
+  assert "no logical axes for KV cache array 'k_pages'; it is replicated" in said
+  with caplog.at_level(logging.WARNING, logger="serving.generation.placement"):
+    single = lm_placement(read_manifest(tiny_bundle), strategy="embedding_rows",
+                          devices=jax.devices()[:2])
+  assert single.num_devices == 1 and "does not apply to a generate model" in caplog.text
