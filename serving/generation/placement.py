@@ -5,14 +5,18 @@ attention heads and MLP columns split over the `model` axis, the Megatron way, s
 needs two all-reduces. The paged KV cache [layers, kv_heads, num_pages, page_size, head_dim]
 (and int8 scales) splits on `kv_heads`, so each device holds the pages of its own heads; page
 tables, tokens, sampling inputs and outputs are replicated. A dimension that does not divide
-the mesh is replicated (the plan logs it). The exported StableHLO is single-device: inside a
-jit over the mesh, XLA's partitioner propagates these shardings through it.
+the mesh is replicated (the placement's label, printed at load, names it); when the kv heads do
+not divide, the query heads stay whole too (each query head must sit with its kv head, or the
+partitioner gathers the cache every step), so attention is replicated and the MLP still splits.
+The exported StableHLO is single-device: inside a jit over the mesh, XLA's partitioner
+propagates these shardings through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Mapping, Sequence
 
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -78,44 +82,48 @@ def lm_placement(manifest: Manifest, *, strategy: str | None, devices: Sequence[
                   len(devices))
     return single_placement(manifest, devices[0])
   plan = ShardingPlan.create(strategy, len(devices), list(devices))
+  kv_cache = manifest.extra.get("kv_cache", {})
   axes = [p.logical_axes for p in manifest.params]
+  cache_axes = [None if e.get("logical_axes") is None else tuple(e["logical_axes"])
+                for e in kv_cache.values()]
+  shapes = [*(tuple(p.shape) for p in manifest.params), *(tuple(e["shape"])
+                                                          for e in kv_cache.values())]
   if all(a is None for a in axes):
     logger.warning("%s: the manifest records no logical axes for its params; they are"
                    " replicated on all %d devices (re-export the model to shard them)",
                    manifest.name, len(devices))
-  params = plan.param_shardings(axes, [p.shape for p in manifest.params])
-  cache = {}
-  for name, entry in manifest.extra.get("kv_cache", {}).items():
-    cache_axes = entry.get("logical_axes")
-    if cache_axes is None:
+  for name, a in zip(kv_cache, cache_axes):
+    if a is None:
       logger.warning("%s: the manifest records no logical axes for KV cache array %r; it is"
                      " replicated on all %d devices (re-export the model to shard it by kv"
                      " heads)", manifest.name, name, len(devices))
-    cache[name] = plan.sharding_for(None if cache_axes is None else tuple(cache_axes),
-                                    tuple(entry["shape"]))
-  split = [n for n, s in cache.items() if any(MODEL in mesh_axes_of(e) for e in s.spec)]
-  whole = _replicated_dims(plan, [*axes, *(e.get("logical_axes") for e in
-                                           manifest.extra.get("kv_cache", {}).values())],
-                           [*(p.shape for p in manifest.params), *(
-                               e["shape"] for e in manifest.extra.get("kv_cache", {}).values())],
-                           [*params, *cache.values()])
+  every = [*axes, *cache_axes]
+  whole = _replicated_dims(plan, every, shapes)
+  if any(w.startswith("kv_heads ") for w in whole):  # GQA: query heads go with their kv head
+    every = [None if a is None else tuple(None if n in ("heads", "kv_heads") else n for n in a)
+             for a in every]
+    whole = [*(w for w in whole if w.startswith("kv_heads ")), "heads (with their kv heads)",
+             *(w for w in whole if not w.startswith("kv_heads "))]
+  shardings = [plan.sharding_for(a, shape) for a, shape in zip(every, shapes)]
+  cache = dict(zip(kv_cache, shardings[len(axes):]))
+  split = [n for n, sh in cache.items() if any(MODEL in mesh_axes_of(e) for e in sh.spec)]
   label = (f"{manifest.name}: {strategy} over {len(devices)} devices; KV cache "
            + (f"split by kv heads ({', '.join(split)})" if split else "replicated")
            + (f"; replicated where they do not divide {len(devices)}: {', '.join(whole)}"
               if whole else ""))
   logger.info("%s", label)
-  return LMPlacement(plan.mesh, tuple(params), cache, label)
+  return LMPlacement(plan.mesh, tuple(shardings[:len(axes)]), cache, label)
 
 
-def _replicated_dims(plan: ShardingPlan, axes: Sequence[Any], shapes: Sequence[Any],
-                     shardings: Sequence[NamedSharding]) -> list[str]:
-  """"name (size)" of every logical axis the rules split that stayed whole (did not divide)."""
+def _replicated_dims(plan: ShardingPlan, axes: Sequence[Any], shapes: Sequence[Any]
+                     ) -> list[str]:
+  """"name (size)" of every logical axis the rules split that does not divide the mesh axes."""
   rules = rules_for(plan.strategy)
   out: list[str] = []
-  for names, shape, sh in zip(axes, shapes, shardings):
-    for dim, name in enumerate(names or ()):
-      spec = tuple(sh.spec) + (None,) * len(shape)
-      if name is not None and mesh_axes_of(rules.get(name)) and spec[dim] is None:
-        item = f"{name} ({shape[dim]})"
+  for names, shape in zip(axes, shapes):
+    for name, size in zip(names or (), shape):
+      mesh = mesh_axes_of(rules.get(name)) if name is not None else ()
+      if mesh and size % math.prod(plan.mesh.shape[m] for m in mesh):
+        item = f"{name} ({size})"
         out += [item] if item not in out else []
   return out

@@ -23,12 +23,12 @@ from test_generation_engine import EOS, prompts
 
 
 @pytest.fixture(scope="module")
-def tp_engines(tiny_bundle, compile_counter):
+def tp_engines(tiny_bundle, tiny_engine, compile_counter):
   """n -> the tiny bundle's engine over the first n devices under `tensor` (1: one device)."""
   manifest = read_manifest(tiny_bundle)
   engines = {n: BundleEngine(tiny_bundle, compile_counter=compile_counter, placement=lm_placement(
-      manifest, strategy="tensor", devices=jax.devices()[:n])) for n in (1, 2, 4)}
-  yield engines
+      manifest, strategy="tensor", devices=jax.devices()[:n])) for n in (2, 4)}
+  yield {1: tiny_engine, **engines}
   for e in engines.values():
     e.close()
 
@@ -80,11 +80,10 @@ def test_each_device_holds_its_share_of_weights_and_kv_pages(tp_engines):
   one = tp_engines[1]
   full_kv = one.cache_bytes
   heads = lambda path: "/attn/w" in path  # noqa: E731  [embed, heads|kv_heads, head_dim] ...
-  q_o = lambda path: "/attn/wq" in path or "/attn/wo" in path  # noqa: E731
   mlp = lambda path: "/mlp/" in path  # noqa: E731
   rest = lambda path: not (heads(path) or mlp(path))  # noqa: E731  embed (vocab 259), norms
   total = {name: sum(a.nbytes for _, a in _params(one, f)) for name, f in (
-      ("heads", heads), ("q_o", q_o), ("mlp", mlp), ("rest", rest))}
+      ("heads", heads), ("mlp", mlp), ("rest", rest))}
   cache = lambda e: e._cache.items()  # noqa: E731
   # 2 devices: 4 query and 2 kv heads, 192 MLP columns split in half; the vocab (259) does not
   # divide, so the embedding and head are replicated; each device holds half of every page.
@@ -94,11 +93,11 @@ def test_each_device_holds_its_share_of_weights_and_kv_pages(tp_engines):
     assert _leaf_bytes(two, lambda e: _params(e, mlp))[dev] == total["mlp"] // 2
     assert _leaf_bytes(two, lambda e: _params(e, rest))[dev] == total["rest"]
     assert _leaf_bytes(two, cache)[dev] == full_kv // 2
-  # 4 devices: 2 kv heads do not divide 4, so K/V projections and the cache are replicated
-  # (the fallback); query/output heads and the MLP split in four.
+  # 4 devices: 2 kv heads do not divide 4, so the cache and every attention projection (query
+  # heads go with their kv head) are replicated (the fallback); the MLP splits in four.
   four = tp_engines[4]
   for dev in range(4):
-    assert _leaf_bytes(four, lambda e: _params(e, q_o))[dev] == total["q_o"] // 4
+    assert _leaf_bytes(four, lambda e: _params(e, heads))[dev] == total["heads"]
     assert _leaf_bytes(four, lambda e: _params(e, mlp))[dev] == total["mlp"] // 4
     assert _leaf_bytes(four, cache)[dev] == full_kv
   # The memory accounting (ModelStatistics, xlaserve_model_memory_bytes) says the same.
@@ -125,13 +124,16 @@ def test_decode_all_reduces_per_layer_and_never_gathers_the_cache(tp_engines):
     assert stats.count.get("all-reduce", 0) == 2 * layers, (sig, stats)
     assert stats.total_count == 2 * layers, (sig, stats)
     assert max(c.nbytes for c in found) < shard_bytes, sig  # activations, never KV pages
+  for sig, exe in tp_engines[4].executables.items():  # attention whole: the MLP's reduce only
+    stats = collective_stats(exe.as_text())
+    assert stats.count.get("all-reduce", 0) == stats.total_count == layers, (sig, stats)
 
 
 def test_fallbacks_and_bundles_without_axes_are_replicated_and_said(tiny_bundle, tp_engines,
                                                                    tmp_path, caplog):
   assert tp_engines[4].placement.label == (
       "decoder: tensor over 4 devices; KV cache replicated; replicated where they do not divide"
-      " 4: kv_heads (2), vocab (259)")
+      " 4: kv_heads (2), heads (with their kv heads), vocab (259)")
   old = tmp_path / "decoder" / "1"  # a bundle from before the manifest recorded logical axes
   shutil.copytree(tiny_bundle, old)
   m = json.loads((old / "manifest.json").read_text())
