@@ -102,14 +102,14 @@ def measure(bundle: pathlib.Path, n: int, jobs: list[dict[str, Any]], check: lis
 def table(rows: list[dict[str, Any]]) -> str:
   mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
   lines = [f"{'mesh':<10}{'tok/s':>8}{'TPOT p50':>10}{'TPOT p99':>10}{'weights/dev MiB':>16}"
-           f"{'KV/dev MiB':>11}{'decode collectives':>26}{'same':>6}"]
+           f"{'KV/dev MiB':>11}{'decode collectives':>30}{'same':>6}"]
   for r in rows:
     coll = ", ".join(f"{v} {k}" for k, v in r["decode_collectives"].items()) or "none"
     coll += f" ({r['decode_collective_bytes']} B)"
     lines.append(
         f"{r['mode']:<10}{r['tokens_per_s']:>8.1f}{1e3 * r['tpot_p50_s']:>8.1f}ms"
         f"{1e3 * r['tpot_p99_s']:>8.1f}ms{mib(max(r['weight_bytes'])):>16}"
-        f"{mib(max(r['kv_bytes'])):>11}{coll:>26}"
+        f"{mib(max(r['kv_bytes'])):>11}{coll:>30}"
         f"{'yes' if r['greedy_same'] else 'NO':>6}")
   return "\n".join(lines)
 
