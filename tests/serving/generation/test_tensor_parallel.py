@@ -152,3 +152,20 @@ def test_fallbacks_and_bundles_without_axes_are_replicated_and_said(tiny_bundle,
     single = lm_placement(read_manifest(tiny_bundle), strategy="embedding_rows",
                           devices=jax.devices()[:2])
   assert single.num_devices == 1 and "does not apply to a generate model" in caplog.text
+
+
+@pytest.mark.slow  # a variant: opt in with --run-slow
+def test_int8_kv_cache_splits_pages_and_scales_and_matches_one_device(tiny_int8_bundle):
+  manifest = read_manifest(tiny_int8_bundle)
+  engines = {n: BundleEngine(tiny_int8_bundle, placement=lm_placement(
+      manifest, strategy="tensor", devices=jax.devices()[:n])) for n in (1, 2)}
+  try:
+    cases = [(p, 16) for p in prompts(6, seed=7)]
+    assert _generate(engines[2], cases) == _generate(engines[1], cases)
+    whole = {k: v.nbytes for k, v in engines[1]._cache.items()}
+    assert set(whole) == {"k_pages", "v_pages", "k_scale", "v_scale"}
+    for name, array in engines[2]._cache.items():
+      assert [s.data.nbytes for s in array.addressable_shards] == [whole[name] // 2] * 2, name
+  finally:
+    for e in engines.values():
+      e.close()
