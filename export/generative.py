@@ -35,7 +35,7 @@ from flax import nnx
 import bundle as bundle_lib
 from bundle import Manifest, Signature, TensorSpec
 from export.tracing import disabled_checks, nnx_parts
-from models.decoder import KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
+from models.decoder import CACHE_AXES, KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
 from models.tokenizer import ByteTokenizer
 from pallas_kernels.common import is_pow2
 
@@ -324,7 +324,8 @@ def _generate_extra(mc: DecoderConfig, config: GenerativeExportConfig,
       "prefill": prefill_meta,
       "decode": {"batch": config.decode_batch, "signature": "decode"},
       "kv_dtype": config.kv_dtype,
-      "kv_cache": {k: {"shape": list(s), "dtype": d} for k, (s, d) in kv.items()},
+      "kv_cache": {k: {"shape": list(s), "dtype": d, "logical_axes": list(CACHE_AXES[:len(s)])}
+                   for k, (s, d) in kv.items()},
       "vocab_size": mc.vocab_size,
       "bos_id": tokenizer.bos_id,
       "eos_id": tokenizer.eos_id,

@@ -36,6 +36,9 @@ from pallas_kernels.paged_attention import paged_attention
 
 NULL_PAGE = 0
 KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
+# Logical axes of the cache's pages [layers, kv_heads, num_pages, page_size, head_dim] (the int8
+# scales drop head_dim): split by kv heads, each device holds its heads' pages.
+CACHE_AXES: tuple[str | None, ...] = (None, "kv_heads", None, None, None)
 
 Cache = Mapping[str, jax.Array]
 

@@ -127,7 +127,8 @@ def _add_placement_flags(serve: argparse.ArgumentParser) -> None:
                      help="default sharding strategy for models without one in their config"
                      " (replicated, tensor, tensor+data, embedding_rows, embedding_tables;"
                      " embedding_tables needs a bundle whose manifest has a table_lookup, which"
-                     " export_model writes for CTR models with categorical tables)")
+                     " export_model writes for CTR models with categorical tables; generate"
+                     " models take tensor: heads, MLP and KV cache split over --devices)")
   serve.add_argument("--embedding-device-budget", default=None, metavar="SIZE",
                      help="device memory (e.g. 512MiB, 2GiB) the embedding tables of each model"
                      " may take, for models whose config.json sets no embedding_cache: tables"

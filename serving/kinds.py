@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterable, Mapping
 
+from bundle import BundleError
 from serving.batching import BatchingConfig
 from serving.engines import Engine
 from serving.engines.base import export_platform
@@ -84,7 +85,28 @@ def generate_runner_factory(spec: LoadSpec) -> Runner:
                                 progress=spec.progress, config=ServiceConfig(
                                     chunked_prefill=cfg.chunked_prefill,
                                     max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                    prefix_caching=cfg.prefix_caching))
+                                    prefix_caching=cfg.prefix_caching),
+                                sharding=cfg.sharding, devices=_generate_devices(spec))
+
+
+def _generate_devices(spec: LoadSpec) -> list[Any] | None:
+  """The local devices a generate model's config names (`devices` N: the first N; a list:
+  those); None: the default device."""
+  cfg = spec.config
+  if cfg.device_ids is None and (cfg.devices or 1) == 1 and cfg.sharding is None:
+    return None
+  import jax
+
+  from serving.repository.placement import listed_devices
+
+  available = jax.local_devices()
+  if cfg.device_ids is not None:
+    return listed_devices(cfg.device_ids, available, spec.manifest.name)
+  n = cfg.devices or len(available)
+  if n > len(available):
+    raise BundleError(f"{spec.manifest.name}: {n} devices requested, {len(available)} present"
+                      " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  return available[:n]
 
 
 def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:

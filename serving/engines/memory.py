@@ -27,10 +27,11 @@ class DeviceMemory:
   params: int = 0
   executable: int = 0
   scratch: int = 0
+  kv_cache: int = 0  # a generative engine's paged KV cache (its shard on this device)
 
   @property
   def total(self) -> int:
-    return self.params + self.executable + self.scratch
+    return self.params + self.executable + self.scratch + self.kv_cache
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,16 +108,16 @@ def merge(entries: Iterable[DeviceMemory]) -> tuple[DeviceMemory, ...]:
     if e.device in out:
       o = out[e.device]
       e = DeviceMemory(e.device, e.platform, o.params + e.params, o.executable + e.executable,
-                       o.scratch + e.scratch)
+                       o.scratch + e.scratch, o.kv_cache + e.kv_cache)
     out[e.device] = e
   return tuple(out[k] for k in sorted(out))
 
 
 def runner_memory(runner: Any) -> MemoryReport:
-  """The memory report of a runner's engine; unknown for runners without one (generation,
-  pipelines) or engines that cannot tell."""
-  engine = getattr(runner, "engine", None)
-  memory = getattr(engine, "memory", None)
+  """The memory report of a runner (its own `memory()`, as generation runners have) or of its
+  engine; unknown for runners without either (pipelines) or engines that cannot tell."""
+  memory = getattr(runner, "memory", None) or getattr(getattr(runner, "engine", None), "memory",
+                                                      None)
   if memory is None:
     return MemoryReport.unknown()
   try:
@@ -127,11 +128,12 @@ def runner_memory(runner: Any) -> MemoryReport:
 
 
 def breakdown(report: MemoryReport) -> Mapping[str, Mapping[str, int]]:
-  """kind ("params", "executable", "scratch", "host") -> {device label: bytes}; the host part
-  is labelled "host"."""
-  out: dict[str, dict[str, int]] = {"params": {}, "executable": {}, "scratch": {}, "host": {}}
+  """kind ("params", "executable", "scratch", "kv_cache", "host") -> {device label: bytes};
+  the host part is labelled "host"; "kv_cache" only where an engine holds one."""
+  out: dict[str, dict[str, int]] = {"params": {}, "executable": {}, "scratch": {},
+                                    "kv_cache": {}, "host": {}}
   for d in report.devices:
-    for kind in ("params", "executable", "scratch"):
+    for kind in ("params", "executable", "scratch") + (("kv_cache",) if d.kv_cache else ()):
       out[kind][str(d.device)] = getattr(d, kind)
   if report.host:
     out["host"]["host"] = report.host

@@ -5,7 +5,10 @@ allocates the KV cache named in the manifest (float, or int8 with scales) and co
 shape it will run: `len(prefill buckets) + 1` executables, each the exported step followed by
 `sample_tokens`, with the cache donated so it is updated in place (plus one per chunk bucket of
 the `extend_<C>` signatures, where the bundle has them). A compile error fails the
-load; after it, a call never compiles (a wrong shape raises instead).
+load; after it, a call never compiles (a wrong shape raises instead). Under a tensor-parallel
+placement (serving/generation/placement.py) every executable is compiled with explicit in/out
+shardings over the mesh: params and the cache split by heads, the rest replicated, the cache
+donated and kept in its sharding from step to step.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from bundle import BundleError
 from serving.telemetry.compile_watch import CompileCounter
 from serving.generation.engine_api import (MAX_LOGPROBS, SAMPLING_FIELDS, Engine, GenerateSpec,
                                            StepLogprobs, sampling_arrays)
+from serving.engines.memory import DeviceMemory, MemoryReport, array_bytes, compiled_bytes
+from serving.generation.placement import LMPlacement, single_placement
 from serving.generation.sampling import sample_tokens, token_logprobs
 from serving.generation.scheduler import PrefillBucket
 
@@ -40,7 +45,8 @@ def _dtype(name: str) -> Any:
 
 
 class BundleEngine(Engine):
-  """A loaded generate bundle on one device; not thread-safe (one service loop drives it)."""
+  """A loaded generate bundle on one device or a mesh (`placement`); not thread-safe (one
+  service loop drives it)."""
 
   def __init__(
       self,
@@ -49,6 +55,7 @@ class BundleEngine(Engine):
       platform: str | None = None,
       compile_counter: CompileCounter | None = None,
       progress: Callable[[str], None] | None = None,
+      placement: LMPlacement | None = None,
   ):
     self.directory = pathlib.Path(directory)
     self.manifest = bundle_lib.read_manifest(directory)
@@ -57,12 +64,14 @@ class BundleEngine(Engine):
     self._exported = {name: self._deserialize(name) for name in (
         *self.spec.prefill_signatures.values(), self.spec.decode_signature,
         *self.spec.extend_signatures.values())}
-    self._device = jax.devices(self.platform)[0]
-    self._params = bundle_lib.restore_params(
-        directory, self.manifest, [jax.sharding.SingleDeviceSharding(self._device)]
-        * len(self.manifest.params))
+    self.placement = placement or single_placement(self.manifest, jax.devices(self.platform)[0])
+    if progress and placement is not None:
+      progress(f"placement: {self.placement.label}")
+    self._params = bundle_lib.restore_params(directory, self.manifest,
+                                             list(self.placement.params))
     self._cache_structs = {
-        k: jax.ShapeDtypeStruct(tuple(v["shape"]), _dtype(v["dtype"]))
+        k: jax.ShapeDtypeStruct(tuple(v["shape"]), _dtype(v["dtype"]),
+                                sharding=self.placement.cache[k])
         for k, v in self.spec.kv_cache.items()}
     self._cache: dict[str, jax.Array] = {}
     self._logprobs: tuple[jax.Array, ...] | None = None  # of the last call, still on the device
@@ -78,9 +87,9 @@ class BundleEngine(Engine):
                                               progress) for b in self.spec.extend_buckets}
       self._warm_run()
     self.load_seconds = time.perf_counter() - start
-    logger.info("loaded %s v%d on %s: %d executables in %.1fs", self.manifest.name,
-                self.manifest.version, self.platform, len(self._prefill) + len(self._extend) + 1,
-                self.load_seconds)
+    logger.info("loaded %s v%d on %s (%s): %d executables in %.1fs", self.manifest.name,
+                self.manifest.version, self.platform, self.placement.label,
+                len(self._prefill) + len(self._extend) + 1, self.load_seconds)
 
   def _deserialize(self, signature: str) -> jax.export.Exported:
     sig = self.manifest.signatures[signature]
@@ -112,8 +121,11 @@ class BundleEngine(Engine):
     params = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding) for p in self._params]
     if progress:
       progress(f"compiling {signature}")
+    rep, cache = self.placement.replicated, dict(self.placement.cache)
     try:
-      return jax.jit(step, donate_argnums=2).lower(
+      return jax.jit(step, donate_argnums=2, in_shardings=(list(self.placement.params), rep,
+                                                            cache, rep),
+                     out_shardings=((rep, rep), cache)).lower(
           params, inputs, self._cache_structs, sampling).compile()
     except Exception as e:  # XLA raises many types; the load must fail loudly either way
       raise BundleError(f"compiling {signature!r} of {self.manifest.name!r} failed:"
@@ -170,13 +182,31 @@ class BundleEngine(Engine):
 
   def reset(self) -> None:
     """Zeroed cache arrays, put on the device from the host (no compile)."""
-    self._cache = {k: jax.device_put(np.zeros(s.shape, s.dtype), self._device)
+    self._cache = {k: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding)
                    for k, s in self._cache_structs.items()}
 
   @property
   def cache_bytes(self) -> int:
+    """Bytes of the whole KV cache (all devices' shards together)."""
     return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
                for s in self._cache_structs.values())
+
+  @property
+  def executables(self) -> dict[str, Any]:
+    """Signature name -> its compiled executable (HLO inspection, memory analysis)."""
+    sp = self.spec
+    return {**{sp.prefill_signatures[t]: x for t, x in self._prefill.items()},
+            sp.decode_signature: self._decode,
+            **{sp.extend_signatures[c]: x for c, x in self._extend.items()}}
+
+  def memory(self) -> MemoryReport:
+    """Per device: its shards of the params and of the KV cache, the executables' code and
+    the largest scratch of one call (read from the placed arrays, not from the plan)."""
+    params, cache = array_bytes(self._params), array_bytes(self._cache.values())
+    code, temp = compiled_bytes(self.executables.values())
+    return MemoryReport(tuple(DeviceMemory(
+        device=int(d.id), platform=str(d.platform), params=params.get(d, 0), executable=code,
+        scratch=temp, kv_cache=cache.get(d, 0)) for d in self.placement.devices))
 
   def close(self) -> None:
     for x in (*self._cache.values(), *self._params):

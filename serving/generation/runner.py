@@ -13,12 +13,13 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from bundle import TensorSpec
 from serving.batching import BatchingConfig
+from serving.engines.memory import MemoryReport
 from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
 from serving.runners import Observer, RunnerCapabilities, RunnerStats, deliver
 from serving.types import Code, InferRequest, ServingError
@@ -91,6 +92,11 @@ class GenerationRunner:
 
   def close(self) -> None:
     """Device memory (params, KV cache) goes with the service once it is stopped."""
+
+  def memory(self) -> MemoryReport:
+    """The engine's params, KV cache and code per device (unknown for engines that cannot tell)."""
+    memory = getattr(self.service.engine, "memory", None)
+    return MemoryReport.unknown() if memory is None else memory()
 
   def _submit_prompt(self, prompt: bytes, sampling: SamplingParams, request_id: str,
                      on_event: Callable[[GenerationEvent], None]) -> Any:
@@ -180,11 +186,20 @@ class GenerationRunner:
 
 def load_generation_runner(path: Any, name: str, *, observer: Observer | None = None,
                            progress: Callable[[str], None] | None = None,
-                           config: Any = None) -> GenerationRunner:
+                           config: Any = None, sharding: str | None = None,
+                           devices: Sequence[Any] | None = None) -> GenerationRunner:
   """Loads a generate bundle (compiling every shape) and wraps it; raises BundleError.
-  `config`: a ServiceConfig (default: ServiceConfig())."""
+  `config`: a ServiceConfig (default: ServiceConfig()); `sharding` "tensor" splits it over
+  `devices` (serving/generation/placement.py); default: the first device."""
+  import bundle as bundle_lib
+  from serving.generation.engine import BundleEngine
+  from serving.generation.placement import lm_placement
   from serving.generation.service import GenerationService, ServiceConfig
 
-  service = GenerationService.from_bundle(path, progress=progress,
-                                          config=config or ServiceConfig())
-  return GenerationRunner(name, service, observer=observer)
+  placement = None
+  if devices is not None and (len(devices) > 1 or sharding is not None):
+    placement = lm_placement(bundle_lib.read_manifest(path), strategy=sharding,
+                             devices=devices)
+  engine = BundleEngine(path, progress=progress, placement=placement)
+  return GenerationRunner(name, GenerationService(engine, config=config or ServiceConfig(),
+                                                  owns_engine=True), observer=observer)

@@ -52,7 +52,8 @@ def test_manifest_records_what_the_engine_needs(tiny_bundle):
   assert x["decode"] == {"batch": 8, "signature": "decode"}
   assert x["extend"] == [{"length": 16, "batch": 2, "signature": "extend_16"},
                          {"length": 32, "batch": 1, "signature": "extend_32"}]
-  assert x["kv_cache"]["k_pages"] == {"shape": [2, 2, 64, 8, 16], "dtype": "float32"}
+  assert x["kv_cache"]["k_pages"] == {"shape": [2, 2, 64, 8, 16], "dtype": "float32",
+                                      "logical_axes": [None, "kv_heads", None, None, None]}
   assert (x["vocab_size"], x["bos_id"], x["eos_id"], x["pad_id"]) == (259, 256, 257, 258)
   assert x["tokenizer"]["kind"] == "bytes" and x["model"]["num_layers"] == 2
   assert all(p.logical_axes for p in m.params)
@@ -199,7 +200,8 @@ def test_int8_kv_cache_bundle_serves(tiny_int8_bundle, tiny_model, compile_count
   m = read_manifest(tiny_int8_bundle)
   assert m.extra["kv_dtype"] == "int8"
   assert m.extra["kv_cache"]["k_pages"]["dtype"] == "int8"
-  assert m.extra["kv_cache"]["k_scale"] == {"shape": [2, 2, 64, 8], "dtype": "float32"}
+  assert m.extra["kv_cache"]["k_scale"] == {"shape": [2, 2, 64, 8], "dtype": "float32",
+                                            "logical_axes": [None, "kv_heads", None, None]}
   svc = GenerationService.from_bundle(tiny_int8_bundle, compile_counter=compile_counter).start()
   assert svc.engine.cache_bytes < 0.4 * 2 * 2 * 2 * 64 * 8 * 16 * 4
   try:
