@@ -9,8 +9,9 @@ default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in c
 and each request size:
 1. closed-loop saturation: the same gRPC client keeps `--concurrency` requests in flight (no
    LoadGen), requests/s. The client (`--client`): `native`, the C++ load generator (LoadGen's
-   SUT over a pipe; default when it builds), or `python`, a grpc.aio client (~100 us of Python
-   per query, taken from the 2 cores the server runs on);
+   SUT over a pipe, the closed loop through the same pipe; default when it builds), or
+   `python`, a grpc.aio client (~100 us of Python per query, taken from the 2 cores the server
+   runs on);
 2. LoadGen's Server scenario (Poisson arrivals) at a target QPS, searched by bisection for the
    highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
    late or failed (a shed request counts as a miss: shedding cannot buy a valid run). A QPS

@@ -133,13 +133,32 @@ class NativeSut:
     os.write(self._proc.stdin.fileno(), np.asarray(sample_ids, np.uint64).tobytes())
 
   def closed_loop(self, concurrency: int, seconds: float) -> float:
-    """Requests/s answered OK by the same C++ client keeping `concurrency` requests in flight."""
-    from benchmarks import native_loadgen
+    """Requests/s answered OK with `concurrency` requests always in flight for `seconds`, through
+    the same path as the LoadGen runs (ids over the pipe, answers back to this process), so the
+    saturation figure and the LoadGen figures pay the same client costs."""
+    self.records = []
+    t0 = time.perf_counter()
+    end, state, over = t0 + seconds, {"left": concurrency}, threading.Event()
 
-    result = native_loadgen.run_load(self.address, self.payload, rows_per_request=1,
-                                     concurrency=concurrency, processes=self.channels,
-                                     duration=seconds, warmup=min(0.5, seconds / 4))
-    return result.rps
+    def again(ids: list[int]) -> None:  # on the reader thread
+      now = time.perf_counter()
+      if now < end:
+        self.send(ids)
+        return
+      if "ok" not in state:
+        state["ok"] = sum(code == "OK" for _, code in self.records)
+        state["t"] = now
+      state["left"] -= len(ids)
+      if state["left"] == 0:
+        over.set()
+
+    self.on_done = again
+    self.send(list(range(concurrency)))
+    finished = over.wait(seconds + 60)
+    self.on_done = None
+    if not finished:
+      raise RuntimeError("closed loop: answers stopped coming (is the server up?)")
+    return state["ok"] / (state["t"] - t0)
 
 
 def _summary(path: pathlib.Path) -> dict:
