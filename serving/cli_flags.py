@@ -278,6 +278,14 @@ def _add_generation_flags(serve: argparse.ArgumentParser) -> None:
                      help="generate models: share full KV pages between requests by the hash of"
                      " their token prefix, so a repeated instruction is prefilled once (needs"
                      " --chunked-prefill)")
+  serve.add_argument("--speculative", choices=("off", "ngram"), default="off",
+                     help="generate models: speculative decoding; ngram drafts the tokens that"
+                     " followed the last match of the sequence's tail in its prompt + output"
+                     " (prompt lookup) and the model verifies them in one pass, same output"
+                     " distribution (needs a bundle with verify signatures and --chunked-prefill)")
+  serve.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                     help="generate models: draft tokens verified per step with --speculative"
+                     " (the bundle needs a verify_<C> signature with C >= K + 1)")
 
 
 def _embedding_cache(args: argparse.Namespace) -> Any:
@@ -316,7 +324,9 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    embedding_cache=_embedding_cache(args),
                                    chunked_prefill=args.chunked_prefill,
                                    max_num_batched_tokens=args.max_num_batched_tokens,
-                                   prefix_caching=args.prefix_caching)
+                                   prefix_caching=args.prefix_caching,
+                                   speculative=args.speculative,
+                                   num_speculative_tokens=args.num_speculative_tokens)
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
       metrics_port=args.metrics_port, http_port=args.http_port,

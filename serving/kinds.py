@@ -78,13 +78,17 @@ def generate_runner_factory(spec: LoadSpec) -> Runner:
   """Generate bundles: a GenerationService (every shape compiled at load) behind its runner."""
   from serving.generation.runner import load_generation_runner
   from serving.generation.service import ServiceConfig
+  from serving.generation.speculative import SpeculativeConfig
 
   cfg = spec.config
+  speculative = None if cfg.speculative == "off" else SpeculativeConfig(
+      cfg.speculative, cfg.num_speculative_tokens)
   return load_generation_runner(spec.path, spec.name, observer=spec.observer,
                                 progress=spec.progress, config=ServiceConfig(
                                     chunked_prefill=cfg.chunked_prefill,
                                     max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                    prefix_caching=cfg.prefix_caching))
+                                    prefix_caching=cfg.prefix_caching,
+                                    speculative=speculative))
 
 
 def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:

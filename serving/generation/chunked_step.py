@@ -2,7 +2,7 @@
 
 One step runs what `ChunkedScheduler.schedule()` decided under the service lock: the chunk
 batches through `engine.extend` (recording each row's progress; only a prefill's last chunk
-yields a token), then the decode batch. Kept apart from service.py so the whole-prefill loop
+yields a token), then the decode batch (a verify pass when it carries drafts: spec_step.py). Kept apart from service.py so the whole-prefill loop
 there stays as it was.
 """
 
@@ -33,8 +33,9 @@ class ChunkedSteps:
       chunks = [(b, self._chunk_inputs(b, now), [self._sched.get(r.seq_id) for r in b.rows],
                  self._want_lp(b.rows)) for b in step.chunks]
       dec = step.decode
-      if dec is not None:
-        inputs = self._decode_inputs(dec.rows)
+      if dec is not None:  # with drafts (speculative decoding) the decode is a verify pass
+        verify = any(r.draft for r in dec.rows)
+        inputs = self._verify_inputs(dec) if verify else self._decode_inputs(dec.rows)
         seqs = [self._sched.get(r.seq_id) for r in dec.rows]
         want = self._want_lp(dec.rows)
     for batch, chunk_inputs, chunk_seqs, want_chunk in chunks:
@@ -50,7 +51,9 @@ class ChunkedSteps:
       lp = self.engine.logprobs() if want_chunk and last else None
       self._apply(tuple(r for _, r, _ in last), [s for _, _, s in last], tokens,
                   [i for i, _, _ in last], lp)
-    if dec is not None:
+    if dec is not None and verify:
+      self._run_verify(dec, inputs, seqs, want)
+    elif dec is not None:
       tokens = self._execute(lambda: self.engine.decode(**inputs))
       if tokens is not None:
         lp = self.engine.logprobs() if want else None

@@ -146,7 +146,8 @@ class PrefillBatch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DecodeRow:
-  """Feed `token` at `position` (attending to position + 1 tokens) in decode slot `slot`."""
+  """Feed `token` at `position` (attending to position + 1 tokens) in decode slot `slot`;
+  with speculative decoding, `draft` tokens after it (positions position + 1 ..) to verify."""
 
   seq_id: Hashable
   slot: int
@@ -154,6 +155,7 @@ class DecodeRow:
   position: int
   pages: tuple[int, ...]
   num_generated: int
+  draft: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -57,6 +57,10 @@ class ModelServingConfig:
   chunked_prefill: bool = True
   max_num_batched_tokens: int | None = None
   prefix_caching: bool = True
+  # Speculative decoding (serving/generation/speculative.py): "off" or "ngram" (prompt lookup),
+  # and the draft tokens verified per step (needs the bundle's verify signatures).
+  speculative: str = "off"
+  num_speculative_tokens: int = 4
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -86,6 +90,9 @@ class ModelServingConfig:
                        f" {self.max_queue_wait_ms}")
     if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
       raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+    if self.speculative not in ("off", "ngram") or self.num_speculative_tokens < 1:
+      raise ValueError(f"speculative {self.speculative!r} must be off or ngram, and"
+                       f" num_speculative_tokens ({self.num_speculative_tokens}) >= 1")
     for name in ("batch_buckets", "adopted_buckets"):
       if getattr(self, name) is not None:
         check_buckets(getattr(self, name), name)
