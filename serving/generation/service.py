@@ -219,6 +219,8 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
           "prefix_cache_hits": getattr(pool, "hit_tokens", 0),
           "prefix_cache_queries": getattr(pool, "queried_tokens", 0),
           "prefix_cache_pages": getattr(pool, "num_cached", 0),
+          "spec_acceptance_rate": (self._counters["spec_accepted_tokens"]
+                                   / max(1, self._counters["spec_draft_tokens"])),
       }
 
   # --- engine thread ---
