@@ -112,6 +112,7 @@ def run(engine: Any, jobs: list[dict[str, Any]], name: str, config: ServiceConfi
       "tokens_per_s": sum(ev.metrics.generated_tokens for ev in finals.values()) / wall,
       "prefill_tokens": stats["prefill_tokens"], "prefix_cache_hits": stats["prefix_cache_hits"],
       "prefix_cache_queries": stats["prefix_cache_queries"], "decode_steps": stats["decode_steps"],
+      "decode_rows": stats["decode_rows"],
       "spec_draft_tokens": stats["spec_draft_tokens"],
       "spec_accepted_tokens": stats["spec_accepted_tokens"], "classes": {}}
   for kind in sorted({j["kind"] for j in jobs}):

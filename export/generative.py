@@ -86,7 +86,7 @@ class GenerativeExportConfig:
   prefill_lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
   prefill_tokens: int = 256
   chunk_lengths: tuple[int, ...] = (32, 64, 128)
-  verify_lengths: tuple[int, ...] = (5,)  # 1 + draft tokens per speculative step; () none
+  verify_lengths: tuple[int, ...] = (3, 5)  # 1 + draft tokens per speculative step; () none
   decode_batch: int = 16
   kv_dtype: str = "float32"
   weights: str = "none"  # export.quantize name for the Dense layers (MLP, head): "none", "int8", ...
@@ -135,8 +135,8 @@ class GenerativeExportConfig:
   def tiny(cls) -> GenerativeExportConfig:
     """For tests: 64 pages of 8 (so a full decode batch of long sequences must preempt)."""
     return cls(page_size=8, num_pages=64, prefill_lengths=(16, 32, 64, 128), prefill_tokens=64,
-               chunk_lengths=(16, 32), decode_batch=8, train_steps=120, train_batch=16, train_seq_len=64,
-               learning_rate=1e-2)
+               chunk_lengths=(16, 32), verify_lengths=(5,), decode_batch=8, train_steps=120,
+               train_batch=16, train_seq_len=64, learning_rate=1e-2)
 
 
 def train(model: Decoder, lines: list[str], config: GenerativeExportConfig,

@@ -32,7 +32,8 @@ import numpy as np
 from serving.generation.chunking import ChunkedScheduler, ChunkRow, chunk_config
 from serving.generation.chunked_step import ChunkedSteps
 from serving.generation.spec_step import SpecSteps
-from serving.generation.speculative import SpeculativeConfig, SpeculativeScheduler, verify_bucket
+from serving.generation.speculative import (SpeculativeConfig, SpeculativeScheduler,
+                                            verify_buckets)
 from serving.generation.step_inputs import StepInputs
 from serving.generation.engine_api import Engine, StepLogprobs
 from serving.generation.request import (MAX_SEED, FinishReason, GenerationEvent,
@@ -101,7 +102,7 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
         max_prefill_batches_per_step=config.max_prefill_batches_per_step,
         static_batching=config.static_batching)
     chunk = chunk_config(spec, config)
-    self._verify_bucket = verify_bucket(spec, config.speculative, chunked=chunk is not None)
+    self._verify_buckets = verify_buckets(spec, config.speculative, chunked=chunk is not None)
     self._sched = (Scheduler(sched_config) if chunk is None
                    else ChunkedScheduler(sched_config, chunk) if config.speculative is None
                    else SpeculativeScheduler(sched_config, chunk, config.speculative))

@@ -26,11 +26,13 @@ class SpecSteps:
   _live: dict
   _counters: dict
   engine: Any
-  _verify_bucket: PrefillBucket | None
+  _verify_buckets: tuple[PrefillBucket, ...]  # smallest first
 
   def _verify_inputs(self, dec: DecodeBatch) -> dict[str, Any]:
-    """Host arrays of the verify call: row `slot` feeds [token, *draft] from `position`."""
-    spec, b = self.engine.spec, self._verify_bucket
+    """Host arrays of the verify call: row `slot` feeds [token, *draft] from `position`, in the
+    smallest verify shape that holds the longest draft."""
+    spec, fed = self.engine.spec, 1 + max(len(r.draft) for r in dec.rows)
+    b = next(b for b in self._verify_buckets if b.length >= fed)
     tokens = np.full((b.batch, b.length), spec.pad_id, np.int32)
     starts, lengths = np.zeros(b.batch, np.int32), np.zeros(b.batch, np.int32)
     table = np.full((b.batch, spec.pages_per_seq), spec.null_page, np.int32)

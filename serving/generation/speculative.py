@@ -86,22 +86,23 @@ class SpeculativeScheduler(ChunkedScheduler):
                      tuple(self.pool.table(s.seq_id)), s.num_generated, drafts[s.seq_id])
 
 
-def verify_bucket(spec: Any, config: SpeculativeConfig | None, *,
-                  chunked: bool) -> PrefillBucket | None:
-  """The verify shape a GenerateSpec offers for `config` (None: not speculating); a
-  BundleError saying what to change when speculation cannot run on this bundle or config."""
+def verify_buckets(spec: Any, config: SpeculativeConfig | None, *,
+                   chunked: bool) -> tuple[PrefillBucket, ...]:
+  """The verify shapes of a GenerateSpec a step may use under `config`, smallest first, up to
+  the first that holds K + 1 tokens (() when not speculating); a BundleError saying what to
+  change when speculation cannot run on this bundle or config."""
   if config is None:
-    return None
+    return ()
   if not spec.verify_buckets:
     raise BundleError("speculative decoding needs the bundle's verify_<C> signatures, which this"
-                     " bundle (exported before them) lacks: re-export it with"
-                     " export/generative.py, or serve without --speculative")
+                      " bundle (exported before them) lacks: re-export it with"
+                      " export/generative.py, or serve without --speculative")
   if not chunked:
     raise BundleError("speculative decoding needs chunked prefill (a bundle with extend"
-                     " signatures, --chunked-prefill, no static batching)")
-  for b in spec.verify_buckets:
+                      " signatures, --chunked-prefill, no static batching)")
+  for i, b in enumerate(spec.verify_buckets):
     if b.length >= config.num_tokens + 1:
-      return b
+      return tuple(spec.verify_buckets[:i + 1])
   raise BundleError(f"--num-speculative-tokens {config.num_tokens} needs a verify_<C> signature"
-                   f" with C >= {config.num_tokens + 1}; the bundle has C in"
-                   f" {[b.length for b in spec.verify_buckets]}")
+                    f" with C >= {config.num_tokens + 1}; the bundle has C in"
+                    f" {[b.length for b in spec.verify_buckets]}")

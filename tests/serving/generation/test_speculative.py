@@ -212,3 +212,12 @@ def test_refusals_say_what_to_change():
                       config=ServiceConfig(speculative=SpeculativeConfig(num_tokens=5)))
   with pytest.raises(ValueError, match="method"):
     SpeculativeConfig(method="eagle")
+
+
+def test_each_step_uses_the_smallest_verify_shape_that_holds_its_drafts(service):
+  engine = MockEngine(mock_spec(extend=EXTEND, verify=(3, 5, 9)), next_token=whole_sequence_rule)
+  svc = service(engine, speculative=SpeculativeConfig(num_tokens=4))
+  cases = [(b"abcab cabc" * i, SamplingParams(max_new_tokens=20)) for i in range(1, 5)]
+  assert submit_all(svc, cases) == submit_all(service(), cases)
+  lengths = {c.length for c in engine.calls if c.kind == "verify"}
+  assert lengths == {3, 5}  # never 9: K = 4 needs 5
