@@ -38,8 +38,8 @@ class SpecSteps:
     table = np.full((b.batch, spec.pages_per_seq), spec.null_page, np.int32)
     samp = []
     for r in dec.rows:
-      fed = (r.token, *r.draft)
-      tokens[r.slot, :len(fed)], starts[r.slot], lengths[r.slot] = fed, r.position, len(fed)
+      row = (r.token, *r.draft)
+      tokens[r.slot, :len(row)], starts[r.slot], lengths[r.slot] = row, r.position, len(row)
       table[r.slot, :len(r.pages)] = r.pages
       live = self._live[r.seq_id]
       samp.append((r.slot, live.sampling, live.seed, r.num_generated))
