@@ -171,6 +171,7 @@ def test_streams_equal_plain_decoding_with_eos_stop_and_max_tokens(service):
   st = spec_svc.stats()
   assert st["spec_accepted_tokens"] > 100 and st["spec_draft_tokens"] > st["spec_accepted_tokens"]
   assert {r for _, _, r, _ in plain} == {FinishReason.STOP, FinishReason.LENGTH}
+  assert st["preemptions"] > 0  # pages ran out: drafts dropped, then the youngest preempted
   calls = spec_svc.engine.calls
   assert any(c.kind == "verify" for c in calls) and st["decode_steps"] < st["tokens_generated"]
 
