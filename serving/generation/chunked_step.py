@@ -24,6 +24,7 @@ class ChunkedSteps:
   _live: dict
   _counters: dict
   engine: Any
+  _draft: Any
 
   def _step_chunked(self) -> None:
     """Chunk batches, then the decode batch, all scheduled at once under the token budget."""
@@ -35,12 +36,14 @@ class ChunkedSteps:
       dec = step.decode
       if dec is not None:  # with drafts (speculative decoding) the decode is a verify pass
         verify = any(r.draft for r in dec.rows)
-        inputs = self._verify_inputs(dec) if verify else self._decode_inputs(dec.rows)
+        inputs = (None if self._draft is not None else self._verify_inputs(dec) if verify
+                  else self._decode_inputs(dec.rows))
         seqs = [self._sched.get(r.seq_id) for r in dec.rows]
         want = self._want_lp(dec.rows)
     for batch, chunk_inputs, chunk_seqs, want_chunk in chunks:
       tokens = self._execute(lambda: self.engine.extend(bucket=batch.bucket, **chunk_inputs))
-      if tokens is None:
+      if tokens is None or (self._draft is not None and self._execute(
+          lambda: self._draft.extend(batch.bucket, chunk_inputs)) is None):
         return
       with self._cv:  # record progress; only a prefill's last chunk yields a token
         done = [(i, r, s) for i, (r, s) in enumerate(zip(batch.rows, chunk_seqs))
@@ -51,6 +54,10 @@ class ChunkedSteps:
       lp = self.engine.logprobs() if want_chunk and last else None
       self._apply(tuple(r for _, r, _ in last), [s for _, _, s in last], tokens,
                   [i for i, _, _ in last], lp)
+    if dec is not None and self._draft is not None:  # the draft model proposes now
+      dec, inputs, verify = self._draft_step(dec)
+      if dec is None:
+        return
     if dec is not None and verify:
       self._run_verify(dec, inputs, seqs, want)
     elif dec is not None:

@@ -147,7 +147,8 @@ class PrefillBatch:
 @dataclasses.dataclass(frozen=True, slots=True)
 class DecodeRow:
   """Feed `token` at `position` (attending to position + 1 tokens) in decode slot `slot`;
-  with speculative decoding, `draft` tokens after it (positions position + 1 ..) to verify."""
+  with speculative decoding, `draft` tokens after it (positions position + 1 ..) to verify,
+  `room` of them at most (its pages hold them; a draft model fills `draft` up to it)."""
 
   seq_id: Hashable
   slot: int
@@ -156,6 +157,7 @@ class DecodeRow:
   pages: tuple[int, ...]
   num_generated: int
   draft: tuple[int, ...] = ()
+  room: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

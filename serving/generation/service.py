@@ -31,6 +31,7 @@ import numpy as np
 
 from serving.generation.chunking import ChunkedScheduler, ChunkRow, chunk_config
 from serving.generation.chunked_step import ChunkedSteps
+from serving.generation.draft_model import DraftModel
 from serving.generation.spec_step import SpecSteps
 from serving.generation.speculative import (SpeculativeConfig, SpeculativeScheduler,
                                             verify_buckets)
@@ -90,7 +91,10 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
   """Continuous batching over one engine; thread-safe submit/cancel/stats."""
 
   def __init__(self, engine: Engine, *, config: ServiceConfig = ServiceConfig(),
-               owns_engine: bool = False, clock: Callable[[], float] = time.perf_counter):
+               owns_engine: bool = False, clock: Callable[[], float] = time.perf_counter,
+               draft: Engine | None = None):
+    """`draft`: the draft model's engine for `SpeculativeConfig(method="draft")` (closed with
+    the service when it owns the engines)."""
     self.engine = engine
     self.config = config
     self._owns_engine = owns_engine
@@ -102,7 +106,9 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
         max_prefill_batches_per_step=config.max_prefill_batches_per_step,
         static_batching=config.static_batching)
     chunk = chunk_config(spec, config)
-    self._verify_buckets = verify_buckets(spec, config.speculative, chunked=chunk is not None)
+    self._verify_buckets = verify_buckets(spec, config.speculative, chunked=chunk is not None,
+                                          has_draft=draft is not None)
+    self._draft = None if draft is None else DraftModel(draft, spec)
     self._sched = (Scheduler(sched_config) if chunk is None
                    else ChunkedScheduler(sched_config, chunk) if config.speculative is None
                    else SpeculativeScheduler(sched_config, chunk, config.speculative))
@@ -125,17 +131,23 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
   @classmethod
   def from_bundle(cls, directory: str | os.PathLike[str], *,
                   config: ServiceConfig = ServiceConfig(), platform: str | None = None,
-                  compile_counter: Any = None,
-                  progress: Callable[[str], None] | None = None) -> GenerationService:
-    """Loads a generate bundle (compiling every shape; raises BundleError) into a new service."""
+                  compile_counter: Any = None, progress: Callable[[str], None] | None = None,
+                  draft_directory: str | os.PathLike[str] | None = None) -> GenerationService:
+    """Loads a generate bundle (compiling every shape; raises BundleError) into a new service;
+    `draft_directory`: the draft model's bundle (speculative decoding with a draft LM)."""
     from serving.generation.engine import BundleEngine  # JAX only when serving a bundle
 
-    engine = BundleEngine(directory, platform=platform, compile_counter=compile_counter,
-                          progress=progress)
+    engines = []
     try:
-      return cls(engine, config=config, owns_engine=True)
+      for path in (directory, draft_directory):
+        if path is not None:
+          engines.append(BundleEngine(path, platform=platform, compile_counter=compile_counter,
+                                      progress=progress))
+      return cls(engines[0], config=config, owns_engine=True,
+                 draft=engines[1] if len(engines) > 1 else None)
     except Exception:  # e.g. speculation this bundle cannot do: free the device memory
-      engine.close()
+      for engine in engines:
+        engine.close()
       raise
 
   # --- caller-facing API (any thread) ---
@@ -202,6 +214,8 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
         thread.join()
     if self._owns_engine:
       self.engine.close()
+      if self._draft is not None:
+        self._draft.close()
       self._owns_engine = False
 
   def stats(self) -> dict[str, float]:
@@ -295,6 +309,8 @@ class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
         if self._chunked:  # the reset below empties the cache the prefixes were in
           self._sched.clear_cache()
       self.engine.reset()
+      if self._draft is not None:
+        self._draft.reset()
       self._send(emit)
       return None
 

@@ -10,6 +10,7 @@ and accepted for the metrics.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -41,13 +42,27 @@ class SpecSteps:
       row = (r.token, *r.draft)
       tokens[r.slot, :len(row)], starts[r.slot], lengths[r.slot] = row, r.position, len(row)
       table[r.slot, :len(r.pages)] = r.pages
-      live = self._live[r.seq_id]
-      samp.append((r.slot, live.sampling, live.seed, r.num_generated))
+      live = self._live.get(r.seq_id)  # None: cancelled while a draft model ran
+      if live is not None:
+        samp.append((r.slot, live.sampling, live.seed, r.num_generated))
     self._counters["decode_steps"] += 1
     self._counters["decode_rows"] += len(dec.rows)
     self._counters["spec_verify_steps"] += 1
     return {"bucket": b, "tokens": tokens, "starts": starts, "lengths": lengths,
             "page_table": table, "sampling": sampling_arrays(samp, b.batch)}
+
+  def _draft_step(self, dec: DecodeBatch) -> tuple[DecodeBatch | None, Any, bool]:
+    """Runs the draft model over the decode rows (every row feeds it, drafting or not) ->
+    (the rows with their drafts, the engine inputs, whether to verify); None on failure."""
+    drafts = self._execute(lambda: self._draft.propose(dec.rows))
+    if drafts is None:
+      return None, None, False
+    rows = tuple(dataclasses.replace(r, draft=drafts[r.slot]) for r in dec.rows)
+    dec = dataclasses.replace(dec, rows=rows)
+    with self._cv:  # a row cancelled meanwhile still runs: its pages are not reused before
+      verify = any(r.draft for r in rows)
+      inputs = self._verify_inputs(dec) if verify else self._decode_inputs(dec.rows)
+    return dec, inputs, verify
 
   def _run_verify(self, dec: DecodeBatch, inputs: dict[str, Any], seqs: list[Seq | None],
                   want_lp: bool) -> None:

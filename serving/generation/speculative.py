@@ -25,7 +25,7 @@ from serving.generation.ngram import ngram_propose
 from serving.generation.scheduler import (DecodeBatch, DecodeRow, PrefillBucket, SchedulerConfig,
                                           Seq, State)
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")  # prompt lookup here; a draft LM (draft_model.py) in the service
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,13 +53,15 @@ class SpeculativeScheduler(ChunkedScheduler):
     super().__init__(config, chunk)
     self.spec = spec
 
-  def draft(self, seq: Seq) -> list[int]:
-    """Drafts for `seq`'s next tokens, never past its length limit (the last one emitted is
-    always the target's own)."""
-    room = seq.max_len - len(seq.tokens) - 1
-    k = min(self.spec.num_tokens, room)
-    return ngram_propose(seq.tokens, k, max_n=self.spec.ngram_max,
-                         min_n=self.spec.ngram_min) if k > 0 else []
+  def draft(self, seq: Seq) -> tuple[list[int], int]:
+    """(n-gram drafts, room) for `seq`'s next tokens: room is how many drafts it may verify,
+    never past its length limit (the last token emitted is always the target's own); a draft
+    model's drafts come later, so they are [] here."""
+    room = max(0, min(self.spec.num_tokens, seq.max_len - len(seq.tokens) - 1))
+    if self.spec.method != "ngram" or room == 0:
+      return [], room
+    d = ngram_propose(seq.tokens, room, max_n=self.spec.ngram_max, min_n=self.spec.ngram_min)
+    return d, len(d)
 
   def _schedule_decode_rows(self) -> DecodeBatch | None:
     """As ChunkedScheduler's, with drafts where their pages fit (see the module doc)."""
@@ -67,30 +69,33 @@ class SpeculativeScheduler(ChunkedScheduler):
     for seq in list(self._running):  # oldest first
       if seq.state is not State.RUNNING or seq.seq_id not in self._decoding:
         continue
-      d = self.draft(seq)
-      self.pool.shrink(seq.seq_id, len(seq.tokens) + len(d))  # rejected drafts' pages
-      if d and not self.pool.reserve(seq.seq_id, len(seq.tokens) + len(d)):
-        d = []
+      d, room = self.draft(seq)
+      self.pool.shrink(seq.seq_id, len(seq.tokens) + room)  # rejected drafts' pages
+      if room and not self.pool.reserve(seq.seq_id, len(seq.tokens) + room):
+        d, room = [], 0
       while not self.pool.reserve(seq.seq_id, len(seq.tokens)):
         victim = self._running[-1]
         self._preempt(victim)
         preempted.append(victim.seq_id)
         if victim is seq:
           break
-      drafts[seq.seq_id] = tuple(d)
+      drafts[seq.seq_id] = (tuple(d), room)
     rows = tuple(self._row(s, drafts) for s in self._running if s.seq_id in self._decoding)
     return DecodeBatch(rows, tuple(preempted)) if rows else None
 
-  def _row(self, s: Seq, drafts: dict[Hashable, tuple[int, ...]]) -> DecodeRow:
+  def _row(self, s: Seq, drafts: dict[Hashable, tuple[tuple[int, ...], int]]) -> DecodeRow:
     return DecodeRow(s.seq_id, s.slot, s.tokens[-1], len(s.tokens) - 1,
-                     tuple(self.pool.table(s.seq_id)), s.num_generated, drafts[s.seq_id])
+                     tuple(self.pool.table(s.seq_id)), s.num_generated, *drafts[s.seq_id])
 
 
-def verify_buckets(spec: Any, config: SpeculativeConfig | None, *,
-                   chunked: bool) -> tuple[PrefillBucket, ...]:
+def verify_buckets(spec: Any, config: SpeculativeConfig | None, *, chunked: bool,
+                   has_draft: bool = False) -> tuple[PrefillBucket, ...]:
   """The verify shapes of a GenerateSpec a step may use under `config`, smallest first, up to
   the first that holds K + 1 tokens (() when not speculating); a BundleError saying what to
   change when speculation cannot run on this bundle or config."""
+  if (config is not None and config.method == "draft") != has_draft:
+    raise BundleError("--speculative draft needs a draft model (--speculative-model NAME), and a"
+                      " draft model needs --speculative draft")
   if config is None:
     return ()
   if not spec.verify_buckets:

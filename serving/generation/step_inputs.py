@@ -51,8 +51,9 @@ class StepInputs:
     for r in rows:
       tokens[r.slot], positions[r.slot], lengths[r.slot] = r.token, r.position, r.position + 1
       table[r.slot, :len(r.pages)] = r.pages
-      live = self._live[r.seq_id]
-      samp.append((r.slot, live.sampling, live.seed, r.num_generated))
+      live = self._live.get(r.seq_id)  # None: cancelled while a draft model ran
+      if live is not None:
+        samp.append((r.slot, live.sampling, live.seed, r.num_generated))
     self._counters["decode_steps"] += 1
     self._counters["decode_rows"] += len(rows)
     return {"tokens": tokens, "positions": positions, "lengths": lengths, "page_table": table,

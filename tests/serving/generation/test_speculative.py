@@ -222,3 +222,43 @@ def test_each_step_uses_the_smallest_verify_shape_that_holds_its_drafts(service)
   assert submit_all(svc, cases) == submit_all(service(), cases)
   lengths = {c.length for c in engine.calls if c.kind == "verify"}
   assert lengths == {3, 5}  # never 9: K = 4 needs 5
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_draft_model_gives_plain_decodings_streams(service, same):
+  """A draft engine (the target's rule, or one that differs from it now and then): the same
+  streams as plain decoding; the target's own rule as draft is accepted every time."""
+  def other(seq):
+    return whole_sequence_rule(seq) if len(seq) % 3 else (seq[-1] + 1) % 256
+
+  draft = MockEngine(mock_spec(extend=EXTEND, verify=(5,)),
+                     next_token=whole_sequence_rule if same else other)
+  engine = MockEngine(mock_spec(extend=EXTEND, verify=(5,)), next_token=whole_sequence_rule)
+  svc = GenerationService(engine, config=ServiceConfig(
+      max_waiting=1000, speculative=SpeculativeConfig(method="draft", num_tokens=4)),
+                          draft=draft).start()
+  rng = random.Random(2)
+  cases = [(bytes(rng.choice(b"abc ") for _ in range(rng.randint(1, 30))),
+            SamplingParams(max_new_tokens=rng.randint(1, 25), ignore_eos=i % 2 == 0))
+           for i in range(40)]
+  try:
+    got = submit_all(svc, cases)
+    st = svc.stats()
+  finally:
+    svc.stop()
+  assert got == submit_all(service(), cases)
+  assert st["kv_pages_used"] == 0 and st["spec_draft_tokens"] > 100
+  if same:
+    assert st["spec_accepted_tokens"] == st["spec_draft_tokens"]
+  else:
+    assert 0 < st["spec_accepted_tokens"] < st["spec_draft_tokens"]
+  assert {c.kind for c in draft.calls} == {"extend", "decode"}  # mirrors chunks, drafts by decode
+
+
+def test_draft_method_and_draft_engine_go_together():
+  engine = MockEngine(mock_spec(extend=EXTEND, verify=(5,)))
+  with pytest.raises(BundleError, match="needs a draft model"):
+    GenerationService(engine, config=ServiceConfig(speculative=SpeculativeConfig(method="draft")))
+  with pytest.raises(BundleError, match="page_size"):
+    GenerationService(engine, config=ServiceConfig(speculative=SpeculativeConfig(method="draft")),
+                      draft=MockEngine(mock_spec(extend=EXTEND, verify=(5,), page_size=8)))
