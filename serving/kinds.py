@@ -10,7 +10,10 @@ other served models).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Callable, Iterable, Mapping
+
+from bundle import BundleError
 
 from serving.batching import BatchingConfig
 from serving.engines import Engine
@@ -84,11 +87,23 @@ def generate_runner_factory(spec: LoadSpec) -> Runner:
   speculative = None if cfg.speculative == "off" else SpeculativeConfig(
       cfg.speculative, cfg.num_speculative_tokens)
   return load_generation_runner(spec.path, spec.name, observer=spec.observer,
-                                progress=spec.progress, config=ServiceConfig(
+                                progress=spec.progress, draft_path=draft_path(
+                                    spec.path, cfg.speculative_model), config=ServiceConfig(
                                     chunked_prefill=cfg.chunked_prefill,
                                     max_num_batched_tokens=cfg.max_num_batched_tokens,
                                     prefix_caching=cfg.prefix_caching,
                                     speculative=speculative))
+
+
+def draft_path(bundle: pathlib.Path, name: str | None) -> pathlib.Path | None:
+  """The newest version folder of model `name` beside `bundle` (<repo>/<model>/<version>)."""
+  if name is None:
+    return None
+  versions = sorted((int(p.name), p) for p in (bundle.parent.parent / name).glob("*")
+                    if p.name.isdigit() and p.is_dir())
+  if not versions:
+    raise BundleError(f"speculative model {name!r} has no version folder in the repository")
+  return versions[-1][1]
 
 
 def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:

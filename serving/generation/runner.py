@@ -180,11 +180,12 @@ class GenerationRunner:
 
 def load_generation_runner(path: Any, name: str, *, observer: Observer | None = None,
                            progress: Callable[[str], None] | None = None,
-                           config: Any = None) -> GenerationRunner:
+                           config: Any = None, draft_path: Any = None) -> GenerationRunner:
   """Loads a generate bundle (compiling every shape) and wraps it; raises BundleError.
-  `config`: a ServiceConfig (default: ServiceConfig())."""
+  `config`: a ServiceConfig (default: ServiceConfig()); `draft_path`: a draft model's bundle."""
   from serving.generation.service import GenerationService, ServiceConfig
 
   service = GenerationService.from_bundle(path, progress=progress,
-                                          config=config or ServiceConfig())
+                                          config=config or ServiceConfig(),
+                                          draft_directory=draft_path)
   return GenerationRunner(name, service, observer=observer)

@@ -262,3 +262,18 @@ def test_draft_method_and_draft_engine_go_together():
   with pytest.raises(BundleError, match="page_size"):
     GenerationService(engine, config=ServiceConfig(speculative=SpeculativeConfig(method="draft")),
                       draft=MockEngine(mock_spec(extend=EXTEND, verify=(5,), page_size=8)))
+
+
+def test_the_draft_model_is_the_newest_version_of_its_name_in_the_repository(tmp_path):
+  from serving.kinds import draft_path
+  from serving.repository import ModelServingConfig
+
+  for v in ("1", "3", "12", "notes"):
+    (tmp_path / "draft_lm" / v).mkdir(parents=True)
+  assert draft_path(tmp_path / "lm" / "1", "draft_lm") == tmp_path / "draft_lm" / "12"
+  assert draft_path(tmp_path / "lm" / "1", None) is None
+  with pytest.raises(BundleError, match="no version folder"):
+    draft_path(tmp_path / "lm" / "1", "missing")
+  with pytest.raises(ValueError, match="go together"):
+    ModelServingConfig(speculative="draft")
+  assert ModelServingConfig.from_json({"speculative": "draft", "speculative_model": "d"})
