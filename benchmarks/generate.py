@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                  help="speculative: the draft lengths K to compare with plain decoding")
   p.add_argument("--spec-output-len", type=int, default=48,
                  help="speculative: tokens each request generates")
+  p.add_argument("--draft-bundle", type=pathlib.Path, default=None,
+                 help="speculative: a draft LM's bundle (export.generative --preset draft) to"
+                 " compare too")
   p.add_argument("--temperature", type=float, default=0.0,
                  help="speculative: sampling temperature (0: greedy)")
   args = p.parse_args(argv)
@@ -297,7 +300,11 @@ def run_speculative(engine: BundleEngine, args: argparse.Namespace,
   gs, spec = generate_spec, engine.spec
   if not spec.verify_buckets:
     raise SystemExit(f"{args.bundle} has no verify signatures: re-export it")
-  results = gs.run_all(engine, args)
+  draft = None if args.draft_bundle is None else BundleEngine(args.draft_bundle,
+                                                               compile_counter=counter)
+  results = gs.run_all(engine, args, draft)
+  if draft is not None:
+    draft.close()
   for name, rows in results.items():
     print(gs.table(name, rows))
   print(f"compiles after warm-up: {counter.outside_warmup}")

@@ -73,10 +73,10 @@ def long_prompt_jobs(n_decode: int, n_long: int, seed: int, max_seq_len: int,
 
 
 def run(engine: Any, jobs: list[dict[str, Any]], name: str, config: ServiceConfig, *,
-        temperature: float = 0.0) -> dict[str, Any]:
+        temperature: float = 0.0, draft: Any = None) -> dict[str, Any]:
   """Sends the jobs on their schedule through a fresh service; per-class latency summary."""
   svc = GenerationService(engine, config=dataclasses.replace(
-      config, max_waiting=len(jobs) + 1)).start()
+      config, max_waiting=len(jobs) + 1), draft=draft).start()
   times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
   finals: dict[int, GenerationEvent] = {}
   done = threading.Event()

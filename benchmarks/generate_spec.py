@@ -7,7 +7,9 @@ Two workloads, each run once per mode in the same process on the same engine:
   novel   short prompts of random printable bytes with short outputs: the completion shares
           little with the prompt, so drafts are rarely proposed or accepted; this measures the
           cost of speculating where it does not pay.
-Modes: plain decoding, then n-gram drafts of K tokens for each K asked. Reported per mode:
+Modes: plain decoding, then n-gram drafts of K tokens for each K asked, then (with
+--draft-bundle, e.g. `python -m export.generative --preset draft --name draft`) the same
+with a draft LM. Reported per mode:
 generated tokens/s, TPOT p50/p99, acceptance rate (accepted / proposed drafts) and tokens
 per decode row and step (1.0 without speculation: on an accelerator, where a decode step costs
 about the same with or without the draft positions, the speed-up it bounds).
@@ -26,10 +28,12 @@ from serving.generation.service import ServiceConfig
 from serving.generation.speculative import SpeculativeConfig
 
 
-def modes(ks: tuple[int, ...]) -> list[tuple[str, ServiceConfig]]:
+def modes(ks: tuple[int, ...], draft: bool) -> list[tuple[str, ServiceConfig]]:
+  """Plain, n-gram with each K, and with a draft LM (`draft`) each K."""
   base = ServiceConfig()
-  return [("plain", base)] + [(f"ngram K={k}", dataclasses.replace(
-      base, speculative=SpeculativeConfig(num_tokens=k))) for k in ks]
+  methods = ("ngram", "draft") if draft else ("ngram",)
+  return [("plain", base)] + [(f"{m} K={k}", dataclasses.replace(
+      base, speculative=SpeculativeConfig(m, num_tokens=k))) for m in methods for k in ks]
 
 
 def repeat_jobs(n: int, rate: float, seed: int, max_seq_len: int,
@@ -61,20 +65,22 @@ def novel_jobs(n: int, rate: float, seed: int, out_len: int) -> list[dict[str, A
           for i in range(n)]
 
 
-def run_all(engine: Any, args: Any) -> dict[str, list[dict[str, Any]]]:
-  """Every workload x mode (greedy, or --temperature) on `engine`."""
+def run_all(engine: Any, args: Any, draft: Any = None) -> dict[str, list[dict[str, Any]]]:
+  """Every workload x mode (greedy, or --temperature) on `engine`; `draft`: a draft LM's
+  engine for the draft modes."""
   spec = engine.spec
   work = {"repeat": repeat_jobs(args.requests, args.rate, args.seed, spec.max_seq_len,
                                 args.spec_output_len),
           "novel": novel_jobs(args.requests, args.rate, args.seed, args.spec_output_len)}
-  return {name: [gf.run(engine, jobs, mode, cfg, temperature=args.temperature)
-                 for mode, cfg in modes(tuple(args.num_speculative_tokens))]
+  return {name: [gf.run(engine, jobs, mode, cfg, temperature=args.temperature, draft=draft if (
+      cfg.speculative and cfg.speculative.method == "draft") else None)
+                 for mode, cfg in modes(tuple(args.num_speculative_tokens), draft is not None)]
           for name, jobs in work.items()}
 
 
 def table(workload: str, results: list[dict[str, Any]]) -> str:
   """One line per mode, then each mode's ratios against plain decoding."""
-  lines = [f"\n{workload}:", f"{'mode':<12}{'tok/s':>8}{'TPOT p50':>10}{'TPOT p99':>10}"
+  lines = [f"\n{workload}:", f"{'mode':<13}{'tok/s':>8}{'TPOT p50':>10}{'TPOT p99':>10}"
            f"{'TTFT p50':>10}{'accept':>8}{'tok/row-step':>13}"]
   for r in results:
     c = next(iter(r["classes"].values()))
@@ -83,7 +89,7 @@ def table(workload: str, results: list[dict[str, Any]]) -> str:
     per_step = ((r["tokens_per_s"] * r["wall_s"] - r["classes"][next(iter(r["classes"]))][
         "requests"]) / max(1, r["decode_rows"]))
     r["acceptance_rate"], r["tokens_per_step"] = rate, per_step
-    lines.append(f"{r['mode']:<12}{r['tokens_per_s']:>8.1f}{1e3 * c['tpot_p50_s']:>8.1f}ms"
+    lines.append(f"{r['mode']:<13}{r['tokens_per_s']:>8.1f}{1e3 * c['tpot_p50_s']:>8.1f}ms"
                  f"{1e3 * c['tpot_p99_s']:>8.1f}ms{1e3 * c['ttft_p50_s']:>8.0f}ms"
                  f"{rate:>8.2f}{per_step:>13.2f}")
   base = results[0]

@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--repo", default="model_repo", help="repository root; writes <repo>/<name>/<version>")
   p.add_argument("--name", default="decoder")
   p.add_argument("--version", type=int, default=1)
-  p.add_argument("--preset", choices=("demo", "tiny"), default="demo")
+  p.add_argument("--preset", choices=("demo", "tiny", "draft"), default="demo",
+                 help="draft: a 1-layer LM with the demo's geometry (speculative decoding)")
   p.add_argument("--train-steps", type=int, default=None)
   p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
   p.add_argument("--platforms", default="cpu", help="comma-separated, e.g. cpu,cuda")
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--group-size", type=int, default=128, help="int4 group size along K")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-  config = getattr(GenerativeExportConfig, args.preset)()
+  config = getattr(GenerativeExportConfig, "demo" if args.preset == "draft" else args.preset)()
   config = dataclasses.replace(
       config, kv_dtype=args.kv_dtype, platforms=tuple(args.platforms.split(",")),
       weights=args.weights, int4_group_size=args.group_size,

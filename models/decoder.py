@@ -77,6 +77,11 @@ class DecoderConfig:
     return cls()
 
   @classmethod
+  def draft(cls) -> DecoderConfig:
+    """A draft LM for the demo (speculative decoding): its sequence length, 1 layer, d 128."""
+    return cls(num_layers=1, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384)
+
+  @classmethod
   def tiny(cls) -> DecoderConfig:
     """A small LM for tests: same structure, separate output head, ~0.1M params."""
     return cls(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=192,
