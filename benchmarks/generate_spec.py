@@ -109,19 +109,20 @@ def plot(all_results: dict[str, list[dict[str, Any]]], path: Any) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2 * len(all_results), figsize=(6 * len(all_results), 4),
+  fig, axes = plt.subplots(1, 2 * len(all_results), figsize=(9 * len(all_results), 4.5),
                            squeeze=False)
   for w, (workload, results) in enumerate(all_results.items()):
     labels = [f"{r['mode']}\nacc {r.get('acceptance_rate', 0):.2f}" for r in results]
     ax = axes[0][2 * w]
     ax.bar(labels, [r["tokens_per_s"] for r in results], color="tab:blue")
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
     ax.set_title(f"{workload}: generated tokens/s")
     ax = axes[0][2 * w + 1]
     x = np.arange(len(results))
     for j, q in enumerate(("tpot_p50_s", "tpot_p99_s")):
       ax.bar(x + 0.4 * j, [1e3 * next(iter(r["classes"].values()))[q] for r in results], 0.4,
              label=q[5:8])
-    ax.set_xticks(x + 0.2, labels)
+    ax.set_xticks(x + 0.2, labels, fontsize=7, rotation=30)
     ax.set_title(f"{workload}: TPOT (ms)")
     ax.legend()
   fig.tight_layout()
