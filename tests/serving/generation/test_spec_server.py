@@ -1,6 +1,6 @@
-"""Speculative decoding behind the real server: the `openai` client (SSE) and tritonclient gRPC
-streaming get the model's own greedy text, stop strings cut it as without speculation, and the
-spec-decode metrics count drafts per model."""
+"""Speculative decoding behind the real server: the `openai` client (SSE), tritonclient gRPC
+streaming and HTTP generate_stream get the model's own greedy text, stop strings cut it as
+without speculation, and the spec-decode metrics count drafts per model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import queue
 import re
 import shutil
+import urllib.request
 
 import numpy as np
 import openai
@@ -85,3 +86,15 @@ def test_tritonclient_grpc_streaming_equals_the_greedy_reference(lm, want):
   finally:
     g.stop_stream()
   assert b"".join(pieces).decode() == want
+
+
+def test_http_generate_stream_equals_the_greedy_reference(lm, want):
+  body = json.dumps({"text_input": PROMPT,
+                     "parameters": {"max_tokens": 30, "ignore_eos": True}}).encode()
+  req = urllib.request.Request(
+      f"http://127.0.0.1:{lm.server.http_port}/v2/models/decoder/generate_stream", data=body,
+      headers={"content-type": "application/json"})
+  with urllib.request.urlopen(req, timeout=60) as r:
+    events = [json.loads(line[5:]) for line in r.read().decode().splitlines()
+              if line.startswith("data:")]
+  assert len(events) > 1 and "".join(e["text_output"] for e in events) == want
