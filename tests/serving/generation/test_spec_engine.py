@@ -170,14 +170,14 @@ def test_greedy_speculation_is_token_for_token_plain_greedy(service, tiny_model)
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(service):
+  """Same seed and K: the same tokens, whatever the batch order (another K draws other,
+  equally distributed, tokens)."""
   cases = [(p, 20) for p in AD_PROMPTS]
   a = run(service(speculative=SpeculativeConfig(num_tokens=4)), cases, temperature=0.8, seed=7)
-  b = run(service(speculative=SpeculativeConfig(num_tokens=2)), cases[::-1], temperature=0.8,
-          seed=7)
   assert a[0] != a[1] and all(len(t) == 20 or EOS in t for t in a)
-  del b  # other draft lengths draw other (equally distributed) tokens; same K, same tokens:
-  assert run(service(speculative=SpeculativeConfig(num_tokens=4)), cases, temperature=0.8,
-             seed=7) == a
+  b = run(service(speculative=SpeculativeConfig(num_tokens=4)), cases[::-1], temperature=0.8,
+          seed=7)
+  assert b[::-1] == a
 
 
 def test_no_compiles_after_warmup_speculative(service, compile_counter):
