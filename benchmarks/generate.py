@@ -2,11 +2,17 @@
 
     python benchmarks/generate.py [--bundle DIR | --preset demo|tiny] [--requests N] [--rate R]
                                   [--prompt-len MIN:MAX] [--output-len MIN:MAX] [--out DIR]
-                                  [--workload batching|shared-prefix|long-prompt|features]
+                                  [--workload batching|shared-prefix|long-prompt|features|
+                                              speculative]
 
 `--workload shared-prefix`, `long-prompt` or `features` (both) instead compares prefix caching
 and chunked prefill, each on vs off, in the same run (benchmarks/generate_features.py): TTFT,
 TPOT and inter-token gaps p50/p99 and tokens/s per mode; writes features.json and features.png.
+
+`--workload speculative` compares plain decoding with n-gram speculative decoding (K draft
+tokens, `--num-speculative-tokens K [K ...]`) on a workload whose completions repeat the prompt's
+words and on one where they do not (benchmarks/generate_spec.py): tokens/s, TPOT p50/p99,
+acceptance rate; writes speculative.json and speculative.png.
 
 A mixed workload (uniform prompt and output lengths, greedy, EOS ignored so every request
 generates exactly its output length) arrives as a Poisson stream at --rate requests/s (0: all at
@@ -39,7 +45,7 @@ from serving.telemetry.compile_watch import CompileCounter
 from serving.generation.engine import BundleEngine
 from serving.generation.request import GenerationEvent, GenerationRequest, SamplingParams
 from serving.generation.service import GenerationService, ServiceConfig
-from benchmarks import generate_features
+from benchmarks import generate_features, generate_spec
 # pylint: enable=g-import-not-at-top
 
 logger = logging.getLogger(__name__)
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/generate"))
   p.add_argument("--workload", default="batching",
-                 choices=("batching", "shared-prefix", "long-prompt", "features"),
+                 choices=("batching", "shared-prefix", "long-prompt", "features",
+                          "speculative"),
                  help="batching: continuous vs static; the others: prefix caching / chunked"
                  " prefill on vs off (features: both workloads)")
   p.add_argument("--instruction-len", type=int, default=300,
@@ -178,6 +185,15 @@ def main(argv: list[str] | None = None) -> None:
                  help="long-prompt: tokens each running decode generates")
   p.add_argument("--max-num-batched-tokens", type=int, default=None,
                  help="chunked modes' per-step token budget (default: the service's)")
+  p.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[2, 4],
+                 help="speculative: the draft lengths K to compare with plain decoding")
+  p.add_argument("--spec-output-len", type=int, default=48,
+                 help="speculative: tokens each request generates")
+  p.add_argument("--draft-bundle", type=pathlib.Path, default=None,
+                 help="speculative: a draft LM's bundle (export.generative --preset draft) to"
+                 " compare too")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="speculative: sampling temperature (0: greedy)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
   args.out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"loading {bundle} ...", file=sys.stderr, flush=True)
   engine = BundleEngine(bundle, compile_counter=counter)
   spec = engine.spec
+  if args.workload == "speculative":
+    run_speculative(engine, args, counter)
+    engine.close()
+    return
   if args.workload != "batching":
     run_features(engine, args, counter)
     engine.close()
@@ -272,6 +292,29 @@ def run_features(engine: BundleEngine, args: argparse.Namespace, counter: Compil
       "compiles_after_warmup": counter.outside_warmup}, indent=1))
   gf.plot(results, args.out / "features.png")
   print(f"wrote {args.out / 'features.json'} and {args.out / 'features.png'}")
+
+
+def run_speculative(engine: BundleEngine, args: argparse.Namespace,
+                    counter: CompileCounter) -> None:
+  """Plain vs n-gram speculative decoding on both workloads, on this engine."""
+  gs, spec = generate_spec, engine.spec
+  if not spec.verify_buckets:
+    raise SystemExit(f"{args.bundle} has no verify signatures: re-export it")
+  draft = None if args.draft_bundle is None else BundleEngine(args.draft_bundle,
+                                                               compile_counter=counter)
+  results = gs.run_all(engine, args, draft)
+  if draft is not None:
+    draft.close()
+  for name, rows in results.items():
+    print(gs.table(name, rows))
+  print(f"compiles after warm-up: {counter.outside_warmup}")
+  (args.out / "speculative.json").write_text(json.dumps({
+      "model": engine.manifest.name, "decode_batch": spec.decode_batch,
+      "verify": [[b.length, b.batch] for b in spec.verify_buckets],
+      "args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+      "compiles_after_warmup": counter.outside_warmup}, indent=1))
+  gs.plot(results, args.out / "speculative.png")
+  print(f"wrote {args.out / 'speculative.json'} and {args.out / 'speculative.png'}")
 
 
 if __name__ == "__main__":

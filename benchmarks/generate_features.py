@@ -14,6 +14,7 @@ generated tokens/s of the whole run.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -71,13 +72,11 @@ def long_prompt_jobs(n_decode: int, n_long: int, seed: int, max_seq_len: int,
   return sorted(jobs, key=lambda j: j["at"])
 
 
-def run(engine: Any, jobs: list[dict[str, Any]], name: str,
-        config: ServiceConfig) -> dict[str, Any]:
+def run(engine: Any, jobs: list[dict[str, Any]], name: str, config: ServiceConfig, *,
+        temperature: float = 0.0, draft: Any = None) -> dict[str, Any]:
   """Sends the jobs on their schedule through a fresh service; per-class latency summary."""
-  svc = GenerationService(engine, config=ServiceConfig(
-      max_waiting=len(jobs) + 1, chunked_prefill=config.chunked_prefill,
-      prefix_caching=config.prefix_caching,
-      max_num_batched_tokens=config.max_num_batched_tokens)).start()
+  svc = GenerationService(engine, config=dataclasses.replace(
+      config, max_waiting=len(jobs) + 1), draft=draft).start()
   times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
   finals: dict[int, GenerationEvent] = {}
   done = threading.Event()
@@ -99,7 +98,8 @@ def run(engine: Any, jobs: list[dict[str, Any]], name: str,
     if delay > 0:
       time.sleep(delay)
     svc.submit(GenerationRequest(job["prompt"], SamplingParams(
-        max_new_tokens=job["max_new_tokens"], ignore_eos=True)), lambda ev, i=i: on_event(i, ev))
+        max_new_tokens=job["max_new_tokens"], ignore_eos=True, temperature=temperature,
+        seed=i)), lambda ev, i=i: on_event(i, ev))
   done.wait()
   wall = time.perf_counter() - start
   stats = svc.stats()
@@ -111,7 +111,10 @@ def run(engine: Any, jobs: list[dict[str, Any]], name: str,
       "mode": name, "wall_s": wall,
       "tokens_per_s": sum(ev.metrics.generated_tokens for ev in finals.values()) / wall,
       "prefill_tokens": stats["prefill_tokens"], "prefix_cache_hits": stats["prefix_cache_hits"],
-      "prefix_cache_queries": stats["prefix_cache_queries"], "classes": {}}
+      "prefix_cache_queries": stats["prefix_cache_queries"], "decode_steps": stats["decode_steps"],
+      "decode_rows": stats["decode_rows"],
+      "spec_draft_tokens": stats["spec_draft_tokens"],
+      "spec_accepted_tokens": stats["spec_accepted_tokens"], "classes": {}}
   for kind in sorted({j["kind"] for j in jobs}):
     ids = [i for i, j in enumerate(jobs) if j["kind"] == kind]
     m = [finals[i].metrics for i in ids]

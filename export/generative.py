@@ -10,6 +10,8 @@ Signatures (call convention of bundle/format.py, `fn(params, inputs) -> outputs`
   extend_<C>   tokens [b, C], starts [b], lengths [b], page_table [b, P], <cache>
                -> logits [b, V], <cache>   (a prefill chunk at an offset: chunked prefill and
                prefix caching; listed in `extra["extend"]`, absent from older bundles)
+  verify_<C>   as extend_<C> with b = the decode batch -> logits [b, C, V] at every position
+               (speculative decoding; `extra["verify"]`; export/verify_entries.py)
 `<cache>` is every array in `manifest.extra["kv_cache"]` (k_pages, v_pages, plus k_scale,
 v_scale for an int8 cache); the server passes them in and takes the updated ones back.
 
@@ -35,6 +37,7 @@ from flax import nnx
 import bundle as bundle_lib
 from bundle import Manifest, Signature, TensorSpec
 from export.tracing import disabled_checks, nnx_parts
+from export.verify_entries import verify_entries
 from models.decoder import CACHE_AXES, KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
 from models.tokenizer import ByteTokenizer
 from pallas_kernels.common import is_pow2
@@ -83,6 +86,7 @@ class GenerativeExportConfig:
   prefill_lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
   prefill_tokens: int = 256
   chunk_lengths: tuple[int, ...] = (32, 64, 128)
+  verify_lengths: tuple[int, ...] = (3, 5)  # 1 + draft tokens per speculative step; () none
   decode_batch: int = 16
   kv_dtype: str = "float32"
   weights: str = "none"  # export.quantize name for the Dense layers (MLP, head): "none", "int8", ...
@@ -106,6 +110,10 @@ class GenerativeExportConfig:
         self.chunk_lengths, default=1) < 1:
       raise ValueError(f"chunk_lengths must be strictly increasing and positive, got"
                        f" {self.chunk_lengths}")
+    if list(self.verify_lengths) != sorted(set(self.verify_lengths)) or min(
+        self.verify_lengths, default=2) < 2:
+      raise ValueError(f"verify_lengths must be strictly increasing and >= 2, got"
+                       f" {self.verify_lengths}")
     if min(self.decode_batch, self.prefill_tokens, self.prefill_lengths[0]) < 1:
       raise ValueError("decode_batch, prefill_tokens and prefill_lengths must be positive")
     if self.kv_dtype not in KV_DTYPES:
@@ -127,8 +135,8 @@ class GenerativeExportConfig:
   def tiny(cls) -> GenerativeExportConfig:
     """For tests: 64 pages of 8 (so a full decode batch of long sequences must preempt)."""
     return cls(page_size=8, num_pages=64, prefill_lengths=(16, 32, 64, 128), prefill_tokens=64,
-               chunk_lengths=(16, 32), decode_batch=8, train_steps=120, train_batch=16, train_seq_len=64,
-               learning_rate=1e-2)
+               chunk_lengths=(16, 32), verify_lengths=(5,), decode_batch=8, train_steps=120,
+               train_batch=16, train_seq_len=64, learning_rate=1e-2)
 
 
 def train(model: Decoder, lines: list[str], config: GenerativeExportConfig,
@@ -205,7 +213,9 @@ def export_generative(
   pages_per_seq = -(-mc.max_seq_len // config.page_size)
   entries, prefill_meta = _entries(rebuild, kv, config, pages_per_seq)
   extend_entries, extend_meta = _extend_entries(rebuild, kv, config, pages_per_seq)
-  entries += extend_entries
+  verify, verify_meta = verify_entries(rebuild, kv, config.verify_lengths, config.decode_batch,
+                                       pages_per_seq)
+  entries += extend_entries + verify
   signatures, artifacts = _export_entries(entries, param_structs, config.platforms)
   batch_buckets, seq_buckets = (config.decode_batch,), tuple(config.prefill_lengths)
   manifest = Manifest(
@@ -214,7 +224,7 @@ def export_generative(
       seq_buckets=seq_buckets, quantization=config.weights,
       code_hash=bundle_lib.compute_code_hash(artifacts, specs, batch_buckets, seq_buckets),
       extra={**_generate_extra(mc, config, kv, pages_per_seq, prefill_meta, tokenizer),
-             "extend": extend_meta, **quant_extra, **(extra or {})})
+             "extend": extend_meta, "verify": verify_meta, **quant_extra, **(extra or {})})
   return bundle_lib.write_bundle(directory, manifest, leaves, artifacts)
 
 
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--repo", default="model_repo", help="repository root; writes <repo>/<name>/<version>")
   p.add_argument("--name", default="decoder")
   p.add_argument("--version", type=int, default=1)
-  p.add_argument("--preset", choices=("demo", "tiny"), default="demo")
+  p.add_argument("--preset", choices=("demo", "tiny", "draft"), default="demo",
+                 help="draft: a 1-layer LM with the demo's geometry (speculative decoding)")
   p.add_argument("--train-steps", type=int, default=None)
   p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
   p.add_argument("--platforms", default="cpu", help="comma-separated, e.g. cpu,cuda")
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--group-size", type=int, default=128, help="int4 group size along K")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-  config = getattr(GenerativeExportConfig, args.preset)()
+  config = getattr(GenerativeExportConfig, "demo" if args.preset == "draft" else args.preset)()
   config = dataclasses.replace(
       config, kv_dtype=args.kv_dtype, platforms=tuple(args.platforms.split(",")),
       weights=args.weights, int4_group_size=args.group_size,

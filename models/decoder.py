@@ -9,6 +9,8 @@ Three pure entry points over the same params:
   `extend(tokens, starts, lengths, page_table, cache)`   a prefill chunk at an offset that
                                      attends to the pages the sequence already has (chunked
                                      prefill, prefix caching; models/chunk_attention.py)
+  `verify(tokens, starts, lengths, page_table, cache)`   `extend` with the logits at every
+                                     chunk position (speculative decoding's one-pass check)
 
 `cache` maps "k_pages", "v_pages" [layers, kv_heads, num_pages, page_size, head_dim] (float,
 or int8 with "k_scale", "v_scale" [layers, kv_heads, num_pages, page_size] float32, one scale
@@ -76,6 +78,11 @@ class DecoderConfig:
   def demo(cls) -> DecoderConfig:
     """The demo LM: 4 layers, d_model 256, 8 query / 2 kv heads, byte vocabulary (~3.4M params)."""
     return cls()
+
+  @classmethod
+  def draft(cls) -> DecoderConfig:
+    """A draft LM for the demo (speculative decoding): its sequence length, 1 layer, d 128."""
+    return cls(num_layers=1, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384)
 
   @classmethod
   def tiny(cls) -> DecoderConfig:
@@ -290,6 +297,20 @@ class Decoder(nnx.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Writes the chunk's K/V at starts.., attends to positions 0.. of the sequence's pages ->
     (logits [B, V] at position starts + lengths - 1, cache). With starts 0 it is `prefill`."""
+    x, new = self._chunk(tokens, starts, lengths, page_table, cache)  # [B, C, D]
+    last = jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)
+    return self._logits(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), new
+
+  def verify(self, tokens: jax.Array, starts: jax.Array, lengths: jax.Array,
+             page_table: jax.Array, cache: Cache) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`extend` returning the logits at every chunk position [B, C, V] (speculative decoding
+    scores all draft tokens in one pass); padded positions' logits are garbage."""
+    x, new = self._chunk(tokens, starts, lengths, page_table, cache)
+    return self._logits(x), new
+
+  def _chunk(self, tokens: jax.Array, starts: jax.Array, lengths: jax.Array,
+             page_table: jax.Array, cache: Cache) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The chunk pass of `extend`/`verify`: final hidden states [B, C, D] and the new cache."""
     b, c = tokens.shape
     positions = starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]  # [B, C]
     page, offset = _slots(page_table, positions, jnp.arange(c)[None, :] < lengths[:, None],
@@ -303,9 +324,7 @@ class Decoder(nnx.Module):
           k_scale=new["k_scale"][layer] if "k_scale" in new else None,
           v_scale=new["v_scale"][layer] if "v_scale" in new else None)
 
-    x = self._run(tokens, positions, attend)  # [B, C, D]
-    last = jnp.clip(lengths - 1, 0, c - 1)
-    return self._logits(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), new
+    return self._run(tokens, positions, attend), new
 
 
 def _slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array,

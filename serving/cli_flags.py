@@ -279,6 +279,18 @@ def _add_generation_flags(serve: argparse.ArgumentParser) -> None:
                      help="generate models: share full KV pages between requests by the hash of"
                      " their token prefix, so a repeated instruction is prefilled once (needs"
                      " --chunked-prefill)")
+  serve.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
+                     help="generate models: speculative decoding; ngram drafts the tokens that"
+                     " followed the last match of the sequence's tail in its prompt + output"
+                     " (prompt lookup), draft has a small LM (--speculative-model) draft them;"
+                     " the model verifies them in one pass, same output distribution (needs a"
+                     " bundle with verify signatures and --chunked-prefill)")
+  serve.add_argument("--speculative-model", default=None, metavar="NAME",
+                     help="generate models, --speculative draft: the draft LM, a generate model"
+                     " in the same repository exported with the same GenerativeExportConfig")
+  serve.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                     help="generate models: draft tokens verified per step with --speculative"
+                     " (the bundle needs a verify_<C> signature with C >= K + 1)")
 
 
 def _embedding_cache(args: argparse.Namespace) -> Any:
@@ -317,7 +329,10 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    embedding_cache=_embedding_cache(args),
                                    chunked_prefill=args.chunked_prefill,
                                    max_num_batched_tokens=args.max_num_batched_tokens,
-                                   prefix_caching=args.prefix_caching)
+                                   prefix_caching=args.prefix_caching,
+                                   speculative=args.speculative,
+                                   num_speculative_tokens=args.num_speculative_tokens,
+                                   speculative_model=args.speculative_model)
   return ServerConfig(
       model_repository=repo, host=args.host, grpc_port=args.grpc_port,
       metrics_port=args.metrics_port, http_port=args.http_port,

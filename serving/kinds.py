@@ -10,6 +10,7 @@ other served models).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Callable, Iterable, Mapping
 
 from bundle import BundleError
@@ -79,13 +80,18 @@ def generate_runner_factory(spec: LoadSpec) -> Runner:
   """Generate bundles: a GenerationService (every shape compiled at load) behind its runner."""
   from serving.generation.runner import load_generation_runner
   from serving.generation.service import ServiceConfig
+  from serving.generation.speculative import SpeculativeConfig
 
   cfg = spec.config
+  speculative = None if cfg.speculative == "off" else SpeculativeConfig(
+      cfg.speculative, cfg.num_speculative_tokens)
   return load_generation_runner(spec.path, spec.name, observer=spec.observer,
-                                progress=spec.progress, config=ServiceConfig(
+                                progress=spec.progress, draft_path=draft_path(
+                                    spec.path, cfg.speculative_model), config=ServiceConfig(
                                     chunked_prefill=cfg.chunked_prefill,
                                     max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                    prefix_caching=cfg.prefix_caching),
+                                    prefix_caching=cfg.prefix_caching,
+                                    speculative=speculative),
                                 sharding=cfg.sharding, devices=_generate_devices(spec))
 
 
@@ -107,6 +113,17 @@ def _generate_devices(spec: LoadSpec) -> list[Any] | None:
     raise BundleError(f"{spec.manifest.name}: {n} devices requested, {len(available)} present"
                       " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
   return available[:n]
+
+
+def draft_path(bundle: pathlib.Path, name: str | None) -> pathlib.Path | None:
+  """The newest version folder of model `name` beside `bundle` (<repo>/<model>/<version>)."""
+  if name is None:
+    return None
+  versions = sorted((int(p.name), p) for p in (bundle.parent.parent / name).glob("*")
+                    if p.name.isdigit() and p.is_dir())
+  if not versions:
+    raise BundleError(f"speculative model {name!r} has no version folder in the repository")
+  return versions[-1][1]
 
 
 def generation_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:

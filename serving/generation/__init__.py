@@ -1,9 +1,10 @@
 """Generative serving: continuous batching over a paged KV cache, token events streamed to callers.
 
 Request path: `GenerationService.submit` (service.py) -> `Scheduler` decisions (scheduler.py,
-pages.py; or chunked prefill and prefix caching: chunking.py, prefix_cache.py; plain Python,
-importable without JAX) -> `BundleEngine` (engine.py: exported
-prefill/decode + sampling.py, compiled once per shape at load). Names are re-exported lazily,
+pages.py; or chunked prefill and prefix caching: chunking.py, prefix_cache.py; speculative
+decoding: speculative.py, ngram.py; plain Python, importable without JAX) -> `BundleEngine`
+(engine.py: exported prefill/decode + sampling.py, or verify + spec_sampling.py, compiled once
+per shape at load). Names are re-exported lazily,
 so `import serving.generation.scheduler` loads neither JAX nor the engine.
 """
 
@@ -34,6 +35,8 @@ _EXPORTS = {
     "Scheduler": "scheduler",
     "SchedulerConfig": "scheduler",
     "ServiceConfig": "service",
+    "SpeculativeConfig": "speculative",
+    "SpeculativeScheduler": "speculative",
     "mock_spec": "mock_engine",
     "pages_for": "pages",
     "sample_tokens": "sampling",

@@ -2,7 +2,7 @@
 
 One step runs what `ChunkedScheduler.schedule()` decided under the service lock: the chunk
 batches through `engine.extend` (recording each row's progress; only a prefill's last chunk
-yields a token), then the decode batch. Kept apart from service.py so the whole-prefill loop
+yields a token), then the decode batch (a verify pass when it carries drafts: spec_step.py). Kept apart from service.py so the whole-prefill loop
 there stays as it was.
 """
 
@@ -24,6 +24,7 @@ class ChunkedSteps:
   _live: dict
   _counters: dict
   engine: Any
+  _draft: Any
 
   def _step_chunked(self) -> None:
     """Chunk batches, then the decode batch, all scheduled at once under the token budget."""
@@ -33,13 +34,16 @@ class ChunkedSteps:
       chunks = [(b, self._chunk_inputs(b, now), [self._sched.get(r.seq_id) for r in b.rows],
                  self._want_lp(b.rows)) for b in step.chunks]
       dec = step.decode
-      if dec is not None:
-        inputs = self._decode_inputs(dec.rows)
+      if dec is not None:  # with drafts (speculative decoding) the decode is a verify pass
+        verify = any(r.draft for r in dec.rows)
+        inputs = (None if self._draft is not None else self._verify_inputs(dec) if verify
+                  else self._decode_inputs(dec.rows))
         seqs = [self._sched.get(r.seq_id) for r in dec.rows]
         want = self._want_lp(dec.rows)
     for batch, chunk_inputs, chunk_seqs, want_chunk in chunks:
       tokens = self._execute(lambda: self.engine.extend(bucket=batch.bucket, **chunk_inputs))
-      if tokens is None:
+      if tokens is None or (self._draft is not None and self._execute(
+          lambda: self._draft.extend(batch.bucket, chunk_inputs)) is None):
         return
       with self._cv:  # record progress; only a prefill's last chunk yields a token
         done = [(i, r, s) for i, (r, s) in enumerate(zip(batch.rows, chunk_seqs))
@@ -50,7 +54,13 @@ class ChunkedSteps:
       lp = self.engine.logprobs() if want_chunk and last else None
       self._apply(tuple(r for _, r, _ in last), [s for _, _, s in last], tokens,
                   [i for i, _, _ in last], lp)
-    if dec is not None:
+    if dec is not None and self._draft is not None:  # the draft model proposes now
+      dec, inputs, verify = self._draft_step(dec)
+      if dec is None:
+        return
+    if dec is not None and verify:
+      self._run_verify(dec, inputs, seqs, want)
+    elif dec is not None:
       tokens = self._execute(lambda: self.engine.decode(**inputs))
       if tokens is not None:
         lp = self.engine.logprobs() if want else None

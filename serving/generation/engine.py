@@ -4,7 +4,8 @@ Loading deserializes the StableHLO (the model's code is never imported), restore
 allocates the KV cache named in the manifest (float, or int8 with scales) and compiles every
 shape it will run: `len(prefill buckets) + 1` executables, each the exported step followed by
 `sample_tokens`, with the cache donated so it is updated in place (plus one per chunk bucket of
-the `extend_<C>` signatures, where the bundle has them). A compile error fails the
+the `extend_<C>` and `verify_<C>` signatures, where the bundle has them; verify is followed by
+the rejection sampler of spec_sampling.py instead). A compile error fails the
 load; after it, a call never compiles (a wrong shape raises instead). Under a tensor-parallel
 placement (serving/generation/placement.py) every executable is compiled with explicit in/out
 shardings over the mesh: params and the cache split by heads, the rest replicated, the cache
@@ -31,6 +32,7 @@ from serving.generation.engine_api import (MAX_LOGPROBS, SAMPLING_FIELDS, Engine
 from serving.engines.memory import DeviceMemory, MemoryReport, array_bytes, compiled_bytes
 from serving.generation.placement import LMPlacement, single_placement
 from serving.generation.sampling import sample_tokens, token_logprobs
+from serving.generation.spec_sampling import verify_tokens
 from serving.generation.scheduler import PrefillBucket
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 def _greedy(batch: int) -> dict[str, np.ndarray]:
   return sampling_arrays((), batch)
+
+
+def _verify_head(logits: Any, inputs: Mapping[str, Any], sampling: Mapping[str, Any]) -> Any:
+  """Rejection sampling over the draft tokens, and the logprobs of every emitted token."""
+  emitted, counts = verify_tokens(logits, inputs["tokens"], inputs["lengths"], **sampling)
+  b, c, v = logits.shape
+  return (emitted, counts), token_logprobs(logits.reshape(b * c, v), emitted.reshape(-1),
+                                           MAX_LOGPROBS)
 
 
 def _dtype(name: str) -> Any:
@@ -63,7 +73,7 @@ class BundleEngine(Engine):
     self.platform = platform or jax.default_backend()
     self._exported = {name: self._deserialize(name) for name in (
         *self.spec.prefill_signatures.values(), self.spec.decode_signature,
-        *self.spec.extend_signatures.values())}
+        *self.spec.extend_signatures.values(), *self.spec.verify_signatures.values())}
     self.placement = placement or single_placement(self.manifest, jax.devices(self.platform)[0])
     if progress and placement is not None:
       progress(f"placement: {self.placement.label}")
@@ -85,11 +95,15 @@ class BundleEngine(Engine):
       self._decode = self._compile(self.spec.decode_signature, self.spec.decode_batch, progress)
       self._extend = {b.length: self._compile(self.spec.extend_signatures[b.length], b.batch,
                                               progress) for b in self.spec.extend_buckets}
+      self._verify = {b.length: self._compile(self.spec.verify_signatures[b.length], b.batch,
+                                              progress, head=_verify_head)
+                      for b in self.spec.verify_buckets}
       self._warm_run()
     self.load_seconds = time.perf_counter() - start
     logger.info("loaded %s v%d on %s (%s): %d executables in %.1fs", self.manifest.name,
                 self.manifest.version, self.platform, self.placement.label,
-                len(self._prefill) + len(self._extend) + 1, self.load_seconds)
+                len(self._prefill) + len(self._extend) + len(self._verify) + 1,
+                self.load_seconds)
 
   def _deserialize(self, signature: str) -> jax.export.Exported:
     sig = self.manifest.signatures[signature]
@@ -103,14 +117,17 @@ class BundleEngine(Engine):
       raise BundleError(f"cannot read {fname} of signature {signature!r}:"
                         f" {type(e).__name__}: {e}; re-export the model") from e
 
-  def _compile(self, signature: str, batch: int, progress: Callable[[str], None] | None) -> Any:
-    """Wraps the exported `signature` with sampling and compiles it for this device."""
+  def _compile(self, signature: str, batch: int, progress: Callable[[str], None] | None, *,
+               head: Callable[..., Any] | None = None) -> Any:
+    """Wraps the exported `signature` with sampling (or `head`) and compiles it for this device."""
     sig = self.manifest.signatures[signature]
     exported = self._exported[signature]
     names = tuple(self._cache_structs)
 
     def step(params, inputs, cache, sampling):
       out = exported.call(params, {**inputs, **cache})
+      if head is not None:
+        return head(out["logits"], inputs, sampling), {k: out[k] for k in names}
       tokens = sample_tokens(out["logits"], **sampling)
       logprobs = token_logprobs(out["logits"], tokens, MAX_LOGPROBS)
       return (tokens, logprobs), {k: out[k] for k in names}
@@ -143,12 +160,13 @@ class BundleEngine(Engine):
     self.decode(tokens=idle + sp.pad_id, positions=idle, lengths=idle,
                 page_table=np.full((sp.decode_batch, sp.pages_per_seq), sp.null_page, np.int32),
                 sampling=_greedy(sp.decode_batch))
-    for b in sp.extend_buckets:
+    calls = [(self.extend, b) for b in sp.extend_buckets] + [(self.verify, b)
+                                                             for b in sp.verify_buckets]
+    for call, b in calls:
       idle = np.zeros(b.batch, np.int32)
-      self.extend(bucket=b, tokens=np.full((b.batch, b.length), sp.pad_id, np.int32),
-                  starts=idle, lengths=idle, page_table=np.full(
-                      (b.batch, sp.pages_per_seq), sp.null_page, np.int32),
-                  sampling=_greedy(b.batch))
+      call(bucket=b, tokens=np.full((b.batch, b.length), sp.pad_id, np.int32), starts=idle,
+           lengths=idle, page_table=np.full((b.batch, sp.pages_per_seq), sp.null_page, np.int32),
+           sampling=_greedy(b.batch))
 
   def _run(self, executable: Any, inputs: Mapping[str, np.ndarray],
            sampling: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -180,6 +198,14 @@ class BundleEngine(Engine):
         "tokens": tokens, "starts": starts, "lengths": lengths, "page_table": page_table},
                      sampling)
 
+  def verify(self, *, bucket: PrefillBucket, tokens: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray, page_table: np.ndarray,
+             sampling: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    ((emitted, counts), self._logprobs), self._cache = self._verify[bucket.length](
+        self._params, {"tokens": tokens, "starts": starts, "lengths": lengths,
+                       "page_table": page_table}, self._cache, dict(sampling))
+    return np.asarray(emitted), np.asarray(counts)
+
   def reset(self) -> None:
     """Zeroed cache arrays, put on the device from the host (no compile)."""
     self._cache = {k: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding)
@@ -197,7 +223,8 @@ class BundleEngine(Engine):
     sp = self.spec
     return {**{sp.prefill_signatures[t]: x for t, x in self._prefill.items()},
             sp.decode_signature: self._decode,
-            **{sp.extend_signatures[c]: x for c, x in self._extend.items()}}
+            **{sp.extend_signatures[c]: x for c, x in self._extend.items()},
+            **{sp.verify_signatures[c]: x for c, x in self._verify.items()}}
 
   def memory(self) -> MemoryReport:
     """Per device: its shards of the params and of the KV cache, the executables' code and

@@ -73,6 +73,10 @@ class GenerateSpec:
   # Chunk shapes of the `extend_<C>` signatures (a prefill at an offset); () in older bundles.
   extend_buckets: tuple[PrefillBucket, ...] = ()
   extend_signatures: Mapping[int, str] = dataclasses.field(default_factory=dict)
+  # Shapes of the `verify_<C>` signatures (speculative decoding: C - 1 draft tokens per row
+  # over the whole decode batch); () in older bundles.
+  verify_buckets: tuple[PrefillBucket, ...] = ()
+  verify_signatures: Mapping[int, str] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_manifest(cls, manifest: Manifest) -> GenerateSpec:
@@ -94,12 +98,15 @@ class GenerateSpec:
           decode_signature=str(x["decode"]["signature"]), kv_cache=dict(x["kv_cache"]),
           extend_buckets=tuple(PrefillBucket(int(p["length"]), int(p["batch"]))
                                for p in x.get("extend", ())),
-          extend_signatures={int(p["length"]): str(p["signature"]) for p in x.get("extend", ())})
+          extend_signatures={int(p["length"]): str(p["signature"]) for p in x.get("extend", ())},
+          verify_buckets=tuple(PrefillBucket(int(p["length"]), int(p["batch"]))
+                               for p in x.get("verify", ())),
+          verify_signatures={int(p["length"]): str(p["signature"]) for p in x.get("verify", ())})
     except (KeyError, TypeError, ValueError) as e:
       raise BundleError(f"manifest of {manifest.name!r} lacks generate fields ({e!r});"
                         " re-export it with export/generative.py") from e
     for sig in (*spec.prefill_signatures.values(), spec.decode_signature,
-                *spec.extend_signatures.values()):
+                *spec.extend_signatures.values(), *spec.verify_signatures.values()):
       if sig not in manifest.signatures:
         raise BundleError(f"manifest names signature {sig!r} but does not define it")
     return spec
@@ -144,6 +151,17 @@ class Engine(abc.ABC):
     bucket.length] at positions starts.. (lengths valid per row, 0 idle), attending to the pages
     the sequence already holds -> the token sampled after each row's last chunk token [batch]."""
     raise NotImplementedError(f"{type(self).__name__} has no extend signatures")
+
+  def verify(self, *, bucket: PrefillBucket, tokens: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray, page_table: np.ndarray,
+             sampling: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Speculative step (only when `spec.verify_buckets`): each decode row feeds [last token,
+    draft tokens] ([bucket.batch, bucket.length], `lengths` = 1 + drafts, 0 idle) at positions
+    starts.., and the target accepts a prefix of the drafts by the rejection rule
+    (serving/generation/spec_sampling.py) -> (emitted [batch, length], counts [batch]): row r
+    emits emitted[r, :counts[r]], the accepted drafts and then one token of the target's.
+    Logprobs of emitted[r, j] are row r * length + j of `logprobs()`."""
+    raise NotImplementedError(f"{type(self).__name__} has no verify signatures")
 
   def reset(self) -> None:
     """Starts from a fresh cache (after a failed call may have consumed it)."""

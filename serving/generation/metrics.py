@@ -18,6 +18,8 @@ GAUGES = {
     "xlaserve:kv_cache_pages_total": ("kv_pages_total", "KV-cache pages in the pool"),
     "xlaserve:prefix_cache_pages": ("prefix_cache_pages",
                                     "KV-cache pages holding a cached prefix (shared or evictable)"),
+    "vllm:spec_decode_draft_acceptance_rate": (
+        "spec_acceptance_rate", "Speculative decoding: accepted / proposed draft tokens (0-1)"),
 }
 COUNTERS = {
     "vllm:generation_tokens": ("tokens_generated", "Tokens generated"),
@@ -29,6 +31,10 @@ COUNTERS = {
                                   "Prompt tokens looked up in the prefix cache"),
     "vllm:prefix_cache_hits": ("prefix_cache_hits",
                                "Prompt tokens found in the prefix cache (prefill skipped)"),
+    "vllm:spec_decode_num_draft_tokens": ("spec_draft_tokens",
+                                          "Speculative decoding: draft tokens proposed"),
+    "vllm:spec_decode_num_accepted_tokens": ("spec_accepted_tokens",
+                                             "Speculative decoding: draft tokens accepted"),
 }
 SUMMARIES = {
     "vllm:time_to_first_token_seconds": ("ttft_seconds_sum", "ttft_count",

@@ -23,9 +23,11 @@ from serving.generation.scheduler import PrefillBucket
 def mock_spec(*, page_size: int = 4, num_pages: int = 33, max_seq_len: int = 64,
               decode_batch: int = 4,
               prefill: Sequence[tuple[int, int]] = ((8, 4), (16, 2), (64, 1)),
-              extend: Sequence[tuple[int, int]] = ()) -> GenerateSpec:
+              extend: Sequence[tuple[int, int]] = (),
+              verify: Sequence[int] = ()) -> GenerateSpec:
   """A byte-tokenizer spec (BOS 256, EOS 257, PAD 258) with small shapes; `extend` (length,
-  batch) chunk buckets give it extend signatures (chunked prefill, prefix caching)."""
+  batch) chunk buckets give it extend signatures (chunked prefill, prefix caching), `verify`
+  lengths verify signatures over the decode batch (speculative decoding)."""
   return GenerateSpec(
       page_size=page_size, num_pages=num_pages, null_page=0,
       pages_per_seq=-(-max_seq_len // page_size), max_seq_len=max_seq_len,
@@ -34,12 +36,14 @@ def mock_spec(*, page_size: int = 4, num_pages: int = 33, max_seq_len: int = 64,
       tokenizer={"kind": "bytes", "num_bytes": 256, "bos_id": 256, "eos_id": 257, "pad_id": 258},
       prefill_signatures={t: f"prefill_{t}" for t, _ in prefill}, decode_signature="decode",
       kv_cache={}, extend_buckets=tuple(PrefillBucket(t, b) for t, b in extend),
-      extend_signatures={t: f"extend_{t}" for t, _ in extend})
+      extend_signatures={t: f"extend_{t}" for t, _ in extend},
+      verify_buckets=tuple(PrefillBucket(c, decode_batch) for c in verify),
+      verify_signatures={c: f"verify_{c}" for c in verify})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Call:
-  kind: str  # "prefill", "decode" or "extend"
+  kind: str  # "prefill", "decode", "extend" or "verify"
   rows: int  # live rows
   length: int  # bucket length (prefill, extend) or 1
   tokens: int = 0  # valid tokens computed (prefill, extend) or live rows (decode)
@@ -131,3 +135,36 @@ class MockEngine(Engine):
       self.calls.append(Call("extend", int(np.count_nonzero(lengths)), bucket.length,
                              int(lengths.sum())))
     return np.asarray(self._answer("extend", seqs), np.int32)
+
+  def verify(self, *, bucket: PrefillBucket, tokens: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray, page_table: np.ndarray,
+             sampling: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Writes [last, drafts] at starts..; accepts drafts while they equal `next_token` of the
+    sequence read back through the pages (greedy verification), then emits next_token."""
+    if not self.spec.verify_buckets:
+      raise NotImplementedError("this mock spec has no verify signatures")
+    emitted = np.full((bucket.batch, bucket.length), self.spec.pad_id, np.int32)
+    counts = np.zeros(bucket.batch, np.int32)
+    seqs: list[list[int] | None] = []
+    for row in range(bucket.batch):
+      n, start = int(lengths[row]), int(starts[row])
+      for i in range(n):
+        self._write(page_table[row], start + i, int(tokens[row, i]))
+      seqs.append(self._read(page_table[row], start + n) if n else None)
+    self._answer("verify", seqs)  # delay and injected failures
+    for row, seq in enumerate(seqs):
+      if seq is None:
+        continue
+      fed = len(seq) - int(starts[row])  # 1 + drafts
+      j = 0
+      while True:
+        t = self.next_token(seq[:len(seq) - fed + 1 + j])
+        emitted[row, j] = t
+        if j + 1 >= fed or t != seq[len(seq) - fed + 1 + j]:
+          break
+        j += 1
+      counts[row] = j + 1
+    with self._lock:
+      self.calls.append(Call("verify", int(np.count_nonzero(lengths)), bucket.length,
+                             int(lengths.sum())))
+    return emitted, counts

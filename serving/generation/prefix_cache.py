@@ -158,12 +158,19 @@ class PrefixCachePool:
       done += 1
     self._chain[owner] = (done, key)
 
-  def release(self, owner: Hashable) -> int:
-    """Drops the owner's references; its keyed pages stay cached (evictable), tail pages
-    first in line for eviction. Returns how many pages it held."""
-    table = self._tables.pop(owner, [])
-    self._chain.pop(owner, None)
-    for p in reversed(table):
+  def shrink(self, owner: Hashable, num_tokens: int) -> int:
+    """Drops the owner's pages past those holding `num_tokens` (speculative decoding's pages
+    for rejected drafts: never keyed, so they go back to the free list); returns how many."""
+    table = self._tables.get(owner, [])
+    keep = pages_for(num_tokens, self.page_size)
+    dropped = table[keep:]
+    del table[keep:]
+    self._unref(reversed(dropped))
+    return len(dropped)
+
+  def _unref(self, pages: Iterable[int]) -> None:
+    """One reference fewer on each page; unreferenced ones become evictable (keyed) or free."""
+    for p in pages:
       self._refs[p] -= 1
       if self._refs[p] == 0:
         del self._refs[p]
@@ -171,6 +178,13 @@ class PrefixCachePool:
           self._lru[p] = None
         else:
           self._free.append(p)
+
+  def release(self, owner: Hashable) -> int:
+    """Drops the owner's references; its keyed pages stay cached (evictable), tail pages
+    first in line for eviction. Returns how many pages it held."""
+    table = self._tables.pop(owner, [])
+    self._chain.pop(owner, None)
+    self._unref(reversed(table))
     return len(table)
 
   def clear_cache(self) -> None:

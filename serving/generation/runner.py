@@ -186,13 +186,14 @@ class GenerationRunner:
 
 def load_generation_runner(path: Any, name: str, *, observer: Observer | None = None,
                            progress: Callable[[str], None] | None = None,
-                           config: Any = None, sharding: str | None = None,
+                           config: Any = None, draft_path: Any = None,
+                           sharding: str | None = None,
                            devices: Sequence[Any] | None = None) -> GenerationRunner:
   """Loads a generate bundle (compiling every shape) and wraps it; raises BundleError.
-  `config`: a ServiceConfig (default: ServiceConfig()); `sharding` "tensor" splits it over
-  `devices` (serving/generation/placement.py); default: the first device."""
+  `config`: a ServiceConfig (default: ServiceConfig()); `draft_path`: a draft model's bundle
+  (on the first device); `sharding` "tensor" splits the model over `devices`
+  (serving/generation/placement.py); default: the first device."""
   import bundle as bundle_lib
-  from serving.generation.engine import BundleEngine
   from serving.generation.placement import lm_placement
   from serving.generation.service import GenerationService, ServiceConfig
 
@@ -200,6 +201,7 @@ def load_generation_runner(path: Any, name: str, *, observer: Observer | None = 
   if devices is not None and (len(devices) > 1 or sharding is not None):
     placement = lm_placement(bundle_lib.read_manifest(path), strategy=sharding,
                              devices=devices)
-  engine = BundleEngine(path, progress=progress, placement=placement)
-  return GenerationRunner(name, GenerationService(engine, config=config or ServiceConfig(),
-                                                  owns_engine=True), observer=observer)
+  service = GenerationService.from_bundle(path, progress=progress,
+                                          config=config or ServiceConfig(),
+                                          draft_directory=draft_path, placement=placement)
+  return GenerationRunner(name, service, observer=observer)

@@ -36,6 +36,34 @@ def uniform_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
   return ((x >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def filter_logits(
+    logits: jax.Array,  # [B, V] float
+    temperature: jax.Array,  # [B] float32, 0 = greedy
+    top_k: jax.Array,  # [B] int32, 0 = off
+    top_p: jax.Array,  # [B] float32, 1 = off
+) -> jax.Array:
+  """Logits / temperature with every token outside top_k and top_p at -inf -> [B, V] float32;
+  softmax of it is the distribution a sampled row draws from (`sample_tokens`, verification)."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  ranked = -jnp.sort(-x, axis=-1)  # [B, V], descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [B]
+  in_k = jnp.arange(vocab)[None, :] < k[:, None]
+  probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
+  # Probability of the better-ranked tokens (an exclusive cumsum; a matmul compiles faster).
+  before = probs @ jnp.triu(jnp.ones((vocab, vocab), jnp.float32), k=1)
+  keep = jnp.sum(in_k & (before < top_p[:, None]), axis=-1)  # >= 1: the best is always kept
+  threshold = jnp.take_along_axis(ranked, (keep - 1)[:, None], axis=-1)  # [B, 1]
+  return jnp.where(x >= threshold, x, -jnp.inf)
+
+
+def gumbel_max(x: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
+  """A draw from softmax(x) [B, V] by the Gumbel-max trick, noise hashed from (seed, step)."""
+  gumbel = -jnp.log(-jnp.log(uniform_noise(seed, step, x.shape[-1])))
+  return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+
+
 def sample_tokens(
     logits: jax.Array,  # [B, V] float
     *,
@@ -46,20 +74,8 @@ def sample_tokens(
     step: jax.Array,  # [B] int32, index of the token being drawn
 ) -> jax.Array:
   """-> [B] int32 tokens."""
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
   greedy = jnp.argmax(logits, axis=-1)
-  x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  ranked = -jnp.sort(-x, axis=-1)  # [B, V], descending
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [B]
-  in_k = jnp.arange(vocab)[None, :] < k[:, None]
-  probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
-  # Probability of the better-ranked tokens (an exclusive cumsum; a matmul compiles faster).
-  before = probs @ jnp.triu(jnp.ones((vocab, vocab), jnp.float32), k=1)
-  keep = jnp.sum(in_k & (before < top_p[:, None]), axis=-1)  # >= 1: the best is always kept
-  threshold = jnp.take_along_axis(ranked, (keep - 1)[:, None], axis=-1)  # [B, 1]
-  gumbel = -jnp.log(-jnp.log(uniform_noise(seed, step, vocab)))
-  drawn = jnp.argmax(jnp.where(x >= threshold, x + gumbel, -jnp.inf), axis=-1)
+  drawn = gumbel_max(filter_logits(logits, temperature, top_k, top_p), seed, step)
   return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 

@@ -146,7 +146,9 @@ class PrefillBatch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DecodeRow:
-  """Feed `token` at `position` (attending to position + 1 tokens) in decode slot `slot`."""
+  """Feed `token` at `position` (attending to position + 1 tokens) in decode slot `slot`;
+  with speculative decoding, `draft` tokens after it (positions position + 1 ..) to verify,
+  `room` of them at most (its pages hold them; a draft model fills `draft` up to it)."""
 
   seq_id: Hashable
   slot: int
@@ -154,6 +156,8 @@ class DecodeRow:
   position: int
   pages: tuple[int, ...]
   num_generated: int
+  draft: tuple[int, ...] = ()
+  room: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

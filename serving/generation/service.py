@@ -31,11 +31,16 @@ import numpy as np
 
 from serving.generation.chunking import ChunkedScheduler, ChunkRow, chunk_config
 from serving.generation.chunked_step import ChunkedSteps
-from serving.generation.engine_api import Engine, StepLogprobs, sampling_arrays
+from serving.generation.draft_model import DraftModel
+from serving.generation.spec_step import SpecSteps
+from serving.generation.speculative import (SpeculativeConfig, SpeculativeScheduler,
+                                            verify_buckets)
+from serving.generation.step_inputs import StepInputs
+from serving.generation.engine_api import Engine, StepLogprobs
 from serving.generation.request import (MAX_SEED, FinishReason, GenerationEvent,
                                         GenerationRequest, OnEvent, RequestHandle,
                                         RequestMetrics, SamplingParams)
-from serving.generation.scheduler import DecodeRow, PrefillBatch, PrefillRow, Scheduler, Seq
+from serving.generation.scheduler import DecodeRow, PrefillRow, Scheduler, Seq
 from serving.generation.text import ByteCodec, StopMatcher, utf8_stream
 from serving.types import Code, ServingError
 
@@ -48,6 +53,8 @@ class ServiceConfig:
 
   Chunked prefill and prefix caching (ChunkConfig) apply when the bundle has extend signatures
   and batching is not static; `max_num_batched_tokens` None: decode_batch + largest chunk.
+  `speculative` (speculative decoding, serving/generation/speculative.py) needs both and the
+  bundle's verify signatures.
   """
 
   max_waiting: int = 256
@@ -57,6 +64,7 @@ class ServiceConfig:
   chunked_prefill: bool = True
   max_num_batched_tokens: int | None = None
   prefix_caching: bool = True
+  speculative: SpeculativeConfig | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -79,11 +87,14 @@ class _Live:
 _Emit = list[tuple[_Live, GenerationEvent]]
 
 
-class GenerationService(ChunkedSteps):
+class GenerationService(ChunkedSteps, SpecSteps, StepInputs):
   """Continuous batching over one engine; thread-safe submit/cancel/stats."""
 
   def __init__(self, engine: Engine, *, config: ServiceConfig = ServiceConfig(),
-               owns_engine: bool = False, clock: Callable[[], float] = time.perf_counter):
+               owns_engine: bool = False, clock: Callable[[], float] = time.perf_counter,
+               draft: Engine | None = None):
+    """`draft`: the draft model's engine for `SpeculativeConfig(method="draft")` (closed with
+    the service when it owns the engines)."""
     self.engine = engine
     self.config = config
     self._owns_engine = owns_engine
@@ -95,8 +106,12 @@ class GenerationService(ChunkedSteps):
         max_prefill_batches_per_step=config.max_prefill_batches_per_step,
         static_batching=config.static_batching)
     chunk = chunk_config(spec, config)
+    self._verify_buckets = verify_buckets(spec, config.speculative, chunked=chunk is not None,
+                                          has_draft=draft is not None)
+    self._draft = None if draft is None else DraftModel(draft, spec)
     self._sched = (Scheduler(sched_config) if chunk is None
-                   else ChunkedScheduler(sched_config, chunk))
+                   else ChunkedScheduler(sched_config, chunk) if config.speculative is None
+                   else SpeculativeScheduler(sched_config, chunk, config.speculative))
     self._chunked = chunk is not None
     self._cv = threading.Condition()
     self._live: dict[Hashable, _Live] = {}
@@ -110,19 +125,32 @@ class GenerationService(ChunkedSteps):
         "requests_finished_length", "requests_cancelled", "requests_failed", "tokens_generated",
         "prefill_calls", "prefill_rows", "prefill_tokens", "decode_steps", "decode_rows",
         "engine_failures", "ttft_seconds_sum", "ttft_count", "tpot_seconds_sum", "tpot_count",
-        "queue_seconds_sum", "queue_count"), 0)
+        "queue_seconds_sum", "queue_count", "spec_verify_steps", "spec_draft_tokens",
+        "spec_accepted_tokens"), 0)
 
   @classmethod
   def from_bundle(cls, directory: str | os.PathLike[str], *,
                   config: ServiceConfig = ServiceConfig(), platform: str | None = None,
-                  compile_counter: Any = None,
-                  progress: Callable[[str], None] | None = None) -> GenerationService:
-    """Loads a generate bundle (compiling every shape; raises BundleError) into a new service."""
+                  compile_counter: Any = None, progress: Callable[[str], None] | None = None,
+                  draft_directory: str | os.PathLike[str] | None = None,
+                  placement: Any = None) -> GenerationService:
+    """Loads a generate bundle (compiling every shape; raises BundleError) into a new service;
+    `draft_directory`: the draft model's bundle (speculative decoding with a draft LM, on the
+    first device); `placement`: the target's LMPlacement (default: one device)."""
     from serving.generation.engine import BundleEngine  # JAX only when serving a bundle
 
-    engine = BundleEngine(directory, platform=platform, compile_counter=compile_counter,
-                          progress=progress)
-    return cls(engine, config=config, owns_engine=True)
+    engines = []
+    try:
+      for path, where in ((directory, placement), (draft_directory, None)):
+        if path is not None:
+          engines.append(BundleEngine(path, platform=platform, compile_counter=compile_counter,
+                                      progress=progress, placement=where))
+      return cls(engines[0], config=config, owns_engine=True,
+                 draft=engines[1] if len(engines) > 1 else None)
+    except Exception:  # e.g. speculation this bundle cannot do: free the device memory
+      for engine in engines:
+        engine.close()
+      raise
 
   # --- caller-facing API (any thread) ---
 
@@ -188,6 +216,8 @@ class GenerationService(ChunkedSteps):
         thread.join()
     if self._owns_engine:
       self.engine.close()
+      if self._draft is not None:
+        self._draft.close()
       self._owns_engine = False
 
   def stats(self) -> dict[str, float]:
@@ -206,6 +236,8 @@ class GenerationService(ChunkedSteps):
           "prefix_cache_hits": getattr(pool, "hit_tokens", 0),
           "prefix_cache_queries": getattr(pool, "queried_tokens", 0),
           "prefix_cache_pages": getattr(pool, "num_cached", 0),
+          "spec_acceptance_rate": (self._counters["spec_accepted_tokens"]
+                                   / max(1, self._counters["spec_draft_tokens"])),
       }
 
   # --- engine thread ---
@@ -265,42 +297,6 @@ class GenerationService(ChunkedSteps):
     """Whether a row asked for logprobs (only then are they copied off the device)."""
     return any(self._live[r.seq_id].sampling.logprobs is not None for r in rows)
 
-  def _prefill_inputs(self, batch: PrefillBatch, now: float) -> dict[str, np.ndarray]:
-    spec, b = self.engine.spec, batch.bucket
-    tokens = np.full((b.batch, b.length), spec.pad_id, np.int32)
-    lengths = np.zeros(b.batch, np.int32)
-    table = np.full((b.batch, spec.pages_per_seq), spec.null_page, np.int32)
-    rows = []
-    for i, r in enumerate(batch.rows):
-      tokens[i, :len(r.tokens)] = r.tokens
-      lengths[i] = len(r.tokens)
-      table[i, :len(r.pages)] = r.pages
-      live = self._live[r.seq_id]
-      live.admitted = now if live.admitted is None else live.admitted
-      rows.append((i, live.sampling, live.seed, r.num_generated))
-    self._counters["prefill_calls"] += 1
-    self._counters["prefill_rows"] += len(batch.rows)
-    self._counters["prefill_tokens"] += int(lengths.sum())
-    return {"tokens": tokens, "lengths": lengths, "page_table": table,
-            "sampling": sampling_arrays(rows, b.batch)}
-
-  def _decode_inputs(self, rows: tuple[DecodeRow, ...]) -> dict[str, np.ndarray]:
-    spec = self.engine.spec
-    n = spec.decode_batch
-    tokens = np.full(n, spec.pad_id, np.int32)
-    positions, lengths = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    table = np.full((n, spec.pages_per_seq), spec.null_page, np.int32)
-    samp = []
-    for r in rows:
-      tokens[r.slot], positions[r.slot], lengths[r.slot] = r.token, r.position, r.position + 1
-      table[r.slot, :len(r.pages)] = r.pages
-      live = self._live[r.seq_id]
-      samp.append((r.slot, live.sampling, live.seed, r.num_generated))
-    self._counters["decode_steps"] += 1
-    self._counters["decode_rows"] += len(rows)
-    return {"tokens": tokens, "positions": positions, "lengths": lengths, "page_table": table,
-            "sampling": sampling_arrays(samp, n)}
-
   def _execute(self, call: Callable[[], np.ndarray]) -> np.ndarray | None:
     """Runs an engine call; on failure fails every running request (the cache is gone)."""
     try:
@@ -315,6 +311,8 @@ class GenerationService(ChunkedSteps):
         if self._chunked:  # the reset below empties the cache the prefixes were in
           self._sched.clear_cache()
       self.engine.reset()
+      if self._draft is not None:
+        self._draft.reset()
       self._send(emit)
       return None
 

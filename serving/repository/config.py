@@ -57,6 +57,12 @@ class ModelServingConfig:
   chunked_prefill: bool = True
   max_num_batched_tokens: int | None = None
   prefix_caching: bool = True
+  # Speculative decoding (serving/generation/speculative.py): "off", "ngram" (prompt lookup) or
+  # "draft" (the generate model `speculative_model` of the same repository drafts), and the
+  # draft tokens verified per step (needs the bundle's verify signatures).
+  speculative: str = "off"
+  num_speculative_tokens: int = 4
+  speculative_model: str | None = None
 
   def __post_init__(self):
     if self.version_policy not in ("latest", "all", "specific"):
@@ -86,6 +92,12 @@ class ModelServingConfig:
                        f" {self.max_queue_wait_ms}")
     if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
       raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+    if self.speculative not in ("off", "ngram", "draft") or self.num_speculative_tokens < 1:
+      raise ValueError(f"speculative {self.speculative!r} must be off, ngram or draft, and"
+                       f" num_speculative_tokens ({self.num_speculative_tokens}) >= 1")
+    if (self.speculative == "draft") != (self.speculative_model is not None):
+      raise ValueError("speculative 'draft' and speculative_model go together (the draft"
+                       " model's name in the repository)")
     for name in ("batch_buckets", "adopted_buckets"):
       if getattr(self, name) is not None:
         check_buckets(getattr(self, name), name)

@@ -44,7 +44,7 @@ def test_manifest_records_what_the_engine_needs(tiny_bundle):
   x = m.extra
   assert m.kind == "generate" and m.batch_buckets == (8,) and m.seq_buckets == (16, 32, 64, 128)
   assert set(m.signatures) == {"prefill_16", "prefill_32", "prefill_64", "prefill_128", "decode",
-                               "extend_16", "extend_32"}
+                               "extend_16", "extend_32", "verify_5"}
   assert all(set(s.artifacts) == {"cpu"} for s in m.signatures.values())
   assert (x["page_size"], x["num_pages"], x["null_page"], x["pages_per_seq"], x["max_seq_len"]) == (
       8, 64, 0, 16, 128)
@@ -52,6 +52,7 @@ def test_manifest_records_what_the_engine_needs(tiny_bundle):
   assert x["decode"] == {"batch": 8, "signature": "decode"}
   assert x["extend"] == [{"length": 16, "batch": 2, "signature": "extend_16"},
                          {"length": 32, "batch": 1, "signature": "extend_32"}]
+  assert x["verify"] == [{"length": 5, "batch": 8, "signature": "verify_5"}]
   assert x["kv_cache"]["k_pages"] == {"shape": [2, 2, 64, 8, 16], "dtype": "float32",
                                       "logical_axes": [None, "kv_heads", None, None, None]}
   assert (x["vocab_size"], x["bos_id"], x["eos_id"], x["pad_id"]) == (259, 256, 257, 258)
