@@ -18,6 +18,7 @@ from serving.generation.engine import BundleEngine
 from serving.generation.placement import lm_placement
 from serving.generation.request import GenerationRequest, SamplingParams
 from serving.generation.service import GenerationService, ServiceConfig
+from serving.generation.speculative import SpeculativeConfig
 from sharding.hlo import collectives, collective_stats
 from test_generation_engine import EOS, prompts
 
@@ -60,6 +61,8 @@ def test_greedy_identical_on_1_2_and_4_devices_and_to_the_full_forward(
   for n, engine in tp_engines.items():
     assert _generate(engine, cases) == want, n  # chunked prefill + prefix caching
     assert _generate(engine, cases[:6], chunked_prefill=False) == want[:6], n  # whole prefills
+    # Speculative decoding: the verify executables under the same placement.
+    assert _generate(engine, cases[-6:], speculative=SpeculativeConfig("ngram", 4)) == want[-6:], n
   assert compile_counter.outside_warmup == before  # every shape compiled at load, on any mesh
 
 
