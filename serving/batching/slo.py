@@ -16,7 +16,7 @@ import math
 RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
 SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
 MAX_FILL_SHARE = 0.25  # longest hold for a fuller batch, as a share of the target
-HOLD_LOAD_SHARE = 0.5  # holds only once arrivals reach this share of the measured capacity
+HOLD_LOAD_SHARE = 0.9  # holds only once arrivals reach this share of the measured capacity
 DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
 DRAIN_MIN_SAMPLES = 4  # a drain rate is used once this many samples agree on it
 DRAIN_MAX_GROWTH = 4.0  # one sample's interval counts as at most this many times the smoothed one
