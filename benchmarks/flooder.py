@@ -1,4 +1,4 @@
-"""A flooding tenant for the isolation test: `python flooder.py ADDRESS TOKEN REQUEST_HEX N`
+"""A flooding tenant (benchmarks/tenant_isolation.py, the isolation test): `python flooder.py ADDRESS TOKEN REQUEST_HEX N`
 keeps N ModelInfer calls in flight (grpc.aio, one pre-serialized request) while flooding.
 stdin commands, each acknowledged with a line "ack": "go" (flood), "stop" (pause), anything else
 ends it; it then prints the outcome counts as JSON, e.g. {"OK": 120, "RESOURCE_EXHAUSTED": 9000}."""
