@@ -6,7 +6,9 @@ the servicer's `infer`, once it knows the rows, calls `admit`, which charges the
 and gives the request its tenant's priority. Behind the native front end the table is the C++ one
 (`_native.Tenants`), so every path charges the same buckets, and the relay's mark
 (`x-xlaserve-tenant`: the tenant the C++ side identified, from a token or a client certificate
-that grpc.aio behind the relay never sees) is trusted; a client cannot send that mark through it.
+that grpc.aio and uvicorn behind the relay never see) is trusted; a client cannot send that mark
+through it. Over HTTP the mark also carries the C++ table's secret (`from_relay_mark`), since a
+connection the native HTTP server tunnels unparsed reaches uvicorn with the client's own headers.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ class TenantGate:
     if self.trust_marker and marker:
       return self.table.index(marker)
     return self.table.identify(authorization, list(identities))
+
+  def identify_http(self, authorization: bytes | None, mark: bytes | None) -> int:
+    """An HTTP request's tenant (-1: none): the native relay's mark when it is genuine (it was
+    decided from the token, else the client certificate), else the bearer token alone (uvicorn
+    exposes no client certificate to the app)."""
+    if self.trust_marker and mark:
+      tenant = self.table.from_relay_mark(mark.decode("ascii", "replace"))
+      if tenant >= 0:
+        return tenant
+    return self.table.identify(authorization, [])
 
   def admit(self, rows: int, priority: int) -> int:
     """Charges the current call's tenant for one request of `rows` rows; returns the request's

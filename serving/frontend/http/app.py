@@ -17,6 +17,7 @@ import zlib
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from serving.frontend.auth import bearer_matches
+from serving.frontend.tenant_gate import MARKER
 from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
@@ -176,14 +177,16 @@ class HttpApp:
     await send({"type": "http.response.body", "body": body})
 
   def _enter_tenant(self, headers: dict[bytes, bytes]) -> None:
-    """Decides the request's tenant from its bearer token (kept for the rest of the request);
-    none: UNAUTHENTICATED."""
+    """Decides the request's tenant (kept for the rest of the request) from its bearer token, or
+    the native relay's mark (token or client certificate); none: UNAUTHENTICATED."""
     gate = self.tenants
-    tenant = gate.identify(headers.get(b"authorization"), ())
+    tenant = gate.identify_http(headers.get(b"authorization"), headers.get(MARKER.encode()))
     if tenant < 0:
       gate.unknown += 1
-      raise ServingError(Code.UNAUTHENTICATED, "no tenant has this token: send the header"
-                         " 'Authorization: Bearer <token>' with a tenant's token")
+      raise ServingError(Code.UNAUTHENTICATED, "no tenant has these credentials: send the header"
+                         " 'Authorization: Bearer <token>' with a tenant's token, or (HTTPS"
+                         " through the native front end) a client certificate naming one of"
+                         " its identities")
     gate.current.set(tenant)
 
   async def _read_body(self, receive: Callable, headers: dict[bytes, bytes]) -> bytes:

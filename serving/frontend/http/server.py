@@ -155,7 +155,7 @@ class HttpFrontend:
     self.routes = Routes(servicer, is_ready)
     self.app = HttpApp(self.routes.lookup, auth_token=config.auth_token,
                        max_body_bytes=config.max_body_bytes)
-    self.app.tenants = servicer.tenant_gate  # --tenants: identified by bearer token
+    self.app.tenants = servicer.tenant_gate  # --tenants: token, or the native relay's mark
     self.port: int | None = None
     self._server = None
     self._socket: socket.socket | None = None

@@ -162,6 +162,9 @@ class Conn : public std::enable_shared_from_this<Conn> {
   ssize_t ClientRecv(char* buf, size_t n);
   ssize_t ClientSend(const char* data, size_t n);
   bool TlsPending() const { return ssl_ != nullptr && SSL_pending(ssl_) > 0; }
+  // HTTPS: the verified client certificate's CN, then its SANs, as gRPC reports them (read once
+  // per connection; empty without one).
+  const std::vector<std::string>& PeerNames();
   bool Flushed() const { return out_off_ >= out_.size(); }  // nothing left to write
   // Between requests: nothing received, nothing in progress, nothing to write.
   bool Quiet() const { return state_ == kIdle && in_.empty() && Flushed(); }
@@ -181,6 +184,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
   std::atomic<bool> dead_{false};
   SSL* ssl_ = nullptr;           // HTTPS: the connection's TLS session (null: plain HTTP)
   bool tls_want_write_ = false;  // a TLS read waits for the socket to take the handshake's bytes
+  bool peer_read_ = false;
+  std::vector<std::string> peer_names_;
 };
 
 class HttpServer {
@@ -197,8 +202,14 @@ class HttpServer {
 
   // -- used by connections --
   // A complete request (call->bytes; the connection's lock held): queued (the call is taken),
-  // answered at the door (`answer`: the response), or to relay (call->bytes untouched).
-  FastResult TryFast(std::unique_ptr<HttpCall>* call, const HttpHead& h, std::string* answer);
+  // answered at the door (`answer`: the response), or to relay (call->bytes untouched). `peer`:
+  // the client certificate's names (Conn::PeerNames).
+  FastResult TryFast(std::unique_ptr<HttpCall>* call, const HttpHead& h,
+                     const std::vector<std::string>& peer, std::string* answer);
+  // With tenants, a request's tenant: its one Authorization header's token, else the first of
+  // the certificate's names that is a tenant's (the gRPC port's rule, Tenants::Identify); -1:
+  // none, or several Authorization headers (Python decides those).
+  int TenantOf(const HttpHead& h, const std::vector<std::string>& peer) const;
   const HttpOptions& options() const { return opts_; }
   Frontend* fe() const { return fe_; }
   bool stopping() const { return stopping_; }

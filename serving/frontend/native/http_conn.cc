@@ -154,7 +154,7 @@ void Conn::Process() {
     call->body_at = h.head_len;
     call->conn = shared_from_this();
     std::string answer;
-    switch (server_->TryFast(&call, h, &answer)) {
+    switch (server_->TryFast(&call, h, PeerNames(), &answer)) {
       case FastResult::kQueued:
         state_ = kFast;
         return;

@@ -193,8 +193,14 @@ std::string HttpErrorResponse(int grpc_code, const std::string& message, bool cl
   return out;
 }
 
+int HttpServer::TenantOf(const HttpHead& h, const std::vector<std::string>& peer) const {
+  int n = 0;
+  std::string_view auth = h.Get("authorization", &n);
+  return n > 1 ? -1 : fe_->tenants()->Identify(auth, n == 1, peer);
+}
+
 FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead& h,
-                               std::string* answer) {
+                               const std::vector<std::string>& peer, std::string* answer) {
   HttpCall& call = **holder;
   std::string_view name, version;
   if (h.method != "POST" || !fe_->Accepting() || !InferTarget(h.target, &name, &version)) {
@@ -203,9 +209,8 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   double t_start = MonoNow();
   if (fe_->Tracing()) call.trace = fe_->TraceDecision(h.Get("traceparent"));
   int n = 0, tenant = -1;
-  if (Tenants* ts = fe_->tenants()) {  // a tenant's token, or Python refuses it (401)
-    std::string_view auth = h.Get("authorization", &n);
-    if (n > 1 || (tenant = ts->Identify(auth, n == 1, {})) < 0) return FastResult::kRelay;
+  if (fe_->tenants() && (tenant = TenantOf(h, peer)) < 0) {  // Python refuses it (401)
+    return FastResult::kRelay;
   }
   if (!fe_->token().empty()) {
     std::string_view auth = h.Get("authorization", &n);

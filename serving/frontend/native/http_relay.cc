@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "http.h"
+#include "tenants.h"
 
 namespace xlaserve::native {
 namespace {
@@ -55,10 +56,19 @@ void Conn::Relay(const std::string& request, const HttpHead& h, int trace) {
   head.reserve(h.head_len + 32);
   head.append(h.method).append(" ").append(h.target).append(" HTTP/1.1\r\n");
   for (auto& [name, value] : h.headers) {
-    if (HopByHop(name) || IEquals(name, kTraceMarker)) continue;  // only ours reaches Python
+    if (HopByHop(name) || IEquals(name, kTraceMarker) || IEquals(name, kTenantMarker)) {
+      continue;  // only ours reach Python
+    }
     head.append(name).append(": ").append(value).append("\r\n");
   }
   if (trace >= 0) head.append(kTraceMarker).append(trace ? ": 1\r\n" : ": 0\r\n");
+  // The tenant decided here, from the token or the client certificate Python never sees.
+  if (Tenants* ts = server_->fe()->tenants()) {
+    int tenant = server_->TenantOf(h, PeerNames());
+    if (tenant >= 0) {
+      head.append(kTenantMarker).append(": ").append(ts->RelayMark(tenant)).append("\r\n");
+    }
+  }
   head.append("connection: close\r\n\r\n");
   bout_ = std::move(head);
   bout_.append(request, h.head_len, std::string::npos);

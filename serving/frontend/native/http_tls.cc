@@ -2,9 +2,12 @@
 // sockets, with the same certificate, key and client CA files as the gRPC port. The files are
 // checked every `tls_reload_s` seconds and, once changed, loaded into a fresh context that new
 // connections get, so a renewed certificate needs no restart (as grpc++'s file watcher does for
-// gRPC). Requests relayed to the Python server go on in plain HTTP over its unix socket.
+// gRPC). Requests relayed to the Python server go on in plain HTTP over its unix socket. With
+// tenants, the verified client certificate's names identify one as on the gRPC port.
 
+#include <arpa/inet.h>
 #include <openssl/err.h>
+#include <openssl/x509v3.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -97,6 +100,61 @@ SSL* HttpTls::NewSsl(int fd) {
   SSL_set_fd(ssl, fd);
   SSL_set_accept_state(ssl);
   return ssl;
+}
+
+// -- the client certificate's names --------------------------------------------------------------
+
+namespace {
+
+// An ASN1 string's bytes.
+std::string Text(const ASN1_STRING* s) {
+  return std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                     size_t(ASN1_STRING_length(s)));
+}
+
+// A SAN as gRPC's peer property x509_subject_alternative_name has it (tsi: DNS, URI and email
+// names as written, IP addresses as inet_ntop text); "" for another kind.
+std::string SanText(const GENERAL_NAME* g) {
+  switch (g->type) {
+    case GEN_DNS: return Text(g->d.dNSName);
+    case GEN_URI: return Text(g->d.uniformResourceIdentifier);
+    case GEN_EMAIL: return Text(g->d.rfc822Name);
+    case GEN_IPADD: {
+      const ASN1_OCTET_STRING* ip = g->d.iPAddress;
+      int len = ASN1_STRING_length(ip);
+      char buf[INET6_ADDRSTRLEN] = {};
+      if ((len != 4 && len != 16) ||
+          inet_ntop(len == 4 ? AF_INET : AF_INET6, ASN1_STRING_get0_data(ip), buf,
+                    sizeof(buf)) == nullptr) {
+        return "";
+      }
+      return buf;
+    }
+    default: return "";
+  }
+}
+
+}  // namespace
+
+const std::vector<std::string>& Conn::PeerNames() {
+  if (peer_read_ || ssl_ == nullptr) return peer_names_;
+  peer_read_ = true;  // the handshake is over once a request has arrived
+  const X509* cert = SSL_get0_peer_certificate(ssl_);
+  if (cert == nullptr || SSL_get_verify_result(ssl_) != X509_V_OK) return peer_names_;
+  // The order of the gRPC port's auth context (tenants.cc Tenants::Of): the CN, then the SANs.
+  const X509_NAME* subject = X509_get_subject_name(cert);
+  int at = subject ? X509_NAME_get_index_by_NID(subject, NID_commonName, -1) : -1;
+  if (at >= 0) {
+    peer_names_.push_back(Text(X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, at))));
+  }
+  auto* sans = static_cast<GENERAL_NAMES*>(
+      X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  for (int i = 0; sans != nullptr && i < sk_GENERAL_NAME_num(sans); ++i) {
+    std::string name = SanText(sk_GENERAL_NAME_value(sans, i));
+    if (!name.empty()) peer_names_.push_back(std::move(name));
+  }
+  GENERAL_NAMES_free(sans);
+  return peer_names_;
 }
 
 // -- a connection's bytes (the connection's lock held) -------------------------------------------

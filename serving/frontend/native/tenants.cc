@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <random>
 
 namespace xlaserve::native {
 namespace {
@@ -48,6 +49,18 @@ Tenants::Tenants(std::vector<TenantSpec> specs) : specs_(std::move(specs)) {
     states_[i].rows.rate = s.rows_per_s;
     states_[i].rows.burst = s.rows_burst;
   }
+  std::random_device rd;  // /dev/urandom
+  for (int i = 0; i < 32; ++i) secret_.push_back("0123456789abcdef"[rd() % 16]);
+}
+
+std::string Tenants::RelayMark(int tenant) const {
+  return secret_ + " " + specs_[size_t(tenant)].name;
+}
+
+int Tenants::FromRelayMark(std::string_view mark) const {
+  if (mark.size() <= secret_.size() + 1 || mark[secret_.size()] != ' ') return -1;
+  if (!ConstantTimeEquals(mark.substr(0, secret_.size()), secret_)) return -1;
+  return Index(mark.substr(secret_.size() + 1));
 }
 
 int Tenants::Identify(std::string_view v, bool has_auth,

@@ -45,6 +45,11 @@ class Tenants {
   // A gRPC call's tenant: its first authorization header, else its client certificate's CN and
   // SANs (mutual TLS); -1 for none.
   int Of(const grpc::GenericServerContext& ctx) const;
+  // The HTTP relay's mark of `tenant` for Python ("<secret> <name>"), and the tenant of a mark
+  // (-1: not one of ours). The secret is drawn per table, so a client cannot forge a mark even
+  // through a connection the relay tunnels unparsed (http_relay.cc).
+  std::string RelayMark(int tenant) const;
+  int FromRelayMark(std::string_view mark) const;
   // Charges one request of `rows` at `now` (seconds, CLOCK_MONOTONIC): "" admitted, else why
   // not (nothing charged). Thread-safe.
   std::string Admit(int tenant, int64_t rows, double now);
@@ -67,6 +72,7 @@ class Tenants {
   std::vector<TenantSpec> specs_;
   std::vector<std::pair<std::string, int>> tokens_;  // token, tenant
   std::unordered_map<std::string, int> ids_, index_;
+  std::string secret_;  // RelayMark's: 32 random hex digits
   std::mutex mu_;
   std::vector<State> states_;
 };

@@ -49,6 +49,16 @@ def test_identification_takes_bytes_as_http_headers_come():
     assert table.identify(b"Bearer \xff", []) == -1, impl
 
 
+@pytest.mark.skipif(NATIVE is None, reason=WHY)
+def test_a_relay_mark_without_the_tables_secret_names_no_tenant():
+  """The HTTP relay's mark (x-xlaserve-tenant) counts only with the secret drawn per table;
+  the genuine marks are exercised end to end in test_https_tenants.py."""
+  table = NATIVE.Tenants([t.native() for t in parse_tenants({"tenants": TENANTS})])
+  assert table.index("batch-jobs") >= 0
+  for forged in ("batch-jobs", "", " batch-jobs", "0" * 32 + " batch-jobs", "x" * 33):
+    assert table.from_relay_mark(forged) == -1, forged
+
+
 def test_effective_priority_never_beats_the_tenants():
   assert effective_priority(DEFAULT_PRIORITY, 3) == 3  # none asked: the tenant's
   assert effective_priority(1, 3) == 3  # a better one is capped
