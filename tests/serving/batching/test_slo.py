@@ -109,16 +109,23 @@ def test_without_a_target_admission_uses_the_wait_bound(impl):
   assert "beyond the 21 ms queue-wait bound" in res
 
 
+def _steady_traffic(b) -> float:
+  """2,000 one-row requests at a steady 10,000 rows/s, every batch taken as it fills (the
+  executor busy), then the queue emptied; returns the time after the last."""
+  t = 0.0
+  for i in range(2000):
+    b.add(Pending(i, 1, t))
+    b.decide(t, idle=False)
+    t += 1e-4
+  b.drain()
+  return t
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_holds_a_partial_batch_only_while_arrivals_would_fill_it_in_time(impl):
   b = make(impl, buckets=(1, 2, 4, 8), latency_slo_s=0.02)
   b.observe(8, 0.001)
-  t = 0.0
-  for i in range(2000):  # a steady 10,000 rows/s, every batch taken as it fills
-    b.add(Pending(i, 1, t))
-    d = b.decide(t, idle=False)
-    t += 1e-4
-  b.drain()
+  t = _steady_traffic(b)
   for i in range(5):
     b.add(Pending(("a", i), 1, t))
     t += 1e-4
@@ -142,12 +149,7 @@ def test_a_load_well_under_capacity_never_holds(impl):
   # rows/s, so holding 5 rows for 3 more buys nothing the queue needs and only adds latency.
   b = make(impl, buckets=(1, 2, 4, 8), latency_slo_s=0.02)
   b.observe(8, 0.0001)
-  t = 0.0
-  for i in range(2000):
-    b.add(Pending(i, 1, t))
-    b.decide(t, idle=False)
-    t += 1e-4
-  b.drain()
+  t = _steady_traffic(b)
   for i in range(5):
     b.add(Pending(("a", i), 1, t))
     t += 1e-4
@@ -159,12 +161,7 @@ def test_a_load_well_under_capacity_never_holds(impl):
 def test_without_a_target_partial_batches_run_at_once(impl):
   b = make(impl, buckets=(1, 2, 4, 8))
   b.observe(8, 0.001)
-  t = 0.0
-  for i in range(2000):
-    b.add(Pending(i, 1, t))
-    b.decide(t, idle=False)
-    t += 1e-4
-  b.drain()
+  t = _steady_traffic(b)
   for i in range(5):
     b.add(Pending(("a", i), 1, t))
   d = b.decide(t, idle=True)
