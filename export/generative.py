@@ -11,7 +11,7 @@ Signatures (call convention of bundle/format.py, `fn(params, inputs) -> outputs`
                -> logits [b, V], <cache>   (a prefill chunk at an offset: chunked prefill and
                prefix caching; listed in `extra["extend"]`, absent from older bundles)
   verify_<C>   as extend_<C> with b = the decode batch -> logits [b, C, V] at every position
-               (speculative decoding; `extra["verify"]`; export/verify_entries.py)
+               (speculative decoding; `extra["verify"]`; both from export/chunk_entries.py)
 `<cache>` is every array in `manifest.extra["kv_cache"]` (k_pages, v_pages, plus k_scale,
 v_scale for an int8 cache); the server passes them in and takes the updated ones back.
 
@@ -37,7 +37,7 @@ from flax import nnx
 import bundle as bundle_lib
 from bundle import Manifest, Signature, TensorSpec
 from export.tracing import disabled_checks, nnx_parts
-from export.verify_entries import verify_entries
+from export.chunk_entries import chunk_entries
 from models.decoder import CACHE_AXES, KV_DTYPES, NULL_PAGE, Decoder, DecoderConfig, cache_shapes
 from models.tokenizer import ByteTokenizer
 from pallas_kernels.common import is_pow2
@@ -212,9 +212,12 @@ def export_generative(
                     kv_dtype=config.kv_dtype)
   pages_per_seq = -(-mc.max_seq_len // config.page_size)
   entries, prefill_meta = _entries(rebuild, kv, config, pages_per_seq)
-  extend_entries, extend_meta = _extend_entries(rebuild, kv, config, pages_per_seq)
-  verify, verify_meta = verify_entries(rebuild, kv, config.verify_lengths, config.decode_batch,
-                                       pages_per_seq)
+  extend_entries, extend_meta = chunk_entries(
+      rebuild, kv, "extend", [(c, config.extend_batch(c)) for c in config.chunk_lengths],
+      pages_per_seq)
+  verify, verify_meta = chunk_entries(
+      rebuild, kv, "verify", [(c, config.decode_batch) for c in config.verify_lengths],
+      pages_per_seq)
   entries += extend_entries + verify
   signatures, artifacts = _export_entries(entries, param_structs, config.platforms)
   batch_buckets, seq_buckets = (config.decode_batch,), tuple(config.prefill_lengths)
@@ -273,30 +276,6 @@ def _entries(rebuild: Callable[[list[Any]], Any], kv: dict[str, tuple[tuple[int,
       "tokens": i32(b), "positions": i32(b), "page_table": i32(b, pages_per_seq),
       "lengths": i32(b), **cache_structs}))
   return entries, prefill_meta
-
-
-def _extend_entries(rebuild: Callable[[list[Any]], Any],
-                    kv: dict[str, tuple[tuple[int, ...], str]], config: GenerativeExportConfig,
-                    pages_per_seq: int) -> tuple[list[_Entry], list[dict[str, Any]]]:
-  """(signature name, fn, abstract inputs) of every chunk bucket's `extend_<C>`; its meta."""
-  cache_structs = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for k, (s, d) in kv.items()}
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-
-  def extend_fn(params, inputs):
-    cache = {k: inputs[k] for k in kv}
-    logits, cache = rebuild(list(params)).extend(
-        inputs["tokens"], inputs["starts"], inputs["lengths"], inputs["page_table"], cache)
-    return {"logits": logits, **cache}
-
-  entries: list[_Entry] = []
-  meta = []
-  for c in config.chunk_lengths:
-    b = config.extend_batch(c)
-    entries.append((f"extend_{c}", extend_fn, {
-        "tokens": i32(b, c), "starts": i32(b), "lengths": i32(b),
-        "page_table": i32(b, pages_per_seq), **cache_structs}))
-    meta.append({"length": c, "batch": b, "signature": f"extend_{c}"})
-  return entries, meta
 
 
 def _export_entries(entries: list[_Entry], param_structs: list[jax.ShapeDtypeStruct],

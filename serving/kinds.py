@@ -79,6 +79,7 @@ def _advise_buckets(seconds: Mapping[int, float], say: Callable[[str], None]) ->
 def generate_runner_factory(spec: LoadSpec) -> Runner:
   """Generate bundles: a GenerationService (every shape compiled at load) behind its runner."""
   from serving.generation.runner import load_generation_runner
+  from serving.repository.placement import configured_devices
   from serving.generation.service import ServiceConfig
   from serving.generation.speculative import SpeculativeConfig
 
@@ -92,27 +93,8 @@ def generate_runner_factory(spec: LoadSpec) -> Runner:
                                     max_num_batched_tokens=cfg.max_num_batched_tokens,
                                     prefix_caching=cfg.prefix_caching,
                                     speculative=speculative),
-                                sharding=cfg.sharding, devices=_generate_devices(spec))
-
-
-def _generate_devices(spec: LoadSpec) -> list[Any] | None:
-  """The local devices a generate model's config names (`devices` N: the first N; a list:
-  those); None: the default device."""
-  cfg = spec.config
-  if cfg.device_ids is None and (cfg.devices or 1) == 1 and cfg.sharding is None:
-    return None
-  import jax
-
-  from serving.repository.placement import listed_devices
-
-  available = jax.local_devices()
-  if cfg.device_ids is not None:
-    return listed_devices(cfg.device_ids, available, spec.manifest.name)
-  n = cfg.devices or len(available)
-  if n > len(available):
-    raise BundleError(f"{spec.manifest.name}: {n} devices requested, {len(available)} present"
-                      " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-  return available[:n]
+                                sharding=cfg.sharding,
+                                devices=configured_devices(cfg, spec.manifest.name))
 
 
 def draft_path(bundle: pathlib.Path, name: str | None) -> pathlib.Path | None:

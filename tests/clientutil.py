@@ -103,3 +103,32 @@ def assert_served_like(client: tc.InferenceServerClient, model: str,
                                  err_msg=f"{model}: output {name!r}, case {n}")
     n += 1
   return n
+
+
+def stream_pieces(address: str, model: str, prompts: Sequence[bytes],
+                  parameters: Mapping[str, Any]) -> list[list[bytes]]:
+  """Every prompt as a generation on one tritonclient gRPC stream, interleaved -> per prompt the
+  `text_output` pieces its responses carried, in order (until its final response)."""
+  import queue
+
+  results: queue.Queue = queue.Queue()
+  pieces: dict[str, list[bytes]] = {str(i): [] for i in range(len(prompts))}
+  with tc.InferenceServerClient(address) as c:
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+      for i, prompt in enumerate(prompts):
+        c.async_stream_infer(model, triton_inputs({"text_input": np.array([prompt], dtype=object)}),
+                             request_id=str(i), parameters=dict(parameters))
+      finals: set[str] = set()
+      while len(finals) < len(prompts):
+        result, error = results.get(timeout=60)
+        assert error is None, error
+        resp = result.get_response()
+        out = result.as_numpy("text_output")
+        if out is not None:
+          pieces[resp.id].append(out[0])
+        if resp.parameters["triton_final_response"].bool_param:
+          finals.add(resp.id)
+    finally:
+      c.stop_stream()
+  return [pieces[str(i)] for i in range(len(prompts))]

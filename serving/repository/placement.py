@@ -21,21 +21,13 @@ logger = logging.getLogger(__name__)
 def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Placement] | None:
   """Single device unless the config names a strategy, more than one device, or which devices
   (`devices` as a list: one replica on each, or the strategy's plan over exactly those)."""
-  if cfg.sharding is None and cfg.device_ids is None and (cfg.devices is None or cfg.devices == 1):
+  devices = configured_devices(cfg, manifest.name)
+  if devices is None:
     return None
-  import jax
-
   from sharding import ShardingPlan
 
   strategy = cfg.sharding or "replicated"
-  available = jax.local_devices()
-  if cfg.device_ids is not None:
-    available = listed_devices(cfg.device_ids, available, manifest.name)
-  n = len(available) if cfg.device_ids is not None else cfg.devices or len(available)
-  if n > len(available):
-    raise BundleError(f"{manifest.name}: {n} devices requested, {len(available)} present"
-                      " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-  plan = ShardingPlan.create(strategy, n, available[:n])
+  plan = ShardingPlan.create(strategy, len(devices), devices)
   axes = [p.logical_axes for p in manifest.params]
   shapes = [p.shape for p in manifest.params]
   try:
@@ -54,6 +46,23 @@ def placements_for(cfg: ModelServingConfig, manifest: Manifest) -> Sequence[Plac
         label=f"{strategy} mesh {dict(mesh.shape)}", tables=tables, mesh=mesh))
   logger.info("%s: %d placement(s) under %s", manifest.name, len(out), strategy)
   return out
+
+
+def configured_devices(cfg: ModelServingConfig, model: str) -> list[Any] | None:
+  """The local devices a model's config asks for (`devices` N: the first N; a list: those);
+  None when it names no strategy and at most one device (the default device)."""
+  if cfg.sharding is None and cfg.device_ids is None and (cfg.devices is None or cfg.devices == 1):
+    return None
+  import jax
+
+  available = jax.local_devices()
+  if cfg.device_ids is not None:
+    return listed_devices(cfg.device_ids, available, model)
+  n = cfg.devices or len(available)
+  if n > len(available):
+    raise BundleError(f"{model}: {n} devices requested, {len(available)} present"
+                      " (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  return available[:n]
 
 
 def listed_devices(ids: Sequence[int], available: Sequence[Any], model: str) -> list[Any]:

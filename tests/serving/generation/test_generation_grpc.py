@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from clientutil import serving, triton_inputs
+from clientutil import serving, stream_pieces, triton_inputs
 from models.decoder import greedy_reference
 from models.tokenizer import ByteTokenizer
 
@@ -54,29 +54,12 @@ def test_model_infer_returns_whole_greedy_completion(lm_server, tiny_model):
 
 
 def test_streaming_prints_token_by_token_and_equals_greedy(lm_server, tiny_model):
-  c = tc.InferenceServerClient(lm_server.address)
-  results: queue.Queue = queue.Queue()
-  c.start_stream(callback=lambda result, error: results.put((result, error)))
-  try:
-    for i, prompt in enumerate(PROMPTS):  # three generations interleaved on one stream
-      c.async_stream_infer("decoder", [_text_input(prompt)], request_id=str(i),
-                           parameters={"max_tokens": 16})
-    pieces = {str(i): [] for i in range(len(PROMPTS))}
-    finals = set()
-    while len(finals) < len(PROMPTS):
-      result, error = results.get(timeout=60)
-      assert error is None, error
-      resp = result.get_response()
-      out = result.as_numpy("text_output")
-      if out is not None:
-        pieces[resp.id].append(out[0])
-      if resp.parameters["triton_final_response"].bool_param:
-        finals.add(resp.id)
-  finally:
-    c.stop_stream()
-  for i, prompt in enumerate(PROMPTS):
-    assert len(pieces[str(i)]) > 1  # streamed in several responses, not one
-    assert b"".join(pieces[str(i)]) == _expected(tiny_model, prompt, 16)
+  # three generations interleaved on one stream
+  streamed = stream_pieces(lm_server.address, "decoder", [p.encode() for p in PROMPTS],
+                           {"max_tokens": 16})
+  for pieces, prompt in zip(streamed, PROMPTS):
+    assert len(pieces) > 1  # streamed in several responses, not one
+    assert b"".join(pieces) == _expected(tiny_model, prompt, 16)
 
 
 def test_bad_sampling_parameter_is_invalid_argument(lm_server):

@@ -5,17 +5,14 @@ without speculation, and the spec-decode metrics count drafts per model."""
 from __future__ import annotations
 
 import json
-import queue
 import re
 import shutil
 import urllib.request
 
-import numpy as np
 import openai
 import pytest
-import tritonclient.grpc as tc
 
-from clientutil import serving, triton_inputs
+from clientutil import serving, stream_pieces
 from models.decoder import greedy_reference
 from models.tokenizer import ByteTokenizer
 
@@ -68,23 +65,8 @@ def test_openai_streaming_equals_the_greedy_reference(lm, want):
 
 
 def test_tritonclient_grpc_streaming_equals_the_greedy_reference(lm, want):
-  results: queue.Queue = queue.Queue()
-  g = tc.InferenceServerClient(lm.address)
-  g.start_stream(callback=lambda result, error: results.put((result, error)))
-  try:
-    (t,) = triton_inputs({"text_input": np.array([PROMPT.encode()], dtype=object)})
-    g.async_stream_infer("decoder", [t], parameters={"max_tokens": 30, "ignore_eos": True})
-    pieces = []
-    while True:
-      result, error = results.get(timeout=60)
-      assert error is None, error
-      out = result.as_numpy("text_output")
-      if out is not None:
-        pieces.append(out[0])
-      if result.get_response().parameters["triton_final_response"].bool_param:
-        break
-  finally:
-    g.stop_stream()
+  (pieces,) = stream_pieces(lm.address, "decoder", [PROMPT.encode()],
+                            {"max_tokens": 30, "ignore_eos": True})
   assert b"".join(pieces).decode() == want
 
 

@@ -3,16 +3,14 @@ the openai client get the model's own greedy tokens; per-device memory is report
 
 from __future__ import annotations
 
-import queue
 import re
 import urllib.request
 
-import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as tc
 
-from clientutil import triton_inputs
+from clientutil import stream_pieces
 from models.decoder import greedy_reference
 from models.tokenizer import ByteTokenizer
 from procutil import serve
@@ -41,32 +39,6 @@ def _memory(text: str, kind: str, device: str) -> float:
   return float(m.group(1))
 
 
-def _stream(address: str, n: int) -> dict[str, bytes]:
-  """Every prompt on one tritonclient stream, interleaved; prompt -> its streamed text."""
-  results: queue.Queue = queue.Queue()
-  pieces: dict[str, list[bytes]] = {str(i): [] for i in range(len(PROMPTS))}
-  with tc.InferenceServerClient(address) as c:
-    c.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-      for i, prompt in enumerate(PROMPTS):
-        c.async_stream_infer("decoder", triton_inputs(
-            {"text_input": np.array([prompt.encode()], dtype=object)}), request_id=str(i),
-                             parameters={"max_tokens": n})
-      finals: set[str] = set()
-      while len(finals) < len(PROMPTS):
-        result, error = results.get(timeout=60)
-        assert error is None, error
-        resp = result.get_response()
-        out = result.as_numpy("text_output")
-        if out is not None:
-          pieces[resp.id].append(out[0])
-        if resp.parameters["triton_final_response"].bool_param:
-          finals.add(resp.id)
-    finally:
-      c.stop_stream()
-  return {p: b"".join(pieces[str(i)]) for i, p in enumerate(PROMPTS)}
-
-
 def test_tensor_parallel_server_streams_the_greedy_tokens(tp_server, tiny_model):
   n = 20
   want = greedy_reference(tiny_model, [TOK.encode(p) for p in PROMPTS], max_new_tokens=n,
@@ -74,7 +46,8 @@ def test_tensor_parallel_server_streams_the_greedy_tokens(tp_server, tiny_model)
   text = {p: TOK.decode(ids) for p, ids in zip(PROMPTS, want)}
   assert ("placement: decoder: tensor over 2 devices; KV cache split by kv heads (k_pages, v_pages);"
           " replicated where they do not divide 2: vocab (259)") in tp_server.text
-  streamed = _stream(tp_server.address, n)
+  streamed = dict(zip(PROMPTS, (b"".join(x) for x in stream_pieces(
+      tp_server.address, "decoder", [p.encode() for p in PROMPTS], {"max_tokens": n}))))
   for p in PROMPTS:
     assert streamed[p] == TOK.decode_bytes(want[PROMPTS.index(p)]), p
   client = openai.OpenAI(base_url=f"{tp_server.http_url}/v1", api_key="x", max_retries=0,
