@@ -14,6 +14,21 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
 steps=${*:-tests kernels}
+native_env() {  # grpc++ and RapidJSON from the carried Debian packages (.gdeb/), for setup.py and the C++ load generator
+  mkdir -p /tmp/g; for f in .gdeb/*.deb; do dpkg -x "$f" /tmp/g; done
+  L=/tmp/g/usr/lib/x86_64-linux-gnu
+  # Debian's libz.so points at /lib/...libz.so.1.2.13 by an absolute path: point it into /tmp/g
+  [ -e /tmp/g/lib/x86_64-linux-gnu/libz.so.1 ] && ln -sf /tmp/g/lib/x86_64-linux-gnu/libz.so.1 $L/libz.so
+  export PATH=/tmp/site/bin:/tmp/g/usr/bin:$PATH PKG_CONFIG_PATH=$L/pkgconfig:/tmp/g/usr/share/pkgconfig \
+    PKG_CONFIG_SYSROOT_DIR=/tmp/g CPATH=/tmp/g/usr/include LIBRARY_PATH=$L:/tmp/g/lib/x86_64-linux-gnu \
+    LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-}
+}
+demo_bundles() {  # the demo DLRM and light CTR model, exported for CPU and CUDA
+  [ -e /tmp/repo/ctr_light/1/manifest.json ] || timeout 200 python3 -c "import pathlib
+from demo.repository import build_ctr_light, build_dlrm
+build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))
+build_ctr_light(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 - <<'EOF'
 import importlib
@@ -68,16 +83,10 @@ print("jit quantize", jax.jit(quantize.quantize_activations_int8)(x))
 PY
       ;;
     native)  # build the native front end from carried Debian grpc++ packages (.gdeb/), then measure
-      mkdir -p /tmp/g; for f in .gdeb/*.deb; do dpkg -x "$f" /tmp/g; done
-      L=/tmp/g/usr/lib/x86_64-linux-gnu
-      export PATH=/tmp/site/bin:/tmp/g/usr/bin:$PATH PKG_CONFIG_PATH=$L/pkgconfig:/tmp/g/usr/share/pkgconfig \
-        PKG_CONFIG_SYSROOT_DIR=/tmp/g CPATH=/tmp/g/usr/include LIBRARY_PATH=$L LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-}
-      XLASERVE_REQUIRE_NATIVE=1 timeout 240 python3 setup.py -q build_ext --inplace 2>&1 | tail -5
+      native_env
+      XLASERVE_REQUIRE_NATIVE=1 timeout 240 python3 setup.py -q build_ext --inplace -j 8 2>&1 | tail -5
       python3 -c "import serving.frontend._native; print('native front end built')" || exit 1
-      [ -e /tmp/repo/ctr_light/1/manifest.json ] || timeout 200 python3 -c "import pathlib
-from demo.repository import build_ctr_light, build_dlrm
-build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))
-build_ctr_light(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
+      demo_bundles
       timeout 240 python3 benchmarks/serving.py --repository /tmp/repo --model dlrm,ctr_light --frontend ${FRONTENDS:-both} --duration 5 \
         --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -40
       if [ -z "${NO_PA:-}" ]; then
@@ -94,6 +103,19 @@ build_ctr_light(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | ta
         tail -8 /tmp/server_native.log
         kill %1
       fi ;;
+    quick)  # one lease: kernel tests while the native front end builds and the bundles export,
+      # then the serving benchmark alone on the quiet machine, then the light model without CUDA graphs
+      native_env
+      ( XLASERVE_REQUIRE_NATIVE=1 timeout 300 python3 setup.py -q build_ext --inplace -j 10 > "$OUT/build.log" 2>&1
+        demo_bundles > "$OUT/export.log" 2>&1 ) &
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n 5 -k "not Interpret" \
+        ${TESTS:-tests/pallas_kernels tests/export/test_cuda_export.py} 2>&1 | tee -a "$OUT/run.log" | tail -25
+      wait; tail -3 "$OUT/build.log" "$OUT/export.log"
+      python3 -c "import serving.frontend._native; print('native front end built')" || exit 1
+      timeout 260 python3 benchmarks/serving.py --repository /tmp/repo --model dlrm,ctr_light --duration 5 \
+        --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -32
+      timeout 100 python3 benchmarks/serving.py --repository /tmp/repo --model ctr_light --duration 4 \
+        --processes 6 --server-args=--no-gpu-graphs --out "$OUT/nographs" 2>&1 | tee -a "$OUT/run.log" | tail -14 ;;
     more)  # model, export and end-to-end serving tests, on the GPU
       timeout ${MORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 -x --timeout 120 \
         tests/models tests/export tests/serving/test_dlrm_e2e.py 2>&1 | tee -a "$OUT/run.log" | tail -40 ;;
