@@ -86,9 +86,14 @@ def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, 
   """rows/s of the compiled executables at each bucket, called back to back by one caller
   (`rows_per_s`) and by two at once (`rows_per_s_2`); returns (rows, engine inputs)."""
   from serving.engines import BundleEngine
+  from serving.engines.base import export_platform
+  from serving.engines.growth import GrowthConfig, growth_limit
 
   engine = BundleEngine(bundle)
   engine.warmup(progress=lambda m: say(f"raw: {m}"))
+  limit = growth_limit(None, export_platform())  # the buckets the server would grow to
+  if limit > engine.buckets[-1]:
+    engine.grow_buckets(GrowthConfig(limit), lambda m: say(f"raw: {m}"))
   rng = np.random.default_rng(0)
   results = []
   for b in engine.buckets:

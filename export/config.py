@@ -47,7 +47,9 @@ class ExportConfig:
   `request_buckets`: how many requests a context model's per-request part runs at (a batch
   holds at most the largest); its candidates run at `batch_buckets`. `deterministic`: a row's
   outputs are bit-identical whatever batch it shares (export/invariant.py), at the cost of
-  running the model over `invariant_tile`-row slices.
+  running the model over `invariant_tile`-row slices. `reserve_batch_buckets`: larger batches
+  a GPU export also writes fixed-batch artifacts for (CPU artifacts run any batch), which the
+  server compiles only where batch time is nearly flat (serving/engines/growth.py).
   """
 
   batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
@@ -61,8 +63,13 @@ class ExportConfig:
   request_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
   deterministic: bool = False
   invariant_tile: int = 8
+  reserve_batch_buckets: tuple[int, ...] = ()
 
   def __post_init__(self):
+    rb = tuple(self.reserve_batch_buckets)
+    if rb and (list(rb) != sorted(set(rb)) or rb[0] <= self.batch_buckets[-1]):
+      raise ValueError(f"reserve_batch_buckets must be strictly increasing and above the largest"
+                       f" batch bucket {self.batch_buckets[-1]}, got {rb}")
     if not self.batch_buckets or list(self.batch_buckets) != sorted(set(self.batch_buckets)):
       raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets}")
     if self.batch_buckets[0] < 1:

@@ -190,7 +190,8 @@ def _export_artifacts(
   for platform in config.platforms:
     checks = disabled_checks(platform)
     # GPU kernels (Pallas/Triton) need static grids: one artifact per batch bucket there.
-    batches = config.batch_buckets if platform in ("cuda", "rocm") else (None,)
+    batches = ((*config.batch_buckets, *config.reserve_batch_buckets)
+               if platform in ("cuda", "rocm") else (None,))
     for seq in seq_buckets or (None,):
       for batch in batches:
         exp = jax.export.export(jax.jit(serve_fn), platforms=(platform,),

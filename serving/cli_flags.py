@@ -95,6 +95,12 @@ def _add_queue_flags(serve: argparse.ArgumentParser) -> None:
                      help="for models without a latency target: longest an admitted request"
                      " waits unstarted, and the bound admission estimates against; the excess"
                      " gets RESOURCE_EXHAUSTED at once; 0 disables")
+  serve.add_argument("--auto-bucket-max-rows", type=int, default=None, metavar="ROWS",
+                     help="default per-model limit for growing the largest batch bucket at"
+                     " load: buckets above it are compiled while batch time stays nearly flat"
+                     " (each doubling of rows at most 1.5x the time), as on accelerators"
+                     " where a batch costs one launch at any size; 0 disables; default 4096 on"
+                     " accelerators, off on CPU (config.json auto_bucket_max_rows overrides)")
   serve.add_argument("--default-timeout-us", type=int, default=None,
                      help="default per-model deadline in microseconds for requests that bring"
                      " no Triton 'timeout' parameter (a gRPC deadline still applies); none if"
@@ -324,6 +330,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
                                    default_timeout_us=args.default_timeout_us,
                                    latency_slo_ms=args.latency_slo_ms,
                                    max_queue_wait_ms=args.max_queue_wait_ms,
+                                   auto_bucket_max_rows=args.auto_bucket_max_rows,
                                    sharding=args.sharding, devices=args.devices,
                                    instance_count=args.instances,
                                    embedding_cache=_embedding_cache(args),

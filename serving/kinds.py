@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 from bundle import BundleError
 from serving.batching import BatchingConfig
+from serving.engines.growth import GrowthConfig, growth_limit, is_flat
 from serving.engines import Engine
 from serving.engines.base import export_platform
-from serving.repository import EngineFactory, LoadSpec, RunnerFactory, default_engine_factory
+from serving.repository import (EngineFactory, LoadSpec, ModelServingConfig, RunnerFactory,
+                                default_engine_factory)
 from serving.repository.bucket_override import serving_manifest
 from serving.runners import Runner, make_runner
 
@@ -40,7 +42,7 @@ def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
     engine: Engine = engine_factory(spec.path, manifest, spec.config)
     try:
       engine.warmup(progress=spec.progress)
-      _advise_buckets(engine.bucket_seconds, spec.progress)
+      _grow_or_advise(engine, spec.config, spec.progress)
       cfg = spec.config
       delay_us = (cfg.max_queue_delay_us if cfg.max_queue_delay_us is not None
                   else int(spec.manifest.serving.get("max_queue_delay_us", 2000)))
@@ -61,19 +63,24 @@ def predict_runner_factory(engine_factory: EngineFactory) -> RunnerFactory:
   return load
 
 
-FLAT_BATCH_TIME = 2.0  # largest/smallest bucket batch time below which larger buckets pay
-
-
-def _advise_buckets(seconds: Mapping[int, float], say: Callable[[str], None]) -> None:
-  """Says when the measured batch time is nearly flat across buckets (an accelerator, or a
-  light model): a larger largest bucket would then cost one compile and raise throughput."""
-  if len(seconds) < 2:
+def _grow_or_advise(engine: Engine, cfg: ModelServingConfig, say: Callable[[str], None]) -> None:
+  """Grows the largest bucket while batch time stays nearly flat (serving/engines/growth.py),
+  unless the buckets were chosen (batch_buckets, a bucket plan) or growth is off; else says
+  when larger buckets would pay."""
+  limit = growth_limit(cfg.auto_bucket_max_rows, export_platform())
+  chosen = (cfg.batch_buckets is not None or cfg.adopted_buckets is not None
+            or cfg.bucket_plan.auto)
+  grow = getattr(engine, "grow_buckets", None)  # plain row engines
+  if limit > 0 and not chosen and grow is not None and engine.buckets[-1] < limit:
+    grow(GrowthConfig(limit, cfg.auto_bucket_time_ratio), say)
     return
-  lo, hi = min(seconds), max(seconds)
-  if seconds[lo] > 0 and seconds[hi] / seconds[lo] < FLAT_BATCH_TIME:
+  seconds = engine.bucket_seconds
+  if is_flat(seconds):
+    lo, hi = min(seconds), max(seconds)
     say(f"batch time is nearly flat: {seconds[hi] * 1e3:.2f} ms at {hi} rows vs"
-        f" {seconds[lo] * 1e3:.2f} ms at {lo}; export with larger batch_buckets (up to"
-        f" {hi * 8}) for more rows/s at saturation")
+        f" {seconds[lo] * 1e3:.2f} ms at {lo}; larger buckets would pay: set"
+        f" auto_bucket_max_rows in config.json (or --auto-bucket-max-rows) or export with"
+        f" larger batch_buckets")
 
 
 def generate_runner_factory(spec: LoadSpec) -> Runner:

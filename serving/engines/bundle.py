@@ -16,7 +16,8 @@ import numpy as np
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
-from serving.engines.base import Placement
+from serving.engines.growth import GrowthConfig, candidates, pays
+from serving.engines.base import Placement, Progress
 from serving.engines.replica import ReplicaEngine, Step, deserialize, resolve_signature
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,56 @@ class BundleEngine(ReplicaEngine):
   @property
   def bucket_seconds(self) -> Mapping[int, float]:
     return self.point_seconds
+
+  def grow_buckets(self, growth: GrowthConfig, say: Progress) -> tuple[int, ...]:
+    """After warm-up: compiles buckets above the largest, smallest first, while each pays
+    (serving/engines/growth.py), on every replica; returns the buckets kept."""
+    if any(p.tables is not None for p in self.placements):
+      say("bucket growth: not with table-wise placements (each bucket needs its lookup split)")
+      return ()
+    added: list[int] = []
+    for b in candidates(self.buckets, growth.max_rows, self._fixed_sizes()):
+      prev = self.buckets[-1]
+      try:
+        exes = self._compile_extra(b, say)
+      except Exception as e:  # e.g. out of device memory: serve what warm-up compiled
+        say(f"bucket growth stopped at {prev} rows: bucket {b} failed ({e})")
+        self._exported.pop(b, None), self._point_seconds.pop(b, None)
+        break
+      prev_s, new_s = self._point_seconds[prev], self._point_seconds[b]
+      if not pays(prev, prev_s, b, new_s, growth.time_ratio):
+        say(f"bucket growth stopped at {prev} rows: {b} rows take {new_s * 1e3:.3f} ms a"
+            f" batch against {prev_s * 1e3:.3f} ms (more than {growth.time_ratio}x per doubling)")
+        del self._exported[b], self._point_seconds[b]
+        break
+      for replica, exe in zip(self._replicas, exes):
+        replica["compiled"][b] = exe
+      self.buckets = (*self.buckets, b)
+      added.append(b)
+      say(f"bucket {b} added: {new_s * 1e3:.3f} ms a batch against {prev_s * 1e3:.3f} ms at"
+          f" {prev} rows (batch time nearly flat)")
+    return tuple(added)
+
+  def _fixed_sizes(self) -> frozenset[int] | None:
+    """The batch sizes this platform's artifacts are fixed to (a GPU export, with any reserve
+    buckets), or None when a symbolic-batch artifact runs any size."""
+    arts = self.signature.artifacts
+    if bundle_lib.artifact_key(self._platform) in arts:
+      return None
+    prefix = f"{self._platform}@b"
+    return frozenset(int(k[len(prefix):]) for k in arts
+                     if k.startswith(prefix) and k[len(prefix):].isdigit())
+
+  def _compile_extra(self, b: int, say: Progress) -> list[Any]:
+    """Bucket `b` compiled and run on every replica (its batch time recorded)."""
+    fname = bundle_lib.find_artifact(self.signature.artifacts, self._platform, batch=b)
+    self._exported[b] = deserialize(self.path, fname, {})
+    exes = []
+    for r, (placement, replica) in enumerate(zip(self.placements, self._replicas)):
+      exes.append(self._compile(r, placement, replica["params"], replica["shardings"],
+                                replica["step"], b, say))
+      self._run_and_time(b, exes[-1], replica["params"])
+    return exes
 
   def _prepare(self, placement: Placement, params: list[Any],
                shardings: list[Any]) -> tuple[list[Any], list[Any], Step]:

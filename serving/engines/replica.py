@@ -148,7 +148,9 @@ class ReplicaEngine(Engine):
             f" {len(self.seq_buckets)} seq buckets) compiled in {time.perf_counter() - t0:.2f}s")
       for point, exe in compiled.items():
         self._run_and_time(point, exe, params)
-      self._replicas.append({"params": params, "compiled": compiled})
+      # step and shardings stay for buckets compiled after warm-up (BundleEngine.grow_buckets)
+      self._replicas.append({"params": params, "compiled": compiled, "step": step,
+                             "shardings": shardings})
 
   def _restore(self, r: int, placement: Placement, say: Progress) -> tuple[list[Any], list[Any]]:
     """Params restored straight into `placement`'s layout; returns (params, shardings)."""

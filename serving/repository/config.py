@@ -51,6 +51,11 @@ class ModelServingConfig:
   batch_buckets: tuple[int, ...] | None = None
   bucket_plan: BucketPlanConfig = dataclasses.field(default_factory=BucketPlanConfig)
   adopted_buckets: tuple[int, ...] | None = None  # an adopted plan's (in memory, not config.json)
+  # Buckets above the largest compiled at load while batch time stays nearly flat
+  # (serving/engines/growth.py): up to this many rows (0: off; None: 4096 on accelerators, off
+  # on CPU), each doubling of rows costing at most `auto_bucket_time_ratio` times the time.
+  auto_bucket_max_rows: int | None = None
+  auto_bucket_time_ratio: float = 1.5
   # Generate models with extend signatures (serving/generation/chunking.py): prefill in chunks
   # under a per-step token budget shared with decodes (None: decode batch + largest chunk), and
   # full KV pages shared by prefix.
@@ -98,6 +103,11 @@ class ModelServingConfig:
     if (self.speculative == "draft") != (self.speculative_model is not None):
       raise ValueError("speculative 'draft' and speculative_model go together (the draft"
                        " model's name in the repository)")
+    if self.auto_bucket_max_rows is not None and self.auto_bucket_max_rows < 0:
+      raise ValueError(f"auto_bucket_max_rows must be >= 0 (0: off), got"
+                       f" {self.auto_bucket_max_rows}")
+    if not self.auto_bucket_time_ratio > 1:
+      raise ValueError(f"auto_bucket_time_ratio must be > 1, got {self.auto_bucket_time_ratio}")
     for name in ("batch_buckets", "adopted_buckets"):
       if getattr(self, name) is not None:
         check_buckets(getattr(self, name), name)

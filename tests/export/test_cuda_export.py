@@ -20,10 +20,13 @@ def test_cuda_artifacts_have_static_batch_and_triton_kernels(tmp_path, quantizat
       inputs=[export.Input("dense", "float32", ("batch", 13)),
               export.Input("sparse", "int64", ("batch", 26))],
       config=export.ExportConfig(batch_buckets=(1, 8), platforms=("cpu", "cuda"),
-                                 quantization=quantization))
-  sig = read_manifest(path).signatures["serve"]
-  assert sorted(sig.artifacts) == ["cpu", "cuda@b1", "cuda@b8"]
-  for bucket in (1, 8):
+                                 quantization=quantization, reserve_batch_buckets=(16,)))
+  manifest = read_manifest(path)
+  sig = manifest.signatures["serve"]
+  # 16 is a reserve bucket: a CUDA artifact the server compiles only where batch time is flat
+  assert sorted(sig.artifacts) == ["cpu", "cuda@b1", "cuda@b16", "cuda@b8"]
+  assert manifest.batch_buckets == (1, 8)
+  for bucket in (1, 8, 16):
     fname = find_artifact(sig.artifacts, "cuda", batch=bucket)
     exp = jax.export.deserialize(bytearray((path / fname).read_bytes()))
     assert exp.platforms == ("cuda",)
@@ -32,3 +35,10 @@ def test_cuda_artifacts_have_static_batch_and_triton_kernels(tmp_path, quantizat
   cpu = jax.export.deserialize(bytearray((path / sig.artifacts["cpu"]).read_bytes()))
   assert TRITON not in cpu.mlir_module()
   assert find_artifact(sig.artifacts, "cpu", batch=8) == sig.artifacts["cpu"]
+
+
+def test_reserve_buckets_must_lie_above_the_largest_bucket():
+  with pytest.raises(ValueError, match="above the largest batch bucket 8"):
+    export.ExportConfig(batch_buckets=(1, 8), reserve_batch_buckets=(8, 16))
+  with pytest.raises(ValueError, match="strictly increasing"):
+    export.ExportConfig(batch_buckets=(1, 8), reserve_batch_buckets=(32, 16))
