@@ -306,7 +306,7 @@ class Server:
       return
     backend = f"{self._socket_dir}/http.sock"
     await self.http.start(unix_socket=backend)
-    self.http.routes.trust_trace_marker = True  # uvicorn hears only the native relay
+    self.http.routes.trace_marker_secret = self.native.trace_secret()  # relay marks only
     self.http_port = self.native.start_http(cfg.host, cfg.http_port, backend,
                                             read_timeout_s=cfg.http_read_timeout_s,
                                             idle_timeout_s=cfg.http_idle_timeout_s,

@@ -154,6 +154,10 @@ class NativeFrontend:
       self._slot_of = slot_of
       self._fe.set_models(entries)
 
+  def trace_secret(self) -> str:
+    """The secret the HTTP relay's trace marks carry (Python trusts a mark only with it)."""
+    return self._fe.trace_secret()
+
   def set_tracing(self, rate: float) -> None:
     """Tracing on: C++ takes the head decision of each ModelInfer (a client's sampled
     traceparent, else a draw against `rate`) and relays the sampled ones to Python, marked."""

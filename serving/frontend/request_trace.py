@@ -19,14 +19,15 @@ def start_grpc(tracing: Tracing, context: Any, model: str, t0: float,
 
 
 def start_http(tracing: Tracing, headers: Mapping[bytes, bytes], path: str, t0: float,
-               trusted_marker: bool) -> RequestTrace | None:
-  """An HTTP inference request's trace (None: not sampled), from its headers."""
+               marker_secret: str | None) -> RequestTrace | None:
+  """An HTTP inference request's trace (None: not sampled), from its headers; behind the
+  native HTTP server its mark holds when it carries `marker_secret`."""
 
   def get(key: str) -> str | None:
     v = headers.get(key.encode())
     return None if v is None else v.decode("latin-1")
 
-  return tracing.start(f"POST {path}", get, t0, trusted_marker=trusted_marker)
+  return tracing.start(f"POST {path}", get, t0, marker_secret=marker_secret)
 
 
 def finish_grpc(tracing: Tracing, rt: RequestTrace, request_id: str,

@@ -16,6 +16,7 @@ all with explicit timestamps converted from the monotonic clock to epoch ns once
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import random
 import time
@@ -109,6 +110,14 @@ class RequestTrace:
     self.t_resume = time.perf_counter()
 
 
+def unseal_marker(mark: str, secret: str) -> str | None:
+  """The decision ("1" or "0") of a relay mark "<secret> <decision>", or None when the mark is
+  not the relay's (a client's forgery is ignored, as if absent)."""
+  head, _, decision = mark.rpartition(" ")
+  ok = hmac.compare_digest(head.encode(), secret.encode()) and decision in ("0", "1")
+  return decision if ok else None
+
+
 class Tracing:
   """A server's tracer: head decisions, the batch spans, the request spans; `shutdown` flushes."""
 
@@ -147,12 +156,17 @@ class Tracing:
     return int(t * 1e9) + self._offset_ns
 
   def start(self, name: str, get: Callable[[str], str | None], t0: float, *,
-            trusted_marker: bool = False) -> RequestTrace | None:
+            trusted_marker: bool = False, marker_secret: str | None = None
+            ) -> RequestTrace | None:
     """The request's trace when it is sampled, else None: `get(key)` reads its metadata or
-    headers (lower-case names); the native relay's marker decides when `trusted_marker`."""
+    headers (lower-case names); the native relay's marker decides when `trusted_marker`, or
+    (HTTP, where tunnelled connections carry the client's own headers) when it carries
+    `marker_secret`."""
     forced = False
-    if trusted_marker:
+    if trusted_marker or marker_secret:
       marker = get(TRACE_MARKER)
+      if marker is not None and marker_secret:
+        marker = unseal_marker(marker, marker_secret)
       if marker is not None:
         if marker != "1":
           return None

@@ -89,6 +89,7 @@ class Generation:
 
   def __init__(self, servicer: InferenceServicer):
     self.servicer = servicer
+    self.trace_marker_secret: str | None = None  # the native relay's (Routes sets it)
 
   def _start(self, req: Request, model: str, version: str
              ) -> tuple[Any, Any, tensors.HttpInferRequest]:
@@ -101,7 +102,7 @@ class Generation:
     """The request's trace when tracing samples it (its headers decide), else None."""
     s = self.servicer
     return None if s.tracing is None else request_trace.start_http(
-        s.tracing, req.headers, req.path, t0, s.trust_trace_marker)
+        s.tracing, req.headers, req.path, t0, self.trace_marker_secret)
 
   async def _infer(self, request: tensors.HttpInferRequest, model: str, version: str,
                    rt: Any = None) -> dict:

@@ -66,7 +66,15 @@ class Routes:
     self.admin = AdminRoutes(lambda: servicer.profiler, lambda: servicer.set_trace_rate)
     self.openai = OpenAIRoutes(servicer)
     self._context = _Context()
-    self.trust_trace_marker = False  # behind the native HTTP server: its head decision holds
+
+  @property
+  def trace_marker_secret(self) -> str | None:
+    """Behind the native HTTP server: its trace marks hold when they carry this secret."""
+    return self.generation.trace_marker_secret
+
+  @trace_marker_secret.setter
+  def trace_marker_secret(self, secret: str | None) -> None:
+    self.generation.trace_marker_secret = secret
 
   def lookup(self, method: str, path: str) -> tuple[Callable, tuple]:
     """(handler, path arguments); HttpError 404 for an unknown path, 405 for a wrong method."""
@@ -187,7 +195,7 @@ class Routes:
       raise ServingError(Code.UNAVAILABLE, SHUTTING_DOWN)
     request_id = ""
     rt = None if servicer.tracing is None else request_trace.start_http(
-        servicer.tracing, req.headers, req.path, t0, self.trust_trace_marker)
+        servicer.tracing, req.headers, req.path, t0, self.trace_marker_secret)
     try:
       n = tensors.header_length(req.headers.get(tensors.HEADER_LENGTH), len(req.body))
       request = tensors.parse_infer_request(model, version, req.body, n)

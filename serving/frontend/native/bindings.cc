@@ -148,6 +148,7 @@ PYBIND11_MODULE(_native, m) {
       .def("routed_counts", &Frontend::RoutedCounts)
       .def("set_accepting", &Frontend::SetAccepting)
       .def("set_tracing", &Frontend::SetTracing)
+      .def("trace_secret", &Frontend::TraceSecret)  // the HTTP relay's trace marks carry it
       .def("take", &Frontend::Take)
       .def("complete", &Frontend::Complete)
       .def("forward", &Frontend::Forward)

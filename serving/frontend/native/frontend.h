@@ -59,6 +59,7 @@ struct TraceInfo {
 
 // The clock of Python's time.perf_counter() on Linux (CLOCK_MONOTONIC), in seconds.
 double MonoNow();
+std::string RandomHex(int digits);  // from /dev/urandom (trace.cc): secrets shared with Python
 
 class RowQueue;    // row_queue.h
 class Tenants;    // tenants.h
@@ -279,6 +280,10 @@ class Frontend {
     tracing_ = on;
   }
   bool Tracing() const { return tracing_; }
+  // The HTTP relay's trace mark for Python ("<secret> 1" or "<secret> 0"): the secret is drawn per
+  // front end, so a client whose connection is tunnelled unparsed cannot forge a decision.
+  std::string TraceMark(bool sampled) const { return trace_secret_ + (sampled ? " 1" : " 0"); }
+  const std::string& TraceSecret() const { return trace_secret_; }
   int TraceDecision(std::string_view traceparent);  // 1 sampled, 0 not
   void DecideTrace(Call* c);  // a ModelInfer's head decision (c->trace), when tracing
   std::unique_ptr<TraceInfo> TraceOf(Call* c);  // a sampled call's trace record, else null
@@ -358,6 +363,7 @@ class Frontend {
   std::unordered_map<std::string, std::unique_ptr<std::atomic<int64_t>>> routed_;
   std::shared_ptr<Table> table_;
   std::atomic<bool> accepting_{true}, tracing_{false};
+  const std::string trace_secret_ = RandomHex(32);
   double trace_rate_ = 0;
   std::mutex qmu_;
   std::condition_variable qcv_, busy_cv_;

@@ -61,7 +61,9 @@ void Conn::Relay(const std::string& request, const HttpHead& h, int trace) {
     }
     head.append(name).append(": ").append(value).append("\r\n");
   }
-  if (trace >= 0) head.append(kTraceMarker).append(trace ? ": 1\r\n" : ": 0\r\n");
+  if (trace >= 0) {  // with the secret: Python also hears connections tunnelled unparsed
+    head.append(kTraceMarker).append(": ").append(server_->fe()->TraceMark(trace)).append("\r\n");
+  }
   // The tenant decided here, from the token or the client certificate Python never sees.
   if (Tenants* ts = server_->fe()->tenants()) {
     int tenant = server_->TenantOf(h, PeerNames());

@@ -49,8 +49,7 @@ Tenants::Tenants(std::vector<TenantSpec> specs) : specs_(std::move(specs)) {
     states_[i].rows.rate = s.rows_per_s;
     states_[i].rows.burst = s.rows_burst;
   }
-  std::random_device rd;  // /dev/urandom
-  for (int i = 0; i < 32; ++i) secret_.push_back("0123456789abcdef"[rd() % 16]);
+  secret_ = RandomHex(32);
 }
 
 std::string Tenants::RelayMark(int tenant) const {

@@ -4,8 +4,8 @@
 // one draw against the rate. A sampled request the fast path takes into a model's RowQueue
 // stays there, carrying a TraceInfo; the queue hands the finished ones to the runner per batch
 // (`Traced`), which records their spans from these timestamps. Any other request is relayed
-// with the decision ("x-xlaserve-trace: 1" or "0", any client-sent marker dropped), so Python
-// traces it without drawing again.
+// with the decision ("x-xlaserve-trace: 1" or "0" on gRPC, "<secret> 1" or "<secret> 0" on HTTP;
+// any client-sent marker dropped), so Python traces it without drawing again.
 
 #include <ctime>
 #include <random>
@@ -20,6 +20,13 @@ double MonoNow() {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+std::string RandomHex(int digits) {
+  std::random_device rd;  // /dev/urandom
+  std::string out;
+  for (int i = 0; i < digits; ++i) out.push_back("0123456789abcdef"[rd() % 16]);
+  return out;
+}
+
 namespace {
 
 bool LowerHex(std::string_view s) {

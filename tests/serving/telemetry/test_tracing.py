@@ -305,3 +305,50 @@ def test_requests_on_a_stream_are_traced_each(tmp_path, fast_export):
     kids = {c.name: c for c in receiver.spans if c.parent_span_id == s.span_id}
     assert sorted(kids) == sorted(STAGES)
     _batch_of(receiver.spans, s)
+
+
+def _chunked_infer(port: int, x, k, headers: dict) -> dict:
+  """A JSON ModelInfer with a chunked body: the native HTTP server tunnels such a connection to
+  Python unparsed, so the client's own headers reach it."""
+  import http.client
+
+  body = json.dumps({"inputs": [
+      {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()},
+      {"name": "k", "shape": list(k.shape), "datatype": "INT32", "data": k.ravel().tolist()}]})
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+  try:
+    conn.request("POST", "/v2/models/mock/infer", body=iter([body.encode()]),
+                 headers={"Content-Type": "application/json", **headers}, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    return {o["name"]: np.array(o["data"]).reshape(o["shape"])
+            for o in json.loads(resp.read())["outputs"]}
+  finally:
+    conn.close()
+
+
+@pytest.mark.skipif(NATIVE is None, reason="native front end not built")
+def test_a_client_cannot_forge_the_relay_trace_mark_on_a_tunnelled_connection(tmp_path,
+                                                                               fast_export):
+  """Rate 0: a tunnelled request that marks itself sampled ("1", or a mark with a wrong
+  secret) is not traced; a client-sampled traceparent on the same path still is."""
+  write_mock_bundle(tmp_path / "repo")
+  x, k = mock_rows(np.random.default_rng(3), 2)
+  y, z = expected(x, k)
+  with otlp_receiver() as (receiver, endpoint):
+    cfg = TracingConfig(rate=0.0, otlp_endpoint=endpoint, service_name="forge-test")
+    with serving(tmp_path / "repo", mock_factory(), http_port=0, tracing=cfg) as bg:
+      srv = bg.server
+      assert srv.http_frontend == "native"
+      tunnels = srv.native.stats()["http_tunnels"]
+      forged = [{"x-xlaserve-trace": "1"}, {"x-xlaserve-trace": "0" * 32 + " 1"},
+                {"x-xlaserve-trace": "1 1"}]
+      for headers in forged:
+        got = _chunked_infer(srv.http_port, x, k, headers)
+        np.testing.assert_array_equal(got["y"], y)
+        np.testing.assert_array_equal(got["z"], z)
+      tid, sid = _ids()
+      _chunked_infer(srv.http_port, x, k, {"traceparent": _parent(tid, sid)})
+      assert srv.native.stats()["http_tunnels"] == tunnels + len(forged) + 1
+  servers = [s for s in receiver.spans if s.kind == SERVER]
+  assert [s.trace_id.hex() for s in servers] == [tid]  # only the client-sampled one
