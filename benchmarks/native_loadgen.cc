@@ -10,6 +10,7 @@
 //                reads query ids (native uint64) from stdin, sends one request per id at once,
 //                and writes a record per answer to stdout (uint64 id, int64 status code, int64
 //                microseconds since the id was read), until stdin closes and nothing is in flight.
+// `--metadata KEY=VALUE` (repeatable) goes with every call (e.g. authorization=Bearer TOKEN).
 // Only requests issued inside the measured window [warmup, warmup + duration) are recorded.
 // stdout: a compact summary ("window_s", "sent", "status NAME COUNT" lines); --latencies FILE:
 // one "STATUS_CODE LATENCY_US" line per recorded request. Responses are checked for status and
@@ -61,6 +62,7 @@ struct Options {
   double duration = 5;
   double warmup = 0.5;
   double timeout = 10;  // <= 0: no deadline
+  std::vector<std::pair<std::string, std::string>> metadata;  // --metadata KEY=VALUE, repeated
 };
 
 struct Call {
@@ -104,6 +106,8 @@ Options Parse(int argc, char** argv) {
     else if (k == "--warmup") o.warmup = std::stod(v);
     else if (k == "--timeout") o.timeout = std::stod(v);
     else if (k == "--sut") o.sut = std::stoi(v) != 0;
+    else if (k == "--metadata" && v.find('=') != std::string::npos)
+      o.metadata.emplace_back(v.substr(0, v.find('=')), v.substr(v.find('=') + 1));
     else Die("unknown flag " + k);
   }
   if (o.address.empty() || o.request_path.empty()) Die("--address and --request are required");
@@ -183,6 +187,7 @@ class LoadGen {
     call->id = id;
     call->recorded = t0 >= window_begin_ && t0 < window_end_;
     if (o_.timeout > 0) call->ctx.set_deadline(Deadline(Clock::now() + Seconds(o_.timeout)));
+    for (const auto& [key, value] : o_.metadata) call->ctx.AddMetadata(key, value);
     grpc::GenericStub& stub = *stubs_[next_stub_++ % stubs_.size()];
     call->reader = stub.PrepareUnaryCall(&call->ctx, kMethod, request_, &cq_);
     {

@@ -2,11 +2,13 @@
 quota (refused at the door), in interleaved rounds against one `xlaserve serve`.
 
   python benchmarks/tenant_isolation.py [--model ctr_light] [--rounds 10] [--seconds 0.5]
-                                        [--clients 16] [--quota 50] [--out DIR]
+                                        [--clients 16] [--quota 50] [--flooder python|native]
+                                        [--out DIR]
 
 Each round measures the polite tenant's sequential 1-row ModelInfer calls for --seconds alone,
-then again while benchmarks/flooder.py (niced: its clients would be other machines) keeps
---clients calls of the flooding tenant in flight. Interleaving puts drift in the machine's load
+then again while a flooder (niced: its clients would be other machines; benchmarks/flooder.py,
+or with --flooder native the C++ load generator) keeps --clients calls of the flooding tenant
+in flight. Interleaving puts drift in the machine's load
 on both sides. Prints the pooled and per-round p50/p99 and the flooded/solo ratios, and writes
 tenant_isolation.png and .json to --out.
 """
@@ -40,6 +42,73 @@ def tenants_file(directory: pathlib.Path, quota: int) -> pathlib.Path:
   return path
 
 
+class PythonFlood:
+  """benchmarks/flooder.py (grpc.aio), one process for every round, paused between them."""
+
+  def __init__(self, address: str, payload: bytes, clients: int):
+    self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, str(FLOODER), address,
+                                  "tok-flood", payload.hex(), str(clients)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def _tell(self, cmd: str) -> None:
+    self.proc.stdin.write(cmd + "\n")
+    self.proc.stdin.flush()
+    if self.proc.stdout.readline().strip() != "ack":
+      raise RuntimeError("the flooder did not answer")
+
+  def go(self, seconds: float) -> None:
+    self._tell("go")
+
+  def stop(self) -> None:
+    self._tell("stop")
+
+  def close(self) -> dict:
+    self._tell("quit")
+    return json.loads(self.proc.stdout.readline())
+
+  def kill(self) -> None:
+    self.proc.kill()
+    self.proc.wait()
+
+
+class NativeFlood:
+  """benchmarks/native_loadgen.cc (C++ gRPC, a few µs of client CPU a call), one process per
+  round, each flooding a little longer than the round's measurement."""
+
+  def __init__(self, address: str, payload: bytes, clients: int, directory: pathlib.Path):
+    from benchmarks import native_loadgen
+
+    binary, why = native_loadgen.available()
+    if binary is None:
+      raise SystemExit(f"--flooder native: the C++ load generator does not build: {why}")
+    request = directory / "flood_request.bin"
+    request.write_bytes(payload)
+    self.cmd = ["nice", "-n", "19", str(binary), "--address", address, "--request",
+                str(request), "--concurrency", str(clients), "--warmup", "0",
+                "--metadata", "authorization=Bearer tok-flood"]
+    self.proc: subprocess.Popen | None = None
+    self.counts: dict[str, int] = {}
+
+  def go(self, seconds: float) -> None:
+    self.proc = subprocess.Popen([*self.cmd, "--duration", str(seconds + 0.3)],
+                                 stdout=subprocess.PIPE, text=True)
+
+  def stop(self) -> None:
+    out, _ = self.proc.communicate(timeout=60)
+    for line in out.splitlines():
+      if line.startswith("status "):
+        _, name, n = line.split()
+        self.counts[name] = self.counts.get(name, 0) + int(n)
+
+  def close(self) -> dict:
+    return self.counts
+
+  def kill(self) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+
+
 def run_rounds(address: str, payload: bytes, args: argparse.Namespace) -> tuple[list, dict]:
   """[(solo latencies, flooded latencies)] per round, and the flood's outcome counts."""
   import grpc
@@ -57,33 +126,23 @@ def run_rounds(address: str, payload: bytes, args: argparse.Namespace) -> tuple[
       return out
 
     measure(0.5)  # warm
-    flood = subprocess.Popen(["nice", "-n", "19", sys.executable, str(FLOODER), address,
-                              "tok-flood", payload.hex(), str(args.clients)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def tell(cmd: str) -> None:
-      flood.stdin.write(cmd + "\n")
-      flood.stdin.flush()
-      if flood.stdout.readline().strip() != "ack":
-        raise RuntimeError("the flooder did not answer")
-
+    flood = (NativeFlood(address, payload, args.clients, args.out) if args.flooder == "native"
+             else PythonFlood(address, payload, args.clients))
     rounds = []
     try:
       for i in range(args.rounds):
         solo = measure(args.seconds)
-        tell("go")
+        flood.go(args.seconds)
         time.sleep(0.1)
         flooded = measure(args.seconds)
-        tell("stop")
+        flood.stop()
         time.sleep(0.1)
         rounds.append((solo, flooded))
         say(f"round {i + 1}: p99 solo {np.percentile(solo, 99) * 1e3:.2f} ms, flooded"
             f" {np.percentile(flooded, 99) * 1e3:.2f} ms")
-      tell("quit")
-      counts = json.loads(flood.stdout.readline())
+      counts = flood.close()
     finally:
       flood.kill()
-      flood.wait()
   return rounds, counts
 
 
@@ -125,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--seconds", type=float, default=0.5, help="seconds per phase (default 0.5)")
   p.add_argument("--clients", type=int, default=16, help="the flood's calls in flight")
   p.add_argument("--quota", type=int, default=50, help="the flooding tenant's requests/s")
+  p.add_argument("--flooder", choices=("python", "native"), default="python",
+                 help="the flooding client: benchmarks/flooder.py (grpc.aio) or the C++ load"
+                 " generator (less client CPU on the shared cores: its calls would come from"
+                 " other machines)")
   p.add_argument("--out", type=pathlib.Path,
                  default=pathlib.Path(tempfile.gettempdir()) / "tenant_isolation")
   args = p.parse_args(argv)

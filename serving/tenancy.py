@@ -29,7 +29,8 @@ def install(config: ServerConfig, native_module: Any, servicer: InferenceService
     table = TenantTable(config.tenants)
   gate = TenantGate(table, trust_marker=native_module is not None)
   servicer.tenant_gate = gate
-  registry.register(TenantCollector(table.stats, lambda: gate.unknown))
+  native_unknown = getattr(table, "unknown", lambda: 0)  # the C++ table refuses ModelInfers too
+  registry.register(TenantCollector(table.stats, lambda: gate.unknown + native_unknown()))
   return gate
 
 

@@ -2,7 +2,7 @@
 
   xlaserve_tenant_requests_total{tenant,outcome}   inference requests charged to a tenant:
     outcome "admitted", or "over_quota" (refused RESOURCE_EXHAUSTED / HTTP 429)
-  xlaserve_tenant_unknown_total                    calls refused for want of a tenant (Python side)
+  xlaserve_tenant_unknown_total                    calls refused for want of a tenant (C++ and Python)
 """
 
 from __future__ import annotations

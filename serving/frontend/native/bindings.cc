@@ -165,6 +165,7 @@ PYBIND11_MODULE(_native, m) {
       .def("admit", &Tenants::Admit, py::call_guard<py::gil_scoped_release>())
       .def("index", &Tenants::Index)
       .def("from_relay_mark", &Tenants::FromRelayMark)  // the HTTP relay's mark (C++ only)
+      .def("unknown", &Tenants::Unknown)  // ModelInfers refused here for want of a tenant
       .def("name", [](const Tenants& t, int i) { return t.spec(i).name; })
       .def("priority", [](const Tenants& t, int i) { return t.spec(i).priority; })
       .def("stats", [](Tenants& t) {

@@ -7,6 +7,7 @@
 #ifndef XLASERVE_SERVING_FRONTEND_NATIVE_TENANTS_H_
 #define XLASERVE_SERVING_FRONTEND_NATIVE_TENANTS_H_
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -30,6 +31,11 @@ struct TenantSpec {
 
 inline constexpr int64_t kDefaultPriority = int64_t(1) << 30;  // a request without a priority
 inline constexpr std::string_view kTenantMarker = "x-xlaserve-tenant";  // relay -> Python
+// A ModelInfer no tenant's credentials match: refused UNAUTHENTICATED here, with the message the
+// Python gate gives (serving/frontend/tenant_gate.py UNKNOWN), instead of a relay round trip.
+inline constexpr std::string_view kUnknownTenant =
+    "no tenant has these credentials: send metadata 'authorization: Bearer <token>' with a"
+    " tenant's token, or a client certificate naming one of its identities";
 
 // A request's priority under its tenant's (tenants.py effective_priority).
 int64_t EffectivePriority(int64_t requested, int64_t tenant_priority);
@@ -58,6 +64,9 @@ class Tenants {
   size_t size() const { return specs_.size(); }
   // Per tenant: (requests admitted, requests refused over quota).
   std::vector<std::pair<int64_t, int64_t>> Counts();
+  // Calls refused here for want of a tenant (xlaserve_tenant_unknown_total with Python's).
+  void CountUnknown() { unknown_.fetch_add(1, std::memory_order_relaxed); }
+  int64_t Unknown() const { return unknown_.load(std::memory_order_relaxed); }
 
  private:
   struct Bucket {
@@ -73,6 +82,7 @@ class Tenants {
   std::vector<std::pair<std::string, int>> tokens_;  // token, tenant
   std::unordered_map<std::string, int> ids_, index_;
   std::string secret_;  // RelayMark's: 32 random hex digits
+  std::atomic<int64_t> unknown_{0};
   std::mutex mu_;
   std::vector<State> states_;
 };

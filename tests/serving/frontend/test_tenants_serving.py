@@ -20,6 +20,7 @@ from pki import Ca
 from serving.frontend import native as native_frontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
+from serving.frontend.tenant_gate import UNKNOWN
 from serving.frontend.tenants import parse_tenants
 from servingutil import metric, mock_factory, mock_reference, mock_request, rpc_result, serving
 
@@ -63,11 +64,16 @@ def test_grpc_tenants_quotas_and_metrics(mock_repo, frontend):
                metrics_port=0) as bg, grpc.insecure_channel(bg.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
     assert stub.ServerLive(pb.ServerLiveRequest()).live  # open, as with a bearer token
+    before = _relayed(bg, "relayed")
     for md in ((), _md("tok-nobody")):
       for fn, req in ((stub.ModelInfer, mock_request(X, K)),
                       (stub.ModelMetadata, pb.ModelMetadataRequest(name="mock"))):
         _, err = rpc_result(fn, req, metadata=md, timeout=10)
-        assert err is not None and err[0] == grpc.StatusCode.UNAUTHENTICATED, (fn, md)
+        assert err == (grpc.StatusCode.UNAUTHENTICATED, UNKNOWN), (fn, md)
+    # Native: the ModelInfers were refused in C++ (a flood of bad credentials costs no relay);
+    # only the two ModelMetadata calls reached Python. Every refusal is counted.
+    assert _relayed(bg, "relayed") - before == (2 if frontend == "native" else 0)
+    assert metric(_metrics(bg), "xlaserve_tenant_unknown_total") == 4
     with tc.InferenceServerClient(bg.address) as c:
       assert assert_served_like(c, "mock", [{"x": X, "k": K}] * 3, mock_reference,
                                 headers={"authorization": "Bearer tok-polite"}) == 3
