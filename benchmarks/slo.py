@@ -16,6 +16,9 @@ and each request size:
    highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
    late or failed (a shed request counts as a miss: shedding cannot buy a valid run). A QPS
    that fails is tried once more (`--tries`): noise on a shared machine only ever adds latency.
+   Both servers stay up and the two searches run in lockstep, probe by probe, so a drift of
+   the host's speed falls on both batchers alike; each best VALID QPS is then run once more
+   (the table's "VALID again").
 Prints the table (best VALID QPS / closed-loop saturation) and the p99-vs-offered-load curves,
 writes slo.png and slo.json to --out.
 """
@@ -23,6 +26,7 @@ writes slo.png and slo.json to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -53,51 +57,83 @@ def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float):
   return start_server(scratch, [])
 
 
-def search(sut: GrpcSut | NativeSut, sat_qps: float, args: argparse.Namespace, outdir: pathlib.Path,
-           label: str) -> tuple[float, list[dict]]:
-  """Bisection for the highest VALID target QPS in (0, 1.1 x saturation]; returns it (0 when
-  none was) and every run's figures."""
-  lo, hi, best, runs = 0.0, 1.1 * sat_qps, 0.0, []
-  qps = 0.6 * sat_qps
-  for step in range(args.steps):
+class Bisection:
+  """One batcher's search for the highest VALID target QPS in (0, 1.1 x saturation]."""
+
+  def __init__(self, sat_qps: float):
+    self.lo, self.hi, self.best, self.qps = 0.0, 1.1 * sat_qps, 0.0, 0.6 * sat_qps
+    self.runs: list[dict] = []
+
+  def probe(self, sut, args: argparse.Namespace, outdir: pathlib.Path, label: str) -> None:
+    """Runs LoadGen at the current QPS (up to `--tries` times until VALID), then halves the
+    interval."""
     for t in range(args.tries):
-      r = loadgen_run(sut, qps, args.bound_ms, args.seconds, outdir / f"{label}-{step}-{t}")
-      runs.append(r)
+      r = loadgen_run(sut, self.qps, args.bound_ms, args.seconds, outdir / f"{label}-{t}")
+      self.runs.append(r)
       if r["valid"]:
         break
-    say(f"  {label}: {qps:8.0f} QPS -> LoadGen p99 {r['loadgen_p99_ms']:7.2f} ms, late or"
-        f" failed {r['missed_share'] * 100:5.2f}% (failed {r['failed']}), LoadGen {r['loadgen']}"
-        f" (early stopping {r['early_stopping']}): " + ("VALID" if r["valid"] else "INVALID"))
+    say(f"  {label}: {self.qps:8.0f} QPS -> LoadGen p99 {r['loadgen_p99_ms']:7.2f} ms, late or"
+        f" failed {r['missed_share'] * 100:5.2f}% (failed {r['failed']}), LoadGen"
+        f" {r['loadgen']} (early stopping {r['early_stopping']}): "
+        + ("VALID" if r["valid"] else "INVALID"))
     if r["valid"]:
-      best, lo = max(best, qps), qps
+      self.best, self.lo = max(self.best, self.qps), self.qps
     else:
-      hi = qps
-    qps = (lo + hi) / 2
-  return best, runs
+      self.hi = self.qps
+    self.qps = (self.lo + self.hi) / 2
 
 
-def measure(args: argparse.Namespace, repo: pathlib.Path, batcher: str) -> dict:
-  """Saturation and the LoadGen search for every request size, against one server."""
+def measure_size(suts: dict, args: argparse.Namespace, rows: int) -> dict:
+  """Both batchers at one request size, interleaved so the host's drift falls on both alike:
+  closed-loop saturation (best of two alternating rounds each), then the bisections in
+  lockstep, then each best VALID QPS run once more (`confirmed`)."""
+  for sut in suts.values():
+    sut.closed_loop(args.concurrency, 1.0)  # warm the connection and the batcher
+  sat = {b: 0.0 for b in suts}
+  for _ in range(2):
+    for b, sut in suts.items():
+      sat[b] = max(sat[b], sut.closed_loop(args.concurrency, args.seconds / 2))
+      say(f"{b}, {rows}-row: closed-loop saturation {sat[b]:.0f} requests/s")
+  searches = {b: Bisection(sat[b]) for b in suts}
+  outdir = args.out / "loadgen"
+  for step in range(args.steps):
+    for b, sut in suts.items():
+      searches[b].probe(sut, args, outdir, f"{b}-{rows}row-{step}")
+  out = {}
+  for b, sut in suts.items():
+    best = searches[b].best
+    again = loadgen_run(sut, best, args.bound_ms, args.seconds,
+                        outdir / f"{b}-{rows}row-confirm") if best > 0 else None
+    confirmed = again is not None and again["valid"]
+    say(f"  {b}-{rows}row: best VALID {best:.0f} QPS, run again: "
+        + ("VALID" if confirmed else "INVALID"))
+    out[b] = {"saturation_qps": sat[b], "best_valid_qps": best, "confirmed": confirmed,
+              "runs": searches[b].runs + ([again] if again else [])}
+  return out
+
+
+def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
+  """Saturation and the LoadGen searches for every request size, against one server per
+  batcher (both up throughout; only one is loaded at a time)."""
   from bundle import list_versions, read_manifest
 
-  proc, address, _ = server_for(repo, args.model, batcher, args.bound_ms)
-  out = {}
+  servers = {b: server_for(repo, args.model, b, args.bound_ms) for b in BATCHERS}
+  results: dict = {b: {} for b in BATCHERS}
   try:
     bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
     signature = next(iter(read_manifest(bundle).signatures.values())).inputs
+    client = NativeSut if args.client == "native" else GrpcSut
     for rows in args.rows:
       payload = build_request(args.model, make_inputs(signature, rows, np.random.default_rng(0)))
-      client = NativeSut if args.client == "native" else GrpcSut
-      with client(address, payload) as sut:
-        sut.closed_loop(args.concurrency, 1.0)  # warm the connection and the batcher
-        sat = sut.closed_loop(args.concurrency, args.seconds)
-        say(f"{batcher}, {rows}-row: closed-loop saturation {sat:.0f} requests/s")
-        best, runs = search(sut, sat, args, args.out / "loadgen", f"{batcher}-{rows}row")
-      out[rows] = {"saturation_qps": sat, "best_valid_qps": best, "runs": runs}
+      with contextlib.ExitStack() as stack:
+        suts = {b: stack.enter_context(client(servers[b][1], payload)) for b in BATCHERS}
+        for b, res in measure_size(suts, args, rows).items():
+          results[b][rows] = res
   finally:
-    proc.terminate()
-    proc.wait(30)
-  return out
+    for proc, _, _ in servers.values():
+      proc.terminate()
+      proc.wait(30)
+  return results
 
 
 def table(results: dict, args: argparse.Namespace) -> str:
@@ -107,10 +143,11 @@ def table(results: dict, args: argparse.Namespace) -> str:
     best = {b: results[b][size]["best_valid_qps"] for b in BATCHERS}
     for b in BATCHERS:
       rows.append((f"{size}-row", b, f"{sat[b]:.0f}", f"{best[b]:.0f}",
+                   "yes" if results[b][size]["confirmed"] else "no",
                    f"{best[b] / sat[b]:.2f}", f"{best[b] / max(sat.values()):.2f}"))
   return format_table(["requests", "batcher", "closed-loop req/s",
-                       f"best VALID QPS (p99 <= {args.bound_ms:g} ms)", "/ own saturation",
-                       "/ best saturation"], rows)
+                       f"best VALID QPS (p99 <= {args.bound_ms:g} ms)", "VALID again",
+                       "/ own saturation", "/ best saturation"], rows)
 
 
 def plot(results: dict, args: argparse.Namespace, path: pathlib.Path) -> None:
@@ -167,10 +204,7 @@ def main(argv: list[str] | None = None) -> None:
   if repo is None:
     from demo.repository import ensure_demo_repository
     repo = ensure_demo_repository(say)
-  results = {}
-  for batcher in BATCHERS:
-    say(f"--- {batcher} batcher ---")
-    results[batcher] = measure(args, repo, batcher)
+  results = measure(args, repo)
   print(table(results, args))
   (args.out / "slo.json").write_text(json.dumps(results, indent=1, default=str))
   plot(results, args, args.out / "slo.png")
