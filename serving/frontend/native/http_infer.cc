@@ -187,8 +187,9 @@ std::string HttpErrorResponse(int grpc_code, const std::string& message, bool cl
   w.Key("error");
   w.String(message.data(), rapidjson::SizeType(message.size()));
   w.EndObject();
-  std::string out = Head(status > 0 ? status : StatusOf(grpc_code), "application/json",
-                         sb.GetSize(), 0, close);
+  status = status > 0 ? status : StatusOf(grpc_code);
+  std::string out = Head(status, "application/json", sb.GetSize(), 0, close);
+  if (status == 401) out.insert(out.size() - 2, "www-authenticate: Bearer\r\n");  // as app.py
   out.append(sb.GetString(), sb.GetSize());
   return out;
 }
@@ -209,8 +210,10 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   double t_start = MonoNow();
   if (fe_->Tracing()) call.trace = fe_->TraceDecision(h.Get("traceparent"));
   int n = 0, tenant = -1;
-  if (fe_->tenants() && (tenant = TenantOf(h, peer)) < 0) {  // Python refuses it (401)
-    return FastResult::kRelay;
+  if (fe_->tenants() && (tenant = TenantOf(h, peer)) < 0) {  // refused here, not relayed
+    fe_->tenants()->CountUnknown();
+    *answer = HttpErrorResponse(16, std::string(kUnknownTenantHttp), h.close, 401);
+    return FastResult::kAnswered;
   }
   if (!fe_->token().empty()) {
     std::string_view auth = h.Get("authorization", &n);

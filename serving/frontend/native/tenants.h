@@ -31,11 +31,16 @@ struct TenantSpec {
 
 inline constexpr int64_t kDefaultPriority = int64_t(1) << 30;  // a request without a priority
 inline constexpr std::string_view kTenantMarker = "x-xlaserve-tenant";  // relay -> Python
-// A ModelInfer no tenant's credentials match: refused UNAUTHENTICATED here, with the message the
-// Python gate gives (serving/frontend/tenant_gate.py UNKNOWN), instead of a relay round trip.
+// An inference request no tenant's credentials match: refused UNAUTHENTICATED (HTTP 401) here,
+// with the message the Python gate gives (serving/frontend/tenant_gate.py UNKNOWN, http/app.py),
+// instead of a relay round trip.
 inline constexpr std::string_view kUnknownTenant =
     "no tenant has these credentials: send metadata 'authorization: Bearer <token>' with a"
     " tenant's token, or a client certificate naming one of its identities";
+inline constexpr std::string_view kUnknownTenantHttp =  // serving/frontend/http/app.py's
+    "no tenant has these credentials: send the header 'Authorization: Bearer <token>' with a"
+    " tenant's token, or (HTTPS through the native front end) a client certificate naming one"
+    " of its identities";
 
 // A request's priority under its tenant's (tenants.py effective_priority).
 int64_t EffectivePriority(int64_t requested, int64_t tenant_priority);

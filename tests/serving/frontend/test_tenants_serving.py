@@ -136,10 +136,15 @@ def test_http_tenants_get_401_and_429(mock_repo, frontend):
     assert bg.server.http_frontend == frontend
     http = Http(bg.server.http_port)
     assert http.get("/v2/health/live")[0] == 200
+    relayed = _relayed(bg, "http_relayed")
     for token in (None, "tok-nobody"):
       status, body = _http_infer(http, token)
-      assert status == 401 and "tenant" in json.loads(body)["error"]
-    relayed = _relayed(bg, "http_relayed")
+      assert status == 401 and json.loads(body)["error"].startswith("no tenant has these credentials")
+    # Native: refused in C++ (401, a Bearer challenge), not relayed; counted either way.
+    assert _relayed(bg, "http_relayed") == relayed
+    status, headers, _ = http.call("POST", "/v2/models/mock/infer", b"{}",
+                                   {"Authorization": "Bearer tok-nobody"})
+    assert status == 401 and dict(headers).get("www-authenticate") == "Bearer", headers
     for _ in range(3):
       status, body = _http_infer(http, "tok-flood")
       assert status == 200, body
