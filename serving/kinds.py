@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterable
 
 from bundle import BundleError
 from serving.batching import BatchingConfig
-from serving.engines.growth import GrowthConfig, growth_limit, is_flat
 from serving.engines import Engine
 from serving.engines.base import export_platform
+from serving.engines.growth import GrowthConfig, growth_limit, is_flat
 from serving.repository import (EngineFactory, LoadSpec, ModelServingConfig, RunnerFactory,
                                 default_engine_factory)
 from serving.repository.bucket_override import serving_manifest

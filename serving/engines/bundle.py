@@ -16,8 +16,8 @@ import numpy as np
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
-from serving.engines.growth import GrowthConfig, candidates, pays
 from serving.engines.base import Placement, Progress
+from serving.engines.growth import GrowthConfig, candidates, pays
 from serving.engines.replica import ReplicaEngine, Step, deserialize, resolve_signature
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class BundleEngine(ReplicaEngine):
         exes = self._compile_extra(b, say)
       except Exception as e:  # e.g. out of device memory: serve what warm-up compiled
         say(f"bucket growth stopped at {prev} rows: bucket {b} failed ({e})")
-        self._exported.pop(b, None), self._point_seconds.pop(b, None)
+        self._exported.pop(b, None)
+        self._point_seconds.pop(b, None)
         break
       prev_s, new_s = self._point_seconds[prev], self._point_seconds[b]
       if not pays(prev, prev_s, b, new_s, growth.time_ratio):

@@ -294,6 +294,8 @@ class Frontend {
   // Charges a parsed ModelInfer of `rows` to its tenant: true when refused over quota (answered
   // RESOURCE_EXHAUSTED; call->mu held); else `priority` becomes its tenant's (tenants.cc).
   bool OverQuota(Call* c, int64_t rows, int64_t* priority);
+  // Answers a ModelInfer no tenant's credentials match UNAUTHENTICATED (Python's message); true.
+  bool RefuseUnknown(Call* c);
 
   // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
   // (None). Each item: (call, slot, rows, buffer, offsets, arrival, deadline, priority, id).

@@ -267,12 +267,7 @@ void Frontend::Spawn(grpc::ServerCompletionQueue* cq) {
 bool Frontend::TryFast(Call* c) {
   if (std::string_view(c->sctx.method()) != kInferMethod || !accepting_) return false;
   if (!Authorized(c->sctx, token_)) return false;
-  if (tenants_ && (c->tenant = tenants_->Of(c->sctx)) < 0) {  // refused here, not relayed:
-    tenants_->CountUnknown();  // a flood of bad credentials must cost no more than one over quota
-    c->stream.Finish(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(kUnknownTenant)),
-                     c->T(kSFinish));
-    return true;
-  }
+  if (tenants_ && (c->tenant = tenants_->Of(c->sctx)) < 0) return RefuseUnknown(c);
   if (!c->in.Valid() || !c->in.TrySingleSlice(&c->message).ok()) {
     if (!c->in.Valid() || !c->in.DumpToSingleSlice(&c->message).ok()) return false;
   }

@@ -162,6 +162,14 @@ std::vector<std::pair<int64_t, int64_t>> Tenants::Counts() {
 
 // -- the gRPC fast path's charge (frontend.h) ----------------------------------------------------
 
+bool Frontend::RefuseUnknown(Call* c) {
+  // Refused here, not relayed: a flood of bad credentials costs no more than one over quota.
+  tenants_->CountUnknown();
+  c->stream.Finish(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(kUnknownTenant)),
+                   c->T(kSFinish));
+  return true;
+}
+
 bool Frontend::OverQuota(Call* c, int64_t rows, int64_t* priority) {
   std::string why = tenants_->Admit(c->tenant, rows, MonoNow());
   if (why.empty()) {
