@@ -126,7 +126,7 @@ class Server:
     self.servicer.tracing = self.tracing
     self.servicer.set_trace_rate = self.tracing.set_rate if self.tracing is not None else None
     self.gate = tenancy.install(config, self._native_module, self.servicer, self.metrics.registry)
-    self.auth = tenancy.interceptor(config, self.gate)  # a bearer token's, or the tenants'
+    self.auth = tenancy.interceptor(config, self.gate, lambda: self.native)  # token or tenants
     self.poller = (RepositoryPoller(self.repository, config.repository_poll_s,
                                     progress=self.progress, on_change=self._repository_changed)
                    if config.repository_poll_s > 0 else None)

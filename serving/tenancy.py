@@ -5,7 +5,7 @@ port's TLS. Kept out of serving/server.py, which only calls these."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -34,12 +34,13 @@ def install(config: ServerConfig, native_module: Any, servicer: InferenceService
   return gate
 
 
-def interceptor(config: ServerConfig, gate: TenantGate | None
+def interceptor(config: ServerConfig, gate: TenantGate | None, native: Callable[[], Any]
                 ) -> BearerTokenInterceptor | TenantInterceptor | None:
   """The grpc.aio interceptor that checks who calls: the bearer token's, the tenants' (which
-  decides each call's tenant), or None when anyone may."""
+  decides each call's tenant), or None when anyone may; `native()`: the native front end, once
+  started (its refusals count in the token interceptor's `denied`)."""
   if config.auth_token:
-    return BearerTokenInterceptor(config.auth_token)
+    return BearerTokenInterceptor(config.auth_token, native=native)
   return TenantInterceptor(gate) if gate is not None else None
 
 

@@ -18,7 +18,7 @@ import hmac
 import logging
 import os
 import pathlib
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import grpc
 
@@ -86,10 +86,18 @@ _DENY = {
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
   """Lets an RPC through only with the right bearer token (or when its method is open)."""
 
-  def __init__(self, token: str, *, open_methods: Iterable[str] = OPEN_METHODS):
+  def __init__(self, token: str, *, open_methods: Iterable[str] = OPEN_METHODS,
+               native: Callable[[], Any] = lambda: None):
     self._token = check_token(token).encode()
     self._open = frozenset(open_methods)
-    self.denied = 0  # requests refused (a plain count; tests and logs read it)
+    self._denied = 0
+    self._native = native  # the native front end (or None): it refuses ModelInfers itself
+
+  @property
+  def denied(self) -> int:
+    """Calls refused here and, behind the native front end, ModelInfers refused in C++."""
+    fe = self._native()
+    return self._denied + (fe.stats().get("denied", 0) if fe is not None else 0)
 
   def _authorized(self, metadata) -> bool:
     for key, value in metadata or ():
@@ -102,7 +110,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
       details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
     if details.method in self._open or self._authorized(details.invocation_metadata):
       return await continuation(details)
-    self.denied += 1
+    self._denied += 1
     logger.info("unauthenticated call to %s refused", details.method,
                 extra={"method": details.method, "code": "UNAUTHENTICATED"})
     handler = await continuation(details)  # looks the handler up; runs nothing

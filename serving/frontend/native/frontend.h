@@ -296,6 +296,8 @@ class Frontend {
   bool OverQuota(Call* c, int64_t rows, int64_t* priority);
   // Answers a ModelInfer no tenant's credentials match UNAUTHENTICATED (Python's message); true.
   bool RefuseUnknown(Call* c);
+  // Answers a ModelInfer without the server's bearer token UNAUTHENTICATED (auth.py's message).
+  bool RefuseUnauthorized(Call* c);
 
   // Blocks (GIL released) until requests are queued, `timeout_s` passes, or the front end stops
   // (None). Each item: (call, slot, rows, buffer, offsets, arrival, deadline, priority, id).
@@ -338,6 +340,7 @@ class Frontend {
   // First messages being decided (TryFast, then queue/refuse/relay), and relayed ModelInfers.
   std::atomic<int64_t> entering_{0}, relaying_{0};
   std::atomic<int64_t> refused_{0};  // ModelInfer refused (UNAVAILABLE) because shutting down
+  std::atomic<int64_t> denied_{0};  // ModelInfer refused (UNAUTHENTICATED): not the bearer token
 
   // Answers a call held outside the completion queue (call->mu not held).
   void Finish(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st);

@@ -246,6 +246,7 @@ py::dict Frontend::Stats() const {
   d["inflight"] = int64_t(inflight_);
   d["relaying"] = int64_t(relaying_);  // relayed ModelInfer calls not yet released
   d["refused"] = int64_t(refused_);  // refused because the server is shutting down
+  d["denied"] = int64_t(denied_);  // ModelInfer without the bearer token (UNAUTHENTICATED)
   d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
   if (http_) http_->Stats(&d);
   return d;
@@ -266,7 +267,7 @@ void Frontend::Spawn(grpc::ServerCompletionQueue* cq) {
 
 bool Frontend::TryFast(Call* c) {
   if (std::string_view(c->sctx.method()) != kInferMethod || !accepting_) return false;
-  if (!Authorized(c->sctx, token_)) return false;
+  if (!Authorized(c->sctx, token_)) return RefuseUnauthorized(c);
   if (tenants_ && (c->tenant = tenants_->Of(c->sctx)) < 0) return RefuseUnknown(c);
   if (!c->in.Valid() || !c->in.TrySingleSlice(&c->message).ok()) {
     if (!c->in.Valid() || !c->in.DumpToSingleSlice(&c->message).ok()) return false;

@@ -143,9 +143,12 @@ def test_auth_token_is_checked_on_the_fast_path(tmp_path):
       grpc.insecure_channel(bg.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
     req = mock_request(*_rows(2))
-    assert rpc_code(stub.ModelInfer, req) == grpc.StatusCode.UNAUTHENTICATED
-    assert rpc_code(stub.ModelInfer, req, metadata=[("authorization", "Bearer nope")]) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    relayed = bg.server.native.stats()["relayed"]
+    want = (grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong credentials: send metadata 'authorization: Bearer <token>'")
+    assert rpc_result(stub.ModelInfer, req)[1] == want
+    assert rpc_result(stub.ModelInfer, req, metadata=[("authorization", "Bearer nope")])[1] == want
+    assert bg.server.native.stats()["relayed"] == relayed  # refused in C++, not by Python
     fast = bg.server.native.stats()["fast"]
     ok = stub.ModelInfer(req, metadata=[("authorization", "Bearer tok-123")])
     assert outputs(ok)["y"].shape == (2, 1)
