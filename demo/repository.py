@@ -51,19 +51,17 @@ ROW_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The light model's batch time is nearly flat up to 1024 rows here (0.1-0.4 ms): larger
 # buckets cost one compile each and let a saturated queue run fewer, fuller batches.
 LIGHT_BUCKETS: tuple[int, ...] = ROW_BUCKETS + (512, 1024)
-# GPU exports fix the batch of each artifact; these larger ones are written too, and the server
-# compiles them only where batch time is nearly flat (an H200 ran the DLRM in 0.47 ms at every
-# bucket up to 256 rows, docs/gpu.md).
-GPU_RESERVE_LIMIT = 4096
 
 
 def gpu_reserve(buckets: tuple[int, ...], platforms: tuple[str, ...]) -> tuple[int, ...]:
-  """Doublings of the largest bucket up to GPU_RESERVE_LIMIT, for exports with a GPU platform."""
-  out, b = [], buckets[-1] * 2
-  while b <= GPU_RESERVE_LIMIT and any(p in ("cuda", "rocm") for p in platforms):
-    out.append(b)
-    b *= 2
-  return tuple(out)
+  """For an export with a GPU platform (fixed-batch artifacts), the larger buckets to write too:
+  the ones the server would grow to where batch time is nearly flat (an H200 ran the DLRM in
+  0.47 ms at every bucket up to 256 rows, docs/gpu.md), so both stop at the same limit."""
+  from serving.engines.growth import ACCELERATOR_MAX_ROWS, candidates
+
+  if not any(p in ("cuda", "rocm") for p in platforms):
+    return ()
+  return candidates(buckets, ACCELERATOR_MAX_ROWS, None)
 
 
 def build_dlrm(repository: pathlib.Path, *, tiny: bool = False, seed: int = 0,

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
-#include <random>
 
 namespace xlaserve::native {
 namespace {
