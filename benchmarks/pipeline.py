@@ -1,6 +1,7 @@
 """The demo retrieval -> ranking pipeline against its steps measured alone, in one run.
 
   python benchmarks/pipeline.py [--seconds 6] [--rounds 2] [--concurrency 8] [--out DIR]
+                                [--handoff auto|device|host]
 
 Serves `two_tower`, `ad_index`, `ranker` and `ads_pipeline` from the demo repository (built if
 missing) in one `xlaserve serve`, then drives, each alone: every model step with the request
@@ -9,8 +10,10 @@ K retrieved ads), and the pipeline (query text and user in, the top 10 ads out).
 (closed loop) the pipeline's requests/s is compared with the ideal of its steps run back to
 back, 1 / sum(1 / throughput_i); at low load (one request at a time) its p50 with the sum of
 the steps' p50s. Load comes from the C++ load generator (benchmarks/native_loadgen.cc; the
-Python one where it does not build). Prints the per-step table, writes pipeline.png and
-pipeline.json.
+Python one where it does not build). `--handoff` sets where tensors pass from one model step
+to the next (the pipeline's `handoff`; auto: on the device on accelerators, through the host on
+CPU); the hand-offs counted by where they happened are printed too. Prints the per-step table,
+writes pipeline.png and pipeline.json.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import struct
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
@@ -86,6 +90,29 @@ def step_payloads(address: str, k: int) -> dict[str, bytes]:
           "ad_index": build_request("ad_index", {"query": query}),
           "ranker": build_request("ranker", ranking),
           "ads_pipeline": bytes_request("ads_pipeline", QUERY, user)}
+
+
+def set_handoff(model_dir: pathlib.Path, mode: str) -> None:
+  """Sets the pipeline's `handoff` in every version's manifest (new files: the scratch
+  repository's are hard links to the demo repository's)."""
+  for manifest in model_dir.glob("*/manifest.json"):
+    d = json.loads(manifest.read_text())
+    d["pipeline"]["handoff"] = mode
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, manifest)
+
+
+def handoff_counts(metrics_port: int) -> dict[str, float]:
+  """"<step>.<input> <where>" -> tensors handed over, from the server's metrics."""
+  text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()
+  out = {}
+  for line in text.decode().splitlines():
+    if line.startswith("xlaserve_pipeline_handoffs_total{"):
+      labels = dict(x.split("=", 1) for x in line[line.index("{") + 1:line.index("}")].split(","))
+      labels = {k: v.strip('"') for k, v in labels.items()}
+      out[f"{labels['step']}.{labels['input']} {labels['where']}"] = float(line.split()[-1])
+  return out
 
 
 def measure(address: str, payloads: dict[str, bytes], args: argparse.Namespace,
@@ -159,21 +186,28 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                   default=[8, 16, 32], help="closed-loop concurrencies tried at saturation")
   ap.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
+  ap.add_argument("--handoff", choices=("auto", "device", "host"), default="auto",
+                  help="where tensors pass between model steps (the pipeline's handoff)")
   ap.add_argument("--out", type=pathlib.Path, default=ROOT / "bench_out" / "pipeline")
+  ap.add_argument("--repository", type=pathlib.Path, default=None,
+                  help="a repository holding the four models (default: the demo repository,"
+                       " built if missing)")
   args = ap.parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
   from demo.ads import DEMO_K
   from demo.repository import ensure_demo_repository
 
-  repo = ensure_demo_repository(say)
+  repo = args.repository or ensure_demo_repository(say)
   run_load, generator = loadgen()
   scratch = scratch_repository(repo, MODELS[0])
   for m in MODELS[1:]:
     extra = scratch_repository(repo, m)
     (extra / m).rename(scratch / m)
     extra.rmdir()
-  port = free_port()
-  proc = start_server(scratch, port, free_port(), args.server_args.split())
+  set_handoff(scratch / "ads_pipeline", args.handoff)
+  port, metrics_port = free_port(), free_port()
+  proc = start_server(scratch, port, free_port(),
+                      [*args.server_args.split(), "--metrics-port", str(metrics_port)])
   address = f"127.0.0.1:{port}"
   try:
     payloads = step_payloads(address, DEMO_K)
@@ -187,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             "p99_ms_saturated": min(old["p99_ms_saturated"], r["p99_ms_saturated"]),
             "p50_ms_low": min(old["p50_ms_low"], r["p50_ms_low"]),
             "p99_ms_low": min(old["p99_ms_low"], r["p99_ms_low"])}
+    handoffs = handoff_counts(metrics_port)
   finally:
     proc.terminate()
     proc.wait(60)
@@ -198,9 +233,12 @@ def main(argv: list[str] | None = None) -> None:
                        f"{r['p50_ms_low']:.2f}", f"{r['p99_ms_low']:.2f}"]
                       for t, r in results.items()]))
   print("\n".join(lines))
+  print(f"hand-offs between model steps (--handoff {args.handoff}): " + ", ".join(
+      f"{k} {v:,.0f}" for k, v in sorted(handoffs.items())))
   (args.out / "pipeline.json").write_text(json.dumps({
       "load_generator": generator, "seconds": args.seconds, "rounds": args.rounds,
       "cores": os.cpu_count(), "k": DEMO_K, "results": results, **summary,
+      "handoff": args.handoff, "handoffs": handoffs,
       "verdicts": lines}, indent=1))
   plot(results, summary, args.out / "pipeline.png")
   say(f"wrote {args.out / 'pipeline.png'} and {args.out / 'pipeline.json'}")

@@ -5,7 +5,9 @@ manifest's one signature), and steps run in order. A step is a served model (`mo
 `version`) or a built-in host op (`op`: "tokenize", "top_k"); `inputs` map the step's input
 names to sources, `options` configure an op. A source is a pipeline input's name or
 "<step>.<output>" of an earlier step, optionally reshaped ({"from": ..., "reshape": [...]}, one
--1 allowed). `outputs` map the pipeline's outputs to sources.
+-1 allowed). `outputs` map the pipeline's outputs to sources. `handoff` says where tensors pass
+from a model step to a later one: "device" (kept in device memory), "host", or "auto" (the
+default: device on accelerators, host on CPU, where device memory is host memory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from typing import Any, Mapping
 
 OPS = ("tokenize", "top_k")
+HANDOFFS = ("auto", "device", "host")
 _STEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
@@ -91,6 +94,11 @@ class PipelineSpec:
 
   steps: tuple[Step, ...]
   outputs: Mapping[str, Source]
+  handoff: str = "auto"
+
+  def __post_init__(self):
+    if self.handoff not in HANDOFFS:
+      raise ValueError(f"pipeline handoff {self.handoff!r}: one of {', '.join(HANDOFFS)}")
 
   def check(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
     """Raises ValueError unless every source is a pipeline input or an earlier step's output,
@@ -111,13 +119,15 @@ class PipelineSpec:
                        f" {sorted(outputs)}")
 
   def to_json(self) -> dict[str, Any]:
-    return {"steps": [s.to_json() for s in self.steps],
-            "outputs": {k: s.to_json() for k, s in self.outputs.items()}}
+    d = {"steps": [s.to_json() for s in self.steps],
+         "outputs": {k: s.to_json() for k, s in self.outputs.items()}}
+    return d if self.handoff == "auto" else {**d, "handoff": self.handoff}
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> PipelineSpec:
     return cls(tuple(Step.from_json(s) for s in d["steps"]),
-               {k: Source.from_json(v) for k, v in d["outputs"].items()})
+               {k: Source.from_json(v) for k, v in d["outputs"].items()},
+               d.get("handoff", "auto"))
 
 
 def _check_source(src: Source, inputs: tuple[str, ...], steps: set[str], where: str) -> None:

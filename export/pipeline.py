@@ -6,6 +6,7 @@ The config is plain data, as a user would write it by hand:
   {"inputs":  [{"name": "query", "datatype": "BYTES", "shape": [1]}, ...],
    "outputs": [{"name": "ad_ids", "datatype": "INT32", "shape": [1, 10],
                 "from": "select.ad_ids"}, ...],
+   "handoff": "auto",   # model step to model step: "device", "host", or "auto" (device on GPU/TPU)
    "steps":   [{"name": "embed", "model": "two_tower_query",
                 "inputs": {"token_ids": "tokenize.token_ids", ...}}, ...]}
 
@@ -43,7 +44,7 @@ def export_pipeline(config: Mapping[str, Any], *, repository: str | os.PathLike[
   model_dir, version = _model_dir(repository, name, version)
   inputs = tuple(_tensor(d, "input") for d in config["inputs"])
   outputs = tuple(_tensor(d, "output") for d in config["outputs"])
-  spec = PipelineSpec.from_json({"steps": config["steps"],
+  spec = PipelineSpec.from_json({"steps": config["steps"], "handoff": config.get("handoff", "auto"),
                                  "outputs": {d["name"]: d["from"] for d in config["outputs"]}})
   manifest = Manifest(
       name=name, version=version, kind="pipeline", jax_version=jax.__version__,

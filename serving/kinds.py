@@ -129,7 +129,7 @@ def pipeline_runner_factory(spec: LoadSpec) -> Runner:
   if spec.models is None:
     raise ValueError(f"{spec.name}: pipelines need a repository to look their steps up in")
   return PipelineRunner(spec.name.split("/")[0], spec.manifest, spec.models,
-                        observer=spec.observer)
+                        observer=spec.observer, warming=spec.warming)
 
 
 def embedding_metrics(runners: Callable[[], Iterable[tuple[str, Runner]]]) -> Any:

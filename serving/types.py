@@ -70,6 +70,9 @@ class InferRequest:
   # unless a request split across batches straddled an update; (0, 0): the bundle's params.
   generations: tuple[int, int] = (0, 0)
   trace: Any = None  # a sampled request's trace (serving/telemetry/tracing.py); None: untraced
+  # Answer with device views of the batch outputs (serving/runners/handoff.py) where the runner
+  # can: a pipeline step whose outputs feed a later model step on the device.
+  device_outputs: bool = False
 
 
 def merge_generations(req: InferRequest, generation: int, first: bool) -> None:

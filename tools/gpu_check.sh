@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the checks that need a CUDA GPU on a lent machine (its own python3, jax and CUDA), logs under $OUT.
 #
-#   bash tools/gpu_check.sh [tests|kernels|tune|serve]...   (default: tests kernels)
+#   bash tools/gpu_check.sh [tests|kernels|tune|serve|native|quick|pipeline|more]...   (default: tests kernels)
 #
 # The machine has no network: wheels it lacks (tritonclient, grpcio-health-checking) travel in .whl/
 # (see docs/DEVELOPING.md, "On a lent GPU"). Our pins are for the CPU machines; here we use the image's jax.
@@ -116,6 +116,16 @@ PY
         --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -32
       timeout 100 python3 benchmarks/serving.py --repository /tmp/repo --model ctr_light --duration 4 \
         --processes 6 --server-args=--no-gpu-graphs --out "$OUT/nographs" 2>&1 | tee -a "$OUT/run.log" | tail -14 ;;
+    pipeline)  # the demo retrieval -> ranking pipeline, tensors handed over on the device, then via the host
+      [ -e /tmp/prepo/ads_pipeline/1/manifest.json ] || timeout 300 python3 -c "import pathlib
+from demo.ads import build_ad_index, build_ads_pipeline
+from demo.models import build_ranker, build_two_tower
+for b in (build_two_tower, build_ranker, build_ad_index, build_ads_pipeline):
+  b(pathlib.Path('/tmp/prepo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -2
+      for h in device host; do
+        timeout 150 python3 benchmarks/pipeline.py --repository /tmp/prepo --handoff $h --seconds 4 --rounds 1 \
+          --concurrency 16,32 --out "$OUT/pipeline_$h" 2>&1 | tee -a "$OUT/run.log" | tail -12
+      done ;;
     more)  # model, export and end-to-end serving tests, on the GPU
       timeout ${MORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 -x --timeout 120 \
         tests/models tests/export tests/serving/test_dlrm_e2e.py 2>&1 | tee -a "$OUT/run.log" | tail -40 ;;

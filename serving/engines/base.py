@@ -72,6 +72,16 @@ class Engine(abc.ABC):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     """Waits for a dispatched batch and returns its outputs as host arrays."""
 
+  @property
+  def batch_device(self) -> Any:
+    """The one device every batch input goes to, or None (several replicas or devices, or an
+    engine that stages on the host): pipelines hand tensors over on the device only to this."""
+    return None
+
+  def device_outputs(self, handle: Any) -> Mapping[str, Any] | None:
+    """A dispatched batch's outputs as device arrays, not waited for (None: not available)."""
+    return None
+
   def apply_update(self, changes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
     """Sets rows of param leaves while serving, all at once between two batches: leaf path ->
     (rows [M], values [M, *leaf.shape[1:]]). Returns the new params generation; raises

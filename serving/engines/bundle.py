@@ -140,5 +140,8 @@ class BundleEngine(ReplicaEngine):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     return super().fetch(handle[0])
 
+  def device_outputs(self, handle: Any) -> Mapping[str, Any] | None:
+    return super().device_outputs(handle[0])
+
   def generation_of(self, handle: Any) -> int:
     return handle[1]

@@ -320,6 +320,17 @@ class ReplicaEngine(Engine):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in handle.items()}
 
+  @property
+  def batch_device(self) -> Any:
+    """The device of a one-replica, one-device placement (None for any other)."""
+    (p, *more) = self.placements
+    if more or len(p.devices) != 1 or p.batch_sharding is not None or p.tables is not None:
+      return None
+    return p.devices[0]
+
+  def device_outputs(self, handle: Any) -> Mapping[str, Any] | None:
+    return dict(handle)
+
   def close(self) -> None:
     for replica in self._replicas:
       for p in replica["params"]:

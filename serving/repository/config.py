@@ -165,6 +165,9 @@ class LoadSpec:
   row_queue: RowQueueFactory | None = None  # native batch queues for plain batched models
   # (model, version or None) -> that model's READY runner (pipelines call other models)
   models: Callable[[str, "int | None"], Runner] | None = None
+  # Marks compiles on the calling thread as warm-up (for work a runner compiles later, off the
+  # request path: a pipeline's device hand-off copies).
+  warming: Callable[[], Any] | None = None
 
 
 RunnerFactory = Callable[[LoadSpec], Runner]  # builds, warms up and returns an unstarted runner

@@ -291,7 +291,8 @@ class ModelRepository(RebuildMixin):
                         f" (it serves {sorted(self.kinds)})")
     spec = LoadSpec(path, manifest, cfg, f"{name}/{version}",
                     self.observer_factory(name, version),
-                    lambda msg: say(f"{name}/{version}: {msg}"), self.row_queue, self.runner_of)
+                    lambda msg: say(f"{name}/{version}: {msg}"), self.row_queue, self.runner_of,
+                    self.compiles.warming)
     with self.compiles.warming():
       return factory(spec)
 

@@ -33,6 +33,10 @@ class RunnerCapabilities:
   wants_parameters: bool = False  # reads request parameters (e.g. sampling settings)
   fixed_rows: bool = False  # plain fixed-shape rows, no parameters: the native front end's fast path
   queue: Any = None  # the runner's native batch queue, which the native front end feeds directly
+  # Pipeline hand-off (serving/runners/handoff.py): the device a runner assembles batches on
+  # from device tensors, and the device its outputs stay on for `device_outputs` requests.
+  device_inputs: Any = None
+  device_outputs: Any = None
 
 
 @dataclasses.dataclass(slots=True)

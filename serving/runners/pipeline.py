@@ -1,6 +1,8 @@
 """The pipeline runner: a request runs its steps in order, each model step through that model's
 own runner (so concurrent pipeline requests batch together at every step), each op step on the
-host (serving/runners/pipeline_ops.py). Tensors pass between steps as arrays, never encoded.
+host (serving/runners/pipeline_ops.py). Tensors pass between steps as arrays, never encoded;
+from a model step to a later one they stay on the device where the spec's `handoff` says so
+(serving/runners/handoff.py; the copies compile in the background: pipeline_warm.py).
 
 A step's answer arrives on the step runner's delivery thread, which runs the following op steps
 and submits the next model step; a failed step fails that request only, with the step named.
@@ -18,7 +20,9 @@ import numpy as np
 from bundle import Manifest, Source, Step, TensorSpec, numpy_dtype
 from serving.batching import BatchingConfig
 from serving.runners.base import Observer, Runner, RunnerCapabilities, RunnerStats, deliver
+from serving.runners.handoff import DeviceRows
 from serving.runners.pipeline_ops import OPS
+from serving.runners.pipeline_warm import Edges, HandoffWarmer, Warming
 from serving.types import Code, Completion, InferRequest, ServingError
 
 # (model name, version or None) -> that model's READY runner; raises ServingError if none.
@@ -55,7 +59,7 @@ class PipelineRunner:
   """Runs a manifest's `PipelineSpec` over the served models `models` looks up."""
 
   def __init__(self, name: str, manifest: Manifest, models: ModelLookup, *,
-               observer: Observer | None = None):
+               observer: Observer | None = None, warming: Warming | None = None):
     if manifest.pipeline is None:
       raise ValueError(f"{name}: not a pipeline manifest")
     sig = next(iter(manifest.signatures.values()))
@@ -70,11 +74,13 @@ class PipelineRunner:
     self._pending = 0
     self._stopping = False
     self._sink = _StepSink(self)
+    self.edges = Edges(self.spec)
+    self._warmer = HandoffWarmer(name, self.spec, models, self.edges.handoff, warming=warming)
 
   # -- Runner protocol -------------------------------------------------------------------------
 
   def start(self) -> None:
-    pass
+    self._warmer.start()
 
   def submit(self, req: InferRequest) -> None:
     with self._lock:
@@ -93,6 +99,7 @@ class PipelineRunner:
       self._stopping = True
       if drain:
         self._lock.wait_for(lambda: self._pending == 0, timeout)
+    self._warmer.stop()
 
   def close(self) -> None:
     pass
@@ -117,7 +124,10 @@ class PipelineRunner:
           self._step_done(run, step, outs, None)
           continue
         runner = self.models(step.model, step.version)
-        sub = step_request(step, runner.inputs, inputs, run, self._sink)
+        self._warmer.notice(step.name, runner)
+        sub = step_request(step, runner, inputs, run, self._sink, self.edges)
+        sub.device_outputs = (step.name in self.edges.producers
+                              and self.edges.on_device(runner.capabilities.device_outputs))
         runner.submit(sub)
         return
       except ServingError as e:
@@ -127,6 +137,11 @@ class PipelineRunner:
         self._fail(run, step, ServingError(Code.INVALID_ARGUMENT, str(e)))
         return
     self._finish(run)
+
+  @property
+  def handoff_counts(self) -> dict[tuple[str, str, str], int]:
+    """Tensors handed from a model step to a later one: (step, input, "device"|"host") -> n."""
+    return dict(self.edges.handoff.counts)
 
   def _step_done(self, run: _Run, step: Step, outs: Mapping[str, np.ndarray] | None,
                  err: ServingError | None) -> None:
@@ -209,24 +224,28 @@ class _StepSink:
                                                     f"pipeline {self.runner.name}: {e}"))
 
 
-def resolve(src: Source, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-  """The tensor a source names, reshaped as it says."""
+def resolve(src: Source, tensors: Mapping[str, Any]) -> Any:
+  """The tensor a source names, reshaped as it says (device rows stay on the device)."""
   x = tensors[src.tensor]
-  return x if src.reshape is None else np.reshape(x, src.reshape)
+  if src.reshape is None:
+    return x
+  return x.reshape(src.reshape) if isinstance(x, DeviceRows) else np.reshape(x, src.reshape)
 
 
-def step_request(step: Step, specs: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray],
-                 run: _Run, sink: Any) -> InferRequest:
+def step_request(step: Step, runner: Runner, inputs: Mapping[str, Any], run: _Run, sink: Any,
+                 edges: Edges) -> InferRequest:
   """The request a model step sends its model: inputs checked against the model's tensors as
   the protocol codec would (names, ranks, fixed sizes, one row count), numbers cast to its
-  dtypes."""
+  dtypes; device rows stay on the device when the runner takes them there."""
+  specs = runner.inputs
+  takes_device = edges.on_device(runner.capabilities.device_inputs)
   want = {t.name for t in specs}
   if set(inputs) != want:
     raise ServingError(Code.INVALID_ARGUMENT, f"the model takes inputs {sorted(want)}, the"
                        f" pipeline gives {sorted(inputs)}")
   arrays, rows = {}, None
   for t in specs:
-    x = np.asarray(inputs[t.name])
+    x = edges.hand(step.name, t, inputs[t.name], takes_device)
     if len(x.shape) != len(t.shape) or any(
         n != w for n, w in zip(x.shape, t.shape) if w != -1) or 0 in x.shape[:1]:
       raise ServingError(Code.INVALID_ARGUMENT, f"input {t.name!r} has shape {list(x.shape)},"
@@ -236,7 +255,8 @@ def step_request(step: Step, specs: tuple[TensorSpec, ...], inputs: Mapping[str,
         raise ServingError(Code.INVALID_ARGUMENT, f"input {t.name!r} has {x.shape[0]} rows,"
                            f" another input {rows}")
       rows = x.shape[0]
-    arrays[t.name] = x if t.dtype == "object" else x.astype(numpy_dtype(t.dtype), copy=False)
+    arrays[t.name] = (x if t.dtype == "object" or isinstance(x, DeviceRows)
+                      else x.astype(numpy_dtype(t.dtype), copy=False))
   req = run.req
   return InferRequest(inputs=arrays, rows=rows or 1, sink=sink, arrival=time.perf_counter(),
                       deadline=req.deadline, priority=req.priority, request_id=req.request_id,

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from serving.batching import BatchingConfig
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   log_outcome, nan_error, request_log_enabled)
+from serving.runners.handoff import DeviceRows
 from serving.runners.rows import as_serving_error, check_runner_config
 from serving.types import GRPC_STATUS, Code, InferRequest, ServingError, merge_generations
 
@@ -53,7 +54,8 @@ class QueuedRowRunner(BatchedRunner):
     for bucket, seconds in engine.bucket_seconds.items():
       self._q.observe(bucket, seconds)
     self.observer.on_scrape(self._refresh_gauges, force=True)
-    self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=True, queue=self._q)
+    self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=True, queue=self._q,
+                                           device_outputs=engine.batch_device)
     self._in = [(t.name, numpy_dtype(t.dtype), tuple(t.shape[1:])) for t in self.inputs]
     self._out = [(t.name, tuple(t.shape[1:]), numpy_dtype(t.dtype)) for t in self.outputs]
     self._split_lock = threading.Lock()
@@ -144,6 +146,8 @@ class QueuedRowRunner(BatchedRunner):
       batch, handle, t_dispatch, t_input = item
       try:
         outs = self.engine.fetch(handle)
+        dev = (self.engine.device_outputs(handle)
+               if self.capabilities.device_outputs is not None else None)
       except Exception as e:
         logger.exception("%s: batch of %d rows failed", self.name, batch.rows)
         self._isolate(batch, as_serving_error(e, self.name))
@@ -157,7 +161,7 @@ class QueuedRowRunner(BatchedRunner):
       busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
       last_done = t_done
       self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input,
-                   self.engine.generation_of(handle), t_dispatch=t_dispatch)
+                   self.engine.generation_of(handle), t_dispatch=t_dispatch, device=dev)
       self.observer.batch_timing(start=t_dispatch, done=t_done, rows=batch.rows,
                                  requests=len(batch.request_rows), assembly_s=t_input,
                                  encode_s=time.perf_counter() - t_done)
@@ -171,7 +175,8 @@ class QueuedRowRunner(BatchedRunner):
   # -- answers -------------------------------------------------------------------------------
 
   def _answer(self, batch: Any, outs: dict[str, np.ndarray], busy_s: float, compute_s: float,
-              t_input: float, generation: int = 0, *, t_dispatch: float | None = None) -> None:
+              t_input: float, generation: int = 0, *, t_dispatch: float | None = None,
+              device: Mapping[str, Any] | None = None) -> None:
     try:
       arrays = [np.ascontiguousarray(outs[name], dtype).reshape(-1).view(np.uint8)
                 for name, _, dtype in self._out]
@@ -193,7 +198,7 @@ class QueuedRowRunner(BatchedRunner):
     if t_dispatch is not None and self.observer.tracing:
       self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s, t_sent)
     if backs:
-      self._deliver_slices(backs, outs, generation)
+      self._deliver_slices(backs, outs, generation, device)
 
   def _trace(self, batch: Any, backs: Sequence[tuple], t_taken: float, t_dispatch: float,
              t_done: float, t_sent: float) -> None:
@@ -207,13 +212,16 @@ class QueuedRowRunner(BatchedRunner):
                                  natives=natives, t_sent=t_sent)
 
   def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray],
-                      generation: int = 0) -> None:
-    """Python requests: copies each slice's rows of the batch outputs into its request."""
+                      generation: int = 0, device: Mapping[str, Any] | None = None) -> None:
+    """Python requests: copies each slice's rows of the batch outputs into its request (views
+    of the device outputs for a whole request that keeps them there)."""
     done = []
     for req, start, rows, dest, last in backs:
       if start == 0 and rows == req.rows:  # whole (`last` only says it finishes the request)
         req.generations = (generation, generation)
-        req.outputs = {name: outs[name][dest:dest + rows] for name, _, _ in self._out}
+        req.outputs = ({name: DeviceRows.of(device[name], dest, rows) for name, _, _ in self._out}
+                       if device is not None and req.device_outputs else
+                       {name: outs[name][dest:dest + rows] for name, _, _ in self._out})
       else:
         with self._split_lock:  # slices of one request may finish on other instances
           merge_generations(req, generation, first=req.outputs is None)

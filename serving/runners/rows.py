@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from serving.batching import (Admission, BatchingConfig, BatchPlan, Batcher, Pen
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   nan_error)
+from serving.runners.handoff import DeviceRows, assemble
 from serving.types import Code, InferRequest, ServingError, merge_generations
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class ModelRunner(BatchedRunner):
     self.config = config
     self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
     self.capabilities = RunnerCapabilities(instances=instances,
-                                           fixed_rows=fixed_rows((*self.inputs, *self.outputs)))
+                                           fixed_rows=fixed_rows((*self.inputs, *self.outputs)),
+                                           device_inputs=engine.batch_device,
+                                           device_outputs=engine.batch_device)
     self.observer = observer or Observer()
     self.stats = RunnerStats()
     self._stats_lock = threading.Lock()  # instances finish batches concurrently
@@ -181,8 +184,13 @@ class ModelRunner(BatchedRunner):
     self.observer.request_sizes([r.rows for r in reqs])
 
   def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
-    batch = {}
+    batch, device = {}, self.capabilities.device_inputs
     for name, shape, dtype in self._in_specs:
+      if device is not None and (on_device := self._on_device(
+          [(s.dest, s.start, s.rows, s.pending.item.inputs[name]) for s in plan.slices],
+          (plan.bucket, *shape), dtype)) is not None:
+        batch[name] = on_device
+        continue
       if len(plan.slices) == 1 and plan.padding == 0:
         s = plan.slices[0]
         batch[name] = s.pending.item.inputs[name][s.start:s.start + s.rows]
@@ -193,12 +201,34 @@ class ModelRunner(BatchedRunner):
       batch[name] = buf
     return batch
 
+  def _on_device(self, pieces: Sequence[tuple[int, int, int, Any]], shape: tuple[int, ...],
+                 dtype: Any) -> Any:
+    """A batch input assembled on the device when a request brings device rows (a pipeline
+    hand-off; serving/runners/handoff.py), else None: the caller assembles it on the host."""
+    device = self.capabilities.device_inputs
+    if device is None or not any(isinstance(p[3], DeviceRows) for p in pieces):
+      return None
+    return assemble(pieces, shape, dtype, device)
+
+  def _outputs(self, plan: BatchPlan[InferRequest],
+               handle: Any) -> tuple[dict[str, np.ndarray] | None, Mapping[str, Any] | None]:
+    """(host outputs, device outputs): the device ones when a request keeps its outputs there;
+    the host ones are not fetched when every request does (and NaNs are not checked)."""
+    if self.capabilities.device_outputs is None:
+      return self.engine.fetch(handle), None
+    keep = [s.pending.item.device_outputs and s.start == 0 and s.last for s in plan.slices]
+    dev = self.engine.device_outputs(handle) if any(keep) else None
+    if dev is not None and all(keep) and not self.nan_check:
+      import jax
+      return None, jax.block_until_ready(dev)
+    return self.engine.fetch(handle), dev
+
   def _finish(self, plan: BatchPlan[InferRequest], handle: Any, t_dispatch: float,
               t_input: float, last_done: float) -> float:
     """Waits for a batch and delivers it; returns when it finished (this worker's clock for the
     next batch's busy time)."""
     try:
-      outs = self.engine.fetch(handle)
+      outs, dev = self._outputs(plan, handle)
     except Exception as e:  # a failing batch fails its requests, not the server
       logger.exception("%s: batch of %d rows failed", self.name, plan.rows, extra={
           "model": self.name, "request_ids": [s.pending.item.request_id for s in plan.slices]})
@@ -212,7 +242,7 @@ class ModelRunner(BatchedRunner):
     with self._cv:
       self._batcher.observe(plan.bucket, busy_s)
     self._complete(plan, outs, None, time.perf_counter() - t_dispatch, t_input,
-                   self.engine.generation_of(handle), t_dispatch=t_dispatch)
+                   self.engine.generation_of(handle), t_dispatch=t_dispatch, device=dev)
     self.observer.batch_timing(start=t_dispatch, done=t_done, rows=plan.rows,
                                requests=len(plan.slices), assembly_s=t_input,
                                encode_s=time.perf_counter() - t_done)
@@ -238,9 +268,15 @@ class ModelRunner(BatchedRunner):
         self._complete(single, None, as_serving_error(e, self.name), time.perf_counter() - t0,
                        0.0)
 
-  def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray]) -> None:
-    """Copies slice `s`'s rows of the batch outputs into its request's outputs."""
+  def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray] | None,
+               device: Mapping[str, Any] | None = None) -> None:
+    """Copies slice `s`'s rows of the batch outputs into its request's outputs (views of the
+    device outputs for a whole request that keeps them there)."""
     req = s.pending.item
+    if device is not None and req.device_outputs and s.start == 0 and s.last:
+      req.outputs = {name: DeviceRows.of(device[name], s.dest, s.rows)
+                     for name, _, _ in self._out_specs}
+      return
     if s.start == 0 and s.last:
       req.outputs = {name: outs[name][s.dest:s.dest + s.rows] for name, _, _ in self._out_specs}
       return
@@ -252,7 +288,8 @@ class ModelRunner(BatchedRunner):
 
   def _complete(self, plan: BatchPlan[InferRequest], outs: dict[str, np.ndarray] | None,
                 error: ServingError | None, compute_s: float, t_input: float,
-                generation: int = 0, *, t_dispatch: float | None = None) -> None:
+                generation: int = 0, *, t_dispatch: float | None = None,
+                device: Mapping[str, Any] | None = None) -> None:
     """Copies each request's rows out of the batch outputs (or fails them) and delivers;
     with `t_dispatch` (a whole batch's), traced requests in it get their batch span first."""
     t_done = time.perf_counter()
@@ -270,7 +307,7 @@ class ModelRunner(BatchedRunner):
           done.append((req, None, error))
           continue
         merge_generations(req, generation, first=req.rows_done == 0)
-        self._scatter(s, outs)
+        self._scatter(s, outs, device)
         req.compute_ns += int(compute_s * 1e9)
         req.rows_done += s.rows
         if req.rows_done == req.rows:

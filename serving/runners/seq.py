@@ -13,7 +13,7 @@ own length before it is delivered.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -55,6 +55,10 @@ class SeqRunner(ModelRunner):
     for (bucket, seq), seconds in engine.grid_seconds.items():
       self._batcher.seed(bucket, seq, seconds)
     self.seq_stats = SeqStats()
+    # Batches are padded on the host; outputs cut to a request's length are host arrays.
+    self.capabilities = dataclasses.replace(
+        self.capabilities, device_inputs=None,
+        device_outputs=None if self._out_seq else self.capabilities.device_outputs)
 
   def length_of(self, req: InferRequest) -> int:
     """A request's sequence length: the 'seq' dimension its inputs share."""
@@ -124,7 +128,11 @@ class SeqRunner(ModelRunner):
       return rows
     return rows[(slice(None),) * axis + (slice(0, length),)]
 
-  def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray]) -> None:
+  def _scatter(self, s: Slice[InferRequest], outs: dict[str, np.ndarray] | None,
+               device: Mapping[str, Any] | None = None) -> None:
+    if not self._out_seq:
+      super()._scatter(s, outs, device)
+      return
     req = s.pending.item
     length = self.length_of(req)
     if s.start == 0 and s.last:

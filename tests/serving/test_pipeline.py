@@ -3,7 +3,10 @@ unmodified tritonclient. Its answer equals the steps composed without the server
 tokenization, the Flax query tower, a brute-force numpy top-K over the corpus embedded by the
 Flax ad tower, the Flax ranker run flat on the retrieved ads, and a numpy top-n. A failing step
 fails that request with the step named; the server keeps serving; ModelConfig describes the
-ensemble; statistics and per-step metrics count the steps.
+ensemble; statistics and per-step metrics count the steps. The same pipeline with
+`"handoff": "device"` (on CPU, `auto` hands over on the host) answers the same, its ranker
+assembling the retrieved ads and the query embedding on the device, with no compile after its
+hand-off copies warmed up.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -19,18 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+
+import export
 from flax import nnx
 from tritonclient.utils import InferenceServerException
 
 from bundle import triton_datatype
 from clientutil import call_concurrently, serving, triton_inputs
 from demo.ads import (TINY_ADS, TINY_K, TITLE_LEN, TOP_N, ad_corpus, build_ad_index,
-                      build_ads_pipeline)
+                      build_ads_pipeline, pipeline_config)
 from demo.models import build_ranker, build_two_tower
 from models.ranking import Ranker, RankerConfig
 from models.two_tower import TwoTower, TwoTowerConfig
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
+from servingutil import metric
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 QUERIES = [b"acme shoes", b"coffee offer", b"kids tent", b"warm jacket"]  # <= 16 bytes
@@ -41,6 +48,8 @@ def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("repo")
   for build in (build_two_tower, build_ranker, build_ad_index, build_ads_pipeline):
     build(repo, tiny=True)
+  export.export_pipeline({**pipeline_config(k=TINY_K, ranker=RankerConfig.tiny()),
+                          "handoff": "device"}, repository=repo, name="ads_device", version=1)
   with serving(repo, metrics_port=0, http_port=0) as bg:
     yield bg
 
@@ -93,8 +102,9 @@ def user(rng: np.random.Generator) -> dict[str, np.ndarray]:
           "user_dense": rng.normal(size=(1, cfg.user_dense)).astype(np.float32)}
 
 
-def call(client: tc.InferenceServerClient, query: bytes, u: dict[str, np.ndarray]):
-  res = client.infer("ads_pipeline", triton_inputs(
+def call(client: tc.InferenceServerClient, query: bytes, u: dict[str, np.ndarray],
+         model: str = "ads_pipeline"):
+  res = client.infer(model, triton_inputs(
       {"query": np.array([query], dtype=object), **u}), client_timeout=60)
   return res.as_numpy("ad_ids"), res.as_numpy("scores")
 
@@ -115,6 +125,40 @@ def test_one_call_equals_the_steps_composed_without_the_server(served, reference
     assert ids.shape == (1, TOP_N) and scores.shape == (1, TOP_N)
     np.testing.assert_array_equal(ids[0], want_ids, err_msg=q)
     np.testing.assert_allclose(scores[0], want_scores, **TOL, err_msg=q)
+
+
+def handoffs(bg, step: str, name: str, where: str) -> float:
+  return metric(bg.server.metrics.exposition().decode(), "xlaserve_pipeline_handoffs_total",
+                model="ads_device", step=step, input=name, where=where)
+
+
+RANK_EDGES = ("query", "ad_sparse", "ad_dense")  # the ranker's inputs from earlier model steps
+
+
+def test_device_handoff_equals_the_steps_composed_and_compiles_nothing(served, reference):
+  rng = np.random.default_rng(2)
+  cases = [(q, user(rng)) for q in QUERIES * 2]
+  want = reference(cases)  # first: the Flax models' own compiles count in this process
+  with tc.InferenceServerClient(served.address) as c:  # until its copies compiled: via the host
+    end = time.monotonic() + 120
+    while not all(handoffs(served, "rank", n, "device") for n in RANK_EDGES):
+      assert time.monotonic() < end, "the device hand-off never warmed up"
+      call(c, QUERIES[0], cases[0][1], "ads_device")
+      time.sleep(0.2)
+  text = served.server.metrics.exposition().decode()
+  compiles = metric(text, "xlaserve_compiles_after_warmup")
+  before = {(n, w): handoffs(served, "rank", n, w) for n in RANK_EDGES for w in ("device", "host")}
+  answers = call_concurrently(served.address, lambda c, q, u: call(c, q, u, "ads_device"), cases,
+                              workers=4)
+  for (q, _), (ids, scores), (want_ids, want_scores) in zip(cases, answers, want):
+    np.testing.assert_array_equal(ids[0], want_ids, err_msg=q)
+    np.testing.assert_allclose(scores[0], want_scores, **TOL, err_msg=q)
+  for n in RANK_EDGES:  # every request's ranker inputs were assembled on the device, once per
+    # batch its candidates ran in (two or more: the tiny ranker's largest bucket is 16 of 20)
+    assert handoffs(served, "rank", n, "device") - before[n, "device"] >= 2 * len(cases)
+    assert handoffs(served, "rank", n, "host") == before[n, "host"]
+  assert metric(served.server.metrics.exposition().decode(),
+                "xlaserve_compiles_after_warmup") == compiles
 
 
 def test_a_failing_step_fails_that_request_with_the_step_named(served, reference):

@@ -222,6 +222,13 @@ class CachedTablesEngine(ReplicaEngine):
   def generation_of(self, handle: Any) -> int:
     return handle[1]
 
+  @property
+  def batch_device(self) -> Any:
+    return None  # ids are planned on the host: pipelines hand this model host arrays
+
+  def device_outputs(self, handle: Any) -> Mapping[str, Any] | None:
+    return dict(handle[0])
+
   # -- live updates --------------------------------------------------------------------------
 
   def apply_update(self, changes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
