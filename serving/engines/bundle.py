@@ -132,6 +132,7 @@ class BundleEngine(ReplicaEngine):
     return params, shardings, lambda bucket: tw.step(self._from_embeddings[bucket])
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+    self.check_ranges(inputs)
     replica = self._next_replica()
     with self._update_lock:  # the params and the generation they are, read together
       params, generation = replica["params"], self._generation

@@ -131,6 +131,7 @@ class ContextEngine(ReplicaEngine):
     return {b: s[b] + ctx for b in self.buckets if b in s}
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+    self.check_ranges(inputs)
     replica = self._next_replica()
     ctx = {t.name: inputs[t.name] for t in self._ctx_specs}
     r = len(next(iter(ctx.values())))

@@ -126,6 +126,7 @@ class SeqBundleEngine(ReplicaEngine):
                  for k, v in inputs.items()}
 
   def dispatch(self, *, bucket: int, inputs: Mapping[str, np.ndarray]) -> Any:
+    self.check_ranges(inputs)
     seq, padded = self.pad(inputs)
     replica = self._next_replica()
     return replica["compiled"][(bucket, seq)](replica["params"], padded)

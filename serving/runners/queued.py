@@ -132,6 +132,9 @@ class QueuedRowRunner(BatchedRunner):
         t1 = time.perf_counter()
         handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs, **(
             {"rows": batch.rows} if self.engine.wants_rows else {}))
+      except ServingError as e:  # a value the engine refuses: the completion thread isolates it
+        done.put((batch, e, 0.0, 0.0))
+        continue
       except Exception as e:  # a failing batch fails its requests, not the server
         logger.exception("%s: dispatch failed", self.name)
         self._fail(batch, ServingError(Code.INTERNAL,
@@ -144,6 +147,10 @@ class QueuedRowRunner(BatchedRunner):
     last_done = 0.0
     while (item := done.get()) is not None:
       batch, handle, t_dispatch, t_input = item
+      if isinstance(handle, ServingError):  # refused at dispatch: only its requests fail
+        self._isolate(batch, handle)
+        last_done = time.perf_counter()
+        continue
       try:
         outs = self.engine.fetch(handle)
         dev = (self.engine.device_outputs(handle)

@@ -372,6 +372,9 @@ class ModelRunner(BatchedRunner):
           handle = self.engine.dispatch(bucket=plan.bucket, inputs=batch, **(
               {"rows": plan.rows} if self.engine.wants_rows else {}))
           started = (plan, handle, t1, t1 - t0)
+        except ServingError as e:  # a value the engine refuses (an id out of range): re-run
+          self._isolate(plan, e)   # request by request, so only the request holding it fails
+          started = None
         except Exception as e:
           logger.exception("%s: dispatch failed", self.name)
           err = ServingError(Code.INTERNAL, f"model {self.name} failed to start a batch: {e}")

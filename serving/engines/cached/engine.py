@@ -183,6 +183,7 @@ class CachedTablesEngine(ReplicaEngine):
       ids = ids.copy()
       ids[rows:] = -1
     rest = {k: v for k, v in inputs.items() if k != self.lookup.ids_input}
+    self.check_ranges(rest)  # the ids are reduced to table rows here, in 64 bits
     with self._lock:
       rows, parts, slots, froms = self._plan_batch(ids)
       m = miss_bucket(sum(len(r) for _, r in parts), self._miss_buckets[bucket])

@@ -125,6 +125,9 @@ bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t
 
 // Whether an Authorization value is "Bearer <token>" (constant-time compare).
 bool BearerMatches(std::string_view value, const std::string& token);
+// serving/frontend/http/app.py's UNAUTHENTICATED, for an HTTP request without the token.
+inline constexpr std::string_view kUnauthenticatedHttp =
+    "missing or wrong credentials: send the header 'Authorization: Bearer <token>'";
 
 // Plaintext without a certificate file; else TLS from the chain and key files, re-read every
 // `reload_s` seconds (a renewed certificate serves new connections without a restart); with a

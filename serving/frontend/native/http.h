@@ -235,7 +235,7 @@ class HttpServer {
   size_t next_loop_ = 0;
   double accept_paused_until_ = 0;  // out of descriptors: accepting resumes then (loop 0)
   std::atomic<bool> stopping_{false}, stop_loops_{false};
-  std::atomic<int64_t> inflight_{0}, fast_{0}, shed_{0};
+  std::atomic<int64_t> inflight_{0}, fast_{0}, shed_{0}, denied_{0};
   std::unique_ptr<HttpTls> tls_;  // HTTPS; null: plain HTTP
 };
 

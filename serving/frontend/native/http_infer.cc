@@ -210,14 +210,19 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   double t_start = MonoNow();
   if (fe_->Tracing()) call.trace = fe_->TraceDecision(h.Get("traceparent"));
   int n = 0, tenant = -1;
+  if (!fe_->token().empty()) {  // checked first, as app.py does; repeated: Python reads the last
+    std::string_view auth = h.Get("authorization", &n);
+    if (n > 1) return FastResult::kRelay;
+    if (n == 0 || !BearerMatches(auth, fe_->token())) {  // refused here, not relayed
+      denied_++;
+      *answer = HttpErrorResponse(16, std::string(kUnauthenticatedHttp), h.close, 401);
+      return FastResult::kAnswered;
+    }
+  }
   if (fe_->tenants() && (tenant = TenantOf(h, peer)) < 0) {  // refused here, not relayed
     fe_->tenants()->CountUnknown();
     *answer = HttpErrorResponse(16, std::string(kUnknownTenantHttp), h.close, 401);
     return FastResult::kAnswered;
-  }
-  if (!fe_->token().empty()) {
-    std::string_view auth = h.Get("authorization", &n);
-    if (n != 1 || !BearerMatches(auth, fe_->token())) return FastResult::kRelay;
   }
   int n_enc = 0, n_accept = 0;  // repeated: Python reads the last one; it decides
   std::string_view enc = h.Get("content-encoding", &n_enc);

@@ -229,6 +229,7 @@ void HttpServer::Stop(double grace_s) {
 void HttpServer::Stats(py::dict* d) const {
   (*d)["http_fast"] = int64_t(fast_);        // inference requests answered natively
   (*d)["http_shed"] = int64_t(shed_);        // of those, refused at admission
+  (*d)["http_denied"] = int64_t(denied_);    // inference requests without the token (401)
   (*d)["http_inflight"] = int64_t(inflight_);
   (*d)["http_relayed"] = int64_t(relayed_);  // requests relayed to the Python server
   (*d)["http_tunnels"] = int64_t(tunnels_);  // connections passed through whole

@@ -1,0 +1,78 @@
+"""64-bit integer inputs on a server whose JAX runs 32-bit integers (x64 off, the default): a
+model exported with int64 ids takes them as int32, so an id past 2^31 would wrap and silently
+score another row. The server answers such a request INVALID_ARGUMENT, saying which input and
+what range, while the requests batched with it are answered exactly (numpy reference), through
+both the native gRPC front end with its batch queue and the Python ones (ModelRunner)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from flax import nnx
+from tritonclient.utils import InferenceServerException
+
+import export
+from clientutil import call_concurrently, serving, triton_inputs
+
+ROWS = 1000  # the model reads ids modulo this, as embedding lookups do
+
+
+class IdModel(nnx.Module):
+  """y = (ids mod ROWS) * w + x: depends on every id bit that matters."""
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.full((3,), 0.5, jnp.float32))
+
+  def __call__(self, ids, x):
+    return {"y": (ids % ROWS).astype(jnp.float32) * self.w[...] + x}
+
+
+def reference(ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+  return (ids % ROWS).astype(np.float32) * 0.5 + x
+
+
+@pytest.fixture(scope="module", params=[("auto", "native"), ("python", "python")],
+                ids=["native-queue", "python-batcher"])
+def served(request, tmp_path_factory):
+  repo = tmp_path_factory.mktemp("int64")
+  export.export_model(IdModel(), repository=repo, name="ids", version=1,
+                      inputs=[export.Input("ids", "int64", ("batch", 3)),
+                              export.Input("x", "float32", ("batch", 3))],
+                      config=export.ExportConfig(batch_buckets=(1, 4, 16),
+                                                 max_queue_delay_us=20_000))
+  frontend, queue = request.param
+  with serving(repo, frontend=frontend, batch_queue=queue) as bg:
+    yield bg
+
+
+def call(client: tc.InferenceServerClient, ids: np.ndarray, x: np.ndarray):
+  try:
+    return client.infer("ids", triton_inputs({"ids": ids, "x": x}),
+                        client_timeout=60).as_numpy("y")
+  except InferenceServerException as e:
+    return e
+
+
+def test_an_id_past_int32_is_refused_by_name_and_its_batch_mates_are_served(served):
+  rng = np.random.default_rng(0)
+  cases = []
+  for i in range(12):
+    ids = rng.integers(-2**31, 2**31, (int(rng.integers(1, 4)), 3), dtype=np.int64)
+    if i % 4 == 1:
+      ids[-1, 1] = 2**31 + 5 * i  # one bad id: would wrap to a negative one
+    if i % 4 == 3:
+      ids[0, 0] = -2**31 - 1
+    cases.append((ids, rng.normal(size=ids.shape).astype(np.float32)))
+  answers = call_concurrently(served.address, call, cases, workers=12)
+  for (ids, x), got in zip(cases, answers):
+    bad = ids.max() > 2**31 - 1 or ids.min() < -2**31
+    if bad:
+      assert isinstance(got, InferenceServerException), ids
+      assert got.status() == "StatusCode.INVALID_ARGUMENT"
+      assert "input 'ids' has values in" in got.message()
+      assert "outside [-2147483648, 2147483647]" in got.message()
+    else:
+      assert not isinstance(got, InferenceServerException), got
+      np.testing.assert_allclose(got, reference(ids, x), rtol=1e-6)
