@@ -4,7 +4,7 @@ headers, and the span's final attributes (request id, status) in each protocol's
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from serving.telemetry.tracing import RequestTrace, Tracing
 from serving.types import GRPC_STATUS, ServingError
@@ -62,3 +62,28 @@ def finish_generation(tracing: Tracing, rt: RequestTrace, request_id: str, event
       rt, attributes=attributes, queue_s=None if m is None else m.queue_s,
       ttft_s=None if m is None else m.ttft_s,
       error=None if event.error is None else event.error.message)
+
+
+# An OpenAI-API error's HTTP status as the code the other protocols' spans carry.
+OPENAI_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT",
+                429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 503: "UNAVAILABLE"}
+
+
+def finish_openai(tracing: Tracing, rt: RequestTrace, request_id: str, status: int,
+                  error: str | None, metrics: Sequence[Any] = (),
+                  finish_reasons: Sequence[str | None] = (),
+                  usage: Mapping[str, int] | None = None) -> None:
+  """Ends an OpenAI-API request's span over all its choices' generations (`metrics`: each
+  one's final timings, None if it never finished): `queue` ends when the first got a decode
+  slot, `prefill` at the first token of any, `decode` at the end; token counts from `usage`,
+  finish reasons in choice order, the HTTP status and its code."""
+  done = [m for m in metrics if m is not None]
+  usage = usage or {}
+  tracing.finish_generation(rt, attributes={
+      "xlaserve.request_id": request_id, "xlaserve.code": OPENAI_CODES.get(status, "INTERNAL"),
+      "http.response.status_code": status, "xlaserve.choices": len(metrics),
+      "xlaserve.finish_reason": ",".join(r or "" for r in finish_reasons),
+      "xlaserve.prompt_tokens": usage.get("prompt_tokens", 0),
+      "xlaserve.generated_tokens": usage.get("completion_tokens", 0)},
+      queue_s=min((m.queue_s for m in done if m.queue_s is not None), default=None),
+      ttft_s=min((m.ttft_s for m in done if m.ttft_s is not None), default=None), error=error)

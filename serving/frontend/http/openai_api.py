@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from serving.frontend import request_trace
 from serving.frontend.http.app import Reply, Request, StreamReply, json_reply
 from serving.frontend.http.openai_run import Run, model_object
 from serving.frontend.http.openai_schema import (ApiError, load_body, parse_chat,
@@ -50,6 +51,7 @@ class OpenAIRoutes:
   def __init__(self, servicer: InferenceServicer):
     self.servicer = servicer
     self.created = int(time.time())  # the models' "created" (bundles carry no date)
+    self.trace_marker_secret: str | None = None  # the native relay's (Routes sets it)
 
   def lookup(self, method: str, rest: list[str]) -> tuple[Callable, tuple]:
     """(handler, args) for the path after /v1; an unknown path or a wrong method gets its
@@ -120,6 +122,24 @@ class OpenAIRoutes:
     return await self._generate(req, chat=True)
 
   async def _generate(self, req: Request, *, chat: bool) -> Reply | StreamReply:
+    """One span per request when tracing samples it (its headers decide), over its choices."""
+    tracing = self.servicer.tracing
+    rt = None if tracing is None else request_trace.start_http(
+        tracing, req.headers, req.path, time.perf_counter(), self.trace_marker_secret)
+    try:
+      run = self._prepare(req, chat=chat)
+    except (ApiError, ServingError) as e:  # refused before any generation: the span ends here
+      if rt is not None:
+        err = e if isinstance(e, ApiError) else ApiError.of(e)
+        request_trace.finish_openai(tracing, rt, "", err.status, err.message)
+      raise
+    run.traced(tracing, rt).start()  # from here the run ends the span
+    if run.request.stream:
+      return StreamReply(run.chunks(), run.cancel)
+    return await self._whole(req, run)
+
+  def _prepare(self, req: Request, *, chat: bool) -> Run:
+    """The request parsed and routed to its model's runner, its generations not started."""
     if self.servicer.refusing():
       raise ApiError(503, SHUTTING_DOWN, type="server_error")
     body = load_body(req.body)
@@ -131,10 +151,7 @@ class OpenAIRoutes:
     if not isinstance(runner, GenerationRunner):
       raise ApiError(400, f"the model {request.model!r} does not generate text (it is a"
                      f" {rec.manifest.kind if rec.manifest else 'predict'} model)", param="model")
-    run = Run(request, rec.name, runner, int(time.time())).start()
-    if request.stream:
-      return StreamReply(run.chunks(), run.cancel)
-    return await self._whole(req, run)
+    return Run(request, rec.name, runner, int(time.time()), version=rec.version)
 
   async def _whole(self, req: Request, run: Run) -> Reply:
     """The whole answer, unless the client goes first: then every generation is cancelled."""

@@ -17,6 +17,7 @@ import dataclasses
 import secrets
 from typing import Any, AsyncIterator, Mapping
 
+from serving.frontend import request_trace
 from serving.frontend.http.generate import sse
 from serving.frontend.http.openai_schema import ApiError, ApiRequest
 from serving.generation.request import FinishReason, GenerationEvent
@@ -39,12 +40,14 @@ class _Choice:
   finish: str | None = None
   prompt_tokens: int = 0
   generated: int = 0
+  metrics: Any = None  # its generation's timings, once finished
 
 
 class Run:
   """The generations of one request on one model's runner (a GenerationRunner)."""
 
-  def __init__(self, request: ApiRequest, model: str, runner: Any, created: int):
+  def __init__(self, request: ApiRequest, model: str, runner: Any, created: int, *,
+               version: int = 0):
     self.request = request
     self.model = model
     self.runner = runner
@@ -58,6 +61,25 @@ class Run:
                     for j in range(request.n)]
     self._events: asyncio.Queue = asyncio.Queue()
     self._open = False
+    self._trace: tuple[Any, Any] | None = None  # (tracing, request trace) while sampled, open
+    self.version = version
+
+  def traced(self, tracing: Any, rt: Any) -> Run:
+    """Ends request trace `rt` (None: not sampled) when this run ends, however it ends."""
+    if rt is not None:
+      rt.submitted(self.model, self.version, len(self.choices))
+      self._trace = (tracing, rt)
+    return self
+
+  def end_trace(self, status: int, error: ApiError | None = None) -> None:
+    """Ends the request's span, once: its choices' generations, the status and error."""
+    if self._trace is None:
+      return
+    (tracing, rt), self._trace = self._trace, None
+    request_trace.finish_openai(tracing, rt, self.id, status,
+                                None if error is None else error.message,
+                                [ch.metrics for ch in self.choices],
+                                [ch.finish for ch in self.choices], self.usage())
 
   def start(self) -> Run:
     """Submits every choice; on a refusal cancels those already started and raises it."""
@@ -71,7 +93,9 @@ class Run:
             lambda ev, i=ch.index: loop.call_soon_threadsafe(self._events.put_nowait, (i, ev)))
     except ServingError as e:
       self._cancel_all()
-      raise ApiError.of(e) from None
+      err = ApiError.of(e)
+      self.end_trace(err.status, err)
+      raise err from None
     self._open = True
     return self
 
@@ -82,6 +106,7 @@ class Run:
 
   def cancel(self) -> None:
     """Ends every generation still running (idempotent); `chunks()` then ends."""
+    self.end_trace(499, ApiError(499, "the client went away"))
     if self._open:
       self._open = False
       self._cancel_all()
@@ -101,6 +126,7 @@ class Run:
     ch.entries += released
     ch.text.append(ev.text)
     if ev.finished:
+      ch.metrics = ev.metrics
       if ev.error is not None:
         raise ApiError.of(ev.error)
       if ev.finish_reason is FinishReason.CANCELLED:
@@ -160,10 +186,12 @@ class Run:
         if got is None:
           raise ApiError(499, "the client went away")
         self._take(*got)
-    except ApiError:
+    except ApiError as e:
+      self.end_trace(e.status, e)
       self.cancel()
       raise
     self._open = False
+    self.end_trace(200)
     out = []
     for ch in self.choices:
       text = "".join(ch.text)
@@ -199,11 +227,13 @@ class Run:
         if ev.text or entries or ch.finish is not None:
           yield self._chunk(ch, ev.text, entries, ch.finish)
     except ApiError as e:
+      self.end_trace(e.status, e)
       self.cancel()
       yield sse(e.body())
       yield DONE
       return
     self._open = False
+    self.end_trace(200)
     if self.request.include_usage:
       yield sse({**self._head(True), "choices": [], "usage": self.usage()})
     yield DONE

@@ -74,7 +74,7 @@ class Routes:
 
   @trace_marker_secret.setter
   def trace_marker_secret(self, secret: str | None) -> None:
-    self.generation.trace_marker_secret = secret
+    self.generation.trace_marker_secret = self.openai.trace_marker_secret = secret
 
   def lookup(self, method: str, path: str) -> tuple[Callable, tuple]:
     """(handler, path arguments); HttpError 404 for an unknown path, 405 for a wrong method."""

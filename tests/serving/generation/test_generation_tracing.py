@@ -1,6 +1,7 @@
 """Generations are traced: a stream's generation is one SERVER span (child of the stream's
 traceparent) whose `queue`, `prefill` and `decode` children follow one another inside it, with
-its token counts; exported over OTLP/gRPC to a receiver inside the test."""
+its token counts; an OpenAI-API request is one span over its choices; exported over OTLP/gRPC
+to a receiver inside the test."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import queue
 import secrets
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -109,3 +111,73 @@ def test_http_generate_stream_is_traced_as_a_generation(traced_lm):
   assert _attrs(span)["xlaserve.generated_tokens"] == 5
   kids = sorted(s.name for s in receiver.spans if s.parent_span_id == span.span_id)
   assert kids == sorted(["parse", "queue", "prefill", "decode"])
+
+
+def _openai(bg, path: str, body: dict, traceparent: str) -> tuple[int, bytes]:
+  req = urllib.request.Request(f"http://127.0.0.1:{bg.server.http_port}{path}",
+                               data=json.dumps(body).encode(),
+                               headers={"traceparent": traceparent,
+                                        "content-type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      return r.status, r.read()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read()
+
+
+def _only_server_span(receiver, trace_id: str):
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline:
+    spans = [s for s in receiver.spans if s.kind == SERVER and s.trace_id.hex() == trace_id]
+    if spans:
+      time.sleep(0.2)  # its children are exported in the same batch or the next
+      assert len(spans) == 1
+      return spans[0]
+    time.sleep(0.05)
+  raise AssertionError(f"no span of trace {trace_id} exported")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_openai_completion_is_one_span_over_its_choices(traced_lm, stream):
+  """POST /v1/completions with n=2: one SERVER span, its token counts and finish reasons those
+  of the answer the client got, the generation phases as children."""
+  bg, receiver = traced_lm
+  tid, sid = secrets.token_hex(16), secrets.token_hex(8)
+  body = {"model": "decoder", "prompt": "Acme shoes:", "max_tokens": 4, "n": 2,
+          "ignore_eos": True, "stream": stream,
+          **({"stream_options": {"include_usage": True}} if stream else {})}
+  status, raw = _openai(bg, "/v1/completions", body, f"00-{tid}-{sid}-01")
+  assert status == 200
+  if stream:
+    chunks = [json.loads(line[6:]) for line in raw.decode().splitlines()
+              if line.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+    finishes = {c["index"]: c["finish_reason"] for ch in chunks for c in ch["choices"]
+                if c.get("finish_reason")}
+  else:
+    answer = json.loads(raw)
+    usage = answer["usage"]
+    finishes = {c["index"]: c["finish_reason"] for c in answer["choices"]}
+  span = _server_span(receiver, tid)
+  assert span.name == "POST /v1/completions"
+  assert (span.trace_id.hex(), span.parent_span_id.hex()) == (tid, sid)
+  a = _attrs(span)
+  assert a["xlaserve.generated_tokens"] == usage["completion_tokens"] == 8
+  assert a["xlaserve.prompt_tokens"] == usage["prompt_tokens"]
+  assert a["xlaserve.finish_reason"] == ",".join(finishes[i] for i in range(2))
+  assert (a["xlaserve.choices"], a["http.response.status_code"], a["xlaserve.code"],
+          a["xlaserve.model"]) == (2, 200, "OK", "decoder")
+  kids = sorted(s.name for s in receiver.spans if s.parent_span_id == span.span_id)
+  assert kids == sorted(["parse", "queue", "prefill", "decode"])
+
+
+def test_a_refused_openai_request_ends_its_span_with_the_status(traced_lm):
+  bg, receiver = traced_lm
+  tid = secrets.token_hex(16)
+  status, raw = _openai(bg, "/v1/completions", {"model": "nope", "prompt": "x"},
+                        f"00-{tid}-{secrets.token_hex(8)}-01")
+  assert status == 404
+  span = _only_server_span(receiver, tid)
+  a = _attrs(span)
+  assert (a["http.response.status_code"], a["xlaserve.code"]) == (404, "NOT_FOUND")
+  assert span.status.message == json.loads(raw)["error"]["message"]
