@@ -153,6 +153,11 @@ class Handoff:
       k = (*edge, where)
       self.counts[k] = self.counts.get(k, 0) + n
 
+  def snapshot(self) -> dict[tuple[str, str, str], int]:
+    """The counts now (a copy: a scrape must not race a new edge's first count)."""
+    with self._lock:
+      return dict(self.counts)
+
 
 # One request's part of a batch input: (dest row in the batch, first row of the request's value,
 # rows, the value: a host array or DeviceRows).

@@ -141,7 +141,7 @@ class PipelineRunner:
   @property
   def handoff_counts(self) -> dict[tuple[str, str, str], int]:
     """Tensors handed from a model step to a later one: (step, input, "device"|"host") -> n."""
-    return dict(self.edges.handoff.counts)
+    return self.edges.handoff.snapshot()
 
   def _step_done(self, run: _Run, step: Step, outs: Mapping[str, np.ndarray] | None,
                  err: ServingError | None) -> None:

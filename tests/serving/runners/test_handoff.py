@@ -109,10 +109,10 @@ def test_a_copy_not_compiled_yet_is_refused_and_counted_as_host():
   pieces = [(0, 0, 2, DeviceRows.of(dev, 0, 2).tagged(handoff, EDGE)),
             (2, 0, 1, DeviceRows.of(dev, 3, 1).tagged(handoff, EDGE))]
   assert assemble(pieces, (4, 2), np.float32, device) is None
-  assert handoff.counts == {(*EDGE, "host"): 2}
+  assert handoff.snapshot() == {(*EDGE, "host"): 2}
   handoff.warm(Handoff.key(dev.shape, np.float32, (4, 2), np.float32, device))
   assert assemble(pieces, (4, 2), np.float32, device) is not None
-  assert handoff.counts == {(*EDGE, "host"): 2, (*EDGE, "device"): 2}
+  assert handoff.snapshot() == {(*EDGE, "host"): 2, (*EDGE, "device"): 2}
   assert assemble(pieces, (8, 2), np.float32, device) is None  # another batch shape: not yet
 
 
