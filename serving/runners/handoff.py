@@ -178,6 +178,7 @@ def assemble(pieces: Sequence[Piece], shape: tuple[int, ...], dtype: Any,
   if not groups:
     return None
   if any(ps[0][3].handoff is None or not ps[0][3].handoff.ready(keys[g])
+         or any(p[3].trailing != tuple(shape[1:]) for p in ps)  # rows read another way
          for g, ps in groups.items()):
     _count(p for ps in groups.values() for p in ps)
     return None
