@@ -42,6 +42,7 @@ def narrowed_inputs(inputs: Sequence[TensorSpec]) -> dict[str, np.iinfo]:
 
 
 def out_of_range(name: str, lo: int, hi: int, info: np.iinfo) -> str:
+  """The refusal of input `name` whose values [lo, hi] leave the 32-bit range jit runs it in."""
   return (f"input {name!r} has values in [{lo}, {hi}], outside [{info.min}, {info.max}]: this"
           f" server runs the model's {info.dtype.name.replace('32', '64')} inputs as"
           f" {info.dtype.name} (JAX's 64-bit mode is off); send ids within that range, e.g."

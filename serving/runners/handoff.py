@@ -37,6 +37,7 @@ class DeviceRows:
 
   @classmethod
   def of(cls, array: Any, start: int, rows: int) -> DeviceRows:
+    """Rows [start, start + rows) of batch output `array` [bucket, ...], as it is laid out."""
     return cls(array, start, rows, tuple(array.shape[1:]))
 
   @property
@@ -78,6 +79,7 @@ class DeviceRows:
     return dataclasses.replace(self, start=first // unit, rows=shape[0], trailing=shape[1:])
 
   def tagged(self, handoff: Handoff, edge: tuple[str, str]) -> DeviceRows:
+    """These rows, handed to step input `edge` of the pipeline whose copies `handoff` holds."""
     return dataclasses.replace(self, handoff=handoff, edge=edge)
 
 
@@ -121,10 +123,13 @@ class Handoff:
   @staticmethod
   def key(src_shape: Sequence[int], src_dtype: Any, dst_shape: Sequence[int], dst_dtype: Any,
           device: Any) -> Key:
+    """What one compiled copy serves: a source batch array's shape and dtype into a batch
+    input's, on `device`."""
     return (tuple(src_shape), np.dtype(src_dtype).str, tuple(dst_shape),
             np.dtype(dst_dtype).str, device)
 
   def ready(self, key: Key) -> bool:
+    """Whether both copies for `key` are compiled (`assemble` uses nothing else)."""
     return key in self._ready
 
   def warm(self, key: Key) -> None:
@@ -143,12 +148,15 @@ class Handoff:
       self._ready.add(key)
 
   def gather(self, src: Any, index: Any, trailing: tuple[int, ...], dtype: np.dtype) -> Any:
+    """A new batch input: the rows `index` names of `src`, zeros elsewhere (`_gather`)."""
     return self._gather(src, index, trailing=tuple(trailing), dtype=dtype)
 
   def place(self, buf: Any, src: Any, index: Any) -> Any:
+    """`buf` (device or host) with the rows `index` names of `src` put in (`_place`)."""
     return self._place(buf, src, index)
 
   def count(self, edge: tuple[str, str], where: str, n: int = 1) -> None:
+    """Counts `n` tensors handed to step input `edge` on the "device" or through the "host"."""
     with self._lock:
       k = (*edge, where)
       self.counts[k] = self.counts.get(k, 0) + n

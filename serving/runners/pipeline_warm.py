@@ -48,6 +48,7 @@ class Edges:
     self.producers = {src.step for _, _, src in self.all}  # model steps feeding model steps
 
   def on_device(self, device: Any) -> bool:
+    """Whether a runner whose hand-off device is `device` hands over there in this pipeline."""
     return on_device(self.mode, device)
 
   def hand(self, step: str, t: TensorSpec, x: Any, takes_device: bool) -> Any:
@@ -98,11 +99,13 @@ class HandoffWarmer:
     self._thread = threading.Thread(target=self._loop, daemon=True, name=f"handoff-{name}")
 
   def start(self) -> None:
+    """Starts compiling, unless the pipeline hands nothing over on the device."""
     if self.edges and self.spec.handoff != "host":
       self._kick.set()
       self._thread.start()
 
   def stop(self) -> None:
+    """Ends the thread after the copy it is compiling (the pipeline stopped)."""
     self._stopping.set()
     self._kick.set()
 
