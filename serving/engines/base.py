@@ -18,6 +18,7 @@ import numpy as np
 import bundle as bundle_lib
 from bundle import BundleError, Manifest, TensorSpec, numpy_dtype
 from serving.engines.memory import MemoryReport
+from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,18 @@ class Placement:
   label: str = "single"
   tables: Any = None
   mesh: Any = None
+
+
+def check_fits(name: str, x: np.ndarray, dtype: Any) -> None:
+  """Raises INVALID_ARGUMENT when integer input `name` holds a value integer `dtype` cannot:
+  narrowed to it (64-bit ids run as 32-bit with JAX's x64 off), it would wrap into another id."""
+  if not x.size:
+    return
+  info, lo, hi = np.iinfo(dtype), int(x.min()), int(x.max())
+  if lo < info.min or hi > info.max:
+    raise ServingError(Code.INVALID_ARGUMENT, f"input {name!r} has values in [{lo}, {hi}],"
+                       f" outside {np.dtype(dtype).name} [{info.min}, {info.max}] that the model"
+                       " takes; send values within that range (64-bit ids: hash them into it)")
 
 
 def param_bytes(manifest: Manifest) -> int:

@@ -20,7 +20,8 @@ import numpy as np
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest
-from serving.engines.base import Engine, Progress, check_jax_version, export_platform, param_bytes
+from serving.engines.base import (Engine, Progress, check_fits, check_jax_version, export_platform,
+                                  param_bytes)
 from serving.types import Code, ServingError
 
 logger = logging.getLogger(__name__)
@@ -252,13 +253,8 @@ class LockstepEngine(Engine):
     for t, dt in zip(self.inputs, self._program.wire):
       x = np.asarray(inputs[t.name])
       if x.dtype != dt:
-        if np.issubdtype(x.dtype, np.integer) and np.issubdtype(dt, np.integer) and x.size:
-          info = np.iinfo(dt)
-          lo, hi = int(x.min()), int(x.max())
-          if lo < info.min or hi > info.max:
-            raise ServingError(Code.INVALID_ARGUMENT, f"input {t.name!r} has values in"
-                               f" [{lo}, {hi}], outside {dt} [{info.min}, {info.max}] that the"
-                               " model takes")
+        if np.issubdtype(x.dtype, np.integer) and np.issubdtype(dt, np.integer):
+          check_fits(t.name, x, dt)
         x = x.astype(dt)
       out.append(x)
     return out

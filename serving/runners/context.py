@@ -37,16 +37,17 @@ class ContextRunner(ModelRunner):
     context = set(engine.context_inputs)
     self._ctx_specs = [(t.name, t.shape[1:], numpy_dtype(t.dtype))
                        for t in engine.inputs if t.name in context]
-    # ModelRunner._assemble pads these (the candidate inputs) to the candidate bucket.
+    # ModelRunner._assemble_rows pads these (the candidate inputs) to the candidate bucket.
     self._in_specs = [s for s in self._in_specs if s[0] not in context]
 
   def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
-    batch = super()._assemble(plan)
+    handed = self._handed(plan)
+    batch = self._assemble_rows(plan, handed)
     requests = self.engine.request_bucket_for(len(plan.slices))
     for name, shape, dtype in self._ctx_specs:
-      on_device = self._on_device([(i, 0, 1, s.pending.item.inputs[name])
-                                   for i, s in enumerate(plan.slices)], (requests, *shape), dtype)
-      if on_device is not None:
+      if handed and (on_device := self._on_device(
+          [(i, 0, 1, s.pending.item.inputs[name]) for i, s in enumerate(plan.slices)],
+          (requests, *shape), dtype)) is not None:
         batch[name] = on_device
         continue
       buf = np.zeros((requests, *shape), dtype)

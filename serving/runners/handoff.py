@@ -182,9 +182,9 @@ def assemble(pieces: Sequence[Piece], shape: tuple[int, ...], dtype: Any,
   host: list[Piece] = []
   for p in pieces:
     (groups.setdefault(id(p[3].array), []) if isinstance(p[3], DeviceRows) else host).append(p)
-  keys = {g: _key_of(ps[0][3], shape, dtype, device) for g, ps in groups.items()}
   if not groups:
     return None
+  keys = {g: _key_of(ps[0][3], shape, dtype, device) for g, ps in groups.items()}
   if any(ps[0][3].handoff is None or not ps[0][3].handoff.ready(keys[g])
          or any(p[3].trailing != tuple(shape[1:]) for p in ps)  # rows read another way
          for g, ps in groups.items()):

@@ -75,7 +75,7 @@ class PipelineRunner:
     self._stopping = False
     self._sink = _StepSink(self)
     self.edges = Edges(self.spec)
-    self._warmer = HandoffWarmer(name, self.spec, models, self.edges.handoff, warming=warming)
+    self._warmer = HandoffWarmer(name, self.spec, models, self.edges, warming=warming)
 
   # -- Runner protocol -------------------------------------------------------------------------
 

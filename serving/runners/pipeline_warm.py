@@ -87,20 +87,19 @@ def edge_keys(mode: str, producer: Any, output: str, consumer: Any, name: str) -
 class HandoffWarmer:
   """The background thread that keeps a pipeline's device edges compiled."""
 
-  def __init__(self, name: str, spec: PipelineSpec, models: Callable[..., Any], handoff: Handoff,
+  def __init__(self, name: str, spec: PipelineSpec, models: Callable[..., Any], edges: Edges,
                *, warming: Warming | None = None):
-    self.name, self.spec, self.models, self.handoff = name, spec, models, handoff
-    self.edges = edges(spec)
+    self.name, self.models, self.edges = name, models, edges
     self._warming = warming or contextlib.nullcontext
     self._steps = {s.name: s for s in spec.steps}
-    self._watched = {c for c, _, _ in self.edges} | {src.step for _, _, src in self.edges}
+    self._watched = {c for c, _, _ in edges.all} | edges.producers
     self._seen: dict[str, Any] = {}
     self._kick, self._stopping = threading.Event(), threading.Event()
     self._thread = threading.Thread(target=self._loop, daemon=True, name=f"handoff-{name}")
 
   def start(self) -> None:
     """Starts compiling, unless the pipeline hands nothing over on the device."""
-    if self.edges and self.spec.handoff != "host":
+    if self.edges.all and self.edges.mode != "host":
       self._kick.set()
       self._thread.start()
 
@@ -132,11 +131,11 @@ class HandoffWarmer:
     except ServingError:
       return False
     with self._warming():
-      for consumer, name, src in self.edges:
-        for key in edge_keys(self.spec.handoff, runners[src.step], src.tensor.split(".", 1)[1],
+      for consumer, name, src in self.edges.all:
+        for key in edge_keys(self.edges.mode, runners[src.step], src.tensor.split(".", 1)[1],
                              runners[consumer], name):
           try:
-            self.handoff.warm(key)
+            self.edges.handoff.warm(key)
           except Exception:  # that edge keeps handing over on the host
             logger.exception("%s: compiling the hand-off %s -> %s.%s failed", self.name,
                              src.tensor, consumer, name)

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -153,8 +153,6 @@ class QueuedRowRunner(BatchedRunner):
         continue
       try:
         outs = self.engine.fetch(handle)
-        dev = (self.engine.device_outputs(handle)
-               if self.capabilities.device_outputs is not None else None)
       except Exception as e:
         logger.exception("%s: batch of %d rows failed", self.name, batch.rows)
         self._isolate(batch, as_serving_error(e, self.name))
@@ -168,7 +166,7 @@ class QueuedRowRunner(BatchedRunner):
       busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
       last_done = t_done
       self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input,
-                   self.engine.generation_of(handle), t_dispatch=t_dispatch, device=dev)
+                   self.engine.generation_of(handle), t_dispatch=t_dispatch, handle=handle)
       self.observer.batch_timing(start=t_dispatch, done=t_done, rows=batch.rows,
                                  requests=len(batch.request_rows), assembly_s=t_input,
                                  encode_s=time.perf_counter() - t_done)
@@ -183,7 +181,7 @@ class QueuedRowRunner(BatchedRunner):
 
   def _answer(self, batch: Any, outs: dict[str, np.ndarray], busy_s: float, compute_s: float,
               t_input: float, generation: int = 0, *, t_dispatch: float | None = None,
-              device: Mapping[str, Any] | None = None) -> None:
+              handle: Any = None) -> None:
     try:
       arrays = [np.ascontiguousarray(outs[name], dtype).reshape(-1).view(np.uint8)
                 for name, _, dtype in self._out]
@@ -205,7 +203,7 @@ class QueuedRowRunner(BatchedRunner):
     if t_dispatch is not None and self.observer.tracing:
       self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s, t_sent)
     if backs:
-      self._deliver_slices(backs, outs, generation, device)
+      self._deliver_slices(backs, outs, generation, handle)
 
   def _trace(self, batch: Any, backs: Sequence[tuple], t_taken: float, t_dispatch: float,
              t_done: float, t_sent: float) -> None:
@@ -219,13 +217,17 @@ class QueuedRowRunner(BatchedRunner):
                                  natives=natives, t_sent=t_sent)
 
   def _deliver_slices(self, backs: Sequence[tuple], outs: dict[str, np.ndarray],
-                      generation: int = 0, device: Mapping[str, Any] | None = None) -> None:
+                      generation: int = 0, handle: Any = None) -> None:
     """Python requests: copies each slice's rows of the batch outputs into its request (views
-    of the device outputs for a whole request that keeps them there)."""
-    done = []
+    of the device outputs, taken from the batch's `handle`, for a whole request that keeps
+    them there)."""
+    done, device = [], None
     for req, start, rows, dest, last in backs:
       if start == 0 and rows == req.rows:  # whole (`last` only says it finishes the request)
         req.generations = (generation, generation)
+        if (req.device_outputs and device is None and handle is not None
+            and self.capabilities.device_outputs is not None):
+          device = self.engine.device_outputs(handle)  # once per batch, only when asked for
         req.outputs = ({name: DeviceRows.of(device[name], dest, rows) for name, _, _ in self._out}
                        if device is not None and req.device_outputs else
                        {name: outs[name][dest:dest + rows] for name, _, _ in self._out})

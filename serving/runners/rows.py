@@ -184,9 +184,13 @@ class ModelRunner(BatchedRunner):
     self.observer.request_sizes([r.rows for r in reqs])
 
   def _assemble(self, plan: BatchPlan[InferRequest]) -> dict[str, np.ndarray]:
-    batch, device = {}, self.capabilities.device_inputs
+    return self._assemble_rows(plan, self._handed(plan))
+
+  def _assemble_rows(self, plan: BatchPlan[InferRequest], handed: bool) -> dict[str, np.ndarray]:
+    """The batch's row inputs, padded to its bucket; on the device where `handed`."""
+    batch = {}
     for name, shape, dtype in self._in_specs:
-      if device is not None and (on_device := self._on_device(
+      if handed and (on_device := self._on_device(
           [(s.dest, s.start, s.rows, s.pending.item.inputs[name]) for s in plan.slices],
           (plan.bucket, *shape), dtype)) is not None:
         batch[name] = on_device
@@ -201,14 +205,17 @@ class ModelRunner(BatchedRunner):
       batch[name] = buf
     return batch
 
+  def _handed(self, plan: BatchPlan[InferRequest]) -> bool:
+    """Whether a request of the batch brings device rows (a pipeline hand-off) this runner
+    assembles on its device; checked once per batch."""
+    return self.capabilities.device_inputs is not None and any(
+        isinstance(v, DeviceRows) for s in plan.slices for v in s.pending.item.inputs.values())
+
   def _on_device(self, pieces: Sequence[tuple[int, int, int, Any]], shape: tuple[int, ...],
                  dtype: Any) -> Any:
-    """A batch input assembled on the device when a request brings device rows (a pipeline
-    hand-off; serving/runners/handoff.py), else None: the caller assembles it on the host."""
-    device = self.capabilities.device_inputs
-    if device is None or not any(isinstance(p[3], DeviceRows) for p in pieces):
-      return None
-    return assemble(pieces, shape, dtype, device)
+    """A batch input assembled on the device from device rows (serving/runners/handoff.py), or
+    None: none among `pieces`, or their copy is not compiled yet; the caller uses the host."""
+    return assemble(pieces, shape, dtype, self.capabilities.device_inputs)
 
   def _outputs(self, plan: BatchPlan[InferRequest],
                handle: Any) -> tuple[dict[str, np.ndarray] | None, Mapping[str, Any] | None]:

@@ -72,7 +72,7 @@ def test_an_id_past_int32_is_refused_by_name_and_its_batch_mates_are_served(serv
       assert isinstance(got, InferenceServerException), ids
       assert got.status() == "StatusCode.INVALID_ARGUMENT"
       assert "input 'ids' has values in" in got.message()
-      assert "outside [-2147483648, 2147483647]" in got.message()
+      assert "outside int32 [-2147483648, 2147483647]" in got.message()
     else:
       assert not isinstance(got, InferenceServerException), got
       np.testing.assert_allclose(got, reference(ids, x), rtol=1e-6)
