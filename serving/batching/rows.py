@@ -39,7 +39,7 @@ from typing import Deque, Generic, Iterable, TypeVar
 
 from serving.batching.admission import check_budget, check_deadline, check_queue_bounds
 from serving.batching.config import BatchingConfig
-from serving.batching.slo import LoadMeter, fill_wait_s, slo_budget_s
+from serving.batching.slo import LoadMeter, capped_batch_seconds, fill_wait_s, slo_budget_s
 
 T = TypeVar("T")
 SMALLER_BUCKET_GAIN = 0.15  # rows/s a smaller bucket must add before queued rows wait for it
@@ -106,24 +106,29 @@ class Decision(Generic[T]):
 class Batcher(Generic[T]):
   """Holds the queue of one model and decides its batches; not thread-safe (the runner locks)."""
 
-  def __init__(self, config: BatchingConfig):
+  def __init__(self, config: BatchingConfig, executors: int = 1):
+    if executors < 1:
+      raise ValueError(f"executors must be >= 1, got {executors}")
     self.config = config
+    self._executors = executors  # full batches that run at once (the runner's instances)
     self._queues: dict[int, Deque[Pending[T]]] = {}
     self._rows = 0
     self._requests = 0  # queued requests, kept incrementally: read on every submit
     self._prio_rows: dict[int, int] = {}  # queued rows per priority: admission reads it per request
     self._next_deadline: float | None = None  # no unstarted request expires before (may be early)
-    self._batch_s: dict[int, float] = {}  # smoothed seconds a batch occupies the executor
+    self._observed_s: dict[int, float] = {}  # smoothed seconds a batch occupied the executor
+    self._batch_s: dict[int, float] = {}  # the same, capped sub-additively (see observe)
     self._load = LoadMeter()
-    self._last_bucket = 0  # the bucket of the batch taken last (the executor holds it)
+    self._free_at: float | None = None  # when the executor finishes what it took (projected)
 
   def observe(self, bucket: int, seconds: float) -> None:
     """Records how long a batch of `bucket` rows occupied the executor (smoothed per bucket)."""
     if seconds > 0:
-      old = self._batch_s.get(bucket)
+      old = self._observed_s.get(bucket)
       # A stall (a collector pause, a busy core) must not make every estimate shed at once.
-      self._batch_s[bucket] = (seconds if old is None
-                               else 0.8 * old + 0.2 * min(seconds, OBSERVE_MAX_GROWTH * old))
+      self._observed_s[bucket] = (seconds if old is None
+                                  else 0.8 * old + 0.2 * min(seconds, OBSERVE_MAX_GROWTH * old))
+      self._batch_s = capped_batch_seconds(self._observed_s)
 
   @property
   def _full_batch_s(self) -> float | None:
@@ -155,17 +160,20 @@ class Batcher(Generic[T]):
     return sum(rows for prio, rows in self._prio_rows.items() if prio <= priority)
 
   def _rows_s(self, n: int, full_s: float) -> float:
-    """Seconds to run `n` rows as full batches and one partial, at the measured batch times."""
+    """Seconds until the last of `n` rows is done, run as full batches (on every executor at
+    once) and then one partial batch, at the measured batch times."""
     full, part = divmod(n, self.config.max_batch_size)
-    return full * full_s + (self._batch_s.get(self.config.bucket_for(part), full_s) if part
-                            else 0.0)
+    if not part:
+      return (full - 1) * full_s / self._executors + full_s
+    return full * full_s / self._executors + self._batch_s.get(self.config.bucket_for(part),
+                                                                full_s)
 
-  def estimated_latency_s(self, rows: int, priority: int) -> float | None:
-    """Seconds until a new request would finish, for the latency budget: the batch the executor
-    holds (the last one taken), then the rows queued ahead and its own as batches at their
-    measured times or, once the queue was backlogged, the rows ahead at the measured drain rate
-    (the host path's cost included) and its own batch, whichever is longer. None when nothing
-    is queued ahead or nothing was timed."""
+  def estimated_latency_s(self, rows: int, priority: int, now: float) -> float | None:
+    """Seconds from `now` until a new request would finish, for the latency budget: what is
+    left of the batches the executor took (projected from their measured times), then the rows
+    queued ahead and its own as batches at their measured times or, once the queue was
+    backlogged, the rows ahead at the measured drain rate (the host path's cost included) and
+    its own batch, whichever is longer. None when nothing is queued ahead or nothing was timed."""
     full_s = self._full_batch_s
     ahead = self._rows_ahead(priority)
     if ahead == 0 or full_s is None:
@@ -173,7 +181,7 @@ class Batcher(Generic[T]):
     queued = self._rows_s(ahead + rows, full_s)
     if rate := self._load.drain_rate():
       queued = max(queued, ahead / rate + self._rows_s(rows, full_s))
-    held = self._batch_s.get(self._last_bucket, full_s) if self._last_bucket else 0.0
+    held = max(0.0, self._free_at - now) if self._free_at is not None else 0.0
     return held + queued
 
   @property
@@ -197,7 +205,8 @@ class Batcher(Generic[T]):
                      left_s=pending.deadline - pending.arrival, headroom=cfg.deadline_headroom)
     bound = cfg.queue_wait_bound_s
     if (budget := slo_budget_s(cfg.latency_slo_s, bound)) is not None:
-      check_budget(estimate_s=self.estimated_latency_s(pending.rows, pending.priority),
+      check_budget(estimate_s=self.estimated_latency_s(pending.rows, pending.priority,
+                                                       pending.arrival),
                    budget_s=budget, latency_slo_s=cfg.latency_slo_s)
     pending.expires = pending.deadline
     if bound is not None and (pending.expires is None or pending.arrival + bound < pending.expires):
@@ -315,8 +324,21 @@ class Batcher(Generic[T]):
         return Decision(None, expired, hold)
     plan = self._take(cfg.max_batch_size if full else self._capacity())
     self._load.taken(now, plan.rows, self._rows >= cfg.max_batch_size)
-    self._last_bucket = plan.bucket
+    self._took(now, plan.bucket, idle)
     return Decision(plan, expired, 0.0)
+
+  def _took(self, now: float, bucket: int, idle: bool) -> None:
+    """Projects when the executor that runs partial batches is free again: when idle, it runs
+    this batch now. When busy with one executor, it queues this one behind what it holds, never
+    more than the one running and the one prepared (the runner takes no further ahead), so an
+    estimate a little slow cannot add up over a busy stretch. With several executors, a batch
+    taken while busy is a full one that any of them may run: it leaves the projection alone."""
+    took_s = self._batch_s.get(bucket, self._full_batch_s or 0.0)
+    if idle or self._free_at is None or self._free_at < now:
+      if idle or self._executors == 1:
+        self._free_at = now + took_s
+    elif self._executors == 1:
+      self._free_at = min(self._free_at + took_s, now + 2 * took_s)
 
   def _capacity(self) -> int:
     """Rows for a partial batch: by measured batch times, the bucket that moves the most queued

@@ -1,6 +1,6 @@
 """Scheduling by a latency target, in plain Python: the load a queue sees and what the target
 allows. The row Batcher asks it (admission, the queue-wait bound, how long to hold a partial
-batch for a fuller one); the native queue's Decider (frontend/native/batcher.cc) is a port,
+batch for a fuller one); the native queue (frontend/native/slo.cc, batcher.cc) is a port,
 checked against it on a shared table of cases.
 
 Two rates, both from what the batcher already sees: the *arrival* rate (rows/s, an
@@ -97,3 +97,13 @@ def fill_wait_s(*, now: float, oldest: float, queued: int, bucket: int, bucket_s
       or age + wait > latency_slo_s * MAX_FILL_SHARE):
     return 0.0
   return wait
+
+
+def capped_batch_seconds(observed: dict[int, float]) -> dict[int, float]:
+  """Per-bucket batch seconds, each at most the time of the smaller timed buckets that would run
+  its rows (ceil(b / c) batches of c): a bucket timed once in a slow moment, then never run
+  again because its estimate sheds the queue that would fill it, must not keep shedding."""
+  out: dict[int, float] = {}
+  for b in sorted(observed):
+    out[b] = min([observed[b]] + [-(-b // c) * t for c, t in out.items()])
+  return out

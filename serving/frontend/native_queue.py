@@ -40,13 +40,14 @@ def row_queue_factory(native: Any) -> Callable[..., Any]:
 class NativeBatcher(Generic[T]):
   """The C++ batching decisions behind `serving.batching.Batcher`'s interface."""
 
-  def __init__(self, config: BatchingConfig, native: Any):
+  def __init__(self, config: BatchingConfig, native: Any, executors: int = 1):
     self.config = config
     self._d = native.Decider(list(config.buckets), config.max_queue_delay_s,
                              config.dispatch_when_idle, config.max_queue_rows,
                              -1 if config.max_queue_requests is None
                              else config.max_queue_requests, config.deadline_headroom,
-                             config.latency_slo_s or 0.0, config.max_queue_wait_s or 0.0)
+                             config.latency_slo_s or 0.0, config.max_queue_wait_s or 0.0,
+                             executors)
     self._by_id: dict[int, Pending[T]] = {}
     self._id_of: dict[int, int] = {}  # id(pending) -> C++ entry id
     self._ids = itertools.count(1)

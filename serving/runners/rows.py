@@ -80,7 +80,7 @@ class ModelRunner(BatchedRunner):
     self.stats = RunnerStats()
     self._stats_lock = threading.Lock()  # instances finish batches concurrently
     self._split_lock = threading.Lock()  # outputs of requests split across batches
-    self._batcher: Batcher[InferRequest] = Batcher(config)
+    self._batcher: Batcher[InferRequest] = Batcher(config, executors=instances)
     for bucket, seconds in engine.bucket_seconds.items():
       self._batcher.observe(bucket, seconds)
     lock = threading.RLock()

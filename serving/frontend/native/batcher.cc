@@ -4,7 +4,6 @@
 #include "batcher.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 
 namespace xlaserve::native {
@@ -12,13 +11,6 @@ namespace {
 
 constexpr double kSmallerBucketGain = 0.15;  // rows.py SMALLER_BUCKET_GAIN
 constexpr double kObserveMaxGrowth = 4.0;    // rows.py OBSERVE_MAX_GROWTH
-constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
-constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
-constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
-constexpr double kHoldLoadShare = 0.9;       // slo.py HOLD_LOAD_SHARE
-constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
-constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES
-constexpr double kDrainMaxGrowth = 4.0;      // slo.py DRAIN_MAX_GROWTH
 
 std::string Format(const char* fmt, double a, double b) {
   char buf[256];
@@ -26,68 +18,7 @@ std::string Format(const char* fmt, double a, double b) {
   return buf;
 }
 
-// slo.py slo_budget_s: <= 0 means no bound.
-double SloBudget(const BatchingParams& p) {
-  return p.latency_slo_s > 0 ? p.latency_slo_s * (1.0 - kSloHeadroom) : p.max_queue_wait_s;
-}
-
-// slo.py fill_wait_s.
-double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
-                std::optional<double> bucket_s, double rate, std::optional<double> capacity,
-                double slo) {
-  if (queued >= bucket || rate <= 0.0 || !bucket_s || !capacity || rate < kHoldLoadShare * *capacity)
-    return 0.0;
-  double wait = double(bucket - queued) / rate;
-  double age = now - oldest;
-  if (age + wait + *bucket_s > slo * (1.0 - kSloHeadroom) || age + wait > slo * kMaxFillShare) {
-    return 0.0;
-  }
-  return wait;
-}
-
 }  // namespace
-
-void LoadMeter::Arrived(double t, int64_t rows) {
-  if (!any_arrival_) {
-    any_arrival_ = true;
-    arrived_ = double(rows);
-    arrived_t_ = t;
-    return;
-  }
-  if (t > arrived_t_) {
-    arrived_ *= std::exp((arrived_t_ - t) / kRateWindowS);
-    arrived_t_ = t;
-  }
-  arrived_ += double(rows);
-}
-
-double LoadMeter::ArrivalRate(double now) const {
-  if (!any_arrival_) return 0.0;
-  return arrived_ * std::exp(std::min(0.0, arrived_t_ - now) / kRateWindowS) / kRateWindowS;
-}
-
-void LoadMeter::Taken(double now, int64_t rows, bool backlogged) {
-  if (any_take_ && backlogged_ && now > take_t_) {
-    double dt = now - take_t_;
-    if (!any_drain_) {
-      any_drain_ = true;
-      drain_rows_ = double(rows);
-      drain_dt_ = dt;
-    } else {
-      drain_rows_ += kDrainSmoothing * (double(rows) - drain_rows_);
-      drain_dt_ += kDrainSmoothing * (std::min(dt, kDrainMaxGrowth * drain_dt_) - drain_dt_);
-    }
-    drain_samples_ += 1;
-  }
-  if (!any_take_ || now > take_t_) take_t_ = now;
-  any_take_ = true;
-  backlogged_ = backlogged;
-}
-
-std::optional<double> LoadMeter::DrainRate() const {
-  if (!any_drain_ || drain_samples_ < kDrainMinSamples) return std::nullopt;
-  return drain_rows_ / drain_dt_;
-}
 
 int64_t Plan::rows() const {
   int64_t n = 0;
@@ -131,15 +62,14 @@ std::optional<double> Decider::EstimatedWait(int64_t rows, int64_t priority) con
 
 double Decider::RowsSeconds(int64_t n, double full_s) const {
   int64_t full = n / max_batch(), part = n % max_batch();
-  double s = double(full) * full_s;
-  if (part) {
-    auto it = batch_s_.find(BucketFor(part));
-    s += it != batch_s_.end() ? it->second : full_s;
-  }
-  return s;
+  double k = double(std::max(p_.executors, 1));
+  if (!part) return double(full - 1) * full_s / k + full_s;
+  auto it = batch_s_.find(BucketFor(part));
+  return double(full) * full_s / k + (it != batch_s_.end() ? it->second : full_s);
 }
 
-std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority) const {
+std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority,
+                                                double now) const {
   int64_t ahead = RowsAhead(priority);
   auto full = FullBatchSeconds();
   if (ahead == 0 || !full) return std::nullopt;
@@ -148,11 +78,7 @@ std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority) 
   if (rate && *rate != 0.0) {
     queued = std::max(queued, double(ahead) / *rate + RowsSeconds(rows, *full));
   }
-  double held = 0.0;
-  if (last_bucket_) {
-    auto it = batch_s_.find(last_bucket_);
-    held = it != batch_s_.end() ? it->second : *full;
-  }
+  double held = free_at_ ? std::max(0.0, *free_at_ - now) : 0.0;
   return held + queued;
 }
 
@@ -177,7 +103,7 @@ std::string Decider::Admit(const Entry& e) const {
   }
   double budget = SloBudget(p_);
   if (budget > 0) {
-    auto est = EstimatedLatency(e.rows, e.priority);
+    auto est = EstimatedLatency(e.rows, e.priority, e.arrival);
     if (est && *est > budget) {
       std::string what =
           p_.latency_slo_s > 0
@@ -210,10 +136,27 @@ void Decider::Add(Entry* e) {
 
 void Decider::Observe(int64_t bucket, double seconds) {
   if (seconds <= 0) return;
+  auto it = observed_s_.find(bucket);
+  observed_s_[bucket] =
+      it == observed_s_.end()
+          ? seconds
+          : 0.8 * it->second + 0.2 * std::min(seconds, kObserveMaxGrowth * it->second);
+  batch_s_.clear();  // rows.py capped_batch_seconds: at most ceil(b / c) batches of a smaller c
+  for (const auto& [b, t] : observed_s_) {
+    double capped = t;
+    for (const auto& [c, tc] : batch_s_) capped = std::min(capped, double((b + c - 1) / c) * tc);
+    batch_s_[b] = capped;
+  }
+}
+
+void Decider::Took(double now, int64_t bucket, bool idle) {
   auto it = batch_s_.find(bucket);
-  batch_s_[bucket] = it == batch_s_.end()
-                        ? seconds
-                        : 0.8 * it->second + 0.2 * std::min(seconds, kObserveMaxGrowth * it->second);
+  double took = it != batch_s_.end() ? it->second : FullBatchSeconds().value_or(0.0);
+  if (idle || !free_at_ || *free_at_ < now) {
+    if (idle || p_.executors <= 1) free_at_ = now + took;
+  } else if (p_.executors <= 1) {
+    free_at_ = std::min(*free_at_ + took, now + 2 * took);
+  }
 }
 
 void Decider::Unqueue(int64_t priority, int64_t rows) {
@@ -324,7 +267,7 @@ Decision Decider::Decide(double now, bool idle) {
   }
   d.plan = Take(full ? max_batch() : Capacity());
   load_.Taken(now, d.plan->rows(), rows_ >= max_batch());
-  last_bucket_ = d.plan->bucket;
+  Took(now, d.plan->bucket, idle);
   d.wait_s = 0.0;
   return d;
 }

@@ -34,11 +34,21 @@ struct BatchingParams {
   double deadline_headroom = 0.5;
   double latency_slo_s = 0;     // <= 0: no latency target
   double max_queue_wait_s = 0;  // <= 0: unbounded (without a target)
+  int executors = 1;             // full batches that run at once (the runner's instances)
   // The latency target when set, else max_queue_wait_s; <= 0: unbounded.
   double QueueWaitBound() const { return latency_slo_s > 0 ? latency_slo_s : max_queue_wait_s; }
 };
 
-// Arrival and drain rates of one queue (slo.py's LoadMeter).
+// slo.py slo_budget_s (slo.cc): the latency target less headroom, else the queue-wait bound;
+// <= 0 means no bound.
+double SloBudget(const BatchingParams& p);
+
+// slo.py fill_wait_s (slo.cc): seconds worth holding a partial batch for arrivals; 0: run now.
+double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
+                std::optional<double> bucket_s, double rate, std::optional<double> capacity,
+                double slo);
+
+// Arrival and drain rates of one queue (slo.py's LoadMeter; slo.cc).
 class LoadMeter {
  public:
   void Arrived(double t, int64_t rows);
@@ -99,7 +109,7 @@ class Decider {
   void Add(Entry* e);  // after Admit returned ""
   void Observe(int64_t bucket, double seconds);
   std::optional<double> EstimatedWait(int64_t rows, int64_t priority) const;
-  std::optional<double> EstimatedLatency(int64_t rows, int64_t priority) const;
+  std::optional<double> EstimatedLatency(int64_t rows, int64_t priority, double now) const;
 
   Decision Decide(double now, bool idle);
   std::vector<Entry*> Expire(double now);
@@ -117,6 +127,7 @@ class Decider {
   std::optional<double> CapacityRowsS() const;  // rows.py _capacity_rows_s
   int64_t RowsAhead(int64_t priority) const;
   double RowsSeconds(int64_t n, double full_s) const;  // n rows as full batches and a partial
+  void Took(double now, int64_t bucket, bool idle);     // rows.py _took
   void Unqueue(int64_t priority, int64_t rows);
   int64_t Capacity() const;
   Plan Take(int64_t capacity);
@@ -126,9 +137,10 @@ class Decider {
   std::map<int64_t, int64_t> prio_rows_;           // queued rows per priority
   int64_t rows_ = 0, requests_ = 0;
   std::optional<double> next_deadline_;  // no unstarted request expires before (may be early)
-  std::map<int64_t, double> batch_s_;    // smoothed seconds a batch occupies the executor
+  std::map<int64_t, double> observed_s_;  // smoothed seconds a batch occupied the executor
+  std::map<int64_t, double> batch_s_;     // the same, capped sub-additively (rows.py)
   LoadMeter load_;
-  int64_t last_bucket_ = 0;  // the bucket of the batch taken last (the executor holds it)
+  std::optional<double> free_at_;  // when the executor finishes what it took (projected)
 };
 
 }  // namespace xlaserve::native

@@ -16,9 +16,10 @@ namespace {
 class DeciderBinding {
  public:
   DeciderBinding(std::vector<int64_t> buckets, double delay, bool idle, int64_t max_rows,
-                 int64_t max_requests, double headroom, double slo, double max_wait)
+                 int64_t max_requests, double headroom, double slo, double max_wait,
+                 int executors)
       : d_(BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests, headroom, slo,
-                          max_wait}) {}
+                          max_wait, executors}) {}
 
   std::string Add(uint64_t id, int64_t rows, double arrival, py::object deadline,
                   int64_t priority) {
@@ -102,7 +103,7 @@ std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> bucke
                                     py::list inputs, py::list outputs, int instances) {
   return std::make_shared<RowQueue>(
       std::move(name), BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests,
-                                      headroom, slo, max_wait},
+                                      headroom, slo, max_wait, std::max(instances, 1)},
       ParseSpecs(inputs), ParseSpecs(outputs), instances);
 }
 
@@ -211,7 +212,7 @@ PYBIND11_MODULE(_native, m) {
       .def("stats", &RowQueue::Stats);
   py::class_<DeciderBinding>(m, "Decider")
       .def(py::init<std::vector<int64_t>, double, bool, int64_t, int64_t, double, double,
-                    double>())
+                    double, int>())
       .def("add", &DeciderBinding::Add)
       .def("decide", &DeciderBinding::Decide)
       .def("expire", &DeciderBinding::Expire)

@@ -1,6 +1,7 @@
 """The Python Batcher and the C++ decisions of the native batch queue agree, step by step, on a
 shared table of generated cases: the same adds (admitted or refused, with the same message), the
-same batches, the same expiries and the same waits, under every batching configuration below."""
+same batches, the same expiries and the same waits, under every batching configuration below,
+with one executor and with two."""
 
 import random
 
@@ -42,12 +43,13 @@ def _add(b, p):
 
 @pytest.mark.parametrize("case", range(len(CONFIGS)))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_python_and_native_decisions_agree(case, seed):
+@pytest.mark.parametrize("executors", [1, 2])
+def test_python_and_native_decisions_agree(case, seed, executors):
   buckets, delay, idle_dispatch, max_rows, max_requests, timed, slo, wait = CONFIGS[case]
   cfg = BatchingConfig(buckets=buckets, max_queue_delay_s=delay, dispatch_when_idle=idle_dispatch,
                        max_queue_rows=max_rows, max_queue_requests=max_requests,
                        latency_slo_s=slo, max_queue_wait_s=wait)
-  py_b, c_b = Batcher(cfg), NativeBatcher(cfg, native)
+  py_b, c_b = Batcher(cfg, executors=executors), NativeBatcher(cfg, native, executors=executors)
   for bucket, s in timed.items():
     py_b.observe(bucket, s)
     c_b.observe(bucket, s)

@@ -16,9 +16,10 @@ native, why = load_extension()
 IMPLS = ["python", pytest.param("native", marks=pytest.mark.skipif(native is None, reason=why))]
 
 
-def make(impl, **kw):
+def make(impl, executors=1, **kw):
   cfg = BatchingConfig(**kw)
-  return Batcher(cfg) if impl == "python" else NativeBatcher(cfg, native)
+  return (Batcher(cfg, executors=executors) if impl == "python"
+          else NativeBatcher(cfg, native, executors=executors))
 
 
 def admitted(b, p):
@@ -107,6 +108,50 @@ def test_without_a_target_admission_uses_the_wait_bound(impl):
     n += 1
   assert b.queued_rows == 38  # 37 rows ahead / 2,000 rows/s + 2 x 1 ms = 20.5 ms <= 20.7 ms
   assert "beyond the 21 ms queue-wait bound" in res
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_bucket_timed_once_slowly_does_not_keep_shedding(impl):
+  """Bucket 64 was timed once at 9 ms (a slow moment) and bucket 32 lately at 2 ms. 40 rows
+  ahead and 8 more run as one batch of 64, which takes at most two batches of 32: 4 ms, well
+  inside a 10 ms target's 8 ms budget. Taken at face value, 9 ms would refuse it, and every
+  request that would ever fill a batch of 64 again."""
+  b = make(impl, buckets=(8, 16, 32, 64), latency_slo_s=0.01)
+  b.observe(64, 0.009)
+  b.observe(32, 0.002)
+  b.add(Pending("ahead", 40, 0.0))
+  assert admitted(b, Pending("probe", 8, 0.0)) is True
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arrival,admit", [(0.0005, False), (0.02, True)])
+def test_only_what_is_left_of_the_running_batch_counts(impl, arrival, admit):
+  """A batch of 64 (4.5 ms) was taken at t=0. A request with 20 rows ahead (one batch of 64,
+  4.5 ms) against a 10 ms target (8 ms budget): 0.5 ms later the running batch has 4 ms left
+  and 4 + 4.5 ms does not fit; 20 ms later it is long done and 4.5 ms fits."""
+  b = make(impl, buckets=(16, 32, 64), latency_slo_s=0.01)
+  b.observe(64, 0.0045)
+  b.add(Pending("first", 64, 0.0))
+  d = b.decide(0.0, idle=True)
+  assert d.plan is not None and d.plan.rows == 64
+  b.add(Pending("ahead", 20, arrival))
+  got = admitted(b, Pending("probe", 20, arrival))
+  assert (got is True) == admit, got
+  if not admit:
+    assert "needs about 8 ms" in got  # 4.0 ms left of the running batch + 4.5 ms
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("executors,admit", [(1, False), (2, True)])
+def test_full_batches_ahead_run_on_every_executor(impl, executors, admit):
+  """32 rows ahead and 8 more are five full batches of 8 rows, 2 ms each: one executor runs
+  them one after another (10 ms), two run four of them in pairs and then the request's own
+  (4 + 2 = 6 ms); the 10 ms target's budget is 8 ms."""
+  b = make(impl, executors, buckets=(4, 8), latency_slo_s=0.01)
+  b.observe(8, 0.002)
+  b.add(Pending("ahead", 32, 0.0))
+  got = admitted(b, Pending("probe", 8, 0.0))
+  assert (got is True) == admit, got
 
 
 def _steady_traffic(b) -> float:

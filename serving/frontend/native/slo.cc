@@ -1,0 +1,81 @@
+// Scheduling by a latency target (see batcher.h): a port of serving/batching/slo.py, the load a
+// queue sees (LoadMeter) and what the target allows (SloBudget, FillWait).
+
+#include <algorithm>
+#include <cmath>
+
+#include "batcher.h"
+
+namespace xlaserve::native {
+namespace {
+
+constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
+constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
+constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
+constexpr double kHoldLoadShare = 0.9;       // slo.py HOLD_LOAD_SHARE
+constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
+constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES
+constexpr double kDrainMaxGrowth = 4.0;      // slo.py DRAIN_MAX_GROWTH
+
+}  // namespace
+
+double SloBudget(const BatchingParams& p) {
+  return p.latency_slo_s > 0 ? p.latency_slo_s * (1.0 - kSloHeadroom) : p.max_queue_wait_s;
+}
+
+double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
+                std::optional<double> bucket_s, double rate, std::optional<double> capacity,
+                double slo) {
+  if (queued >= bucket || rate <= 0.0 || !bucket_s || !capacity || rate < kHoldLoadShare * *capacity)
+    return 0.0;
+  double wait = double(bucket - queued) / rate;
+  double age = now - oldest;
+  if (age + wait + *bucket_s > slo * (1.0 - kSloHeadroom) || age + wait > slo * kMaxFillShare) {
+    return 0.0;
+  }
+  return wait;
+}
+
+void LoadMeter::Arrived(double t, int64_t rows) {
+  if (!any_arrival_) {
+    any_arrival_ = true;
+    arrived_ = double(rows);
+    arrived_t_ = t;
+    return;
+  }
+  if (t > arrived_t_) {
+    arrived_ *= std::exp((arrived_t_ - t) / kRateWindowS);
+    arrived_t_ = t;
+  }
+  arrived_ += double(rows);
+}
+
+double LoadMeter::ArrivalRate(double now) const {
+  if (!any_arrival_) return 0.0;
+  return arrived_ * std::exp(std::min(0.0, arrived_t_ - now) / kRateWindowS) / kRateWindowS;
+}
+
+void LoadMeter::Taken(double now, int64_t rows, bool backlogged) {
+  if (any_take_ && backlogged_ && now > take_t_) {
+    double dt = now - take_t_;
+    if (!any_drain_) {
+      any_drain_ = true;
+      drain_rows_ = double(rows);
+      drain_dt_ = dt;
+    } else {
+      drain_rows_ += kDrainSmoothing * (double(rows) - drain_rows_);
+      drain_dt_ += kDrainSmoothing * (std::min(dt, kDrainMaxGrowth * drain_dt_) - drain_dt_);
+    }
+    drain_samples_ += 1;
+  }
+  if (!any_take_ || now > take_t_) take_t_ = now;
+  any_take_ = true;
+  backlogged_ = backlogged;
+}
+
+std::optional<double> LoadMeter::DrainRate() const {
+  if (!any_drain_ || drain_samples_ < kDrainMinSamples) return std::nullopt;
+  return drain_rows_ / drain_dt_;
+}
+
+}  // namespace xlaserve::native
