@@ -3,13 +3,13 @@ quota (refused at the door), in interleaved rounds against one `xlaserve serve`.
 
   python benchmarks/tenant_isolation.py [--model ctr_light] [--rounds 10] [--seconds 0.5]
                                         [--clients 16] [--quota 50] [--flooder python|native]
-                                        [--out DIR]
+                                        [--flood-token tok-flood] [--out DIR]
 
 Each round measures the polite tenant's sequential 1-row ModelInfer calls for --seconds alone,
 then again while a flooder (niced: its clients would be other machines; benchmarks/flooder.py,
 or with --flooder native the C++ load generator) keeps --clients calls of the flooding tenant
-in flight. Interleaving puts drift in the machine's load
-on both sides. Prints the pooled and per-round p50/p99 and the flooded/solo ratios, and writes
+in flight (with --flood-token, another token: one no tenant has floods with bad credentials).
+Interleaving puts drift in the machine's load on both sides. Prints the pooled and per-round p50/p99 and the flooded/solo ratios, and writes
 tenant_isolation.png and .json to --out.
 """
 
@@ -45,9 +45,9 @@ def tenants_file(directory: pathlib.Path, quota: int) -> pathlib.Path:
 class PythonFlood:
   """benchmarks/flooder.py (grpc.aio), one process for every round, paused between them."""
 
-  def __init__(self, address: str, payload: bytes, clients: int):
+  def __init__(self, address: str, payload: bytes, clients: int, token: str):
     self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, str(FLOODER), address,
-                                  "tok-flood", payload.hex(), str(clients)],
+                                  token, payload.hex(), str(clients)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def _tell(self, cmd: str) -> None:
@@ -75,7 +75,8 @@ class NativeFlood:
   """benchmarks/native_loadgen.cc (C++ gRPC, a few µs of client CPU a call), one process per
   round, each flooding a little longer than the round's measurement."""
 
-  def __init__(self, address: str, payload: bytes, clients: int, directory: pathlib.Path):
+  def __init__(self, address: str, payload: bytes, clients: int, directory: pathlib.Path,
+               token: str):
     from benchmarks import native_loadgen
 
     binary, why = native_loadgen.available()
@@ -85,7 +86,7 @@ class NativeFlood:
     request.write_bytes(payload)
     self.cmd = ["nice", "-n", "19", str(binary), "--address", address, "--request",
                 str(request), "--concurrency", str(clients), "--warmup", "0",
-                "--metadata", "authorization=Bearer tok-flood"]
+                "--metadata", f"authorization=Bearer {token}"]
     self.proc: subprocess.Popen | None = None
     self.counts: dict[str, int] = {}
 
@@ -126,8 +127,9 @@ def run_rounds(address: str, payload: bytes, args: argparse.Namespace) -> tuple[
       return out
 
     measure(0.5)  # warm
-    flood = (NativeFlood(address, payload, args.clients, args.out) if args.flooder == "native"
-             else PythonFlood(address, payload, args.clients))
+    flood = (NativeFlood(address, payload, args.clients, args.out, args.flood_token)
+             if args.flooder == "native" else
+             PythonFlood(address, payload, args.clients, args.flood_token))
     rounds = []
     try:
       for i in range(args.rounds):
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                  help="the flooding client: benchmarks/flooder.py (grpc.aio) or the C++ load"
                  " generator (less client CPU on the shared cores: its calls would come from"
                  " other machines)")
+  p.add_argument("--flood-token", default="tok-flood",
+                 help="the flood's bearer token (default tok-flood, the over-quota tenant's; any"
+                      " other is no tenant's: a flood of bad credentials)")
   p.add_argument("--out", type=pathlib.Path,
                  default=pathlib.Path(tempfile.gettempdir()) / "tenant_isolation")
   args = p.parse_args(argv)

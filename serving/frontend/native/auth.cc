@@ -44,10 +44,10 @@ bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token)
 bool Frontend::RefuseUnauthorized(Call* c) {
   // Refused here, not relayed to Python's interceptor: bad tokens must not cost a round trip.
   denied_++;
-  c->stream.Finish(grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                                "missing or wrong credentials: send metadata 'authorization:"
-                                " Bearer <token>'"),
-                   c->T(kSFinish));
+  Refuse(c, grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                         "missing or wrong credentials: send metadata 'authorization: Bearer"
+                         " <token>'"),
+         kMaxRefusalHoldS);
   return true;
 }
 

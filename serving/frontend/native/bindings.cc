@@ -163,7 +163,9 @@ PYBIND11_MODULE(_native, m) {
         std::string a = auth.is_none() ? std::string() : auth.cast<std::string>();
         return t.Identify(a, !auth.is_none(), ids);
       })
-      .def("admit", &Tenants::Admit, py::call_guard<py::gil_scoped_release>())
+      .def("admit", [](Tenants& t, int tenant, int64_t rows, double now) {
+             return t.Admit(tenant, rows, now);
+           }, py::call_guard<py::gil_scoped_release>())
       .def("index", &Tenants::Index)
       .def("from_relay_mark", &Tenants::FromRelayMark)  // the HTTP relay's mark (C++ only)
       .def("unknown", &Tenants::Unknown)  // ModelInfers refused here for want of a tenant

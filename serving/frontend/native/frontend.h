@@ -23,6 +23,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -143,12 +144,12 @@ bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token)
 bool MatchOutputs(const Request& r, const Model& m, std::vector<int>* out_index);
 
 // -- calls -------------------------------------------------------------------------------------
-
+inline constexpr double kMaxRefusalHoldS = 0.1;  // the longest Frontend::Refuse holds one
 class Frontend;
 
 enum Op : uint8_t {
   kRequest, kDone, kSRead, kSWrite, kSFinish, kCStart, kCRead, kCWrite, kCWritesDone, kCFinish,
-  kOps
+  kSHeld, kOps
 };
 
 struct Call;
@@ -227,6 +228,8 @@ struct Call final : Responder {
   bool shadow = false;  // relayed by a canary split for shadow scoring (kShadowMarker)
   int tenant = -1;  // with tenants: its tenant (-1: not yet decided, or none)
   double trace_t0 = 0;  // when it was decided (its first message read)
+  std::unique_ptr<grpc::Alarm> held;  // an over-quota refusal (held_status) waits for it to fire
+  grpc::Status held_status;
 
   Call(Frontend* f, grpc::ServerCompletionQueue* q);
   ~Call() override;
@@ -295,8 +298,10 @@ class Frontend {
   void SetTenants(std::shared_ptr<Tenants> t) { tenants_ = std::move(t); }
   Tenants* tenants() const { return tenants_.get(); }
   // Charges a parsed ModelInfer of `rows` to its tenant: true when refused over quota (answered
-  // RESOURCE_EXHAUSTED; call->mu held); else `priority` becomes its tenant's (tenants.cc).
+  // RESOURCE_EXHAUSTED once the quota would admit it; call->mu held); else `priority` becomes
+  // its tenant's (tenants.cc).
   bool OverQuota(Call* c, int64_t rows, int64_t* priority);
+  void Refuse(Call* c, const grpc::Status& st, double hold_s);  // answered hold_s later
   // Answers a ModelInfer no tenant's credentials match UNAUTHENTICATED (Python's message); true.
   bool RefuseUnknown(Call* c);
   // Answers a ModelInfer without the server's bearer token UNAUTHENTICATED (auth.py's message).
@@ -341,7 +346,7 @@ class Frontend {
   grpc::GenericStub* stub() { return stub_.get(); }
   std::atomic<int64_t> relayed_{0}, live_calls_{0};
   // First messages being decided (TryFast, then queue/refuse/relay), and relayed ModelInfers.
-  std::atomic<int64_t> entering_{0}, relaying_{0};
+  std::atomic<int64_t> entering_{0}, relaying_{0}, held_refusals_{0};  // held: Refuse
   std::atomic<int64_t> refused_{0};  // ModelInfer refused (UNAVAILABLE) because shutting down
   std::atomic<int64_t> denied_{0};  // ModelInfer refused (UNAUTHENTICATED): not the bearer token
 

@@ -90,6 +90,10 @@ void Call::OnEvent(Op op, bool ok) {
       return;
     case kSFinish:
       return;
+    case kSHeld:  // an over-quota refusal held until its quota refilled (tenants.cc)
+      fe->held_refusals_--;
+      stream.Finish(held_status, T(kSFinish));
+      return;
     default:  // the relay's client stream
       OnBackendEvent(op, ok);
       return;

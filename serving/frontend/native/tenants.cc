@@ -9,6 +9,7 @@
 #include <grpcpp/security/auth_context.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cctype>
 #include <cstdio>
 
@@ -116,7 +117,7 @@ void Tenants::Bucket::Refill(double now) {
   primed = true;
 }
 
-std::string Tenants::Admit(int tenant, int64_t rows, double now) {
+std::string Tenants::Admit(int tenant, int64_t rows, double now, double* retry_s) {
   const TenantSpec& t = specs_[size_t(tenant)];
   std::lock_guard<std::mutex> l(mu_);
   State& s = states_[size_t(tenant)];
@@ -125,6 +126,7 @@ std::string Tenants::Admit(int tenant, int64_t rows, double now) {
     s.requests.Refill(now);
     if (s.requests.tokens < 1) {
       why = "tenant '" + t.name + "' is over its quota of " + G(t.requests_per_s) + " requests/s";
+      if (retry_s) *retry_s = (1 - s.requests.tokens) / s.requests.rate;
     }
   }
   if (t.rows_per_s > 0 && why.empty()) {
@@ -135,6 +137,7 @@ std::string Tenants::Admit(int tenant, int64_t rows, double now) {
             G(t.rows_per_s) + " rows/s)";
     } else if (s.rows.tokens < double(rows)) {
       why = "tenant '" + t.name + "' is over its quota of " + G(t.rows_per_s) + " rows/s";
+      if (retry_s) *retry_s = (double(rows) - s.rows.tokens) / s.rows.rate;
     }
   }
   if (!why.empty()) {
@@ -164,19 +167,47 @@ std::vector<std::pair<int64_t, int64_t>> Tenants::Counts() {
 bool Frontend::RefuseUnknown(Call* c) {
   // Refused here, not relayed: a flood of bad credentials costs no more than one over quota.
   tenants_->CountUnknown();
-  c->stream.Finish(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(kUnknownTenant)),
-                   c->T(kSFinish));
+  Refuse(c, grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(kUnknownTenant)),
+         kMaxRefusalHoldS);
   return true;
 }
 
 bool Frontend::OverQuota(Call* c, int64_t rows, int64_t* priority) {
-  std::string why = tenants_->Admit(c->tenant, rows, MonoNow());
+  double retry_s = 0;
+  std::string why = tenants_->Admit(c->tenant, rows, MonoNow(), &retry_s);
   if (why.empty()) {
     *priority = EffectivePriority(*priority, tenants_->spec(c->tenant).priority);
     return false;
   }
-  c->stream.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, why), c->T(kSFinish));
+  Refuse(c, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, why), retry_s);
   return true;
+}
+
+// A refusal is answered `hold_s` later: an over-quota one when the quota would admit the request
+// again, one for bad credentials kMaxRefusalHoldS later (as logins delay a failed attempt); at
+// most kMaxRefusalHoldS, and within half the time left before the call's deadline. A client that
+// retries at once is then admitted, and one flooding with a fixed number of calls in flight sends
+// about that many per refill instead of spinning the cores (refused within microseconds, it took
+// a polite tenant's p99 on 2 cores to 2.4x its solo figure). Held calls keep no request bytes;
+// past kMaxHeldRefusals (a flood that does not wait for its answers) refusals go out at once.
+void Frontend::Refuse(Call* c, const grpc::Status& st, double hold_s) {
+  constexpr int64_t kMaxHeldRefusals = 4096;
+  auto now = std::chrono::system_clock::now();
+  double hold = std::min(hold_s, kMaxRefusalHoldS);
+  auto dl = c->sctx.deadline();
+  if (dl < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
+    hold = std::min(hold, std::chrono::duration<double>(dl - now).count() / 2);
+  }
+  if (hold < 1e-3 || held_refusals_.fetch_add(1) >= kMaxHeldRefusals) {
+    if (hold >= 1e-3) held_refusals_--;
+    c->stream.Finish(st, c->T(kSFinish));
+    return;
+  }
+  c->in.Clear();
+  c->message = grpc::Slice();
+  c->held_status = st;
+  c->held = std::make_unique<grpc::Alarm>();
+  c->held->Set(c->cq, now + std::chrono::microseconds(int64_t(hold * 1e6)), c->T(kSHeld));
 }
 
 }  // namespace xlaserve::native

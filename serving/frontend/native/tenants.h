@@ -62,8 +62,9 @@ class Tenants {
   std::string RelayMark(int tenant) const;
   int FromRelayMark(std::string_view mark) const;
   // Charges one request of `rows` at `now` (seconds, CLOCK_MONOTONIC): "" admitted, else why
-  // not (nothing charged). Thread-safe.
-  std::string Admit(int tenant, int64_t rows, double now);
+  // not (nothing charged), and with `retry_s` the seconds until the quota would admit it (0:
+  // never, more rows than the burst). Thread-safe.
+  std::string Admit(int tenant, int64_t rows, double now, double* retry_s = nullptr);
   int Index(std::string_view name) const;
   const TenantSpec& spec(int tenant) const { return specs_[size_t(tenant)]; }
   size_t size() const { return specs_.size(); }

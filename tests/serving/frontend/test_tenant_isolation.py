@@ -149,3 +149,59 @@ def test_a_flooding_tenant_does_not_slow_a_polite_one(mock_repo):
   assert counts.get("OK", 0) <= ROUNDS * (10 + CLIENTS) + quota * flood_s
   assert refused >= 5 * quota * flood_s  # it really flooded: 5x its quota or more
   assert len(flooded) >= 10 * ROUNDS  # and the polite tenant kept being answered meanwhile
+
+
+@pytest.mark.skipif(NATIVE is None, reason=WHY)
+def test_an_over_quota_refusal_waits_for_the_quota_so_a_flood_cannot_spin(mock_repo):
+  """The native front end answers an over-quota call when its quota would admit it again (at
+  most 100 ms later, within half the time left before the call's deadline): a client that
+  retries on the refusal is admitted, and a closed-loop flood is refused about once per refill
+  per call in flight, not as fast as the cores can refuse. Status and message are those of an
+  immediate refusal."""
+  rate = 10  # requests/s, a burst of 1: one request per 100 ms refill
+  tenants = parse_tenants({"tenants": [
+      {"name": "flood", "tokens": ["tok-flood"], "requests_per_s": rate, "requests_burst": 1}]})
+  req = mock_request(*_rows(1, 1.0))
+  md = (("authorization", "Bearer tok-flood"),)
+  with serving(mock_repo, mock_factory(), tenants=tenants, native_threads=2) as bg, \
+      grpc.insecure_channel(bg.address) as ch:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    stub.ModelInfer(req, metadata=md, timeout=10)  # the burst's one token
+    t0 = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as e:
+      stub.ModelInfer(req, metadata=md, timeout=10)
+    held = time.perf_counter() - t0
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.details() == "tenant 'flood' is over its quota of 10 requests/s"
+    assert 0.05 < held < 5.0  # answered once a token is due (100 ms after the first call)
+    stub.ModelInfer(req, metadata=md, timeout=10)  # retried at once: admitted
+    # A call whose deadline comes first is refused before it, not left to time out.
+    with pytest.raises(grpc.RpcError) as e:
+      stub.ModelInfer(req, metadata=md, timeout=0.06)  # held 30 ms, not 100
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    # Credentials no tenant has: refused the longest hold later, as logins delay a failed one.
+    t0 = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as e:
+      stub.ModelInfer(req, metadata=(("authorization", "Bearer nobody"),), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert 0.09 < time.perf_counter() - t0 < 5.0
+
+    calls, seconds = 8, 1.0
+    def flood() -> dict[str, int]:
+      counts, end = {}, time.perf_counter() + seconds
+      while time.perf_counter() < end:
+        try:
+          stub.ModelInfer(req, metadata=md, timeout=10)
+          code = "OK"
+        except grpc.RpcError as err:
+          code = err.code().name
+        counts[code] = counts.get(code, 0) + 1
+      return counts
+    with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+      results = list(pool.map(lambda _: flood(), range(calls)))
+  total = {k: sum(r.get(k, 0) for r in results) for k in ("OK", "RESOURCE_EXHAUSTED")}
+  assert sum(total.values()) == sum(sum(r.values()) for r in results)  # nothing else came back
+  assert total["OK"] <= 1 + rate * (seconds + 0.5)  # the quota held
+  # Each call in flight waits about one refill (1 / rate) per answer: calls * rate * seconds in
+  # all, against thousands refused at once on these cores (with slack for the last answers).
+  assert sum(total.values()) <= 2 * calls * rate * seconds + calls
