@@ -20,6 +20,7 @@
 #include <openssl/ssl.h>
 
 #include <cctype>
+#include <map>
 
 #include "frontend.h"
 
@@ -96,7 +97,8 @@ inline bool IEquals(std::string_view a, std::string_view b) {
   return true;
 }
 
-enum class FastResult { kQueued, kAnswered, kRelay };
+// kHeld: refused at the door, answered `HttpCall::hold_s` later (HttpServer::Later).
+enum class FastResult { kQueued, kAnswered, kHeld, kRelay };
 
 // What an epoll event points at: a connection's client side or its backend (relay) side.
 struct HttpWatch {
@@ -116,6 +118,7 @@ struct HttpCall final : Responder {
   int64_t rows = 0;
   bool close = false;
   int trace = -1;  // tracing: the head decision the relay passes on (Call::trace)
+  double hold_s = 0;  // FastResult::kHeld: how long the refusal waits (Frontend::Refuse's rule)
 
   void Reply(const std::vector<const uint8_t*>& rows0, const grpc::Status& st,
              const Generations& gen) override;
@@ -214,6 +217,9 @@ class HttpServer {
   Frontend* fe() const { return fe_; }
   bool stopping() const { return stopping_; }
   void Answered() { inflight_--; }
+  // Sends `answer` on `c` at `due` (MonoNow clock; Conn::Finish) from the hold thread: a refusal
+  // held as the gRPC port holds its own (Frontend::Refuse). At Stop, the rest go at once.
+  void Later(std::shared_ptr<Conn> c, std::string answer, bool close, double due);
   std::atomic<int64_t> relayed_{0}, tunnels_{0}, timeouts_{0}, connections_{0}, idle_closed_{0};
 
  private:
@@ -227,6 +233,17 @@ class HttpServer {
   void Accept();
   int64_t Open();                  // connections not yet closed
   void ForEach(void (Conn::*fn)());
+  void RunLater();  // the hold thread
+  struct Held {
+    std::shared_ptr<Conn> conn;
+    std::string answer;
+    bool close;
+  };
+  std::mutex later_mu_;
+  std::condition_variable later_cv_;
+  std::multimap<double, Held> later_;  // by due time
+  bool later_stop_ = false;
+  std::thread later_thread_;
 
   Frontend* fe_;
   HttpOptions opts_;

@@ -163,6 +163,10 @@ void Conn::Process() {
         if (!Send(answer)) return;
         if (close_after_ && Flushed()) Close();
         continue;
+      case FastResult::kHeld:  // refused at the door, answered later (nothing read meanwhile)
+        state_ = kFast;
+        server_->Later(shared_from_this(), std::move(answer), close_, MonoNow() + call->hold_s);
+        return;
       case FastResult::kRelay:
       default:
         Relay(call->bytes, h, call->trace);

@@ -177,6 +177,14 @@ std::string Head(int status, const char* type, size_t length, size_t header_len,
   return head;
 }
 
+// A refusal at the door, held `hold_s` (at most kMaxRefusalHoldS) before it is sent, as the
+// gRPC port holds its own (Frontend::Refuse): one connection holds at most one, so the number
+// held is bounded by the connections open.
+FastResult Hold(HttpCall* call, double hold_s) {
+  call->hold_s = std::min(hold_s, kMaxRefusalHoldS);
+  return call->hold_s >= 1e-3 ? FastResult::kHeld : FastResult::kAnswered;
+}
+
 }  // namespace
 
 std::string HttpErrorResponse(int grpc_code, const std::string& message, bool close,
@@ -216,13 +224,13 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
     if (n == 0 || !BearerMatches(auth, fe_->token())) {  // refused here, not relayed
       denied_++;
       *answer = HttpErrorResponse(16, std::string(kUnauthenticatedHttp), h.close, 401);
-      return FastResult::kAnswered;
+      return Hold(&call, kMaxRefusalHoldS);
     }
   }
   if (fe_->tenants() && (tenant = TenantOf(h, peer)) < 0) {  // refused here, not relayed
     fe_->tenants()->CountUnknown();
     *answer = HttpErrorResponse(16, std::string(kUnknownTenantHttp), h.close, 401);
-    return FastResult::kAnswered;
+    return Hold(&call, kMaxRefusalHoldS);
   }
   int n_enc = 0, n_accept = 0;  // repeated: Python reads the last one; it decides
   std::string_view enc = h.Get("content-encoding", &n_enc);
@@ -255,10 +263,11 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
   }
   int64_t priority = kDefaultPriority;
   if (tenant >= 0) {
-    std::string over = fe_->tenants()->Admit(tenant, rows, MonoNow());
+    double retry_s = 0;
+    std::string over = fe_->tenants()->Admit(tenant, rows, MonoNow(), &retry_s);
     if (!over.empty()) {
       *answer = HttpErrorResponse(8, over, h.close, 429);
-      return FastResult::kAnswered;
+      return Hold(&call, retry_s);
     }
     priority = EffectivePriority(priority, fe_->tenants()->spec(tenant).priority);
   }

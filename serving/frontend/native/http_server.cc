@@ -97,7 +97,36 @@ int HttpServer::Start(const std::string& host, int port, std::string* error) {
     Loop* l = loop.get();
     l->thread = std::thread([this, l] { Run(l); });
   }
+  later_thread_ = std::thread([this] { RunLater(); });
   return bound;
+}
+
+void HttpServer::Later(std::shared_ptr<Conn> c, std::string answer, bool close, double due) {
+  {
+    std::lock_guard<std::mutex> l(later_mu_);
+    later_.emplace(due, Held{std::move(c), std::move(answer), close});
+  }
+  later_cv_.notify_one();
+}
+
+void HttpServer::RunLater() {
+  std::unique_lock<std::mutex> l(later_mu_);
+  while (true) {
+    double now = MonoNow();
+    while (!later_.empty() && (later_stop_ || later_.begin()->first <= now)) {
+      Held held = std::move(later_.begin()->second);
+      later_.erase(later_.begin());
+      l.unlock();
+      held.conn->Finish(held.answer, held.close);  // a closed connection drops it
+      l.lock();
+    }
+    if (later_stop_) return;
+    if (later_.empty()) {
+      later_cv_.wait(l);
+    } else {
+      later_cv_.wait_for(l, std::chrono::microseconds(int64_t((later_.begin()->first - now) * 1e6)));
+    }
+  }
 }
 
 void HttpServer::Accept() {
@@ -224,6 +253,12 @@ void HttpServer::Stop(double grace_s) {
     std::lock_guard<std::mutex> g(loop->mu);
     loop->conns.clear();  // a connection an unanswered request holds lives on until its answer
   }
+  {
+    std::lock_guard<std::mutex> l(later_mu_);
+    later_stop_ = true;
+  }
+  later_cv_.notify_one();
+  if (later_thread_.joinable()) later_thread_.join();
 }
 
 void HttpServer::Stats(py::dict* d) const {

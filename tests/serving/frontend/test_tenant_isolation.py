@@ -205,3 +205,40 @@ def test_an_over_quota_refusal_waits_for_the_quota_so_a_flood_cannot_spin(mock_r
   # Each call in flight waits about one refill (1 / rate) per answer: calls * rate * seconds in
   # all, against thousands refused at once on these cores (with slack for the last answers).
   assert sum(total.values()) <= 2 * calls * rate * seconds + calls
+
+
+@pytest.mark.skipif(NATIVE is None, reason=WHY)
+def test_the_native_http_port_holds_its_refusals_too(mock_repo):
+  """Unmodified tritonclient.http against the native HTTP server: an over-quota request gets its
+  429 once the quota would admit it, and a retry right after is served; credentials no tenant
+  has get their 401 100 ms later. Messages as when refused at once."""
+  import tritonclient.http as th
+  from tritonclient.utils import InferenceServerException
+
+  tenants = parse_tenants({"tenants": [
+      {"name": "flood", "tokens": ["tok-flood"], "requests_per_s": 10, "requests_burst": 1}]})
+  x, k = _rows(1, 1.0)
+  with serving(mock_repo, mock_factory(), tenants=tenants, http_port=0) as bg:
+    assert bg.server.http_frontend == "native"
+    client = th.InferenceServerClient(f"127.0.0.1:{bg.server.http_port}")
+    inputs = [th.InferInput("x", list(x.shape), "FP32"), th.InferInput("k", list(k.shape), "INT32")]
+    inputs[0].set_data_from_numpy(x, binary_data=True)
+    inputs[1].set_data_from_numpy(k, binary_data=True)
+
+    def infer(token: str) -> np.ndarray:
+      return client.infer("mock", inputs, headers={"Authorization": f"Bearer {token}"}
+                          ).as_numpy("y")
+
+    def refused(token: str, status: str, message: str, least_s: float) -> None:
+      t0 = time.perf_counter()
+      with pytest.raises(InferenceServerException) as e:
+        infer(token)
+      assert e.value.status() == status and e.value.message().startswith(message), e.value
+      assert least_s < time.perf_counter() - t0 < 5.0
+
+    want = np.full((1, 1), 9.0, np.float32)  # the mock's y = 2 * sum(x) + 1, x = 1s
+    np.testing.assert_array_equal(infer("tok-flood"), want)  # the burst's one token
+    refused("tok-flood", "429", "tenant 'flood' is over its quota of 10 requests/s", 0.05)
+    np.testing.assert_array_equal(infer("tok-flood"), want)  # retried at once: served
+    refused("nobody", "401", "no tenant has these credentials", 0.09)
+    assert bg.server.native.stats()["http_relayed"] == 0  # all of it answered in C++
