@@ -213,9 +213,8 @@ class _ModelObserver(Observer):
     if len(queue_s):
       self._inc("nv_inference_queue_duration_us", self._tl, float(np.sum(queue_s)) * 1e6)
       _observe_many(self._queue_time, queue_s)
-    if (recorder := self.m.recorder) is not None:
+    if (recorder := self.m.recorder) is not None:  # compute: with the batch (batch_timing)
       recorder.add(self._key, "queue", queue_s)
-      recorder.add(self._key, "compute", [compute_s])
 
   def batch_timing(self, *, start: float, done: float, rows: int, requests: int,
                    assembly_s: float, encode_s: float) -> None:

@@ -68,13 +68,15 @@ class StageRecorder:
 
   def batch(self, model: str, *, start: float, done: float, rows: int, requests: int,
             assembly_s: float, encode_s: float) -> None:
-    """One batch: in flight on the device from `start` to `done` (perf_counter seconds)."""
+    """One batch: in flight on the device from `start` to `done` (perf_counter seconds), its
+    compute stage, recorded with it so that a window never sees one without the other."""
     with self._lock:
       rec = self._model(model)
       rec.rows += rows
       rec.requests += requests
       if len(rec.intervals) < MAX_SAMPLES:
         rec.intervals.append((start, done))
+        rec.stages["compute"].append(done - start)
         rec.stages["assembly"].append(assembly_s)
         rec.stages["encode"].append(encode_s)
 

@@ -12,6 +12,7 @@
 #include <cctype>
 
 #include "frontend.h"
+#include "tenants.h"
 
 namespace xlaserve::native {
 

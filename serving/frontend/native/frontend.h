@@ -144,7 +144,6 @@ bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token)
 bool MatchOutputs(const Request& r, const Model& m, std::vector<int>* out_index);
 
 // -- calls -------------------------------------------------------------------------------------
-inline constexpr double kMaxRefusalHoldS = 0.1;  // the longest Frontend::Refuse holds one
 class Frontend;
 
 enum Op : uint8_t {

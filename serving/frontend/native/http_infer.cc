@@ -267,7 +267,7 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
     std::string over = fe_->tenants()->Admit(tenant, rows, MonoNow(), &retry_s);
     if (!over.empty()) {
       *answer = HttpErrorResponse(8, over, h.close, 429);
-      return Hold(&call, retry_s);
+      return Hold(&call, RefusalHold(retry_s));
     }
     priority = EffectivePriority(priority, fe_->tenants()->spec(tenant).priority);
   }

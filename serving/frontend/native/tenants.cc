@@ -9,6 +9,7 @@
 #include <grpcpp/security/auth_context.h>
 
 #include <algorithm>
+#include <random>
 #include <chrono>
 #include <cctype>
 #include <cstdio>
@@ -31,6 +32,12 @@ bool ConstantTimeEquals(std::string_view a, const std::string& b) {
 }
 
 }  // namespace
+
+double RefusalHold(double retry_s) {
+  thread_local std::minstd_rand rng(std::random_device{}());
+  double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+  return std::min(kMaxRefusalHoldS, retry_s * (1.0 + u));
+}
 
 int64_t EffectivePriority(int64_t requested, int64_t tenant_priority) {
   if (tenant_priority <= 0) return requested;
@@ -179,12 +186,12 @@ bool Frontend::OverQuota(Call* c, int64_t rows, int64_t* priority) {
     *priority = EffectivePriority(*priority, tenants_->spec(c->tenant).priority);
     return false;
   }
-  Refuse(c, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, why), retry_s);
+  Refuse(c, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, why), RefusalHold(retry_s));
   return true;
 }
 
 // A refusal is answered `hold_s` later: an over-quota one when the quota would admit the request
-// again, one for bad credentials kMaxRefusalHoldS later (as logins delay a failed attempt); at
+// again (RefusalHold), one for bad credentials kMaxRefusalHoldS later (as logins delay a failed attempt); at
 // most kMaxRefusalHoldS, and within half the time left before the call's deadline. A client that
 // retries at once is then admitted, and one flooding with a fixed number of calls in flight sends
 // about that many per refill instead of spinning the cores (refused within microseconds, it took

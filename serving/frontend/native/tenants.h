@@ -42,6 +42,13 @@ inline constexpr std::string_view kUnknownTenantHttp =  // serving/frontend/http
     " tenant's token, or (HTTPS through the native front end) a client certificate naming one"
     " of its identities";
 
+// A refusal at the door is answered at most this long after (Frontend::Refuse, HttpServer::Later).
+inline constexpr double kMaxRefusalHoldS = 0.1;
+// How long to hold an over-quota refusal whose quota admits the request again in `retry_s`:
+// that, plus up to as long again at random, so the calls a flood had refused together do not all
+// come back at the same instant; at most kMaxRefusalHoldS.
+double RefusalHold(double retry_s);
+
 // A request's priority under its tenant's (tenants.py effective_priority).
 int64_t EffectivePriority(int64_t requested, int64_t tenant_priority);
 
