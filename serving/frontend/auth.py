@@ -22,6 +22,8 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import grpc
 
+from serving.frontend import refusals
+
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "XLASERVE_AUTH_TOKEN"
@@ -67,6 +69,7 @@ def bearer_matches(value: str | bytes, token: bytes) -> bool:
 
 
 async def _deny_unary(request: bytes, context: grpc.aio.ServicerContext) -> None:
+  await refusals.hold(refusals.MAX_HOLD_S, context.time_remaining())
   await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       "missing or wrong credentials: send metadata 'authorization: Bearer <token>'")
 

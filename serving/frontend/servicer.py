@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from bundle import TensorSpec
-from serving.frontend import codec, params, request_trace
+from serving.frontend import codec, params, refusals, request_trace
 from serving.frontend.canary import Canary, shadow_marked
 from serving.frontend.memory_usage import add_memory_usage
 from serving.frontend.model_config import model_config, model_metadata
@@ -106,6 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
   # -- helpers -----------------------------------------------------------------
 
   async def _abort(self, context: grpc.aio.ServicerContext, err: ServingError) -> None:
+    await refusals.hold(getattr(err, "hold_s", 0.0), context.time_remaining())  # over a quota
     await context.abort(GRPC_CODE[err.code], err.message)
 
   def _get(self, name: str, version: str) -> ServedVersion:

@@ -32,12 +32,14 @@ _FIELDS = ("name", "tokens", "identities", "requests_per_s", "requests_burst", "
 
 
 class OverQuota(ServingError):
-  """RESOURCE_EXHAUSTED because a tenant is over a quota; HTTP answers it with 429."""
+  """RESOURCE_EXHAUSTED because a tenant is over a quota; HTTP answers it with 429. `hold_s`: how
+  long the front end holds the refusal before answering (serving/frontend/refusals.py)."""
 
   http_status = 429
 
-  def __init__(self, message: str):
+  def __init__(self, message: str, hold_s: float = 0.0):
     super().__init__(Code.RESOURCE_EXHAUSTED, message)
+    self.hold_s = hold_s
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

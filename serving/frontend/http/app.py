@@ -16,6 +16,7 @@ import logging
 import zlib
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from serving.frontend import refusals
 from serving.frontend.auth import bearer_matches
 from serving.frontend.tenant_gate import MARKER
 from serving.types import Code, ServingError
@@ -156,7 +157,9 @@ class HttpApp:
       handler, args = self._lookup(req.method, req.path)
       req.body = await self._read_body(receive, headers)
       reply = await handler(req, *args)
-    except ServingError as e:  # a tenant over its quota: 429
+    except ServingError as e:  # a tenant over its quota: 429, held (so are bad credentials)
+      await refusals.hold(getattr(e, "hold_s", 0.0)
+                          or (refusals.MAX_HOLD_S if e.code == Code.UNAUTHENTICATED else 0.0))
       reply = error_reply(getattr(e, "http_status", 0) or HTTP_STATUS[e.code], e.message)
     except HttpError as e:
       reply = error_reply(e.status, e.message)
