@@ -1,9 +1,11 @@
 """Tenant priority and isolation against the real server: a tenant's priority orders the model's
 queue (a request cannot claim better than its tenant's); a tenant flooding far over its quota
 (many concurrent clients) is refused at the door and held to its quota while a polite tenant's
-every call is answered correctly throughout. How much the flood slows the polite tenant is a
-performance figure, measured by benchmarks/tenant_isolation.py (this test prints its rounds'
-p99s, and asserts nothing about time)."""
+every call is answered correctly throughout; and every front end holds a refusal until the quota
+would admit the request (bad credentials: 100 ms), so a closed-loop flood cannot spin the cores.
+How much the flood slows the polite tenant is a performance figure, measured by
+benchmarks/tenant_isolation.py (the flood test prints its rounds' p99s, and asserts nothing about
+time)."""
 
 from __future__ import annotations
 
