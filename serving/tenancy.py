@@ -27,7 +27,7 @@ def install(config: ServerConfig, native_module: Any, servicer: InferenceService
     table = native_module.Tenants([t.native() for t in config.tenants])
   else:
     table = TenantTable(config.tenants)
-  gate = TenantGate(table, trust_marker=native_module is not None, tenants=config.tenants)
+  gate = TenantGate(table, trust_marker=native_module is not None)
   servicer.tenant_gate = gate
   native_unknown = getattr(table, "unknown", lambda: 0)  # the C++ table refuses ModelInfers too
   registry.register(TenantCollector(table.stats, lambda: gate.unknown + native_unknown()))

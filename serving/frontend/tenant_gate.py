@@ -22,7 +22,7 @@ import grpc
 
 from serving.frontend import refusals
 from serving.frontend.auth import OPEN_METHODS
-from serving.frontend.tenants import UNLIMITED, OverQuota, Tenant, effective_priority
+from serving.frontend.tenants import OverQuota, effective_priority
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,8 @@ class TenantGate:
   """Identification and admission over a tenant table (Python `TenantTable` or C++ `Tenants`);
   `trust_marker`: the relay's `x-xlaserve-tenant` mark decides (behind the native front end)."""
 
-  def __init__(self, table: Any, *, trust_marker: bool = False, tenants: Sequence[Tenant] = ()):
+  def __init__(self, table: Any, *, trust_marker: bool = False):
     self.table = table
-    self.tenants = tuple(tenants)  # the table's, in its order: their rates time a held refusal
     self.trust_marker = trust_marker
     self.unknown = 0  # calls refused UNAUTHENTICATED for want of a tenant
     self.current: contextvars.ContextVar[int] = contextvars.ContextVar("xlaserve_tenant",
@@ -67,22 +66,11 @@ class TenantGate:
     tenant = self.current.get()
     if tenant < 0:  # not a guarded call (in-process use): nothing to charge
       return priority
-    why = self.table.admit(tenant, rows, time.monotonic())
+    why, retry_s = self.table.admit(tenant, rows, time.monotonic())
     if why:
       logger.info("%s", why, extra={"code": "RESOURCE_EXHAUSTED"})
-      raise OverQuota(why, hold_s=refusals.spread(self._refill_s(tenant, rows)))
+      raise OverQuota(why, hold_s=refusals.spread(retry_s))
     return effective_priority(priority, self.table.priority(tenant))
-
-  def _refill_s(self, tenant: int, rows: int) -> float:
-    """Seconds `tenant`'s quotas take to refill a request of `rows` (when it is admitted again
-    at the latest); 0 when no quota ever admits it (more rows than the burst) or unknown."""
-    if tenant >= len(self.tenants):
-      return 0.0
-    t = self.tenants[tenant]
-    if t.rows_per_s != UNLIMITED and rows > t.rows_burst:
-      return 0.0
-    return max(1.0 / t.requests_per_s if t.requests_per_s != UNLIMITED else 0.0,
-               rows / t.rows_per_s if t.rows_per_s != UNLIMITED else 0.0)
 
 
 def _grpc_tenant(gate: TenantGate, context: grpc.aio.ServicerContext) -> int:

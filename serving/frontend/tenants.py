@@ -205,16 +205,18 @@ class TenantTable:
         return i
     return -1
 
-  def admit(self, tenant: int, rows: int, now: float) -> str:
-    """Charges one request of `rows` rows to `tenant` at `now` (seconds, monotonic): "" when
-    admitted, else why not (nothing is charged then)."""
+  def admit(self, tenant: int, rows: int, now: float) -> tuple[str, float]:
+    """Charges one request of `rows` rows to `tenant` at `now` (seconds, monotonic): ("", 0)
+    when admitted, else why not (nothing is charged then) and the seconds until the quota would
+    admit it (0: never, more rows than the burst)."""
     t = self.tenants[tenant]
     req, row = self._buckets[tenant]
-    why = ""
+    why, retry_s = "", 0.0
     if req is not None:
       req.refill(now)
       if req.tokens < 1:
         why = f"tenant '{t.name}' is over its quota of {t.requests_per_s:g} requests/s"
+        retry_s = (1 - req.tokens) / req.rate
     if row is not None and not why:
       row.refill(now)
       if rows > row.burst:
@@ -222,15 +224,16 @@ class TenantTable:
                f" {t.rows_burst:g} rows ({t.rows_per_s:g} rows/s)")
       elif row.tokens < rows:
         why = f"tenant '{t.name}' is over its quota of {t.rows_per_s:g} rows/s"
+        retry_s = (rows - row.tokens) / row.rate
     if why:
       self._over[tenant] += 1
-      return why
+      return why, retry_s
     if req is not None:
       req.tokens -= 1
     if row is not None:
       row.tokens -= rows
     self._admitted[tenant] += 1
-    return ""
+    return "", 0.0
 
   def index(self, name: str) -> int:
     return self._index.get(name, -1)

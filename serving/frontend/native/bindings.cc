@@ -164,8 +164,14 @@ PYBIND11_MODULE(_native, m) {
         return t.Identify(a, !auth.is_none(), ids);
       })
       .def("admit", [](Tenants& t, int tenant, int64_t rows, double now) {
-             return t.Admit(tenant, rows, now);
-           }, py::call_guard<py::gil_scoped_release>())
+             double retry_s = 0;
+             std::string why;
+             {
+               py::gil_scoped_release nogil;
+               why = t.Admit(tenant, rows, now, &retry_s);
+             }
+             return py::make_tuple(why, retry_s);  // tenants.py TenantTable.admit
+           })
       .def("index", &Tenants::Index)
       .def("from_relay_mark", &Tenants::FromRelayMark)  // the HTTP relay's mark (C++ only)
       .def("unknown", &Tenants::Unknown)  // ModelInfers refused here for want of a tenant
