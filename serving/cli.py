@@ -111,6 +111,15 @@ def _enable_compile_cache(folder: str, say: Callable[[str], None]) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _cpu_dispatch(*, asynchronous: bool) -> None:
+  """Whether CPU batches run on XLA's worker thread or inline on the dispatching thread
+  (computations spanning devices stay asynchronous). Read when JAX makes its CPU client, so
+  this runs before anything touches a device."""
+  import jax
+
+  jax.config.update("jax_cpu_enable_async_dispatch", asynchronous)
+
+
 def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, Any]:
   """(the repository to serve, the demo models still to build there or None): the flag's folder,
   or the demo repository, whose missing models a first start builds while it serves (multi-host:
@@ -221,6 +230,7 @@ def serve(args: argparse.Namespace) -> int:
     return 2
   os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
   _enable_compile_cache(args.compile_cache, say)
+  _cpu_dispatch(asynchronous=args.cpu_async_dispatch)
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device
     from serving.multihost import start_from_args

@@ -241,6 +241,12 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      help="on GPUs, let XLA run even short kernel sequences as CUDA graphs"
                      " (command buffers), against launch-bound small models; adds"
                      f" {' '.join(GPU_GRAPH_FLAGS)} to XLA_FLAGS unless it names them")
+  serve.add_argument("--cpu-async-dispatch", action=argparse.BooleanOptionalAction,
+                     default=False,
+                     help="on CPU, hand each single-device batch to XLA's worker thread (JAX's"
+                     " default) instead of running it on the runner thread that dispatched it;"
+                     " off by default: the runner waits for the batch anyway, and for a light"
+                     " model the hand-off costs more than the batch")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--shutdown-grace-s", type=float, default=30.0,

@@ -54,10 +54,11 @@ class Client:
     return self.answers
 
 
-def make(eng, instances=1, **cfg):
+def make(eng, instances=1, depth=None, **cfg):
   eng.warmup()
   runner = QueuedRowRunner("m/1", eng, BatchingConfig(buckets=eng.buckets, **cfg),
-                           queue_factory=row_queue_factory(native), instances=instances)
+                           queue_factory=row_queue_factory(native), instances=instances,
+                           depth=depth)
   runner.start()
   return runner
 
@@ -66,11 +67,17 @@ def rows(rng, n):
   return rng.random((n, 4)).astype(np.float32), rng.integers(-3, 4, (n, 1)).astype(np.int32)
 
 
+# Depth 1 completes each batch on the thread that dispatched it; depth 2 dispatches batch n+1
+# while a completion thread waits for batch n.
+DEPTHS = pytest.mark.parametrize("depth", [1, 2])
+
+
+@DEPTHS
 @pytest.mark.parametrize("instances", [1, 2])
-def test_every_row_is_answered_like_the_reference(instances):
+def test_every_row_is_answered_like_the_reference(instances, depth):
   rng = np.random.default_rng(0)
   eng = MockEngine(buckets=(1, 2, 4, 8), delay_s=0.001)
-  runner = make(eng, instances)
+  runner = make(eng, instances, depth)
   c = Client(runner)
   sent = {f"r{i}": rows(rng, n) for i, n in enumerate([1, 3, 8, 5, 19, 2, 30, 7, 1, 4] * 3)}
   threads = [threading.Thread(target=lambda items: [c.send(n, *xk) for n, xk in items],
@@ -94,10 +101,11 @@ def test_every_row_is_answered_like_the_reference(instances):
   assert set(eng.batches) <= {1, 2, 4, 8}
 
 
-def test_a_poisoned_batch_fails_only_the_poisoned_request():
+@DEPTHS
+def test_a_poisoned_batch_fails_only_the_poisoned_request(depth):
   rng = np.random.default_rng(1)
   eng = MockEngine(buckets=(1, 2, 4, 8), delay_s=0.05, fail_value=-1.0)
-  runner = make(eng, max_queue_delay_s=0.2, dispatch_when_idle=False)
+  runner = make(eng, depth=depth, max_queue_delay_s=0.2, dispatch_when_idle=False)
   c = Client(runner)
   good = {f"g{i}": rows(rng, 2) for i in range(3)}
   bad_x, bad_k = rows(rng, 2)
@@ -112,10 +120,11 @@ def test_a_poisoned_batch_fails_only_the_poisoned_request():
   runner.stop()
 
 
-def test_deadline_expires_in_the_queue_and_refusal_names_the_queue():
+@DEPTHS
+def test_deadline_expires_in_the_queue_and_refusal_names_the_queue(depth):
   rng = np.random.default_rng(2)
   eng = MockEngine(buckets=(1, 2, 4, 8), delay_s=0.3)
-  runner = make(eng, max_queue_rows=16)
+  runner = make(eng, depth=depth, max_queue_rows=16)
   c = Client(runner)
   c.send("first", *rows(rng, 8))  # occupies the engine for 0.3 s
   time.sleep(0.05)
@@ -133,10 +142,11 @@ def test_deadline_expires_in_the_queue_and_refusal_names_the_queue():
   assert (st.expired, st.rejected, st.success_count) == (1, 1, 2)
 
 
-def test_stop_without_drain_answers_every_queued_request():
+@DEPTHS
+def test_stop_without_drain_answers_every_queued_request(depth):
   rng = np.random.default_rng(3)
   eng = MockEngine(buckets=(1, 2, 4, 8), delay_s=0.2)
-  runner = make(eng)
+  runner = make(eng, depth=depth)
   c = Client(runner)
   for i in range(4):
     c.send(f"r{i}", *rows(rng, 8))
