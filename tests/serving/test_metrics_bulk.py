@@ -24,7 +24,7 @@ def test_bulk_observation_matches_one_by_one():
   start = 0
   for size in [1, 2, 3, 5, 8, 13, 21, 32, 33, 64] * 3:
     chunk = np.concatenate([values[start:start + size], [0.001, 0.002]])[:size]
-    ob.requests_done(ok_s=list(chunk))
+    ob.requests_done(ok_s=list(chunk) if size % 2 else chunk)  # lists and numpy arrays
     for v in chunk:
       os_.request_done(ok=True, duration_s=float(v), code=None)
     start = (start + size) % (len(values) - 64)
