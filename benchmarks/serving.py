@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -187,6 +188,13 @@ class ServerCpu:
     return {"server_cpu_us": cpu_s / n * 1e6, "host_cpu_us": max(cpu_s - model_s, 0.0) / n * 1e6}
 
 
+def children_cpu_s() -> float:
+  """CPU seconds of this process's finished children: the load generator's processes once a
+  run has waited for them (the server, still running, is not counted)."""
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
 def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
                    raw: list) -> tuple[dict, dict]:
   """Starts `xlaserve serve --frontend FRONTEND` and runs every load phase against `model`:
@@ -202,10 +210,11 @@ def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
     meter = ServerCpu(proc, addr, model)
 
     def phase(name: str, payload: bytes, rows: int, **kw) -> None:
-      before = meter.read()
+      before, gen_before = meter.read(), children_cpu_s()
       runs[name] = r = run_load(addr, payload, rows_per_request=rows, **kw)
-      cpu[name] = meter.per_request(before, meter.read(), r.ok + sum(r.errors.values()),
-                                    raw_cpu)
+      n = r.ok + sum(r.errors.values())
+      cpu[name] = meter.per_request(before, meter.read(), n, raw_cpu)
+      cpu[name]["loadgen_cpu_us"] = (children_cpu_s() - gen_before) / max(n, 1) * 1e6
 
     say("warming the connection ...")
     run_load(addr, one, rows_per_request=1, concurrency=4, duration=1.0)

@@ -23,9 +23,10 @@ def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: st
   print()
   print(format_table(
       ["phase", "req/s", "rows/s", "p50 ms", "p99 ms", "errors", "server CPU µs/req",
-       "host path CPU µs/req"],
+       "host path CPU µs/req", "load generator CPU µs/req"],
       [[k, r.rps, r.rows_per_s, r.pct_ms(50), r.pct_ms(99), sum(r.errors.values()),
-        cpu[k]["server_cpu_us"], cpu[k]["host_cpu_us"]] for k, r in runs.items()]))
+        cpu[k]["server_cpu_us"], cpu[k]["host_cpu_us"], cpu[k].get("loadgen_cpu_us", np.nan)]
+       for k, r in runs.items()]))
   best = max(raw, key=lambda r: r["rows_per_s"])
   best2 = max(raw, key=lambda r: r["rows_per_s_2"])
   sat, single = runs["batched_saturation"], runs["single_c16"]
@@ -39,6 +40,7 @@ def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: st
       "single_row_c16_server_cpu_us": cpu["single_c16"]["server_cpu_us"],
       "single_row_c16_host_cpu_us": cpu["single_c16"]["host_cpu_us"],
       "saturation_server_cpu_us": cpu["batched_saturation"]["server_cpu_us"],
+      "saturation_loadgen_cpu_us": cpu["batched_saturation"].get("loadgen_cpu_us", np.nan),
       "p99_at_70pct_ms": p99_70, "lone_p50_ms": lone_p50,
       "p99_at_70pct_over_lone_p50": p99_70 / lone_p50, "loadgen": args.loadgen,
   }
@@ -50,6 +52,11 @@ def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: st
         f" {single.pct_ms(99):.2f} ms; server CPU {summary['single_row_c16_server_cpu_us']:.0f}"
         f" µs/request, host path (model excluded) {summary['single_row_c16_host_cpu_us']:.0f}"
         " µs/request")
+  gen_us = summary["saturation_loadgen_cpu_us"]
+  print(f"{model}: CPU per {args.request_rows}-row request at saturation: server"
+        f" {summary['saturation_server_cpu_us']:.0f} µs + load generator {gen_us:.0f} µs; raw"
+        f" model CPU at bucket {best['bucket']}:"
+        f" {best['cpu_ms_per_batch'] * 1e3 / best['bucket'] * args.request_rows:.0f} µs of it")
   print(f"{model}: p99 at 70% load / p50 of a lone request: {p99_70:.2f} / {lone_p50:.2f} ms ="
         f" {p99_70 / lone_p50:.2f}x")
   return summary
