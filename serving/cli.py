@@ -111,13 +111,13 @@ def _enable_compile_cache(folder: str, say: Callable[[str], None]) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _cpu_dispatch(*, asynchronous: bool) -> None:
-  """Whether CPU batches run on XLA's worker thread or inline on the dispatching thread
+def _cpu_sync_dispatch() -> None:
+  """Single-device CPU batches run on the thread that dispatches them, not XLA's worker thread
   (computations spanning devices stay asynchronous). Read when JAX makes its CPU client, so
   this runs before anything touches a device."""
   import jax
 
-  jax.config.update("jax_cpu_enable_async_dispatch", asynchronous)
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, Any]:
@@ -230,7 +230,9 @@ def serve(args: argparse.Namespace) -> int:
     return 2
   os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
   _enable_compile_cache(args.compile_cache, say)
-  _cpu_dispatch(asynchronous=args.cpu_async_dispatch)
+  if args.cpu_sync_dispatch:
+    _cpu_sync_dispatch()
+    say("CPU batches run on the runner thread that dispatches them (--cpu-sync-dispatch)")
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device
     from serving.multihost import start_from_args

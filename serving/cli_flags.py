@@ -241,12 +241,13 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      help="on GPUs, let XLA run even short kernel sequences as CUDA graphs"
                      " (command buffers), against launch-bound small models; adds"
                      f" {' '.join(GPU_GRAPH_FLAGS)} to XLA_FLAGS unless it names them")
-  serve.add_argument("--cpu-async-dispatch", action=argparse.BooleanOptionalAction,
+  serve.add_argument("--cpu-sync-dispatch", action=argparse.BooleanOptionalAction,
                      default=False,
-                     help="on CPU, hand each single-device batch to XLA's worker thread (JAX's"
-                     " default) instead of running it on the runner thread that dispatched it;"
-                     " off by default: the runner waits for the batch anyway, and for a light"
-                     " model the hand-off costs more than the batch")
+                     help="on CPU, run each single-device batch on the runner thread that"
+                     " dispatched it instead of handing it to XLA's worker thread (JAX's"
+                     " default): faster for light plain models (the runner waits for the batch"
+                     " anyway), slower for models that overlap host work with the device step"
+                     " (embedding caches); off by default")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--shutdown-grace-s", type=float, default=30.0,
