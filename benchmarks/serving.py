@@ -14,7 +14,9 @@ measured in one run, for each model named (default: the demo DLRM and the light 
    rate (open loop: sent on schedule whatever the answers). For every phase the server
    process's CPU time (its kernel counters, load generator excluded) per request, and the
    same less the model's own CPU (batches run per bucket, from ModelStatistics, times the raw
-   CPU per batch): the host path's cost per request.
+   CPU per batch): the host path's cost per request. Beside it, the load generator's own CPU
+   per request (its processes' rusage): on a small machine the two share the cores, so their
+   sum per request bounds the rate any server could reach here.
 The load generator is benchmarks/native_loadgen.cc (C++, one thread; the default when it
 builds) or benchmarks/loadgen.py (Python processes, which take a good part of a core from the
 server on a small machine); the report says which. `--frontend both` measures the Python and the native gRPC front end back to back against

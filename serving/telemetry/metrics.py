@@ -211,7 +211,7 @@ class _ModelObserver(Observer):
     self._inc("nv_inference_compute_infer_duration_us", self._tl, compute_s * 1e6)
     self._compute_time.observe(compute_s)
     if len(queue_s):
-      self._inc("nv_inference_queue_duration_us", self._tl, float(np.sum(queue_s)) * 1e6)
+      self._inc("nv_inference_queue_duration_us", self._tl, _total(queue_s) * 1e6)
       _observe_many(self._queue_time, queue_s)
     if (recorder := self.m.recorder) is not None:  # compute: with the batch (batch_timing)
       recorder.add(self._key, "queue", queue_s)
@@ -248,7 +248,7 @@ class _ModelObserver(Observer):
     """A batch's requests at once: counters by their sums, the latency histogram by one
     bucket count per bucket (no per-request Python on the native path's hot loop)."""
     if len(ok_s):
-      self._inc("nv_inference_request_duration_us", self._tl, float(np.sum(ok_s)) * 1e6)
+      self._inc("nv_inference_request_duration_us", self._tl, _total(ok_s) * 1e6)
       self._inc("nv_inference_request_success", self._tl, len(ok_s))
       _observe_many(self._latency, ok_s)
     for code, d in failed:
@@ -275,6 +275,12 @@ class _ModelObserver(Observer):
               self._tl + (("reason", Code.RESOURCE_EXHAUSTED.value),), n)  # Triton counts them
 
 
+def _total(values: Sequence[float]) -> float:
+  """The sum of a batch's values: the builtin for a list (np.sum first converts it: 3 us
+  against 0.1 us for 15 values), numpy's for an array."""
+  return float(values.sum()) if isinstance(values, np.ndarray) else float(sum(values))
+
+
 def _observe_many(hist: Any, values: Sequence[float]) -> None:
   """Adds many observations to a prometheus_client histogram child: one increment per bucket
   (its per-bucket counters and sum, as `observe` keeps them); one `observe` each if that
@@ -291,7 +297,7 @@ def _observe_many(hist: Any, values: Sequence[float]) -> None:
     where = [bisect.bisect_left(upper, v) for v in values]  # the first bound >= v, as `observe`
     for i in set(where):  # a batch's values share few buckets: one (locked) increment each
       buckets[i].inc(where.count(i))
-    total.inc(float(sum(values)))
+    total.inc(_total(values))
     return
   arr = np.asarray(values, dtype=np.float64)
   counts = np.bincount(np.searchsorted(np.asarray(bounds), arr, side="left"),
