@@ -6,7 +6,8 @@ front end puts its requests straight into it, and `submit` puts the Python front
 into the same queue. Per instance, a dispatch thread takes a batch and starts it on the engine
 (JAX dispatch is asynchronous), up to `depth` batches ahead, and a completion thread fetches
 each batch's outputs and hands them back to the queue, which answers native requests in C++
-and returns Python ones to be delivered here. Only the first instance runs partial batches (as
+and returns Python ones to be delivered here. At depth 1 (CPU) the dispatch thread completes
+its own batch: it could not take the next one before, and the hand-off cost two wake-ups. Only the first instance runs partial batches (as
 in ModelRunner); a failing batch is re-run request by request so only the poisoned one fails.
 """
 
