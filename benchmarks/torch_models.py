@@ -1,7 +1,8 @@
 """PyTorch models converted by export.torch: served rows/s against the raw jitted converted
 function, torch eager and torch.compile, on the same cores in one run.
 
-  python benchmarks/torch_models.py [--models dlrm,dcn,encoder] [--seconds 3] [--out DIR]
+  python benchmarks/torch_models.py [--models dlrm,dcn,encoder] [--seconds 3] [--buckets 1,8,...]
+                                    [--out DIR]
 
 For each model (demo/torch_models.py at its default sizes, random weights):
 1. Compile: export_torch (capture + lowering + jax.export) and the server's load (every bucket
@@ -66,7 +67,8 @@ def rate(fn: Callable[[], Any], rows: int, seconds: float, windows: int = 3) -> 
   return best
 
 
-def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float
+def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float,
+              buckets: tuple[int, ...] = BUCKETS
               ) -> tuple[dict[str, dict[int, float]], float, float]:
   """({"jax": ..., "eager": ..., "compile": ...} bucket -> rows/s, export s, torch.compile s)."""
   import jax
@@ -83,7 +85,7 @@ def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float
   compiled = torch.compile(model)
   out: dict[str, dict[int, float]] = {"jax": {}, "eager": {}, "compile": {}}
   compile_s = float("nan")
-  for b in BUCKETS:
+  for b in buckets:
     xs = rows(b)
     ins = {i.name: jnp.asarray(x.numpy()) for i, x in zip(prog.inputs, xs)}
     out["jax"][b] = rate(lambda: jax.block_until_ready(fn(params, ins)), b, seconds)
@@ -91,7 +93,7 @@ def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float
       out["eager"][b] = rate(lambda: model(*xs), b, seconds)
       t0 = time.perf_counter()
       compiled(*xs)
-      if b == BUCKETS[0]:
+      if b == buckets[0]:
         compile_s = time.perf_counter() - t0
       out["compile"][b] = rate(lambda: compiled(*xs), b, seconds)
     say(f"  bucket {b}: " + ", ".join(f"{k} {v[b]:.0f} rows/s" for k, v in out.items()))
@@ -132,8 +134,12 @@ def main() -> None:
                  help="torch's intra-op threads (torch.set_num_threads). On a busy shared"
                  " machine torch's OpenMP pool stalls on every op when a thread is descheduled"
                  " (measured here: 60 ms per 8-row DCN call at 2 threads); 1 avoids it")
+  p.add_argument("--buckets", default=",".join(map(str, BUCKETS)),
+                 help="batch sizes: every method is timed at each, and the bundle is exported"
+                 f" with them as its buckets (default {','.join(map(str, BUCKETS))})")
   p.add_argument("--out", default="bench_out")
   args = p.parse_args()
+  buckets = tuple(sorted(int(b) for b in args.buckets.split(",")))
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
   import torch
   from export import ExportConfig
@@ -150,12 +156,12 @@ def main() -> None:
     if name not in args.models.split(","):
       continue
     say(f"{name}: raw rates")
-    raw, capture_s, compile_s = raw_rates(model, rows, args.seconds)
+    raw, capture_s, compile_s = raw_rates(model, rows, args.seconds, buckets)
     with tempfile.TemporaryDirectory() as tmp:
       repo = pathlib.Path(tmp)
       t0 = time.perf_counter()
       export_torch(model, rows(4), repository=repo, name=name, output_names=["score"],
-                   config=ExportConfig(batch_buckets=BUCKETS))
+                   config=ExportConfig(batch_buckets=buckets))
       export_s = time.perf_counter() - t0
       say(f"{name}: served")
       served, p50, load_s = served_rate(repo, name, rows, args.request_rows, args.seconds,
