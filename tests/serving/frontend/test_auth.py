@@ -11,8 +11,8 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from certutil import write_cert
 from clientutil import assert_served_like
-from conftest import write_cert
 from procutil import run_cli
 from serving.frontend import auth
 from serving.frontend import native as native_frontend
