@@ -10,7 +10,7 @@ import asyncio
 import random
 
 MAX_HOLD_S = 0.1  # native tenants.h kMaxRefusalHoldS
-MIN_HOLD_S = 1e-3  # shorter: answered at once
+MIN_HOLD_S = 1e-3  # shorter: answered at once (native tenants.h kMinRefusalHoldS)
 
 
 def spread(retry_s: float) -> float:

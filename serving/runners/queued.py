@@ -77,14 +77,13 @@ class QueuedRowRunner(BatchedRunner):
     self._threads = []
     for i in range(instances):
       suffix = f"#{i}" if instances > 1 else ""
+      # One batch in flight: nothing to overlap, so no hand-off to a completion thread.
+      done: Any = queue.SimpleQueue() if self.depth > 1 else _Inline(self._complete)
+      self._threads.append(threading.Thread(target=self._dispatch_loop, args=(i, done),
+                                            daemon=True, name=f"runner-{name}{suffix}"))
       if self.depth > 1:
-        done: Any = queue.SimpleQueue()
         self._threads.append(threading.Thread(target=self._complete_loop, args=(done,),
                                               daemon=True, name=f"runner-{name}{suffix}-out"))
-      else:  # one batch in flight: nothing to overlap, so no hand-off to a second thread
-        done = _Inline(self._complete)
-      self._threads.insert(0, threading.Thread(target=self._dispatch_loop, args=(i, done),
-                                               daemon=True, name=f"runner-{name}{suffix}"))
 
   @property
   def pending_requests(self) -> int:
@@ -239,8 +238,8 @@ class QueuedRowRunner(BatchedRunner):
     of the device outputs, taken from the batch's `handle`, for a whole request that keeps
     them there)."""
     done, device = [], None
-    for req, start, rows, dest, last in backs:
-      if start == 0 and rows == req.rows:  # whole (`last` only says it finishes the request)
+    for req, start, rows, dest, _ in backs:
+      if start == 0 and rows == req.rows:  # whole
         req.generations = (generation, generation)
         if (req.device_outputs and device is None and handle is not None
             and self.capabilities.device_outputs is not None):
@@ -256,8 +255,12 @@ class QueuedRowRunner(BatchedRunner):
                            for name, shape, dtype in self._out}
           for name, _, _ in self._out:
             req.outputs[name][start:start + rows] = outs[name][dest:dest + rows]
-      if last:
-        done.append((req, req.outputs, None))
+          # Delivered once every slice is copied, not when the queue counted the last one done:
+          # the slice the queue finished first may still be copying on another instance.
+          req.rows_done += rows
+          if req.rows_done < req.rows:
+            continue
+      done.append((req, req.outputs, None))
     deliver(done)
 
   def _fail(self, batch: Any, err: ServingError) -> None:

@@ -29,10 +29,13 @@ from servingutil import mock_factory, mock_reference, mock_rows, write_mock_bund
 WAIT_S = 60
 
 
-def _builder(name: str, *, gate: threading.Event | None = None, fail: bool = False):
+def _builder(name: str, *, gate: threading.Event | None = None, fail: bool = False,
+             entered: threading.Event | None = None):
   """A demo builder (repository, *, tiny, platforms, progress) writing a MockEngine bundle
-  `name`, after `gate` opens; `fail` raises instead."""
+  `name`, after `gate` opens (`entered` set once it waits there); `fail` raises instead."""
   def build(repository, *, tiny, platforms, progress):
+    if entered is not None:
+      entered.set()
     if gate is not None:
       assert gate.wait(WAIT_S), f"{name}: the test never opened the gate"
     if fail:
@@ -137,11 +140,13 @@ def test_a_failed_build_keeps_the_server_unready_and_the_rest_serving(tmp_path):
 
 
 def test_a_stop_during_a_first_start_builds_nothing_more(tmp_path):
-  gate = threading.Event()
-  started = _Started(tmp_path, {"first": _builder("first"), "second": _builder("second", gate=gate),
+  gate, entered = threading.Event(), threading.Event()
+  started = _Started(tmp_path, {"first": _builder("first"),
+                                "second": _builder("second", gate=gate, entered=entered),
                                 "third": _builder("third")})
   try:
     started.wait_model_ready("first")
+    assert entered.wait(WAIT_S)  # "second" is mid-build (else the stop could come before it)
     started.server.request_stop()  # SIGTERM's path: readiness false at once, then drain
     assert not started.client.is_server_ready()
     gate.set()  # "second" was mid-build: it finishes, "third" never starts

@@ -182,7 +182,7 @@ std::string Head(int status, const char* type, size_t length, size_t header_len,
 // held is bounded by the connections open.
 FastResult Hold(HttpCall* call, double hold_s) {
   call->hold_s = std::min(hold_s, kMaxRefusalHoldS);
-  return call->hold_s >= 1e-3 ? FastResult::kHeld : FastResult::kAnswered;
+  return call->hold_s >= kMinRefusalHoldS ? FastResult::kHeld : FastResult::kAnswered;
 }
 
 }  // namespace

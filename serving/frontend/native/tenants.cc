@@ -9,10 +9,10 @@
 #include <grpcpp/security/auth_context.h>
 
 #include <algorithm>
-#include <random>
-#include <chrono>
 #include <cctype>
+#include <chrono>
 #include <cstdio>
+#include <random>
 
 namespace xlaserve::native {
 namespace {
@@ -191,11 +191,11 @@ bool Frontend::OverQuota(Call* c, int64_t rows, int64_t* priority) {
 }
 
 // A refusal is answered `hold_s` later: an over-quota one when the quota would admit the request
-// again (RefusalHold), one for bad credentials kMaxRefusalHoldS later (as logins delay a failed attempt); at
-// most kMaxRefusalHoldS, and within half the time left before the call's deadline. A client that
-// retries at once is then admitted, and one flooding with a fixed number of calls in flight sends
-// about that many per refill instead of spinning the cores (refused within microseconds, it took
-// a polite tenant's p99 on 2 cores to 2.4x its solo figure). Held calls keep no request bytes;
+// again (RefusalHold), one for bad credentials kMaxRefusalHoldS later (as logins delay a failed
+// attempt); at most kMaxRefusalHoldS, and within half the time left before the call's deadline.
+// A client that retries at once is then admitted, and one flooding with a fixed number of calls
+// in flight sends about that many per refill instead of spinning the cores (refused within
+// microseconds, it took a polite tenant's p99 on 2 cores to 2.4x its solo figure). Held calls keep no request bytes;
 // past kMaxHeldRefusals (a flood that does not wait for its answers) refusals go out at once.
 void Frontend::Refuse(Call* c, const grpc::Status& st, double hold_s) {
   constexpr int64_t kMaxHeldRefusals = 4096;
@@ -205,8 +205,8 @@ void Frontend::Refuse(Call* c, const grpc::Status& st, double hold_s) {
   if (dl < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
     hold = std::min(hold, std::chrono::duration<double>(dl - now).count() / 2);
   }
-  if (hold < 1e-3 || held_refusals_.fetch_add(1) >= kMaxHeldRefusals) {
-    if (hold >= 1e-3) held_refusals_--;
+  if (hold < kMinRefusalHoldS || held_refusals_.fetch_add(1) >= kMaxHeldRefusals) {
+    if (hold >= kMinRefusalHoldS) held_refusals_--;
     c->stream.Finish(st, c->T(kSFinish));
     return;
   }

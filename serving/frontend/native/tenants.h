@@ -44,6 +44,8 @@ inline constexpr std::string_view kUnknownTenantHttp =  // serving/frontend/http
 
 // A refusal at the door is answered at most this long after (Frontend::Refuse, HttpServer::Later).
 inline constexpr double kMaxRefusalHoldS = 0.1;
+// A hold shorter than this is not worth a timer: the refusal is answered at once.
+inline constexpr double kMinRefusalHoldS = 1e-3;
 // How long to hold an over-quota refusal whose quota admits the request again in `retry_s`:
 // that, plus up to as long again at random, so the calls a flood had refused together do not all
 // come back at the same instant; at most kMaxRefusalHoldS.
