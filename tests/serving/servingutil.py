@@ -15,7 +15,15 @@ import numpy as np
 
 from clientutil import serving, write_engine_bundle  # noqa: F401  (re-exported)
 from serving.engines.mock import MockEngine
+from serving.repository import ModelServingConfig
 from serving.frontend.protocol import grpc_service_pb2 as pb
+
+
+# Server settings for long fuzzing loops in the test process: no queue-wait bound, because a
+# cyclic-GC pause of the test process (about 1 s once it holds over a million objects, with the
+# server's threads in the same process) would shed a valid request as RESOURCE_EXHAUSTED.
+# `xlaserve serve` freezes its start-up objects out of those scans; the test process cannot.
+FUZZ_SERVER = {"default_model_config": ModelServingConfig(max_queue_wait_ms=0.0)}
 
 
 def write_mock_bundle(repo: pathlib.Path, name: str = "mock", version: int = 1,

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
-from servingutil import expected, mock_request, outputs
+from servingutil import FUZZ_SERVER, expected, mock_request, outputs
 
 EXAMPLES = int(os.environ.get("XLASERVE_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -198,7 +198,7 @@ def _assert_serves(stub) -> None:
 
 
 def test_mutated_infer_requests_get_clean_answers(start_mock_server):
-  bg, _ = start_mock_server()
+  bg, _ = start_mock_server(server_kwargs=FUZZ_SERVER)
   seen = {"cases": 0}
   with grpc.insecure_channel(bg.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -246,7 +246,7 @@ def corrupted_wire(draw):
 
 
 def test_corrupted_wire_bytes_get_clean_answers(start_mock_server):
-  bg, _ = start_mock_server()
+  bg, _ = start_mock_server(server_kwargs=FUZZ_SERVER)
   seen = {"cases": 0}
   with grpc.insecure_channel(bg.address) as ch:
     call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")

@@ -16,7 +16,7 @@ import pytest
 from httputil import Http, both_protocols
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
-from servingutil import expected, mock_request, mock_rows
+from servingutil import FUZZ_SERVER, expected, mock_request, mock_rows
 
 STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
           grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
@@ -25,7 +25,7 @@ STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  with both_protocols(tmp_path_factory.mktemp("errors") / "repo") as bg:
+  with both_protocols(tmp_path_factory.mktemp("errors") / "repo", **FUZZ_SERVER) as bg:
     with grpc.insecure_channel(bg.address) as ch:
       yield bg, Http(bg.server.http_port), pb_grpc.GRPCInferenceServiceStub(ch)
 

@@ -22,8 +22,8 @@ import tritonclient.http as th
 from bundle import BY_TRITON, numpy_dtype, triton_datatype
 from serving.engines.mock import MockEngine
 from serving.frontend import native as native_frontend
-from servingutil import expected, mock_rows, serving, wait_until, write_engine_bundle, \
-    write_mock_bundle
+from servingutil import FUZZ_SERVER, expected, mock_rows, serving, wait_until, \
+    write_engine_bundle, write_mock_bundle
 from httputil import raw_request, read_reply
 from test_http import http_inputs
 from test_native_parity import DTYPES, DtypeEngine
@@ -62,7 +62,8 @@ def _pair(root, **config):
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
-  with _pair(tmp_path_factory.mktemp("native_http"), max_message_bytes=LIMIT) as servers:
+  with _pair(tmp_path_factory.mktemp("native_http"), max_message_bytes=LIMIT,
+             **FUZZ_SERVER) as servers:
     yield servers
 
 

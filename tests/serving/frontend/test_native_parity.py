@@ -23,8 +23,8 @@ from serving.engines import Engine
 from serving.frontend import native as native_frontend
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
-from servingutil import expected, metric, mock_factory, mock_request, mock_rows, rpc_code, \
-    rpc_result, serving, write_mock_bundle
+from servingutil import FUZZ_SERVER, expected, metric, mock_factory, mock_request, mock_rows, \
+    rpc_code, rpc_result, serving, write_mock_bundle
 
 NATIVE, WHY = native_frontend.load_extension()
 needs_native = pytest.mark.skipif(NATIVE is None, reason=WHY)
@@ -84,8 +84,8 @@ def both(tmp_path_factory):
   """The same repository behind a native and a Python front end: {kind: (server, stub)}."""
   repo = _dtype_repo(tmp_path_factory.mktemp("parity") / "repo")
   out = {}
-  with serving(repo, _factory, frontend="python") as py_bg, \
-      serving(repo, _factory, frontend="auto") as nat_bg:
+  with serving(repo, _factory, frontend="python", **FUZZ_SERVER) as py_bg, \
+      serving(repo, _factory, frontend="auto", **FUZZ_SERVER) as nat_bg:
     for kind, bg in (("python", py_bg), ("native", nat_bg)):
       ch = grpc.insecure_channel(bg.address)
       out[kind] = (bg, pb_grpc.GRPCInferenceServiceStub(ch))
