@@ -244,7 +244,8 @@ def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
 def saturate(phase: Callable[..., None], runs: dict, cpu: dict, model: str, payload: bytes,
              args) -> None:
   """Closed-loop phases at each of `--saturation-concurrency` (stopping once the rate falls
-  5% below the best): the best is the saturated rate, "batched_saturation". Like
+  5% below the best): the best (a larger concurrency must beat it by 1%, else only its queueing
+  grows) is the saturated rate, "batched_saturation". Like
   perf_analyzer's concurrency sweep: with two instances and batches of up to 1024 rows, 32
   requests of 32 rows leave the queue empty whenever a batch is taken."""
   best = None
@@ -253,7 +254,7 @@ def saturate(phase: Callable[..., None], runs: dict, cpu: dict, model: str, payl
     name = f"batched_c{c}"
     phase(name, payload, args.request_rows, concurrency=c, processes=args.processes,
           duration=args.duration)
-    if best is None or runs[name].rps > runs[best].rps:
+    if best is None or runs[name].rps > 1.01 * runs[best].rps:  # more in flight must pay
       best = name
     elif runs[name].rps < 0.95 * runs[best].rps:
       break
