@@ -4,9 +4,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 
 #include "row_queue.h"
 
@@ -240,7 +242,15 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
   std::vector<Back> backs;
   std::vector<double> ok_s, queue_s;
   {
-    {  // the GIL stays held: a slice of a split Python request takes its own reference here
+    // A Python request's slice takes its own reference below, under the GIL; a batch of native
+    // requests touches no Python object, so the other runners' Python goes on meanwhile.
+    std::optional<py::gil_scoped_release> nogil;
+    if (std::all_of(b->slices.begin(), b->slices.end(), [](const PlanSlice& s) {
+          return static_cast<QEntry*>(s.entry)->native != nullptr;
+        })) {
+      nogil.emplace();
+    }
+    {
       std::lock_guard<std::mutex> l(mu_);
       b->settled = true;
       double now = MonoNow();
