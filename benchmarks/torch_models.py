@@ -185,9 +185,9 @@ def main() -> None:
                      "torch_compile_s": compile_s}
     table.append([name, served, conc, best("jax"), best("eager"), best("compile"),
                   served / best("compile"), export_s, load_s, compile_s])
-  print(format_table(["model", "served rows/s", "at concurrency", "jax raw best", "torch eager best",
-                      "torch.compile best", "served/compile", "export s", "server load s",
-                      "torch.compile s"], table))
+  print(format_table(["model", "served rows/s", "at concurrency", "jax raw best",
+                      "torch eager best", "torch.compile best", "served/compile", "export s",
+                      "server load s", "torch.compile s"], table))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "torch_models.json").write_text(json.dumps(results, indent=1))
