@@ -146,10 +146,9 @@ class ModelRunner(BatchedRunner):
       deliver([(r, None, err) for r in reqs])
 
   def _next_plan(self, idle: bool, primary: bool) -> BatchPlan[InferRequest] | None:
-    """Blocks until a batch should run (or returns None when it should finish the in-flight one).
-    Only the primary instance runs partial batches; the others take full ones, so they add
-    throughput under load but never split a trickle into concurrent small batches (on CPU two
-    at once share the same cores: each takes twice as long)."""
+    """Blocks until a batch should run (None: finish the in-flight one first). Only the primary
+    instance runs partial batches; the others take full ones: throughput under load, but a
+    trickle is never split into concurrent small batches (on CPU they share the cores)."""
     with self._cv:
       while True:
         now = time.perf_counter()
@@ -158,11 +157,13 @@ class ModelRunner(BatchedRunner):
           with self._stats_lock:
             self.stats.expired += len(d.expired)
           late = [p.item for p in d.expired if expired_by_deadline(p)]
+          shed = [p.item for p in d.expired if not expired_by_deadline(p)]
           self._fail(late, ServingError(
               Code.DEADLINE_EXCEEDED, f"model {self.name}: deadline passed while queued"
               " (never executed); raise the deadline or reduce load"))
-          self._fail([p.item for p in d.expired if not expired_by_deadline(p)], ServingError(
-              Code.RESOURCE_EXHAUSTED, shed_message(self.name, self.config)))
+          if shed:  # only a queue-wait bound sheds: without one there is no message to give
+            self._fail(shed, ServingError(Code.RESOURCE_EXHAUSTED,
+                                          shed_message(self.name, self.config)))
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
         if d.plan is not None:
           started = [s.pending.item for s in d.plan.slices if s.start == 0]

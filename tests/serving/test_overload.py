@@ -180,6 +180,27 @@ def test_model_default_timeout_applies_unless_the_request_sets_one(tmp_path):
     assert isinstance(explicit, pb.ModelInferResponse)
 
 
+@pytest.mark.parametrize("frontend", ["python", "auto"])  # the Python queue; the native one
+def test_a_deadline_expiring_without_a_queue_wait_bound_leaves_the_model_serving(tmp_path,
+                                                                                 frontend):
+  """max_queue_wait_ms 0 (unbounded): a request whose own deadline passes in the queue gets
+  DEADLINE_EXCEEDED, and the model answers the next one (the Python runner thread once died
+  here, building a shed message for a bound that does not exist)."""
+  repo = tmp_path / "repo"
+  write_mock_bundle(repo, "mock", 1, config={"max_queue_wait_ms": 0, "instance_count": 1})
+  with serving(repo, mock_factory(delay_s=0.3), frontend=frontend) as bg, \
+      grpc.insecure_channel(bg.address) as ch, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    busy = pool.submit(_send, stub, mock_request(*_rows(8)))  # runs 0.3 s
+    time.sleep(0.05)
+    late = pool.submit(_send, stub, mock_request(*_rows(1), timeout=50_000))
+    assert late.result().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(busy.result(), pb.ModelInferResponse)
+    x, k = _rows(3, 2.0)
+    answer = stub.ModelInfer(mock_request(x, k), timeout=10)
+    np.testing.assert_array_equal(outputs(answer)["y"], expected(x, k)[0])
+
+
 # -- the admission rules themselves, worked by hand (no server) -------------------------------
 
 def _batcher(**kw):
