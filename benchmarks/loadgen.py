@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import multiprocessing as mp
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -131,6 +131,25 @@ def run_load(address: str, payload: bytes, *, rows_per_request: int, concurrency
   lat = np.array([x for r in results for x in r[2]])
   err_lat = {code: np.array([x for r in results for x in r[3].get(code, ())]) for code in errors}
   return LoadResult(seconds, ok, errors, lat, rows_per_request, err_lat)
+
+
+def saturate(run: Callable[[int], LoadResult], concurrencies: Sequence[int]
+             ) -> tuple[int, LoadResult]:
+  """The saturated closed-loop point, (concurrency, its result): `run(c)` at each concurrency
+  in order; a larger one counts only when it beats the best rate by 1% (else only its queueing
+  grows), and the sweep stops once a rate falls 5% below the best. Like perf_analyzer's
+  concurrency sweep: a server batching up to 1024 rows on two instances saturates only with
+  many requests in flight."""
+  best: tuple[int, LoadResult] | None = None
+  for c in concurrencies:
+    r = run(c)
+    if best is None or r.rps > 1.01 * best[1].rps:
+      best = (c, r)
+    elif r.rps < 0.95 * best[1].rps:
+      break
+  if best is None:
+    raise ValueError("saturate needs at least one concurrency")
+  return best
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

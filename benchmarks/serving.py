@@ -42,7 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks.loadgen import build_request, format_table, run_load  # noqa: E402
+from benchmarks.loadgen import (LoadResult, build_request, format_table, run_load,  # noqa: E402
+                               saturate)
 
 
 def say(msg: str) -> None:
@@ -199,9 +200,9 @@ def children_cpu_s() -> float:
 
 
 def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
-                   raw: list) -> tuple[dict, dict]:
+                   raw: list) -> tuple[dict, dict, int]:
   """Starts `xlaserve serve --frontend FRONTEND` and runs every load phase against `model`:
-  (phase -> LoadResult, phase -> CPU per request)."""
+  (phase -> LoadResult, phase -> CPU per request, the concurrency that saturated it)."""
   run_load = args.run_load
   proc, addr, _ = start_server(repo, ["--frontend", frontend, *args.server_args.split()])
   rng = np.random.default_rng(1)
@@ -212,16 +213,25 @@ def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
   try:
     meter = ServerCpu(proc, addr, model)
 
-    def phase(name: str, payload: bytes, rows: int, **kw) -> None:
+    def phase(name: str, payload: bytes, rows: int, **kw) -> LoadResult:
       before, gen_before = meter.read(), children_cpu_s()
       runs[name] = r = run_load(addr, payload, rows_per_request=rows, **kw)
       n = r.ok + sum(r.errors.values())
       cpu[name] = meter.per_request(before, meter.read(), n, raw_cpu)
       cpu[name]["loadgen_cpu_us"] = (children_cpu_s() - gen_before) / max(n, 1) * 1e6
+      return r
 
     say("warming the connection ...")
     run_load(addr, one, rows_per_request=1, concurrency=4, duration=1.0)
-    saturate(phase, runs, cpu, model, big, args)
+    def closed_loop(c: int) -> LoadResult:
+      say(f"{model}: {args.request_rows}-row requests, {c} in flight ...")
+      return phase(f"batched_c{c}", big, args.request_rows, concurrency=c,
+                   processes=args.processes, duration=args.duration)
+
+    saturated_at, _ = saturate(closed_loop, args.saturation_concurrency)
+    runs["batched_saturation"] = runs[f"batched_c{saturated_at}"]
+    cpu["batched_saturation"] = cpu[f"batched_c{saturated_at}"]
+    say(f"{model}: saturated at {saturated_at} in flight")
     say(f"{model}: single-row requests, concurrency 16 ...")
     phase("single_c16", one, 1, concurrency=16, processes=args.processes,
           duration=args.duration)
@@ -238,29 +248,7 @@ def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
   finally:
     proc.terminate()
     proc.wait(60)
-  return runs, cpu
-
-
-def saturate(phase: Callable[..., None], runs: dict, cpu: dict, model: str, payload: bytes,
-             args) -> None:
-  """Closed-loop phases at each of `--saturation-concurrency` (stopping once the rate falls
-  5% below the best): the best (a larger concurrency must beat it by 1%, else only its queueing
-  grows) is the saturated rate, "batched_saturation". Like
-  perf_analyzer's concurrency sweep: with two instances and batches of up to 1024 rows, 32
-  requests of 32 rows leave the queue empty whenever a batch is taken."""
-  best = None
-  for c in args.saturation_concurrency:
-    say(f"{model}: {args.request_rows}-row requests, {c} in flight ...")
-    name = f"batched_c{c}"
-    phase(name, payload, args.request_rows, concurrency=c, processes=args.processes,
-          duration=args.duration)
-    if best is None or runs[name].rps > 1.01 * runs[best].rps:  # more in flight must pay
-      best = name
-    elif runs[name].rps < 0.95 * runs[best].rps:
-      break
-  runs["batched_saturation"], cpu["batched_saturation"] = runs[best], cpu[best]
-  args.saturated_at = int(best.removeprefix("batched_c"))
-  say(f"{model}: saturated at {args.saturated_at} in flight: {runs[best].rps:.0f} req/s")
+  return runs, cpu, saturated_at
 
 
 def parse_args() -> argparse.Namespace:
@@ -310,10 +298,10 @@ def main() -> None:
     raw, inputs = raw_ceiling(bundle, max(2.0, args.duration / 2))
     for frontend in frontends:
       say(f"--- {model}, {frontend} gRPC front end ---")
-      runs, cpu = measure_served(repo, args, model, inputs, frontend, raw)
+      runs, cpu, saturated_at = measure_served(repo, args, model, inputs, frontend, raw)
       results[f"{model}/{frontend}"] = {
           "model": model, "frontend": frontend, "raw": raw, "runs": runs, "cpu": cpu,
-          "summary": report(runs, cpu, raw, args, model, frontend)}
+          "summary": report(runs, cpu, raw, args, model, frontend, saturated_at)}
   side_by_side(results)
   write_json(results, args, args.out / "serving.json")
   plot(results, args, args.out / "serving.png")

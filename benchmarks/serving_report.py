@@ -12,7 +12,8 @@ import numpy as np
 from benchmarks.loadgen import format_table
 
 
-def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: str) -> dict:
+def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: str,
+           saturated_at: int) -> dict:
   """Prints the raw and phase tables and the headline ratios of one model and front end;
   returns the summary."""
   print()
@@ -43,11 +44,11 @@ def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: st
       "saturation_loadgen_cpu_us": cpu["batched_saturation"]["loadgen_cpu_us"],
       "p99_at_70pct_ms": p99_70, "lone_p50_ms": lone_p50,
       "p99_at_70pct_over_lone_p50": p99_70 / lone_p50, "loadgen": args.loadgen,
-      "saturated_at_concurrency": args.saturated_at,
+      "saturated_at_concurrency": saturated_at,
   }
   print()
   print(f"{model}: served / raw ({args.request_rows}-row requests at saturation, reached at"
-        f" {args.saturated_at} in flight, vs best bucket"
+        f" {saturated_at} in flight, vs best bucket"
         f" {best['bucket']}): {summary['served_over_raw']:.3f}; with two callers at once (best"
         f" bucket {best2['bucket']}): {summary['served_over_raw_two_callers']:.3f}")
   print(f"{model}: single-row requests at concurrency 16: {single.rps:.0f} req/s, p99"

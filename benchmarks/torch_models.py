@@ -30,7 +30,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks import loadgen, native_loadgen  # noqa: E402
-from benchmarks.loadgen import build_request, format_table  # noqa: E402
+from benchmarks.loadgen import build_request, format_table, saturate  # noqa: E402
 
 BUCKETS = (1, 8, 32, 128, 256)
 
@@ -105,8 +105,9 @@ def served_rate(repo: pathlib.Path, name: str, rows: Callable[[int], tuple[Any, 
                 request_rows: int, seconds: float, run_load: Callable[..., Any],
                 concurrencies: tuple[int, ...] = (16,)) -> tuple[float, float, float, int]:
   """(rows/s at saturation, p50 ms there, load s, the concurrency that reached it) of `xlaserve
-  serve` over the bundle: the best closed-loop rate over `concurrencies` (with buckets of
-  1024 rows and two instances, 16 requests of 128 rows fill only the two running batches)."""
+  serve` over the bundle: the saturated closed-loop rate over `concurrencies`
+  (`loadgen.saturate`; with buckets of 1024 rows and two instances, 16 requests of 128 rows fill
+  only the two running batches)."""
   from procutil import serve
 
   t0 = time.perf_counter()
@@ -119,16 +120,17 @@ def served_rate(repo: pathlib.Path, name: str, rows: Callable[[int], tuple[Any, 
     payload = build_request(name, dict(zip(names, (x.numpy() for x in rows(request_rows)))))
     run_load(proc.address, payload, rows_per_request=request_rows, concurrency=8,
              duration=1.0)  # warm
-    best = (0.0, float("nan"), load_s, 0)
-    for c in concurrencies:
+
+    def closed_loop(c: int) -> Any:
       res = run_load(proc.address, payload, rows_per_request=request_rows, concurrency=c,
                      duration=seconds)
       if res.errors:
         raise RuntimeError(f"served {name}: errors {res.errors}")
       say(f"  concurrency {c}: {res.rows_per_s:.0f} rows/s, p50 {res.pct_ms(50):.2f} ms")
-      if res.rows_per_s > best[0]:
-        best = (res.rows_per_s, res.pct_ms(50), load_s, c)
-    return best
+      return res
+
+    c, res = saturate(closed_loop, concurrencies)
+    return res.rows_per_s, res.pct_ms(50), load_s, c
   finally:
     proc.kill()
 

@@ -195,8 +195,9 @@ bool Frontend::OverQuota(Call* c, int64_t rows, int64_t* priority) {
 // attempt); at most kMaxRefusalHoldS, and within half the time left before the call's deadline.
 // A client that retries at once is then admitted, and one flooding with a fixed number of calls
 // in flight sends about that many per refill instead of spinning the cores (refused within
-// microseconds, it took a polite tenant's p99 on 2 cores to 2.4x its solo figure). Held calls keep no request bytes;
-// past kMaxHeldRefusals (a flood that does not wait for its answers) refusals go out at once.
+// microseconds, it took a polite tenant's p99 on 2 cores to 2.4x its solo figure). Held calls
+// keep no request bytes; past kMaxHeldRefusals (a flood that does not wait for its answers)
+// refusals go out at once.
 void Frontend::Refuse(Call* c, const grpc::Status& st, double hold_s) {
   constexpr int64_t kMaxHeldRefusals = 4096;
   auto now = std::chrono::system_clock::now();
