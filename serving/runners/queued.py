@@ -26,8 +26,8 @@ from serving.batching import BatchingConfig
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   log_outcome, nan_error, request_log_enabled)
+from serving.runners.checks import as_serving_error, check_runner_config
 from serving.runners.handoff import DeviceRows
-from serving.runners.rows import as_serving_error, check_runner_config
 from serving.types import GRPC_STATUS, Code, InferRequest, ServingError, merge_generations
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,16 @@ class _Inline:
 
   def put(self, item: tuple | None) -> None:
     if item is not None:
-      self._last_done = self._complete(*item, self._last_done)
+      self._last_done = _guarded(self._complete, item, self._last_done)
+
+
+def _guarded(complete: Callable[..., float], item: tuple, last_done: float) -> float:
+  """Completes one batch; a bug in doing so is logged, and the thread goes on serving."""
+  try:
+    return complete(*item, last_done)
+  except Exception:
+    logger.exception("completing a batch failed")
+    return time.perf_counter()
 
 
 class QueuedRowRunner(BatchedRunner):
@@ -139,9 +148,9 @@ class QueuedRowRunner(BatchedRunner):
         if q.finished(instance):
           break
         continue
-      self.observer.request_sizes(batch.request_rows)
       t0 = time.perf_counter()
       try:
+        self.observer.request_sizes(batch.request_rows)
         inputs = self._inputs(batch)
         t1 = time.perf_counter()
         handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs, **(
@@ -160,7 +169,7 @@ class QueuedRowRunner(BatchedRunner):
   def _complete_loop(self, done: queue.SimpleQueue) -> None:
     last_done = 0.0
     while (item := done.get()) is not None:
-      last_done = self._complete(*item, last_done)
+      last_done = _guarded(self._complete, item, last_done)
 
   def _complete(self, batch: Any, handle: Any, t_dispatch: float, t_input: float,
                 last_done: float) -> float:
@@ -182,9 +191,12 @@ class QueuedRowRunner(BatchedRunner):
     busy_s = t_done - max(t_dispatch, last_done)  # pipelined: time since the last batch
     self._answer(batch, outs, busy_s, t_done - t_dispatch, t_input,
                  self.engine.generation_of(handle), t_dispatch=t_dispatch, handle=handle)
-    self.observer.batch_timing(start=t_dispatch, done=t_done, rows=batch.rows,
-                               requests=len(batch.request_rows), assembly_s=t_input,
-                               encode_s=time.perf_counter() - t_done)
+    try:
+      self.observer.batch_timing(start=t_dispatch, done=t_done, rows=batch.rows,
+                                 requests=len(batch.request_rows), assembly_s=t_input,
+                                 encode_s=time.perf_counter() - t_done)
+    except Exception:  # metrics never fail answers nor stop the model
+      logger.exception("%s: recording a batch's timing failed", self.name)
     return t_done
 
   def _inputs(self, batch: Any) -> dict[str, np.ndarray]:
@@ -214,10 +226,16 @@ class QueuedRowRunner(BatchedRunner):
       self.observer.requests_done(ok_s=ok_s)
       self._refresh_gauges()
       self._log(logs)
+    except Exception:  # metrics never fail answers nor stop the model
+      logger.exception("%s: recording a batch's metrics failed", self.name)
     finally:
       t_sent = self._q.release(held)
     if t_dispatch is not None and self.observer.tracing:
-      self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s, t_sent)
+      try:
+        self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s,
+                    t_sent)
+      except Exception:
+        logger.exception("%s: tracing a batch failed", self.name)
     if backs:
       self._deliver_slices(backs, outs, generation, handle)
 

@@ -25,39 +25,12 @@ from serving.batching import (Admission, BatchingConfig, BatchPlan, Batcher, Pen
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   nan_error)
+from serving.runners.checks import as_serving_error, check_runner_config, count_batch, fixed_rows
 from serving.runners.handoff import DeviceRows, assemble
+from serving.runners.open_requests import OpenRequests
 from serving.types import Code, InferRequest, ServingError, merge_generations
 
 logger = logging.getLogger(__name__)
-
-
-def as_serving_error(e: Exception, model: str) -> ServingError:
-  """The status a failed batch gives its requests: the engine's own ServingError (e.g. a value
-  it cannot take: INVALID_ARGUMENT), else INTERNAL."""
-  if isinstance(e, ServingError):
-    return e
-  return ServingError(Code.INTERNAL, f"model {model} failed: {e}")
-
-
-def check_runner_config(name: str, engine: Engine, config: BatchingConfig,
-                        instances: int | None) -> int:
-  """The instance count to run (the engine's default when None); raises ValueError when it or
-  the batching buckets do not fit the engine."""
-  instances = engine.default_instances if instances is None else instances
-  if instances < 1 or (engine.max_instances is not None and instances > engine.max_instances):
-    raise ValueError(f"{name}: instance_count must be between 1 and"
-                     f" {engine.max_instances or 'any number'} for this engine, got {instances}")
-  if tuple(config.buckets) != tuple(engine.buckets):
-    raise ValueError(f"{name}: batching buckets {config.buckets} differ from the engine's"
-                     f" compiled buckets {engine.buckets}")
-  return instances
-
-
-def fixed_rows(tensors: Sequence[Any]) -> bool:
-  """Whether every tensor is fixed-shape rows of a numeric dtype (the native fast path); a
-  context input (leading dimension 1: one row per request) counts as fixed too."""
-  return all(t.dtype != "object" and t.shape and (t.shape[0] == -1 or t.per_request)
-             and all(d >= 0 for d in t.shape[1:]) for t in tensors)
 
 
 class ModelRunner(BatchedRunner):
@@ -88,6 +61,7 @@ class ModelRunner(BatchedRunner):
     self._cv_full = threading.Condition(lock)  # the others: only a full batch wakes them
     self._stopping = False
     self._inflight = 0
+    self._open: OpenRequests[InferRequest] = OpenRequests()  # each answered exactly once
     self._threads = [threading.Thread(target=self._loop, args=(i == 0,), daemon=True,
                                       name=f"runner-{name}" + (f"#{i}" if instances > 1 else ""))
                      for i in range(instances)]
@@ -106,13 +80,15 @@ class ModelRunner(BatchedRunner):
         raise ServingError(Code.UNAVAILABLE, f"model {self.name} is shutting down; retry on"
                            " another replica")
       try:
-        self._batcher.add(Pending(req, req.rows, req.arrival, req.deadline, req.priority))
+        pending = Pending(req, req.rows, req.arrival, req.deadline, req.priority)
+        self._batcher.add(pending)
       except Admission as e:
         with self._stats_lock:
           self.stats.rejected += 1
           self.stats.fail_count += 1  # Triton counts rejected requests as failures
         self.observer.shed()
         raise ServingError(Code.RESOURCE_EXHAUSTED, f"model {self.name}: {e}") from None
+      self._open.accepted(pending)
       self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
       self._cv.notify()
       if self._batcher.queued_rows >= self.config.max_batch_size:
@@ -136,14 +112,19 @@ class ModelRunner(BatchedRunner):
   # -- worker thread ---------------------------------------------------------
 
   def _fail(self, reqs: Sequence[InferRequest], err: ServingError) -> None:
+    reqs = self._open.close(reqs)
+    if not reqs:
+      return
     now = time.perf_counter()
     with self._stats_lock:
       self.stats.fail_count += len(reqs)
       self.stats.fail_ns += sum(int((now - r.arrival) * 1e9) for r in reqs)
-    for r in reqs:
-      self.observer.request_done(ok=False, duration_s=now - r.arrival, code=err.code)
-    if reqs:
-      deliver([(r, None, err) for r in reqs])
+    try:
+      for r in reqs:
+        self.observer.request_done(ok=False, duration_s=now - r.arrival, code=err.code)
+    except Exception:  # closed above: they are answered below whatever the metrics do
+      logger.exception("%s: recording failed requests' metrics failed", self.name)
+    deliver([(r, None, err) for r in reqs])
 
   def _next_plan(self, idle: bool, primary: bool) -> BatchPlan[InferRequest] | None:
     """Blocks until a batch should run (None: finish the in-flight one first). Only the primary
@@ -166,10 +147,7 @@ class ModelRunner(BatchedRunner):
                                           shed_message(self.name, self.config)))
           self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
         if d.plan is not None:
-          started = [s.pending.item for s in d.plan.slices if s.start == 0]
-          self._inflight += len(started)
-          self._record_started(started)
-          self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
+          self._inflight += sum(1 for s in d.plan.slices if s.start == 0)
           return d.plan
         if not idle:
           return None  # go finish the batch in flight; it frees the device
@@ -321,8 +299,21 @@ class ModelRunner(BatchedRunner):
         if req.rows_done == req.rows:
           done.append((req, req.outputs, None))
     with self._stats_lock:
-      queue_s = self._count(plan, done, error, compute_s, t_input, t_done)
-    for req, out, err in done:
+      queue_s = count_batch(self.stats, plan, done, error, compute_s, t_input, t_done)
+    try:  # metrics before the answers (a client may read them next), but never fail them
+      self._observe(plan, done, error, queue_s, compute_s, t_input, t_done, t_dispatch)
+    except Exception:
+      logger.exception("%s: recording a batch's metrics failed", self.name)
+    with self._cv:
+      self._inflight -= len(done)
+    answered = {id(r) for r in self._open.close(req for req, _, _ in done)}
+    if answered:
+      deliver([c for c in done if id(c[0]) in answered])
+
+  def _observe(self, plan: BatchPlan[InferRequest], done: list, error: ServingError | None,
+               queue_s: list[float], compute_s: float, t_input: float, t_done: float,
+               t_dispatch: float | None) -> None:
+    for req, _, err in done:
       self.observer.request_done(ok=err is None, duration_s=t_done - req.arrival,
                                  code=None if err is None else err.code)
     if error is None:
@@ -334,39 +325,17 @@ class ModelRunner(BatchedRunner):
         self.observer.traced_batch(bucket=plan.bucket, rows=plan.rows, requests=traced,
                                    t_taken=t_dispatch - t_input, t_dispatch=t_dispatch,
                                    t_done=t_done)
-    with self._cv:
-      self._inflight -= len(done)
-    if done:
-      deliver(done)
-
-  def _count(self, plan: BatchPlan[InferRequest], done: list, error: ServingError | None,
-             compute_s: float, t_input: float, t_done: float) -> list[float]:
-    """Adds a finished batch to the stats (stats lock held); returns its requests' queue times."""
-    st = self.stats
-    if error is None:
-      st.execution_count += 1
-      st.inference_count += plan.rows
-      st.batch_counts[plan.bucket] = st.batch_counts.get(plan.bucket, 0) + 1
-      st.compute_input_ns += int(t_input * 1e9)
-      st.compute_infer_ns += int(compute_s * 1e9)
-      st.last_inference_ms = int(time.time() * 1000)
-    queue_s = []
-    for req, out, err in done:
-      dur = t_done - req.arrival
-      queue_s.append(req.queue_ns / 1e9)
-      if err is None:
-        st.success_count += 1
-        st.success_ns += int(dur * 1e9)
-        st.queue_ns += req.queue_ns
-      else:
-        st.fail_count += 1
-        st.fail_ns += int(dur * 1e9)
-    return queue_s
 
   def _loop(self, primary: bool) -> None:
     inflight, last_done = None, 0.0
     while True:
-      plan = self._next_plan(idle=inflight is None, primary=primary)
+      try:
+        plan = self._next_plan(idle=inflight is None, primary=primary)
+      except Exception as e:  # a bug must not stop the model: fail what it left, keep serving
+        self._decision_failed(e)
+        if inflight is None:
+          continue
+        plan = None
       if plan is None and inflight is None:
         return  # stopping and drained
       if plan is not None:
@@ -375,6 +344,8 @@ class ModelRunner(BatchedRunner):
           if s.start == 0:
             s.pending.item.queue_ns = int((t0 - s.pending.item.arrival) * 1e9)
         try:
+          self._record_started([s.pending.item for s in plan.slices if s.start == 0])
+          self.observer.queue_depth(self._batcher.queued_rows, self._batcher.queued_requests)
           batch = self._assemble(plan)
           t1 = time.perf_counter()
           handle = self.engine.dispatch(bucket=plan.bucket, inputs=batch, **(
@@ -396,5 +367,32 @@ class ModelRunner(BatchedRunner):
       else:
         started = None
       if inflight is not None:
-        last_done = self._finish(*inflight, last_done)
+        try:
+          last_done = self._finish(*inflight, last_done)
+        except Exception as e:
+          logger.exception("%s: answering a batch failed", self.name)
+          self._abandon([s.pending for s in inflight[0].slices], ServingError(
+              Code.INTERNAL, f"model {self.name} failed answering a batch: {e}"))
       inflight = started
+
+  def _decision_failed(self, e: Exception) -> None:
+    """A batching decision raised: fails every accepted request with rows still unplaced
+    (queued, or taken out by the decision that raised) rather than leaving it unanswered."""
+    logger.exception("%s: a batching decision failed", self.name)
+    with self._cv:
+      self._batcher.drain()
+    self._abandon(self._open.unfinished(), ServingError(
+        Code.INTERNAL, f"model {self.name}: batching failed ({e}); the request did not run:"
+        " retry, and report the server log's traceback"))
+    time.sleep(0.01)  # a decision that keeps failing must not spin
+
+  def _abandon(self, pendings: Sequence[Pending[InferRequest]], err: ServingError) -> None:
+    """Fails the still-open requests among `pendings`; an in-flight slice of one is dropped
+    when its batch completes (failed requests are skipped there)."""
+    with self._split_lock:
+      pendings = self._open.among(pendings)
+      for p in pendings:
+        p.item.failed = True
+    with self._cv:
+      self._inflight -= sum(1 for p in pendings if p.taken > 0)  # counted when they started
+    self._fail([p.item for p in pendings], err)

@@ -20,9 +20,10 @@ import numpy as np
 from serving.batching import BatchingConfig, BatchPlan, SeqBatcher, SeqBatchPlan, Slice
 from serving.engines import Engine, seq_axes
 from serving.runners.base import Observer, Runner
+from serving.runners.checks import fixed_rows
 from serving.runners.context import ContextRunner
 from serving.runners.queued import QueuedRowRunner, RowQueueFactory
-from serving.runners.rows import ModelRunner, fixed_rows
+from serving.runners.rows import ModelRunner
 from serving.types import Code, InferRequest, ServingError
 
 
