@@ -52,6 +52,14 @@ class _Answers:
     np.testing.assert_array_equal(out["y"], y)
     np.testing.assert_array_equal(out["z"], z)
 
+  def then_served(self, runner, numbers) -> None:
+    """The runner serves new requests `numbers` (n rows each) exactly."""
+    for n in numbers:
+      runner.submit(self.request(n, rows=n))
+    self.wait(numbers)
+    for n in numbers:
+      self.served(n)
+
   def failed(self, n: int, text: str) -> None:
     (out, err), = self.got[n]
     assert out is None and err.code is Code.INTERNAL and text in err.message, err
@@ -84,9 +92,7 @@ def test_a_batching_decision_that_raises_fails_what_was_queued_and_the_model_kee
     answers.wait(range(3))
     for n in range(3):
       answers.failed(n, "batching failed (injected decision bug)")
-    runner.submit(answers.request(3, rows=3))
-    answers.wait([3])
-    answers.served(3)
+    answers.then_served(runner, [3])
   finally:
     runner.stop()
   assert runner.pending_requests == 0
@@ -127,11 +133,7 @@ def test_a_metrics_failure_leaves_the_model_serving(where):
         answers.served(n)
       else:
         answers.failed(n, "failed to start a batch: injected metrics bug")
-    for n in range(2, 4):
-      runner.submit(answers.request(n, rows=n))
-    answers.wait(range(2, 4))
-    answers.served(2)
-    answers.served(3)
+    answers.then_served(runner, [2, 3])
   finally:
     runner.stop()
   assert runner.pending_requests == 0
@@ -160,9 +162,7 @@ def test_a_batch_that_cannot_be_answered_fails_its_requests_once_and_the_model_k
     for n in range(2):
       (out, err), = answers.got[n]
       assert out is None and err.code is Code.INTERNAL, err
-    runner.submit(answers.request(2, rows=3))
-    answers.wait([2])
-    answers.served(2)
+    answers.then_served(runner, [2])
   finally:
     runner.stop()
   assert runner.pending_requests == 0
@@ -199,10 +199,6 @@ def test_the_native_queue_runner_survives_a_metrics_failure(where, depth):
       assert out is None and err.code is Code.INTERNAL and "injected metrics bug" in err.message
     else:
       answers.served(0)
-    for n in range(1, 4):
-      runner.submit(answers.request(n, rows=n))
-    answers.wait(range(1, 4))
-    for n in range(1, 4):
-      answers.served(n)
+    answers.then_served(runner, [1, 2, 3])
   finally:
     runner.stop()
