@@ -5,11 +5,12 @@ left unanswered instead of losing it, and keeps serving."""
 from __future__ import annotations
 
 import threading
-from typing import Generic, Iterable, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 from serving.batching import Pending
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 
 class OpenRequests(Generic[T]):
@@ -23,10 +24,11 @@ class OpenRequests(Generic[T]):
     with self._lock:
       self._open[id(pending.item)] = pending
 
-  def close(self, items: Iterable[T]) -> list[T]:
-    """Marks `items` answered; returns those that were still open (the ones to answer now)."""
+  def close(self, items: Iterable[X], request: Callable[[X], T] = lambda x: x) -> list[X]:
+    """Marks the requests of `items` (each `request(item)`) answered; returns the items whose
+    request was still open: the ones to answer now."""
     with self._lock:
-      return [r for r in items if self._open.pop(id(r), None) is not None]
+      return [x for x in items if self._open.pop(id(request(x)), None) is not None]
 
   def unfinished(self) -> list[Pending[T]]:
     """Open requests with rows not yet placed in a batch: queued, or taken out of the queue by

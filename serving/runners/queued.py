@@ -41,20 +41,20 @@ class _Inline:
   """A dispatch loop's `done` queue at depth 1: completes each batch on the dispatching
   thread, which would only wait for it anyway (saves two thread wake-ups per batch)."""
 
-  def __init__(self, complete: Callable[..., float]):
-    self._complete, self._last_done = complete, 0.0
+  def __init__(self, name: str, complete: Callable[..., float]):
+    self._name, self._complete, self._last_done = name, complete, 0.0
 
   def put(self, item: tuple | None) -> None:
     if item is not None:
-      self._last_done = _guarded(self._complete, item, self._last_done)
+      self._last_done = _guarded(self._name, self._complete, item, self._last_done)
 
 
-def _guarded(complete: Callable[..., float], item: tuple, last_done: float) -> float:
+def _guarded(name: str, complete: Callable[..., float], item: tuple, last_done: float) -> float:
   """Completes one batch; a bug in doing so is logged, and the thread goes on serving."""
   try:
     return complete(*item, last_done)
   except Exception:
-    logger.exception("completing a batch failed")
+    logger.exception("%s: completing a batch failed", name)
     return time.perf_counter()
 
 
@@ -87,7 +87,7 @@ class QueuedRowRunner(BatchedRunner):
     for i in range(instances):
       suffix = f"#{i}" if instances > 1 else ""
       # One batch in flight: nothing to overlap, so no hand-off to a completion thread.
-      done: Any = queue.SimpleQueue() if self.depth > 1 else _Inline(self._complete)
+      done: Any = queue.SimpleQueue() if self.depth > 1 else _Inline(self.name, self._complete)
       self._threads.append(threading.Thread(target=self._dispatch_loop, args=(i, done),
                                             daemon=True, name=f"runner-{name}{suffix}"))
       if self.depth > 1:
@@ -169,7 +169,7 @@ class QueuedRowRunner(BatchedRunner):
   def _complete_loop(self, done: queue.SimpleQueue) -> None:
     last_done = 0.0
     while (item := done.get()) is not None:
-      last_done = _guarded(self._complete, item, last_done)
+      last_done = _guarded(self.name, self._complete, item, last_done)
 
   def _complete(self, batch: Any, handle: Any, t_dispatch: float, t_input: float,
                 last_done: float) -> float:

@@ -306,9 +306,9 @@ class ModelRunner(BatchedRunner):
       logger.exception("%s: recording a batch's metrics failed", self.name)
     with self._cv:
       self._inflight -= len(done)
-    answered = {id(r) for r in self._open.close(req for req, _, _ in done)}
-    if answered:
-      deliver([c for c in done if id(c[0]) in answered])
+    done = self._open.close(done, lambda c: c[0])
+    if done:
+      deliver(done)
 
   def _observe(self, plan: BatchPlan[InferRequest], done: list, error: ServingError | None,
                queue_s: list[float], compute_s: float, t_input: float, t_done: float,
@@ -356,13 +356,8 @@ class ModelRunner(BatchedRunner):
           started = None
         except Exception as e:
           logger.exception("%s: dispatch failed", self.name)
-          err = ServingError(Code.INTERNAL, f"model {self.name} failed to start a batch: {e}")
-          reqs = [s.pending.item for s in plan.slices if not s.pending.item.failed]
-          for r in reqs:
-            r.failed = True
-          with self._cv:
-            self._inflight -= len(reqs)
-          self._fail(reqs, err)
+          self._abandon([s.pending for s in plan.slices], ServingError(
+              Code.INTERNAL, f"model {self.name} failed to start a batch: {e}"))
           started = None
       else:
         started = None
@@ -379,9 +374,10 @@ class ModelRunner(BatchedRunner):
     """A batching decision raised: fails every accepted request with rows still unplaced
     (queued, or taken out by the decision that raised) rather than leaving it unanswered."""
     logger.exception("%s: a batching decision failed", self.name)
-    with self._cv:
+    with self._cv:  # with the queue: a request submitted meanwhile is queued and open, or neither
       self._batcher.drain()
-    self._abandon(self._open.unfinished(), ServingError(
+      left = self._open.unfinished()
+    self._abandon(left, ServingError(
         Code.INTERNAL, f"model {self.name}: batching failed ({e}); the request did not run:"
         " retry, and report the server log's traceback"))
     time.sleep(0.01)  # a decision that keeps failing must not spin
