@@ -120,6 +120,22 @@ def _cpu_sync_dispatch() -> None:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+def _xla_cpu_threads(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+  """Sizes XLA's CPU thread pools through PJRT_NPROC, which JAX reads when it makes its CPU
+  client (so before anything touches a device); see --xla-cpu-threads."""
+  threads = args.xla_cpu_threads
+  if threads is None:
+    if not args.cpu_sync_dispatch or "PJRT_NPROC" in os.environ:
+      return
+    threads = 1
+  if threads == 0:
+    os.environ.pop("PJRT_NPROC", None)
+    return
+  os.environ["PJRT_NPROC"] = str(threads)
+  say(f"XLA's CPU thread pools: {threads} thread{'s' if threads > 1 else ''} each"
+      " (--xla-cpu-threads)")
+
+
 def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, Any]:
   """(the repository to serve, the demo models still to build there or None): the flag's folder,
   or the demo repository, whose missing models a first start builds while it serves (multi-host:
@@ -233,6 +249,7 @@ def serve(args: argparse.Namespace) -> int:
   if args.cpu_sync_dispatch:
     _cpu_sync_dispatch()
     say("CPU batches run on the runner thread that dispatches them (--cpu-sync-dispatch)")
+  _xla_cpu_threads(args, say)
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device
     from serving.multihost import start_from_args

@@ -248,6 +248,15 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " default): faster for light plain models (the runner waits for the batch"
                      " anyway), slower for models that overlap host work with the device step"
                      " (embedding caches); off by default")
+  serve.add_argument("--xla-cpu-threads", type=_threads, default=None, metavar="N",
+                     help="threads in each of XLA's CPU thread pools (it sets PJRT_NPROC before"
+                     " JAX starts; XLA keeps at least one per CPU device). 0: XLA's default,"
+                     " one per core. Default: 1 with"
+                     " --cpu-sync-dispatch, since each batch then runs on its runner thread and"
+                     " the intra-op pool only adds hand-offs (on 2 cores it halved the CPU of a"
+                     " light model's batch of 2-64 rows), else a PJRT_NPROC already set, else 0."
+                     " Without --cpu-sync-dispatch the pool also runs the batches, so fewer"
+                     " threads than model instances serialises them")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                      help="event loop for the gRPC server; uvloop cuts per-request overhead")
   serve.add_argument("--shutdown-grace-s", type=float, default=30.0,
@@ -312,6 +321,17 @@ def _embedding_cache(args: argparse.Namespace) -> Any:
   budget = args.embedding_device_budget
   return EmbeddingCacheConfig(device_budget_bytes=None if budget is None else parse_bytes(budget),
                               host=args.embedding_host)
+
+
+def _threads(text: str) -> int:
+  """--xla-cpu-threads: a whole number, 0 or more."""
+  try:
+    n = int(text)
+  except ValueError:
+    n = -1
+  if n < 0:
+    raise argparse.ArgumentTypeError(f"{text!r}: give 0 (one thread per core) or more threads")
+  return n
 
 
 def _device_budget(size: str | None) -> int | None:

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import pathlib
 import re
 import signal
 import time
@@ -161,9 +162,17 @@ def test_sigterm_answers_in_flight_work_refuses_new_requests_and_exits_0(tmp_pat
     proc.kill()
 
 
+def _xla_pool_threads(pid: int) -> int:
+  """How many threads of XLA's CPU intra-op pool (named tf_XLAEigen) process `pid` runs."""
+  tasks = pathlib.Path(f"/proc/{pid}/task")
+  return sum((t / "comm").read_text().strip() == "tf_XLAEigen" for t in tasks.iterdir())
+
+
 def test_cpu_sync_dispatch_serves_the_same_answers(tmp_path):
   """`--cpu-sync-dispatch` (batches computed on the runner thread): requests of every size,
-  split across buckets and sent at once, get the numpy reference's answers."""
+  split across buckets and sent at once, get the numpy reference's answers; XLA's CPU pools
+  shrink to one thread each (--xla-cpu-threads' default with it; XLA keeps one per device, so
+  the server runs with its own single device here, not the suite's 8)."""
   import jax.numpy as jnp
 
   import export
@@ -176,7 +185,7 @@ def test_cpu_sync_dispatch_serves_the_same_answers(tmp_path):
                       config=export.ExportConfig(batch_buckets=(1, 4, 16)))
   proc = serve(["--model-repository", str(tmp_path / "repo"), "--grpc-port", "0",
                 "--metrics-port", "-1", "--http-port", "-1", "--compile-cache", "none",
-                "--cpu-sync-dispatch"])
+                "--cpu-sync-dispatch"], env=child_env(own_devices=True))
   try:
     xs = [rng.normal(size=(n, 16)).astype(np.float32) for n in (1, 3, 4, 7, 16, 40) * 3]
 
@@ -188,6 +197,18 @@ def test_cpu_sync_dispatch_serves_the_same_answers(tmp_path):
       outs = list(pool.map(run, xs))
     for x, out in zip(xs, outs):
       np.testing.assert_allclose(out, np.tanh(x @ w), rtol=1e-5, atol=1e-6)
+    assert _xla_pool_threads(proc.p.pid) == 1
   finally:
     proc.kill()
-  assert "CPU batches run on the runner thread" in proc.output(10)
+  text = proc.output(10)
+  assert "CPU batches run on the runner thread" in text
+  assert "XLA's CPU thread pools: 1 thread each" in text
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_xla_cpu_threads_refuses_a_bad_count(value):
+  """--xla-cpu-threads takes 0 or more threads; anything else is a usage error (exit 2) that
+  says what to give, before anything loads."""
+  out = run_cli("--xla-cpu-threads", value)
+  assert out.returncode == 2
+  assert "give 0 (one thread per core) or more threads" in out.stderr
