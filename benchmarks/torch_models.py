@@ -103,7 +103,8 @@ def raw_rates(model: Any, rows: Callable[[int], tuple[Any, ...]], seconds: float
 
 def served_rate(repo: pathlib.Path, name: str, rows: Callable[[int], tuple[Any, ...]],
                 request_rows: int, seconds: float, run_load: Callable[..., Any],
-                concurrencies: tuple[int, ...] = (16,)) -> tuple[float, float, float, int]:
+                concurrencies: tuple[int, ...] = (16,),
+                server_args: tuple[str, ...] = ()) -> tuple[float, float, float, int]:
   """(rows/s at saturation, p50 ms there, load s, the concurrency that reached it) of `xlaserve
   serve` over the bundle: the saturated closed-loop rate over `concurrencies`
   (`loadgen.saturate`; with buckets of 1024 rows and two instances, 16 requests of 128 rows fill
@@ -112,7 +113,7 @@ def served_rate(repo: pathlib.Path, name: str, rows: Callable[[int], tuple[Any, 
 
   t0 = time.perf_counter()
   proc = serve(["--model-repository", str(repo), "--grpc-port", "0", "--http-port", "-1",
-                "--metrics-port", "-1", "--compile-cache", "none"], timeout=600)
+                "--metrics-port", "-1", "--compile-cache", "none", *server_args], timeout=600)
   load_s = time.perf_counter() - t0
   try:
     from bundle import read_manifest
@@ -150,6 +151,8 @@ def main() -> None:
   p.add_argument("--concurrency", default="16,32,64",
                  help="closed-loop concurrencies of the served run; the best rate is the"
                  " saturated one (large buckets need more requests in flight to fill)")
+  p.add_argument("--server-args", default="",
+                 help="extra flags for xlaserve serve, e.g. --server-args=--cpu-sync-dispatch")
   p.add_argument("--out", default="bench_out")
   args = p.parse_args()
   buckets = tuple(sorted(int(b) for b in args.buckets.split(",")))
@@ -179,7 +182,7 @@ def main() -> None:
       say(f"{name}: served")
       served, p50, load_s, conc = served_rate(
           repo, name, rows, args.request_rows, args.seconds, run_load,
-          tuple(int(c) for c in args.concurrency.split(",")))
+          tuple(int(c) for c in args.concurrency.split(",")), tuple(args.server_args.split()))
     best = lambda k: max(raw[k].values())  # noqa: E731
     results[name] = {"raw": raw, "served_rows_per_s": served, "served_p50_ms": p50,
                      "served_concurrency": conc,
