@@ -3,7 +3,7 @@ under several `xlaserve serve` flag sets, all running at once and measured in tu
 round, so a noisy shared machine's drift falls on every set alike.
 
   python benchmarks/server_flags.py --model ctr_light --rows 1 --concurrency 16 \\
-      --sets "|--cpu-sync-dispatch --xla-cpu-threads 0|--cpu-sync-dispatch"
+      --sets "--no-cpu-sync-dispatch|--cpu-sync-dispatch --xla-cpu-threads 0|"
 
 Each `|`-separated set is one server (an empty set is the defaults). Prints one line per
 measurement and a table of medians; writes server_flags.png and server_flags.json to --out.
@@ -32,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--repository", type=pathlib.Path, default=None,
                       help="model repository (default: the built-in demo repository)")
   parser.add_argument("--model", default="ctr_light", help="the model to load")
-  parser.add_argument("--sets", default="|--cpu-sync-dispatch --xla-cpu-threads 0"
-                      "|--cpu-sync-dispatch",
+  parser.add_argument("--sets", default="--no-cpu-sync-dispatch"
+                      "|--cpu-sync-dispatch --xla-cpu-threads 0|",
                       help="'|'-separated flag sets for xlaserve serve, one server each (an"
                       " empty set: the defaults)")
   parser.add_argument("--rows", type=int, default=32, help="rows per request")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import os
 import pathlib
@@ -118,6 +119,37 @@ def _cpu_sync_dispatch() -> None:
   import jax
 
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def _embedding_cache_at_start(args: argparse.Namespace) -> str | None:
+  """Why an embedding cache will serve (the flag, demo or config.json asking for one), or None:
+  the default of --cpu-sync-dispatch, decided before anything touches a device."""
+  if args.embedding_device_budget is not None:
+    return "--embedding-device-budget"
+  if args.model_repository is None:
+    demo = getattr(args, "demo", None) or ""
+    return "--demo dlrm_large" if "dlrm_large" in demo.split(",") else None
+  for config in sorted(pathlib.Path(args.model_repository).glob("*/config.json")):
+    try:
+      if "embedding_cache" in json.loads(config.read_text()):
+        return str(config)
+    except (OSError, ValueError):
+      continue  # the repository's loader reports a broken config.json
+  return None
+
+
+def _choose_dispatch(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+  """Turns CPU sync dispatch on (explicitly, or by default when no embedding cache is asked
+  for) before JAX makes its CPU client."""
+  if args.cpu_sync_dispatch is None:
+    why = _embedding_cache_at_start(args)
+    args.cpu_sync_dispatch = why is None
+    if why is not None:
+      say(f"CPU batches stay on XLA's worker threads: an embedding cache is configured ({why}),"
+          " whose host half overlaps the device step only so; --cpu-sync-dispatch overrides")
+  if args.cpu_sync_dispatch:
+    _cpu_sync_dispatch()
+    say("CPU batches run on the runner thread that dispatches them (--cpu-sync-dispatch)")
 
 
 def _xla_cpu_threads(args: argparse.Namespace, say: Callable[[str], None]) -> None:
@@ -246,9 +278,7 @@ def serve(args: argparse.Namespace) -> int:
     return 2
   os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
   _enable_compile_cache(args.compile_cache, say)
-  if args.cpu_sync_dispatch:
-    _cpu_sync_dispatch()
-    say("CPU batches run on the runner thread that dispatches them (--cpu-sync-dispatch)")
+  _choose_dispatch(args, say)
   _xla_cpu_threads(args, say)
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device

@@ -242,12 +242,14 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " (command buffers), against launch-bound small models; adds"
                      f" {' '.join(GPU_GRAPH_FLAGS)} to XLA_FLAGS unless it names them")
   serve.add_argument("--cpu-sync-dispatch", action=argparse.BooleanOptionalAction,
-                     default=False,
+                     default=None,
                      help="on CPU, run each single-device batch on the runner thread that"
                      " dispatched it instead of handing it to XLA's worker thread (JAX's"
-                     " default): faster for light plain models (the runner waits for the batch"
-                     " anyway), slower for models that overlap host work with the device step"
-                     " (embedding caches); off by default")
+                     " default): faster for plain models (the runner waits for the batch"
+                     " anyway), but an embedding-cached model overlaps its host half with the"
+                     " device step only without it. Default: on, unless an embedding cache is"
+                     " configured at start (--embedding-device-budget, --demo dlrm_large, or a"
+                     " config.json in the repository with embedding_cache)")
   serve.add_argument("--xla-cpu-threads", type=_threads, default=None, metavar="N",
                      help="threads in each of XLA's CPU thread pools (it sets PJRT_NPROC before"
                      " JAX starts; XLA keeps at least one per CPU device). 0: XLA's default,"

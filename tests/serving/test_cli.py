@@ -168,41 +168,73 @@ def _xla_pool_threads(pid: int) -> int:
   return sum((t / "comm").read_text().strip() == "tf_XLAEigen" for t in tasks.iterdir())
 
 
-def test_cpu_sync_dispatch_serves_the_same_answers(tmp_path):
-  """`--cpu-sync-dispatch` (batches computed on the runner thread): requests of every size,
-  split across buckets and sent at once, get the numpy reference's answers; XLA's CPU pools
-  shrink to one thread each (--xla-cpu-threads' default with it; XLA keeps one per device, so
-  the server runs with its own single device here, not the suite's 8)."""
+def _export_mlp(tmp_path: pathlib.Path, rng: np.random.Generator) -> np.ndarray:
+  """A tanh(x @ w) model in tmp_path/repo (buckets 1, 4, 16); returns w."""
   import jax.numpy as jnp
 
   import export
 
-  rng = np.random.default_rng(1)
   w = rng.normal(size=(16, 3)).astype(np.float32)
   export.export_model(lambda p, inputs: {"y": jnp.tanh(inputs["x"] @ p["w"])},
                       params={"w": w}, repository=tmp_path / "repo", name="mlp",
                       inputs=[export.Input("x", "float32", ("batch", 16))],
                       config=export.ExportConfig(batch_buckets=(1, 4, 16)))
-  proc = serve(["--model-repository", str(tmp_path / "repo"), "--grpc-port", "0",
-                "--metrics-port", "-1", "--http-port", "-1", "--compile-cache", "none",
-                "--cpu-sync-dispatch"], env=child_env(own_devices=True))
+  return w
+
+
+def _check_mlp_answers(proc, w: np.ndarray, rng: np.random.Generator) -> None:
+  """Requests of every size, split across buckets and sent at once: numpy's answers."""
+  xs = [rng.normal(size=(n, 16)).astype(np.float32) for n in (1, 3, 4, 7, 16, 40) * 3]
+
+  def run(x):
+    with tc.InferenceServerClient(proc.address) as c:
+      return infer(c, "mlp", {"x": x}, ("y",))["y"]
+
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    outs = list(pool.map(run, xs))
+  for x, out in zip(xs, outs):
+    np.testing.assert_allclose(out, np.tanh(x @ w), rtol=1e-5, atol=1e-6)
+
+
+SERVE_MLP = ["--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1",
+             "--compile-cache", "none"]
+
+
+def test_cpu_sync_dispatch_by_default_serves_the_same_answers(tmp_path):
+  """By default (no embedding cache) CPU batches are computed on the runner thread and XLA's
+  CPU pools shrink to one thread each (--xla-cpu-threads' default then; XLA keeps one per
+  device, so the server runs with its own single device here, not the suite's 8); answers
+  match numpy's."""
+  rng = np.random.default_rng(1)
+  w = _export_mlp(tmp_path, rng)
+  proc = serve(["--model-repository", str(tmp_path / "repo"), *SERVE_MLP],
+               env=child_env(own_devices=True))
   try:
-    xs = [rng.normal(size=(n, 16)).astype(np.float32) for n in (1, 3, 4, 7, 16, 40) * 3]
-
-    def run(x):
-      with tc.InferenceServerClient(proc.address) as c:
-        return infer(c, "mlp", {"x": x}, ("y",))["y"]
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-      outs = list(pool.map(run, xs))
-    for x, out in zip(xs, outs):
-      np.testing.assert_allclose(out, np.tanh(x @ w), rtol=1e-5, atol=1e-6)
+    _check_mlp_answers(proc, w, rng)
     assert _xla_pool_threads(proc.p.pid) == 1
   finally:
     proc.kill()
   text = proc.output(10)
   assert "CPU batches run on the runner thread" in text
   assert "XLA's CPU thread pools: 1 thread each" in text
+
+
+def test_an_embedding_cache_keeps_async_dispatch(tmp_path):
+  """With an embedding cache configured at start (here --embedding-device-budget), batches stay
+  on XLA's worker threads, so a cached model's host half overlaps its device step; the server
+  says why and serves the same answers."""
+  rng = np.random.default_rng(2)
+  w = _export_mlp(tmp_path, rng)
+  proc = serve(["--model-repository", str(tmp_path / "repo"), *SERVE_MLP,
+                "--embedding-device-budget", "64MiB"], env=child_env(own_devices=True))
+  try:
+    _check_mlp_answers(proc, w, rng)
+  finally:
+    proc.kill()
+  text = proc.output(10)
+  assert "stay on XLA's worker threads: an embedding cache is configured" in text
+  assert "--embedding-device-budget" in text
+  assert "CPU batches run on the runner thread" not in text
 
 
 @pytest.mark.parametrize("value", ["-1", "two"])
