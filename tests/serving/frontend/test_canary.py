@@ -57,9 +57,13 @@ def factory(kinds: dict):
 
 
 def write_model(repo: pathlib.Path, name: str, versions: tuple[int, ...], config: dict) -> None:
+  """Mock bundles of `versions` under `repo/name`, all served, with `config`. No queue-wait
+  bound: these tests send hundreds of requests from the test process, whose cyclic-GC pauses
+  (about 1 s late in the suite, see servingutil.FUZZ_SERVER) would shed one unstarted."""
   for v in versions:
     write_mock_bundle(repo, name, v)
-  (repo / name / "config.json").write_text(json.dumps({"version_policy": "all", **config}))
+  (repo / name / "config.json").write_text(json.dumps(
+      {"version_policy": "all", "max_queue_wait_ms": 0, **config}))
 
 
 @contextlib.contextmanager
