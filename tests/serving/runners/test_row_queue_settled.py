@@ -46,17 +46,18 @@ def _outputs(eng: MockEngine, batch) -> tuple[list[np.ndarray], dict[str, np.nda
           for t in eng.outputs], outs
 
 
-def _rows():
+def _planned():
+  """(x, k, queue, request, its batch, the batch's outputs for the queue, and as arrays)."""
+  eng = MockEngine(buckets=(1, 2, 4))
+  eng.warmup()
   rng = np.random.default_rng(3)
-  return rng.random((3, 4)).astype(np.float32), rng.integers(-3, 4, (3, 1)).astype(np.int32)
+  x, k = rng.random((3, 4)).astype(np.float32), rng.integers(-3, 4, (3, 1)).astype(np.int32)
+  q, req, batch = _queue_with_one_request(eng, x, k)
+  return (x, k, q, req, batch, *_outputs(eng, batch))
 
 
 def test_a_failure_after_the_answer_changes_nothing():
-  eng = MockEngine(buckets=(1, 2, 4))
-  eng.warmup()
-  x, k = _rows()
-  q, req, batch = _queue_with_one_request(eng, x, k)
-  arrays, outs = _outputs(eng, batch)
+  x, k, q, req, batch, arrays, outs = _planned()
   backs, (ok_s, _), held, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
   q.release(held)
   assert [b[0] for b in backs] == [req] and len(ok_s) == 1
@@ -78,11 +79,7 @@ def test_a_failure_after_the_answer_changes_nothing():
 
 
 def test_a_completion_after_the_failure_changes_nothing():
-  eng = MockEngine(buckets=(1, 2, 4))
-  eng.warmup()
-  x, k = _rows()
-  q, req, batch = _queue_with_one_request(eng, x, k)
-  arrays, _ = _outputs(eng, batch)
+  _, _, q, req, batch, arrays, _ = _planned()
   backs, _, held, _ = q.fail(batch, INTERNAL, "the batch failed", False)
   q.release(held)
   assert [(b[0], b[1], b[2]) for b in backs] == [(req, INTERNAL, "the batch failed")]
