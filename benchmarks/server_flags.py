@@ -3,7 +3,7 @@ under several `xlaserve serve` flag sets, all running at once and measured in tu
 round, so a noisy shared machine's drift falls on every set alike.
 
   python benchmarks/server_flags.py --model ctr_light --rows 1 --concurrency 16 \\
-      --sets "--no-cpu-sync-dispatch|--cpu-sync-dispatch --xla-cpu-threads 0|"
+      --sets="--no-cpu-sync-dispatch|--cpu-sync-dispatch --xla-cpu-threads 0|"
 
 Each `|`-separated set is one server (an empty set is the defaults). Prints one line per
 measurement and a table of medians; writes server_flags.png and server_flags.json to --out.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from benchmarks.context import cpu_seconds
 from benchmarks.http_serving import scratch_repository
 from benchmarks.loadgen import build_request, format_table
 from benchmarks.serving import make_inputs, pick_loadgen, say, start_server
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--sets", default="--no-cpu-sync-dispatch"
                       "|--cpu-sync-dispatch --xla-cpu-threads 0|",
                       help="'|'-separated flag sets for xlaserve serve, one server each (an"
-                      " empty set: the defaults)")
+                      " empty set: the defaults); write --sets=... when it starts with --")
   parser.add_argument("--rows", type=int, default=32, help="rows per request")
   parser.add_argument("--concurrency", type=int, default=256, help="requests in flight")
   parser.add_argument("--rounds", type=int, default=3, help="measurements of each set")
@@ -47,21 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _cpu_s(pid: int) -> float:
-  """User + system CPU seconds of process `pid` so far."""
-  fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _measure(run_load, proc, addr: str, payload: bytes, args) -> dict:
   """One closed-loop run against one server: req/s, p50/p99 and the server's CPU µs/request."""
-  before = _cpu_s(proc.pid)
+  before = cpu_seconds(proc.pid)
   r = run_load(addr, payload, rows_per_request=args.rows, concurrency=args.concurrency,
                duration=args.duration)
   done = r.ok + sum(r.errors.values())
   return {"rps": r.rps, "p50_ms": r.pct_ms(50), "p99_ms": r.pct_ms(99),
           "errors": sum(r.errors.values()),
-          "server_cpu_us": (_cpu_s(proc.pid) - before) / max(done, 1) * 1e6}
+          "server_cpu_us": (cpu_seconds(proc.pid) - before) / max(done, 1) * 1e6}
 
 
 def _plot(sets: list[str], runs: dict, path: pathlib.Path, args) -> None:

@@ -138,26 +138,27 @@ def _embedding_cache_at_start(args: argparse.Namespace) -> str | None:
   return None
 
 
-def _choose_dispatch(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+def _choose_dispatch(args: argparse.Namespace, say: Callable[[str], None]) -> bool:
   """Turns CPU sync dispatch on (explicitly, or by default when no embedding cache is asked
-  for) before JAX makes its CPU client."""
-  if args.cpu_sync_dispatch is None:
+  for) before JAX makes its CPU client; returns whether it is on."""
+  sync = args.cpu_sync_dispatch
+  if sync is None:
     why = _embedding_cache_at_start(args)
-    args.cpu_sync_dispatch = why is None
+    sync = why is None
     if why is not None:
       say(f"CPU batches stay on XLA's worker threads: an embedding cache is configured ({why}),"
           " whose host half overlaps the device step only so; --cpu-sync-dispatch overrides")
-  if args.cpu_sync_dispatch:
+  if sync:
     _cpu_sync_dispatch()
     say("CPU batches run on the runner thread that dispatches them (--cpu-sync-dispatch)")
+  return sync
 
 
-def _xla_cpu_threads(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+def _xla_cpu_threads(threads: int | None, sync: bool, say: Callable[[str], None]) -> None:
   """Sizes XLA's CPU thread pools through PJRT_NPROC, which JAX reads when it makes its CPU
   client (so before anything touches a device); see --xla-cpu-threads."""
-  threads = args.xla_cpu_threads
   if threads is None:
-    if not args.cpu_sync_dispatch or "PJRT_NPROC" in os.environ:
+    if not sync or "PJRT_NPROC" in os.environ:
       return
     threads = 1
   if threads == 0:
@@ -278,8 +279,7 @@ def serve(args: argparse.Namespace) -> int:
     return 2
   os.environ.pop(TOKEN_ENV, None)  # not inherited by anything this process starts
   _enable_compile_cache(args.compile_cache, say)
-  _choose_dispatch(args, say)
-  _xla_cpu_threads(args, say)
+  _xla_cpu_threads(args.xla_cpu_threads, _choose_dispatch(args, say), say)
   multihost = None
   if args.coordinator is not None:  # joins jax.distributed before anything touches a device
     from serving.multihost import start_from_args
