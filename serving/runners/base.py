@@ -67,6 +67,13 @@ class Observer:
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
     pass
 
+  def batches(self, *, buckets: Sequence[int], rows: Sequence[int], compute_s: Sequence[float],
+              queue_s: Sequence[float]) -> None:
+    """Many batches at once (a native queue's, taken now and then): per batch its bucket, real
+    rows and compute seconds, and the queue waits of the requests they answered."""
+    for i, (bucket, n, c) in enumerate(zip(buckets, rows, compute_s)):
+      self.batch(bucket=bucket, rows=n, queue_s=queue_s if i == 0 else (), compute_s=c)
+
   def batch_timing(self, *, start: float, done: float, rows: int, requests: int,
                    assembly_s: float, encode_s: float) -> None:
     """A finished batch's timeline for profiles: in flight from `start` to `done`

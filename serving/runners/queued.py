@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 RowQueueFactory = Callable[..., Any]  # (name=, config=, inputs=, outputs=, instances=) -> queue
 _CODE_OF = {v: k for k, v in GRPC_STATUS.items()}
-GAUGE_PERIOD_S = 0.05  # queue-depth gauge and shed counter refresh, at most this often
+METRICS_PERIOD_S = 0.05  # metrics taken from the queue by the runner, at most this often
 
 
 class _Inline:
@@ -75,14 +75,14 @@ class QueuedRowRunner(BatchedRunner):
                             instances=instances)
     for bucket, seconds in engine.bucket_seconds.items():
       self._q.observe(bucket, seconds)
-    self.observer.on_scrape(self._refresh_gauges, force=True)
+    self.observer.on_scrape(self._refresh_metrics, force=True)
     self.capabilities = RunnerCapabilities(instances=instances, fixed_rows=True, queue=self._q,
                                            device_outputs=engine.batch_device)
     self._in = [(t.name, numpy_dtype(t.dtype), tuple(t.shape[1:])) for t in self.inputs]
     self._out = [(t.name, tuple(t.shape[1:]), numpy_dtype(t.dtype)) for t in self.outputs]
     self._split_lock = threading.Lock()
-    self._gauge_at, self._shed_seen = 0.0, 0
-    self._gauge_lock = threading.Lock()
+    self._metrics_at, self._shed_seen = 0.0, 0
+    self._metrics_lock = threading.Lock()
     self._threads = []
     for i in range(instances):
       suffix = f"#{i}" if instances > 1 else ""
@@ -112,7 +112,7 @@ class QueuedRowRunner(BatchedRunner):
     arrays = [np.ascontiguousarray(req.inputs[name], dtype) for name, dtype, _ in self._in]
     code, message = self._q.add(req, arrays, req.rows, req.arrival, req.deadline, req.priority)
     if code == 1:
-      self._refresh_gauges(force=True)
+      self._refresh_metrics(force=True)
       raise ServingError(Code.RESOURCE_EXHAUSTED, message)
     if code == 2:
       raise ServingError(Code.UNAVAILABLE, message)
@@ -124,6 +124,7 @@ class QueuedRowRunner(BatchedRunner):
     for t in self._threads:
       if t.is_alive():
         t.join(max(0.0, end - time.monotonic()))
+    self._refresh_metrics(force=True)
 
   # -- threads -------------------------------------------------------------------------------
 
@@ -147,10 +148,10 @@ class QueuedRowRunner(BatchedRunner):
       if batch is None:
         if q.finished(instance):
           break
+        self._refresh_metrics_guarded()  # idle: the last batches' metrics are taken too
         continue
       t0 = time.perf_counter()
       try:
-        self.observer.request_sizes(batch.request_rows)
         inputs = self._inputs(batch)
         t1 = time.perf_counter()
         handle = self.engine.dispatch(bucket=batch.bucket, inputs=inputs, **(
@@ -213,23 +214,15 @@ class QueuedRowRunner(BatchedRunner):
     try:
       arrays = [np.ascontiguousarray(outs[name], dtype).reshape(-1).view(np.uint8)
                 for name, _, dtype in self._out]
-      backs, (ok_s, queue_s), held, logs = self._q.complete(batch, arrays, busy_s, compute_s,
-                                                            t_input, request_log_enabled(),
-                                                            generation)
+      # The queue records the batch's metrics, then sends its native answers.
+      backs, t_sent, logs = self._q.complete(batch, arrays, busy_s, compute_s, t_input,
+                                             request_log_enabled(), generation)
     except Exception as e:  # a missing or malformed output fails the batch
       logger.exception("%s: answering a batch of %d rows failed", self.name, batch.rows)
       self._fail(batch, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
       return
-    try:  # metrics first: a client that has its answer finds it counted
-      self.observer.batch(bucket=batch.bucket, rows=batch.rows, queue_s=queue_s,
-                          compute_s=compute_s)
-      self.observer.requests_done(ok_s=ok_s)
-      self._refresh_gauges()
-      self._log(logs)
-    except Exception:  # metrics never fail answers nor stop the model
-      logger.exception("%s: recording a batch's metrics failed", self.name)
-    finally:
-      t_sent = self._q.release(held)
+    self._log(logs)
+    self._refresh_metrics_guarded()
     if t_dispatch is not None and self.observer.tracing:
       try:
         self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s,
@@ -337,16 +330,33 @@ class QueuedRowRunner(BatchedRunner):
     self.observer.requests_done(ok_s=(), failed=[(e.code, now - r.arrival) for r, _, e in done])
     deliver(done)
 
-  def _refresh_gauges(self, *, force: bool = False) -> None:
-    """Queue depth and requests shed at the door (native ones never enter Python), at most
-    every GAUGE_PERIOD_S."""
+  def _refresh_metrics_guarded(self) -> None:
+    """`_refresh_metrics` from a runner thread: a failure is logged, never fails answers."""
+    try:
+      self._refresh_metrics()
+    except Exception:
+      logger.exception("%s: recording metrics failed", self.name)
+
+  def _refresh_metrics(self, *, force: bool = False) -> None:
+    """Hands what the queue recorded (batches run, requests answered, request sizes, requests
+    shed at the door, queue depth) to the observer: from the runner threads at most every
+    METRICS_PERIOD_S, and before each metrics scrape, so a scrape counts every request
+    already answered. No metrics work per batch."""
     now = time.perf_counter()
-    if not force and now - self._gauge_at < GAUGE_PERIOD_S:
+    if not force and now - self._metrics_at < METRICS_PERIOD_S:
       return
-    with self._gauge_lock:
-      self._gauge_at = now
+    with self._metrics_lock:
+      self._metrics_at = now
       st = self._q.stats()
       self.observer.queue_depth(st["queued_rows"], st["queued_requests"])
       shed, self._shed_seen = st["rejected"] - self._shed_seen, st["rejected"]
+      m = self._q.take_metrics()
     if shed > 0:
       self.observer.shed(shed)
+    if m["request_rows"]:
+      self.observer.request_sizes(m["request_rows"])
+    if m["buckets"]:
+      self.observer.batches(buckets=m["buckets"], rows=m["rows"], compute_s=m["compute_s"],
+                            queue_s=m["queue_s"])
+    if m["ok_s"]:
+      self.observer.requests_done(ok_s=m["ok_s"])

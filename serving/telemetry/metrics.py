@@ -130,6 +130,11 @@ class Metrics:
   def observer(self, model: str, version: int) -> Observer:
     return _ModelObserver(self, model, str(version))
 
+  def flush(self) -> None:
+    """Brings every model's metrics up to date, as a scrape does first (runners that keep
+    theirs in a native queue hand them over now)."""
+    self.scrape_hooks.collect()
+
   def exposition(self) -> bytes:
     return prom.generate_latest(self.registry)
 
@@ -200,16 +205,40 @@ class _ModelObserver(Observer):
     self.tracing = m.tracing is not None
 
   def batch(self, *, bucket: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
-    hist = self._per_bucket.get(bucket)
-    if hist is None:
-      hist = self._per_bucket[bucket] = (self.m.batch_rows.labels(*self.labels, str(bucket)),
-                                         self.m.padding.labels(*self.labels, str(bucket)))
+    hist = self._bucket_hists(bucket)
     hist[0].observe(rows)
     hist[1].observe((bucket - rows) / bucket)
     self._inc("nv_inference_exec_count", self._tl)
     self._inc("nv_inference_count", self._tl, rows)
     self._inc("nv_inference_compute_infer_duration_us", self._tl, compute_s * 1e6)
     self._compute_time.observe(compute_s)
+    self._queued(queue_s)
+
+  def batches(self, *, buckets: Sequence[int], rows: Sequence[int], compute_s: Sequence[float],
+              queue_s: Sequence[float]) -> None:
+    """What `batch` records for each of many batches, one increment per histogram bucket."""
+    b, n = np.asarray(buckets, np.int64), np.asarray(rows, np.int64)
+    for bucket in np.unique(b).tolist():
+      hist = self._bucket_hists(bucket)
+      mine = n[b == bucket]
+      _observe_many(hist[0], mine.tolist())
+      _observe_many(hist[1], ((bucket - mine) / bucket).tolist())
+    self._inc("nv_inference_exec_count", self._tl, len(b))
+    self._inc("nv_inference_count", self._tl, int(n.sum()))
+    self._inc("nv_inference_compute_infer_duration_us", self._tl, _total(compute_s) * 1e6)
+    _observe_many(self._compute_time, compute_s)
+    self._queued(queue_s)
+
+  def _bucket_hists(self, bucket: int) -> tuple:
+    """The batch-rows and padding histograms of one bucket."""
+    hist = self._per_bucket.get(bucket)
+    if hist is None:
+      hist = self._per_bucket[bucket] = (self.m.batch_rows.labels(*self.labels, str(bucket)),
+                                         self.m.padding.labels(*self.labels, str(bucket)))
+    return hist
+
+  def _queued(self, queue_s: Sequence[float]) -> None:
+    """Requests' queue waits: the Triton counter, the histogram, a running profile."""
     if len(queue_s):
       self._inc("nv_inference_queue_duration_us", self._tl, _total(queue_s) * 1e6)
       _observe_many(self._queue_time, queue_s)

@@ -38,3 +38,35 @@ def test_bulk_observation_matches_one_by_one():
     name_a, va = la.rsplit(" ", 1)
     name_b, vb = lb.rsplit(" ", 1)
     assert name_a == name_b and np.isclose(float(va), float(vb), rtol=1e-9), (la, lb)
+
+
+def _batch_lines(text: str) -> list[str]:
+  prefixes = ("xlaserve_batch_rows", "xlaserve_batch_padding_fraction",
+              "xlaserve_compute_duration_seconds", "xlaserve_queue_duration_seconds",
+              "nv_inference_count", "nv_inference_exec_count", "nv_inference_compute_infer",
+              "nv_inference_queue_duration")
+  return sorted(line for line in text.splitlines() if line.startswith(prefixes))
+
+
+def test_many_batches_at_once_match_one_batch_at_a_time():
+  """`batches` (a native queue's batches, taken now and then) exports what one `batch` call
+  per batch does: histograms by bucket, counters and sums."""
+  rng = np.random.default_rng(1)
+  buckets = rng.choice([1, 8, 64, 1024], 300)
+  rows = np.maximum(1, (buckets * rng.random(300)).astype(int))
+  compute = rng.exponential(0.002, 300)
+  queue = [rng.exponential(0.001, int(rng.integers(0, 6))) for _ in range(300)]
+  bulk, single = Metrics(), Metrics()
+  ob, os_ = bulk.observer("m", 1), single.observer("m", 1)
+  for lo, hi in [(0, 1), (1, 40), (40, 300)]:  # one batch, a few, many
+    ob.batches(buckets=buckets[lo:hi].tolist(), rows=rows[lo:hi].tolist(),
+               compute_s=list(compute[lo:hi]), queue_s=list(np.concatenate(queue[lo:hi])))
+  for b, n, c, q in zip(buckets, rows, compute, queue):
+    os_.batch(bucket=int(b), rows=int(n), queue_s=list(q), compute_s=float(c))
+  a = _batch_lines(prom.generate_latest(bulk.registry).decode())
+  b = _batch_lines(prom.generate_latest(single.registry).decode())
+  assert len(a) > 40 and len(a) == len(b)
+  for la, lb in zip(a, b):  # sums may differ in the last bits (summation order)
+    name_a, va = la.rsplit(" ", 1)
+    name_b, vb = lb.rsplit(" ", 1)
+    assert name_a == name_b and np.isclose(float(va), float(vb), rtol=1e-9), (la, lb)

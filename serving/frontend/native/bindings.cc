@@ -209,6 +209,7 @@ PYBIND11_MODULE(_native, m) {
       .def("add", &RowQueue::AddPython)
       .def("next", &RowQueue::Next)
       .def("complete", &RowQueue::Complete)
+      .def("take_metrics", &RowQueue::TakeMetrics)
       .def("fail", &RowQueue::Fail)
       .def("isolate", &RowQueue::Isolate)
       .def("stop", &RowQueue::Stop)

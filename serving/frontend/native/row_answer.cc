@@ -92,12 +92,8 @@ void RowQueue::Deliver(std::vector<Answer>* answers) {
 
 uint64_t RowQueue::Hold(std::vector<Answer>* answers, std::vector<LogItem>* logs) {
   if (answers->empty()) return 0;
+  if (logs != nullptr) LogAnswers(*answers);
   std::lock_guard<std::mutex> l(mu_);
-  if (logs != nullptr) {
-    for (const Answer& a : *answers) {
-      logs->push_back(LogItem{a.native->LogId(), int(a.status.error_code()), a.status.error_message(), a.arrival});
-    }
-  }
   uint64_t id = next_held_++;
   held_[id] = std::move(*answers);
   answers->clear();
@@ -220,10 +216,8 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
 py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, double busy_s,
                              double compute_s, double input_s, bool log, int64_t generation) {
   if (py::len(outputs) != outputs_.size()) throw py::value_error("one array per model output");
-  if (Settled(b)) {
-    return py::make_tuple(py::list(), py::make_tuple(py::list(), py::list()), 0, py::list());
-  }
-  uint64_t held = 0;
+  if (Settled(b)) return py::make_tuple(py::list(), MonoNow(), py::list());
+  double sent = 0;
   std::vector<const uint8_t*> outs;
   for (size_t k = 0; k < outputs_.size(); ++k) {
     Py_buffer view;
@@ -240,7 +234,6 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
   }
   std::vector<Answer> answers;
   std::vector<Back> backs;
-  std::vector<double> ok_s, queue_s;
   {
     // A Python request's slice takes its own reference below, under the GIL; a batch of native
     // requests touches no Python object, so the other runners' Python goes on meanwhile.
@@ -297,9 +290,11 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
           st_.success++;
           st_.success_ns += int64_t((now - e->arrival) * 1e9);
           st_.queue_ns += e->queue_ns;
-          ok_s.push_back(now - e->arrival);
-          queue_s.push_back(e->queue_ns / 1e9);
-          if (e->trace) b->traced.emplace_back(std::move(e->trace), e->rows, e->arrival, queue_s.back());
+          pending_.ok_s.push_back(now - e->arrival);
+          pending_.queue_s.push_back(e->queue_ns / 1e9);
+          if (e->trace) {
+            b->traced.emplace_back(std::move(e->trace), e->rows, e->arrival, e->queue_ns / 1e9);
+          }
         }
         Release(e);
       }
@@ -309,15 +304,20 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
       st_.compute_input_ns += int64_t(input_s * 1e9);
       st_.compute_infer_ns += int64_t(compute_s * 1e9);
       st_.last_inference_ms = WallMs();
+      pending_.buckets.push_back(b->bucket);
+      pending_.rows.push_back(b->rows);
+      pending_.compute_s.push_back(compute_s);
       d_.Observe(b->bucket, busy_s);
       inflight_[b->instance]--;
       completions_++;
     }
     cv_.notify_all();
-    held = Hold(&answers, log ? &logs_ : nullptr);
+    if (log && !answers.empty()) LogAnswers(answers);
+    if (!nogil) nogil.emplace();  // sending touches no Python object
+    Deliver(&answers);
+    sent = MonoNow();
   }
-  return py::make_tuple(HandBack(&backs), py::make_tuple(py::cast(ok_s), py::cast(queue_s)), held,
-                        Logs());
+  return py::make_tuple(HandBack(&backs), sent, Logs());
 }
 
 py::tuple RowQueue::Fail(std::shared_ptr<RowBatch> b, int code, const std::string& message,

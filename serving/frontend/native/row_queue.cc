@@ -86,6 +86,7 @@ std::shared_ptr<RowBatch> RowQueue::Build(Plan plan, int instance, double now) {
     if (s.start == 0) {
       inflight_requests_++;
       e->queue_ns = int64_t((now - e->arrival) * 1e9);
+      pending_.request_rows.push_back(e->rows);
     }
   }
   inflight_[instance]++;
@@ -265,6 +266,32 @@ int64_t RowQueue::Pending() {
 void RowQueue::Observe(int64_t bucket, double seconds) {
   std::lock_guard<std::mutex> l(mu_);
   d_.Observe(bucket, seconds);
+}
+
+void RowQueue::LogAnswers(const std::vector<Answer>& answers) {
+  std::vector<LogItem> items;
+  for (const Answer& a : answers) {
+    items.push_back(LogItem{a.native->LogId(), int(a.status.error_code()),
+                            a.status.error_message(), a.arrival});
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  for (LogItem& x : items) logs_.push_back(std::move(x));
+}
+
+py::dict RowQueue::TakeMetrics() {
+  PendingMetrics m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    std::swap(m, pending_);
+  }
+  py::dict d;
+  d["ok_s"] = py::cast(m.ok_s);
+  d["queue_s"] = py::cast(m.queue_s);
+  d["buckets"] = py::cast(m.buckets);
+  d["rows"] = py::cast(m.rows);
+  d["compute_s"] = py::cast(m.compute_s);
+  d["request_rows"] = py::cast(m.request_rows);
+  return d;
 }
 
 py::dict RowQueue::Stats() {

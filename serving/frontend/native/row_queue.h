@@ -90,6 +90,15 @@ struct Back {
   std::vector<PyObject*> arrays;   // input references, released with the final hand-back
 };
 
+// What the runner's metrics have not taken yet (RowQueue::TakeMetrics), recorded before the
+// answers go out: a metrics scrape that takes them counts every request already answered.
+struct PendingMetrics {
+  std::vector<double> ok_s, queue_s;      // requests answered OK: latency, queue wait
+  std::vector<int64_t> buckets, rows;     // batches completed: bucket, real rows
+  std::vector<double> compute_s;          // and dispatch to outputs
+  std::vector<int64_t> request_rows;      // requests whose first slice was taken
+};
+
 enum class AddResult { kQueued, kRefused, kStopping };
 
 class RowQueue : public std::enable_shared_from_this<RowQueue> {
@@ -112,15 +121,18 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   // (batch or None, Python requests that expired [(req, code, message)], native requests
   // failed since the last call [(code, seconds since arrival)]: for metrics).
   py::tuple Next(int instance, bool primary, int depth, double timeout_s, bool log);
-  // Answers a batch from its outputs (uint8 views, model output order); returns (Python
-  // slices [(req, start, rows, dest, last)], durations of requests answered OK).
+  // Answers a batch from its outputs (uint8 views, model output order), sending the native
+  // answers at once; returns (Python slices [(req, start, rows, dest, last)], when the native
+  // answers were sent (MonoNow), request-log records).
   py::tuple Complete(std::shared_ptr<RowBatch> b, py::list outputs, double busy_s,
                      double compute_s, double input_s, bool log, int64_t generation);
+  // The PendingMetrics recorded since the last call, as a dict of lists; cleared.
+  py::dict TakeMetrics();
   // Fails a batch's requests; returns (Python requests [(req, code, message)], native
   // requests failed [(code, seconds since arrival)]).
   py::tuple Fail(std::shared_ptr<RowBatch> b, int code, const std::string& message, bool log);
-  // Next, Complete and Fail hold the native answers they produce (returning an id, 0: none)
-  // until the runner has counted them in its metrics: this sends them. Each also returns, with
+  // Next and Fail hold the native answers they produce (returning an id, 0: none) until the
+  // runner has counted their failures in its metrics: this sends them. Each also returns, with
   // `log`, the native outcomes for the request log [(request id, code, message, arrival)].
   // Returns when the answers were sent (MonoNow; the traced ones' encode ends then).
   double ReleaseHeld(uint64_t id);
@@ -135,8 +147,8 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   // Answers every native request still held with UNAVAILABLE (the front end is stopping).
   void AbandonNative();
 
-  bool Finished(int instance);
-  bool Settled(const std::shared_ptr<RowBatch>& b);  // already completed, failed or isolated  // stopping, nothing queued, nothing in flight for `instance`
+  bool Finished(int instance);  // stopping, nothing queued, nothing in flight for `instance`
+  bool Settled(const std::shared_ptr<RowBatch>& b);  // already completed, failed or isolated
   py::dict Stats();
   int64_t Pending();
   void Observe(int64_t bucket, double seconds);
@@ -162,6 +174,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   py::list HandBack(std::vector<Back>* backs);  // GIL held
   uint64_t Hold(std::vector<Answer>* answers, std::vector<LogItem>* logs);  // no lock held
   py::list Logs();  // GIL held: the log items gathered so far
+  void LogAnswers(const std::vector<Answer>& answers);  // mu_ not held: to logs_
   void Deliver(std::vector<Answer>* answers);  // neither lock nor GIL held
   std::vector<int> inflight_;  // batches in flight per instance
   std::mutex mu_;
@@ -170,6 +183,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   bool stopping_ = false;
   int64_t inflight_requests_ = 0;
   QueueStats st_;
+  PendingMetrics pending_;
   std::vector<std::pair<int, double>> native_failed_;  // (code, seconds) not yet reported
   std::map<uint64_t, std::vector<Answer>> held_;  // answers waiting for ReleaseHeld
   uint64_t next_held_ = 1, completions_ = 0;     // completions_: batches settled so far

@@ -158,3 +158,60 @@ def test_stop_without_drain_answers_every_queued_request(depth):
   with pytest.raises(Exception) as late:
     c.send("after", *rows(rng, 1))
   assert late.value.code is Code.UNAVAILABLE and "shutting down" in late.value.message
+
+
+def _samples(registry) -> dict[tuple[str, tuple], float]:
+  """A scrape of `registry`, as {(sample name, sorted labels): value}."""
+  import prometheus_client as prom
+  from prometheus_client.parser import text_string_to_metric_families
+
+  text = prom.generate_latest(registry).decode()
+  return {(s.name, tuple(sorted(s.labels.items()))): s.value
+          for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _total(samples, name: str, **labels: str) -> float:
+  """The sum of `name`'s samples whose labels include `labels`."""
+  return sum(v for (n, ls), v in samples.items()
+             if n == name and set(labels.items()) <= set(ls))
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_scrape_right_after_the_answers_counts_every_request_and_batch(instances):
+  """The queue keeps each batch's metrics until they are taken (no metrics work per batch);
+  a scrape takes them first, so it counts every request already answered: against the
+  requests sent and the batches the engine ran."""
+  from serving.telemetry.metrics import Metrics
+
+  rng = np.random.default_rng(4)
+  eng = MockEngine(buckets=(1, 2, 4, 8), delay_s=0.001)
+  metrics = Metrics()
+  eng.warmup()
+  runner = QueuedRowRunner("m/1", eng, BatchingConfig(buckets=eng.buckets),
+                           queue_factory=row_queue_factory(native), instances=instances,
+                           observer=metrics.observer("m", 1))
+  runner.start()
+  c = Client(runner)
+  sizes = [1, 3, 8, 5, 19, 2, 30, 7, 1, 4] * 2
+  for i, n in enumerate(sizes):
+    c.send(f"r{i}", *rows(rng, n))
+  c.wait(len(sizes))
+  got = _samples(metrics.registry)  # before stop: nothing else has taken the queue's metrics
+  try:
+    mine = {"model": "m", "version": "1"}
+    assert _total(got, "nv_inference_request_success", **mine) == len(sizes)
+    assert _total(got, "xlaserve_request_latency_seconds_count", **mine) == len(sizes)
+    assert _total(got, "xlaserve_queue_duration_seconds_count", **mine) == len(sizes)
+    assert _total(got, "xlaserve_request_rows_count", **mine) == len(sizes)
+    assert _total(got, "xlaserve_request_rows_sum", **mine) == sum(sizes)
+    assert _total(got, "nv_inference_count", **mine) == sum(sizes)  # real rows, no padding
+    assert _total(got, "xlaserve_batch_rows_sum", **mine) == sum(sizes)
+    assert _total(got, "nv_inference_exec_count", **mine) == len(eng.batches)
+    assert _total(got, "xlaserve_compute_duration_seconds_count", **mine) == len(eng.batches)
+    for bucket in set(eng.batches):
+      assert _total(got, "xlaserve_batch_rows_count", bucket=str(bucket), **mine) == \
+          eng.batches.count(bucket)
+      assert _total(got, "xlaserve_batch_padding_fraction_count", bucket=str(bucket),
+                    **mine) == eng.batches.count(bucket)
+  finally:
+    runner.stop()

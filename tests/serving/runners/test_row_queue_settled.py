@@ -58,9 +58,8 @@ def _planned():
 
 def test_a_failure_after_the_answer_changes_nothing():
   x, k, q, req, batch, arrays, outs = _planned()
-  backs, (ok_s, _), held, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
-  q.release(held)
-  assert [b[0] for b in backs] == [req] and len(ok_s) == 1
+  backs, _, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
+  assert [b[0] for b in backs] == [req] and len(q.take_metrics()["ok_s"]) == 1
   (_, start, rows, dest, _), = backs
   np.testing.assert_allclose(outs["y"][dest:dest + rows], 2.0 * x.sum(1, keepdims=True) + 1.0,
                              rtol=1e-6)
@@ -70,9 +69,9 @@ def test_a_failure_after_the_answer_changes_nothing():
   fail_backs, native_failed, held, _ = q.fail(batch, INTERNAL, "late failure", False)
   q.release(held)
   assert list(fail_backs) == [] and list(native_failed) == []
-  again, (ok_again, _), held, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
-  q.release(held)
-  assert list(again) == [] and len(ok_again) == 0
+  again, _, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
+  taken = q.take_metrics()
+  assert list(again) == [] and len(taken["ok_s"]) == 0 and len(taken["buckets"]) == 0
   st = q.stats()
   assert (st["success_count"], st["fail_count"], st["execution_count"]) == (1, 0, 1)
   assert st["inference_count"] == 3
@@ -83,8 +82,7 @@ def test_a_completion_after_the_failure_changes_nothing():
   backs, _, held, _ = q.fail(batch, INTERNAL, "the batch failed", False)
   q.release(held)
   assert [(b[0], b[1], b[2]) for b in backs] == [(req, INTERNAL, "the batch failed")]
-  late, (ok_s, _), held, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
-  q.release(held)
-  assert list(late) == [] and len(ok_s) == 0
+  late, _, _ = q.complete(batch, arrays, 0.0, 0.0, 0.0, False, 0)
+  assert list(late) == [] and len(q.take_metrics()["ok_s"]) == 0
   st = q.stats()
   assert (st["success_count"], st["fail_count"]) == (0, 1)

@@ -176,7 +176,9 @@ class _FailingTimingObserver(_FailingObserver):
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("where", ["batch", "timing", "start"])
 def test_the_native_queue_runner_survives_a_metrics_failure(where, depth):
-  """The same on the native (C++) batch queue: its dispatch and completion threads live on."""
+  """The same on the native (C++) batch queue: its dispatch and completion threads live on.
+  Its metrics are taken from the queue apart from any batch, so no failure there, not even
+  the one when requests start, fails a request."""
   from serving.frontend.native import load_extension
   from serving.frontend.native_queue import row_queue_factory
   from serving.runners import QueuedRowRunner
@@ -194,11 +196,7 @@ def test_the_native_queue_runner_survives_a_metrics_failure(where, depth):
   try:
     runner.submit(answers.request(0, rows=2))
     answers.wait([0])
-    if where == "start":
-      (out, err), = answers.got[0]
-      assert out is None and err.code is Code.INTERNAL and "injected metrics bug" in err.message
-    else:
-      answers.served(0)
+    answers.served(0)
     answers.then_served(runner, [1, 2, 3])
   finally:
     runner.stop()
