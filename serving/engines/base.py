@@ -57,6 +57,13 @@ class Engine(abc.ABC):
   pipeline_depth: int = 2
 
   @property
+  def narrowed_inputs(self) -> Mapping[str, Any]:
+    """Integer inputs the model runs narrower than they are sent (64-bit ids as 32-bit with
+    JAX's x64 off): name -> the type they run as. Runners refuse a request holding a value
+    outside it at admission (`check_fits`), so it never fails the batch it would share."""
+    return {}
+
+  @property
   def default_instances(self) -> int:
     """Batches to run at once when the model config does not say (Triton's instance_group
     count): 1, the device pipelines dispatched batches on its own."""

@@ -331,6 +331,10 @@ class ReplicaEngine(Engine):
   def fetch(self, handle: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in handle.items()}
 
+  @property
+  def narrowed_inputs(self) -> Mapping[str, Any]:
+    return dict(self._narrowed)
+
   def check_ranges(self, inputs: Mapping[str, Any]) -> None:
     """Raises INVALID_ARGUMENT when a 64-bit integer input holds a value outside the 32 bits
     jit narrows it to (JAX's x64 off): a wrapped id would silently score another row. A batch

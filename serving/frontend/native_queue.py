@@ -26,14 +26,15 @@ def row_queue_factory(native: Any) -> Callable[..., Any]:
   """A factory of C++ row queues from the compiled module (`load_extension()`)."""
 
   def make(*, name: str, config: BatchingConfig, inputs: Sequence[TensorSpec],
-           outputs: Sequence[TensorSpec], instances: int) -> Any:
+           outputs: Sequence[TensorSpec], instances: int, narrowed: Sequence[str] = ()) -> Any:
+    """`narrowed`: 64-bit integer inputs whose values must fit 32 bits (checked at admission)."""
     return native.RowQueue(
         name=name, buckets=list(config.buckets), max_queue_delay_s=config.max_queue_delay_s,
         dispatch_when_idle=config.dispatch_when_idle, max_queue_rows=config.max_queue_rows,
         max_queue_requests=-1 if config.max_queue_requests is None else config.max_queue_requests,
         deadline_headroom=config.deadline_headroom, latency_slo_s=config.latency_slo_s or 0.0,
         max_queue_wait_s=config.max_queue_wait_s or 0.0, inputs=_specs(inputs),
-        outputs=_specs(outputs), instances=instances)
+        outputs=_specs(outputs), instances=instances, narrowed=list(narrowed))
   return make
 
 

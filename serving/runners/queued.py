@@ -71,8 +71,10 @@ class QueuedRowRunner(BatchedRunner):
     self.inputs, self.outputs = tuple(engine.inputs), tuple(engine.outputs)
     self.observer = observer or Observer()
     self.depth = engine.pipeline_depth if depth is None else depth
+    # A value out of a narrowed input's range is refused at admission (INVALID_ARGUMENT): in a
+    # batch it would fail it, and every request in it would re-run alone.
     self._q = queue_factory(name=name, config=config, inputs=self.inputs, outputs=self.outputs,
-                            instances=instances)
+                            instances=instances, narrowed=tuple(engine.narrowed_inputs))
     for bucket, seconds in engine.bucket_seconds.items():
       self._q.observe(bucket, seconds)
     self.observer.on_scrape(self._refresh_metrics, force=True)
@@ -116,6 +118,10 @@ class QueuedRowRunner(BatchedRunner):
       raise ServingError(Code.RESOURCE_EXHAUSTED, message)
     if code == 2:
       raise ServingError(Code.UNAVAILABLE, message)
+    if code == 3:
+      self.observer.requests_done(ok_s=(), failed=[(Code.INVALID_ARGUMENT,
+                                                    time.perf_counter() - req.arrival)])
+      raise ServingError(Code.INVALID_ARGUMENT, message)
 
   def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
     """Stops the loop; with `drain`, every queued request is answered first."""
@@ -142,7 +148,8 @@ class QueuedRowRunner(BatchedRunner):
         self._count_native_failures(native_failed)
         self._log(logs)
       finally:
-        q.release(held)  # expired native requests: answered once counted
+        if held:  # expired native requests: answered once counted
+          q.release(held)
       if expired:
         self._hand_back_failures(expired)
       if batch is None:
@@ -281,7 +288,8 @@ class QueuedRowRunner(BatchedRunner):
       self._count_native_failures(native_failed)
       self._log(logs)
     finally:
-      self._q.release(held)
+      if held:
+        self._q.release(held)
     self._hand_back_failures(backs)
 
   def _log(self, logs: Sequence[tuple[str, int, str, float]]) -> None:

@@ -25,7 +25,8 @@ from serving.batching import (Admission, BatchingConfig, BatchPlan, Batcher, Pen
 from serving.engines import Engine
 from serving.runners.base import (BatchedRunner, Observer, RunnerCapabilities, RunnerStats, deliver,
                                   nan_error)
-from serving.runners.checks import as_serving_error, check_runner_config, count_batch, fixed_rows
+from serving.runners.checks import (as_serving_error, check_runner_config, count_batch,
+                                    fixed_rows, refuse_out_of_range)
 from serving.runners.handoff import DeviceRows, assemble
 from serving.runners.open_requests import OpenRequests
 from serving.types import Code, InferRequest, ServingError, merge_generations
@@ -75,6 +76,7 @@ class ModelRunner(BatchedRunner):
 
   def submit(self, req: InferRequest) -> None:
     """Queues a request; raises ServingError(RESOURCE_EXHAUSTED/UNAVAILABLE) if refused."""
+    refuse_out_of_range(self.engine, req, self.observer, self.stats, self._stats_lock)
     with self._cv:
       if self._stopping:
         raise ServingError(Code.UNAVAILABLE, f"model {self.name} is shutting down; retry on"

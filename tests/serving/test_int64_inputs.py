@@ -1,10 +1,14 @@
 """64-bit integer inputs on a server whose JAX runs 32-bit integers (x64 off, the default): a
 model exported with int64 ids takes them as int32, so an id past 2^31 would wrap and silently
-score another row. The server answers such a request INVALID_ARGUMENT, saying which input and
-what range, while the requests batched with it are answered exactly (numpy reference), through
-both the native gRPC front end with its batch queue and the Python ones (ModelRunner)."""
+score another row. The server answers such a request INVALID_ARGUMENT (HTTP 400) with the
+engine's own message (serving/engines/base.py check_fits), at admission, while the requests sent
+with it are answered exactly (numpy reference), through both the native gRPC and HTTP front ends
+with their batch queue and the Python ones (ModelRunner)."""
 
 from __future__ import annotations
+
+import http.client
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 import export
 from clientutil import call_concurrently, serving, triton_inputs
+from serving.engines.base import check_fits
 
 ROWS = 1000  # the model reads ids modulo this, as embedding lookups do
 
@@ -43,8 +48,16 @@ def served(request, tmp_path_factory):
                       config=export.ExportConfig(batch_buckets=(1, 4, 16),
                                                  max_queue_delay_us=20_000))
   frontend, queue = request.param
-  with serving(repo, frontend=frontend, batch_queue=queue) as bg:
+  with serving(repo, frontend=frontend, batch_queue=queue, http_port=0,
+               http_frontend=frontend) as bg:
     yield bg
+
+
+def engine_message(ids: np.ndarray) -> str:
+  """What the engine says of these ids (the message the server answers with)."""
+  with pytest.raises(Exception) as refused:
+    check_fits("ids", ids, np.int32)
+  return refused.value.message
 
 
 def call(client: tc.InferenceServerClient, ids: np.ndarray, x: np.ndarray):
@@ -71,8 +84,27 @@ def test_an_id_past_int32_is_refused_by_name_and_its_batch_mates_are_served(serv
     if bad:
       assert isinstance(got, InferenceServerException), ids
       assert got.status() == "StatusCode.INVALID_ARGUMENT"
-      assert "input 'ids' has values in" in got.message()
-      assert "outside int32 [-2147483648, 2147483647]" in got.message()
+      assert got.message() == engine_message(ids)
     else:
       assert not isinstance(got, InferenceServerException), got
       np.testing.assert_allclose(got, reference(ids, x), rtol=1e-6)
+
+
+def test_over_http_an_id_past_int32_is_a_400_with_the_same_message(served):
+  rng = np.random.default_rng(1)
+  for bad in (2**31, -2**31 - 7, 2**62):
+    ids = rng.integers(0, 2**31, (2, 3), dtype=np.int64)
+    ids[1, 2] = bad
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    body = json.dumps({"inputs": [
+        {"name": "ids", "shape": [2, 3], "datatype": "INT64", "data": ids.ravel().tolist()},
+        {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    conn = http.client.HTTPConnection("127.0.0.1", served.server.http_port, timeout=60)
+    try:
+      conn.request("POST", "/v2/models/ids/infer", body=body,
+                   headers={"Content-Type": "application/json"})
+      resp = conn.getresponse()
+      status, answer = resp.status, json.loads(resp.read())
+    finally:
+      conn.close()
+    assert status == 400 and answer == {"error": engine_message(ids)}, (status, answer)

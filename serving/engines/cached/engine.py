@@ -196,6 +196,11 @@ class CachedTablesEngine(ReplicaEngine):
                                                 rows, miss, ins_slot, ins_from)
       return out, self._generation
 
+  @property
+  def narrowed_inputs(self) -> Mapping[str, Any]:
+    """The others: the ids input is reduced to table rows on the host, in 64 bits."""
+    return {k: v for k, v in super().narrowed_inputs.items() if k != self.lookup.ids_input}
+
   def _plan_batch(self, ids: np.ndarray) -> tuple[np.ndarray, list, list, list]:
     """Host half: per feature the row (device table) or source (cache slot or miss position)
     of every lookup, the misses to gather per cached table, and the admitted inserts."""

@@ -100,11 +100,17 @@ py::object Optional(const std::optional<double>& v) {
 std::shared_ptr<RowQueue> MakeQueue(std::string name, std::vector<int64_t> buckets, double delay,
                                     bool idle, int64_t max_rows, int64_t max_requests,
                                     double headroom, double slo, double max_wait,
-                                    py::list inputs, py::list outputs, int instances) {
+                                    py::list inputs, py::list outputs, int instances,
+                                    std::vector<std::string> narrowed) {
+  std::vector<Spec> in = ParseSpecs(inputs);
+  for (Spec& s : in) {  // only 64-bit integers: the range check reads 8-byte values
+    s.narrow = std::count(narrowed.begin(), narrowed.end(), s.name) > 0 &&
+               (s.datatype == "INT64" || s.datatype == "UINT64");
+  }
   return std::make_shared<RowQueue>(
       std::move(name), BatchingParams{std::move(buckets), delay, idle, max_rows, max_requests,
                                       headroom, slo, max_wait, std::max(instances, 1)},
-      ParseSpecs(inputs), ParseSpecs(outputs), instances);
+      std::move(in), ParseSpecs(outputs), instances);
 }
 
 // A tenant table from serving/frontend/tenants.py Tenant.native() tuples.
@@ -205,7 +211,7 @@ PYBIND11_MODULE(_native, m) {
            py::arg("max_queue_rows"), py::arg("max_queue_requests"),
            py::arg("deadline_headroom"), py::arg("latency_slo_s"), py::arg("max_queue_wait_s"),
            py::arg("inputs"), py::arg("outputs"),
-           py::arg("instances"))
+           py::arg("instances"), py::arg("narrowed") = std::vector<std::string>())
       .def("add", &RowQueue::AddPython)
       .def("next", &RowQueue::Next)
       .def("complete", &RowQueue::Complete)

@@ -72,6 +72,7 @@ struct Spec {
   std::string name, datatype;
   std::vector<int64_t> dims;  // dims[0] == -1 (rows), or 1 (a context input: one per request)
   int64_t row_bytes = 0;      // bytes per row
+  bool narrow = false;        // (U)INT64 the model runs as 32 bits: checked at admission
 };
 
 // A canary split of a model's unversioned requests (split.cc): cumulative weights over the

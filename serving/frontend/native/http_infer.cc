@@ -295,6 +295,11 @@ FastResult HttpServer::TryFast(std::unique_ptr<HttpCall>* holder, const HttpHead
       shed_++;
       *answer = HttpErrorResponse(8, why, h.close);
       return FastResult::kAnswered;
+    case AddResult::kInvalid:
+      inflight_--;
+      fast_++;
+      *answer = HttpErrorResponse(3, why, h.close);
+      return FastResult::kAnswered;
     case AddResult::kStopping:
     default:
       inflight_--;

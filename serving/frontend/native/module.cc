@@ -19,11 +19,9 @@
 namespace xlaserve::native {
 
 namespace {
-
 std::string Key(std::string_view name, std::string_view version) {
   return std::string(name) + '\0' + std::string(version);
 }
-
 }  // namespace
 
 // -- the front end -----------------------------------------------------------------------------
@@ -328,16 +326,19 @@ bool Frontend::TryFast(Call* c) {
 bool Frontend::QueueNative(Call* c, const Model& m, const Fast& f) {
   inflight_++;  // before the runner can answer it
   std::string why;
-  switch (m.queue->AddNative(c, c->message.begin(), f.rows, f.offsets, f.arrival, f.deadline,
-                             f.priority, &why, TraceOf(c))) {
+  AddResult r = m.queue->AddNative(c, c->message.begin(), f.rows, f.offsets, f.arrival,
+                                   f.deadline, f.priority, &why, TraceOf(c));
+  switch (r) {
     case AddResult::kQueued:
       fast_++;
       return true;
-    case AddResult::kRefused:
+    case AddResult::kRefused:  // RESOURCE_EXHAUSTED
+    case AddResult::kInvalid:  // INVALID_ARGUMENT
       inflight_--;
-      shed_++;
+      shed_ += r == AddResult::kRefused;
       c->py_owned = false;
-      c->stream.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, why), c->T(kSFinish));
+      c->stream.Finish(grpc::Status(grpc::StatusCode(r == AddResult::kRefused ? 8 : 3), why),
+                       c->T(kSFinish));
       return true;
     case AddResult::kStopping:
     default:

@@ -109,6 +109,32 @@ void RowQueue::Admitted(bool was_empty, int64_t rows_before) {
   }
 }
 
+std::string RangeError(const std::vector<Spec>& specs, const std::vector<const uint8_t*>& in,
+                       int64_t rows) {
+  for (size_t i = 0; i < specs.size() && i < in.size(); ++i) {
+    const Spec& s = specs[i];
+    const int64_t n = (s.dims.empty() || s.dims[0] == -1 ? rows : 1) * s.row_bytes / 8;
+    if (!s.narrow || n == 0) continue;
+    const bool is_unsigned = s.datatype == "UINT64";
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    uint64_t ulo = UINT64_MAX, uhi = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      uint64_t v;
+      std::memcpy(&v, in[i] + 8 * k, 8);  // request bytes need not be 8-byte aligned
+      ulo = std::min(ulo, v), uhi = std::max(uhi, v);
+      lo = std::min(lo, int64_t(v)), hi = std::max(hi, int64_t(v));
+    }
+    if (is_unsigned ? uhi <= UINT32_MAX : lo >= INT32_MIN && hi <= INT32_MAX) continue;
+    return "input '" + s.name + "' has values in [" +
+           (is_unsigned ? std::to_string(ulo) + ", " + std::to_string(uhi)
+                        : std::to_string(lo) + ", " + std::to_string(hi)) +
+           "], outside " + (is_unsigned ? "uint32 [0, 4294967295]"
+                                        : "int32 [-2147483648, 2147483647]") +
+           " that the model takes; send values within that range (64-bit ids: hash them into it)";
+  }
+  return "";
+}
+
 AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t rows,
                               const std::vector<size_t>& offsets, double arrival,
                               double deadline, int64_t priority, std::string* why,
@@ -124,11 +150,19 @@ AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t ro
   for (size_t off : offsets) e->in.push_back(base + off);
   bool was_empty;
   int64_t before;
+  std::string invalid = RangeError(inputs_, e->in, rows);
   {
     std::lock_guard<std::mutex> l(mu_);
     if (stopping_) {
       delete e;
       return AddResult::kStopping;
+    }
+    if (!invalid.empty()) {  // counted as the batch failure it would have been
+      st_.fail++;
+      native_failed_.emplace_back(3, MonoNow() - arrival);
+      delete e;
+      *why = std::move(invalid);
+      return AddResult::kInvalid;
     }
     std::string refusal = d_.Admit(*e);
     if (!refusal.empty()) {
@@ -169,10 +203,15 @@ py::tuple RowQueue::AddPython(py::object req, py::list arrays, int64_t rows, dou
   e->priority = priority;
   bool was_empty;
   int64_t before;
+  std::string invalid = RangeError(inputs_, e->in, rows);
   {
     std::lock_guard<std::mutex> l(mu_);
     if (stopping_) {
       return py::make_tuple(2, "model " + name_ + " is shutting down; retry on another replica");
+    }
+    if (!invalid.empty()) {
+      st_.fail++;
+      return py::make_tuple(3, invalid);
     }
     std::string refusal = d_.Admit(*e);
     if (!refusal.empty()) {

@@ -99,7 +99,13 @@ struct PendingMetrics {
   std::vector<int64_t> request_rows;      // requests whose first slice was taken
 };
 
-enum class AddResult { kQueued, kRefused, kStopping };
+// kRefused: RESOURCE_EXHAUSTED (the queue's bounds); kInvalid: INVALID_ARGUMENT (a value out
+// of a narrowed input's range, which would otherwise fail every request sharing its batch).
+enum class AddResult { kQueued, kRefused, kStopping, kInvalid };
+
+// serving/engines/base.py check_fits for one request's inputs: "" or the engine's message.
+std::string RangeError(const std::vector<Spec>& specs, const std::vector<const uint8_t*>& in,
+                       int64_t rows);
 
 class RowQueue : public std::enable_shared_from_this<RowQueue> {
  public:
@@ -113,7 +119,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
                       const std::vector<size_t>& offsets, double arrival, double deadline,
                       int64_t priority, std::string* why,
                       std::unique_ptr<TraceInfo> trace = nullptr);
-  // A Python request (GIL held): (0 queued | 1 refused | 2 stopping, message).
+  // A Python request (GIL held): (0 queued | 1 refused | 2 stopping | 3 invalid, message).
   py::tuple AddPython(py::object req, py::list arrays, int64_t rows, double arrival,
                       py::object deadline, int64_t priority);
 
