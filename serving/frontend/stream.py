@@ -3,7 +3,9 @@
 Generate models (decoupled runners) stream a response per piece of text, the last marked
 `triton_final_response`; predict models answer each request once. Errors go back as
 `error_message` on the stream, which stays open; a client that cancels or disconnects cancels
-its generations at once (slots and KV pages freed).
+its generations at once (slots and KV pages freed). A request over its tenant's quota is
+answered when the quota would admit it again, as a unary call is (serving/frontend/refusals.py),
+without holding up the stream's other requests.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from serving.frontend import codec, request_trace
+from serving.frontend import codec, refusals, request_trace
 from serving.frontend.protocol import grpc_service_pb2 as pb
 from serving.types import SHUTTING_DOWN, Code, ServingError
 
@@ -66,7 +68,11 @@ class StreamSession:
         try:
           self._start(request, key)
         except ServingError as e:
-          self.out.put_nowait(error_response(request, e))
+          if getattr(e, "hold_s", 0.0) > 0:  # over a quota: answered when it would admit it
+            self.open_items += 1
+            asyncio.ensure_future(self._refuse(request, e))
+          else:
+            self.out.put_nowait(error_response(request, e))
     finally:
       self.reader_done.set()
       self.out.put_nowait(None)
@@ -100,9 +106,19 @@ class StreamSession:
       if rt is not None:
         request_trace.finish_grpc(tracing, rt, request_id, None)
     except ServingError as e:
+      await refusals.hold(getattr(e, "hold_s", 0.0), self.context.time_remaining())
       self.out.put_nowait(error_response(request, e))
       if rt is not None:
         request_trace.finish_grpc(tracing, rt, request_id, e)
+    finally:
+      self.open_items -= 1
+      self.out.put_nowait(None)
+
+  async def _refuse(self, request: Any, err: ServingError) -> None:
+    """An over-quota request's refusal, held as a unary call's is (one open item meanwhile)."""
+    try:
+      await refusals.hold(getattr(err, "hold_s", 0.0), self.context.time_remaining())
+      self.out.put_nowait(error_response(request, err))
     finally:
       self.open_items -= 1
       self.out.put_nowait(None)

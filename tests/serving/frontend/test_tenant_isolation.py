@@ -245,3 +245,53 @@ def test_the_http_port_holds_its_refusals_too(mock_repo, frontend):
     refused("nobody", "401", "no tenant has these credentials", 0.09)
     if frontend == "native":
       assert bg.server.native.stats()["http_relayed"] == 0  # all of it answered in C++
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_a_stream_holds_an_over_quota_refusal_and_answers_its_other_requests(tmp_path, frontend):
+  """ModelStreamInfer, predict and generate models alike: a request over its tenant's quota is
+  refused (in-stream, the same message) once the quota would admit it again, as a unary call
+  is, so a client that waits for its answers cannot spin the server; the stream's admitted
+  requests are answered meanwhile, and the stream stays open."""
+  import queue
+
+  import tritonclient.grpc as tc
+
+  from clientutil import triton_inputs
+  from httputil import both_protocols
+  from servingutil import mock_reference
+
+  rate = 10  # requests/s, a burst of 1: the next token is due 100 ms after the first
+  tenants = parse_tenants({"tenants": [
+      {"name": "streamer", "tokens": ["tok-s"], "requests_per_s": rate, "requests_burst": 1}]})
+  x, k = np.arange(8, dtype=np.float32).reshape(2, 4), np.full((2, 1), 2, np.int32)
+  prompt = tc.InferInput("text_input", [1], "BYTES")
+  prompt.set_data_from_numpy(np.array([b"ab"], dtype=object))
+  calls = {"mock": lambda c, i: c.async_stream_infer("mock", triton_inputs({"x": x, "k": k}),
+                                                    request_id=i),
+           "lm": lambda c, i: c.async_stream_infer("lm", [prompt], request_id=i,
+                                                  parameters={"max_tokens": 1})}
+  with both_protocols(tmp_path / "repo", generate=True, tenants=tenants,
+                      frontend=frontend) as bg:
+    for model, send in calls.items():
+      time.sleep(0.25)  # the burst's token is back
+      got: queue.Queue = queue.Queue()
+      with tc.InferenceServerClient(bg.address) as c:
+        c.start_stream(lambda result, error: got.put((result, error, time.perf_counter())),
+                       headers={"authorization": "Bearer tok-s"})
+        t0 = time.perf_counter()
+        send(c, "first")  # the token
+        send(c, "second")  # over the quota
+        answers = {}
+        while len(answers) < 2:
+          r, e, t = got.get(timeout=10)
+          if e is None and not r.get_response().parameters["triton_final_response"].bool_param:
+            continue  # a generation's pieces before its final response
+          answers[r.get_response().id if e is None else "second"] = (r, e, t - t0)
+        c.stop_stream()
+      (first, ok_err, _), (_, err, held) = answers["first"], answers["second"]
+      assert ok_err is None, ok_err
+      if model == "mock":
+        np.testing.assert_array_equal(first.as_numpy("y"), mock_reference(x, k)["y"])
+      assert "tenant 'streamer' is over its quota of 10 requests/s" in err.message(), model
+      assert 0.05 < held < 5.0, (model, held)  # held until a token is due, not refused at once
