@@ -21,7 +21,7 @@ _NATIVE = "serving/frontend/native"
 _UNITS = ("module", "wire", "relay", "auth", "batcher", "slo", "row_queue", "row_answer", "http_conn",
           "http_relay", "http_server", "http_infer", "generation", "trace", "split", "tenants",
           "http_tls", "bindings")
-_HEADERS = ("frontend.h", "batcher.h", "row_queue.h", "http.h", "tenants.h")  # what the units share
+_HEADERS = ("frontend.h", "model_table.h", "batcher.h", "row_queue.h", "http.h", "tenants.h")  # what the units share
 
 _MISSING = ("xlaserve: building WITHOUT the native front end ({why}); the server will use the"
             " Python front ends. Install them with: apt-get install libgrpc++-dev rapidjson-dev"

@@ -10,7 +10,8 @@
 // byte, with metadata and deadline, to the Python grpc.aio server on an internal address
 // through a GenericStub, so its status codes and messages stay the single source of truth.
 //
-// This header holds what the units share:
+// This header (with model_table.h: the model table and a parsed ModelInfer) holds what the
+// units share:
 //   wire.cc    protobuf wire parsing, validation against the specs, response encoding;
 //   relay.cc   a call's completion-queue events and the relay to the Python servicer;
 //   auth.cc    the bearer token check (gRPC and HTTP);
@@ -41,6 +42,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "model_table.h"
+
 namespace py = pybind11;
 
 namespace xlaserve::native {
@@ -63,67 +66,8 @@ double MonoNow();
 std::string RandomHex(int digits);  // from /dev/urandom (trace.cc): secrets shared with Python
 
 class RowQueue;    // row_queue.h
-class Tenants;    // tenants.h
+class Tenants;     // tenants.h
 class HttpServer;  // http.h
-
-// -- model table -------------------------------------------------------------------------------
-
-struct Spec {
-  std::string name, datatype;
-  std::vector<int64_t> dims;  // dims[0] == -1 (rows), or 1 (a context input: one per request)
-  int64_t row_bytes = 0;      // bytes per row
-  bool narrow = false;        // (U)INT64 the model runs as 32 bits: checked at admission
-};
-
-// A canary split of a model's unversioned requests (split.cc): cumulative weights over the
-// versions it picks among, the request parameter that pins a user, and the share relayed to
-// Python for shadow scoring.
-struct Split {
-  std::string sticky;                    // request parameter name; empty: random by weight
-  std::vector<double> bounds;            // cumulative weights (unnormalised), version order
-  std::vector<std::string> versions;     // version keys, parallel to bounds
-  std::vector<std::atomic<int64_t>*> routed;  // requests sent to each (Frontend-owned counters)
-  double shadow_fraction = 0;            // relayed with the shadow marker, for Python to score
-};
-
-struct Model {
-  int slot = 0;
-  std::string version;  // the response's model_version
-  std::vector<Spec> inputs, outputs;
-  int64_t default_timeout_us = 0;
-  std::shared_ptr<RowQueue> queue;   // the model's C++ queue; null: Python's feeder submits
-  std::unique_ptr<Split> split;      // set: this entry routes to a version's entry (split.cc)
-};
-
-// Specs from Python's (name, datatype, dims, itemsize) tuples, row bytes computed (GIL held).
-std::vector<Spec> ParseSpecs(const py::list& specs);
-
-using Table = std::unordered_map<std::string, std::shared_ptr<const Model>>;  // name '\0' version
-
-// -- a parsed ModelInfer (views into the message bytes; wire.cc) -------------------------------
-
-struct InTensor {
-  std::string_view name, datatype;
-  std::vector<int64_t> shape;
-};
-
-struct Request {
-  std::string_view model_name, model_version, id;
-  std::vector<InTensor> inputs;
-  std::vector<std::string_view> outputs;
-  std::vector<std::string_view> raw;
-  int64_t timeout_us = -1;  // absent
-  int64_t priority = -1;    // absent
-  std::vector<std::pair<std::string_view, std::string_view>> params;  // other (key, value)
-};
-
-// False for anything the fast path does not fully understand: Python decides.
-bool ParseRequest(std::string_view msg, Request* r);
-
-// The inputs match the model's specs: `offsets` gets each raw tensor's offset into `msg` (in
-// spec order) and `rows` the common row count.
-bool MatchInputs(const Request& r, const Model& m, std::string_view msg, int64_t max_rows,
-                 int64_t max_tensor_bytes, std::vector<size_t>* offsets, int64_t* rows);
 
 // Whether an Authorization value is "Bearer <token>" (constant-time compare).
 bool BearerMatches(std::string_view value, const std::string& token);
@@ -140,9 +84,6 @@ std::shared_ptr<grpc::ServerCredentials> Credentials(const std::string& cert_fil
 
 // Whether the call carries the bearer token (constant-time compare); an empty token: always.
 bool Authorized(const grpc::GenericServerContext& ctx, const std::string& token);
-
-// The requested outputs (all of them when none is named) as indexes into m.outputs.
-bool MatchOutputs(const Request& r, const Model& m, std::vector<int>* out_index);
 
 // -- calls -------------------------------------------------------------------------------------
 class Frontend;
