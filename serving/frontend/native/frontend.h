@@ -12,7 +12,8 @@
 //
 // This header (with model_table.h: the model table and a parsed ModelInfer) holds what the
 // units share:
-//   wire.cc    protobuf wire parsing, validation against the specs, response encoding;
+//   wire.cc    protobuf wire parsing and validation against the specs;
+//   wire_encode.cc  response encoding;
 //   relay.cc   a call's completion-queue events and the relay to the Python servicer;
 //   auth.cc    the bearer token check (gRPC and HTTP);
 //   module.cc  the server, its completion queues and the fast queue (bindings.cc: pybind11).
@@ -190,7 +191,7 @@ struct Call final : Responder {
   void MaybeFinishBackend();
 };
 
-// -- the front end (module.cc; Encode in wire.cc) ------------------------------------------------
+// -- the front end (module.cc; Encode in wire_encode.cc) ------------------------------------------
 
 class Frontend {
  public:

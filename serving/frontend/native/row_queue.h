@@ -198,7 +198,8 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   std::map<int64_t, std::vector<std::vector<std::unique_ptr<Staging>>>> pool_;
 };
 
-// Encodes a native call's ModelInferResponse from its rows of each model output (wire.cc).
+// Encodes a native call's ModelInferResponse from its rows of each model output
+// (wire_encode.cc).
 void EncodeRows(const Call* c, const std::vector<const uint8_t*>& rows0, grpc::ByteBuffer* bb);
 
 // Answers a call held outside the completion queue (call->mu not held) and counts it answered.
