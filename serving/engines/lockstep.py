@@ -247,6 +247,16 @@ class LockstepEngine(Engine):
     return (self._program is not None and self._broken is None and not self._closed
             and not self._stopped)
 
+  @property
+  def narrowed_inputs(self) -> Mapping[str, Any]:
+    """Integer inputs the artifact takes narrower than they are sent (known once warmed up):
+    refused at admission, nothing is broadcast for them."""
+    if self._program is None:
+      return {}
+    return {t.name: dt for t, dt in zip(self.inputs, self._program.wire)
+            if np.issubdtype(dt, np.integer) and bundle_lib.numpy_dtype(t.dtype).kind in "iu"
+            and dt.itemsize < bundle_lib.numpy_dtype(t.dtype).itemsize}
+
   def _host_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Inputs in the artifact's dtypes; integers narrowed only when every value fits."""
     out = []
