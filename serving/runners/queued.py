@@ -130,7 +130,7 @@ class QueuedRowRunner(BatchedRunner):
     for t in self._threads:
       if t.is_alive():
         t.join(max(0.0, end - time.monotonic()))
-    self._refresh_metrics(force=True)
+    self._refresh_metrics_guarded(force=True)
 
   # -- threads -------------------------------------------------------------------------------
 
@@ -228,8 +228,11 @@ class QueuedRowRunner(BatchedRunner):
       logger.exception("%s: answering a batch of %d rows failed", self.name, batch.rows)
       self._fail(batch, ServingError(Code.INTERNAL, f"model {self.name} failed: {e}"))
       return
-    self._log(logs)
-    self._refresh_metrics_guarded()
+    try:  # logs and metrics never fail answers (the Python requests' are delivered below)
+      self._log(logs)
+      self._refresh_metrics()
+    except Exception:
+      logger.exception("%s: recording a batch's logs or metrics failed", self.name)
     if t_dispatch is not None and self.observer.tracing:
       try:
         self._trace(batch, backs, t_dispatch - t_input, t_dispatch, t_dispatch + compute_s,
@@ -338,10 +341,10 @@ class QueuedRowRunner(BatchedRunner):
     self.observer.requests_done(ok_s=(), failed=[(e.code, now - r.arrival) for r, _, e in done])
     deliver(done)
 
-  def _refresh_metrics_guarded(self) -> None:
-    """`_refresh_metrics` from a runner thread: a failure is logged, never fails answers."""
+  def _refresh_metrics_guarded(self, *, force: bool = False) -> None:
+    """`_refresh_metrics` where a failure must not stop anything: logged."""
     try:
-      self._refresh_metrics()
+      self._refresh_metrics(force=force)
     except Exception:
       logger.exception("%s: recording metrics failed", self.name)
 
