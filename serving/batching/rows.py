@@ -138,10 +138,9 @@ class Batcher(Generic[T]):
       return None
     return self._batch_s.get(self.config.max_batch_size, self._batch_s[max(self._batch_s)])
 
-  @property
-  def _capacity_rows_s(self) -> float | None:
+  def _capacity_rows_s(self, now: float) -> float | None:
     """Rows/s the queue can move: the measured drain rate, else full batches back to back."""
-    if rate := self._load.drain_rate():
+    if rate := self._load.drain_rate(now):
       return rate
     full_s = self._full_batch_s
     return self.config.max_batch_size / full_s if full_s else None
@@ -179,7 +178,7 @@ class Batcher(Generic[T]):
     if ahead == 0 or full_s is None:
       return None
     queued = self._rows_s(ahead + rows, full_s)
-    if rate := self._load.drain_rate():
+    if rate := self._load.drain_rate(now):
       queued = max(queued, ahead / rate + self._rows_s(rows, full_s))
     held = max(0.0, self._free_at - now) if self._free_at is not None else 0.0
     return held + queued
@@ -318,8 +317,8 @@ class Batcher(Generic[T]):
       bucket = cfg.bucket_for(min(self._rows, cfg.max_batch_size))
       hold = fill_wait_s(now=now, oldest=oldest, queued=self._rows, bucket=bucket,
                          bucket_s=self._batch_s.get(bucket),
-                         arrival_rate=self._load.arrival_rate(now), capacity=self._capacity_rows_s,
-                         latency_slo_s=cfg.latency_slo_s)
+                         arrival_rate=self._load.arrival_rate(now),
+                         capacity=self._capacity_rows_s(now), latency_slo_s=cfg.latency_slo_s)
       if hold > 0.0:
         return Decision(None, expired, hold)
     plan = self._take(cfg.max_batch_size if full else self._capacity())

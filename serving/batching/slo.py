@@ -20,6 +20,10 @@ HOLD_LOAD_SHARE = 0.9  # holds only once arrivals reach this share of the measur
 DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
 DRAIN_MIN_SAMPLES = 4  # a drain rate is used once this many samples agree on it
 DRAIN_MAX_GROWTH = 4.0  # one sample's interval counts as at most this many times the smoothed one
+# A drain rate not measured again for this long is forgotten, and the next sample starts anew:
+# it was measured on other traffic (after 1-row requests, 32-row ones drain 20x more rows/s),
+# and one that refuses all but what it predicts would never see the backlog that corrects it.
+DRAIN_STALE_S = 1.0
 
 
 class LoadMeter:
@@ -33,6 +37,7 @@ class LoadMeter:
     self._drain_rows: float | None = None
     self._drain_dt = 0.0
     self._drain_samples = 0
+    self._drain_t = 0.0  # when the last drain sample was taken
 
   def arrived(self, t: float, rows: int) -> None:
     """Counts `rows` arriving at `t` (arrivals may come slightly out of order)."""
@@ -55,20 +60,23 @@ class LoadMeter:
     The time since the previous take is a drain sample when the queue stayed backlogged."""
     if self._take_t is not None and self._backlogged and now > self._take_t:
       dt = now - self._take_t
-      if self._drain_rows is None:
-        self._drain_rows, self._drain_dt = float(rows), dt
+      if self._drain_rows is None or now - self._drain_t > DRAIN_STALE_S:
+        self._drain_rows, self._drain_dt, self._drain_samples = float(rows), dt, 0
       else:  # a stall (a new version's first batches, a pause) must not shed for long
         self._drain_rows += DRAIN_SMOOTHING * (rows - self._drain_rows)
         self._drain_dt += DRAIN_SMOOTHING * (min(dt, DRAIN_MAX_GROWTH * self._drain_dt)
                                              - self._drain_dt)
       self._drain_samples += 1
+      self._drain_t = now
     if self._take_t is None or now > self._take_t:
       self._take_t = now
     self._backlogged = backlogged
 
-  def drain_rate(self) -> float | None:
-    """Rows per second the queue moved while backlogged; None before DRAIN_MIN_SAMPLES."""
-    if self._drain_rows is None or self._drain_samples < DRAIN_MIN_SAMPLES:
+  def drain_rate(self, now: float) -> float | None:
+    """Rows per second the queue moved while backlogged; None before DRAIN_MIN_SAMPLES, and
+    once no sample came for DRAIN_STALE_S."""
+    if (self._drain_rows is None or self._drain_samples < DRAIN_MIN_SAMPLES
+        or now - self._drain_t > DRAIN_STALE_S):
       return None
     return self._drain_rows / self._drain_dt
 

@@ -37,8 +37,8 @@ std::optional<double> Decider::FullBatchSeconds() const {
   return it != batch_s_.end() ? it->second : batch_s_.rbegin()->second;
 }
 
-std::optional<double> Decider::CapacityRowsS() const {
-  if (auto rate = load_.DrainRate()) return rate;
+std::optional<double> Decider::CapacityRowsS(double now) const {
+  if (auto rate = load_.DrainRate(now)) return rate;
   auto full = FullBatchSeconds();
   if (!full || *full <= 0.0) return std::nullopt;
   return double(max_batch()) / *full;
@@ -74,7 +74,7 @@ std::optional<double> Decider::EstimatedLatency(int64_t rows, int64_t priority,
   auto full = FullBatchSeconds();
   if (ahead == 0 || !full) return std::nullopt;
   double queued = RowsSeconds(ahead + rows, *full);
-  auto rate = load_.DrainRate();
+  auto rate = load_.DrainRate(now);
   if (rate && *rate != 0.0) {
     queued = std::max(queued, double(ahead) / *rate + RowsSeconds(rows, *full));
   }
@@ -259,7 +259,7 @@ Decision Decider::Decide(double now, bool idle) {
     auto it = batch_s_.find(bucket);
     double hold = FillWait(now, oldest, rows_, bucket,
                            it == batch_s_.end() ? std::nullopt : std::optional<double>(it->second),
-                           load_.ArrivalRate(now), CapacityRowsS(), p_.latency_slo_s);
+                           load_.ArrivalRate(now), CapacityRowsS(now), p_.latency_slo_s);
     if (hold > 0.0) {
       d.wait_s = hold;
       return d;

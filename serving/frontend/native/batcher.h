@@ -54,10 +54,11 @@ class LoadMeter {
   void Arrived(double t, int64_t rows);
   double ArrivalRate(double now) const;
   void Taken(double now, int64_t rows, bool backlogged);
-  std::optional<double> DrainRate() const;
+  std::optional<double> DrainRate(double now) const;
 
  private:
   double arrived_ = 0, arrived_t_ = 0, take_t_ = 0, drain_rows_ = 0, drain_dt_ = 0;
+  double drain_t_ = 0;  // the last drain sample's time
   bool any_arrival_ = false, any_take_ = false, backlogged_ = false, any_drain_ = false;
   int drain_samples_ = 0;
 };
@@ -124,7 +125,7 @@ class Decider {
 
  private:
   std::optional<double> FullBatchSeconds() const;
-  std::optional<double> CapacityRowsS() const;  // rows.py _capacity_rows_s
+  std::optional<double> CapacityRowsS(double now) const;  // rows.py _capacity_rows_s
   int64_t RowsAhead(int64_t priority) const;
   double RowsSeconds(int64_t n, double full_s) const;  // n rows as full batches and a partial
   void Took(double now, int64_t bucket, bool idle);     // rows.py _took

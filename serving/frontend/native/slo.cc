@@ -16,6 +16,7 @@ constexpr double kHoldLoadShare = 0.9;       // slo.py HOLD_LOAD_SHARE
 constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
 constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES
 constexpr double kDrainMaxGrowth = 4.0;      // slo.py DRAIN_MAX_GROWTH
+constexpr double kDrainStaleS = 1.0;         // slo.py DRAIN_STALE_S
 
 }  // namespace
 
@@ -58,23 +59,27 @@ double LoadMeter::ArrivalRate(double now) const {
 void LoadMeter::Taken(double now, int64_t rows, bool backlogged) {
   if (any_take_ && backlogged_ && now > take_t_) {
     double dt = now - take_t_;
-    if (!any_drain_) {
+    if (!any_drain_ || now - drain_t_ > kDrainStaleS) {  // first, or measured on other traffic
       any_drain_ = true;
       drain_rows_ = double(rows);
       drain_dt_ = dt;
+      drain_samples_ = 0;
     } else {
       drain_rows_ += kDrainSmoothing * (double(rows) - drain_rows_);
       drain_dt_ += kDrainSmoothing * (std::min(dt, kDrainMaxGrowth * drain_dt_) - drain_dt_);
     }
     drain_samples_ += 1;
+    drain_t_ = now;
   }
   if (!any_take_ || now > take_t_) take_t_ = now;
   any_take_ = true;
   backlogged_ = backlogged;
 }
 
-std::optional<double> LoadMeter::DrainRate() const {
-  if (!any_drain_ || drain_samples_ < kDrainMinSamples) return std::nullopt;
+std::optional<double> LoadMeter::DrainRate(double now) const {
+  if (!any_drain_ || drain_samples_ < kDrainMinSamples || now - drain_t_ > kDrainStaleS) {
+    return std::nullopt;
+  }
   return drain_rows_ / drain_dt_;
 }
 

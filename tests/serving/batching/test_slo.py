@@ -99,6 +99,26 @@ def test_admission_uses_the_measured_drain_rate(impl, take_every_s, most_queued)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_a_drain_rate_not_measured_again_for_a_second_is_forgotten(impl):
+  """The queue drained 2,000 rows/s while backlogged (full batches of 8 every 4 ms, each timed
+  at 1 ms); the budget of a 41 ms target is 32.8 ms. Half a second later, with no backlog
+  since, that rate still holds: a new 1-row request is admitted while the rows ahead at 2,000
+  rows/s plus its own batch (1 ms) fit, so 63 rows ahead, 64 queued. After more than a second
+  the rate was measured on other traffic (a 1-row mix drains far fewer rows/s than a 32-row
+  one) and is forgotten: the rows ahead and its own run as batches of 8 at 1 ms each, so 255
+  rows ahead (32 batches), 256 queued. Kept, the old rate would refuse the new traffic for
+  good: refusing all but 63 rows, the queue never backlogs again to measure a new one."""
+  for later_s, most_queued in [(0.5, 64), (1.1, 256)]:
+    b = make(impl, buckets=(1, 2, 4, 8), latency_slo_s=0.041)
+    b.observe(8, 0.001)
+    now = _backlog(b, 48, 0.004, 5) + later_s  # 8 rows still queued; 4 drain samples
+    n = 100
+    while admitted(b, Pending(n, 1, now)) is True:
+      n += 1
+    assert b.queued_rows == most_queued, later_s
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_without_a_target_admission_uses_the_wait_bound(impl):
   b = make(impl, buckets=(1, 2, 4, 8), max_queue_wait_s=0.0207)
   b.observe(8, 0.001)
