@@ -63,6 +63,15 @@ class Engine(abc.ABC):
     outside it at admission (`check_fits`), so it never fails the batch it would share."""
     return {}
 
+  def check_ranges(self, inputs: Mapping[str, Any]) -> None:
+    """Raises INVALID_ARGUMENT when a narrowed input (`narrowed_inputs`) holds a value outside
+    the type it runs as: a wrapped id would silently score another row. Runners call it at
+    admission; engines call it per batch as a safety net."""
+    for name, dtype in self.narrowed_inputs.items():
+      x = inputs.get(name)
+      if isinstance(x, np.ndarray):
+        check_fits(name, x, dtype)
+
   @property
   def default_instances(self) -> int:
     """Batches to run at once when the model config does not say (Triton's instance_group

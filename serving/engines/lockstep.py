@@ -211,6 +211,7 @@ class LockstepEngine(Engine):
     self.buckets = tuple(self.manifest.batch_buckets)
     self.strategy = strategy
     self._program: _Program | None = None
+    self._narrowed: dict[str, np.dtype] = {}  # integer inputs the artifact takes narrower
     self._index = {b: i for i, b in enumerate(self.buckets)}
     self._lock = threading.Lock()  # one lockstep call at a time (runner, close)
     self._broken: str | None = None
@@ -227,6 +228,10 @@ class LockstepEngine(Engine):
     program = load_everywhere(self.path, self.manifest, self.strategy, say)
     with self._lock:
       self._program = program
+      self._narrowed = {t.name: dt for t, dt in zip(self.inputs, program.wire)
+                        if np.issubdtype(dt, np.integer)
+                        and bundle_lib.numpy_dtype(t.dtype).kind in "iu"
+                        and dt.itemsize < bundle_lib.numpy_dtype(t.dtype).itemsize}
       for b in self.buckets:  # every process runs every bucket once, at load
         zeros = [np.zeros((b, *t.shape[1:]), dt) for t, dt in zip(self.inputs, program.wire)]
         out = self._step_locked(b, zeros)
@@ -251,11 +256,7 @@ class LockstepEngine(Engine):
   def narrowed_inputs(self) -> Mapping[str, Any]:
     """Integer inputs the artifact takes narrower than they are sent (known once warmed up):
     refused at admission, nothing is broadcast for them."""
-    if self._program is None:
-      return {}
-    return {t.name: dt for t, dt in zip(self.inputs, self._program.wire)
-            if np.issubdtype(dt, np.integer) and bundle_lib.numpy_dtype(t.dtype).kind in "iu"
-            and dt.itemsize < bundle_lib.numpy_dtype(t.dtype).itemsize}
+    return self._narrowed
 
   def _host_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Inputs in the artifact's dtypes; integers narrowed only when every value fits."""

@@ -22,7 +22,7 @@ import numpy as np
 
 import bundle as bundle_lib
 from bundle import BundleError, Manifest, Signature, TensorSpec, numpy_dtype
-from serving.engines.base import (Engine, Placement, Progress, check_fits, check_jax_version,
+from serving.engines.base import (Engine, Placement, Progress, check_jax_version,
                                   export_platform, param_bytes)
 from serving.engines.memory import MemoryReport, merge, replica_memory
 
@@ -333,16 +333,8 @@ class ReplicaEngine(Engine):
 
   @property
   def narrowed_inputs(self) -> Mapping[str, Any]:
-    return dict(self._narrowed)
-
-  def check_ranges(self, inputs: Mapping[str, Any]) -> None:
-    """Raises INVALID_ARGUMENT when a 64-bit integer input holds a value outside the 32 bits
-    jit narrows it to (JAX's x64 off): a wrapped id would silently score another row. A batch
-    failing this is re-run request by request, so only the request holding the value fails."""
-    for name, dtype in self._narrowed.items():
-      x = inputs.get(name)
-      if isinstance(x, np.ndarray):
-        check_fits(name, x, dtype)
+    """Its 64-bit integer inputs while JAX's x64 is off (worked out once, at construction)."""
+    return self._narrowed
 
   @property
   def batch_device(self) -> Any:

@@ -106,19 +106,23 @@ class StreamSession:
       if rt is not None:
         request_trace.finish_grpc(tracing, rt, request_id, None)
     except ServingError as e:
-      await refusals.hold(getattr(e, "hold_s", 0.0), self.context.time_remaining())
-      self.out.put_nowait(error_response(request, e))
+      await self._answer_error(request, e)
       if rt is not None:
         request_trace.finish_grpc(tracing, rt, request_id, e)
     finally:
       self.open_items -= 1
       self.out.put_nowait(None)
 
+  async def _answer_error(self, request: Any, err: ServingError) -> None:
+    """An in-stream error; one over a quota is held until the quota would admit the request
+    again, as a unary call's refusal is."""
+    await refusals.hold(getattr(err, "hold_s", 0.0), self.context.time_remaining())
+    self.out.put_nowait(error_response(request, err))
+
   async def _refuse(self, request: Any, err: ServingError) -> None:
-    """An over-quota request's refusal, held as a unary call's is (one open item meanwhile)."""
+    """The reader's over-quota refusal, answered apart from it (one open item meanwhile)."""
     try:
-      await refusals.hold(getattr(err, "hold_s", 0.0), self.context.time_remaining())
-      self.out.put_nowait(error_response(request, err))
+      await self._answer_error(request, err)
     finally:
       self.open_items -= 1
       self.out.put_nowait(None)

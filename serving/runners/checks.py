@@ -7,11 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-import numpy as np
-
 from serving.batching import BatchingConfig, BatchPlan
 from serving.engines import Engine
-from serving.engines.base import check_fits
 from serving.runners.base import RunnerStats
 from serving.types import Code, ServingError
 
@@ -26,21 +23,17 @@ def as_serving_error(e: Exception, model: str) -> ServingError:
 
 def refuse_out_of_range(engine: Engine, req: Any, observer: Any, stats: RunnerStats,
                         lock: Any) -> None:
-  """At admission: INVALID_ARGUMENT (`check_fits`'s message) for a request holding a value a
+  """At admission: INVALID_ARGUMENT (`Engine.check_ranges`) for a request holding a value a
   narrowed input cannot take, counted as a failed request (metrics, and `stats` under `lock`).
   Inside a batch it would fail the batch, and every request sharing it would be re-run alone:
   a few such requests a second cost the others most of the model's throughput."""
-  for name, dtype in engine.narrowed_inputs.items():
-    x = req.inputs.get(name)
-    if isinstance(x, np.ndarray):
-      try:
-        check_fits(name, x, dtype)
-      except ServingError as e:
-        observer.request_done(ok=False, duration_s=time.perf_counter() - req.arrival,
-                              code=e.code)
-        with lock:
-          stats.fail_count += 1
-        raise
+  try:
+    engine.check_ranges(req.inputs)
+  except ServingError as e:
+    observer.request_done(ok=False, duration_s=time.perf_counter() - req.arrival, code=e.code)
+    with lock:
+      stats.fail_count += 1
+    raise
 
 
 def check_runner_config(name: str, engine: Engine, config: BatchingConfig,

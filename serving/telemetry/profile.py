@@ -173,14 +173,13 @@ class Profiler:
       # take seconds per second captured. Off unless asked for.
       options.python_tracer_level = 1 if python else 0
       jax.profiler.start_trace(str(folder), profiler_options=options)
-    flush = getattr(self.hub, "flush", lambda: None)  # metrics a native queue still holds
-    flush()  # earlier requests' timings are not this capture's
+    self.hub.flush()  # metrics a native queue still holds: earlier requests' are not this capture's
     recorder = StageRecorder()
     self.hub.recorder = recorder
     try:
       time.sleep(seconds)
     finally:
-      flush()
+      self.hub.flush()
       self.hub.recorder = None
       out = recorder.report()
       if trace:

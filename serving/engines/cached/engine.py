@@ -53,6 +53,8 @@ class CachedTablesEngine(ReplicaEngine):
     self.buckets = tuple(self.manifest.batch_buckets)
     self.config = config
     self._init_replicas(None)
+    # The ids input is reduced to table rows on the host, in 64 bits: never narrowed.
+    self._narrowed = {k: v for k, v in self._narrowed.items() if k != self.lookup.ids_input}
     self.device = device or jax.devices()[0]
     try:
       self.plans: tuple[TablePlan, ...] = plan_tables(self.lookup, self.manifest.params, config)
@@ -195,11 +197,6 @@ class CachedTablesEngine(ReplicaEngine):
       out, self._caches = self._step[bucket, m](self._dense, rest, self._tables, self._caches,
                                                 rows, miss, ins_slot, ins_from)
       return out, self._generation
-
-  @property
-  def narrowed_inputs(self) -> Mapping[str, Any]:
-    """The others: the ids input is reduced to table rows on the host, in 64 bits."""
-    return {k: v for k, v in super().narrowed_inputs.items() if k != self.lookup.ids_input}
 
   def _plan_batch(self, ids: np.ndarray) -> tuple[np.ndarray, list, list, list]:
     """Host half: per feature the row (device table) or source (cache slot or miss position)

@@ -332,13 +332,12 @@ bool Frontend::QueueNative(Call* c, const Model& m, const Fast& f) {
     case AddResult::kQueued:
       fast_++;
       return true;
-    case AddResult::kRefused:  // RESOURCE_EXHAUSTED
-    case AddResult::kInvalid:  // INVALID_ARGUMENT
+    case AddResult::kRefused:
+    case AddResult::kInvalid:
       inflight_--;
       shed_ += r == AddResult::kRefused;
       c->py_owned = false;
-      c->stream.Finish(grpc::Status(grpc::StatusCode(r == AddResult::kRefused ? 8 : 3), why),
-                       c->T(kSFinish));
+      c->stream.Finish(grpc::Status(AddStatus(r), why), c->T(kSFinish));
       return true;
     case AddResult::kStopping:
     default:

@@ -90,9 +90,9 @@ void RowQueue::Deliver(std::vector<Answer>* answers) {
   answers->clear();
 }
 
-uint64_t RowQueue::Hold(std::vector<Answer>* answers, std::vector<LogItem>* logs) {
+uint64_t RowQueue::Hold(std::vector<Answer>* answers, bool log) {
   if (answers->empty()) return 0;
-  if (logs != nullptr) LogAnswers(*answers);
+  if (log) LogAnswers(*answers);
   std::lock_guard<std::mutex> l(mu_);
   uint64_t id = next_held_++;
   held_[id] = std::move(*answers);
@@ -207,7 +207,7 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
     }
     failed.swap(native_failed_);
     l.unlock();
-    held = Hold(&answers, log ? &logs_ : nullptr);
+    held = Hold(&answers, log);
   }
   py::object b = batch ? py::cast(batch) : py::none();
   return py::make_tuple(b, HandBack(&backs), py::cast(failed), held, Logs());
@@ -353,7 +353,7 @@ py::tuple RowQueue::Fail(std::shared_ptr<RowBatch> b, int code, const std::strin
       failed.swap(native_failed_);
     }
     cv_.notify_all();
-    held = Hold(&answers, log ? &logs_ : nullptr);
+    held = Hold(&answers, log);
   }
   return py::make_tuple(HandBack(&backs), py::cast(failed), held, Logs());
 }

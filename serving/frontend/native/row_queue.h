@@ -103,6 +103,12 @@ struct PendingMetrics {
 // of a narrowed input's range, which would otherwise fail every request sharing its batch).
 enum class AddResult { kQueued, kRefused, kStopping, kInvalid };
 
+// The gRPC status a refused (kRefused) or invalid (kInvalid) request is answered with.
+inline grpc::StatusCode AddStatus(AddResult r) {
+  return r == AddResult::kRefused ? grpc::StatusCode::RESOURCE_EXHAUSTED
+                                  : grpc::StatusCode::INVALID_ARGUMENT;
+}
+
 // serving/engines/base.py check_fits for one request's inputs: "" or the engine's message.
 std::string RangeError(const std::vector<Spec>& specs, const std::vector<const uint8_t*>& in,
                        int64_t rows);
@@ -178,7 +184,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   Decider d_;
   std::vector<Spec> inputs_, outputs_;
   py::list HandBack(std::vector<Back>* backs);  // GIL held
-  uint64_t Hold(std::vector<Answer>* answers, std::vector<LogItem>* logs);  // no lock held
+  uint64_t Hold(std::vector<Answer>* answers, bool log);  // no lock held; `log`: to logs_
   py::list Logs();  // GIL held: the log items gathered so far
   void LogAnswers(const std::vector<Answer>& answers);  // mu_ not held: to logs_
   void Deliver(std::vector<Answer>* answers);  // neither lock nor GIL held
