@@ -3,6 +3,7 @@
 The flag must be set before JAX initialises its CPU backend, hence here, first.
 """
 
+import inspect
 import os
 import pathlib
 import sys
@@ -36,3 +37,34 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+def pytest_configure(config):
+  _own_subchannels_per_channel()
+
+
+def _own_subchannels_per_channel() -> None:
+  """Every gRPC channel the tests open (tritonclient's included) gets its own connections.
+
+  By default gRPC shares connections between channels to the same address. A test that keeps a
+  client to a server it stopped leaves that shared connection failed and backing off; when the
+  OS later hands the same free port to another test's server, new clients to it would fail at
+  once with UNAVAILABLE until the back-off ends (seen as a rare full-suite failure). Production
+  clients meet a restarted server the same way; tests must not meet each other's."""
+  import grpc
+
+  option = ("grpc.use_local_subchannel_pool", 1)
+
+  def own(make):
+    signature = inspect.signature(make)
+
+    def channel(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)
+      bound.arguments["options"] = [*(bound.arguments.get("options") or ()), option]
+      return make(*bound.args, **bound.kwargs)
+    channel.own_subchannels = True
+    return channel
+
+  for name in ("insecure_channel", "secure_channel"):
+    if not getattr(getattr(grpc, name), "own_subchannels", False):
+      setattr(grpc, name, own(getattr(grpc, name)))
