@@ -237,6 +237,9 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " or python (the Python batcher, for comparison)")
   serve.add_argument("--native-threads", type=int, default=1,
                      help="gRPC completion-queue threads of the native front end")
+  serve.add_argument("--native-accept-backlog", type=int, default=1024, metavar="CALLS",
+                     help="ModelInfer calls the native front end accepts before their message"
+                     " is read; further calls wait inside gRPC (default 1024)")
   serve.add_argument("--gpu-graphs", action=argparse.BooleanOptionalAction, default=True,
                      help="on GPUs, let XLA run even short kernel sequences as CUDA graphs"
                      " (command buffers), against launch-bound small models; adds"
@@ -381,7 +384,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       auth_token=token, tls_client_ca_file=args.tls_client_ca,
       tenants=load_tenants(args.tenants) if args.tenants else (), metrics_tls=args.metrics_tls,
       frontend=args.frontend or "auto", http_frontend=args.http_frontend or "auto",
-      native_threads=args.native_threads,
+      native_threads=args.native_threads, native_accept_backlog=args.native_accept_backlog,
       batch_queue=args.batch_queue,
       model_load_threads=args.model_load_thread_count,
       device_memory_budget_bytes=_device_budget(args.device_memory_budget),

@@ -189,8 +189,7 @@ class Server:
       self.progress(f"start-up work failed: {type(e).__name__}: {e}; the server stays NOT ready")
 
   def _repository_changed(self) -> None:
-    """Thread-safe: republishes the native front end's models and refreshes grpc.health after
-    models were loaded or unloaded at run time."""
+    """Thread-safe: after a load or unload, republishes native models and refreshes health."""
     if self.native is not None:
       self.native.refresh()
     loop = self._loop
@@ -231,6 +230,7 @@ class Server:
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
           id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
+          accept_backlog=cfg.native_accept_backlog,
           tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s, cfg.tls_client_ca_file)
           if creds else None, tenants=self.gate and self.gate.table)
       self.metrics.add_native_front_end(self.native.stats)

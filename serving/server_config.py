@@ -39,6 +39,9 @@ class ServerConfig:
   # gRPC front end is native (no TLS)
   http_frontend: str = "auto"
   native_threads: int = 1  # completion-queue threads of the native front end
+  # ModelInfer calls the native front end accepts before their message is read; more wait
+  # inside gRPC, unaccepted (a bounded backlog keeps each call's cost flat under overload)
+  native_accept_backlog: int = 1024
   batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
   # front end) or "python" (the Python Batcher; for comparison)
   model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)
@@ -84,6 +87,6 @@ class ServerConfig:
       raise ValueError(f"device_memory_budget_bytes must be > 0, got"
                        f" {self.device_memory_budget_bytes}")
     for name, low in (("http_idle_timeout_s", 0), ("tls_reload_s", 1), ("native_threads", 1),
-                      ("model_load_threads", 1), ("shutdown_grace_s", 0), ("drain_quiet_s", 0)):
+                      ("native_accept_backlog", 1), ("model_load_threads", 1), ("shutdown_grace_s", 0), ("drain_quiet_s", 0)):
       if getattr(self, name) < low:
         raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

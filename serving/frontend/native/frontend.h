@@ -30,6 +30,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -166,6 +167,7 @@ struct Call final : Responder {
   bool c_writing = false, writes_done = false, c_read_done = false, c_failed = false;
   bool c_finishing = false, s_dead = false, done = false;
   bool counted = false;  // a relayed ModelInfer, counted in Frontend::relaying_ until released
+  bool unread = false;  // a ModelInfer counted in Frontend::unread_ until its message is read
   int trace = -1;  // tracing: the head decision (1: sampled, traced; 0: not; -1: none taken)
   bool shadow = false;  // relayed by a canary split for shadow scoring (kShadowMarker)
   int tenant = -1;  // with tenants: its tenant (-1: not yet decided, or none)
@@ -238,6 +240,12 @@ class Frontend {
   bool Accepting() const { return accepting_; }
   // Tenants and quotas (before Start): every ModelInfer is charged to its tenant (tenants.h).
   void SetTenants(std::shared_ptr<Tenants> t) { tenants_ = std::move(t); }
+  // Beyond this many accepted ModelInfer calls awaiting their message, further RPCs wait inside
+  // gRPC, unaccepted (before Start). Every accepted call holds completion-queue operations, and
+  // Debian's gRPC (built with its debug checks) pays per operation for every one outstanding:
+  // an unbounded backlog of accepted calls made each later one slower, and an open-loop
+  // overload collapsed to a fifth of the server's rate without recovering.
+  void SetAcceptBacklog(int64_t n) { max_unread_ = std::max<int64_t>(n, 1); }
   Tenants* tenants() const { return tenants_.get(); }
   // Charges a parsed ModelInfer of `rows` to its tenant: true when refused over quota (answered
   // RESOURCE_EXHAUSTED once the quota would admit it; call->mu held); else `priority` becomes
@@ -280,6 +288,10 @@ class Frontend {
 
   // Offers a fresh call object for the next RPC, until the completion queues close.
   void Spawn(grpc::ServerCompletionQueue* cq);
+  // A call started: offers the next call object at once while fewer than max_unread_ ModelInfer
+  // calls wait for their message, else owes the offer until one is read (FirstRead).
+  void Accepted(Call* c);
+  void FirstRead(Call* c);  // its first message was read (or failed): pays one owed offer
 
   // Parses and validates a ModelInfer; true when it was queued (for Python's feeder or in the
   // model's RowQueue) or refused at the door (call->mu held).
@@ -287,6 +299,10 @@ class Frontend {
 
   grpc::GenericStub* stub() { return stub_.get(); }
   std::atomic<int64_t> relayed_{0}, live_calls_{0};
+  std::atomic<int64_t> unread_{0};  // accepted calls whose first message is not yet read
+  int64_t max_unread_ = 1024;  // SetAcceptBacklog
+  std::mutex owed_mu_;
+  std::vector<grpc::ServerCompletionQueue*> owed_;  // offers owed (Accepted), one per entry
   // First messages being decided (TryFast, then queue/refuse/relay), and relayed ModelInfers.
   std::atomic<int64_t> entering_{0}, relaying_{0}, held_refusals_{0};  // held: Refuse
   std::atomic<int64_t> refused_{0};  // ModelInfer refused (UNAVAILABLE) because shutting down

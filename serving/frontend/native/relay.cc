@@ -24,6 +24,36 @@ Call::~Call() {
   fe->live_calls_--;
 }
 
+void Frontend::Accepted(Call* c) {
+  // Only unary ModelInfer calls count: their message comes with the call, while a stream's
+  // first message may come much later, and idle streams must not stop new calls.
+  c->unread = std::string_view(c->sctx.method()) == kInferMethod;
+  if (!c->unread) {
+    Spawn(c->cq);
+    return;
+  }
+  if (unread_.fetch_add(1) < max_unread_) {
+    Spawn(c->cq);
+    return;
+  }
+  std::lock_guard<std::mutex> l(owed_mu_);
+  owed_.push_back(c->cq);
+}
+
+void Frontend::FirstRead(Call* c) {
+  if (!c->unread) return;
+  c->unread = false;
+  unread_--;
+  grpc::ServerCompletionQueue* cq = nullptr;
+  {
+    std::lock_guard<std::mutex> l(owed_mu_);
+    if (owed_.empty()) return;
+    cq = owed_.back();
+    owed_.pop_back();
+  }
+  Spawn(cq);
+}
+
 int64_t Frontend::Inflight() {
   // Read in the order calls move between the counts (entering -> queued/claimed -> relayed),
   // so a call in transit is never missed.
@@ -43,7 +73,7 @@ void Call::OnEvent(Op op, bool ok) {
       if (!ok) return;  // shutting down; the done tag never comes for a call that never started
       started = true;
       ++pending;  // the done tag
-      fe->Spawn(cq);
+      fe->Accepted(this);
       stream.Read(&in, T(kSRead));
       s_reading = true;
       return;
@@ -54,6 +84,7 @@ void Call::OnEvent(Op op, bool ok) {
     case kSRead:
       s_reading = false;
       if (!relaying) {  // the first message
+        fe->FirstRead(this);
         fe->entering_++;  // until it is queued, refused or counted as relayed (Inflight)
         bool fast = false;
         if (ok) {
