@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import prometheus_client as prom
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from serving.runners import Observer
 from serving.telemetry.gpu_metrics import GpuCollector
@@ -170,7 +170,8 @@ _NATIVE_PATHS = frozenset({"fast", "relayed", "forwarded", "http_fast", "http_re
 
 
 class _NativeCollector:
-  """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took."""
+  """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took; and
+  `xlaserve_native_unread_calls`, the accept backlog in use (Frontend::SetAcceptBacklog)."""
 
   def __init__(self, stats: Callable[[], Mapping[str, int]]):
     self._stats = stats
@@ -181,10 +182,16 @@ class _NativeCollector:
                " HTTP http_fast (answered in C++), http_relayed (to the Python HTTP server),"
                " http_tunnels (connections passed through whole), http_timeouts (408)",
                "counter")
-    for path, v in sorted(self._stats().items()):
+    stats = self._stats()
+    for path, v in sorted(stats.items()):
       if path in _NATIVE_PATHS:
         m.add_sample("xlaserve_native_calls_total", {"path": path}, float(v))
     yield m
+    if "unread" in stats:
+      yield GaugeMetricFamily(
+          "xlaserve_native_unread_calls", "ModelInfer calls the native gRPC front end accepted"
+          " whose message is not yet read; at --native-accept-backlog, further calls wait"
+          " inside gRPC", value=float(stats["unread"]))
 
 
 class _ModelObserver(Observer):

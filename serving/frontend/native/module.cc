@@ -247,6 +247,7 @@ py::dict Frontend::Stats() const {
   d["refused"] = int64_t(refused_);  // refused because the server is shutting down
   d["denied"] = int64_t(denied_);  // ModelInfer without the bearer token (UNAUTHENTICATED)
   d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
+  d["unread"] = int64_t(unread_);  // accepted ModelInfer calls awaiting their message
   if (http_) http_->Stats(&d);
   return d;
 }

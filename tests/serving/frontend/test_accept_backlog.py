@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
+import urllib.request
 
 import grpc
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 
 from serving.frontend import native as native_frontend
 from serving.frontend.protocol import grpc_service_pb2_grpc as pb_grpc
-from servingutil import expected, mock_factory, mock_request, outputs, serving, write_mock_bundle
+from servingutil import (expected, metric, mock_factory, mock_request, outputs, serving,
+                         write_mock_bundle)
 
 NATIVE, WHY = native_frontend.load_extension()
 pytestmark = pytest.mark.skipif(NATIVE is None, reason=WHY)
@@ -25,7 +27,7 @@ def served(tmp_path_factory):
   repo = tmp_path_factory.mktemp("backlog")
   write_mock_bundle(repo, "mock", 1)
   with serving(repo, mock_factory(delay_s=0.002), frontend="native",
-               native_accept_backlog=2) as bg:
+               native_accept_backlog=2, metrics_port=0) as bg:
     yield bg
 
 
@@ -37,7 +39,8 @@ def _case(i: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_a_burst_far_past_the_backlog_is_answered_exactly(served):
   """400 calls at once over 4 connections against a backlog of 2: each is accepted in turn as
-  earlier ones are read, none is lost or mixed up with another."""
+  earlier ones are read, none is lost or mixed up with another, and afterwards the backlog
+  gauge is back to zero (no call left counted)."""
   channels = [grpc.insecure_channel(served.address) for _ in range(4)]
   try:
     stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in channels]
@@ -52,6 +55,10 @@ def test_a_burst_far_past_the_backlog_is_answered_exactly(served):
   finally:
     for ch in channels:
       ch.close()
+  url = f"http://127.0.0.1:{served.server.metrics_port}/metrics"
+  text = urllib.request.urlopen(url, timeout=10).read().decode()
+  assert metric(text, "xlaserve_native_unread_calls") == 0
+  assert metric(text, "xlaserve_native_calls_total", path="fast") >= 400
 
 
 def test_idle_streams_past_the_backlog_do_not_stop_new_calls(served):
