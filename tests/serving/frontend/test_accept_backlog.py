@@ -67,7 +67,9 @@ def test_idle_streams_past_the_backlog_do_not_stop_new_calls(served):
   each stream still answers what it sends later."""
   with grpc.insecure_channel(served.address) as ch:
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
-    feeds = [queue.Queue() for _ in range(6)]
+    # More than the backlog and the 32 call objects the front end keeps on offer together: were
+    # idle streams counted, the unary calls below would never be accepted.
+    feeds = [queue.Queue() for _ in range(40)]
 
     def requests(feed: queue.Queue):
       while (item := feed.get()) is not None:
