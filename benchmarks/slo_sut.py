@@ -13,6 +13,7 @@ import gc
 import os
 import pathlib
 import re
+import struct
 import subprocess
 import tempfile
 import threading
@@ -82,7 +83,7 @@ class GrpcSut:
     return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
 
 
-_RECORD = np.dtype([("id", "<u8"), ("code", "<i8"), ("micros", "<i8")])  # native_loadgen.cc
+_RECORD = struct.Struct("<Qqq")  # native_loadgen.cc SutRecord: id, status code, microseconds
 
 
 class NativeSut:
@@ -119,18 +120,20 @@ class NativeSut:
 
     names = {c.value[0]: c.name for c in grpc.StatusCode}
     names[100] = "EMPTY_RESPONSE"
-    fd, rest = self._proc.stdout.fileno(), b""
-    while chunk := os.read(fd, 1 << 16):
+    fd, rest, size = self._proc.stdout.fileno(), b"", _RECORD.size
+    while chunk := os.read(fd, 1 << 16):  # in an open loop mostly one record: no numpy
       rest += chunk
-      whole = len(rest) // _RECORD.itemsize * _RECORD.itemsize
-      recs, rest = np.frombuffer(rest[:whole], _RECORD), rest[whole:]
-      self.records.extend((int(m) * 1e-6, names.get(int(c), "UNKNOWN"))
-                          for c, m in zip(recs["code"], recs["micros"]))
-      if self.on_done is not None and len(recs):
-        self.on_done(recs["id"].tolist())
+      whole = len(rest) // size * size
+      ids = []
+      for i, code, micros in _RECORD.iter_unpack(rest[:whole]):
+        self.records.append((micros * 1e-6, names.get(code, "UNKNOWN")))
+        ids.append(i)
+      rest = rest[whole:]
+      if self.on_done is not None and ids:
+        self.on_done(ids)
 
   def send(self, sample_ids: list[int]) -> None:
-    os.write(self._proc.stdin.fileno(), np.asarray(sample_ids, np.uint64).tobytes())
+    os.write(self._proc.stdin.fileno(), struct.pack(f"<{len(sample_ids)}Q", *sample_ids))
 
   def closed_loop(self, concurrency: int, seconds: float) -> float:
     """Requests/s answered OK with `concurrency` requests always in flight for `seconds`, through
