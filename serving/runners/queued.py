@@ -356,18 +356,20 @@ class QueuedRowRunner(BatchedRunner):
     now = time.perf_counter()
     if not force and now - self._metrics_at < METRICS_PERIOD_S:
       return
+    # Recorded under the lock too: a scrape racing a runner's refresh waits for what that one
+    # took, instead of finding the queue emptied and the counters not yet raised.
     with self._metrics_lock:
       self._metrics_at = now
       st = self._q.stats()
       self.observer.queue_depth(st["queued_rows"], st["queued_requests"])
       shed, self._shed_seen = st["rejected"] - self._shed_seen, st["rejected"]
       m = self._q.take_metrics()
-    if shed > 0:
-      self.observer.shed(shed)
-    if m["request_rows"]:
-      self.observer.request_sizes(m["request_rows"])
-    if m["buckets"]:
-      self.observer.batches(buckets=m["buckets"], rows=m["rows"], compute_s=m["compute_s"],
-                            queue_s=m["queue_s"])
-    if m["ok_s"]:
-      self.observer.requests_done(ok_s=m["ok_s"])
+      if shed > 0:
+        self.observer.shed(shed)
+      if m["request_rows"]:
+        self.observer.request_sizes(m["request_rows"])
+      if m["buckets"]:
+        self.observer.batches(buckets=m["buckets"], rows=m["rows"], compute_s=m["compute_s"],
+                              queue_s=m["queue_s"])
+      if m["ok_s"]:
+        self.observer.requests_done(ok_s=m["ok_s"])
