@@ -373,3 +373,4 @@ class QueuedRowRunner(BatchedRunner):
                               queue_s=m["queue_s"])
       if m["ok_s"]:
         self.observer.requests_done(ok_s=m["ok_s"])
+      self._count_native_failures(m["failed"])

@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 import export
 from clientutil import call_concurrently, serving, triton_inputs
+from servingutil import metric
 from serving.engines.base import check_fits
 
 ROWS = 1000  # the model reads ids modulo this, as embedding lookups do
@@ -108,3 +109,22 @@ def test_over_http_an_id_past_int32_is_a_400_with_the_same_message(served):
     finally:
       conn.close()
     assert status == 400 and answer == {"error": engine_message(ids)}, (status, answer)
+
+
+def test_a_refused_id_is_counted_by_the_next_scrape(served):
+  """A refusal answered at admission is in the very next metrics scrape (the native queue
+  answers it at once, from the gRPC thread, before the runner has seen it)."""
+  def refused() -> float:
+    text = served.server.metrics.exposition().decode()  # a scrape, as the metrics port serves it
+    return metric(text, "nv_inference_request_failure", model="ids", version="1",
+                  reason="INVALID_ARGUMENT")
+
+  rng = np.random.default_rng(2)
+  for _ in range(3):
+    before = refused()
+    ids = rng.integers(0, 2**31, (2, 3), dtype=np.int64)
+    ids[0, 0] = 2**33
+    with tc.InferenceServerClient(served.address) as client:
+      got = call(client, ids, rng.normal(size=(2, 3)).astype(np.float32))
+    assert isinstance(got, InferenceServerException), got
+    assert refused() == before + 1

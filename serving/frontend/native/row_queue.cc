@@ -319,9 +319,11 @@ void RowQueue::LogAnswers(const std::vector<Answer>& answers) {
 
 py::dict RowQueue::TakeMetrics() {
   PendingMetrics m;
+  std::vector<std::pair<int, double>> failed;  // e.g. refused at admission, answered at once
   {
     std::lock_guard<std::mutex> l(mu_);
     std::swap(m, pending_);
+    failed.swap(native_failed_);
   }
   py::dict d;
   d["ok_s"] = py::cast(m.ok_s);
@@ -330,6 +332,7 @@ py::dict RowQueue::TakeMetrics() {
   d["rows"] = py::cast(m.rows);
   d["compute_s"] = py::cast(m.compute_s);
   d["request_rows"] = py::cast(m.request_rows);
+  d["failed"] = py::cast(failed);
   return d;
 }
 

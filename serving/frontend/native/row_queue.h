@@ -138,7 +138,8 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   // answers were sent (MonoNow), request-log records).
   py::tuple Complete(std::shared_ptr<RowBatch> b, py::list outputs, double busy_s,
                      double compute_s, double input_s, bool log, int64_t generation);
-  // The PendingMetrics recorded since the last call, as a dict of lists; cleared.
+  // The PendingMetrics recorded since the last call, as a dict of lists, with "failed": the
+  // native requests failed and not yet reported ((code, seconds) pairs); cleared.
   py::dict TakeMetrics();
   // Fails a batch's requests; returns (Python requests [(req, code, message)], native
   // requests failed [(code, seconds since arrival)]).
