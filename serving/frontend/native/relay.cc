@@ -28,11 +28,7 @@ void Frontend::Accepted(Call* c) {
   // Only unary ModelInfer calls count: their message comes with the call, while a stream's
   // first message may come much later, and idle streams must not stop new calls.
   c->unread = std::string_view(c->sctx.method()) == kInferMethod;
-  if (!c->unread) {
-    Spawn(c->cq);
-    return;
-  }
-  if (unread_.fetch_add(1) < max_unread_) {
+  if (!c->unread || unread_.fetch_add(1) < max_unread_) {
     Spawn(c->cq);
     return;
   }
