@@ -194,15 +194,17 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
       if (!answers.empty() || !backs.empty()) break;  // answer the expired ones now
       if (std::chrono::steady_clock::now() >= until) break;
       if (idle) {
-        cv_.wait_until(l, wake);
+        (primary ? cv_ : cv_full_).wait_until(l, wake);
       } else {  // a batch is in flight: as in ModelRunner, wait for it, not for new requests
         // Wake on a completion or on the stop itself, not on "stopping" being true: a draining
         // primary would otherwise spin here holding mu_, starving the completion it waits for
         // until `until` (the 0.5 s stalls seen at hot-reload swaps).
         uint64_t seen = completions_;
         bool was_stopping = stopping_;
+        completion_waiters_++;
         cv_.wait_until(l, wake,
                        [&] { return completions_ != seen || stopping_ != was_stopping; });
+        completion_waiters_--;
       }
     }
     failed.swap(native_failed_);
@@ -213,11 +215,17 @@ py::tuple RowQueue::Next(int instance, bool primary, int depth, double timeout_s
   return py::make_tuple(b, HandBack(&backs), py::cast(failed), held, Logs());
 }
 
+bool RowQueue::CountCompletion() {
+  completions_++;
+  return completion_waiters_ > 0;
+}
+
 py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, double busy_s,
                              double compute_s, double input_s, bool log, int64_t generation) {
   if (py::len(outputs) != outputs_.size()) throw py::value_error("one array per model output");
   if (Settled(b)) return py::make_tuple(py::list(), MonoNow(), py::list());
   double sent = 0;
+  bool wake = false;
   std::vector<const uint8_t*> outs;
   for (size_t k = 0; k < outputs_.size(); ++k) {
     Py_buffer view;
@@ -309,9 +317,9 @@ py::tuple RowQueue::Complete(std::shared_ptr<RowBatch> b, py::list outputs, doub
       pending_.compute_s.push_back(compute_s);
       d_.Observe(b->bucket, busy_s);
       inflight_[b->instance]--;
-      completions_++;
+      wake = CountCompletion();
     }
-    cv_.notify_all();
+    if (wake) cv_.notify_all();
     if (log && !answers.empty()) LogAnswers(answers);
     if (!nogil) nogil.emplace();  // sending touches no Python object
     Deliver(&answers);
@@ -324,6 +332,7 @@ py::tuple RowQueue::Fail(std::shared_ptr<RowBatch> b, int code, const std::strin
                          bool log) {
   if (Settled(b)) return py::make_tuple(py::list(), py::list(), 0, py::list());
   uint64_t held = 0;
+  bool wake = false;
   std::vector<Answer> answers;
   std::vector<Back> backs;
   std::vector<std::pair<int, double>> failed;
@@ -349,10 +358,10 @@ py::tuple RowQueue::Fail(std::shared_ptr<RowBatch> b, int code, const std::strin
       }
       for (const PlanSlice& s : b->slices) Release(static_cast<QEntry*>(s.entry));
       inflight_[b->instance]--;
-      completions_++;
+      wake = CountCompletion();
       failed.swap(native_failed_);
     }
-    cv_.notify_all();
+    if (wake) cv_.notify_all();
     held = Hold(&answers, log);
   }
   return py::make_tuple(HandBack(&backs), py::cast(failed), held, Logs());
@@ -383,8 +392,7 @@ std::vector<std::shared_ptr<RowBatch>> RowQueue::Isolate(std::shared_ptr<RowBatc
     out.push_back(std::move(nb));
   }
   inflight_[b->instance]--;
-  completions_++;
-  cv_.notify_all();
+  if (CountCompletion()) cv_.notify_all();  // under mu_: rare (a failed batch split up)
   return out;
 }
 

@@ -102,11 +102,18 @@ void RowQueue::Release(QEntry* e) {
 }
 
 void RowQueue::Admitted(bool was_empty, int64_t rows_before) {
-  // Wake the runner threads only when it can change their decision: the queue was empty (an
-  // idle primary dispatches at once) or now holds a full batch.
-  if (was_empty || (rows_before < d_.max_batch() && d_.queued_rows() >= d_.max_batch())) {
+  // Wake the runner threads only when it can change their decision: the queue now holds a full
+  // batch (any idle instance takes it), or was empty (an idle primary dispatches at once).
+  if (rows_before < d_.max_batch() && d_.queued_rows() >= d_.max_batch()) {
+    WakeAll();
+  } else if (was_empty) {
     cv_.notify_all();
   }
+}
+
+void RowQueue::WakeAll() {
+  cv_.notify_all();
+  cv_full_.notify_all();
 }
 
 std::string RangeError(const std::vector<Spec>& specs, const std::vector<const uint8_t*>& in,
@@ -254,7 +261,7 @@ py::list RowQueue::Stop(bool drain) {
         }
       }
     }
-    cv_.notify_all();
+    WakeAll();
     Deliver(&answers);
   }
   return HandBack(&backs);
@@ -283,7 +290,7 @@ void RowQueue::AbandonNative() {
       Release(e);
     }
   }
-  cv_.notify_all();
+  WakeAll();
   Deliver(&answers);
 }
 

@@ -191,7 +191,9 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   void Deliver(std::vector<Answer>* answers);  // neither lock nor GIL held
   std::vector<int> inflight_;  // batches in flight per instance
   std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_;  // the primary instance, and runners awaiting a completion
+  std::condition_variable cv_full_;  // other idle instances: only a full batch is theirs
+  void WakeAll();  // both: the stop, or entries removed
   std::unordered_set<QEntry*> live_;  // every entry not yet deleted
   bool stopping_ = false;
   int64_t inflight_requests_ = 0;
@@ -200,6 +202,10 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   std::vector<std::pair<int, double>> native_failed_;  // (code, seconds) not yet reported
   std::map<uint64_t, std::vector<Answer>> held_;  // answers waiting for ReleaseHeld
   uint64_t next_held_ = 1, completions_ = 0;     // completions_: batches settled so far
+  // Runners in Next waiting for a completion (a batch of theirs in flight): a settled batch
+  // wakes the others only then, since an idle runner's decision never waits on one.
+  int completion_waiters_ = 0;
+  bool CountCompletion();  // mu_ held: counts a settled batch; whether a runner waits for it
   std::vector<LogItem> logs_;
   std::mutex pool_mu_;
   std::map<int64_t, std::vector<std::vector<std::unique_ptr<Staging>>>> pool_;
