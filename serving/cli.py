@@ -14,9 +14,10 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from serving.cli_flags import GPU_GRAPH_FLAGS, build_parser, server_config
+from serving.cli_flags import GPU_GRAPH_FLAGS, ONE_THREAD_SCHEDULE_FLAG, build_parser, server_config
 
-__all__ = ["GPU_GRAPH_FLAGS", "build_parser", "gpu_graph_flags", "main", "server_config"]
+__all__ = ["GPU_GRAPH_FLAGS", "ONE_THREAD_SCHEDULE_FLAG", "build_parser", "gpu_graph_flags", "main",
+           "one_thread_schedule_flags", "server_config"]
 
 
 def _progress(msg: str) -> None:
@@ -159,14 +160,26 @@ def _xla_cpu_threads(threads: int | None, sync: bool, say: Callable[[str], None]
   client (so before anything touches a device); see --xla-cpu-threads."""
   if threads is None:
     if not sync or "PJRT_NPROC" in os.environ:
+      if os.environ.get("PJRT_NPROC") == "1":
+        os.environ["XLA_FLAGS"] = one_thread_schedule_flags(os.environ)
       return
     threads = 1
   if threads == 0:
     os.environ.pop("PJRT_NPROC", None)
     return
   os.environ["PJRT_NPROC"] = str(threads)
+  if threads == 1:
+    os.environ["XLA_FLAGS"] = one_thread_schedule_flags(os.environ)
   say(f"XLA's CPU thread pools: {threads} thread{'s' if threads > 1 else ''} each"
-      " (--xla-cpu-threads)")
+      + (", programs scheduled for one thread" if threads == 1 else "") + " (--xla-cpu-threads)")
+
+
+def one_thread_schedule_flags(env: Mapping[str, str]) -> str:
+  """XLA_FLAGS with XLA:CPU's concurrency-optimized scheduler off (unless the user set it):
+  with a one-thread pool, a schedule that exposes parallel work only adds hand-offs."""
+  flags = env.get("XLA_FLAGS", "")
+  name = ONE_THREAD_SCHEDULE_FLAG.split("=")[0]
+  return flags if name in flags else " ".join([flags, ONE_THREAD_SCHEDULE_FLAG]).strip()
 
 
 def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, Any]:

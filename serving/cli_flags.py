@@ -13,6 +13,8 @@ DEFAULT_COMPILE_CACHE = "~/.cache/xlaserve/jax-compile-cache"
 # CUDA graphs (XLA command buffers) for the usual kernel kinds, from the first kernel on.
 GPU_GRAPH_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
                    "--xla_gpu_graph_min_graph_size=1")
+# With a one-thread XLA:CPU pool: schedule each program for one thread (a third of the CPU).
+ONE_THREAD_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +262,8 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " --cpu-sync-dispatch, since each batch then runs on its runner thread and"
                      " the intra-op pool only adds hand-offs (on 2 cores it halved the CPU of a"
                      " light model's batch of 2-64 rows), else a PJRT_NPROC already set, else 0."
+                     f" With 1, XLA_FLAGS also gets {ONE_THREAD_SCHEDULE_FLAG} unless it names"
+                     " it: a 16-row batch of the light model then costs a third of the CPU."
                      " Without --cpu-sync-dispatch the pool also runs the batches, so fewer"
                      " threads than model instances serialises them")
   serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",

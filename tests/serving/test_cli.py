@@ -216,7 +216,7 @@ def test_cpu_sync_dispatch_by_default_serves_the_same_answers(tmp_path):
     proc.kill()
   text = proc.output(10)
   assert "CPU batches run on the runner thread" in text
-  assert "XLA's CPU thread pools: 1 thread each" in text
+  assert "XLA's CPU thread pools: 1 thread each, programs scheduled for one thread" in text
 
 
 def test_an_embedding_cache_keeps_async_dispatch(tmp_path):
