@@ -157,29 +157,25 @@ def _choose_dispatch(args: argparse.Namespace, say: Callable[[str], None]) -> bo
 
 def _xla_cpu_threads(threads: int | None, sync: bool, say: Callable[[str], None]) -> None:
   """Sizes XLA's CPU thread pools through PJRT_NPROC, which JAX reads when it makes its CPU
-  client (so before anything touches a device); see --xla-cpu-threads."""
-  if threads is None:
-    if not sync or "PJRT_NPROC" in os.environ:
-      if os.environ.get("PJRT_NPROC") == "1":
-        os.environ["XLA_FLAGS"] = one_thread_schedule_flags(os.environ)
-      return
+  client (so before anything touches a device); see --xla-cpu-threads. A one-thread pool, however
+  it was set, also gets the one-thread schedule."""
+  if threads is None and sync and "PJRT_NPROC" not in os.environ:
     threads = 1
   if threads == 0:
     os.environ.pop("PJRT_NPROC", None)
-    return
-  os.environ["PJRT_NPROC"] = str(threads)
-  if threads == 1:
+  elif threads is not None:
+    os.environ["PJRT_NPROC"] = str(threads)
+    say(f"XLA's CPU thread pools: {threads} thread{'s' if threads > 1 else ''} each"
+        + (", programs scheduled for one thread" if threads == 1 else "")
+        + " (--xla-cpu-threads)")
+  if os.environ.get("PJRT_NPROC") == "1":
     os.environ["XLA_FLAGS"] = one_thread_schedule_flags(os.environ)
-  say(f"XLA's CPU thread pools: {threads} thread{'s' if threads > 1 else ''} each"
-      + (", programs scheduled for one thread" if threads == 1 else "") + " (--xla-cpu-threads)")
 
 
 def one_thread_schedule_flags(env: Mapping[str, str]) -> str:
   """XLA_FLAGS with XLA:CPU's concurrency-optimized scheduler off (unless the user set it):
   with a one-thread pool, a schedule that exposes parallel work only adds hand-offs."""
-  flags = env.get("XLA_FLAGS", "")
-  name = ONE_THREAD_SCHEDULE_FLAG.split("=")[0]
-  return flags if name in flags else " ".join([flags, ONE_THREAD_SCHEDULE_FLAG]).strip()
+  return _with_xla_flags(env, (ONE_THREAD_SCHEDULE_FLAG,))
 
 
 def _repository(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, Any]:
@@ -267,8 +263,13 @@ def _callbacks(args: argparse.Namespace, repo: str, say: Callable[[str], None],
 def gpu_graph_flags(env: Mapping[str, str]) -> str:
   """XLA_FLAGS with the CUDA-graph flags added (those the user set win). XLA reads the
   variable when its backend starts; on CPU the flags are accepted and do nothing."""
+  return _with_xla_flags(env, GPU_GRAPH_FLAGS)
+
+
+def _with_xla_flags(env: Mapping[str, str], defaults: tuple[str, ...]) -> str:
+  """XLA_FLAGS with each of `defaults` (name=value) added unless it already names the flag."""
   flags = env.get("XLA_FLAGS", "")
-  extra = [f for f in GPU_GRAPH_FLAGS if f.split("=")[0] not in flags]
+  extra = [f for f in defaults if f.split("=")[0] not in flags]
   return " ".join([flags, *extra]).strip()
 
 
