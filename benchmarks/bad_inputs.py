@@ -24,7 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
-from benchmarks.serving import make_inputs, pick_loadgen, say, start_server  # noqa: E402
+from benchmarks.load_generators import pick_loadgen  # noqa: E402
+from benchmarks.serving import make_inputs, say, start_server  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,6 +27,27 @@ SOURCE = pathlib.Path(__file__).resolve().with_name("native_loadgen.cc")
 BINARY = SOURCE.parent.parent / "bench_out" / "native_loadgen" / "native_loadgen"
 
 
+def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str],
+               force: bool = False) -> pathlib.Path:
+  """Compiles `source` into `binary` with g++ -O2 (and `flags`) when missing or older than its
+  source; returns its path. Raises RuntimeError saying why it did not build."""
+  if not force and binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+    return binary
+  binary.parent.mkdir(parents=True, exist_ok=True)
+  tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
+  cmd = ["g++", "-O2", "-std=c++17", "-pthread", str(source), *flags, "-o", str(tmp)]
+  logger.info("building %s", binary)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+  except OSError as e:
+    raise RuntimeError(f"cannot run g++: {e}") from e
+  if proc.returncode != 0:
+    tmp.unlink(missing_ok=True)
+    raise RuntimeError(f"g++ failed:\n{proc.stderr[-4000:]}")
+  tmp.replace(binary)  # atomic: a concurrent reader sees the old or the new binary
+  return binary
+
+
 def build(force: bool = False) -> pathlib.Path:
   """Compiles the generator if missing or stale; returns its path. Raises RuntimeError on failure."""
   if not force and BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
@@ -36,19 +57,7 @@ def build(force: bool = False) -> pathlib.Path:
                            text=True, check=True).stdout
   except (OSError, subprocess.CalledProcessError) as e:
     raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
-  BINARY.parent.mkdir(parents=True, exist_ok=True)
-  tmp = BINARY.with_name(f"{BINARY.name}.{os.getpid()}.tmp")
-  cmd = ["g++", "-O2", "-std=c++17", "-pthread", str(SOURCE), *shlex.split(flags), "-o", str(tmp)]
-  logger.info("building %s", BINARY)
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-  except OSError as e:
-    raise RuntimeError(f"cannot run g++: {e}") from e
-  if proc.returncode != 0:
-    tmp.unlink(missing_ok=True)
-    raise RuntimeError(f"g++ failed:\n{proc.stderr[-4000:]}")
-  tmp.replace(BINARY)  # atomic: a concurrent reader sees the old or the new binary
-  return BINARY
+  return compile_cc(SOURCE, BINARY, shlex.split(flags), force=True)
 
 
 def available() -> tuple[pathlib.Path | None, str]:

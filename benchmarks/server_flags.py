@@ -23,8 +23,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.context import cpu_seconds
 from benchmarks.http_serving import scratch_repository
+from benchmarks.load_generators import pick_loadgen
 from benchmarks.loadgen import build_request, format_table
-from benchmarks.serving import make_inputs, pick_loadgen, say, start_server
+from benchmarks.load_generators import pick_loadgen  # noqa: E402
+from benchmarks.serving import make_inputs, say, start_server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,26 +2,29 @@
 measured in one run, for each model named (default: the demo DLRM and the light CTR model).
 
   python benchmarks/serving.py [--repository DIR] [--model dlrm,ctr_light] [--duration 8]
-                               [--out DIR] [--frontend native|python|both] [--loadgen native|python]
+                               [--protocol grpc,http] [--pairs 3] [--out DIR]
+                               [--frontend native|python|both] [--loadgen native|python]
 
-1. Raw ceiling: the bundle's own compiled executables, called back to back in this
-   process (no gRPC, no batching), rows/s and CPU ms per batch at every bucket: the ceiling.
-   Also with two callers at once (two batches in flight, as the server runs two instances on
-   CPU), the machine's real ceiling, reported beside it.
-2. Served: `xlaserve serve` in a subprocess, driven over gRPC on 127.0.0.1 by
-   the load generator: 32-row requests at saturation (the best closed-loop rate over
-   `--saturation-concurrency`), single-row requests at
-   concurrency 16, a lone request, and 32-row requests at 30, 50 and 70% of the saturated
+1. Raw ceiling: the bundle's own compiled executables, called back to back in this process (no
+   server, no batching), rows/s and CPU ms per batch at every bucket; also with two callers at
+   once (two batches in flight, as the server runs two instances on CPU).
+2. Served: `xlaserve serve` in a subprocess, driven on 127.0.0.1 over each `--protocol` (gRPC
+   ModelInfer; HTTP KServe v2 with binary tensors) by the load generator: 32-row requests at
+   saturation (the best closed-loop rate over `--saturation-concurrency`), single-row requests
+   at concurrency 16, a lone request, and 32-row requests at 30, 50 and 70% of the saturated
    rate (open loop: sent on schedule whatever the answers). For every phase the server
-   process's CPU time (its kernel counters, load generator excluded) per request, and the
-   same less the model's own CPU (batches run per bucket, from ModelStatistics, times the raw
-   CPU per batch): the host path's cost per request. Beside it, the load generator's own CPU
-   per request (its processes' rusage): on a small machine the two share the cores, so their
-   sum per request bounds the rate any server could reach here.
-The load generator is benchmarks/native_loadgen.cc (C++, one thread; the default when it
-builds) or benchmarks/loadgen.py (Python processes, which take a good part of a core from the
-server on a small machine); the report says which. `--frontend both` measures the Python and the native gRPC front end back to back against
-the same raw ceiling. Prints a table, writes serving.png and serving.json to --out.
+   process's CPU time (its kernel counters) per request, the same less the model's own CPU
+   (batches per bucket, from ModelStatistics, times the raw CPU per batch): the host path's
+   cost, and the load generator's own CPU per request: on a small machine the two share the
+   cores, so their sum per request bounds the rate any server could reach here.
+3. Paired rounds (`--pairs`): the raw model at its best bucket, then each protocol's saturated
+   rate right after. This host's speed drifts by a third over minutes, so the headline
+   served/raw is the median of these pairs; the unpaired ratio (raw read minutes earlier) is
+   reported beside it.
+The load generators are benchmarks/native_loadgen.cc (gRPC) and native_http_loadgen.cc (HTTP),
+C++, one thread each (the default when they build), or benchmarks/loadgen.py (Python processes,
+gRPC only). `--frontend both` measures the Python and the native front ends back to back.
+Prints a table, writes serving.png and serving.json to --out.
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks.loadgen import (LoadResult, build_request, format_table, run_load,  # noqa: E402
-                               saturate)
+from benchmarks.load_generators import pick_loadgens, request_for  # noqa: E402
+from benchmarks.loadgen import LoadResult, saturate  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -87,18 +90,26 @@ def _raw_rate(engine, bucket: int, inputs: dict, seconds: float,
   return done / (time.perf_counter() - t0), (time.process_time() - cpu0) / max(done, 1)
 
 
-def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, list]:
-  """rows/s of the compiled executables at each bucket, called back to back by one caller
-  (`rows_per_s`) and by two at once (`rows_per_s_2`); returns (rows, engine inputs)."""
+def open_engine(bundle: pathlib.Path):
+  """The bundle's engine, warmed and grown to the buckets the server would grow to."""
   from serving.engines import BundleEngine
   from serving.engines.base import export_platform
   from serving.engines.growth import GrowthConfig, growth_limit
 
   engine = BundleEngine(bundle)
   engine.warmup(progress=lambda m: say(f"raw: {m}"))
-  limit = growth_limit(None, export_platform())  # the buckets the server would grow to
+  limit = growth_limit(None, export_platform())
   if limit > engine.buckets[-1]:
     engine.grow_buckets(GrowthConfig(limit), lambda m: say(f"raw: {m}"))
+  return engine
+
+
+def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float, engine=None) -> tuple[list, list]:
+  """rows/s of the compiled executables at each bucket, called back to back by one caller
+  (`rows_per_s`) and by two at once (`rows_per_s_2`); returns (rows, engine inputs). An
+  `engine` given (open_engine's) is used and left open."""
+  own = engine is None
+  engine = open_engine(bundle) if own else engine
   rng = np.random.default_rng(0)
   results = []
   for b in engine.buckets:
@@ -115,17 +126,20 @@ def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float) -> tuple[list, 
                     "cpu_ms_per_batch": cpu * 1e3, "rows_per_s_2": two * b})
     say(f"raw bucket {b:>5}: {one * b:>10.0f} rows/s, two callers {two * b:>10.0f} rows/s")
   inputs = engine.inputs
-  engine.close()
+  if own:
+    engine.close()
   return results, inputs
 
 
-def start_server(repo: pathlib.Path, extra: list[str], *,
-                 metrics: bool = False) -> tuple[subprocess.Popen, str, str | None]:
-  """`xlaserve serve` on a free gRPC port (and metrics port, with `metrics`), once its models
-  are loaded: (process, gRPC address, metrics URL or None)."""
+def start_server(repo: pathlib.Path, extra: list[str], *, metrics: bool = False,
+                 http: bool = False) -> tuple[subprocess.Popen, str, str | None]:
+  """`xlaserve serve` on a free gRPC port (and metrics port, with `metrics`; HTTP port, with
+  `http`: its address is then `proc.http_address`), once its models are loaded: (process, gRPC
+  address, metrics URL or None)."""
   proc = subprocess.Popen(
       [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo),
-       "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "0" if metrics else "-1", *extra],
+       "--grpc-port", "0", "--http-port", "0" if http else "-1",
+       "--metrics-port", "0" if metrics else "-1", *extra],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
   lines, ready = [], threading.Event()
@@ -142,22 +156,10 @@ def start_server(repo: pathlib.Path, extra: list[str], *,
     raise RuntimeError("server did not start:\n" + "".join(lines))
   port = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1)
   url = re.search(r"Prometheus metrics at (http://\S+)", "".join(lines)) if metrics else None
+  if http:
+    proc.http_address = re.search(r"KServe v2\) on http://(\S+)", "".join(lines)).group(1)
   say(f"server ready on port {port}")
   return proc, f"127.0.0.1:{port}", url.group(1) if url else None
-
-
-def pick_loadgen(choice: str | None) -> tuple[str, Callable]:
-  """(name, run_load) of the load generator: the C++ one by default when it builds."""
-  if choice == "python":
-    return "python", run_load
-  from benchmarks import native_loadgen
-  binary, why = native_loadgen.available()
-  if binary is not None:
-    return "native", native_loadgen.run_load
-  if choice == "native":
-    raise SystemExit(f"--loadgen native: the C++ load generator does not build: {why}")
-  say(f"C++ load generator unavailable, using the Python one: {why.splitlines()[0]}")
-  return "python", run_load
 
 
 class ServerCpu:
@@ -199,56 +201,95 @@ def children_cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def measure_served(repo: pathlib.Path, args, model: str, inputs, frontend: str,
-                   raw: list) -> tuple[dict, dict, int]:
-  """Starts `xlaserve serve --frontend FRONTEND` and runs every load phase against `model`:
-  (phase -> LoadResult, phase -> CPU per request, the concurrency that saturated it)."""
-  run_load = args.run_load
-  proc, addr, _ = start_server(repo, ["--frontend", frontend, *args.server_args.split()])
+def measure_served(repo: pathlib.Path, args, model: str, engine, frontend: str,
+                   raw: list) -> dict[str, tuple[dict, dict, int, list[float]]]:
+  """Starts `xlaserve serve --frontend FRONTEND`, runs every load phase against `model` over
+  each protocol in turn, then the paired rounds: protocol -> (phase -> LoadResult, phase ->
+  CPU per request, the concurrency that saturated it, the paired served/raw ratios)."""
+  proc, addr, _ = start_server(repo, ["--frontend", frontend, *args.server_args.split()],
+                               http="http" in args.protocol)
+  addrs = {"grpc": addr, "http": getattr(proc, "http_address", None)}
   rng = np.random.default_rng(1)
-  big = build_request(model, make_inputs(inputs, args.request_rows, rng))
-  one = build_request(model, make_inputs(inputs, 1, rng))
+  big, one = make_inputs(engine.inputs, args.request_rows, rng), make_inputs(engine.inputs, 1, rng)
   raw_cpu = {r["bucket"]: r["cpu_ms_per_batch"] for r in raw}
-  runs, cpu = {}, {}
+  out: dict = {}
   try:
     meter = ServerCpu(proc, addr, model)
+    for protocol in args.protocol:
+      say(f"--- {model}, {frontend} front end, {protocol} ---")
+      out[protocol] = _phases(args, model, protocol, addrs[protocol], meter, raw_cpu, big, one)
 
-    def phase(name: str, payload: bytes, rows: int, **kw) -> LoadResult:
-      before, gen_before = meter.read(), children_cpu_s()
-      runs[name] = r = run_load(addr, payload, rows_per_request=rows, **kw)
-      n = r.ok + sum(r.errors.values())
-      cpu[name] = meter.per_request(before, meter.read(), n, raw_cpu)
-      cpu[name]["loadgen_cpu_us"] = (children_cpu_s() - gen_before) / max(n, 1) * 1e6
-      return r
+    def saturated(protocol: str) -> Callable[[], LoadResult]:
+      request = request_for(protocol, model, big)
+      return lambda: args.run_load[protocol](
+          addrs[protocol], request, rows_per_request=args.request_rows,
+          concurrency=out[protocol][2], processes=args.processes, duration=args.duration / 2)
 
-    say("warming the connection ...")
-    run_load(addr, one, rows_per_request=1, concurrency=4, duration=1.0)
-    def closed_loop(c: int) -> LoadResult:
-      say(f"{model}: {args.request_rows}-row requests, {c} in flight ...")
-      return phase(f"batched_c{c}", big, args.request_rows, concurrency=c,
-                   processes=args.processes, duration=args.duration)
-
-    saturated_at, _ = saturate(closed_loop, args.saturation_concurrency)
-    runs["batched_saturation"] = runs[f"batched_c{saturated_at}"]
-    cpu["batched_saturation"] = cpu[f"batched_c{saturated_at}"]
-    say(f"{model}: saturated at {saturated_at} in flight")
-    say(f"{model}: single-row requests, concurrency 16 ...")
-    phase("single_c16", one, 1, concurrency=16, processes=args.processes,
-          duration=args.duration)
-    say(f"{model}: a lone single-row request (concurrency 1) ...")
-    phase("lone", one, 1, concurrency=1, duration=args.duration / 2)
-    say(f"{model}: {args.request_rows}-row requests, lone ...")
-    phase("batched_lone", big, args.request_rows, concurrency=1, duration=args.duration / 2)
-    for pct in (30, 50, 70):  # the load curve up to the issue's point (70%)
-      rate = pct / 100 * runs["batched_saturation"].rps
-      say(f"{model}: {args.request_rows}-row requests at {pct}% of saturation ({rate:.0f}"
-          " req/s, open loop)")
-      phase(f"batched_{pct}pct", big, args.request_rows, rate=rate, processes=args.processes,
-            duration=args.duration)
+    ratios = paired_ratios(engine, raw, args, {p: saturated(p) for p in args.protocol})
   finally:
     proc.terminate()
     proc.wait(60)
+  return {p: (*out[p], ratios[p]) for p in args.protocol}
+
+
+def _phases(args, model: str, protocol: str, addr: str, meter: ServerCpu, raw_cpu: dict,
+            big: dict, one: dict) -> tuple[dict, dict, int]:
+  """Every load phase over one protocol: (phase -> LoadResult, phase -> CPU per request, the
+  concurrency that saturated it)."""
+  run_load = args.run_load[protocol]
+  big, one = request_for(protocol, model, big), request_for(protocol, model, one)
+  runs, cpu = {}, {}
+
+  def phase(name: str, payload: Any, rows: int, **kw) -> LoadResult:
+    before, gen_before = meter.read(), children_cpu_s()
+    runs[name] = r = run_load(addr, payload, rows_per_request=rows, **kw)
+    n = r.ok + sum(r.errors.values())
+    cpu[name] = meter.per_request(before, meter.read(), n, raw_cpu)
+    cpu[name]["loadgen_cpu_us"] = (children_cpu_s() - gen_before) / max(n, 1) * 1e6
+    return r
+
+  say("warming the connection ...")
+  run_load(addr, one, rows_per_request=1, concurrency=4, duration=1.0)
+
+  def closed_loop(c: int) -> LoadResult:
+    say(f"{model}: {args.request_rows}-row requests, {c} in flight ...")
+    return phase(f"batched_c{c}", big, args.request_rows, concurrency=c,
+                 processes=args.processes, duration=args.duration)
+
+  saturated_at, _ = saturate(closed_loop, args.saturation_concurrency)
+  runs["batched_saturation"] = runs[f"batched_c{saturated_at}"]
+  cpu["batched_saturation"] = cpu[f"batched_c{saturated_at}"]
+  say(f"{model}: saturated at {saturated_at} in flight")
+  say(f"{model}: single-row requests, concurrency 16 ...")
+  phase("single_c16", one, 1, concurrency=16, processes=args.processes, duration=args.duration)
+  say(f"{model}: a lone single-row request (concurrency 1) ...")
+  phase("lone", one, 1, concurrency=1, duration=args.duration / 2)
+  say(f"{model}: {args.request_rows}-row requests, lone ...")
+  phase("batched_lone", big, args.request_rows, concurrency=1, duration=args.duration / 2)
+  for pct in (30, 50, 70):  # the load curve up to the issue's point (70%)
+    rate = pct / 100 * runs["batched_saturation"].rps
+    say(f"{model}: {args.request_rows}-row requests at {pct}% of saturation ({rate:.0f}"
+        " req/s, open loop)")
+    phase(f"batched_{pct}pct", big, args.request_rows, rate=rate, processes=args.processes,
+          duration=args.duration)
   return runs, cpu, saturated_at
+
+
+def paired_ratios(engine, raw: list, args, served: dict[str, Callable[[], LoadResult]]
+                  ) -> dict[str, list[float]]:
+  """served/raw in `--pairs` rounds, each the raw model at its best bucket (best of three 0.5 s
+  runs) then every protocol's saturated rate right after it: this host's speed drifts by a
+  third over minutes, so a ratio is only read between figures taken together."""
+  best = max(raw, key=lambda r: r["rows_per_s"])["bucket"]
+  inputs = make_inputs(engine.inputs, best, np.random.default_rng(0))
+  ratios: dict[str, list[float]] = {p: [] for p in served}
+  for k in range(args.pairs):
+    rate = max(_raw_rate(engine, best, inputs, 0.5, 1)[0] for _ in range(3)) * best
+    for protocol, run in served.items():
+      ratios[protocol].append(run().rows_per_s / rate)
+    say(f"pair {k + 1}/{args.pairs}: raw {rate:.3g} rows/s at bucket {best}; served/raw "
+        + ", ".join(f"{p} {r[-1]:.3f}" for p, r in ratios.items()))
+  return ratios
 
 
 def parse_args() -> argparse.Namespace:
@@ -270,18 +311,29 @@ def parse_args() -> argparse.Namespace:
                       help="folder for serving.png and serving.json")
   parser.add_argument("--server-args", default="", help="extra flags for xlaserve serve")
   parser.add_argument("--frontend", choices=("native", "python", "both"), default="native",
-                      help="gRPC front end of the served phases; both: python, then native")
+                      help="front ends of the served phases (gRPC, and HTTP when native:"
+                           " C++; python: grpc.aio and uvicorn); both: python, then native")
+  parser.add_argument("--protocol", default="grpc,http",
+                      type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+                      help="protocols measured, each through every phase: grpc (Triton's"
+                           " ModelInfer), http (KServe v2 with binary tensors); default both")
+  parser.add_argument("--pairs", type=int, default=3,
+                      help="paired rounds: the raw model at its best bucket, then each"
+                           " protocol's saturated rate right after; served/raw is their median")
   parser.add_argument("--loadgen", choices=("native", "python"), default=None,
                       help="load generator: C++ (benchmarks/native_loadgen.cc) or Python"
                            " (benchmarks/loadgen.py); default: native when it builds, else python")
-  return parser.parse_args()
+  args = parser.parse_args()
+  if not args.protocol or set(args.protocol) - {"grpc", "http"}:
+    parser.error("--protocol: grpc, http or both, comma-separated")
+  return args
 
 
 def main() -> None:
   from benchmarks.serving_report import plot, report, side_by_side, write_json
 
   args = parse_args()
-  args.loadgen, args.run_load = pick_loadgen(args.loadgen)
+  args.loadgen, args.run_load = pick_loadgens(args.loadgen, args.protocol)
   say(f"load generator: {args.loadgen}")
   args.out.mkdir(parents=True, exist_ok=True)
   repo = args.repository
@@ -295,13 +347,18 @@ def main() -> None:
   for model in [m.strip() for m in args.model.split(",") if m.strip()]:
     bundle = repo / model / str(list_versions(repo / model)[-1])
     say(f"{model}: measuring the raw jitted model (the ceiling) ...")
-    raw, inputs = raw_ceiling(bundle, max(2.0, args.duration / 2))
-    for frontend in frontends:
-      say(f"--- {model}, {frontend} gRPC front end ---")
-      runs, cpu, saturated_at = measure_served(repo, args, model, inputs, frontend, raw)
-      results[f"{model}/{frontend}"] = {
-          "model": model, "frontend": frontend, "raw": raw, "runs": runs, "cpu": cpu,
-          "summary": report(runs, cpu, raw, args, model, frontend, saturated_at)}
+    engine = open_engine(bundle)  # kept open for the paired rounds
+    raw, _ = raw_ceiling(bundle, max(2.0, args.duration / 2), engine)
+    try:
+      for frontend in frontends:
+        served = measure_served(repo, args, model, engine, frontend, raw)
+        for protocol, (runs, cpu, saturated_at, pairs) in served.items():
+          results[f"{model}/{frontend}/{protocol}"] = {
+              "model": model, "frontend": frontend, "protocol": protocol, "raw": raw,
+              "runs": runs, "cpu": cpu, "summary": report(
+                  runs, cpu, raw, args, f"{model}/{frontend}/{protocol}", saturated_at, pairs)}
+    finally:
+      engine.close()
   side_by_side(results)
   write_json(results, args, args.out / "serving.json")
   plot(results, args, args.out / "serving.png")

@@ -12,12 +12,12 @@ import numpy as np
 from benchmarks.loadgen import format_table
 
 
-def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: str,
-           saturated_at: int) -> dict:
-  """Prints the raw and phase tables and the headline ratios of one model and front end;
-  returns the summary."""
+def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, saturated_at: int,
+           pairs: list[float]) -> dict:
+  """Prints the raw and phase tables and the headline ratios of one model, front end and
+  protocol (`model`: "model/front end/protocol"); returns the summary."""
   print()
-  print(f"== {model}: {frontend} front end, {args.loadgen} load generator ==")
+  print(f"== {model}: {args.loadgen} load generator ==")
   print(format_table(["bucket", "raw rows/s", "ms/batch", "CPU ms/batch", "raw rows/s, 2 callers"],
                      [[r["bucket"], r["rows_per_s"], r["ms_per_batch"], r["cpu_ms_per_batch"],
                        r["rows_per_s_2"]] for r in raw]))
@@ -34,6 +34,8 @@ def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: st
   p99_70, lone_p50 = runs["batched_70pct"].pct_ms(99), runs["batched_lone"].pct_ms(50)
   summary = {
       "raw_best_rows_per_s": best["rows_per_s"], "raw_best_bucket": best["bucket"],
+      "served_over_raw_paired": float(np.median(pairs)) if pairs else float("nan"),
+      "paired_ratios": list(pairs),
       "served_rows_per_s": sat.rows_per_s, "served_over_raw": sat.rows_per_s / best["rows_per_s"],
       "raw_two_callers_best_rows_per_s": best2["rows_per_s_2"],
       "served_over_raw_two_callers": sat.rows_per_s / best2["rows_per_s_2"],
@@ -47,6 +49,9 @@ def report(runs: dict, cpu: dict, raw: list, args: Any, model: str, frontend: st
       "saturated_at_concurrency": saturated_at,
   }
   print()
+  print(f"{model}: served / raw, paired rounds (raw at bucket {best['bucket']}, then served at"
+        f" {saturated_at} in flight, {len(pairs)} times): median"
+        f" {summary['served_over_raw_paired']:.3f} of " + ", ".join(f"{x:.3f}" for x in pairs))
   print(f"{model}: served / raw ({args.request_rows}-row requests at saturation, reached at"
         f" {saturated_at} in flight, vs best bucket"
         f" {best['bucket']}): {summary['served_over_raw']:.3f}; with two callers at once (best"
@@ -69,9 +74,11 @@ def side_by_side(results: dict) -> None:
   """One line per (model, front end): the figures the issue tracks."""
   print()
   print(format_table(
-      ["model / front end", "served rows/s", "served/raw", "1-row c16 req/s", "1-row p99 ms",
-       "CPU µs/1-row req", "host µs/1-row req", "p99@70% / lone p50"],
-      [[key, s["served_rows_per_s"], s["served_over_raw"], s["single_row_c16_rps"],
+      ["model / front end / protocol", "served rows/s", "served/raw paired",
+       "served/raw unpaired", "1-row c16 req/s", "1-row p99 ms", "CPU µs/1-row req",
+       "host µs/1-row req", "p99@70% / lone p50"],
+      [[key, s["served_rows_per_s"], s["served_over_raw_paired"], s["served_over_raw"],
+        s["single_row_c16_rps"],
         s["single_row_c16_p99_ms"], s["single_row_c16_server_cpu_us"],
         s["single_row_c16_host_cpu_us"], s["p99_at_70pct_over_lone_p50"]]
        for key, s in ((k, r["summary"]) for k, r in results.items())]))
@@ -107,7 +114,7 @@ def plot(results: dict, args: Any, path: pathlib.Path) -> None:
     a1.set_xlabel("bucket (rows per batch)")
     a1.set_ylabel("rows/s")
     a1.legend(fontsize=8)
-    a1.set_title(f"{key}: served/raw = {r['summary']['served_over_raw']:.2f}")
+    a1.set_title(f"{key}: served/raw = {r['summary']['served_over_raw_paired']:.2f} (paired)")
     names = list(runs)
     x = np.arange(len(names))
     a2.bar(x - 0.2, [runs[n].pct_ms(50) for n in names], 0.4, label="p50")

@@ -2,16 +2,17 @@
 against the latency-target (SLO-aware) one, in one run.
 
   python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
-                           [--steps 6] [--client native|python] [--out DIR]
+                           [--steps 6] [--client native|http|python] [--out DIR]
 
 For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
 default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in config.json)
 and each request size:
-1. closed-loop saturation: the same gRPC client keeps `--concurrency` requests in flight (no
+1. closed-loop saturation: the same client keeps `--concurrency` requests in flight (no
    LoadGen; the best over the list), requests/s. The client (`--client`): `native`, the C++
-   load generator (LoadGen's SUT over a pipe, the closed loop through the same pipe; default
-   when it builds), or `python`, a grpc.aio client (~100 us of Python per query, taken from
-   the 2 cores the server runs on);
+   gRPC load generator (LoadGen's SUT over a pipe, the closed loop through the same pipe;
+   default when it builds), `http`, the C++ HTTP one (KServe v2 binary tensors, one epoll
+   thread, the same pipe), or `python`, a grpc.aio client (~100 us of Python per query, taken
+   from the 2 cores the server runs on);
 2. LoadGen's Server scenario (Poisson arrivals) at a target QPS, searched by bisection for the
    highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
    late or failed (a shed request counts as a miss: shedding cannot buy a valid run). A QPS
@@ -39,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
+from benchmarks.native_http_loadgen import http_request  # noqa: E402
 from benchmarks.serving import make_inputs, start_server  # noqa: E402
 from benchmarks.slo_sut import GrpcSut, NativeSut, loadgen_run  # noqa: E402
 
@@ -49,12 +51,14 @@ def say(msg: str) -> None:
   print(f"[slo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float):
-  """A server over a one-model copy of `repo`, configured for `batcher`."""
+def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float, http: bool):
+  """A server over a one-model copy of `repo`, configured for `batcher`: (process, the address
+  the client uses: gRPC's, or HTTP's with `http`)."""
   scratch = scratch_repository(repo, model)
   cfg = {"latency_slo_ms": bound_ms} if batcher == "slo" else {"max_queue_wait_ms": 0}
   (scratch / model / "config.json").write_text(json.dumps(cfg))
-  return start_server(scratch, [])
+  proc, address, _ = start_server(scratch, [], http=http)
+  return proc, proc.http_address if http else address
 
 
 class Bisection:
@@ -118,20 +122,22 @@ def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
   batcher (both up throughout; only one is loaded at a time)."""
   from bundle import list_versions, read_manifest
 
-  servers = {b: server_for(repo, args.model, b, args.bound_ms) for b in BATCHERS}
+  http = args.client == "http"
+  servers = {b: server_for(repo, args.model, b, args.bound_ms, http) for b in BATCHERS}
   results: dict = {b: {} for b in BATCHERS}
   try:
     bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
     signature = next(iter(read_manifest(bundle).signatures.values())).inputs
-    client = NativeSut if args.client == "native" else GrpcSut
+    client = GrpcSut if args.client == "python" else NativeSut
     for rows in args.rows:
-      payload = build_request(args.model, make_inputs(signature, rows, np.random.default_rng(0)))
+      inputs = make_inputs(signature, rows, np.random.default_rng(0))
+      payload = (http_request(args.model, inputs) if http else build_request(args.model, inputs))
       with contextlib.ExitStack() as stack:
         suts = {b: stack.enter_context(client(servers[b][1], payload)) for b in BATCHERS}
         for b, res in measure_size(suts, args, rows).items():
           results[b][rows] = res
   finally:
-    for proc, _, _ in servers.values():
+    for proc, _ in servers.values():
       proc.terminate()
       proc.wait(30)
   return results
@@ -185,9 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="requests in flight for the closed-loop saturation, comma-separated: the"
                       " best rate over them (light models with 32-row requests reach theirs only"
                       " at ~256: ctr_light 18.0k at 64, 23.2k req/s at 256)")
-  p.add_argument("--client", choices=("native", "python"), default=None,
-                 help="the SUT's gRPC client: native (C++, default when it builds) or python"
-                      " (grpc.aio)")
+  p.add_argument("--client", choices=("native", "http", "python"), default=None,
+                 help="the SUT's client: native (C++ gRPC, default when it builds), http (C++"
+                      " HTTP/1.1, KServe v2 binary tensors, against the server's HTTP port) or"
+                      " python (grpc.aio)")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "slo")
   args = p.parse_args(argv)
   args.rows = [int(r) for r in args.rows.split(",") if r.strip()]

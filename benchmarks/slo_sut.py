@@ -87,23 +87,30 @@ _RECORD = struct.Struct("<Qqq")  # native_loadgen.cc SutRecord: id, status code,
 
 
 class NativeSut:
-  """benchmarks/native_loadgen.cc in SUT mode, as a child process; same interface as GrpcSut."""
+  """benchmarks/native_loadgen.cc in SUT mode, as a child process; same interface as GrpcSut.
+  With an HttpRequest for `payload` (benchmarks/native_http_loadgen.py) and the server's HTTP
+  address, native_http_loadgen.cc instead: the same pipe protocol, one epoll thread, KServe v2
+  binary-tensor requests over keep-alive connections."""
 
-  def __init__(self, address: str, payload: bytes, channels: int = 1):
+  def __init__(self, address: str, payload, channels: int = 1):
     self.address, self.payload, self.channels = address, payload, channels
     self.records: list[tuple[float, str]] = []
     self.on_done = None  # (sample ids) -> None, set by the LoadGen run
     self._tmp = tempfile.TemporaryDirectory(prefix="native_sut_")
 
   def __enter__(self) -> NativeSut:
-    from benchmarks import native_loadgen
+    from benchmarks import native_http_loadgen, native_loadgen
 
-    request = pathlib.Path(self._tmp.name, "request.pb")
-    request.write_bytes(self.payload)
-    self._proc = subprocess.Popen(
-        [str(native_loadgen.build()), "--address", self.address, "--request", str(request),
-         "--channels", str(self.channels), "--timeout", "60", "--sut", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    request = pathlib.Path(self._tmp.name, "request.bin")
+    if isinstance(self.payload, native_http_loadgen.HttpRequest):
+      request.write_bytes(self.payload.body)
+      cmd = native_http_loadgen.command(self.address, self.payload, request)
+    else:
+      request.write_bytes(self.payload)
+      cmd = [str(native_loadgen.build()), "--address", self.address, "--request", str(request),
+             "--channels", str(self.channels)]
+    self._proc = subprocess.Popen(cmd + ["--timeout", "60", "--sut", "1"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
     return self

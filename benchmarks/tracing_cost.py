@@ -32,7 +32,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.http_serving import free_port  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
-from benchmarks.serving import ServerCpu, make_inputs, pick_loadgen, say, start_server  # noqa: E402
+from benchmarks.load_generators import pick_loadgen  # noqa: E402
+from benchmarks.serving import ServerCpu, make_inputs, say, start_server  # noqa: E402
 
 
 class Sink:

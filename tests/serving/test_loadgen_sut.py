@@ -10,28 +10,30 @@ from servingutil import mock_factory, serving, write_mock_bundle
 
 lg = pytest.importorskip("mlperf_loadgen")
 
-from benchmarks import native_loadgen  # noqa: E402
+from benchmarks import native_http_loadgen, native_loadgen  # noqa: E402
 from benchmarks.slo_sut import GrpcSut, NativeSut, loadgen_run  # noqa: E402
 
 
 def _client(name: str):
-  if name == "native":
-    binary, why = native_loadgen.available()
+  if name in ("native", "http"):
+    binary, why = (native_loadgen if name == "native" else native_http_loadgen).available()
     if binary is None:
       pytest.skip(f"the C++ load generator does not build here: {why.splitlines()[0]}")
     return NativeSut
   return GrpcSut
 
 
-@pytest.mark.parametrize("client", ["native", "python"])
+@pytest.mark.parametrize("client", ["native", "http", "python"])
 def test_loadgen_server_scenario_against_the_server(tmp_path, client):
   write_mock_bundle(tmp_path / "repo", "mock", 1, config={"latency_slo_ms": 500,
                                                           "instance_count": 1})
   # LoadGen's early stopping needs several hundred queries to call a p99 VALID.
-  x, k = np.ones((8, 4), np.float32), np.ones((8, 1), np.int32)
-  payload = build_request("mock", {"x": x, "k": k})
-  with serving(tmp_path / "repo", mock_factory(delay_s=0.002)) as bg, \
-      _client(client)(bg.address, payload) as sut:
+  inputs = {"x": np.ones((8, 4), np.float32), "k": np.ones((8, 1), np.int32)}
+  payload = (native_http_loadgen.http_request("mock", inputs) if client == "http"
+             else build_request("mock", inputs))
+  with serving(tmp_path / "repo", mock_factory(delay_s=0.002), http_port=0) as bg, \
+      _client(client)(f"127.0.0.1:{bg.server.http_port}" if client == "http" else bg.address,
+                      payload) as sut:
     sat = sut.closed_loop(8, 1.0)
     assert 250 < sat < 505  # one 8-row batch per 2 ms: 500 requests/s at most
     light = loadgen_run(sut, 200.0, 500.0, 3.0, tmp_path / "light")

@@ -1,0 +1,477 @@
+// A lean C++ HTTP/1.1 load generator for KServe v2 inference with Triton's binary tensor
+// extension: one thread, one epoll set, keep-alive connections (requests pipelined on them and
+// answered in order, as HTTP/1.1 allows), no library beyond libc.
+//
+// It POSTs one pre-built body (benchmarks/native_http_loadgen.py writes it: the JSON header, then
+// the tensors' bytes) to --path, with `Inference-Header-Content-Length: --header-length`, over
+// `--connections` connections (default: one per request in flight in a closed loop, else 256;
+// the server reads a connection's next request once it answered the last, so pipelined ones
+// wait their turn):
+//   closed loop: `--concurrency` requests always in flight, spread evenly over the connections;
+//   open loop:   `--rate` requests/s on a fixed schedule (a timerfd) whatever the answers, each
+//                on an idle connection (else the next in turn), latency measured from the
+//                *scheduled* send time (coordinated omission shows);
+//   SUT mode:    `--sut 1`: MLPerf LoadGen's system under test (benchmarks/slo_sut.py), the
+//                protocol of native_loadgen.cc: query ids (native uint64) in on stdin, one
+//                request each at once, a record (uint64 id, int64 status code, int64 microseconds)
+//                out on stdout per answer, until stdin closes and nothing is in flight.
+// A request in flight longer than `--timeout` closes its connection: it and those queued behind
+// it are recorded as DEADLINE_EXCEEDED, and the connection reopens. Statuses are reported as the
+// gRPC codes Triton maps them from (200 with a body: OK; 400 INVALID_ARGUMENT; 429
+// RESOURCE_EXHAUSTED; 503 UNAVAILABLE; ...), so the output is native_loadgen.cc's: "window_s",
+// "sent", "status NAME COUNT" lines, and with --latencies FILE one "CODE MICROS" line per
+// recorded request (only requests issued in [warmup, warmup + duration) are recorded).
+//
+//   g++ -O2 -std=c++17 native_http_loadgen.cc -o native_http_loadgen
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kOk = 0, kCancelled = 1, kDeadline = 4, kUnavailable = 14, kEmptyResponse = 100;
+
+const char* CodeName(int code) {
+  static const char* kNames[] = {
+      "OK",        "CANCELLED",         "UNKNOWN",   "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+      "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
+  if (code >= 0 && code <= 16) return kNames[code];
+  return code == kEmptyResponse ? "EMPTY_RESPONSE" : "UNKNOWN";
+}
+
+// The gRPC code Triton's HTTP statuses stand for (tritonclient reads them the same way).
+int CodeOf(int http_status, size_t body_bytes) {
+  switch (http_status) {
+    case 200: return body_bytes > 0 ? kOk : kEmptyResponse;
+    case 400: return 3;
+    case 401: return 16;
+    case 403: return 7;
+    case 404: return 5;
+    case 408: case 504: return kDeadline;
+    case 429: return 8;
+    case 499: return kCancelled;
+    case 501: return 12;
+    case 500: return 13;
+    case 503: return kUnavailable;
+    default: return 2;
+  }
+}
+
+struct Options {
+  std::string host = "127.0.0.1", path, body_path, latencies_path;
+  std::vector<std::string> headers;  // --header "Name: value", repeated
+  int port = 0, header_length = -1, concurrency = 16, connections = 0;
+  double rate = 0, duration = 5, warmup = 0.5, timeout = 10;
+  bool sut = false;
+};
+
+[[noreturn]] void Die(const std::string& msg) {
+  std::fprintf(stderr, "native_http_loadgen: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+Options Parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    if (i + 1 >= argc) Die("missing value for " + k);
+    std::string v = argv[++i];
+    if (k == "--address") {
+      size_t colon = v.rfind(':');
+      if (colon == std::string::npos) Die("--address is HOST:PORT");
+      o.host = v.substr(0, colon);
+      o.port = std::stoi(v.substr(colon + 1));
+    } else if (k == "--path") o.path = v;
+    else if (k == "--body") o.body_path = v;
+    else if (k == "--header-length") o.header_length = std::stoi(v);
+    else if (k == "--header") o.headers.push_back(v);
+    else if (k == "--latencies") o.latencies_path = v;
+    else if (k == "--concurrency") o.concurrency = std::stoi(v);
+    else if (k == "--connections") o.connections = std::stoi(v);
+    else if (k == "--rate") o.rate = std::stod(v);
+    else if (k == "--duration") o.duration = std::stod(v);
+    else if (k == "--warmup") o.warmup = std::stod(v);
+    else if (k == "--timeout") o.timeout = std::stod(v);
+    else if (k == "--sut") o.sut = std::stoi(v) != 0;
+    else Die("unknown flag " + k);
+  }
+  if (o.port <= 0 || o.path.empty() || o.body_path.empty() || o.header_length < 0)
+    Die("--address, --path, --body and --header-length are required");
+  if (o.concurrency < 1 || o.duration <= 0) Die("bad concurrency/duration");
+  if (o.connections <= 0) o.connections = o.sut || o.rate > 0 ? 256 : o.concurrency;
+  return o;
+}
+
+Clock::duration Seconds(double s) {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+}
+
+int64_t Micros(Clock::duration d) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+}
+
+struct Pending {
+  Clock::time_point t0;  // scheduled (open loop) or actual send time
+  uint64_t id;           // SUT mode: LoadGen's query id
+  bool recorded;
+};
+
+struct Conn {
+  int fd = -1;
+  std::string out;  // bytes not yet written
+  size_t out_at = 0;
+  std::string in;   // bytes read, not yet parsed past `in_at`
+  size_t in_at = 0;
+  std::deque<Pending> q;  // requests sent or queued on it, answered in order
+  bool want_out = false;
+};
+
+struct Record {  // SUT mode's answer record (native_loadgen.cc SutRecord)
+  uint64_t id;
+  int64_t code, micros;
+};
+
+struct Sample {
+  int code;
+  int64_t micros;
+};
+
+// The status code and the body length of the answer at the front of `s`, or false while its
+// head is incomplete. `head` becomes the head's length (up to the blank line, inclusive).
+bool ParseHead(const char* s, size_t n, int* status, size_t* body, size_t* head) {
+  const char* end = static_cast<const char*>(memmem(s, n, "\r\n\r\n", 4));
+  if (end == nullptr) return false;
+  *head = static_cast<size_t>(end - s) + 4;
+  if (*head < 12 || std::memcmp(s, "HTTP/1.", 7) != 0) Die("not an HTTP/1.x answer");
+  *status = std::atoi(s + 9);
+  *body = 0;
+  for (const char* line = static_cast<const char*>(memchr(s, '\n', *head)) + 1; line < end;) {
+    const char* next = static_cast<const char*>(memchr(line, '\n', static_cast<size_t>(end - line)));
+    if (strncasecmp(line, "content-length:", 15) == 0) *body = std::strtoull(line + 15, nullptr, 10);
+    if (next == nullptr) break;
+    line = next + 1;
+  }
+  return true;
+}
+
+class LoadGen {
+ public:
+  explicit LoadGen(const Options& o) : o_(o) {
+    std::ifstream in(o.body_path, std::ios::binary);
+    if (!in) Die("cannot read " + o.body_path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string body = ss.str();
+    request_ = "POST " + o.path + " HTTP/1.1\r\nHost: " + o.host + ":" + std::to_string(o.port) +
+               "\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: " +
+               std::to_string(o.header_length) + "\r\nContent-Length: " +
+               std::to_string(body.size()) + "\r\n";
+    for (const std::string& h : o.headers) request_ += h + "\r\n";
+    request_ += "\r\n" + body;
+    ep_ = epoll_create1(0);
+    conns_.resize(static_cast<size_t>(o.connections));
+    for (size_t i = 0; i < conns_.size(); ++i) Connect(i);
+    for (size_t i = conns_.size(); i-- > 0;) idle_.push_back(i);
+  }
+
+  void Run() {
+    start_ = Clock::now();
+    window_begin_ = start_ + Seconds(o_.warmup);
+    window_end_ = window_begin_ + Seconds(o_.duration);
+    if (o_.sut) {
+      Watch(0, EPOLLIN, kStdin);
+    } else if (o_.rate > 0) {
+      timer_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+      Watch(timer_, EPOLLIN, kTimer);
+      next_send_ = start_;
+      Arm();
+    } else {
+      for (int i = 0; i < o_.concurrency; ++i) Issue(static_cast<size_t>(i) % conns_.size(), start_);
+    }
+    Loop();
+  }
+
+  void Report() const {
+    std::vector<int64_t> counts(kEmptyResponse + 1, 0);
+    for (const Sample& s : samples_) ++counts[s.code];
+    std::printf("window_s %.6f\nsent %zu\n", o_.duration, samples_.size());
+    for (int c = 0; c <= kEmptyResponse; ++c)
+      if (counts[c]) std::printf("status %s %lld\n", CodeName(c), static_cast<long long>(counts[c]));
+    if (!o_.latencies_path.empty()) {
+      FILE* f = std::fopen(o_.latencies_path.c_str(), "w");
+      if (!f) Die("cannot write " + o_.latencies_path);
+      for (const Sample& s : samples_)
+        std::fprintf(f, "%d %lld\n", s.code, static_cast<long long>(s.micros));
+      std::fclose(f);
+    }
+  }
+
+ private:
+  static constexpr uint64_t kStdin = ~0ull, kTimer = ~0ull - 1;
+
+  void Watch(int fd, uint32_t events, uint64_t key, int op = EPOLL_CTL_ADD) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.u64 = key;
+    if (epoll_ctl(ep_, op, fd, &ev) != 0) Die(std::string("epoll_ctl: ") + std::strerror(errno));
+  }
+
+  void Connect(size_t i) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(o_.port));
+    if (inet_pton(AF_INET, o_.host.c_str(), &addr.sin_addr) != 1) Die("bad host " + o_.host);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0)
+      Die("cannot connect to " + o_.host + ":" + std::to_string(o_.port) + ": " +
+          std::strerror(errno));
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    Conn& c = conns_[i];
+    c.fd = fd;
+    c.want_out = false;
+    Watch(fd, EPOLLIN, i);
+  }
+
+  // Sends one request on connection i (pipelined behind what it has in flight).
+  void Issue(size_t i, Clock::time_point t0, uint64_t id = 0) {
+    Conn& c = conns_[i];
+    c.q.push_back({t0, id, o_.sut || (t0 >= window_begin_ && t0 < window_end_)});
+    ++in_flight_;
+    if (c.out_at < c.out.size()) {  // still writing: append behind it
+      c.out += request_;
+      return;
+    }
+    ssize_t n = send(c.fd, request_.data(), request_.size(), MSG_NOSIGNAL);
+    if (n == static_cast<ssize_t>(request_.size())) return;
+    if (n < 0 && errno != EAGAIN) return Fail(i, kUnavailable);
+    c.out.assign(request_, static_cast<size_t>(n < 0 ? 0 : n), std::string::npos);
+    c.out_at = 0;
+    SetWantOut(i, true);
+  }
+
+  void SetWantOut(size_t i, bool on) {
+    Conn& c = conns_[i];
+    if (c.want_out == on) return;
+    c.want_out = on;
+    Watch(c.fd, EPOLLIN | (on ? static_cast<uint32_t>(EPOLLOUT) : 0u), i, EPOLL_CTL_MOD);
+  }
+
+  void Flush(size_t i) {
+    Conn& c = conns_[i];
+    while (c.out_at < c.out.size()) {
+      ssize_t n = send(c.fd, c.out.data() + c.out_at, c.out.size() - c.out_at, MSG_NOSIGNAL);
+      if (n < 0 && errno == EAGAIN) return;
+      if (n <= 0) return Fail(i, kUnavailable);
+      c.out_at += static_cast<size_t>(n);
+    }
+    c.out.clear();
+    c.out_at = 0;
+    SetWantOut(i, false);
+  }
+
+  // Records the answer to connection i's oldest request.
+  void Answer(size_t i, int code, Clock::time_point now) {
+    Pending p = conns_[i].q.front();
+    conns_[i].q.pop_front();
+    if (conns_[i].q.empty()) idle_.push_back(i);
+    Done(i, p, code, now);
+  }
+
+  // Records a request's answer; in a closed loop, sends the next one on its connection.
+  void Done(size_t i, const Pending& p, int code, Clock::time_point now) {
+    --in_flight_;
+    if (o_.sut) {
+      records_.push_back({p.id, code, Micros(now - p.t0)});
+    } else if (p.recorded) {
+      samples_.push_back({code, Micros(now - p.t0)});
+    }
+    if (!o_.sut && o_.rate <= 0 && now < window_end_) Issue(i, now);  // closed loop: next one
+  }
+
+  // The connection failed or timed out: what it had in flight is answered `code`; it reopens.
+  void Fail(size_t i, int code) {
+    Conn& c = conns_[i];
+    epoll_ctl(ep_, EPOLL_CTL_DEL, c.fd, nullptr);
+    close(c.fd);
+    std::deque<Pending> lost;
+    lost.swap(c.q);
+    c = Conn();
+    Connect(i);
+    Clock::time_point now = Clock::now();
+    idle_.push_back(i);
+    for (const Pending& p : lost) Done(i, p, code, now);
+  }
+
+  void Read(size_t i, Clock::time_point now) {
+    Conn& c = conns_[i];
+    char buf[65536];
+    ssize_t n = recv(c.fd, buf, sizeof(buf), 0);
+    if (n < 0 && errno == EAGAIN) return;
+    if (n <= 0) return Fail(i, kUnavailable);
+    c.in.append(buf, static_cast<size_t>(n));
+    int status;
+    size_t body, head;
+    while (!c.q.empty() &&
+           ParseHead(c.in.data() + c.in_at, c.in.size() - c.in_at, &status, &body, &head) &&
+           c.in.size() - c.in_at >= head + body) {
+      c.in_at += head + body;
+      Answer(i, CodeOf(status, body), now);
+    }
+    if (c.in_at == c.in.size()) {
+      c.in.clear();
+      c.in_at = 0;
+    } else if (c.in_at > (1u << 16)) {
+      c.in.erase(0, c.in_at);
+      c.in_at = 0;
+    }
+  }
+
+  // An idle connection when there is one (the server reads a connection's next request only
+  // once it answered the last), else the next in turn.
+  size_t Pick() {
+    while (!idle_.empty()) {
+      size_t i = idle_.back();
+      idle_.pop_back();
+      if (conns_[i].q.empty()) return i;
+    }
+    return next_conn_++ % conns_.size();
+  }
+
+  void Arm() {
+    itimerspec t{};
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(next_send_.time_since_epoch());
+    t.it_value.tv_sec = static_cast<time_t>(ns.count() / 1000000000);
+    t.it_value.tv_nsec = static_cast<long>(ns.count() % 1000000000);
+    if (t.it_value.tv_sec == 0 && t.it_value.tv_nsec == 0) t.it_value.tv_nsec = 1;
+    timerfd_settime(timer_, TFD_TIMER_ABSTIME, &t, nullptr);
+  }
+
+  // Open loop: every send due by now (catching up when behind), then the timer for the next.
+  void SendDue(Clock::time_point now) {
+    uint64_t expirations;
+    while (read(timer_, &expirations, sizeof(expirations)) > 0) {
+    }
+    const Clock::duration interval = Seconds(1.0 / o_.rate);
+    for (; next_send_ <= now && next_send_ < window_end_; next_send_ += interval)
+      Issue(Pick(), next_send_);
+    if (next_send_ < window_end_) Arm();
+  }
+
+  bool ReadIds(Clock::time_point now) {
+    char* buf = ids_buf_;
+    ssize_t n = read(0, buf + ids_have_, sizeof(ids_buf_) - ids_have_);
+    if (n <= 0) return false;
+    ids_have_ += static_cast<size_t>(n);
+    size_t whole = ids_have_ / 8 * 8;
+    for (size_t i = 0; i < whole; i += 8) {
+      uint64_t id;
+      std::memcpy(&id, buf + i, 8);
+      Issue(Pick(), now, id);
+    }
+    std::memmove(buf, buf + whole, ids_have_ - whole);  // a partial id waits for its rest
+    ids_have_ -= whole;
+    return true;
+  }
+
+  void WriteRecords() {
+    const char* p = reinterpret_cast<const char*>(records_.data());
+    size_t left = records_.size() * sizeof(Record);
+    while (left > 0) {
+      ssize_t n = write(1, p, left);
+      if (n <= 0) Die("stdout closed");
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
+    records_.clear();
+  }
+
+  // Connections whose oldest request has waited past --timeout fail (checked every 100 ms).
+  void SweepLate(Clock::time_point now) {
+    if (o_.timeout <= 0 || now < next_sweep_) return;
+    next_sweep_ = now + std::chrono::milliseconds(100);
+    for (size_t i = 0; i < conns_.size(); ++i)
+      if (!conns_[i].q.empty() && now - conns_[i].q.front().t0 > Seconds(o_.timeout))
+        Fail(i, o_.sut ? kCancelled : kDeadline);
+  }
+
+  bool Finished(Clock::time_point now) const {
+    if (in_flight_ > 0) return false;
+    if (o_.sut) return !reading_ids_;
+    return now >= window_end_ && (o_.rate <= 0 || next_send_ >= window_end_);
+  }
+
+  void Loop() {
+    epoll_event events[256];
+    for (;;) {
+      int n = epoll_wait(ep_, events, 256, 100);
+      if (n < 0 && errno != EINTR) Die(std::string("epoll_wait: ") + std::strerror(errno));
+      Clock::time_point now = Clock::now();
+      for (int e = 0; e < n; ++e) {
+        uint64_t key = events[e].data.u64;
+        if (key == kStdin) {
+          if (!ReadIds(now)) {
+            reading_ids_ = false;
+            epoll_ctl(ep_, EPOLL_CTL_DEL, 0, nullptr);
+          }
+        } else if (key == kTimer) {
+          SendDue(now);
+        } else {
+          size_t i = static_cast<size_t>(key);
+          if (events[e].events & EPOLLOUT) Flush(i);
+          if (events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) Read(i, now);
+        }
+      }
+      if (o_.sut && !records_.empty()) WriteRecords();
+      SweepLate(now);
+      if (Finished(now)) return;
+    }
+  }
+
+  Options o_;
+  std::string request_;
+  std::vector<Conn> conns_;
+  std::vector<size_t> idle_;  // connections with nothing in flight (maybe stale: Pick checks)
+  size_t next_conn_ = 0;
+  std::vector<Record> records_;
+  std::vector<Sample> samples_;
+  int ep_ = -1, timer_ = -1;
+  int64_t in_flight_ = 0;
+  bool reading_ids_ = true;
+  char ids_buf_[8 * 4096];
+  size_t ids_have_ = 0;
+  Clock::time_point start_, window_begin_, window_end_, next_send_, next_sweep_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o = Parse(argc, argv);
+  LoadGen gen(o);
+  gen.Run();
+  if (!o.sut) gen.Report();
+  return 0;
+}
