@@ -2,7 +2,7 @@
 measured in one run, for each model named (default: the demo DLRM and the light CTR model).
 
   python benchmarks/serving.py [--repository DIR] [--model dlrm,ctr_light] [--duration 8]
-                               [--protocol grpc,http] [--pairs 3] [--out DIR]
+                               [--protocol grpc,http] [--pairs 5] [--out DIR]
                                [--frontend native|python|both] [--loadgen native|python]
 
 1. Raw ceiling: the bundle's own compiled executables, called back to back in this process (no
@@ -17,7 +17,7 @@ measured in one run, for each model named (default: the demo DLRM and the light 
    (batches per bucket, from ModelStatistics, times the raw CPU per batch): the host path's
    cost, and the load generator's own CPU per request: on a small machine the two share the
    cores, so their sum per request bounds the rate any server could reach here.
-3. Paired rounds (`--pairs`): the raw model at its best bucket, then each protocol's saturated
+3. Paired rounds (`--pairs`, default 5): the raw model at its best bucket, then each protocol's saturated
    rate right after. This host's speed drifts by a third over minutes, so the headline
    served/raw is the median of these pairs; the unpaired ratio (raw read minutes earlier) is
    reported beside it.
@@ -317,7 +317,7 @@ def parse_args() -> argparse.Namespace:
                       type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
                       help="protocols measured, each through every phase: grpc (Triton's"
                            " ModelInfer), http (KServe v2 with binary tensors); default both")
-  parser.add_argument("--pairs", type=int, default=3,
+  parser.add_argument("--pairs", type=int, default=5,
                       help="paired rounds: the raw model at its best bucket, then each"
                            " protocol's saturated rate right after; served/raw is their median")
   parser.add_argument("--loadgen", choices=("native", "python"), default=None,
