@@ -42,7 +42,7 @@ from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
 from benchmarks.native_http_loadgen import http_request  # noqa: E402
 from benchmarks.serving import make_inputs, start_server  # noqa: E402
-from benchmarks.slo_sut import GrpcSut, NativeSut, loadgen_run  # noqa: E402
+from benchmarks.slo_sut import CpuMeter, GrpcSut, NativeSut, loadgen_run  # noqa: E402
 
 BATCHERS = ("fixed", "slo")
 
@@ -68,18 +68,19 @@ class Bisection:
     self.lo, self.hi, self.best, self.qps = 0.0, 1.1 * sat_qps, 0.0, 0.6 * sat_qps
     self.runs: list[dict] = []
 
-  def probe(self, sut, args: argparse.Namespace, outdir: pathlib.Path, label: str) -> None:
+  def probe(self, sut, meter: CpuMeter, args: argparse.Namespace, outdir: pathlib.Path,
+            label: str) -> None:
     """Runs LoadGen at the current QPS (up to `--tries` times until VALID), then halves the
     interval."""
     for t in range(args.tries):
-      r = loadgen_run(sut, self.qps, args.bound_ms, args.seconds, outdir / f"{label}-{t}")
+      r = loadgen_run(sut, self.qps, args.bound_ms, args.seconds, outdir / f"{label}-{t}", meter)
       self.runs.append(r)
       if r["valid"]:
         break
     say(f"  {label}: {self.qps:8.0f} QPS -> LoadGen p99 {r['loadgen_p99_ms']:7.2f} ms, late or"
         f" failed {r['missed_share'] * 100:5.2f}% (failed {r['failed']}), LoadGen"
         f" {r['loadgen']} (early stopping {r['early_stopping']}): "
-        + ("VALID" if r["valid"] else "INVALID"))
+        + ("VALID" if r["valid"] else "INVALID") + "; CPU µs/query " + cpu_text(r["cpu_us"]))
     if r["valid"]:
       self.best, self.lo = max(self.best, self.qps), self.qps
     else:
@@ -87,32 +88,42 @@ class Bisection:
     self.qps = (self.lo + self.hi) / 2
 
 
-def measure_size(suts: dict, args: argparse.Namespace, rows: int) -> dict:
+def cpu_text(cpu: dict[str, float]) -> str:
+  return ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+
+
+def measure_size(suts: dict, meters: dict, args: argparse.Namespace, rows: int) -> dict:
   """Both batchers at one request size, interleaved so the host's drift falls on both alike:
   closed-loop saturation (best of two alternating rounds each), then the bisections in
   lockstep, then each best VALID QPS run once more (`confirmed`)."""
   for sut in suts.values():
     sut.closed_loop(args.concurrency[0], 1.0)  # warm the connection and the batcher
-  sat = {b: 0.0 for b in suts}
+  sat, sat_cpu = {b: 0.0 for b in suts}, {b: {} for b in suts}
   for _ in range(2):
     for b, sut in suts.items():
       for c in args.concurrency:  # a light model saturates only with many requests in flight
-        sat[b] = max(sat[b], sut.closed_loop(c, args.seconds / 2))
-      say(f"{b}, {rows}-row: closed-loop saturation {sat[b]:.0f} requests/s")
+        before = meters[b].read()
+        rate = sut.closed_loop(c, args.seconds / 2)
+        if rate > sat[b]:
+          sat[b] = rate
+          sat_cpu[b] = CpuMeter.per_query(before, meters[b].read(), len(sut.records))
+      say(f"{b}, {rows}-row: closed-loop saturation {sat[b]:.0f} requests/s; CPU µs/query "
+          + cpu_text(sat_cpu[b]))
   searches = {b: Bisection(sat[b]) for b in suts}
   outdir = args.out / "loadgen"
   for step in range(args.steps):
     for b, sut in suts.items():
-      searches[b].probe(sut, args, outdir, f"{b}-{rows}row-{step}")
+      searches[b].probe(sut, meters[b], args, outdir, f"{b}-{rows}row-{step}")
   out = {}
   for b, sut in suts.items():
     best = searches[b].best
     again = loadgen_run(sut, best, args.bound_ms, args.seconds,
-                        outdir / f"{b}-{rows}row-confirm") if best > 0 else None
+                        outdir / f"{b}-{rows}row-confirm", meters[b]) if best > 0 else None
     confirmed = again is not None and again["valid"]
     say(f"  {b}-{rows}row: best VALID {best:.0f} QPS, run again: "
         + ("VALID" if confirmed else "INVALID"))
-    out[b] = {"saturation_qps": sat[b], "best_valid_qps": best, "confirmed": confirmed,
+    out[b] = {"saturation_qps": sat[b], "saturation_cpu_us": sat_cpu[b],
+              "best_valid_qps": best, "confirmed": confirmed,
               "runs": searches[b].runs + ([again] if again else [])}
   return out
 
@@ -134,7 +145,8 @@ def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
       payload = (http_request(args.model, inputs) if http else build_request(args.model, inputs))
       with contextlib.ExitStack() as stack:
         suts = {b: stack.enter_context(client(servers[b][1], payload)) for b in BATCHERS}
-        for b, res in measure_size(suts, args, rows).items():
+        meters = {b: CpuMeter(suts[b], servers[b][0].pid) for b in BATCHERS}
+        for b, res in measure_size(suts, meters, args, rows).items():
           results[b][rows] = res
   finally:
     for proc, _ in servers.values():

@@ -13,6 +13,7 @@ import gc
 import os
 import pathlib
 import re
+import resource
 import struct
 import subprocess
 import tempfile
@@ -182,10 +183,39 @@ def _summary(path: pathlib.Path) -> dict:
           "early_stopping": early.group(1) if early else "?"}
 
 
+class CpuMeter:
+  """CPU seconds of the three parties sharing the cores: the server (its pid), the SUT's client
+  process (NativeSut's child; a GrpcSut runs in this process) and this process (LoadGen and the
+  SUT's Python), so a run can say what each cost per query."""
+
+  def __init__(self, sut: GrpcSut | NativeSut, server_pid: int | None):
+    import psutil
+
+    self._server = psutil.Process(server_pid) if server_pid else None
+    child = getattr(sut, "_proc", None)
+    self._client = psutil.Process(child.pid) if child is not None else None
+
+  def read(self) -> dict[str, float]:
+    def cpu(p) -> float:
+      t = p.cpu_times()
+      return t.user + t.system
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return {"server": cpu(self._server) if self._server else float("nan"),
+            "client": cpu(self._client) if self._client else 0.0,
+            "loadgen": me.ru_utime + me.ru_stime}
+
+  @staticmethod
+  def per_query(before: dict, after: dict, queries: int) -> dict[str, float]:
+    """Microseconds of CPU per query for each party between two reads."""
+    return {k: (after[k] - before[k]) / max(queries, 1) * 1e6 for k in before}
+
+
 def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: float,
-                outdir: pathlib.Path) -> dict:
+                outdir: pathlib.Path, meter: CpuMeter | None = None) -> dict:
   """One LoadGen Server-scenario run at `qps` (Poisson arrivals) with a p99 bound; VALID only
-  when LoadGen says so and at most 1% of the queries were late or failed."""
+  when LoadGen says so and at most 1% of the queries were late or failed. With a `meter`, the
+  result's `cpu_us` is each party's CPU per query."""
   import mlperf_loadgen as lg
 
   outdir.mkdir(parents=True, exist_ok=True)
@@ -211,12 +241,14 @@ def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: 
   qsl = lg.ConstructQSL(SAMPLES, SAMPLES, lambda _: None, lambda _: None)
   gc.collect()  # the client's own collector pauses would count against the server
   gc.disable()
+  before = meter.read() if meter else None
   try:
     lg.StartTestWithLogSettings(handle, qsl, settings, log)
   finally:
     gc.enable()
     lg.DestroyQSL(qsl)
     lg.DestroySUT(handle)
+  after = meter.read() if meter else None
   sut.on_done = None
   lat = np.array([s if code == "OK" else np.inf for s, code in sut.records])
   failed = sum(1 for _, code in sut.records if code != "OK")
@@ -226,4 +258,6 @@ def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: 
   p99 = out["loadgen_p99_ms"] if failed <= 0.01 * max(len(lat), 1) else 1e4
   out.update(target_qps=qps, queries=len(lat), failed=failed, missed_share=missed, p99_ms=p99,
              valid=out["loadgen"] == "VALID" and missed <= 0.01)
+  if meter:
+    out["cpu_us"] = CpuMeter.per_query(before, after, len(lat))
   return out

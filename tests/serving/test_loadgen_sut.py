@@ -2,6 +2,8 @@
 benchmarks/slo_sut.py, as benchmarks/slo.py does: every query LoadGen issues is answered and
 counted, a light load is VALID at its bound, and a load beyond the model's capacity is not."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from servingutil import mock_factory, serving, write_mock_bundle
 lg = pytest.importorskip("mlperf_loadgen")
 
 from benchmarks import native_http_loadgen, native_loadgen  # noqa: E402
-from benchmarks.slo_sut import GrpcSut, NativeSut, loadgen_run  # noqa: E402
+from benchmarks.slo_sut import CpuMeter, GrpcSut, NativeSut, loadgen_run  # noqa: E402
 
 
 def _client(name: str):
@@ -36,8 +38,11 @@ def test_loadgen_server_scenario_against_the_server(tmp_path, client):
                       payload) as sut:
     sat = sut.closed_loop(8, 1.0)
     assert 250 < sat < 505  # one 8-row batch per 2 ms: 500 requests/s at most
-    light = loadgen_run(sut, 200.0, 500.0, 3.0, tmp_path / "light")
+    # The server runs in this process here: its CPU and LoadGen's are the same counter.
+    light = loadgen_run(sut, 200.0, 500.0, 3.0, tmp_path / "light", CpuMeter(sut, os.getpid()))
     assert light["queries"] >= 600 and light["failed"] == 0, light
+    cpu = light["cpu_us"]  # every party did some work for each query; a child client too
+    assert cpu["server"] > 0 and cpu["loadgen"] > 0 and (cpu["client"] > 0) == (client != "python")
     assert light["loadgen"] == "VALID" and light["valid"] and light["p99_ms"] < 500, light
     heavy = loadgen_run(sut, 1500.0, 500.0, 0.8, tmp_path / "heavy")
     assert heavy["queries"] >= 1200  # every query answered, shed ones included
