@@ -46,38 +46,20 @@
 #include <string>
 #include <vector>
 
+#include "native_http_answer.h"
+#include "native_loadgen_common.h"
+
 namespace {
 
-using Clock = std::chrono::steady_clock;
-constexpr int kOk = 0, kCancelled = 1, kDeadline = 4, kUnavailable = 14, kEmptyResponse = 100;
-
-const char* CodeName(int code) {
-  static const char* kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",   "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-      "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
-      "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
-  if (code >= 0 && code <= 16) return kNames[code];
-  return code == kEmptyResponse ? "EMPTY_RESPONSE" : "UNKNOWN";
-}
-
-// The gRPC code Triton's HTTP statuses stand for (tritonclient reads them the same way).
-int CodeOf(int http_status, size_t body_bytes) {
-  switch (http_status) {
-    case 200: return body_bytes > 0 ? kOk : kEmptyResponse;
-    case 400: return 3;
-    case 401: return 16;
-    case 403: return 7;
-    case 404: return 5;
-    case 408: case 504: return kDeadline;
-    case 429: return 8;
-    case 499: return kCancelled;
-    case 501: return 12;
-    case 500: return 13;
-    case 503: return kUnavailable;
-    default: return 2;
-  }
-}
+using loadgen::Clock;
+using loadgen::Die;
+using loadgen::kEmptyResponse;
+using loadgen::Sample;
+using loadgen::Seconds;
+using Record = loadgen::SutRecord;
+using loadgen::kCancelled;
+using loadgen::kDeadline;
+using loadgen::kUnavailable;
 
 struct Options {
   std::string host = "127.0.0.1", path, body_path, latencies_path;
@@ -86,11 +68,6 @@ struct Options {
   double rate = 0, duration = 5, warmup = 0.5, timeout = 10;
   bool sut = false;
 };
-
-[[noreturn]] void Die(const std::string& msg) {
-  std::fprintf(stderr, "native_http_loadgen: %s\n", msg.c_str());
-  std::exit(2);
-}
 
 Options Parse(int argc, char** argv) {
   Options o;
@@ -124,10 +101,6 @@ Options Parse(int argc, char** argv) {
   return o;
 }
 
-Clock::duration Seconds(double s) {
-  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
-}
-
 int64_t Micros(Clock::duration d) {
   return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
 }
@@ -147,34 +120,6 @@ struct Conn {
   std::deque<Pending> q;  // requests sent or queued on it, answered in order
   bool want_out = false;
 };
-
-struct Record {  // SUT mode's answer record (native_loadgen.cc SutRecord)
-  uint64_t id;
-  int64_t code, micros;
-};
-
-struct Sample {
-  int code;
-  int64_t micros;
-};
-
-// The status code and the body length of the answer at the front of `s`, or false while its
-// head is incomplete. `head` becomes the head's length (up to the blank line, inclusive).
-bool ParseHead(const char* s, size_t n, int* status, size_t* body, size_t* head) {
-  const char* end = static_cast<const char*>(memmem(s, n, "\r\n\r\n", 4));
-  if (end == nullptr) return false;
-  *head = static_cast<size_t>(end - s) + 4;
-  if (*head < 12 || std::memcmp(s, "HTTP/1.", 7) != 0) Die("not an HTTP/1.x answer");
-  *status = std::atoi(s + 9);
-  *body = 0;
-  for (const char* line = static_cast<const char*>(memchr(s, '\n', *head)) + 1; line < end;) {
-    const char* next = static_cast<const char*>(memchr(line, '\n', static_cast<size_t>(end - line)));
-    if (strncasecmp(line, "content-length:", 15) == 0) *body = std::strtoull(line + 15, nullptr, 10);
-    if (next == nullptr) break;
-    line = next + 1;
-  }
-  return true;
-}
 
 class LoadGen {
  public:
@@ -213,20 +158,7 @@ class LoadGen {
     Loop();
   }
 
-  void Report() const {
-    std::vector<int64_t> counts(kEmptyResponse + 1, 0);
-    for (const Sample& s : samples_) ++counts[s.code];
-    std::printf("window_s %.6f\nsent %zu\n", o_.duration, samples_.size());
-    for (int c = 0; c <= kEmptyResponse; ++c)
-      if (counts[c]) std::printf("status %s %lld\n", CodeName(c), static_cast<long long>(counts[c]));
-    if (!o_.latencies_path.empty()) {
-      FILE* f = std::fopen(o_.latencies_path.c_str(), "w");
-      if (!f) Die("cannot write " + o_.latencies_path);
-      for (const Sample& s : samples_)
-        std::fprintf(f, "%d %lld\n", s.code, static_cast<long long>(s.micros));
-      std::fclose(f);
-    }
-  }
+  void Report() const { loadgen::Report(o_.duration, samples_, o_.latencies_path); }
 
  private:
   static constexpr uint64_t kStdin = ~0ull, kTimer = ~0ull - 1;
@@ -336,10 +268,10 @@ class LoadGen {
     int status;
     size_t body, head;
     while (!c.q.empty() &&
-           ParseHead(c.in.data() + c.in_at, c.in.size() - c.in_at, &status, &body, &head) &&
+           loadgen::ParseHead(c.in.data() + c.in_at, c.in.size() - c.in_at, &status, &body, &head) &&
            c.in.size() - c.in_at >= head + body) {
       c.in_at += head + body;
-      Answer(i, CodeOf(status, body), now);
+      Answer(i, loadgen::CodeOf(status, body), now);
     }
     if (c.in_at == c.in.size()) {
       c.in.clear();
@@ -397,18 +329,6 @@ class LoadGen {
     return true;
   }
 
-  void WriteRecords() {
-    const char* p = reinterpret_cast<const char*>(records_.data());
-    size_t left = records_.size() * sizeof(Record);
-    while (left > 0) {
-      ssize_t n = write(1, p, left);
-      if (n <= 0) Die("stdout closed");
-      p += n;
-      left -= static_cast<size_t>(n);
-    }
-    records_.clear();
-  }
-
   // Connections whose oldest request has waited past --timeout fail (checked every 100 ms).
   void SweepLate(Clock::time_point now) {
     if (o_.timeout <= 0 || now < next_sweep_) return;
@@ -445,7 +365,10 @@ class LoadGen {
           if (events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) Read(i, now);
         }
       }
-      if (o_.sut && !records_.empty()) WriteRecords();
+      if (o_.sut && !records_.empty()) {
+        loadgen::WriteRecords(records_);
+        records_.clear();
+      }
       SweepLate(now);
       if (Finished(now)) return;
     }

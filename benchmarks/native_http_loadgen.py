@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 from benchmarks.loadgen import LoadResult
-from benchmarks.native_loadgen import compile_cc, parse_output
+from benchmarks.native_loadgen import COMMON, compile_cc, parse_output
 
 SOURCE = pathlib.Path(__file__).resolve().with_name("native_http_loadgen.cc")
 BINARY = SOURCE.parent.parent / "bench_out" / "native_loadgen" / "native_http_loadgen"
@@ -33,7 +33,8 @@ class HttpRequest:
 
 def build(force: bool = False) -> pathlib.Path:
   """Compiles the generator if missing or stale; returns its path. Raises RuntimeError on failure."""
-  return compile_cc(SOURCE, BINARY, [], force=force)
+  return compile_cc(SOURCE, BINARY, [], force=force,
+                    headers=(COMMON, SOURCE.with_name("native_http_answer.h")))
 
 
 def available() -> tuple[pathlib.Path | None, str]:

@@ -39,21 +39,17 @@
 #include <unordered_set>
 #include <vector>
 
+#include "native_loadgen_common.h"
+
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using loadgen::Clock;
+using loadgen::Die;
+using loadgen::kEmptyResponse;
+using loadgen::Sample;
+using loadgen::Seconds;
+using loadgen::SutRecord;
 constexpr char kMethod[] = "/inference.GRPCInferenceService/ModelInfer";
-constexpr int kEmptyResponse = 100;  // OK status but a zero-byte body: counted as an error
-
-const char* CodeName(int code) {
-  static const char* kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",   "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-      "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
-      "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
-  if (code >= 0 && code <= 16) return kNames[code];
-  return code == kEmptyResponse ? "EMPTY_RESPONSE" : "UNKNOWN";
-}
 
 struct Options {
   std::string address, request_path, latencies_path;
@@ -76,21 +72,6 @@ struct Call {
   bool recorded = false;
   uint64_t id = 0;  // SUT mode: LoadGen's query id
 };
-
-struct SutRecord {
-  uint64_t id;
-  int64_t code, micros;
-};
-
-struct Sample {
-  int code;
-  int64_t micros;
-};
-
-[[noreturn]] void Die(const std::string& msg) {
-  std::fprintf(stderr, "native_loadgen: %s\n", msg.c_str());
-  std::exit(2);
-}
 
 Options Parse(int argc, char** argv) {
   Options o;
@@ -115,10 +96,6 @@ Options Parse(int argc, char** argv) {
   if (o.address.empty() || o.request_path.empty()) Die("--address and --request are required");
   if (o.concurrency < 1 || o.channels < 1 || o.duration <= 0) Die("bad concurrency/channels/duration");
   return o;
-}
-
-Clock::duration Seconds(double s) {
-  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
 }
 
 // gRPC takes system_clock or gpr_timespec deadlines; ours are steady_clock time points.
@@ -167,20 +144,7 @@ class LoadGen {
     Drain();
   }
 
-  void Report() const {
-    std::vector<int64_t> counts(kEmptyResponse + 1, 0);
-    for (const Sample& s : samples_) ++counts[s.code];
-    std::printf("window_s %.6f\nsent %zu\n", o_.duration, samples_.size());
-    for (int c = 0; c <= kEmptyResponse; ++c)
-      if (counts[c]) std::printf("status %s %lld\n", CodeName(c), static_cast<long long>(counts[c]));
-    if (!o_.latencies_path.empty()) {
-      FILE* f = std::fopen(o_.latencies_path.c_str(), "w");
-      if (!f) Die("cannot write " + o_.latencies_path);
-      for (const Sample& s : samples_)
-        std::fprintf(f, "%d %lld\n", s.code, static_cast<long long>(s.micros));
-      std::fclose(f);
-    }
-  }
+  void Report() const { loadgen::Report(o_.duration, samples_, o_.latencies_path); }
 
  private:
   void Issue(Clock::time_point t0, uint64_t id = 0) {
@@ -253,7 +217,7 @@ class LoadGen {
         Complete(static_cast<Call*>(tag), Clock::now(), &out);
         r = cq_.AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));  // whatever else is ready
       }
-      WriteAll(out);
+      loadgen::WriteRecords(out);
       out.clear();
       SweepLate();
       if (!reading) {
@@ -273,17 +237,6 @@ class LoadGen {
     std::lock_guard<std::mutex> lock(mu_);
     for (Call* c : in_flight_)
       if (now - c->t0 > Seconds(o_.timeout)) c->ctx.TryCancel();
-  }
-
-  static void WriteAll(const std::vector<SutRecord>& out) {
-    const char* p = reinterpret_cast<const char*>(out.data());
-    size_t left = out.size() * sizeof(SutRecord);
-    while (left > 0) {
-      ssize_t n = write(1, p, left);
-      if (n <= 0) Die("stdout closed");
-      p += n;
-      left -= static_cast<size_t>(n);
-    }
   }
 
   void ClosedLoop() {

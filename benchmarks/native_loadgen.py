@@ -24,14 +24,19 @@ from benchmarks.loadgen import LoadResult
 logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().with_name("native_loadgen.cc")
+COMMON = SOURCE.with_name("native_loadgen_common.h")  # shared with native_http_loadgen.cc
 BINARY = SOURCE.parent.parent / "bench_out" / "native_loadgen" / "native_loadgen"
 
 
-def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str],
-               force: bool = False) -> pathlib.Path:
+def _fresh(binary: pathlib.Path, inputs: list[pathlib.Path]) -> bool:
+  return binary.exists() and binary.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
+
+
+def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str], force: bool = False,
+               headers: tuple[pathlib.Path, ...] = (COMMON,)) -> pathlib.Path:
   """Compiles `source` into `binary` with g++ -O2 (and `flags`) when missing or older than its
-  source; returns its path. Raises RuntimeError saying why it did not build."""
-  if not force and binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+  source or `headers`; returns its path. Raises RuntimeError saying why it did not build."""
+  if not force and _fresh(binary, [source, *headers]):
     return binary
   binary.parent.mkdir(parents=True, exist_ok=True)
   tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
@@ -50,7 +55,7 @@ def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str],
 
 def build(force: bool = False) -> pathlib.Path:
   """Compiles the generator if missing or stale; returns its path. Raises RuntimeError on failure."""
-  if not force and BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
+  if not force and _fresh(BINARY, [SOURCE, COMMON]):
     return BINARY
   try:
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True,
