@@ -61,12 +61,10 @@ using loadgen::kCancelled;
 using loadgen::kDeadline;
 using loadgen::kUnavailable;
 
-struct Options {
-  std::string host = "127.0.0.1", path, body_path, latencies_path;
+struct Options : loadgen::LoadFlags {
+  std::string host = "127.0.0.1", path, body_path;
   std::vector<std::string> headers;  // --header "Name: value", repeated
-  int port = 0, header_length = -1, concurrency = 16, connections = 0;
-  double rate = 0, duration = 5, warmup = 0.5, timeout = 10;
-  bool sut = false;
+  int port = 0, header_length = -1, connections = 0;
 };
 
 Options Parse(int argc, char** argv) {
@@ -84,15 +82,8 @@ Options Parse(int argc, char** argv) {
     else if (k == "--body") o.body_path = v;
     else if (k == "--header-length") o.header_length = std::stoi(v);
     else if (k == "--header") o.headers.push_back(v);
-    else if (k == "--latencies") o.latencies_path = v;
-    else if (k == "--concurrency") o.concurrency = std::stoi(v);
     else if (k == "--connections") o.connections = std::stoi(v);
-    else if (k == "--rate") o.rate = std::stod(v);
-    else if (k == "--duration") o.duration = std::stod(v);
-    else if (k == "--warmup") o.warmup = std::stod(v);
-    else if (k == "--timeout") o.timeout = std::stod(v);
-    else if (k == "--sut") o.sut = std::stoi(v) != 0;
-    else Die("unknown flag " + k);
+    else if (!o.Take(k, v)) Die("unknown flag " + k);
   }
   if (o.port <= 0 || o.path.empty() || o.body_path.empty() || o.header_length < 0)
     Die("--address, --path, --body and --header-length are required");

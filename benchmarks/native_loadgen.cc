@@ -51,15 +51,9 @@ using loadgen::Seconds;
 using loadgen::SutRecord;
 constexpr char kMethod[] = "/inference.GRPCInferenceService/ModelInfer";
 
-struct Options {
-  std::string address, request_path, latencies_path;
-  int concurrency = 16;
+struct Options : loadgen::LoadFlags {
+  std::string address, request_path;
   int channels = 1;
-  double rate = 0;  // > 0: open loop
-  bool sut = false;  // ids in on stdin, answers out on stdout
-  double duration = 5;
-  double warmup = 0.5;
-  double timeout = 10;  // <= 0: no deadline
   std::vector<std::pair<std::string, std::string>> metadata;  // --metadata KEY=VALUE, repeated
 };
 
@@ -79,16 +73,10 @@ Options Parse(int argc, char** argv) {
     std::string k = argv[i];
     if (i + 1 >= argc) Die("missing value for " + k);
     std::string v = argv[++i];
+    if (o.Take(k, v)) continue;
     if (k == "--address") o.address = v;
     else if (k == "--request") o.request_path = v;
-    else if (k == "--latencies") o.latencies_path = v;
-    else if (k == "--concurrency") o.concurrency = std::stoi(v);
     else if (k == "--channels") o.channels = std::stoi(v);
-    else if (k == "--rate") o.rate = std::stod(v);
-    else if (k == "--duration") o.duration = std::stod(v);
-    else if (k == "--warmup") o.warmup = std::stod(v);
-    else if (k == "--timeout") o.timeout = std::stod(v);
-    else if (k == "--sut") o.sut = std::stoi(v) != 0;
     else if (k == "--metadata" && v.find('=') != std::string::npos)
       o.metadata.emplace_back(v.substr(0, v.find('=')), v.substr(v.find('=') + 1));
     else Die("unknown flag " + k);

@@ -40,6 +40,29 @@ struct SutRecord {  // SUT mode's answer: LoadGen's query id, status code, micro
   int64_t code, micros;
 };
 
+// The load flags both generators take.
+struct LoadFlags {
+  std::string latencies_path;  // --latencies: one "CODE MICROS" line per recorded request
+  int concurrency = 16;        // closed loop: requests always in flight
+  double rate = 0;             // > 0: open loop, requests/s on a fixed schedule
+  double duration = 5, warmup = 0.5;  // the recorded window starts after the warm-up
+  double timeout = 10;         // <= 0: none
+  bool sut = false;            // LoadGen's SUT: ids in on stdin, answers out on stdout
+
+  // Takes flag `k` with value `v` when it is one of these; false otherwise.
+  bool Take(const std::string& k, const std::string& v) {
+    if (k == "--latencies") latencies_path = v;
+    else if (k == "--concurrency") concurrency = std::stoi(v);
+    else if (k == "--rate") rate = std::stod(v);
+    else if (k == "--duration") duration = std::stod(v);
+    else if (k == "--warmup") warmup = std::stod(v);
+    else if (k == "--timeout") timeout = std::stod(v);
+    else if (k == "--sut") sut = std::stoi(v) != 0;
+    else return false;
+    return true;
+  }
+};
+
 [[noreturn]] inline void Die(const std::string& msg) {
   std::fprintf(stderr, "%s: %s\n", program_invocation_short_name, msg.c_str());
   std::exit(2);
