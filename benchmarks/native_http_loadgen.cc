@@ -53,7 +53,6 @@ namespace {
 
 using loadgen::Clock;
 using loadgen::Die;
-using loadgen::kEmptyResponse;
 using loadgen::Sample;
 using loadgen::Seconds;
 using Record = loadgen::SutRecord;
@@ -115,11 +114,7 @@ struct Conn {
 class LoadGen {
  public:
   explicit LoadGen(const Options& o) : o_(o) {
-    std::ifstream in(o.body_path, std::ios::binary);
-    if (!in) Die("cannot read " + o.body_path);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    std::string body = ss.str();
+    std::string body = loadgen::ReadFile(o.body_path);
     request_ = "POST " + o.path + " HTTP/1.1\r\nHost: " + o.host + ":" + std::to_string(o.port) +
                "\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: " +
                std::to_string(o.header_length) + "\r\nContent-Length: " +

@@ -96,12 +96,7 @@ gpr_timespec Deadline(Clock::time_point t) {
 class LoadGen {
  public:
   explicit LoadGen(const Options& o) : o_(o) {
-    std::ifstream in(o.request_path, std::ios::binary);
-    if (!in) Die("cannot read " + o.request_path);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    std::string bytes = ss.str();
-    grpc::Slice slice(bytes);
+    grpc::Slice slice(loadgen::ReadFile(o.request_path));
     request_ = grpc::ByteBuffer(&slice, 1);
     for (int i = 0; i < o.channels; ++i) {
       grpc::ChannelArguments args;

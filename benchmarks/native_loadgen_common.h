@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -66,6 +68,14 @@ struct LoadFlags {
 [[noreturn]] inline void Die(const std::string& msg) {
   std::fprintf(stderr, "%s: %s\n", program_invocation_short_name, msg.c_str());
   std::exit(2);
+}
+
+inline std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Die("cannot read " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 inline Clock::duration Seconds(double s) {
