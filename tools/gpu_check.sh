@@ -58,7 +58,7 @@ for step in $steps; do
 from demo.repository import build_ctr_light, build_dlrm
 build_dlrm(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))
 build_ctr_light(pathlib.Path('/tmp/repo'), platforms=('cpu', 'cuda'))" 2>&1 | tail -5
-      timeout 200 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model dlrm,ctr_light --duration 6 --processes 4 \
+      timeout 200 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model dlrm,ctr_light --duration 6 --processes 4 --protocol grpc --pairs 2 \
         --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -30
       python3 -m serving.cli serve --model-repository /tmp/repo --grpc-port 18001 --metrics-port -1 \
         > /tmp/server.log 2>&1 &
@@ -87,7 +87,7 @@ PY
       XLASERVE_REQUIRE_NATIVE=1 timeout 240 python3 setup.py -q build_ext --inplace -j 8 2>&1 | tail -5
       python3 -c "import serving.frontend._native; print('native front end built')" || exit 1
       demo_bundles
-      timeout 240 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model dlrm,ctr_light --frontend ${FRONTENDS:-both} --duration 5 \
+      timeout 240 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model dlrm,ctr_light --frontend ${FRONTENDS:-both} --duration 5 --protocol grpc --pairs 2 \
         --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -40
       if [ -z "${NO_PA:-}" ]; then
         python3 -m serving.cli serve --model-repository /tmp/repo --grpc-port 18002 --metrics-port -1 \
@@ -112,9 +112,9 @@ PY
         ${TESTS:-tests/pallas_kernels tests/export/test_cuda_export.py} 2>&1 | tee -a "$OUT/run.log" | tail -25
       wait; tail -3 "$OUT/build.log" "$OUT/export.log"
       python3 -c "import serving.frontend._native; print('native front end built')" || exit 1
-      timeout 260 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model dlrm,ctr_light --duration 5 \
+      timeout 320 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model dlrm,ctr_light --duration 4 --protocol grpc,http --pairs 2 \
         --processes 6 --out "$OUT/serving" 2>&1 | tee -a "$OUT/run.log" | tail -32
-      timeout 100 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model ctr_light --duration 4 \
+      timeout 100 python3 benchmarks/serving.py --saturation-concurrency 32,128 --repository /tmp/repo --model ctr_light --duration 4 --protocol grpc --pairs 1 \
         --processes 6 --server-args=--no-gpu-graphs --out "$OUT/nographs" 2>&1 | tee -a "$OUT/run.log" | tail -14 ;;
     pipeline)  # the demo retrieval -> ranking pipeline, tensors handed over on the device, then via the host
       [ -e /tmp/prepo/ads_pipeline/1/manifest.json ] || timeout 300 python3 -c "import pathlib
