@@ -4,9 +4,10 @@
 //
 // It POSTs one pre-built body (benchmarks/native_http_loadgen.py writes it: the JSON header, then
 // the tensors' bytes) to --path, with `Inference-Header-Content-Length: --header-length`, over
-// `--connections` connections (default: one per request in flight in a closed loop, else 256;
-// the server reads a connection's next request once it answered the last, so pipelined ones
-// wait their turn):
+// `--connections` connections (default: one per request in flight in a closed loop, else 256,
+// opening more up to `--max-connections`, default 768, while none is idle: the server reads a
+// connection's next request once it answered the last, so a pipelined one waits out of its
+// sight, where it can neither be batched nor shed):
 //   closed loop: `--concurrency` requests always in flight, spread evenly over the connections;
 //   open loop:   `--rate` requests/s on a fixed schedule (a timerfd) whatever the answers, each
 //                on an idle connection (else the next in turn), latency measured from the
@@ -34,6 +35,7 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -63,7 +65,7 @@ using loadgen::kUnavailable;
 struct Options : loadgen::LoadFlags {
   std::string host = "127.0.0.1", path, body_path;
   std::vector<std::string> headers;  // --header "Name: value", repeated
-  int port = 0, header_length = -1, connections = 0;
+  int port = 0, header_length = -1, connections = 0, max_connections = 0;
 };
 
 Options Parse(int argc, char** argv) {
@@ -82,12 +84,15 @@ Options Parse(int argc, char** argv) {
     else if (k == "--header-length") o.header_length = std::stoi(v);
     else if (k == "--header") o.headers.push_back(v);
     else if (k == "--connections") o.connections = std::stoi(v);
+    else if (k == "--max-connections") o.max_connections = std::stoi(v);
     else if (!o.Take(k, v)) Die("unknown flag " + k);
   }
   if (o.port <= 0 || o.path.empty() || o.body_path.empty() || o.header_length < 0)
     Die("--address, --path, --body and --header-length are required");
   if (o.concurrency < 1 || o.duration <= 0) Die("bad concurrency/duration");
   if (o.connections <= 0) o.connections = o.sut || o.rate > 0 ? 256 : o.concurrency;
+  if (o.max_connections <= 0) o.max_connections = o.sut || o.rate > 0 ? 768 : o.connections;
+  o.max_connections = std::max(o.max_connections, o.connections);
   return o;
 }
 
@@ -269,12 +274,17 @@ class LoadGen {
   }
 
   // An idle connection when there is one (the server reads a connection's next request only
-  // once it answered the last), else the next in turn.
+  // once it answered the last), else a new one up to --max-connections, else the next in turn.
   size_t Pick() {
     while (!idle_.empty()) {
       size_t i = idle_.back();
       idle_.pop_back();
       if (conns_[i].q.empty()) return i;
+    }
+    if (conns_.size() < static_cast<size_t>(o_.max_connections)) {
+      conns_.emplace_back();  // a deque: the other connections stay where they are
+      Connect(conns_.size() - 1);
+      return conns_.size() - 1;
     }
     return next_conn_++ % conns_.size();
   }
@@ -362,7 +372,7 @@ class LoadGen {
 
   Options o_;
   std::string request_;
-  std::vector<Conn> conns_;
+  std::deque<Conn> conns_;
   std::vector<size_t> idle_;  // connections with nothing in flight (maybe stale: Pick checks)
   size_t next_conn_ = 0;
   std::vector<Record> records_;

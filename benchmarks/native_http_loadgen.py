@@ -77,8 +77,8 @@ def run_load(address: str, request: HttpRequest, *, rows_per_request: int, concu
              timeout: float | None = 10.0, warmup: float = 0.5,
              headers: tuple[str, ...] = ()) -> LoadResult:
   """native_loadgen.run_load's contract over HTTP. A closed loop opens one connection per
-  request in flight; an open loop spreads its requests over 256 (`processes` is ignored: one
-  thread drives them all)."""
+  request in flight; an open loop spreads its requests over 256, opening more (up to 768) while
+  none is idle (`processes` is ignored: one thread drives them all)."""
   del processes
   with tempfile.TemporaryDirectory(prefix="native_http_loadgen_") as tmp:
     body, lat = pathlib.Path(tmp, "body.bin"), pathlib.Path(tmp, "latencies.txt")
