@@ -4,16 +4,11 @@ build, else the Python one (benchmarks/loadgen.py, gRPC only)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import numpy as np
 
 from benchmarks.loadgen import build_request, run_load
-
-
-def say(msg: str) -> None:
-  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def pick_loadgen(choice: str | None) -> tuple[str, Callable]:
@@ -38,6 +33,7 @@ def pick_loadgens(choice: str | None, protocols: list[str]) -> tuple[str, dict[s
     return "native", {p: mods[p].run_load for p in protocols}
   if choice == "native" or "http" in protocols:
     raise SystemExit(f"the C++ load generators do not build: {why}")
+  from benchmarks.serving import say  # imported here: serving imports this module
   say(f"C++ load generator unavailable, using the Python one: {why.splitlines()[0]}")
   return "python", {"grpc": run_load}
 

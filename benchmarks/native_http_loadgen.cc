@@ -70,10 +70,7 @@ struct Options : loadgen::LoadFlags {
 
 Options Parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    if (i + 1 >= argc) Die("missing value for " + k);
-    std::string v = argv[++i];
+  o.Parse(argc, argv, [&o](const std::string& k, const std::string& v) {
     if (k == "--address") {
       size_t colon = v.rfind(':');
       if (colon == std::string::npos) Die("--address is HOST:PORT");
@@ -85,8 +82,9 @@ Options Parse(int argc, char** argv) {
     else if (k == "--header") o.headers.push_back(v);
     else if (k == "--connections") o.connections = std::stoi(v);
     else if (k == "--max-connections") o.max_connections = std::stoi(v);
-    else if (!o.Take(k, v)) Die("unknown flag " + k);
-  }
+    else return false;
+    return true;
+  });
   if (o.port <= 0 || o.path.empty() || o.body_path.empty() || o.header_length < 0)
     Die("--address, --path, --body and --header-length are required");
   if (o.concurrency < 1 || o.duration <= 0) Die("bad concurrency/duration");

@@ -69,18 +69,15 @@ struct Call {
 
 Options Parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    if (i + 1 >= argc) Die("missing value for " + k);
-    std::string v = argv[++i];
-    if (o.Take(k, v)) continue;
+  o.Parse(argc, argv, [&o](const std::string& k, const std::string& v) {
     if (k == "--address") o.address = v;
     else if (k == "--request") o.request_path = v;
     else if (k == "--channels") o.channels = std::stoi(v);
     else if (k == "--metadata" && v.find('=') != std::string::npos)
       o.metadata.emplace_back(v.substr(0, v.find('=')), v.substr(v.find('=') + 1));
-    else Die("unknown flag " + k);
-  }
+    else return false;
+    return true;
+  });
   if (o.address.empty() || o.request_path.empty()) Die("--address and --request are required");
   if (o.concurrency < 1 || o.channels < 1 || o.duration <= 0) Die("bad concurrency/channels/duration");
   return o;

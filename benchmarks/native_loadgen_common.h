@@ -42,6 +42,11 @@ struct SutRecord {  // SUT mode's answer: LoadGen's query id, status code, micro
   int64_t code, micros;
 };
 
+[[noreturn]] inline void Die(const std::string& msg) {
+  std::fprintf(stderr, "%s: %s\n", program_invocation_short_name, msg.c_str());
+  std::exit(2);
+}
+
 // The load flags both generators take.
 struct LoadFlags {
   std::string latencies_path;  // --latencies: one "CODE MICROS" line per recorded request
@@ -50,6 +55,18 @@ struct LoadFlags {
   double duration = 5, warmup = 0.5;  // the recorded window starts after the warm-up
   double timeout = 10;         // <= 0: none
   bool sut = false;            // LoadGen's SUT: ids in on stdin, answers out on stdout
+
+  // Reads "--flag value" pairs: the load flags here, the rest through `own(k, v)`, which says
+  // whether it knew the flag (an unknown flag or a missing value ends the program).
+  template <typename Own>
+  void Parse(int argc, char** argv, Own own) {
+    for (int i = 1; i < argc; ++i) {
+      std::string k = argv[i];
+      if (i + 1 >= argc) Die("missing value for " + k);
+      std::string v = argv[++i];
+      if (!Take(k, v) && !own(k, v)) Die("unknown flag " + k);
+    }
+  }
 
   // Takes flag `k` with value `v` when it is one of these; false otherwise.
   bool Take(const std::string& k, const std::string& v) {
@@ -64,11 +81,6 @@ struct LoadFlags {
     return true;
   }
 };
-
-[[noreturn]] inline void Die(const std::string& msg) {
-  std::fprintf(stderr, "%s: %s\n", program_invocation_short_name, msg.c_str());
-  std::exit(2);
-}
 
 inline std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -131,11 +131,29 @@ def raw_ceiling(bundle: pathlib.Path, seconds_per_bucket: float, engine=None) ->
   return results, inputs
 
 
-def start_server(repo: pathlib.Path, extra: list[str], *, metrics: bool = False,
-                 http: bool = False) -> tuple[subprocess.Popen, str, str | None]:
-  """`xlaserve serve` on a free gRPC port (and metrics port, with `metrics`; HTTP port, with
-  `http`: its address is then `proc.http_address`), once its models are loaded: (process, gRPC
-  address, metrics URL or None)."""
+def start_server(repo: pathlib.Path, extra: list[str], *,
+                 metrics: bool = False) -> tuple[subprocess.Popen, str, str | None]:
+  """`xlaserve serve` on a free gRPC port (and metrics port, with `metrics`), once its models
+  are loaded: (process, gRPC address, metrics URL or None)."""
+  proc, out = _serve(repo, extra, metrics=metrics, http=False)
+  url = re.search(r"Prometheus metrics at (http://\S+)", out) if metrics else None
+  return proc, _grpc_address(out), url.group(1) if url else None
+
+
+def start_server_http(repo: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
+  """`xlaserve serve` on free gRPC and HTTP ports, once its models are loaded: (process, gRPC
+  address, HTTP address)."""
+  proc, out = _serve(repo, extra, metrics=False, http=True)
+  return proc, _grpc_address(out), re.search(r"KServe v2\) on http://(\S+)", out).group(1)
+
+
+def _grpc_address(out: str) -> str:
+  return "127.0.0.1:" + re.search(r"gRPC on 127\.0\.0\.1:(\d+)", out).group(1)
+
+
+def _serve(repo: pathlib.Path, extra: list[str], *, metrics: bool,
+           http: bool) -> tuple[subprocess.Popen, str]:
+  """The server process, once its models are loaded, and what it printed until then."""
   proc = subprocess.Popen(
       [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo),
        "--grpc-port", "0", "--http-port", "0" if http else "-1",
@@ -154,12 +172,9 @@ def start_server(repo: pathlib.Path, extra: list[str], *, metrics: bool = False,
   threading.Thread(target=pump, daemon=True).start()
   if not ready.wait(600) or proc.poll() is not None:
     raise RuntimeError("server did not start:\n" + "".join(lines))
-  port = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1)
-  url = re.search(r"Prometheus metrics at (http://\S+)", "".join(lines)) if metrics else None
-  if http:
-    proc.http_address = re.search(r"KServe v2\) on http://(\S+)", "".join(lines)).group(1)
-  say(f"server ready on port {port}")
-  return proc, f"127.0.0.1:{port}", url.group(1) if url else None
+  out = "".join(lines)
+  say(f"server ready on {_grpc_address(out)}")
+  return proc, out
 
 
 class ServerCpu:
@@ -206,23 +221,28 @@ def measure_served(repo: pathlib.Path, args, model: str, engine, frontend: str,
   """Starts `xlaserve serve --frontend FRONTEND`, runs every load phase against `model` over
   each protocol in turn, then the paired rounds: protocol -> (phase -> LoadResult, phase ->
   CPU per request, the concurrency that saturated it, the paired served/raw ratios)."""
-  proc, addr, _ = start_server(repo, ["--frontend", frontend, *args.server_args.split()],
-                               http="http" in args.protocol)
-  addrs = {"grpc": addr, "http": getattr(proc, "http_address", None)}
+  flags = ["--frontend", frontend, *args.server_args.split()]
+  if "http" in args.protocol:
+    proc, addr, http_addr = start_server_http(repo, flags)
+  else:
+    (proc, addr, _), http_addr = start_server(repo, flags), None
+  addrs = {"grpc": addr, "http": http_addr}
   rng = np.random.default_rng(1)
   big, one = make_inputs(engine.inputs, args.request_rows, rng), make_inputs(engine.inputs, 1, rng)
+  # What each protocol sends, serialized once: (a request-rows request, a 1-row one).
+  requests = {p: (request_for(p, model, big), request_for(p, model, one)) for p in args.protocol}
   raw_cpu = {r["bucket"]: r["cpu_ms_per_batch"] for r in raw}
   out: dict = {}
   try:
     meter = ServerCpu(proc, addr, model)
     for protocol in args.protocol:
       say(f"--- {model}, {frontend} front end, {protocol} ---")
-      out[protocol] = _phases(args, model, protocol, addrs[protocol], meter, raw_cpu, big, one)
+      out[protocol] = _phases(args, model, protocol, addrs[protocol], meter, raw_cpu,
+                              *requests[protocol])
 
     def saturated(protocol: str) -> Callable[[], LoadResult]:
-      request = request_for(protocol, model, big)
       return lambda: args.run_load[protocol](
-          addrs[protocol], request, rows_per_request=args.request_rows,
+          addrs[protocol], requests[protocol][0], rows_per_request=args.request_rows,
           concurrency=out[protocol][2], processes=args.processes, duration=args.duration / 2)
 
     ratios = paired_ratios(engine, raw, args, {p: saturated(p) for p in args.protocol})
@@ -233,11 +253,10 @@ def measure_served(repo: pathlib.Path, args, model: str, engine, frontend: str,
 
 
 def _phases(args, model: str, protocol: str, addr: str, meter: ServerCpu, raw_cpu: dict,
-            big: dict, one: dict) -> tuple[dict, dict, int]:
-  """Every load phase over one protocol: (phase -> LoadResult, phase -> CPU per request, the
-  concurrency that saturated it)."""
+            big: Any, one: Any) -> tuple[dict, dict, int]:
+  """Every load phase over one protocol, sending `big` (request-rows) and `one` (1-row)
+  requests: (phase -> LoadResult, phase -> CPU per request, the concurrency that saturated it)."""
   run_load = args.run_load[protocol]
-  big, one = request_for(protocol, model, big), request_for(protocol, model, one)
   runs, cpu = {}, {}
 
   def phase(name: str, payload: Any, rows: int, **kw) -> LoadResult:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
 from benchmarks.native_http_loadgen import http_request  # noqa: E402
-from benchmarks.serving import make_inputs, start_server  # noqa: E402
+from benchmarks.serving import make_inputs, start_server, start_server_http  # noqa: E402
 from benchmarks.slo_sut import CpuMeter, GrpcSut, NativeSut, loadgen_run  # noqa: E402
 
 BATCHERS = ("fixed", "slo")
@@ -57,8 +57,11 @@ def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float, ht
   scratch = scratch_repository(repo, model)
   cfg = {"latency_slo_ms": bound_ms} if batcher == "slo" else {"max_queue_wait_ms": 0}
   (scratch / model / "config.json").write_text(json.dumps(cfg))
-  proc, address, _ = start_server(scratch, [], http=http)
-  return proc, proc.http_address if http else address
+  if http:
+    proc, _, address = start_server_http(scratch, [])
+  else:
+    proc, address, _ = start_server(scratch, [])
+  return proc, address
 
 
 class Bisection:
