@@ -17,6 +17,9 @@ and each request size:
    highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
    late or failed (a shed request counts as a miss: shedding cannot buy a valid run). A QPS
    that fails is tried once more (`--tries`): noise on a shared machine only ever adds latency.
+   LoadGen runs with `server_coalesce_queries`, as MLPerf submissions may: queries already due
+   when its issue thread wakes go to the SUT in one call, each still timed from its own
+   scheduled arrival, so the harness spends less of the shared cores per query.
    Both servers stay up and the two searches run in lockstep, probe by probe, so a drift of
    the host's speed falls on both batchers alike; each best VALID QPS is then run once more
    (the table's "VALID again").

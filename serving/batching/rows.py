@@ -138,13 +138,6 @@ class Batcher(Generic[T]):
       return None
     return self._batch_s.get(self.config.max_batch_size, self._batch_s[max(self._batch_s)])
 
-  def _capacity_rows_s(self, now: float) -> float | None:
-    """Rows/s the queue can move: the measured drain rate, else full batches back to back."""
-    if rate := self._load.drain_rate(now):
-      return rate
-    full_s = self._full_batch_s
-    return self.config.max_batch_size / full_s if full_s else None
-
   def estimated_wait_s(self, rows: int, priority: int) -> float | None:
     """Seconds until a new request of `rows` at `priority` would finish: full batches for the
     rows queued ahead of it and its own, plus the two the executor may hold (one running, one
@@ -314,11 +307,9 @@ class Batcher(Generic[T]):
     if not (full or (idle and (timed_out or cfg.dispatch_when_idle))):
       return Decision(None, expired, max(0.0, oldest + cfg.max_queue_delay_s - now))
     if not full and cfg.latency_slo_s is not None and cfg.dispatch_when_idle:
-      bucket = cfg.bucket_for(min(self._rows, cfg.max_batch_size))
-      hold = fill_wait_s(now=now, oldest=oldest, queued=self._rows, bucket=bucket,
-                         bucket_s=self._batch_s.get(bucket),
-                         arrival_rate=self._load.arrival_rate(now),
-                         capacity=self._capacity_rows_s(now), latency_slo_s=cfg.latency_slo_s)
+      hold = fill_wait_s(now=now, oldest=oldest, queued=self._rows, buckets=cfg.buckets,
+                         batch_s=self._batch_s, arrival_rate=self._load.arrival_rate(now),
+                         latency_slo_s=cfg.latency_slo_s)
       if hold > 0.0:
         return Decision(None, expired, hold)
     plan = self._take(cfg.max_batch_size if full else self._capacity())

@@ -12,11 +12,12 @@ per-request cost included, which per-bucket batch times alone miss when requests
 from __future__ import annotations
 
 import math
+from typing import Mapping, Sequence
 
 RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
 SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
 MAX_FILL_SHARE = 0.25  # longest hold for a fuller batch, as a share of the target
-HOLD_LOAD_SHARE = 0.9  # holds only once arrivals reach this share of the measured capacity
+HOLD_UTILIZATION = 0.5  # holds while batches of the queued size would keep the executor busier
 DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
 DRAIN_MIN_SAMPLES = 4  # a drain rate is used once this many samples agree on it
 DRAIN_MAX_GROWTH = 4.0  # one sample's interval counts as at most this many times the smoothed one
@@ -89,22 +90,39 @@ def slo_budget_s(latency_slo_s: float | None, queue_wait_bound_s: float | None) 
   return queue_wait_bound_s
 
 
-def fill_wait_s(*, now: float, oldest: float, queued: int, bucket: int, bucket_s: float | None,
-                arrival_rate: float, capacity: float | None, latency_slo_s: float) -> float:
-  """Seconds worth holding a partial batch of `queued` rows (in `bucket`) for arrivals to fill
-  its padding: only under load (arrivals at HOLD_LOAD_SHARE of `capacity`, the rows/s the queue
-  can move, or more: below that, batches run at once cost nothing the queue needs, and a hold
-  is pure latency), only while the rows would come, at the arrival rate, in time for the batch
-  to finish inside the target's budget, and within MAX_FILL_SHARE of the target; 0: run now."""
-  if (queued >= bucket or arrival_rate <= 0.0 or bucket_s is None or capacity is None
-      or arrival_rate < HOLD_LOAD_SHARE * capacity):
+def fill_wait_s(*, now: float, oldest: float, queued: int, buckets: Sequence[int],
+                batch_s: Mapping[int, float], arrival_rate: float, latency_slo_s: float) -> float:
+  """Seconds worth holding a partial batch of `queued` rows for arrivals; 0: run now.
+
+  A batch's time is mostly fixed cost when rows are few (a dispatch, a wake-up, an answer
+  pass), so under load small batches spend the cores the queue needs. The executor's share of
+  busy time if batches of `n` rows keep up with arrivals is arrival_rate x batch_s[bucket] / n.
+  While that share at the queued size passes HOLD_UTILIZATION, hold for the smallest bucket
+  that brings it under (else the bucket that comes closest), as long as the rows would come,
+  at the arrival rate, within MAX_FILL_SHARE of the target and the batch would finish inside
+  the target's budget. Below that load a hold is pure latency, and none is taken."""
+  if arrival_rate <= 0.0 or queued <= 0:
     return 0.0
-  wait = (bucket - queued) / arrival_rate
+  own = next((b for b in buckets if b >= queued), None)
+  if own is None or own not in batch_s:
+    return 0.0
+  best_wait, best_share = 0.0, arrival_rate * batch_s[own] / queued
+  if best_share <= HOLD_UTILIZATION:
+    return 0.0
   age = now - oldest
-  if (age + wait + bucket_s > latency_slo_s * (1.0 - SLO_HEADROOM)  # slo_budget_s's budget
-      or age + wait > latency_slo_s * MAX_FILL_SHARE):
-    return 0.0
-  return wait
+  for bucket in buckets:
+    if bucket <= queued or bucket not in batch_s:
+      continue
+    wait = (bucket - queued) / arrival_rate
+    if (age + wait > latency_slo_s * MAX_FILL_SHARE
+        or age + wait + batch_s[bucket] > latency_slo_s * (1.0 - SLO_HEADROOM)):
+      break  # larger buckets take longer to fill and to run
+    share = arrival_rate * batch_s[bucket] / bucket
+    if share < best_share:
+      best_wait, best_share = wait, share
+    if share <= HOLD_UTILIZATION:
+      break
+  return best_wait
 
 
 def capped_batch_seconds(observed: dict[int, float]) -> dict[int, float]:

@@ -37,13 +37,6 @@ std::optional<double> Decider::FullBatchSeconds() const {
   return it != batch_s_.end() ? it->second : batch_s_.rbegin()->second;
 }
 
-std::optional<double> Decider::CapacityRowsS(double now) const {
-  if (auto rate = load_.DrainRate(now)) return rate;
-  auto full = FullBatchSeconds();
-  if (!full || *full <= 0.0) return std::nullopt;
-  return double(max_batch()) / *full;
-}
-
 int64_t Decider::RowsAhead(int64_t priority) const {
   int64_t ahead = 0;
   for (const auto& [prio, n] : prio_rows_) {
@@ -255,11 +248,8 @@ Decision Decider::Decide(double now, bool idle) {
     return d;
   }
   if (!full && p_.latency_slo_s > 0 && p_.dispatch_when_idle) {
-    int64_t bucket = BucketFor(std::min(rows_, max_batch()));
-    auto it = batch_s_.find(bucket);
-    double hold = FillWait(now, oldest, rows_, bucket,
-                           it == batch_s_.end() ? std::nullopt : std::optional<double>(it->second),
-                           load_.ArrivalRate(now), CapacityRowsS(now), p_.latency_slo_s);
+    double hold = FillWait(now, oldest, rows_, p_.buckets, batch_s_, load_.ArrivalRate(now),
+                           p_.latency_slo_s);
     if (hold > 0.0) {
       d.wait_s = hold;
       return d;

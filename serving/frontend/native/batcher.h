@@ -44,9 +44,8 @@ struct BatchingParams {
 double SloBudget(const BatchingParams& p);
 
 // slo.py fill_wait_s (slo.cc): seconds worth holding a partial batch for arrivals; 0: run now.
-double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
-                std::optional<double> bucket_s, double rate, std::optional<double> capacity,
-                double slo);
+double FillWait(double now, double oldest, int64_t queued, const std::vector<int64_t>& buckets,
+                const std::map<int64_t, double>& batch_s, double rate, double slo);
 
 // Arrival and drain rates of one queue (slo.py's LoadMeter; slo.cc).
 class LoadMeter {
@@ -125,7 +124,6 @@ class Decider {
 
  private:
   std::optional<double> FullBatchSeconds() const;
-  std::optional<double> CapacityRowsS(double now) const;  // rows.py _capacity_rows_s
   int64_t RowsAhead(int64_t priority) const;
   double RowsSeconds(int64_t n, double full_s) const;  // n rows as full batches and a partial
   void Took(double now, int64_t bucket, bool idle);     // rows.py _took

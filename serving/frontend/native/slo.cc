@@ -12,7 +12,7 @@ namespace {
 constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
 constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
 constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
-constexpr double kHoldLoadShare = 0.9;       // slo.py HOLD_LOAD_SHARE
+constexpr double kHoldUtilization = 0.5;     // slo.py HOLD_UTILIZATION
 constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
 constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES
 constexpr double kDrainMaxGrowth = 4.0;      // slo.py DRAIN_MAX_GROWTH
@@ -24,17 +24,31 @@ double SloBudget(const BatchingParams& p) {
   return p.latency_slo_s > 0 ? p.latency_slo_s * (1.0 - kSloHeadroom) : p.max_queue_wait_s;
 }
 
-double FillWait(double now, double oldest, int64_t queued, int64_t bucket,
-                std::optional<double> bucket_s, double rate, std::optional<double> capacity,
-                double slo) {
-  if (queued >= bucket || rate <= 0.0 || !bucket_s || !capacity || rate < kHoldLoadShare * *capacity)
-    return 0.0;
-  double wait = double(bucket - queued) / rate;
+double FillWait(double now, double oldest, int64_t queued, const std::vector<int64_t>& buckets,
+                const std::map<int64_t, double>& batch_s, double rate, double slo) {
+  if (rate <= 0.0 || queued <= 0) return 0.0;
+  auto own = std::lower_bound(buckets.begin(), buckets.end(), queued);
+  if (own == buckets.end()) return 0.0;
+  auto t_own = batch_s.find(*own);
+  if (t_own == batch_s.end()) return 0.0;
+  double best_wait = 0.0, best_share = rate * t_own->second / double(queued);
+  if (best_share <= kHoldUtilization) return 0.0;
   double age = now - oldest;
-  if (age + wait + *bucket_s > slo * (1.0 - kSloHeadroom) || age + wait > slo * kMaxFillShare) {
-    return 0.0;
+  for (int64_t bucket : buckets) {
+    auto t = batch_s.find(bucket);
+    if (bucket <= queued || t == batch_s.end()) continue;
+    double wait = double(bucket - queued) / rate;
+    if (age + wait > slo * kMaxFillShare || age + wait + t->second > slo * (1.0 - kSloHeadroom)) {
+      break;  // larger buckets take longer to fill and to run
+    }
+    double share = rate * t->second / double(bucket);
+    if (share < best_share) {
+      best_wait = wait;
+      best_share = share;
+    }
+    if (share <= kHoldUtilization) break;
   }
-  return wait;
+  return best_wait;
 }
 
 void LoadMeter::Arrived(double t, int64_t rows) {

@@ -24,6 +24,9 @@ CONFIGS = [  # (buckets, delay, idle dispatch, max rows, max requests, timed buc
     ((1, 2, 4, 8, 16), 0.002, True, 400, None, {16: 0.002, 4: 8e-4}, 0.02, None),
     ((1, 4, 16, 64), 0.001, True, 500, None, {1: 1e-4, 16: 2e-4, 64: 9e-4}, None, 0.015),
     ((1, 2, 4, 8), 0.003, False, 64, None, {8: 1e-3}, 0.01, None),
+    # batch times mostly fixed cost: holds aim past the queued rows' own bucket
+    ((1, 2, 4, 8, 16, 32), 0.002, True, 2000, None,
+     {1: 5e-4, 2: 5.2e-4, 4: 5.5e-4, 8: 6e-4, 16: 7e-4, 32: 9e-4}, 0.01, None),
 ]
 
 
