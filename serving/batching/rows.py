@@ -27,8 +27,8 @@ Latency target (`latency_slo_s`, see slo.py): queueing is bounded in time. A req
 at the door when the queue ahead (at the measured drain rate) plus its own batch would not
 finish inside the target less headroom; an admitted request still unstarted after
 `queue_wait_bound_s` (the target, else `max_queue_wait_s`) is shed, never run late. With a
-target, an idle executor under load holds a partial batch briefly when arrivals would fill its
-padding in time (`slo.fill_wait_s`).
+target, an idle executor under load holds a partial batch briefly for a bucket whose batches it
+keeps up with at the arrival rate, when the rows would come in time (`slo.fill_wait_s`).
 """
 
 from __future__ import annotations
