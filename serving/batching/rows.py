@@ -120,6 +120,7 @@ class Batcher(Generic[T]):
     self._batch_s: dict[int, float] = {}  # the same, capped sub-additively (see observe)
     self._load = LoadMeter()
     self._free_at: float | None = None  # when the executor finishes what it took (projected)
+    self._hold_end: float | None = None  # the hold for the next batch ends then (one per batch)
 
   def observe(self, bucket: int, seconds: float) -> None:
     """Records how long a batch of `bucket` rows occupied the executor (smoothed per bucket)."""
@@ -204,6 +205,8 @@ class Batcher(Generic[T]):
     if bound is not None and (pending.expires is None or pending.arrival + bound < pending.expires):
       pending.expires = pending.arrival + bound
     self._load.arrived(pending.arrival, pending.rows)
+    if self._rows == 0:
+      self._hold_end = None  # a new batch begins: it may be held once
     q = self._queues.get(pending.priority)
     if q is None:
       q = self._queues[pending.priority] = collections.deque()
@@ -310,8 +313,11 @@ class Batcher(Generic[T]):
       hold = fill_wait_s(now=now, oldest=oldest, queued=self._rows, buckets=cfg.buckets,
                          batch_s=self._batch_s, arrival_rate=self._load.arrival_rate(now),
                          latency_slo_s=cfg.latency_slo_s)
-      if hold > 0.0:
-        return Decision(None, expired, hold)
+      if hold > 0.0 and (self._hold_end is None or now < self._hold_end):
+        if self._hold_end is None:  # held once: when it ends, what came runs
+          self._hold_end = now + hold
+        return Decision(None, expired, self._hold_end - now)
+    self._hold_end = None
     plan = self._take(cfg.max_batch_size if full else self._capacity())
     self._load.taken(now, plan.rows, self._rows >= cfg.max_batch_size)
     self._took(now, plan.bucket, idle)

@@ -100,7 +100,8 @@ def fill_wait_s(*, now: float, oldest: float, queued: int, buckets: Sequence[int
   While that share at the queued size passes HOLD_UTILIZATION, hold for the smallest bucket
   that brings it under (else the bucket that comes closest), as long as the rows would come,
   at the arrival rate, within MAX_FILL_SHARE of the target and the batch would finish inside
-  the target's budget. Below that load a hold is pure latency, and none is taken."""
+  the target's budget. Below that load a hold is pure latency, and none is taken. (The Batcher
+  holds a batch once: when the hold ends, what came runs.)"""
   if arrival_rate <= 0.0 or queued <= 0:
     return 0.0
   own = next((b for b in buckets if b >= queued), None)

@@ -118,6 +118,7 @@ void Decider::Add(Entry* e) {
     e->expires = e->arrival + bound;
   }
   load_.Arrived(e->arrival, e->rows);
+  if (rows_ == 0) hold_end_.reset();  // a new batch begins: it may be held once
   queues_[e->priority].push_back(e);
   requests_ += 1;
   rows_ += e->rows;
@@ -250,11 +251,13 @@ Decision Decider::Decide(double now, bool idle) {
   if (!full && p_.latency_slo_s > 0 && p_.dispatch_when_idle) {
     double hold = FillWait(now, oldest, rows_, p_.buckets, batch_s_, load_.ArrivalRate(now),
                            p_.latency_slo_s);
-    if (hold > 0.0) {
-      d.wait_s = hold;
+    if (hold > 0.0 && (!hold_end_ || now < *hold_end_)) {
+      if (!hold_end_) hold_end_ = now + hold;  // held once: when it ends, what came runs
+      d.wait_s = *hold_end_ - now;
       return d;
     }
   }
+  hold_end_.reset();
   d.plan = Take(full ? max_batch() : Capacity());
   load_.Taken(now, d.plan->rows(), rows_ >= max_batch());
   Took(now, d.plan->bucket, idle);

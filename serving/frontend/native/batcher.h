@@ -140,6 +140,7 @@ class Decider {
   std::map<int64_t, double> batch_s_;     // the same, capped sub-additively (rows.py)
   LoadMeter load_;
   std::optional<double> free_at_;  // when the executor finishes what it took (projected)
+  std::optional<double> hold_end_;  // the hold for the next batch ends then (one per batch)
 };
 
 }  // namespace xlaserve::native
