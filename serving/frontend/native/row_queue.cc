@@ -101,10 +101,11 @@ void RowQueue::Release(QEntry* e) {
   delete e;
 }
 
-void RowQueue::Admitted(bool was_empty, int64_t rows_before) {
+void RowQueue::Admitted(bool was_empty, bool became_full) {
   // Wake the runner threads only when it can change their decision: the queue now holds a full
-  // batch (any idle instance takes it), or was empty (an idle primary dispatches at once).
-  if (rows_before < d_.max_batch() && d_.queued_rows() >= d_.max_batch()) {
+  // batch (any idle instance takes it), or was empty (an idle primary dispatches at once). Both
+  // were read under mu_, where the add happened.
+  if (became_full) {
     WakeAll();
   } else if (was_empty) {
     cv_.notify_all();
@@ -156,7 +157,7 @@ AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t ro
   e->priority = priority;
   for (size_t off : offsets) e->in.push_back(base + off);
   bool was_empty;
-  int64_t before;
+  bool became_full;
   std::string invalid = RangeError(inputs_, e->in, rows);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -180,11 +181,12 @@ AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t ro
       return AddResult::kRefused;
     }
     was_empty = d_.queued_rows() == 0;
-    before = d_.queued_rows();
+    bool had_full = d_.queued_rows() >= d_.max_batch();
     d_.Add(e);
     live_.insert(e);
+    became_full = !had_full && d_.queued_rows() >= d_.max_batch();
   }
-  Admitted(was_empty, before);
+  Admitted(was_empty, became_full);
   return AddResult::kQueued;
 }
 
@@ -209,7 +211,7 @@ py::tuple RowQueue::AddPython(py::object req, py::list arrays, int64_t rows, dou
   e->deadline = e->has_deadline ? deadline.cast<double>() : 0.0;
   e->priority = priority;
   bool was_empty;
-  int64_t before;
+  bool became_full;
   std::string invalid = RangeError(inputs_, e->in, rows);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -229,12 +231,13 @@ py::tuple RowQueue::AddPython(py::object req, py::list arrays, int64_t rows, dou
     e->py = req.inc_ref().ptr();
     for (auto a : arrays) e->arrays.push_back(a.inc_ref().ptr());
     was_empty = d_.queued_rows() == 0;
-    before = d_.queued_rows();
+    bool had_full = d_.queued_rows() >= d_.max_batch();
     QEntry* raw = e.release();
     d_.Add(raw);
     live_.insert(raw);
+    became_full = !had_full && d_.queued_rows() >= d_.max_batch();
   }
-  Admitted(was_empty, before);
+  Admitted(was_empty, became_full);
   return py::make_tuple(0, "");
 }
 

@@ -171,7 +171,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   void ReturnStaging(int64_t bucket, std::vector<std::unique_ptr<Staging>>* bufs);
 
  private:
-  void Admitted(bool was_empty, int64_t rows_before);
+  void Admitted(bool was_empty, bool became_full);
   std::shared_ptr<RowBatch> Build(Plan plan, int instance, double now);
   void Fill(RowBatch* b);
   void TakeStaging(RowBatch* b);
