@@ -235,11 +235,19 @@ def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: 
   log.log_output.copy_summary_to_stdout = False
   log.enable_trace = False
 
+  pool: list = []  # responses reused (LoadGen copies them): no pybind object per query
+
   def done(sample_ids: list[int]) -> None:
-    lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in sample_ids])
+    while len(pool) < len(sample_ids):
+      pool.append(lg.QuerySampleResponse(0, 0, 0))
+    responses = pool[:len(sample_ids)]
+    for r, i in zip(responses, sample_ids):
+      r.id = i
+    lg.QuerySamplesComplete(responses)
 
   sut.records, sut.on_done = [], done
-  handle = lg.ConstructSUT(lambda samples: sut.send([s.id for s in samples]), lambda: None)
+  # The "fast" SUT hands over plain ids, not a QuerySample object per query.
+  handle = lg.ConstructFastSUT(lambda ids, _indices: sut.send(ids), lambda: None)
   qsl = lg.ConstructQSL(SAMPLES, SAMPLES, lambda _: None, lambda _: None)
   gc.collect()  # the client's own collector pauses would count against the server
   gc.disable()
@@ -249,7 +257,7 @@ def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: 
   finally:
     gc.enable()
     lg.DestroyQSL(qsl)
-    lg.DestroySUT(handle)
+    lg.DestroyFastSUT(handle)
   after = meter.read() if meter else None
   sut.on_done = None
   lat = np.array([s if code == "OK" else np.inf for s, code in sut.records])
