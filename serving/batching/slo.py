@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
 SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
-MAX_FILL_SHARE = 0.25  # longest hold for a fuller batch, as a share of the target
+MAX_FILL_SHARE = 0.1  # longest hold for a fuller batch, as a share of the target
 HOLD_UTILIZATION = 0.5  # holds while batches of the queued size keep the executor busier than this
 DRAIN_SMOOTHING = 0.2  # weight of each new drain sample
 DRAIN_MIN_SAMPLES = 4  # a drain rate is used once this many samples agree on it

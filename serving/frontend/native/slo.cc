@@ -11,7 +11,7 @@ namespace {
 
 constexpr double kRateWindowS = 0.1;         // slo.py RATE_WINDOW_S
 constexpr double kSloHeadroom = 0.2;         // slo.py SLO_HEADROOM
-constexpr double kMaxFillShare = 0.25;       // slo.py MAX_FILL_SHARE
+constexpr double kMaxFillShare = 0.1;        // slo.py MAX_FILL_SHARE
 constexpr double kHoldUtilization = 0.5;     // slo.py HOLD_UTILIZATION
 constexpr double kDrainSmoothing = 0.2;      // slo.py DRAIN_SMOOTHING
 constexpr int kDrainMinSamples = 4;          // slo.py DRAIN_MIN_SAMPLES

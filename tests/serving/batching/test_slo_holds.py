@@ -39,7 +39,7 @@ def test_holds_five_rows_only_while_their_batches_would_busy_the_executor(make_b
   if not holds:
     assert d.plan is not None and d.plan.rows == 5
     return
-  assert d.plan is None and 1e-4 < d.wait_s < 0.02 * 0.25
+  assert d.plan is None and 1e-4 < d.wait_s < 0.02 * 0.1
   for i in range(3):
     b.add(Pending(("b", i), 1, t))
   d = b.decide(t, idle=True)
@@ -106,9 +106,9 @@ def test_a_batch_is_held_once(make_batcher):
 
 
 def test_a_tight_target_holds_only_for_what_it_can_afford(make_batcher):
-  """A 1 ms target allows holds of 0.25 ms: bucket 4's 3 rows take 0.3 ms to come, so the hold
-  aims at bucket 2 (1 row, 0.1 ms) though it leaves the executor busier (0.55)."""
-  b, t = _fixed_cost_queue(make_batcher, 10_000, 0.001)
+  """A 2 ms target allows holds of 0.2 ms (a tenth): bucket 4's 3 rows take 0.3 ms to come, so
+  the hold aims at bucket 2 (1 row, 0.1 ms) though it leaves the executor busier (0.55)."""
+  b, t = _fixed_cost_queue(make_batcher, 10_000, 0.002)
   b.add(Pending("first", 1, t))
   d = b.decide(t, idle=True)
   assert d.plan is None and d.wait_s == pytest.approx(1e-4, rel=0.01)
@@ -116,14 +116,14 @@ def test_a_tight_target_holds_only_for_what_it_can_afford(make_batcher):
 
 def test_light_traffic_and_old_requests_run_at_once(make_batcher):
   """At 2,000 rows/s one-row batches keep the executor busy 0.21 of the time: no hold. At
-  10,000 rows/s a request that has waited a quarter of the target is not held any longer."""
+  10,000 rows/s a request that has waited a tenth of the target is not held any longer."""
   b, t = _fixed_cost_queue(make_batcher, 2_000, 0.01)
   b.add(Pending("light", 1, t))
   d = b.decide(t, idle=True)
   assert d.plan is not None and d.plan.rows == 1
   b, t = _fixed_cost_queue(make_batcher, 10_000, 0.01)
   b.add(Pending("old", 1, t))
-  d = b.decide(t + 0.0026, idle=True)
+  d = b.decide(t + 0.0011, idle=True)
   assert d.plan is not None and d.plan.rows == 1
 
 
@@ -149,11 +149,11 @@ class _Counting:
 def test_under_load_holds_run_fewer_batches_inside_the_target(make_batcher):
   """1,500 one-row requests/s for 2 s against batches of 1 ms + 10 µs per row (simulated): run
   as they come, batches hold what arrived during the last (1.5 rows on average) and keep the
-  executor busy ~0.9 of the time; the latency target's holds aim at 4 rows (busy 0.39) and
-  reach 3 when arrivals are slow, so they run at most 0.65 as many batches, every answer
-  inside the 10 ms target."""
+  executor busy ~0.9 of the time; a 25 ms target's holds (up to a tenth of it) aim at 4 rows
+  (busy 0.39, 2 ms to come) and reach 3 when arrivals are slow, so they run at most 0.65 as many
+  batches. Every answer comes within 6 ms: a hold, a batch running ahead and its own."""
   runs = {}
-  for name, kw in (("fixed", {}), ("slo", {"latency_slo_s": 0.01})):
+  for name, kw in (("fixed", {}), ("slo", {"latency_slo_s": 0.025})):
     b = _Counting(make_batcher(buckets=(1, 2, 4, 8, 16, 32), **kw))
     replica = Replica({k: 1e-3 + 1e-5 * k for k in b.config.buckets})
     r = capacity_sim.simulate(replica, rate=1500, rows=1, seconds=2.0, batcher=b)
@@ -162,7 +162,7 @@ def test_under_load_holds_run_fewer_batches_inside_the_target(make_batcher):
   assert runs["slo"][2] == runs["fixed"][2] == 0
   assert runs["slo"][1] == runs["fixed"][1]  # every request answered in both
   assert runs["slo"][0] <= 0.65 * runs["fixed"][0], runs
-  assert runs["slo"][3] <= 0.01, runs
+  assert runs["slo"][3] <= 0.006, runs
 
 
 def test_without_a_target_partial_batches_run_at_once(make_batcher):
