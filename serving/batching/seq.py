@@ -10,7 +10,9 @@ has waited `max_queue_delay_s`, or (with `dispatch_when_idle`) when the executor
 Among ready queues the one whose next batch has the best (lowest) priority wins, ties broken
 by the oldest waiting request. That is first-come first-served across queues at batch
 granularity, so no queue starves: once a request is overdue its queue is ready, and only
-queues holding an older request (finitely many, fewer with every batch) run before it.
+queues holding an older request (finitely many, fewer with every batch) run before it. A ready
+queue that holds for a fuller batch (a latency target's hold, slo.fill_wait_s) is passed over
+until its hold ends, and the runner is told when that is.
 """
 
 from __future__ import annotations
@@ -136,28 +138,30 @@ class SeqBatcher(Generic[T]):
     for q in self._queues.values():
       expired.extend(q.expire(now))
     self._forget(expired)
-    best, best_key, next_due = None, None, None
+    ready, next_due = [], None
     for seq, q in self._queues.items():
       oldest = q.oldest_arrival()
       if oldest is None:
         continue
       due = oldest + cfg.max_queue_delay_s
-      ready = (now >= due or q.queued_rows >= cfg.max_batch_size
-               or (idle and cfg.dispatch_when_idle))
-      if not ready:
+      if (now >= due or q.queued_rows >= cfg.max_batch_size
+          or (idle and cfg.dispatch_when_idle)):
+        ready.append(((q.head_priority(), oldest, seq), seq))
+      else:
         next_due = due if next_due is None else min(next_due, due)
+    waits = [] if next_due is None else [next_due - now]
+    # Best first; a queue that holds for a fuller batch (a latency target's hold) says how long,
+    # and the next ready queue may run meanwhile.
+    for _, seq in sorted(ready):
+      d = self._queues[seq].decide(now, idle=True)
+      expired.extend(d.expired)
+      self._forget(d.expired)
+      if d.plan is None:
+        if d.wait_s is not None:
+          waits.append(d.wait_s)
         continue
-      key = (q.head_priority(), oldest, seq)
-      if best_key is None or key < best_key:
-        best, best_key = seq, key
-    if best is None:
-      return Decision(None, tuple(expired), None if next_due is None else next_due - now)
-    d = self._queues[best].decide(now, idle=True)  # releases: its queue always dispatches
-    expired.extend(d.expired)
-    self._forget(d.expired)
-    if d.plan is None:
-      return Decision(None, tuple(expired), 0.0)
-    self._forget(s.pending for s in d.plan.slices if s.last)
-    self._released.append((d.plan.bucket, best))
-    plan = SeqBatchPlan(d.plan.bucket, d.plan.slices, seq_bucket=best)
-    return Decision(plan, tuple(expired), 0.0)
+      self._forget(s.pending for s in d.plan.slices if s.last)
+      self._released.append((d.plan.bucket, seq))
+      plan = SeqBatchPlan(d.plan.bucket, d.plan.slices, seq_bucket=seq)
+      return Decision(plan, tuple(expired), 0.0)
+    return Decision(None, tuple(expired), min(waits) if waits else None)

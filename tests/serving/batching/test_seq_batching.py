@@ -169,3 +169,29 @@ def test_batch_timings_reach_the_queue_that_ran_them():
   with pytest.raises(Admission, match="overloaded"):
     add(b, "late", 12, t=0.0, deadline=0.5)
   add(b, "short", 3, t=0.0, deadline=0.5)  # the 4-token queue has no such estimate
+
+
+def test_a_queue_holding_for_a_fuller_batch_says_how_long_and_lets_another_run():
+  """Batch times of 100 µs + 5 µs per row at every sequence bucket and 10,000 rows/s of length-8
+  requests: the length-8 queue holds a lone request 0.3 ms for bucket 4 (the executor would be
+  busy 1.05 of the time with one-row batches, 0.30 with four; slo.fill_wait_s). The runner is
+  told to wait that long, not to ask again at once, and a length-16 request (a queue with no
+  traffic to wait for) runs meanwhile."""
+  b = make(buckets=(1, 2, 4, 8, 16), idle_dispatch=True, max_rows=4096, latency_slo_s=0.01)
+  for seq in (4, 8, 16):
+    for bucket in (1, 2, 4, 8, 16):
+      b.seed(bucket, seq, 1e-4 + 5e-6 * bucket)
+  t = 0.0
+  for i in range(10_000):  # one second of traffic, full batches taken as they fill
+    add(b, i, 8, t=t)
+    b.decide(t, idle=False)
+    t += 1e-4
+  b.drain()
+  add(b, "lone", 8, t=t)
+  d = b.decide(t, idle=True)
+  assert d.plan is None and d.wait_s == pytest.approx(3e-4, rel=0.01)
+  add(b, "long", 16, t=t)
+  d = b.decide(t, idle=True)
+  assert d.plan is not None and d.plan.seq_bucket == 16 and layout(d.plan) == [("long", 0, 1, 0)]
+  d = b.decide(t + 3.1e-4, idle=True)  # the hold is over: the lone request runs
+  assert d.plan is not None and d.plan.seq_bucket == 8 and layout(d.plan) == [("lone", 0, 1, 0)]
