@@ -212,11 +212,11 @@ class CpuMeter:
 
 
 def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: float,
-                outdir: pathlib.Path, meter: CpuMeter | None = None, coalesce: bool = True) -> dict:
+                outdir: pathlib.Path, meter: CpuMeter | None = None) -> dict:
   """One LoadGen Server-scenario run at `qps` (Poisson arrivals) with a p99 bound; VALID only
   when LoadGen says so and at most 1% of the queries were late or failed. With a `meter`, the
-  result's `cpu_us` is each party's CPU per query. `coalesce`: queries already due when
-  LoadGen's issue thread wakes go in one call (each timed from its own scheduled arrival)."""
+  result's `cpu_us` is each party's CPU per query. Queries already due when LoadGen's issue
+  thread wakes go in one call (each still timed from its own scheduled arrival)."""
   import mlperf_loadgen as lg
 
   outdir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: 
   settings.server_target_qps = qps
   settings.server_target_latency_ns = int(bound_ms * 1e6)
   settings.server_target_latency_percentile = 0.99
-  settings.server_coalesce_queries = coalesce
+  settings.server_coalesce_queries = True
   settings.min_duration_ms = int(seconds * 1000)
   settings.max_duration_ms = int(seconds * 4000)
   settings.min_query_count = max(1, int(qps * seconds))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from bundle import smallest_bucket
+
 RATE_WINDOW_S = 0.1  # memory of the arrival rate (decay time constant)
 SLO_HEADROOM = 0.2  # share of the target kept for delivery and the estimates' own error
 MAX_FILL_SHARE = 0.1  # longest hold for a fuller batch, as a share of the target
@@ -104,7 +106,7 @@ def fill_wait_s(*, now: float, oldest: float, queued: int, buckets: Sequence[int
   holds a batch once: when the hold ends, what came runs.)"""
   if arrival_rate <= 0.0 or queued <= 0:
     return 0.0
-  own = next((b for b in buckets if b >= queued), None)
+  own = smallest_bucket(buckets, queued)
   if own is None or own not in batch_s:
     return 0.0
   best_wait, best_share = 0.0, arrival_rate * batch_s[own] / queued

@@ -11,14 +11,14 @@ from benchmarks.capacity_sim import Replica
 from serving.batching import Pending
 
 
-def _steady_traffic(b) -> float:
-  """2,000 one-row requests at a steady 10,000 rows/s, every batch taken as it fills (the
+def _steady_traffic(b, rate: float = 10_000, seconds: float = 0.2) -> float:
+  """One-row requests at a steady `rate`/s for `seconds`, every batch taken as it fills (the
   executor busy), then the queue emptied; returns the time after the last."""
-  t = 0.0
-  for i in range(2000):
+  t, step = 0.0, 1.0 / rate
+  for i in range(int(rate * seconds)):
     b.add(Pending(i, 1, t))
     b.decide(t, idle=False)
-    t += 1e-4
+    t += step
   b.drain()
   return t
 
@@ -60,13 +60,7 @@ def _fixed_cost_queue(make_batcher, rate, slo_s):
   b = make_batcher(buckets=tuple(FIXED_COST), latency_slo_s=slo_s)
   for bucket, seconds in FIXED_COST.items():
     b.observe(bucket, seconds)
-  t, step = 0.0, 1.0 / rate
-  for i in range(int(rate)):
-    b.add(Pending(i, 1, t))
-    b.decide(t, idle=False)
-    t += step
-  b.drain()
-  return b, t
+  return b, _steady_traffic(b, rate, 1.0)
 
 
 def test_a_hold_aims_at_the_smallest_bucket_the_executor_keeps_up_with(make_batcher):
