@@ -2,17 +2,19 @@
 against the latency-target (SLO-aware) one, in one run.
 
   python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
-                           [--steps 6] [--client native|http|python] [--out DIR]
+                           [--steps 6] [--client native|native-process|http|python] [--out DIR]
 
 For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
 default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in config.json)
 and each request size:
 1. closed-loop saturation: the same client keeps `--concurrency` requests in flight (no
    LoadGen; the best over the list), requests/s. The client (`--client`): `native`, the C++
-   gRPC load generator (LoadGen's SUT over a pipe, the closed loop through the same pipe;
-   default when it builds), `http`, the C++ HTTP one (KServe v2 binary tensors, one epoll
-   thread, the same pipe), or `python`, a grpc.aio client (~100 us of Python per query, taken
-   from the 2 cores the server runs on);
+   gRPC client as an extension in this process (benchmarks/native_sut.cc: LoadGen's issue
+   thread sends, one C++ thread completes; default when it builds), `native-process`, the C++
+   gRPC load generator as a child process (ids and answers over pipes: two more thread wake-ups
+   per query), `http`, the C++ HTTP one (KServe v2 binary tensors, one epoll thread, the same
+   pipes), or `python`, a grpc.aio client (~100 us of Python per query, taken from the 2 cores
+   the server runs on);
 2. LoadGen's Server scenario (Poisson arrivals) at a target QPS, searched by bisection for the
    highest QPS that is VALID: LoadGen's own verdict at the p99 bound AND at most 1% of queries
    late or failed (a shed request counts as a miss: shedding cannot buy a valid run). A QPS
@@ -45,7 +47,7 @@ from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
 from benchmarks.native_http_loadgen import http_request  # noqa: E402
 from benchmarks.serving import make_inputs, start_server, start_server_http  # noqa: E402
-from benchmarks.slo_sut import CpuMeter, GrpcSut, NativeSut, loadgen_run  # noqa: E402
+from benchmarks.slo_sut import CpuMeter, GrpcSut, InProcessSut, NativeSut, loadgen_run  # noqa: E402
 
 BATCHERS = ("fixed", "slo")
 
@@ -145,7 +147,7 @@ def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
   try:
     bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
     signature = next(iter(read_manifest(bundle).signatures.values())).inputs
-    client = GrpcSut if args.client == "python" else NativeSut
+    client = {"python": GrpcSut, "native": InProcessSut}.get(args.client, NativeSut)
     for rows in args.rows:
       inputs = make_inputs(signature, rows, np.random.default_rng(0))
       payload = (http_request(args.model, inputs) if http else build_request(args.model, inputs))
@@ -209,18 +211,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="requests in flight for the closed-loop saturation, comma-separated: the"
                       " best rate over them (light models with 32-row requests reach theirs only"
                       " at ~256: ctr_light 18.0k at 64, 23.2k req/s at 256)")
-  p.add_argument("--client", choices=("native", "http", "python"), default=None,
-                 help="the SUT's client: native (C++ gRPC, default when it builds), http (C++"
-                      " HTTP/1.1, KServe v2 binary tensors, against the server's HTTP port) or"
-                      " python (grpc.aio)")
+  p.add_argument("--client", choices=("native", "native-process", "http", "python"),
+                 default=None,
+                 help="the SUT's client: native (C++ gRPC in this process, default when it"
+                      " builds), native-process (the same in a child process, over pipes), http"
+                      " (C++ HTTP/1.1, KServe v2 binary tensors, against the server's HTTP port;"
+                      " a child process) or python (grpc.aio)")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "slo")
   args = p.parse_args(argv)
   args.rows = [int(r) for r in args.rows.split(",") if r.strip()]
   if args.client is None:
-    from benchmarks import native_loadgen
-    binary, why = native_loadgen.available()
-    args.client = "native" if binary else "python"
-    if not binary:
+    from benchmarks import native_sut
+    module, why = native_sut.available()
+    args.client = "native" if module else "python"
+    if not module:
       say(f"the C++ client does not build ({why.splitlines()[0]}); using the grpc.aio client")
   return args
 

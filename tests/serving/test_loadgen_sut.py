@@ -3,6 +3,7 @@ benchmarks/slo_sut.py, as benchmarks/slo.py does: every query LoadGen issues is 
 counted, a light load is VALID at its bound, and a load beyond the model's capacity is not."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -12,20 +13,23 @@ from servingutil import mock_factory, serving, write_mock_bundle
 
 lg = pytest.importorskip("mlperf_loadgen")
 
-from benchmarks import native_http_loadgen, native_loadgen  # noqa: E402
-from benchmarks.slo_sut import CpuMeter, GrpcSut, NativeSut, loadgen_run  # noqa: E402
+from benchmarks import native_http_loadgen, native_loadgen, native_sut  # noqa: E402
+from benchmarks.slo_sut import (  # noqa: E402
+    CpuMeter, GrpcSut, InProcessSut, NativeSut, loadgen_run)
+
+BUILDERS = {"native": native_sut, "native-process": native_loadgen, "http": native_http_loadgen}
 
 
 def _client(name: str):
-  if name in ("native", "http"):
-    binary, why = (native_loadgen if name == "native" else native_http_loadgen).available()
-    if binary is None:
-      pytest.skip(f"the C++ load generator does not build here: {why.splitlines()[0]}")
-    return NativeSut
+  if name in BUILDERS:
+    built, why = BUILDERS[name].available()
+    if built is None:
+      pytest.skip(f"the C++ client does not build here: {why.splitlines()[0]}")
+    return InProcessSut if name == "native" else NativeSut
   return GrpcSut
 
 
-@pytest.mark.parametrize("client", ["native", "http", "python"])
+@pytest.mark.parametrize("client", ["native", "native-process", "http", "python"])
 def test_loadgen_server_scenario_against_the_server(tmp_path, client):
   write_mock_bundle(tmp_path / "repo", "mock", 1, config={"latency_slo_ms": 500,
                                                           "instance_count": 1})
@@ -42,9 +46,30 @@ def test_loadgen_server_scenario_against_the_server(tmp_path, client):
     light = loadgen_run(sut, 200.0, 500.0, 3.0, tmp_path / "light", CpuMeter(sut, os.getpid()))
     assert light["queries"] >= 600 and light["failed"] == 0, light
     cpu = light["cpu_us"]  # every party did some work for each query; a child client too
-    assert cpu["server"] > 0 and cpu["loadgen"] > 0 and (cpu["client"] > 0) == (client != "python")
+    child = client in ("native-process", "http")
+    assert cpu["server"] > 0 and cpu["loadgen"] > 0 and (cpu["client"] > 0) == child
     assert light["loadgen"] == "VALID" and light["valid"] and light["p99_ms"] < 500, light
     heavy = loadgen_run(sut, 1500.0, 500.0, 0.8, tmp_path / "heavy")
     assert heavy["queries"] >= 1200  # every query answered, shed ones included
     assert heavy["failed"] > 0.3 * heavy["queries"]  # 3x capacity: the excess is shed
     assert not heavy["valid"]  # and shedding does not make the run count as valid
+
+
+def test_the_in_process_client_cancels_calls_the_server_does_not_answer(tmp_path):
+  """A server that stops answering cannot hang LoadGen: calls in flight past the client's
+  timeout come back CANCELLED, every one of them, and closing returns."""
+  _client("native")
+  write_mock_bundle(tmp_path / "repo", "mock", 1, config={"instance_count": 1})
+  inputs = {"x": np.ones((1, 4), np.float32), "k": np.ones((1, 1), np.int32)}
+  with serving(tmp_path / "repo", mock_factory(delay_s=4.0)) as bg:
+    sut = InProcessSut(bg.address, build_request("mock", inputs), timeout_s=1.0)
+    done: list[int] = []
+    with sut:
+      sut.on_done = done.extend
+      sut.send([7, 8, 9])
+      deadline = time.monotonic() + 3.5  # the timeout, the once-a-second sweep, and slack
+      while len(done) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(done) == [7, 8, 9]
+    assert [code for _, code in sut.records] == ["CANCELLED"] * 3
+    assert all(1.0 <= seconds < 3.5 for seconds, _ in sut.records), sut.records

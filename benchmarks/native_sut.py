@@ -1,0 +1,44 @@
+"""benchmarks/native_sut.cc, LoadGen's gRPC system under test as a CPython extension, built on
+demand with g++ (beside the C++ load generators in bench_out/native_loadgen/) and imported from
+there; `available()` says whether that worked and, if not, why."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sysconfig
+from types import ModuleType
+
+from benchmarks.native_loadgen import BINARY, COMMON, compile_cc
+
+SOURCE = COMMON.with_name("native_sut.cc")
+LIBRARY = BINARY.with_name("_native_sut" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+
+
+def build(force: bool = False) -> ModuleType:
+  """Compiles the extension if missing or stale and imports it. Raises RuntimeError saying why
+  it did not build."""
+  try:
+    grpc = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True,
+                          text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
+  include = sysconfig.get_paths()["include"]
+  compile_cc(SOURCE, LIBRARY, ["-shared", "-fPIC", f"-I{include}", *shlex.split(grpc)],
+             force=force)
+  spec = importlib.util.spec_from_file_location("_native_sut", LIBRARY)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except ImportError as e:
+    raise RuntimeError(f"{LIBRARY} does not load: {e}") from e
+  return module
+
+
+def available() -> tuple[ModuleType | None, str]:
+  """(module, "") when the extension builds and loads, else (None, why)."""
+  try:
+    return build(), ""
+  except RuntimeError as e:
+    return None, str(e)
