@@ -10,7 +10,8 @@
 //
 //   module _native_sut:
 //     open(address: str, request: bytes, channels: int, timeout_s: float, on_records) -> handle
-//     send(handle, ids: list[int]) -> None      one ModelInfer per id, at once
+//     send(handle, ids: list[int][, indices]) -> None   one ModelInfer per id, at once (with
+//         functools.partial(send, handle) as LoadGen's issue callback, no Python frame runs)
 //     close(handle) -> None                     waits for what is in flight, then stops
 //
 // `timeout_s` > 0 cancels calls in flight longer (checked once a second), so a server that
@@ -242,8 +243,8 @@ PyObject* Open(PyObject*, PyObject* args) {
 }
 
 PyObject* Send(PyObject*, PyObject* args) {
-  PyObject *handle, *seq;
-  if (!PyArg_ParseTuple(args, "OO", &handle, &seq)) return nullptr;
+  PyObject *handle, *seq, *indices = nullptr;  // indices: LoadGen's second argument, unused
+  if (!PyArg_ParseTuple(args, "OO|O", &handle, &seq, &indices)) return nullptr;
   Client* c = FromHandle(handle);
   if (c == nullptr) return nullptr;
   PyObject* fast = PySequence_Fast(seq, "ids must be a sequence of ints");
@@ -271,7 +272,7 @@ PyObject* CloseHandle(PyObject*, PyObject* args) {
 
 PyMethodDef kMethods[] = {
     {"open", Open, METH_VARARGS, "open(address, request, channels, timeout_s, on_records)"},
-    {"send", Send, METH_VARARGS, "send(handle, ids): one ModelInfer per id"},
+    {"send", Send, METH_VARARGS, "send(handle, ids[, indices]): one ModelInfer per id"},
     {"close", CloseHandle, METH_VARARGS, "close(handle): waits for what is in flight"},
     {nullptr, nullptr, 0, nullptr}};
 
