@@ -39,32 +39,23 @@
 #include <unordered_set>
 #include <vector>
 
-#include "native_loadgen_common.h"
+#include "native_grpc_common.h"
 
 namespace {
 
+using loadgen::Call;
 using loadgen::Clock;
+using loadgen::Deadline;
 using loadgen::Die;
 using loadgen::kEmptyResponse;
 using loadgen::Sample;
 using loadgen::Seconds;
 using loadgen::SutRecord;
-constexpr char kMethod[] = "/inference.GRPCInferenceService/ModelInfer";
 
 struct Options : loadgen::LoadFlags {
   std::string address, request_path;
   int channels = 1;
   std::vector<std::pair<std::string, std::string>> metadata;  // --metadata KEY=VALUE, repeated
-};
-
-struct Call {
-  grpc::ClientContext ctx;
-  grpc::ByteBuffer response;
-  grpc::Status status;
-  std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
-  Clock::time_point t0;  // scheduled (open loop) or actual (closed loop) send time
-  bool recorded = false;
-  uint64_t id = 0;  // SUT mode: LoadGen's query id
 };
 
 Options Parse(int argc, char** argv) {
@@ -83,29 +74,13 @@ Options Parse(int argc, char** argv) {
   return o;
 }
 
-// gRPC takes system_clock or gpr_timespec deadlines; ours are steady_clock time points.
-gpr_timespec Deadline(Clock::time_point t) {
-  int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t - Clock::now()).count();
-  return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                      gpr_time_from_nanos(ns > 0 ? ns : 0, GPR_TIMESPAN));
-}
-
 class LoadGen {
  public:
   explicit LoadGen(const Options& o) : o_(o) {
     grpc::Slice slice(loadgen::ReadFile(o.request_path));
     request_ = grpc::ByteBuffer(&slice, 1);
-    for (int i = 0; i < o.channels; ++i) {
-      grpc::ChannelArguments args;
-      args.SetMaxReceiveMessageSize(64 << 20);
-      args.SetMaxSendMessageSize(64 << 20);
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per channel
-      args.SetInt("xlaserve.loadgen_channel", i);
-      auto ch = grpc::CreateCustomChannel(o.address, grpc::InsecureChannelCredentials(), args);
-      if (!ch->WaitForConnected(Deadline(Clock::now() + std::chrono::seconds(10))))
-        Die("cannot connect to " + o.address);
-      stubs_.push_back(std::make_unique<grpc::GenericStub>(ch));
-    }
+    stubs_ = loadgen::Connect(o.address, o.channels, /*minimal=*/false);
+    if (stubs_.empty()) Die("cannot connect to " + o.address);
   }
 
   void Run() {
@@ -137,15 +112,8 @@ class LoadGen {
     // gRPC's timers took most of this client's CPU and the server's, so the run measured them.
     if (o_.timeout > 0 && !o_.sut) call->ctx.set_deadline(Deadline(Clock::now() + Seconds(o_.timeout)));
     for (const auto& [key, value] : o_.metadata) call->ctx.AddMetadata(key, value);
-    grpc::GenericStub& stub = *stubs_[next_stub_++ % stubs_.size()];
-    call->reader = stub.PrepareUnaryCall(&call->ctx, kMethod, request_, &cq_);
-    {
-      // Booked before Finish: from then on the completion thread may take and free the call.
-      std::lock_guard<std::mutex> lock(mu_);
-      in_flight_.insert(call);
-    }
-    call->reader->StartCall();
-    call->reader->Finish(&call->response, &call->status, call);
+    loadgen::StartCall(*stubs_[next_stub_++ % stubs_.size()], call, request_, &cq_, mu_,
+                       in_flight_);
   }
 
   // Records a finished call (SUT mode: into `out`) and frees it.

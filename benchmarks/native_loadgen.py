@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().with_name("native_loadgen.cc")
 COMMON = SOURCE.with_name("native_loadgen_common.h")  # shared with native_http_loadgen.cc
+GRPC_COMMON = SOURCE.with_name("native_grpc_common.h")  # shared with native_sut.cc
 BINARY = SOURCE.parent.parent / "bench_out" / "native_loadgen" / "native_loadgen"
 
 
@@ -55,14 +56,15 @@ def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str], for
 
 def build(force: bool = False) -> pathlib.Path:
   """Compiles the generator if missing or stale; returns its path. Raises RuntimeError on failure."""
-  if not force and _fresh(BINARY, [SOURCE, COMMON]):
+  if not force and _fresh(BINARY, [SOURCE, COMMON, GRPC_COMMON]):
     return BINARY
   try:
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True,
                            text=True, check=True).stdout
   except (OSError, subprocess.CalledProcessError) as e:
     raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
-  return compile_cc(SOURCE, BINARY, shlex.split(flags), force=True)
+  return compile_cc(SOURCE, BINARY, shlex.split(flags), force=True,
+                    headers=(COMMON, GRPC_COMMON))
 
 
 def available() -> tuple[pathlib.Path | None, str]:

@@ -21,8 +21,6 @@
 #include <Python.h>
 
 #include <absl/synchronization/mutex.h>
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/grpcpp.h>
 
 #include <atomic>
 #include <chrono>
@@ -33,7 +31,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "native_loadgen_common.h"
+#include "native_grpc_common.h"
 
 // gRPC core's executor (libgrpc exports it; no public header declares it): closures it would
 // run on its own "default-executor" thread run inline instead (see Client's constructor).
@@ -46,49 +44,27 @@ class Executor {
 
 namespace {
 
+using loadgen::Call;
 using loadgen::Clock;
+using loadgen::Deadline;
 using loadgen::SutRecord;
-constexpr char kMethod[] = "/inference.GRPCInferenceService/ModelInfer";
 constexpr char kCapsule[] = "xlaserve.native_sut";
-
-struct Call {
-  grpc::ClientContext ctx;
-  grpc::ByteBuffer response;
-  grpc::Status status;
-  std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
-  Clock::time_point t0;
-  uint64_t id = 0;
-};
-
-gpr_timespec Deadline(Clock::duration from_now) {
-  int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(from_now).count();
-  return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(ns, GPR_TIMESPAN));
-}
 
 class Client {
  public:
   Client(const std::string& address, const std::string& request, int channels, double timeout_s,
          PyObject* on_records)
-      : timeout_s_(timeout_s), on_records_(on_records) {
-    Py_INCREF(on_records_);
+      : timeout_s_(timeout_s), on_records_(on_records) {  // owns a reference Open took
     grpc::Slice slice(request);
     request_ = grpc::ByteBuffer(&slice, 1);
-    for (int i = 0; i < channels; ++i) {
-      grpc::ChannelArguments args;
-      args.SetMaxReceiveMessageSize(64 << 20);
-      args.SetMaxSendMessageSize(64 << 20);
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per channel
-      args.SetInt("xlaserve.native_sut_channel", i);
-      args.SetInt(GRPC_ARG_MINIMAL_STACK, 1);  // no client filters a benchmark client needs
-      auto ch = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
-      if (!ch->WaitForConnected(Deadline(std::chrono::seconds(10))))
-        throw std::runtime_error("cannot connect to " + address);
-      stubs_.push_back(std::make_unique<grpc::GenericStub>(ch));
-    }
+    stubs_ = loadgen::Connect(address, channels, /*minimal=*/true);
+    if (stubs_.empty()) throw std::runtime_error("cannot connect to " + address);
     // Answers were parsed on gRPC's executor thread (a hop per burst, ~3-5 us of the shared
     // cores per query): inline, on the completion thread, they are not. Safe once connected (the
     // executor also runs blocking DNS lookups; an address is resolved by then).
-    if (std::getenv("XLASERVE_SUT_EXECUTOR") == nullptr) grpc_core::Executor::SetThreadingAll(false);
+    // XLASERVE_SUT_EXECUTOR set keeps them (an A/B).
+    if (std::getenv("XLASERVE_SUT_EXECUTOR") == nullptr)
+      grpc_core::Executor::SetThreadingAll(false);
     thread_ = std::thread([this] { Complete(); });
   }
 
@@ -102,15 +78,8 @@ class Client {
       auto* call = new Call;
       call->t0 = now;
       call->id = id;
-      grpc::GenericStub& stub = *stubs_[next_stub_++ % stubs_.size()];
-      call->reader = stub.PrepareUnaryCall(&call->ctx, kMethod, request_, &cq_);
-      {
-        // Booked before Finish: from then on the completion thread may take and free the call.
-        std::lock_guard<std::mutex> lock(mu_);
-        in_flight_.insert(call);
-      }
-      call->reader->StartCall();
-      call->reader->Finish(&call->response, &call->status, call);
+      loadgen::StartCall(*stubs_[next_stub_++ % stubs_.size()], call, request_, &cq_, mu_,
+                         in_flight_);
     }
   }
 
@@ -133,7 +102,7 @@ class Client {
     bool ok;
     Clock::time_point give_up{};
     for (;;) {
-      auto r = cq_.AsyncNext(&tag, &ok, Deadline(std::chrono::milliseconds(20)));
+      auto r = cq_.AsyncNext(&tag, &ok, Deadline(Clock::now() + std::chrono::milliseconds(20)));
       while (r == grpc::CompletionQueue::GOT_EVENT) {
         out.push_back(Record(static_cast<Call*>(tag)));
         r = cq_.AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));  // whatever else is ready
@@ -230,12 +199,14 @@ PyObject* Open(PyObject*, PyObject* args) {
   }
   std::string req(request, size_t(size)), addr(address), error;
   Client* client = nullptr;
+  Py_INCREF(on_records);  // with the GIL; the client owns it from here
   Py_BEGIN_ALLOW_THREADS try {
     client = new Client(addr, req, channels, timeout_s, on_records);
   } catch (const std::exception& e) {
     error = e.what();
   }
   Py_END_ALLOW_THREADS if (client == nullptr) {
+    Py_DECREF(on_records);
     PyErr_SetString(PyExc_ConnectionError, error.c_str());
     return nullptr;
   }

@@ -10,7 +10,7 @@ import subprocess
 import sysconfig
 from types import ModuleType
 
-from benchmarks.native_loadgen import BINARY, COMMON, compile_cc
+from benchmarks.native_loadgen import BINARY, COMMON, GRPC_COMMON, compile_cc
 
 SOURCE = COMMON.with_name("native_sut.cc")
 LIBRARY = BINARY.with_name("_native_sut" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
@@ -26,7 +26,7 @@ def build(force: bool = False) -> ModuleType:
     raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
   include = sysconfig.get_paths()["include"]
   compile_cc(SOURCE, LIBRARY, ["-shared", "-fPIC", f"-I{include}", *shlex.split(grpc)],
-             force=force)
+             force=force, headers=(COMMON, GRPC_COMMON))
   spec = importlib.util.spec_from_file_location("_native_sut", LIBRARY)
   module = importlib.util.module_from_spec(spec)
   try:
