@@ -2,7 +2,8 @@
 against the latency-target (SLO-aware) one, in one run.
 
   python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
-                           [--steps 6] [--client native|native-process|http|python] [--out DIR]
+                           [--steps 6] [--repeat 1] [--out DIR]
+                           [--client native|native-process|http|python]
 
 For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
 default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in config.json)
@@ -148,8 +149,9 @@ def measure_size(suts: dict, meters: dict, args: argparse.Namespace, rows: int) 
 
 
 def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
-  """Saturation and the LoadGen searches for every request size, against one server per
-  batcher (both up throughout; only one is loaded at a time)."""
+  """Saturation and the LoadGen searches for every request size (`--repeat` times each: one
+  result per repeat), against one server per batcher (both up throughout; only one is loaded at
+  a time)."""
   from bundle import list_versions, read_manifest
 
   http = args.client == "http"
@@ -165,8 +167,11 @@ def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
       with contextlib.ExitStack() as stack:
         suts = {b: stack.enter_context(client(servers[b][1], payload)) for b in BATCHERS}
         meters = {b: CpuMeter(suts[b], servers[b][0].pid) for b in BATCHERS}
-        for b, res in measure_size(suts, meters, args, rows).items():
-          results[b][rows] = res
+        for rep in range(args.repeat):
+          if args.repeat > 1:
+            say(f"{rows}-row requests: repeat {rep + 1} of {args.repeat}")
+          for b, res in measure_size(suts, meters, args, rows).items():
+            results[b].setdefault(rows, []).append(res)
   finally:
     for proc, _ in servers.values():
       proc.terminate()
@@ -175,15 +180,25 @@ def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
 
 
 def table(results: dict, args: argparse.Namespace) -> str:
+  """A row per (size, repeat, batcher), ratios against the repeat's best saturation; with
+  repeats, a median row per (size, batcher) as well."""
   rows = []
   for size in args.rows:
-    sat = {b: results[b][size]["saturation_qps"] for b in BATCHERS}
-    for b in BATCHERS:
-      best, held = results[b][size]["best_valid_qps"], results[b][size]["held_qps"]
-      rows.append((f"{size}-row", b, f"{sat[b]:.0f}", f"{best:.0f}", f"{best / sat[b]:.2f}",
-                   f"{best / max(sat.values()):.2f}", f"{held:.0f}",
-                   f"{held / max(sat.values()):.2f}"))
-  return format_table(["requests", "batcher", "closed-loop req/s",
+    ratios: dict = {b: ([], []) for b in BATCHERS}
+    for rep in range(len(results[BATCHERS[0]][size])):
+      one = {b: results[b][size][rep] for b in BATCHERS}
+      top = max(r["saturation_qps"] for r in one.values())
+      for b, r in one.items():
+        best, held, sat = r["best_valid_qps"], r["held_qps"], r["saturation_qps"]
+        ratios[b][0].append(best / top)
+        ratios[b][1].append(held / top)
+        rows.append((f"{size}-row", rep + 1, b, f"{sat:.0f}", f"{best:.0f}", f"{best / sat:.2f}",
+                     f"{best / top:.2f}", f"{held:.0f}", f"{held / top:.2f}"))
+    if args.repeat > 1:
+      for b in BATCHERS:
+        rows.append((f"{size}-row", "median", b, "", "", "", f"{np.median(ratios[b][0]):.2f}",
+                     "", f"{np.median(ratios[b][1]):.2f}"))
+  return format_table(["requests", "repeat", "batcher", "closed-loop req/s",
                        f"best VALID QPS (p99 <= {args.bound_ms:g} ms)", "/ own saturation",
                        "/ best saturation", "VALID again at", "/ best saturation"], rows)
 
@@ -196,9 +211,11 @@ def plot(results: dict, args: argparse.Namespace, path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, len(args.rows), figsize=(6 * len(args.rows), 4.5), squeeze=False)
   for ax, size in zip(axes[0], args.rows):
     for b, style in zip(BATCHERS, ("o--", "s-")):
-      runs = sorted(results[b][size]["runs"], key=lambda r: r["target_qps"])
+      reps = results[b][size]  # every repeat's runs on one curve
+      runs = sorted((r for rep in reps for r in rep["runs"]), key=lambda r: r["target_qps"])
+      best = np.median([rep["best_valid_qps"] for rep in reps])
       ax.plot([r["target_qps"] for r in runs], [r["p99_ms"] for r in runs], style,
-              label=f"{b} (best VALID {results[b][size]['best_valid_qps']:.0f} QPS)")
+              label=f"{b} (best VALID {best:.0f} QPS" + (", median)" if len(reps) > 1 else ")"))
     ax.axhline(args.bound_ms, color="gray", lw=1, ls=":")
     ax.set(title=f"{args.model}, {size}-row requests", xlabel="offered QPS (Poisson)",
            ylabel="LoadGen p99, ms (over 1% shed: top of the chart)", yscale="log")
@@ -218,6 +235,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=6, help="bisection steps")
   p.add_argument("--tries", type=int, default=2,
                  help="LoadGen runs at a QPS before it counts as INVALID")
+  p.add_argument("--repeat", type=int, default=1,
+                 help="whole measurements (saturation, search, re-runs) per request size; with"
+                      " more than one the table adds each batcher's median ratios (the 1-row"
+                      " ratio moved 0.64-0.78 between single runs minutes apart on 2 cores)")
   p.add_argument("--confirm-steps", type=int, default=3,
                  help="re-runs of the best VALID QPS, each 3%% lower than the last, until one is"
                       " VALID (the table's \"VALID again at\")")
