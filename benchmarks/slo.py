@@ -210,11 +210,11 @@ def plot(results: dict, args: argparse.Namespace, path: pathlib.Path) -> None:
 
   fig, axes = plt.subplots(1, len(args.rows), figsize=(6 * len(args.rows), 4.5), squeeze=False)
   for ax, size in zip(axes[0], args.rows):
-    for b, style in zip(BATCHERS, ("o--", "s-")):
+    for b, style in zip(BATCHERS, ("o", "s")):  # points, not lines: a QPS may be run twice
       reps = results[b][size]  # every repeat's runs on one curve
       runs = sorted((r for rep in reps for r in rep["runs"]), key=lambda r: r["target_qps"])
       best = np.median([rep["best_valid_qps"] for rep in reps])
-      ax.plot([r["target_qps"] for r in runs], [r["p99_ms"] for r in runs], style,
+      ax.plot([r["target_qps"] for r in runs], [r["p99_ms"] for r in runs], style, alpha=0.7,
               label=f"{b} (best VALID {best:.0f} QPS" + (", median)" if len(reps) > 1 else ")"))
     ax.axhline(args.bound_ms, color="gray", lw=1, ls=":")
     ax.set(title=f"{args.model}, {size}-row requests", xlabel="offered QPS (Poisson)",
