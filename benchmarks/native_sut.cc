@@ -24,8 +24,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <unordered_set>
@@ -62,6 +64,7 @@ class Client {
     // Answers were parsed on gRPC's executor thread (a hop per burst, ~3-5 us of the shared
     // cores per query): inline, on the completion thread, they are not. Safe once connected (the
     // executor also runs blocking DNS lookups; an address is resolved by then).
+    // Process-wide and for good: a server in this process (the tests') runs without them too.
     // XLASERVE_SUT_EXECUTOR set keeps them (an A/B).
     if (std::getenv("XLASERVE_SUT_EXECUTOR") == nullptr)
       grpc_core::Executor::SetThreadingAll(false);
