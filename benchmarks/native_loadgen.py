@@ -29,7 +29,8 @@ GRPC_COMMON = SOURCE.with_name("native_grpc_common.h")  # shared with native_sut
 BINARY = SOURCE.parent.parent / "bench_out" / "native_loadgen" / "native_loadgen"
 
 
-def _fresh(binary: pathlib.Path, inputs: list[pathlib.Path]) -> bool:
+def fresh(binary: pathlib.Path, inputs: list[pathlib.Path]) -> bool:
+  """Whether `binary` exists and is no older than any of `inputs`."""
   return binary.exists() and binary.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
 
 
@@ -37,7 +38,7 @@ def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str], for
                headers: tuple[pathlib.Path, ...] = (COMMON,)) -> pathlib.Path:
   """Compiles `source` into `binary` with g++ -O2 (and `flags`) when missing or older than its
   source or `headers`; returns its path. Raises RuntimeError saying why it did not build."""
-  if not force and _fresh(binary, [source, *headers]):
+  if not force and fresh(binary, [source, *headers]):
     return binary
   binary.parent.mkdir(parents=True, exist_ok=True)
   tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
@@ -54,17 +55,21 @@ def compile_cc(source: pathlib.Path, binary: pathlib.Path, flags: list[str], for
   return binary
 
 
-def build(force: bool = False) -> pathlib.Path:
-  """Compiles the generator if missing or stale; returns its path. Raises RuntimeError on failure."""
-  if not force and _fresh(BINARY, [SOURCE, COMMON, GRPC_COMMON]):
-    return BINARY
+def grpc_flags() -> list[str]:
+  """g++ flags for grpc++ (pkg-config); RuntimeError saying what to install without it."""
   try:
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True,
                            text=True, check=True).stdout
   except (OSError, subprocess.CalledProcessError) as e:
     raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
-  return compile_cc(SOURCE, BINARY, shlex.split(flags), force=True,
-                    headers=(COMMON, GRPC_COMMON))
+  return shlex.split(flags)
+
+
+def build(force: bool = False) -> pathlib.Path:
+  """Compiles the generator if missing or stale; returns its path. Raises RuntimeError on failure."""
+  if not force and fresh(BINARY, [SOURCE, COMMON, GRPC_COMMON]):
+    return BINARY
+  return compile_cc(SOURCE, BINARY, grpc_flags(), force=True, headers=(COMMON, GRPC_COMMON))
 
 
 def available() -> tuple[pathlib.Path | None, str]:

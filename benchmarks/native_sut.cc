@@ -24,7 +24,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -34,15 +33,6 @@
 #include <vector>
 
 #include "native_grpc_common.h"
-
-// gRPC core's executor (libgrpc exports it; no public header declares it): closures it would
-// run on its own "default-executor" thread run inline instead (see Client's constructor).
-namespace grpc_core {
-class Executor {
- public:
-  static void SetThreadingAll(bool enable);
-};
-}  // namespace grpc_core
 
 namespace {
 
@@ -61,13 +51,6 @@ class Client {
     request_ = grpc::ByteBuffer(&slice, 1);
     stubs_ = loadgen::Connect(address, channels, /*minimal=*/true);
     if (stubs_.empty()) throw std::runtime_error("cannot connect to " + address);
-    // Answers were parsed on gRPC's executor thread (a hop per burst, ~3-5 us of the shared
-    // cores per query): inline, on the completion thread, they are not. Safe once connected (the
-    // executor also runs blocking DNS lookups; an address is resolved by then).
-    // Process-wide and for good: a server in this process (the tests') runs without them too.
-    // XLASERVE_SUT_EXECUTOR set keeps them (an A/B).
-    if (std::getenv("XLASERVE_SUT_EXECUTOR") == nullptr)
-      grpc_core::Executor::SetThreadingAll(false);
     thread_ = std::thread([this] { Complete(); });
   }
 

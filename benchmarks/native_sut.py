@@ -5,34 +5,33 @@ there; `available()` says whether that worked and, if not, why."""
 from __future__ import annotations
 
 import importlib.util
-import shlex
-import subprocess
+import sys
 import sysconfig
 from types import ModuleType
 
-from benchmarks.native_loadgen import BINARY, COMMON, GRPC_COMMON, compile_cc
+from benchmarks.native_loadgen import BINARY, COMMON, GRPC_COMMON, compile_cc, fresh, grpc_flags
 
 SOURCE = COMMON.with_name("native_sut.cc")
 LIBRARY = BINARY.with_name("_native_sut" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
 
 
 def build(force: bool = False) -> ModuleType:
-  """Compiles the extension if missing or stale and imports it. Raises RuntimeError saying why
-  it did not build."""
-  try:
-    grpc = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True,
-                          text=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError) as e:
-    raise RuntimeError(f"grpc++ not found by pkg-config ({e}); install libgrpc++-dev") from e
-  include = sysconfig.get_paths()["include"]
-  compile_cc(SOURCE, LIBRARY, ["-shared", "-fPIC", f"-I{include}", *shlex.split(grpc)],
-             force=force, headers=(COMMON, GRPC_COMMON))
+  """Compiles the extension if missing or stale and imports it (once per process: a loaded
+  extension cannot be replaced). Raises RuntimeError saying why it did not build."""
+  headers = (COMMON, GRPC_COMMON)
+  if force or not fresh(LIBRARY, [SOURCE, *headers]):
+    include = sysconfig.get_paths()["include"]
+    compile_cc(SOURCE, LIBRARY, ["-shared", "-fPIC", f"-I{include}", *grpc_flags()], force=True,
+               headers=headers)
+  if (loaded := sys.modules.get("_native_sut")) is not None:
+    return loaded
   spec = importlib.util.spec_from_file_location("_native_sut", LIBRARY)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
   except ImportError as e:
     raise RuntimeError(f"{LIBRARY} does not load: {e}") from e
+  sys.modules["_native_sut"] = module
   return module
 
 

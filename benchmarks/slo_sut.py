@@ -66,6 +66,10 @@ class GrpcSut:
     if sample_id is not None and self.on_done is not None:
       self.on_done([sample_id])
 
+  def issue_callback(self):
+    """LoadGen's issue callback: (ids, indices) -> None."""
+    return lambda ids, _indices: self.send(ids)
+
   def send(self, sample_ids: list[int]) -> None:
     def start():
       for i in sample_ids:
@@ -95,17 +99,71 @@ def _code_names() -> dict[int, str]:
   return {**{c.value[0]: c.name for c in grpc.StatusCode}, 100: "EMPTY_RESPONSE"}
 
 
-class NativeSut:
-  """benchmarks/native_loadgen.cc in SUT mode, as a child process; same interface as GrpcSut.
-  With an HttpRequest for `payload` (benchmarks/native_http_loadgen.py) and the server's HTTP
-  address, native_http_loadgen.cc instead: the same pipe protocol, one epoll thread, KServe v2
-  binary-tensor requests over keep-alive connections."""
+class _RecordSut:
+  """What the C++ clients share: answers arrive as packed SutRecords (`_take`), and the closed
+  loop and LoadGen's callback go through the subclass's `send`."""
 
   def __init__(self, address: str, payload, channels: int = 1):
     self.address, self.payload, self.channels = address, payload, channels
     self.records: list[tuple[float, str]] = []
     self.on_done = None  # (sample ids) -> None, set by the LoadGen run
     self._names = _code_names()
+
+  def send(self, sample_ids: list[int]) -> None:
+    raise NotImplementedError
+
+  def issue_callback(self):
+    """LoadGen's issue callback: (ids, indices) -> None."""
+    return lambda ids, _indices: self.send(ids)
+
+  def _take(self, records: bytes) -> None:
+    """Books whole SutRecords and completes their samples."""
+    ids = []
+    for i, code, micros in _RECORD.iter_unpack(records):  # in an open loop mostly one: no numpy
+      self.records.append((micros * 1e-6, self._names.get(code, "UNKNOWN")))
+      ids.append(i)
+    if self.on_done is not None and ids:
+      self.on_done(ids)
+
+  def closed_loop(self, concurrency: int, seconds: float) -> float:
+    """Requests/s answered OK with `concurrency` requests always in flight for `seconds`, through
+    the same path as the LoadGen runs (`send`, answers back through `_take`), so the saturation
+    figure and the LoadGen figures pay the same client costs."""
+    self.records = []
+    t0 = time.perf_counter()
+    end, state, over = t0 + seconds, {"left": concurrency}, threading.Event()
+
+    def again(ids: list[int]) -> None:  # on the thread that delivers answers
+      now = time.perf_counter()
+      if now < end:
+        self.send(ids)
+        return
+      if "ok" not in state:
+        state["ok"] = sum(code == "OK" for _, code in self.records)
+        state["t"] = now
+      state["left"] -= len(ids)
+      if state["left"] == 0:
+        over.set()
+
+    self.on_done = again
+    self.send(list(range(concurrency)))
+    finished = over.wait(seconds + 60)
+    self.on_done = None
+    if not finished:
+      raise RuntimeError("closed loop: answers stopped coming (is the server up?)")
+    return state["ok"] / (state["t"] - t0)
+
+
+
+
+class NativeSut(_RecordSut):
+  """benchmarks/native_loadgen.cc in SUT mode, as a child process; same interface as GrpcSut.
+  With an HttpRequest for `payload` (benchmarks/native_http_loadgen.py) and the server's HTTP
+  address, native_http_loadgen.cc instead: the same pipe protocol, one epoll thread, KServe v2
+  binary-tensor requests over keep-alive connections."""
+
+  def __init__(self, address: str, payload, channels: int = 1):
+    super().__init__(address, payload, channels)
     self._tmp = tempfile.TemporaryDirectory(prefix="native_sut_")
 
   def __enter__(self) -> NativeSut:
@@ -140,59 +198,19 @@ class NativeSut:
       self._take(rest[:whole])
       rest = rest[whole:]
 
-  def _take(self, records: bytes) -> None:
-    """Books whole SutRecords and completes their samples."""
-    ids = []
-    for i, code, micros in _RECORD.iter_unpack(records):  # in an open loop mostly one: no numpy
-      self.records.append((micros * 1e-6, self._names.get(code, "UNKNOWN")))
-      ids.append(i)
-    if self.on_done is not None and ids:
-      self.on_done(ids)
-
   def send(self, sample_ids: list[int]) -> None:
     os.write(self._proc.stdin.fileno(), struct.pack(f"<{len(sample_ids)}Q", *sample_ids))
 
-  def closed_loop(self, concurrency: int, seconds: float) -> float:
-    """Requests/s answered OK with `concurrency` requests always in flight for `seconds`, through
-    the same path as the LoadGen runs (ids over the pipe, answers back to this process), so the
-    saturation figure and the LoadGen figures pay the same client costs."""
-    self.records = []
-    t0 = time.perf_counter()
-    end, state, over = t0 + seconds, {"left": concurrency}, threading.Event()
 
-    def again(ids: list[int]) -> None:  # on the reader thread
-      now = time.perf_counter()
-      if now < end:
-        self.send(ids)
-        return
-      if "ok" not in state:
-        state["ok"] = sum(code == "OK" for _, code in self.records)
-        state["t"] = now
-      state["left"] -= len(ids)
-      if state["left"] == 0:
-        over.set()
-
-    self.on_done = again
-    self.send(list(range(concurrency)))
-    finished = over.wait(seconds + 60)
-    self.on_done = None
-    if not finished:
-      raise RuntimeError("closed loop: answers stopped coming (is the server up?)")
-    return state["ok"] / (state["t"] - t0)
-
-
-class InProcessSut(NativeSut):
+class InProcessSut(_RecordSut):
   """benchmarks/native_sut.cc: the same gRPC client, in this process (same interface). LoadGen's
   issue thread sends itself (the GIL released) and one C++ thread hands the answers back, so a
   query crosses no pipe and wakes no extra thread: ~10-15 us less of the shared cores per query
   in an open loop than NativeSut's child process. Its CPU counts as LoadGen's (CpuMeter)."""
 
   def __init__(self, address: str, payload: bytes, channels: int = 1, timeout_s: float = 60.0):
-    self.address, self.payload, self.channels = address, payload, channels
+    super().__init__(address, payload, channels)
     self.timeout_s = timeout_s  # calls in flight longer are cancelled (checked once a second)
-    self.records: list[tuple[float, str]] = []
-    self.on_done = None
-    self._names = _code_names()
 
   def __enter__(self) -> InProcessSut:
     from benchmarks import native_sut
@@ -288,9 +306,7 @@ def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: 
 
   sut.records, sut.on_done = [], done
   # The "fast" SUT hands over plain ids, not a QuerySample object per query.
-  issue = (sut.issue_callback() if hasattr(sut, "issue_callback")
-           else lambda ids, _indices: sut.send(ids))
-  handle = lg.ConstructFastSUT(issue, lambda: None)
+  handle = lg.ConstructFastSUT(sut.issue_callback(), lambda: None)
   qsl = lg.ConstructQSL(SAMPLES, SAMPLES, lambda _: None, lambda _: None)
   gc.collect()  # the client's own collector pauses would count against the server
   gc.disable()

@@ -146,13 +146,13 @@ class SeqBatcher(Generic[T]):
       due = oldest + cfg.max_queue_delay_s
       if (now >= due or q.queued_rows >= cfg.max_batch_size
           or (idle and cfg.dispatch_when_idle)):
-        ready.append(((q.head_priority(), oldest, seq), seq))
+        ready.append((q.head_priority(), oldest, seq))
       else:
         next_due = due if next_due is None else min(next_due, due)
     waits = [] if next_due is None else [next_due - now]
     # Best first; a queue that holds for a fuller batch (a latency target's hold) says how long,
     # and the next ready queue may run meanwhile.
-    for _, seq in sorted(ready):
+    for *_, seq in sorted(ready):
       d = self._queues[seq].decide(now, idle=True)
       expired.extend(d.expired)
       self._forget(d.expired)

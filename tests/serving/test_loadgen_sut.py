@@ -59,7 +59,10 @@ def test_the_in_process_client_cancels_calls_the_server_does_not_answer(tmp_path
   """A server that stops answering cannot hang LoadGen: calls in flight past the client's
   timeout come back CANCELLED, every one of them, and closing returns."""
   _client("native")
-  write_mock_bundle(tmp_path / "repo", "mock", 1, config={"instance_count": 1})
+  # No queue-wait bound: the server's default (1 s) would shed the calls queued behind the first
+  # batch (RESOURCE_EXHAUSTED) in a race with the client's 1 s timeout.
+  write_mock_bundle(tmp_path / "repo", "mock", 1,
+                    config={"instance_count": 1, "max_queue_wait_ms": 0})
   inputs = {"x": np.ones((1, 4), np.float32), "k": np.ones((1, 1), np.int32)}
   with serving(tmp_path / "repo", mock_factory(delay_s=4.0)) as bg:
     sut = InProcessSut(bg.address, build_request("mock", inputs), timeout_s=1.0)

@@ -101,13 +101,21 @@ void RowQueue::Release(QEntry* e) {
   delete e;
 }
 
-void RowQueue::Admitted(bool was_empty, bool became_full) {
+RowQueue::Wake RowQueue::Enqueue(QEntry* e) {
+  bool was_empty = d_.queued_rows() == 0;
+  bool had_full = d_.queued_rows() >= d_.max_batch();
+  d_.Add(e);
+  live_.insert(e);
+  if (!had_full && d_.queued_rows() >= d_.max_batch()) return Wake::kFull;
+  return was_empty ? Wake::kFirst : Wake::kNone;
+}
+
+void RowQueue::Admitted(Wake wake) {
   // Wake the runner threads only when it can change their decision: the queue now holds a full
-  // batch (any idle instance takes it), or was empty (an idle primary dispatches at once). Both
-  // were read under mu_, where the add happened.
-  if (became_full) {
+  // batch (any idle instance takes it), or was empty (an idle primary dispatches at once).
+  if (wake == Wake::kFull) {
     WakeAll();
-  } else if (was_empty) {
+  } else if (wake == Wake::kFirst) {
     cv_.notify_all();
   }
 }
@@ -156,8 +164,7 @@ AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t ro
   e->deadline = deadline;
   e->priority = priority;
   for (size_t off : offsets) e->in.push_back(base + off);
-  bool was_empty;
-  bool became_full;
+  Wake wake;
   std::string invalid = RangeError(inputs_, e->in, rows);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -180,13 +187,9 @@ AddResult RowQueue::AddNative(Responder* native, const uint8_t* base, int64_t ro
       *why = "model " + name_ + ": " + refusal;
       return AddResult::kRefused;
     }
-    was_empty = d_.queued_rows() == 0;
-    bool had_full = d_.queued_rows() >= d_.max_batch();
-    d_.Add(e);
-    live_.insert(e);
-    became_full = !had_full && d_.queued_rows() >= d_.max_batch();
+    wake = Enqueue(e);
   }
-  Admitted(was_empty, became_full);
+  Admitted(wake);
   return AddResult::kQueued;
 }
 
@@ -210,8 +213,7 @@ py::tuple RowQueue::AddPython(py::object req, py::list arrays, int64_t rows, dou
   e->has_deadline = !deadline.is_none();
   e->deadline = e->has_deadline ? deadline.cast<double>() : 0.0;
   e->priority = priority;
-  bool was_empty;
-  bool became_full;
+  Wake wake;
   std::string invalid = RangeError(inputs_, e->in, rows);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -230,14 +232,9 @@ py::tuple RowQueue::AddPython(py::object req, py::list arrays, int64_t rows, dou
     }
     e->py = req.inc_ref().ptr();
     for (auto a : arrays) e->arrays.push_back(a.inc_ref().ptr());
-    was_empty = d_.queued_rows() == 0;
-    bool had_full = d_.queued_rows() >= d_.max_batch();
-    QEntry* raw = e.release();
-    d_.Add(raw);
-    live_.insert(raw);
-    became_full = !had_full && d_.queued_rows() >= d_.max_batch();
+    wake = Enqueue(e.release());
   }
-  Admitted(was_empty, became_full);
+  Admitted(wake);
   return py::make_tuple(0, "");
 }
 

@@ -171,7 +171,9 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   void ReturnStaging(int64_t bucket, std::vector<std::unique_ptr<Staging>>* bufs);
 
  private:
-  void Admitted(bool was_empty, bool became_full);
+  enum class Wake { kNone, kFirst, kFull };  // whom an add wakes (see Admitted)
+  Wake Enqueue(QEntry* e);  // queues an admitted entry (mu_ held), read where the add happens
+  void Admitted(Wake wake);  // after mu_ is released
   std::shared_ptr<RowBatch> Build(Plan plan, int instance, double now);
   void Fill(RowBatch* b);
   void TakeStaging(RowBatch* b);
