@@ -2,7 +2,7 @@
 against the latency-target (SLO-aware) one, in one run.
 
   python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
-                           [--steps 6] [--repeat 1] [--out DIR]
+                           [--steps 6] [--trials 4] [--repeat 1] [--out DIR]
                            [--client native|native-process|http|python]
 
 For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
@@ -27,7 +27,12 @@ and each request size:
    the host's speed falls on both batchers alike; each best VALID QPS is then run again, 3%
    lower each time until VALID (the table's "VALID again at": a search ends at the edge, where
    one run passes or fails on noise).
-Prints the table (best VALID QPS / closed-loop saturation) and the p99-vs-offered-load curves,
+3. interleaved trials (`--trials`, benchmarks/slo_trials.py): rounds of both batchers' closed
+   loops and LoadGen runs at a common grid of loads around the two edges, the order alternating;
+   each batcher's edge is the load a logistic fit of all its verdicts passes half the time, over
+   the median saturation of the rounds, and a bootstrap of the trials says how often the
+   latency-target queue's edge comes out higher.
+Prints the tables (best VALID QPS / closed-loop saturation) and the p99-vs-offered-load curves,
 writes slo.png and slo.json to --out.
 """
 
@@ -49,6 +54,7 @@ from benchmarks.http_serving import scratch_repository  # noqa: E402
 from benchmarks.loadgen import build_request, format_table  # noqa: E402
 from benchmarks.native_http_loadgen import http_request  # noqa: E402
 from benchmarks.serving import make_inputs, start_server, start_server_http  # noqa: E402
+from benchmarks import slo_trials  # noqa: E402
 from benchmarks.slo_sut import CpuMeter, GrpcSut, InProcessSut, NativeSut, loadgen_run  # noqa: E402
 
 BATCHERS = ("fixed", "slo")
@@ -119,17 +125,19 @@ def held_qps(sut, meter: CpuMeter, args: argparse.Namespace, outdir: pathlib.Pat
 def measure_size(suts: dict, meters: dict, args: argparse.Namespace, rows: int) -> dict:
   """Both batchers at one request size, interleaved so the host's drift falls on both alike:
   closed-loop saturation (best of two alternating rounds each), then the bisections in
-  lockstep, then each best VALID QPS run again (`held_qps`)."""
+  lockstep, then each best VALID QPS run again (`held_qps`), then `--trials` rounds of both at
+  a common grid of loads around the two edges (benchmarks/slo_trials.py)."""
   for sut in suts.values():
     sut.closed_loop(args.concurrency[0], 1.0)  # warm the connection and the batcher
   sat, sat_cpu = {b: 0.0 for b in suts}, {b: {} for b in suts}
+  sat_c = {b: args.concurrency[0] for b in suts}
   for _ in range(2):
     for b, sut in suts.items():
       for c in args.concurrency:  # a light model saturates only with many requests in flight
         before = meters[b].read()
         rate = sut.closed_loop(c, args.seconds / 2)
         if rate > sat[b]:
-          sat[b] = rate
+          sat[b], sat_c[b] = rate, c
           sat_cpu[b] = CpuMeter.per_query(before, meters[b].read(), len(sut.records))
       say(f"{b}, {rows}-row: closed-loop saturation {sat[b]:.0f} requests/s; CPU µs/query "
           + cpu_text(sat_cpu[b]))
@@ -145,6 +153,15 @@ def measure_size(suts: dict, meters: dict, args: argparse.Namespace, rows: int) 
     say(f"  {b}-{rows}row: best VALID {best:.0f} QPS; VALID again at {held:.0f} QPS")
     out[b] = {"saturation_qps": sat[b], "saturation_cpu_us": sat_cpu[b],
               "best_valid_qps": best, "held_qps": held, "runs": searches[b].runs + again}
+  loads = slo_trials.grid({b: searches[b].best for b in suts}, args.grid_points)
+  if args.trials and not loads:
+    say(f"{rows}-row: no trials: neither search found a VALID load")
+  if args.trials and loads:
+    say(f"{rows}-row: {args.trials} interleaved trials at " + ", ".join(f"{q:.0f}" for q in loads)
+        + " QPS")
+    trials = slo_trials.run_trials(suts, meters, args, rows, sat_c, loads, outdir, say)
+    for b in suts:
+      out[b]["trials"] = trials[b]
   return out
 
 
@@ -242,6 +259,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--confirm-steps", type=int, default=3,
                  help="re-runs of the best VALID QPS, each 3%% lower than the last, until one is"
                       " VALID (the table's \"VALID again at\")")
+  p.add_argument("--trials", type=int, default=4,
+                 help="after the searches, rounds of both batchers at a common grid of loads"
+                      " around their edges, interleaved; the edge is then the load a logistic fit"
+                      " of every verdict passes half the time (0: searches only)")
+  p.add_argument("--grid-points", type=int, default=5,
+                 help="loads in the trials' grid, from 0.85x the lower best VALID QPS to 1.08x"
+                      " the higher")
   p.add_argument("--concurrency", default="64,256", type=lambda v: [int(c) for c in v.split(",")],
                  help="requests in flight for the closed-loop saturation, comma-separated: the"
                       " best rate over them (light models with 32-row requests reach theirs only"
@@ -273,9 +297,15 @@ def main(argv: list[str] | None = None) -> None:
     repo = ensure_demo_repository(say)
   results = measure(args, repo)
   print(table(results, args))
+  trials = slo_trials.table(results, args.rows, args.bound_ms)
+  if trials:
+    print("\nInterleaved trials (the edge: a logistic fit of every verdict, VALID half the time):")
+    print(trials)
+    slo_trials.plot(results, args.rows, args.model, args.out / "slo_trials.png")
   (args.out / "slo.json").write_text(json.dumps(results, indent=1, default=str))
   plot(results, args, args.out / "slo.png")
-  say(f"wrote {args.out / 'slo.png'} and {args.out / 'slo.json'}")
+  say(f"wrote {args.out / 'slo.png'}" + (" and slo_trials.png" if trials else "")
+      + f" and {args.out / 'slo.json'}")
 
 
 if __name__ == "__main__":
