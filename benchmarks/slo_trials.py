@@ -57,8 +57,9 @@ def run_trials(suts: dict, meters: dict, args: argparse.Namespace, rows: int,
 
 
 def summarize(trials: dict) -> dict:
-  """Per batcher: the fitted edge, the saturation (median over rounds of the round's best
-  batcher) and their ratio; and the gap last - first batcher with its bootstrap spread."""
+  """Per batcher: the fitted edge (its status `extrapolated` when it lies outside the loads
+  tried), the saturation (median over rounds of the round's best batcher) and their ratio; and
+  the gap last - first batcher with its bootstrap spread."""
   names = list(trials)
   rounds = min(len(trials[b]["saturation"]) for b in names)
   sat = float(np.median([max(trials[b]["saturation"][t] for b in names) for t in range(rounds)]))
@@ -66,11 +67,20 @@ def summarize(trials: dict) -> dict:
   for b in names:
     runs = trials[b]["runs"]
     edge = fit_edge([r["target_qps"] for r in runs], [r["valid"] for r in runs])
-    out[b] = {"edge_qps": edge.qps, "edge_status": edge.status, "ratio": edge.qps / sat if sat else 0.0,
+    loads = [r["target_qps"] for r in runs]
+    status = edge.status  # a fit beyond the loads tried is an extrapolation: say so
+    if status == "fit" and not min(loads) <= edge.qps <= max(loads):
+      status = "extrapolated"
+    out[b] = {"edge_qps": edge.qps, "edge_status": status,
+              "ratio": edge.qps / sat if sat else 0.0,
               "own_saturation": float(np.median(trials[b]["saturation"]))}
   pairs = {b: [(r["target_qps"], r["valid"]) for r in trials[b]["runs"]] for b in names}
   out["gap"] = bootstrap_gap(pairs[names[0]], pairs[names[-1]])
   return out
+
+
+_QUALIFIER = {"fit": "", "extrapolated": " (beyond the grid)", "all_valid": " (all VALID: a bound)",
+              "none_valid": " (none VALID)"}
 
 
 def valid_counts(runs: list[dict]) -> str:
@@ -103,7 +113,7 @@ def table(results: dict, sizes: list[int], bound_ms: float) -> str:
         e = s[b]
         rows.append((f"{size}-row", rep + 1, b, f"{s['saturation']:.0f}",
                      valid_counts(trials[b]["runs"]), median_p99s(trials[b]["runs"]),
-                     f"{e['edge_qps']:.0f}" + ("" if e["edge_status"] == "fit" else " (bound)"),
+                     f"{e['edge_qps']:.0f}" + _QUALIFIER[e["edge_status"]],
                      f"{e['ratio']:.2f}"))
       g = s["gap"]
       rows.append((f"{size}-row", rep + 1, f"{names[-1]} - {names[0]}", "", "", "",
@@ -139,7 +149,8 @@ def plot(results: dict, sizes: list[int], model: str, path: pathlib.Path) -> Non
         ax.plot(xs, 1 / (1 + np.exp((xs - edge.qps) / edge.scale)), "-", color=color, alpha=0.6)
         ax.axvline(edge.qps, color=color, ls=":", lw=1)
     ax.set(title=f"{model}, {size}-row requests: interleaved trials",
-           xlabel="offered QPS (Poisson, LoadGen)", ylabel="share of runs VALID", ylim=(-0.05, 1.05))
+           xlabel="offered QPS (Poisson, LoadGen)", ylabel="share of runs VALID",
+           ylim=(-0.05, 1.05))
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)

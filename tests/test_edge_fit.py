@@ -80,3 +80,16 @@ def test_the_summary_divides_each_edge_by_the_rounds_median_saturation():
   assert s["gap"]["share_b_higher"] == 1.0
   assert valid_counts(trials["fixed"]["runs"]) == "30.0k 3/3, 34.0k 3/3, 38.0k 0/3, 42.0k 0/3"
   assert median_p99s(trials["fixed"]["runs"]) == "31, 35, 39, 43"  # trials add 0, 1, 2 ms
+
+
+def test_an_edge_outside_the_loads_tried_is_marked_as_such():
+  loads = [30_000, 34_000, 38_000]
+  inside = [{"target_qps": q, "valid": q <= 34_000, "p99_ms": 1.0, "trial": t}
+            for t in range(4) for q in loads]
+  beyond = [{"target_qps": q, "valid": t != 0, "p99_ms": 1.0, "trial": t}  # 3/4 at every load
+            for t in range(4) for q in loads]
+  s = summarize({"fixed": {"saturation": [50_000] * 4, "runs": inside},
+                 "slo": {"saturation": [50_000] * 4, "runs": beyond}})
+  assert s["fixed"]["edge_status"] == "fit"
+  assert s["slo"]["edge_status"] == "extrapolated"
+  assert s["slo"]["edge_qps"] > 38_000
