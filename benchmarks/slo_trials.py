@@ -30,18 +30,40 @@ def grid(bests: dict[str, float], points: int) -> list[float]:
   return [float(round(q, -1)) for q in np.linspace(0.85 * min(found), 1.08 * max(found), points)]
 
 
+def widened(loads: list[float], runs: dict[str, list[dict]]) -> list[float]:
+  """The grid for the next round: one step (the grid's mean spacing) above the top load when
+  some batcher passed it in at least half its runs there, and one below the bottom load when
+  some batcher failed it in at least half, so that every edge ends up inside the loads tried
+  however slow the minute the bisection ran in."""
+  step = (loads[-1] - loads[0]) / max(len(loads) - 1, 1)
+
+  def share(load: float) -> list[float]:
+    return [float(np.mean(v)) for v in ([r["valid"] for r in rs if r["target_qps"] == load]
+                                        for rs in runs.values()) if v]
+
+  out = list(loads)
+  if any(s >= 0.5 for s in share(loads[-1])):
+    out.append(float(round(loads[-1] + step, -1)))
+  if loads[0] - step > 0 and any(s <= 0.5 for s in share(loads[0])):
+    out.insert(0, float(round(loads[0] - step, -1)))
+  return out
+
+
 def run_trials(suts: dict, meters: dict, args: argparse.Namespace, rows: int,
                concurrency: dict[str, int], loads: list[float], outdir: pathlib.Path,
                say: Callable[[str], None]) -> dict:
   """`args.trials` rounds: closed-loop saturation of each batcher (at its best concurrency),
   then every load for both batchers; the order of batchers alternates per run and the loads
-  run up in one round and down in the next. Per batcher: {"saturation": [req/s per round],
+  run up in one round and down in the next; after each round the grid may grow by a load at
+  either end (`widened`). Per batcher: {"saturation": [req/s per round],
   "runs": [{target_qps, valid, p99_ms, trial}]}."""
   names = list(suts)
   out = {b: {"saturation": [], "runs": []} for b in names}
   for t in range(args.trials):
     for b in (names if t % 2 == 0 else names[::-1]):
       out[b]["saturation"].append(suts[b].closed_loop(concurrency[b], args.seconds / 2))
+    if t > 0:
+      loads = widened(loads, {b: out[b]["runs"] for b in names})
     for i, load in enumerate(loads if t % 2 == 0 else loads[::-1]):
       for b in (names if (t + i) % 2 == 0 else names[::-1]):
         r = loadgen_run(suts[b], load, args.bound_ms, args.seconds,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.edge_fit import bootstrap_gap, fit_edge
-from benchmarks.slo_trials import grid, median_p99s, summarize, valid_counts
+from benchmarks.slo_trials import grid, median_p99s, summarize, valid_counts, widened
 
 
 def draws(center: float, width: float, loads, per_load: int, seed: int):
@@ -93,3 +93,17 @@ def test_an_edge_outside_the_loads_tried_is_marked_as_such():
   assert s["fixed"]["edge_status"] == "fit"
   assert s["slo"]["edge_status"] == "extrapolated"
   assert s["slo"]["edge_qps"] > 38_000
+
+
+def test_the_grid_grows_toward_an_edge_it_does_not_yet_hold():
+  loads = [30_000.0, 32_000.0, 34_000.0]
+
+  def runs(valid_at):
+    return [{"target_qps": q, "valid": valid_at(q)} for q in loads for _ in range(2)]
+
+  held = {"fixed": runs(lambda q: q <= 32_000), "slo": runs(lambda q: q <= 32_000)}
+  assert widened(loads, held) == loads  # both edges inside: nothing to add
+  higher = {"fixed": runs(lambda q: q <= 32_000), "slo": runs(lambda q: True)}
+  assert widened(loads, higher) == loads + [36_000.0]
+  lower = {"fixed": runs(lambda q: False), "slo": runs(lambda q: q <= 32_000)}
+  assert widened(loads, lower) == [28_000.0] + loads
