@@ -18,6 +18,8 @@ LIBRARY = BINARY.with_name("_native_sut" + (sysconfig.get_config_var("EXT_SUFFIX
 def build(force: bool = False) -> ModuleType:
   """Compiles the extension if missing or stale and imports it (once per process: a loaded
   extension cannot be replaced). Raises RuntimeError saying why it did not build."""
+  if not force and (loaded := sys.modules.get("_native_sut")) is not None:
+    return loaded  # no file checks or rebuild: what is loaded stays loaded
   headers = (COMMON, GRPC_COMMON)
   if force or not fresh(LIBRARY, [SOURCE, *headers]):
     include = sysconfig.get_paths()["include"]

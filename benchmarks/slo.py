@@ -157,7 +157,7 @@ def measure_size(suts: dict, meters: dict, args: argparse.Namespace, rows: int) 
   loads = slo_trials.grid({b: searches[b].best for b in suts}, args.grid_points)
   if args.trials and not loads:
     say(f"{rows}-row: no trials: neither search found a VALID load")
-  if args.trials and loads:
+  elif args.trials:
     say(f"{rows}-row: {args.trials} interleaved trials at " + ", ".join(f"{q:.0f}" for q in loads)
         + " QPS")
     trials = slo_trials.run_trials(suts, meters, args, rows, sat_c, loads, outdir, say)

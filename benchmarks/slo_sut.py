@@ -28,7 +28,18 @@ METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SAMPLES = 1024  # LoadGen's query sample library: every sample is the same request
 
 
-class GrpcSut:
+class Sut:
+  """What every system under test offers LoadGen: `send` (ids) and the issue callback."""
+
+  def send(self, sample_ids: list[int]) -> None:
+    raise NotImplementedError
+
+  def issue_callback(self):
+    """LoadGen's issue callback: (ids, indices) -> None."""
+    return lambda ids, _indices: self.send(ids)
+
+
+class GrpcSut(Sut):
   """One channel on a private event loop; `send` may be called from any thread."""
 
   def __init__(self, address: str, payload: bytes):
@@ -66,10 +77,6 @@ class GrpcSut:
     if sample_id is not None and self.on_done is not None:
       self.on_done([sample_id])
 
-  def issue_callback(self):
-    """LoadGen's issue callback: (ids, indices) -> None."""
-    return lambda ids, _indices: self.send(ids)
-
   def send(self, sample_ids: list[int]) -> None:
     def start():
       for i in sample_ids:
@@ -99,7 +106,7 @@ def _code_names() -> dict[int, str]:
   return {**{c.value[0]: c.name for c in grpc.StatusCode}, 100: "EMPTY_RESPONSE"}
 
 
-class _RecordSut:
+class _RecordSut(Sut):
   """What the C++ clients share: answers arrive as packed SutRecords (`_take`), and the closed
   loop and LoadGen's callback go through the subclass's `send`."""
 
@@ -108,13 +115,6 @@ class _RecordSut:
     self.records: list[tuple[float, str]] = []
     self.on_done = None  # (sample ids) -> None, set by the LoadGen run
     self._names = _code_names()
-
-  def send(self, sample_ids: list[int]) -> None:
-    raise NotImplementedError
-
-  def issue_callback(self):
-    """LoadGen's issue callback: (ids, indices) -> None."""
-    return lambda ids, _indices: self.send(ids)
 
   def _take(self, records: bytes) -> None:
     """Books whole SutRecords and completes their samples."""
@@ -152,8 +152,6 @@ class _RecordSut:
     if not finished:
       raise RuntimeError("closed loop: answers stopped coming (is the server up?)")
     return state["ok"] / (state["t"] - t0)
-
-
 
 
 class NativeSut(_RecordSut):
@@ -247,7 +245,7 @@ class CpuMeter:
   process (NativeSut's child; a GrpcSut runs in this process) and this process (LoadGen and the
   SUT's Python), so a run can say what each cost per query."""
 
-  def __init__(self, sut: GrpcSut | NativeSut | InProcessSut, server_pid: int | None):
+  def __init__(self, sut: Sut, server_pid: int | None):
     import psutil
 
     self._server = psutil.Process(server_pid) if server_pid else None
@@ -270,7 +268,7 @@ class CpuMeter:
     return {k: (after[k] - before[k]) / max(queries, 1) * 1e6 for k in before}
 
 
-def loadgen_run(sut: GrpcSut | NativeSut, qps: float, bound_ms: float, seconds: float,
+def loadgen_run(sut: Sut, qps: float, bound_ms: float, seconds: float,
                 outdir: pathlib.Path, meter: CpuMeter | None = None) -> dict:
   """One LoadGen Server-scenario run at `qps` (Poisson arrivals) with a p99 bound; VALID only
   when LoadGen says so and at most 1% of the queries were late or failed. With a `meter`, the

@@ -126,7 +126,7 @@ def table(results: dict, sizes: list[int], bound_ms: float) -> str:
   names = list(results)
   rows = []
   for size in sizes:
-    for rep, _ in enumerate(results[names[0]].get(size, [])):
+    for rep in range(len(results[names[0]].get(size, []))):
       trials = {b: results[b][size][rep].get("trials") for b in names}
       if not all(trials.values()):
         continue
