@@ -1,5 +1,5 @@
 """Builds the optional native front end (serving/frontend/native/: the gRPC server in module.cc,
-wire.cc, wire_encode.cc and relay.cc, the HTTP server in http_conn.cc, http_relay.cc, http_server.cc and
+cq_poll.cc, wire.cc, wire_encode.cc and relay.cc, the HTTP server in http_conn.cc, http_relay.cc, http_server.cc and
 http_infer.cc, the bearer token check in auth.cc, response parameters in generation.cc, the
 tracing head decision in trace.cc, canary splits in split.cc, the batch queue in batcher.cc, slo.cc, row_queue.cc and row_answer.cc, the bindings, and their shared
 headers) when grpc++ and RapidJSON are found; and the embedding cache's batch planner
@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _NATIVE = "serving/frontend/native"
-_UNITS = ("module", "wire", "wire_encode", "relay", "auth", "batcher", "slo", "row_queue", "row_answer", "http_conn",
+_UNITS = ("module", "cq_poll", "wire", "wire_encode", "relay", "auth", "batcher", "slo", "row_queue", "row_answer", "http_conn",
           "http_relay", "http_server", "http_infer", "generation", "trace", "split", "tenants",
           "http_tls", "bindings")
 _HEADERS = ("frontend.h", "model_table.h", "batcher.h", "row_queue.h", "http.h", "tenants.h")  # what the units share

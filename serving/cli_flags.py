@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_security_flags(serve)
   _add_runtime_flags(serve)
   _add_tracing_flags(serve)
-  _add_generation_flags(serve)
-  from serving import plan_buckets, profile_cli, shadow_cli, update_cli
+  from serving import cli_flags_generation, plan_buckets, profile_cli, shadow_cli, update_cli
+  cli_flags_generation.add_generation_flags(serve)
   plan_buckets.add_parser(sub)
   update_cli.add_parser(sub)
   profile_cli.add_parser(sub)
@@ -242,6 +242,12 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
   serve.add_argument("--native-accept-backlog", type=int, default=1024, metavar="CALLS",
                      help="ModelInfer calls the native front end accepts before their message"
                      " is read; further calls wait inside gRPC (default 1024)")
+  serve.add_argument("--native-read-coalesce", action=argparse.BooleanOptionalAction,
+                     default=True,
+                     help="with a model latency target: after a wake that accepted two or more"
+                     " calls, the native gRPC worker pauses for 2%% of the tightest target (at"
+                     " most 500 us) so later arrivals are read together: less CPU per request"
+                     " under load, never a pause at light load")
   serve.add_argument("--gpu-graphs", action=argparse.BooleanOptionalAction, default=True,
                      help="on GPUs, let XLA run even short kernel sequences as CUDA graphs"
                      " (command buffers), against launch-bound small models; adds"
@@ -294,34 +300,6 @@ def _add_tracing_flags(serve: argparse.ArgumentParser) -> None:
                      " traced; needs --otlp-endpoint")
   serve.add_argument("--trace-service-name", default="xlaserve",
                      help="the service.name resource of the exported spans")
-
-
-def _add_generation_flags(serve: argparse.ArgumentParser) -> None:
-  """Generate models: chunked prefill and prefix caching (bundles with extend signatures)."""
-  serve.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                     help="generate models: prefill prompts in chunks under the per-step token"
-                     " budget, so a long prompt never stalls running decodes (needs a bundle"
-                     " with extend signatures; older bundles prefill whole prompts)")
-  serve.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
-                     help="generate models: tokens one engine step may compute, decode rows plus"
-                     " prefill chunk tokens (vLLM's max_num_batched_tokens; >= the decode batch);"
-                     " default: decode batch + largest chunk bucket")
-  serve.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                     help="generate models: share full KV pages between requests by the hash of"
-                     " their token prefix, so a repeated instruction is prefilled once (needs"
-                     " --chunked-prefill)")
-  serve.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
-                     help="generate models: speculative decoding; ngram drafts the tokens that"
-                     " followed the last match of the sequence's tail in its prompt + output"
-                     " (prompt lookup), draft has a small LM (--speculative-model) draft them;"
-                     " the model verifies them in one pass, same output distribution (needs a"
-                     " bundle with verify signatures and --chunked-prefill)")
-  serve.add_argument("--speculative-model", default=None, metavar="NAME",
-                     help="generate models, --speculative draft: the draft LM, a generate model"
-                     " in the same repository exported with the same GenerativeExportConfig")
-  serve.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                     help="generate models: draft tokens verified per step with --speculative"
-                     " (the bundle needs a verify_<C> signature with C >= K + 1)")
 
 
 def _embedding_cache(args: argparse.Namespace) -> Any:
@@ -389,6 +367,7 @@ def server_config(args: argparse.Namespace, repo: str, token: str | None) -> Ser
       tenants=load_tenants(args.tenants) if args.tenants else (), metrics_tls=args.metrics_tls,
       frontend=args.frontend or "auto", http_frontend=args.http_frontend or "auto",
       native_threads=args.native_threads, native_accept_backlog=args.native_accept_backlog,
+      native_read_coalesce=args.native_read_coalesce,
       batch_queue=args.batch_queue,
       model_load_threads=args.model_load_thread_count,
       device_memory_budget_bytes=_device_budget(args.device_memory_budget),

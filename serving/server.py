@@ -230,7 +230,7 @@ class Server:
           self._native_module, self.repository, backend=backend, limits=cfg.limits,
           max_message_bytes=cfg.max_message_bytes, auth_token=cfg.auth_token,
           id_prefix=self.servicer.id_prefix, threads=cfg.native_threads,
-          accept_backlog=cfg.native_accept_backlog,
+          accept_backlog=cfg.native_accept_backlog, read_coalesce=cfg.native_read_coalesce,
           tls=(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_reload_s, cfg.tls_client_ca_file)
           if creds else None, tenants=self.gate and self.gate.table)
       self.metrics.add_native_front_end(self.native.stats)

@@ -89,11 +89,13 @@ class NativeFrontend:
   def __init__(self, native: Any, repository: ModelRepository, *, backend: str,
                limits: codec.Limits, max_message_bytes: int, auth_token: str | None,
                id_prefix: str, threads: int = 1, accept_backlog: int = 1024,
+               read_coalesce: bool = True,
                tls: tuple[str, str, float, str | None] | None = None, tenants: Any = None):
     self.repo = repository
     self._fe = native.Frontend(backend, max_message_bytes, limits.max_rows,
                                limits.max_tensor_bytes, auth_token or "", id_prefix, threads)
     self._fe.set_accept_backlog(accept_backlog)
+    self._fe.set_read_coalesce(read_coalesce)  # with a latency target (native/cq_poll.cc)
     if tls is not None:  # (chain file, key file, seconds between re-reads, client CA or None)
       self._fe.set_tls(tls[0], tls[1], max(1, round(tls[2])), tls[3] or "")
     if tenants is not None:  # a _native.Tenants: the fast paths charge its buckets

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import prometheus_client as prom
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from serving.runners import Observer
 from serving.telemetry.gpu_metrics import GpuCollector
@@ -170,8 +170,9 @@ _NATIVE_PATHS = frozenset({"fast", "relayed", "forwarded", "http_fast", "http_re
 
 
 class _NativeCollector:
-  """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took; and
-  `xlaserve_native_unread_calls`, the accept backlog in use (Frontend::SetAcceptBacklog)."""
+  """`xlaserve_native_calls{path=...}`: cumulative calls by the path they took;
+  `xlaserve_native_unread_calls`, the accept backlog in use (Frontend::SetAcceptBacklog); and
+  the gRPC read coalescing under a latency target (native/cq_poll.cc)."""
 
   def __init__(self, stats: Callable[[], Mapping[str, int]]):
     self._stats = stats
@@ -192,6 +193,16 @@ class _NativeCollector:
           "xlaserve_native_unread_calls", "ModelInfer calls the native gRPC front end accepted"
           " whose message is not yet read; at --native-accept-backlog, further calls wait"
           " inside gRPC", value=float(stats["unread"]))
+    if "coalesce_us" in stats:
+      yield GaugeMetricFamily(
+          "xlaserve_native_read_coalesce_seconds", "The pause the native gRPC front end takes"
+          " after a wake that accepted two or more calls, so later arrivals are read together:"
+          " 2% of the tightest model latency target, at most 500 us; 0 without a target",
+          value=stats["coalesce_us"] / 1e6)
+      yield CounterMetricFamily(
+          "xlaserve_native_read_coalesce_pauses", "Pauses the native gRPC front end took to"
+          " read arrivals together (xlaserve_native_read_coalesce_seconds each)",
+          value=float(stats["coalesce_pauses"]))
 
 
 class _ModelObserver(Observer):

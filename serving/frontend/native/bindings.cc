@@ -161,6 +161,7 @@ PYBIND11_MODULE(_native, m) {
       .def("forward", &Frontend::Forward)
       .def("set_tenants", &Frontend::SetTenants)
       .def("set_accept_backlog", &Frontend::SetAcceptBacklog, py::arg("calls"))
+      .def("set_read_coalesce", &Frontend::SetReadCoalesce, py::arg("on"))
       .def("inflight", &Frontend::Inflight)
       .def("stats", &Frontend::Stats);
   // The same methods as serving/frontend/tenants.py TenantTable.

@@ -1,7 +1,8 @@
 // The server core: the Frontend object Python drives (start/stop, the model table, the fast
 // queue its feeder thread takes from, completions and forwards), fast-path admission of a
 // ModelInfer (method, auth, model, specs, deadline) into the model's RowQueue or the feeder's
-// queue, and the completion-queue worker threads. The pybind11 module is in bindings.cc.
+// queue. The completion-queue worker threads are in cq_poll.cc, the pybind11 module in
+// bindings.cc.
 
 #include <absl/synchronization/mutex.h>
 #include <pybind11/stl.h>
@@ -150,6 +151,7 @@ void Frontend::SetModels(const std::vector<py::tuple>& entries) {
     if (e.size() > 8 && !e[8].is_none()) SetSplit(m.get(), name, e[8].cast<py::tuple>());
     (*table)[Key(name, version_key)] = m;
   }
+  coalesce_ns_ = coalesce_on_ ? CoalesceNs(*table) : 0;
   std::lock_guard<std::mutex> l(table_mu_);
   table_ = std::move(table);
 }
@@ -248,6 +250,8 @@ py::dict Frontend::Stats() const {
   d["denied"] = int64_t(denied_);  // ModelInfer without the bearer token (UNAUTHENTICATED)
   d["live_calls"] = int64_t(live_calls_);  // call objects, including those awaiting an RPC
   d["unread"] = int64_t(unread_);  // accepted ModelInfer calls awaiting their message
+  d["coalesce_us"] = int64_t(coalesce_ns_) / 1000;  // the read-coalescing pause (cq_poll.cc)
+  d["coalesce_pauses"] = int64_t(coalesce_pauses_);
   if (http_) http_->Stats(&d);
   return d;
 }
@@ -375,24 +379,6 @@ void Frontend::Finish(Call* call, grpc::ByteBuffer* bb, const grpc::Status& st) 
     call->stream.WriteAndFinish(*bb, grpc::WriteOptions(), st, call->T(kSFinish));
   } else {
     call->stream.Finish(st, call->T(kSFinish));
-  }
-}
-
-void Frontend::Poll(grpc::ServerCompletionQueue* cq) {
-  void* raw;
-  bool ok;
-  while (cq->Next(&raw, &ok)) {
-    auto* tag = static_cast<Tag*>(raw);
-    Call* call = tag->call;
-    bool release = false;
-    try {
-      std::lock_guard<std::mutex> l(call->mu);
-      call->pending--;
-      call->OnEvent(tag->op, ok);
-      release = call->Releasable();
-    } catch (...) {  // never let a bug take the process down
-    }
-    if (release) delete call;
   }
 }
 

@@ -167,6 +167,7 @@ class RowQueue : public std::enable_shared_from_this<RowQueue> {
   void Observe(int64_t bucket, double seconds);
 
   const std::string& name() const { return name_; }
+  double LatencySloS() const { return d_.params().latency_slo_s; }  // 0: no target
   py::dict Inputs(const std::shared_ptr<RowBatch>& b) const;  // name -> uint8 [bucket, row bytes]
   void ReturnStaging(int64_t bucket, std::vector<std::unique_ptr<Staging>>* bufs);
 

@@ -1,0 +1,77 @@
+// The completion-queue worker threads of the gRPC front end, and read coalescing.
+//
+// A worker wakes whenever an event is ready: under an open loop of single requests that is once
+// per request, and each wake (epoll, a read of a few hundred bytes, a context switch) costs
+// about as much as the request's own parsing. With a latency target, the target leaves room to
+// wait a little: after a wake that accepted two or more new calls (so arrivals are frequent),
+// the worker pauses for the read-coalescing interval before it polls again, and the requests
+// that arrive meanwhile are read, parsed and queued together in one wake, as a network card's
+// interrupt moderation does. A wake that accepted one call or none never pauses: at light
+// load, or with one request in flight, nothing waits. The interval is 2% of the tightest
+// latency target among the served models (200 us for 10 ms), at most 500 us; 0 (no pause)
+// when no model has a target (SetModels). Measured on 2 cores with LoadGen at ~34k 1-row
+// requests/s: ~12% less server CPU per request (docs/operations.md, "Read coalescing").
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include "row_queue.h"
+
+namespace xlaserve::native {
+
+namespace {
+
+constexpr double kCoalesceShare = 0.02;     // of the tightest latency target
+constexpr int64_t kCoalesceMaxNs = 500000;  // 500 us whatever the target
+
+}  // namespace
+
+int64_t CoalesceNs(const Table& table) {
+  double slo = 0;
+  for (const auto& [key, m] : table) {
+    double s = m->queue ? m->queue->LatencySloS() : 0.0;
+    if (s > 0 && (slo == 0 || s < slo)) slo = s;
+  }
+  return std::min<int64_t>(int64_t(slo * kCoalesceShare * 1e9), kCoalesceMaxNs);
+}
+
+void Frontend::Poll(grpc::ServerCompletionQueue* cq) {
+  void* raw;
+  bool ok;
+  int accepted = 0;  // new calls taken since the queue was last found empty
+  bool drained = false;
+  for (;;) {
+    // Blocks only once nothing is ready; until then takes whatever is ready without waiting.
+    auto got = cq->AsyncNext(&raw, &ok, drained ? gpr_inf_future(GPR_CLOCK_MONOTONIC)
+                                                : gpr_time_0(GPR_CLOCK_MONOTONIC));
+    if (got == grpc::CompletionQueue::SHUTDOWN) break;
+    if (got == grpc::CompletionQueue::TIMEOUT) {
+      int64_t pause = coalesce_ns_.load(std::memory_order_relaxed);
+      if (accepted >= 2 && pause > 0) {
+        coalesce_pauses_.fetch_add(1, std::memory_order_relaxed);
+        std::this_thread::sleep_for(std::chrono::nanoseconds(pause));
+        accepted = 0;
+        continue;  // what arrived meanwhile, all at once
+      }
+      drained = true;
+      accepted = 0;
+      continue;
+    }
+    drained = false;
+    auto* tag = static_cast<Tag*>(raw);
+    if (tag->op == kRequest && ok) ++accepted;
+    Call* call = tag->call;
+    bool release = false;
+    try {
+      std::lock_guard<std::mutex> l(call->mu);
+      call->pending--;
+      call->OnEvent(tag->op, ok);
+      release = call->Releasable();
+    } catch (...) {  // never let a bug take the process down
+    }
+    if (release) delete call;
+  }
+}
+
+}  // namespace xlaserve::native
