@@ -244,10 +244,11 @@ def _add_runtime_flags(serve: argparse.ArgumentParser) -> None:
                      " is read; further calls wait inside gRPC (default 1024)")
   serve.add_argument("--native-read-coalesce", action=argparse.BooleanOptionalAction,
                      default=True,
-                     help="with a model latency target: after a wake that accepted two or more"
-                     " calls, the native gRPC worker pauses for 2%% of the tightest target (at"
-                     " most 500 us) so later arrivals are read together: less CPU per request"
-                     " under load, never a pause at light load")
+                     help="with a model latency target: when calls arrive fast enough that a"
+                     " pause gathers two or more (and two or more are open), the native gRPC"
+                     " worker pauses for 2%% of the tightest target (at most 500 us) instead of"
+                     " blocking, so arrivals are read together: less CPU per request under"
+                     " load; never at light load or with one call at a time")
   serve.add_argument("--gpu-graphs", action=argparse.BooleanOptionalAction, default=True,
                      help="on GPUs, let XLA run even short kernel sequences as CUDA graphs"
                      " (command buffers), against launch-bound small models; adds"

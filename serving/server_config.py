@@ -42,8 +42,8 @@ class ServerConfig:
   # ModelInfer calls the native front end accepts before their message is read; more wait
   # inside gRPC, unaccepted (a bounded backlog keeps each call's cost flat under overload)
   native_accept_backlog: int = 1024
-  # With a model latency target, the native gRPC worker pauses after busy wakes so arrivals
-  # are read together (serving/frontend/native/cq_poll.cc); False: never
+  # With a model latency target, the native gRPC worker pauses under load so arrivals are
+  # read together (serving/frontend/native/cq_poll.cc); False: never
   native_read_coalesce: bool = True
   batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
   # front end) or "python" (the Python Batcher; for comparison)

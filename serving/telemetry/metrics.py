@@ -196,7 +196,7 @@ class _NativeCollector:
     if "coalesce_us" in stats:
       yield GaugeMetricFamily(
           "xlaserve_native_read_coalesce_seconds", "The pause the native gRPC front end takes"
-          " after a wake that accepted two or more calls, so later arrivals are read together:"
+          " instead of blocking when calls arrive fast enough, so arrivals are read together:"
           " 2% of the tightest model latency target, at most 500 us; 0 without a target",
           value=stats["coalesce_us"] / 1e6)
       yield CounterMetricFamily(
