@@ -10,6 +10,7 @@ VALID half the time, and the bootstrap says how sure "the latency-target queue h
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 from typing import Callable
 
@@ -69,7 +70,8 @@ def run_trials(suts: dict, meters: dict, args: argparse.Namespace, rows: int,
         r = loadgen_run(suts[b], load, args.bound_ms, args.seconds,
                         outdir / f"{b}-{rows}row-trial{t}-{i}", meters[b])
         out[b]["runs"].append({"target_qps": load, "valid": bool(r["valid"]),
-                               "p99_ms": r["p99_ms"], "trial": t})
+                               "p99_ms": r["p99_ms"], "trial": t,
+                               "cpu_us": sum(r.get("cpu_us", {}).values()) or float("nan")})
     say(f"  {rows}-row trial {t + 1}/{args.trials}: saturation "
         + ", ".join(f"{b} {out[b]['saturation'][-1]:.0f}" for b in names) + "; VALID at "
         + "; ".join(f"{b} " + (" ".join(f"{r['target_qps'] / 1e3:.1f}k" for r in out[b]["runs"]
@@ -78,10 +80,22 @@ def run_trials(suts: dict, meters: dict, args: argparse.Namespace, rows: int,
   return out
 
 
-def summarize(trials: dict) -> dict:
+def cpu_ceiling(runs: list[dict], edge_qps: float, cores: int, span: float = 0.12) -> float:
+  """The load every core could carry at the CPU a query cost near the edge (median over the
+  runs within `span` of it, else over all runs; server, client and LoadGen together): cores /
+  cost. An open loop pays wake-ups a closed loop does not, so this bounds its edge on a host
+  where the harness shares the cores; nan without CPU figures."""
+  cost = {id(r): r.get("cpu_us", float("nan")) for r in runs}
+  near = [cost[id(r)] for r in runs if abs(r["target_qps"] - edge_qps) <= span * edge_qps]
+  costs = [c for c in (near or list(cost.values())) if c == c and c > 0]
+  return cores * 1e6 / float(np.median(costs)) if costs else float("nan")
+
+
+def summarize(trials: dict, cores: int | None = None) -> dict:
   """Per batcher: the fitted edge (its status `extrapolated` when it lies outside the loads
   tried), the saturation (median over rounds of the round's best batcher) and their ratio; and
-  the gap last - first batcher with its bootstrap spread."""
+  the gap last - first batcher with its bootstrap spread; each batcher's `ceiling` is
+  `cpu_ceiling` over the saturation (`cores`: this machine's)."""
   names = list(trials)
   rounds = min(len(trials[b]["saturation"]) for b in names)
   sat = float(np.median([max(trials[b]["saturation"][t] for b in names) for t in range(rounds)]))
@@ -93,9 +107,11 @@ def summarize(trials: dict) -> dict:
     status = edge.status  # a fit beyond the loads tried is an extrapolation: say so
     if status == "fit" and not min(loads) <= edge.qps <= max(loads):
       status = "extrapolated"
+    ceiling = cpu_ceiling(runs, edge.qps, cores or os.cpu_count() or 1)
     out[b] = {"edge_qps": edge.qps, "edge_status": status,
               "ratio": edge.qps / sat if sat else 0.0,
-              "own_saturation": float(np.median(trials[b]["saturation"]))}
+              "own_saturation": float(np.median(trials[b]["saturation"])),
+              "ceiling": ceiling / sat if sat else float("nan")}
   pairs = {b: [(r["target_qps"], r["valid"]) for r in trials[b]["runs"]] for b in names}
   out["gap"] = bootstrap_gap(pairs[names[0]], pairs[names[-1]])
   return out
@@ -136,16 +152,17 @@ def table(results: dict, sizes: list[int], bound_ms: float) -> str:
         rows.append((f"{size}-row", rep + 1, b, f"{s['saturation']:.0f}",
                      valid_counts(trials[b]["runs"]), median_p99s(trials[b]["runs"]),
                      f"{e['edge_qps']:.0f}" + _QUALIFIER[e["edge_status"]],
-                     f"{e['ratio']:.2f}"))
+                     f"{e['ratio']:.2f}", f"{e['ceiling']:.2f}"))
       g = s["gap"]
       rows.append((f"{size}-row", rep + 1, f"{names[-1]} - {names[0]}", "", "", "",
                    f"{g['gap']:+.0f} (p10 {g['p10']:+.0f}, p90 {g['p90']:+.0f})",
-                   f"higher in {g['share_b_higher'] * 100:.0f}% of draws"))
+                   f"higher in {g['share_b_higher'] * 100:.0f}% of draws", ""))
   if not rows:
     return ""
   return format_table(["requests", "repeat", "batcher", "closed-loop req/s (median)",
                        f"VALID runs per load (p99 <= {bound_ms:g} ms)", "median p99 ms",
-                       "edge: VALID half the time", "/ saturation"], rows)
+                       "edge: VALID half the time", "/ saturation",
+                       "CPU ceiling / saturation"], rows)
 
 
 def plot(results: dict, sizes: list[int], model: str, path: pathlib.Path) -> None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from benchmarks.edge_fit import bootstrap_gap, fit_edge
-from benchmarks.slo_trials import grid, median_p99s, summarize, valid_counts, widened
+from benchmarks.slo_trials import (cpu_ceiling, grid, median_p99s, summarize, valid_counts,
+                                   widened)
 
 
 def draws(center: float, width: float, loads, per_load: int, seed: int):
@@ -107,3 +108,20 @@ def test_the_grid_grows_toward_an_edge_it_does_not_yet_hold():
   assert widened(loads, higher) == loads + [36_000.0]
   lower = {"fixed": runs(lambda q: False), "slo": runs(lambda q: q <= 32_000)}
   assert widened(loads, lower) == [28_000.0] + loads
+
+
+def test_the_cpu_ceiling_is_the_cores_over_the_cost_near_the_edge():
+  """2 cores at 50 us a query near a 30k edge carry 40k; runs far from the edge (cheaper per
+  query: larger batches) and runs without CPU figures do not count."""
+  runs = [{"target_qps": 30_000, "cpu_us": 50.0}, {"target_qps": 31_000, "cpu_us": 48.0},
+          {"target_qps": 29_000, "cpu_us": 52.0}, {"target_qps": 45_000, "cpu_us": 30.0},
+          {"target_qps": 30_500, "cpu_us": float("nan")}]
+  assert cpu_ceiling(runs, 30_000, cores=2) == pytest.approx(2e6 / 50.0)
+  assert cpu_ceiling(runs, 45_000, cores=4) == pytest.approx(4e6 / 30.0)
+  assert cpu_ceiling([{"target_qps": 1.0, "cpu_us": float("nan")}], 1.0, cores=2) != \
+      cpu_ceiling([{"target_qps": 1.0, "cpu_us": float("nan")}], 1.0, cores=2)  # nan
+  trials = {b: {"saturation": [50_000, 50_000],
+                "runs": [{"target_qps": q, "valid": q <= 30_000, "p99_ms": 1.0, "trial": t,
+                          "cpu_us": 50.0} for t in range(2) for q in (28_000, 30_000, 32_000)]}
+            for b in ("fixed", "slo")}
+  assert summarize(trials, cores=2)["slo"]["ceiling"] == pytest.approx(40_000 / 50_000)
