@@ -43,8 +43,8 @@ class ServerConfig:
   # inside gRPC, unaccepted (a bounded backlog keeps each call's cost flat under overload)
   native_accept_backlog: int = 1024
   # With a model latency target, the native gRPC worker pauses under load so arrivals are
-  # read together (serving/frontend/native/cq_poll.cc); False: never
-  native_read_coalesce: bool = True
+  # read together (serving/frontend/native/cq_poll.cc); opt-in
+  native_read_coalesce: bool = False
   batch_queue: str = "native"  # plain batched models: "native" (C++ queue, with the native
   # front end) or "python" (the Python Batcher; for comparison)
   model_load_threads: int = 4  # models loaded at once at start-up (Triton's default: 4)

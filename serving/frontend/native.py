@@ -89,7 +89,7 @@ class NativeFrontend:
   def __init__(self, native: Any, repository: ModelRepository, *, backend: str,
                limits: codec.Limits, max_message_bytes: int, auth_token: str | None,
                id_prefix: str, threads: int = 1, accept_backlog: int = 1024,
-               read_coalesce: bool = True,
+               read_coalesce: bool = False,
                tls: tuple[str, str, float, str | None] | None = None, tenants: Any = None):
     self.repo = repository
     self._fe = native.Frontend(backend, max_message_bytes, limits.max_rows,

@@ -250,7 +250,8 @@ class Frontend {
   // an unbounded backlog of accepted calls made each later one slower, and an open-loop
   // overload collapsed to a fifth of the server's rate without recovering.
   void SetAcceptBacklog(int64_t n) { max_unread_ = std::max<int64_t>(n, 1); }
-  // Off: the completion-queue workers never pause to read arrivals together (cq_poll.cc).
+  // On: under a latency target, the completion-queue workers pause to read arrivals together
+  // (cq_poll.cc); off (the default): they never pause.
   void SetReadCoalesce(bool on) { coalesce_on_ = on; }
   Tenants* tenants() const { return tenants_.get(); }
   // Charges a parsed ModelInfer of `rows` to its tenant: true when refused over quota (answered
@@ -353,7 +354,7 @@ class Frontend {
   std::atomic<int64_t> inflight_{0}, fast_{0}, forwarded_{0}, shed_{0};
   // The read-coalescing pause (CoalesceNs of the table) and how many were taken (cq_poll.cc).
   std::atomic<int64_t> coalesce_ns_{0}, coalesce_pauses_{0};
-  std::atomic<bool> coalesce_on_{true};
+  std::atomic<bool> coalesce_on_{false};  // SetReadCoalesce
   // Queues a validated request in its model's RowQueue, or refuses it there (call->mu held);
   // false: the queue is stopping and Python decides (a hot reload's new version).
   bool QueueNative(Call* c, const Model& m, const Fast& f);

@@ -1,9 +1,9 @@
-"""Read coalescing in the native gRPC front end under a latency target (native/cq_poll.cc):
-once calls arrive often enough (and two or more are open), its worker pauses for 2% of the
-tightest target (at most 500 us) instead of blocking, so later arrivals are read together. The
-interval follows the served models' targets; under concurrent load every call is still answered
-exactly (the MockEngine's outputs worked by hand) and pauses are taken; one call at a time never
-pauses, however fast."""
+"""Read coalescing in the native gRPC front end under a latency target (native/cq_poll.cc;
+opt-in with --native-read-coalesce): once calls arrive often enough (and two or more are open),
+its worker pauses for 2% of the tightest target (at most 500 us) instead of blocking, so later
+arrivals are read together. The interval follows the served models' targets and is 0 by
+default; under concurrent load every call is still answered exactly (the MockEngine's outputs
+worked by hand) and pauses are taken; one call at a time never pauses, however fast."""
 
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ def scrape(bg) -> str:
 def test_the_interval_follows_the_tightest_latency_target(tmp_path, targets, interval):
   for name, ms in targets.items():
     write_mock_bundle(tmp_path, name, 1, config={"latency_slo_ms": ms} if ms else {})
-  with serving(tmp_path, mock_factory(), frontend="native", metrics_port=0) as bg:
+  with serving(tmp_path, mock_factory(), frontend="native", metrics_port=0,
+               native_read_coalesce=True) as bg:
     assert metric(scrape(bg), INTERVAL) == pytest.approx(interval, abs=1e-9)
 
 
-def test_off_never_pauses_even_with_a_target(tmp_path):
-  """`--no-native-read-coalesce`: the interval is 0 whatever the targets."""
+def test_off_by_default_even_with_a_target(tmp_path):
+  """Without `--native-read-coalesce` the interval is 0 whatever the targets."""
   write_mock_bundle(tmp_path, "a", 1, config={"latency_slo_ms": 10})
-  with serving(tmp_path, mock_factory(), frontend="native", metrics_port=0,
-               native_read_coalesce=False) as bg:
+  with serving(tmp_path, mock_factory(), frontend="native", metrics_port=0) as bg:
     assert metric(scrape(bg), INTERVAL) == 0.0
 
 
@@ -76,7 +76,8 @@ def test_calls_under_load_are_read_together_and_answered_exactly(tmp_path):
     pytest.skip(f"the C++ client does not build here: {why.splitlines()[0]}")
   write_mock_bundle(tmp_path, "mock", 1, config={"latency_slo_ms": 2000})
   x, k = _case(0)  # one row
-  with serving(tmp_path, mock_factory(), frontend="native", metrics_port=0) as bg, \
+  with serving(tmp_path, mock_factory(), frontend="native", metrics_port=0,
+               native_read_coalesce=True) as bg, \
       InProcessSut(bg.address, build_request("mock", {"x": x, "k": k})) as sut, \
       grpc.insecure_channel(bg.address) as ch:
     before = metric(scrape(bg), PAUSES)
