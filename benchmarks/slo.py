@@ -4,6 +4,7 @@ against the latency-target (SLO-aware) one, in one run.
   python benchmarks/slo.py [--model dlrm] [--bound-ms 10] [--rows 1,32] [--seconds 5]
                            [--steps 6] [--trials 4] [--repeat 1] [--out DIR]
                            [--client native|native-process|http|python]
+                           [--server-cpus LIST] [--harness-cpus LIST]
 
 For each batcher (a server started on a one-model copy of the demo repository: `fixed` is the
 default queue without a time bound, `slo` adds `latency_slo_ms` = the bound in config.json)
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -76,6 +78,22 @@ def server_for(repo: pathlib.Path, model: str, batcher: str, bound_ms: float, ht
   else:
     proc, address, _ = start_server(scratch, [])
   return proc, address
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+  """Every thread of `pid` to `cpus` (threads it starts later inherit it); None: as it is."""
+  if cpus:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+      os.sched_setaffinity(int(tid), cpus)
+
+
+def cpu_list(text: str) -> set[int]:
+  """'0,1' or '2-7' or '0,4-5' as a set of CPU numbers."""
+  out: set[int] = set()
+  for part in text.split(","):
+    lo, _, hi = part.partition("-")
+    out.update(range(int(lo), int(hi or lo) + 1))
+  return out
 
 
 class Bisection:
@@ -174,6 +192,9 @@ def measure(args: argparse.Namespace, repo: pathlib.Path) -> dict:
 
   http = args.client == "http"
   servers = {b: server_for(repo, args.model, b, args.bound_ms, http) for b in BATCHERS}
+  for proc, _ in servers.values():  # cores apart from LoadGen's: the harness off their cores
+    pin(proc.pid, args.server_cpus)
+  pin(os.getpid(), args.harness_cpus)
   results: dict = {b: {} for b in BATCHERS}
   try:
     bundle = repo / args.model / str(list_versions(repo / args.model)[-1])
@@ -277,6 +298,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       " builds), native-process (the same in a child process, over pipes), http"
                       " (C++ HTTP/1.1, KServe v2 binary tensors, against the server's HTTP port;"
                       " a child process) or python (grpc.aio)")
+  p.add_argument("--server-cpus", type=cpu_list, default=None, metavar="LIST",
+                 help="pin both servers to these CPUs (e.g. 0,1); default: not pinned")
+  p.add_argument("--harness-cpus", type=cpu_list, default=None, metavar="LIST",
+                 help="pin LoadGen and the client to these CPUs (e.g. 2-7), so the harness"
+                      " does not share the servers' cores; default: not pinned")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "slo")
   args = p.parse_args(argv)
   args.rows = [int(r) for r in args.rows.split(",") if r.strip()]

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the checks that need a CUDA GPU on a lent machine (its own python3, jax and CUDA), logs under $OUT.
 #
-#   bash tools/gpu_check.sh [tests|kernels|tune|serve|native|quick|pipeline|more]...   (default: tests kernels)
+#   bash tools/gpu_check.sh [tests|kernels|tune|serve|native|quick|pipeline|slo|more]...   (default: tests kernels)
 #
 # The machine has no network: wheels it lacks (tritonclient, grpcio-health-checking) travel in .whl/
 # (see docs/DEVELOPING.md, "On a lent GPU"). Our pins are for the CPU machines; here we use the image's jax.
@@ -126,6 +126,12 @@ for b in (build_two_tower, build_ranker, build_ad_index, build_ads_pipeline):
         timeout 150 python3 benchmarks/pipeline.py --repository /tmp/prepo --handoff $h --seconds 4 --rounds 1 \
           --concurrency 16,32 --out "$OUT/pipeline_$h" 2>&1 | tee -a "$OUT/run.log" | tail -12
       done ;;
+    slo)  # issue 16's LoadGen figure with the harness off the servers' cores: both CPU servers on
+      # cores 0-1 (as on the 2-core machines), LoadGen and its client on 2-7 (needs the native front
+      # end built by `native` or `quick`, and mlcommons_loadgen's wheel in .whl/)
+      native_env; demo_bundles
+      JAX_PLATFORMS=cpu timeout ${SLO_TIMEOUT:-420} python3 benchmarks/slo.py --repository /tmp/repo --rows 1 \
+        --steps 4 --trials 2 --server-cpus 0,1 --harness-cpus 2-7 --out "$OUT/slo" 2>&1 | tee -a "$OUT/run.log" | tail -24 ;;
     more)  # model, export and end-to-end serving tests, on the GPU
       timeout ${MORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 -x --timeout 120 \
         tests/models tests/export tests/serving/test_dlrm_e2e.py 2>&1 | tee -a "$OUT/run.log" | tail -40 ;;
