@@ -193,8 +193,9 @@ struct Call final : Responder {
   void MaybeFinishBackend();
 };
 
-// The completion-queue worker's pause after a busy wake, in ns: 2% of the tightest latency
-// target among the table's models, at most 500 us; 0 without any target (cq_poll.cc).
+// The pause a completion-queue worker takes instead of blocking under load, in ns (read
+// coalescing): 2% of the tightest latency target among the table's models, at most 500 us; 0
+// without any target (cq_poll.cc).
 int64_t CoalesceNs(const Table& table);
 
 // -- the front end (module.cc; Encode in wire_encode.cc) ------------------------------------------
