@@ -22,7 +22,8 @@ def test_cpu_lists_parse_like_the_kernels():
 def test_pinning_reaches_every_thread_of_a_process():
   cpu = min(os.sched_getaffinity(0))
   code = ("import threading, time\n"
-          "for _ in range(3): threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+          "for _ in range(3):\n"
+          "  threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
           "print('up', flush=True); time.sleep(30)\n")
   child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
   try:
