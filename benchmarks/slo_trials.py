@@ -85,9 +85,9 @@ def cpu_ceiling(runs: list[dict], edge_qps: float, cores: int, span: float = 0.1
   runs within `span` of it, else over all runs; server, client and LoadGen together): cores /
   cost. An open loop pays wake-ups a closed loop does not, so this bounds its edge on a host
   where the harness shares the cores; nan without CPU figures."""
-  cost = {id(r): r.get("cpu_us", float("nan")) for r in runs}
-  near = [cost[id(r)] for r in runs if abs(r["target_qps"] - edge_qps) <= span * edge_qps]
-  costs = [c for c in (near or list(cost.values())) if c == c and c > 0]
+  near = [r for r in runs if abs(r["target_qps"] - edge_qps) <= span * edge_qps]
+  # A run without CPU figures has nan, which fails `> 0` and drops out.
+  costs = [c for r in (near or runs) if (c := r.get("cpu_us", float("nan"))) > 0]
   return cores * 1e6 / float(np.median(costs)) if costs else float("nan")
 
 

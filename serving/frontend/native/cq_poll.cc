@@ -51,24 +51,25 @@ void Frontend::Poll(grpc::ServerCompletionQueue* cq) {
   Clock::time_point since = Clock::now();
   double rate = 0;  // new calls a second, over the last window of at least kRateWindow
   for (;;) {
-    // Blocks only once nothing is ready; until then takes whatever is ready without waiting.
-    auto got = cq->AsyncNext(&raw, &ok, drained ? gpr_inf_future(GPR_CLOCK_MONOTONIC)
-                                                : gpr_time_0(GPR_CLOCK_MONOTONIC));
+    // Without coalescing (pause 0, the default) every wait blocks, as gRPC's Next does. With it,
+    // a worker takes whatever is ready without waiting and blocks only once nothing is.
+    int64_t pause = coalesce_ns_.load(std::memory_order_relaxed);
+    bool block = drained || pause == 0;
+    auto got = cq->AsyncNext(&raw, &ok, block ? gpr_inf_future(GPR_CLOCK_MONOTONIC)
+                                              : gpr_time_0(GPR_CLOCK_MONOTONIC));
     if (got == grpc::CompletionQueue::SHUTDOWN) break;
-    if (got == grpc::CompletionQueue::TIMEOUT) {
+    if (got == grpc::CompletionQueue::TIMEOUT) {  // nothing ready (coalescing on)
       Clock::time_point now = Clock::now();
       if (now - since >= kRateWindow) {
         rate = double(accepted) / std::chrono::duration<double>(now - since).count();
         accepted = 0;
         since = now;
       }
-      int64_t pause = coalesce_ns_.load(std::memory_order_relaxed);
-      if (pause > 0 && open >= 2 && rate * double(pause) * 1e-9 >= kCoalesceMinArrivals) {
+      drained = open < 2 || rate * double(pause) * 1e-9 < kCoalesceMinArrivals;
+      if (!drained) {
         coalesce_pauses_.fetch_add(1, std::memory_order_relaxed);
-        std::this_thread::sleep_for(std::chrono::nanoseconds(pause));
-        continue;  // what arrived meanwhile, all at once
+        std::this_thread::sleep_for(std::chrono::nanoseconds(pause));  // then all that came
       }
-      drained = true;
       continue;
     }
     drained = false;
